@@ -1,0 +1,3 @@
+"""pgreembed: background (re-)embedding worker for PostgreSQL + pgvector."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,7 @@
+"""`python -m pgreembed` is the `pgreembed` command."""
+
+import sys
+
+from pgreembed.cli import main
+
+sys.exit(main())

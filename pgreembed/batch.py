@@ -1,0 +1,62 @@
+"""One batch, end to end: load the rows still pending, embed them, write them back.
+
+This is what a worker actor runs; `pgreembed tick --inline` runs it in-process.
+The provider is called outside any transaction, so no row lock or snapshot is
+held while waiting on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from pgreembed.config import Settings
+from pgreembed.db import get_pool
+from pgreembed.embedding import embed_rows
+from pgreembed.providers import make_provider
+from pgreembed.slots import NOTIFY_CHANNEL, load_slot
+from pgreembed.store import load_pending, record_failures, write_vectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    requested: int
+    pending: int
+    written: int
+    failed: int
+    changed_meanwhile: int
+
+
+def process_batch(settings: Settings, target_name: str, slot_id: int,
+                  keys: Sequence[str]) -> BatchReport:
+    target = settings.target(target_name)
+    pool = get_pool(settings.database_url, settings.pool_max_size)
+    with pool.connection() as conn:
+        slot = load_slot(conn, target, slot_id)
+        rows = load_pending(conn, slot, keys)
+    if not rows:
+        return BatchReport(len(keys), 0, 0, 0, 0)
+
+    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+    embedded, failed = embed_rows(rows, provider, truncate=target.truncate)
+    for failure in failed:
+        log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
+                    failure.reason)
+
+    with pool.connection() as conn:
+        written = write_vectors(conn, slot, embedded)
+        record_failures(conn, slot, failed)
+        changed = len(embedded) - len(written)
+        if changed:
+            # Their text changed while we embedded: wake the scheduler to redo them now.
+            conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
+                sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
+    report = BatchReport(len(keys), len(rows), len(written), len(failed), changed)
+    log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
+             target.name, slot.id, report.written, report.failed, changed, len(keys))
+    return report

@@ -1,0 +1,168 @@
+"""`pgreembed` command line: init, tick, scheduler, status, failures, search, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import psycopg
+import redis
+
+from pgreembed.config import ConfigError, Settings, load_settings
+from pgreembed.db import DatabaseError, connect
+from pgreembed.logs import setup_logging
+from pgreembed.providers import ProviderError
+from pgreembed.redact import redact
+from pgreembed.schema import SetupError
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pgreembed.schema import init_target
+
+    settings = _settings(args)
+    names = [args.target] if args.target else list(settings.targets)
+    for name in names:
+        slot = init_target(settings.database_url, settings.target(name))
+        print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
+              f" slot {slot.id}")
+    return 0
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    from scheduler.tick import run_tick
+
+    return run_tick(_settings(args), wait=args.wait, timeout=args.timeout)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.service import SchedulerService
+
+    SchedulerService(_settings(args)).run()
+    return 0
+
+
+def _print_status(settings: Settings, as_json: bool) -> None:
+    from pgreembed.status import collect
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    with connect(settings.database_url) as conn:
+        rows = collect(conn, settings, client)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
+              f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
+    print(header)
+    for r in rows:
+        flight = "?" if r.in_flight is None else str(r.in_flight)
+        print(f"{r.target:<16} {r.column:<18} {r.model:<36} {r.total:>9} {r.embedded:>9}"
+              f" {r.pending:>8} {r.stale:>6} {r.outdated:>8} {r.failed:>6} {flight:>9}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    while True:
+        _print_status(settings, args.json)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+        print()
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    from pgreembed.search import live_slot
+    from pgreembed.status import failures
+    from pgreembed.store import clear_failures
+
+    settings = _settings(args)
+    with connect(settings.database_url) as conn:
+        slot = live_slot(conn, settings, args.target)
+        if args.retry:
+            count = clear_failures(conn, slot)
+            conn.commit()
+            print(f"{count} failed rows of {args.target} are pending again")
+            return 0
+        for key, reason, attempts in failures(conn, slot, args.limit):
+            print(f"row {key}: {reason} (attempts: {attempts})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pgreembed.search import search
+
+    settings = _settings(args)
+    with connect(settings.database_url) as conn:
+        for hit in search(conn, settings, args.target, args.query, args.limit):
+            print(f"{hit.distance:.3f}  {hit.key}  {hit.text[:100]!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pgreembed.demo import run_demo
+
+    return run_demo(rows=args.rows, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgreembed", description=__doc__)
+    parser.add_argument("--config", help="TOML file (default: $PGREEMBED_CONFIG or"
+                                         " ./pgreembed.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+            ) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    p = add("init", cmd_init, "create or update the bookkeeping for the targets (idempotent)")
+    p.add_argument("--target", help="only this target")
+    p = add("tick", cmd_tick, "one scheduling pass for a cronjob, then exit")
+    p.add_argument("--wait", action="store_true", help="wait until every pending row is done")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")
+    add("scheduler", cmd_scheduler, "run the continuous scheduler (one leader among replicas)")
+    p = add("status", cmd_status, "exact counts per target and column")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p = add("failures", cmd_failures, "rows that could not be embedded, and why")
+    p.add_argument("--target", required=True)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--retry", action="store_true", help="make every failed row pending again")
+    p = add("search", cmd_search, "semantic search with the target's active model")
+    p.add_argument("--target", required=True)
+    p.add_argument("--limit", "-k", type=int, default=5)
+    p.add_argument("query")
+    p = add("demo", cmd_demo, "embedded Postgres + Redis + offline model, end to end")
+    p.add_argument("--rows", type=int, default=1000, help="corpus size")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (SetupError, DatabaseError, ProviderError, LookupError) as exc:
+        print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except (psycopg.Error, redis.RedisError) as exc:
+        print(f"pgreembed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

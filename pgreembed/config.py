@@ -1,0 +1,223 @@
+"""Configuration: 12-factor environment plus a TOML file that declares targets.
+
+The environment carries where things are and the secrets (DATABASE_URL,
+REDIS_URL, OPENAI_API_KEY, OPENAI_BASE_URL); the TOML file carries what to
+embed (tables, columns, models), which is reviewed like code. Every
+validation error names the field and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Names we turn into SQL identifiers of our own (state tables, channels, keys).
+_TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
+PROVIDERS = ("local", "openai")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One table column to keep embedded."""
+
+    name: str
+    table: str
+    schema: str
+    text_columns: tuple[str, ...]
+    vector_column: str
+    provider: str
+    model: str
+    dimensions: int
+    primary_key: str | None = None
+    text_sql: str | None = None
+    batch_size: int = 64
+    trigger: bool = True
+    # Bad input over the per-input token limit: cut it (and record a flag) or fail the row.
+    truncate: bool = True
+
+    @property
+    def model_key(self) -> str:
+        """What identifies "the same model" for invariant 4 (provider, name, size)."""
+        return f"{self.provider}:{self.model}@{self.dimensions}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs; built once at start-up."""
+
+    database_url: str
+    redis_url: str
+    targets: Mapping[str, Target]
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+    poll_interval: float = 1.0
+    lease_seconds: int = 3600
+    max_inflight_rows: int = 2048
+    request_timeout: float = 60.0
+    pool_max_size: int = 4
+    config_path: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def target(self, name: str) -> Target:
+        try:
+            return self.targets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise ConfigError(f"unknown target {name!r} (configured: {known})") from None
+
+
+def _require(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}: missing required field {key!r}")
+    return _typed(table[key], kind, f"{where}.{key}")
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ConfigError(f"{where}: must be a number, got {value!r}")
+    if kind in (str, bool) and not isinstance(value, kind):
+        raise ConfigError(f"{where}: must be a {kind.__name__}, got {value!r}")
+    if kind is str and not value.strip():
+        raise ConfigError(f"{where}: must not be empty")
+    return value
+
+
+def _positive(value: int, where: str, maximum: int | None = None) -> int:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be > 0, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}: must be <= {maximum}, got {value}")
+    return value
+
+
+def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
+    """Validate one `[[target]]` table (missing keys fall back to `[defaults]`)."""
+    merged = {**defaults, **raw}
+    name = _require(merged, "name", str, "target")
+    where = f"target {name!r}"
+    if not _TARGET_NAME.match(name):
+        raise ConfigError(
+            f"{where}: name must match {_TARGET_NAME.pattern} (it names our own tables)"
+        )
+    known = {
+        "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
+        "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
+    }
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+    table = _require(merged, "table", str, where)
+    schema, _, bare = table.rpartition(".")
+    if "text_columns" in merged:
+        columns = merged["text_columns"]
+        if not isinstance(columns, list) or not columns:
+            raise ConfigError(f"{where}.text_columns: must be a non-empty list of column names")
+        text_columns = tuple(_typed(c, str, f"{where}.text_columns") for c in columns)
+    else:
+        text_columns = (_require(merged, "text_column", str, where),)
+
+    provider = merged.get("provider", "local")
+    if provider not in PROVIDERS:
+        raise ConfigError(f"{where}.provider: must be one of {PROVIDERS}, got {provider!r}")
+    model = _typed(merged.get("model", LOCAL_MODEL if provider == "local" else ""), str,
+                   f"{where}.model")
+    if provider == "local" and model != LOCAL_MODEL:
+        raise ConfigError(f"{where}.model: the local provider has only {LOCAL_MODEL!r}")
+    dimensions = _positive(_require(merged, "dimensions", int, where), f"{where}.dimensions",
+                           maximum=16000)
+    if provider == "local" and dimensions != 384:
+        raise ConfigError(f"{where}.dimensions: {LOCAL_MODEL} produces 384, got {dimensions}")
+    batch_size = _positive(_typed(merged.get("batch_size", 64), int, f"{where}.batch_size"),
+                           f"{where}.batch_size", maximum=2048)
+    text_sql = merged.get("text_sql")
+    if text_sql is not None:
+        _typed(text_sql, str, f"{where}.text_sql")
+    primary_key = merged.get("primary_key")
+    if primary_key is not None:
+        _typed(primary_key, str, f"{where}.primary_key")
+    return Target(
+        name=name,
+        table=bare,
+        schema=schema or "public",
+        text_columns=text_columns,
+        vector_column=_require(merged, "vector_column", str, where),
+        provider=provider,
+        model=model,
+        dimensions=dimensions,
+        primary_key=primary_key,
+        text_sql=text_sql,
+        batch_size=batch_size,
+        trigger=_typed(merged.get("trigger", True), bool, f"{where}.trigger"),
+        truncate=_typed(merged.get("truncate", True), bool, f"{where}.truncate"),
+    )
+
+
+def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
+                   config_path: str | None = None) -> Settings:
+    """Build Settings from a parsed TOML document and an environment mapping."""
+    defaults = document.get("defaults", {})
+    raw_targets = document.get("target", [])
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise ConfigError("config: declare at least one [[target]] table")
+    targets: dict[str, Target] = {}
+    for raw in raw_targets:
+        target = parse_target(raw, defaults)
+        if target.name in targets:
+            raise ConfigError(f"target {target.name!r}: declared twice")
+        targets[target.name] = target
+
+    worker = document.get("worker", {})
+    database_url = env.get("DATABASE_URL") or document.get("database_url")
+    if not database_url:
+        raise ConfigError("DATABASE_URL: not set (environment variable or database_url in config)")
+    redis_url = env.get("REDIS_URL") or document.get("redis_url") or "redis://127.0.0.1:6379/0"
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        targets=targets,
+        openai_api_key=env.get("OPENAI_API_KEY"),
+        openai_base_url=env.get("OPENAI_BASE_URL"),
+        poll_interval=float(_positive(
+            _typed(worker.get("poll_interval", 1.0), float, "worker.poll_interval"),
+            "worker.poll_interval")),
+        lease_seconds=_positive(_typed(worker.get("lease_seconds", 3600), int,
+                                       "worker.lease_seconds"), "worker.lease_seconds"),
+        max_inflight_rows=_positive(_typed(worker.get("max_inflight_rows", 2048), int,
+                                           "worker.max_inflight_rows"), "worker.max_inflight_rows"),
+        request_timeout=float(_positive(
+            _typed(worker.get("request_timeout", 60.0), float, "worker.request_timeout"),
+            "worker.request_timeout")),
+        pool_max_size=_positive(_typed(worker.get("pool_max_size", 4), int,
+                                       "worker.pool_max_size"), "worker.pool_max_size"),
+        config_path=config_path,
+    )
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file named by `path` or $PGREEMBED_CONFIG (default ./pgreembed.toml)."""
+    env = os.environ if env is None else env
+    resolved = Path(path or env.get("PGREEMBED_CONFIG") or "pgreembed.toml")
+    try:
+        with resolved.open("rb") as handle:
+            document = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {str(resolved)!r} not found (set PGREEMBED_CONFIG or pass --config)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(resolved)!r}: invalid TOML: {exc}") from None
+    return parse_settings(document, env, config_path=str(resolved))

@@ -1,0 +1,131 @@
+"""Turning rows' texts into vectors: sanitise, check limits, pack requests, isolate bad rows.
+
+Every row ends as exactly one of: an `Embedded` vector, or a `Failed` with a
+reason a person can act on. A bad row never fails its neighbours: a 400 on a
+request is split in halves until the offending row stands alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pgreembed.providers.base import BadInputError, Provider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row as read for embedding: key, text, and the hash the write is guarded by."""
+
+    pk: Any
+    text: str | None
+    content_hash: Any
+
+
+@dataclass(frozen=True)
+class Embedded:
+    row: Row
+    vector: np.ndarray
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class Failed:
+    row: Row
+    reason: str
+
+
+def sanitize(text: str) -> str:
+    """Text a JSON API accepts: no NUL bytes, no lone surrogates."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
+
+
+def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
+            ) -> tuple[list[tuple[Row, str, int, bool]], list[Failed]]:
+    """Validate texts: (row, text to send, tokens, truncated) or a recorded failure."""
+    ready: list[tuple[Row, str, int, bool]] = []
+    failed: list[Failed] = []
+    candidates: list[tuple[Row, str]] = []
+    for row in rows:
+        if row.text is None:
+            failed.append(Failed(row, "text is NULL"))
+            continue
+        text = sanitize(row.text)
+        if not text.strip():
+            failed.append(Failed(row, "text is empty or only whitespace"))
+            continue
+        candidates.append((row, text))
+    counts = provider.count_tokens([t for _, t in candidates]) if candidates else []
+    limit = provider.max_input_tokens
+    for (row, text), tokens in zip(candidates, counts, strict=True):
+        if tokens <= limit:
+            ready.append((row, text, tokens, False))
+        elif truncate:
+            cut = provider.truncate(text, limit)
+            ready.append((row, cut, min(tokens, limit), True))
+        else:
+            failed.append(Failed(row, f"text has {tokens} tokens, over the model's limit of"
+                                      f" {limit} (set truncate = true to cut it)"))
+    return ready, failed
+
+
+def pack(items: Sequence[tuple[Row, str, int, bool]], max_inputs: int, max_tokens: int
+         ) -> Iterator[list[tuple[Row, str, int, bool]]]:
+    """Consecutive requests within both caps (inputs per request, tokens per request)."""
+    batch: list[tuple[Row, str, int, bool]] = []
+    tokens = 0
+    for item in items:
+        if batch and (len(batch) >= max_inputs or tokens + item[2] > max_tokens):
+            yield batch
+            batch, tokens = [], 0
+        batch.append(item)
+        tokens += item[2]
+    if batch:
+        yield batch
+
+
+def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True
+               ) -> tuple[list[Embedded], list[Failed]]:
+    """Embed what can be embedded; explain what cannot. Transient errors propagate."""
+    ready, failed = prepare(rows, provider, truncate)
+    embedded: list[Embedded] = []
+    for request in pack(ready, provider.max_batch_inputs, provider.max_batch_tokens):
+        _embed_isolating(request, provider, embedded, failed)
+    return embedded, failed
+
+
+def _embed_isolating(request: list[tuple[Row, str, int, bool]], provider: Provider,
+                     embedded: list[Embedded], failed: list[Failed]) -> None:
+    try:
+        vectors = provider.embed([text for _, text, _, _ in request])
+    except BadInputError as exc:
+        if len(request) == 1:
+            failed.append(Failed(request[0][0], f"provider rejected the text: {exc}"))
+            return
+        middle = len(request) // 2
+        log.info("provider rejected a request of %d inputs; splitting to find the bad row",
+                 len(request))
+        _embed_isolating(request[:middle], provider, embedded, failed)
+        _embed_isolating(request[middle:], provider, embedded, failed)
+        return
+    for (row, _, _, truncated), vector in zip(request, vectors, strict=True):
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (provider.dimensions,):
+            failed.append(Failed(row, f"provider returned {vector.size} dimensions, expected"
+                                      f" {provider.dimensions}"))
+        elif not np.isfinite(vector).all():
+            failed.append(Failed(row, "provider returned a vector with NaN or infinity"))
+        else:
+            embedded.append(Embedded(row, vector, truncated))

@@ -1,0 +1,53 @@
+"""The app-side helper: embed a query with the target's *active* model and search.
+
+The model and column are read from the registry on every call, so a swap
+(`pgreembed migrate swap`) is picked up without a restart, and the
+connection never prepares plans (which break when a swap changes a column type).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector import HalfVector
+from psycopg import sql
+
+from pgreembed.config import Settings
+from pgreembed.providers import make_provider
+from pgreembed.slots import Slot, load_slots
+
+# pgvector distance operators by metric.
+OPERATORS = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: Any
+    text: str
+    distance: float
+
+
+def live_slot(conn: psycopg.Connection, settings: Settings, target_name: str) -> Slot:
+    target = settings.target(target_name)
+    for slot in load_slots(conn, target):
+        if slot.role == "live":
+            return slot
+    raise LookupError(f"target {target_name!r} has no live column: run `pgreembed init`")
+
+
+def search(conn: psycopg.Connection, settings: Settings, target_name: str, query: str,
+           limit: int = 5, metric: str = "cosine") -> list[Hit]:
+    slot = live_slot(conn, settings, target_name)
+    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+    vector: Any = np.asarray(provider.embed([query])[0], dtype=np.float32)
+    if slot.vector_type == "halfvec":
+        vector = HalfVector(vector)
+    rows = conn.execute(sql.SQL(
+        "SELECT {pk}, ({text})::text, {vec} {op} %s AS distance FROM {table}"
+        " WHERE {vec} IS NOT NULL ORDER BY {vec} {op} %s LIMIT %s"
+    ).format(pk=slot.pk, text=slot.text_expr, vec=slot.vector, op=sql.SQL(OPERATORS[metric]),
+             table=slot.table), (vector, vector, limit), prepare=False).fetchall()
+    return [Hit(r[0], r[1], float(r[2])) for r in rows]

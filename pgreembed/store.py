@@ -1,0 +1,107 @@
+"""Reading rows to embed and writing vectors back, with the no-stale-write guard.
+
+The write path is one binary COPY into a temporary table and one
+`UPDATE ... FROM` (measured ~4x faster than executemany for big batches). The
+UPDATE only touches rows whose text still hashes to what was embedded
+(invariant 2); the rows it skipped changed meanwhile and stay pending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from pgvector import HalfVector
+from psycopg import sql
+
+from pgreembed.embedding import Embedded, Failed, Row
+from pgreembed.slots import Slot
+
+
+def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:
+    """The rows among `keys` that still need this slot's model (others were done meanwhile)."""
+    query = sql.SQL(
+        """
+        SELECT a.{pk}, ({text})::text, {hash}
+        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        WHERE a.{pk} = ANY(%s::text[]::{pk_type}[])
+          AND (a.{vector} IS NULL OR s.pgr_model_id IS DISTINCT FROM %s)
+        ORDER BY a.{pk}
+        """
+    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr, table=slot.table,
+             state=slot.state_table, pk_type=slot.pk_cast, vector=slot.vector)
+    return [Row(pk, text, h) for pk, text, h in conn.execute(query, (list(keys), slot.model_id))]
+
+
+def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]) -> list[Any]:
+    """Write vectors whose row text is unchanged; returns the keys written.
+
+    Call inside a transaction: the temporary table empties itself at commit.
+    """
+    if not results:
+        return []
+    # One temporary table per vector type, kept by the pooled connection.
+    incoming = sql.Identifier(f"pgreembed_incoming_{slot.vector_type}")
+    conn.execute(sql.SQL(
+        "CREATE TEMP TABLE IF NOT EXISTS {} (pgr_pk text, pgr_hash uuid, pgr_vec {},"
+        " pgr_truncated boolean) ON COMMIT DELETE ROWS"
+    ).format(incoming, sql.SQL(slot.vector_type)))
+    with conn.cursor() as cur:
+        with cur.copy(sql.SQL("COPY {} (pgr_pk, pgr_hash, pgr_vec, pgr_truncated)"
+                              " FROM STDIN (FORMAT BINARY)").format(incoming)) as copy:
+            copy.set_types(["text", "uuid", slot.vector_type, "bool"])
+            half = slot.vector_type == "halfvec"
+            for item in results:
+                vector = HalfVector(item.vector) if half else item.vector
+                copy.write_row((str(item.row.pk), item.row.content_hash, vector, item.truncated))
+        cur.execute(sql.SQL(
+            """
+            WITH written AS (
+                UPDATE {table} AS a SET {vector} = i.pgr_vec
+                FROM {incoming} i
+                WHERE a.{pk} = i.pgr_pk::{pk_type} AND {hash} = i.pgr_hash
+                RETURNING a.{pk} AS pk, i.pgr_hash AS h, i.pgr_truncated AS t
+            )
+            INSERT INTO {state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at, pgr_truncated,
+                                 pgr_failed_hash, pgr_failure, pgr_attempts, pgr_failed_at)
+            SELECT pk, %s, h, now(), t, NULL, NULL, 0, NULL FROM written
+            ON CONFLICT (pgr_pk) DO UPDATE SET
+                pgr_model_id = excluded.pgr_model_id, pgr_hash = excluded.pgr_hash,
+                pgr_embedded_at = excluded.pgr_embedded_at,
+                pgr_truncated = excluded.pgr_truncated,
+                pgr_failed_hash = NULL, pgr_failure = NULL, pgr_attempts = 0,
+                pgr_failed_at = NULL
+            RETURNING pgr_pk
+            """
+        ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
+                 pk_type=slot.pk_cast, hash=slot.hash_expr, state=slot.state_table),
+            (slot.model_id,))
+        return [row[0] for row in cur.fetchall()]
+
+
+def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:
+    """Remember why rows failed, for this text: they are skipped until the text changes
+    or `pgreembed retry-failures` clears them."""
+    if not failures:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(sql.SQL(
+            """
+            INSERT INTO {state} (pgr_pk, pgr_failed_hash, pgr_failure, pgr_attempts,
+                                 pgr_failed_at)
+            VALUES (%s, %s, %s, 1, now())
+            ON CONFLICT (pgr_pk) DO UPDATE SET
+                pgr_failed_hash = excluded.pgr_failed_hash, pgr_failure = excluded.pgr_failure,
+                pgr_attempts = {state}.pgr_attempts + 1, pgr_failed_at = now()
+            """
+        ).format(state=slot.state_table),
+            [(f.row.pk, f.row.content_hash, f.reason[:2000]) for f in failures])
+
+
+def clear_failures(conn: psycopg.Connection, slot: Slot) -> int:
+    """Make every failed row pending again (after fixing its cause)."""
+    cur = conn.execute(sql.SQL(
+        "UPDATE {} SET pgr_failed_hash = NULL WHERE pgr_failed_hash IS NOT NULL"
+    ).format(slot.state_table))
+    return cur.rowcount

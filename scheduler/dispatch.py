@@ -1,0 +1,109 @@
+"""One scheduling pass: pending rows -> claimed -> batches on the queue.
+
+The in-flight budget keeps the queue shallow (Postgres, not Redis, holds the
+backlog), so a pass enqueues at most `max_inflight_rows` rows per slot and
+remembers where it stopped; the next pass continues from there and wraps
+around once it reaches the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+import redis
+
+from pgreembed.config import Settings
+from pgreembed.inflight import InFlight
+from pgreembed.planner import Cursor, sweep
+from pgreembed.slots import Slot, load_slots
+
+log = logging.getLogger(__name__)
+
+# send(target, slot_id, keys): put one batch on the queue.
+Sender = Callable[[str, int, list[str]], None]
+
+
+def dramatiq_sender() -> Sender:
+    from worker import embed_batch
+
+    def send(target: str, slot_id: int, keys: list[str]) -> None:
+        embed_batch.send(target, slot_id, keys)
+
+    return send
+
+
+@dataclass
+class PassReport:
+    enqueued_rows: int = 0
+    batches: int = 0
+    skipped_in_flight: int = 0
+    complete: bool = True
+    per_target: dict[str, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Finds pending rows of every target and enqueues them, never twice at once."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis, send: Sender,
+                 page_size: int = 1000) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.send = send
+        self.page_size = page_size
+        self._cursors: dict[int, Cursor] = {}
+
+    def run_pass(self, conn: psycopg.Connection, limit_in_flight: bool = True) -> PassReport:
+        """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
+        report = PassReport()
+        for target in self.settings.targets.values():
+            for slot in load_slots(conn, target):
+                conn.commit()  # each page in its own short snapshot
+                self._dispatch_slot(conn, slot, limit_in_flight, report)
+        conn.commit()
+        return report
+
+    def _dispatch_slot(self, conn: psycopg.Connection, slot: Slot, limit_in_flight: bool,
+                       report: PassReport) -> None:
+        inflight = InFlight(self.redis, slot.id, self.settings.lease_seconds)
+        expired = inflight.expire_stale()
+        if expired:
+            log.warning("slot %d: %d in-flight markers expired; their rows are rescheduled",
+                        slot.id, expired)
+        budget = (self.settings.max_inflight_rows - inflight.count()) if limit_in_flight else None
+        if budget is not None and budget <= 0:
+            report.complete = False
+            return
+        cursor = self._cursors.get(slot.id) if limit_in_flight else None
+        cursor = cursor or Cursor()
+        self._cursors[slot.id] = cursor
+        exhausted = True
+
+        def page_size() -> int:
+            return self.page_size if budget is None else max(1, min(self.page_size, budget))
+
+        for page in sweep(conn, slot, page_size, cursor):
+            keys = [str(k) for k in page]
+            claimed = inflight.claim(keys)
+            report.skipped_in_flight += len(keys) - len(claimed)
+            self._enqueue(slot, claimed, report)
+            if budget is not None:
+                budget -= len(claimed)
+                if budget <= 0:
+                    exhausted = False
+                    report.complete = False
+                    break
+        if exhausted:
+            self._cursors.pop(slot.id, None)  # next pass starts from the beginning
+
+    def _enqueue(self, slot: Slot, keys: Sequence[str], report: PassReport) -> None:
+        size = slot.target.batch_size
+        for start in range(0, len(keys), size):
+            chunk = list(keys[start:start + size])
+            self.send(slot.target.name, slot.id, chunk)
+            report.batches += 1
+            report.enqueued_rows += len(chunk)
+            report.per_target[slot.target.name] = (
+                report.per_target.get(slot.target.name, 0) + len(chunk))

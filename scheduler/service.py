@@ -1,0 +1,100 @@
+"""The continuous scheduler process: APScheduler polls, LISTEN/NOTIFY wakes it early.
+
+Every replica runs this; only the leader (advisory lock) dispatches. A pass
+that fails (Postgres or Redis restarting) is logged and retried at the next
+tick with a fresh connection: nothing is lost because Postgres holds the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from types import FrameType
+
+import psycopg
+import redis
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from pgreembed.config import Settings
+from pgreembed.db import DatabaseError, connect
+from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
+from scheduler.leader import Leadership
+from scheduler.notify import Listener
+
+log = logging.getLogger(__name__)
+
+JOB_ID = "pgreembed-dispatch"
+
+
+class SchedulerService:
+    """Owns the APScheduler instance, the leader lock, the listener and the dispatcher."""
+
+    def __init__(self, settings: Settings, send: Sender | None = None) -> None:
+        self.settings = settings
+        self.dispatcher = Dispatcher(settings, redis.Redis.from_url(settings.redis_url),
+                                     send or dramatiq_sender())
+        self.leadership = Leadership(settings.database_url)
+        self.scheduler = BlockingScheduler(timezone=UTC)
+        self._conn: psycopg.Connection | None = None
+        self._woken = threading.Event()
+        self.listener = Listener(settings.database_url, self._on_change)
+
+    def _on_change(self, target: str) -> None:
+        self._woken.set()
+        try:
+            self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(UTC))
+        except Exception:  # noqa: BLE001 - scheduler shutting down
+            pass
+
+    def dispatch(self) -> None:
+        """The job: one pass, repeated while notifications arrive during it."""
+        if not self.leadership.ensure():
+            return
+        while True:
+            self._woken.clear()
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = connect(self.settings.database_url)
+                report = self.dispatcher.run_pass(self._conn)
+            except (psycopg.Error, DatabaseError, redis.RedisError) as exc:
+                log.warning("dispatch pass failed (%s: %s); retrying next tick",
+                            type(exc).__name__, exc)
+                self._drop_connection()
+                return
+            if report.enqueued_rows:
+                log.info("enqueued %d rows in %d batches", report.enqueued_rows,
+                         report.batches)
+            if not self._woken.is_set():
+                return
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+        self._conn = None
+
+    def run(self) -> None:
+        """Block until SIGTERM/SIGINT."""
+        self.scheduler.add_job(self.dispatch, "interval", id=JOB_ID,
+                               seconds=self.settings.poll_interval, max_instances=1,
+                               coalesce=True, next_run_time=datetime.now(UTC))
+        self.listener.start()
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d: stopping the scheduler", signum)
+            self.scheduler.shutdown(wait=False)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        log.info("scheduler running: poll every %.1fs, listening for changes",
+                 self.settings.poll_interval)
+        try:
+            self.scheduler.start()
+        finally:
+            self.listener.stop()
+            self.leadership.release()
+            self._drop_connection()

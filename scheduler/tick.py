@@ -1,0 +1,56 @@
+"""One pass for a cronjob: enqueue everything pending, optionally wait until it is done.
+
+Exit codes: 0 done; 1 a service failed; 3 --wait timed out with work left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+
+from pgreembed.config import Settings
+from pgreembed.db import connect
+from pgreembed.inflight import InFlight
+from pgreembed.slots import load_slots
+from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_TIMEOUT = 3
+
+
+def _in_flight(settings: Settings, client: redis.Redis, slot_ids: list[int]) -> int:
+    total = 0
+    for slot_id in slot_ids:
+        marker = InFlight(client, slot_id, settings.lease_seconds)
+        marker.expire_stale()
+        total += marker.count()
+    return total
+
+
+def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
+             send: Sender | None = None) -> int:
+    client = redis.Redis.from_url(settings.redis_url)
+    dispatcher = Dispatcher(settings, client, send or dramatiq_sender())
+    deadline = time.monotonic() + timeout
+    with connect(settings.database_url) as conn:
+        slot_ids = [s.id for t in settings.targets.values() for s in load_slots(conn, t)]
+        conn.commit()
+        while True:
+            report = dispatcher.run_pass(conn, limit_in_flight=False)
+            print(f"tick: enqueued {report.enqueued_rows} rows in {report.batches} batches"
+                  f" ({report.skipped_in_flight} already in flight)", flush=True)
+            if not wait:
+                return EXIT_OK
+            # Wait for the workers, then sweep again: rows whose text changed while in
+            # flight are pending again and must be done before we call it finished.
+            while (left := _in_flight(settings, client, slot_ids)) > 0:
+                if time.monotonic() > deadline:
+                    print(f"tick: timed out with {left} rows still in flight", flush=True)
+                    return EXIT_TIMEOUT
+                time.sleep(0.2)
+            if report.enqueued_rows == 0 and report.skipped_in_flight == 0:
+                return EXIT_OK
