@@ -13,6 +13,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+_Documented = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
 _SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip"}
 
 
@@ -43,7 +44,7 @@ def stdlib_docstrings(limit: int | None = None, min_length: int = 40
                 return
 
 
-def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, ast.AST]]:
+def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, _Documented]]:
     yield module, tree
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):

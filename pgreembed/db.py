@@ -8,6 +8,7 @@ a column's type ("cached plan must not change result type").
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import psycopg
@@ -37,10 +38,9 @@ def connect(dsn: str, *, autocommit: bool = False, vector: bool = True) -> psyco
     except psycopg.Error as exc:
         raise DatabaseError(f"cannot connect to Postgres: {redact(str(exc))}") from None
     if vector:
-        try:
+        # Without the extension yet, `init` reports that clearly; nothing to register.
+        with contextlib.suppress(psycopg.ProgrammingError):
             register_vector(conn)
-        except psycopg.ProgrammingError:
-            pass  # extension not installed yet (init reports that clearly)
     return conn
 
 

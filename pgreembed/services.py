@@ -104,9 +104,9 @@ class LocalRedis:
             try:
                 client.ping()
                 return self.url
-            except redis.ConnectionError:
+            except redis.ConnectionError as exc:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}")
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from exc
                 time.sleep(0.05)
 
     def stop(self) -> None:

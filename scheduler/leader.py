@@ -8,6 +8,7 @@ another replica (or the same one, reconnected) takes over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import psycopg
@@ -52,8 +53,6 @@ class Leadership:
     def release(self) -> None:
         self.is_leader = False
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
             self._conn = None

@@ -7,6 +7,7 @@ tick with a fresh connection: nothing is lost because Postgres holds the state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -15,6 +16,7 @@ from types import FrameType
 
 import psycopg
 import redis
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from pgreembed.config import Settings
@@ -43,10 +45,9 @@ class SchedulerService:
 
     def _on_change(self, target: str) -> None:
         self._woken.set()
-        try:
+        # The job is gone while the scheduler shuts down: nothing to wake then.
+        with contextlib.suppress(JobLookupError):
             self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(UTC))
-        except Exception:  # noqa: BLE001 - scheduler shutting down
-            pass
 
     def dispatch(self) -> None:
         """The job: one pass, repeated while notifications arrive during it."""
@@ -71,10 +72,8 @@ class SchedulerService:
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._conn.close()
-            except psycopg.Error:
-                pass
         self._conn = None
 
     def run(self) -> None:

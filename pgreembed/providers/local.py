@@ -71,6 +71,8 @@ class LocalMiniLM:
 
             model_path, tokenizer_path = model_files()
             counter = Tokenizer.from_file(str(tokenizer_path))
+            counter.no_truncation()  # the file ships with truncation at 128: count it all
+            counter.no_padding()
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
             tokenizer.enable_truncation(max_length=MAX_TOKENS)
             tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")

@@ -14,8 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import openai
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
-from tenacity import stop_after_delay, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from pgreembed.providers.base import (
     BadInputError,

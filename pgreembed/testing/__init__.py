@@ -1,0 +1,1 @@
+"""Test helpers that run real services (e.g. a fake OpenAI server) for tests and demos."""

@@ -1,0 +1,67 @@
+"""Configuration validation: every error names the field and what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgreembed.config import ConfigError, parse_settings
+
+ENV = {"DATABASE_URL": "postgresql:///x"}
+
+
+def target(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = {"name": "docs", "table": "docs", "text_column": "body",
+                               "vector_column": "embedding", "dimensions": 384}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def settings(*targets: dict[str, object], env: dict[str, str] = ENV, **extra: object):  # type: ignore[no-untyped-def]
+    return parse_settings({"target": list(targets), **extra}, env)
+
+
+def test_minimal_target_gets_sane_defaults() -> None:
+    s = settings(target())
+    t = s.target("docs")
+    assert (t.schema, t.table, t.text_columns) == ("public", "docs", ("body",))
+    assert t.provider == "local" and t.model_key == "local:all-MiniLM-L6-v2-onnx-int8@384"
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"dimensions": "many"}, "target 'docs'.dimensions: must be an integer, got 'many'"),
+    ({"dimensions": 0}, "target 'docs'.dimensions: must be > 0"),
+    ({"dimensions": None}, "target 'docs': missing required field 'dimensions'"),
+    ({"name": "Docs-1"}, "name must match"),
+    ({"provider": "cohere"}, "target 'docs'.provider: must be one of"),
+    ({"provider": "local", "dimensions": 768}, "produces 384, got 768"),
+    ({"batch_size": 5000}, "target 'docs'.batch_size: must be <= 2048"),
+    ({"text_column": None}, "missing required field 'text_column'"),
+    ({"text_columns": []}, "text_columns: must be a non-empty list"),
+    ({"trigger": "yes"}, "target 'docs'.trigger: must be a bool"),
+    ({"colour": "blue"}, "unknown field(s) colour"),
+    ({"vector_column": " "}, "target 'docs'.vector_column: must not be empty"),
+])
+def test_errors_name_field_and_reason(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        settings(target(**overrides))
+    assert message in str(error.value)
+
+
+def test_database_url_required_and_targets_unique() -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL: not set"):
+        settings(target(), env={})
+    with pytest.raises(ConfigError, match="declared twice"):
+        settings(target(), target())
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_settings({}, ENV)
+
+
+def test_unknown_target_lists_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown target 'nope' \(configured: docs\)"):
+        settings(target()).target("nope")
+
+
+def test_worker_section_validated() -> None:
+    with pytest.raises(ConfigError, match="worker.poll_interval: must be > 0"):
+        settings(target(), worker={"poll_interval": 0})

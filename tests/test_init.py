@@ -1,0 +1,98 @@
+"""`pgreembed init`: idempotent, quoted identifiers, clear errors."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgreembed.config import parse_settings
+from pgreembed.schema import SetupError, init_target
+
+HOSTILE = 'we"ird; DROP TABLE victim; --'
+
+
+def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
+    raw: dict[str, object] = {"name": "docs", "table": "public.docs", "text_column": "body",
+                              "vector_column": "embedding", "provider": "openai",
+                              "model": "fake-384", "dimensions": 384}
+    raw.update(overrides)
+    return parse_settings({"target": [raw]}, {"DATABASE_URL": dsn}).target("docs")
+
+
+def test_init_is_idempotent_and_creates_bookkeeping(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'b')")
+    target = make_target(database_url)
+    first = init_target(database_url, target)
+    second = init_target(database_url, target)
+    assert first.id == second.id
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE"
+                            " attrelid = 'docs'::regclass AND attname = 'embedding'"
+                            ).fetchone() == ("vector(384)",)
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s",
+                             (first.pending_index_name,)).fetchone()
+        assert index is not None and "WHERE (embedding IS NULL)" in index[0]
+        triggers = {r[0] for r in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass AND NOT tgisinternal")}
+        assert triggers == {"pgreembed_clear_docs", "pgreembed_notify_docs"}
+        assert conn.execute("SELECT count(*) FROM pgreembed.slots").fetchone() == (1,)
+
+
+def test_finding_pending_rows_uses_the_partial_index(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text,"
+                     " embedding vector(384))")
+        conn.execute("INSERT INTO docs SELECT g, 'text ' || g, CASE WHEN g % 5000 = 0 THEN NULL"
+                     " ELSE array_fill(0.1, ARRAY[384])::vector END"
+                     " FROM generate_series(1, 20000) g")
+    target = make_target(database_url)
+    slot = init_target(database_url, target)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ANALYZE docs")
+        from pgreembed.planner import missing_page
+
+        assert missing_page(conn, slot, None, 10) == [5000, 10000, 15000, 20000]
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT id FROM docs WHERE embedding IS NULL ORDER BY id LIMIT 10"))
+        assert slot.pending_index_name in plan, plan
+        assert "Seq Scan on docs" not in plan, plan
+
+
+def test_hostile_identifiers_are_quoted(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE victim (id int)")
+        conn.execute(sql.SQL('CREATE TABLE {} (id int PRIMARY KEY, "t""x" text)').format(
+            sql.Identifier(HOSTILE)))
+        conn.execute(sql.SQL("INSERT INTO {} VALUES (1, 'hello')").format(
+            sql.Identifier(HOSTILE)))
+    target = make_target(database_url, table=f"public.{HOSTILE}", text_column='t"x',
+                         vector_column='v"ec')
+    slot = init_target(database_url, target)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT to_regclass('victim') IS NOT NULL").fetchone() == (True,)
+        from pgreembed.planner import missing_page
+
+        assert missing_page(conn, slot, None, 10) == [1]
+
+
+def test_clear_errors(database_url: str) -> None:
+    with pytest.raises(SetupError, match="table public.missing does not exist"):
+        init_target(database_url, make_target(database_url, table="missing"))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, embedding vector(3))")
+    with pytest.raises(SetupError, match=r"column 'embedding' is vector\(3\), expected"
+                                         r" vector\(384\)"):
+        init_target(database_url, make_target(database_url))
+    with pytest.raises(SetupError, match="text column 'nope' does not exist"):
+        init_target(database_url, make_target(database_url, text_column="nope"))
+
+
+def test_large_models_get_halfvec(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    slot = init_target(database_url, make_target(database_url, model="text-embedding-3-large",
+                                                 dimensions=3072))
+    assert slot.vector_type == "halfvec"

@@ -1,0 +1,189 @@
+"""End to end on real services: scheduler -> Redis -> Dramatiq worker -> Postgres.
+
+Vectors are checked against the fake provider's deterministic vector of the
+row's *current* text, so a vector of the wrong text, a stale write or a
+missing row all fail these tests.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pgreembed.testing.fake_openai import fake_vector
+from tests.conftest import Stack, wait_for
+
+MODEL = "fake-384"
+
+
+def insert_docs(stack: Stack, count: int, prefix: str = "doc") -> None:
+    with stack.connect() as conn:
+        conn.execute(
+            "INSERT INTO docs (title, body) SELECT %s || ' ' || g, 'body of ' || g"
+            " FROM generate_series(1, %s) g", (prefix, count))
+
+
+def rows(stack: Stack) -> list[tuple[int, str, object]]:
+    with stack.connect() as conn:
+        return conn.execute(
+            "SELECT id, concat_ws(E'\\n', title, body), embedding FROM docs ORDER BY id"
+        ).fetchall()
+
+
+def assert_all_current(stack: Stack) -> None:
+    for key, text, vector in rows(stack):
+        assert vector is not None, f"row {key} has no vector"
+        expected = fake_vector(MODEL, text, 384)
+        np.testing.assert_allclose(vector.to_numpy(), expected, atol=1e-6,
+                                   err_msg=f"row {key} has the vector of another text")
+
+
+def init(stack: Stack) -> None:
+    result = stack.cli("init")
+    assert result.returncode == 0, result.stderr
+
+
+def test_new_rows_are_embedded(stack: Stack) -> None:
+    insert_docs(stack, 40)
+    init(stack)
+    stack.start_worker()
+    result = stack.cli("tick", "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "enqueued 40 rows" in result.stdout
+    assert_all_current(stack)
+
+
+def test_changed_text_is_reembedded_and_unrelated_change_is_not(stack: Stack, fake_openai
+                                                                ) -> None:
+    insert_docs(stack, 10)
+    init(stack)
+    stack.start_worker()
+    assert stack.cli("tick", "--wait").returncode == 0
+    calls_before = fake_openai.stats()["inputs_embedded"]
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET views = views + 1")  # unrelated column
+        conn.execute("UPDATE docs SET title = 'renamed' WHERE id = 3")
+        conn.execute("UPDATE docs SET body = body WHERE id = 4")  # same text: no change
+    result = stack.cli("tick", "--wait")
+    assert result.returncode == 0
+    assert "enqueued 1 rows" in result.stdout, result.stdout
+    assert fake_openai.stats()["inputs_embedded"] == calls_before + 1
+    assert_all_current(stack)
+
+
+def test_text_changed_while_in_flight_ends_with_new_texts_vector(stack: Stack, fake_openai
+                                                                  ) -> None:
+    insert_docs(stack, 8)
+    init(stack)
+    fake_openai.set_faults(latency=2.0)
+    stack.start_worker()
+    assert stack.cli("tick").returncode == 0  # enqueue; the provider answers in 2 s
+    wait_for(lambda: fake_openai.stats()["requests"] >= 1, timeout=30,
+             message="the worker's request")
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'changed while in flight' WHERE id = 5")
+    fake_openai.set_faults(latency=0.0)
+    result = stack.cli("tick", "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_all_current(stack)
+    counts = fake_openai.stats()["text_counts"]
+    assert counts["doc 5\nchanged while in flight"] == 1
+
+
+def test_duplicate_enqueue_does_not_double_provider_calls(stack: Stack, fake_openai) -> None:
+    insert_docs(stack, 30)
+    init(stack)
+    fake_openai.set_faults(latency=0.5)
+    stack.start_worker(threads=2)
+    first = stack.cli("tick")
+    second = stack.cli("tick")  # everything is still in flight
+    assert "enqueued 30 rows" in first.stdout
+    assert "enqueued 0 rows" in second.stdout and "30 already in flight" in second.stdout
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    counts = fake_openai.stats()["text_counts"]
+    assert len(counts) == 30
+    assert set(counts.values()) == {1}, counts
+    assert_all_current(stack)
+
+
+def test_tick_exit_codes(stack: Stack, tmp_path) -> None:
+    init(stack)
+    assert stack.cli("tick").returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[target]]\nname = "docs"\ntable = "docs"\ntext_column = "title"\n'
+                   'vector_column = "embedding"\ndimensions = "many"\n')
+    result = stack.cli("--config", str(bad), "tick")
+    assert result.returncode == 2
+    assert "dimensions" in result.stderr and "integer" in result.stderr
+    env_without_db = dict(stack.env, DATABASE_URL="postgresql://app:hunter2secret@127.0.0.1:1/x")
+    stack.env, saved = env_without_db, stack.env
+    try:
+        result = stack.cli("tick")
+    finally:
+        stack.env = saved
+    assert result.returncode == 1
+    assert "hunter2secret" not in result.stderr + result.stdout
+    assert "cannot connect" in result.stderr
+
+
+def test_continuous_scheduler_picks_up_inserts_within_seconds(stack: Stack) -> None:
+    init(stack)
+    stack.start_worker()
+    stack.start_scheduler()
+    stack.start_scheduler()  # a second replica must not double the work
+    time.sleep(3)  # both started, one holds the leader lock
+    latencies = []
+    for i in range(5):
+        with stack.connect() as conn:
+            key = conn.execute("INSERT INTO docs (title, body) VALUES (%s, 'fresh')"
+                               " RETURNING id", (f"fresh {i}",)).fetchone()[0]
+        start = time.monotonic()
+
+        def embedded(key: int = key) -> bool:
+            with stack.connect() as conn:
+                return bool(conn.execute("SELECT embedding IS NOT NULL FROM docs WHERE id = %s",
+                                         (key,)).fetchone()[0])
+
+        wait_for(embedded, timeout=10, interval=0.02, message=f"row {key}")
+        latencies.append(time.monotonic() - start)
+    assert max(latencies) < 3.0, latencies
+    assert_all_current(stack)
+    assert stack.log_text().count("this scheduler is now the leader") == 1
+
+
+@pytest.mark.parametrize("threads", [4])
+def test_bad_rows_are_recorded_and_do_not_block_others(stack: Stack, fake_openai,
+                                                       threads: int) -> None:
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES (NULL, NULL), ('', '   '),"
+                     " ('poison', 'BADINPUT here'), ('good', 'one'), ('good', 'two')")
+    fake_openai.set_faults(bad_input_marker="BADINPUT")
+    init(stack)
+    stack.start_worker(threads=threads)
+    result = stack.cli("tick", "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    with stack.connect() as conn:
+        good = conn.execute("SELECT count(*) FROM docs WHERE title = 'good'"
+                            " AND embedding IS NOT NULL").fetchone()[0]
+    assert good == 2
+    failures = stack.cli("failures", "--target", "docs")
+    assert failures.returncode == 0
+    # concat_ws of two NULLs is '', so row 1 is "empty" too
+    assert "row 1: text is empty or only whitespace" in failures.stdout
+    assert "row 2: text is empty or only whitespace" in failures.stdout
+    assert "row 3: provider rejected the text" in failures.stdout
+    status = stack.cli("status", "--json")
+    assert '"failed": 3' in status.stdout
+    # Failed rows are not retried on every pass ...
+    assert "enqueued 0 rows" in stack.cli("tick").stdout
+    # ... until asked to, or until their text changes.
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'fixed' WHERE id = 3")
+    fake_openai.set_faults(bad_input_marker=None)
+    assert stack.cli("tick", "--wait").returncode == 0
+    with stack.connect() as conn:
+        assert conn.execute("SELECT embedding IS NOT NULL FROM docs WHERE id = 3"
+                            ).fetchone()[0]
+    assert "sk-test" not in stack.log_text()
