@@ -14,6 +14,7 @@ import redis
 from pgreembed.config import ConfigError, Settings, load_settings
 from pgreembed.db import DatabaseError, connect
 from pgreembed.logs import setup_logging
+from pgreembed.migrate import MigrationError
 from pgreembed.providers import ProviderError
 from pgreembed.redact import redact
 from pgreembed.schema import SetupError
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "embedded Postgres + Redis + offline model, end to end")
     p.add_argument("--rows", type=int, default=1000, help="corpus size")
     p.add_argument("--workers", type=int, default=2, help="worker processes")
+    from pgreembed import cli_migrate
+
+    cli_migrate.register(sub)
     return parser
 
 
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (SetupError, DatabaseError, ProviderError, LookupError) as exc:
+    except (SetupError, DatabaseError, ProviderError, LookupError, MigrationError) as exc:
         print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except (psycopg.Error, redis.RedisError) as exc:

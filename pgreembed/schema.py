@@ -50,6 +50,26 @@ CREATE TABLE IF NOT EXISTS pgreembed.slots (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS slots_one_live ON pgreembed.slots (target)
     WHERE role = 'live';
+ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS pgreembed.migrations (
+    id serial PRIMARY KEY,
+    target text NOT NULL,
+    from_slot integer NOT NULL REFERENCES pgreembed.slots (id),
+    to_slot integer NOT NULL REFERENCES pgreembed.slots (id),
+    phase text NOT NULL CHECK (phase IN ('filling', 'swapped', 'rolled_back', 'finalized',
+                                         'cancelled')),
+    started_at timestamptz NOT NULL DEFAULT now(),
+    swapped_at timestamptz,
+    finished_at timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_open ON pgreembed.migrations (target)
+    WHERE phase IN ('filling', 'swapped', 'rolled_back');
+-- What the application reads to know which column and model are live.
+CREATE OR REPLACE VIEW pgreembed.active_models AS
+    SELECT s.target, s.schema_name, s.table_name, s.vector_column, m.provider,
+           m.name AS model, m.dimensions
+    FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
+    WHERE s.role = 'live';
 CREATE OR REPLACE FUNCTION pgreembed.notify_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -139,6 +159,13 @@ def register_live_slot(conn: psycopg.Connection, target: Target) -> Slot:
     model_id = ensure_model(conn, target)
     pk, pk_type = primary_key_of(conn, target)
     live = [s for s in load_slots(conn, target) if s.role == "live"]
+    migrated = conn.execute("SELECT count(*) FROM pgreembed.migrations WHERE target = %s",
+                            (target.name,)).fetchone()
+    if live and live[0].model_id != model_id and migrated and migrated[0]:
+        # After a migration the registry, not the config, says which model is live.
+        log.warning("target %s: config says %s but the live model is %s (migrated);"
+                    " update the config", target.name, target.model_key, live[0].model_key)
+        return live[0]
     if not live:
         conn.execute(
             """
@@ -149,6 +176,12 @@ def register_live_slot(conn: psycopg.Connection, target: Target) -> Slot:
             (target.name, target.schema, target.table, target.vector_column, pk, pk_type,
              model_id),
         )
+    elif live[0].model_id != model_id and live[0].dimensions != target.dimensions:
+        raise SetupError(
+            f"target {target.name!r}: the live column holds {live[0].model_key}; changing to"
+            f" {target.model_key} changes dimensions, which is a migration:"
+            f" `pgreembed migrate start --target {target.name} --model {target.model}"
+            f" --dimensions {target.dimensions}`")
     elif live[0].model_id != model_id:
         # Same column, other model of the same size: rows become "outdated" and are
         # re-embedded in place. Other sizes were refused by ensure_vector_column.
@@ -269,7 +302,9 @@ def init_target(dsn: str, target: Target) -> Slot:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
         conn.execute(REGISTRY_DDL)
         _check_table(conn, target)
-        ensure_vector_column(conn, target, target.vector_column, target.dimensions)
+        registered = [s for s in load_slots(conn, target) if s.role == "live"]
+        dimensions = registered[0].dimensions if registered else target.dimensions
+        ensure_vector_column(conn, target, target.vector_column, dimensions)
         slot = register_live_slot(conn, target)
         create_state_table(conn, slot)
         slots = load_slots(conn, target)

@@ -36,6 +36,7 @@ class Slot:
     dimensions: int
     primary_key: str
     pk_type: str
+    paused: bool = False
 
     # -- identifiers ---------------------------------------------------------------
 
@@ -128,22 +129,26 @@ def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
     return rows[0][0], rows[0][1]
 
 
-def load_slots(conn: psycopg.Connection, target: Target) -> list[Slot]:
-    """The registered slots of a target (live first). Empty until `pgreembed init`."""
+def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool = True
+               ) -> list[Slot]:
+    """The target's columns being kept filled (live first): the live one, and during a
+    migration the new one ('next') or, after a swap, the previous one ('old', kept
+    current so a rollback is instant). Empty until `pgreembed init`."""
     rows = conn.execute(
         """
         SELECT s.id, s.vector_column, s.role, s.model_id, m.key, m.provider, m.name,
-               m.dimensions, s.primary_key, s.pk_type
+               m.dimensions, s.primary_key, s.pk_type, s.paused
         FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
-        WHERE s.target = %s AND s.role IN ('live', 'next')
+        WHERE s.target = %s AND s.role IN ('live', 'next', 'old')
+          AND (%s OR NOT s.paused)
         ORDER BY s.role = 'live' DESC, s.id
         """,
-        (target.name,),
+        (target.name, include_paused),
     ).fetchall()
     return [
         Slot(id=r[0], target=target, vector_column=r[1], role=r[2], model_id=r[3],
              model_key=r[4], provider=r[5], model=r[6], dimensions=r[7], primary_key=r[8],
-             pk_type=r[9])
+             pk_type=r[9], paused=r[10])
         for r in rows
     ]
 

@@ -59,7 +59,7 @@ class Dispatcher:
         """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
         report = PassReport()
         for target in self.settings.targets.values():
-            for slot in load_slots(conn, target):
+            for slot in load_slots(conn, target, include_paused=False):
                 conn.commit()  # each page in its own short snapshot
                 self._dispatch_slot(conn, slot, limit_in_flight, report)
         conn.commit()

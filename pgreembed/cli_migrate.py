@@ -1,0 +1,111 @@
+"""`pgreembed migrate ...`: the runbook steps of a re-embedding migration, one command each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pgreembed import migrate
+from pgreembed.config import ConfigError, load_settings
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PB"
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / total) if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    target = settings.target(args.target)
+    step = args.step
+    if step in ("plan", "start") and (not args.model or not args.dimensions):
+        raise ConfigError(f"migrate {step}: --model and --dimensions are required")
+    if step == "plan":
+        p = migrate.plan(settings, target, args.provider, args.model, args.dimensions)
+        cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
+        print(f"rows: {p.rows} ({p.rows_without_text} without text)")
+        print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,}"
+              f" ({'counted' if p.tokens_exact else 'extrapolated from a sample'})")
+        print(f"estimated cost: {cost}")
+        print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)}")
+        print("SQL:")
+        for statement in p.statements:
+            print(f"  {statement}")
+        for note in p.notes:
+            print(f"note: {note}")
+        for blocker in p.blockers:
+            print(f"BLOCKER: {blocker}")
+        return 1 if p.blockers else 0
+    if step == "start":
+        slot = migrate.start(settings, target, args.provider, args.model, args.dimensions)
+        print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
+              " filled by the scheduler and workers")
+    elif step in ("pause", "resume"):
+        migrate.set_paused(settings, target, step == "pause")
+        print(f"migration of {target.name} {step}d")
+    elif step == "cancel":
+        migrate.cancel(settings, target)
+        print(f"migration of {target.name} cancelled; the new column is dropped")
+    elif step == "index":
+        name = migrate.build_index(settings, target, method=args.method, lists=args.lists,
+                                   m=args.m, ef_construction=args.ef_construction,
+                                   maintenance_work_mem=args.maintenance_work_mem)
+        print(f"index {name} is valid")
+    elif step in ("swap", "rollback"):
+        result = migrate.swap(settings, target, rollback=step == "rollback",
+                              catch_up_timeout=args.timeout)
+        print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
+              f" (attempt {result.attempts})")
+    elif step == "finalize":
+        migrate.finalize(settings, target)
+        print(f"migration of {target.name} finalized; the previous column is dropped")
+    elif step == "status":
+        pr = migrate.progress(settings, target)
+        info: dict[str, Any] = {
+            "migration": pr.migration.id, "phase": pr.migration.phase, "column": pr.column,
+            "model": pr.model, "total": pr.total, "done": pr.done, "failed": pr.failed,
+            "rate_per_second": round(pr.rate_per_second, 1), "eta_seconds": pr.eta_seconds,
+            "paused": pr.paused, "indexes": [{"name": n, "valid": v} for n, v in pr.indexes],
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            eta = "?" if pr.eta_seconds is None else f"{pr.eta_seconds:.0f}s"
+            print(f"migration {pr.migration.id} ({pr.migration.phase}"
+                  f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
+            print(f"{_bar(pr.done, pr.total)} {pr.done}/{pr.total} rows, {pr.failed} failed,"
+                  f" {pr.rate_per_second:.1f} rows/s, ETA {eta}")
+            for name, valid in pr.indexes:
+                print(f"index {name}: {'valid' if valid else 'INVALID'}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `migrate` with one sub-step per runbook step to the main parser."""
+    parser = sub.add_parser("migrate", help="move a target to a new embedding model",
+                            description=migrate.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=run)
+    parser.add_argument("step", choices=["plan", "start", "status", "pause", "resume",
+                                         "cancel", "index", "swap", "rollback", "finalize"])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--provider", default="openai", choices=["openai", "local"])
+    parser.add_argument("--model", help="plan/start: the new model")
+    parser.add_argument("--dimensions", type=int, help="plan/start: the new size")
+    parser.add_argument("--json", action="store_true", help="status: machine-readable")
+    parser.add_argument("--method", default="hnsw", choices=["hnsw", "ivfflat"])
+    parser.add_argument("--lists", type=int, help="ivfflat lists (default from row count)")
+    parser.add_argument("--m", type=int, default=16, help="hnsw m")
+    parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--maintenance-work-mem", default="512MB")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="swap/rollback: seconds to wait for rows to catch up")

@@ -1,0 +1,254 @@
+"""Re-embedding migrations on real services, with real workers and scheduler running."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgreembed.config import parse_settings
+from pgreembed.search import search
+from pgreembed.testing.fake_openai import fake_vector
+from tests.conftest import Stack, wait_for
+
+
+def seed(stack: Stack, count: int) -> None:
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
+                     " FROM generate_series(1, %s) g", (count,))
+
+
+def column_type(stack: Stack, column: str) -> str | None:
+    with stack.connect() as conn:
+        row = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE"
+                           " attrelid = 'docs'::regclass AND attname = %s AND NOT attisdropped",
+                           (column,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def assert_column_current(stack: Stack, column: str, model: str, dims: int) -> None:
+    with stack.connect() as conn:
+        rows = conn.execute(f"SELECT id, concat_ws(E'\\n', title, body), {column}::text"
+                            " FROM docs ORDER BY id").fetchall()
+    assert rows
+    for key, text, vector in rows:
+        assert vector is not None, f"row {key}: no vector in {column}"
+        got = np.array([float(x) for x in vector.strip("[]").split(",")], dtype=np.float32)
+        np.testing.assert_allclose(got, fake_vector(model, text, dims), atol=2e-3,
+                                   err_msg=f"row {key}: {column} is not {model}({text!r})")
+
+
+def schema_snapshot(stack: Stack) -> dict[str, object]:
+    with stack.connect() as conn:
+        return {
+            "columns": conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE"
+                " attrelid = 'docs'::regclass AND attnum > 0 AND NOT attisdropped"
+                " ORDER BY attnum").fetchall(),
+            "indexes": conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE"
+                                    " tablename = 'docs' ORDER BY 1").fetchall(),
+            "triggers": conn.execute("SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+                                     " WHERE tgrelid = 'docs'::regclass AND NOT tgisinternal"
+                                     " ORDER BY 1").fetchall(),
+            "function": conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'clear_docs'"
+                                     ).fetchall(),
+        }
+
+
+def running(stack: Stack) -> None:
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+
+
+def migrate(stack: Stack, *args: str) -> str:
+    result = stack.cli("migrate", *args, "--target", "docs", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def wait_filled(stack: Stack, column: str) -> None:
+    def filled() -> bool:
+        with stack.connect() as conn:
+            return conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
+                                ).fetchone()[0] == 0
+    wait_for(filled, timeout=120, interval=0.3, message=f"{column} filled")
+
+
+def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
+    seed(stack, 60)
+    running(stack)
+    wait_filled(stack, "embedding")
+    plan = migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768")
+    assert "rows: 60" in plan and "vector(768)" in plan
+    assert "ALTER TABLE public.docs ADD COLUMN" in plan
+    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    new_column = out.split("column ")[1].split(" ")[0]
+    assert column_type(stack, new_column) == "vector(768)"
+    # Traffic during the backfill: inserts, text updates, deletes.
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('during', 'the backfill')")
+        conn.execute("UPDATE docs SET body = 'edited during backfill' WHERE id IN (3, 30)")
+        conn.execute("DELETE FROM docs WHERE id = 7")
+    wait_filled(stack, new_column)
+    wait_filled(stack, "embedding")
+    status = migrate(stack, "status", "--json")
+    assert '"done": 60' in status and '"phase": "filling"' in status
+    # No index on the new column yet while the live one has one: refused.
+    refused = stack.cli("migrate", "swap", "--target", "docs")
+    assert refused.returncode == 1 and "run `migrate index`" in refused.stderr
+    assert "is valid" in migrate(stack, "index")
+    assert "swap done" in migrate(stack, "swap")
+    assert column_type(stack, "embedding") == "vector(768)"
+    assert column_type(stack, new_column) == "vector(384)"
+    assert_column_current(stack, "embedding", "fake-768", 768)
+    with stack.connect() as conn:
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname ="
+                             " 'docs_embedding_idx'").fetchone()[0]
+        assert "(embedding vector_cosine_ops)" in index
+        assert conn.execute("SELECT model, dimensions FROM pgreembed.active_models"
+                            ).fetchone() == ("fake-768", 768)
+    # Writes between swap and rollback must be right in both columns after rollback.
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET title = 'after swap' WHERE id = 11")
+        conn.execute("INSERT INTO docs (title, body) VALUES ('inserted', 'after swap')")
+    wait_filled(stack, "embedding")
+    wait_filled(stack, new_column)
+    assert "rollback done" in migrate(stack, "rollback")
+    assert column_type(stack, "embedding") == "vector(384)"
+    assert_column_current(stack, "embedding", "fake-384", 384)
+    assert_column_current(stack, new_column, "fake-768", 768)
+    # Forward again, then drop the previous column.
+    assert "swap done" in migrate(stack, "swap")
+    migrate(stack, "finalize")
+    assert column_type(stack, new_column) is None
+    assert column_type(stack, "embedding") == "vector(768)"
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'after finalize' WHERE id = 12")
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", "fake-768", 768)
+
+
+def test_large_model_uses_halfvec(stack: Stack) -> None:
+    seed(stack, 12)
+    running(stack)
+    migrate(stack, "start", "--model", "fake-3072", "--dimensions", "3072")
+    slot_column = [c for c, t in schema_snapshot(stack)["columns"]  # type: ignore[union-attr]
+                   if t == "halfvec(3072)"]
+    assert len(slot_column) == 1
+    wait_filled(stack, slot_column[0])
+    migrate(stack, "index")
+    migrate(stack, "swap")
+    assert column_type(stack, "embedding") == "halfvec(3072)"
+    assert_column_current(stack, "embedding", "fake-3072", 3072)
+
+
+def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
+    seed(stack, 10)
+    running(stack)
+    wait_filled(stack, "embedding")
+    before = schema_snapshot(stack)
+    migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    assert schema_snapshot(stack) != before
+    migrate(stack, "pause")
+    assert '"paused": true' in migrate(stack, "status", "--json")
+    migrate(stack, "cancel")
+    assert schema_snapshot(stack) == before
+    with stack.connect() as conn:  # the trigger still works on the live column only
+        conn.execute("UPDATE docs SET body = 'after cancel' WHERE id = 2")
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", "fake-384", 384)
+
+
+def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
+    seed(stack, 200)
+    running(stack)
+    wait_filled(stack, "embedding")
+    migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    new_column = [c for c, t in schema_snapshot(stack)["columns"]  # type: ignore[union-attr]
+                  if t == "vector(768)"][0]
+    wait_filled(stack, new_column)
+    migrate(stack, "index")
+    settings = parse_settings({"target": [{
+        "name": "docs", "table": "public.docs", "text_columns": ["title", "body"],
+        "vector_column": "embedding", "provider": "openai", "model": "fake-384",
+        "dimensions": 384}]}, stack.env)
+    stop = threading.Event()
+    errors: list[str] = []
+    counts = {"search": 0, "write": 0}
+
+    def searcher() -> None:
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            from pgvector.psycopg import register_vector
+            register_vector(conn)
+            while not stop.is_set():
+                try:
+                    hits = search(conn, settings, "docs", "doc 5", limit=3)
+                    assert hits
+                    counts["search"] += 1
+                except Exception as exc:  # noqa: BLE001 - every failure is counted
+                    errors.append(f"search: {exc!r}")
+
+    def writer() -> None:
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s",
+                                 (i % 200 + 1,))
+                    counts["write"] += 1
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"write: {exc!r}")
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    threads.append(threading.Thread(target=writer))
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    out = migrate(stack, "swap")
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert "swap done" in out
+    assert errors == [], errors[:5]
+    assert counts["search"] > 10 and counts["write"] > 10, counts
+
+
+def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack) -> None:
+    seed(stack, 20)
+    with stack.connect() as conn:  # two equal texts: equal vectors, so a UNIQUE build fails
+        conn.execute("INSERT INTO docs (title, body) VALUES ('doc 1', 'body 1')")
+    running(stack)
+    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    new_column = out.split("column ")[1].split(" ")[0]
+    # Re-running start after a crash is harmless.
+    migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    wait_filled(stack, new_column)
+    with stack.connect() as conn:
+        slot_id = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'next'"
+                               ).fetchone()[0]
+        # A failed concurrent build leaves an INVALID index behind:
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(f"CREATE UNIQUE INDEX CONCURRENTLY pgreembed_ann_{slot_id} ON docs"
+                         f" ({new_column})")
+    refused = stack.cli("migrate", "swap", "--target", "docs")
+    assert refused.returncode == 1 and "INVALID" in refused.stderr
+    migrate(stack, "index")
+    # A long transaction holds the table: the swap retries until it is released.
+    blocker = psycopg.connect(stack.dsn)
+    blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
+    threading.Timer(3.0, blocker.rollback).start()
+    started = time.monotonic()
+    out = migrate(stack, "swap")
+    blocker.close()
+    assert "swap done" in out and "attempt 1)" not in out
+    assert time.monotonic() - started >= 2.0
