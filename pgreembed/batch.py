@@ -38,7 +38,9 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     pool = get_pool(settings.database_url, settings.pool_max_size)
     with pool.connection() as conn:
         slot = load_slot(conn, target, slot_id)
-        rows = load_pending(conn, slot, keys)
+        # A paused migration stops spending now: queued batches are dropped, their rows
+        # stay pending and are dispatched again on resume.
+        rows = [] if slot.paused else load_pending(conn, slot, keys)
     if not rows:
         return BatchReport(len(keys), 0, 0, 0, 0)
 
@@ -52,6 +54,10 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         written = write_vectors(conn, slot, embedded)
         record_failures(conn, slot, failed)
         changed = len(embedded) - len(written)
+        if embedded:
+            conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens)"
+                         " VALUES (%s, %s, %s)",
+                         (slot.id, len(embedded), sum(e.tokens for e in embedded)))
         if changed:
             # Their text changed while we embedded: wake the scheduler to redo them now.
             conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"BLOCKER: {blocker}")
         return 1 if p.blockers else 0
     if step == "start":
-        slot = migrate.start(settings, target, args.provider, args.model, args.dimensions)
+        slot = migrate.start(settings, target, args.provider, args.model, args.dimensions,
+                             spend_cap_usd=args.spend_cap)
         print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
               " filled by the scheduler and workers")
     elif step in ("pause", "resume"):
@@ -75,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             "model": pr.model, "total": pr.total, "done": pr.done, "failed": pr.failed,
             "rate_per_second": round(pr.rate_per_second, 1), "eta_seconds": pr.eta_seconds,
             "paused": pr.paused, "indexes": [{"name": n, "valid": v} for n, v in pr.indexes],
+            "tokens": pr.tokens, "spend_usd": round(pr.spend_usd, 6),
+            "spend_cap_usd": pr.spend_cap_usd,
         }
         if args.json:
             print(json.dumps(info, indent=2))
@@ -84,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
             print(f"{_bar(pr.done, pr.total)} {pr.done}/{pr.total} rows, {pr.failed} failed,"
                   f" {pr.rate_per_second:.1f} rows/s, ETA {eta}")
+            cap = "" if pr.spend_cap_usd is None else f" of a ${pr.spend_cap_usd:,.2f} cap"
+            print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
             for name, valid in pr.indexes:
                 print(f"index {name}: {'valid' if valid else 'INVALID'}")
     return 0
@@ -102,6 +107,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--model", help="plan/start: the new model")
     parser.add_argument("--dimensions", type=int, help="plan/start: the new size")
     parser.add_argument("--json", action="store_true", help="status: machine-readable")
+    parser.add_argument("--spend-cap", type=float, metavar="USD",
+                        help="start: pause the migration once it has cost this much")
     parser.add_argument("--method", default="hnsw", choices=["hnsw", "ivfflat"])
     parser.add_argument("--lists", type=int, help="ivfflat lists (default from row count)")
     parser.add_argument("--m", type=int, default=16, help="hnsw m")

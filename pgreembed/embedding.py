@@ -33,6 +33,7 @@ class Embedded:
     row: Row
     vector: np.ndarray
     truncated: bool = False
+    tokens: int = 0  # as counted before sending: what the provider bills
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _embed_isolating(request: list[tuple[Row, str, int, bool]], provider: Provid
         _embed_isolating(request[:middle], provider, embedded, failed)
         _embed_isolating(request[middle:], provider, embedded, failed)
         return
-    for (row, _, _, truncated), vector in zip(request, vectors, strict=True):
+    for (row, _, tokens, truncated), vector in zip(request, vectors, strict=True):
         vector = np.asarray(vector, dtype=np.float32)
         if vector.shape != (provider.dimensions,):
             failed.append(Failed(row, f"provider returned {vector.size} dimensions, expected"
@@ -128,4 +129,4 @@ def _embed_isolating(request: list[tuple[Row, str, int, bool]], provider: Provid
         elif not np.isfinite(vector).all():
             failed.append(Failed(row, "provider returned a vector with NaN or infinity"))
         else:
-            embedded.append(Embedded(row, vector, truncated))
+            embedded.append(Embedded(row, vector, truncated, tokens))

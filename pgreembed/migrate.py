@@ -162,8 +162,11 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
 
 
 def start(settings: Settings, target: Target, provider: str, model: str,
-          dimensions: int) -> Slot:
-    """Add the new column and register it; the scheduler starts filling it at once."""
+          dimensions: int, spend_cap_usd: float | None = None) -> Slot:
+    """Add the new column and register it; the scheduler starts filling it at once.
+
+    With a spend cap, the scheduler pauses the migration once the tokens sent for
+    the new column cost that much (at the model's list price)."""
     if provider == "local" and dimensions != 384:
         raise MigrationError("the local model produces 384 dimensions")
     new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
@@ -194,8 +197,14 @@ def start(settings: Settings, target: Target, provider: str, model: str,
             """, (target.name, target.schema, target.table, column, live.primary_key,
                   live.pk_type, model_id)).fetchone()
         assert row is not None
-        conn.execute("INSERT INTO pgreembed.migrations (target, from_slot, to_slot, phase)"
-                     " VALUES (%s, %s, %s, 'filling')", (target.name, live.id, row[0]))
+        price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
+        if spend_cap_usd is not None and not price:
+            raise MigrationError(f"no list price known for {model!r}: a spend cap cannot be"
+                                 " enforced")
+        conn.execute(
+            "INSERT INTO pgreembed.migrations (target, from_slot, to_slot, phase,"
+            " spend_cap_usd, price_per_mtoken) VALUES (%s, %s, %s, 'filling', %s, %s)",
+            (target.name, live.id, row[0], spend_cap_usd, price))
         slots = load_slots(conn, target)
         new_slot = next(s for s in slots if s.id == row[0])
         create_state_table(conn, new_slot)
@@ -446,6 +455,38 @@ class Progress:
     eta_seconds: float | None
     paused: bool
     indexes: list[tuple[str, bool]]
+    tokens: int
+    spend_usd: float
+    spend_cap_usd: float | None
+
+
+def spend(conn: psycopg.Connection, slot_id: int) -> tuple[int, float, float | None]:
+    """(tokens sent, USD spent, USD cap) for the migration filling `slot_id`."""
+    row = conn.execute(
+        """
+        SELECT coalesce((SELECT sum(tokens) FROM pgreembed.usage WHERE slot_id = %s), 0),
+               m.price_per_mtoken, m.spend_cap_usd
+        FROM pgreembed.migrations m WHERE m.to_slot = %s ORDER BY m.id DESC LIMIT 1
+        """, (slot_id, slot_id)).fetchone()
+    if row is None:
+        return 0, 0.0, None
+    tokens = int(row[0])
+    price = float(row[1] or 0)
+    return tokens, tokens / 1e6 * price, None if row[2] is None else float(row[2])
+
+
+def enforce_spend_cap(conn: psycopg.Connection, slot: Slot) -> bool:
+    """Pause a filling migration whose spend reached its cap; True if it is paused now."""
+    if slot.role != "next":
+        return False
+    _, spent, cap = spend(conn, slot.id)
+    if cap is None or spent < cap:
+        return False
+    conn.execute("UPDATE pgreembed.slots SET paused = true WHERE id = %s", (slot.id,))
+    conn.commit()
+    log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it or resume)",
+                slot.target.name, spent, cap)
+    return True
 
 
 def progress(settings: Settings, target: Target) -> Progress:
@@ -464,9 +505,10 @@ def progress(settings: Settings, target: Target) -> Progress:
         ).fetchone()
         assert row is not None
         indexes = _column_indexes(conn, slot)
+        tokens, spent, cap = spend(conn, migration.to_slot)
     total, done, failed, recent = (int(x) for x in row)
     rate = recent / 60.0
     left = total - done - failed
     eta = (left / rate) if rate > 0 else (0.0 if left == 0 else None)
     return Progress(migration, slot.vector_column, slot.model_key, total, done, failed, rate,
-                    eta, slot.paused, indexes)
+                    eta, slot.paused, indexes, tokens, spent, cap)

@@ -64,6 +64,16 @@ CREATE TABLE IF NOT EXISTS pgreembed.migrations (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_open ON pgreembed.migrations (target)
     WHERE phase IN ('filling', 'swapped', 'rolled_back');
+-- Tokens sent to providers, one row per batch (insert-only: no hot row between workers).
+CREATE TABLE IF NOT EXISTS pgreembed.usage (
+    slot_id integer NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    inputs integer NOT NULL,
+    tokens bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_slot ON pgreembed.usage (slot_id, at);
+ALTER TABLE pgreembed.migrations ADD COLUMN IF NOT EXISTS spend_cap_usd numeric;
+ALTER TABLE pgreembed.migrations ADD COLUMN IF NOT EXISTS price_per_mtoken numeric;
 -- What the application reads to know which column and model are live.
 CREATE OR REPLACE VIEW pgreembed.active_models AS
     SELECT s.target, s.schema_name, s.table_name, s.vector_column, m.provider,

@@ -17,6 +17,7 @@ import redis
 
 from pgreembed.config import Settings
 from pgreembed.inflight import InFlight
+from pgreembed.migrate import enforce_spend_cap
 from pgreembed.planner import Cursor, sweep
 from pgreembed.slots import Slot, load_slots
 
@@ -67,6 +68,8 @@ class Dispatcher:
 
     def _dispatch_slot(self, conn: psycopg.Connection, slot: Slot, limit_in_flight: bool,
                        report: PassReport) -> None:
+        if enforce_spend_cap(conn, slot):
+            return
         inflight = InFlight(self.redis, slot.id, self.settings.lease_seconds)
         expired = inflight.expire_stale()
         if expired:

@@ -96,3 +96,20 @@ def test_large_models_get_halfvec(database_url: str) -> None:
     slot = init_target(database_url, make_target(database_url, model="text-embedding-3-large",
                                                  dimensions=3072))
     assert slot.vector_type == "halfvec"
+
+
+def test_missing_pgvector_is_a_clear_error() -> None:
+    """Against a real server without pgvector (this machine's Debian PostgreSQL, if running)."""
+    import os
+
+    dsn = os.environ.get("NO_PGVECTOR_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            has_vector = conn.execute("SELECT count(*) FROM pg_available_extensions"
+                                      " WHERE name = 'vector'").fetchone() != (0,)
+    except psycopg.OperationalError:
+        pytest.skip("no Postgres without pgvector reachable at " + dsn.split("@")[-1])
+    if has_vector:
+        pytest.skip("that server has pgvector")
+    with pytest.raises(SetupError, match="pgvector is not installed on this Postgres server"):
+        init_target(dsn, make_target(dsn))

@@ -252,3 +252,25 @@ def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack
     blocker.close()
     assert "swap done" in out and "attempt 1)" not in out
     assert time.monotonic() - started >= 2.0
+
+
+def test_spend_cap_pauses_the_migration_and_status_reports_spend(stack: Stack) -> None:
+    seed(stack, 80)
+    running(stack)
+    wait_filled(stack, "embedding")
+    # $0.02 per 1M tokens; each row is ~15 tokens (bytes upper bound offline), so one
+    # 8-row batch already costs more than this cap.
+    migrate(stack, "start", "--model", "text-embedding-3-small", "--dimensions", "384",
+            "--spend-cap", "0.000001")
+
+    def paused() -> bool:
+        return '"paused": true' in migrate(stack, "status", "--json")
+
+    wait_for(paused, timeout=60, interval=0.5, message="the spend cap to pause the migration")
+    import json
+
+    status = json.loads(migrate(stack, "status", "--json"))
+    assert status["tokens"] > 0 and status["spend_usd"] >= 0.000001
+    assert status["done"] < 80
+    time.sleep(2)  # paused: nothing more is sent
+    assert json.loads(migrate(stack, "status", "--json"))["tokens"] == status["tokens"]

@@ -1,0 +1,1 @@
+"""Benchmarks: ratios measured in one run (ours vs a baseline), not tests."""
