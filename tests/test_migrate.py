@@ -274,3 +274,32 @@ def test_spend_cap_pauses_the_migration_and_status_reports_spend(stack: Stack) -
     assert status["done"] < 80
     time.sleep(2)  # paused: nothing more is sent
     assert json.loads(migrate(stack, "status", "--json"))["tokens"] == status["tokens"]
+
+
+def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_openai) -> None:
+    import os
+    import signal
+
+    seed(stack, 120)
+    running(stack)
+    wait_filled(stack, "embedding")
+    fake_openai.set_faults(latency=0.3)
+    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    new_column = out.split("column ")[1].split(" ")[0]
+    wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= 8, timeout=30,
+             message="the fill to begin")
+    for process in stack.processes:  # SIGKILL the whole worker and scheduler groups
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    with stack.connect() as conn:
+        missing = conn.execute(f"SELECT count(*) FROM docs WHERE {new_column} IS NULL"
+                               ).fetchone()[0]
+        conn.execute("UPDATE docs SET body = 'edited while everything was down' WHERE id = 9")
+    assert missing > 0, "the fill finished before the kill; the test proves nothing"
+    fake_openai.set_faults(latency=0.0)
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, new_column)
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, new_column, "fake-768", 768)
+    assert_column_current(stack, "embedding", "fake-384", 384)
