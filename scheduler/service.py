@@ -21,6 +21,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 
 from pgreembed.config import Settings
 from pgreembed.db import DatabaseError, connect
+from pgreembed.metrics import serve_scheduler_metrics
 from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
 from scheduler.leader import Leadership
 from scheduler.notify import Listener
@@ -82,6 +83,7 @@ class SchedulerService:
                                seconds=self.settings.poll_interval, max_instances=1,
                                coalesce=True, next_run_time=datetime.now(UTC))
         self.listener.start()
+        serve_scheduler_metrics(self.settings)
 
         def stop(signum: int, frame: FrameType | None) -> None:
             log.info("signal %d: stopping the scheduler", signum)

@@ -38,3 +38,19 @@ def test_logging_filter_redacts_messages_and_tracebacks(caplog: pytest.LogCaptur
     text = caplog.text
     assert "tb-secret" not in text and "arg-secret" not in text
     assert "postgresql://u:***@h/db" in text
+
+
+def test_json_log_lines_are_redacted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import logging; from pgreembed.logs import setup_logging; setup_logging();"
+              " logging.getLogger('x').warning('dsn %s', 'postgresql://u:pw-in-json@h/db')")
+    env = {**os.environ, "PGREEMBED_LOG_FORMAT": "json"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, check=True).stderr.strip()
+    entry = json.loads(out)
+    assert entry["level"] == "WARNING" and entry["logger"] == "x"
+    assert entry["message"] == "dsn postgresql://u:***@h/db"

@@ -13,6 +13,8 @@ import os
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
+from pgreembed.metrics import WORKER_PORT_ENV
+
 QUEUE = "pgreembed"
 
 
@@ -23,5 +25,11 @@ def make_broker(redis_url: str | None = None) -> RedisBroker:
         heartbeat_timeout=int(os.environ.get("PGREEMBED_HEARTBEAT_MS", "10000")),
         maintenance_chance=int(os.environ.get("PGREEMBED_MAINTENANCE_CHANCE", "100000")),
     )
+    if os.environ.get(WORKER_PORT_ENV):
+        # Dramatiq's own exporter: its fork runs in the `dramatiq` main process, which
+        # reads dramatiq_prom_port/_host/_db from the environment it was started with.
+        from dramatiq.middleware.prometheus import Prometheus
+
+        broker.add_middleware(Prometheus())
     dramatiq.set_broker(broker)
     return broker

@@ -1,0 +1,144 @@
+"""Prometheus metrics.
+
+- Workers count what they do (rows, tokens, cost, failures, provider latency and
+  errors) per process; Dramatiq's Prometheus middleware aggregates the processes
+  through its multiprocess directory and serves them on `dramatiq_prom_port`
+  (Dramatiq's own variable; also `dramatiq_prom_host`, `dramatiq_prom_db`).
+- The scheduler serves gauges read from Postgres at scrape time (pending, embedded,
+  failed, in flight, tokens and cost so far, migration progress), so they are
+  right even after restarts (PGREEMBED_SCHEDULER_METRICS_PORT).
+Both are off unless their port is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+WORKER_PORT_ENV = "dramatiq_prom_port"
+SCHEDULER_PORT_ENV = "PGREEMBED_SCHEDULER_METRICS_PORT"
+
+
+@dataclass(frozen=True)
+class WorkerMetrics:
+    rows: Any
+    tokens: Any
+    cost: Any
+    failures: Any
+    changed: Any
+    provider_seconds: Any
+    provider_errors: Any
+
+
+@functools.cache
+def worker_metrics() -> WorkerMetrics | None:
+    """The worker's metrics, created after Dramatiq set up its multiprocess directory."""
+    if not os.environ.get(WORKER_PORT_ENV):
+        return None
+    import prometheus_client as prom
+
+    return WorkerMetrics(
+        rows=prom.Counter("pgreembed_rows_embedded_total", "Vectors written.",
+                          ["target", "column"]),
+        tokens=prom.Counter("pgreembed_tokens_total", "Tokens sent to providers.",
+                            ["target", "model"]),
+        cost=prom.Counter("pgreembed_cost_usd_total", "List-price cost of those tokens.",
+                          ["target", "model"]),
+        failures=prom.Counter("pgreembed_row_failures_total", "Rows recorded as failed.",
+                              ["target", "reason"]),
+        changed=prom.Counter("pgreembed_rows_changed_in_flight_total",
+                             "Vectors not written because the text changed meanwhile.",
+                             ["target"]),
+        provider_seconds=prom.Histogram("pgreembed_provider_request_seconds",
+                                        "Provider request latency.", ["model"]),
+        provider_errors=prom.Counter("pgreembed_provider_errors_total",
+                                     "Provider errors by HTTP status (429, 500, timeout...).",
+                                     ["model", "status"]),
+    )
+
+
+def failure_kind(reason: str) -> str:
+    """A small, fixed set of label values (the reason text itself is unbounded)."""
+    for prefix, kind in (("text is", "empty"), ("text has", "too_long"),
+                         ("provider rejected", "rejected"), ("provider returned", "bad_vector")):
+        if reason.startswith(prefix):
+            return kind
+    return "other"
+
+
+def observe_provider(model: str, seconds: float | None = None, status: str | None = None
+                     ) -> None:
+    metrics = worker_metrics()
+    if metrics is None:
+        return
+    if seconds is not None:
+        metrics.provider_seconds.labels(model).observe(seconds)
+    if status is not None:
+        metrics.provider_errors.labels(model, status).inc()
+
+
+class DatabaseCollector:
+    """Gauges computed from Postgres when Prometheus scrapes the scheduler."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Any]:
+        import redis
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from pgreembed.db import connect
+        from pgreembed.migrate import PRICES_PER_MTOKEN
+        from pgreembed.status import collect
+
+        counts = GaugeMetricFamily("pgreembed_rows", "Rows per state.",
+                                   labels=["target", "column", "role", "state"])
+        tokens = CounterMetricFamily("pgreembed_slot_tokens", "Tokens sent, per column.",
+                                     labels=["target", "column", "model"])
+        cost = CounterMetricFamily("pgreembed_slot_cost_usd", "List-price cost, per column.",
+                                   labels=["target", "column", "model"])
+        try:
+            client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
+            with connect(self.settings.database_url) as conn:
+                statuses = collect(conn, self.settings, client)
+                usage: dict[int, Any] = dict(conn.execute(
+                    "SELECT slot_id, sum(tokens) FROM pgreembed.usage GROUP BY slot_id"
+                ).fetchall())
+        except Exception as exc:  # noqa: BLE001 - a scrape must not crash the scheduler
+            log.warning("metrics scrape failed: %s", type(exc).__name__)
+            return
+        for s in statuses:
+            labels = [s.target, s.column, s.role]
+            for state in ("total", "embedded", "pending", "stale", "outdated", "failed"):
+                counts.add_metric([*labels, state], getattr(s, state))
+            if s.in_flight is not None:
+                counts.add_metric([*labels, "in_flight"], s.in_flight)
+            used = float(usage.get(s.slot, 0) or 0)
+            model = s.model.split(":", 1)[-1].rsplit("@", 1)[0]
+            tokens.add_metric([s.target, s.column, s.model], used)
+            price = PRICES_PER_MTOKEN.get(model, 0.0) if s.model.startswith("openai:") else 0.0
+            cost.add_metric([s.target, s.column, s.model], used / 1e6 * price)
+        yield counts
+        yield tokens
+        yield cost
+
+
+def serve_scheduler_metrics(settings: Any) -> bool:
+    """Start the scheduler's exposition server if its port is configured."""
+    port = os.environ.get(SCHEDULER_PORT_ENV)
+    if not port:
+        return False
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(settings))
+    start_http_server(int(port), addr=os.environ.get("PGREEMBED_METRICS_HOST", "0.0.0.0"),
+                      registry=registry)
+    log.info("scheduler metrics on port %s", port)
+    return True
