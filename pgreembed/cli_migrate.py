@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from typing import Any
 
 from pgreembed import migrate
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         return 1 if p.blockers else 0
     if step == "start":
         slot = migrate.start(settings, target, args.provider, args.model, args.dimensions,
-                             spend_cap_usd=args.spend_cap)
+                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api)
+        if args.batch_api:
+            print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
         print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
               " filled by the scheduler and workers")
     elif step in ("pause", "resume"):
@@ -66,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
                               catch_up_timeout=args.timeout)
         print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
               f" (attempt {result.attempts})")
+    elif step == "batch":
+        return _batch(settings, target, args)
     elif step == "finalize":
         migrate.finalize(settings, target)
         print(f"migration of {target.name} finalized; the previous column is dropped")
@@ -94,6 +99,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(settings: Any, target: Any, args: argparse.Namespace) -> int:
+    from pgreembed.batch_api import step as batch_step
+
+    deadline = time.monotonic() + args.timeout
+    while True:
+        result = batch_step(settings, target)
+        print(f"batch: {result.submitted_inputs} inputs submitted, {result.completed_jobs} jobs"
+              f" completed ({result.written} rows written, {result.failed} failed),"
+              f" {result.open_jobs} open", flush=True)
+        if result.back_to_queue:
+            print("batch: all jobs done; remaining rows go through the normal queue")
+            return 0
+        if not args.wait:
+            return 0
+        if time.monotonic() > deadline:
+            print("batch: --timeout reached with jobs still open (run again later)")
+            return 3
+        time.sleep(args.poll)
+
+
 def register(sub: Any) -> None:
     """Add `migrate` with one sub-step per runbook step to the main parser."""
     parser = sub.add_parser("migrate", help="move a target to a new embedding model",
@@ -101,7 +126,8 @@ def register(sub: Any) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(handler=run)
     parser.add_argument("step", choices=["plan", "start", "status", "pause", "resume",
-                                         "cancel", "index", "swap", "rollback", "finalize"])
+                                         "cancel", "index", "swap", "rollback", "finalize",
+                                         "batch"])
     parser.add_argument("--target", required=True)
     parser.add_argument("--provider", default="openai", choices=["openai", "local"])
     parser.add_argument("--model", help="plan/start: the new model")
@@ -115,4 +141,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--ef-construction", type=int, default=64)
     parser.add_argument("--maintenance-work-mem", default="512MB")
     parser.add_argument("--timeout", type=float, default=300.0,
-                        help="swap/rollback: seconds to wait for rows to catch up")
+                        help="swap/rollback: seconds to wait for rows to catch up;"
+                             " batch --wait: seconds to wait for jobs")
+    parser.add_argument("--batch-api", action="store_true",
+                        help="start: fill through the OpenAI Batch API (half price, <= 24 h)")
+    parser.add_argument("--wait", action="store_true", help="batch: poll until jobs are done")
+    parser.add_argument("--poll", type=float, default=30.0, help="batch --wait: seconds")

@@ -162,7 +162,8 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
 
 
 def start(settings: Settings, target: Target, provider: str, model: str,
-          dimensions: int, spend_cap_usd: float | None = None) -> Slot:
+          dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False
+          ) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
     With a spend cap, the scheduler pauses the migration once the tokens sent for
@@ -192,12 +193,16 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         row = conn.execute(
             """
             INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
-                                         primary_key, pk_type, role, model_id)
-            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s) RETURNING id
+                                         primary_key, pk_type, role, model_id, mode)
+            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s) RETURNING id
             """, (target.name, target.schema, target.table, column, live.primary_key,
-                  live.pk_type, model_id)).fetchone()
+                  live.pk_type, model_id, "batch" if batch_api else "queue")).fetchone()
         assert row is not None
+        if batch_api and provider != "openai":
+            raise MigrationError("--batch-api needs the openai provider")
         price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
+        if batch_api:
+            price /= 2  # the Batch API bills half
         if spend_cap_usd is not None and not price:
             raise MigrationError(f"no list price known for {model!r}: a spend cap cannot be"
                                  " enforced")

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS pgreembed.slots (
 CREATE UNIQUE INDEX IF NOT EXISTS slots_one_live ON pgreembed.slots (target)
     WHERE role = 'live';
 ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS mode text NOT NULL DEFAULT 'queue';
 CREATE TABLE IF NOT EXISTS pgreembed.migrations (
     id serial PRIMARY KEY,
     target text NOT NULL,
@@ -304,6 +305,7 @@ def drop_triggers(conn: psycopg.Connection, target: Target) -> None:
 
 def init_target(dsn: str, target: Target) -> Slot:
     """Create or update everything a target needs. Safe to run again at any time."""
+    from pgreembed.batch_api import DDL as BATCH_DDL
     from pgreembed.db import connect
 
     with connect(dsn, vector=False) as conn:
@@ -311,6 +313,7 @@ def init_target(dsn: str, target: Target) -> Slot:
         # One initialiser at a time (two pods starting together must not race the DDL).
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
         conn.execute(REGISTRY_DDL)
+        conn.execute(BATCH_DDL)
         _check_table(conn, target)
         registered = [s for s in load_slots(conn, target) if s.role == "live"]
         dimensions = registered[0].dimensions if registered else target.dimensions

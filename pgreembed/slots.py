@@ -37,6 +37,7 @@ class Slot:
     primary_key: str
     pk_type: str
     paused: bool = False
+    mode: str = "queue"  # or "batch": filled through the Batch API, not the queue
 
     # -- identifiers ---------------------------------------------------------------
 
@@ -137,7 +138,7 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
     rows = conn.execute(
         """
         SELECT s.id, s.vector_column, s.role, s.model_id, m.key, m.provider, m.name,
-               m.dimensions, s.primary_key, s.pk_type, s.paused
+               m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode
         FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
         WHERE s.target = %s AND s.role IN ('live', 'next', 'old')
           AND (%s OR NOT s.paused)
@@ -148,7 +149,7 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
     return [
         Slot(id=r[0], target=target, vector_column=r[1], role=r[2], model_id=r[3],
              model_key=r[4], provider=r[5], model=r[6], dimensions=r[7], primary_key=r[8],
-             pk_type=r[9], paused=r[10])
+             pk_type=r[9], paused=r[10], mode=r[11])
         for r in rows
     ]
 

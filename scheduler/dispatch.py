@@ -68,8 +68,8 @@ class Dispatcher:
 
     def _dispatch_slot(self, conn: psycopg.Connection, slot: Slot, limit_in_flight: bool,
                        report: PassReport) -> None:
-        if enforce_spend_cap(conn, slot):
-            return
+        if slot.mode != "queue" or enforce_spend_cap(conn, slot):
+            return  # filled through the Batch API, or paused by its spend cap
         inflight = InFlight(self.redis, slot.id, self.settings.lease_seconds)
         expired = inflight.expire_stale()
         if expired:

@@ -1,0 +1,49 @@
+"""Migration through the Batch API, against the local server's files/batches endpoints."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import Stack, wait_for
+from tests.test_migrate import assert_column_current, migrate, running, seed, wait_filled
+
+
+def null_count(stack: Stack, column: str) -> int:
+    with stack.connect() as conn:
+        return int(conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
+                                ).fetchone()[0])
+
+
+def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Stack,
+                                                                      fake_openai) -> None:
+    seed(stack, 40)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('poison', 'BADINPUT row')")
+    running(stack)
+    wait_filled(stack, "embedding")
+    fake_openai.set_faults(batch_delay=2.0, bad_input_marker="BADINPUT")
+    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768", "--batch-api")
+    column = out.split("column ")[1].split(" ")[0]
+    first = migrate(stack, "batch")
+    assert "41 inputs submitted" in first and "1 open" in first
+    time.sleep(1.0)
+    assert null_count(stack, column) == 41  # the queue leaves a batch-mode column alone
+    with stack.connect() as conn:  # edited while its batch runs: that vector must not land
+        conn.execute("UPDATE docs SET body = 'edited during the batch' WHERE id = 4")
+    done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
+    assert "1 jobs completed (39 rows written, 1 failed)" in done, done
+    failures = stack.cli("failures", "--target", "docs")  # live column: none
+    assert "batch API" not in failures.stdout
+    assert "remaining rows go through the normal queue" in done
+    fake_openai.set_faults(bad_input_marker=None)
+    with stack.connect() as conn:  # the poison row's text is fixed; now it can be embedded
+        conn.execute("UPDATE docs SET body = 'cured' WHERE title = 'poison'")
+    wait_filled(stack, column)
+    assert_column_current(stack, column, "fake-768", 768)
+    status = migrate(stack, "status", "--json")
+    assert '"done": 41' in status
+
+    def batch_texts_once() -> bool:
+        counts = fake_openai.stats()["text_counts"]
+        return counts.get("doc 4\nedited during the batch", 0) >= 1
+    wait_for(batch_texts_once, timeout=10, message="the edited row re-embedded by the queue")
