@@ -56,10 +56,24 @@ def _print_status(settings: Settings, as_json: bool) -> None:
     from pgreembed.status import collect
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    from pgreembed.cli_migrate import progress_line
+    from pgreembed.migrate import progress
+
     with connect(settings.database_url) as conn:
         rows = collect(conn, settings, client)
+    # A second column ('next' while filling, 'old' after a swap) means an open migration.
+    migrations = {name: progress(settings, settings.target(name))
+                  for name in {r.target for r in rows if r.role != "live"}}
     if as_json:
-        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        out = [r.as_dict() for r in rows]
+        for item in out:
+            found = migrations.get(str(item["target"]))
+            if found and item["role"] != "live":
+                item["migration"] = {"id": found.migration.id, "phase": found.migration.phase,
+                                     "done": found.done, "total": found.total,
+                                     "rate_per_second": round(found.rate_per_second, 1),
+                                     "eta_seconds": found.eta_seconds, "paused": found.paused}
+        print(json.dumps(out, indent=2))
         return
     header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
               f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
@@ -68,6 +82,8 @@ def _print_status(settings: Settings, as_json: bool) -> None:
         flight = "?" if r.in_flight is None else str(r.in_flight)
         print(f"{r.target:<16} {r.column:<18} {r.model:<36} {r.total:>9} {r.embedded:>9}"
               f" {r.pending:>8} {r.stale:>6} {r.outdated:>8} {r.failed:>6} {flight:>9}")
+    for name, found in migrations.items():
+        print(f"migration of {name}: {progress_line(found)}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -24,6 +24,12 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
+def progress_line(pr: migrate.Progress) -> str:
+    eta = "?" if pr.eta_seconds is None else f"{pr.eta_seconds:.0f}s"
+    return (f"{_bar(pr.done, pr.total)} {pr.done}/{pr.total} rows, {pr.failed} failed,"
+            f" {pr.rate_per_second:.1f} rows/s, ETA {eta}{' (paused)' if pr.paused else ''}")
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     target = settings.target(args.target)
@@ -87,11 +93,9 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            eta = "?" if pr.eta_seconds is None else f"{pr.eta_seconds:.0f}s"
             print(f"migration {pr.migration.id} ({pr.migration.phase}"
                   f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
-            print(f"{_bar(pr.done, pr.total)} {pr.done}/{pr.total} rows, {pr.failed} failed,"
-                  f" {pr.rate_per_second:.1f} rows/s, ETA {eta}")
+            print(progress_line(pr))
             cap = "" if pr.spend_cap_usd is None else f" of a ${pr.spend_cap_usd:,.2f} cap"
             print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
             for name, valid in pr.indexes:

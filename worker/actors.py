@@ -13,6 +13,7 @@ import logging
 
 import dramatiq
 import redis
+from dramatiq.middleware import CurrentMessage
 
 from pgreembed.batch import process_batch
 from pgreembed.config import Settings, load_settings
@@ -33,11 +34,28 @@ def redis_client() -> redis.Redis:
     return redis.Redis.from_url(settings().redis_url)
 
 
-@dramatiq.actor(queue_name=QUEUE, max_retries=4, min_backoff=2_000, max_backoff=120_000,
-                time_limit=15 * 60 * 1000)
+MAX_RETRIES = 4
+
+
+@dramatiq.actor(queue_name=QUEUE, max_retries=MAX_RETRIES, min_backoff=2_000,
+                max_backoff=120_000, time_limit=15 * 60 * 1000)
 def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
-    """Embed `keys` of `target`'s slot and release their in-flight markers."""
+    """Embed `keys` of `target`'s slot and release their in-flight markers.
+
+    A failing message keeps its rows claimed while Dramatiq retries it (so the
+    scheduler does not enqueue them again meanwhile); its last attempt releases
+    them, so the scheduler reschedules them at once instead of after the lease.
+    """
     config = settings()
-    process_batch(config, target, slot_id, keys)
-    # Only on success: a failing message keeps its rows claimed while Dramatiq retries it.
-    InFlight(redis_client(), slot_id, config.lease_seconds).release(keys)
+    inflight = InFlight(redis_client(), slot_id, config.lease_seconds)
+    try:
+        process_batch(config, target, slot_id, keys)
+    except Exception:
+        message = CurrentMessage.get_current_message()
+        if message is None or message.options.get("retries", 0) >= MAX_RETRIES:
+            log.warning("target %s slot %d: giving up on a batch of %d rows after %d retries;"
+                        " they go back to the scheduler", target, slot_id, len(keys),
+                        MAX_RETRIES)
+            inflight.release(keys)
+        raise
+    inflight.release(keys)

@@ -12,6 +12,7 @@ import os
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage
 
 from pgreembed.metrics import WORKER_PORT_ENV
 
@@ -25,6 +26,7 @@ def make_broker(redis_url: str | None = None) -> RedisBroker:
         heartbeat_timeout=int(os.environ.get("PGREEMBED_HEARTBEAT_MS", "10000")),
         maintenance_chance=int(os.environ.get("PGREEMBED_MAINTENANCE_CHANCE", "100000")),
     )
+    broker.add_middleware(CurrentMessage())  # the actor reads its retry count
     if os.environ.get(WORKER_PORT_ENV):
         # Dramatiq's own exporter: its fork runs in the `dramatiq` main process, which
         # reads dramatiq_prom_port/_host/_db from the environment it was started with.
