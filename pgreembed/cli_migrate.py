@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,}"
               f" ({'counted' if p.tokens_exact else 'extrapolated from a sample'})")
         print(f"estimated cost: {cost}")
+        if p.minutes_at_rate_limit is None:
+            print("estimated time: no rate limit configured (tokens_per_minute /"
+                  " requests_per_minute): bounded by the workers")
+        else:
+            print(f"estimated time at the configured rate limit:"
+                  f" {p.minutes_at_rate_limit:,.1f} min")
         print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)}")
         print("SQL:")
         for statement in p.statements:

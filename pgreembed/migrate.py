@@ -94,6 +94,7 @@ class Plan:
     tokens: int
     tokens_exact: bool
     cost_usd: float | None
+    minutes_at_rate_limit: float | None
     storage_bytes: int
     column: str
     column_type: str
@@ -154,8 +155,15 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         f"ALTER TABLE ... RENAME {target.vector_column} TO {SWAP_COLUMN};"
         f" RENAME {column} TO {target.vector_column}; RENAME {SWAP_COLUMN} TO {column}; COMMIT;",
     ]
-    return Plan(total, empty, tokens, exact, cost, storage, column, f"{kind}({dimensions})",
-                statements, blockers, notes)
+    # The configured shared budgets bound the fill; without them only the workers do.
+    limits = []
+    if target.tokens_per_minute:
+        limits.append(tokens / target.tokens_per_minute)
+    if target.requests_per_minute:
+        limits.append(math.ceil(with_text / target.batch_size) / target.requests_per_minute)
+    minutes = max(limits) if limits else None
+    return Plan(total, empty, tokens, exact, cost, minutes, storage, column,
+                f"{kind}({dimensions})", statements, blockers, notes)
 
 
 # -- start / pause / resume / cancel ------------------------------------------------------

@@ -88,6 +88,7 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     plan = migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768")
     assert "rows: 60" in plan and "vector(768)" in plan
     assert "ALTER TABLE public.docs ADD COLUMN" in plan
+    assert "estimated time: no rate limit configured" in plan
     out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     new_column = out.split("column ")[1].split(" ")[0]
     assert column_type(stack, new_column) == "vector(768)"
@@ -305,3 +306,40 @@ def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_o
     wait_filled(stack, "embedding")
     assert_column_current(stack, new_column, "fake-768", 768)
     assert_column_current(stack, "embedding", "fake-384", 384)
+
+
+def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
+                                                             fake_openai) -> None:
+    from pgreembed import migrate as migration
+    from pgreembed.schema import init_target
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO docs SELECT g, repeat('x', 40) FROM generate_series(1, 100) g")
+        conn.execute("INSERT INTO docs VALUES (101, '  ')")
+    settings = parse_settings({"target": [{
+        "name": "docs", "table": "docs", "text_column": "body", "vector_column": "embedding",
+        "provider": "openai", "model": "fake-384", "dimensions": 384,
+        "tokens_per_minute": 1000, "batch_size": 10}]},
+        {"DATABASE_URL": database_url, "OPENAI_BASE_URL": fake_openai.base_url})
+    target = settings.target("docs")
+    init_target(database_url, target)
+    with psycopg.connect(database_url) as conn:
+        before = conn.execute("SELECT count(*) FROM pg_attribute WHERE attrelid ="
+                              " 'docs'::regclass AND attnum > 0").fetchone()
+    p = migration.plan(settings, target, "openai", "text-embedding-3-large", 3072)
+    with psycopg.connect(database_url) as conn:
+        after = conn.execute("SELECT count(*) FROM pg_attribute WHERE attrelid ="
+                             " 'docs'::regclass AND attnum > 0").fetchone()
+    assert before == after
+    assert (p.rows, p.rows_without_text) == (101, 1)
+    from pgreembed.providers import make_provider
+
+    per_row = make_provider(settings, "openai", "text-embedding-3-large", 3072).count_tokens(
+        ["x" * 40])[0]  # tiktoken when its encoding is cached, else the byte upper bound
+    assert p.tokens_exact and p.tokens == 100 * per_row
+    assert p.cost_usd is not None and abs(p.cost_usd - p.tokens / 1e6 * 0.13) < 1e-9
+    assert p.minutes_at_rate_limit == p.tokens / 1000
+    assert p.column_type == "halfvec(3072)" and any("halfvec" in n for n in p.notes)
+    assert any("1 rows have no text" in b for b in p.blockers)
+    assert p.storage_bytes == 101 * (2 * 3072 + 8)
