@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pgreembed import cli_migrate
 
     cli_migrate.register(sub)
+    from pgreembed import doctor
+
+    doctor.register(sub)
     return parser
 
 
