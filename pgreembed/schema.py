@@ -318,12 +318,14 @@ def init_target(dsn: str, target: Target) -> Slot:
         registered = [s for s in load_slots(conn, target) if s.role == "live"]
         dimensions = registered[0].dimensions if registered else target.dimensions
         ensure_vector_column(conn, target, target.vector_column, dimensions)
+        first_init = not registered
         slot = register_live_slot(conn, target)
         create_state_table(conn, slot)
         slots = load_slots(conn, target)
         for each in slots:
             create_state_table(conn, each)
-        adopted = adopt_existing_vectors(conn, slot)
+        # Once, when the target is first set up: later inits must not scan the table.
+        adopted = adopt_existing_vectors(conn, slot) if first_init else 0
         if target.trigger:
             install_triggers(conn, target, slots)
         else:
