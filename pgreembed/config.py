@@ -44,6 +44,9 @@ class Target:
     trigger: bool = True
     # Bad input over the per-input token limit: cut it (and record a flag) or fail the row.
     truncate: bool = True
+    # Shared budgets of this model across every worker (openai provider; None: unlimited).
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
     @property
     def model_key(self) -> str:
@@ -102,6 +105,12 @@ def _positive(value: int, where: str, maximum: int | None = None) -> int:
     return value
 
 
+def _optional_positive(table: Mapping[str, Any], key: str, where: str) -> int | None:
+    if table.get(key) is None:
+        return None
+    return _positive(_typed(table[key], int, f"{where}.{key}"), f"{where}.{key}")
+
+
 def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     """Validate one `[[target]]` table (missing keys fall back to `[defaults]`)."""
     merged = {**defaults, **raw}
@@ -114,6 +123,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     known = {
         "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
         "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
+        "requests_per_minute", "tokens_per_minute",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -148,6 +158,8 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     primary_key = merged.get("primary_key")
     if primary_key is not None:
         _typed(primary_key, str, f"{where}.primary_key")
+    rpm, tpm = (_optional_positive(merged, key, where)
+                for key in ("requests_per_minute", "tokens_per_minute"))
     return Target(
         name=name,
         table=bare,
@@ -162,6 +174,8 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         batch_size=batch_size,
         trigger=_typed(merged.get("trigger", True), bool, f"{where}.trigger"),
         truncate=_typed(merged.get("truncate", True), bool, f"{where}.truncate"),
+        requests_per_minute=rpm,
+        tokens_per_minute=tpm,
     )
 
 

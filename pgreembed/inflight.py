@@ -5,6 +5,11 @@ data, queue and markers go together and the next scheduler pass rebuilds both
 from Postgres. A marker older than the lease is dropped, so a message lost any
 other way (dead-lettered after its retries) delays its rows by the lease, never
 forever.
+
+A claim is provisional until its message is on the queue: it expires after
+`UNCONFIRMED_SECONDS` unless `confirm` is called, so a scheduler killed
+between claiming rows and enqueueing them delays those rows by seconds, not
+by a whole lease.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import time
 from collections.abc import Iterable, Sequence
 
 import redis
+
+UNCONFIRMED_SECONDS = 10.0
 
 # Add the members that are not there yet; return those (atomically, one round trip).
 _CLAIM = """
@@ -37,11 +44,22 @@ class InFlight:
         self._claim = client.register_script(_CLAIM)
 
     def claim(self, keys: Sequence[str]) -> list[str]:
-        """The subset of `keys` not already in flight, now marked as in flight."""
+        """The subset of `keys` not already in flight, now marked as in flight
+        (provisionally: `confirm` them once their message is enqueued)."""
         if not keys:
             return []
-        added = self._claim(keys=[self.key], args=[time.time(), *keys])
+        # Scored as if claimed a lease ago, less a few seconds: expire_stale drops it soon.
+        provisional = time.time() - self.lease_seconds + min(UNCONFIRMED_SECONDS,
+                                                             self.lease_seconds)
+        added = self._claim(keys=[self.key], args=[provisional, *keys])
         return [k.decode() if isinstance(k, bytes) else str(k) for k in added]
+
+    def confirm(self, keys: Sequence[str]) -> None:
+        """Their message is on the queue: keep the claims for the whole lease (only
+        claims still there: a fast worker may have released them already)."""
+        if keys:
+            now = time.time()
+            self.client.zadd(self.key, {key: now for key in keys}, xx=True)
 
     def release(self, keys: Iterable[str]) -> None:
         members = list(keys)

@@ -91,7 +91,7 @@ class Dispatcher:
             keys = [str(k) for k in page]
             claimed = inflight.claim(keys)
             report.skipped_in_flight += len(keys) - len(claimed)
-            self._enqueue(slot, claimed, report)
+            self._enqueue(slot, inflight, claimed, report)
             if budget is not None:
                 budget -= len(claimed)
                 if budget <= 0:
@@ -101,11 +101,13 @@ class Dispatcher:
         if exhausted:
             self._cursors.pop(slot.id, None)  # next pass starts from the beginning
 
-    def _enqueue(self, slot: Slot, keys: Sequence[str], report: PassReport) -> None:
+    def _enqueue(self, slot: Slot, inflight: InFlight, keys: Sequence[str],
+                 report: PassReport) -> None:
         size = slot.target.batch_size
         for start in range(0, len(keys), size):
             chunk = list(keys[start:start + size])
             self.send(slot.target.name, slot.id, chunk)
+            inflight.confirm(chunk)  # if we die before this, the claims expire in seconds
             report.batches += 1
             report.enqueued_rows += len(chunk)
             report.per_target[slot.target.name] = (

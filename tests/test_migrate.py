@@ -249,12 +249,12 @@ def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack
     # A long transaction holds the table: the swap retries until it is released.
     blocker = psycopg.connect(stack.dsn)
     blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
-    threading.Timer(3.0, blocker.rollback).start()
+    threading.Timer(6.0, blocker.rollback).start()  # longer than lock_timeout (2 s)
     started = time.monotonic()
     out = migrate(stack, "swap")
     blocker.close()
     assert "swap done" in out and "attempt 1)" not in out
-    assert time.monotonic() - started >= 2.0
+    assert time.monotonic() - started >= 4.0
 
 
 def test_spend_cap_pauses_the_migration_and_status_reports_spend(stack: Stack) -> None:

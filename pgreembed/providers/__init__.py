@@ -38,8 +38,10 @@ def _build(settings: Settings, provider: str, model: str, dimensions: int) -> Pr
         return LocalMiniLM()
     if provider == "openai":
         from pgreembed.providers.openai_provider import OpenAIProvider
+        from pgreembed.ratelimit import limiter_for_model
 
         return OpenAIProvider(model, dimensions, api_key=settings.openai_api_key,
                               base_url=settings.openai_base_url,
-                              timeout=settings.request_timeout)
+                              timeout=settings.request_timeout,
+                              limiter=limiter_for_model(settings, provider, model, dimensions))
     raise FatalProviderError(f"unknown provider {provider!r}")

@@ -4,6 +4,8 @@ One retry layer: the client's own retries are off and tenacity retries here,
 honouring Retry-After / Retry-After-Ms on 429 and backing off with jitter on
 5xx, timeouts and dropped connections. `insufficient_quota`, 400, 401, 403
 and 404 are never retried. Vectors come back as base64 (much faster to parse).
+With a shared `RateLimiter`, every attempt first waits for room in the
+model's budget, and a 429 lowers that budget for every worker.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pgreembed.providers.base import (
     TransientProviderError,
 )
 from pgreembed.providers.tokens import TokenCounter
+from pgreembed.ratelimit import RateLimiter
 from pgreembed.redact import redact, register_secret
 
 log = logging.getLogger(__name__)
@@ -99,7 +102,7 @@ class OpenAIProvider:
     def __init__(self, model: str, dimensions: int, *, api_key: str | None,
                  base_url: str | None, timeout: float = 60.0, max_attempts: int = 8,
                  max_retry_seconds: float = 300.0, backoff_initial: float = 0.5,
-                 backoff_max: float = 30.0) -> None:
+                 backoff_max: float = 30.0, limiter: RateLimiter | None = None) -> None:
         if not api_key and not base_url:
             raise FatalProviderError(
                 "OPENAI_API_KEY: not set (needed for the openai provider without OPENAI_BASE_URL)")
@@ -120,6 +123,7 @@ class OpenAIProvider:
             before_sleep=self._log_retry,
         )
         self.retries = 0
+        self._limiter = limiter
 
     def _log_retry(self, state: RetryCallState) -> None:
         self.retries += 1
@@ -136,7 +140,8 @@ class OpenAIProvider:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         try:
-            data = self._retrying(self._request, list(texts))
+            tokens = sum(self.count_tokens(texts)) if self._limiter is not None else 0
+            data = self._retrying(self._request, list(texts), tokens)
         except openai.BadRequestError as exc:
             if getattr(exc, "code", None) == "model_not_found":
                 raise FatalProviderError(_describe(exc)) from None
@@ -149,12 +154,19 @@ class OpenAIProvider:
             raise TransientProviderError(_describe(exc)) from None
         return data
 
-    def _request(self, texts: list[str]) -> np.ndarray:
+    def _request(self, texts: list[str], tokens: int) -> np.ndarray:
         kwargs: dict[str, object] = {}
         if self._send_dimensions:
             kwargs["dimensions"] = self.dimensions
-        response = self._client.embeddings.create(
-            input=texts, model=self.model, encoding_format="base64", **kwargs)  # type: ignore[arg-type]
+        if self._limiter is not None:
+            self._limiter.acquire(tokens)  # sleeps until the request fits the shared budget
+        try:
+            response = self._client.embeddings.create(
+                input=texts, model=self.model, encoding_format="base64", **kwargs)  # type: ignore[arg-type]
+        except openai.RateLimitError as exc:
+            if self._limiter is not None and not is_quota_error(exc):
+                self._limiter.report_rate_limited()
+            raise
         items = sorted(response.data, key=lambda d: d.index)
         if len(items) != len(texts):
             raise TransientProviderError(

@@ -44,7 +44,8 @@ class TokenCounter:
 
     def count(self, texts: Sequence[str]) -> list[int]:
         if self._encoding is not None:
-            return [len(t) for t in self._encoding.encode_ordinary_batch(list(texts))]
+            # Not encode_ordinary_batch: it starts an 8-thread pool per call (2x the CPU).
+            return [len(self._encoding.encode_ordinary(t)) for t in texts]
         return [len(t.encode("utf-8")) for t in texts]
 
     def truncate(self, text: str, max_tokens: int) -> str:
