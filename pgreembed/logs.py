@@ -30,11 +30,12 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str | None = None) -> None:
     """Configure the root logger once (level from $PGREEMBED_LOG_LEVEL, default INFO)."""
     root = logging.getLogger()
+    wanted = (level or os.environ.get("PGREEMBED_LOG_LEVEL", "INFO")).upper()
     if not root.handlers:
         logging.basicConfig(
-            level=(level or os.environ.get("PGREEMBED_LOG_LEVEL", "INFO")).upper(),
-            format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s",
-        )
+            level=wanted, format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
+    elif level or os.environ.get("PGREEMBED_LOG_LEVEL"):
+        root.setLevel(wanted)  # Dramatiq set up its handlers first: still honour the level
     if os.environ.get("PGREEMBED_LOG_FORMAT", "").lower() == "json":
         for handler in root.handlers:
             handler.setFormatter(JsonFormatter())
