@@ -46,7 +46,10 @@ def test_worker_and_scheduler_metrics(stack: Stack, tmp_path: Path) -> None:
         text = scrape(scheduler_port)
         return value(text, "pgreembed_rows", state="embedded") == 20.0
 
-    wait_for(all_done, timeout=60, interval=0.5, message="scheduler metrics to show 20 rows")
+    try:
+        wait_for(all_done, timeout=60, interval=0.5, message="scheduler metrics to show 20 rows")
+    finally:
+        print(stack.log_text()[-4000:], scrape(scheduler_port)[-2000:])
     scheduler = scrape(scheduler_port)
     assert value(scheduler, "pgreembed_rows", state="failed") == 1.0
     assert value(scheduler, "pgreembed_rows", state="pending") == 0.0
