@@ -128,7 +128,10 @@ def write_config(path: Path, body: str) -> Path:
     return path
 
 
-TARGET = """
+def docs_config(*, batch_size: int = 8, target_extra: str = "",
+                max_inflight_rows: int = 64, worker_extra: str = "") -> str:
+    """The TOML of the tests' `docs` target (fake-384 through the local OpenAI server)."""
+    return f"""
 [[target]]
 name = "docs"
 table = "public.docs"
@@ -137,11 +140,13 @@ vector_column = "embedding"
 provider = "openai"
 model = "fake-384"
 dimensions = 384
-batch_size = 8
+batch_size = {batch_size}
+{target_extra}
 
 [worker]
 poll_interval = 0.5
-max_inflight_rows = 64
+max_inflight_rows = {max_inflight_rows}
+{worker_extra}
 """
 
 
@@ -152,7 +157,7 @@ def stack(database_url: str, redis_url: str, fake_openai: FakeOpenAIServer,
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE docs (id bigserial PRIMARY KEY, title text, body text,"
                      " views integer NOT NULL DEFAULT 0)")
-    config = write_config(tmp_path / "pgreembed.toml", TARGET)
+    config = write_config(tmp_path / "pgreembed.toml", docs_config())
     env = {
         **os.environ,
         "DATABASE_URL": database_url,

@@ -38,30 +38,14 @@ from psycopg.conninfo import make_conninfo
 
 from pgreembed.services import EmbeddedPostgres, LocalRedis
 from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
-from tests.conftest import API_KEY, ROOT, Stack, wait_for
+from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
 
 pytestmark = pytest.mark.chaos
 
 MODEL = "fake-384"
 ROWS = int(os.environ.get("PGREEMBED_CHAOS_ROWS", "20000"))
 
-CONFIG = """
-[[target]]
-name = "docs"
-table = "public.docs"
-text_columns = ["title", "body"]
-vector_column = "embedding"
-provider = "openai"
-model = "fake-384"
-dimensions = 384
-batch_size = {batch_size}
-requests_per_minute = 1000000   # never binding: exercises the shared limiter under chaos
 
-[worker]
-poll_interval = 0.5
-max_inflight_rows = {max_inflight}
-pool_max_size = 2
-"""
 
 
 @dataclass
@@ -117,7 +101,10 @@ def chaos_stack(own_postgres: OwnPostgres, own_redis: LocalRedis,
         conn.execute("CREATE TABLE docs (id bigserial PRIMARY KEY, title text, body text,"
                      " views integer NOT NULL DEFAULT 0)")
     config = tmp_path / "pgreembed.toml"
-    config.write_text(CONFIG.format(batch_size=100, max_inflight=2000))
+    config.write_text(docs_config(
+        batch_size=100, max_inflight_rows=2000, worker_extra="pool_max_size = 2",
+        # never binding: exercises the shared limiter under chaos
+        target_extra="requests_per_minute = 1000000"))
     env = {
         **os.environ,
         "DATABASE_URL": dsn,

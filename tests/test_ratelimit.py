@@ -22,7 +22,7 @@ from pgreembed.providers import FatalProviderError
 from pgreembed.providers.openai_provider import OpenAIProvider
 from pgreembed.ratelimit import RateLimiter, limiter_client
 from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_token_count, fake_vector
-from tests.conftest import API_KEY, ROOT, Stack, wait_for
+from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
 
 WINDOW = 2.0
 RPM = 8  # per WINDOW here
@@ -164,18 +164,9 @@ def test_worker_fleet_stays_under_server_token_limit(stack: Stack,
     ours_per_theirs = provider.count_tokens(texts[:1])[0] / fake_token_count(texts[0])
     our_tpm = int(0.9 * server_tpm * ours_per_theirs)
     budget_rows = int(0.9 * SERVER_TPM_ROWS)
-    stack.config_path.write_text(f"""
-[[target]]
-name = "docs"
-table = "public.docs"
-text_columns = ["title", "body"]
-vector_column = "embedding"
-provider = "openai"
-model = "fake-384"
-dimensions = 384
-batch_size = 20
-tokens_per_minute = {our_tpm}
-""")
+    stack.config_path.write_text(docs_config(batch_size=20, max_inflight_rows=2048,
+                                             target_extra=f"tokens_per_minute = {our_tpm}"))
+
     with stack.connect() as conn, conn.cursor() as cur:
         cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)",
                         [tuple(t.split("\n", 1)) for t in texts])
