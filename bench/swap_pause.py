@@ -121,7 +121,7 @@ def writer(dsn: str, rows: int, window: Window, stop: threading.Event) -> None:
             time.sleep(0.002)
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 2 else max(values)
 
 

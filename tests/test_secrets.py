@@ -22,7 +22,7 @@ import pytest
 
 from pgreembed.services import EmbeddedPostgres
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import ROOT, TARGET, Stack, wait_for
+from tests.conftest import ROOT, Stack, docs_config, wait_for
 from tests.test_chaos import pg_outage
 
 PASSWORD = "Zebra-Pass-77-9qX"
@@ -55,7 +55,7 @@ def secret_stack(own_postgres: EmbeddedPostgres, redis_url: str, fake_openai: Fa
         conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
                      " FROM generate_series(1, 50) g")
     config = tmp_path / "pgreembed.toml"
-    config.write_text(TARGET)
+    config.write_text(docs_config())
     env = {**os.environ, "DATABASE_URL": dsn, "REDIS_URL": redis_url,
            "PGREEMBED_CONFIG": str(config), "OPENAI_API_KEY": WRONG_KEY,
            "OPENAI_BASE_URL": fake_openai.base_url, "PGREEMBED_LOG_LEVEL": "DEBUG",

@@ -1,0 +1,331 @@
+"""Benchmarks: ours against a baseline on the same rows, same machine, same run.
+
+    python -m bench.run [--rows N] [--dims D] [--only ceiling,pgai,memory,freshness,ratelimit]
+
+Sections (all but `profile` by default):
+  ceiling    raw binary COPY + UPDATE ... FROM of precomputed vectors vs our full pipeline
+  pgai       pgai's vectorizer worker (same rows, same provider) vs ours
+  memory     worker peak RSS at N and 4N rows
+  freshness  insert -> embedded latency with the continuous scheduler running
+  ratelimit  achieved share of a tokens/min budget and the number of 429s (>= 60 s)
+  profile    py-spy on the workers while they embed N rows; the top of the profile
+Everything runs on private services: embedded Postgres under /tmp, a redis-server
+process, the local OpenAI-compatible server (zero latency, deterministic vectors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+
+from bench import profile as profiling
+from bench.harness import Services, Tuning, fmt_rate, tiktoken_cache_dir
+from bench.sections import (
+    OursRun,
+    client_budget_supported,
+    pgai_version,
+    run_ceiling,
+    run_freshness,
+    run_ours,
+    run_pgai,
+    run_ratelimit,
+)
+
+SECTIONS = ("ceiling", "pgai", "memory", "freshness", "ratelimit", "profile")
+DEFAULT_SECTIONS = ("ceiling", "pgai", "memory", "freshness", "ratelimit")
+MB = 1024 * 1024
+
+
+def _parse_sections(value: str) -> list[str]:
+    chosen = [s.strip() for s in value.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown)};"
+                                         f" choose from {', '.join(SECTIONS)}")
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.run",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=20_000,
+                        help="rows N (default 20000: the issue's 100k takes ~5x longer)")
+    parser.add_argument("--dims", type=int, default=1536, help="vector size (model fake-D)")
+    parser.add_argument("--only", type=_parse_sections, default=list(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections among {', '.join(SECTIONS)}")
+    parser.add_argument("--batch-size", type=int, default=512, help="our rows per message")
+    parser.add_argument("--processes", type=int, default=2, help="our worker processes")
+    parser.add_argument("--threads", type=int, default=4, help="our threads per process")
+    parser.add_argument("--max-inflight", type=int, default=4096,
+                        help="our max_inflight_rows (continuous scheduler)")
+    parser.add_argument("--pool-max-size", type=int, default=4,
+                        help="our Postgres connections per worker process")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="our runs at N (the median counts; the machine is shared)")
+    parser.add_argument("--ceiling-repeats", type=int, default=3,
+                        help="ceiling: raw writes to time (the fastest counts)")
+    parser.add_argument("--pgai-runs", default="default,tuned",
+                        help="pgai configurations: default (1 worker, its defaults) and/or"
+                             " tuned (our batch size, --processes workers x --threads"
+                             " concurrency, max 10)")
+    parser.add_argument("--tpm", type=int, default=1_000_000,
+                        help="ratelimit: the provider's tokens per minute")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="ratelimit: minutes measured (each one a full 60 s window)")
+    parser.add_argument("--no-client-budget", action="store_true",
+                        help="ratelimit: do not give the target the budget (tokens_per_minute)")
+    parser.add_argument("--fresh-rate", type=float, default=20.0, help="freshness: rows/s")
+    parser.add_argument("--fresh-seconds", type=float, default=30.0,
+                        help="freshness: seconds of inserts")
+    parser.add_argument("--profile-output", type=Path, default=None,
+                        help="profile: keep py-spy's raw output here")
+    return parser
+
+
+def _machine() -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    return (f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB, {platform.system()}"
+            f" {platform.release()}, Python {platform.python_version()}")
+
+
+def _server_versions(services: Services) -> str:
+    with psycopg.connect(services.admin_dsn) as conn:
+        pg = conn.execute("SHOW server_version").fetchone()
+        vec = conn.execute("SELECT default_version FROM pg_available_extensions"
+                           " WHERE name = 'vector'").fetchone()
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True,
+                                   text=True).stdout.split(" sha=")[0].strip(
+                                   ) if _has("redis-server") else "?"
+    return (f"Postgres {pg[0] if pg else '?'} + pgvector {vec[0] if vec else '?'},"
+            f" {redis_version or 'redis ?'}, pgai {pgai_version() or 'not installed'}")
+
+
+def _has(binary: str) -> bool:
+    from shutil import which
+
+    return which(binary) is not None
+
+
+class Bench:
+    """Runs the chosen sections, sharing our N-row run between them; collects a summary."""
+
+    def __init__(self, args: argparse.Namespace, services: Services) -> None:
+        self.args = args
+        self.services = services
+        self.tuning = Tuning(batch_size=args.batch_size, processes=args.processes,
+                             threads=args.threads, max_inflight_rows=args.max_inflight,
+                             pool_max_size=max(args.pool_max_size, args.threads))
+        self.summary: list[str] = []
+        self._ours: dict[int, OursRun] = {}
+
+    def ours(self, rows: int) -> OursRun:
+        """Our run at `rows` (at N: the median of --repeats runs, by warm rows/s)."""
+        if rows not in self._ours:
+            repeats = self.args.repeats if rows == self.args.rows else 1
+            runs = []
+            for _ in range(repeats):
+                run = run_ours(self.services, rows, self.tuning)
+                p = run.progress
+                print(f"  ours: {rows} rows: cold {p.cold():,.0f} rows/s (init + workers start"
+                      f" + tick: {p.done_at - p.cold_start:.1f} s), warm {p.warm():,.0f} rows/s"
+                      f" (from tick launch, workers up: {p.done_at - p.started:.1f} s, first"
+                      f" vector after {p.first_vector_after():.1f} s), steady"
+                      f" {fmt_rate(p.steady())}; {run.requests} provider requests, statuses"
+                      f" {run.status_counts}", flush=True)
+                print(f"        {run.cpu} from tick launch to the last vector", flush=True)
+                runs.append(run)
+            runs.sort(key=lambda r: r.progress.warm())
+            chosen = runs[len(runs) // 2]
+            chosen.peak_rss_single = max(r.peak_rss_single for r in runs)
+            chosen.peak_rss_total = max(r.peak_rss_total for r in runs)
+            if repeats > 1:
+                print(f"  ours: the median of {repeats} runs counts (warm"
+                      f" {chosen.progress.warm():,.0f} rows/s)", flush=True)
+            self._ours[rows] = chosen
+        return self._ours[rows]
+
+    def ceiling(self) -> None:
+        rows = self.args.rows
+        ceiling = run_ceiling(self.services, rows, self.tuning, self.args.ceiling_repeats)
+        print(f"  ceiling (fastest of {self.args.ceiling_repeats}): {rows} rows in"
+              f" {ceiling.seconds:.2f} s (COPY {ceiling.copy_seconds:.2f} s + UPDATE"
+              f" {ceiling.seconds - ceiling.copy_seconds:.2f} s):"
+              f" {ceiling.rate:,.0f} rows/s", flush=True)
+        print(f"        {ceiling.cpu}", flush=True)
+        ours = self.ours(rows)
+        p = ours.progress
+        steady = p.steady()
+        # What this machine allows at best: the provider stand-in, Postgres, Redis and the
+        # tick share the 2 cores with the workers; with workers that cost nothing, the
+        # other CPU seconds measured in our run still need this much wall time.
+        others = sum(v for k, v in ours.cpu_used.items() if k != "workers")
+        bound = rows / (others / (os.cpu_count() or 1))
+        print(f"  context: without any worker CPU, the rest of our run's CPU ({others:.1f} s on"
+              f" {os.cpu_count()} cores) would allow at most {bound:,.0f} rows/s ="
+              f" {bound / ceiling.rate:.2f} x the ceiling")
+        ratios = (f"cold {p.cold() / ceiling.rate:.2f}, warm {p.warm() / ceiling.rate:.2f},"
+                  f" steady {'n/a' if steady is None else f'{steady / ceiling.rate:.2f}'}")
+        print(f"  ours/ceiling: {ratios}")
+        self.summary.append(f"ceiling    raw write {ceiling.rate:,.0f} rows/s; ours/ceiling"
+                            f" {ratios} (target >= 0.7)")
+
+    def pgai(self) -> None:
+        rows = self.args.rows
+        if pgai_version() is None:
+            print("  pgai: not installed (pip install -e '.[bench]'); section skipped")
+            self.summary.append("pgai       not run: pgai is not installed")
+            return
+        runs = [r.strip() for r in self.args.pgai_runs.split(",") if r.strip()]
+        results = []
+        for label in runs:
+            if label == "default":
+                result = run_pgai(self.services, rows, "default")
+            elif label == "tuned":
+                result = run_pgai(self.services, rows, "tuned", workers=self.tuning.processes,
+                                  batch_size=self.tuning.batch_size,
+                                  concurrency=min(10, self.tuning.threads))
+            else:
+                raise SystemExit(f"--pgai-runs: unknown configuration {label!r}")
+            p = result.progress
+            print(f"  pgai {label} ({result.workers} worker(s) --once, batch_size"
+                  f" {result.batch_size or 'default (50)'}, concurrency"
+                  f" {result.concurrency or 'default (1)'}): cold {p.cold():,.0f} rows/s"
+                  f" (install + create_vectorizer + workers: {p.done_at - p.cold_start:.1f} s),"
+                  f" warm {p.warm():,.0f} rows/s (from worker launch), steady"
+                  f" {fmt_rate(p.steady())}; {result.requests} provider requests", flush=True)
+            print(f"        {result.cpu} from worker launch to exit", flush=True)
+            results.append(result)
+        ours = self.ours(rows).progress
+        best_ratios = ""
+        for result in sorted(results, key=lambda r: r.progress.cold()):
+            theirs = result.progress
+            steady_ours, steady_theirs = ours.steady(), theirs.steady()
+            steady = ("n/a" if steady_ours is None or steady_theirs is None
+                      else f"{steady_ours / steady_theirs:.2f}")
+            best_ratios = (f"cold {ours.cold() / theirs.cold():.2f}, warm"
+                           f" {ours.warm() / theirs.warm():.2f}, steady {steady}")
+            print(f"  ours/pgai-{result.label}: {best_ratios}")
+        best = max(results, key=lambda r: r.progress.cold())
+        self.summary.append(f"pgai       ours/pgai ({best.label}, the faster pgai here):"
+                            f" {best_ratios} (target >= 3)")
+
+    def memory(self) -> None:
+        rows = self.args.rows
+        small = self.ours(rows)
+        large = self.ours(4 * rows)
+        for run in (small, large):
+            print(f"  {run.rows:>7} rows: worker peak RSS {run.peak_rss_single / MB:.0f} MB per"
+                  f" process, {run.peak_rss_total / MB:.0f} MB for the whole dramatiq tree")
+        ratio = large.peak_rss_single / small.peak_rss_single
+        print(f"  4N/N = {ratio:.2f} (per process), "
+              f"{large.peak_rss_total / small.peak_rss_total:.2f} (tree)")
+        self.summary.append(f"memory     worker peak RSS {small.peak_rss_single / MB:.0f} MB at"
+                            f" {rows} rows, {large.peak_rss_single / MB:.0f} MB at {4 * rows}:"
+                            f" 4N/N = {ratio:.2f} (target: flat)")
+
+    def freshness(self) -> None:
+        result = run_freshness(self.services, self.tuning, self.args.fresh_rate,
+                               self.args.fresh_seconds)
+        p50, p99 = result.percentile(50), result.percentile(99)
+        print(f"  {len(result.latencies)} rows at {result.rate:g}/s for {result.seconds:g} s:"
+              f" insert -> embedded p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms,"
+              f" max {max(result.latencies) * 1000:.0f} ms (after warm-up rows; the first"
+              f" row after the workers started took {result.cold_start:.1f} s)")
+        self.summary.append(f"freshness  p50 {p50:.2f} s, p99 {p99:.2f} s at"
+                            f" {result.rate:g} rows/s (targets < 1 s, < 5 s)")
+
+    def ratelimit(self) -> None:
+        client = client_budget_supported() and not self.args.no_client_budget
+        result = run_ratelimit(self.services, self.tuning, self.args.tpm, self.args.windows,
+                               client)
+        budget = "target tokens_per_minute set to the same budget" if client else (
+            "no client-side budget" + ("" if self.args.no_client_budget else
+                                       " (this version has none)"))
+        print(f"  budget {result.tokens_per_minute:,} tokens/min, {result.windows} x 60 s from"
+              f" the first request, {result.rows} rows waiting ({budget}):")
+        admitted = max(1, int(result.status_counts.get("200", 0)))
+        per_request = result.tokens_in_window / admitted
+        unused = result.tokens_per_minute * result.windows - result.tokens_in_window
+        print(f"  admitted {result.tokens_in_window:,} tokens = {100 * result.fraction:.1f}% of"
+              f" the budget (unused: {unused / per_request:.2f} of one {per_request:,.0f}-token"
+              f" request); {result.rejected} responses were 429 ({result.requests}"
+              f" requests, statuses {result.status_counts})")
+        self.summary.append(f"ratelimit  {100 * result.fraction:.1f}% of"
+                            f" {result.tokens_per_minute:,} tokens/min used,"
+                            f" {result.rejected} x 429 (target >= 95%, no storm)")
+
+    def profile(self) -> None:
+        rows = self.args.rows
+        output = self.args.profile_output or (self.services.workdir / "worker-profile.txt")
+        run = run_ours(self.services, rows, self.tuning, wrapper=profiling.wrapper(output))
+        print(f"  profiled run: {rows} rows at {run.progress.warm():,.0f} rows/s from tick launch"
+              f" (py-spy attached, 100 Hz)")
+        result = profiling.parse(output)
+        total = result.samples + result.startup_samples
+        print(f"  {total} CPU samples over all worker processes, {result.startup_samples}"
+              f" ({100 * result.startup_samples / max(1, total):.0f}%) in start-up work on the"
+              f" first message (imports, provider client, tokenizer), left out below.")
+        print("  Top self time (steady state):")
+        print("\n".join(result.table(result.self_time, 15)))
+        print("  Top inclusive time, our code (steady state):")
+        print("\n".join(result.table(result.inclusive, 15, only_ours=True)))
+        if self.args.profile_output:
+            print(f"  raw profile kept in {output}")
+
+    def run(self, name: str) -> None:
+        section: Callable[[], None] = getattr(self, name)
+        print(f"\n== {name}", flush=True)
+        started = time.monotonic()
+        try:
+            section()
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the others
+            print(f"  {name} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            self.summary.append(f"{name:<10} FAILED: {type(exc).__name__}: {exc}"[:300])
+        print(f"  ({name} took {time.monotonic() - started:.0f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    model = f"fake-{args.dims}"
+    services = Services(model, args.dims)
+    started = time.monotonic()
+    try:
+        services.start()
+        bench = Bench(args, services)
+        print(f"machine: {_machine()}")
+        print(f"services: {_server_versions(services)}, local OpenAI-compatible server"
+              f" (zero latency, in the benchmark process)")
+        print(f"data: N={args.rows} rows of ~100 tokens, model {model} ({args.dims} dims);"
+              f" token counting with tiktoken cl100k_base:"
+              f" {'yes' if tiktoken_cache_dir() else 'no (byte upper bound)'}")
+        print(f"ours: {bench.tuning.describe()}", flush=True)
+        for name in SECTIONS:
+            if name in args.only:
+                bench.run(name)
+        print(f"\n== summary ({time.monotonic() - started:.0f} s in all; command:"
+              f" python -m bench.run {' '.join(argv if argv is not None else sys.argv[1:])})")
+        for line in bench.summary:
+            print(f"  {line}")
+    finally:
+        services.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
