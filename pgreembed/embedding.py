@@ -110,7 +110,8 @@ def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True
 def _embed_isolating(request: list[tuple[Row, str, int, bool]], provider: Provider,
                      embedded: list[Embedded], failed: list[Failed]) -> None:
     try:
-        vectors = provider.embed([text for _, text, _, _ in request])
+        vectors = provider.embed([text for _, text, _, _ in request],
+                                 sum(tokens for _, _, tokens, _ in request))
     except BadInputError as exc:
         if len(request) == 1:
             failed.append(Failed(request[0][0], f"provider rejected the text: {exc}"))

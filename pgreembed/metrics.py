@@ -13,16 +13,35 @@ Both are off unless their port is set.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pgreembed.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 WORKER_PORT_ENV = "dramatiq_prom_port"
 SCHEDULER_PORT_ENV = "PGREEMBED_SCHEDULER_METRICS_PORT"
+
+
+class MetricsUnavailable(ConfigError):
+    """A metrics port is configured but the exporter package is not installed."""
+
+
+def require_prometheus(setting: str) -> None:
+    """Fail at start-up, with the fix, rather than on every batch or scrape.
+
+    Only looks the package up: importing it here, before Dramatiq's middleware sets
+    its multiprocess directory, would make every worker process count on its own.
+    """
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise MetricsUnavailable(
+            f"{setting} is set but prometheus-client is not installed:"
+            " pip install 'pgreembed[metrics]'")
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,7 @@ def serve_scheduler_metrics(settings: Any) -> bool:
     port = os.environ.get(SCHEDULER_PORT_ENV)
     if not port:
         return False
+    require_prometheus(SCHEDULER_PORT_ENV)
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()

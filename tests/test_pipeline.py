@@ -55,6 +55,24 @@ def test_new_rows_are_embedded(stack: Stack) -> None:
     assert_all_current(stack)
 
 
+def test_worker_processes_warm_up_before_their_first_message(stack: Stack, fake_openai
+                                                            ) -> None:
+    """Each process opens its pool at boot (and loads its provider) without any request."""
+    init(stack)
+    stack.start_worker(processes=2)
+
+    def worker_connections() -> int:
+        with stack.connect() as conn:
+            return conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                " 'pgreembed-worker' AND datname = current_database()").fetchone()[0]
+
+    wait_for(lambda: worker_connections() >= 2, timeout=60,
+             message="both worker processes to open their pools at boot")
+    assert fake_openai.stats()["requests"] == 0, "warm-up must not call the provider"
+    assert "warm-up skipped" not in stack.log_text()
+
+
 def test_changed_text_is_reembedded_and_unrelated_change_is_not(stack: Stack, fake_openai
                                                                 ) -> None:
     insert_docs(stack, 10)

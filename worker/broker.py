@@ -14,7 +14,8 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import CurrentMessage
 
-from pgreembed.metrics import WORKER_PORT_ENV
+from pgreembed.metrics import WORKER_PORT_ENV, require_prometheus
+from worker.warmup import WarmUp
 
 QUEUE = "pgreembed"
 
@@ -27,9 +28,11 @@ def make_broker(redis_url: str | None = None) -> RedisBroker:
         maintenance_chance=int(os.environ.get("PGREEMBED_MAINTENANCE_CHANCE", "100000")),
     )
     broker.add_middleware(CurrentMessage())  # the actor reads its retry count
+    broker.add_middleware(WarmUp())
     if os.environ.get(WORKER_PORT_ENV):
         # Dramatiq's own exporter: its fork runs in the `dramatiq` main process, which
         # reads dramatiq_prom_port/_host/_db from the environment it was started with.
+        require_prometheus(WORKER_PORT_ENV)
         from dramatiq.middleware.prometheus import Prometheus
 
         broker.add_middleware(Prometheus())

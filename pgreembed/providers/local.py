@@ -100,7 +100,7 @@ class LocalMiniLM:
         end = encoding.offsets[keep - 1][1]
         return text[:end]
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
         self._load()
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

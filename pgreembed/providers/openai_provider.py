@@ -11,6 +11,7 @@ model's budget, and a 429 lowers that budget for every worker.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from collections.abc import Sequence
 
@@ -138,10 +139,11 @@ class OpenAIProvider:
     def truncate(self, text: str, max_tokens: int) -> str:
         return self._tokens.truncate(text, max_tokens)
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
         try:
-            tokens = sum(self.count_tokens(texts)) if self._limiter is not None else 0
-            data = self._retrying(self._request, list(texts), tokens)
+            if self._limiter is not None and tokens is None:
+                tokens = sum(self.count_tokens(texts))
+            data = self._retrying(self._request, list(texts), tokens or 0)
         except openai.BadRequestError as exc:
             if getattr(exc, "code", None) == "model_not_found":
                 raise FatalProviderError(_describe(exc)) from None
@@ -161,17 +163,22 @@ class OpenAIProvider:
         if self._limiter is not None:
             self._limiter.acquire(tokens)  # sleeps until the request fits the shared budget
         try:
-            response = self._client.embeddings.create(
+            # The raw body, not the SDK's pydantic objects: building one model per vector
+            # was ~45% of a worker's CPU; json + base64 directly is about twice as fast.
+            raw = self._client.embeddings.with_raw_response.create(
                 input=texts, model=self.model, encoding_format="base64", **kwargs)  # type: ignore[arg-type]
         except openai.RateLimitError as exc:
             if self._limiter is not None and not is_quota_error(exc):
                 self._limiter.report_rate_limited()
             raise
-        items = sorted(response.data, key=lambda d: d.index)
+        try:
+            items = sorted(json.loads(raw.content)["data"], key=lambda d: d["index"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TransientProviderError(f"provider returned an unreadable body: {exc}") from None
         if len(items) != len(texts):
             raise TransientProviderError(
                 f"provider returned {len(items)} embeddings for {len(texts)} inputs")
-        rows = [_decode(item.embedding) for item in items]
+        rows = [_decode(item["embedding"]) for item in items]
         sizes = {len(r) for r in rows}
         if sizes != {self.dimensions}:
             # Let the caller record each row's wrong size; keep the ragged result as objects.
