@@ -55,7 +55,7 @@ class SplittingProvider:
     def truncate(self, text: str, max_tokens: int) -> str:
         return " ".join(text.split()[:max_tokens])
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
         self.requests.append(len(texts))
         if any("bad" in t for t in texts):
             raise BadInputError("HTTP 400: rejected")

@@ -89,6 +89,7 @@ def test_no_secret_in_any_output(secret_stack: Stack, own_postgres: EmbeddedPost
         return result
 
     assert cli("init").returncode == 0
+    fake_openai.set_faults(echo_rejected_key_count=1000)  # every 401 quotes the key back
     stack.start_worker(processes=1, threads=2)
     stack.start_scheduler()
     # The provider rejects the key: batches fail, are retried, and are logged.
@@ -118,6 +119,8 @@ def test_no_secret_in_any_output(secret_stack: Stack, own_postgres: EmbeddedPost
 
     text = stack.log_text() + "\n".join(outputs)
     assert "401" in text and "reconnecting" in text  # the errors did happen and were logged
+    # The server did quote the key, and what reached the logs was masked, not dropped.
+    assert "Incorrect API key provided: ***" in text
     assert PASSWORD not in text
     assert WRONG_KEY not in text
     assert stack.dsn not in text

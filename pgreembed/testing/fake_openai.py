@@ -104,6 +104,9 @@ class Faults:
     tokens_per_minute: int | None = None
     requests_per_minute: int | None = None
     batch_delay: float = 0.0
+    # The next N 401 answers quote the rejected key, as some servers do: lets a test
+    # prove the client side redacts what a server echoes back.
+    echo_rejected_key_count: int = 0
 
 
 _FAULT_TYPES = typing.get_type_hints(Faults)
@@ -384,9 +387,11 @@ class FakeOpenAIServer:
 
     def _check_auth(self, header: str) -> None:
         if self.api_key is not None and header != f"Bearer {self.api_key}":
-            # Never echo the presented key: it may be a real one sent by mistake.
-            raise ApiError(401, "Incorrect API key provided.", "invalid_request_error",
-                           "invalid_api_key")
+            # Never echo the presented key unless asked: it may be a real one sent by mistake.
+            quoted = f": {header.removeprefix('Bearer ')}" if self._take(
+                "echo_rejected_key_count") else ""
+            raise ApiError(401, f"Incorrect API key provided{quoted}.",
+                           "invalid_request_error", "invalid_api_key")
 
     def _embeddings(self, raw: bytes) -> Response:
         """Apply faults in documented precedence, then validate and embed."""
