@@ -414,7 +414,9 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
     """
     phases = ("swapped",) if rollback else ("filling", "rolled_back")
     deadline = time.monotonic() + catch_up_timeout
-    for attempt in range(1, attempts + 1):
+    busy = 0  # lock attempts that timed out; waiting for rows to catch up is not one
+    step = "rollback" if rollback else "swap"
+    while True:
         with connect(settings.database_url) as conn:
             migration = _require_open(conn, target, *phases)
             slots = _slots_by_id(conn, target)
@@ -433,7 +435,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
                 _set_lock_timeout(conn, lock_timeout)
                 conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(live.table))
                 if _missing(conn, other):
-                    conn.rollback()
+                    conn.rollback()  # a row changed between the check and the lock
                     continue
                 _exchange(conn, live, other, "old")
                 conn.execute(
@@ -444,13 +446,17 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
                 conn.commit()
             except psycopg.errors.LockNotAvailable:
                 conn.rollback()
-                log.warning("swap attempt %d: table busy (lock_timeout %s); retrying",
-                            attempt, lock_timeout)
-                time.sleep(min(2.0, 0.1 * attempt))
+                busy += 1
+                if busy >= attempts:
+                    raise MigrationError(
+                        f"could not {step}: the table stayed busy through {attempts} attempts"
+                        f" with lock_timeout {lock_timeout}; nothing changed, try again"
+                    ) from None
+                log.warning("%s attempt %d: table busy (lock_timeout %s); retrying",
+                            step, busy, lock_timeout)
+                time.sleep(min(2.0, 0.1 * busy))
                 continue
-            return SwapResult(attempt, time.monotonic() - started)
-    raise MigrationError(f"could not swap after {attempts} attempts (the table stayed busy or"
-                         " rows kept changing); try again")
+            return SwapResult(busy + 1, time.monotonic() - started)
 
 
 # -- status ---------------------------------------------------------------------------

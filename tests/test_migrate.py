@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 import threading
 import time
 
@@ -343,3 +346,46 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
     assert p.column_type == "halfvec(3072)" and any("halfvec" in n for n in p.notes)
     assert any("1 rows have no text" in b for b in p.blockers)
     assert p.storage_bytes == 101 * (2 * 3072 + 8)
+
+
+def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack: Stack
+                                                                          ) -> None:
+    """SIGKILL of `migrate swap`/`rollback` while it retries on a busy table: no half swap."""
+    seed(stack, 20)
+    running(stack)
+    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    new_column = out.split("column ")[1].split(" ")[0]
+    wait_filled(stack, new_column)
+    migrate(stack, "index")
+
+    def killed_while_table_is_busy(step: str) -> None:
+        blocker = psycopg.connect(stack.dsn)
+        blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
+        before = schema_snapshot(stack)
+        process = stack.spawn(step, [sys.executable, "-m", "pgreembed", "migrate", step,
+                                     "--target", "docs"])
+        log = stack.logs / f"{step}.log"
+        wait_for(lambda: "table busy" in log.read_text(errors="replace"),
+                 timeout=60, message=f"`migrate {step}` to be retrying")
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+        blocker.close()
+        assert schema_snapshot(stack) == before, f"a killed {step} changed the schema"
+
+    killed_while_table_is_busy("swap")
+    assert column_type(stack, "embedding") == "vector(384)"
+    with stack.connect() as conn:
+        assert conn.execute("SELECT model FROM pgreembed.active_models").fetchone() == (
+            "fake-384",)
+    assert "swap done" in migrate(stack, "swap")
+    assert column_type(stack, "embedding") == "vector(768)"
+
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'after the swap' WHERE id = 4")
+    killed_while_table_is_busy("rollback")
+    assert column_type(stack, "embedding") == "vector(768)"
+    assert "rollback done" in migrate(stack, "rollback")
+    assert column_type(stack, "embedding") == "vector(384)"
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", "fake-384", 384)
+    assert_column_current(stack, new_column, "fake-768", 768)
