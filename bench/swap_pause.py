@@ -3,8 +3,9 @@ the baseline query latency measured in the same run.
 
     python -m bench.swap_pause [--rows 200000] [--readers 4] [--seconds 5]
 
-A table of N rows with an IVFFlat index on its live column gets a second, filled
-and indexed column (the state right before a swap). Reader threads run kNN
+A table of N rows with an IVFFlat (L2) index on its live column gets a second,
+filled and indexed column (the state right before a swap; `migrate index` mirrors
+the live index's method and distance). Reader threads run kNN
 queries the way the app-side helper does (ACCESS SHARE lock, read the live
 model, query with a vector of that size) and a writer updates rows, for a
 baseline window, then across the swap, then across the rollback. Vectors are
@@ -161,9 +162,12 @@ def main() -> None:
             started = time.monotonic()
             outcome = migrate.swap(settings, settings.target("docs"), rollback=step == "rollback")
             ended = time.monotonic()
-            time.sleep(1.0)  # queries that waited on the lock finish
+            time.sleep(1.0)  # queries that waited on the lock finish; the new column in use
             during = window.between(started, ended)
-            results[step] = (outcome.pause_seconds, max(during) if during else 0.0, len(during))
+            # A new column its queries cannot use an index on would show here, not above.
+            after = window.between(ended, ended + 1.0)
+            results[step] = (outcome.pause_seconds, max(during) if during else 0.0, len(during),
+                             percentile(after, 99))
         stop.set()
         for thread in threads:
             thread.join()
@@ -173,10 +177,11 @@ def main() -> None:
         print(f"baseline ({len(baseline)} queries in {args.seconds:.0f}s, {args.readers} readers"
               f" + 1 writer): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms,"
               f" max {worst * 1000:.1f} ms")
-        for step, (lock_held, longest, count) in results.items():
+        for step, (lock_held, longest, count, p99_after) in results.items():
             print(f"{step}: lock held {lock_held * 1000:.0f} ms; longest query across it"
                   f" {longest * 1000:.1f} ms ({count} queries started during it) ="
-                  f" {longest / p99:.1f}x baseline p99")
+                  f" {longest / p99:.1f}x baseline p99; p99 in the second after"
+                  f" {p99_after * 1000:.1f} ms")
         print(f"failed queries: {len(window.failures)}"
               + (f" (first: {window.failures[0]})" if window.failures else ""))
     finally:

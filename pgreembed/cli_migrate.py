@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from pgreembed import migrate
-from pgreembed.config import ConfigError, load_settings
+from pgreembed.config import DISTANCE_ALIASES, DISTANCES, ConfigError, load_settings
 
 
 def _human_bytes(count: float) -> str:
@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         migrate.cancel(settings, target)
         print(f"migration of {target.name} cancelled; the new column is dropped")
     elif step == "index":
-        name = migrate.build_index(settings, target, method=args.method, lists=args.lists,
+        name = migrate.build_index(settings, target, method=args.method,
+                                   distance=args.distance, lists=args.lists,
                                    m=args.m, ef_construction=args.ef_construction,
                                    maintenance_work_mem=args.maintenance_work_mem)
         print(f"index {name} is valid")
@@ -145,7 +146,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--json", action="store_true", help="status: machine-readable")
     parser.add_argument("--spend-cap", type=float, metavar="USD",
                         help="start: pause the migration once it has cost this much")
-    parser.add_argument("--method", default="hnsw", choices=["hnsw", "ivfflat"])
+    parser.add_argument("--method", choices=["hnsw", "ivfflat"],
+                        help="index: default the live column's index method, else hnsw")
+    parser.add_argument("--distance", choices=[*DISTANCES, *DISTANCE_ALIASES],
+                        help="index: default the live column's index distance, else the"
+                             " target's `distance`")
     parser.add_argument("--lists", type=int, help="ivfflat lists (default from row count)")
     parser.add_argument("--m", type=int, default=16, help="hnsw m")
     parser.add_argument("--ef-construction", type=int, default=64)

@@ -26,6 +26,21 @@ class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the field."""
 
 
+# Distance the app queries with -> its query operator; the key is pgvector's opclass
+# suffix (vector_cosine_ops, halfvec_l2_ops, ...).
+DISTANCES = {"cosine": "<=>", "l2": "<->", "ip": "<#>", "l1": "<+>"}
+DISTANCE_ALIASES = {"euclidean": "l2", "inner_product": "ip"}
+
+
+def canonical_distance(name: str, where: str = "distance") -> str:
+    """`name` as a key of DISTANCES (aliases accepted), or a ConfigError naming the choices."""
+    key = DISTANCE_ALIASES.get(name.lower(), name.lower())
+    if key not in DISTANCES:
+        choices = ", ".join([*DISTANCES, *DISTANCE_ALIASES])
+        raise ConfigError(f"{where}: must be one of {choices}, got {name!r}")
+    return key
+
+
 @dataclass(frozen=True)
 class Target:
     """One table column to keep embedded."""
@@ -47,6 +62,8 @@ class Target:
     # Shared budgets of this model across every worker (openai provider; None: unlimited).
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # The distance the app queries with (a pgvector opclass suffix, see DISTANCES).
+    distance: str = "cosine"
 
     @property
     def model_key(self) -> str:
@@ -123,7 +140,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     known = {
         "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
         "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
-        "requests_per_minute", "tokens_per_minute",
+        "requests_per_minute", "tokens_per_minute", "distance",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -176,6 +193,8 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         truncate=_typed(merged.get("truncate", True), bool, f"{where}.truncate"),
         requests_per_minute=rpm,
         tokens_per_minute=tpm,
+        distance=canonical_distance(_typed(merged.get("distance", "cosine"), str,
+                                           f"{where}.distance"), f"{where}.distance"),
     )
 
 

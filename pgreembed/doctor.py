@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Settings, Target
+from pgreembed.config import DISTANCES, Settings, Target
 from pgreembed.db import connect
 from pgreembed.redact import redact
 from pgreembed.slots import load_slots, registry_exists, text_expression, vector_type_for
@@ -32,15 +32,6 @@ OK, WARN, ERROR = "ok", "warn", "error"
 LEVELS = (OK, WARN, ERROR)
 # Connections the scheduler holds: the leader lock, the dispatch pass, LISTEN.
 SCHEDULER_CONNECTIONS = 3
-# Operator-class suffix and query operator per distance.
-DISTANCES = {
-    "cosine": ("cosine", "<=>"),
-    "l2": ("l2", "<->"),
-    "euclidean": ("l2", "<->"),
-    "ip": ("ip", "<#>"),
-    "inner_product": ("ip", "<#>"),
-    "l1": ("l1", "<+>"),
-}
 ANN_METHODS = ("hnsw", "ivfflat")
 
 
@@ -80,11 +71,6 @@ class _Column:
     @property
     def declared(self) -> str:
         return self.type_name if self.typmod < 0 else f"{self.type_name}({self.typmod})"
-
-
-def target_distance(target: Target) -> str:
-    """The distance the app queries with; cosine unless the target declares another."""
-    return str(getattr(target, "distance", None) or "cosine").lower()
 
 
 class _Doctor:
@@ -335,7 +321,7 @@ class _Doctor:
         sampled, zeros, off, low, high = row
         if not sampled:
             return
-        cosine = target_distance(target) == "cosine"
+        cosine = target.distance == "cosine"
         if zeros:
             level = ERROR if cosine else WARN
             why = ("cosine distance to a zero vector is NaN, so these rows sort unpredictably"
@@ -400,8 +386,8 @@ class _Doctor:
                          f" on every write but never used; `{drop}` and build it again")
         ann = [r for r in rows if r[1] in ANN_METHODS and r[4]]
         valid_ann = [r for r in ann if r[2]]
-        distance = target_distance(target)
-        suffix, operator = DISTANCES.get(distance, (distance, "?"))
+        distance = suffix = target.distance
+        operator = DISTANCES[distance]
         wanted_ops = f"{vector_type_for(target.dimensions)}_{suffix}_ops"
         if not valid_ann:
             self.add(WARN, target.name, "index", f"{where} has no valid HNSW or IVFFlat index:"

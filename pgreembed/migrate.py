@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Settings, Target
+from pgreembed.config import Settings, Target, canonical_distance
 from pgreembed.db import connect
 from pgreembed.schema import (
     create_state_table,
@@ -286,25 +287,36 @@ def ann_index_name(slot: Slot) -> str:
     return f"pgreembed_ann_{slot.id}"
 
 
-def build_index(settings: Settings, target: Target, method: str = "hnsw",
-                opclass: str | None = None, m: int = 16, ef_construction: int = 64,
+def build_index(settings: Settings, target: Target, method: str | None = None,
+                distance: str | None = None, m: int = 16, ef_construction: int = 64,
                 lists: int | None = None, maintenance_work_mem: str = "512MB") -> str:
-    """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first."""
+    """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first.
+
+    Method and distance default to the live column's ANN index, so the app's queries
+    (which use that index's operator) keep using an index after the swap; without
+    one, HNSW for the target's configured `distance`.
+    """
     with connect(settings.database_url, autocommit=True) as conn:
         migration = _require_open(conn, target, "filling")
-        slot = _slots_by_id(conn, target)[migration.to_slot]
+        slots = _slots_by_id(conn, target)
+        slot = slots[migration.to_slot]
+        live_ann = [i for i in column_indexes(conn, slots[migration.from_slot])
+                    if i.valid and i.distance]
+        method = method or (live_ann[0].method if live_ann else "hnsw")
+        distance = canonical_distance(
+            distance or (live_ann[0].distance if live_ann else None) or target.distance)
         name = ann_index_name(slot)
-        valid = conn.execute(
-            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s", (target.schema, name)).fetchone()
-        if valid is not None and valid[0]:
+        existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
+        if existing is not None and existing.valid and (existing.method, existing.distance) == (
+                method, distance):
             return name
-        if valid is not None:
-            log.warning("dropping INVALID index %s left by an interrupted build", name)
+        if existing is not None:
+            why = ("INVALID, left by an interrupted build" if not existing.valid else
+                   f"{existing.method} for {existing.distance}, not {method} for {distance}")
+            log.warning("dropping index %s (%s) to build it again", name, why)
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                 sql.Identifier(target.schema, name)))
-        opclass = opclass or f"{slot.vector_type}_cosine_ops"
+        opclass = f"{slot.vector_type}_{distance}_ops"
         if method == "hnsw":
             params = sql.SQL("WITH (m = {}, ef_construction = {})").format(
                 sql.Literal(m), sql.Literal(ef_construction))
@@ -333,18 +345,43 @@ def _set_lock_timeout(conn: psycopg.Connection, timeout: str = "2s") -> None:
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
 
 
-def _column_indexes(conn: psycopg.Connection, slot: Slot) -> list[tuple[str, bool]]:
-    """(name, valid) of the indexes on the slot's column, except our pending index."""
+@dataclass(frozen=True)
+class ColumnIndex:
+    """An index on a slot's column: its method and the distance its opclass serves."""
+
+    name: str
+    valid: bool
+    method: str
+    distance: str | None  # opclass suffix (cosine, l2, ip, l1, ...); None if not a vector opclass
+
+
+def column_indexes(conn: psycopg.Connection, slot: Slot) -> list[ColumnIndex]:
+    """The indexes on the slot's column, except our pending index."""
     rows = conn.execute(
         """
-        SELECT c.relname, i.indisvalid AND i.indisready
+        SELECT c.relname, i.indisvalid AND i.indisready, am.amname,
+               (SELECT o.opcname FROM pg_opclass o
+                WHERE o.oid = i.indclass[array_position(i.indkey::int2[], a.attnum)])  -- 0-based
         FROM pg_index i
         JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = c.relam
         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
         WHERE i.indrelid = %s::regclass AND a.attname = %s
         ORDER BY c.relname
         """, (slot.table.as_string(conn), slot.vector_column)).fetchall()
-    return [(r[0], r[1]) for r in rows if not r[0].startswith("pgreembed_pending_")]
+    return [ColumnIndex(name, valid, method, _opclass_distance(opclass))
+            for name, valid, method, opclass in rows
+            if not name.startswith("pgreembed_pending_")]
+
+
+def _opclass_distance(opclass: str | None) -> str | None:
+    match = re.fullmatch(r"(?:vector|halfvec|sparsevec|bit)_(\w+)_ops", opclass or "")
+    return match.group(1) if match else None
+
+
+def _column_indexes(conn: psycopg.Connection, slot: Slot) -> list[tuple[str, bool]]:
+    """(name, valid) of the indexes on the slot's column, except our pending index."""
+    return [(index.name, index.valid) for index in column_indexes(conn, slot)]
 
 
 def _missing(conn: psycopg.Connection, slot: Slot) -> int:
@@ -364,9 +401,17 @@ def check_ready(conn: psycopg.Connection, live: Slot, incoming: Slot) -> list[st
     if invalid:
         problems.append(f"index {', '.join(invalid)} on {incoming.vector_column} is INVALID:"
                         " run `migrate index` again")
-    if _column_indexes(conn, live) and not incoming_indexes:
+    live_ann = [i for i in column_indexes(conn, live) if i.distance]
+    if live_ann and not incoming_indexes:
         problems.append(f"{live.vector_column} has an index but {incoming.vector_column} has"
                         " none: run `migrate index`")
+    served = {i.distance for i in column_indexes(conn, incoming) if i.valid and i.distance}
+    unserved = sorted({i.distance for i in live_ann if i.distance} - served)
+    if incoming_indexes and unserved:
+        # The app queries with the live index's operator: after the swap it would scan.
+        problems.append(f"{live.vector_column} is indexed for {', '.join(unserved)} distance but"
+                        f" no index on {incoming.vector_column} is: run `migrate index"
+                        f" --distance {unserved[0]}`")
     return problems
 
 
@@ -434,6 +479,10 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             try:
                 _set_lock_timeout(conn, lock_timeout)
                 conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(live.table))
+                # Under the lock, count through the pending partial index: statistics from
+                # when the column was empty make the planner scan the table instead
+                # (measured: 288 ms of lock instead of 9 ms at 200k rows).
+                conn.execute("SET LOCAL enable_seqscan = off")
                 if _missing(conn, other):
                     conn.rollback()  # a row changed between the check and the lock
                     continue

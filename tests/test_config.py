@@ -40,6 +40,7 @@ def test_minimal_target_gets_sane_defaults() -> None:
     ({"text_columns": []}, "text_columns: must be a non-empty list"),
     ({"trigger": "yes"}, "target 'docs'.trigger: must be a bool"),
     ({"colour": "blue"}, "unknown field(s) colour"),
+    ({"distance": "hamming"}, "target 'docs'.distance: must be one of cosine, l2, ip, l1"),
     ({"vector_column": " "}, "target 'docs'.vector_column: must not be empty"),
 ])
 def test_errors_name_field_and_reason(overrides: dict[str, object], message: str) -> None:

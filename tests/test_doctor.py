@@ -133,9 +133,8 @@ def test_zero_vectors_are_only_a_warning_for_l2(database_url: str) -> None:
     unit[0] = 0.0
     unit[1] *= 2.0
     make_table(database_url, "l2", list(unit))
-    settings = settings_for(database_url, "l2")
-    target = settings.target("l2")
-    object.__setattr__(target, "distance", "l2")  # a future config field; doctor reads it
+    settings = settings_for(database_url, "l2", distance="euclidean")  # an alias of l2
+    assert settings.target("l2").distance == "l2"
     findings = run_doctor(settings)
     assert levels(findings, "l2", "zero_vectors") == {WARN}
     assert pick(findings, "l2", "normalised") == []

@@ -389,3 +389,41 @@ def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack:
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", "fake-384", 384)
     assert_column_current(stack, new_column, "fake-768", 768)
+
+
+def test_new_index_serves_the_live_index_distance_or_swap_refuses(stack: Stack) -> None:
+    """An app querying with <-> (L2) must keep an index it can use after the swap."""
+    seed(stack, 20)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING ivfflat"
+                     " (embedding vector_l2_ops) WITH (lists = 1)")
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    new_column = out.split("column ")[1].split(" ")[0]
+    wait_filled(stack, new_column)
+
+    def new_index() -> str:
+        """'<method> <opclass>' of our index on the new column."""
+        with stack.connect() as conn:
+            return " ".join(conn.execute(
+                "SELECT am.amname, o.opcname FROM pg_index i"
+                " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam"
+                " JOIN pg_opclass o ON o.oid = i.indclass[0]"
+                " WHERE c.relname LIKE 'pgreembed_ann_%'").fetchone())
+
+    migrate(stack, "index", "--distance", "cosine")  # what the live index does not serve
+    assert new_index() == "ivfflat vector_cosine_ops"  # the method still follows the live one
+    refused = stack.cli("migrate", "swap", "--target", "docs")
+    assert refused.returncode == 1
+    assert "indexed for l2 distance" in refused.stderr, refused.stderr
+    migrate(stack, "index")  # defaults to the live index: rebuilt as ivfflat + l2
+    assert new_index() == "ivfflat vector_l2_ops"
+    assert "swap done" in migrate(stack, "swap")
+    with stack.connect() as conn:
+        conn.execute("SET enable_seqscan = off")  # 20 rows: only asks whether it *can*
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN (COSTS OFF) SELECT id FROM docs ORDER BY embedding <-> %s::vector LIMIT 5",
+            (str([0.0] * 767 + [1.0]),)).fetchall())
+    assert "Index Scan using docs_embedding_idx" in plan, plan[:300]
