@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import psycopg
@@ -256,28 +257,52 @@ def _drop_slot(conn: psycopg.Connection, target: Target, slot: Slot) -> None:
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(slot.state_table))
 
 
-def cancel(settings: Settings, target: Target) -> None:
+def cancel(settings: Settings, target: Target, attempts: int = 20) -> None:
     """Before a swap: drop the new column; the live column is untouched."""
-    with connect(settings.database_url) as conn:
-        _set_lock_timeout(conn)
+    def drop_new(conn: psycopg.Connection) -> None:
         migration = _require_open(conn, target, "filling")
         slot = _slots_by_id(conn, target)[migration.to_slot]
         _drop_slot(conn, target, slot)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'cancelled', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
-        conn.commit()
+
+    _retry_while_busy(settings, "cancel", attempts, drop_new)
 
 
-def finalize(settings: Settings, target: Target) -> None:
+def finalize(settings: Settings, target: Target, attempts: int = 20) -> None:
     """After the rollback window: drop the column that is not live any more."""
-    with connect(settings.database_url) as conn:
-        _set_lock_timeout(conn)
+    def drop_old(conn: psycopg.Connection) -> None:
         migration = _require_open(conn, target, "swapped", "rolled_back")
         old = next(s for s in load_slots(conn, target) if s.role == "old")
         _drop_slot(conn, target, old)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
-        conn.commit()
+
+    _retry_while_busy(settings, "finalize", attempts, drop_old)
+
+
+def _retry_while_busy(settings: Settings, step: str, attempts: int,
+                      work: Callable[[psycopg.Connection], None],
+                      lock_timeout: str = "2s") -> None:
+    """Run `work` in one transaction with lock_timeout, again while the table is busy.
+
+    DROP COLUMN needs an ACCESS EXCLUSIVE lock: waiting for it without a timeout
+    would queue every query of the app behind a long-running one.
+    """
+    for attempt in range(1, attempts + 1):
+        with connect(settings.database_url) as conn:
+            try:
+                _set_lock_timeout(conn, lock_timeout)
+                work(conn)
+                conn.commit()
+                return
+            except psycopg.errors.LockNotAvailable:
+                conn.rollback()
+                log.warning("%s attempt %d: table busy (lock_timeout %s); retrying",
+                            step, attempt, lock_timeout)
+                time.sleep(min(2.0, 0.1 * attempt))
+    raise MigrationError(f"could not {step}: the table stayed busy through {attempts} attempts"
+                         f" with lock_timeout {lock_timeout}; nothing changed, try again")
 
 
 # -- index ----------------------------------------------------------------------------

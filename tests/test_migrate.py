@@ -164,7 +164,15 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     assert schema_snapshot(stack) != before
     migrate(stack, "pause")
     assert '"paused": true' in migrate(stack, "status", "--json")
-    migrate(stack, "cancel")
+    # A long query holds the table: cancel retries its short lock instead of queueing
+    # the app's queries behind an unbounded wait, then drops the column.
+    blocker = psycopg.connect(stack.dsn)
+    blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
+    threading.Timer(5.0, blocker.rollback).start()  # longer than lock_timeout (2 s)
+    out = stack.cli("migrate", "cancel", "--target", "docs", timeout=120)
+    blocker.close()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cancel attempt 1: table busy" in out.stderr
     assert schema_snapshot(stack) == before
     with stack.connect() as conn:  # the trigger still works on the live column only
         conn.execute("UPDATE docs SET body = 'after cancel' WHERE id = 2")
