@@ -130,6 +130,8 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         ).format(text, table, text), (sample_limit,))]
         model_id_row = conn.execute("SELECT id FROM pgreembed.models WHERE key = %s",
                                     (f"{provider}:{model}@{dimensions}",)).fetchone()
+        live = next(s for s in load_slots(conn, target) if s.role == "live")
+        index_method, index_distance = index_defaults(conn, live)
     if empty:
         blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
                         " the swap waits for them (fix or delete them first)")
@@ -152,7 +154,8 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         f" ({{pk}}) WHERE {column} IS NULL;",
         "-- filling: the scheduler and workers embed every row into the new column",
         f"CREATE INDEX CONCURRENTLY pgreembed_ann_<slot> ON {target.schema}.{target.table}"
-        f" USING hnsw ({column} {kind}_cosine_ops);",
+        f" USING {index_method} ({column} {kind}_{index_distance}_ops);"
+        " -- `migrate index`: method and distance of the live column's index",
         "BEGIN; SET LOCAL lock_timeout = '2s'; -- swap: exchange column and index names",
         f"ALTER TABLE ... RENAME {target.vector_column} TO {SWAP_COLUMN};"
         f" RENAME {column} TO {target.vector_column}; RENAME {SWAP_COLUMN} TO {column}; COMMIT;",
@@ -312,6 +315,17 @@ def ann_index_name(slot: Slot) -> str:
     return f"pgreembed_ann_{slot.id}"
 
 
+def index_defaults(conn: psycopg.Connection, live: Slot, method: str | None = None,
+                   distance: str | None = None) -> tuple[str, str]:
+    """(method, distance) for the new column's index: as asked, else as the live column's
+    ANN index (the app's queries use its operator), else hnsw + the target's distance."""
+    live_ann = [i for i in column_indexes(conn, live) if i.valid and i.distance]
+    method = method or (live_ann[0].method if live_ann else "hnsw")
+    distance = canonical_distance(
+        distance or (live_ann[0].distance if live_ann else None) or live.target.distance)
+    return method, distance
+
+
 def build_index(settings: Settings, target: Target, method: str | None = None,
                 distance: str | None = None, m: int = 16, ef_construction: int = 64,
                 lists: int | None = None, maintenance_work_mem: str = "512MB") -> str:
@@ -325,11 +339,7 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         migration = _require_open(conn, target, "filling")
         slots = _slots_by_id(conn, target)
         slot = slots[migration.to_slot]
-        live_ann = [i for i in column_indexes(conn, slots[migration.from_slot])
-                    if i.valid and i.distance]
-        method = method or (live_ann[0].method if live_ann else "hnsw")
-        distance = canonical_distance(
-            distance or (live_ann[0].distance if live_ann else None) or target.distance)
+        method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
         name = ann_index_name(slot)
         existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
         if existing is not None and existing.valid and (existing.method, existing.distance) == (
