@@ -85,6 +85,9 @@ class Settings:
     max_inflight_rows: int = 2048
     request_timeout: float = 60.0
     pool_max_size: int = 4
+    # How long one batch retries a failing provider in-process before the message is
+    # handed to Dramatiq's retries (which free the worker thread meanwhile).
+    provider_retry_seconds: float = 300.0
     config_path: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -235,6 +238,9 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
             "worker.request_timeout")),
         pool_max_size=_positive(_typed(worker.get("pool_max_size", 4), int,
                                        "worker.pool_max_size"), "worker.pool_max_size"),
+        provider_retry_seconds=float(_positive(
+            _typed(worker.get("provider_retry_seconds", 300.0), float,
+                   "worker.provider_retry_seconds"), "worker.provider_retry_seconds")),
         config_path=config_path,
     )
 

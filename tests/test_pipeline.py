@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pgreembed.testing.fake_openai import fake_vector
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, docs_config, wait_for
 
 MODEL = "fake-384"
 
@@ -205,3 +205,32 @@ def test_bad_rows_are_recorded_and_do_not_block_others(stack: Stack, fake_openai
         assert conn.execute("SELECT embedding IS NOT NULL FROM docs WHERE id = 3"
                             ).fetchone()[0]
     assert "sk-test" not in stack.log_text()
+
+
+def test_provider_down_past_every_in_process_retry_then_work_resumes(stack: Stack,
+                                                                     fake_openai) -> None:
+    """The provider answers only 500s for longer than a batch retries in-process: the
+    message goes to Dramatiq's retries, no row is marked failed, and once the provider
+    is back every row is embedded without anyone stepping in."""
+    stack.config_path.write_text(docs_config(worker_extra="provider_retry_seconds = 2"))
+    insert_docs(stack, 30)
+    init(stack)
+    fake_openai.set_faults(error_500_count=10**6)  # every request fails: the provider is down
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_for(lambda: "Retrying message" in stack.log_text(), timeout=60,
+             message="a batch to give up in-process and go to Dramatiq's retries")
+    time.sleep(4.0)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM docs WHERE embedding IS NOT NULL"
+                            ).fetchone()[0] == 0
+    assert '"failed": 0' in stack.cli("status", "--json").stdout  # transient, not bad rows
+    fake_openai.set_faults(error_500_count=0)  # the provider is back
+
+    def all_embedded() -> bool:
+        with stack.connect() as conn:
+            return conn.execute("SELECT count(*) FROM docs WHERE embedding IS NULL"
+                                ).fetchone()[0] == 0
+    wait_for(all_embedded, timeout=90, interval=0.5, message="every row after the outage")
+    assert_all_current(stack)
+    assert fake_openai.stats()["status_counts"].get("500", 0) >= 3

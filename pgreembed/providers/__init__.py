@@ -43,5 +43,6 @@ def _build(settings: Settings, provider: str, model: str, dimensions: int) -> Pr
         return OpenAIProvider(model, dimensions, api_key=settings.openai_api_key,
                               base_url=settings.openai_base_url,
                               timeout=settings.request_timeout,
+                              max_retry_seconds=settings.provider_retry_seconds,
                               limiter=limiter_for_model(settings, provider, model, dimensions))
     raise FatalProviderError(f"unknown provider {provider!r}")
