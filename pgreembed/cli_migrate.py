@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
             "migration": pr.migration.id, "phase": pr.migration.phase, "column": pr.column,
             "model": pr.model, "total": pr.total, "done": pr.done, "failed": pr.failed,
             "rate_per_second": round(pr.rate_per_second, 1), "eta_seconds": pr.eta_seconds,
-            "paused": pr.paused, "indexes": [{"name": n, "valid": v} for n, v in pr.indexes],
+            "paused": pr.paused,
+            "indexes": [{"name": i.name, "valid": i.valid} for i in pr.indexes],
             "tokens": pr.tokens, "spend_usd": round(pr.spend_usd, 6),
             "spend_cap_usd": pr.spend_cap_usd,
         }
@@ -105,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             print(progress_line(pr))
             cap = "" if pr.spend_cap_usd is None else f" of a ${pr.spend_cap_usd:,.2f} cap"
             print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
-            for name, valid in pr.indexes:
-                print(f"index {name}: {'valid' if valid else 'INVALID'}")
+            for index in pr.indexes:
+                print(f"index {index.name}: {'valid' if index.valid else 'INVALID'}")
     return 0
 
 

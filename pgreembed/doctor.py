@@ -386,9 +386,9 @@ class _Doctor:
                          f" on every write but never used; `{drop}` and build it again")
         ann = [r for r in rows if r[1] in ANN_METHODS and r[4]]
         valid_ann = [r for r in ann if r[2]]
-        distance = suffix = target.distance
+        distance = target.distance
         operator = DISTANCES[distance]
-        wanted_ops = f"{vector_type_for(target.dimensions)}_{suffix}_ops"
+        wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
         if not valid_ann:
             self.add(WARN, target.name, "index", f"{where} has no valid HNSW or IVFFlat index:"
                      " every similarity search scans the whole table; e.g. CREATE INDEX"
@@ -397,7 +397,7 @@ class _Doctor:
             return
         for name, method, _valid, opclasses, _on_vector, _building in valid_ann:
             ops = ", ".join(opclasses)
-            if any(str(o).endswith(f"_{suffix}_ops") for o in opclasses):
+            if any(str(o).endswith(f"_{distance}_ops") for o in opclasses):
                 self.add(OK, target.name, "index_opclass", f"{where}: index {name} ({method}"
                          f" {ops}) matches the {distance} distance ({operator})")
             else:

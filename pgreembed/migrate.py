@@ -292,7 +292,8 @@ def _retry_while_busy(settings: Settings, step: str, attempts: int,
     DROP COLUMN needs an ACCESS EXCLUSIVE lock: waiting for it without a timeout
     would queue every query of the app behind a long-running one.
     """
-    for attempt in range(1, attempts + 1):
+    busy = 0
+    while True:
         with connect(settings.database_url) as conn:
             try:
                 _set_lock_timeout(conn, lock_timeout)
@@ -301,11 +302,19 @@ def _retry_while_busy(settings: Settings, step: str, attempts: int,
                 return
             except psycopg.errors.LockNotAvailable:
                 conn.rollback()
-                log.warning("%s attempt %d: table busy (lock_timeout %s); retrying",
-                            step, attempt, lock_timeout)
-                time.sleep(min(2.0, 0.1 * attempt))
-    raise MigrationError(f"could not {step}: the table stayed busy through {attempts} attempts"
-                         f" with lock_timeout {lock_timeout}; nothing changed, try again")
+                busy += 1
+                _wait_after_busy(step, busy, attempts, lock_timeout)
+
+
+def _wait_after_busy(step: str, busy: int, attempts: int, lock_timeout: str) -> None:
+    """After the `busy`-th lock timeout: back off before the next try, or give up."""
+    if busy >= attempts:
+        raise MigrationError(f"could not {step}: the table stayed busy through {attempts}"
+                             f" attempts with lock_timeout {lock_timeout}; nothing changed,"
+                             " try again")
+    log.warning("%s attempt %d: table busy (lock_timeout %s); retrying",
+                step, busy, lock_timeout)
+    time.sleep(min(2.0, 0.1 * busy))
 
 
 # -- index ----------------------------------------------------------------------------
@@ -414,11 +423,6 @@ def _opclass_distance(opclass: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def _column_indexes(conn: psycopg.Connection, slot: Slot) -> list[tuple[str, bool]]:
-    """(name, valid) of the indexes on the slot's column, except our pending index."""
-    return [(index.name, index.valid) for index in column_indexes(conn, slot)]
-
-
 def _missing(conn: psycopg.Connection, slot: Slot) -> int:
     row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
         slot.table, slot.vector)).fetchone()
@@ -431,17 +435,17 @@ def check_ready(conn: psycopg.Connection, live: Slot, incoming: Slot) -> list[st
     missing = _missing(conn, incoming)
     if missing:
         problems.append(f"{missing} rows have no vector in {incoming.vector_column} yet")
-    incoming_indexes = _column_indexes(conn, incoming)
-    invalid = [name for name, ok in incoming_indexes if not ok]
+    incoming_indexes = column_indexes(conn, incoming)
+    invalid = [i.name for i in incoming_indexes if not i.valid]
     if invalid:
         problems.append(f"index {', '.join(invalid)} on {incoming.vector_column} is INVALID:"
                         " run `migrate index` again")
-    live_ann = [i for i in column_indexes(conn, live) if i.distance]
-    if live_ann and not incoming_indexes:
+    live_distances = {i.distance for i in column_indexes(conn, live) if i.distance}
+    if live_distances and not incoming_indexes:
         problems.append(f"{live.vector_column} has an index but {incoming.vector_column} has"
                         " none: run `migrate index`")
-    served = {i.distance for i in column_indexes(conn, incoming) if i.valid and i.distance}
-    unserved = sorted({i.distance for i in live_ann if i.distance} - served)
+    served = {i.distance for i in incoming_indexes if i.valid and i.distance}
+    unserved = sorted(live_distances - served)
     if incoming_indexes and unserved:
         # The app queries with the live index's operator: after the swap it would scan.
         problems.append(f"{live.vector_column} is indexed for {', '.join(unserved)} distance but"
@@ -456,8 +460,8 @@ def _exchange(conn: psycopg.Connection, live: Slot, other: Slot, other_role: str
     Renaming a column does not rename its index, so an application's index name
     (say docs_embedding_idx) is moved onto the column that becomes live.
     """
-    live_indexes = [name for name, _ in _column_indexes(conn, live)]
-    other_indexes = [name for name, _ in _column_indexes(conn, other)]
+    live_indexes = [i.name for i in column_indexes(conn, live)]
+    other_indexes = [i.name for i in column_indexes(conn, other)]
     rename = sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}")
     conn.execute(rename.format(live.table, live.vector, sql.Identifier(SWAP_COLUMN)))
     conn.execute(rename.format(live.table, other.vector, live.vector))
@@ -527,14 +531,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             except psycopg.errors.LockNotAvailable:
                 conn.rollback()
                 busy += 1
-                if busy >= attempts:
-                    raise MigrationError(
-                        f"could not {step}: the table stayed busy through {attempts} attempts"
-                        f" with lock_timeout {lock_timeout}; nothing changed, try again"
-                    ) from None
-                log.warning("%s attempt %d: table busy (lock_timeout %s); retrying",
-                            step, busy, lock_timeout)
-                time.sleep(min(2.0, 0.1 * busy))
+                _wait_after_busy(step, busy, attempts, lock_timeout)
                 continue
             return SwapResult(busy + 1, time.monotonic() - started)
 
@@ -553,7 +550,7 @@ class Progress:
     rate_per_second: float
     eta_seconds: float | None
     paused: bool
-    indexes: list[tuple[str, bool]]
+    indexes: list[ColumnIndex]
     tokens: int
     spend_usd: float
     spend_cap_usd: float | None
@@ -603,7 +600,7 @@ def progress(settings: Settings, target: Target) -> Progress:
             """).format(v=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk)
         ).fetchone()
         assert row is not None
-        indexes = _column_indexes(conn, slot)
+        indexes = column_indexes(conn, slot)
         tokens, spent, cap = spend(conn, migration.to_slot)
     total, done, failed, recent = (int(x) for x in row)
     rate = recent / 60.0

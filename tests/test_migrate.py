@@ -76,6 +76,16 @@ def migrate(stack: Stack, *args: str) -> str:
     return result.stdout
 
 
+def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection:
+    """A transaction holding docs in ACCESS SHARE mode (a long query, to a swap or a
+    DROP COLUMN), released after `seconds` or when the caller closes it."""
+    blocker = psycopg.connect(stack.dsn)
+    blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
+    if seconds is not None:
+        threading.Timer(seconds, blocker.rollback).start()
+    return blocker
+
+
 def wait_filled(stack: Stack, column: str) -> None:
     def filled() -> bool:
         with stack.connect() as conn:
@@ -166,9 +176,7 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     assert '"paused": true' in migrate(stack, "status", "--json")
     # A long query holds the table: cancel retries its short lock instead of queueing
     # the app's queries behind an unbounded wait, then drops the column.
-    blocker = psycopg.connect(stack.dsn)
-    blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
-    threading.Timer(5.0, blocker.rollback).start()  # longer than lock_timeout (2 s)
+    blocker = hold_table(stack, 5.0)  # longer than lock_timeout (2 s)
     out = stack.cli("migrate", "cancel", "--target", "docs", timeout=120)
     blocker.close()
     assert out.returncode == 0, out.stdout + out.stderr
@@ -258,9 +266,7 @@ def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack
     assert refused.returncode == 1 and "INVALID" in refused.stderr
     migrate(stack, "index")
     # A long transaction holds the table: the swap retries until it is released.
-    blocker = psycopg.connect(stack.dsn)
-    blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
-    threading.Timer(6.0, blocker.rollback).start()  # longer than lock_timeout (2 s)
+    blocker = hold_table(stack, 6.0)  # longer than lock_timeout (2 s)
     started = time.monotonic()
     out = migrate(stack, "swap")
     blocker.close()
@@ -367,8 +373,7 @@ def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack:
     migrate(stack, "index")
 
     def killed_while_table_is_busy(step: str) -> None:
-        blocker = psycopg.connect(stack.dsn)
-        blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
+        blocker = hold_table(stack)
         before = schema_snapshot(stack)
         process = stack.spawn(step, [sys.executable, "-m", "pgreembed", "migrate", step,
                                      "--target", "docs"])
