@@ -15,7 +15,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings
 from pgreembed.db import get_pool
-from pgreembed.embedding import Embedded, Failed, embed_rows
+from pgreembed.embedding import Outcome, embed_rows
 from pgreembed.metrics import failure_kind, worker_metrics
 from pgreembed.providers import make_provider
 from pgreembed.slots import NOTIFY_CHANNEL, Slot, load_slot
@@ -46,7 +46,8 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         return BatchReport(len(keys), 0, 0, 0, 0)
 
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
-    embedded, failed = embed_rows(rows, provider, truncate=target.truncate)
+    outcome = embed_rows(rows, provider, truncate=target.truncate)
+    embedded, failed = outcome.embedded, outcome.failed
     for failure in failed:
         log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
                     failure.reason)
@@ -55,34 +56,33 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         written = write_vectors(conn, slot, embedded)
         record_failures(conn, slot, failed)
         changed = len(embedded) - len(written)
-        if embedded:
+        if embedded or outcome.tokens:  # rows it sent but failed on were billed too
             conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens)"
                          " VALUES (%s, %s, %s)",
-                         (slot.id, len(embedded), sum(e.tokens for e in embedded)))
+                         (slot.id, len(embedded), outcome.tokens))
         if changed:
             # Their text changed while we embedded: wake the scheduler to redo them now.
             conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
                 sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
     report = BatchReport(len(keys), len(rows), len(written), len(failed), changed)
-    _count(slot, report, embedded, failed)
+    _count(slot, report, outcome)
     log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
              target.name, slot.id, report.written, report.failed, changed, len(keys))
     return report
 
 
-def _count(slot: Slot, report: BatchReport, embedded: Sequence[Embedded],
-           failed: Sequence[Failed]) -> None:
+def _count(slot: Slot, report: BatchReport, outcome: Outcome) -> None:
     metrics = worker_metrics()
     if metrics is None:
         return
     from pgreembed.migrate import PRICES_PER_MTOKEN
 
     name = slot.target.name
-    tokens = sum(e.tokens for e in embedded)
+    tokens = outcome.tokens
     price = PRICES_PER_MTOKEN.get(slot.model, 0.0) if slot.provider == "openai" else 0.0
     metrics.rows.labels(name, slot.vector_column).inc(report.written)
     metrics.tokens.labels(name, slot.model_key).inc(tokens)
     metrics.cost.labels(name, slot.model_key).inc(tokens / 1e6 * price)
     metrics.changed.labels(name).inc(report.changed_meanwhile)
-    for failure in failed:
+    for failure in outcome.failed:
         metrics.failures.labels(name, failure_kind(failure.reason)).inc()

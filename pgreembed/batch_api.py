@@ -16,7 +16,6 @@ or with --wait) does the work in resumable steps, all recorded in Postgres:
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -24,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import openai
 import psycopg
 from psycopg import sql
@@ -34,6 +32,7 @@ from pgreembed.db import connect
 from pgreembed.embedding import Embedded, Failed, Row, prepare
 from pgreembed.planner import missing_page
 from pgreembed.providers import make_provider
+from pgreembed.providers.openai_provider import decode_vector
 from pgreembed.redact import redact, register_secret
 from pgreembed.slots import Slot, load_slots
 from pgreembed.store import load_pending, record_failures, write_vectors
@@ -110,7 +109,7 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
     keys = keys[:MAX_INPUTS_PER_BATCH]
     rows = load_pending(conn, slot, keys)
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
-    ready, failed = prepare(rows, provider, slot.target.truncate)
+    ready, failed, _ = prepare(rows, provider, slot.target.truncate)
     record_failures(conn, slot, failed)
     if not ready:
         conn.commit()
@@ -160,6 +159,7 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
     rows = _job_rows(conn, job_id)
     embedded: list[Embedded] = []
     failed: list[Failed] = []
+    tokens_billed = 0
     for file_id, is_error in ((batch.output_file_id, False), (batch.error_file_id, True)):
         if not file_id:
             continue
@@ -181,19 +181,21 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
                                 job_id, line_no, message)
                 continue
             data = sorted(response["body"]["data"], key=lambda d: d["index"])
-            for (_, (pk, h, tokens)), item in zip(members, data, strict=True):
-                vector = _decode(item["embedding"])
+            usage = response["body"].get("usage") or {}
+            tokens_billed += usage.get("prompt_tokens") or sum(t for _, (_, _, t) in members)
+            for (_, (pk, h, _)), item in zip(members, data, strict=True):
+                vector = decode_vector(item["embedding"])
                 if vector.shape != (slot.dimensions,):
                     reason = (f"provider returned {vector.size} dimensions,"
                               f" expected {slot.dimensions}")
                     failed.append(Failed(Row(pk, None, h), reason))
                 else:
-                    embedded.append(Embedded(Row(pk, None, h), vector, False, tokens))
+                    embedded.append(Embedded(Row(pk, None, h), vector, False))
     written = write_vectors(conn, slot, embedded)
     _record_failures_by_key(conn, slot, failed)
-    if embedded:
+    if embedded or tokens_billed:
         conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens) VALUES (%s, %s, %s)",
-                     (slot.id, len(embedded), sum(e.tokens for e in embedded)))
+                     (slot.id, len(embedded), tokens_billed))
     return len(written), len(failed)
 
 
@@ -206,12 +208,6 @@ def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequen
     typed: dict[str, Any] = dict(conn.execute(query, ([f.row.pk for f in failed],)).fetchall())
     record_failures(conn, slot, [Failed(Row(typed[f.row.pk], None, f.row.content_hash),
                                         f.reason) for f in failed])
-
-
-def _decode(embedding: Any) -> np.ndarray:
-    if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
-    return np.asarray(embedding, dtype=np.float32)
 
 
 def step(settings: Settings, target: Target) -> BatchStep:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,8 @@ import numpy as np
 from pgreembed.providers.base import BadInputError, Provider
 
 log = logging.getLogger(__name__)
+
+NOT_FINITE = "provider returned a vector with NaN or infinity"
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,21 @@ class Embedded:
     row: Row
     vector: np.ndarray
     truncated: bool = False
-    tokens: int = 0  # as counted before sending: what the provider bills
 
 
 @dataclass(frozen=True)
 class Failed:
     row: Row
     reason: str
+
+
+@dataclass
+class Outcome:
+    """What became of a batch's rows, and the tokens the provider billed for them."""
+
+    embedded: list[Embedded] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    tokens: int = 0
 
 
 def sanitize(text: str) -> str:
@@ -54,8 +64,13 @@ def sanitize(text: str) -> str:
 
 
 def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
-            ) -> tuple[list[tuple[Row, str, int, bool]], list[Failed]]:
-    """Validate texts: (row, text to send, tokens, truncated) or a recorded failure."""
+            ) -> tuple[list[tuple[Row, str, int, bool]], list[Failed], bool]:
+    """Validate texts: (row, text to send, tokens, truncated) or a recorded failure.
+
+    Token counts are the provider's cheap upper bounds when those settle both limits
+    (each text, and the whole batch in one request), else exact counts; the flag
+    says which, since a rate limiter needs exact counts.
+    """
     ready: list[tuple[Row, str, int, bool]] = []
     failed: list[Failed] = []
     candidates: list[tuple[Row, str]] = []
@@ -68,8 +83,12 @@ def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
             failed.append(Failed(row, "text is empty or only whitespace"))
             continue
         candidates.append((row, text))
-    counts = provider.count_tokens([t for _, t in candidates]) if candidates else []
+    texts = [t for _, t in candidates]
     limit = provider.max_input_tokens
+    counts = provider.token_bounds(texts) if texts else []
+    exact = not counts
+    if counts and (max(counts) > limit or sum(counts) > provider.max_batch_tokens):
+        counts, exact = provider.count_tokens(texts), True  # bounds too loose to decide
     for (row, text), tokens in zip(candidates, counts, strict=True):
         if tokens <= limit:
             ready.append((row, text, tokens, False))
@@ -79,7 +98,7 @@ def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
         else:
             failed.append(Failed(row, f"text has {tokens} tokens, over the model's limit of"
                                       f" {limit} (set truncate = true to cut it)"))
-    return ready, failed
+    return ready, failed, exact
 
 
 def pack(items: Sequence[tuple[Row, str, int, bool]], max_inputs: int, max_tokens: int
@@ -97,37 +116,47 @@ def pack(items: Sequence[tuple[Row, str, int, bool]], max_inputs: int, max_token
         yield batch
 
 
-def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True
-               ) -> tuple[list[Embedded], list[Failed]]:
+def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True) -> Outcome:
     """Embed what can be embedded; explain what cannot. Transient errors propagate."""
-    ready, failed = prepare(rows, provider, truncate)
-    embedded: list[Embedded] = []
+    ready, failed, exact = prepare(rows, provider, truncate)
+    outcome = Outcome(failed=failed)
     for request in pack(ready, provider.max_batch_inputs, provider.max_batch_tokens):
-        _embed_isolating(request, provider, embedded, failed)
-    return embedded, failed
+        _embed_isolating(request, provider, exact, outcome)
+    return outcome
 
 
 def _embed_isolating(request: list[tuple[Row, str, int, bool]], provider: Provider,
-                     embedded: list[Embedded], failed: list[Failed]) -> None:
+                     exact: bool, outcome: Outcome) -> None:
     try:
-        vectors = provider.embed([text for _, text, _, _ in request],
-                                 sum(tokens for _, _, tokens, _ in request))
+        vectors, billed = provider.embed(
+            [text for _, text, _, _ in request],
+            sum(tokens for _, _, tokens, _ in request) if exact else None)
     except BadInputError as exc:
         if len(request) == 1:
-            failed.append(Failed(request[0][0], f"provider rejected the text: {exc}"))
+            outcome.failed.append(Failed(request[0][0], f"provider rejected the text: {exc}"))
             return
         middle = len(request) // 2
         log.info("provider rejected a request of %d inputs; splitting to find the bad row",
                  len(request))
-        _embed_isolating(request[:middle], provider, embedded, failed)
-        _embed_isolating(request[middle:], provider, embedded, failed)
+        _embed_isolating(request[:middle], provider, exact, outcome)
+        _embed_isolating(request[middle:], provider, exact, outcome)
         return
-    for (row, _, tokens, truncated), vector in zip(request, vectors, strict=True):
+    outcome.tokens += billed
+    if vectors.ndim == 2 and vectors.shape[1] == provider.dimensions:  # the usual case
+        vectors = np.asarray(vectors, dtype=np.float32)
+        finite = np.isfinite(vectors).all(axis=1)
+        for (row, _, _, truncated), vector, ok in zip(request, vectors, finite, strict=True):
+            if ok:
+                outcome.embedded.append(Embedded(row, vector, truncated))
+            else:
+                outcome.failed.append(Failed(row, NOT_FINITE))
+        return
+    for (row, _, _, truncated), vector in zip(request, vectors, strict=True):
         vector = np.asarray(vector, dtype=np.float32)
         if vector.shape != (provider.dimensions,):
-            failed.append(Failed(row, f"provider returned {vector.size} dimensions, expected"
-                                      f" {provider.dimensions}"))
+            outcome.failed.append(Failed(row, f"provider returned {vector.size} dimensions,"
+                                              f" expected {provider.dimensions}"))
         elif not np.isfinite(vector).all():
-            failed.append(Failed(row, "provider returned a vector with NaN or infinity"))
+            outcome.failed.append(Failed(row, NOT_FINITE))
         else:
-            embedded.append(Embedded(row, vector, truncated, tokens))
+            outcome.embedded.append(Embedded(row, vector, truncated))

@@ -65,5 +65,5 @@ def search(conn: psycopg.Connection, settings: Settings, target_name: str, query
 
 def _embed_query(settings: Settings, slot: Slot, query: str) -> Any:
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
-    vector = np.asarray(provider.embed([query])[0], dtype=np.float32)
+    vector = np.asarray(provider.embed([query]).vectors[0], dtype=np.float32)
     return HalfVector(vector) if slot.vector_type == "halfvec" else vector

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgreembed.embedding import Row, embed_rows, pack, sanitize
-from pgreembed.providers.base import BadInputError
+from pgreembed.providers.base import BadInputError, Embeddings
 
 
 @given(st.lists(st.integers(min_value=1, max_value=500), max_size=300),
@@ -48,18 +48,25 @@ class SplittingProvider:
 
     def __init__(self) -> None:
         self.requests: list[int] = []
+        self.counted: list[str] = []  # texts that went through the (costly) exact count
+        self.sent_tokens: list[int | None] = []
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        self.counted.extend(texts)
         return [len(t.split()) for t in texts]
+
+    def token_bounds(self, texts: Sequence[str]) -> list[int]:
+        return [len(t) for t in texts]  # a word has at least one character
 
     def truncate(self, text: str, max_tokens: int) -> str:
         return " ".join(text.split()[:max_tokens])
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
         self.requests.append(len(texts))
+        self.sent_tokens.append(tokens)
         if any("bad" in t for t in texts):
             raise BadInputError("HTTP 400: rejected")
-        return np.ones((len(texts), 3), dtype=np.float32)
+        return Embeddings(np.ones((len(texts), 3), dtype=np.float32), 7 * len(texts))
 
 
 def test_bad_row_is_isolated_by_splitting_and_long_text_truncated_or_failed() -> None:
@@ -67,7 +74,8 @@ def test_bad_row_is_isolated_by_splitting_and_long_text_truncated_or_failed() ->
     rows = [Row(i, f"text {i}", None) for i in range(10)]
     rows[6] = Row(6, "bad text", None)
     rows[8] = Row(8, "w " * 20, None)
-    embedded, failed = embed_rows(rows, provider, truncate=True)
+    outcome = embed_rows(rows, provider, truncate=True)
+    embedded, failed = outcome.embedded, outcome.failed
     assert sorted(e.row.pk for e in embedded) == [0, 1, 2, 3, 4, 5, 7, 8, 9]
     assert [(f.row.pk, f.reason) for f in failed] == [
         (6, "provider rejected the text: HTTP 400: rejected")]
@@ -75,6 +83,50 @@ def test_bad_row_is_isolated_by_splitting_and_long_text_truncated_or_failed() ->
     # log2(10) levels of splitting at most, not one request per row
     assert len(provider.requests) <= 8
 
-    embedded, failed = embed_rows([Row(1, "w " * 20, None)], SplittingProvider(),
-                                  truncate=False)
-    assert not embedded and "over the model's limit of 10" in failed[0].reason
+    outcome = embed_rows([Row(1, "w " * 20, None)], SplittingProvider(), truncate=False)
+    assert not outcome.embedded and "over the model's limit of 10" in outcome.failed[0].reason
+
+
+def test_tokens_are_counted_only_when_the_bounds_cannot_settle_the_limits() -> None:
+    provider = SplittingProvider()
+    short = [Row(i, f"w{i}", None) for i in range(5)]  # bound 2 chars, under every limit
+    outcome = embed_rows(short, provider)
+    assert provider.counted == [] and provider.sent_tokens == [None]
+    # Billing is what the provider reported, not our bounds (5 x 2 characters).
+    assert outcome.tokens == 7 * 5 and len(outcome.embedded) == 5
+
+    provider = SplittingProvider()
+    long = Row(9, "a b c d e f", None)  # bound 11 characters > limit 10, but only 6 words
+    outcome = embed_rows([*short, long], provider)
+    assert len(provider.counted) == 6  # one exact pass over the batch
+    assert provider.sent_tokens == [5 + 6]  # exact counts go along (a rate limiter needs them)
+    assert not outcome.failed and not any(e.truncated for e in outcome.embedded)
+
+
+class AnsweringProvider(SplittingProvider):
+    """Answers every request with the vectors it was given (as a server might)."""
+
+    def __init__(self, answer: np.ndarray) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
+        return Embeddings(self.answer, len(texts))
+
+
+def test_bad_vectors_fail_their_own_row_only() -> None:
+    rows = [Row(i, f"text {i}", None) for i in range(3)]
+    matrix = np.ones((3, 3), dtype=np.float64)
+    matrix[1, 2] = np.nan
+    outcome = embed_rows(rows, AnsweringProvider(matrix))
+    assert [e.row.pk for e in outcome.embedded] == [0, 2]
+    assert all(e.vector.dtype == np.float32 for e in outcome.embedded)
+    assert [(f.row.pk, f.reason) for f in outcome.failed] == [
+        (1, "provider returned a vector with NaN or infinity")]
+
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [np.ones(3), np.ones(4), np.ones(3)]
+    outcome = embed_rows(rows, AnsweringProvider(ragged))
+    assert [e.row.pk for e in outcome.embedded] == [0, 2]
+    assert [(f.row.pk, f.reason) for f in outcome.failed] == [
+        (1, "provider returned 4 dimensions, expected 3")]

@@ -133,7 +133,8 @@ def test_provider_waits_for_budget_and_reports_429s(redis_url: str,
                               limiter=limiter)
     start = time.monotonic()
     for i in range(3):
-        vectors = provider.embed([f"text {i}"])
+        vectors, billed = provider.embed([f"text {i}"])
+        assert billed == fake_token_count(f"text {i}")  # the server's `usage`, not our count
         np.testing.assert_allclose(vectors[0], fake_vector("fake-384", f"text {i}", 384),
                                    atol=1e-6)
     assert time.monotonic() - start >= WINDOW - 0.1  # the third request waited for room

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -24,6 +24,13 @@ class TransientProviderError(ProviderError):
     """Still failing after the retry budget (429s, 5xx, timeouts): try the batch again later."""
 
 
+class Embeddings(NamedTuple):
+    """A request's vectors (one float32 row per text, in order) and the tokens billed."""
+
+    vectors: np.ndarray
+    tokens: int  # as the provider reported them (its `usage`), else as counted here
+
+
 class Provider(Protocol):
     """Embeds texts with one model. Implementations are safe to share between threads."""
 
@@ -37,14 +44,19 @@ class Provider(Protocol):
         """Token counts (an upper bound is fine when the real tokenizer is unavailable)."""
         ...
 
+    def token_bounds(self, texts: Sequence[str]) -> list[int]:
+        """Cheap upper bounds of the token counts: enough to check the limits of most
+        texts without running the tokenizer (`count_tokens` settles the rest)."""
+        ...
+
     def truncate(self, text: str, max_tokens: int) -> str:
         """`text` cut to at most `max_tokens` tokens."""
         ...
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
-        """One float32 row per text, in order. Raises ProviderError subclasses.
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
+        """Embed `texts` in one request. Raises ProviderError subclasses.
 
-        `tokens` is the texts' total as `count_tokens` gave it, when the caller has it
-        already (a rate-limited provider needs it; counting twice costs ~13% CPU).
+        `tokens` is the texts' exact total as `count_tokens` gave it, when the caller has
+        it already (a rate-limited provider needs it before sending, and would count).
         """
         ...

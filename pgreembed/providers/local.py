@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pgreembed.config import LOCAL_MODEL
-from pgreembed.providers.base import FatalProviderError
+from pgreembed.providers.base import Embeddings, FatalProviderError
 
 MAX_TOKENS = 256
 # Texts per forward pass. Measured on docstrings (~128 tokens): 1 per pass is fastest
@@ -90,6 +90,9 @@ class LocalMiniLM:
         self._load()
         return [len(e.ids) for e in self._counter.encode_batch(list(texts))]
 
+    def token_bounds(self, texts: Sequence[str]) -> list[int]:
+        return self.count_tokens(texts)  # the exact count is cheap next to the model
+
     def truncate(self, text: str, max_tokens: int) -> str:
         self._load()
         encoding = self._counter.encode(text, add_special_tokens=False)
@@ -100,16 +103,18 @@ class LocalMiniLM:
         end = encoding.offsets[keep - 1][1]
         return text[:end]
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
         self._load()
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        counted = 0
         for start in range(0, len(order), _PASS_SIZE):
             chunk = order[start:start + _PASS_SIZE]
-            out[chunk] = self._forward([texts[i] for i in chunk])
-        return out
+            out[chunk], chunk_tokens = self._forward([texts[i] for i in chunk])
+            counted += chunk_tokens
+        return Embeddings(out, counted)
 
-    def _forward(self, texts: list[str]) -> np.ndarray:
+    def _forward(self, texts: list[str]) -> tuple[np.ndarray, int]:
         encodings = self._tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
@@ -120,4 +125,4 @@ class LocalMiniLM:
         weights = mask[..., None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)
+        return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32), int(mask.sum())

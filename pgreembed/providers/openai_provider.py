@@ -3,20 +3,23 @@
 One retry layer: the client's own retries are off and tenacity retries here,
 honouring Retry-After / Retry-After-Ms on 429 and backing off with jitter on
 5xx, timeouts and dropped connections. `insufficient_quota`, 400, 401, 403
-and 404 are never retried. Vectors come back as base64 (much faster to parse).
+and 404 are never retried. Vectors come back as base64 (much faster to parse);
+the tokens billed are the response's `usage`, so texts are run through tiktoken
+only when something needs an exact count before sending.
 With a shared `RateLimiter`, every attempt first waits for room in the
 model's budget, and a 429 lowers that budget for every worker.
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import openai
+import pybase64
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -28,6 +31,7 @@ from tenacity import (
 
 from pgreembed.providers.base import (
     BadInputError,
+    Embeddings,
     FatalProviderError,
     TransientProviderError,
 )
@@ -136,14 +140,17 @@ class OpenAIProvider:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self._tokens.count(texts)
 
+    def token_bounds(self, texts: Sequence[str]) -> list[int]:
+        return self._tokens.bounds(texts)
+
     def truncate(self, text: str, max_tokens: int) -> str:
         return self._tokens.truncate(text, max_tokens)
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
         try:
             if self._limiter is not None and tokens is None:
                 tokens = sum(self.count_tokens(texts))
-            data = self._retrying(self._request, list(texts), tokens or 0)
+            vectors, billed = self._retrying(self._request, list(texts), tokens or 0)
         except openai.BadRequestError as exc:
             if getattr(exc, "code", None) == "model_not_found":
                 raise FatalProviderError(_describe(exc)) from None
@@ -154,41 +161,63 @@ class OpenAIProvider:
             raise FatalProviderError(_describe(exc)) from None
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise TransientProviderError(_describe(exc)) from None
-        return data
+        if billed is None:  # a server that does not report usage: count it ourselves
+            billed = tokens if tokens is not None else sum(self.count_tokens(texts))
+        return Embeddings(vectors, billed)
 
-    def _request(self, texts: list[str], tokens: int) -> np.ndarray:
-        kwargs: dict[str, object] = {}
+    def _request(self, texts: list[str], tokens: int) -> tuple[np.ndarray, int | None]:
+        body: dict[str, object] = {"input": texts, "model": self.model,
+                                   "encoding_format": "base64"}
         if self._send_dimensions:
-            kwargs["dimensions"] = self.dimensions
+            body["dimensions"] = self.dimensions
         if self._limiter is not None:
             self._limiter.acquire(tokens)  # sleeps until the request fits the shared budget
         try:
-            # The raw body, not the SDK's pydantic objects: building one model per vector
-            # was ~45% of a worker's CPU; json + base64 directly is about twice as fast.
-            raw = self._client.embeddings.with_raw_response.create(
-                input=texts, model=self.model, encoding_format="base64", **kwargs)  # type: ignore[arg-type]
+            # The client's generic POST, not `embeddings.create`: create() type-checks each
+            # of up to 2048 inputs and builds a pydantic object per vector, which together
+            # were over half a worker's CPU. Errors still come back as the SDK's exceptions.
+            # Bytes, not text: decoding megabytes of base64 through httpx's incremental
+            # text decoder cost more than parsing the JSON (json.loads takes bytes).
+            raw = self._client.post("/embeddings", body=body,
+                                    cast_to=openai.HttpxBinaryResponseContent).content
         except openai.RateLimitError as exc:
             if self._limiter is not None and not is_quota_error(exc):
                 self._limiter.report_rate_limited()
             raise
-        try:
-            items = sorted(json.loads(raw.content)["data"], key=lambda d: d["index"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TransientProviderError(f"provider returned an unreadable body: {exc}") from None
-        if len(items) != len(texts):
-            raise TransientProviderError(
-                f"provider returned {len(items)} embeddings for {len(texts)} inputs")
-        rows = [_decode(item["embedding"]) for item in items]
-        sizes = {len(r) for r in rows}
-        if sizes != {self.dimensions}:
-            # Let the caller record each row's wrong size; keep the ragged result as objects.
-            out = np.empty(len(rows), dtype=object)
-            out[:] = rows
-            return out
-        return np.vstack(rows)
+        return decode_embeddings(raw, len(texts), self.dimensions)
 
 
-def _decode(embedding: object) -> np.ndarray:
+def decode_embeddings(raw: bytes | str, expected: int, dimensions: int
+                      ) -> tuple[np.ndarray, int | None]:
+    """The vectors of an embeddings response body, in input order, and its usage.
+
+    A body of the wrong shape is a transient provider fault (a proxy's error page, a
+    cut-off response); vectors of the wrong size are returned ragged so that the
+    caller records each affected row.
+    """
+    try:
+        body = json.loads(raw)
+        items = sorted(body["data"], key=lambda d: d["index"])
+        rows = [decode_vector(item["embedding"]) for item in items]
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise TransientProviderError(f"provider returned an unreadable body: {exc}") from None
+    if len(rows) != expected:
+        raise TransientProviderError(
+            f"provider returned {len(rows)} embeddings for {expected} inputs")
+    usage = body.get("usage")
+    billed = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    billed = billed if isinstance(billed, int) and billed > 0 else None
+    if any(len(r) != dimensions for r in rows):
+        out = np.empty(len(rows), dtype=object)
+        out[:] = rows
+        return out, billed
+    # concatenate, not vstack: vstack's per-array overhead was 8% of the client's CPU.
+    return np.concatenate(rows).reshape(len(rows), dimensions), billed
+
+
+def decode_vector(embedding: object) -> np.ndarray:
+    """One `embedding` field: base64 of little-endian float32, or a list of floats."""
     if isinstance(embedding, str):
-        return np.frombuffer(base64.b64decode(embedding), dtype="<f4")
+        # pybase64 (SIMD) decodes ~5x faster than the stdlib: 8 KB of base64 per vector.
+        return np.frombuffer(pybase64.b64decode(embedding, validate=True), dtype="<f4")
     return np.asarray(embedding, dtype=np.float32)

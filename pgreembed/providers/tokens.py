@@ -46,6 +46,14 @@ class TokenCounter:
         if self._encoding is not None:
             # Not encode_ordinary_batch: it starts an 8-thread pool per call (2x the CPU).
             return [len(self._encoding.encode_ordinary(t)) for t in texts]
+        return self.bounds(texts)
+
+    @staticmethod
+    def bounds(texts: Sequence[str]) -> list[int]:
+        """UTF-8 byte lengths: byte-level BPE never makes more tokens than bytes.
+
+        ~100x cheaper than tiktoken, which was the top cost of a worker's CPU.
+        """
         return [len(t.encode("utf-8")) for t in texts]
 
     def truncate(self, text: str, max_tokens: int) -> str:
