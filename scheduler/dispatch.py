@@ -84,8 +84,12 @@ class Dispatcher:
         self._cursors[slot.id] = cursor
         exhausted = True
 
+        # Whole batches per page: pages of 1000 with batches of 512 would send 512 + 488.
+        batch = slot.target.batch_size
+        whole_page = max(1, round(self.page_size / batch)) * batch
+
         def page_size() -> int:
-            return self.page_size if budget is None else max(1, min(self.page_size, budget))
+            return whole_page if budget is None else max(1, min(whole_page, budget))
 
         for page in sweep(conn, slot, page_size, cursor):
             keys = [str(k) for k in page]

@@ -126,6 +126,15 @@ def test_duplicate_enqueue_does_not_double_provider_calls(stack: Stack, fake_ope
     assert_all_current(stack)
 
 
+def test_tick_sends_whole_batches(stack: Stack) -> None:
+    """Pages of pending keys are whole batches: 1100 rows in batches of 300 are
+    300 + 300 + 300 + 200, not 300 + 300 + 300 + 100 + 100 (pages of 1000)."""
+    stack.config_path.write_text(docs_config(batch_size=300))
+    insert_docs(stack, 1100)
+    init(stack)
+    assert "enqueued 1100 rows in 4 batches" in stack.cli("tick").stdout
+
+
 def test_tick_exit_codes(stack: Stack, tmp_path) -> None:
     init(stack)
     assert stack.cli("tick").returncode == 0
