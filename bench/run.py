@@ -29,6 +29,7 @@ import psycopg
 from bench import profile as profiling
 from bench.harness import Services, Tuning, fmt_rate, tiktoken_cache_dir
 from bench.sections import (
+    CeilingRun,
     OursRun,
     client_budget_supported,
     pgai_version,
@@ -69,9 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pool-max-size", type=int, default=4,
                         help="our Postgres connections per worker process")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="our runs at N (the median counts; the machine is shared)")
-    parser.add_argument("--ceiling-repeats", type=int, default=3,
-                        help="ceiling: raw writes to time (the fastest counts)")
+                        help="our runs at N, each after a round of raw writes (the median"
+                             " counts; the machine is shared)")
     parser.add_argument("--pgai-runs", default="default,tuned",
                         help="pgai configurations: default (1 worker, its defaults) and/or"
                              " tuned (our batch size, --processes workers x --threads"
@@ -138,46 +138,61 @@ class Bench:
         """Our run at `rows` (at N: the median of --repeats runs, by warm rows/s)."""
         if rows not in self._ours:
             repeats = self.args.repeats if rows == self.args.rows else 1
-            runs = []
-            for _ in range(repeats):
-                run = run_ours(self.services, rows, self.tuning)
-                p = run.progress
-                print(f"  ours: {rows} rows: cold {p.cold():,.0f} rows/s (init + workers start"
-                      f" + tick: {p.done_at - p.cold_start:.1f} s), warm {p.warm():,.0f} rows/s"
-                      f" (from tick launch, workers up: {p.done_at - p.started:.1f} s, first"
-                      f" vector after {p.first_vector_after():.1f} s), steady"
-                      f" {fmt_rate(p.steady())}; {run.requests} provider requests, statuses"
-                      f" {run.status_counts}", flush=True)
-                print(f"        {run.cpu} from tick launch to the last vector", flush=True)
-                runs.append(run)
-            runs.sort(key=lambda r: r.progress.warm())
-            chosen = runs[len(runs) // 2]
-            chosen.peak_rss_single = max(r.peak_rss_single for r in runs)
-            chosen.peak_rss_total = max(r.peak_rss_total for r in runs)
-            if repeats > 1:
-                print(f"  ours: the median of {repeats} runs counts (warm"
-                      f" {chosen.progress.warm():,.0f} rows/s)", flush=True)
-            self._ours[rows] = chosen
+            self._ours[rows] = self._median([self._ours_once(rows) for _ in range(repeats)])
         return self._ours[rows]
 
+    def _ours_once(self, rows: int) -> OursRun:
+        run = run_ours(self.services, rows, self.tuning)
+        p = run.progress
+        print(f"  ours: {rows} rows: cold {p.cold():,.0f} rows/s (init + workers start"
+              f" + tick: {p.done_at - p.cold_start:.1f} s), warm {p.warm():,.0f} rows/s"
+              f" (from tick launch, workers up: {p.done_at - p.started:.1f} s, first"
+              f" vector after {p.first_vector_after():.1f} s), steady"
+              f" {fmt_rate(p.steady())}; {run.requests} provider requests, statuses"
+              f" {run.status_counts}", flush=True)
+        print(f"        {run.cpu} from tick launch to the last vector; the bench's"
+              f" {len(p.samples)} progress polls took {p.poll_seconds:.1f} s of it", flush=True)
+        return run
+
+    @staticmethod
+    def _median(runs: list[OursRun]) -> OursRun:
+        """The run with the median warm rate; memory peaks are the highest of all runs."""
+        chosen = sorted(runs, key=lambda r: r.progress.warm())[len(runs) // 2]
+        chosen.peak_rss_single = max(r.peak_rss_single for r in runs)
+        chosen.peak_rss_total = max(r.peak_rss_total for r in runs)
+        return chosen
+
     def ceiling(self) -> None:
+        """Rounds of (every raw write strategy, then ours), so that both sides of each
+        ratio ran within a minute of each other: this machine's speed drifts by tens of
+        percent over minutes. The median round counts."""
         rows = self.args.rows
-        ceiling = run_ceiling(self.services, rows, self.tuning, self.args.ceiling_repeats)
-        print(f"  ceiling (fastest of {self.args.ceiling_repeats}): {rows} rows in"
-              f" {ceiling.seconds:.2f} s (COPY {ceiling.copy_seconds:.2f} s + UPDATE"
-              f" {ceiling.seconds - ceiling.copy_seconds:.2f} s):"
-              f" {ceiling.rate:,.0f} rows/s", flush=True)
-        print(f"        {ceiling.cpu}", flush=True)
-        ours = self.ours(rows)
+        cores = os.cpu_count() or 1
+        rounds: list[tuple[CeilingRun, OursRun]] = []
+        for number in range(1, self.args.repeats + 1):
+            print(f"  -- round {number} of {self.args.repeats}", flush=True)
+            writes = run_ceiling(self.services, rows, self.tuning)
+            for write in writes:
+                print(f"  raw write, {write.strategy}: {rows} rows in {write.seconds:.2f} s:"
+                      f" {write.rate:,.0f} rows/s; {write.cpu}", flush=True)
+            ours = self._ours_once(rows)
+            rounds.append((writes[0], ours))
+            print(f"  round {number}: ours/ceiling warm {ours.progress.warm() / writes[0].rate:.2f}"
+                  f" (ceiling: {writes[0].strategy})", flush=True)
+        ceiling, ours = sorted(rounds, key=lambda r: r[1].progress.warm() / r[0].rate
+                               )[len(rounds) // 2]
+        self._ours.setdefault(rows, self._median([r[1] for r in rounds]))
         p = ours.progress
         steady = p.steady()
+        print(f"  the median round counts: ceiling {ceiling.rate:,.0f} rows/s ({ceiling.strategy}),"
+              f" ours warm {p.warm():,.0f} rows/s")
         # What this machine allows at best: the provider stand-in, Postgres, Redis and the
-        # tick share the 2 cores with the workers; with workers that cost nothing, the
+        # tick share the cores with the workers; with workers that cost nothing, the
         # other CPU seconds measured in our run still need this much wall time.
         others = sum(v for k, v in ours.cpu_used.items() if k != "workers")
-        bound = rows / (others / (os.cpu_count() or 1))
+        bound = rows / (others / cores)
         print(f"  context: without any worker CPU, the rest of our run's CPU ({others:.1f} s on"
-              f" {os.cpu_count()} cores) would allow at most {bound:,.0f} rows/s ="
+              f" {cores} cores) would allow at most {bound:,.0f} rows/s ="
               f" {bound / ceiling.rate:.2f} x the ceiling")
         ratios = (f"cold {p.cold() / ceiling.rate:.2f}, warm {p.warm() / ceiling.rate:.2f},"
                   f" steady {'n/a' if steady is None else f'{steady / ceiling.rate:.2f}'}")
