@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run",
                                      description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=100_000,
-                        help="rows N (default 100000, ~20 min; --rows 20000 takes ~5)")
+                        help="rows N (default 100000, ~13 min; --rows 20000 takes ~4)")
     parser.add_argument("--dims", type=int, default=1536, help="vector size (model fake-D)")
     parser.add_argument("--only", type=_parse_sections, default=list(DEFAULT_SECTIONS),
                         help=f"comma-separated sections among {', '.join(SECTIONS)}")
