@@ -85,9 +85,8 @@ def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
         candidates.append((row, text))
     texts = [t for _, t in candidates]
     limit = provider.max_input_tokens
-    counts = provider.token_bounds(texts) if texts else []
-    exact = not counts
-    if counts and (max(counts) > limit or sum(counts) > provider.max_batch_tokens):
+    counts, exact = (provider.token_bounds(texts) if texts else []), False
+    if texts and (max(counts) > limit or sum(counts) > provider.max_batch_tokens):
         counts, exact = provider.count_tokens(texts), True  # bounds too loose to decide
     for (row, text), tokens in zip(candidates, counts, strict=True):
         if tokens <= limit:
