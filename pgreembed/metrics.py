@@ -65,7 +65,7 @@ def worker_metrics() -> WorkerMetrics | None:
     return WorkerMetrics(
         rows=prom.Counter("pgreembed_rows_embedded_total", "Vectors written.",
                           ["target", "column"]),
-        tokens=prom.Counter("pgreembed_tokens_total", "Tokens sent to providers.",
+        tokens=prom.Counter("pgreembed_tokens_total", "Tokens billed (providers' reported usage).",
                             ["target", "model"]),
         cost=prom.Counter("pgreembed_cost_usd_total", "List-price cost of those tokens.",
                           ["target", "model"]),
