@@ -41,6 +41,12 @@ def canonical_distance(name: str, where: str = "distance") -> str:
     return key
 
 
+def opclass_distance(opclass: str | None) -> str | None:
+    """The distance a pgvector operator class serves (`vector_l2_ops` -> "l2"), if any."""
+    match = re.fullmatch(r"(?:vector|halfvec|sparsevec|bit)_(\w+)_ops", opclass or "")
+    return match.group(1) if match else None
+
+
 @dataclass(frozen=True)
 class Target:
     """One table column to keep embedded."""

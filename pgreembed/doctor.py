@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import DISTANCES, Settings, Target
+from pgreembed.config import DISTANCES, Settings, Target, opclass_distance
 from pgreembed.db import connect
 from pgreembed.redact import redact
 from pgreembed.slots import load_slots, registry_exists, text_expression, vector_type_for
@@ -397,7 +397,7 @@ class _Doctor:
             return
         for name, method, _valid, opclasses, _on_vector, _building in valid_ann:
             ops = ", ".join(opclasses)
-            if any(str(o).endswith(f"_{distance}_ops") for o in opclasses):
+            if any(opclass_distance(str(o)) == distance for o in opclasses):
                 self.add(OK, target.name, "index_opclass", f"{where}: index {name} ({method}"
                          f" {ops}) matches the {distance} distance ({operator})")
             else:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from dataclasses import dataclass, replace
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Settings, Target, canonical_distance
+from pgreembed.config import Settings, Target, canonical_distance, opclass_distance
 from pgreembed.db import connect
 from pgreembed.schema import (
     create_state_table,
@@ -413,14 +412,9 @@ def column_indexes(conn: psycopg.Connection, slot: Slot) -> list[ColumnIndex]:
         WHERE i.indrelid = %s::regclass AND a.attname = %s
         ORDER BY c.relname
         """, (slot.table.as_string(conn), slot.vector_column)).fetchall()
-    return [ColumnIndex(name, valid, method, _opclass_distance(opclass))
+    return [ColumnIndex(name, valid, method, opclass_distance(opclass))
             for name, valid, method, opclass in rows
             if not name.startswith("pgreembed_pending_")]
-
-
-def _opclass_distance(opclass: str | None) -> str | None:
-    match = re.fullmatch(r"(?:vector|halfvec|sparsevec|bit)_(\w+)_ops", opclass or "")
-    return match.group(1) if match else None
 
 
 def _missing(conn: psycopg.Connection, slot: Slot) -> int:
