@@ -19,7 +19,7 @@ from pgreembed.embedding import Outcome, embed_rows
 from pgreembed.metrics import failure_kind, worker_metrics
 from pgreembed.providers import make_provider
 from pgreembed.slots import NOTIFY_CHANNEL, Slot, load_slot
-from pgreembed.store import load_pending, record_failures, write_vectors
+from pgreembed.store import load_pending, record_failures, record_usage, write_vectors
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         written = write_vectors(conn, slot, embedded)
         record_failures(conn, slot, failed)
         changed = len(embedded) - len(written)
-        if embedded or outcome.tokens:  # rows it sent but failed on were billed too
-            conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens)"
-                         " VALUES (%s, %s, %s)",
-                         (slot.id, len(embedded), outcome.tokens))
+        record_usage(conn, slot, len(embedded), outcome.tokens)
         if changed:
             # Their text changed while we embedded: wake the scheduler to redo them now.
             conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(

@@ -35,7 +35,7 @@ from pgreembed.providers import make_provider
 from pgreembed.providers.openai_provider import decode_vector
 from pgreembed.redact import redact, register_secret
 from pgreembed.slots import Slot, load_slots
-from pgreembed.store import load_pending, record_failures, write_vectors
+from pgreembed.store import load_pending, record_failures, record_usage, write_vectors
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,7 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
                     embedded.append(Embedded(Row(pk, None, h), vector, False))
     written = write_vectors(conn, slot, embedded)
     _record_failures_by_key(conn, slot, failed)
-    if embedded or tokens_billed:
-        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens) VALUES (%s, %s, %s)",
-                     (slot.id, len(embedded), tokens_billed))
+    record_usage(conn, slot, len(embedded), tokens_billed)
     return len(written), len(failed)
 
 

@@ -80,6 +80,14 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
         return [row[0] for row in cur.fetchall()]
 
 
+def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int) -> None:
+    """Add to the usage ledger (spend, spend caps, metrics): rows written and the tokens
+    the provider billed. Rows it billed but we could not use count too."""
+    if inputs or tokens:
+        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens) VALUES (%s, %s, %s)",
+                     (slot.id, inputs, tokens))
+
+
 def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:
     """Remember why rows failed, for this text: they are skipped until the text changes
     or `pgreembed retry-failures` clears them."""
