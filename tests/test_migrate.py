@@ -61,11 +61,11 @@ def schema_snapshot(stack: Stack) -> dict[str, object]:
         }
 
 
-def running(stack: Stack) -> None:
+def running(stack: Stack, index: str = "hnsw (embedding vector_cosine_ops)") -> None:
+    """`init`, the app's index on the live column (`USING <index>`), worker, scheduler."""
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
-        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
-                     " (embedding vector_cosine_ops)")
+        conn.execute(f"CREATE INDEX docs_embedding_idx ON docs USING {index}")
     stack.start_worker(threads=4)
     stack.start_scheduler()
 
@@ -407,12 +407,7 @@ def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack:
 def test_new_index_serves_the_live_index_distance_or_swap_refuses(stack: Stack) -> None:
     """An app querying with <-> (L2) must keep an index it can use after the swap."""
     seed(stack, 20)
-    assert stack.cli("init").returncode == 0
-    with stack.connect() as conn:
-        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING ivfflat"
-                     " (embedding vector_l2_ops) WITH (lists = 1)")
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
+    running(stack, index="ivfflat (embedding vector_l2_ops) WITH (lists = 1)")
     out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     new_column = out.split("column ")[1].split(" ")[0]
     wait_filled(stack, new_column)
