@@ -439,9 +439,9 @@ class FakeOpenAIServer:
         self._admit(body)
         req = parse_embedding_request(body)
         check_marker(req.inputs, self._faults.bad_input_marker)
-        body = embedding_body(req, 1 if self._take("wrong_dims_count") else 0)
+        payload = embedding_body(req, 1 if self._take("wrong_dims_count") else 0)
         self._record_success(req)
-        return Response(200, body)
+        return Response(200, payload)
 
     @staticmethod
     def _rate_limited(kind: str, message: str, seconds: float,
