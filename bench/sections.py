@@ -121,39 +121,34 @@ def ceiling_strategies(batch_size: int, cores: int) -> dict[str, tuple[int | Non
 _VECTORS: dict[tuple[str, int, int], list[tuple[int, Any]]] = {}
 
 
-def run_ceiling(services: Services, rows: int, tuning: Tuning, repeats: int = 1
-                ) -> list[CeilingRun]:
+def run_ceiling(services: Services, rows: int, tuning: Tuning) -> list[CeilingRun]:
     """The same vectors written straight into the same table (after the same `init`):
     binary COPY into a temporary table and UPDATE ... FROM, no provider, no queue.
-    Vectors are computed before the clock starts (once per run of the bench). Each
-    strategy's fastest of `repeats` writes, each on a fresh copy, fastest strategy first."""
+    Vectors are computed before the clock starts (once per run of the bench). One
+    write per strategy, each on a fresh copy, fastest first."""
     vectors = _VECTORS.get((services.model, services.dims, rows), [])
-    best: dict[str, CeilingRun] = {}
+    results: list[CeilingRun] = []
     strategies = ceiling_strategies(tuning.batch_size, os.cpu_count() or 1)
-    for _ in range(repeats):
-        for name, (chunk_rows, connections) in strategies.items():
-            dsn = services.fresh_copy(rows, "ceiling")
-            try:
-                with pipeline(services, dsn, tuning):
-                    pass  # `pgreembed init` only: same column, partial index and triggers
-                with psycopg.connect(dsn) as conn:
-                    vector_type = _vector_type(conn)
-                    if not vectors:
-                        vectors = _precomputed(services, conn, vector_type)
-                        _VECTORS[(services.model, services.dims, rows)] = vectors
-                    chunks = [vectors[i:i + (chunk_rows or rows)]
-                              for i in range(0, rows, chunk_rows or rows)]
-                    result = _timed_write(services, dsn, name, rows, vector_type, chunks,
-                                          connections)
-                    if count_pending(conn):
-                        raise AssertionError(f"the ceiling write ({name}) left rows"
-                                             " without a vector")
-                verify_vectors(dsn, services.model, services.dims, rows)
-            finally:
-                services.drop(dsn)
-            if name not in best or result.seconds < best[name].seconds:
-                best[name] = result
-    return sorted(best.values(), key=lambda r: r.seconds)
+    for name, (chunk_rows, connections) in strategies.items():
+        dsn = services.fresh_copy(rows, "ceiling")
+        try:
+            with pipeline(services, dsn, tuning):
+                pass  # `pgreembed init` only: same column, partial index and triggers
+            with psycopg.connect(dsn) as conn:
+                vector_type = _vector_type(conn)
+                if not vectors:
+                    vectors = _precomputed(services, conn, vector_type)
+                    _VECTORS[(services.model, services.dims, rows)] = vectors
+                chunks = [vectors[i:i + (chunk_rows or rows)]
+                          for i in range(0, rows, chunk_rows or rows)]
+                results.append(_timed_write(services, dsn, name, rows, vector_type, chunks,
+                                            connections))
+                if count_pending(conn):
+                    raise AssertionError(f"the ceiling write ({name}) left rows without a vector")
+            verify_vectors(dsn, services.model, services.dims, rows)
+        finally:
+            services.drop(dsn)
+    return sorted(results, key=lambda r: r.seconds)
 
 
 def _vector_type(conn: psycopg.Connection) -> str:
