@@ -18,8 +18,14 @@ from pgreembed.db import get_pool
 from pgreembed.embedding import Outcome, embed_rows
 from pgreembed.metrics import failure_kind, worker_metrics
 from pgreembed.providers import make_provider
-from pgreembed.slots import NOTIFY_CHANNEL, Slot, load_slot
-from pgreembed.store import load_pending, record_failures, record_usage, write_vectors
+from pgreembed.slots import NOTIFY_CHANNEL, Slot
+from pgreembed.store import (
+    load_pending,
+    lock_slot,
+    record_failures,
+    record_usage,
+    write_vectors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +44,13 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     target = settings.target(target_name)
     pool = get_pool(settings.database_url, settings.pool_max_size)
     with pool.connection() as conn:
-        slot = load_slot(conn, target, slot_id)
+        found = lock_slot(conn, target, slot_id, "ACCESS SHARE")
         # A paused migration stops spending now: queued batches are dropped, their rows
         # stay pending and are dispatched again on resume.
-        rows = [] if slot.paused else load_pending(conn, slot, keys)
+        if found is None or found.paused:
+            return BatchReport(len(keys), 0, 0, 0, 0)
+        slot = found
+        rows = load_pending(conn, slot, keys)
     if not rows:
         return BatchReport(len(keys), 0, 0, 0, 0)
 
@@ -53,6 +62,13 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
                     failure.reason)
 
     with pool.connection() as conn:
+        # The vectors belong to the slot's model, not to a column name: a swap or rollback
+        # may have renamed the columns while we waited on the provider (invariant 7).
+        current = lock_slot(conn, target, slot_id, "ROW EXCLUSIVE")
+        if current is None:  # its column was dropped meanwhile (cancel, finalize)
+            record_usage(conn, slot, len(embedded), outcome.tokens)
+            return BatchReport(len(keys), len(rows), 0, 0, 0)
+        slot = current
         written = write_vectors(conn, slot, embedded)
         record_failures(conn, slot, failed)
         changed = len(embedded) - len(written)

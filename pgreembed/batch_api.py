@@ -35,7 +35,13 @@ from pgreembed.providers import make_provider
 from pgreembed.providers.openai_provider import decode_vector
 from pgreembed.redact import redact, register_secret
 from pgreembed.slots import Slot, load_slots
-from pgreembed.store import load_pending, record_failures, record_usage, write_vectors
+from pgreembed.store import (
+    load_pending,
+    lock_slot,
+    record_failures,
+    record_usage,
+    write_vectors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +197,10 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
                     failed.append(Failed(Row(pk, None, h), reason))
                 else:
                     embedded.append(Embedded(Row(pk, None, h), vector, False))
-    written = write_vectors(conn, slot, embedded)
+    current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
+    if current is None:
+        raise LookupError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
+    written = write_vectors(conn, current, embedded)
     _record_failures_by_key(conn, slot, failed)
     record_usage(conn, slot, len(embedded), tokens_billed)
     return len(written), len(failed)

@@ -18,6 +18,7 @@ from pgreembed.migrate import MigrationError
 from pgreembed.providers import ProviderError
 from pgreembed.redact import redact
 from pgreembed.schema import SetupError
+from pgreembed.table_lock import TableBusyError
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -179,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (SetupError, DatabaseError, ProviderError, LookupError, MigrationError) as exc:
+    except (SetupError, DatabaseError, ProviderError, LookupError, MigrationError,
+            TableBusyError) as exc:
         print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except (psycopg.Error, redis.RedisError) as exc:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
 from pgreembed import migrate
 from pgreembed.config import DISTANCE_ALIASES, DISTANCES, ConfigError, load_settings
+from pgreembed.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS, LockPolicy
 
 
 def _human_bytes(count: float) -> str:
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         migrate.set_paused(settings, target, step == "pause")
         print(f"migration of {target.name} {step}d")
     elif step == "cancel":
-        migrate.cancel(settings, target)
+        migrate.cancel(settings, target, _lock_policy(args))
         print(f"migration of {target.name} cancelled; the new column is dropped")
     elif step == "index":
         name = migrate.build_index(settings, target, method=args.method,
@@ -79,13 +81,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"index {name} is valid")
     elif step in ("swap", "rollback"):
         result = migrate.swap(settings, target, rollback=step == "rollback",
-                              catch_up_timeout=args.timeout)
-        print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
-              f" (attempt {result.attempts})")
+                              catch_up_timeout=args.timeout,
+                              max_unsearchable=args.max_unsearchable,
+                              accept_failed=args.accept_failed, policy=_lock_policy(args),
+                              on_wait=_print_wait)
+        if args.json:
+            print(json.dumps({"step": step, "attempts": result.attempts,
+                              "pause_ms": round(result.pause_seconds * 1000, 1),
+                              "seconds": round(result.waited_seconds, 3),
+                              "unsearchable": result.unsearchable}))
+        else:
+            print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
+                  f" (attempt {result.attempts}, {result.waited_seconds:.1f} s in all;"
+                  f" {result.unsearchable} rows to embed for the new live model)")
     elif step == "batch":
         return _batch(settings, target, args)
     elif step == "finalize":
-        migrate.finalize(settings, target)
+        migrate.finalize(settings, target, _lock_policy(args))
         print(f"migration of {target.name} finalized; the previous column is dropped")
     elif step == "status":
         pr = migrate.progress(settings, target)
@@ -109,6 +121,23 @@ def run(args: argparse.Namespace) -> int:
             for index in pr.indexes:
                 print(f"index {index.name}: {'valid' if index.valid else 'INVALID'}")
     return 0
+
+
+def _lock_policy(args: argparse.Namespace) -> LockPolicy:
+    return LockPolicy(lock_timeout_ms=args.lock_timeout_ms, wait_seconds=args.lock_wait,
+                      terminate_idle_after=args.terminate_idle_after)
+
+
+_last_wait_print = [0.0]
+
+
+def _print_wait(wait: migrate.SwapWait) -> None:
+    """A line every few seconds while a swap waits for the incoming column."""
+    if wait.seconds - _last_wait_print[0] >= 2.0 or _last_wait_print[0] == 0.0:
+        _last_wait_print[0] = max(wait.seconds, 1e-9)
+        print(f"waiting {wait.seconds:.0f} s: {wait.unsearchable} searchable rows not yet"
+              f" embedded in the incoming column (allowed {wait.allowed})",
+              file=sys.stderr, flush=True)
 
 
 def _batch(settings: Any, target: Any, args: argparse.Namespace) -> int:
@@ -144,7 +173,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--provider", default="openai", choices=["openai", "local"])
     parser.add_argument("--model", help="plan/start: the new model")
     parser.add_argument("--dimensions", type=int, help="plan/start: the new size")
-    parser.add_argument("--json", action="store_true", help="status: machine-readable")
+    parser.add_argument("--json", action="store_true",
+                        help="status/swap/rollback: machine-readable")
     parser.add_argument("--spend-cap", type=float, metavar="USD",
                         help="start: pause the migration once it has cost this much")
     parser.add_argument("--method", choices=["hnsw", "ivfflat"],
@@ -159,6 +189,24 @@ def register(sub: Any) -> None:
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="swap/rollback: seconds to wait for rows to catch up;"
                              " batch --wait: seconds to wait for jobs")
+    parser.add_argument("--max-unsearchable", type=int,
+                        default=migrate.DEFAULT_MAX_UNSEARCHABLE, metavar="ROWS",
+                        help="swap/rollback: go ahead when at most this many rows searchable now"
+                             " have no vector in the incoming column yet (they are embedded"
+                             " for the new live model seconds later)")
+    parser.add_argument("--accept-failed", action="store_true",
+                        help="swap/rollback: go ahead although some rows failed to embed in"
+                             " the incoming column (they drop out of search)")
+    parser.add_argument("--lock-timeout-ms", type=int, default=DEFAULT_LOCK_TIMEOUT_MS,
+                        help="swap/rollback/cancel/finalize: longest wait of one lock attempt"
+                             " (the app's queries queue behind it meanwhile)")
+    parser.add_argument("--lock-wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="S",
+                        help="swap/rollback/cancel/finalize: give up after retrying the lock"
+                             " this long")
+    parser.add_argument("--terminate-idle-after", type=float, metavar="S",
+                        help="swap/rollback/cancel/finalize: after waiting S seconds for the"
+                             " lock, end sessions idle in a transaction on the table for S"
+                             " seconds or more (off by default)")
     parser.add_argument("--batch-api", action="store_true",
                         help="start: fill through the OpenAI Batch API (half price, <= 24 h)")
     parser.add_argument("--wait", action="store_true", help="batch: poll until jobs are done")

@@ -34,6 +34,7 @@ from pgreembed.schema import (
     install_triggers,
 )
 from pgreembed.slots import Slot, load_slots, vector_type_for
+from pgreembed.table_lock import LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def _require_open(conn: psycopg.Connection, target: Target, *phases: str) -> Mig
         raise MigrationError(f"target {target.name!r}: migration {migration.id} is"
                              f" {migration.phase}; this step needs {' or '.join(phases)}")
     return migration
+
+
+def _table(target: Target) -> sql.Identifier:
+    return sql.Identifier(target.schema, target.table)
 
 
 def new_column_name(target: Target, model_id: int) -> str:
@@ -259,7 +264,7 @@ def _drop_slot(conn: psycopg.Connection, target: Target, slot: Slot) -> None:
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(slot.state_table))
 
 
-def cancel(settings: Settings, target: Target, attempts: int = 20) -> None:
+def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
     """Before a swap: drop the new column; the live column is untouched."""
     def drop_new(conn: psycopg.Connection) -> None:
         migration = _require_open(conn, target, "filling")
@@ -268,10 +273,10 @@ def cancel(settings: Settings, target: Target, attempts: int = 20) -> None:
         conn.execute("UPDATE pgreembed.migrations SET phase = 'cancelled', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 
-    _retry_while_busy(settings, "cancel", attempts, drop_new)
+    run_locked(settings.database_url, _table(target), "cancel", drop_new, policy)
 
 
-def finalize(settings: Settings, target: Target, attempts: int = 20) -> None:
+def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
     """After the rollback window: drop the column that is not live any more."""
     def drop_old(conn: psycopg.Connection) -> None:
         migration = _require_open(conn, target, "swapped", "rolled_back")
@@ -280,40 +285,7 @@ def finalize(settings: Settings, target: Target, attempts: int = 20) -> None:
         conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 
-    _retry_while_busy(settings, "finalize", attempts, drop_old)
-
-
-def _retry_while_busy(settings: Settings, step: str, attempts: int,
-                      work: Callable[[psycopg.Connection], None],
-                      lock_timeout: str = "2s") -> None:
-    """Run `work` in one transaction with lock_timeout, again while the table is busy.
-
-    DROP COLUMN needs an ACCESS EXCLUSIVE lock: waiting for it without a timeout
-    would queue every query of the app behind a long-running one.
-    """
-    busy = 0
-    while True:
-        with connect(settings.database_url) as conn:
-            try:
-                _set_lock_timeout(conn, lock_timeout)
-                work(conn)
-                conn.commit()
-                return
-            except psycopg.errors.LockNotAvailable:
-                conn.rollback()
-                busy += 1
-                _wait_after_busy(step, busy, attempts, lock_timeout)
-
-
-def _wait_after_busy(step: str, busy: int, attempts: int, lock_timeout: str) -> None:
-    """After the `busy`-th lock timeout: back off before the next try, or give up."""
-    if busy >= attempts:
-        raise MigrationError(f"could not {step}: the table stayed busy through {attempts}"
-                             f" attempts with lock_timeout {lock_timeout}; nothing changed,"
-                             " try again")
-    log.warning("%s attempt %d: table busy (lock_timeout %s); retrying",
-                step, busy, lock_timeout)
-    time.sleep(min(2.0, 0.1 * busy))
+    run_locked(settings.database_url, _table(target), "finalize", drop_old, policy)
 
 
 # -- index ----------------------------------------------------------------------------
@@ -384,10 +356,6 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
 # -- swap / rollback --------------------------------------------------------------------
 
 
-def _set_lock_timeout(conn: psycopg.Connection, timeout: str = "2s") -> None:
-    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(timeout)))
-
-
 @dataclass(frozen=True)
 class ColumnIndex:
     """An index on a slot's column: its method and the distance its opclass serves."""
@@ -417,18 +385,55 @@ def column_indexes(conn: psycopg.Connection, slot: Slot) -> list[ColumnIndex]:
             if not name.startswith("pgreembed_pending_")]
 
 
-def _missing(conn: psycopg.Connection, slot: Slot) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} IS NULL").format(
-        slot.table, slot.vector)).fetchone()
-    return int(row[0]) if row else 0
+# Rows searchable now that a swap may leave unsearchable for the seconds the workers take to
+# embed them for the new live model: about what one worker round trip fills. Under a steady
+# write load the incoming column trails the live one by rows in flight; waiting for zero
+# would never end (measured: 4-285 such rows at 20-150 updates/s).
+DEFAULT_MAX_UNSEARCHABLE = 100
 
 
-def check_ready(conn: psycopg.Connection, live: Slot, incoming: Slot) -> list[str]:
-    """Why `incoming` may not replace `live` yet (empty list: it may)."""
+@dataclass(frozen=True)
+class Readiness:
+    """What stands between `incoming` and becoming live.
+
+    `unsearchable`: rows with a vector in the live column and none in the incoming one,
+    failed rows aside: they would drop out of search results until re-embedded. Rows NULL
+    in both columns (just inserted or edited) are pending before and after alike.
+    `failed`: rows searchable now whose incoming embedding failed for their current text.
+    `problems`: what waiting cannot fix (indexes).
+    """
+
+    unsearchable: int
+    failed: int
+    problems: list[str]
+
+
+def _unsearchable_counts(conn: psycopg.Connection, live: Slot, incoming: Slot
+                         ) -> tuple[int, int]:
+    """(unsearchable, failed) as defined by Readiness; found through the incoming
+    column's partial pending index, so it stays fast enough to run under the swap lock."""
+    row = conn.execute(sql.SQL(
+        """
+        SELECT count(*) FILTER (WHERE s.pgr_failed_hash IS DISTINCT FROM {hash}),
+               count(*) FILTER (WHERE s.pgr_failed_hash = {hash})
+        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        WHERE a.{incoming} IS NULL AND a.{live} IS NOT NULL
+        """).format(hash=incoming.hash_expr, table=incoming.table, state=incoming.state_table,
+                    pk=incoming.pk, incoming=incoming.vector, live=live.vector)).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def readiness(conn: psycopg.Connection, live: Slot, incoming: Slot, *,
+              check_indexes: bool = True) -> Readiness:
+    """Whether `incoming` may replace `live` now (see Readiness)."""
+    unsearchable, failed = _unsearchable_counts(conn, live, incoming)
+    return Readiness(unsearchable, failed,
+                     index_problems(conn, live, incoming) if check_indexes else [])
+
+
+def index_problems(conn: psycopg.Connection, live: Slot, incoming: Slot) -> list[str]:
+    """Why the app's queries would lose their index if `incoming` became live."""
     problems = []
-    missing = _missing(conn, incoming)
-    if missing:
-        problems.append(f"{missing} rows have no vector in {incoming.vector_column} yet")
     incoming_indexes = column_indexes(conn, incoming)
     invalid = [i.name for i in incoming_indexes if not i.valid]
     if invalid:
@@ -478,56 +483,105 @@ def _exchange(conn: psycopg.Connection, live: Slot, other: Slot, other_role: str
 
 @dataclass(frozen=True)
 class SwapResult:
-    attempts: int
-    pause_seconds: float
+    attempts: int  # lock attempts (each waited at most the policy's lock_timeout)
+    pause_seconds: float  # ACCESS EXCLUSIVE held: from the lock granted to the commit
+    waited_seconds: float  # from the call to the commit (catching up and lock attempts)
+    unsearchable: int  # rows left unsearchable for the seconds until they are embedded
+
+
+@dataclass(frozen=True)
+class SwapWait:
+    """Progress while a swap waits for the incoming column to catch up."""
+
+    seconds: float
+    unsearchable: int
+    allowed: int
+
+
+class _NotReady(Exception):
+    """Rows changed between the check and the lock: roll back, wait again."""
+
+
+def _pair(conn: psycopg.Connection, target: Target) -> tuple[Slot, Slot]:
+    slots = load_slots(conn, target)
+    live = next(s for s in slots if s.role == "live")
+    other = next(s for s in slots if s.role in ("next", "old"))
+    return live, other
 
 
 def swap(settings: Settings, target: Target, *, rollback: bool = False,
-         catch_up_timeout: float = 300.0, attempts: int = 20, lock_timeout: str = "2s"
-         ) -> SwapResult:
-    """Make the other column live in one short transaction (retried on lock timeouts).
+         catch_up_timeout: float = 300.0, max_unsearchable: int = DEFAULT_MAX_UNSEARCHABLE,
+         accept_failed: bool = False, policy: LockPolicy | None = None,
+         on_wait: Callable[[SwapWait], None] | None = None) -> SwapResult:
+    """Make the other column live in one short transaction.
 
-    Waits (outside any lock) until rows changed since the fill are caught up, then
-    re-checks inside the transaction, under the table lock, before renaming.
+    Waits, holding no lock, until at most `max_unsearchable` rows that are searchable now
+    would not be after the swap (see Readiness), then takes the table lock with short,
+    jittered attempts (table_lock), re-counts under the lock and renames. Rows that failed
+    in the incoming column stop it at once unless `accept_failed`. A rollback is the same
+    swap backwards; it checks no index: the kept column still has the indexes it had.
     """
     phases = ("swapped",) if rollback else ("filling", "rolled_back")
-    deadline = time.monotonic() + catch_up_timeout
-    busy = 0  # lock attempts that timed out; waiting for rows to catch up is not one
     step = "rollback" if rollback else "swap"
+    asked = time.monotonic()
+    deadline = asked + catch_up_timeout
+    attempts = 0
+
+    def count_busy(attempt: int, _: object) -> None:
+        nonlocal attempts
+        attempts = attempt
+
     while True:
         with connect(settings.database_url) as conn:
-            migration = _require_open(conn, target, *phases)
-            slots = _slots_by_id(conn, target)
-            live = next(s for s in slots.values() if s.role == "live")
-            other = next(s for s in slots.values() if s.role in ("next", "old"))
-            problems = check_ready(conn, live, other)
+            _require_open(conn, target, *phases)
+            live, other = _pair(conn, target)
+            ready = readiness(conn, live, other, check_indexes=not rollback)
             conn.rollback()
-            if problems:
-                if time.monotonic() > deadline or any("INVALID" in p or "index" in p
-                                                      for p in problems):
-                    raise MigrationError("; ".join(problems))
-                time.sleep(0.5)  # rows changed meanwhile: let the workers catch up
-                continue
-            started = time.monotonic()
-            try:
-                _set_lock_timeout(conn, lock_timeout)
-                conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(live.table))
-                if _missing(conn, other):
-                    conn.rollback()  # a row changed between the check and the lock
-                    continue
-                _exchange(conn, live, other, "old")
-                conn.execute(
-                    "UPDATE pgreembed.migrations SET phase = %s, swapped_at = now()"
-                    " WHERE id = %s", ("rolled_back" if rollback else "swapped", migration.id))
-                conn.execute("UPDATE pgreembed.slots SET paused = false WHERE id = %s",
-                             (other.id,))
-                conn.commit()
-            except psycopg.errors.LockNotAvailable:
-                conn.rollback()
-                busy += 1
-                _wait_after_busy(step, busy, attempts, lock_timeout)
-                continue
-            return SwapResult(busy + 1, time.monotonic() - started)
+        if ready.problems:
+            raise MigrationError("; ".join(ready.problems))
+        if ready.failed and not accept_failed:
+            raise MigrationError(
+                f"{ready.failed} rows searchable now failed to embed in"
+                f" {other.vector_column} ({other.model_key}) and would drop out of search:"
+                f" see `pgreembed failures --target {target.name}`; fix them and `failures"
+                " --retry`, or pass --accept-failed")
+        waited = time.monotonic() - asked
+        if ready.unsearchable > max_unsearchable:
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    f"{ready.unsearchable} rows still have a vector in {live.vector_column}"
+                    f" but none in {other.vector_column} after {waited:.0f} s (allowed:"
+                    f" {max_unsearchable}); the workers are not keeping up (`pgreembed"
+                    " status`): try again, or raise --timeout or --max-unsearchable")
+            if on_wait is not None:
+                on_wait(SwapWait(waited, ready.unsearchable, max_unsearchable))
+            time.sleep(0.5)
+            continue
+        locked_at = 0.0
+
+        def exchange(conn: psycopg.Connection) -> int:
+            nonlocal locked_at
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(_table(target)))
+            locked_at = time.monotonic()
+            migration = _require_open(conn, target, *phases)
+            live, other = _pair(conn, target)
+            unsearchable, failed = _unsearchable_counts(conn, live, other)
+            if unsearchable > max_unsearchable or (failed and not accept_failed):
+                raise _NotReady()
+            _exchange(conn, live, other, "old")
+            conn.execute("UPDATE pgreembed.migrations SET phase = %s, swapped_at = now()"
+                         " WHERE id = %s", ("rolled_back" if rollback else "swapped",
+                                            migration.id))
+            conn.execute("UPDATE pgreembed.slots SET paused = false WHERE id = %s", (other.id,))
+            return unsearchable
+
+        try:
+            left = run_locked(settings.database_url, _table(target), step, exchange, policy,
+                              on_busy=count_busy)
+        except _NotReady:
+            continue  # rows changed between the check and the lock
+        done = time.monotonic()
+        return SwapResult(attempts + 1, done - locked_at, done - asked, left)
 
 
 # -- status ---------------------------------------------------------------------------

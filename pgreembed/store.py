@@ -15,8 +15,9 @@ import psycopg
 from pgvector import HalfVector
 from psycopg import sql
 
+from pgreembed.config import Target
 from pgreembed.embedding import Embedded, Failed, Row
-from pgreembed.slots import Slot
+from pgreembed.slots import Slot, load_slot
 
 
 def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:
@@ -34,10 +35,31 @@ def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> l
     return [Row(pk, text, h) for pk, text, h in conn.execute(query, (list(keys), slot.model_id))]
 
 
+def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
+              ) -> Slot | None:
+    """The slot as registered now, read after locking the app's table in `mode`.
+
+    A swap renames the columns and updates the registry in one transaction holding ACCESS
+    EXCLUSIVE on the table, so once our lock is granted no swap is half done and none can
+    commit before we do: the column name read here stays the slot's until our commit.
+    Writers take ROW EXCLUSIVE, readers ACCESS SHARE. None if the slot is gone (its
+    migration was cancelled or finalized).
+    """
+    conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(
+        sql.Identifier(target.schema, target.table), sql.SQL(mode)))
+    try:
+        return load_slot(conn, target, slot_id)
+    except LookupError:
+        return None
+
+
 def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]) -> list[Any]:
     """Write vectors whose row text is unchanged; returns the keys written.
 
-    Call inside a transaction: the temporary table empties itself at commit.
+    `slot` must come from `lock_slot(..., "ROW EXCLUSIVE")` in the same transaction: the
+    vectors belong to the slot's model, and only under that lock is its column name sure
+    (a swap may have renamed the columns while the provider was embedding; invariant 7).
+    The temporary table empties itself at commit.
     """
     if not results:
         return []

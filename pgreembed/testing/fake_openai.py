@@ -103,6 +103,10 @@ class Faults:
     """Injectable misbehaviour; ``*_count`` fields mean "the next N affected requests"."""
 
     latency: float = 0.0
+    # Extra latency for one model's embedding requests (a slow provider on one side of a
+    # migration, to race its writes against a swap).
+    slow_model: str | None = None
+    slow_model_latency: float = 0.0
     rate_limit_count: int = 0
     rate_limit_retry_after: float = 1.0
     rate_limit_retry_after_ms: float | None = None
@@ -438,6 +442,8 @@ class FakeOpenAIServer:
         body = _loads(raw)
         self._admit(body)
         req = parse_embedding_request(body)
+        if req.model == self._faults.slow_model and self._faults.slow_model_latency > 0:
+            self._stopping.wait(self._faults.slow_model_latency)
         check_marker(req.inputs, self._faults.bad_input_marker)
         payload = embedding_body(req, 1 if self._take("wrong_dims_count") else 0)
         self._record_success(req)

@@ -1,0 +1,132 @@
+"""DDL on the application's table without stalling the application.
+
+Every schema change of the app's table (ADD/DROP COLUMN, triggers, the swap's
+renames) needs a lock that conflicts with the app's own queries. Waiting for it
+is what hurts: a lock request waiting in the queue blocks every query that
+arrives after it, for as long as it waits (a 2 s lock_timeout behind one idle
+transaction stalled every client 2 s per retry). So each attempt waits at most
+`lock_timeout` (100 ms by default), then gives the table back for a jittered
+pause, and the attempts go on until `wait` seconds have passed. While it
+retries it names the sessions holding the table, so the operator knows whom to
+wait for; `terminate_idle_after` optionally ends sessions that sit idle in a
+transaction on the table for longer than that (like pg_repack's --wait-timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.db import connect
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_LOCK_TIMEOUT_MS = 100
+DEFAULT_WAIT_SECONDS = 60.0
+
+
+class TableBusyError(RuntimeError):
+    """The table stayed locked by other sessions for the whole wait; nothing changed."""
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """A session holding a lock on the table (what the operator needs to identify it)."""
+
+    pid: int
+    application_name: str
+    state: str
+    transaction_seconds: float | None
+    mode: str
+
+    def __str__(self) -> str:
+        age = ("" if self.transaction_seconds is None
+               else f", transaction open {self.transaction_seconds:.1f} s")
+        app = self.application_name or "?"
+        return f"pid {self.pid} ({app}, {self.state}{age}, holds {self.mode})"
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How hard to try for the table's lock: per attempt, overall, and whom to end."""
+
+    lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
+    wait_seconds: float = DEFAULT_WAIT_SECONDS
+    terminate_idle_after: float | None = None
+
+
+def blockers(conn: psycopg.Connection, table: sql.Composable) -> list[Blocker]:
+    """Sessions (other than ours) holding a granted lock on `table`."""
+    rows = conn.execute(
+        """
+        SELECT a.pid, a.application_name, coalesce(a.state, '?'),
+               extract(epoch FROM now() - a.xact_start)::float8,
+               string_agg(DISTINCT l.mode, '+' ORDER BY l.mode)
+        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'relation' AND l.relation = %s::regclass AND l.granted
+          AND l.pid <> pg_backend_pid()
+        GROUP BY 1, 2, 3, 4 ORDER BY 4 DESC NULLS LAST
+        """, (table.as_string(conn),)).fetchall()
+    return [Blocker(int(r[0]), r[1] or "", r[2], r[3], r[4]) for r in rows]
+
+
+def _terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: float) -> None:
+    for blocker in found:
+        idle = blocker.state.startswith("idle in transaction")
+        if idle and (blocker.transaction_seconds or 0) >= older_than:
+            log.warning("terminating %s: idle in a transaction that holds the table",
+                        blocker)
+            conn.execute("SELECT pg_terminate_backend(%s)", (blocker.pid,))
+
+
+def run_locked(dsn: str, table: sql.Composable, step: str,
+               work: Callable[[psycopg.Connection], T], policy: LockPolicy | None = None,
+               *, on_busy: Callable[[int, list[Blocker]], None] | None = None) -> T:
+    """Run `work(conn)` in one transaction whose lock waits are short; retry while busy.
+
+    `work` must be safe to run again (it is rolled back on each busy attempt).
+    Raises TableBusyError naming the blockers when `policy.wait_seconds` ran out.
+    """
+    policy = policy or LockPolicy()
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        with connect(dsn) as conn:
+            try:
+                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                    sql.Literal(f"{policy.lock_timeout_ms}ms")))
+                result = work(conn)
+                conn.commit()
+                return result
+            except psycopg.errors.LockNotAvailable:
+                conn.rollback()
+            found = blockers(conn, table)
+            conn.commit()
+            waited = time.monotonic() - started
+            if on_busy is not None:
+                on_busy(attempt, found)
+            if attempt == 1 or attempt % 10 == 0:
+                log.warning("%s: table busy (attempt %d, %.1f s, lock_timeout %d ms); held by"
+                            " %s", step, attempt, waited, policy.lock_timeout_ms,
+                            "; ".join(map(str, found)) or "sessions that just finished")
+            if waited >= policy.wait_seconds:
+                raise TableBusyError(
+                    f"could not {step}: the table stayed busy for {waited:.0f} s"
+                    f" ({attempt} attempts of {policy.lock_timeout_ms} ms); nothing changed."
+                    f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
+                    " or end those sessions")
+            if policy.terminate_idle_after is not None and waited >= policy.terminate_idle_after:
+                with connect(dsn, autocommit=True, vector=False) as admin:
+                    _terminate_idle(admin, found, policy.terminate_idle_after)
+        # Jittered pause: the app's queued queries run, and retrying processes don't align.
+        time.sleep(random.uniform(0.05, min(1.0, 0.1 * attempt)))

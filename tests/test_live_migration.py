@@ -1,0 +1,150 @@
+"""Migrations under live traffic: a steady writer, a slowed provider, batches in flight.
+
+Every test here runs its migration step while a writer keeps inserting and editing rows,
+with one model deliberately slowed, and ends by comparing every row's vector, in both
+columns, with the exact vector of that column's model for the row's current text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from tests.conftest import Stack, docs_config, write_config
+from tests.test_migrate import assert_column_current, migrate, seed, wait_filled
+
+OLD, NEW = "fake-384", "fake-alt-384"  # same dimensions: a wrong-model write fits silently
+
+
+@contextmanager
+def steady_writer(stack: Stack, per_second: float = 10.0) -> Iterator[dict[str, int]]:
+    """Edits a random row's text and inserts a row, `per_second` times a second."""
+    stop = threading.Event()
+    counts = {"edits": 0, "inserts": 0, "errors": 0}
+
+    def run() -> None:
+        rng = random.Random(7)
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                                 (f"rewritten {rng.random()}", rng.randint(1, 200)))
+                    conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
+                                 (f"inserted {rng.random()}",))
+                    counts["edits"] += 1
+                    counts["inserts"] += 1
+                except psycopg.Error:
+                    counts["errors"] += 1
+                stop.wait(1.0 / per_second)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def start_same_dimension_migration(stack: Stack) -> str:
+    """Running pipeline on OLD, a migration to NEW started and filled; the new column."""
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
+    seed(stack, 200)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=8)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    out = migrate(stack, "start", "--model", NEW, "--dimensions", "384")
+    column = out.split("column ")[1].split(" ")[0]
+    wait_filled(stack, column)
+    return column
+
+
+def settle(stack: Stack, fake: FakeOpenAIServer, *columns: str) -> None:
+    fake.set_faults(slow_model=None, slow_model_latency=0.0)
+    for column in columns:
+        wait_filled(stack, column)
+    time.sleep(1.0)  # batches that were in flight land
+    for column in columns:
+        wait_filled(stack, column)
+
+
+def edit_then(stack: Stack, fake: FakeOpenAIServer, slow: str, step: str) -> dict[str, object]:
+    """Slow `slow`, edit 150 rows so both models have batches in flight, then run `step`."""
+    fake.set_faults(slow_model=slow, slow_model_latency=3.0)
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'edited ' || id WHERE id <= 150")
+    time.sleep(1.0)  # the slowed model's batches are now waiting on the provider
+    result: dict[str, object] = json.loads(migrate(stack, step, "--json", "--timeout", "60"))
+    return result
+
+
+def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    column = start_same_dimension_migration(stack)
+    with steady_writer(stack) as writes:
+        # OLD's batches sleep on the provider across the swap: their vectors must land in
+        # OLD's column, which is now `column`, not in `embedding`.
+        swapped = edit_then(stack, fake_openai, OLD, "swap")
+        assert swapped["step"] == "swap"
+        time.sleep(4.0)  # the slowed batches write after the swap
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", NEW, 384)
+    assert_column_current(stack, column, OLD, 384)
+
+    with steady_writer(stack) as writes_back:
+        rolled = edit_then(stack, fake_openai, NEW, "rollback")
+        assert rolled["step"] == "rollback"
+        time.sleep(4.0)
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", OLD, 384)
+    assert_column_current(stack, column, NEW, 384)
+    assert writes["edits"] > 20 and writes_back["edits"] > 20
+    assert writes["errors"] == writes_back["errors"] == 0
+
+
+def test_swap_converges_under_steady_writes(stack: Stack, fake_openai: FakeOpenAIServer
+                                            ) -> None:
+    """Zero rows without an incoming vector never happens under steady writes; the swap
+    waits only for rows that would stop being searchable."""
+    column = start_same_dimension_migration(stack)
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.3)
+    with steady_writer(stack, per_second=30.0):
+        time.sleep(2.0)
+        started = time.monotonic()
+        swapped = json.loads(migrate(stack, "swap", "--json", "--timeout", "30"))
+        assert time.monotonic() - started < 15
+        assert swapped["unsearchable"] <= 100
+        time.sleep(1.0)
+        rolled = json.loads(migrate(stack, "rollback", "--json", "--timeout", "30"))
+        assert rolled["unsearchable"] <= 100
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", OLD, 384)
+    assert_column_current(stack, column, NEW, 384)
+
+
+def test_rollback_when_the_live_column_had_no_index(stack: Stack, fake_openai: FakeOpenAIServer
+                                                    ) -> None:
+    column = start_same_dimension_migration(stack)  # `embedding` has no ANN index
+    migrate(stack, "index")  # the new column gets one
+    with steady_writer(stack):
+        fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.5)
+        migrate(stack, "swap", "--timeout", "60")
+        migrate(stack, "rollback", "--timeout", "60")
+    with stack.connect() as conn:
+        indexed = {r[0] for r in conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_am am ON am.oid = c.relam JOIN pg_attribute a ON a.attrelid = i.indrelid"
+            " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'docs'::regclass"
+            " AND am.amname = 'hnsw'")}
+    assert indexed == {column}  # as before the migration: only the new column has one
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", OLD, 384)
+    assert_column_current(stack, column, NEW, 384)
