@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         return 1 if p.blockers else 0
     if step == "start":
         slot = migrate.start(settings, target, args.provider, args.model, args.dimensions,
-                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api)
+                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api,
+                             policy=_lock_policy(args))
         if args.batch_api:
             print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
         print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
@@ -198,13 +199,13 @@ def register(sub: Any) -> None:
                         help="swap/rollback: go ahead although some rows failed to embed in"
                              " the incoming column (they drop out of search)")
     parser.add_argument("--lock-timeout-ms", type=int, default=DEFAULT_LOCK_TIMEOUT_MS,
-                        help="swap/rollback/cancel/finalize: longest wait of one lock attempt"
+                        help="start/swap/rollback/cancel/finalize: longest wait of one lock attempt"
                              " (the app's queries queue behind it meanwhile)")
     parser.add_argument("--lock-wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="S",
-                        help="swap/rollback/cancel/finalize: give up after retrying the lock"
+                        help="start/swap/rollback/cancel/finalize: give up after retrying the lock"
                              " this long")
     parser.add_argument("--terminate-idle-after", type=float, metavar="S",
-                        help="swap/rollback/cancel/finalize: after waiting S seconds for the"
+                        help="start/swap/rollback/cancel/finalize: after waiting S seconds for the"
                              " lock, end sessions idle in a transaction on the table for S"
                              " seconds or more (off by default)")
     parser.add_argument("--batch-api", action="store_true",

@@ -179,8 +179,8 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
 
 
 def start(settings: Settings, target: Target, provider: str, model: str,
-          dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False
-          ) -> Slot:
+          dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
+          policy: LockPolicy | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
     With a spend cap, the scheduler pauses the migration once the tokens sent for
@@ -188,15 +188,16 @@ def start(settings: Settings, target: Target, provider: str, model: str,
     if provider == "local" and dimensions != 384:
         raise MigrationError("the local model produces 384 dimensions")
     new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
-    with connect(settings.database_url) as conn:
+    if batch_api and provider != "openai":
+        raise MigrationError("--batch-api needs the openai provider")
+
+    def add_column(conn: psycopg.Connection) -> tuple[Slot, bool]:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
         existing = open_migration(conn, target)
         if existing is not None:
             slot = _slots_by_id(conn, target).get(existing.to_slot)
             if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
-                conn.commit()
-                _finish_start(settings, target)
-                return slot  # re-run after a crash: idempotent
+                return slot, False  # re-run after a crash: idempotent
             raise MigrationError(f"target {target.name!r} already has migration {existing.id}"
                                  f" ({existing.phase}); finish or cancel it first")
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
@@ -215,8 +216,6 @@ def start(settings: Settings, target: Target, provider: str, model: str,
             """, (target.name, target.schema, target.table, column, live.primary_key,
                   live.pk_type, model_id, "batch" if batch_api else "queue")).fetchone()
         assert row is not None
-        if batch_api and provider != "openai":
-            raise MigrationError("--batch-api needs the openai provider")
         price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
         if batch_api:
             price /= 2  # the Batch API bills half
@@ -232,10 +231,14 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         create_state_table(conn, new_slot)
         if target.trigger:
             install_triggers(conn, target, slots)
-        conn.commit()
+        return new_slot, True
+
+    new_slot, created = run_locked(settings.database_url, _table(target), "migrate start",
+                                   add_column, policy)
     _finish_start(settings, target)
-    log.info("migration of %s to %s started: column %s", target.name, new_slot.model_key,
-             new_slot.vector_column)
+    if created:
+        log.info("migration of %s to %s started: column %s", target.name, new_slot.model_key,
+                 new_slot.vector_column)
     return new_slot
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import psycopg
@@ -23,6 +24,7 @@ from pgreembed.slots import (
     primary_key_of,
     vector_type_for,
 )
+from pgreembed.table_lock import LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +139,21 @@ def _column_type(conn: psycopg.Connection, target: Target, column: str) -> str |
 
 
 def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
-                         dimensions: int) -> None:
-    """Add the column if missing; refuse a column of another type or size."""
+                         dimensions: int) -> bool:
+    """Add the column if missing (True); refuse a column of another type or size."""
     wanted = f"{vector_type_for(dimensions)}({dimensions})"
     found = _column_type(conn, target, column)
     if found is None:
         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
             sql.Identifier(target.schema, target.table), sql.Identifier(column), sql.SQL(wanted)))
         log.info("added column %s %s to %s.%s", column, wanted, target.schema, target.table)
-    elif found != wanted:
+        return True
+    if found != wanted:
         raise SetupError(
             f"target {target.name!r}: column {column!r} is {found}, expected {wanted}"
             f" for {target.model_key} (a model change is a migration: `pgreembed migrate`)"
         )
+    return False
 
 
 def _check_table(conn: psycopg.Connection, target: Target) -> None:
@@ -260,6 +264,36 @@ def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     ).format(name=sql.Identifier(name), table=slot.table, pk=slot.pk, vector=slot.vector))
 
 
+# Bump when the triggers install_triggers creates change: older ones are then replaced.
+TRIGGERS_VERSION = 2
+
+
+def _trigger_names(target: Target) -> list[str]:
+    return [f"pgreembed_clear_{target.name}", f"pgreembed_notify_{target.name}"]
+
+
+def _triggers_fingerprint(target: Target, slots: list[Slot]) -> str:
+    """What the triggers were made from; kept as the clear function's comment."""
+    spec = (TRIGGERS_VERSION, target.schema, target.table, target.text_columns,
+            sorted(s.vector_column for s in slots))
+    return "pgreembed triggers " + hashlib.sha1(repr(spec).encode()).hexdigest()
+
+
+def triggers_current(conn: psycopg.Connection, target: Target, slots: list[Slot]) -> bool:
+    """True if the target's triggers exist, are enabled and were made for these columns
+    and slots: re-creating them takes a lock that blocks the app's writes, for nothing."""
+    function = sql.Identifier("pgreembed", f"clear_{target.name}").as_string(conn)
+    row = conn.execute(
+        """
+        SELECT obj_description(to_regprocedure(%s || '()'), 'pg_proc'),
+               (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s)
+                AND tgname = ANY(%s) AND tgenabled <> 'D')
+        """, (function, sql.Identifier(target.schema, target.table).as_string(conn),
+              _trigger_names(target))).fetchone()
+    wanted = _triggers_fingerprint(target, slots)
+    return row is not None and row[0] == wanted and row[1] == len(_trigger_names(target))
+
+
 def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]) -> None:
     """Clear every slot's vector when a text column changes; NOTIFY on inserts and updates.
 
@@ -294,6 +328,8 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
         " FOR EACH STATEMENT EXECUTE FUNCTION pgreembed.notify_changed({target})"
     ).format(name=notify_trigger, columns=columns, table=table,
              target=sql.Literal(target.name)))
+    conn.execute(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+        function, sql.Literal(_triggers_fingerprint(target, slots))))
 
 
 def drop_triggers(conn: psycopg.Connection, target: Target) -> None:
@@ -303,34 +339,21 @@ def drop_triggers(conn: psycopg.Connection, target: Target) -> None:
                                                                        table))
 
 
-def init_target(dsn: str, target: Target) -> Slot:
-    """Create or update everything a target needs. Safe to run again at any time."""
-    from pgreembed.batch_api import DDL as BATCH_DDL
+def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> Slot:
+    """Create or update everything a target needs. Safe to run again at any time.
+
+    It runs at every scheduler start (and in init containers), so its DDL on the app's
+    table goes through table_lock (short lock attempts, retried, blockers named), and
+    triggers that are already as wanted are left alone (no lock at all).
+    """
     from pgreembed.db import connect
 
     with connect(dsn, vector=False) as conn:
         ensure_pgvector(conn)
-        # One initialiser at a time (two pods starting together must not race the DDL).
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
-        conn.execute(REGISTRY_DDL)
-        conn.execute(BATCH_DDL)
-        _check_table(conn, target)
-        registered = [s for s in load_slots(conn, target) if s.role == "live"]
-        dimensions = registered[0].dimensions if registered else target.dimensions
-        ensure_vector_column(conn, target, target.vector_column, dimensions)
-        first_init = not registered
-        slot = register_live_slot(conn, target)
-        create_state_table(conn, slot)
-        slots = load_slots(conn, target)
-        for each in slots:
-            create_state_table(conn, each)
-        # Once, when the target is first set up: later inits must not scan the table.
-        adopted = adopt_existing_vectors(conn, slot) if first_init else 0
-        if target.trigger:
-            install_triggers(conn, target, slots)
-        else:
-            drop_triggers(conn, target)
         conn.commit()
+    table = sql.Identifier(target.schema, target.table)
+    slot, slots, adopted = run_locked(dsn, table, "init",
+                                      lambda conn: _init_in_transaction(conn, target), policy)
     if adopted:
         log.info("target %s: %d existing vectors adopted as %s", target.name, adopted,
                  target.model_key)
@@ -341,3 +364,30 @@ def init_target(dsn: str, target: Target) -> Slot:
             # and hashes the whole backlog for every page of pending keys (100x slower at 80k).
             conn.execute(sql.SQL("ANALYZE {} ({})").format(each.table, each.vector))
     return slot
+
+
+def _init_in_transaction(conn: psycopg.Connection, target: Target
+                         ) -> tuple[Slot, list[Slot], int]:
+    from pgreembed.batch_api import DDL as BATCH_DDL
+
+    # One initialiser at a time (two pods starting together must not race the DDL).
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
+    conn.execute(REGISTRY_DDL)
+    conn.execute(BATCH_DDL)
+    _check_table(conn, target)
+    registered = [s for s in load_slots(conn, target) if s.role == "live"]
+    dimensions = registered[0].dimensions if registered else target.dimensions
+    added = ensure_vector_column(conn, target, target.vector_column, dimensions)
+    first_init = not registered
+    slot = register_live_slot(conn, target)
+    slots = load_slots(conn, target)
+    for each in slots:
+        create_state_table(conn, each)
+    # Once, when the target is first set up (later inits must not scan the table), and
+    # only if the column was there before (a column added just now holds no vector).
+    adopted = adopt_existing_vectors(conn, slot) if first_init and not added else 0
+    if not target.trigger:
+        drop_triggers(conn, target)
+    elif not triggers_current(conn, target, slots):
+        install_triggers(conn, target, slots)
+    return slot, slots, adopted
