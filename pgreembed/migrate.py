@@ -26,6 +26,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target, canonical_distance, opclass_distance
 from pgreembed.db import connect
+from pgreembed.failures import count_failed_without_vector
 from pgreembed.schema import (
     create_state_table,
     ensure_model,
@@ -428,7 +429,10 @@ def check_ready(conn: psycopg.Connection, live: Slot, incoming: Slot) -> list[st
     problems = []
     missing = _missing(conn, incoming)
     if missing:
-        problems.append(f"{missing} rows have no vector in {incoming.vector_column} yet")
+        failed = count_failed_without_vector(conn, incoming)
+        why = (f" ({failed} of them failed: `pgreembed failures --target {live.target.name}"
+               f" --column {incoming.vector_column}`, then --retry)") if failed else ""
+        problems.append(f"{missing} rows have no vector in {incoming.vector_column} yet{why}")
     incoming_indexes = column_indexes(conn, incoming)
     invalid = [i.name for i in incoming_indexes if not i.valid]
     if invalid:
