@@ -98,20 +98,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
-    from pgreembed.search import live_slot
-    from pgreembed.status import failures
-    from pgreembed.store import clear_failures
+    from pgreembed.failures import list_failures, retry_failures, select_slots
 
     settings = _settings(args)
+    target = settings.target(args.target)
     with connect(settings.database_url) as conn:
-        slot = live_slot(conn, settings, args.target)
+        slots = select_slots(conn, target, args.column)
         if args.retry:
-            count = clear_failures(conn, slot)
-            conn.commit()
-            print(f"{count} failed rows of {args.target} are pending again")
+            retried = [(slot, retry_failures(conn, slot)) for slot in slots]
+            if args.json:
+                print(json.dumps([{"column": s.vector_column, "model": s.model_key,
+                                   "role": s.role, "retried": n} for s, n in retried],
+                                 indent=2))
+                return 0
+            for slot, count in retried:
+                print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
+                      f" {count} failed rows are pending again")
             return 0
-        for key, reason, attempts in failures(conn, slot, args.limit):
-            print(f"row {key}: {reason} (attempts: {attempts})")
+        found = [(slot, *list_failures(conn, slot, args.limit)) for slot in slots]
+        conn.rollback()
+    if args.json:
+        print(json.dumps([r.as_dict() for _, _, records in found for r in records], indent=2))
+        return 0
+    for slot, total, records in found:
+        shown = f", the {len(records)} most recent:" if len(records) < total else ":"
+        print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
+              f" {total} failed rows{shown if total else ''}")
+        for r in records:
+            when = "" if r.failed_at is None else f", last {r.failed_at:%Y-%m-%d %H:%M:%S%z}"
+            print(f"  row {r.key}: {r.reason} (attempts: {r.attempts}{when})")
     return 0
 
 
@@ -129,6 +144,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pgreembed.demo import run_demo
 
     return run_demo(rows=args.rows, workers=args.workers)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,10 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "exact counts per target and column")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
-    p = add("failures", cmd_failures, "rows that could not be embedded, and why")
+    p = add("failures", cmd_failures, "rows that could not be embedded, and why, in every"
+            " column being filled (live, a migration's new one, the old one kept after a swap)")
     p.add_argument("--target", required=True)
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--retry", action="store_true", help="make every failed row pending again")
+    p.add_argument("--column", help="only this vector column")
+    p.add_argument("--limit", type=_positive_int, default=20,
+                   help="most recent failures shown per column")
+    p.add_argument("--retry", action="store_true", help="make the failed rows pending again")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p = add("search", cmd_search, "semantic search with the target's active model")
     p.add_argument("--target", required=True)
     p.add_argument("--limit", "-k", type=int, default=5)

@@ -546,8 +546,8 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             raise MigrationError(
                 f"{ready.failed} rows searchable now failed to embed in"
                 f" {other.vector_column} ({other.model_key}) and would drop out of search:"
-                f" see `pgreembed failures --target {target.name}`; fix them and `failures"
-                " --retry`, or pass --accept-failed")
+                f" see `pgreembed failures --target {target.name} --column"
+                f" {other.vector_column}`; fix them and add --retry, or pass --accept-failed")
         waited = time.monotonic() - asked
         if ready.unsearchable > max_unsearchable:
             if time.monotonic() > deadline:

@@ -5,6 +5,10 @@ A row of a slot is pending when
   through the slot's partial index, unless it failed before on this same text;
 - or its vector came from another model than the slot's (an in-place model
   change), found through the state table's (model, pk) index.
+
+Both queries start from the app's table: a state row alone proves nothing (the
+row it describes may have been deleted while the triggers were off, or before
+they existed), and trusting one would enqueue a key no worker can ever finish.
 """
 
 from __future__ import annotations
@@ -50,16 +54,17 @@ def missing_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -
 
 
 def outdated_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -> list[Any]:
-    """Primary keys whose vector was made by another model than the slot's."""
+    """Primary keys of existing rows whose vector was made by another model than the
+    slot's (a state row of a deleted row is not work: the join drops it)."""
     condition, params = _after(sql.SQL("s.pgr_pk"), after)
     query = sql.SQL(
         """
-        SELECT s.pgr_pk FROM {state} s
+        SELECT s.pgr_pk FROM {table} a JOIN {state} s ON s.pgr_pk = a.{pk}
         WHERE s.pgr_model_id = ANY(%s) AND {condition}
           AND (s.pgr_failed_hash IS NULL OR s.pgr_failed_hash <> s.pgr_hash)
         ORDER BY s.pgr_pk LIMIT %s
         """
-    ).format(state=slot.state_table, condition=condition)
+    ).format(table=slot.table, state=slot.state_table, pk=slot.pk, condition=condition)
     old_models = [
         r[0] for r in conn.execute("SELECT id FROM pgreembed.models WHERE id <> %s",
                                    (slot.model_id,))

@@ -269,7 +269,8 @@ TRIGGERS_VERSION = 2
 
 
 def _trigger_names(target: Target) -> list[str]:
-    return [f"pgreembed_clear_{target.name}", f"pgreembed_notify_{target.name}"]
+    return [f"pgreembed_{kind}_{target.name}" for kind in ("clear", "notify", "forget",
+                                                           "forget_all")]
 
 
 def _triggers_fingerprint(target: Target, slots: list[Slot]) -> str:
@@ -328,13 +329,60 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
         " FOR EACH STATEMENT EXECUTE FUNCTION pgreembed.notify_changed({target})"
     ).format(name=notify_trigger, columns=columns, table=table,
              target=sql.Literal(target.name)))
+    install_forget_triggers(conn, target, slots)
     conn.execute(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
         function, sql.Literal(_triggers_fingerprint(target, slots))))
 
 
+def _forget_function(conn: psycopg.Connection, function: sql.Composable,
+                     statements: list[sql.Composable]) -> None:
+    # SECURITY DEFINER: the app's role deletes rows of its table, but may not have any
+    # privilege on our state tables; a fixed search_path makes definer rights safe.
+    conn.execute(sql.SQL(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql"
+        " SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$\n"
+        "BEGIN\n{statements}\n    RETURN NULL;\nEND $body$"
+    ).format(function=function, statements=sql.SQL("\n").join(statements)))
+
+
+def install_forget_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
+                            ) -> None:
+    """Delete every slot's state row of a row the app deletes, and all of them on TRUNCATE.
+
+    Without this, state rows of deleted rows live forever: they are dead weight
+    for every query of the state table and, after an in-place model change, look
+    like outdated rows. A row trigger (like an ON DELETE CASCADE foreign key, which
+    we cannot use: it would make the app's TRUNCATE fail and a worker's failure
+    record of a just-deleted row a constraint error) costs one index probe per
+    slot and deleted row. The TRUNCATE trigger DELETEs rather than TRUNCATEs: a
+    TRUNCATE would take ACCESS EXCLUSIVE locks on tables the workers and the
+    scheduler use, inside the app's transaction; the state rows are narrow, and
+    re-embedding a reloaded table costs far more. Rows deleted while the triggers
+    were off (or before this version) are removed by `pgreembed.orphans`.
+    """
+    table = sql.Identifier(target.schema, target.table)
+    forget_row = sql.Identifier("pgreembed", f"forget_{target.name}")
+    forget_all = sql.Identifier("pgreembed", f"forget_all_{target.name}")
+    _forget_function(conn, forget_row, [
+        sql.SQL("    DELETE FROM {state} WHERE pgr_pk = OLD.{pk};").format(
+            state=slot.state_table, pk=slot.pk) for slot in slots])
+    _forget_function(conn, forget_all, [
+        sql.SQL("    DELETE FROM {state};").format(state=slot.state_table) for slot in slots])
+    delete_trigger = sql.Identifier(f"pgreembed_forget_{target.name}")
+    truncate_trigger = sql.Identifier(f"pgreembed_forget_all_{target.name}")
+    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(delete_trigger, table))
+    conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(truncate_trigger, table))
+    conn.execute(sql.SQL(
+        "CREATE TRIGGER {name} AFTER DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION"
+        " {function}()").format(name=delete_trigger, table=table, function=forget_row))
+    conn.execute(sql.SQL(
+        "CREATE TRIGGER {name} AFTER TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION"
+        " {function}()").format(name=truncate_trigger, table=table, function=forget_all))
+
+
 def drop_triggers(conn: psycopg.Connection, target: Target) -> None:
     table = sql.Identifier(target.schema, target.table)
-    for name in (f"pgreembed_clear_{target.name}", f"pgreembed_notify_{target.name}"):
+    for name in _trigger_names(target):
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name),
                                                                        table))
 

@@ -69,10 +69,3 @@ def collect(conn: psycopg.Connection, settings: Settings,
     conn.commit()
     return result
 
-
-def failures(conn: psycopg.Connection, slot: Slot, limit: int = 20) -> list[tuple[str, str, int]]:
-    """The most recent recorded failures: (row key, reason, attempts)."""
-    rows = conn.execute(sql.SQL(
-        "SELECT pgr_pk::text, pgr_failure, pgr_attempts FROM {} WHERE pgr_failed_hash IS NOT NULL"
-        " ORDER BY pgr_failed_at DESC LIMIT %s").format(slot.state_table), (limit,)).fetchall()
-    return [(r[0], r[1], r[2]) for r in rows]

@@ -112,7 +112,7 @@ def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int)
 
 def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:
     """Remember why rows failed, for this text: they are skipped until the text changes
-    or `pgreembed retry-failures` clears them."""
+    or `pgreembed failures --retry` clears them."""
     if not failures:
         return
     with conn.cursor() as cur:
@@ -128,10 +128,3 @@ def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Fai
         ).format(state=slot.state_table),
             [(f.row.pk, f.row.content_hash, f.reason[:2000]) for f in failures])
 
-
-def clear_failures(conn: psycopg.Connection, slot: Slot) -> int:
-    """Make every failed row pending again (after fixing its cause)."""
-    cur = conn.execute(sql.SQL(
-        "UPDATE {} SET pgr_failed_hash = NULL WHERE pgr_failed_hash IS NOT NULL"
-    ).format(slot.state_table))
-    return cur.rowcount

@@ -18,6 +18,7 @@ import redis
 from pgreembed.config import Settings
 from pgreembed.inflight import InFlight
 from pgreembed.migrate import enforce_spend_cap
+from pgreembed.orphans import OrphanSweep
 from pgreembed.planner import Cursor, sweep
 from pgreembed.slots import Slot, load_slots
 
@@ -55,6 +56,7 @@ class Dispatcher:
         self.send = send
         self.page_size = page_size
         self._cursors: dict[int, Cursor] = {}
+        self.orphans = OrphanSweep(redis_client)
 
     def run_pass(self, conn: psycopg.Connection, limit_in_flight: bool = True) -> PassReport:
         """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
@@ -62,6 +64,9 @@ class Dispatcher:
         for target in self.settings.targets.values():
             for slot in load_slots(conn, target, include_paused=False):
                 conn.commit()  # each page in its own short snapshot
+                removed = self.orphans.step(conn, slot)  # bounded, and only when due
+                if removed:
+                    log.info("slot %d: removed %d state rows of deleted rows", slot.id, removed)
                 self._dispatch_slot(conn, slot, limit_in_flight, report)
         conn.commit()
         return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.conftest import Stack, wait_for
@@ -32,8 +33,9 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
         conn.execute("UPDATE docs SET body = 'edited during the batch' WHERE id = 4")
     done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
     assert "1 jobs completed (39 rows written, 1 failed)" in done, done
-    failures = stack.cli("failures", "--target", "docs")  # live column: none
-    assert "batch API" not in failures.stdout
+    failures = json.loads(stack.cli("failures", "--target", "docs", "--json").stdout)
+    assert [(f["column"], f["role"], f["key"]) for f in failures] == [(column, "next", "41")]
+    assert failures[0]["reason"].startswith("batch API rejected it")  # the live column: none
     assert "remaining rows go through the normal queue" in done
     fake_openai.set_faults(bad_input_marker=None)
     with stack.connect() as conn:  # the poison row's text is fixed; now it can be embedded

@@ -37,7 +37,8 @@ def test_init_is_idempotent_and_creates_bookkeeping(database_url: str) -> None:
         assert index is not None and "WHERE (embedding IS NULL)" in index[0]
         triggers = {r[0] for r in conn.execute(
             "SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass AND NOT tgisinternal")}
-        assert triggers == {"pgreembed_clear_docs", "pgreembed_notify_docs"}
+        assert triggers == {"pgreembed_clear_docs", "pgreembed_notify_docs",
+                            "pgreembed_forget_docs", "pgreembed_forget_all_docs"}
         assert conn.execute("SELECT count(*) FROM pgreembed.slots").fetchone() == (1,)
 
 
