@@ -3,7 +3,8 @@
 Tests, the demo and benchmarks talk to it over real HTTP with the real ``openai``
 client, so retries, timeouts, batching and error handling are exercised end to end
 without network access or cost. Faults (429s, 500s, timeouts, wrong dimensions,
-poison inputs, TPM/RPM limits) can be injected from Python or over HTTP.
+poison inputs, TPM/RPM limits, requests held until released) can be injected from
+Python or over HTTP.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ class Faults:
     # The next N 401 answers quote the rejected key, as some servers do: lets a test
     # prove the client side redacts what a server echoes back.
     echo_rejected_key_count: int = 0
+    # A request with an input containing this text waits until the fault is cleared
+    # (set_faults(hold_marker=None), reset() or stop()): a test's window between a
+    # client's request and its answer, e.g. to commit a migration swap meanwhile.
+    hold_marker: str | None = None
 
 
 _FAULT_TYPES = typing.get_type_hints(Faults)
@@ -444,10 +449,17 @@ class FakeOpenAIServer:
         req = parse_embedding_request(body)
         if req.model == self._faults.slow_model and self._faults.slow_model_latency > 0:
             self._stopping.wait(self._faults.slow_model_latency)
+        self._hold(req.inputs)
         check_marker(req.inputs, self._faults.bad_input_marker)
         payload = embedding_body(req, 1 if self._take("wrong_dims_count") else 0)
         self._record_success(req)
         return Response(200, payload)
+
+    def _hold(self, inputs: list[str]) -> None:
+        """Keep the request waiting while `hold_marker` is set and one input contains it."""
+        while (marker := self._faults.hold_marker) and any(marker in t for t in inputs):
+            if self._stopping.wait(0.01):
+                return
 
     @staticmethod
     def _rate_limited(kind: str, message: str, seconds: float,
