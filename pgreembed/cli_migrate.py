@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from pgreembed import migrate
-from pgreembed.config import DISTANCE_ALIASES, DISTANCES, ConfigError, load_settings
+from pgreembed.config import DISTANCE_ALIASES, DISTANCES, Budget, ConfigError, load_settings
 
 
 def _human_bytes(count: float) -> str:
@@ -36,18 +36,27 @@ def run(args: argparse.Namespace) -> int:
     step = args.step
     if step in ("plan", "start") and (not args.model or not args.dimensions):
         raise ConfigError(f"migrate {step}: --model and --dimensions are required")
+    budget = Budget(args.requests_per_minute, args.tokens_per_minute)
+    if budget and step not in ("plan", "start"):
+        raise ConfigError(f"migrate {step}: --requests-per-minute/--tokens-per-minute are"
+                          " options of plan and start")
     if step == "plan":
-        p = migrate.plan(settings, target, args.provider, args.model, args.dimensions)
+        p = migrate.plan(settings, target, args.provider, args.model, args.dimensions,
+                         budget=budget)
         cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
         print(f"rows: {p.rows} ({p.rows_without_text} without text)")
         print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,}"
               f" ({'counted' if p.tokens_exact else 'extrapolated from a sample'})")
         print(f"estimated cost: {cost}")
         if p.minutes_at_rate_limit is None:
-            print("estimated time: no rate limit configured (tokens_per_minute /"
-                  " requests_per_minute): bounded by the workers")
+            print(f"estimated time: no rate limit configured for {args.model}"
+                  " (--tokens-per-minute / --requests-per-minute, or [rate_limits] in the"
+                  " config): bounded by the workers")
         else:
-            print(f"estimated time at the configured rate limit:"
+            limits = ", ".join(f"{value:,} {unit}/min" for value, unit in (
+                (p.budget.requests_per_minute, "requests"),
+                (p.budget.tokens_per_minute, "tokens")) if value)
+            print(f"estimated time at {args.model}'s rate limit ({limits}):"
                   f" {p.minutes_at_rate_limit:,.1f} min")
         print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)}")
         print("SQL:")
@@ -60,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 1 if p.blockers else 0
     if step == "start":
         slot = migrate.start(settings, target, args.provider, args.model, args.dimensions,
-                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api)
+                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api,
+                             budget=budget)
         if args.batch_api:
             print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
         print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
@@ -131,6 +141,16 @@ def _batch(settings: Any, target: Any, args: argparse.Namespace) -> int:
         time.sleep(args.poll)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def register(sub: Any) -> None:
     """Add `migrate` with one sub-step per runbook step to the main parser."""
     parser = sub.add_parser("migrate", help="move a target to a new embedding model",
@@ -147,6 +167,12 @@ def register(sub: Any) -> None:
     parser.add_argument("--json", action="store_true", help="status: machine-readable")
     parser.add_argument("--spend-cap", type=float, metavar="USD",
                         help="start: pause the migration once it has cost this much")
+    parser.add_argument("--requests-per-minute", type=_positive_int, metavar="N",
+                        help="start: the new model's request budget, shared by every worker"
+                             " (recorded; plan: estimate with it)")
+    parser.add_argument("--tokens-per-minute", type=_positive_int, metavar="N",
+                        help="start: the new model's token budget, shared by every worker"
+                             " (recorded; plan: estimate with it)")
     parser.add_argument("--method", choices=["hnsw", "ivfflat"],
                         help="index: default the live column's index method, else hnsw")
     parser.add_argument("--distance", choices=[*DISTANCES, *DISTANCE_ALIASES],

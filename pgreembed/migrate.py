@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Settings, Target, canonical_distance, opclass_distance
+from pgreembed.budgets import configured_budget, record_budget, recorded_budget
+from pgreembed.config import Budget, Settings, Target, canonical_distance, opclass_distance
 from pgreembed.db import connect
 from pgreembed.schema import (
     create_state_table,
@@ -96,6 +97,7 @@ class Plan:
     tokens_exact: bool
     cost_usd: float | None
     minutes_at_rate_limit: float | None
+    budget: Budget  # of the new model: what bounds the fill's speed
     storage_bytes: int
     column: str
     column_type: str
@@ -105,8 +107,9 @@ class Plan:
 
 
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
-         sample_limit: int = 100_000) -> Plan:
-    """What `start` would do and cost; changes nothing."""
+         sample_limit: int = 100_000, budget: Budget | None = None) -> Plan:
+    """What `start` would do and cost; changes nothing. `budget` is what `start` would be
+    given; the time estimate uses every budget of the new model (see pgreembed.budgets)."""
     from pgreembed.providers import make_provider
     from pgreembed.slots import text_expression
 
@@ -131,6 +134,9 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
                                     (f"{provider}:{model}@{dimensions}",)).fetchone()
         live = next(s for s in load_slots(conn, target) if s.role == "live")
         index_method, index_distance = index_defaults(conn, live)
+        budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
+        if provider == "openai":
+            budget = budget.tighter(recorded_budget(conn, provider, model))
     if empty:
         blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
                         " the swap waits for them (fix or delete them first)")
@@ -159,14 +165,14 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         f"ALTER TABLE ... RENAME {target.vector_column} TO {SWAP_COLUMN};"
         f" RENAME {column} TO {target.vector_column}; RENAME {SWAP_COLUMN} TO {column}; COMMIT;",
     ]
-    # The configured shared budgets bound the fill; without them only the workers do.
+    # The new model's shared budgets bound the fill; without them only the workers do.
     limits = []
-    if target.tokens_per_minute:
-        limits.append(tokens / target.tokens_per_minute)
-    if target.requests_per_minute:
-        limits.append(math.ceil(with_text / target.batch_size) / target.requests_per_minute)
-    minutes = max(limits) if limits else None
-    return Plan(total, empty, tokens, exact, cost, minutes, storage, column,
+    if budget.tokens_per_minute:
+        limits.append(tokens / budget.tokens_per_minute)
+    if budget.requests_per_minute:
+        limits.append(math.ceil(with_text / target.batch_size) / budget.requests_per_minute)
+    minutes = max(limits) if limits and provider == "openai" else None
+    return Plan(total, empty, tokens, exact, cost, minutes, budget, storage, column,
                 f"{kind}({dimensions})", statements, blockers, notes)
 
 
@@ -174,14 +180,19 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
 
 
 def start(settings: Settings, target: Target, provider: str, model: str,
-          dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False
-          ) -> Slot:
+          dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
+          budget: Budget | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
-    With a spend cap, the scheduler pauses the migration once the tokens sent for
-    the new column cost that much (at the model's list price)."""
+    With a spend cap, the migration pauses once the tokens sent for the new column
+    cost that much (at the model's list price). A budget is recorded for the new
+    model, where every worker reads it (re-running start with another one updates it)."""
     if provider == "local" and dimensions != 384:
         raise MigrationError("the local model produces 384 dimensions")
+    budget = budget or Budget()
+    if budget and provider != "openai":
+        raise MigrationError("--requests-per-minute/--tokens-per-minute apply to the openai"
+                             " provider only")
     new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
     with connect(settings.database_url) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
@@ -189,6 +200,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         if existing is not None:
             slot = _slots_by_id(conn, target).get(existing.to_slot)
             if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
+                record_budget(conn, slot.model_id, budget)
                 conn.commit()
                 _finish_start(settings, target)
                 return slot  # re-run after a crash: idempotent
@@ -200,6 +212,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         if live.model_key == new_target.model_key:
             raise MigrationError(f"target {target.name!r} already uses {live.model_key}")
         model_id = ensure_model(conn, new_target)
+        record_budget(conn, model_id, budget)
         column = new_column_name(target, model_id)
         ensure_vector_column(conn, target, column, dimensions)
         row = conn.execute(
