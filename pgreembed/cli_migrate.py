@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pgreembed import migrate
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     if step in ("plan", "start") and (not args.model or not args.dimensions):
         raise ConfigError(f"migrate {step}: --model and --dimensions are required")
     budget = Budget(args.requests_per_minute, args.tokens_per_minute)
+    if args.spend_cap is not None and step not in ("start", "resume"):
+        raise ConfigError(f"migrate {step}: --spend-cap is an option of start and resume")
     if budget and step not in ("plan", "start"):
         raise ConfigError(f"migrate {step}: --requests-per-minute/--tokens-per-minute are"
                           " options of plan and start")
@@ -69,15 +72,20 @@ def run(args: argparse.Namespace) -> int:
         return 1 if p.blockers else 0
     if step == "start":
         slot = migrate.start(settings, target, args.provider, args.model, args.dimensions,
-                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api,
+                             spend_cap_usd=args.spend_cap and args.spend_cap.usd,
+                             batch_api=args.batch_api,
                              budget=budget)
         if args.batch_api:
             print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
         print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
               " filled by the scheduler and workers")
-    elif step in ("pause", "resume"):
-        migrate.set_paused(settings, target, step == "pause")
-        print(f"migration of {target.name} {step}d")
+    elif step == "pause":
+        migrate.pause(settings, target)
+        print(f"migration of {target.name} paused")
+    elif step == "resume":
+        cap = migrate.KEEP_CAP if args.spend_cap is None else args.spend_cap.usd
+        migrate.resume(settings, target, cap)
+        print(f"migration of {target.name} resumed")
     elif step == "cancel":
         migrate.cancel(settings, target)
         print(f"migration of {target.name} cancelled; the new column is dropped")
@@ -106,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             "paused": pr.paused,
             "indexes": [{"name": i.name, "valid": i.valid} for i in pr.indexes],
             "tokens": pr.tokens, "spend_usd": round(pr.spend_usd, 6),
-            "spend_cap_usd": pr.spend_cap_usd,
+            "spend_cap_usd": pr.spend_cap_usd, "paused_by": pr.paused_by,
         }
         if args.json:
             print(json.dumps(info, indent=2))
@@ -116,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
             print(progress_line(pr))
             cap = "" if pr.spend_cap_usd is None else f" of a ${pr.spend_cap_usd:,.2f} cap"
             print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
+            if pr.paused_by == "spend_cap":
+                print("paused by the spend cap: raise it with `migrate resume --spend-cap USD`"
+                      " (or --spend-cap none)")
             for index in pr.indexes:
                 print(f"index {index.name}: {'valid' if index.valid else 'INVALID'}")
     return 0
@@ -139,6 +150,24 @@ def _batch(settings: Any, target: Any, args: argparse.Namespace) -> int:
             print("batch: --timeout reached with jobs still open (run again later)")
             return 3
         time.sleep(args.poll)
+
+
+@dataclass(frozen=True)
+class SpendCap:
+    usd: float | None  # None: `--spend-cap none`, no cap
+
+
+def _spend_cap(text: str) -> SpendCap:
+    if text.strip().lower() == "none":
+        return SpendCap(None)
+    try:
+        usd = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an amount in USD or 'none', got {text!r}"
+                                         ) from None
+    if not usd > 0 or usd == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive amount in USD, got {text!r}")
+    return SpendCap(usd)
 
 
 def _positive_int(text: str) -> int:
@@ -165,8 +194,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--model", help="plan/start: the new model")
     parser.add_argument("--dimensions", type=int, help="plan/start: the new size")
     parser.add_argument("--json", action="store_true", help="status: machine-readable")
-    parser.add_argument("--spend-cap", type=float, metavar="USD",
-                        help="start: pause the migration once it has cost this much")
+    parser.add_argument("--spend-cap", type=_spend_cap, metavar="USD",
+                        help="start: pause the migration once it has cost this much;"
+                             " resume: raise it (or `none`: no cap)")
     parser.add_argument("--requests-per-minute", type=_positive_int, metavar="N",
                         help="start: the new model's request budget, shared by every worker"
                              " (recorded; plan: estimate with it)")

@@ -35,6 +35,7 @@ from pgreembed.schema import (
     install_triggers,
 )
 from pgreembed.slots import Slot, load_slots, vector_type_for
+from pgreembed.spend import SPEND_CAP
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +254,55 @@ def _finish_start(settings: Settings, target: Target) -> None:
             ensure_pending_index(conn, slot)
 
 
-def set_paused(settings: Settings, target: Target, paused: bool) -> None:
+def pause(settings: Settings, target: Target) -> None:
+    """Stop filling (queued batches are dropped); a pause by the spend cap stays one."""
     with connect(settings.database_url) as conn:
         migration = _require_open(conn, target, "filling")
-        conn.execute("UPDATE pgreembed.slots SET paused = %s WHERE id = %s",
-                     (paused, migration.to_slot))
+        conn.execute("UPDATE pgreembed.slots SET paused = true,"
+                     " paused_by = CASE WHEN paused THEN paused_by ELSE 'operator' END"
+                     " WHERE id = %s", (migration.to_slot,))
+        conn.commit()
+
+
+class KeepCap:
+    """`resume` without --spend-cap: the cap stays as it is."""
+
+
+KEEP_CAP = KeepCap()
+
+
+def resume(settings: Settings, target: Target,
+           spend_cap_usd: float | None | KeepCap = KEEP_CAP) -> None:
+    """Fill again. A migration its spend cap paused resumes only with a raised cap
+    (`spend_cap_usd`) or none (None): with the same cap it would pause again at once."""
+    with connect(settings.database_url) as conn:
+        migration = _require_open(conn, target, "filling")
+        row = conn.execute(
+            "SELECT s.paused_by FROM pgreembed.migrations m JOIN pgreembed.slots s"
+            " ON s.id = m.to_slot WHERE m.id = %s FOR UPDATE OF m, s",
+            (migration.id,)).fetchone()
+        assert row is not None
+        _, spent, cap = spend(conn, migration.to_slot)
+        where = f"migration {migration.id} of {target.name!r}"
+        if isinstance(spend_cap_usd, float):
+            price = conn.execute("SELECT price_per_mtoken FROM pgreembed.migrations"
+                                 " WHERE id = %s", (migration.id,)).fetchone()
+            if not price or not price[0]:
+                raise MigrationError(f"{where}: no list price known for its model: a spend"
+                                     " cap cannot be enforced")
+            if spend_cap_usd <= spent:
+                raise MigrationError(f"{where}: --spend-cap {spend_cap_usd:g} is not above the"
+                                     f" ${spent:.6f} already spent; give a higher cap")
+        if not isinstance(spend_cap_usd, KeepCap):
+            conn.execute("UPDATE pgreembed.migrations SET spend_cap_usd = %s WHERE id = %s",
+                         (spend_cap_usd, migration.id))
+        elif row[0] == SPEND_CAP and cap is not None:
+            raise MigrationError(
+                f"{where} was paused by its spend cap: ${spent:.6f} spent of ${cap:.6f}."
+                f" Raise the cap to resume (pgreembed migrate resume --target {target.name}"
+                " --spend-cap USD), or remove it (--spend-cap none)")
+        conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                     " WHERE id = %s", (migration.to_slot,))
         conn.commit()
 
 
@@ -561,6 +606,7 @@ class Progress:
     tokens: int
     spend_usd: float
     spend_cap_usd: float | None
+    paused_by: str | None = None  # "operator" or "spend_cap"
 
 
 def spend(conn: psycopg.Connection, slot_id: int) -> tuple[int, float, float | None]:
@@ -585,10 +631,11 @@ def enforce_spend_cap(conn: psycopg.Connection, slot: Slot) -> bool:
     _, spent, cap = spend(conn, slot.id)
     if cap is None or spent < cap:
         return False
-    conn.execute("UPDATE pgreembed.slots SET paused = true WHERE id = %s", (slot.id,))
+    conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s WHERE id = %s",
+                 (SPEND_CAP, slot.id))
     conn.commit()
-    log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it or resume)",
-                slot.target.name, spent, cap)
+    log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it: migrate"
+                " resume --spend-cap USD)", slot.target.name, spent, cap)
     return True
 
 
@@ -609,9 +656,12 @@ def progress(settings: Settings, target: Target) -> Progress:
         assert row is not None
         indexes = column_indexes(conn, slot)
         tokens, spent, cap = spend(conn, migration.to_slot)
+        paused_by = conn.execute("SELECT paused_by FROM pgreembed.slots WHERE id = %s AND"
+                                 " paused", (slot.id,)).fetchone()
     total, done, failed, recent = (int(x) for x in row)
     rate = recent / 60.0
     left = total - done - failed
     eta = (left / rate) if rate > 0 else (0.0 if left == 0 else None)
     return Progress(migration, slot.vector_column, slot.model_key, total, done, failed, rate,
-                    eta, slot.paused, indexes, tokens, spent, cap)
+                    eta, slot.paused, indexes, tokens, spent, cap,
+                    paused_by[0] if paused_by else None)
