@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
+from pgreembed import spend
 from pgreembed.config import Settings
 from pgreembed.db import get_pool
 from pgreembed.embedding import Outcome, embed_rows
@@ -55,7 +56,11 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         return BatchReport(len(keys), 0, 0, 0, 0)
 
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
-    outcome = embed_rows(rows, provider, truncate=target.truncate)
+    reservation = spend.reserve(pool, slot, provider, rows)  # the batch's share of a spend cap
+    if not reservation.granted:  # the cap is reached (paused) or held by batches in flight
+        return BatchReport(len(keys), len(rows), 0, 0, 0)
+    with reservation.released_on_error():
+        outcome = embed_rows(rows, provider, truncate=target.truncate)
     embedded, failed = outcome.embedded, outcome.failed
     for failure in failed:
         log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
@@ -73,6 +78,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         record_failures(conn, slot, failed)
         changed = len(embedded) - len(written)
         record_usage(conn, slot, len(embedded), outcome.tokens)
+        reservation.settle(conn)  # in the same transaction as the billed tokens
         if changed:
             # Their text changed while we embedded: wake the scheduler to redo them now.
             conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(

@@ -6,10 +6,11 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pgreembed import migrate
-from pgreembed.config import DISTANCE_ALIASES, DISTANCES, ConfigError, load_settings
+from pgreembed.config import DISTANCE_ALIASES, DISTANCES, Budget, ConfigError, load_settings
 from pgreembed.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS, LockPolicy
 
 
@@ -38,18 +39,29 @@ def run(args: argparse.Namespace) -> int:
     step = args.step
     if step in ("plan", "start") and (not args.model or not args.dimensions):
         raise ConfigError(f"migrate {step}: --model and --dimensions are required")
+    budget = Budget(args.requests_per_minute, args.tokens_per_minute)
+    if args.spend_cap is not None and step not in ("start", "resume"):
+        raise ConfigError(f"migrate {step}: --spend-cap is an option of start and resume")
+    if budget and step not in ("plan", "start"):
+        raise ConfigError(f"migrate {step}: --requests-per-minute/--tokens-per-minute are"
+                          " options of plan and start")
     if step == "plan":
-        p = migrate.plan(settings, target, args.provider, args.model, args.dimensions)
+        p = migrate.plan(settings, target, args.provider, args.model, args.dimensions,
+                         budget=budget)
         cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
         print(f"rows: {p.rows} ({p.rows_without_text} without text)")
         print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,}"
               f" ({'counted' if p.tokens_exact else 'extrapolated from a sample'})")
         print(f"estimated cost: {cost}")
         if p.minutes_at_rate_limit is None:
-            print("estimated time: no rate limit configured (tokens_per_minute /"
-                  " requests_per_minute): bounded by the workers")
+            print(f"estimated time: no rate limit configured for {args.model}"
+                  " (--tokens-per-minute / --requests-per-minute, or [rate_limits] in the"
+                  " config): bounded by the workers")
         else:
-            print(f"estimated time at the configured rate limit:"
+            limits = ", ".join(f"{value:,} {unit}/min" for value, unit in (
+                (p.budget.requests_per_minute, "requests"),
+                (p.budget.tokens_per_minute, "tokens")) if value)
+            print(f"estimated time at {args.model}'s rate limit ({limits}):"
                   f" {p.minutes_at_rate_limit:,.1f} min")
         print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)}")
         print("SQL:")
@@ -62,15 +74,20 @@ def run(args: argparse.Namespace) -> int:
         return 1 if p.blockers else 0
     if step == "start":
         slot = migrate.start(settings, target, args.provider, args.model, args.dimensions,
-                             spend_cap_usd=args.spend_cap, batch_api=args.batch_api,
+                             spend_cap_usd=args.spend_cap and args.spend_cap.usd,
+                             batch_api=args.batch_api, budget=budget,
                              policy=_lock_policy(args))
         if args.batch_api:
             print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
         print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
               " filled by the scheduler and workers")
-    elif step in ("pause", "resume"):
-        migrate.set_paused(settings, target, step == "pause")
-        print(f"migration of {target.name} {step}d")
+    elif step == "pause":
+        migrate.pause(settings, target)
+        print(f"migration of {target.name} paused")
+    elif step == "resume":
+        cap = migrate.KEEP_CAP if args.spend_cap is None else args.spend_cap.usd
+        migrate.resume(settings, target, cap)
+        print(f"migration of {target.name} resumed")
     elif step == "cancel":
         migrate.cancel(settings, target, _lock_policy(args))
         print(f"migration of {target.name} cancelled; the new column is dropped")
@@ -109,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             "paused": pr.paused,
             "indexes": [{"name": i.name, "valid": i.valid} for i in pr.indexes],
             "tokens": pr.tokens, "spend_usd": round(pr.spend_usd, 6),
-            "spend_cap_usd": pr.spend_cap_usd,
+            "spend_cap_usd": pr.spend_cap_usd, "paused_by": pr.paused_by,
         }
         if args.json:
             print(json.dumps(info, indent=2))
@@ -119,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
             print(progress_line(pr))
             cap = "" if pr.spend_cap_usd is None else f" of a ${pr.spend_cap_usd:,.2f} cap"
             print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
+            if pr.paused_by == "spend_cap":
+                print("paused by the spend cap: raise it with `migrate resume --spend-cap USD`"
+                      " (or --spend-cap none)")
             for index in pr.indexes:
                 print(f"index {index.name}: {'valid' if index.valid else 'INVALID'}")
     return 0
@@ -161,6 +181,34 @@ def _batch(settings: Any, target: Any, args: argparse.Namespace) -> int:
         time.sleep(args.poll)
 
 
+@dataclass(frozen=True)
+class SpendCap:
+    usd: float | None  # None: `--spend-cap none`, no cap
+
+
+def _spend_cap(text: str) -> SpendCap:
+    if text.strip().lower() == "none":
+        return SpendCap(None)
+    try:
+        usd = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an amount in USD or 'none', got {text!r}"
+                                         ) from None
+    if not usd > 0 or usd == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive amount in USD, got {text!r}")
+    return SpendCap(usd)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def register(sub: Any) -> None:
     """Add `migrate` with one sub-step per runbook step to the main parser."""
     parser = sub.add_parser("migrate", help="move a target to a new embedding model",
@@ -176,8 +224,15 @@ def register(sub: Any) -> None:
     parser.add_argument("--dimensions", type=int, help="plan/start: the new size")
     parser.add_argument("--json", action="store_true",
                         help="status/swap/rollback: machine-readable")
-    parser.add_argument("--spend-cap", type=float, metavar="USD",
-                        help="start: pause the migration once it has cost this much")
+    parser.add_argument("--spend-cap", type=_spend_cap, metavar="USD",
+                        help="start: pause the migration once it has cost this much;"
+                             " resume: raise it (or `none`: no cap)")
+    parser.add_argument("--requests-per-minute", type=_positive_int, metavar="N",
+                        help="start: the new model's request budget, shared by every worker"
+                             " (recorded; plan: estimate with it)")
+    parser.add_argument("--tokens-per-minute", type=_positive_int, metavar="N",
+                        help="start: the new model's token budget, shared by every worker"
+                             " (recorded; plan: estimate with it)")
     parser.add_argument("--method", choices=["hnsw", "ivfflat"],
                         help="index: default the live column's index method, else hnsw")
     parser.add_argument("--distance", choices=[*DISTANCES, *DISTANCE_ALIASES],

@@ -48,6 +48,25 @@ def opclass_distance(opclass: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Requests and tokens per minute one model may be sent (None: not limited)."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.requests_per_minute or self.tokens_per_minute)
+
+    def tighter(self, other: Budget) -> Budget:
+        """Both budgets at once: the smaller value of each limit."""
+        def smaller(a: int | None, b: int | None) -> int | None:
+            return min(a, b) if a and b else a or b
+
+        return Budget(smaller(self.requests_per_minute, other.requests_per_minute),
+                      smaller(self.tokens_per_minute, other.tokens_per_minute))
+
+
+@dataclass(frozen=True)
 class Target:
     """One table column to keep embedded."""
 
@@ -96,6 +115,8 @@ class Settings:
     provider_retry_seconds: float = 300.0
     config_path: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # `[rate_limits."<model>"]`: budgets of openai models, whichever column they fill.
+    rate_limits: Mapping[str, Budget] = field(default_factory=dict)
 
     def target(self, name: str) -> Target:
         try:
@@ -207,6 +228,28 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     )
 
 
+def parse_rate_limits(raw: Any) -> dict[str, Budget]:
+    """Validate `[rate_limits."<model>"]` tables: requests/tokens per minute per model."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("rate_limits: must be a table of models, e.g."
+                          ' [rate_limits."text-embedding-3-large"]')
+    budgets: dict[str, Budget] = {}
+    for model, limits in raw.items():
+        where = f"rate_limits.{model!r}"
+        if not isinstance(limits, Mapping):
+            raise ConfigError(f"{where}: must be a table with requests_per_minute and/or"
+                              " tokens_per_minute")
+        unknown = sorted(set(limits) - {"requests_per_minute", "tokens_per_minute"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        budget = Budget(*(_optional_positive(limits, key, where)
+                          for key in ("requests_per_minute", "tokens_per_minute")))
+        if not budget:
+            raise ConfigError(f"{where}: set requests_per_minute and/or tokens_per_minute")
+        budgets[model] = budget
+    return budgets
+
+
 def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
                    config_path: str | None = None) -> Settings:
     """Build Settings from a parsed TOML document and an environment mapping."""
@@ -248,6 +291,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
             _typed(worker.get("provider_retry_seconds", 300.0), float,
                    "worker.provider_retry_seconds"), "worker.provider_retry_seconds")),
         config_path=config_path,
+        rate_limits=parse_rate_limits(document.get("rate_limits", {})),
     )
 
 

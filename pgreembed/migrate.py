@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Settings, Target, canonical_distance, opclass_distance
+from pgreembed.budgets import configured_budget, record_budget, recorded_budget
+from pgreembed.config import Budget, Settings, Target, canonical_distance, opclass_distance
 from pgreembed.db import connect
 from pgreembed.schema import (
     create_state_table,
@@ -34,6 +35,7 @@ from pgreembed.schema import (
     install_triggers,
 )
 from pgreembed.slots import Slot, load_slots, vector_type_for
+from pgreembed.spend import SPEND_CAP
 from pgreembed.table_lock import LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class Plan:
     tokens_exact: bool
     cost_usd: float | None
     minutes_at_rate_limit: float | None
+    budget: Budget  # of the new model: what bounds the fill's speed
     storage_bytes: int
     column: str
     column_type: str
@@ -110,8 +113,9 @@ class Plan:
 
 
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
-         sample_limit: int = 100_000) -> Plan:
-    """What `start` would do and cost; changes nothing."""
+         sample_limit: int = 100_000, budget: Budget | None = None) -> Plan:
+    """What `start` would do and cost; changes nothing. `budget` is what `start` would be
+    given; the time estimate uses every budget of the new model (see pgreembed.budgets)."""
     from pgreembed.providers import make_provider
     from pgreembed.slots import text_expression
 
@@ -136,6 +140,9 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
                                     (f"{provider}:{model}@{dimensions}",)).fetchone()
         live = next(s for s in load_slots(conn, target) if s.role == "live")
         index_method, index_distance = index_defaults(conn, live)
+        budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
+        if provider == "openai":
+            budget = budget.tighter(recorded_budget(conn, provider, model))
     if empty:
         blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
                         " the swap waits for them (fix or delete them first)")
@@ -164,14 +171,14 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         f"ALTER TABLE ... RENAME {target.vector_column} TO {SWAP_COLUMN};"
         f" RENAME {column} TO {target.vector_column}; RENAME {SWAP_COLUMN} TO {column}; COMMIT;",
     ]
-    # The configured shared budgets bound the fill; without them only the workers do.
+    # The new model's shared budgets bound the fill; without them only the workers do.
     limits = []
-    if target.tokens_per_minute:
-        limits.append(tokens / target.tokens_per_minute)
-    if target.requests_per_minute:
-        limits.append(math.ceil(with_text / target.batch_size) / target.requests_per_minute)
-    minutes = max(limits) if limits else None
-    return Plan(total, empty, tokens, exact, cost, minutes, storage, column,
+    if budget.tokens_per_minute:
+        limits.append(tokens / budget.tokens_per_minute)
+    if budget.requests_per_minute:
+        limits.append(math.ceil(with_text / target.batch_size) / budget.requests_per_minute)
+    minutes = max(limits) if limits and provider == "openai" else None
+    return Plan(total, empty, tokens, exact, cost, minutes, budget, storage, column,
                 f"{kind}({dimensions})", statements, blockers, notes)
 
 
@@ -180,13 +187,18 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
 
 def start(settings: Settings, target: Target, provider: str, model: str,
           dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
-          policy: LockPolicy | None = None) -> Slot:
+          budget: Budget | None = None, policy: LockPolicy | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
-    With a spend cap, the scheduler pauses the migration once the tokens sent for
-    the new column cost that much (at the model's list price)."""
+    With a spend cap, the migration pauses once the tokens sent for the new column
+    cost that much (at the model's list price). A budget is recorded for the new
+    model, where every worker reads it (re-running start with another one updates it)."""
     if provider == "local" and dimensions != 384:
         raise MigrationError("the local model produces 384 dimensions")
+    budget = budget or Budget()
+    if budget and provider != "openai":
+        raise MigrationError("--requests-per-minute/--tokens-per-minute apply to the openai"
+                             " provider only")
     new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
     if batch_api and provider != "openai":
         raise MigrationError("--batch-api needs the openai provider")
@@ -197,6 +209,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         if existing is not None:
             slot = _slots_by_id(conn, target).get(existing.to_slot)
             if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
+                record_budget(conn, slot.model_id, budget)
                 return slot, False  # re-run after a crash: idempotent
             raise MigrationError(f"target {target.name!r} already has migration {existing.id}"
                                  f" ({existing.phase}); finish or cancel it first")
@@ -206,6 +219,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         if live.model_key == new_target.model_key:
             raise MigrationError(f"target {target.name!r} already uses {live.model_key}")
         model_id = ensure_model(conn, new_target)
+        record_budget(conn, model_id, budget)
         column = new_column_name(target, model_id)
         ensure_vector_column(conn, target, column, dimensions)
         row = conn.execute(
@@ -248,11 +262,55 @@ def _finish_start(settings: Settings, target: Target) -> None:
             ensure_pending_index(conn, slot)
 
 
-def set_paused(settings: Settings, target: Target, paused: bool) -> None:
+def pause(settings: Settings, target: Target) -> None:
+    """Stop filling (queued batches are dropped); a pause by the spend cap stays one."""
     with connect(settings.database_url) as conn:
         migration = _require_open(conn, target, "filling")
-        conn.execute("UPDATE pgreembed.slots SET paused = %s WHERE id = %s",
-                     (paused, migration.to_slot))
+        conn.execute("UPDATE pgreembed.slots SET paused = true,"
+                     " paused_by = CASE WHEN paused THEN paused_by ELSE 'operator' END"
+                     " WHERE id = %s", (migration.to_slot,))
+        conn.commit()
+
+
+class KeepCap:
+    """`resume` without --spend-cap: the cap stays as it is."""
+
+
+KEEP_CAP = KeepCap()
+
+
+def resume(settings: Settings, target: Target,
+           spend_cap_usd: float | None | KeepCap = KEEP_CAP) -> None:
+    """Fill again. A migration its spend cap paused resumes only with a raised cap
+    (`spend_cap_usd`) or none (None): with the same cap it would pause again at once."""
+    with connect(settings.database_url) as conn:
+        migration = _require_open(conn, target, "filling")
+        row = conn.execute(
+            "SELECT s.paused_by FROM pgreembed.migrations m JOIN pgreembed.slots s"
+            " ON s.id = m.to_slot WHERE m.id = %s FOR UPDATE OF m, s",
+            (migration.id,)).fetchone()
+        assert row is not None
+        _, spent, cap = spend(conn, migration.to_slot)
+        where = f"migration {migration.id} of {target.name!r}"
+        if isinstance(spend_cap_usd, float):
+            price = conn.execute("SELECT price_per_mtoken FROM pgreembed.migrations"
+                                 " WHERE id = %s", (migration.id,)).fetchone()
+            if not price or not price[0]:
+                raise MigrationError(f"{where}: no list price known for its model: a spend"
+                                     " cap cannot be enforced")
+            if spend_cap_usd <= spent:
+                raise MigrationError(f"{where}: --spend-cap {spend_cap_usd:g} is not above the"
+                                     f" ${spent:.6f} already spent; give a higher cap")
+        if not isinstance(spend_cap_usd, KeepCap):
+            conn.execute("UPDATE pgreembed.migrations SET spend_cap_usd = %s WHERE id = %s",
+                         (spend_cap_usd, migration.id))
+        elif row[0] == SPEND_CAP and cap is not None:
+            raise MigrationError(
+                f"{where} was paused by its spend cap: ${spent:.6f} spent of ${cap:.6f}."
+                f" Raise the cap to resume (pgreembed migrate resume --target {target.name}"
+                " --spend-cap USD), or remove it (--spend-cap none)")
+        conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                     " WHERE id = %s", (migration.to_slot,))
         conn.commit()
 
 
@@ -605,6 +663,7 @@ class Progress:
     tokens: int
     spend_usd: float
     spend_cap_usd: float | None
+    paused_by: str | None = None  # "operator" or "spend_cap"
 
 
 def spend(conn: psycopg.Connection, slot_id: int) -> tuple[int, float, float | None]:
@@ -629,10 +688,11 @@ def enforce_spend_cap(conn: psycopg.Connection, slot: Slot) -> bool:
     _, spent, cap = spend(conn, slot.id)
     if cap is None or spent < cap:
         return False
-    conn.execute("UPDATE pgreembed.slots SET paused = true WHERE id = %s", (slot.id,))
+    conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s WHERE id = %s",
+                 (SPEND_CAP, slot.id))
     conn.commit()
-    log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it or resume)",
-                slot.target.name, spent, cap)
+    log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it: migrate"
+                " resume --spend-cap USD)", slot.target.name, spent, cap)
     return True
 
 
@@ -653,9 +713,12 @@ def progress(settings: Settings, target: Target) -> Progress:
         assert row is not None
         indexes = column_indexes(conn, slot)
         tokens, spent, cap = spend(conn, migration.to_slot)
+        paused_by = conn.execute("SELECT paused_by FROM pgreembed.slots WHERE id = %s AND"
+                                 " paused", (slot.id,)).fetchone()
     total, done, failed, recent = (int(x) for x in row)
     rate = recent / 60.0
     left = total - done - failed
     eta = (left / rate) if rate > 0 else (0.0 if left == 0 else None)
     return Progress(migration, slot.vector_column, slot.model_key, total, done, failed, rate,
-                    eta, slot.paused, indexes, tokens, spent, cap)
+                    eta, slot.paused, indexes, tokens, spent, cap,
+                    paused_by[0] if paused_by else None)

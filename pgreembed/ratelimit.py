@@ -31,7 +31,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pgreembed.config import Settings
+from pgreembed.config import Budget, Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ class RateLimiter:
 
     def __init__(self, client: redis.Redis, name: str, *,
                  requests_per_minute: int | None = None, tokens_per_minute: int | None = None,
-                 window_seconds: float = 60.0, decrease: float = 0.5, min_factor: float = 0.1,
+                 budget: Callable[[], Budget] | None = None, window_seconds: float = 60.0,
+                 decrease: float = 0.5, min_factor: float = 0.1,
                  hold_seconds: float = 60.0, recover_per_second: float = 0.01,
                  cooldown_seconds: float = 5.0, namespace: str = "pgreembed",
                  sleep: Callable[[float], None] = time.sleep) -> None:
@@ -119,8 +120,10 @@ class RateLimiter:
         # Braces: all three keys live in the same Redis Cluster slot (one script touches them).
         base = f"{namespace}:ratelimit:{{{name}}}"
         self._keys = [f"{base}:log", f"{base}:window", f"{base}:adapt"]
-        self.requests_per_minute = requests_per_minute
-        self.tokens_per_minute = tokens_per_minute
+        # Fixed budgets, or a source asked before each request (budgets can change while
+        # workers run: a migration records its new model's budget in the bookkeeping).
+        fixed = Budget(requests_per_minute, tokens_per_minute)
+        self._budget = budget or (lambda: fixed)
         # The budgets are per `window_seconds` (tests use a short window; providers use 60 s).
         self._settings = [window_seconds, decrease, min_factor, hold_seconds,
                           recover_per_second, cooldown_seconds]
@@ -129,10 +132,20 @@ class RateLimiter:
         self._warned_at = 0.0
         self._warn_lock = threading.Lock()
 
-    def _call(self, mode: str, tokens: int = 0) -> float | None:
+    def budget(self) -> Budget:
+        """The budgets in force now (before any lowering after a 429)."""
+        return self._budget()
+
+    @property
+    def limited(self) -> bool:
+        """Whether requests are limited now (else they need no exact token count)."""
+        return bool(self._budget())
+
+    def _call(self, mode: str, tokens: int = 0, budget: Budget | None = None) -> float | None:
         window, *adaptive = self._settings
+        budget = budget or Budget()
         args: list[str | int | float] = [
-            mode, int(tokens), self.requests_per_minute or 0, self.tokens_per_minute or 0,
+            mode, int(tokens), budget.requests_per_minute or 0, budget.tokens_per_minute or 0,
             window, uuid.uuid4().hex, *adaptive]
         try:
             return float(self._script(keys=self._keys, args=args))
@@ -150,7 +163,10 @@ class RateLimiter:
 
     def reserve(self, tokens: int) -> float:
         """Book a request of `tokens` tokens; returns the seconds to wait before sending it."""
-        wait = self._call("acquire", tokens)
+        budget = self._budget()
+        if not budget:
+            return 0.0  # no budget names this model (now)
+        wait = self._call("acquire", tokens, budget)
         return 0.0 if wait is None else max(0.0, wait)
 
     def acquire(self, tokens: int) -> float:
@@ -179,21 +195,16 @@ class RateLimiter:
         return 1.0 if factor is None else factor
 
 
-def limiter_for_model(settings: Settings, provider: str, model: str,
-                      dimensions: int) -> RateLimiter | None:
-    """The shared limiter of one model, or None when no target sets a budget for it.
+def limiter_for_model(settings: Settings, provider: str, model: str) -> RateLimiter:
+    """The limiter of one model, shared by every worker through one Redis key per model.
 
-    Targets using the same model share one budget (the provider limits the
-    account per model); the smallest configured value wins.
+    Its budgets are those `pgreembed.budgets` finds for the model (config, and what
+    `migrate start` recorded), re-read while the worker runs.
     """
-    key = f"{provider}:{model}@{dimensions}"
-    targets = [t for t in settings.targets.values() if t.model_key == key]
-    rpm = min((t.requests_per_minute for t in targets if t.requests_per_minute), default=None)
-    tpm = min((t.tokens_per_minute for t in targets if t.tokens_per_minute), default=None)
-    if rpm is None and tpm is None:
-        return None
-    return RateLimiter(limiter_client(settings.redis_url), key, requests_per_minute=rpm,
-                       tokens_per_minute=tpm)
+    from pgreembed.budgets import ModelBudget
+
+    return RateLimiter(limiter_client(settings.redis_url), f"{provider}:{model}",
+                       budget=ModelBudget(settings, provider, model).current)
 
 
 def limiter_client(url: str) -> redis.Redis:

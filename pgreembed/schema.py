@@ -77,6 +77,19 @@ CREATE TABLE IF NOT EXISTS pgreembed.usage (
 CREATE INDEX IF NOT EXISTS usage_slot ON pgreembed.usage (slot_id, at);
 ALTER TABLE pgreembed.migrations ADD COLUMN IF NOT EXISTS spend_cap_usd numeric;
 ALTER TABLE pgreembed.migrations ADD COLUMN IF NOT EXISTS price_per_mtoken numeric;
+-- Spend caps: a batch's estimated tokens, held from before its request until its billed
+-- tokens are in pgreembed.usage (pgreembed/spend.py). Why a slot was paused.
+CREATE TABLE IF NOT EXISTS pgreembed.spend_reservations (
+    id bigserial PRIMARY KEY,
+    slot_id integer NOT NULL,
+    tokens bigint NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS spend_reservations_slot ON pgreembed.spend_reservations (slot_id);
+ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS paused_by text;
+-- Budgets recorded by `migrate start` for the model called (read by every worker).
+ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS requests_per_minute integer;
+ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS tokens_per_minute integer;
 -- What the application reads to know which column and model are live.
 CREATE OR REPLACE VIEW pgreembed.active_models AS
     SELECT s.target, s.schema_name, s.table_name, s.vector_column, m.provider,

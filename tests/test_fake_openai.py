@@ -282,6 +282,27 @@ def test_requests_per_minute_limiter(server: FakeOpenAIServer, client: openai.Op
     client.embeddings.create(input=["c"], model="fake-4")
 
 
+def test_model_limits_apply_to_that_model_only(server: FakeOpenAIServer,
+                                               client: openai.OpenAI) -> None:
+    server.set_faults(model_limits={"fake-8": {"requests_per_minute": 2,
+                                               "tokens_per_minute": 25}})
+    client.embeddings.create(input=["x" * 40], model="fake-8")  # 10 tokens
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.embeddings.create(input=["x" * 80], model="fake-8")  # 20: over 25
+    assert exc.value.type == "tokens" and "for fake-8" in exc.value.message
+    assert 55 < float(exc.value.response.headers["retry-after"]) <= 60
+    for _ in range(5):  # another model is not limited
+        client.embeddings.create(input=["x" * 80], model="fake-4")
+    client.embeddings.create(input=["x" * 40], model="fake-8")  # the 2nd request fits
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.embeddings.create(input=["x"], model="fake-8")
+    assert exc.value.type == "requests"
+    with pytest.raises(ValueError, match="positive integer"):
+        server.set_faults(model_limits={"fake-8": {"tokens_per_minute": 0}})
+    with pytest.raises(ValueError, match="requests_per_minute"):
+        server.set_faults(model_limits={"fake-8": {"rpm": 5}})
+
+
 def test_stats(server: FakeOpenAIServer, client: openai.OpenAI) -> None:
     client.embeddings.create(input=["a", "b", "a"], model="fake-4")
     client.embeddings.create(input="abcdefgh", model="fake-4")

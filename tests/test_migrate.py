@@ -335,11 +335,12 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
         conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
         conn.execute("INSERT INTO docs SELECT g, repeat('x', 40) FROM generate_series(1, 100) g")
         conn.execute("INSERT INTO docs VALUES (101, '  ')")
-    settings = parse_settings({"target": [{
+    document = {"target": [{
         "name": "docs", "table": "docs", "text_column": "body", "vector_column": "embedding",
         "provider": "openai", "model": "fake-384", "dimensions": 384,
-        "tokens_per_minute": 1000, "batch_size": 10}]},
-        {"DATABASE_URL": database_url, "OPENAI_BASE_URL": fake_openai.base_url})
+        "tokens_per_minute": 1000, "batch_size": 10}]}
+    env = {"DATABASE_URL": database_url, "OPENAI_BASE_URL": fake_openai.base_url}
+    settings = parse_settings(document, env)
     target = settings.target("docs")
     init_target(database_url, target)
     with psycopg.connect(database_url) as conn:
@@ -357,7 +358,20 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
         ["x" * 40])[0]  # tiktoken when its encoding is cached, else the byte upper bound
     assert p.tokens_exact and p.tokens == 100 * per_row
     assert p.cost_usd is not None and abs(p.cost_usd - p.tokens / 1e6 * 0.13) < 1e-9
-    assert p.minutes_at_rate_limit == p.tokens / 1000
+    # The target's budget is fake-384's, not the new model's: no estimate from it...
+    assert p.minutes_at_rate_limit is None
+    # ...the new model's budgets are: what start would record, and the config's.
+    from pgreembed.config import Budget
+
+    with_budget = migration.plan(settings, target, "openai", "text-embedding-3-large", 3072,
+                                 budget=Budget(tokens_per_minute=2000))
+    assert with_budget.minutes_at_rate_limit == p.tokens / 2000
+    limited = parse_settings({**document, "rate_limits": {
+        "text-embedding-3-large": {"tokens_per_minute": 500, "requests_per_minute": 1}}}, env)
+    tighter = migration.plan(limited, target, "openai", "text-embedding-3-large", 3072,
+                             budget=Budget(tokens_per_minute=2000))
+    assert tighter.budget == Budget(1, 500)
+    assert tighter.minutes_at_rate_limit == max(p.tokens / 500, 10 / 1)  # 10 batches of 10
     assert p.column_type == "halfvec(3072)" and any("halfvec" in n for n in p.notes)
     assert any("1 rows have no text" in b for b in p.blockers)
     assert p.storage_bytes == 101 * (2 * 3072 + 8)

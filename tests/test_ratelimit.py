@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import psycopg
 import pytest
 import redis
 
@@ -197,25 +198,98 @@ def test_worker_fleet_stays_under_server_token_limit(stack: Stack,
                                    atol=1e-6)
 
 
-def test_budgets_are_validated_and_shared_per_model(redis_url: str) -> None:
-    from pgreembed.config import ConfigError, parse_settings
+def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """The account limits the NEW model only; `migrate start --tokens-per-minute` records
+    its budget, and a real scheduler and worker fleet fill it without a 429 storm."""
+    rows, server_rows = 400, 200  # the server admits 200 rows' tokens of fake-768 per minute
+    texts = [f"r{i:05d}\n" + f"body of row {i:05d} ".ljust(TEXT_BYTES - 7, ".")
+             for i in range(rows)]
+    server_tpm = server_rows * fake_token_count(texts[0])
+    provider = OpenAIProvider("fake-768", 768, api_key=API_KEY, base_url=fake_openai.base_url)
+    ours_per_theirs = provider.count_tokens(texts[:1])[0] / fake_token_count(texts[0])
+    our_tpm = int(0.9 * server_tpm * ours_per_theirs)
+    budget_rows = int(0.9 * server_rows)
+    stack.config_path.write_text(docs_config(batch_size=20, max_inflight_rows=2048))
+    with stack.connect() as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)",
+                        [tuple(t.split("\n", 1)) for t in texts])
+    assert stack.cli("init").returncode == 0
+    worker = stack.start_worker(processes=2, threads=4)
+    stack.start_scheduler()
+    wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= rows, timeout=60,
+             message="the live column (fake-384, not limited) to be filled")
+    fake_openai.reset()
+    fake_openai.set_faults(model_limits={"fake-768": {"tokens_per_minute": server_tpm}})
+    try:
+        started = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
+                            "--dimensions", "768", "--tokens-per-minute", str(our_tpm))
+        assert started.returncode == 0, started.stdout + started.stderr
+        wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= budget_rows, timeout=40,
+                 message="the new model's first minute of budget to be used")
+        time.sleep(3)  # every worker now waits for the window to slide (or storms)
+        stats = fake_openai.stats()
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)  # threads sleep up to a minute for budget
+        worker.wait(10)
+    print(f"\nmigration rate limit: {stats['inputs_embedded']} rows of fake-768 in the first"
+          f" minute (budget {budget_rows}, server {server_rows}),"
+          f" statuses {stats['status_counts']}")
+    assert stats["status_counts"].get("429", 0) <= 3, stats["status_counts"]
+    assert stats["inputs_embedded"] == budget_rows  # the budget is used, not exceeded
+    status = stack.cli("migrate", "status", "--target", "docs", "--json")
+    assert json.loads(status.stdout)["done"] == budget_rows
+
+
+def test_budgets_are_validated_and_belong_to_the_model_called(
+        database_url: str, redis_url: str) -> None:
+    from pgreembed.budgets import configured_budget, record_budget
+    from pgreembed.config import Budget, ConfigError, parse_settings
+    from pgreembed.db import close_pools, connect
     from pgreembed.ratelimit import limiter_for_model
+    from pgreembed.schema import ensure_model, init_target
 
     def target(name: str, **extra: object) -> dict[str, object]:
-        return {"name": name, "table": name, "text_column": "body", "vector_column": "v",
+        return {"name": name, "table": "docs", "text_column": "body", "vector_column": "v",
                 "provider": "openai", "model": "fake-384", "dimensions": 384, **extra}
 
-    env = {"DATABASE_URL": "postgresql:///x", "REDIS_URL": redis_url}
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
     for value, message in [("many", "must be an integer, got 'many'"), (0, "must be > 0"),
                            (True, "must be an integer")]:
         with pytest.raises(ConfigError, match="target 'a'.tokens_per_minute: " + message):
             parse_settings({"target": [target("a", tokens_per_minute=value)]}, env)
-    settings = parse_settings({"target": [
-        target("a", requests_per_minute=500, tokens_per_minute=90_000),
-        target("b", tokens_per_minute=50_000),
-        target("c", model="other-384"),
-    ]}, env)
-    shared = limiter_for_model(settings, "openai", "fake-384", 384)
-    assert shared is not None
-    assert (shared.requests_per_minute, shared.tokens_per_minute) == (500, 50_000)
-    assert limiter_for_model(settings, "openai", "other-384", 384) is None
+        with pytest.raises(ConfigError, match=r"rate_limits.'big'.tokens_per_minute: "
+                                              + message):
+            parse_settings({"target": [target("a")],
+                            "rate_limits": {"big": {"tokens_per_minute": value}}}, env)
+    with pytest.raises(ConfigError, match=r"rate_limits.'big': unknown field\(s\) rpm"):
+        parse_settings({"target": [target("a")], "rate_limits": {"big": {"rpm": 5}}}, env)
+    settings = parse_settings({
+        "target": [target("a", requests_per_minute=500, tokens_per_minute=90_000),
+                   target("b", tokens_per_minute=50_000, dimensions=128),
+                   target("c", model="other-384")],
+        "rate_limits": {"fake-384": {"requests_per_minute": 700},
+                        "big-3072": {"tokens_per_minute": 9_000}}}, env)
+    # Targets of one model (any dimensions) and its rate_limits table: the smallest wins.
+    assert configured_budget(settings, "openai", "fake-384") == Budget(500, 50_000)
+    assert configured_budget(settings, "openai", "big-3072") == Budget(None, 9_000)
+    assert not configured_budget(settings, "openai", "other-384")
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    init_target(database_url, settings.target("a"))
+    try:
+        other = limiter_for_model(settings, "openai", "other-384")
+        big = limiter_for_model(settings, "openai", "big-3072")
+        assert not other.limited and other.reserve(10**9) == 0.0
+        assert big.budget() == Budget(None, 9_000)
+        # What `migrate start --requests-per-minute` records reaches limiters built later...
+        with connect(database_url) as conn:
+            model = settings.target("c")
+            record_budget(conn, ensure_model(conn, model), Budget(40, None))
+            conn.commit()
+        assert limiter_for_model(settings, "openai", "other-384").budget() == Budget(40, None)
+        # ...and one-key-per-model limiters: both use the Redis key of the model name.
+        assert other.name == "openai:other-384" and big.name == "openai:big-3072"
+    finally:
+        close_pools()

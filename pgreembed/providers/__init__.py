@@ -44,5 +44,5 @@ def _build(settings: Settings, provider: str, model: str, dimensions: int) -> Pr
                               base_url=settings.openai_base_url,
                               timeout=settings.request_timeout,
                               max_retry_seconds=settings.provider_retry_seconds,
-                              limiter=limiter_for_model(settings, provider, model, dimensions))
+                              limiter=limiter_for_model(settings, provider, model))
     raise FatalProviderError(f"unknown provider {provider!r}")

@@ -7,7 +7,8 @@ and 404 are never retried. Vectors come back as base64 (much faster to parse);
 the tokens billed are the response's `usage`, so texts are run through tiktoken
 only when something needs an exact count before sending.
 With a shared `RateLimiter`, every attempt first waits for room in the
-model's budget, and a 429 lowers that budget for every worker.
+budget of the model called (see `pgreembed.budgets`), and a 429 lowers that
+budget for every worker.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class OpenAIProvider:
 
     def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
         try:
-            if self._limiter is not None and tokens is None:
+            if self._limiter is not None and self._limiter.limited and tokens is None:
                 tokens = sum(self.count_tokens(texts))
             vectors, billed = self._retrying(self._request, list(texts), tokens or 0)
         except openai.BadRequestError as exc:
@@ -181,7 +182,8 @@ class OpenAIProvider:
             raw = self._client.post("/embeddings", body=body,
                                     cast_to=openai.HttpxBinaryResponseContent).content
         except openai.RateLimitError as exc:
-            if self._limiter is not None and not is_quota_error(exc):
+            if (self._limiter is not None and self._limiter.limited
+                    and not is_quota_error(exc)):
                 self._limiter.report_rate_limited()
             raise
         return decode_embeddings(raw, len(texts), self.dimensions)

@@ -3,8 +3,8 @@
 Tests, the demo and benchmarks talk to it over real HTTP with the real ``openai``
 client, so retries, timeouts, batching and error handling are exercised end to end
 without network access or cost. Faults (429s, 500s, timeouts, wrong dimensions,
-poison inputs, TPM/RPM limits, requests held until released) can be injected from
-Python or over HTTP.
+poison inputs, TPM/RPM limits global or per model, requests held until released, one
+model slowed) can be injected from Python or over HTTP.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import typing
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -119,6 +119,9 @@ class Faults:
     bad_input_marker: str | None = None
     tokens_per_minute: int | None = None
     requests_per_minute: int | None = None
+    # Limits of one model on top of the global ones, like an account limited per model:
+    # {"text-embedding-3-large": {"tokens_per_minute": 1000, "requests_per_minute": 5}}.
+    model_limits: dict[str, dict[str, int]] = field(default_factory=dict)
     batch_delay: float = 0.0
     # The next N 401 answers quote the rejected key, as some servers do: lets a test
     # prove the client side redacts what a server echoes back.
@@ -135,12 +138,32 @@ _FAULT_TYPES = typing.get_type_hints(Faults)
 def _coerce(name: str, value: Any) -> Any:
     """Check a fault value from JSON/kwargs, so a bad one fails at set time, not later."""
     hint = _FAULT_TYPES[name]
+    if name == "model_limits":
+        return _coerce_model_limits(value)
     if value is None and type(None) in typing.get_args(hint):
         return None
     kind = next(t for t in (int, float, str) if t is hint or t in typing.get_args(hint))
     if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
         raise ValueError(f"fault {name!r} must be {kind.__name__}, got {value!r}")
     return kind(value)
+
+
+def _coerce_model_limits(value: Any) -> dict[str, dict[str, int]]:
+    """{model: {"requests_per_minute"|"tokens_per_minute": positive int}}, checked."""
+    if not isinstance(value, dict):
+        raise ValueError(f"fault 'model_limits' must be an object, got {value!r}")
+    checked: dict[str, dict[str, int]] = {}
+    for model, limits in value.items():
+        if not isinstance(limits, dict) or not set(limits) <= {"requests_per_minute",
+                                                               "tokens_per_minute"}:
+            raise ValueError(f"fault 'model_limits'[{model!r}] must map requests_per_minute"
+                             f" and/or tokens_per_minute to integers, got {limits!r}")
+        for key, limit in limits.items():
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+                raise ValueError(f"fault 'model_limits'[{model!r}].{key} must be a positive"
+                                 f" integer, got {limit!r}")
+        checked[str(model)] = dict(limits)
+    return checked
 
 
 @dataclass(frozen=True)
@@ -283,7 +306,9 @@ class FakeOpenAIServer:
         self._faults = Faults()
         self._stats = self._empty_stats()
         self._in_flight = 0
-        self._window: deque[tuple[float, int]] = deque()  # (admitted at, tokens)
+        # Sliding windows of admitted requests, (admitted at, tokens): the global one
+        # under the key None, and one per model named in `model_limits`.
+        self._windows: dict[str | None, deque[tuple[float, int]]] = {}
         self._files: dict[str, tuple[dict[str, Any], bytes]] = {}
         self._batches: dict[str, dict[str, Any]] = {}
         self._httpd = _HTTPServer((host, port), _Handler)
@@ -338,7 +363,7 @@ class FakeOpenAIServer:
         with self._lock:
             self._faults = Faults()
             self._stats = self._empty_stats()
-            self._window.clear()
+            self._windows.clear()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -470,34 +495,31 @@ class FakeOpenAIServer:
         return ApiError(429, message, kind, "rate_limit_exceeded", None, headers)
 
     def _admit(self, body: object) -> None:
-        """Sliding 60 s window for RPM/TPM; rejected requests don't use budget."""
+        """Sliding 60 s windows for RPM/TPM, global and per model; a rejected request
+        uses no budget of either."""
         tokens = sum(fake_token_count(s) for s in _string_inputs(body))
+        model = body.get("model") if isinstance(body, dict) else None
         with self._lock:
-            rpm, tpm = self._faults.requests_per_minute, self._faults.tokens_per_minute
-            if not rpm and not tpm:
-                return
+            limits: list[tuple[str | None, int | None, int | None]] = [
+                (None, self._faults.requests_per_minute, self._faults.tokens_per_minute)]
+            per_model = self._faults.model_limits.get(model) if isinstance(model, str) else None
+            if per_model:
+                limits.append((model, per_model.get("requests_per_minute"),
+                               per_model.get("tokens_per_minute")))
             now = time.monotonic()
-            while self._window and self._window[0][0] <= now - 60:
-                self._window.popleft()
-            wait, kind, limit = 0.0, "", 0
-            if rpm and len(self._window) >= rpm:
-                wait = self._window[len(self._window) - rpm][0] + 60 - now
-                kind, limit = "requests", rpm
-            used = sum(n for _, n in self._window)
-            if tpm and used + tokens > tpm:
-                token_wait, freed = 60.0, 0  # 60 s if the request can never fit
-                for admitted_at, n in self._window:
-                    freed += n
-                    if used - freed + tokens <= tpm:
-                        token_wait = admitted_at + 60 - now
-                        break
-                wait, kind, limit = max(wait, token_wait), "tokens", tpm
-            if not kind:
-                self._window.append((now, tokens))
+            windows = [(key, self._windows.setdefault(key, deque()), rpm, tpm)
+                       for key, rpm, tpm in limits if rpm or tpm]
+            refused = next(((key, refusal) for key, window, rpm, tpm in windows
+                            if (refusal := _refusal(window, rpm, tpm, tokens, now))), None)
+            if refused is None:
+                for _, window, _, _ in windows:
+                    window.append((now, tokens))
                 return
+        key, (wait, kind, limit, used) = refused
         unit = "RPM" if kind == "requests" else "TPM"
+        scope = f" for {model}" if key is not None else ""
         raise self._rate_limited(
-            kind, f"Rate limit reached on {kind} per min ({unit}): Limit {limit}, "
+            kind, f"Rate limit reached{scope} on {kind} per min ({unit}): Limit {limit}, "
             f"Used {used}, Requested {tokens}. Please try again in {wait:.3f}s.",
             round(wait, 3), math.ceil(wait * 1000))
 
@@ -586,6 +608,28 @@ class FakeOpenAIServer:
             return exc.status, exc.body()
         self._record_success(req)
         return 200, embedding_response(req)
+
+
+def _refusal(window: deque[tuple[float, int]], rpm: int | None, tpm: int | None, tokens: int,
+             now: float) -> tuple[float, str, int, int] | None:
+    """(seconds to wait, "requests"|"tokens", limit, tokens used) when a request of
+    `tokens` does not fit the 60 s `window` now; None when it does."""
+    while window and window[0][0] <= now - 60:
+        window.popleft()
+    wait, kind, limit = 0.0, "", 0
+    if rpm and len(window) >= rpm:
+        wait = window[len(window) - rpm][0] + 60 - now
+        kind, limit = "requests", rpm
+    used = sum(n for _, n in window)
+    if tpm and used + tokens > tpm:
+        token_wait, freed = 60.0, 0  # 60 s if the request can never fit
+        for admitted_at, n in window:
+            freed += n
+            if used - freed + tokens <= tpm:
+                token_wait = admitted_at + 60 - now
+                break
+        wait, kind, limit = max(wait, token_wait), "tokens", tpm
+    return (wait, kind, limit, used) if kind else None
 
 
 def _parse_batch_file(data: bytes) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
