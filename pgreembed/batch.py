@@ -72,6 +72,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         current = lock_slot(conn, target, slot_id, "ROW EXCLUSIVE")
         if current is None:  # its column was dropped meanwhile (cancel, finalize)
             record_usage(conn, slot, len(embedded), outcome.tokens)
+            reservation.settle(conn)
             return BatchReport(len(keys), len(rows), 0, 0, 0)
         slot = current
         written = write_vectors(conn, slot, embedded)
