@@ -12,10 +12,11 @@ vector is below the tolerance.
 Default tolerance 0.99. What a correct vector can differ by: float16 storage of a
 `halfvec` column (cosine ~1 - 1e-6), the local int8 model on another CPU or thread
 count (>= 0.999, its measured agreement with the torch reference), and remote APIs,
-which are slightly non-deterministic (repeated OpenAI calls agree to ~0.9999, rarely
-lower). What a wrong vector scores: another model's vector is unrelated (~0), another
-text's vector from the same model 0.3-0.95 even for related texts. 0.99 sits between
-the two with a margin on both sides; raise it for a deterministic local model.
+which are slightly non-deterministic (repeated OpenAI calls are reported to agree to
+~0.9999, rarely lower). What a wrong vector scores: another model's vector is
+unrelated (~0), another text's vector from the same model typically 0.3-0.95 even for
+related texts. 0.99 sits between the two with a margin on both sides; raise it for a
+deterministic local model.
 
 Sampling: a table larger than 20x the sample is read through `TABLESAMPLE SYSTEM`
 (a few random pages, no full scan), oversampled 5x to allow for pending rows, and
