@@ -391,7 +391,8 @@ class _Doctor:
         for name, _method, valid, _opclasses, _on_vector, building in rows:
             if valid:
                 continue
-            drop = f"DROP INDEX CONCURRENTLY {target.schema}.{name}"
+            drop = self.statement(sql.SQL("DROP INDEX CONCURRENTLY {};").format(
+                sql.Identifier(target.schema, name)))
             if building:
                 self.add(WARN, target.name, "index_invalid", f"index {name} on {qualified} is"
                          " being built (CREATE INDEX CONCURRENTLY in progress)")
@@ -402,28 +403,47 @@ class _Doctor:
             else:
                 self.add(ERROR, target.name, "index_invalid", f"index {name} on {qualified} is"
                          " INVALID (left by a failed CREATE INDEX CONCURRENTLY): it is updated"
-                         f" on every write but never used; `{drop}` and build it again")
+                         f" on every write but never used; `{drop}` and build it again",
+                         {"sql": [drop]})
         ann = [r for r in rows if r[1] in ANN_METHODS and r[4]]
         valid_ann = [r for r in ann if r[2]]
         distance = target.distance
         operator = DISTANCES[distance]
         wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
         if not valid_ann:
+            create = self._create_index(target, "hnsw", wanted_ops, ext)
             self.add(WARN, target.name, "index", f"{where} has no valid HNSW or IVFFlat index:"
-                     " every similarity search scans the whole table; e.g. CREATE INDEX"
-                     f" CONCURRENTLY ON {qualified} USING hnsw ({target.vector_column}"
-                     f" {wanted_ops})")
+                     f" every similarity search scans the whole table; e.g. `{create}`",
+                     {"sql": [create]})
             return
+        served = any(opclass_distance(str(o)) == distance
+                     for r in valid_ann for o in r[3])
         for name, method, _valid, opclasses, _on_vector, _building in valid_ann:
             ops = ", ".join(opclasses)
             if any(opclass_distance(str(o)) == distance for o in opclasses):
                 self.add(OK, target.name, "index_opclass", f"{where}: index {name} ({method}"
                          f" {ops}) matches the {distance} distance ({operator})")
+            elif served:
+                self.add(WARN, target.name, "index_opclass", f"{where}: index {name} uses"
+                         f" {ops}, not the target's {distance} distance (another index serves"
+                         f" {operator}): it slows every write; drop it unless something"
+                         " queries with its operator")
             else:
+                create = self._create_index(target, str(method), wanted_ops, ext)
                 self.add(WARN, target.name, "index_opclass", f"{where}: index {name} uses"
                          f" {ops}, but the target's distance is {distance}: queries ordering"
-                         f" by {operator} cannot use it; build one with {wanted_ops}")
+                         f" by {operator} cannot use it; build one with {wanted_ops}:"
+                         f" `{create}`", {"sql": [create]})
         self._hints(target, ext, {r[1] for r in valid_ann})
+
+    def _create_index(self, target: Target, method: str, opclass: str, ext: _Extension
+                      ) -> str:
+        """The advised ANN index (the opclass qualified by pgvector's schema)."""
+        return self.statement(sql.SQL(
+            "CREATE INDEX CONCURRENTLY ON {table} USING {method} ({column} {opclass});"
+        ).format(table=sql.Identifier(target.schema, target.table),
+                 method=sql.Identifier(method), column=sql.Identifier(target.vector_column),
+                 opclass=sql.Identifier(ext.schema, opclass)))
 
     def verify(self, target: Target, rows: int, tolerance: float,
                announce: Callable[[str], None]) -> None:

@@ -107,6 +107,7 @@ class Plan:
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
          sample_limit: int = 100_000) -> Plan:
     """What `start` would do and cost; changes nothing."""
+    from pgreembed.plan_sql import migration_statements
     from pgreembed.providers import make_provider
     from pgreembed.slots import text_expression
 
@@ -129,8 +130,16 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         ).format(text, table, text), (sample_limit,))]
         model_id_row = conn.execute("SELECT id FROM pgreembed.models WHERE key = %s",
                                     (f"{provider}:{model}@{dimensions}",)).fetchone()
-        live = next(s for s in load_slots(conn, target) if s.role == "live")
+        live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+        if live is None:
+            raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
         index_method, index_distance = index_defaults(conn, live)
+        column = (new_column_name(target, model_id_row[0]) if model_id_row
+                  else f"{target.vector_column}__m<id>")
+        statements = migration_statements(
+            conn, live, column, f"{kind}({dimensions})", index_method,
+            f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
+            SWAP_COLUMN)
     if empty:
         blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
                         " the swap waits for them (fix or delete them first)")
@@ -143,22 +152,6 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     cost = None if price is None else tokens / 1e6 * price
     element = 2 if kind == "halfvec" else 4
     storage = total * (element * dimensions + 8)
-    column = new_column_name(target, model_id_row[0] if model_id_row else 0)
-    if not model_id_row:
-        column = f"{target.vector_column}__m<id>"
-    statements = [
-        f"ALTER TABLE {target.schema}.{target.table} ADD COLUMN {column}"
-        f" {kind}({dimensions});",
-        f"CREATE INDEX CONCURRENTLY pgreembed_pending_<slot> ON {target.schema}.{target.table}"
-        f" ({{pk}}) WHERE {column} IS NULL;",
-        "-- filling: the scheduler and workers embed every row into the new column",
-        f"CREATE INDEX CONCURRENTLY pgreembed_ann_<slot> ON {target.schema}.{target.table}"
-        f" USING {index_method} ({column} {kind}_{index_distance}_ops);"
-        " -- `migrate index`: method and distance of the live column's index",
-        "BEGIN; SET LOCAL lock_timeout = '2s'; -- swap: exchange column and index names",
-        f"ALTER TABLE ... RENAME {target.vector_column} TO {SWAP_COLUMN};"
-        f" RENAME {column} TO {target.vector_column}; RENAME {SWAP_COLUMN} TO {column}; COMMIT;",
-    ]
     # The configured shared budgets bound the fill; without them only the workers do.
     limits = []
     if target.tokens_per_minute:
