@@ -474,11 +474,12 @@ class _Doctor:
                      f" {result.sampled} sampled rows hold a vector that is not their text's"
                      f" under this model (cosine similarity below {result.tolerance}): rows"
                      f" {shown}{f' and {more} more' if more > 0 else ''}; clear their vectors"
-                     " to have them re-embedded", details)
+                     f" to have them re-embedded ({result.tokens_billed:,} tokens billed)",
+                     details)
         else:
             self.add(OK, target.name, "verify", f"{where}: all {result.sampled} sampled rows"
-                     f" match a fresh embedding (cosine similarity >= {result.tolerance})",
-                     details)
+                     f" match a fresh embedding (cosine similarity >= {result.tolerance};"
+                     f" {result.tokens_billed:,} tokens billed)", details)
         if result.not_embeddable:
             self.add(WARN, target.name, "verify", f"{where}: {len(result.not_embeddable)}"
                      " sampled rows could not be embedded again: " + "; ".join(

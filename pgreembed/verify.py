@@ -140,8 +140,9 @@ def verify_slot(conn: psycopg.Connection, settings: Settings, slot: Slot, size: 
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
     texts = [text or "" for _, text, _ in sampled]
     result.tokens_counted = sum(provider.count_tokens(texts))
-    announce(f"verify: {where} ({slot.model_key}): re-embedding {len(sampled)} sampled rows,"
-             f" {result.tokens_counted:,} tokens")
+    announce(f"verify: {where} ({slot.model_key}): re-embedding {len(sampled)} sampled rows:"
+             f" {result.tokens_counted:,} tokens or fewer (the tokenizer's count, or a byte"
+             " upper bound without it)")
     stored = {key: vector for key, _, vector in sampled}
     outcome = embed_rows([Row(key, text, None) for key, text, _ in sampled], provider,
                          truncate=slot.target.truncate)
