@@ -8,7 +8,11 @@ every write but never used), an index whose operator class does not match the
 distance the app queries with, and a worker fleet that needs more Postgres
 connections than the server allows. The session is read-only
 (`default_transaction_read_only`) with a statement timeout, so it is safe to
-run against production at any time.
+run against production at any time. `--verify N` also re-embeds a sample of
+rows and compares (see `pgreembed.verify`); that costs tokens, so it is opt-in.
+
+Every SQL statement it advises is composed with psycopg.sql and rendered with
+the connection's quoting, so it is safe to paste whatever the names are.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -27,6 +32,7 @@ from pgreembed.config import DISTANCES, Settings, Target, opclass_distance
 from pgreembed.db import connect
 from pgreembed.redact import redact
 from pgreembed.slots import load_slots, registry_exists, text_expression, vector_type_for
+from pgreembed.verify import DEFAULT_TOLERANCE, ColumnVerification, verify_slots
 
 OK, WARN, ERROR = "ok", "warn", "error"
 LEVELS = (OK, WARN, ERROR)
@@ -37,15 +43,23 @@ ANN_METHODS = ("hnsw", "ivfflat")
 
 @dataclass(frozen=True)
 class Finding:
-    """One result: `level` is ok, warn or error; `target` is None for server-wide checks."""
+    """One result: `level` is ok, warn or error; `target` is None for server-wide checks.
+
+    `details` carries what a program needs beyond the message (the SQL advised,
+    the rows a verification disagrees on); omitted from JSON when there is none."""
 
     level: str
     target: str | None
     check: str
     message: str
+    details: Mapping[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        found: dict[str, Any] = {"level": self.level, "target": self.target,
+                                 "check": self.check, "message": self.message}
+        if self.details is not None:
+            found["details"] = dict(self.details)
+        return found
 
 
 @dataclass(frozen=True)
@@ -84,8 +98,13 @@ class _Doctor:
         self.worker_processes = worker_processes
         self.findings: list[Finding] = []
 
-    def add(self, level: str, target: str | None, check: str, message: str) -> None:
-        self.findings.append(Finding(level, target, check, message))
+    def add(self, level: str, target: str | None, check: str, message: str,
+            details: Mapping[str, Any] | None = None) -> None:
+        self.findings.append(Finding(level, target, check, message, details))
+
+    def statement(self, query: sql.Composable) -> str:
+        """SQL to print as advice, quoted by this connection: safe to paste as is."""
+        return query.as_string(self.conn)
 
     def guarded(self, target: str | None, check: str, run: Callable[[], None]) -> None:
         """Run one check; a failure or timeout becomes a finding, the others still run."""
@@ -372,7 +391,8 @@ class _Doctor:
         for name, _method, valid, _opclasses, _on_vector, building in rows:
             if valid:
                 continue
-            drop = f"DROP INDEX CONCURRENTLY {target.schema}.{name}"
+            drop = self.statement(sql.SQL("DROP INDEX CONCURRENTLY {};").format(
+                sql.Identifier(target.schema, name)))
             if building:
                 self.add(WARN, target.name, "index_invalid", f"index {name} on {qualified} is"
                          " being built (CREATE INDEX CONCURRENTLY in progress)")
@@ -383,28 +403,88 @@ class _Doctor:
             else:
                 self.add(ERROR, target.name, "index_invalid", f"index {name} on {qualified} is"
                          " INVALID (left by a failed CREATE INDEX CONCURRENTLY): it is updated"
-                         f" on every write but never used; `{drop}` and build it again")
+                         f" on every write but never used; `{drop}` and build it again",
+                         {"sql": [drop]})
         ann = [r for r in rows if r[1] in ANN_METHODS and r[4]]
         valid_ann = [r for r in ann if r[2]]
         distance = target.distance
         operator = DISTANCES[distance]
         wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
         if not valid_ann:
+            create = self._create_index(target, "hnsw", wanted_ops, ext)
             self.add(WARN, target.name, "index", f"{where} has no valid HNSW or IVFFlat index:"
-                     " every similarity search scans the whole table; e.g. CREATE INDEX"
-                     f" CONCURRENTLY ON {qualified} USING hnsw ({target.vector_column}"
-                     f" {wanted_ops})")
+                     f" every similarity search scans the whole table; e.g. `{create}`",
+                     {"sql": [create]})
             return
+        served = any(opclass_distance(str(o)) == distance
+                     for r in valid_ann for o in r[3])
         for name, method, _valid, opclasses, _on_vector, _building in valid_ann:
             ops = ", ".join(opclasses)
             if any(opclass_distance(str(o)) == distance for o in opclasses):
                 self.add(OK, target.name, "index_opclass", f"{where}: index {name} ({method}"
                          f" {ops}) matches the {distance} distance ({operator})")
+            elif served:
+                self.add(WARN, target.name, "index_opclass", f"{where}: index {name} uses"
+                         f" {ops}, not the target's {distance} distance (another index serves"
+                         f" {operator}): it slows every write; drop it unless something"
+                         " queries with its operator")
             else:
+                create = self._create_index(target, str(method), wanted_ops, ext)
                 self.add(WARN, target.name, "index_opclass", f"{where}: index {name} uses"
                          f" {ops}, but the target's distance is {distance}: queries ordering"
-                         f" by {operator} cannot use it; build one with {wanted_ops}")
+                         f" by {operator} cannot use it; build one with {wanted_ops}:"
+                         f" `{create}`", {"sql": [create]})
         self._hints(target, ext, {r[1] for r in valid_ann})
+
+    def _create_index(self, target: Target, method: str, opclass: str, ext: _Extension
+                      ) -> str:
+        """The advised ANN index (the opclass qualified by pgvector's schema)."""
+        return self.statement(sql.SQL(
+            "CREATE INDEX CONCURRENTLY ON {table} USING {method} ({column} {opclass});"
+        ).format(table=sql.Identifier(target.schema, target.table),
+                 method=sql.Identifier(method), column=sql.Identifier(target.vector_column),
+                 opclass=sql.Identifier(ext.schema, opclass)))
+
+    def verify(self, target: Target, rows: int, tolerance: float,
+               announce: Callable[[str], None]) -> None:
+        """Re-embed a sample of every column being kept filled and compare (error if off)."""
+        if not registry_exists(self.conn):
+            self.add(WARN, target.name, "verify", "pgreembed bookkeeping not found: nothing"
+                     " to verify (run `pgreembed init`)")
+            return
+        slots = load_slots(self.conn, target)
+        if not slots:
+            self.add(WARN, target.name, "verify", f"target {target.name} is not initialised:"
+                     " nothing to verify")
+            return
+        for result in verify_slots(self.conn, self.settings, slots, rows, tolerance, announce):
+            self._verified(target, result)
+
+    def _verified(self, target: Target, result: ColumnVerification) -> None:
+        where = f"{target.schema}.{target.table}.{result.column} ({result.role}, {result.model})"
+        details = result.as_dict()
+        if result.error is not None:
+            self.add(ERROR, target.name, "verify", f"{where}: could not re-embed the sample:"
+                     f" {result.error}", details)
+            return
+        if result.disagreements:
+            shown = ", ".join(f"{d.key} ({d.cosine:.4f})" for d in result.disagreements[:20])
+            more = len(result.disagreements) - 20
+            self.add(ERROR, target.name, "verify", f"{where}: {len(result.disagreements)} of"
+                     f" {result.sampled} sampled rows hold a vector that is not their text's"
+                     f" under this model (cosine similarity below {result.tolerance}): rows"
+                     f" {shown}{f' and {more} more' if more > 0 else ''}; clear their vectors"
+                     f" to have them re-embedded ({result.tokens_billed:,} tokens billed)",
+                     details)
+        else:
+            self.add(OK, target.name, "verify", f"{where}: all {result.sampled} sampled rows"
+                     f" match a fresh embedding (cosine similarity >= {result.tolerance};"
+                     f" {result.tokens_billed:,} tokens billed)", details)
+        if result.not_embeddable:
+            self.add(WARN, target.name, "verify", f"{where}: {len(result.not_embeddable)}"
+                     " sampled rows could not be embedded again: " + "; ".join(
+                         f"row {key}: {reason}" for key, reason in result.not_embeddable[:5]),
+                     details)
 
     def _hints(self, target: Target, ext: _Extension, methods: set[str]) -> None:
         """Filtered ANN queries (WHERE ... ORDER BY v <=> q LIMIT k) can return < k rows."""
@@ -430,8 +510,13 @@ class _Doctor:
 
 
 def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_rows: int = 1000,
-               worker_processes: int = 2, statement_timeout: float = 60.0) -> list[Finding]:
-    """Check every configured target (or `targets`) without writing anything."""
+               worker_processes: int = 2, statement_timeout: float = 60.0,
+               verify_rows: int = 0, tolerance: float = DEFAULT_TOLERANCE,
+               announce: Callable[[str], None] = print) -> list[Finding]:
+    """Check every configured target (or `targets`) without writing anything.
+
+    `verify_rows` > 0 re-embeds that many sampled rows per vector column (tokens are
+    spent; `announce` is told how many before each request)."""
     chosen = [settings.target(name) for name in targets] if targets else list(
         settings.targets.values())
     with connect(settings.database_url, autocommit=True, vector=False) as conn:
@@ -448,6 +533,9 @@ def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_r
         doctor.guarded(None, "connections", doctor.connections)
         for target in chosen:
             doctor.guarded(target.name, "target", functools.partial(doctor.target, target, ext))
+            if verify_rows > 0:
+                doctor.guarded(target.name, "verify", functools.partial(
+                    doctor.verify, target, verify_rows, tolerance, announce))
         return doctor.findings
 
 
@@ -459,9 +547,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pgreembed.config import load_settings
 
     settings = load_settings(args.config)
+    # With --json, stdout is the JSON document alone: the spend notice goes to stderr.
+    notices = sys.stderr if args.json else sys.stdout
     findings = run_doctor(settings, targets=args.target or None, sample_rows=args.sample,
                           worker_processes=args.worker_processes,
-                          statement_timeout=args.statement_timeout)
+                          statement_timeout=args.statement_timeout,
+                          verify_rows=args.verify, tolerance=args.tolerance,
+                          announce=lambda line: print(line, file=notices, flush=True))
     if args.json:
         print(json.dumps([f.as_dict() for f in findings], indent=2))
     else:
@@ -471,6 +563,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         warnings = sum(f.level == WARN for f in findings)
         print(f"doctor: {errors} error(s), {warnings} warning(s)")
     return exit_code(findings)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _similarity(text: str) -> float:
+    value = float(text)
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a cosine similarity is in [-1, 1], got {value}")
+    return value
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -488,4 +594,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                              " (replicas x --processes), for the connection check")
     parser.add_argument("--statement-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="longest any single check may run")
+    parser.add_argument("--verify", type=_non_negative_int, default=0, metavar="N",
+                        help="re-embed N random rows per vector column with its recorded"
+                             " model and report rows whose stored vector disagrees (spends"
+                             " tokens; the count is printed first)")
+    parser.add_argument("--tolerance", type=_similarity, default=DEFAULT_TOLERANCE,
+                        metavar="T", help="--verify: lowest cosine similarity that agrees"
+                                          f" (default {DEFAULT_TOLERANCE})")
     return parser

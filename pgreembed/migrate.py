@@ -116,6 +116,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
          sample_limit: int = 100_000, budget: Budget | None = None) -> Plan:
     """What `start` would do and cost; changes nothing. `budget` is what `start` would be
     given; the time estimate uses every budget of the new model (see pgreembed.budgets)."""
+    from pgreembed.plan_sql import migration_statements
     from pgreembed.providers import make_provider
     from pgreembed.slots import text_expression
 
@@ -138,11 +139,19 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         ).format(text, table, text), (sample_limit,))]
         model_id_row = conn.execute("SELECT id FROM pgreembed.models WHERE key = %s",
                                     (f"{provider}:{model}@{dimensions}",)).fetchone()
-        live = next(s for s in load_slots(conn, target) if s.role == "live")
+        live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+        if live is None:
+            raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
         index_method, index_distance = index_defaults(conn, live)
         budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
         if provider == "openai":
             budget = budget.tighter(recorded_budget(conn, provider, model))
+        column = (new_column_name(target, model_id_row[0]) if model_id_row
+                  else f"{target.vector_column}__m<id>")
+        statements = migration_statements(
+            conn, live, column, f"{kind}({dimensions})", index_method,
+            f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
+            SWAP_COLUMN)
     if empty:
         blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
                         " the swap waits for them (fix or delete them first)")
@@ -155,22 +164,6 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     cost = None if price is None else tokens / 1e6 * price
     element = 2 if kind == "halfvec" else 4
     storage = total * (element * dimensions + 8)
-    column = new_column_name(target, model_id_row[0] if model_id_row else 0)
-    if not model_id_row:
-        column = f"{target.vector_column}__m<id>"
-    statements = [
-        f"ALTER TABLE {target.schema}.{target.table} ADD COLUMN {column}"
-        f" {kind}({dimensions});",
-        f"CREATE INDEX CONCURRENTLY pgreembed_pending_<slot> ON {target.schema}.{target.table}"
-        f" ({{pk}}) WHERE {column} IS NULL;",
-        "-- filling: the scheduler and workers embed every row into the new column",
-        f"CREATE INDEX CONCURRENTLY pgreembed_ann_<slot> ON {target.schema}.{target.table}"
-        f" USING {index_method} ({column} {kind}_{index_distance}_ops);"
-        " -- `migrate index`: method and distance of the live column's index",
-        "BEGIN; SET LOCAL lock_timeout = '2s'; -- swap: exchange column and index names",
-        f"ALTER TABLE ... RENAME {target.vector_column} TO {SWAP_COLUMN};"
-        f" RENAME {column} TO {target.vector_column}; RENAME {SWAP_COLUMN} TO {column}; COMMIT;",
-    ]
     # The new model's shared budgets bound the fill; without them only the workers do.
     limits = []
     if budget.tokens_per_minute:
