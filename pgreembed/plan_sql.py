@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.slots import Slot
+from pgreembed.table_lock import DEFAULT_LOCK_TIMEOUT_MS
 
 
 def migration_statements(conn: psycopg.Connection, live: Slot, column: str, column_type: str,
@@ -25,8 +26,9 @@ def migration_statements(conn: psycopg.Connection, live: Slot, column: str, colu
     schema = live.target.schema
     rename = sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {};")
     swap: list[sql.Composable] = [
-        sql.SQL("BEGIN; SET LOCAL lock_timeout = '2s';"
-                " LOCK TABLE {} IN ACCESS EXCLUSIVE MODE;").format(table),
+        sql.SQL("BEGIN; SET LOCAL lock_timeout = {};"
+                " LOCK TABLE {} IN ACCESS EXCLUSIVE MODE;").format(
+                    sql.Literal(f"{DEFAULT_LOCK_TIMEOUT_MS}ms"), table),
         rename.format(table, live.vector, sql.Identifier(swap_column)),
         rename.format(table, new, live.vector),
         rename.format(table, sql.Identifier(swap_column), new)]
