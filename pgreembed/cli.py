@@ -18,7 +18,12 @@ from pgreembed.migrate import MigrationError
 from pgreembed.providers import ProviderError
 from pgreembed.redact import redact
 from pgreembed.schema import SetupError
-from pgreembed.table_lock import TableBusyError
+from pgreembed.table_lock import (
+    DEFAULT_LOCK_TIMEOUT_MS,
+    DEFAULT_WAIT_SECONDS,
+    LockPolicy,
+    TableBusyError,
+)
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -34,7 +39,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     settings = _settings(args)
     names = [args.target] if args.target else list(settings.targets)
     for name in names:
-        slot = init_target(settings.database_url, settings.target(name))
+        slot = init_target(settings.database_url, settings.target(name),
+                           LockPolicy(wait_seconds=args.lock_wait))
         print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
               f" slot {slot.id}")
     return 0
@@ -167,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("init", cmd_init, "create or update the bookkeeping for the targets (idempotent)")
     p.add_argument("--target", help="only this target")
+    p.add_argument("--lock-wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="S",
+                   help="give up after retrying the app table's lock this long (each attempt"
+                        f" waits at most {DEFAULT_LOCK_TIMEOUT_MS} ms)")
     p = add("tick", cmd_tick, "one scheduling pass for a cronjob, then exit")
     p.add_argument("--wait", action="store_true", help="wait until every pending row is done")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")

@@ -79,13 +79,17 @@ def blockers(conn: psycopg.Connection, table: sql.Composable) -> list[Blocker]:
     return [Blocker(int(r[0]), r[1] or "", r[2], r[3], r[4]) for r in rows]
 
 
-def _terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: float) -> None:
+def _terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: float) -> bool:
+    """End the sessions idle in a transaction open `older_than` seconds; True if any."""
+    ended = False
     for blocker in found:
         idle = blocker.state.startswith("idle in transaction")
         if idle and (blocker.transaction_seconds or 0) >= older_than:
             log.warning("terminating %s: idle in a transaction that holds the table",
                         blocker)
-            conn.execute("SELECT pg_terminate_backend(%s)", (blocker.pid,))
+            conn.execute("SELECT pg_terminate_backend(%s, 1000)", (blocker.pid,))
+            ended = True
+    return ended
 
 
 def run_locked(dsn: str, table: sql.Composable, step: str,
@@ -127,6 +131,7 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
                     " or end those sessions")
             if policy.terminate_idle_after is not None and waited >= policy.terminate_idle_after:
                 with connect(dsn, autocommit=True, vector=False) as admin:
-                    _terminate_idle(admin, found, policy.terminate_idle_after)
+                    if _terminate_idle(admin, found, policy.terminate_idle_after):
+                        continue  # at once, before the app reconnects and reads again
         # Jittered pause: the app's queued queries run, and retrying processes don't align.
         time.sleep(random.uniform(0.05, min(1.0, 0.1 * attempt)))
