@@ -101,7 +101,7 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     wait_filled(stack, "embedding")
     plan = migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768")
     assert "rows: 60" in plan and "vector(768)" in plan
-    assert "ALTER TABLE public.docs ADD COLUMN" in plan
+    assert 'ALTER TABLE "public"."docs" ADD COLUMN' in plan
     assert "estimated time: no rate limit configured" in plan
     out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     new_column = out.split("column ")[1].split(" ")[0]
