@@ -36,7 +36,7 @@ from pgreembed.schema import (
 )
 from pgreembed.slots import Slot, load_slots, vector_type_for
 from pgreembed.spend import SPEND_CAP
-from pgreembed.table_lock import LockPolicy, run_locked
+from pgreembed.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         return new_slot, True
 
     new_slot, created = run_locked(settings.database_url, _table(target), "migrate start",
-                                   add_column, policy)
+                                   add_column, policy, mode=ACCESS_EXCLUSIVE)
     _finish_start(settings, target)
     if created:
         log.info("migration of %s to %s started: column %s", target.name, new_slot.model_key,
@@ -327,7 +327,8 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'cancelled', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 
-    run_locked(settings.database_url, _table(target), "cancel", drop_new, policy)
+    run_locked(settings.database_url, _table(target), "cancel", drop_new, policy,
+               mode=ACCESS_EXCLUSIVE)
 
 
 def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
@@ -339,7 +340,8 @@ def finalize(settings: Settings, target: Target, policy: LockPolicy | None = Non
         conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 
-    run_locked(settings.database_url, _table(target), "finalize", drop_old, policy)
+    run_locked(settings.database_url, _table(target), "finalize", drop_old, policy,
+               mode=ACCESS_EXCLUSIVE)
 
 
 # -- index ----------------------------------------------------------------------------
@@ -631,6 +633,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
 
         try:
             left = run_locked(settings.database_url, _table(target), step, exchange, policy,
+                              mode=ACCESS_EXCLUSIVE,
                               on_busy=count_busy)
         except _NotReady:
             continue  # rows changed between the check and the lock

@@ -24,7 +24,7 @@ from pgreembed.slots import (
     primary_key_of,
     vector_type_for,
 )
-from pgreembed.table_lock import LockPolicy, run_locked
+from pgreembed.table_lock import SHARE_ROW_EXCLUSIVE, LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
 
@@ -413,8 +413,10 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
         ensure_pgvector(conn)
         conn.commit()
     table = sql.Identifier(target.schema, target.table)
+    # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
     slot, slots, adopted = run_locked(dsn, table, "init",
-                                      lambda conn: _init_in_transaction(conn, target), policy)
+                                      lambda conn: _init_in_transaction(conn, target), policy,
+                                      mode=SHARE_ROW_EXCLUSIVE)
     if adopted:
         log.info("target %s: %d existing vectors adopted as %s", target.name, adopted,
                  target.model_key)

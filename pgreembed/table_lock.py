@@ -92,46 +92,81 @@ def _terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: 
     return ended
 
 
+ACCESS_EXCLUSIVE = "AccessExclusiveLock"  # DROP/ADD/RENAME COLUMN, LOCK TABLE
+SHARE_ROW_EXCLUSIVE = "ShareRowExclusiveLock"  # CREATE/DROP TRIGGER
+
+# Which held lock modes a request of each mode waits for (PostgreSQL's conflict table).
+CONFLICTS = {
+    ACCESS_EXCLUSIVE: {"AccessShareLock", "RowShareLock", "RowExclusiveLock",
+                            "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
+                            "ExclusiveLock", "AccessExclusiveLock"},
+    SHARE_ROW_EXCLUSIVE: {"RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
+                              "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
+}
+IDLE_SECONDS = 1.0  # an idle transaction older than this is not about to commit
+
+
+def idle_conflicting(found: list[Blocker], mode: str) -> list[Blocker]:
+    """Sessions idle in a transaction (for a while) that hold a lock conflicting with `mode`.
+
+    An attempt while one of them holds the table cannot succeed and would only stall the
+    app's queries for lock_timeout: wait (or end them) instead of attempting.
+    """
+    conflicting = CONFLICTS[mode]
+    return [b for b in found if b.state.startswith("idle in transaction")
+            and (b.transaction_seconds or 0) > IDLE_SECONDS
+            and conflicting & set(b.mode.split("+"))]
+
+
 def run_locked(dsn: str, table: sql.Composable, step: str,
                work: Callable[[psycopg.Connection], T], policy: LockPolicy | None = None,
-               *, on_busy: Callable[[int, list[Blocker]], None] | None = None) -> T:
+               *, mode: str | None = None,
+               on_busy: Callable[[int, list[Blocker]], None] | None = None) -> T:
     """Run `work(conn)` in one transaction whose lock waits are short; retry while busy.
 
-    `work` must be safe to run again (it is rolled back on each busy attempt).
+    `mode` is the strongest lock `work` takes on `table`: while a session idle in a
+    transaction holds a conflicting one, no attempt is made (it would fail after stalling
+    the app). `work` must be safe to run again (it is rolled back on each busy attempt).
     Raises TableBusyError naming the blockers when `policy.wait_seconds` ran out.
     """
     policy = policy or LockPolicy()
     started = time.monotonic()
-    attempt = 0
+    attempts = 0
+    logged_at = -1e9
     while True:
-        attempt += 1
         with connect(dsn) as conn:
-            try:
-                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-                    sql.Literal(f"{policy.lock_timeout_ms}ms")))
-                result = work(conn)
-                conn.commit()
-                return result
-            except psycopg.errors.LockNotAvailable:
-                conn.rollback()
+            stuck = idle_conflicting(blockers(conn, table), mode) if mode else []
+            conn.commit()
+            if not stuck:
+                attempts += 1
+                try:
+                    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                        sql.Literal(f"{policy.lock_timeout_ms}ms")))
+                    result = work(conn)
+                    conn.commit()
+                    return result
+                except psycopg.errors.LockNotAvailable:
+                    conn.rollback()
             found = blockers(conn, table)
             conn.commit()
-            waited = time.monotonic() - started
-            if on_busy is not None:
-                on_busy(attempt, found)
-            if attempt == 1 or attempt % 10 == 0:
-                log.warning("%s: table busy (attempt %d, %.1f s, lock_timeout %d ms); held by"
-                            " %s", step, attempt, waited, policy.lock_timeout_ms,
-                            "; ".join(map(str, found)) or "sessions that just finished")
-            if waited >= policy.wait_seconds:
-                raise TableBusyError(
-                    f"could not {step}: the table stayed busy for {waited:.0f} s"
-                    f" ({attempt} attempts of {policy.lock_timeout_ms} ms); nothing changed."
-                    f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
-                    " or end those sessions")
-            if policy.terminate_idle_after is not None and waited >= policy.terminate_idle_after:
-                with connect(dsn, autocommit=True, vector=False) as admin:
-                    if _terminate_idle(admin, found, policy.terminate_idle_after):
-                        continue  # at once, before the app reconnects and reads again
+        waited = time.monotonic() - started
+        if on_busy is not None:
+            on_busy(attempts, found)
+        if time.monotonic() - logged_at >= 5.0:
+            logged_at = time.monotonic()
+            log.warning("%s: table busy (%d attempts, %.1f s, lock_timeout %d ms%s); held by"
+                        " %s", step, attempts, waited, policy.lock_timeout_ms,
+                        ", waiting for idle transactions" if stuck else "",
+                        "; ".join(map(str, found)) or "sessions that just finished")
+        if waited >= policy.wait_seconds:
+            raise TableBusyError(
+                f"could not {step}: the table stayed busy for {waited:.0f} s"
+                f" ({attempts} attempts of {policy.lock_timeout_ms} ms); nothing changed."
+                f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
+                " or end those sessions (--terminate-idle-after ends idle ones)")
+        if policy.terminate_idle_after is not None and waited >= policy.terminate_idle_after:
+            with connect(dsn, autocommit=True, vector=False) as admin:
+                if _terminate_idle(admin, found, policy.terminate_idle_after):
+                    continue  # at once, before the app reconnects and reads again
         # Jittered pause: the app's queued queries run, and retrying processes don't align.
-        time.sleep(random.uniform(0.05, min(1.0, 0.1 * attempt)))
+        time.sleep(0.25 if stuck else random.uniform(0.05, min(1.0, 0.1 * attempts)))

