@@ -309,4 +309,9 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(resolved)!r}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; a Latin-1 file would otherwise be a raw traceback.
+        byte = exc.object[exc.start]
+        raise ConfigError(f"config file {str(resolved)!r}: not UTF-8 (byte 0x{byte:02x} at"
+                          f" offset {exc.start}); save it as UTF-8") from None
     return parse_settings(document, env, config_path=str(resolved))
