@@ -158,6 +158,34 @@ def _optional_positive(table: Mapping[str, Any], key: str, where: str) -> int | 
     return _positive(_typed(table[key], int, f"{where}.{key}"), f"{where}.{key}")
 
 
+# One identifier of a qualified name: "double quoted" ("" is a quote), or bare: no dot,
+# not starting with a quote (a quote inside is part of the name, as before quoting existed).
+_NAME_PART = r'"(?:[^"]|"")+"|[^."][^.]*'
+_QUALIFIED_NAME = re.compile(rf"(?P<first>{_NAME_PART})(?:\.(?P<second>{_NAME_PART}))?")
+
+
+def _unquote(part: str) -> str:
+    return part[1:-1].replace('""', '"') if part.startswith('"') else part
+
+
+def split_table_name(table: str, schema: str | None, where: str) -> tuple[str, str]:
+    """(schema, table) from `table` and an optional separate `schema`.
+
+    With `schema` given, `table` is the table's name as is (dots included). Without
+    it, `table` is `name`, `schema.name`, or double-quoted parts as in SQL
+    (`"my.schema"."my.table"`), so names containing a dot can be written.
+    """
+    if schema is not None:
+        return schema, table
+    match = _QUALIFIED_NAME.fullmatch(table)
+    if match is None:
+        raise ConfigError(f"{where}.table: cannot read {table!r} as [schema.]table: quote a"
+                          ' name that holds a dot ("my.table"), or set schema separately')
+    if match["second"] is None:
+        return "public", _unquote(match["first"])
+    return _unquote(match["first"]), _unquote(match["second"])
+
+
 def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     """Validate one `[[target]]` table (missing keys fall back to `[defaults]`)."""
     merged = {**defaults, **raw}
@@ -170,14 +198,16 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     known = {
         "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
         "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
-        "requests_per_minute", "tokens_per_minute", "distance",
+        "requests_per_minute", "tokens_per_minute", "distance", "schema",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
 
-    table = _require(merged, "table", str, where)
-    schema, _, bare = table.rpartition(".")
+    schema_field = merged.get("schema")
+    if schema_field is not None:
+        _typed(schema_field, str, f"{where}.schema")
+    schema, bare = split_table_name(_require(merged, "table", str, where), schema_field, where)
     if "text_columns" in merged:
         columns = merged["text_columns"]
         if not isinstance(columns, list) or not columns:
@@ -210,7 +240,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     return Target(
         name=name,
         table=bare,
-        schema=schema or "public",
+        schema=schema,
         text_columns=text_columns,
         vector_column=_require(merged, "vector_column", str, where),
         provider=provider,

@@ -85,3 +85,23 @@ def test_non_utf8_config_is_a_config_error_naming_the_file(tmp_path: Path) -> No
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"config file {str(config)!r}: not UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize(("overrides", "schema", "table"), [
+    ({"table": "docs"}, "public", "docs"),
+    ({"table": "app.docs"}, "app", "docs"),
+    ({"table": '"my.schema"."my.table"'}, "my.schema", "my.table"),
+    ({"table": 'app."my.table"'}, "app", "my.table"),
+    ({"table": '"say ""hi"""'}, "public", 'say "hi"'),
+    ({"table": 'we"ird; --'}, "public", 'we"ird; --'),
+    ({"schema": "my.schema", "table": "my.table"}, "my.schema", "my.table"),
+])
+def test_table_names_with_dots(overrides: dict[str, object], schema: str, table: str) -> None:
+    t = settings(target(**overrides)).target("docs")
+    assert (t.schema, t.table) == (schema, table)
+
+
+@pytest.mark.parametrize("table", ["a.b.c", '"unclosed.x', "a..b", '"a"b'])
+def test_unreadable_table_name_is_a_config_error(table: str) -> None:
+    with pytest.raises(ConfigError, match=r"target 'docs'\.table: cannot read"):
+        settings(target(table=table))
