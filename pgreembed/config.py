@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgreembed.redact import register_configured_secrets
+
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
@@ -298,6 +300,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
     database_url = env.get("DATABASE_URL") or document.get("database_url")
     if not database_url:
         raise ConfigError("DATABASE_URL: not set (environment variable or database_url in config)")
+    _check_dsn_at_signs(database_url)
     redis_url = env.get("REDIS_URL") or document.get("redis_url") or "redis://127.0.0.1:6379/0"
     return Settings(
         database_url=database_url,
@@ -325,6 +328,15 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
     )
 
 
+def _check_dsn_at_signs(database_url: str) -> None:
+    """libpq ends the user info at the first '@': `user:Pa@ss@host` means host "ss@host",
+    which fails with part of the password in the error. Refuse it (without echoing it)."""
+    match = re.match(r"^postgres(?:ql)?://(?P<authority>[^/?#]*)", database_url, re.IGNORECASE)
+    if match and match["authority"].count("@") > 1:
+        raise ConfigError("DATABASE_URL: the user name or password holds an '@', which must be"
+                          " written %40 in a URL (libpq would take the rest for the host)")
+
+
 def load_settings(path: str | os.PathLike[str] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file named by `path` or $PGREEMBED_CONFIG (default ./pgreembed.toml)."""
@@ -344,4 +356,9 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         byte = exc.object[exc.start]
         raise ConfigError(f"config file {str(resolved)!r}: not UTF-8 (byte 0x{byte:02x} at"
                           f" offset {exc.start}); save it as UTF-8") from None
-    return parse_settings(document, env, config_path=str(resolved))
+    settings = parse_settings(document, env, config_path=str(resolved))
+    # Every process reads its settings at start-up: from then on its configured secrets
+    # are masked in logs and errors, whatever their shape, provider built or not.
+    register_configured_secrets([settings.database_url, settings.redis_url],
+                                [settings.openai_api_key])
+    return settings
