@@ -18,6 +18,7 @@ from pgreembed.migrate import MigrationError
 from pgreembed.providers import ProviderError
 from pgreembed.redact import redact
 from pgreembed.schema import SetupError
+from pgreembed.slots import NotInitializedError, require_initialized
 from pgreembed.table_lock import (
     DEFAULT_LOCK_TIMEOUT_MS,
     DEFAULT_WAIT_SECONDS,
@@ -27,6 +28,7 @@ from pgreembed.table_lock import (
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_NOT_INITIALIZED = 4  # status, tick, failures, ... before `pgreembed init`
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -67,6 +69,7 @@ def _print_status(settings: Settings, as_json: bool) -> None:
     from pgreembed.migrate import progress
 
     with connect(settings.database_url) as conn:
+        require_initialized(conn, settings.targets.values())
         rows = collect(conn, settings, client)
     # A second column ('next' while filling, 'old' after a swap) means an open migration.
     migrations = {name: progress(settings, settings.target(name))
@@ -215,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except NotInitializedError as exc:
+        print(f"pgreembed: {exc}", file=sys.stderr)
+        return EXIT_NOT_INITIALIZED
     except (SetupError, DatabaseError, ProviderError, LookupError, MigrationError,
             TableBusyError) as exc:
         print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgreembed.redact import register_configured_secrets
+
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
@@ -158,6 +160,34 @@ def _optional_positive(table: Mapping[str, Any], key: str, where: str) -> int | 
     return _positive(_typed(table[key], int, f"{where}.{key}"), f"{where}.{key}")
 
 
+# One identifier of a qualified name: "double quoted" ("" is a quote), or bare: no dot,
+# not starting with a quote (a quote inside is part of the name, as before quoting existed).
+_NAME_PART = r'"(?:[^"]|"")+"|[^."][^.]*'
+_QUALIFIED_NAME = re.compile(rf"(?P<first>{_NAME_PART})(?:\.(?P<second>{_NAME_PART}))?")
+
+
+def _unquote(part: str) -> str:
+    return part[1:-1].replace('""', '"') if part.startswith('"') else part
+
+
+def split_table_name(table: str, schema: str | None, where: str) -> tuple[str, str]:
+    """(schema, table) from `table` and an optional separate `schema`.
+
+    With `schema` given, `table` is the table's name as is (dots included). Without
+    it, `table` is `name`, `schema.name`, or double-quoted parts as in SQL
+    (`"my.schema"."my.table"`), so names containing a dot can be written.
+    """
+    if schema is not None:
+        return schema, table
+    match = _QUALIFIED_NAME.fullmatch(table)
+    if match is None:
+        raise ConfigError(f"{where}.table: cannot read {table!r} as [schema.]table: quote a"
+                          ' name that holds a dot ("my.table"), or set schema separately')
+    if match["second"] is None:
+        return "public", _unquote(match["first"])
+    return _unquote(match["first"]), _unquote(match["second"])
+
+
 def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     """Validate one `[[target]]` table (missing keys fall back to `[defaults]`)."""
     merged = {**defaults, **raw}
@@ -170,14 +200,16 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     known = {
         "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
         "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
-        "requests_per_minute", "tokens_per_minute", "distance",
+        "requests_per_minute", "tokens_per_minute", "distance", "schema",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
 
-    table = _require(merged, "table", str, where)
-    schema, _, bare = table.rpartition(".")
+    schema_field = merged.get("schema")
+    if schema_field is not None:
+        _typed(schema_field, str, f"{where}.schema")
+    schema, bare = split_table_name(_require(merged, "table", str, where), schema_field, where)
     if "text_columns" in merged:
         columns = merged["text_columns"]
         if not isinstance(columns, list) or not columns:
@@ -210,7 +242,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     return Target(
         name=name,
         table=bare,
-        schema=schema or "public",
+        schema=schema,
         text_columns=text_columns,
         vector_column=_require(merged, "vector_column", str, where),
         provider=provider,
@@ -268,6 +300,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
     database_url = env.get("DATABASE_URL") or document.get("database_url")
     if not database_url:
         raise ConfigError("DATABASE_URL: not set (environment variable or database_url in config)")
+    _check_dsn_at_signs(database_url)
     redis_url = env.get("REDIS_URL") or document.get("redis_url") or "redis://127.0.0.1:6379/0"
     return Settings(
         database_url=database_url,
@@ -295,6 +328,15 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
     )
 
 
+def _check_dsn_at_signs(database_url: str) -> None:
+    """libpq ends the user info at the first '@': `user:Pa@ss@host` means host "ss@host",
+    which fails with part of the password in the error. Refuse it (without echoing it)."""
+    match = re.match(r"^postgres(?:ql)?://(?P<authority>[^/?#]*)", database_url, re.IGNORECASE)
+    if match and match["authority"].count("@") > 1:
+        raise ConfigError("DATABASE_URL: the user name or password holds an '@', which must be"
+                          " written %40 in a URL (libpq would take the rest for the host)")
+
+
 def load_settings(path: str | os.PathLike[str] | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file named by `path` or $PGREEMBED_CONFIG (default ./pgreembed.toml)."""
@@ -309,4 +351,14 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(resolved)!r}: invalid TOML: {exc}") from None
-    return parse_settings(document, env, config_path=str(resolved))
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; a Latin-1 file would otherwise be a raw traceback.
+        byte = exc.object[exc.start]
+        raise ConfigError(f"config file {str(resolved)!r}: not UTF-8 (byte 0x{byte:02x} at"
+                          f" offset {exc.start}); save it as UTF-8") from None
+    settings = parse_settings(document, env, config_path=str(resolved))
+    # Every process reads its settings at start-up: from then on its configured secrets
+    # are masked in logs and errors, whatever their shape, provider built or not.
+    register_configured_secrets([settings.database_url, settings.redis_url],
+                                [settings.openai_api_key])
+    return settings

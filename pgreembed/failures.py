@@ -18,7 +18,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.redact import redact
-from pgreembed.slots import NOTIFY_CHANNEL, Slot, load_slots
+from pgreembed.slots import NOTIFY_CHANNEL, Slot, load_slots, require_initialized
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,8 @@ class FailureRecord:
 
 def select_slots(conn: psycopg.Connection, target: Target, column: str | None) -> list[Slot]:
     """The target's slots (live first), or only the one filling `column`."""
+    require_initialized(conn, [target])
     slots = load_slots(conn, target)
-    if not slots:
-        raise LookupError(f"target {target.name!r} is not initialised: run `pgreembed init`")
     if column is None:
         return slots
     chosen = [s for s in slots if s.vector_column == column]

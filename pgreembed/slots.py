@@ -10,6 +10,7 @@ data path needs is composed here, with identifiers quoted by psycopg.sql.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg
@@ -163,3 +164,24 @@ def load_slot(conn: psycopg.Connection, target: Target, slot_id: int) -> Slot:
 
 def registry_exists(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('pgreembed.slots') IS NOT NULL").fetchone() == (True,)
+
+
+class NotInitializedError(LookupError):
+    """A configured target has no bookkeeping yet: `pgreembed init` was not run for it."""
+
+
+def require_initialized(conn: psycopg.Connection, targets: Iterable[Target]) -> None:
+    """Raise NotInitializedError naming every target without a live slot.
+
+    Commands that read the bookkeeping would otherwise fail with Postgres's raw
+    "relation pgreembed.slots does not exist", or silently skip a new target.
+    """
+    names = [t.name for t in targets]
+    if registry_exists(conn):
+        ready = {r[0] for r in conn.execute(
+            "SELECT target FROM pgreembed.slots WHERE role = 'live' AND target = ANY(%s)",
+            (names,)).fetchall()}
+        names = [n for n in names if n not in ready]
+    if names:
+        raise NotInitializedError(f"target(s) {', '.join(names)} not initialised:"
+                                  " run `pgreembed init` first")

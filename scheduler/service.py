@@ -41,35 +41,60 @@ class SchedulerService:
         self.leadership = Leadership(settings.database_url)
         self.scheduler = BlockingScheduler(timezone=UTC)
         self._conn: psycopg.Connection | None = None
-        self._woken = threading.Event()
+        # Wake-ups are coalesced: a NOTIFY during a pass only asks for one more pass, and
+        # at most one early run is ever scheduled. Rescheduling the job on every NOTIFY
+        # made APScheduler log "skipped: maximum number of running instances" for each.
+        self._wake_lock = threading.Lock()
+        self._woken = False  # a change arrived since the current pass started
+        self._running = False  # dispatch() is between its first pass and its return
+        self._wake_scheduled = False  # an early run is scheduled and has not started
         self.listener = Listener(settings.database_url, self._on_change)
 
     def _on_change(self, target: str) -> None:
-        self._woken.set()
+        with self._wake_lock:
+            self._woken = True
+            if self._running or self._wake_scheduled:
+                return  # the running pass loops again, or the scheduled one will see it
+            self._wake_scheduled = True
         # The job is gone while the scheduler shuts down: nothing to wake then.
         with contextlib.suppress(JobLookupError):
             self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(UTC))
 
     def dispatch(self) -> None:
         """The job: one pass, repeated while notifications arrive during it."""
-        if not self.leadership.ensure():
-            return
-        while True:
-            self._woken.clear()
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = connect(self.settings.database_url)
-                report = self.dispatcher.run_pass(self._conn)
-            except (psycopg.Error, DatabaseError, redis.RedisError) as exc:
-                log.warning("dispatch pass failed (%s: %s); retrying next tick",
-                            type(exc).__name__, exc)
-                self._drop_connection()
+        with self._wake_lock:
+            self._running, self._wake_scheduled = True, False
+        try:
+            if not self.leadership.ensure():
                 return
-            if report.enqueued_rows:
-                log.info("enqueued %d rows in %d batches", report.enqueued_rows,
-                         report.batches)
-            if not self._woken.is_set():
-                return
+            while True:
+                with self._wake_lock:
+                    self._woken = False
+                if not self._pass():
+                    return
+                with self._wake_lock:
+                    if not self._woken:
+                        # Decided under the lock: a NOTIFY after this schedules a run.
+                        self._running = False
+                        return
+        finally:
+            with self._wake_lock:
+                self._running = False
+
+    def _pass(self) -> bool:
+        """One dispatch pass; False if it failed (logged; the next tick retries)."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.settings.database_url)
+            report = self.dispatcher.run_pass(self._conn)
+        except (psycopg.Error, DatabaseError, redis.RedisError) as exc:
+            log.warning("dispatch pass failed (%s: %s); retrying next tick",
+                        type(exc).__name__, exc)
+            self._drop_connection()
+            return False
+        if report.enqueued_rows:
+            log.info("enqueued %d rows in %d batches", report.enqueued_rows, report.batches)
+        return True
 
     def _drop_connection(self) -> None:
         if self._conn is not None:

@@ -1,6 +1,7 @@
 """One pass for a cronjob: enqueue everything pending, optionally wait until it is done.
 
-Exit codes: 0 done; 1 a service failed; 3 --wait timed out with work left.
+Exit codes: 0 done; 1 a service failed; 3 --wait timed out with work left; 4 a target is
+not initialised (raised as NotInitializedError, mapped by the CLI).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import redis
 from pgreembed.config import Settings
 from pgreembed.db import connect
 from pgreembed.inflight import InFlight
-from pgreembed.slots import load_slots
+from pgreembed.slots import load_slots, require_initialized
 from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
     dispatcher = Dispatcher(settings, client, send or dramatiq_sender())
     deadline = time.monotonic() + timeout
     with connect(settings.database_url) as conn:
+        require_initialized(conn, settings.targets.values())
         slot_ids = [s.id for t in settings.targets.values() for s in load_slots(conn, t)]
         conn.commit()
         while True:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pgreembed.config import ConfigError, parse_settings
+from tests.conftest import ROOT, docs_config
 
 ENV = {"DATABASE_URL": "postgresql:///x"}
 
@@ -66,3 +72,36 @@ def test_unknown_target_lists_known_ones() -> None:
 def test_worker_section_validated() -> None:
     with pytest.raises(ConfigError, match="worker.poll_interval: must be > 0"):
         settings(target(), worker={"poll_interval": 0})
+
+
+def test_non_utf8_config_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(docs_config().replace('"docs"', '"docs"  # caf\xe9', 1)
+                       .encode("latin-1"))
+    env = {**os.environ, "DATABASE_URL": "postgresql:///x", "PGREEMBED_CONFIG": str(config),
+           "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "pgreembed", "status"], env=env,
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"config file {str(config)!r}: not UTF-8" in result.stderr
+
+
+@pytest.mark.parametrize(("overrides", "schema", "table"), [
+    ({"table": "docs"}, "public", "docs"),
+    ({"table": "app.docs"}, "app", "docs"),
+    ({"table": '"my.schema"."my.table"'}, "my.schema", "my.table"),
+    ({"table": 'app."my.table"'}, "app", "my.table"),
+    ({"table": '"say ""hi"""'}, "public", 'say "hi"'),
+    ({"table": 'we"ird; --'}, "public", 'we"ird; --'),
+    ({"schema": "my.schema", "table": "my.table"}, "my.schema", "my.table"),
+])
+def test_table_names_with_dots(overrides: dict[str, object], schema: str, table: str) -> None:
+    t = settings(target(**overrides)).target("docs")
+    assert (t.schema, t.table) == (schema, table)
+
+
+@pytest.mark.parametrize("table", ["a.b.c", '"unclosed.x', "a..b", '"a"b'])
+def test_unreadable_table_name_is_a_config_error(table: str) -> None:
+    with pytest.raises(ConfigError, match=r"target 'docs'\.table: cannot read"):
+        settings(target(table=table))
