@@ -4,7 +4,6 @@ the app's connection, and results ranked with the model live when its statement 
 from __future__ import annotations
 
 import json
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +17,7 @@ from pgreembed import migrate
 from pgreembed.config import Settings, load_settings
 from pgreembed.db import connect
 from pgreembed.search import Hit, search
+from pgreembed.table_lock import LockPolicy
 from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
 from tests.conftest import Stack, docs_config, wait_for, write_config
 
@@ -102,9 +102,7 @@ def blocked_by(stack: Stack, pid: int) -> list[int]:
 
 
 def swap_attempts(stdout: str) -> int:
-    found = re.fullmatch(r"swap done in \d+ ms of table lock \(attempt (\d+)\)", stdout.strip())
-    assert found, stdout
-    return int(found.group(1))
+    return int(json.loads(stdout)["attempts"])
 
 
 @pytest.mark.parametrize("how", ["pgreembed.db.connect", "psycopg.connect",
@@ -135,7 +133,7 @@ def test_readme_connection_does_not_block_a_swap(stack: Stack,
         assert conn.info.transaction_status == TransactionStatus.IDLE
         assert table_locks(stack, conn.info.backend_pid) == []
         started = time.monotonic()
-        swap = stack.cli("migrate", "swap", "--target", "docs", timeout=300)
+        swap = stack.cli("migrate", "swap", "--target", "docs", "--json", timeout=300)
         elapsed = time.monotonic() - started
         assert swap.returncode == 0, swap.stderr
         assert swap_attempts(swap.stdout) == 1, swap.stderr  # no lock wait, no retry
@@ -174,7 +172,7 @@ def test_swap_between_embedding_and_query(stack: Stack, fake_openai: FakeOpenAIS
         searching = pool.submit(search, conn, settings, "docs", QUERY, 5)
         wait_for(lambda: fake_openai.stats()["requests"] >= 1,
                  message="the query's embedding request (old model) to be held")
-        swap = stack.cli("migrate", "swap", "--target", "docs", timeout=300)
+        swap = stack.cli("migrate", "swap", "--target", "docs", "--json", timeout=300)
         fake_openai.set_faults(hold_marker=None)
         hits = searching.result(timeout=60)
         assert swap.returncode == 0, swap.stderr
@@ -208,7 +206,7 @@ def test_swap_committed_while_the_query_waits_for_its_lock(
         wait_for(lambda: fake_openai.stats()["requests"] >= 1,
                  message="the query's embedding request (old model) to be held")
         swapping = pool.submit(migrate.swap, settings, settings.target("docs"),
-                               lock_timeout="60s")
+                               policy=LockPolicy(lock_timeout_ms=60_000))
         swap_pid = wait_for(lambda: blocked_by(stack, blocker_pid),
                             message="the swap to stall inside its transaction")[0]
         fake_openai.set_faults(hold_marker=None)
