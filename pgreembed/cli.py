@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pgreembed import doctor
 
     doctor.register(sub)
+    from pgreembed import tune
+
+    tune.register(sub)
     return parser
 
 

@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
                                    m=args.m, ef_construction=args.ef_construction,
                                    maintenance_work_mem=args.maintenance_work_mem)
         print(f"index {name} is valid")
+    elif step == "compare":
+        return _compare(settings, target, args)
     elif step in ("swap", "rollback"):
+        comparison = _show_last_comparison(settings, target) if step == "swap" else None
         result = migrate.swap(settings, target, rollback=step == "rollback",
                               catch_up_timeout=args.timeout,
                               max_unsearchable=args.max_unsearchable,
@@ -107,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"step": step, "attempts": result.attempts,
                               "pause_ms": round(result.pause_seconds * 1000, 1),
                               "seconds": round(result.waited_seconds, 3),
-                              "unsearchable": result.unsearchable}))
+                              "unsearchable": result.unsearchable,
+                              **({"comparison": comparison} if step == "swap" else {})}))
         else:
             print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
                   f" (attempt {result.attempts}, {result.waited_seconds:.1f} s in all;"
@@ -142,6 +146,40 @@ def run(args: argparse.Namespace) -> int:
             for index in pr.indexes:
                 print(f"index {index.name}: {'valid' if index.valid else 'INVALID'}")
     return 0
+
+
+def _compare(settings: Any, target: Any, args: argparse.Namespace) -> int:
+    from pgreembed.compare import compare, read_queries, report_lines
+
+    if args.queries and args.sample:
+        raise ConfigError("migrate compare: give --queries FILE or --sample N, not both")
+    # With --json, stdout is the JSON document alone: the spend notice goes to stderr.
+    notices = sys.stderr if args.json else sys.stdout
+    report = compare(settings, target, texts=read_queries(args.queries) if args.queries
+                     else None, sample=args.sample, k=args.k,
+                     announce=lambda line: print(line, file=notices, flush=True))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(report_lines(report)))
+    return 0
+
+
+def _show_last_comparison(settings: Any, target: Any) -> dict[str, Any] | None:
+    """Before a swap: the last `migrate compare` of this migration, or a warning."""
+    from pgreembed.compare import last_comparison, report_lines
+    from pgreembed.db import connect
+
+    with connect(settings.database_url, autocommit=True) as conn:
+        found = last_comparison(conn, target)
+    out = sys.stderr  # advice next to the swap; stdout stays the swap's own result
+    if found is None:
+        print(f"warning: no `pgreembed migrate compare --target {target.name}` was run for this"
+              " migration: the new model's retrieval quality and its index's recall are"
+              " unmeasured", file=out, flush=True)
+    else:
+        print("\n".join(report_lines(found)), file=out, flush=True)
+    return found
 
 
 def _lock_policy(args: argparse.Namespace) -> LockPolicy:
@@ -217,13 +255,13 @@ def register(sub: Any) -> None:
     parser.set_defaults(handler=run)
     parser.add_argument("step", choices=["plan", "start", "status", "pause", "resume",
                                          "cancel", "index", "swap", "rollback", "finalize",
-                                         "batch"])
+                                         "batch", "compare"])
     parser.add_argument("--target", required=True)
     parser.add_argument("--provider", default="openai", choices=["openai", "local"])
     parser.add_argument("--model", help="plan/start: the new model")
     parser.add_argument("--dimensions", type=int, help="plan/start: the new size")
     parser.add_argument("--json", action="store_true",
-                        help="status/swap/rollback: machine-readable")
+                        help="status/swap/rollback/compare: machine-readable")
     parser.add_argument("--spend-cap", type=_spend_cap, metavar="USD",
                         help="start: pause the migration once it has cost this much;"
                              " resume: raise it (or `none`: no cap)")
@@ -265,5 +303,11 @@ def register(sub: Any) -> None:
                              " seconds or more (off by default)")
     parser.add_argument("--batch-api", action="store_true",
                         help="start: fill through the OpenAI Batch API (half price, <= 24 h)")
+    parser.add_argument("--queries", metavar="FILE",
+                        help="compare: query texts, one per line (default: --sample)")
+    parser.add_argument("--sample", type=_positive_int, metavar="N",
+                        help="compare: N rows' texts as self-retrieval queries (default 100)")
+    parser.add_argument("--k", type=_positive_int, default=10,
+                        help="compare: recall@k, overlap@k, self-recall@k (default 10)")
     parser.add_argument("--wait", action="store_true", help="batch: poll until jobs are done")
     parser.add_argument("--poll", type=float, default=30.0, help="batch --wait: seconds")

@@ -10,6 +10,9 @@ connections than the server allows. The session is read-only
 (`default_transaction_read_only`) with a statement timeout, so it is safe to
 run against production at any time. `--verify N` also re-embeds a sample of
 rows and compares (see `pgreembed.verify`); that costs tokens, so it is opt-in.
+`--recall` measures each ANN index's recall against exact search (see
+`pgreembed.recall_check`); that costs one sequential scan per sample query, so it
+is opt-in too.
 
 Every SQL statement it advises is composed with psycopg.sql and rendered with
 the connection's quoting, so it is safe to paste whatever the names are.
@@ -31,7 +34,13 @@ from psycopg import sql
 from pgreembed.config import DISTANCES, Settings, Target, opclass_distance
 from pgreembed.db import connect
 from pgreembed.redact import redact
-from pgreembed.slots import load_slots, registry_exists, text_expression, vector_type_for
+from pgreembed.slots import (
+    Slot,
+    load_slots,
+    registry_exists,
+    text_expression,
+    vector_type_for,
+)
 from pgreembed.verify import DEFAULT_TOLERANCE, ColumnVerification, verify_slots
 
 OK, WARN, ERROR = "ok", "warn", "error"
@@ -486,6 +495,40 @@ class _Doctor:
                          f"row {key}: {reason}" for key, reason in result.not_embeddable[:5]),
                      details)
 
+    def recall(self, target: Target, queries: int, k: int, recall_target: float | None
+               ) -> None:
+        """Measure each column's index at the settings search applies (see recall_check)."""
+        if not registry_exists(self.conn):
+            self.add(WARN, target.name, "recall", "pgreembed bookkeeping not found: run"
+                     " `pgreembed init`")
+            return
+        for slot in load_slots(self.conn, target):
+            self.guarded(target.name, "recall", functools.partial(
+                self._recall_of, target, slot, queries, k, recall_target))
+
+    def _recall_of(self, target: Target, slot: Slot, queries: int, k: int,
+                   recall_target: float | None) -> None:
+        from pgreembed.recall_check import measure_slot
+
+        result = measure_slot(self.conn, slot, queries, k, recall_target)
+        where = f"{target.schema}.{target.table}.{slot.vector_column} ({slot.role})"
+        if result is None:
+            return  # no ANN index: the `index` check already says so
+        settings = ", ".join(f"{n} = {v}" for n, v in result.settings.items()) or (
+            "the server's settings (nothing recorded by `pgreembed tune`)")
+        message = (f"{where}: index {result.index.name} ({result.index.method}) has recall@{k}"
+                   f" {result.measurement.recall:.3f} at {settings} over"
+                   f" {result.measurement.queries} sample queries, p50"
+                   f" {result.measurement.p50_ms:.2f} ms, p99 {result.measurement.p99_ms:.2f} ms")
+        if result.measurement.recall < result.target_recall:
+            self.add(WARN, target.name, "recall", f"{message}: below the target"
+                     f" {result.target_recall}; run `pgreembed tune --target {target.name}"
+                     f" --column {'live' if slot.role == 'live' else 'incoming'}"
+                     f" --recall {result.target_recall}`", result.as_dict())
+        else:
+            self.add(OK, target.name, "recall", f"{message} (target {result.target_recall})",
+                     result.as_dict())
+
     def _hints(self, target: Target, ext: _Extension, methods: set[str]) -> None:
         """Filtered ANN queries (WHERE ... ORDER BY v <=> q LIMIT k) can return < k rows."""
         if "hnsw" in methods:
@@ -512,11 +555,14 @@ class _Doctor:
 def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_rows: int = 1000,
                worker_processes: int = 2, statement_timeout: float = 60.0,
                verify_rows: int = 0, tolerance: float = DEFAULT_TOLERANCE,
-               announce: Callable[[str], None] = print) -> list[Finding]:
+               announce: Callable[[str], None] = print, recall_queries: int = 0,
+               recall_k: int = 10, recall_target: float | None = None) -> list[Finding]:
     """Check every configured target (or `targets`) without writing anything.
 
     `verify_rows` > 0 re-embeds that many sampled rows per vector column (tokens are
-    spent; `announce` is told how many before each request)."""
+    spent; `announce` is told how many before each request). `recall_queries` > 0
+    measures each ANN index's recall@`recall_k` on that many sample queries (no tokens;
+    one sequential scan per query for the exact answer)."""
     chosen = [settings.target(name) for name in targets] if targets else list(
         settings.targets.values())
     with connect(settings.database_url, autocommit=True, vector=False) as conn:
@@ -536,6 +582,9 @@ def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_r
             if verify_rows > 0:
                 doctor.guarded(target.name, "verify", functools.partial(
                     doctor.verify, target, verify_rows, tolerance, announce))
+            if recall_queries > 0:
+                doctor.guarded(target.name, "recall", functools.partial(
+                    doctor.recall, target, recall_queries, recall_k, recall_target))
         return doctor.findings
 
 
@@ -553,6 +602,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                           worker_processes=args.worker_processes,
                           statement_timeout=args.statement_timeout,
                           verify_rows=args.verify, tolerance=args.tolerance,
+                          recall_queries=args.recall_queries if args.recall else 0,
+                          recall_k=args.k, recall_target=args.recall_target,
                           announce=lambda line: print(line, file=notices, flush=True))
     if args.json:
         print(json.dumps([f.as_dict() for f in findings], indent=2))
@@ -569,6 +620,20 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be in 1..1000, got {value}")
+    return value
+
+
+def _recall(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a recall is in (0, 1], got {value}")
     return value
 
 
@@ -601,4 +666,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=_similarity, default=DEFAULT_TOLERANCE,
                         metavar="T", help="--verify: lowest cosine similarity that agrees"
                                           f" (default {DEFAULT_TOLERANCE})")
+    parser.add_argument("--recall", action="store_true",
+                        help="measure each ANN index's recall@k against exact search at the"
+                             " settings pgreembed.search applies; warn below the target (no"
+                             " tokens: sample queries are stored vectors)")
+    parser.add_argument("--recall-queries", type=_positive_int, default=50, metavar="N",
+                        help="--recall: sample queries per index (each costs one sequential"
+                             " scan for the exact answer; default 50, at most 1000)")
+    parser.add_argument("--recall-target", type=_recall, metavar="R",
+                        help="--recall: lowest acceptable recall (default: the target `tune`"
+                             " was given, else 0.95)")
+    parser.add_argument("--k", type=_positive_int, default=10,
+                        help="--recall: recall@k (default 10)")
     return parser

@@ -28,6 +28,29 @@ from pgreembed.table_lock import SHARE_ROW_EXCLUSIVE, LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
 
+QUALITY_DDL = """
+-- Quality gate (pgreembed/compare.py, pgreembed/tune.py): the comparisons `migrate compare`
+-- ran (the last one is shown by `migrate swap`), and per slot the index settings `tune`
+-- recommended, which pgreembed.search applies to its own statement.
+CREATE TABLE IF NOT EXISTS pgreembed.comparisons (
+    id bigserial PRIMARY KEY,
+    migration_id integer NOT NULL REFERENCES pgreembed.migrations (id),
+    measured_at timestamptz NOT NULL DEFAULT now(),
+    report jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS comparisons_migration ON pgreembed.comparisons (migration_id, id);
+CREATE TABLE IF NOT EXISTS pgreembed.index_settings (
+    slot_id integer PRIMARY KEY REFERENCES pgreembed.slots (id),
+    settings jsonb NOT NULL,
+    index_name text NOT NULL,
+    k integer NOT NULL,
+    target_recall double precision NOT NULL,
+    recall double precision NOT NULL,
+    filter text,
+    measured_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
 REGISTRY_DDL = """
 CREATE SCHEMA IF NOT EXISTS pgreembed;
 CREATE TABLE IF NOT EXISTS pgreembed.models (
@@ -90,7 +113,7 @@ ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS paused_by text;
 -- Budgets recorded by `migrate start` for the model called (read by every worker).
 ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS requests_per_minute integer;
 ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS tokens_per_minute integer;
--- What the application reads to know which column and model are live.
+""" + QUALITY_DDL + """-- What the application reads to know which column and model are live.
 CREATE OR REPLACE VIEW pgreembed.active_models AS
     SELECT s.target, s.schema_name, s.table_name, s.vector_column, m.provider,
            m.name AS model, m.dimensions

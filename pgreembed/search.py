@@ -10,7 +10,7 @@ connection in the transaction state it found it in.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,9 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.config import DISTANCES, Settings, canonical_distance
+from pgreembed.index_settings import apply_local
+from pgreembed.index_settings import recorded as recorded_settings
+from pgreembed.index_settings import validate as validate_settings
 from pgreembed.providers import make_provider
 from pgreembed.slots import Slot, load_slots
 
@@ -64,7 +67,8 @@ def live_slot(conn: psycopg.Connection, settings: Settings, target_name: str) ->
 
 
 def search(conn: psycopg.Connection, settings: Settings, target_name: str, query: str,
-           limit: int = 5, distance: str | None = None) -> list[Hit]:
+           limit: int = 5, distance: str | None = None,
+           index_settings: Mapping[str, str | int] | None = None) -> list[Hit]:
     """Nearest rows to `query` by `distance` (default: the target's), across any swap.
 
     The live model is read, the query embedded with it outside any transaction of
@@ -82,14 +86,25 @@ def search(conn: psycopg.Connection, settings: Settings, target_name: str, query
     app ends its transaction, as for any statement of its own. (At REPEATABLE READ
     or SERIALIZABLE the app's snapshot may predate a swap it cannot see: search
     outside such transactions.)
+
+    Index settings: `pgreembed tune` records per column the smallest hnsw.ef_search /
+    ivfflat.probes (and iterative scan) that reached its recall target; they are
+    applied to the search statement with SET LOCAL (`set_config(name, value, true)`),
+    unless `index_settings` is given ({} applies none: the session's own values count).
+    In our own transaction they end with it. Inside the app's transaction the search
+    statement runs in a savepoint that is rolled back once its rows are read: the
+    settings end with it and the app's own values (SET or SET LOCAL) are in force
+    again, as is the rest of its transaction; so does the statement's lock.
     """
     target = settings.target(target_name)
     operator = sql.SQL(DISTANCES[canonical_distance(distance or target.distance)])
     for _ in range(MAX_ATTEMPTS):
         with _statement_scope(conn):
             slot = live_slot(conn, settings, target_name)
+            chosen = (recorded_settings(conn, slot.id) if index_settings is None
+                      else validate_settings(index_settings))
         vector = _embed_query(settings, slot, query)
-        with _statement_scope(conn):
+        with _search_scope(conn, chosen):
             rows = conn.execute(_statement(slot, operator), {
                 "slot": slot.id, "column": slot.vector_column, "query": vector,
                 "limit": limit}, prepare=False).fetchall()
@@ -121,6 +136,25 @@ def _statement_scope(conn: psycopg.Connection) -> Iterator[None]:
             yield
     finally:
         conn.isolation_level = isolation
+
+
+@contextlib.contextmanager
+def _search_scope(conn: psycopg.Connection, chosen: Mapping[str, str]) -> Iterator[None]:
+    """`_statement_scope` with `chosen` index settings in force for its statements only."""
+    if not chosen:
+        with _statement_scope(conn):
+            yield
+        return
+    if conn.info.transaction_status == TransactionStatus.INTRANS:
+        # The app's transaction: a savepoint rolled back at the end (nothing of ours to
+        # keep) takes our SET LOCALs with it; a RELEASE would leave them in force.
+        with conn.transaction(force_rollback=True):
+            apply_local(conn, chosen)
+            yield
+        return
+    with _statement_scope(conn):
+        apply_local(conn, chosen)
+        yield
 
 
 def _statement(slot: Slot, operator: sql.Composable) -> sql.Composed:

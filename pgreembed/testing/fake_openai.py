@@ -130,6 +130,11 @@ class Faults:
     # (set_faults(hold_marker=None), reset() or stop()): a test's window between a
     # client's request and its answer, e.g. to commit a migration swap meanwhile.
     hold_marker: str | None = None
+    # Models that are a degraded copy of another: {"fake-noisy-384": {"copy_of": "fake-384",
+    # "noise": 2.0}} answers fake-384's vectors plus fresh Gaussian noise of that expected
+    # norm on every call (renormalised), so the same text embeds differently each time: a
+    # worse model whose quality a test knows (noise 0: an identical copy).
+    degraded_models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _FAULT_TYPES = typing.get_type_hints(Faults)
@@ -140,6 +145,8 @@ def _coerce(name: str, value: Any) -> Any:
     hint = _FAULT_TYPES[name]
     if name == "model_limits":
         return _coerce_model_limits(value)
+    if name == "degraded_models":
+        return _coerce_degraded_models(value)
     if value is None and type(None) in typing.get_args(hint):
         return None
     kind = next(t for t in (int, float, str) if t is hint or t in typing.get_args(hint))
@@ -164,6 +171,36 @@ def _coerce_model_limits(value: Any) -> dict[str, dict[str, int]]:
                                  f" integer, got {limit!r}")
         checked[str(model)] = dict(limits)
     return checked
+
+
+def _coerce_degraded_models(value: Any) -> dict[str, dict[str, Any]]:
+    """{model: {"copy_of": another model, "noise": expected noise norm >= 0}}, checked."""
+    if not isinstance(value, dict):
+        raise ValueError(f"fault 'degraded_models' must be an object, got {value!r}")
+    checked: dict[str, dict[str, Any]] = {}
+    for model, spec in value.items():
+        if (not isinstance(spec, dict) or set(spec) != {"copy_of", "noise"}
+                or not isinstance(spec["copy_of"], str) or isinstance(spec["noise"], bool)
+                or not isinstance(spec["noise"], int | float) or spec["noise"] < 0):
+            raise ValueError(f"fault 'degraded_models'[{model!r}] must be {{'copy_of': model,"
+                             f" 'noise': number >= 0}}, got {spec!r}")
+        checked[str(model)] = {"copy_of": spec["copy_of"], "noise": float(spec["noise"])}
+    return checked
+
+
+def model_vectors(model: str, texts: Sequence[str], dims: int,
+                  degraded: dict[str, dict[str, Any]] | None = None
+                  ) -> npt.NDArray[np.float32]:
+    """`fake_vectors`, or for a degraded model its base model's plus fresh noise."""
+    spec = (degraded or {}).get(model)
+    if spec is None:
+        return fake_vectors(model, texts, dims)
+    matrix = fake_vectors(spec["copy_of"], texts, dims)
+    if spec["noise"] > 0:
+        noise = np.random.default_rng().standard_normal(matrix.shape).astype(np.float32)
+        matrix = matrix + noise * np.float32(spec["noise"] / math.sqrt(dims))
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    return matrix
 
 
 @dataclass(frozen=True)
@@ -237,9 +274,11 @@ def check_marker(inputs: list[str], marker: str | None) -> None:
             raise _bad(f"Invalid 'input[{i}]': input rejected by the server.", f"input[{i}]")
 
 
-def embedding_response(req: EmbeddingRequest, extra_dims: int = 0) -> dict[str, Any]:
+def embedding_response(req: EmbeddingRequest, extra_dims: int = 0,
+                       degraded: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """OpenAI's exact response shape; base64 is little-endian float32."""
-    vectors = fake_vectors(req.model, req.inputs, req.dims + extra_dims).astype("<f4", copy=False)
+    vectors = model_vectors(req.model, req.inputs, req.dims + extra_dims, degraded
+                            ).astype("<f4", copy=False)
     data = [{"object": "embedding", "index": i,
              "embedding": (base64.b64encode(vec.tobytes()).decode("ascii")
                            if req.encoding == "base64" else vec.tolist())}
@@ -249,12 +288,14 @@ def embedding_response(req: EmbeddingRequest, extra_dims: int = 0) -> dict[str, 
             "usage": {"prompt_tokens": total, "total_tokens": total}}
 
 
-def embedding_body(req: EmbeddingRequest, extra_dims: int = 0) -> bytes:
+def embedding_body(req: EmbeddingRequest, extra_dims: int = 0,
+                   degraded: dict[str, dict[str, Any]] | None = None) -> bytes:
     """`embedding_response` as JSON bytes. For base64, written directly: base64 needs
     no JSON escaping, and json.dumps scanning megabytes of it was this server's top cost."""
     if req.encoding != "base64":
-        return json.dumps(embedding_response(req, extra_dims)).encode()
-    vectors = fake_vectors(req.model, req.inputs, req.dims + extra_dims).astype("<f4", copy=False)
+        return json.dumps(embedding_response(req, extra_dims, degraded)).encode()
+    vectors = model_vectors(req.model, req.inputs, req.dims + extra_dims, degraded
+                            ).astype("<f4", copy=False)
     total = sum(req.tokens)
     tail = json.dumps({"model": req.model,
                        "usage": {"prompt_tokens": total, "total_tokens": total}})
@@ -476,7 +517,8 @@ class FakeOpenAIServer:
             self._stopping.wait(self._faults.slow_model_latency)
         self._hold(req.inputs)
         check_marker(req.inputs, self._faults.bad_input_marker)
-        payload = embedding_body(req, 1 if self._take("wrong_dims_count") else 0)
+        payload = embedding_body(req, 1 if self._take("wrong_dims_count") else 0,
+                                 self._faults.degraded_models)
         self._record_success(req)
         return Response(200, payload)
 
@@ -607,7 +649,7 @@ class FakeOpenAIServer:
         except ApiError as exc:
             return exc.status, exc.body()
         self._record_success(req)
-        return 200, embedding_response(req)
+        return 200, embedding_response(req, degraded=self._faults.degraded_models)
 
 
 def _refusal(window: deque[tuple[float, int]], rpm: int | None, tpm: int | None, tokens: int,
