@@ -437,7 +437,7 @@ def test_new_index_serves_the_live_index_distance_or_swap_refuses(stack: Stack) 
                 " WHERE c.relname LIKE 'pgreembed_ann_%'").fetchone())
 
     plan = migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768")
-    assert f"USING ivfflat ({new_column} vector_l2_ops)" in plan, plan
+    assert f'USING "ivfflat" ("{new_column}" "vector_l2_ops")' in plan, plan
     migrate(stack, "index", "--distance", "cosine")  # what the live index does not serve
     assert new_index() == "ivfflat vector_cosine_ops"  # the method still follows the live one
     refused = stack.cli("migrate", "swap", "--target", "docs")
