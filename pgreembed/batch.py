@@ -8,7 +8,9 @@ What goes wrong is charged to whoever is at fault (invariant 8):
 - a database that cannot take the write (disk full, read-only, connection lost)
   costs a pause: the write is retried in-process for `write_retry_seconds`, then
   the vectors are kept in Redis (`pgreembed.paid`) for the message's retry, so
-  they are never bought twice, and no row is marked failed.
+  they are never bought twice, and no row is marked failed;
+- a request the provider refuses whatever the rows (a config error) marks the
+  slot misconfigured: nothing more is sent for it, no row is marked failed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pgreembed.embedding import Embedded, Failed, Outcome, embed_rows
 from pgreembed.metrics import failure_kind, worker_metrics
 from pgreembed.paid import PaidVectors
 from pgreembed.providers import make_provider
-from pgreembed.slots import NOTIFY_CHANNEL, Slot
+from pgreembed.providers.base import MisconfiguredError
+from pgreembed.redact import redact
+from pgreembed.slots import NOTIFY_CHANNEL, Slot, mark_misconfigured
 from pgreembed.store import (
     load_pending,
     lock_slot,
@@ -76,8 +80,8 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     with pool.connection() as conn:
         found = lock_slot(conn, target, slot_id, "ACCESS SHARE")
         # A paused migration stops spending now: queued batches are dropped, their rows
-        # stay pending and are dispatched again on resume.
-        if found is None or found.paused:
+        # stay pending and are dispatched again on resume. So does a misconfigured slot.
+        if found is None or found.paused or found.misconfigured:
             return BatchReport(len(keys), 0, 0, 0, 0)
         slot = found
         rows = load_pending(conn, slot, keys)
@@ -97,8 +101,12 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
             # The cap is reached (paused) or held by batches in flight.
             return BatchReport(len(keys), len(rows), 0, 0, 0)
         if reservation.granted:
-            with reservation.released_on_error():
-                outcome = embed_rows(to_embed, provider, truncate=target.truncate)
+            try:
+                with reservation.released_on_error():
+                    outcome = embed_rows(to_embed, provider, truncate=target.truncate)
+            except MisconfiguredError as exc:
+                _misconfigured(pool, target, slot, exc)
+                return BatchReport(len(keys), len(rows), 0, 0, 0)
     for failure in outcome.failed:
         log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
                     failure.reason)
@@ -155,6 +163,18 @@ def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
             conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
                 sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
     return current, written, refused
+
+
+def _misconfigured(pool: ConnectionPool, target: Target, slot: Slot,
+                   exc: MisconfiguredError) -> None:
+    """Stop the slot (no row is at fault) and record what the probe cost."""
+    reason = redact(str(exc))
+    log.error("target %s column %s (%s) is misconfigured, nothing more is sent for it"
+              " until `pgreembed init` after the fix: %s", target.name, slot.vector_column,
+              slot.model_key, reason)
+    with pool.connection() as conn:
+        mark_misconfigured(conn, slot, reason)
+        record_usage(conn, slot, 0, exc.tokens)
 
 
 def _count(slot: Slot, report: BatchReport, tokens: int, failures: Sequence[Failed]) -> None:
