@@ -134,7 +134,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
                     failure.reason)
     report = BatchReport(len(keys), len(rows), len(written), len(failures), changed)
-    _count(slot, report, outcome.tokens, failures)
+    _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
     log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
              target.name, slot.id, report.written, report.failed, changed, len(keys))
     return report
