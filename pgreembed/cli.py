@@ -92,6 +92,10 @@ def _print_status(settings: Settings, as_json: bool) -> None:
         flight = "?" if r.in_flight is None else str(r.in_flight)
         print(f"{r.target:<16} {r.column:<18} {r.model:<36} {r.total:>9} {r.embedded:>9}"
               f" {r.pending:>8} {r.stale:>6} {r.outdated:>8} {r.failed:>6} {flight:>9}")
+    for r in rows:
+        if r.misconfigured:
+            print(f"MISCONFIGURED {r.target}.{r.column} ({r.model}): {r.misconfigured}."
+                  " Nothing is sent for it; fix the config, then run `pgreembed init`")
     for name, found in migrations.items():
         print(f"migration of {name}: {progress_line(found)}")
 

@@ -115,6 +115,10 @@ class Settings:
     # How long one batch retries a failing provider in-process before the message is
     # handed to Dramatiq's retries (which free the worker thread meanwhile).
     provider_retry_seconds: float = 300.0
+    # How long one batch retries its write through a database-wide fault (disk full,
+    # read-only, connection lost) in-process before keeping its vectors in Redis and
+    # handing the message to Dramatiq's retries.
+    write_retry_seconds: float = 120.0
     config_path: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     # `[rate_limits."<model>"]`: budgets of openai models, whichever column they fill.
@@ -323,6 +327,9 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         provider_retry_seconds=float(_positive(
             _typed(worker.get("provider_retry_seconds", 300.0), float,
                    "worker.provider_retry_seconds"), "worker.provider_retry_seconds")),
+        write_retry_seconds=float(_positive(
+            _typed(worker.get("write_retry_seconds", 120.0), float,
+                   "worker.write_retry_seconds"), "worker.write_retry_seconds")),
         config_path=config_path,
         rate_limits=parse_rate_limits(document.get("rate_limits", {})),
     )

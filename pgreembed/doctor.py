@@ -190,6 +190,7 @@ class _Doctor:
 
     def target(self, target: Target, ext: _Extension | None) -> None:
         name = target.name
+        self.guarded(name, "misconfigured", lambda: self._misconfigured(target))
         qualified = f"{target.schema}.{target.table}"
         table = sql.Identifier(target.schema, target.table)
         oid_row = self.conn.execute("SELECT to_regclass(%s)::oid",
@@ -224,6 +225,20 @@ class _Doctor:
         self.guarded(name, "norms",
                      lambda: self._norms(target, oid, table, vector, ext, column, where))
         self.guarded(name, "indexes", lambda: self._indexes(target, oid, column, where, ext))
+
+    def _misconfigured(self, target: Target) -> None:
+        """A column whose every request the provider refuses as configured: an error."""
+        if not registry_exists(self.conn):
+            return  # `models` says to run init
+        for slot in load_slots(self.conn, target):
+            if slot.misconfigured:
+                self.add(ERROR, target.name, "misconfigured",
+                         f"{target.schema}.{target.table}.{slot.vector_column}"
+                         f" ({slot.model_key}, {slot.role}) is misconfigured, nothing is"
+                         f" sent for it: {redact(slot.misconfigured)}; fix the config (model,"
+                         " dimensions, base URL), then run `pgreembed init`",
+                         {"column": slot.vector_column, "model": slot.model_key,
+                          "reason": redact(slot.misconfigured)})
 
     def _column(self, oid: int, name: str) -> _Column | None:
         row = self.conn.execute(

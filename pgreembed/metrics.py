@@ -85,7 +85,8 @@ def worker_metrics() -> WorkerMetrics | None:
 def failure_kind(reason: str) -> str:
     """A small, fixed set of label values (the reason text itself is unbounded)."""
     for prefix, kind in (("text is", "empty"), ("text has", "too_long"),
-                         ("provider rejected", "rejected"), ("provider returned", "bad_vector")):
+                         ("provider rejected", "rejected"), ("provider returned", "bad_vector"),
+                         ("database rejected", "write_rejected")):
         if reason.startswith(prefix):
             return kind
     return "other"
@@ -122,6 +123,10 @@ class DatabaseCollector:
                                      labels=["target", "column", "model"])
         cost = CounterMetricFamily("pgreembed_slot_cost_usd", "List-price cost, per column.",
                                    labels=["target", "column", "model"])
+        misconfigured = GaugeMetricFamily(
+            "pgreembed_slot_misconfigured", "1 while the provider refuses every request of"
+            " the column as configured (nothing is sent until `pgreembed init`).",
+            labels=["target", "column", "model"])
         try:
             client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
             with connect(self.settings.database_url) as conn:
@@ -141,11 +146,14 @@ class DatabaseCollector:
             used = float(usage.get(s.slot, 0) or 0)
             model = s.model.split(":", 1)[-1].rsplit("@", 1)[0]
             tokens.add_metric([s.target, s.column, s.model], used)
+            misconfigured.add_metric([s.target, s.column, s.model],
+                                     1.0 if s.misconfigured else 0.0)
             price = PRICES_PER_MTOKEN.get(model, 0.0) if s.model.startswith("openai:") else 0.0
             cost.add_metric([s.target, s.column, s.model], used / 1e6 * price)
         yield counts
         yield tokens
         yield cost
+        yield misconfigured
 
 
 def serve_scheduler_metrics(settings: Any) -> bool:

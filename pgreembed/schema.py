@@ -20,6 +20,7 @@ from pgreembed.config import Target
 from pgreembed.slots import (
     NOTIFY_CHANNEL,
     Slot,
+    clear_misconfigured,
     load_slots,
     primary_key_of,
     vector_type_for,
@@ -113,6 +114,10 @@ ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS paused_by text;
 -- Budgets recorded by `migrate start` for the model called (read by every worker).
 ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS requests_per_minute integer;
 ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS tokens_per_minute integer;
+-- Why the provider cannot fill a slot as configured (pgreembed/embedding.py): no batch
+-- is dispatched for it until `pgreembed init` clears it.
+ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS misconfigured text;
+ALTER TABLE pgreembed.slots ADD COLUMN IF NOT EXISTS misconfigured_at timestamptz;
 """ + QUALITY_DDL + """-- What the application reads to know which column and model are live.
 CREATE OR REPLACE VIEW pgreembed.active_models AS
     SELECT s.target, s.schema_name, s.table_name, s.vector_column, m.provider,
@@ -527,6 +532,9 @@ def _init_in_transaction(conn: psycopg.Connection, target: Target
     added = ensure_vector_column(conn, target, target.vector_column, dimensions)
     first_init = not registered
     slot = register_live_slot(conn, target)
+    if clear_misconfigured(conn, target):
+        log.warning("target %s: cleared the misconfigured mark; its batches are dispatched"
+                    " again", target.name)
     slots = load_slots(conn, target)
     for each in slots:
         create_state_table(conn, each)

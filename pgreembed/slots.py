@@ -39,6 +39,9 @@ class Slot:
     pk_type: str
     paused: bool = False
     mode: str = "queue"  # or "batch": filled through the Batch API, not the queue
+    # Why the provider cannot fill it as configured (every input rejected, wrong
+    # dimensions): nothing is dispatched until `pgreembed init` clears it.
+    misconfigured: str | None = None
 
     # -- identifiers ---------------------------------------------------------------
 
@@ -139,7 +142,7 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
     rows = conn.execute(
         """
         SELECT s.id, s.vector_column, s.role, s.model_id, m.key, m.provider, m.name,
-               m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode
+               m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode, s.misconfigured
         FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
         WHERE s.target = %s AND s.role IN ('live', 'next', 'old')
           AND (%s OR NOT s.paused)
@@ -150,7 +153,7 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
     return [
         Slot(id=r[0], target=target, vector_column=r[1], role=r[2], model_id=r[3],
              model_key=r[4], provider=r[5], model=r[6], dimensions=r[7], primary_key=r[8],
-             pk_type=r[9], paused=r[10], mode=r[11])
+             pk_type=r[9], paused=r[10], mode=r[11], misconfigured=r[12])
         for r in rows
     ]
 
@@ -160,6 +163,19 @@ def load_slot(conn: psycopg.Connection, target: Target, slot_id: int) -> Slot:
         if slot.id == slot_id:
             return slot
     raise LookupError(f"target {target.name!r}: slot {slot_id} is not active")
+
+
+def mark_misconfigured(conn: psycopg.Connection, slot: Slot, reason: str) -> None:
+    """Stop dispatching for `slot`: its requests fail whatever the rows (see embedding)."""
+    conn.execute("UPDATE pgreembed.slots SET misconfigured = %s, misconfigured_at = now()"
+                 " WHERE id = %s", (reason[:2000], slot.id))
+
+
+def clear_misconfigured(conn: psycopg.Connection, target: Target) -> int:
+    """Let the target's slots be dispatched again (the operator fixed the config)."""
+    return conn.execute("UPDATE pgreembed.slots SET misconfigured = NULL,"
+                        " misconfigured_at = NULL WHERE target = %s"
+                        " AND misconfigured IS NOT NULL", (target.name,)).rowcount
 
 
 def registry_exists(conn: psycopg.Connection) -> bool:

@@ -70,6 +70,15 @@ class Reservation:
             raise
 
 
+def settle_ids(conn: psycopg.Connection, ids: set[int]) -> None:
+    """Settle reservations by id, in the transaction that records their billed tokens:
+    those of a batch whose earlier write attempts failed (its vectors were kept, see
+    `pgreembed.paid`), which `Reservation.settle` no longer holds."""
+    if ids:
+        conn.execute("DELETE FROM pgreembed.spend_reservations WHERE id = ANY(%s)",
+                     (sorted(ids),))
+
+
 def estimate_tokens(provider: Provider, rows: Sequence[Row]) -> int:
     """What sending `rows` will cost at most: their token counts, cut at the input limit."""
     texts = [r.text for r in rows if r.text and r.text.strip()]

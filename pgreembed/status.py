@@ -10,6 +10,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings
 from pgreembed.inflight import InFlight
+from pgreembed.redact import redact
 from pgreembed.slots import Slot, load_slots
 
 
@@ -28,6 +29,9 @@ class SlotStatus:
     failed: int
     truncated: int
     in_flight: int | None
+    # Why nothing is sent for this column (the provider refuses every request as
+    # configured); None when healthy. Cleared by `pgreembed init`.
+    misconfigured: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -57,7 +61,8 @@ def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis 
         except redis.RedisError:
             in_flight = None
     return SlotStatus(slot.target.name, slot.id, slot.role, slot.vector_column, slot.model_key,
-                      row[0], row[1], row[2], row[3], row[4], row[5], row[6], in_flight)
+                      row[0], row[1], row[2], row[3], row[4], row[5], row[6], in_flight,
+                      None if slot.misconfigured is None else redact(slot.misconfigured))
 
 
 def collect(conn: psycopg.Connection, settings: Settings,

@@ -57,6 +57,7 @@ class Dispatcher:
         self.page_size = page_size
         self._cursors: dict[int, Cursor] = {}
         self.orphans = OrphanSweep(redis_client)
+        self._misconfigured_seen: set[int] = set()
 
     def run_pass(self, conn: psycopg.Connection, limit_in_flight: bool = True) -> PassReport:
         """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
@@ -73,6 +74,15 @@ class Dispatcher:
 
     def _dispatch_slot(self, conn: psycopg.Connection, slot: Slot, limit_in_flight: bool,
                        report: PassReport) -> None:
+        if slot.misconfigured:
+            # Every request would fail whatever the rows: wait for the fix and `init`.
+            if slot.id not in self._misconfigured_seen:
+                self._misconfigured_seen.add(slot.id)
+                log.error("slot %d (%s.%s, %s) is misconfigured, not dispatched until"
+                          " `pgreembed init` after the fix: %s", slot.id, slot.target.name,
+                          slot.vector_column, slot.model_key, slot.misconfigured)
+            return
+        self._misconfigured_seen.discard(slot.id)
         if slot.mode != "queue" or enforce_spend_cap(conn, slot):
             return  # filled through the Batch API, or paused by its spend cap
         inflight = InFlight(self.redis, slot.id, self.settings.lease_seconds)

@@ -1,26 +1,32 @@
 """One pass for a cronjob: enqueue everything pending, optionally wait until it is done.
 
 Exit codes: 0 done; 1 a service failed; 3 --wait timed out with work left; 4 a target is
-not initialised (raised as NotInitializedError, mapped by the CLI).
+not initialised (raised as NotInitializedError, mapped by the CLI), or a column is
+misconfigured (the provider rejects every input or answers the wrong dimensions): its
+rows stay pending until the config is fixed and `pgreembed init` clears the mark. The
+other columns are still done first.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
+import psycopg
 import redis
 
 from pgreembed.config import Settings
 from pgreembed.db import connect
 from pgreembed.inflight import InFlight
-from pgreembed.slots import load_slots, require_initialized
+from pgreembed.slots import Slot, load_slots, require_initialized
 from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_TIMEOUT = 3
+EXIT_MISCONFIGURED = 4
 
 
 def _in_flight(settings: Settings, client: redis.Redis, slot_ids: list[int]) -> int:
@@ -30,6 +36,19 @@ def _in_flight(settings: Settings, client: redis.Redis, slot_ids: list[int]) -> 
         marker.expire_stale()
         total += marker.count()
     return total
+
+
+def _finish(settings: Settings, conn: psycopg.Connection) -> int:
+    """EXIT_OK, or EXIT_MISCONFIGURED naming each misconfigured column and why."""
+    bad: list[Slot] = [s for t in settings.targets.values() for s in load_slots(conn, t)
+                       if s.misconfigured]
+    conn.commit()
+    for slot in bad:
+        print(f"tick: target {slot.target.name} column {slot.vector_column}"
+              f" ({slot.model_key}) is misconfigured, nothing is sent for it:"
+              f" {slot.misconfigured}; fix the config, then run `pgreembed init`",
+              file=sys.stderr, flush=True)
+    return EXIT_MISCONFIGURED if bad else EXIT_OK
 
 
 def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
@@ -46,7 +65,7 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
             print(f"tick: enqueued {report.enqueued_rows} rows in {report.batches} batches"
                   f" ({report.skipped_in_flight} already in flight)", flush=True)
             if not wait:
-                return EXIT_OK
+                return _finish(settings, conn)
             # Wait for the workers, then sweep again: rows whose text changed while in
             # flight are pending again and must be done before we call it finished.
             while (left := _in_flight(settings, client, slot_ids)) > 0:
@@ -55,4 +74,4 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
                     return EXIT_TIMEOUT
                 time.sleep(0.2)
             if report.enqueued_rows == 0 and report.skipped_in_flight == 0:
-                return EXIT_OK
+                return _finish(settings, conn)

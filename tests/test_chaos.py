@@ -4,9 +4,12 @@ A real fleet (`python -m dramatiq --processes 2`, restarted by a small
 supervisor like systemd or Kubernetes would) and the continuous scheduler
 embed a table while the test SIGKILLs worker processes and the scheduler,
 restarts Redis (empty) and Postgres, makes the provider answer 429 and 500
-bursts, and edits rows' text. At the end every row must carry the vector of
-its *current* text, and the provider inputs beyond the minimum are reported
-and bounded.
+bursts, edits rows' text, makes the app's table refuse the vector of some rows
+(a CHECK constraint) and fills the disk for a few seconds (SQLSTATE 53100 from
+every write). At the end every row must carry the vector of its *current* text
+(the refused ones none, and a failure record with the database's message), and
+the provider inputs beyond the minimum are reported and bounded: within 10% of
+the distinct texts the rows had.
 
 These tests own their Postgres and Redis servers (they restart them).
 $PGREEMBED_CHAOS_ROWS scales the big test (default 20000).
@@ -15,6 +18,7 @@ $PGREEMBED_CHAOS_ROWS scales the big test (default 20000).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -39,11 +43,13 @@ from psycopg.conninfo import make_conninfo
 from pgreembed.services import EmbeddedPostgres, LocalRedis
 from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
 from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
+from tests.test_attribution import OUTAGE_TRIGGER
 
 pytestmark = pytest.mark.chaos
 
 MODEL = "fake-384"
 ROWS = int(os.environ.get("PGREEMBED_CHAOS_ROWS", "20000"))
+REFUSED_EVERY = 500  # the app's CHECK refuses a vector for every 500th row
 
 
 
@@ -226,25 +232,46 @@ def edit_rows(stack: Stack, count: int, rng: random.Random, tag: str) -> int:
     return count
 
 
-def assert_every_row_current(stack: Stack) -> set[str]:
-    """Every row has the vector of its current text; returns the final texts."""
+def assert_every_row_current(stack: Stack, refused: set[int] | None = None) -> set[str]:
+    """Every row has the vector of its current text (those of `refused` none);
+    returns the final texts."""
     rows = query(stack, "SELECT id, concat_ws(E'\\n', title, body), embedding FROM docs")
     texts = set()
     wrong = []
     for key, text, vector in rows:
+        texts.add(str(text))
+        if refused and key in refused:
+            assert vector is None, f"row {key} has a vector its table refuses"
+            continue
         assert vector is not None, f"row {key} has no vector"
         expected = fake_vector(MODEL, str(text), 384)
         if not np.allclose(vector.to_numpy(), expected, atol=1e-6):
             wrong.append(key)
-        texts.add(str(text))
     assert not wrong, f"{len(wrong)} rows carry the vector of another text: {wrong[:10]}"
     return texts
 
 
-def wait_until_done(stack: Stack, timeout: float) -> None:
+def refuse_some_writes(stack: Stack) -> set[int]:
+    """The app's rules: a CHECK that refuses a vector for every REFUSED_EVERY-th row, and a
+    trigger that fails every write with SQLSTATE 53100 while `write_outage` says so."""
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE docs ADD CONSTRAINT chaos_refused CHECK"
+                     f" (embedding IS NULL OR id % {REFUSED_EVERY} <> 0)".encode())
+        conn.execute(OUTAGE_TRIGGER.encode())
+    return {int(r[0]) for r in query(stack, f"SELECT id FROM docs WHERE id %% {REFUSED_EVERY}"
+                                            " = 0")}
+
+
+def disk_full(stack: Stack, seconds: float) -> None:
+    query(stack, "UPDATE write_outage SET disk_full = true RETURNING 1")
+    time.sleep(seconds)
+    query(stack, "UPDATE write_outage SET disk_full = false RETURNING 1")
+
+
+def wait_until_done(stack: Stack, timeout: float, refused: int = 0) -> None:
     def done() -> bool:
         return int(query(stack, "SELECT count(*) FROM docs WHERE embedding IS NULL")[0][0]
-                   ) == 0
+                   ) == refused
 
     try:
         wait_for(done, timeout=timeout, interval=0.5, message="every row to be embedded")
@@ -283,6 +310,7 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
     rng = random.Random(4)
     insert_rows(stack, ROWS)
     assert stack.cli("init").returncode == 0
+    refused = refuse_some_writes(stack)
     start = time.monotonic()
     fleet = Fleet(stack)
     fleet.start()
@@ -317,6 +345,7 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
 
         at(0.35, replace_scheduler, "SIGKILL scheduler, start a new one")
         at(0.45, lambda: own_postgres.outage(2.0), "Postgres down 2 s")
+        at(0.50, lambda: disk_full(stack, 4.0), "disk full for 4 s (53100 on every write)")
         at(0.55, lambda: fake_openai.set_faults(rate_limit_count=16, rate_limit_retry_after=0.5,
                                                 error_500_count=10), "429 + 500 burst")
         edited += edit_rows(stack, 300, rng, "edit2")
@@ -325,12 +354,12 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
         at(0.80, fleet.kill_one_worker, "SIGKILL worker 4")
         edited += edit_rows(stack, 300, rng, "edit3")
         note("edited 300 rows")
-        wait_until_done(stack, timeout=90)
+        wait_until_done(stack, timeout=90, refused=len(refused))
         elapsed = time.monotonic() - start
     finally:
         fleet.stop()
 
-    final_texts = assert_every_row_current(stack)
+    final_texts = assert_every_row_current(stack, refused)
     assert len(final_texts) == ROWS
     stats = fake_openai.stats()
     counts: dict[str, int] = stats["text_counts"]
@@ -338,20 +367,35 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
     superseded = sum(1 for t in counts if t not in final_texts)  # text edited after embedding
     missing = final_texts - set(counts)
     extra = stats["inputs_embedded"] - len(final_texts)
+    distinct = len(set(counts) | final_texts)  # every text a row had and was sent
     print(f"\nchaos: {ROWS} rows, {edited} edits, {elapsed:.1f}s, fleet started {fleet.starts}x,"
           f" {fleet.kills} worker kills; statuses {stats['status_counts']}")
     print("\n".join(events))
     print(f"provider inputs {stats['inputs_embedded']} for {len(final_texts)} final texts:"
           f" {extra} extra ({extra / ROWS:.1%}) = {duplicates} re-embedded texts"
           f" + {superseded} texts edited after they were embedded; successful requests"
-          f" {stats['status_counts'].get('200', 0)} (at least {-(-ROWS // 100)})")
+          f" {stats['status_counts'].get('200', 0)} (at least {-(-ROWS // 100)});"
+          f" {stats['inputs_embedded'] / distinct - 1:.1%} over the {distinct} distinct texts")
     assert not missing
     assert fleet.kills == 4
     assert stats["status_counts"].get("429", 0) >= 32 and stats["status_counts"].get("500", 0)
     assert extra < 0.25 * ROWS
-    status = stack.cli("status", "--json")
-    assert status.returncode == 0, status.stderr
-    assert '"failed": 0' in status.stdout and '"pending": 0' in status.stdout
+    # Neither the refused rows nor the full disk cost re-embedding (invariant 8).
+    assert stats["inputs_embedded"] <= 1.10 * distinct
+
+    def settled() -> bool:  # a refused row edited late is refused again with its new text
+        status = stack.cli("status", "--json")
+        assert status.returncode == 0, status.stderr
+        return [(s["failed"], s["pending"], s["misconfigured"])
+                for s in json.loads(status.stdout)] == [(len(refused), 0, None)]
+
+    wait_for(settled, timeout=60, interval=1.0, message="every refused row recorded failed")
+    failures = stack.cli("failures", "--target", "docs", "--json", "--limit", "1000")
+    reasons = {int(f["key"]): f["reason"] for f in json.loads(failures.stdout)}
+    assert set(reasons) == refused
+    assert set(reasons.values()) == {'database rejected the write: new row for relation "docs"'
+                                     ' violates check constraint "chaos_refused"'
+                                     ' (SQLSTATE 23514)'}
     assert API_KEY not in stack.log_text()
 
 

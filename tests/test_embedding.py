@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pgreembed.embedding import Row, embed_rows, pack, sanitize
-from pgreembed.providers.base import BadInputError, Embeddings
+from pgreembed.providers.base import (
+    BadInputError,
+    Embeddings,
+    MisconfiguredError,
+    TransientProviderError,
+)
 
 
 @given(st.lists(st.integers(min_value=1, max_value=500), max_size=300),
@@ -124,9 +130,16 @@ def test_bad_vectors_fail_their_own_row_only() -> None:
     assert [(f.row.pk, f.reason) for f in outcome.failed] == [
         (1, "provider returned a vector with NaN or infinity")]
 
+
+def test_wrong_dimensions_are_not_the_rows_fault() -> None:
+    """Invariant 8: a probe input alone tells a garbled answer from a misconfigured model."""
+    rows = [Row(i, f"text {i}", None) for i in range(3)]
     ragged = np.empty(3, dtype=object)
     ragged[:] = [np.ones(3), np.ones(4), np.ones(3)]
-    outcome = embed_rows(rows, AnsweringProvider(ragged))
-    assert [e.row.pk for e in outcome.embedded] == [0, 2]
-    assert [(f.row.pk, f.reason) for f in outcome.failed] == [
-        (1, "provider returned 4 dimensions, expected 3")]
+    # The probe alone gets 3 dimensions (the first vector): a garbled answer, retried later.
+    with pytest.raises(TransientProviderError, match="vectors of \\[3, 4\\] dimensions"):
+        embed_rows(rows, AnsweringProvider(ragged))
+    with pytest.raises(MisconfiguredError, match="the model returns 4 dimensions, the column"
+                                                 " holds 3") as raised:
+        embed_rows(rows, AnsweringProvider(np.ones((3, 4), dtype=np.float32)))
+    assert raised.value.tokens == 3 + 1  # the request's and the probe's, as billed

@@ -20,6 +20,16 @@ class FatalProviderError(ProviderError):
     """Not the rows' fault and not worth retrying now: bad API key, quota exhausted, bad model."""
 
 
+class MisconfiguredError(ProviderError):
+    """The request is at fault, not its rows: every input is rejected (even a one-word
+    probe), or the model answers vectors of another size than the slot's column. The
+    slot stops until its config is fixed; no row is failed. `tokens`: billed meanwhile."""
+
+    def __init__(self, message: str, tokens: int = 0) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+
+
 class TransientProviderError(ProviderError):
     """Still failing after the retry budget (429s, 5xx, timeouts): try the batch again later."""
 
