@@ -3,8 +3,8 @@
 The default counts stay cheap on a table of any size, because they only read what is
 small: rows without a vector through the slot's partial index, failures through the
 state table's partial index, outdated vectors through its (model, pk) index. The
-table's row count is Postgres's estimate (`pg_class.reltuples`, kept by autovacuum and
-ANALYZE), so `total` and `embedded` (total minus rows without a vector) are labelled
+table's row count is Postgres's own (the statistics' live-row counter, else
+`pg_class.reltuples`), so `total` and `embedded` (total minus rows without a vector) are labelled
 estimates. `exact=True` counts every row with one scan of the table and its state
 table, which takes seconds per million rows (`pgreembed status --exact`).
 """
@@ -75,15 +75,16 @@ def _exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
 
 
 def estimated_rows(conn: psycopg.Connection, slot: Slot) -> int | None:
-    """The app table's row count as the planner estimates it (rows per page at the last
-    ANALYZE or vacuum times the pages it has now, so it follows growth); None if the
-    table was never analysed."""
+    """The app table's live row count from Postgres's statistics: the cumulative stats
+    counter (`n_live_tup`, which follows inserts and deletes within a second), else the
+    estimate of the last ANALYZE or vacuum (after a crash reset the counters); None if
+    neither exists yet. Not pages times rows per page: the embedding UPDATEs leave dead
+    tuples behind that would count as rows until a vacuum."""
     row = conn.execute(
         """
-        SELECT CASE WHEN relpages > 0 THEN reltuples / relpages
-                    * (pg_relation_size(oid) / current_setting('block_size')::integer)
-                    ELSE reltuples END
-        FROM pg_class WHERE oid = %s::regclass AND reltuples >= 0
+        SELECT CASE WHEN pg_stat_get_live_tuples(oid) > 0 THEN pg_stat_get_live_tuples(oid)
+                    WHEN reltuples >= 0 THEN reltuples END
+        FROM pg_class WHERE oid = %s::regclass
         """, (slot.table.as_string(conn),)).fetchone()
     return None if row is None or row[0] is None else round(row[0])
 
