@@ -104,7 +104,11 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
                      count(*) FILTER (WHERE s.pgr_failed_hash IS NULL) AS pending,
                      count(*) FILTER (WHERE s.pgr_hash IS NOT NULL
                                         AND s.pgr_failed_hash IS NULL) AS stale
-              FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+              FROM {table} a
+              -- One state-row probe per pending row: as a plain join the planner hashes
+              -- the whole state table (one row per row of the app's table).
+              LEFT JOIN LATERAL (SELECT pgr_hash, pgr_failed_hash FROM {state}
+                                 WHERE pgr_pk = a.{pk} OFFSET 0) s ON true
               WHERE a.{vector} IS NULL) n
         """
     ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
