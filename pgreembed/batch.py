@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,10 @@ def _redis(url: str) -> redis.Redis:
 
 
 def process_batch(settings: Settings, target_name: str, slot_id: int,
-                  keys: Sequence[str]) -> BatchReport:
+                  keys: Sequence[str], claimed_at: Mapping[str, float] | None = None
+                  ) -> BatchReport:
+    """`claimed_at`: when the scheduler claimed each key (epoch seconds), for the lag
+    metric."""
     target = settings.target(target_name)
     pool = get_pool(settings.database_url, settings.pool_max_size)
     with pool.connection() as conn:
@@ -135,6 +139,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
                     failure.reason)
     report = BatchReport(len(keys), len(rows), len(written), len(failures), changed)
     _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
+    _observe_lag(slot, written, claimed_at)
     log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
              target.name, slot.id, report.written, report.failed, changed, len(keys))
     return report
@@ -191,3 +196,17 @@ def _count(slot: Slot, report: BatchReport, tokens: int, failures: Sequence[Fail
     metrics.changed.labels(name).inc(report.changed_meanwhile)
     for failure in failures:
         metrics.failures.labels(name, failure_kind(failure.reason)).inc()
+
+
+def _observe_lag(slot: Slot, written: Sequence[object],
+                 claimed_at: Mapping[str, float] | None) -> None:
+    """Claim-to-committed lag of each row written (see pgreembed.freshness)."""
+    metrics = worker_metrics()
+    if metrics is None or not claimed_at:
+        return
+    now = time.time()
+    histogram = metrics.lag.labels(slot.target.name, slot.vector_column)
+    for key in written:
+        claimed = claimed_at.get(str(key))
+        if claimed is not None:
+            histogram.observe(max(0.0, now - claimed))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from pgreembed.table_lock import (
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_NOT_INITIALIZED = 4  # status, tick, failures, ... before `pgreembed init`
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -61,7 +63,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(settings: Settings, as_json: bool) -> None:
+def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> None:
     from pgreembed.status import collect
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
@@ -70,7 +72,7 @@ def _print_status(settings: Settings, as_json: bool) -> None:
 
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())
-        rows = collect(conn, settings, client)
+        rows = collect(conn, settings, client, exact=exact)
     # A second column ('next' while filling, 'old' after a swap) means an open migration.
     migrations = {name: progress(settings, settings.target(name))
                   for name in {r.target for r in rows if r.role != "live"}}
@@ -90,8 +92,16 @@ def _print_status(settings: Settings, as_json: bool) -> None:
     print(header)
     for r in rows:
         flight = "?" if r.in_flight is None else str(r.in_flight)
-        print(f"{r.target:<16} {r.column:<18} {r.model:<36} {r.total:>9} {r.embedded:>9}"
-              f" {r.pending:>8} {r.stale:>6} {r.outdated:>8} {r.failed:>6} {flight:>9}")
+        about = "~" if r.estimated else ""
+        print(f"{r.target:<16} {r.column:<18} {r.model:<36} {about + str(r.total):>9}"
+              f" {about + str(r.embedded):>9} {r.pending:>8} {r.stale:>6} {r.outdated:>8}"
+              f" {r.failed:>6} {flight:>9}")
+    seconds = sum(r.seconds for r in rows)
+    if any(r.estimated for r in rows):
+        print(f"~ estimated from the table's row count; pending, stale, outdated and failed"
+              f" are exact (counted in {seconds:.2f} s; --exact counts every row)")
+    elif exact:
+        print(f"exact counts of every row took {seconds:.2f} s")
     for r in rows:
         if r.misconfigured:
             print(f"MISCONFIGURED {r.target}.{r.column} ({r.model}): {r.misconfigured}."
@@ -103,9 +113,10 @@ def _print_status(settings: Settings, as_json: bool) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     while True:
-        _print_status(settings, args.json)
-        if not args.watch:
+        _print_status(settings, args.json, args.exact)
+        if args.watch is None:
             return 0
+        sys.stdout.flush()
         time.sleep(args.watch)
         print()
 
@@ -159,6 +170,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(rows=args.rows, workers=args.workers)
 
 
+def _watch_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0.1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be at least 0.1 seconds, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -187,9 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait until every pending row is done")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")
     add("scheduler", cmd_scheduler, "run the continuous scheduler (one leader among replicas)")
-    p = add("status", cmd_status, "exact counts per target and column")
+    p = add("status", cmd_status, "counts per target and column (cheap; --exact scans)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    p.add_argument("--watch", type=_watch_seconds, metavar="SECONDS",
+                   help="refresh every SECONDS (at least 0.1) until Ctrl-C")
+    p.add_argument("--exact", action="store_true",
+                   help="count every row exactly (scans the table: seconds per million rows)")
     p = add("failures", cmd_failures, "rows that could not be embedded, and why, in every"
             " column being filled (live, a migration's new one, the old one kept after a swap)")
     p.add_argument("--target", required=True)
@@ -234,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except (psycopg.Error, redis.RedisError) as exc:
         print(f"pgreembed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from reporting
+        # the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return EXIT_ERROR
 
 

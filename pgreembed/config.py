@@ -8,6 +8,7 @@ validation error names the field and what is wrong with it.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -132,6 +133,32 @@ class Settings:
             raise ConfigError(f"unknown target {name!r} (configured: {known})") from None
 
 
+# Every key a section may hold: anything else is a typo, refused with the nearest name.
+TOP_LEVEL_KEYS = ("target", "defaults", "worker", "rate_limits", "database_url", "redis_url")
+TARGET_KEYS = (
+    "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
+    "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
+    "requests_per_minute", "tokens_per_minute", "distance", "schema",
+)
+WORKER_KEYS = ("poll_interval", "max_inflight_rows", "lease_seconds", "request_timeout",
+               "provider_retry_seconds", "pool_max_size", "write_retry_seconds")
+
+
+def reject_unknown(given: Mapping[str, Any], known: tuple[str, ...], where: str,
+                   what: str = "field") -> None:
+    """Refuse keys that are not in `known`, naming the closest valid one (a typo that
+    is silently ignored runs with the default the user meant to change)."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hints.append(f"{key} (did you mean {near[0]!r}?)" if near else key)
+    raise ConfigError(f"{where}: unknown {what}(s) {', '.join(hints)};"
+                      f" valid: {', '.join(known)}")
+
+
 def _require(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in table:
         raise ConfigError(f"{where}: missing required field {key!r}")
@@ -201,14 +228,10 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         raise ConfigError(
             f"{where}: name must match {_TARGET_NAME.pattern} (it names our own tables)"
         )
-    known = {
-        "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
-        "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
-        "requests_per_minute", "tokens_per_minute", "distance", "schema",
-    }
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    reject_unknown(raw, TARGET_KEYS, where)
+    if "text_column" in raw and "text_columns" in raw:
+        raise ConfigError(f"{where}: both text_column and text_columns are set; keep one"
+                          " (text_columns = [...] for several columns)")
 
     schema_field = merged.get("schema")
     if schema_field is not None:
@@ -289,7 +312,11 @@ def parse_rate_limits(raw: Any) -> dict[str, Budget]:
 def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
                    config_path: str | None = None) -> Settings:
     """Build Settings from a parsed TOML document and an environment mapping."""
+    reject_unknown(document, TOP_LEVEL_KEYS, "config", "section or key")
     defaults = document.get("defaults", {})
+    if not isinstance(defaults, Mapping):
+        raise ConfigError("defaults: must be a table ([defaults])")
+    reject_unknown(defaults, tuple(k for k in TARGET_KEYS if k != "name"), "defaults")
     raw_targets = document.get("target", [])
     if not isinstance(raw_targets, list) or not raw_targets:
         raise ConfigError("config: declare at least one [[target]] table")
@@ -301,6 +328,9 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         targets[target.name] = target
 
     worker = document.get("worker", {})
+    if not isinstance(worker, Mapping):
+        raise ConfigError("worker: must be a table ([worker])")
+    reject_unknown(worker, WORKER_KEYS, "worker")
     database_url = env.get("DATABASE_URL") or document.get("database_url")
     if not database_url:
         raise ConfigError("DATABASE_URL: not set (environment variable or database_url in config)")

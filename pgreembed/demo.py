@@ -72,7 +72,7 @@ def _wait_embedded(settings: Settings, expected_total: int, timeout: float) -> f
     last_print = 0.0
     while True:
         with connect(settings.database_url) as conn:
-            status = collect(conn, settings, None)[0]
+            status = collect(conn, settings, None, exact=True)[0]
         now = time.monotonic()
         if status.embedded + status.failed >= expected_total and status.total == expected_total:
             return now - start

@@ -70,5 +70,14 @@ class InFlight:
         """Drop markers older than the lease; returns how many."""
         return int(self.client.zremrangebyscore(self.key, "-inf", time.time() - self.lease_seconds))
 
+    def claimed_at(self, keys: Sequence[str]) -> dict[str, float]:
+        """When each of `keys` was enqueued (confirmed claims only; one round trip)."""
+        if not keys:
+            return {}
+        floor = time.time() - self.lease_seconds + UNCONFIRMED_SECONDS
+        scores = self.client.zmscore(self.key, list(keys))
+        return {k: float(v) for k, v in zip(keys, scores, strict=True)
+                if v is not None and float(v) > floor}
+
     def count(self) -> int:
         return int(self.client.zcard(self.key))

@@ -5,8 +5,9 @@
   through its multiprocess directory and serves them on `dramatiq_prom_port`
   (Dramatiq's own variable; also `dramatiq_prom_host`, `dramatiq_prom_db`).
 - The scheduler serves gauges read from Postgres at scrape time (pending, embedded,
-  failed, in flight, tokens and cost so far, migration progress), so they are
-  right even after restarts (PGREEMBED_SCHEDULER_METRICS_PORT).
+  failed, in flight, coverage, age of the oldest pending row, tokens and cost so far),
+  so they are right even after restarts (PGREEMBED_SCHEDULER_METRICS_PORT). They use
+  the cheap counts of `pgreembed.status` (no scan of the app's table).
 Both are off unless their port is set.
 """
 
@@ -16,6 +17,7 @@ import functools
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +55,7 @@ class WorkerMetrics:
     changed: Any
     provider_seconds: Any
     provider_errors: Any
+    lag: Any
 
 
 @functools.cache
@@ -79,6 +82,11 @@ def worker_metrics() -> WorkerMetrics | None:
         provider_errors=prom.Counter("pgreembed_provider_errors_total",
                                      "Provider errors by HTTP status (429, 500, timeout...).",
                                      ["model", "status"]),
+        lag=prom.Histogram("pgreembed_embed_lag_seconds",
+                           "From a row's claim by the scheduler (its enqueue) to its vector"
+                           " committed.", ["target", "column"],
+                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
+                                    3600)),
     )
 
 
@@ -114,11 +122,19 @@ class DatabaseCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from pgreembed.db import connect
-        from pgreembed.migrate import PRICES_PER_MTOKEN
+        from pgreembed.freshness import oldest_pending_seconds
         from pgreembed.status import collect
 
-        counts = GaugeMetricFamily("pgreembed_rows", "Rows per state.",
+        counts = GaugeMetricFamily("pgreembed_rows", "Rows per state (total and embedded are"
+                                   " estimates from the table's row count).",
                                    labels=["target", "column", "role", "state"])
+        coverage = GaugeMetricFamily("pgreembed_coverage_ratio",
+                                     "Share of rows with a vector of the column's model.",
+                                     labels=["target", "column", "role"])
+        oldest = GaugeMetricFamily("pgreembed_oldest_pending_seconds",
+                                   "Age of the oldest pending row (since its claim, or an"
+                                   " upper bound for rows not claimed yet).",
+                                   labels=["target", "column", "role"])
         tokens = CounterMetricFamily("pgreembed_slot_tokens", "Tokens sent, per column.",
                                      labels=["target", "column", "model"])
         cost = CounterMetricFamily("pgreembed_slot_cost_usd", "List-price cost, per column.",
@@ -127,13 +143,28 @@ class DatabaseCollector:
             "pgreembed_slot_misconfigured", "1 while the provider refuses every request of"
             " the column as configured (nothing is sent until `pgreembed init`).",
             labels=["target", "column", "model"])
+        spent = GaugeMetricFamily("pgreembed_migration_spend_usd",
+                                  "List-price spend of an open migration's new column.",
+                                  labels=["target", "column"])
+        caps = GaugeMetricFamily("pgreembed_migration_spend_cap_usd",
+                                 "Its spend cap (only migrations started with one).",
+                                 labels=["target", "column"])
+        scrape = GaugeMetricFamily("pgreembed_scrape_seconds",
+                                   "Time this scrape spent reading Postgres and Redis.")
+        started = time.perf_counter()
         try:
             client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
             with connect(self.settings.database_url) as conn:
                 statuses = collect(conn, self.settings, client)
-                usage: dict[int, Any] = dict(conn.execute(
-                    "SELECT slot_id, sum(tokens) FROM pgreembed.usage GROUP BY slot_id"
+                usage = usage_by_model(conn)
+                created: dict[int, float] = dict(conn.execute(
+                    "SELECT id, extract(epoch FROM created_at)::float8 FROM pgreembed.slots"
                 ).fetchall())
+                migrations = migration_spend(conn)
+                conn.commit()
+            ages = {s.slot: oldest_pending_seconds(
+                client, s.slot, self.settings.lease_seconds, s.pending, s.in_flight or 0,
+                float(created.get(s.slot, 0.0))) for s in statuses}
         except Exception as exc:  # noqa: BLE001 - a scrape must not crash the scheduler
             log.warning("metrics scrape failed: %s", type(exc).__name__)
             return
@@ -143,17 +174,53 @@ class DatabaseCollector:
                 counts.add_metric([*labels, state], getattr(s, state))
             if s.in_flight is not None:
                 counts.add_metric([*labels, "in_flight"], s.in_flight)
-            used = float(usage.get(s.slot, 0) or 0)
-            model = s.model.split(":", 1)[-1].rsplit("@", 1)[0]
-            tokens.add_metric([s.target, s.column, s.model], used)
+            coverage.add_metric(labels, s.coverage)
             misconfigured.add_metric([s.target, s.column, s.model],
                                      1.0 if s.misconfigured else 0.0)
-            price = PRICES_PER_MTOKEN.get(model, 0.0) if s.model.startswith("openai:") else 0.0
-            cost.add_metric([s.target, s.column, s.model], used / 1e6 * price)
-        yield counts
-        yield tokens
-        yield cost
-        yield misconfigured
+            oldest.add_metric(labels, ages[s.slot])
+            for model, used in usage.get(s.slot, {}).items():
+                tokens.add_metric([s.target, s.column, model or s.model], used)
+                cost.add_metric([s.target, s.column, model or s.model],
+                                used / 1e6 * list_price(model or s.model))
+            if s.slot not in usage:
+                tokens.add_metric([s.target, s.column, s.model], 0.0)
+                cost.add_metric([s.target, s.column, s.model], 0.0)
+        columns = {s.slot: (s.target, s.column) for s in statuses}
+        for slot_id, usd, cap in migrations:
+            if slot_id in columns:
+                spent.add_metric(list(columns[slot_id]), usd)
+                if cap is not None:
+                    caps.add_metric(list(columns[slot_id]), cap)
+        scrape.add_metric([], time.perf_counter() - started)
+        yield from (counts, coverage, oldest, tokens, cost, spent, caps, misconfigured, scrape)
+
+
+def migration_spend(conn: Any) -> list[tuple[int, float, float | None]]:
+    """(new column's slot, USD spent, USD cap) of each migration still filling."""
+    from pgreembed.migrate import spend
+
+    slots = [r[0] for r in conn.execute(
+        "SELECT to_slot FROM pgreembed.migrations WHERE phase = 'filling'")]
+    return [(slot_id, *spend(conn, slot_id)[1:]) for slot_id in slots]
+
+
+def usage_by_model(conn: Any) -> dict[int, dict[str | None, float]]:
+    """Tokens per slot and per model that billed them (None: rows from before the
+    ledger recorded the model, priced as the slot's model)."""
+    out: dict[int, dict[str | None, float]] = {}
+    for slot_id, model, used in conn.execute(
+            "SELECT slot_id, model, sum(tokens) FROM pgreembed.usage GROUP BY 1, 2"):
+        out.setdefault(slot_id, {})[model] = float(used or 0)
+    return out
+
+
+def list_price(model_key: str) -> float:
+    """USD per million tokens of a model key (`openai:<name>@<dims>`); 0 for others."""
+    from pgreembed.migrate import PRICES_PER_MTOKEN
+
+    if not model_key.startswith("openai:"):
+        return 0.0
+    return PRICES_PER_MTOKEN.get(model_key.split(":", 1)[1].rsplit("@", 1)[0], 0.0)
 
 
 def serve_scheduler_metrics(settings: Any) -> bool:

@@ -99,6 +99,8 @@ CREATE TABLE IF NOT EXISTS pgreembed.usage (
     tokens bigint NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_slot ON pgreembed.usage (slot_id, at);
+-- The model that billed the tokens (a slot's model changes in place): its price applies.
+ALTER TABLE pgreembed.usage ADD COLUMN IF NOT EXISTS model text;
 ALTER TABLE pgreembed.migrations ADD COLUMN IF NOT EXISTS spend_cap_usd numeric;
 ALTER TABLE pgreembed.migrations ADD COLUMN IF NOT EXISTS price_per_mtoken numeric;
 -- Spend caps: a batch's estimated tokens, held from before its request until its billed

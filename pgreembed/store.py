@@ -134,10 +134,11 @@ def write_isolating(conn: psycopg.Connection, slot: Slot, results: Sequence[Embe
 
 def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int) -> None:
     """Add to the usage ledger (spend, spend caps, metrics): rows written and the tokens
-    the provider billed. Rows it billed but we could not use count too."""
+    the provider billed, and the model that billed them (priced as that model even after
+    the slot's model changes in place). Rows it billed but we could not use count too."""
     if inputs or tokens:
-        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens) VALUES (%s, %s, %s)",
-                     (slot.id, inputs, tokens))
+        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens, model)"
+                     " VALUES (%s, %s, %s, %s)", (slot.id, inputs, tokens, slot.model_key))
 
 
 def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:

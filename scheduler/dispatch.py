@@ -9,6 +9,7 @@ around once it reaches the end.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings
+from pgreembed.freshness import record_complete_sweep
 from pgreembed.inflight import InFlight
 from pgreembed.migrate import enforce_spend_cap
 from pgreembed.orphans import OrphanSweep
@@ -56,6 +58,7 @@ class Dispatcher:
         self.send = send
         self.page_size = page_size
         self._cursors: dict[int, Cursor] = {}
+        self._sweep_started: dict[int, float] = {}  # when each slot's current sweep began
         self.orphans = OrphanSweep(redis_client)
         self._misconfigured_seen: set[int] = set()
 
@@ -95,6 +98,8 @@ class Dispatcher:
             report.complete = False
             return
         cursor = self._cursors.get(slot.id) if limit_in_flight else None
+        if cursor is None:
+            self._sweep_started[slot.id] = time.time()
         cursor = cursor or Cursor()
         self._cursors[slot.id] = cursor
         exhausted = True
@@ -119,6 +124,8 @@ class Dispatcher:
                     break
         if exhausted:
             self._cursors.pop(slot.id, None)  # next pass starts from the beginning
+            # Every row pending when this sweep began is claimed now (freshness metric).
+            record_complete_sweep(self.redis, slot.id, self._sweep_started.pop(slot.id))
 
     def _enqueue(self, slot: Slot, inflight: InFlight, keys: Sequence[str],
                  report: PassReport) -> None:

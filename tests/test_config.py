@@ -43,7 +43,7 @@ def test_minimal_target_gets_sane_defaults() -> None:
     ({"provider": "local", "dimensions": 768}, "produces 384, got 768"),
     ({"batch_size": 5000}, "target 'docs'.batch_size: must be <= 2048"),
     ({"text_column": None}, "missing required field 'text_column'"),
-    ({"text_columns": []}, "text_columns: must be a non-empty list"),
+    ({"text_column": None, "text_columns": []}, "text_columns: must be a non-empty list"),
     ({"trigger": "yes"}, "target 'docs'.trigger: must be a bool"),
     ({"colour": "blue"}, "unknown field(s) colour"),
     ({"distance": "hamming"}, "target 'docs'.distance: must be one of cosine, l2, ip, l1"),
@@ -105,3 +105,22 @@ def test_table_names_with_dots(overrides: dict[str, object], schema: str, table:
 def test_unreadable_table_name_is_a_config_error(table: str) -> None:
     with pytest.raises(ConfigError, match=r"target 'docs'\.table: cannot read"):
         settings(target(table=table))
+
+
+@pytest.mark.parametrize(("document", "message"), [
+    ({"target": [target(dimension=384)]},
+     "target 'docs': unknown field(s) dimension (did you mean 'dimensions'?)"),
+    ({"target": [target()], "worker": {"pool_max_sise": 8}},
+     "worker: unknown field(s) pool_max_sise (did you mean 'pool_max_size'?)"),
+    ({"target": [target()], "workers": {"poll_interval": 2}},
+     "config: unknown section or key(s) workers (did you mean 'worker'?)"),
+    ({"target": [target()], "defaults": {"batchsize": 8}},
+     "defaults: unknown field(s) batchsize (did you mean 'batch_size'?)"),
+    ({"target": [target(text_columns=["title", "body"])]},
+     "target 'docs': both text_column and text_columns are set"),
+])
+def test_typos_are_refused_with_the_nearest_valid_name(document: dict[str, object],
+                                                      message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_settings(document, ENV)
+    assert message in str(error.value)

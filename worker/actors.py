@@ -18,6 +18,7 @@ from dramatiq.middleware import CurrentMessage
 from pgreembed.batch import process_batch
 from pgreembed.config import Settings, load_settings
 from pgreembed.inflight import InFlight
+from pgreembed.metrics import worker_metrics
 from worker.broker import QUEUE
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,16 @@ def redis_client() -> redis.Redis:
 MAX_RETRIES = 4
 
 
+def claimed_at(inflight: InFlight, keys: list[str]) -> dict[str, float] | None:
+    """When the scheduler claimed each key, for the lag metric (only when it is on)."""
+    if worker_metrics() is None:
+        return None
+    try:
+        return inflight.claimed_at(keys)
+    except redis.RedisError:
+        return None  # the metric is not worth failing a batch for
+
+
 @dramatiq.actor(queue_name=QUEUE, max_retries=MAX_RETRIES, min_backoff=2_000,
                 max_backoff=120_000, time_limit=15 * 60 * 1000)
 def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
@@ -49,7 +60,7 @@ def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
     config = settings()
     inflight = InFlight(redis_client(), slot_id, config.lease_seconds)
     try:
-        process_batch(config, target, slot_id, keys)
+        process_batch(config, target, slot_id, keys, claimed_at(inflight, keys))
     except Exception:
         message = CurrentMessage.get_current_message()
         if message is None or message.options.get("retries", 0) >= MAX_RETRIES:

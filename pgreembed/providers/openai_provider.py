@@ -16,6 +16,7 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from pgreembed.metrics import observe_provider
 from pgreembed.providers.base import (
     BadInputError,
     Embeddings,
@@ -173,6 +175,7 @@ class OpenAIProvider:
             body["dimensions"] = self.dimensions
         if self._limiter is not None:
             self._limiter.acquire(tokens)  # sleeps until the request fits the shared budget
+        started = time.perf_counter()
         try:
             # The client's generic POST, not `embeddings.create`: create() type-checks each
             # of up to 2048 inputs and builds a pydantic object per vector, which together
@@ -182,11 +185,29 @@ class OpenAIProvider:
             raw = self._client.post("/embeddings", body=body,
                                     cast_to=openai.HttpxBinaryResponseContent).content
         except openai.RateLimitError as exc:
+            observe_provider(self.model_key, time.perf_counter() - started, error_label(exc))
             if (self._limiter is not None and self._limiter.limited
                     and not is_quota_error(exc)):
                 self._limiter.report_rate_limited()
             raise
+        except openai.OpenAIError as exc:
+            observe_provider(self.model_key, time.perf_counter() - started, error_label(exc))
+            raise
+        observe_provider(self.model_key, time.perf_counter() - started)
         return decode_embeddings(raw, len(texts), self.dimensions)
+
+
+def error_label(exc: BaseException) -> str:
+    """A small, fixed set of label values: the HTTP status, or what failed before one."""
+    if is_quota_error(exc):
+        return "insufficient_quota"
+    if isinstance(exc, openai.APIStatusError):
+        return str(exc.status_code)
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    return "other"
 
 
 def decode_embeddings(raw: bytes | str, expected: int, dimensions: int
