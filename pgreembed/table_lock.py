@@ -72,7 +72,7 @@ def blockers(conn: psycopg.Connection, table: sql.Composable) -> list[Blocker]:
                extract(epoch FROM now() - a.xact_start)::float8,
                string_agg(DISTINCT l.mode, '+' ORDER BY l.mode)
         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'relation' AND l.relation = %s::regclass AND l.granted
+        WHERE l.locktype = 'relation' AND l.relation = to_regclass(%s) AND l.granted
           AND l.pid <> pg_backend_pid()
         GROUP BY 1, 2, 3, 4 ORDER BY 4 DESC NULLS LAST
         """, (table.as_string(conn),)).fetchall()
