@@ -17,15 +17,17 @@ from contextlib import contextmanager
 import psycopg
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import Stack, docs_config, write_config
+from tests.conftest import Stack, docs_config, wait_for, write_config
 from tests.test_migrate import assert_column_current, migrate, seed, wait_filled
 
 OLD, NEW = "fake-384", "fake-alt-384"  # same dimensions: a wrong-model write fits silently
 
 
 @contextmanager
-def steady_writer(stack: Stack, per_second: float = 10.0) -> Iterator[dict[str, int]]:
-    """Edits a random row's text and inserts a row, `per_second` times a second."""
+def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1, 201)
+                  ) -> Iterator[dict[str, int]]:
+    """Edits a random row's text (keys in `edits`) and inserts a row, `per_second` times a
+    second."""
     stop = threading.Event()
     counts = {"edits": 0, "inserts": 0, "errors": 0}
 
@@ -35,7 +37,7 @@ def steady_writer(stack: Stack, per_second: float = 10.0) -> Iterator[dict[str, 
             while not stop.is_set():
                 try:
                     conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (f"rewritten {rng.random()}", rng.randint(1, 200)))
+                                 (f"rewritten {rng.random()}", rng.choice(edits)))
                     conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
                                  (f"inserted {rng.random()}",))
                     counts["edits"] += 1
@@ -148,3 +150,37 @@ def test_rollback_when_the_live_column_had_no_index(stack: Stack, fake_openai: F
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", OLD, 384)
     assert_column_current(stack, column, NEW, 384)
+
+
+def test_rows_failed_in_the_new_column_stop_the_swap_unless_accepted(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
+    seed(stack, 60)
+    with stack.connect() as conn:  # searchable now; the new model will refuse them
+        conn.execute("UPDATE docs SET body = 'poison ' || id WHERE id IN (5, 6, 7)")
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    fake_openai.set_faults(bad_input_marker="poison")
+    out = migrate(stack, "start", "--model", NEW, "--dimensions", "384")
+    column = out.split("column ")[1].split(" ")[0]
+    with stack.connect() as conn:
+        wait_for(lambda: conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
+                                      ).fetchone()[0] == 3, timeout=60)
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.3)
+    with steady_writer(stack, per_second=5.0, edits=range(10, 61)):
+        refused = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "30")
+        assert refused.returncode == 1
+        assert (f"3 rows searchable now failed to embed in {column}" in refused.stderr
+                and f"pgreembed failures --target docs --column {column}" in refused.stderr)
+        listed = json.loads(stack.cli("failures", "--target", "docs", "--column", column,
+                                      "--json").stdout)
+        assert sorted(int(f["key"]) for f in listed) == [5, 6, 7]
+        swapped = json.loads(migrate(stack, "swap", "--accept-failed", "--json",
+                                     "--timeout", "30"))
+        assert swapped["step"] == "swap"
+    fake_openai.set_faults(bad_input_marker=None, slow_model=None)
+    with stack.connect() as conn:  # the three rows are out of search until their text changes
+        assert conn.execute("SELECT count(*) FROM docs WHERE embedding IS NULL AND id IN"
+                            " (5, 6, 7)").fetchone() == (3,)
