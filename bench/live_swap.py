@@ -96,14 +96,21 @@ def build(dsn: str, rows: int, index: str) -> None:
                     copy.write_row((i, vector))
         conn.execute("UPDATE docs SET embedding = v.e FROM v WHERE v.id = docs.id")
         conn.execute("VACUUM ANALYZE docs")
-        using = ("hnsw (embedding vector_cosine_ops)" if index == "hnsw" else
-                 f"ivfflat (embedding vector_cosine_ops) WITH (lists = {max(10, rows // 1000)})")
-        conn.execute("SET maintenance_work_mem = '512MB'")
+
+
+def index_live_column(dsn: str, rows: int, index: str) -> None:
+    """The app's ANN index, built after both columns are filled: an UPDATE of every row
+    of a table with an HNSW index inserts every row into it again (~90x slower)."""
+    using = ("hnsw (embedding vector_cosine_ops)" if index == "hnsw" else
+             f"ivfflat (embedding vector_cosine_ops) WITH (lists = {max(10, rows // 1000)})")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET maintenance_work_mem = '1GB'")
         conn.execute(f"CREATE INDEX docs_embedding_idx ON docs USING {using}")
 
 
-def fill_new_column(settings: Settings, dsn: str) -> None:
-    """migrate start, the new column filled in SQL (as if the workers had), its index."""
+def fill_new_column(settings: Settings, dsn: str, rows: int, index: str) -> None:
+    """migrate start, the new column filled in SQL (as if the workers had), the app's
+    index on the live column, then `migrate index` (which mirrors it) on the new one."""
     target = settings.target("docs")
     slot = migrate.start(settings, target, "openai", NEW, DIMS)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -113,7 +120,8 @@ def fill_new_column(settings: Settings, dsn: str) -> None:
             " SELECT id, %s, {hash}, now() FROM docs ON CONFLICT (pgr_pk) DO NOTHING"
         ).format(state=slot.state_table, hash=slot.hash_expr), (slot.model_id,))
         conn.execute("VACUUM ANALYZE docs")
-    migrate.build_index(settings, target)
+    index_live_column(dsn, rows, index)
+    migrate.build_index(settings, target, maintenance_work_mem="1GB")
 
 
 def loads(settings: Settings, dsn: str, rows: int, args: argparse.Namespace,
@@ -225,7 +233,7 @@ def main() -> None:
         tuning = Tuning(batch_size=64, processes=1, threads=8, max_inflight_rows=2048)
         with pipeline(services, dsn, tuning) as run:
             settings = load_settings(str(run.config_path), env=run.env)
-            fill_new_column(settings, dsn)
+            fill_new_column(settings, dsn, args.rows, args.index)
             run.start_worker()
             run.start_scheduler()
             print(f"{args.rows} rows, both columns filled, {args.index} indexes:"
