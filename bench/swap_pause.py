@@ -26,10 +26,10 @@ import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
-from pgreembed import migrate
 from pgreembed.config import Settings, parse_settings
-from pgreembed.schema import init_target
-from pgreembed.services import EmbeddedPostgres
+from pgreembed.migrations import index, lifecycle, swap
+from pgreembed.store.setup import init_target
+from pgreembed.testing.services import EmbeddedPostgres
 
 OLD_DIMS, NEW_DIMS = 64, 128
 
@@ -74,13 +74,13 @@ def prepare_migration(settings: Settings, dsn: str) -> None:
     """init + migrate start + fill the new column with SQL + its index: ready to swap."""
     target = settings.target("docs")
     init_target(dsn, target)
-    slot = migrate.start(settings, target, "openai", f"fake-{NEW_DIMS}", NEW_DIMS)
+    slot = lifecycle.start(settings, target, "openai", f"fake-{NEW_DIMS}", NEW_DIMS)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"""UPDATE docs SET "{slot.vector_column}" =
             (SELECT array_agg(random()::real) FROM generate_series(1, {NEW_DIMS}) g
              WHERE g > 0 * docs.id)::vector""")
         conn.execute("VACUUM ANALYZE docs")
-    migrate.build_index(settings, target, method="ivfflat", lists=100)
+    index.build_index(settings, target, method="ivfflat", lists=100)
 
 
 def reader(dsn: str, window: Window, stop: threading.Event) -> None:
@@ -160,7 +160,7 @@ def main() -> None:
         results = {}
         for step in ("swap", "rollback"):
             started = time.monotonic()
-            outcome = migrate.swap(settings, settings.target("docs"), rollback=step == "rollback")
+            outcome = swap.swap(settings, settings.target("docs"), rollback=step == "rollback")
             ended = time.monotonic()
             time.sleep(1.0)  # queries that waited on the lock finish; the new column in use
             during = window.between(started, ended)

@@ -22,8 +22,8 @@ import pytest
 import redis
 from psycopg.conninfo import make_conninfo
 
-from pgreembed.services import EmbeddedPostgres, LocalRedis
 from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-Zq8sEcReT0pgreembed"
@@ -118,7 +118,7 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
 
     def connect(self) -> psycopg.Connection:
-        from pgreembed.db import connect
+        from pgreembed.store.pool import connect
 
         return connect(self.dsn, autocommit=True)
 

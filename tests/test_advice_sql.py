@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import parse_settings
-from pgreembed.schema import init_target
+from pgreembed.store.setup import init_target
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.conftest import API_KEY, ROOT
 

@@ -189,7 +189,7 @@ def test_dimensions_over_the_models_maximum_mark_the_column_misconfigured(
     found = [f for f in json.loads(doctor.stdout) if f["check"] == "misconfigured"]
     assert [(f["level"], f["details"]["column"]) for f in found] == [("error", "embedding")]
 
-    from pgreembed.metrics import DatabaseCollector
+    from pgreembed.operations.metrics import DatabaseCollector
 
     settings = load_settings(stack.config_path, env=stack.env)
     gauges = {m.name: m for m in DatabaseCollector(settings).collect()}

@@ -40,8 +40,9 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 
-from pgreembed.services import EmbeddedPostgres, LocalRedis
-from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
 from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
 from tests.test_attribution import OUTAGE_TRIGGER
 

@@ -18,12 +18,8 @@ import numpy as np
 import openai
 import pytest
 
-from pgreembed.testing.fake_openai import (
-    FakeOpenAIServer,
-    fake_token_count,
-    fake_vector,
-    model_dims,
-)
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_token_count, fake_vector, model_dims
 
 KEY = "sk-test-fake-key"
 ROOT = Path(__file__).resolve().parents[1]

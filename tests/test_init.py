@@ -7,7 +7,8 @@ import pytest
 from psycopg import sql
 
 from pgreembed.config import parse_settings
-from pgreembed.schema import SetupError, init_target
+from pgreembed.errors import SetupError
+from pgreembed.store.setup import init_target
 
 HOSTILE = 'we"ird; DROP TABLE victim; --'
 
@@ -53,7 +54,7 @@ def test_finding_pending_rows_uses_the_partial_index(database_url: str) -> None:
     slot = init_target(database_url, target)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ANALYZE docs")
-        from pgreembed.planner import missing_page
+        from pgreembed.store.pending import missing_page
 
         assert missing_page(conn, slot, None, 10) == [5000, 10000, 15000, 20000]
         plan = "\n".join(r[0] for r in conn.execute(
@@ -74,7 +75,7 @@ def test_hostile_identifiers_are_quoted(database_url: str) -> None:
     slot = init_target(database_url, target)
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT to_regclass('victim') IS NOT NULL").fetchone() == (True,)
-        from pgreembed.planner import missing_page
+        from pgreembed.store.pending import missing_page
 
         assert missing_page(conn, slot, None, 10) == [1]
 

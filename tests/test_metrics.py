@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-from pgreembed.services import free_port
+from pgreembed.testing.services import free_port
 from tests.conftest import Stack, wait_for
 
 

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from pgreembed.config import parse_settings
-from pgreembed.search import search
-from pgreembed.testing.fake_openai import fake_vector
+from pgreembed.operations.search import search
+from pgreembed.testing.fake_vectors import fake_vector
 from tests.conftest import Stack, wait_for
 
 
@@ -328,8 +328,8 @@ def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_o
 
 def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
                                                              fake_openai) -> None:
-    from pgreembed import migrate as migration
-    from pgreembed.schema import init_target
+    from pgreembed.migrations import plan as migration
+    from pgreembed.store.setup import init_target
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
@@ -352,7 +352,7 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
                              " 'docs'::regclass AND attnum > 0").fetchone()
     assert before == after
     assert (p.rows, p.rows_without_text) == (101, 1)
-    from pgreembed.providers import make_provider
+    from pgreembed.embedding.providers import make_provider
 
     per_row = make_provider(settings, "openai", "text-embedding-3-large", 3072).count_tokens(
         ["x" * 40])[0]  # tiktoken when its encoding is cached, else the byte upper bound

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from pgreembed.testing.fake_openai import fake_vector
+from pgreembed.testing.fake_vectors import fake_vector
 from tests.conftest import Stack, docs_config, wait_for
 
 MODEL = "fake-384"

@@ -20,8 +20,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgreembed.services import EmbeddedPostgres
 from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.services import EmbeddedPostgres
 from tests.conftest import ROOT, Stack, docs_config, wait_for
 from tests.test_chaos import pg_outage
 

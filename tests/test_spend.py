@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from pgreembed.migrate import PRICES_PER_MTOKEN
+from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from tests.conftest import Stack, docs_config, wait_for
 from tests.test_migrate import assert_column_current, seed, wait_filled
 

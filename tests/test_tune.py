@@ -19,9 +19,9 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.config import Settings, load_settings
-from pgreembed.db import connect
-from pgreembed.search import search
-from pgreembed.testing.fake_openai import fake_vectors
+from pgreembed.operations.search import search
+from pgreembed.store.pool import connect
+from pgreembed.testing.fake_vectors import fake_vectors
 from tests.conftest import Stack
 
 MODEL, DIMS, ROWS, LISTS = "fake-384", 384, 3000, 30

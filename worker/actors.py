@@ -15,19 +15,13 @@ import dramatiq
 import redis
 from dramatiq.middleware import CurrentMessage
 
-from pgreembed.batch import process_batch
-from pgreembed.config import Settings, load_settings
-from pgreembed.inflight import InFlight
-from pgreembed.metrics import worker_metrics
-from worker.broker import QUEUE
+from pgreembed.embedding.batch import process_batch
+from pgreembed.instruments import worker_metrics
+from pgreembed.queue.claims import InFlight
+from pgreembed.queue.contract import ACTOR, QUEUE
+from worker.settings import settings
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def settings() -> Settings:
-    """Read once per worker process, from $PGREEMBED_CONFIG and the environment."""
-    return load_settings()
 
 
 @functools.cache
@@ -48,7 +42,7 @@ def claimed_at(inflight: InFlight, keys: list[str]) -> dict[str, float] | None:
         return None  # the metric is not worth failing a batch for
 
 
-@dramatiq.actor(queue_name=QUEUE, max_retries=MAX_RETRIES, min_backoff=2_000,
+@dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_retries=MAX_RETRIES, min_backoff=2_000,
                 max_backoff=120_000, time_limit=15 * 60 * 1000)
 def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
     """Embed `keys` of `target`'s slot and release their in-flight markers.
