@@ -13,24 +13,13 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings, load_settings
-from pgreembed.errors import (
-    ConfigError,
-    DatabaseError,
-    MigrationError,
-    NotInitializedError,
-    ProviderError,
-    SetupError,
-    TableBusyError,
-)
+from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
 from pgreembed.logs import setup_logging
 from pgreembed.redact import redact
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import require_initialized
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS, LockPolicy
 
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NOT_INITIALIZED = 4  # status, tick, failures, ... before `pgreembed init`
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 
 
@@ -246,14 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NotInitializedError as exc:
-        print(f"pgreembed: {exc}", file=sys.stderr)
-        return EXIT_NOT_INITIALIZED
-    except (SetupError, DatabaseError, ProviderError, LookupError, MigrationError,
-            TableBusyError) as exc:
+        return exc.exit_code
+    except PgreembedError as exc:  # expected: a message for the operator, and its exit code
         print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.exit_code
     except (psycopg.Error, redis.RedisError) as exc:
         print(f"pgreembed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
         return EXIT_ERROR

@@ -31,6 +31,7 @@ from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import Embedded, Failed, Row, prepare
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.providers.openai_provider import decode_vector
+from pgreembed.errors import MigrationError, NotFoundError
 from pgreembed.redact import redact, register_secret
 from pgreembed.store.pending import missing_page
 from pgreembed.store.pool import connect
@@ -177,7 +178,7 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
                     embedded.append(Embedded(Row(pk, None, h), vector, False))
     current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
     if current is None:
-        raise LookupError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
+        raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
     written = write_vectors(conn, current, embedded)
     _record_failures_by_key(conn, slot, failed)
     record_usage(conn, slot, len(embedded), tokens_billed)
@@ -203,7 +204,7 @@ def step(settings: Settings, target: Target) -> BatchStep:
     with connect(settings.database_url) as conn:
         slot = batch_slot(conn, target)
         if slot is None:
-            raise LookupError(f"target {target.name!r} has no column in batch mode"
+            raise MigrationError(f"target {target.name!r} has no column in batch mode"
                               " (migrate start --batch-api)")
         completed = written = failed = 0
         for job_id, batch_id in conn.execute(

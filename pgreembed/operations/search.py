@@ -22,7 +22,7 @@ from psycopg.pq import TransactionStatus
 from pgreembed.config import Settings
 from pgreembed.distances import DISTANCES, canonical_distance
 from pgreembed.embedding.providers import make_provider
-from pgreembed.errors import LiveColumnChanged
+from pgreembed.errors import LiveColumnChanged, NotFoundError
 from pgreembed.store.index_settings import apply_local
 from pgreembed.store.index_settings import recorded as recorded_settings
 from pgreembed.store.index_settings import validate as validate_settings
@@ -61,7 +61,7 @@ def live_slot(conn: psycopg.Connection, settings: Settings, target_name: str) ->
     for slot in load_slots(conn, target):
         if slot.role == "live":
             return slot
-    raise LookupError(f"target {target_name!r} has no live column: run `pgreembed init`")
+    raise NotFoundError(f"target {target_name!r} has no live column: run `pgreembed init`")
 
 
 def search(conn: psycopg.Connection, settings: Settings, target_name: str, query: str,

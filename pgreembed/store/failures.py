@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
+from pgreembed.errors import NotFoundError
 from pgreembed.redact import redact
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, load_slots, require_initialized
 
@@ -46,7 +47,7 @@ def select_slots(conn: psycopg.Connection, target: Target, column: str | None) -
     chosen = [s for s in slots if s.vector_column == column]
     if not chosen:
         known = ", ".join(f"{s.vector_column} ({s.role})" for s in slots)
-        raise LookupError(f"target {target.name!r} has no column {column!r} being kept filled"
+        raise NotFoundError(f"target {target.name!r} has no column {column!r} being kept filled"
                           f" (its columns: {known})")
     return chosen
 

@@ -19,6 +19,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.embedding.embed import Embedded, Failed, Row
+from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
 from pgreembed.store.slots import Slot, load_slot
 
@@ -52,7 +53,7 @@ def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
         sql.Identifier(target.schema, target.table), sql.SQL(mode)))
     try:
         return load_slot(conn, target, slot_id)
-    except LookupError:
+    except NotFoundError:
         return None
 
 

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
-from pgreembed.errors import NotInitializedError
+from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
 
 SCHEMA = "pgreembed"
 NOTIFY_CHANNEL = "pgreembed"
@@ -122,13 +122,13 @@ def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
             (regclass, target.primary_key),
         ).fetchone()
         if found is None:
-            raise LookupError(
+            raise SetupError(
                 f"target {target.name!r}: primary_key {target.primary_key!r} is not a column"
                 f" of {target.schema}.{target.table}"
             )
         return target.primary_key, found[0]
     if len(rows) != 1:
-        raise LookupError(
+        raise SetupError(
             f"target {target.name!r}: {target.schema}.{target.table} needs a single-column"
             " primary key (or set primary_key to a unique, non-null column)"
         )
@@ -163,7 +163,7 @@ def load_slot(conn: psycopg.Connection, target: Target, slot_id: int) -> Slot:
     for slot in load_slots(conn, target):
         if slot.id == slot_id:
             return slot
-    raise LookupError(f"target {target.name!r}: slot {slot_id} is not active")
+    raise NotFoundError(f"target {target.name!r}: slot {slot_id} is not active")
 
 
 def mark_misconfigured(conn: psycopg.Connection, slot: Slot, reason: str) -> None:
