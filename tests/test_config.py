@@ -11,7 +11,7 @@ import pytest
 
 from pgreembed.config import parse_settings
 from pgreembed.errors import ConfigError
-from tests.conftest import ROOT, docs_config
+from tests.helpers import ROOT, docs_config
 
 ENV = {"DATABASE_URL": "postgresql:///x"}
 

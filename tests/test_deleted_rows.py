@@ -19,7 +19,7 @@ from pgreembed.store.orphans import OrphanSweep
 from pgreembed.store.pending import sweep
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.conftest import Stack
+from tests.helpers import Stack
 
 
 def insert_docs(stack: Stack, count: int) -> None:

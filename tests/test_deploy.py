@@ -26,7 +26,7 @@ from dramatiq.cli import make_argument_parser as dramatiq_parser
 
 from pgreembed.cli.main import build_parser
 from pgreembed.config import parse_settings
-from tests.conftest import docs_config
+from tests.helpers import docs_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -22,7 +22,7 @@ from pgreembed.store.setup import init_target
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.conftest import API_KEY, Stack, wait_for
+from tests.helpers import API_KEY, Stack, wait_for
 
 
 def seed(stack: Stack, count: int) -> None:

@@ -6,19 +6,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgreembed.config import parse_settings
 from pgreembed.errors import SetupError
 from pgreembed.store.setup import init_target
+from tests.helpers import make_target
 
 HOSTILE = 'we"ird; DROP TABLE victim; --'
-
-
-def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
-    raw: dict[str, object] = {"name": "docs", "table": "public.docs", "text_column": "body",
-                              "vector_column": "embedding", "provider": "openai",
-                              "model": "fake-384", "dimensions": 384}
-    raw.update(overrides)
-    return parse_settings({"target": [raw]}, {"DATABASE_URL": dsn}).target("docs")
 
 
 def test_init_is_idempotent_and_creates_bookkeeping(database_url: str) -> None:

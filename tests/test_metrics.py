@@ -6,7 +6,7 @@ import urllib.request
 from pathlib import Path
 
 from pgreembed.testing.services import free_port
-from tests.conftest import Stack, wait_for
+from tests.helpers import Stack, wait_for
 
 
 def scrape(port: int) -> str:

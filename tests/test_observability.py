@@ -16,7 +16,7 @@ from pgreembed.queue.claims import InFlight
 from pgreembed.queue.freshness import oldest_pending_seconds, record_complete_sweep
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.services import free_port
-from tests.conftest import Stack, wait_for
+from tests.helpers import Stack, wait_for
 from tests.observability import (
     PROMETHEUS_OWN,
     base_name,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.conftest import Stack, docs_config, wait_for
+from tests.helpers import Stack, docs_config, wait_for
 
 MODEL = "fake-384"
 

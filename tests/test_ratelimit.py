@@ -24,7 +24,7 @@ from pgreembed.embedding.ratelimit import RateLimiter, limiter_client
 from pgreembed.errors import FatalProviderError
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_token_count, fake_vector
-from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
+from tests.helpers import API_KEY, ROOT, Stack, docs_config, wait_for
 
 WINDOW = 2.0
 RPM = 8  # per WINDOW here

@@ -20,7 +20,7 @@ from pgreembed.store.pool import connect
 from pgreembed.store.table_lock import LockPolicy
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.conftest import Stack, docs_config, wait_for, write_config
+from tests.helpers import Stack, docs_config, wait_for, write_config
 
 OLD_MODEL, NEW_MODEL, DIMS = "fake-384", "fake-alt-384", 384  # same size: a mix-up is silent
 QUERY = "how do I compress a file?"

@@ -22,8 +22,7 @@ import pytest
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.services import EmbeddedPostgres
-from tests.conftest import ROOT, Stack, docs_config, wait_for
-from tests.test_chaos import pg_outage
+from tests.helpers import ROOT, Stack, docs_config, pg_outage, wait_for
 
 PASSWORD = "Zebra-Pass-77-9qX"
 WRONG_KEY = "key-Wrong-Kiwi-0451xyz"  # not shaped like sk-...: only exact-value redaction hides it

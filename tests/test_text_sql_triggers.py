@@ -7,7 +7,7 @@ import pytest
 
 from pgreembed.errors import SetupError
 from pgreembed.store.setup import init_target
-from tests.test_init import make_target
+from tests.helpers import make_target
 
 TEXT_SQL = "title || ': ' || body || coalesce(' #' || (data->>'tag'), '')"
 

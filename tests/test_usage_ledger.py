@@ -8,7 +8,7 @@ import pytest
 from pgreembed.config import load_settings
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.operations.metrics import DatabaseCollector
-from tests.conftest import Stack
+from tests.helpers import Stack
 
 SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
 

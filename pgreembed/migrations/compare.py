@@ -41,11 +41,11 @@ from pgreembed.operations.recall import (
     sample_rows,
     vector_text,
 )
-from pgreembed.store.ddl import QUALITY_DDL
 from pgreembed.store.index_settings import recorded
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.usage import reserve_tokens, spend
+from pgreembed.store.versions import upgrade
 
 DEFAULT_SAMPLE = 100
 
@@ -128,7 +128,7 @@ def compare(settings: Settings, target: Target, *, texts: Sequence[str] | None =
                                                           side.price_per_mtoken, 6)}
                             for side in sides}
         with conn.transaction():
-            conn.execute(QUALITY_DDL)
+            upgrade(conn, repeatable=False)  # a database init'ed before these tables
             conn.execute("INSERT INTO pgreembed.comparisons (migration_id, report)"
                          " VALUES (%s, %s::jsonb)", (migration_id, json.dumps(report)))
     return report

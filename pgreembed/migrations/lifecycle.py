@@ -39,6 +39,7 @@ from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
 from pgreembed.store.triggers import install_triggers
 from pgreembed.store.usage import SPEND_CAP, spend
+from pgreembed.store.versions import INIT_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         raise MigrationError("--batch-api needs the openai provider")
 
     def add_column(conn: psycopg.Connection) -> tuple[Slot, bool]:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
+        conn.execute(INIT_LOCK)
         existing = open_migration(conn, target)
         if existing is not None:
             slot = _slots_by_id(conn, target).get(existing.to_slot)

@@ -34,9 +34,9 @@ from pgreembed.operations.recall import (
     stored_vector_queries,
 )
 from pgreembed.store import index_settings
-from pgreembed.store.ddl import QUALITY_DDL
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.versions import upgrade
 
 DEFAULT_RECALL = 0.95
 
@@ -180,7 +180,7 @@ def tune(settings: Settings, target: Target, *, column: str = "live",
             statements = index_settings.set_statements(conn, recommended.settings)
             if record:
                 with conn.transaction():
-                    conn.execute(QUALITY_DDL)
+                    upgrade(conn, repeatable=False)  # a database init'ed before these tables
                     index_settings.record(
                         conn, slot.id, recommended.settings, index_name=index.name, k=k,
                         target_recall=recall_target, recall=recommended.recall,

@@ -16,7 +16,6 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
-from pgreembed.store.ddl import BATCH_DDL, REGISTRY_DDL
 from pgreembed.store.slots import (
     Slot,
     clear_misconfigured,
@@ -26,6 +25,7 @@ from pgreembed.store.slots import (
 )
 from pgreembed.store.table_lock import SHARE_ROW_EXCLUSIVE, LockPolicy, run_locked
 from pgreembed.store.triggers import drop_triggers, install_triggers, triggers_current
+from pgreembed.store.versions import upgrade
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +230,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
 def _init_in_transaction(conn: psycopg.Connection, target: Target
                          ) -> tuple[Slot, list[Slot], int]:
     # One initialiser at a time (two pods starting together must not race the DDL).
-    conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgreembed.init'))")
-    conn.execute(REGISTRY_DDL)
-    conn.execute(BATCH_DDL)
+    upgrade(conn)
     _check_table(conn, target)
     registered = [s for s in load_slots(conn, target) if s.role == "live"]
     dimensions = registered[0].dimensions if registered else target.dimensions
