@@ -16,21 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import redis
 
 UNCONFIRMED_SECONDS = 10.0
 
 # Add the members that are not there yet; return those (atomically, one round trip).
-_CLAIM = """
-local added = {}
-for i, member in ipairs(ARGV) do
-    if i > 1 and redis.call('ZADD', KEYS[1], 'NX', ARGV[1], member) == 1 then
-        added[#added + 1] = member
-    end
-end
-return added
-"""
+_CLAIM = (Path(__file__).parent / "claim.lua").read_text()
 
 
 class InFlight:
