@@ -6,7 +6,6 @@ import os
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import CurrentMessage
 
 from pgreembed.config import Settings
 from pgreembed.instruments import WORKER_PORT_ENV, require_prometheus
@@ -17,7 +16,6 @@ from worker.warmup import WarmUp
 def worker_broker(settings: Settings) -> RedisBroker:
     """Build the broker from `settings`, add the workers' middleware and make it global."""
     broker = make_broker(settings)
-    broker.add_middleware(CurrentMessage())  # the actor reads its retry count
     broker.add_middleware(WarmUp())
     if os.environ.get(WORKER_PORT_ENV):
         # Dramatiq's own exporter: its fork runs in the `dramatiq` main process, which
