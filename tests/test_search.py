@@ -106,14 +106,14 @@ def swap_attempts(stdout: str) -> int:
     return int(json.loads(stdout)["attempts"])
 
 
-@pytest.mark.parametrize("how", ["pgreembed.db.connect", "psycopg.connect",
+@pytest.mark.parametrize("how", ["pgreembed.store.pool.connect", "psycopg.connect",
                                  "psycopg.connect autocommit"])
 def test_idle_connection_is_left_idle_without_locks(stack: Stack, how: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Any connection the app has: ours, or plain psycopg (no pgvector adapters)."""
     initialised(stack)
     settings = settings_of(stack, monkeypatch)
-    opened = (connect(settings.database_url) if how == "pgreembed.db.connect" else
+    opened = (connect(settings.database_url) if how == "pgreembed.store.pool.connect" else
               psycopg.connect(settings.database_url, autocommit=how.endswith("autocommit")))
     with opened as conn:
         for _ in range(2):  # the second call must not find anything left by the first
