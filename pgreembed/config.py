@@ -19,6 +19,7 @@ from typing import Any
 
 from pgreembed.distances import canonical_distance
 from pgreembed.errors import ConfigError
+from pgreembed.model_keys import model_key
 from pgreembed.redact import register_configured_secrets
 
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
@@ -73,7 +74,7 @@ class Target:
     @property
     def model_key(self) -> str:
         """What identifies "the same model" for invariant 4 (provider, name, size)."""
-        return f"{self.provider}:{self.model}@{self.dimensions}"
+        return model_key(self.provider, self.model, self.dimensions)
 
 
 @dataclass(frozen=True)

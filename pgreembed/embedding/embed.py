@@ -22,6 +22,7 @@ import numpy as np
 
 from pgreembed.embedding.providers.base import Provider
 from pgreembed.errors import BadInputError, MisconfiguredError, TransientProviderError
+from pgreembed.store.texts import is_no_text
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
             failed.append(Failed(row, "text is NULL"))
             continue
         text = sanitize(row.text)
-        if not text.strip():
+        if is_no_text(text):
             failed.append(Failed(row, "text is empty or only whitespace"))
             continue
         candidates.append((row, text))

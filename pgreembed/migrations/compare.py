@@ -44,6 +44,7 @@ from pgreembed.operations.recall import (
 from pgreembed.store.index_settings import recorded
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.texts import no_text
 from pgreembed.store.usage import reserve_tokens, spend
 from pgreembed.store.versions import upgrade
 
@@ -95,8 +96,8 @@ def _slots(conn: psycopg.Connection, target: Target) -> tuple[int, Slot, Slot]:
 def _sampled(conn: psycopg.Connection, live: Slot, incoming: Slot, size: int
              ) -> list[tuple[Any, str]]:
     """Rows embedded in both columns (so each model can find the row itself)."""
-    where = sql.SQL("a.{} IS NOT NULL AND a.{} IS NOT NULL AND coalesce(btrim(({})::text),"
-                    " '') <> ''").format(live.vector, incoming.vector, live.text_expr)
+    where = sql.SQL("a.{} IS NOT NULL AND a.{} IS NOT NULL AND NOT {}").format(
+        live.vector, incoming.vector, no_text(live.text_expr))
     rows = sample_rows(conn, live, size, sql.SQL("a.{}, ({})::text").format(
         live.pk, live.text_expr), where)
     return [(key, text) for key, text in rows]

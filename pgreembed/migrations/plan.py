@@ -13,8 +13,10 @@ from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
+from pgreembed.model_keys import model_key
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import load_slots, vector_type_for
+from pgreembed.store.texts import no_text
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,13 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     text = text_expression(target)
     with connect(settings.database_url) as conn:
         total, empty = conn.execute(sql.SQL(
-            "SELECT count(*), count(*) FILTER (WHERE coalesce(btrim(({})::text), '') = '')"
-            " FROM {}").format(text, table)).fetchone() or (0, 0)
+            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {}").format(no_text(text), table)
+        ).fetchone() or (0, 0)
         sample = [r[0] for r in conn.execute(sql.SQL(
-            "SELECT ({})::text FROM {} WHERE coalesce(btrim(({})::text), '') <> '' LIMIT %s"
-        ).format(text, table, text), (sample_limit,))]
+            "SELECT ({})::text FROM {} WHERE NOT {} LIMIT %s").format(
+                text, table, no_text(text)), (sample_limit,))]
         model_id_row = conn.execute("SELECT id FROM pgreembed.models WHERE key = %s",
-                                    (f"{provider}:{model}@{dimensions}",)).fetchone()
+                                    (model_key(provider, model, dimensions),)).fetchone()
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")

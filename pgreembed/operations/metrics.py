@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pgreembed.instruments import SCHEDULER_PORT_ENV, require_prometheus
+from pgreembed.model_keys import parse_model_key
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,8 @@ def list_price(model_key: str) -> float:
     """USD per million tokens of a model key (`openai:<name>@<dims>`); 0 for others."""
     from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 
-    if not model_key.startswith("openai:"):
-        return 0.0
-    return PRICES_PER_MTOKEN.get(model_key.split(":", 1)[1].rsplit("@", 1)[0], 0.0)
+    provider, model, _ = parse_model_key(model_key)
+    return PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
 
 
 def serve_scheduler_metrics(settings: Any) -> bool:

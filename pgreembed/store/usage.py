@@ -31,6 +31,7 @@ from psycopg_pool import ConnectionPool
 from pgreembed.embedding.embed import Row
 from pgreembed.embedding.providers.base import Provider
 from pgreembed.store.slots import Slot
+from pgreembed.store.texts import is_no_text
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def settle_ids(conn: psycopg.Connection, ids: set[int]) -> None:
 
 def estimate_tokens(provider: Provider, rows: Sequence[Row]) -> int:
     """What sending `rows` will cost at most: their token counts, cut at the input limit."""
-    texts = [r.text for r in rows if r.text and r.text.strip()]
+    texts = [r.text for r in rows if r.text is not None and not is_no_text(r.text)]
     if not texts:
         return 0
     return sum(min(n, provider.max_input_tokens) for n in provider.count_tokens(texts))

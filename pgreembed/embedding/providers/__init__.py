@@ -12,6 +12,7 @@ from pgreembed.errors import (
     ProviderError,
     TransientProviderError,
 )
+from pgreembed.model_keys import model_key
 
 __all__ = ["BadInputError", "FatalProviderError", "Provider", "ProviderError",
            "TransientProviderError", "make_provider"]
@@ -22,7 +23,7 @@ _lock = threading.Lock()
 
 def make_provider(settings: Settings, provider: str, model: str, dimensions: int) -> Provider:
     """The provider for one model, built once per process (clients and sessions are reused)."""
-    key = f"{provider}:{model}@{dimensions}"
+    key = model_key(provider, model, dimensions)
     with _lock:
         found = _providers.get(key)
         if found is None:

@@ -36,6 +36,7 @@ from pgreembed.embedding.providers.tokens import TokenCounter
 from pgreembed.embedding.ratelimit import RateLimiter
 from pgreembed.errors import BadInputError, FatalProviderError, TransientProviderError
 from pgreembed.instruments import observe_provider
+from pgreembed.model_keys import model_key
 from pgreembed.redact import redact, register_secret
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class OpenAIProvider:
         register_secret(api_key)
         self.model = model
         self.dimensions = dimensions
-        self.model_key = f"openai:{model}@{dimensions}"
+        self.model_key = model_key("openai", model, dimensions)
         # `dimensions` is accepted only by text-embedding-3 models (and compatible servers).
         self._send_dimensions = model.startswith("text-embedding-3")
         self._client = openai.OpenAI(api_key=api_key or "unused", base_url=base_url,

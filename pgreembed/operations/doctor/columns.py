@@ -20,6 +20,7 @@ from pgreembed.store.slots import (
     text_expression,
     vector_type_for,
 )
+from pgreembed.store.texts import no_text
 
 
 class ColumnChecks(DoctorBase):
@@ -166,9 +167,8 @@ class ColumnChecks(DoctorBase):
                      f" {low:.4g}..{high:.4g}")
 
     def _missing_text(self, target: Target, table: sql.Identifier) -> None:
-        count = int(self.one(sql.SQL(
-            "SELECT count(*) FROM {} WHERE coalesce(({})::text, '') ~ '^\\s*$'").format(
-            table, text_expression(target)))[0])
+        count = int(self.one(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            table, no_text(text_expression(target))))[0])
         qualified = f"{target.schema}.{target.table}"
         if count:
             self.add(WARN, target.name, "missing_text", f"{qualified}: {count} rows have NULL"
