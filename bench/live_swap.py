@@ -37,13 +37,13 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from bench.harness import Services, Tuning, pipeline
-from pgreembed import migrate
 from pgreembed.config import Settings, load_settings
-from pgreembed.db import connect
-from pgreembed.providers import make_provider
-from pgreembed.search import search
-from pgreembed.slots import load_slots
-from pgreembed.table_lock import LockPolicy
+from pgreembed.embedding.providers import make_provider
+from pgreembed.migrations import index, lifecycle, swap
+from pgreembed.operations.search import search
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import load_slots
+from pgreembed.store.table_lock import LockPolicy
 
 OLD, NEW = "fake-64", "fake-alt-64"
 DIMS = 64
@@ -105,7 +105,7 @@ def build(dsn: str, rows: int, index: str) -> None:
 def fill_new_column(settings: Settings, dsn: str) -> None:
     """migrate start, the new column filled in SQL (as if the workers had), its index."""
     target = settings.target("docs")
-    slot = migrate.start(settings, target, "openai", NEW, DIMS)
+    slot = lifecycle.start(settings, target, "openai", NEW, DIMS)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("UPDATE docs SET {} = embedding").format(slot.vector))
         conn.execute(sql.SQL(
@@ -113,7 +113,7 @@ def fill_new_column(settings: Settings, dsn: str) -> None:
             " SELECT id, %s, {hash}, now() FROM docs ON CONFLICT (pgr_pk) DO NOTHING"
         ).format(state=slot.state_table, hash=slot.hash_expr), (slot.model_id,))
         conn.execute("VACUUM ANALYZE docs")
-    migrate.build_index(settings, target)
+    index.build_index(settings, target)
 
 
 def loads(settings: Settings, dsn: str, rows: int, args: argparse.Namespace,
@@ -244,7 +244,7 @@ def main() -> None:
             steps = {}
             for step in ("swap", "rollback"):
                 asked = time.monotonic()
-                outcome = migrate.swap(settings, settings.target("docs"),
+                outcome = swap.swap(settings, settings.target("docs"),
                                        rollback=step == "rollback", policy=policy)
                 done = time.monotonic()
                 steps[step] = (asked, done, outcome)
