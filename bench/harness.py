@@ -30,8 +30,8 @@ import redis
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from pgreembed.services import EmbeddedPostgres, LocalRedis
 from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-bench-local-0000"
@@ -248,7 +248,7 @@ def verify_vectors(dsn: str, model: str, dims: int, count: int, sample: int = 5)
     """Spot-check that stored vectors (ids 1..count) are the provider's for the row's text."""
     import numpy as np
 
-    from pgreembed.testing.fake_openai import fake_vector
+    from pgreembed.testing.fake_vectors import fake_vector
 
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT body, embedding::text FROM docs WHERE id = ANY(%s)",

@@ -37,13 +37,14 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from bench.harness import Services, Tuning, pipeline
-from pgreembed import migrate
 from pgreembed.config import Settings, load_settings
-from pgreembed.db import connect
-from pgreembed.providers import make_provider
-from pgreembed.search import search
-from pgreembed.slots import load_slots
-from pgreembed.table_lock import LockPolicy
+from pgreembed.embedding.providers import make_provider
+from pgreembed.migrations import index as ann
+from pgreembed.migrations import lifecycle, swap
+from pgreembed.operations.search import search
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import load_slots
+from pgreembed.store.table_lock import LockPolicy
 
 OLD, NEW = "fake-64", "fake-alt-64"
 DIMS = 64
@@ -112,7 +113,7 @@ def fill_new_column(settings: Settings, dsn: str, rows: int, index: str) -> None
     """migrate start, the new column filled in SQL (as if the workers had), the app's
     index on the live column, then `migrate index` (which mirrors it) on the new one."""
     target = settings.target("docs")
-    slot = migrate.start(settings, target, "openai", NEW, DIMS)
+    slot = lifecycle.start(settings, target, "openai", NEW, DIMS)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("UPDATE docs SET {} = embedding").format(slot.vector))
         conn.execute(sql.SQL(
@@ -121,7 +122,7 @@ def fill_new_column(settings: Settings, dsn: str, rows: int, index: str) -> None
         ).format(state=slot.state_table, hash=slot.hash_expr), (slot.model_id,))
         conn.execute("VACUUM ANALYZE docs")
     index_live_column(dsn, rows, index)
-    migrate.build_index(settings, target, maintenance_work_mem="1GB")
+    ann.build_index(settings, target, maintenance_work_mem="1GB")
 
 
 def loads(settings: Settings, dsn: str, rows: int, args: argparse.Namespace,
@@ -252,7 +253,7 @@ def main() -> None:
             steps = {}
             for step in ("swap", "rollback"):
                 asked = time.monotonic()
-                outcome = migrate.swap(settings, settings.target("docs"),
+                outcome = swap.swap(settings, settings.target("docs"),
                                        rollback=step == "rollback", policy=policy)
                 done = time.monotonic()
                 steps[step] = (asked, done, outcome)

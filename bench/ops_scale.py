@@ -24,12 +24,12 @@ import psycopg
 import redis
 
 from bench.harness import API_KEY, Services
-from pgreembed import migrate
 from pgreembed.config import Settings, parse_settings
-from pgreembed.db import connect
-from pgreembed.metrics import DatabaseCollector
-from pgreembed.schema import init_target
-from pgreembed.status import collect
+from pgreembed.migrations import plan
+from pgreembed.operations.metrics import DatabaseCollector
+from pgreembed.operations.status import collect
+from pgreembed.store.pool import connect
+from pgreembed.store.setup import init_target
 from scheduler.dispatch import Dispatcher
 
 DIMS = 16
@@ -112,7 +112,7 @@ def measure(services: Services, rows: int, pending: int) -> dict[str, float]:
     result = {
         "status": median_seconds(status),
         "scrape": median_seconds(lambda: list(collector.collect())),
-        "plan": median_seconds(lambda: migrate.plan(settings, target, "openai",
+        "plan": median_seconds(lambda: plan.plan(settings, target, "openai",
                                                     "fake-alt-16", DIMS)),
         "pass": median_seconds(one_pass, before=client.flushall),
         "status_exact": median_seconds(lambda: status(exact=True), repeats=1),

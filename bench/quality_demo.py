@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 import psycopg
-
-from pgreembed.demo import CONFIG, _load_corpus
 from pgreembed.services import EmbeddedPostgres, LocalRedis
+
+from pgreembed.demo.run import CONFIG, _load_corpus
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 
 ROOT = Path(__file__).resolve().parent.parent

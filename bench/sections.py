@@ -37,7 +37,7 @@ from bench.harness import (
     verify_vectors,
     wait_all_embedded,
 )
-from pgreembed.testing.fake_openai import fake_token_count, fake_vectors
+from pgreembed.testing.fake_vectors import fake_token_count, fake_vectors
 
 
 @dataclass
@@ -318,7 +318,8 @@ class RateLimitRun:
 
 def client_budget_supported() -> bool:
     """Whether this version's target config takes `tokens_per_minute` (a shared limiter)."""
-    from pgreembed.config import ConfigError, parse_target
+    from pgreembed.config import parse_target
+    from pgreembed.errors import ConfigError
 
     try:
         parse_target({"name": "t", "table": "t", "text_column": "b", "vector_column": "v",

@@ -2,6 +2,6 @@
 
 import sys
 
-from pgreembed.cli import main
+from pgreembed.cli.main import main
 
 sys.exit(main())

@@ -17,37 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgreembed.distances import canonical_distance
+from pgreembed.errors import ConfigError
+from pgreembed.model_keys import model_key
 from pgreembed.redact import register_configured_secrets
 
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
 PROVIDERS = ("local", "openai")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or wrong; the message names the field."""
-
-
-# Distance the app queries with -> its query operator; the key is pgvector's opclass
-# suffix (vector_cosine_ops, halfvec_l2_ops, ...).
-DISTANCES = {"cosine": "<=>", "l2": "<->", "ip": "<#>", "l1": "<+>"}
-DISTANCE_ALIASES = {"euclidean": "l2", "inner_product": "ip"}
-
-
-def canonical_distance(name: str, where: str = "distance") -> str:
-    """`name` as a key of DISTANCES (aliases accepted), or a ConfigError naming the choices."""
-    key = DISTANCE_ALIASES.get(name.lower(), name.lower())
-    if key not in DISTANCES:
-        choices = ", ".join([*DISTANCES, *DISTANCE_ALIASES])
-        raise ConfigError(f"{where}: must be one of {choices}, got {name!r}")
-    return key
-
-
-def opclass_distance(opclass: str | None) -> str | None:
-    """The distance a pgvector operator class serves (`vector_l2_ops` -> "l2"), if any."""
-    match = re.fullmatch(r"(?:vector|halfvec|sparsevec|bit)_(\w+)_ops", opclass or "")
-    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -90,13 +68,13 @@ class Target:
     # Shared budgets of this model across every worker (openai provider; None: unlimited).
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
-    # The distance the app queries with (a pgvector opclass suffix, see DISTANCES).
+    # The distance the app queries with (a pgvector opclass suffix, see pgreembed.distances).
     distance: str = "cosine"
 
     @property
     def model_key(self) -> str:
         """What identifies "the same model" for invariant 4 (provider, name, size)."""
-        return f"{self.provider}:{self.model}@{self.dimensions}"
+        return model_key(self.provider, self.model, self.dimensions)
 
 
 @dataclass(frozen=True)
@@ -120,6 +98,10 @@ class Settings:
     # read-only, connection lost) in-process before keeping its vectors in Redis and
     # handing the message to Dramatiq's retries.
     write_retry_seconds: float = 120.0
+    # Dramatiq's Redis broker: how soon a killed worker's messages come back
+    # ($PGREEMBED_HEARTBEAT_MS) and how often commands run its maintenance pass.
+    heartbeat_ms: int = 10_000
+    maintenance_chance: int = 100_000
     config_path: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     # `[rate_limits."<model>"]`: budgets of openai models, whichever column they fill.
@@ -360,9 +342,18 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         write_retry_seconds=float(_positive(
             _typed(worker.get("write_retry_seconds", 120.0), float,
                    "worker.write_retry_seconds"), "worker.write_retry_seconds")),
+        heartbeat_ms=_env_int(env, "PGREEMBED_HEARTBEAT_MS", 10_000),
+        maintenance_chance=_env_int(env, "PGREEMBED_MAINTENANCE_CHANCE", 100_000),
         config_path=config_path,
         rate_limits=parse_rate_limits(document.get("rate_limits", {})),
     )
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        return _positive(int(env.get(name) or default), name)
+    except ValueError:
+        raise ConfigError(f"{name}: must be a positive integer, got {env[name]!r}") from None
 
 
 def _check_dsn_at_signs(database_url: str) -> None:

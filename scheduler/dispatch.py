@@ -10,33 +10,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psycopg
 import redis
 
 from pgreembed.config import Settings
-from pgreembed.freshness import record_complete_sweep
-from pgreembed.inflight import InFlight
-from pgreembed.migrate import enforce_spend_cap
-from pgreembed.orphans import OrphanSweep
-from pgreembed.planner import Cursor, sweep
-from pgreembed.slots import Slot, load_slots
+from pgreembed.queue.broker import make_broker
+from pgreembed.queue.claims import InFlight
+from pgreembed.queue.contract import Sender, broker_sender
+from pgreembed.queue.freshness import record_complete_sweep
+from pgreembed.store.orphans import OrphanSweep
+from pgreembed.store.pending import Cursor, sweep
+from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.usage import enforce_spend_cap
 
 log = logging.getLogger(__name__)
 
-# send(target, slot_id, keys): put one batch on the queue.
-Sender = Callable[[str, int, list[str]], None]
-
-
-def dramatiq_sender() -> Sender:
-    from worker import embed_batch
-
-    def send(target: str, slot_id: int, keys: list[str]) -> None:
-        embed_batch.send(target, slot_id, keys)
-
-    return send
+def dramatiq_sender(settings: Settings) -> Sender:
+    """Send batches by the queue contract's names through the broker at settings.redis_url."""
+    return broker_sender(make_broker(settings))
 
 
 @dataclass

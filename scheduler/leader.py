@@ -13,7 +13,8 @@ import logging
 
 import psycopg
 
-from pgreembed.db import DatabaseError, connect
+from pgreembed.errors import DatabaseError
+from pgreembed.store.pool import connect
 
 log = logging.getLogger(__name__)
 

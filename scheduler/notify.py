@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import psycopg
 
-from pgreembed.db import DatabaseError, connect
-from pgreembed.slots import NOTIFY_CHANNEL
+from pgreembed.errors import DatabaseError
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,11 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from pgreembed.config import Settings
-from pgreembed.db import DatabaseError, connect
-from pgreembed.metrics import serve_scheduler_metrics
-from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
+from pgreembed.errors import DatabaseError
+from pgreembed.operations.metrics import serve_scheduler_metrics
+from pgreembed.queue.contract import Sender
+from pgreembed.store.pool import connect
+from scheduler.dispatch import Dispatcher, dramatiq_sender
 from scheduler.leader import Leadership
 from scheduler.notify import Listener
 
@@ -37,7 +39,7 @@ class SchedulerService:
     def __init__(self, settings: Settings, send: Sender | None = None) -> None:
         self.settings = settings
         self.dispatcher = Dispatcher(settings, redis.Redis.from_url(settings.redis_url),
-                                     send or dramatiq_sender())
+                                     send or dramatiq_sender(settings))
         self.leadership = Leadership(settings.database_url)
         self.scheduler = BlockingScheduler(timezone=UTC)
         self._conn: psycopg.Connection | None = None

@@ -17,10 +17,11 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings
-from pgreembed.db import connect
-from pgreembed.inflight import InFlight
-from pgreembed.slots import Slot, load_slots, require_initialized
-from scheduler.dispatch import Dispatcher, Sender, dramatiq_sender
+from pgreembed.queue.claims import InFlight
+from pgreembed.queue.contract import Sender
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import Slot, load_slots, require_initialized
+from scheduler.dispatch import Dispatcher, dramatiq_sender
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _finish(settings: Settings, conn: psycopg.Connection) -> int:
 def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
              send: Sender | None = None) -> int:
     client = redis.Redis.from_url(settings.redis_url)
-    dispatcher = Dispatcher(settings, client, send or dramatiq_sender())
+    dispatcher = Dispatcher(settings, client, send or dramatiq_sender(settings))
     deadline = time.monotonic() + timeout
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -22,11 +19,9 @@ import pytest
 import redis
 from psycopg.conninfo import make_conninfo
 
-from pgreembed.services import EmbeddedPostgres, LocalRedis
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-
-ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "sk-test-Zq8sEcReT0pgreembed"
+from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
+from tests.helpers import API_KEY, ROOT, Stack, docs_config, write_config
 
 
 @pytest.fixture(scope="session")
@@ -85,71 +80,6 @@ def fake_openai(fake_server: FakeOpenAIServer) -> FakeOpenAIServer:
     return fake_server
 
 
-@dataclass
-class Stack:
-    """One test's configuration and the processes it started."""
-
-    dsn: str
-    redis_url: str
-    config_path: Path
-    env: dict[str, str]
-    logs: Path
-    processes: list[subprocess.Popen[bytes]]
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pgreembed", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, start_new_session=True)
-        self.processes.append(process)
-        return process
-
-    def start_worker(self, processes: int = 1, threads: int = 4) -> subprocess.Popen[bytes]:
-        return self.spawn("worker", [sys.executable, "-m", "dramatiq", "--processes",
-                                     str(processes), "--threads", str(threads), "worker"])
-
-    def start_scheduler(self) -> subprocess.Popen[bytes]:
-        return self.spawn("scheduler", [sys.executable, "-m", "pgreembed", "scheduler"])
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
-
-    def connect(self) -> psycopg.Connection:
-        from pgreembed.db import connect
-
-        return connect(self.dsn, autocommit=True)
-
-
-def write_config(path: Path, body: str) -> Path:
-    path.write_text(body)
-    return path
-
-
-def docs_config(*, batch_size: int = 8, target_extra: str = "",
-                max_inflight_rows: int = 64, worker_extra: str = "") -> str:
-    """The TOML of the tests' `docs` target (fake-384 through the local OpenAI server)."""
-    return f"""
-[[target]]
-name = "docs"
-table = "public.docs"
-text_columns = ["title", "body"]
-vector_column = "embedding"
-provider = "openai"
-model = "fake-384"
-dimensions = 384
-batch_size = {batch_size}
-{target_extra}
-
-[worker]
-poll_interval = 0.5
-max_inflight_rows = {max_inflight_rows}
-{worker_extra}
-"""
-
-
 @pytest.fixture
 def stack(database_url: str, redis_url: str, fake_openai: FakeOpenAIServer,
           tmp_path: Path) -> Iterator[Stack]:
@@ -181,15 +111,4 @@ def stack(database_url: str, redis_url: str, fake_openai: FakeOpenAIServer,
         except subprocess.TimeoutExpired:
             process.kill()
 
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = ""):  # type: ignore[no-untyped-def]
-    """Poll `predicate` until it returns a truthy value; fail the test after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {message or predicate}")
-        time.sleep(interval)
 

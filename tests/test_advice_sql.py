@@ -19,9 +19,9 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import parse_settings
-from pgreembed.schema import init_target
+from pgreembed.store.setup import init_target
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import API_KEY, ROOT
+from tests.helpers import API_KEY, ROOT
 
 SCHEMA = 'My "Schema"; drop table y;--'
 TABLE = 'Docs "x"; drop table y;--'

@@ -24,21 +24,7 @@ from typing import Any
 import redis
 
 from pgreembed.config import load_settings
-from tests.conftest import Stack, docs_config, wait_for
-
-OUTAGE_TRIGGER = """
-CREATE TABLE write_outage (disk_full boolean NOT NULL);
-INSERT INTO write_outage VALUES (false);
-CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NEW.embedding IS NOT NULL AND (SELECT disk_full FROM write_outage) THEN
-        RAISE EXCEPTION 'could not extend file "base/16384/16385": No space left on device'
-            USING ERRCODE = '53100';
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER app_disk_full BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION disk_full();
-"""
+from tests.helpers import OUTAGE_TRIGGER, Stack, docs_config, wait_for
 
 
 def insert_docs(stack: Stack, count: int) -> None:
@@ -189,7 +175,7 @@ def test_dimensions_over_the_models_maximum_mark_the_column_misconfigured(
     found = [f for f in json.loads(doctor.stdout) if f["check"] == "misconfigured"]
     assert [(f["level"], f["details"]["column"]) for f in found] == [("error", "embedding")]
 
-    from pgreembed.metrics import DatabaseCollector
+    from pgreembed.operations.metrics import DatabaseCollector
 
     settings = load_settings(stack.config_path, env=stack.env)
     gauges = {m.name: m for m in DatabaseCollector(settings).collect()}

@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import time
 
-from tests.conftest import Stack, wait_for
-from tests.test_migrate import assert_column_current, migrate, running, seed, wait_filled
+from tests.helpers import (
+    Stack,
+    assert_column_current,
+    migrate,
+    running,
+    seed,
+    wait_filled,
+    wait_for,
+)
 
 
 def null_count(stack: Stack, column: str) -> int:

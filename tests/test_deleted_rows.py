@@ -15,11 +15,11 @@ import redis
 from psycopg import sql
 
 from pgreembed.config import load_settings
-from pgreembed.orphans import OrphanSweep
-from pgreembed.planner import sweep
-from pgreembed.slots import load_slots
-from pgreembed.testing.fake_openai import fake_vector
-from tests.conftest import Stack
+from pgreembed.store.orphans import OrphanSweep
+from pgreembed.store.pending import sweep
+from pgreembed.store.slots import load_slots
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import Stack
 
 
 def insert_docs(stack: Stack, count: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -23,8 +24,9 @@ import pytest
 import yaml
 from dramatiq.cli import make_argument_parser as dramatiq_parser
 
-from pgreembed.cli import build_parser
+from pgreembed.cli.main import build_parser
 from pgreembed.config import parse_settings
+from tests.helpers import docs_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -82,12 +84,19 @@ def check_command(argv: list[str], where: str) -> tuple[str, argparse.Namespace]
     raise AssertionError(f"{where}: runs {argv[0]!r}, which is neither pgreembed nor dramatiq")
 
 
-def test_worker_broker_module_imports() -> None:
-    """What `dramatiq ... worker` loads imports cleanly and exposes a broker and the actor."""
+def test_worker_broker_module_imports(tmp_path: Path) -> None:
+    """What `dramatiq ... worker` loads imports cleanly and exposes a broker and the actor,
+    on the Redis the settings name (the TOML's redis_url when the environment has none)."""
+    config = tmp_path / "pgreembed.toml"
+    config.write_text('redis_url = "redis://127.0.0.1:6390/3"\n' + docs_config())
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(PGREEMBED_CONFIG=str(config), DATABASE_URL="postgresql://localhost/x")
     code = ("import worker, dramatiq; assert isinstance(worker.broker, dramatiq.Broker);"
-            " assert 'embed_batch' in worker.broker.actors")
+            " assert 'embed_batch' in worker.broker.actors;"
+            " kwargs = worker.broker.client.connection_pool.connection_kwargs;"
+            " assert (kwargs['port'], kwargs['db']) == (6390, 3), kwargs")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60)
+                            cwd=ROOT, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
 
 

@@ -15,8 +15,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from pgreembed.config import Settings, parse_settings
-from pgreembed.doctor import ERROR, OK, WARN, Finding, run_doctor
-from pgreembed.schema import init_target
+from pgreembed.operations.doctor.checks import run_doctor
+from pgreembed.operations.doctor.findings import ERROR, OK, WARN, Finding
+from pgreembed.store.setup import init_target
 
 ROOT = Path(__file__).resolve().parent.parent
 DIMS = 384

@@ -15,12 +15,14 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from pgreembed.config import parse_settings
-from pgreembed.doctor import ERROR, OK, run_doctor
-from pgreembed.schema import init_target
-from pgreembed.slots import load_slots
-from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
-from pgreembed.verify import sample_query
-from tests.conftest import API_KEY, Stack, wait_for
+from pgreembed.operations.doctor.checks import run_doctor
+from pgreembed.operations.doctor.findings import ERROR, OK
+from pgreembed.operations.verify import sample_query
+from pgreembed.store.setup import init_target
+from pgreembed.store.slots import load_slots
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import API_KEY, Stack, wait_for
 
 
 def seed(stack: Stack, count: int) -> None:

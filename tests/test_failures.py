@@ -10,7 +10,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from tests.conftest import Stack, wait_for
+from tests.helpers import Stack, wait_for
 
 LIVE_MODEL = "openai:fake-384@384"
 NEW_MODEL = "openai:fake-768@768"

@@ -18,12 +18,8 @@ import numpy as np
 import openai
 import pytest
 
-from pgreembed.testing.fake_openai import (
-    FakeOpenAIServer,
-    fake_token_count,
-    fake_vector,
-    model_dims,
-)
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_token_count, fake_vector, model_dims
 
 KEY = "sk-test-fake-key"
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +75,7 @@ def test_fake_vector_is_unit_norm_deterministic_and_text_sensitive() -> None:
 
 
 def test_fake_vector_is_stable_across_processes() -> None:
-    code = ("from pgreembed.testing.fake_openai import fake_vector;"
+    code = ("from pgreembed.testing.fake_vectors import fake_vector;"
             "print(fake_vector('text-embedding-3-small', 'héllo', 16).tobytes().hex())")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=30).stdout.strip()

@@ -6,18 +6,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgreembed.config import parse_settings
-from pgreembed.schema import SetupError, init_target
+from pgreembed.errors import SetupError
+from pgreembed.store.setup import init_target
+from tests.helpers import make_target
 
 HOSTILE = 'we"ird; DROP TABLE victim; --'
-
-
-def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
-    raw: dict[str, object] = {"name": "docs", "table": "public.docs", "text_column": "body",
-                              "vector_column": "embedding", "provider": "openai",
-                              "model": "fake-384", "dimensions": 384}
-    raw.update(overrides)
-    return parse_settings({"target": [raw]}, {"DATABASE_URL": dsn}).target("docs")
 
 
 def test_init_is_idempotent_and_creates_bookkeeping(database_url: str) -> None:
@@ -53,7 +46,7 @@ def test_finding_pending_rows_uses_the_partial_index(database_url: str) -> None:
     slot = init_target(database_url, target)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ANALYZE docs")
-        from pgreembed.planner import missing_page
+        from pgreembed.store.pending import missing_page
 
         assert missing_page(conn, slot, None, 10) == [5000, 10000, 15000, 20000]
         plan = "\n".join(r[0] for r in conn.execute(
@@ -74,7 +67,7 @@ def test_hostile_identifiers_are_quoted(database_url: str) -> None:
     slot = init_target(database_url, target)
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT to_regclass('victim') IS NOT NULL").fetchone() == (True,)
-        from pgreembed.planner import missing_page
+        from pgreembed.store.pending import missing_page
 
         assert missing_page(conn, slot, None, 10) == [1]
 

@@ -17,8 +17,16 @@ from contextlib import contextmanager
 import psycopg
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import Stack, docs_config, wait_for, write_config
-from tests.test_migrate import assert_column_current, migrate, seed, wait_filled
+from tests.helpers import (
+    Stack,
+    assert_column_current,
+    docs_config,
+    migrate,
+    seed,
+    wait_filled,
+    wait_for,
+    write_config,
+)
 
 OLD, NEW = "fake-384", "fake-alt-384"  # same dimensions: a wrong-model write fits silently
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pgreembed.providers.local import LocalMiniLM
+from pgreembed.embedding.providers.local import LocalMiniLM
 
 
 def test_local_model_embeds_semantically() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-from pgreembed.services import free_port
-from tests.conftest import Stack, wait_for
+from pgreembed.testing.services import free_port
+from tests.helpers import Stack, wait_for
 
 
 def scrape(port: int) -> str:

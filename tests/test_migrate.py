@@ -9,40 +9,21 @@ import sys
 import threading
 import time
 
-import numpy as np
 import psycopg
 import pytest
 
 from pgreembed.config import parse_settings
-from pgreembed.search import search
-from pgreembed.testing.fake_openai import fake_vector
-from tests.conftest import Stack, wait_for
-
-
-def seed(stack: Stack, count: int) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, %s) g", (count,))
-
-
-def column_type(stack: Stack, column: str) -> str | None:
-    with stack.connect() as conn:
-        row = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE"
-                           " attrelid = 'docs'::regclass AND attname = %s AND NOT attisdropped",
-                           (column,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def assert_column_current(stack: Stack, column: str, model: str, dims: int) -> None:
-    with stack.connect() as conn:
-        rows = conn.execute(f"SELECT id, concat_ws(E'\\n', title, body), {column}::text"
-                            " FROM docs ORDER BY id").fetchall()
-    assert rows
-    for key, text, vector in rows:
-        assert vector is not None, f"row {key}: no vector in {column}"
-        got = np.array([float(x) for x in vector.strip("[]").split(",")], dtype=np.float32)
-        np.testing.assert_allclose(got, fake_vector(model, text, dims), atol=2e-3,
-                                   err_msg=f"row {key}: {column} is not {model}({text!r})")
+from pgreembed.operations.search import search
+from tests.helpers import (
+    Stack,
+    assert_column_current,
+    column_type,
+    migrate,
+    running,
+    seed,
+    wait_filled,
+    wait_for,
+)
 
 
 def schema_snapshot(stack: Stack) -> dict[str, object]:
@@ -62,21 +43,6 @@ def schema_snapshot(stack: Stack) -> dict[str, object]:
         }
 
 
-def running(stack: Stack, index: str = "hnsw (embedding vector_cosine_ops)") -> None:
-    """`init`, the app's index on the live column (`USING <index>`), worker, scheduler."""
-    assert stack.cli("init").returncode == 0
-    with stack.connect() as conn:
-        conn.execute(f"CREATE INDEX docs_embedding_idx ON docs USING {index}")
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-
-
-def migrate(stack: Stack, *args: str) -> str:
-    result = stack.cli("migrate", *args, "--target", "docs", timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
 def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection:
     """A transaction holding docs in ACCESS SHARE mode (a long query, to a swap or a
     DROP COLUMN), released after `seconds` or when the caller closes it."""
@@ -85,14 +51,6 @@ def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection
     if seconds is not None:
         threading.Timer(seconds, blocker.rollback).start()
     return blocker
-
-
-def wait_filled(stack: Stack, column: str) -> None:
-    def filled() -> bool:
-        with stack.connect() as conn:
-            return conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
-                                ).fetchone()[0] == 0
-    wait_for(filled, timeout=120, interval=0.3, message=f"{column} filled")
 
 
 def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
@@ -328,8 +286,8 @@ def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_o
 
 def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
                                                              fake_openai) -> None:
-    from pgreembed import migrate as migration
-    from pgreembed.schema import init_target
+    from pgreembed.migrations import plan as migration
+    from pgreembed.store.setup import init_target
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
@@ -352,7 +310,7 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
                              " 'docs'::regclass AND attnum > 0").fetchone()
     assert before == after
     assert (p.rows, p.rows_without_text) == (101, 1)
-    from pgreembed.providers import make_provider
+    from pgreembed.embedding.providers import make_provider
 
     per_row = make_provider(settings, "openai", "text-embedding-3-large", 3072).count_tokens(
         ["x" * 40])[0]  # tiktoken when its encoding is cached, else the byte upper bound

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import Stack, docs_config
+from tests.helpers import Stack, docs_config
 
 EXIT_NOT_INITIALIZED = 4
 COMMANDS = [("status",), ("status", "--json"), ("tick",), ("tick", "--wait"),

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import redis
 
-from pgreembed.freshness import oldest_pending_seconds, record_complete_sweep
-from pgreembed.inflight import InFlight
-from pgreembed.services import free_port
+from pgreembed.queue.claims import InFlight
+from pgreembed.queue.freshness import oldest_pending_seconds, record_complete_sweep
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import Stack, wait_for
+from pgreembed.testing.services import free_port
+from tests.helpers import Stack, wait_for
 from tests.observability import (
     PROMETHEUS_OWN,
     base_name,

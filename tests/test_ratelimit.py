@@ -19,11 +19,12 @@ import psycopg
 import pytest
 import redis
 
-from pgreembed.providers import FatalProviderError
-from pgreembed.providers.openai_provider import OpenAIProvider
-from pgreembed.ratelimit import RateLimiter, limiter_client
-from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_token_count, fake_vector
-from tests.conftest import API_KEY, ROOT, Stack, docs_config, wait_for
+from pgreembed.embedding.providers.openai_provider import OpenAIProvider
+from pgreembed.embedding.ratelimit import RateLimiter, limiter_client
+from pgreembed.errors import FatalProviderError
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_token_count, fake_vector
+from tests.helpers import API_KEY, ROOT, Stack, docs_config, wait_for
 
 WINDOW = 2.0
 RPM = 8  # per WINDOW here
@@ -116,7 +117,7 @@ def test_429_report_lowers_the_shared_budget_then_it_recovers(redis_url: str) ->
 
 
 def test_limiter_lets_requests_through_when_redis_is_down() -> None:
-    from pgreembed.services import free_port
+    from pgreembed.testing.services import free_port
 
     client = limiter_client(f"redis://127.0.0.1:{free_port()}/0")
     limiter = RateLimiter(client, "down", requests_per_minute=1)
@@ -243,11 +244,12 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
 
 def test_budgets_are_validated_and_belong_to_the_model_called(
         database_url: str, redis_url: str) -> None:
-    from pgreembed.budgets import configured_budget, record_budget
-    from pgreembed.config import Budget, ConfigError, parse_settings
-    from pgreembed.db import close_pools, connect
-    from pgreembed.ratelimit import limiter_for_model
-    from pgreembed.schema import ensure_model, init_target
+    from pgreembed.config import Budget, parse_settings
+    from pgreembed.embedding.budgets import configured_budget, record_budget
+    from pgreembed.embedding.ratelimit import limiter_for_model
+    from pgreembed.errors import ConfigError
+    from pgreembed.store.pool import close_pools, connect
+    from pgreembed.store.setup import ensure_model, init_target
 
     def target(name: str, **extra: object) -> dict[str, object]:
         return {"name": name, "table": "docs", "text_column": "body", "vector_column": "v",

@@ -6,7 +6,7 @@ import json
 import signal
 import time
 
-from tests.conftest import Stack, wait_for
+from tests.helpers import Stack, wait_for
 
 ROWS = 1500
 

@@ -13,13 +13,14 @@ import pytest
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from pgreembed import migrate
 from pgreembed.config import Settings, load_settings
-from pgreembed.db import connect
-from pgreembed.search import Hit, search
-from pgreembed.table_lock import LockPolicy
-from pgreembed.testing.fake_openai import FakeOpenAIServer, fake_vector
-from tests.conftest import Stack, docs_config, wait_for, write_config
+from pgreembed.migrations import swap
+from pgreembed.operations.search import Hit, search
+from pgreembed.store.pool import connect
+from pgreembed.store.table_lock import LockPolicy
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import Stack, docs_config, wait_for, write_config
 
 OLD_MODEL, NEW_MODEL, DIMS = "fake-384", "fake-alt-384", 384  # same size: a mix-up is silent
 QUERY = "how do I compress a file?"
@@ -105,14 +106,14 @@ def swap_attempts(stdout: str) -> int:
     return int(json.loads(stdout)["attempts"])
 
 
-@pytest.mark.parametrize("how", ["pgreembed.db.connect", "psycopg.connect",
+@pytest.mark.parametrize("how", ["pgreembed.store.pool.connect", "psycopg.connect",
                                  "psycopg.connect autocommit"])
 def test_idle_connection_is_left_idle_without_locks(stack: Stack, how: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Any connection the app has: ours, or plain psycopg (no pgvector adapters)."""
     initialised(stack)
     settings = settings_of(stack, monkeypatch)
-    opened = (connect(settings.database_url) if how == "pgreembed.db.connect" else
+    opened = (connect(settings.database_url) if how == "pgreembed.store.pool.connect" else
               psycopg.connect(settings.database_url, autocommit=how.endswith("autocommit")))
     with opened as conn:
         for _ in range(2):  # the second call must not find anything left by the first
@@ -205,7 +206,7 @@ def test_swap_committed_while_the_query_waits_for_its_lock(
         searching = pool.submit(search, conn, settings, "docs", QUERY, 5)
         wait_for(lambda: fake_openai.stats()["requests"] >= 1,
                  message="the query's embedding request (old model) to be held")
-        swapping = pool.submit(migrate.swap, settings, settings.target("docs"),
+        swapping = pool.submit(swap.swap, settings, settings.target("docs"),
                                policy=LockPolicy(lock_timeout_ms=60_000))
         swap_pid = wait_for(lambda: blocked_by(stack, blocker_pid),
                             message="the swap to stall inside its transaction")[0]

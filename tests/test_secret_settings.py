@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import ROOT, Stack
+from tests.helpers import ROOT, Stack
 
 PASSWORD = "Secret-Pw@Frag-77x"
 FRAGMENTS = ("Secret-Pw", "Frag-77x")

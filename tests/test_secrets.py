@@ -20,10 +20,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgreembed.services import EmbeddedPostgres
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import ROOT, Stack, docs_config, wait_for
-from tests.test_chaos import pg_outage
+from pgreembed.testing.services import EmbeddedPostgres
+from tests.helpers import ROOT, Stack, docs_config, pg_outage, wait_for
 
 PASSWORD = "Zebra-Pass-77-9qX"
 WRONG_KEY = "key-Wrong-Kiwi-0451xyz"  # not shaped like sk-...: only exact-value redaction hides it

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import time
 
-from pgreembed.migrate import PRICES_PER_MTOKEN
-from tests.conftest import Stack, docs_config, wait_for
-from tests.test_migrate import assert_column_current, seed, wait_filled
+from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from tests.helpers import Stack, assert_column_current, docs_config, seed, wait_filled, wait_for
 
 MODEL = "text-embedding-3-small"
 PRICE = PRICES_PER_MTOKEN[MODEL] / 1e6  # USD per token

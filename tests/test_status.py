@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import ROOT, Stack, wait_for
+from tests.helpers import ROOT, Stack, wait_for
 
 ROWS, PENDING = 20_000, 10
 

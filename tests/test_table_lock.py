@@ -15,8 +15,15 @@ from contextlib import contextmanager
 import psycopg
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.conftest import Stack, docs_config, write_config
-from tests.test_migrate import assert_column_current, migrate, seed, wait_filled
+from tests.helpers import (
+    Stack,
+    assert_column_current,
+    docs_config,
+    migrate,
+    seed,
+    wait_filled,
+    write_config,
+)
 
 
 @contextmanager

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pgreembed.testing.fake_openai import fake_vector
-from tests.conftest import Stack
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import Stack
 
 MODEL = "fake-384"
 

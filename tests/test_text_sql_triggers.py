@@ -5,8 +5,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from pgreembed.schema import SetupError, init_target
-from tests.test_init import make_target
+from pgreembed.errors import SetupError
+from pgreembed.store.setup import init_target
+from tests.helpers import make_target
 
 TEXT_SQL = "title || ': ' || body || coalesce(' #' || (data->>'tag'), '')"
 

@@ -15,32 +15,15 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.config import Settings, load_settings
-from pgreembed.db import connect
-from pgreembed.search import search
-from pgreembed.testing.fake_openai import fake_vectors
-from tests.conftest import Stack
+from pgreembed.operations.search import search
+from pgreembed.store.pool import connect
+from pgreembed.testing.fake_vectors import fake_vectors
+from tests.helpers import Stack, fill, vector_texts
 
 MODEL, DIMS, ROWS, LISTS = "fake-384", 384, 3000, 30
-
-
-def vector_texts(vectors: np.ndarray) -> list[str]:
-    return ["[" + ",".join(f"{x:.7g}" for x in row) + "]" for row in vectors]
-
-
-def fill(conn: psycopg.Connection, column: str, model: str) -> dict[int, str]:
-    """Write what the workers would: `model`'s vector of each row's text; {id: text}."""
-    rows = conn.execute("SELECT id, concat_ws(E'\\n', title, body) FROM docs ORDER BY id"
-                        ).fetchall()
-    vectors = vector_texts(fake_vectors(model, [text for _, text in rows], DIMS))
-    with conn.cursor() as cur:
-        cur.executemany(sql.SQL("UPDATE docs SET {} = %s::vector WHERE id = %s").format(
-            sql.Identifier(column)), [(v, key) for v, (key, _) in zip(vectors, rows,
-                                                                    strict=True)])
-    return {key: text for key, text in rows}
 
 
 def ivfflat_table(stack: Stack) -> dict[int, str]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from pgreembed.config import load_settings
-from pgreembed.metrics import DatabaseCollector
-from pgreembed.migrate import PRICES_PER_MTOKEN
-from tests.conftest import Stack
+from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from pgreembed.operations.metrics import DatabaseCollector
+from tests.helpers import Stack
 
 SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
 

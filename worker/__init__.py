@@ -1,10 +1,11 @@
-"""What `dramatiq worker` loads: the Redis broker (from $REDIS_URL), then the actors."""
+"""What `dramatiq worker` loads: the Redis broker (from Settings), then the actors."""
 
 from pgreembed.logs import setup_logging
-from worker.broker import make_broker
+from worker.broker import worker_broker
+from worker.settings import settings
 
 setup_logging()
-broker = make_broker()
+broker = worker_broker(settings())
 
 from worker.actors import embed_batch  # noqa: E402  (actors bind to the broker set above)
 

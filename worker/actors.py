@@ -2,32 +2,26 @@
 
 Retries are deliberate (not Dramatiq's 20 retries over ~30 days): the provider
 layer already retried transient errors in-process, so a failed message is
-retried a few times with back-off; after that its rows come back through the
-scheduler once their in-flight lease expires.
+retried a few times with back-off; after that Dramatiq's Retries middleware sends
+`embed_batch_gave_up` (on_retry_exhausted), which hands its rows back to the scheduler.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import dramatiq
 import redis
-from dramatiq.middleware import CurrentMessage
 
-from pgreembed.batch import process_batch
-from pgreembed.config import Settings, load_settings
-from pgreembed.inflight import InFlight
-from pgreembed.metrics import worker_metrics
-from worker.broker import QUEUE
+from pgreembed.embedding.batch import process_batch
+from pgreembed.instruments import worker_metrics
+from pgreembed.queue.claims import InFlight
+from pgreembed.queue.contract import ACTOR, QUEUE
+from worker.settings import settings
 
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def settings() -> Settings:
-    """Read once per worker process, from $PGREEMBED_CONFIG and the environment."""
-    return load_settings()
 
 
 @functools.cache
@@ -48,25 +42,32 @@ def claimed_at(inflight: InFlight, keys: list[str]) -> dict[str, float] | None:
         return None  # the metric is not worth failing a batch for
 
 
-@dramatiq.actor(queue_name=QUEUE, max_retries=MAX_RETRIES, min_backoff=2_000,
-                max_backoff=120_000, time_limit=15 * 60 * 1000)
+# What Dramatiq's Retries middleware sends when embed_batch gave up (on_retry_exhausted).
+RETRIES_EXHAUSTED = "embed_batch_gave_up"
+
+
+@dramatiq.actor(actor_name=RETRIES_EXHAUSTED, queue_name=QUEUE, max_retries=3)
+def embed_batch_gave_up(message: dict[str, Any], retries: dict[str, Any]) -> None:
+    """Hand a given-up batch's rows back to the scheduler now, not after their lease."""
+    target, slot_id, keys = message["args"]
+    log.warning("target %s slot %d: giving up on a batch of %d rows after %s retries;"
+                " they go back to the scheduler", target, slot_id, len(keys),
+                retries.get("max_retries"))
+    InFlight(redis_client(), slot_id, settings().lease_seconds).release(keys)
+
+
+@dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_retries=MAX_RETRIES, min_backoff=2_000,
+                max_backoff=120_000, time_limit=15 * 60 * 1000,
+                on_retry_exhausted=RETRIES_EXHAUSTED)
 def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
     """Embed `keys` of `target`'s slot and release their in-flight markers.
 
     A failing message keeps its rows claimed while Dramatiq retries it (so the
-    scheduler does not enqueue them again meanwhile); its last attempt releases
-    them, so the scheduler reschedules them at once instead of after the lease.
+    scheduler does not enqueue them again meanwhile); once Dramatiq's retries are
+    exhausted, embed_batch_gave_up releases them, so the scheduler reschedules them at
+    once instead of after the lease.
     """
     config = settings()
     inflight = InFlight(redis_client(), slot_id, config.lease_seconds)
-    try:
-        process_batch(config, target, slot_id, keys, claimed_at(inflight, keys))
-    except Exception:
-        message = CurrentMessage.get_current_message()
-        if message is None or message.options.get("retries", 0) >= MAX_RETRIES:
-            log.warning("target %s slot %d: giving up on a batch of %d rows after %d retries;"
-                        " they go back to the scheduler", target, slot_id, len(keys),
-                        MAX_RETRIES)
-            inflight.release(keys)
-        raise
+    process_batch(config, target, slot_id, keys, claimed_at(inflight, keys))
     inflight.release(keys)

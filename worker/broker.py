@@ -1,10 +1,4 @@
-"""The Dramatiq broker (Redis), tuned so a killed worker's messages come back in seconds.
-
-Dramatiq's Redis broker is at-least-once: messages of a worker that died are
-requeued once its heartbeat is older than `heartbeat_timeout`, by a
-maintenance pass that runs on a random fraction of commands. The defaults
-(60 s, rare passes) mean minutes; we use seconds.
-"""
+"""The workers' broker: the shared Redis broker plus the middleware only workers need."""
 
 from __future__ import annotations
 
@@ -12,22 +6,16 @@ import os
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import CurrentMessage
 
-from pgreembed.metrics import WORKER_PORT_ENV, require_prometheus
+from pgreembed.config import Settings
+from pgreembed.instruments import WORKER_PORT_ENV, require_prometheus
+from pgreembed.queue.broker import make_broker
 from worker.warmup import WarmUp
 
-QUEUE = "pgreembed"
 
-
-def make_broker(redis_url: str | None = None) -> RedisBroker:
-    url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    broker = RedisBroker(
-        url=url,
-        heartbeat_timeout=int(os.environ.get("PGREEMBED_HEARTBEAT_MS", "10000")),
-        maintenance_chance=int(os.environ.get("PGREEMBED_MAINTENANCE_CHANCE", "100000")),
-    )
-    broker.add_middleware(CurrentMessage())  # the actor reads its retry count
+def worker_broker(settings: Settings) -> RedisBroker:
+    """Build the broker from `settings`, add the workers' middleware and make it global."""
+    broker = make_broker(settings)
     broker.add_middleware(WarmUp())
     if os.environ.get(WORKER_PORT_ENV):
         # Dramatiq's own exporter: its fork runs in the `dramatiq` main process, which

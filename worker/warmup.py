@@ -23,9 +23,9 @@ class WarmUp(Middleware):
     """Builds every configured target's provider and the pool in each worker process."""
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        from pgreembed.db import get_pool
-        from pgreembed.providers import make_provider
-        from worker.actors import settings
+        from pgreembed.embedding.providers import make_provider
+        from pgreembed.store.pool import get_pool
+        from worker.settings import settings
 
         try:
             config = settings()

@@ -1,0 +1,256 @@
+"""`pgreembed` command line: init, tick, scheduler, status, failures, search, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import psycopg
+import redis
+
+from pgreembed.config import Settings, load_settings
+from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
+from pgreembed.logs import setup_logging
+from pgreembed.redact import redact
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import require_initialized
+from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS, LockPolicy
+
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pgreembed.store.setup import init_target
+
+    settings = _settings(args)
+    names = [args.target] if args.target else list(settings.targets)
+    for name in names:
+        slot = init_target(settings.database_url, settings.target(name),
+                           LockPolicy(wait_seconds=args.lock_wait))
+        print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
+              f" slot {slot.id}")
+    return 0
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    from scheduler.tick import run_tick
+
+    return run_tick(_settings(args), wait=args.wait, timeout=args.timeout)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.service import SchedulerService
+
+    SchedulerService(_settings(args)).run()
+    return 0
+
+
+def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> None:
+    from pgreembed.operations.status import collect
+
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    from pgreembed.cli.migrate import progress_line
+    from pgreembed.migrations.progress import progress
+
+    with connect(settings.database_url) as conn:
+        require_initialized(conn, settings.targets.values())
+        rows = collect(conn, settings, client, exact=exact)
+    # A second column ('next' while filling, 'old' after a swap) means an open migration.
+    migrations = {name: progress(settings, settings.target(name))
+                  for name in {r.target for r in rows if r.role != "live"}}
+    if as_json:
+        out = [r.as_dict() for r in rows]
+        for item in out:
+            found = migrations.get(str(item["target"]))
+            if found and item["role"] != "live":
+                item["migration"] = {"id": found.migration.id, "phase": found.migration.phase,
+                                     "done": found.done, "total": found.total,
+                                     "rate_per_second": round(found.rate_per_second, 1),
+                                     "eta_seconds": found.eta_seconds, "paused": found.paused}
+        print(json.dumps(out, indent=2))
+        return
+    header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
+              f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
+    print(header)
+    for r in rows:
+        flight = "?" if r.in_flight is None else str(r.in_flight)
+        about = "~" if r.estimated else ""
+        print(f"{r.target:<16} {r.column:<18} {r.model:<36} {about + str(r.total):>9}"
+              f" {about + str(r.embedded):>9} {r.pending:>8} {r.stale:>6} {r.outdated:>8}"
+              f" {r.failed:>6} {flight:>9}")
+    seconds = sum(r.seconds for r in rows)
+    if any(r.estimated for r in rows):
+        print(f"~ estimated from the table's row count; pending, stale, outdated and failed"
+              f" are exact (counted in {seconds:.2f} s; --exact counts every row)")
+    elif exact:
+        print(f"exact counts of every row took {seconds:.2f} s")
+    for r in rows:
+        if r.misconfigured:
+            print(f"MISCONFIGURED {r.target}.{r.column} ({r.model}): {r.misconfigured}."
+                  " Nothing is sent for it; fix the config, then run `pgreembed init`")
+    for name, found in migrations.items():
+        print(f"migration of {name}: {progress_line(found)}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    while True:
+        _print_status(settings, args.json, args.exact)
+        if args.watch is None:
+            return 0
+        sys.stdout.flush()
+        time.sleep(args.watch)
+        print()
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    from pgreembed.store.failures import list_failures, retry_failures, select_slots
+
+    settings = _settings(args)
+    target = settings.target(args.target)
+    with connect(settings.database_url) as conn:
+        slots = select_slots(conn, target, args.column)
+        if args.retry:
+            retried = [(slot, retry_failures(conn, slot)) for slot in slots]
+            if args.json:
+                print(json.dumps([{"column": s.vector_column, "model": s.model_key,
+                                   "role": s.role, "retried": n} for s, n in retried],
+                                 indent=2))
+                return 0
+            for slot, count in retried:
+                print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
+                      f" {count} failed rows are pending again")
+            return 0
+        found = [(slot, *list_failures(conn, slot, args.limit)) for slot in slots]
+        conn.rollback()
+    if args.json:
+        print(json.dumps([r.as_dict() for _, _, records in found for r in records], indent=2))
+        return 0
+    for slot, total, records in found:
+        shown = f", the {len(records)} most recent:" if len(records) < total else ":"
+        print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
+              f" {total} failed rows{shown if total else ''}")
+        for r in records:
+            when = "" if r.failed_at is None else f", last {r.failed_at:%Y-%m-%d %H:%M:%S%z}"
+            print(f"  row {r.key}: {r.reason} (attempts: {r.attempts}{when})")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pgreembed.operations.search import search
+
+    settings = _settings(args)
+    with connect(settings.database_url) as conn:
+        for hit in search(conn, settings, args.target, args.query, args.limit):
+            print(f"{hit.distance:.3f}  {hit.key}  {hit.text[:100]!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pgreembed.demo.run import run_demo
+
+    return run_demo(rows=args.rows, workers=args.workers)
+
+
+def _watch_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0.1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be at least 0.1 seconds, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgreembed", description=__doc__)
+    parser.add_argument("--config", help="TOML file (default: $PGREEMBED_CONFIG or"
+                                         " ./pgreembed.toml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+            ) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    p = add("init", cmd_init, "create or update the bookkeeping for the targets (idempotent)")
+    p.add_argument("--target", help="only this target")
+    p.add_argument("--lock-wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="S",
+                   help="give up after retrying the app table's lock this long (each attempt"
+                        f" waits at most {DEFAULT_LOCK_TIMEOUT_MS} ms)")
+    p = add("tick", cmd_tick, "one scheduling pass for a cronjob, then exit")
+    p.add_argument("--wait", action="store_true", help="wait until every pending row is done")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")
+    add("scheduler", cmd_scheduler, "run the continuous scheduler (one leader among replicas)")
+    p = add("status", cmd_status, "counts per target and column (cheap; --exact scans)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", type=_watch_seconds, metavar="SECONDS",
+                   help="refresh every SECONDS (at least 0.1) until Ctrl-C")
+    p.add_argument("--exact", action="store_true",
+                   help="count every row exactly (scans the table: seconds per million rows)")
+    p = add("failures", cmd_failures, "rows that could not be embedded, and why, in every"
+            " column being filled (live, a migration's new one, the old one kept after a swap)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--column", help="only this vector column")
+    p.add_argument("--limit", type=_positive_int, default=20,
+                   help="most recent failures shown per column")
+    p.add_argument("--retry", action="store_true", help="make the failed rows pending again")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = add("search", cmd_search, "semantic search with the target's active model")
+    p.add_argument("--target", required=True)
+    p.add_argument("--limit", "-k", type=int, default=5)
+    p.add_argument("query")
+    p = add("demo", cmd_demo, "embedded Postgres + Redis + offline model, end to end")
+    p.add_argument("--rows", type=int, default=1000, help="corpus size")
+    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    from pgreembed.cli import doctor, tune
+    from pgreembed.cli import migrate as cli_migrate
+
+    cli_migrate.register(sub)
+    doctor.register(sub)
+    tune.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PgreembedError as exc:  # expected: a message for the operator, and its exit code
+        print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except (psycopg.Error, redis.RedisError) as exc:
+        print(f"pgreembed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from reporting
+        # the pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

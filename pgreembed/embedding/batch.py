@@ -1,0 +1,212 @@
+"""One batch, end to end: load the rows still pending, embed them, write them back.
+
+This is what a worker actor runs. The provider is called outside any
+transaction, so no row lock or snapshot is held while waiting on the network.
+
+What goes wrong is charged to whoever is at fault (invariant 8):
+- a row the provider or the app's table refuses is recorded failed, alone;
+- a database that cannot take the write (disk full, read-only, connection lost)
+  costs a pause: the write is retried in-process for `write_retry_seconds`, then
+  the vectors are kept in Redis (`pgreembed.paid`) for the message's retry, so
+  they are never bought twice, and no row is marked failed;
+- a request the provider refuses whatever the rows (a config error) marks the
+  slot misconfigured: nothing more is sent for it, no row is marked failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from pgreembed.config import Settings, Target
+from pgreembed.embedding.embed import Embedded, Failed, Outcome, embed_rows
+from pgreembed.embedding.paid import PaidVectors
+from pgreembed.embedding.providers import make_provider
+from pgreembed.errors import MisconfiguredError
+from pgreembed.instruments import failure_kind, worker_metrics
+from pgreembed.redact import redact
+from pgreembed.store import usage as spend
+from pgreembed.store.faults import retry_database_faults
+from pgreembed.store.pool import get_pool
+from pgreembed.store.rows import (
+    load_pending,
+    lock_slot,
+    record_failures,
+    record_usage,
+    write_isolating,
+)
+from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, mark_misconfigured
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    requested: int
+    pending: int
+    written: int
+    failed: int
+    changed_meanwhile: int
+
+
+@dataclass
+class _Write:
+    """What one batch has to commit: vectors (bought now or kept from a failed write),
+    rows that failed, tokens billed and the spend reservations to settle with them."""
+
+    embedded: list[Embedded]
+    failed: list[Failed]
+    tokens: int
+    reservation_ids: set[int]
+
+
+@functools.cache
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+def process_batch(settings: Settings, target_name: str, slot_id: int,
+                  keys: Sequence[str], claimed_at: Mapping[str, float] | None = None
+                  ) -> BatchReport:
+    """`claimed_at`: when the scheduler claimed each key (epoch seconds), for the lag
+    metric."""
+    target = settings.target(target_name)
+    pool = get_pool(settings.database_url, settings.pool_max_size)
+    with pool.connection() as conn:
+        found = lock_slot(conn, target, slot_id, "ACCESS SHARE")
+        # A paused migration stops spending now: queued batches are dropped, their rows
+        # stay pending and are dispatched again on resume. So does a misconfigured slot.
+        if found is None or found.paused or found.misconfigured:
+            return BatchReport(len(keys), 0, 0, 0, 0)
+        slot = found
+        rows = load_pending(conn, slot, keys)
+    if not rows:
+        return BatchReport(len(keys), 0, 0, 0, 0)
+
+    paid = PaidVectors(_redis(settings.redis_url))
+    kept = paid.take(slot, rows)  # vectors bought by an earlier attempt whose write failed
+    done = {item.row.pk for item in kept.embedded}
+    to_embed = [row for row in rows if row.pk not in done]
+    outcome = Outcome()
+    reservation = spend.Reservation(None, None, True)
+    if to_embed:
+        provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+        reservation = spend.reserve(pool, slot, provider, to_embed)  # a spend cap's share
+        if not reservation.granted and not kept.embedded:
+            # The cap is reached (paused) or held by batches in flight.
+            return BatchReport(len(keys), len(rows), 0, 0, 0)
+        if reservation.granted:
+            try:
+                with reservation.released_on_error():
+                    outcome = embed_rows(to_embed, provider, truncate=target.truncate)
+            except MisconfiguredError as exc:
+                _misconfigured(pool, target, slot, exc)
+                return BatchReport(len(keys), len(rows), 0, 0, 0)
+    for failure in outcome.failed:
+        log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
+                    failure.reason)
+
+    held = set(kept.reservation_ids)
+    if reservation.id is not None:
+        held.add(reservation.id)
+    write = _Write([*kept.embedded, *outcome.embedded], outcome.failed,
+                   kept.tokens + outcome.tokens, held)
+    try:
+        result = retry_database_faults(
+            lambda: _commit(pool, target, slot, write, reservation),
+            settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
+    except psycopg.Error:
+        # Not a row's fault: keep what was paid for; the message's retry writes it.
+        paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
+        raise
+    paid.forget(slot, [item.row for item in kept.embedded])
+    if result is None:  # its column was dropped meanwhile (cancel, finalize)
+        return BatchReport(len(keys), len(rows), 0, 0, 0)
+    slot, written, refused = result
+    changed = len(write.embedded) - len(written) - len(refused)
+    failures = [*write.failed, *refused]
+    for failure in refused:
+        log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
+                    failure.reason)
+    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed)
+    _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
+    _observe_lag(slot, written, claimed_at)
+    log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
+             target.name, slot.id, report.written, report.failed, changed, len(keys))
+    return report
+
+
+def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
+            reservation: spend.Reservation) -> tuple[Slot, list[Any], list[Failed]] | None:
+    """One attempt at the batch's write transaction: vectors, failures, billed tokens and
+    the settled reservations, together. None if the slot's column was dropped meanwhile."""
+    with pool.connection() as conn:
+        # The vectors belong to the slot's model, not to a column name: a swap or rollback
+        # may have renamed the columns while we waited on the provider (invariant 7).
+        current = lock_slot(conn, target, slot.id, "ROW EXCLUSIVE")
+        if current is None:
+            record_usage(conn, slot, len(write.embedded), write.tokens)
+            reservation.settle(conn)
+            spend.settle_ids(conn, write.reservation_ids)
+            return None
+        written, refused = write_isolating(conn, current, write.embedded)
+        record_failures(conn, current, [*write.failed, *refused])
+        record_usage(conn, current, len(write.embedded), write.tokens)
+        reservation.settle(conn)  # in the same transaction as the billed tokens
+        spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
+        if len(written) + len(refused) < len(write.embedded):
+            # Their text changed while we embedded: wake the scheduler to redo them now.
+            conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
+                sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
+    return current, written, refused
+
+
+def _misconfigured(pool: ConnectionPool, target: Target, slot: Slot,
+                   exc: MisconfiguredError) -> None:
+    """Stop the slot (no row is at fault) and record what the probe cost."""
+    reason = redact(str(exc))
+    log.error("target %s column %s (%s) is misconfigured, nothing more is sent for it"
+              " until `pgreembed init` after the fix: %s", target.name, slot.vector_column,
+              slot.model_key, reason)
+    with pool.connection() as conn:
+        mark_misconfigured(conn, slot, reason)
+        record_usage(conn, slot, 0, exc.tokens)
+
+
+def _count(slot: Slot, report: BatchReport, tokens: int, failures: Sequence[Failed]) -> None:
+    metrics = worker_metrics()
+    if metrics is None:
+        return
+    from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+
+    name = slot.target.name
+    price = PRICES_PER_MTOKEN.get(slot.model, 0.0) if slot.provider == "openai" else 0.0
+    metrics.rows.labels(name, slot.vector_column).inc(report.written)
+    metrics.tokens.labels(name, slot.model_key).inc(tokens)
+    metrics.cost.labels(name, slot.model_key).inc(tokens / 1e6 * price)
+    metrics.changed.labels(name).inc(report.changed_meanwhile)
+    for failure in failures:
+        metrics.failures.labels(name, failure_kind(failure.reason)).inc()
+
+
+def _observe_lag(slot: Slot, written: Sequence[object],
+                 claimed_at: Mapping[str, float] | None) -> None:
+    """Claim-to-committed lag of each row written (see pgreembed.freshness)."""
+    metrics = worker_metrics()
+    if metrics is None or not claimed_at:
+        return
+    now = time.time()
+    histogram = metrics.lag.labels(slot.target.name, slot.vector_column)
+    for key in written:
+        claimed = claimed_at.get(str(key))
+        if claimed is not None:
+            histogram.observe(max(0.0, now - claimed))

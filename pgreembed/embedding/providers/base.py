@@ -1,0 +1,46 @@
+"""The one small interface every embedding provider implements, and its errors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import numpy as np
+
+
+class Embeddings(NamedTuple):
+    """A request's vectors (one float32 row per text, in order) and the tokens billed."""
+
+    vectors: np.ndarray
+    tokens: int  # as the provider reported them (its `usage`), else as counted here
+
+
+class Provider(Protocol):
+    """Embeds texts with one model. Implementations are safe to share between threads."""
+
+    model_key: str
+    dimensions: int
+    max_input_tokens: int
+    max_batch_inputs: int
+    max_batch_tokens: int
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Token counts (an upper bound is fine when the real tokenizer is unavailable)."""
+        ...
+
+    def token_bounds(self, texts: Sequence[str]) -> list[int]:
+        """Cheap upper bounds of the token counts: enough to check the limits of most
+        texts without running the tokenizer (`count_tokens` settles the rest)."""
+        ...
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """`text` cut to at most `max_tokens` tokens."""
+        ...
+
+    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
+        """Embed `texts` in one request. Raises ProviderError subclasses.
+
+        `tokens` is the texts' exact total as `count_tokens` gave it, when the caller has
+        it already (a rate-limited provider needs it before sending, and would count).
+        """
+        ...

@@ -1,0 +1,88 @@
+"""Every error pgreembed raises on purpose, under one base class.
+
+The CLI turns a PgreembedError into its message (redacted) and `exit_code`; anything
+else (a KeyError, a TypeError) is a bug and keeps its traceback. Messages say what
+to do and never contain a secret.
+"""
+
+from __future__ import annotations
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_NOT_INITIALIZED = 4
+
+
+class PgreembedError(Exception):
+    """Base class: an expected failure with a message meant for the operator."""
+
+    exit_code = EXIT_ERROR
+
+
+class ConfigError(PgreembedError, ValueError):
+    """A configuration value is missing or wrong; the message names the field."""
+
+    exit_code = EXIT_CONFIG
+
+
+class MetricsUnavailable(ConfigError):
+    """A metrics port is configured but the exporter package is not installed."""
+
+
+class SetupError(PgreembedError):
+    """The database cannot host a target as configured; the message says how to fix it."""
+
+
+class NotInitializedError(PgreembedError):
+    """A configured target has no bookkeeping yet: `pgreembed init` was not run for it."""
+
+    exit_code = EXIT_NOT_INITIALIZED
+
+
+class NotFoundError(PgreembedError):
+    """Something asked for by name (a column, a slot) is not there (any more)."""
+
+
+class DatabaseError(PgreembedError):
+    """A database problem, with any password removed from the message."""
+
+
+class TableBusyError(PgreembedError):
+    """The table stayed locked by other sessions for the whole wait; nothing changed."""
+
+
+class MigrationError(PgreembedError):
+    """A migration step cannot run now; the message says why and what to do."""
+
+
+class TuneError(PgreembedError):
+    """Nothing to tune (no index, no rows); the message says what is missing."""
+
+
+class LiveColumnChanged(PgreembedError):
+    """The live column kept changing (swap/rollback) while one search was retried."""
+
+
+class ProviderError(PgreembedError):
+    """Base class of provider failures (messages never contain the API key)."""
+
+
+class BadInputError(ProviderError):
+    """The provider rejected the request's input (HTTP 400): split the batch to find the row."""
+
+
+class FatalProviderError(ProviderError):
+    """Not the rows' fault and not worth retrying now: bad API key, quota exhausted, bad model."""
+
+
+class MisconfiguredError(ProviderError):
+    """The request is at fault, not its rows: every input is rejected (even a one-word
+    probe), or the model answers vectors of another size than the slot's column. The
+    slot stops until its config is fixed; no row is failed. `tokens`: billed meanwhile."""
+
+    def __init__(self, message: str, tokens: int = 0) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+
+
+class TransientProviderError(ProviderError):
+    """Still failing after the retry budget (429s, 5xx, timeouts): try the batch again later."""

@@ -1,0 +1,242 @@
+"""The OpenAI Batch API path for big migrations: half the price, results within 24 h.
+
+`pgreembed migrate start --batch-api` registers the new column in "batch" mode:
+the scheduler leaves it alone, and `pgreembed migrate batch` (run it from cron,
+or with --wait) does the work in resumable steps, all recorded in Postgres:
+
+1. submit: pending rows not yet in a job are written as JSONL request lines
+   (<= 50,000 inputs per batch) with the md5 of the text each row had, uploaded,
+   and a batch is created;
+2. poll: open jobs are checked; a completed job's output is written with the same
+   guarded UPDATE as the workers (a row edited since submission is not written);
+   per-line errors are recorded as row failures;
+3. when no job is open, the column goes back to the normal queue, so the workers
+   embed the stragglers (rows edited while their batch was running) before a swap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Settings, Target
+from pgreembed.embedding.embed import Embedded, Failed, Row, prepare
+from pgreembed.embedding.providers import make_provider
+from pgreembed.embedding.providers.openai_provider import decode_vector
+from pgreembed.errors import MigrationError, NotFoundError
+from pgreembed.redact import redact, register_secret
+from pgreembed.store.pending import missing_page
+from pgreembed.store.pool import connect
+from pgreembed.store.rows import (
+    load_pending,
+    lock_slot,
+    record_failures,
+    record_usage,
+    write_vectors,
+)
+from pgreembed.store.slots import Slot, load_slots
+
+log = logging.getLogger(__name__)
+
+MAX_INPUTS_PER_BATCH = 50_000
+# One input per request line: a rejected line then names exactly one bad row (the
+# Batch API bills tokens, not requests, so this costs nothing).
+INPUTS_PER_LINE = 1
+
+
+OPEN = ("preparing", "submitted")
+
+
+@dataclass(frozen=True)
+class BatchStep:
+    submitted_inputs: int
+    completed_jobs: int
+    written: int
+    failed: int
+    open_jobs: int
+    back_to_queue: bool
+
+
+def _client(settings: Settings) -> openai.OpenAI:
+    register_secret(settings.openai_api_key)
+    return openai.OpenAI(api_key=settings.openai_api_key or "unused",
+                         base_url=settings.openai_base_url, max_retries=3,
+                         timeout=settings.request_timeout)
+
+
+def batch_slot(conn: psycopg.Connection, target: Target) -> Slot | None:
+    return next((s for s in load_slots(conn, target) if s.mode == "batch"), None)
+
+
+def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
+           client: openai.OpenAI) -> int:
+    """One new batch job for up to 50,000 pending rows not already in an open job."""
+    keys: list[str] = []
+    after: Any = None
+    while len(keys) < MAX_INPUTS_PER_BATCH:
+        page = missing_page(conn, slot, after, 5000)
+        if not page:
+            break
+        after = page[-1]
+        in_jobs = {r[0] for r in conn.execute(
+            "SELECT r.pk FROM pgreembed.batch_job_rows r JOIN pgreembed.batch_jobs j"
+            " ON j.id = r.job_id WHERE j.slot_id = %s AND j.status = ANY(%s)"
+            " AND r.pk = ANY(%s)", (slot.id, list(OPEN), [str(k) for k in page]))}
+        keys.extend(str(k) for k in page if str(k) not in in_jobs)
+    keys = keys[:MAX_INPUTS_PER_BATCH]
+    rows = load_pending(conn, slot, keys)
+    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+    ready, failed, _ = prepare(rows, provider, slot.target.truncate)
+    record_failures(conn, slot, failed)
+    if not ready:
+        conn.commit()
+        return 0
+    row = conn.execute("INSERT INTO pgreembed.batch_jobs (slot_id, inputs) VALUES (%s, %s)"
+                       " RETURNING id", (slot.id, len(ready))).fetchone()
+    assert row is not None
+    job_id = int(row[0])
+    lines: list[str] = []
+    records: list[tuple[int, int, int, str, Any, int]] = []
+    for line_no, start in enumerate(range(0, len(ready), INPUTS_PER_LINE)):
+        chunk = ready[start:start + INPUTS_PER_LINE]
+        body: dict[str, Any] = {"model": slot.model, "input": [text for _, text, _, _ in chunk],
+                                "encoding_format": "base64"}
+        if slot.model.startswith("text-embedding-3"):
+            body["dimensions"] = slot.dimensions
+        lines.append(json.dumps({"custom_id": f"{job_id}-{line_no}", "method": "POST",
+                                 "url": "/v1/embeddings", "body": body}))
+        records.extend((job_id, line_no, i, str(r.pk), r.content_hash, tokens)
+                       for i, (r, _, tokens, _) in enumerate(chunk))
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO pgreembed.batch_job_rows (job_id, line, position, pk,"
+                        " content_hash, tokens) VALUES (%s, %s, %s, %s, %s, %s)", records)
+    conn.commit()  # the job exists before anything is uploaded: a crash leaves 'preparing'
+    upload = client.files.create(file=(f"pgreembed-{job_id}.jsonl",
+                                       io.BytesIO("\n".join(lines).encode())), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings",
+                                  completion_window="24h")
+    conn.execute("UPDATE pgreembed.batch_jobs SET provider_batch_id = %s, status = 'submitted'"
+                 " WHERE id = %s", (batch.id, job_id))
+    conn.commit()
+    log.info("batch job %d: %d inputs submitted as %s", job_id, len(ready), batch.id)
+    return len(ready)
+
+
+def _job_rows(conn: psycopg.Connection, job_id: int) -> dict[tuple[int, int], tuple[str, Any, int]]:
+    return {(r[0], r[1]): (r[2], r[3], r[4]) for r in conn.execute(
+        "SELECT line, position, pk, content_hash, tokens FROM pgreembed.batch_job_rows"
+        " WHERE job_id = %s", (job_id,))}
+
+
+def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
+            client: openai.OpenAI) -> tuple[int, int]:
+    """Write a completed job's vectors (guarded); record rows with wrong vectors.
+
+    Returns (written, failed); rows of rejected lines stay pending."""
+    rows = _job_rows(conn, job_id)
+    embedded: list[Embedded] = []
+    failed: list[Failed] = []
+    tokens_billed = 0
+    for file_id, is_error in ((batch.output_file_id, False), (batch.error_file_id, True)):
+        if not file_id:
+            continue
+        for text_line in client.files.content(file_id).text.splitlines():
+            if not text_line.strip():
+                continue
+            record = json.loads(text_line)
+            line_no = int(record["custom_id"].split("-")[1])
+            members = sorted((pos, v) for (ln, pos), v in rows.items() if ln == line_no)
+            response = record.get("response") or {}
+            if is_error or response.get("status_code") != 200:
+                message = redact(str((response.get("body") or {}).get("error", {}).get(
+                    "message") or record.get("error")))
+                if len(members) == 1:
+                    pk, h, _ = members[0][1]
+                    failed.append(Failed(Row(pk, None, h), f"batch API rejected it: {message}"))
+                else:  # the queue path (after hand-back) isolates the bad row by splitting
+                    log.warning("batch job %d line %d rejected (%s); its rows go to the queue",
+                                job_id, line_no, message)
+                continue
+            data = sorted(response["body"]["data"], key=lambda d: d["index"])
+            usage = response["body"].get("usage") or {}
+            tokens_billed += usage.get("prompt_tokens") or sum(t for _, (_, _, t) in members)
+            for (_, (pk, h, _)), item in zip(members, data, strict=True):
+                vector = decode_vector(item["embedding"])
+                if vector.shape != (slot.dimensions,):
+                    reason = (f"provider returned {vector.size} dimensions,"
+                              f" expected {slot.dimensions}")
+                    failed.append(Failed(Row(pk, None, h), reason))
+                else:
+                    embedded.append(Embedded(Row(pk, None, h), vector, False))
+    current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
+    if current is None:
+        raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
+    written = write_vectors(conn, current, embedded)
+    _record_failures_by_key(conn, slot, failed)
+    record_usage(conn, slot, len(embedded), tokens_billed)
+    return len(written), len(failed)
+
+
+def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequence[Failed]
+                            ) -> None:
+    """Batch rows carry keys as text: cast them back to the key type for the state table."""
+    if not failed:
+        return
+    query = sql.SQL("SELECT k, k::{} FROM unnest(%s::text[]) k").format(slot.pk_cast)
+    typed: dict[str, Any] = dict(conn.execute(query, ([f.row.pk for f in failed],)).fetchall())
+    record_failures(conn, slot, [Failed(Row(typed[f.row.pk], None, f.row.content_hash),
+                                        f.reason) for f in failed])
+
+
+def step(settings: Settings, target: Target) -> BatchStep:
+    """The first call submits every pending row (in jobs of <= 50,000 inputs); later
+    calls poll and write finished jobs; when none is open, the column goes back to
+    the queue so workers embed rows edited meanwhile."""
+    client = _client(settings)
+    with connect(settings.database_url) as conn:
+        slot = batch_slot(conn, target)
+        if slot is None:
+            raise MigrationError(f"target {target.name!r} has no column in batch mode"
+                              " (migrate start --batch-api)")
+        completed = written = failed = 0
+        for job_id, batch_id in conn.execute(
+                "SELECT id, provider_batch_id FROM pgreembed.batch_jobs WHERE slot_id = %s"
+                " AND status = 'submitted' ORDER BY id", (slot.id,)).fetchall():
+            batch = client.batches.retrieve(batch_id)
+            if batch.status in ("validating", "in_progress", "finalizing"):
+                continue
+            if batch.status == "completed":
+                w, f = collect(conn, slot, job_id, batch, client)
+                written, failed, completed = written + w, failed + f, completed + 1
+            else:
+                log.warning("batch job %d ended %s; its rows stay pending", job_id,
+                            batch.status)
+            conn.execute("UPDATE pgreembed.batch_jobs SET status = %s, finished_at = now()"
+                         " WHERE id = %s", (batch.status, job_id))
+            conn.commit()
+        # A crash between recording a job and uploading it: forget that job.
+        conn.execute("UPDATE pgreembed.batch_jobs SET status = 'abandoned' WHERE slot_id = %s"
+                     " AND status = 'preparing' AND created_at < now() - interval '10 minutes'",
+                     (slot.id,))
+        submitted = 0
+        first = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM pgreembed.batch_jobs"
+                             " WHERE slot_id = %s)", (slot.id,)).fetchone()
+        if first and first[0]:
+            while (count := submit(settings, conn, slot, client)) > 0:
+                submitted += count
+        open_row = conn.execute("SELECT count(*) FROM pgreembed.batch_jobs WHERE slot_id = %s"
+                                " AND status = ANY(%s)", (slot.id, list(OPEN))).fetchone()
+        open_jobs = int(open_row[0]) if open_row else 0
+        back = open_jobs == 0
+        if back:
+            conn.execute("UPDATE pgreembed.slots SET mode = 'queue' WHERE id = %s", (slot.id,))
+        conn.commit()
+    return BatchStep(submitted, completed, written, failed, open_jobs, back)

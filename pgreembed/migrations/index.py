@@ -1,0 +1,110 @@
+"""`migrate index`: the new column's ANN index, built CONCURRENTLY like the live one's."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Settings, Target
+from pgreembed.distances import canonical_distance, opclass_distance
+from pgreembed.errors import MigrationError
+from pgreembed.migrations.state import _require_open, _slots_by_id
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import Slot
+
+log = logging.getLogger(__name__)
+
+
+def ann_index_name(slot: Slot) -> str:
+    return f"pgreembed_ann_{slot.id}"
+
+
+def index_defaults(conn: psycopg.Connection, live: Slot, method: str | None = None,
+                   distance: str | None = None) -> tuple[str, str]:
+    """(method, distance) for the new column's index: as asked, else as the live column's
+    ANN index (the app's queries use its operator), else hnsw + the target's distance."""
+    live_ann = [i for i in column_indexes(conn, live) if i.valid and i.distance]
+    method = method or (live_ann[0].method if live_ann else "hnsw")
+    distance = canonical_distance(
+        distance or (live_ann[0].distance if live_ann else None) or live.target.distance)
+    return method, distance
+
+
+def build_index(settings: Settings, target: Target, method: str | None = None,
+                distance: str | None = None, m: int = 16, ef_construction: int = 64,
+                lists: int | None = None, maintenance_work_mem: str = "512MB") -> str:
+    """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first.
+
+    Method and distance default to the live column's ANN index, so the app's queries
+    (which use that index's operator) keep using an index after the swap; without
+    one, HNSW for the target's configured `distance`.
+    """
+    with connect(settings.database_url, autocommit=True) as conn:
+        migration = _require_open(conn, target, "filling")
+        slots = _slots_by_id(conn, target)
+        slot = slots[migration.to_slot]
+        method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
+        name = ann_index_name(slot)
+        existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
+        if existing is not None and existing.valid and (existing.method, existing.distance) == (
+                method, distance):
+            return name
+        if existing is not None:
+            why = ("INVALID, left by an interrupted build" if not existing.valid else
+                   f"{existing.method} for {existing.distance}, not {method} for {distance}")
+            log.warning("dropping index %s (%s) to build it again", name, why)
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(target.schema, name)))
+        opclass = f"{slot.vector_type}_{distance}_ops"
+        if method == "hnsw":
+            params = sql.SQL("WITH (m = {}, ef_construction = {})").format(
+                sql.Literal(m), sql.Literal(ef_construction))
+        elif method == "ivfflat":
+            rows_row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(slot.table)
+                                    ).fetchone()
+            rows = rows_row[0] if rows_row else 0
+            chosen = lists or max(1, rows // 1000 if rows <= 1_000_000 else int(math.sqrt(rows)))
+            params = sql.SQL("WITH (lists = {})").format(sql.Literal(chosen))
+        else:
+            raise MigrationError(f"index method must be hnsw or ivfflat, got {method!r}")
+        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
+            sql.Literal(maintenance_work_mem)))
+        conn.execute(sql.SQL(
+            "CREATE INDEX CONCURRENTLY {name} ON {table} USING {method} ({column} {opclass})"
+            " {params}").format(name=sql.Identifier(name), table=slot.table,
+                                method=sql.SQL(method), column=slot.vector,
+                                opclass=sql.Identifier(opclass), params=params))
+        return name
+
+
+@dataclass(frozen=True)
+class ColumnIndex:
+    """An index on a slot's column: its method and the distance its opclass serves."""
+
+    name: str
+    valid: bool
+    method: str
+    distance: str | None  # opclass suffix (cosine, l2, ip, l1, ...); None if not a vector opclass
+
+
+def column_indexes(conn: psycopg.Connection, slot: Slot) -> list[ColumnIndex]:
+    """The indexes on the slot's column, except our pending index."""
+    rows = conn.execute(
+        """
+        SELECT c.relname, i.indisvalid AND i.indisready, am.amname,
+               (SELECT o.opcname FROM pg_opclass o
+                WHERE o.oid = i.indclass[array_position(i.indkey::int2[], a.attnum)])  -- 0-based
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = c.relam
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+        WHERE i.indrelid = %s::regclass AND a.attname = %s
+        ORDER BY c.relname
+        """, (slot.table.as_string(conn), slot.vector_column)).fetchall()
+    return [ColumnIndex(name, valid, method, opclass_distance(opclass))
+            for name, valid, method, opclass in rows
+            if not name.startswith("pgreembed_pending_")]

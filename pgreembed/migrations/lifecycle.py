@@ -1,0 +1,210 @@
+"""Re-embedding migrations: start, pause, resume, cancel, finalize.
+
+    plan -> start (new column, filled by the normal scheduler/workers alongside traffic)
+         -> index (CREATE INDEX CONCURRENTLY) -> swap (one short transaction)
+         -> rollback (the same swap backwards) | finalize (drop the previous column)
+    cancel (before a swap) drops the new column and leaves the table as it was.
+
+All state lives in Postgres (`pgreembed.migrations`, `pgreembed.slots`): every step can
+be re-run after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Budget, Settings, Target
+from pgreembed.embedding.budgets import record_budget
+from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from pgreembed.errors import MigrationError
+from pgreembed.migrations.state import (
+    _require_open,
+    _slots_by_id,
+    _table,
+    new_column_name,
+    open_migration,
+)
+from pgreembed.store.pool import connect
+from pgreembed.store.setup import (
+    create_state_table,
+    ensure_model,
+    ensure_pending_index,
+    ensure_vector_column,
+)
+from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.triggers import install_triggers
+from pgreembed.store.usage import SPEND_CAP, spend
+from pgreembed.store.versions import INIT_LOCK
+
+log = logging.getLogger(__name__)
+
+
+def start(settings: Settings, target: Target, provider: str, model: str,
+          dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
+          budget: Budget | None = None, policy: LockPolicy | None = None) -> Slot:
+    """Add the new column and register it; the scheduler starts filling it at once.
+
+    With a spend cap, the migration pauses once the tokens sent for the new column
+    cost that much (at the model's list price). A budget is recorded for the new
+    model, where every worker reads it (re-running start with another one updates it)."""
+    if provider == "local" and dimensions != 384:
+        raise MigrationError("the local model produces 384 dimensions")
+    budget = budget or Budget()
+    if budget and provider != "openai":
+        raise MigrationError("--requests-per-minute/--tokens-per-minute apply to the openai"
+                             " provider only")
+    new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
+    if batch_api and provider != "openai":
+        raise MigrationError("--batch-api needs the openai provider")
+
+    def add_column(conn: psycopg.Connection) -> tuple[Slot, bool]:
+        conn.execute(INIT_LOCK)
+        existing = open_migration(conn, target)
+        if existing is not None:
+            slot = _slots_by_id(conn, target).get(existing.to_slot)
+            if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
+                record_budget(conn, slot.model_id, budget)
+                return slot, False  # re-run after a crash: idempotent
+            raise MigrationError(f"target {target.name!r} already has migration {existing.id}"
+                                 f" ({existing.phase}); finish or cancel it first")
+        live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+        if live is None:
+            raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
+        if live.model_key == new_target.model_key:
+            raise MigrationError(f"target {target.name!r} already uses {live.model_key}")
+        model_id = ensure_model(conn, new_target)
+        record_budget(conn, model_id, budget)
+        column = new_column_name(target, model_id)
+        ensure_vector_column(conn, target, column, dimensions)
+        row = conn.execute(
+            """
+            INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
+                                         primary_key, pk_type, role, model_id, mode)
+            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s) RETURNING id
+            """, (target.name, target.schema, target.table, column, live.primary_key,
+                  live.pk_type, model_id, "batch" if batch_api else "queue")).fetchone()
+        assert row is not None
+        price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
+        if batch_api:
+            price /= 2  # the Batch API bills half
+        if spend_cap_usd is not None and not price:
+            raise MigrationError(f"no list price known for {model!r}: a spend cap cannot be"
+                                 " enforced")
+        conn.execute(
+            "INSERT INTO pgreembed.migrations (target, from_slot, to_slot, phase,"
+            " spend_cap_usd, price_per_mtoken) VALUES (%s, %s, %s, 'filling', %s, %s)",
+            (target.name, live.id, row[0], spend_cap_usd, price))
+        slots = load_slots(conn, target)
+        new_slot = next(s for s in slots if s.id == row[0])
+        create_state_table(conn, new_slot)
+        if target.trigger:
+            install_triggers(conn, target, slots)
+        return new_slot, True
+
+    new_slot, created = run_locked(settings.database_url, _table(target), "migrate start",
+                                   add_column, policy, mode=ACCESS_EXCLUSIVE)
+    _finish_start(settings, target)
+    if created:
+        log.info("migration of %s to %s started: column %s", target.name, new_slot.model_key,
+                 new_slot.vector_column)
+    return new_slot
+
+
+def _finish_start(settings: Settings, target: Target) -> None:
+    with connect(settings.database_url, autocommit=True) as conn:
+        for slot in load_slots(conn, target):
+            ensure_pending_index(conn, slot)
+
+
+def pause(settings: Settings, target: Target) -> None:
+    """Stop filling (queued batches are dropped); a pause by the spend cap stays one."""
+    with connect(settings.database_url) as conn:
+        migration = _require_open(conn, target, "filling")
+        conn.execute("UPDATE pgreembed.slots SET paused = true,"
+                     " paused_by = CASE WHEN paused THEN paused_by ELSE 'operator' END"
+                     " WHERE id = %s", (migration.to_slot,))
+        conn.commit()
+
+
+class KeepCap:
+    """`resume` without --spend-cap: the cap stays as it is."""
+
+
+KEEP_CAP = KeepCap()
+
+
+def resume(settings: Settings, target: Target,
+           spend_cap_usd: float | None | KeepCap = KEEP_CAP) -> None:
+    """Fill again. A migration its spend cap paused resumes only with a raised cap
+    (`spend_cap_usd`) or none (None): with the same cap it would pause again at once."""
+    with connect(settings.database_url) as conn:
+        migration = _require_open(conn, target, "filling")
+        row = conn.execute(
+            "SELECT s.paused_by FROM pgreembed.migrations m JOIN pgreembed.slots s"
+            " ON s.id = m.to_slot WHERE m.id = %s FOR UPDATE OF m, s",
+            (migration.id,)).fetchone()
+        assert row is not None
+        _, spent, cap = spend(conn, migration.to_slot)
+        where = f"migration {migration.id} of {target.name!r}"
+        if isinstance(spend_cap_usd, float):
+            price = conn.execute("SELECT price_per_mtoken FROM pgreembed.migrations"
+                                 " WHERE id = %s", (migration.id,)).fetchone()
+            if not price or not price[0]:
+                raise MigrationError(f"{where}: no list price known for its model: a spend"
+                                     " cap cannot be enforced")
+            if spend_cap_usd <= spent:
+                raise MigrationError(f"{where}: --spend-cap {spend_cap_usd:g} is not above the"
+                                     f" ${spent:.6f} already spent; give a higher cap")
+        if not isinstance(spend_cap_usd, KeepCap):
+            conn.execute("UPDATE pgreembed.migrations SET spend_cap_usd = %s WHERE id = %s",
+                         (spend_cap_usd, migration.id))
+        elif row[0] == SPEND_CAP and cap is not None:
+            raise MigrationError(
+                f"{where} was paused by its spend cap: ${spent:.6f} spent of ${cap:.6f}."
+                f" Raise the cap to resume (pgreembed migrate resume --target {target.name}"
+                " --spend-cap USD), or remove it (--spend-cap none)")
+        conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                     " WHERE id = %s", (migration.to_slot,))
+        conn.commit()
+
+
+def _drop_slot(conn: psycopg.Connection, target: Target, slot: Slot) -> None:
+    """Remove a slot's column, indexes (they go with the column) and state table."""
+    conn.execute("UPDATE pgreembed.slots SET role = 'dropped' WHERE id = %s", (slot.id,))
+    remaining = load_slots(conn, target)
+    if target.trigger:
+        install_triggers(conn, target, remaining)  # before the column it names is gone
+    conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
+        slot.table, slot.vector))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(slot.state_table))
+
+
+def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
+    """Before a swap: drop the new column; the live column is untouched."""
+    def drop_new(conn: psycopg.Connection) -> None:
+        migration = _require_open(conn, target, "filling")
+        slot = _slots_by_id(conn, target)[migration.to_slot]
+        _drop_slot(conn, target, slot)
+        conn.execute("UPDATE pgreembed.migrations SET phase = 'cancelled', finished_at = now()"
+                     " WHERE id = %s", (migration.id,))
+
+    run_locked(settings.database_url, _table(target), "cancel", drop_new, policy,
+               mode=ACCESS_EXCLUSIVE)
+
+
+def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
+    """After the rollback window: drop the column that is not live any more."""
+    def drop_old(conn: psycopg.Connection) -> None:
+        migration = _require_open(conn, target, "swapped", "rolled_back")
+        old = next(s for s in load_slots(conn, target) if s.role == "old")
+        _drop_slot(conn, target, old)
+        conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
+                     " WHERE id = %s", (migration.id,))
+
+    run_locked(settings.database_url, _table(target), "finalize", drop_old, policy,
+               mode=ACCESS_EXCLUSIVE)

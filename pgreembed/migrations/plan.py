@@ -1,0 +1,99 @@
+"""`migrate plan`: rows, tokens, cost and time of a migration, before it spends anything."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from pgreembed.config import Budget, Settings, Target
+from pgreembed.embedding.budgets import configured_budget, recorded_budget
+from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from pgreembed.errors import MigrationError
+from pgreembed.migrations.index import column_indexes, index_defaults
+from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
+from pgreembed.model_keys import model_key
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import load_slots, vector_type_for
+from pgreembed.store.texts import no_text
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: int
+    rows_without_text: int
+    tokens: int
+    tokens_exact: bool
+    cost_usd: float | None
+    minutes_at_rate_limit: float | None
+    budget: Budget  # of the new model: what bounds the fill's speed
+    storage_bytes: int
+    column: str
+    column_type: str
+    statements: list[str]
+    blockers: list[str]
+    notes: list[str]
+
+
+def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
+         sample_limit: int = 100_000, budget: Budget | None = None) -> Plan:
+    """What `start` would do and cost; changes nothing. `budget` is what `start` would be
+    given; the time estimate uses every budget of the new model (see pgreembed.budgets)."""
+    from pgreembed.embedding.providers import make_provider
+    from pgreembed.migrations.plan_sql import migration_statements
+    from pgreembed.store.slots import text_expression
+
+    blockers: list[str] = []
+    notes: list[str] = []
+    if dimensions > 16000:
+        blockers.append(f"{dimensions} dimensions: pgvector columns hold at most 16000")
+    kind = vector_type_for(dimensions)
+    if kind == "halfvec":
+        notes.append(f"{dimensions} > 2000 dimensions: the column is halfvec({dimensions}),"
+                     " since pgvector indexes `vector` only up to 2000 dims")
+    table = sql.Identifier(target.schema, target.table)
+    text = text_expression(target)
+    with connect(settings.database_url) as conn:
+        total, empty = conn.execute(sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {}").format(no_text(text), table)
+        ).fetchone() or (0, 0)
+        sample = [r[0] for r in conn.execute(sql.SQL(
+            "SELECT ({})::text FROM {} WHERE NOT {} LIMIT %s").format(
+                text, table, no_text(text)), (sample_limit,))]
+        model_id_row = conn.execute("SELECT id FROM pgreembed.models WHERE key = %s",
+                                    (model_key(provider, model, dimensions),)).fetchone()
+        live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+        if live is None:
+            raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
+        index_method, index_distance = index_defaults(conn, live)
+        budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
+        if provider == "openai":
+            budget = budget.tighter(recorded_budget(conn, provider, model))
+        column = (new_column_name(target, model_id_row[0]) if model_id_row
+                  else f"{target.vector_column}__m<id>")
+        statements = migration_statements(
+            conn, live, column, f"{kind}({dimensions})", index_method,
+            f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
+            SWAP_COLUMN)
+    if empty:
+        blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
+                        " the swap waits for them (fix or delete them first)")
+    embedder = make_provider(settings, provider, model, dimensions)
+    counted = sum(embedder.count_tokens(sample)) if sample else 0
+    with_text = total - empty
+    exact = len(sample) == with_text
+    tokens = counted if exact else math.ceil(counted / max(1, len(sample)) * with_text)
+    price = PRICES_PER_MTOKEN.get(model) if provider == "openai" else 0.0
+    cost = None if price is None else tokens / 1e6 * price
+    element = 2 if kind == "halfvec" else 4
+    storage = total * (element * dimensions + 8)
+    # The new model's shared budgets bound the fill; without them only the workers do.
+    limits = []
+    if budget.tokens_per_minute:
+        limits.append(tokens / budget.tokens_per_minute)
+    if budget.requests_per_minute:
+        limits.append(math.ceil(with_text / target.batch_size) / budget.requests_per_minute)
+    minutes = max(limits) if limits and provider == "openai" else None
+    return Plan(total, empty, tokens, exact, cost, minutes, budget, storage, column,
+                f"{kind}({dimensions})", statements, blockers, notes)

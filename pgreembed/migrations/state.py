@@ -1,0 +1,53 @@
+"""An open migration and the names it gives columns: what every migration step starts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Target
+from pgreembed.errors import MigrationError
+from pgreembed.store.slots import Slot, load_slots
+
+SWAP_COLUMN = "pgreembed__swap"
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: int
+    target: str
+    phase: str
+    from_slot: int
+    to_slot: int
+
+
+def open_migration(conn: psycopg.Connection, target: Target) -> Migration | None:
+    row = conn.execute(
+        "SELECT id, target, phase, from_slot, to_slot FROM pgreembed.migrations"
+        " WHERE target = %s AND phase IN ('filling', 'swapped', 'rolled_back')",
+        (target.name,)).fetchone()
+    return None if row is None else Migration(*row)
+
+
+def _slots_by_id(conn: psycopg.Connection, target: Target) -> dict[int, Slot]:
+    return {s.id: s for s in load_slots(conn, target)}
+
+
+def _require_open(conn: psycopg.Connection, target: Target, *phases: str) -> Migration:
+    migration = open_migration(conn, target)
+    if migration is None:
+        raise MigrationError(f"target {target.name!r} has no migration in progress")
+    if phases and migration.phase not in phases:
+        raise MigrationError(f"target {target.name!r}: migration {migration.id} is"
+                             f" {migration.phase}; this step needs {' or '.join(phases)}")
+    return migration
+
+
+def _table(target: Target) -> sql.Identifier:
+    return sql.Identifier(target.schema, target.table)
+
+
+def new_column_name(target: Target, model_id: int) -> str:
+    return f"{target.vector_column}__m{model_id}"

@@ -1,0 +1,222 @@
+"""`migrate swap`: exchange the live and new columns' names (and their indexes' names).
+
+The application keeps querying the same column name. Both columns stay maintained after
+a swap (the trigger clears both on a text change and the scheduler fills both), so a
+rollback is the same swap backwards, instant and still correct.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Settings, Target
+from pgreembed.errors import MigrationError
+from pgreembed.migrations.index import column_indexes
+from pgreembed.migrations.state import SWAP_COLUMN, _require_open, _table
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
+
+# Rows searchable now that a swap may leave unsearchable for the seconds the workers take to
+# embed them for the new live model: about what one worker round trip fills. Under a steady
+# write load the incoming column trails the live one by rows in flight; waiting for zero
+# would never end (measured: 4-285 such rows at 20-150 updates/s).
+DEFAULT_MAX_UNSEARCHABLE = 100
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What stands between `incoming` and becoming live.
+
+    `unsearchable`: rows with a vector in the live column and none in the incoming one,
+    failed rows aside: they would drop out of search results until re-embedded. Rows NULL
+    in both columns (just inserted or edited) are pending before and after alike.
+    `failed`: rows searchable now whose incoming embedding failed for their current text.
+    `problems`: what waiting cannot fix (indexes).
+    """
+
+    unsearchable: int
+    failed: int
+    problems: list[str]
+
+
+def _unsearchable_counts(conn: psycopg.Connection, live: Slot, incoming: Slot
+                         ) -> tuple[int, int]:
+    """(unsearchable, failed) as defined by Readiness; found through the incoming
+    column's partial pending index, so it stays fast enough to run under the swap lock."""
+    row = conn.execute(sql.SQL(
+        """
+        SELECT count(*) FILTER (WHERE s.pgr_failed_hash IS DISTINCT FROM {hash}),
+               count(*) FILTER (WHERE s.pgr_failed_hash = {hash})
+        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        WHERE a.{incoming} IS NULL AND a.{live} IS NOT NULL
+        """).format(hash=incoming.hash_expr, table=incoming.table, state=incoming.state_table,
+                    pk=incoming.pk, incoming=incoming.vector, live=live.vector)).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+def readiness(conn: psycopg.Connection, live: Slot, incoming: Slot, *,
+              check_indexes: bool = True) -> Readiness:
+    """Whether `incoming` may replace `live` now (see Readiness)."""
+    unsearchable, failed = _unsearchable_counts(conn, live, incoming)
+    return Readiness(unsearchable, failed,
+                     index_problems(conn, live, incoming) if check_indexes else [])
+
+
+def index_problems(conn: psycopg.Connection, live: Slot, incoming: Slot) -> list[str]:
+    """Why the app's queries would lose their index if `incoming` became live."""
+    problems = []
+    incoming_indexes = column_indexes(conn, incoming)
+    invalid = [i.name for i in incoming_indexes if not i.valid]
+    if invalid:
+        problems.append(f"index {', '.join(invalid)} on {incoming.vector_column} is INVALID:"
+                        " run `migrate index` again")
+    live_distances = {i.distance for i in column_indexes(conn, live) if i.distance}
+    if live_distances and not incoming_indexes:
+        problems.append(f"{live.vector_column} has an index but {incoming.vector_column} has"
+                        " none: run `migrate index`")
+    served = {i.distance for i in incoming_indexes if i.valid and i.distance}
+    unserved = sorted(live_distances - served)
+    if incoming_indexes and unserved:
+        # The app queries with the live index's operator: after the swap it would scan.
+        problems.append(f"{live.vector_column} is indexed for {', '.join(unserved)} distance but"
+                        f" no index on {incoming.vector_column} is: run `migrate index"
+                        f" --distance {unserved[0]}`")
+    return problems
+
+
+def _exchange(conn: psycopg.Connection, live: Slot, other: Slot, other_role: str) -> None:
+    """Exchange the two columns' names, their ANN indexes' names and their roles.
+
+    Renaming a column does not rename its index, so an application's index name
+    (say docs_embedding_idx) is moved onto the column that becomes live.
+    """
+    live_indexes = [i.name for i in column_indexes(conn, live)]
+    other_indexes = [i.name for i in column_indexes(conn, other)]
+    rename = sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}")
+    conn.execute(rename.format(live.table, live.vector, sql.Identifier(SWAP_COLUMN)))
+    conn.execute(rename.format(live.table, other.vector, live.vector))
+    conn.execute(rename.format(live.table, sql.Identifier(SWAP_COLUMN), other.vector))
+    if len(live_indexes) == 1 and len(other_indexes) == 1:
+        schema = live.target.schema
+        index_rename = sql.SQL("ALTER INDEX {} RENAME TO {}")
+        conn.execute(index_rename.format(sql.Identifier(schema, live_indexes[0]),
+                                         sql.Identifier(SWAP_COLUMN)))
+        conn.execute(index_rename.format(sql.Identifier(schema, other_indexes[0]),
+                                         sql.Identifier(live_indexes[0])))
+        conn.execute(index_rename.format(sql.Identifier(schema, SWAP_COLUMN),
+                                         sql.Identifier(other_indexes[0])))
+    # The registry follows: each slot keeps its state table, model and pending index.
+    conn.execute("UPDATE pgreembed.slots SET role = %s, vector_column = %s WHERE id = %s",
+                 (other_role, other.vector_column, live.id))
+    conn.execute("UPDATE pgreembed.slots SET role = 'live', vector_column = %s WHERE id = %s",
+                 (live.vector_column, other.id))
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    attempts: int  # lock attempts (each waited at most the policy's lock_timeout)
+    pause_seconds: float  # ACCESS EXCLUSIVE held: from the lock granted to the commit
+    waited_seconds: float  # from the call to the commit (catching up and lock attempts)
+    unsearchable: int  # rows left unsearchable for the seconds until they are embedded
+
+
+@dataclass(frozen=True)
+class SwapWait:
+    """Progress while a swap waits for the incoming column to catch up."""
+
+    seconds: float
+    unsearchable: int
+    allowed: int
+
+
+class _NotReady(Exception):
+    """Rows changed between the check and the lock: roll back, wait again."""
+
+
+def _pair(conn: psycopg.Connection, target: Target) -> tuple[Slot, Slot]:
+    slots = load_slots(conn, target)
+    live = next(s for s in slots if s.role == "live")
+    other = next(s for s in slots if s.role in ("next", "old"))
+    return live, other
+
+
+def swap(settings: Settings, target: Target, *, rollback: bool = False,
+         catch_up_timeout: float = 300.0, max_unsearchable: int = DEFAULT_MAX_UNSEARCHABLE,
+         accept_failed: bool = False, policy: LockPolicy | None = None,
+         on_wait: Callable[[SwapWait], None] | None = None) -> SwapResult:
+    """Make the other column live in one short transaction.
+
+    Waits, holding no lock, until at most `max_unsearchable` rows that are searchable now
+    would not be after the swap (see Readiness), then takes the table lock with short,
+    jittered attempts (table_lock), re-counts under the lock and renames. Rows that failed
+    in the incoming column stop it at once unless `accept_failed`. A rollback is the same
+    swap backwards; it checks no index: the kept column still has the indexes it had.
+    """
+    phases = ("swapped",) if rollback else ("filling", "rolled_back")
+    step = "rollback" if rollback else "swap"
+    asked = time.monotonic()
+    deadline = asked + catch_up_timeout
+    attempts = 0
+
+    def count_busy(attempt: int, _: object) -> None:
+        nonlocal attempts
+        attempts = attempt
+
+    while True:
+        with connect(settings.database_url) as conn:
+            _require_open(conn, target, *phases)
+            live, other = _pair(conn, target)
+            ready = readiness(conn, live, other, check_indexes=not rollback)
+            conn.rollback()
+        if ready.problems:
+            raise MigrationError("; ".join(ready.problems))
+        if ready.failed and not accept_failed:
+            raise MigrationError(
+                f"{ready.failed} rows searchable now failed to embed in"
+                f" {other.vector_column} ({other.model_key}) and would drop out of search:"
+                f" see `pgreembed failures --target {target.name} --column"
+                f" {other.vector_column}`; fix them and add --retry, or pass --accept-failed")
+        waited = time.monotonic() - asked
+        if ready.unsearchable > max_unsearchable:
+            if time.monotonic() > deadline:
+                raise MigrationError(
+                    f"{ready.unsearchable} rows still have a vector in {live.vector_column}"
+                    f" but none in {other.vector_column} after {waited:.0f} s (allowed:"
+                    f" {max_unsearchable}); the workers are not keeping up (`pgreembed"
+                    " status`): try again, or raise --timeout or --max-unsearchable")
+            if on_wait is not None:
+                on_wait(SwapWait(waited, ready.unsearchable, max_unsearchable))
+            time.sleep(0.5)
+            continue
+        locked_at = 0.0
+
+        def exchange(conn: psycopg.Connection) -> int:
+            nonlocal locked_at
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(_table(target)))
+            locked_at = time.monotonic()
+            migration = _require_open(conn, target, *phases)
+            live, other = _pair(conn, target)
+            unsearchable, failed = _unsearchable_counts(conn, live, other)
+            if unsearchable > max_unsearchable or (failed and not accept_failed):
+                raise _NotReady()
+            _exchange(conn, live, other, "old")
+            conn.execute("UPDATE pgreembed.migrations SET phase = %s, swapped_at = now()"
+                         " WHERE id = %s", ("rolled_back" if rollback else "swapped",
+                                            migration.id))
+            conn.execute("UPDATE pgreembed.slots SET paused = false WHERE id = %s", (other.id,))
+            return unsearchable
+
+        try:
+            left = run_locked(settings.database_url, _table(target), step, exchange, policy,
+                              mode=ACCESS_EXCLUSIVE,
+                              on_busy=count_busy)
+        except _NotReady:
+            continue  # rows changed between the check and the lock
+        done = time.monotonic()
+        return SwapResult(attempts + 1, done - locked_at, done - asked, left)

@@ -1,0 +1,187 @@
+"""`pgreembed doctor`: read-only health checks of each configured target.
+
+Finds what silently degrades search or wastes money: a vector column of the
+wrong type or size, vectors of mixed dimensions or from several models, zero
+or non-normalised vectors under cosine distance, rows with no text, a missing
+or INVALID index (a failed `CREATE INDEX CONCURRENTLY` is still maintained on
+every write but never used), an index whose operator class does not match the
+distance the app queries with, and a worker fleet that needs more Postgres
+connections than the server allows. The session is read-only
+(`default_transaction_read_only`) with a statement timeout, so it is safe to
+run against production at any time. `--verify N` also re-embeds a sample of
+rows and compares (see `pgreembed.verify`); that costs tokens, so it is opt-in.
+`--recall` measures each ANN index's recall against exact search (see
+`pgreembed.recall_check`); that costs one sequential scan per sample query, so it
+is opt-in too.
+
+Every SQL statement it advises is composed with psycopg.sql and rendered with
+the connection's quoting, so it is safe to paste whatever the names are.
+
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Settings, Target
+from pgreembed.operations.doctor.base import (
+    SCHEDULER_CONNECTIONS,
+    Extension,
+)
+from pgreembed.operations.doctor.columns import ColumnChecks
+from pgreembed.operations.doctor.findings import ERROR, OK, WARN, Finding
+from pgreembed.operations.doctor.indexes import IndexChecks
+from pgreembed.operations.doctor.samples import SampleChecks
+from pgreembed.operations.verify import DEFAULT_TOLERANCE
+from pgreembed.redact import redact
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import (
+    load_slots,
+    registry_exists,
+)
+
+
+class _Doctor(ColumnChecks, IndexChecks, SampleChecks):
+    """All the checks, run on one read-only connection."""
+
+    def extension(self) -> Extension | None:
+        row = self.conn.execute(
+            "SELECT e.extversion, n.nspname FROM pg_extension e"
+            " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
+        ).fetchone()
+        if row is not None:
+            ext = Extension(row[0], row[1])
+            self.add(OK, None, "pgvector", f"pgvector {ext.version} installed"
+                     f" (schema {ext.schema})")
+            # Load the library so its settings (hnsw.ef_search, ...) become visible.
+            self.conn.execute(sql.SQL("SELECT '[1]'::{}").format(
+                sql.Identifier(ext.schema, "vector")))
+            return ext
+        available = self.conn.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
+        ).fetchone()
+        if available is None:
+            self.add(ERROR, None, "pgvector", "pgvector is not available on this Postgres"
+                     " server: install the extension package, then run `pgreembed init`")
+        else:
+            self.add(ERROR, None, "pgvector", f"pgvector {available[0]} is available but not"
+                     " installed in this database: run `pgreembed init`")
+        return None
+
+    def connections(self) -> None:
+        max_conn = int(self.one("SELECT current_setting('max_connections')")[0])
+        reserved = int(self.one("SELECT current_setting('superuser_reserved_connections')")[0])
+        extra = self.one("SELECT current_setting('reserved_connections', true)")[0]
+        reserved += int(extra or 0)
+        others = int(self.one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            " AND pid <> pg_backend_pid()"
+            " AND coalesce(application_name, '') NOT LIKE 'pgreembed%'")[0])
+        pool = self.settings.pool_max_size
+        needed = self.worker_processes * pool + SCHEDULER_CONNECTIONS
+        usable = max_conn - reserved
+        detail = (f"{self.worker_processes} worker processes x pool_max_size {pool}"
+                  f" + {SCHEDULER_CONNECTIONS} for the scheduler = {needed} connections;"
+                  f" max_connections {max_conn} ({reserved} reserved), {others} in use by"
+                  " other clients")
+        if needed > usable:
+            self.add(ERROR, None, "connections", f"{detail}: more than the server allows;"
+                     " lower worker.pool_max_size or the worker count, or add a pooler"
+                     " (PgBouncer, transaction mode)")
+        elif needed > usable - others:
+            self.add(WARN, None, "connections", f"{detail}: does not fit next to the current"
+                     " clients; workers will fail to connect under load")
+        else:
+            self.add(OK, None, "connections", detail)
+
+    def target(self, target: Target, ext: Extension | None) -> None:
+        name = target.name
+        self.guarded(name, "misconfigured", lambda: self._misconfigured(target))
+        qualified = f"{target.schema}.{target.table}"
+        table = sql.Identifier(target.schema, target.table)
+        oid_row = self.conn.execute("SELECT to_regclass(%s)::oid",
+                                    (table.as_string(self.conn),)).fetchone()
+        if oid_row is None or oid_row[0] is None:
+            self.add(ERROR, name, "table", f"table {qualified} does not exist")
+            return
+        oid = int(oid_row[0])
+        missing_text = [c for c in target.text_columns if self._column(oid, c) is None]
+        if missing_text:
+            self.add(ERROR, name, "text_columns", f"{qualified}: text column(s)"
+                     f" {', '.join(missing_text)} do not exist")
+        else:
+            self.add(OK, name, "table", f"{qualified} and its text column(s)"
+                     f" {', '.join(target.text_columns)} exist")
+            self.guarded(name, "missing_text", lambda: self._missing_text(target, table))
+
+        column = self._column(oid, target.vector_column)
+        where = f"{qualified}.{target.vector_column}"
+        if column is None:
+            self.add(ERROR, name, "vector_column", f"{where} does not exist: run"
+                     " `pgreembed init`")
+            return
+        if not self._column_type(target, column, where) or ext is None:
+            return
+        vector = sql.Identifier(target.vector_column)
+        self.guarded(name, "null_vectors", lambda: self._nulls(target, table, vector, where))
+        if column.typmod < 0:
+            self.guarded(name, "dimensions",
+                         lambda: self._mixed_dims(target, table, vector, ext, column, where))
+        self.guarded(name, "models", lambda: self._models(target, where))
+        self.guarded(name, "norms",
+                     lambda: self._norms(target, oid, table, vector, ext, column, where))
+        self.guarded(name, "indexes", lambda: self._indexes(target, oid, column, where, ext))
+
+    def _misconfigured(self, target: Target) -> None:
+        """A column whose every request the provider refuses as configured: an error."""
+        if not registry_exists(self.conn):
+            return  # `models` says to run init
+        for slot in load_slots(self.conn, target):
+            if slot.misconfigured:
+                self.add(ERROR, target.name, "misconfigured",
+                         f"{target.schema}.{target.table}.{slot.vector_column}"
+                         f" ({slot.model_key}, {slot.role}) is misconfigured, nothing is"
+                         f" sent for it: {redact(slot.misconfigured)}; fix the config (model,"
+                         " dimensions, base URL), then run `pgreembed init`",
+                         {"column": slot.vector_column, "model": slot.model_key,
+                          "reason": redact(slot.misconfigured)})
+
+
+def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_rows: int = 1000,
+               worker_processes: int = 2, statement_timeout: float = 60.0,
+               verify_rows: int = 0, tolerance: float = DEFAULT_TOLERANCE,
+               announce: Callable[[str], None] = print, recall_queries: int = 0,
+               recall_k: int = 10, recall_target: float | None = None) -> list[Finding]:
+    """Check every configured target (or `targets`) without writing anything.
+
+    `verify_rows` > 0 re-embeds that many sampled rows per vector column (tokens are
+    spent; `announce` is told how many before each request). `recall_queries` > 0
+    measures each ANN index's recall@`recall_k` on that many sample queries (no tokens;
+    one sequential scan per query for the exact answer)."""
+    chosen = [settings.target(name) for name in targets] if targets else list(
+        settings.targets.values())
+    with connect(settings.database_url, autocommit=True, vector=False) as conn:
+        conn.execute("SET default_transaction_read_only = on")
+        conn.execute(sql.SQL("SET statement_timeout = {}").format(
+            sql.Literal(f"{int(statement_timeout * 1000)}ms")))
+        conn.execute("SET lock_timeout = '5s'")
+        doctor = _Doctor(conn, settings, sample_rows, worker_processes)
+        ext = None
+        try:
+            ext = doctor.extension()
+        except psycopg.Error as exc:
+            doctor.add(ERROR, None, "pgvector", f"cannot inspect extensions: {redact(str(exc))}")
+        doctor.guarded(None, "connections", doctor.connections)
+        for target in chosen:
+            doctor.guarded(target.name, "target", functools.partial(doctor.target, target, ext))
+            if verify_rows > 0:
+                doctor.guarded(target.name, "verify", functools.partial(
+                    doctor.verify, target, verify_rows, tolerance, announce))
+            if recall_queries > 0:
+                doctor.guarded(target.name, "recall", functools.partial(
+                    doctor.recall, target, recall_queries, recall_k, recall_target))
+        return doctor.findings

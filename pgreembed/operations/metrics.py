@@ -1,0 +1,146 @@
+"""The scheduler's Prometheus gauges, read from Postgres at scrape time.
+
+Pending, embedded, failed, in flight, coverage, age of the oldest pending row, tokens
+and cost so far: right even after restarts (PGREEMBED_SCHEDULER_METRICS_PORT). They use
+the cheap counts of `pgreembed.operations.status` (no scan of the app's table).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pgreembed.instruments import SCHEDULER_PORT_ENV, require_prometheus
+from pgreembed.model_keys import parse_model_key
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseCollector:
+    """Gauges computed from Postgres when Prometheus scrapes the scheduler."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Any]:
+        import redis
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from pgreembed.operations.status import collect
+        from pgreembed.queue.freshness import oldest_pending_seconds
+        from pgreembed.store.pool import connect
+
+        counts = GaugeMetricFamily("pgreembed_rows", "Rows per state (total and embedded are"
+                                   " estimates from the table's row count).",
+                                   labels=["target", "column", "role", "state"])
+        coverage = GaugeMetricFamily("pgreembed_coverage_ratio",
+                                     "Share of rows with a vector of the column's model.",
+                                     labels=["target", "column", "role"])
+        oldest = GaugeMetricFamily("pgreembed_oldest_pending_seconds",
+                                   "Age of the oldest pending row (since its claim, or an"
+                                   " upper bound for rows not claimed yet).",
+                                   labels=["target", "column", "role"])
+        tokens = CounterMetricFamily("pgreembed_slot_tokens", "Tokens sent, per column.",
+                                     labels=["target", "column", "model"])
+        cost = CounterMetricFamily("pgreembed_slot_cost_usd", "List-price cost, per column.",
+                                   labels=["target", "column", "model"])
+        misconfigured = GaugeMetricFamily(
+            "pgreembed_slot_misconfigured", "1 while the provider refuses every request of"
+            " the column as configured (nothing is sent until `pgreembed init`).",
+            labels=["target", "column", "model"])
+        spent = GaugeMetricFamily("pgreembed_migration_spend_usd",
+                                  "List-price spend of an open migration's new column.",
+                                  labels=["target", "column"])
+        caps = GaugeMetricFamily("pgreembed_migration_spend_cap_usd",
+                                 "Its spend cap (only migrations started with one).",
+                                 labels=["target", "column"])
+        scrape = GaugeMetricFamily("pgreembed_scrape_seconds",
+                                   "Time this scrape spent reading Postgres and Redis.")
+        started = time.perf_counter()
+        try:
+            client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=2)
+            with connect(self.settings.database_url) as conn:
+                statuses = collect(conn, self.settings, client)
+                usage = usage_by_model(conn)
+                created: dict[int, float] = dict(conn.execute(
+                    "SELECT id, extract(epoch FROM created_at)::float8 FROM pgreembed.slots"
+                ).fetchall())
+                migrations = migration_spend(conn)
+                conn.commit()
+            ages = {s.slot: oldest_pending_seconds(
+                client, s.slot, self.settings.lease_seconds, s.pending, s.in_flight or 0,
+                float(created.get(s.slot, 0.0))) for s in statuses}
+        except Exception as exc:  # noqa: BLE001 - a scrape must not crash the scheduler
+            log.warning("metrics scrape failed: %s", type(exc).__name__)
+            return
+        for s in statuses:
+            labels = [s.target, s.column, s.role]
+            for state in ("total", "embedded", "pending", "stale", "outdated", "failed"):
+                counts.add_metric([*labels, state], getattr(s, state))
+            if s.in_flight is not None:
+                counts.add_metric([*labels, "in_flight"], s.in_flight)
+            coverage.add_metric(labels, s.coverage)
+            misconfigured.add_metric([s.target, s.column, s.model],
+                                     1.0 if s.misconfigured else 0.0)
+            oldest.add_metric(labels, ages[s.slot])
+            for model, used in usage.get(s.slot, {}).items():
+                tokens.add_metric([s.target, s.column, model or s.model], used)
+                cost.add_metric([s.target, s.column, model or s.model],
+                                used / 1e6 * list_price(model or s.model))
+            if s.slot not in usage:
+                tokens.add_metric([s.target, s.column, s.model], 0.0)
+                cost.add_metric([s.target, s.column, s.model], 0.0)
+        columns = {s.slot: (s.target, s.column) for s in statuses}
+        for slot_id, usd, cap in migrations:
+            if slot_id in columns:
+                spent.add_metric(list(columns[slot_id]), usd)
+                if cap is not None:
+                    caps.add_metric(list(columns[slot_id]), cap)
+        scrape.add_metric([], time.perf_counter() - started)
+        yield from (counts, coverage, oldest, tokens, cost, spent, caps, misconfigured, scrape)
+
+
+def migration_spend(conn: Any) -> list[tuple[int, float, float | None]]:
+    """(new column's slot, USD spent, USD cap) of each migration still filling."""
+    from pgreembed.store.usage import spend
+
+    slots = [r[0] for r in conn.execute(
+        "SELECT to_slot FROM pgreembed.migrations WHERE phase = 'filling'")]
+    return [(slot_id, *spend(conn, slot_id)[1:]) for slot_id in slots]
+
+
+def usage_by_model(conn: Any) -> dict[int, dict[str | None, float]]:
+    """Tokens per slot and per model that billed them (None: rows from before the
+    ledger recorded the model, priced as the slot's model)."""
+    out: dict[int, dict[str | None, float]] = {}
+    for slot_id, model, used in conn.execute(
+            "SELECT slot_id, model, sum(tokens) FROM pgreembed.usage GROUP BY 1, 2"):
+        out.setdefault(slot_id, {})[model] = float(used or 0)
+    return out
+
+
+def list_price(model_key: str) -> float:
+    """USD per million tokens of a model key (`openai:<name>@<dims>`); 0 for others."""
+    from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+
+    provider, model, _ = parse_model_key(model_key)
+    return PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
+
+
+def serve_scheduler_metrics(settings: Any) -> bool:
+    """Start the scheduler's exposition server if its port is configured."""
+    port = os.environ.get(SCHEDULER_PORT_ENV)
+    if not port:
+        return False
+    require_prometheus(SCHEDULER_PORT_ENV)
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(settings))
+    start_http_server(int(port), addr=os.environ.get("PGREEMBED_METRICS_HOST", "0.0.0.0"),
+                      registry=registry)
+    log.info("scheduler metrics on port %s", port)
+    return True

@@ -1,0 +1,156 @@
+"""Per-slot counts: what is embedded, pending, stale, outdated or failed.
+
+The default counts stay cheap on a table of any size, because they only read what is
+small: rows without a vector through the slot's partial index, failures through the
+state table's partial index, outdated vectors through its (model, pk) index. The
+table's row count is Postgres's own (the statistics' live-row counter, else
+`pg_class.reltuples`), so `total` and `embedded` (total minus rows without a vector) are labelled
+estimates. `exact=True` counts every row with one scan of the table and its state
+table, which takes seconds per million rows (`pgreembed status --exact`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import psycopg
+import redis
+from psycopg import sql
+
+from pgreembed.config import Settings
+from pgreembed.queue.claims import InFlight
+from pgreembed.redact import redact
+from pgreembed.store.slots import Slot, load_slots
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    target: str
+    slot: int
+    role: str
+    column: str
+    model: str
+    total: int
+    embedded: int
+    pending: int
+    stale: int
+    outdated: int
+    failed: int
+    truncated: int | None  # counted only with exact=True (it needs the whole state table)
+    in_flight: int | None
+    # Why nothing is sent for this column (the provider refuses every request as
+    # configured); None when healthy. Cleared by `pgreembed init`.
+    misconfigured: str | None = None
+    estimated: bool = False  # total and embedded come from the table's row estimate
+    seconds: float = 0.0  # how long the counts took
+
+    @property
+    def coverage(self) -> float:
+        """Share of the table's rows with a vector from this column's model."""
+        if self.total <= 0:
+            return 1.0
+        return max(0.0, min(1.0, (self.embedded - self.outdated) / self.total))
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["coverage"] = round(self.coverage, 6)
+        out["seconds"] = round(self.seconds, 4)
+        return out
+
+
+def _exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
+    row = conn.execute(sql.SQL(
+        """
+        SELECT count(*),
+               count(*) FILTER (WHERE a.{vector} IS NOT NULL),
+               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_failed_hash IS NULL),
+               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_hash IS NOT NULL
+                                  AND s.pgr_failed_hash IS NULL),
+               count(*) FILTER (WHERE a.{vector} IS NOT NULL AND s.pgr_model_id <> %s),
+               count(*) FILTER (WHERE s.pgr_failed_hash IS NOT NULL),
+               count(*) FILTER (WHERE s.pgr_truncated)
+        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        """
+    ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
+        (slot.model_id,)).fetchone()
+    assert row is not None
+    return tuple(int(x) for x in row)
+
+
+def estimated_rows(conn: psycopg.Connection, slot: Slot) -> int | None:
+    """The app table's live row count from Postgres's statistics: the cumulative stats
+    counter (`n_live_tup`, which follows inserts and deletes within a second), else the
+    estimate of the last ANALYZE or vacuum (after a crash reset the counters); None if
+    neither exists yet. Not pages times rows per page: the embedding UPDATEs leave dead
+    tuples behind that would count as rows until a vacuum."""
+    row = conn.execute(
+        """
+        SELECT CASE WHEN pg_stat_get_live_tuples(oid) > 0 THEN pg_stat_get_live_tuples(oid)
+                    WHEN reltuples >= 0 THEN reltuples END
+        FROM pg_class WHERE oid = %s::regclass
+        """, (slot.table.as_string(conn),)).fetchone()
+    return None if row is None or row[0] is None else round(row[0])
+
+
+def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
+    """Counts that read only the partial index's rows, failures and outdated rows."""
+    other_models = [r[0] for r in conn.execute(
+        "SELECT id FROM pgreembed.models WHERE id <> %s", (slot.model_id,))]
+    row = conn.execute(sql.SQL(
+        """
+        SELECT n.without_vector, n.pending, n.stale,
+               (SELECT count(*) FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
+                WHERE s.pgr_failed_hash IS NOT NULL),
+               (SELECT count(*) FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
+                WHERE s.pgr_model_id = ANY(%s) AND a.{vector} IS NOT NULL)
+        FROM (SELECT count(*) AS without_vector,
+                     count(*) FILTER (WHERE s.pgr_failed_hash IS NULL) AS pending,
+                     count(*) FILTER (WHERE s.pgr_hash IS NOT NULL
+                                        AND s.pgr_failed_hash IS NULL) AS stale
+              FROM {table} a
+              -- One state-row probe per pending row: as a plain join the planner hashes
+              -- the whole state table (one row per row of the app's table).
+              LEFT JOIN LATERAL (SELECT pgr_hash, pgr_failed_hash FROM {state}
+                                 WHERE pgr_pk = a.{pk} OFFSET 0) s ON true
+              WHERE a.{vector} IS NULL) n
+        """
+    ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
+        (other_models,)).fetchone()
+    assert row is not None
+    return tuple(int(x) for x in row)
+
+
+def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis | None,
+                lease_seconds: int, exact: bool = False) -> SlotStatus:
+    started = time.perf_counter()
+    estimate = None if exact else estimated_rows(conn, slot)
+    if estimate is None:  # asked for, or a table never analysed (then small, or new)
+        total, embedded, pending, stale, outdated, failed, truncated = _exact_counts(conn, slot)
+        counted: int | None = truncated
+    else:
+        without_vector, pending, stale, failed, outdated = _cheap_counts(conn, slot)
+        # The estimate lags behind inserts: never report fewer rows than we counted.
+        total = max(estimate, without_vector + outdated)
+        embedded, counted = total - without_vector, None
+    seconds = time.perf_counter() - started
+    in_flight = None
+    if redis_client is not None:
+        try:
+            in_flight = InFlight(redis_client, slot.id, lease_seconds).count()
+        except redis.RedisError:
+            in_flight = None
+    return SlotStatus(slot.target.name, slot.id, slot.role, slot.vector_column, slot.model_key,
+                      total, embedded, pending, stale, outdated, failed, counted, in_flight,
+                      None if slot.misconfigured is None else redact(slot.misconfigured),
+                      estimated=estimate is not None, seconds=seconds)
+
+
+def collect(conn: psycopg.Connection, settings: Settings,
+            redis_client: redis.Redis | None, exact: bool = False) -> list[SlotStatus]:
+    result = []
+    for target in settings.targets.values():
+        for slot in load_slots(conn, target):
+            result.append(slot_status(conn, slot, redis_client, settings.lease_seconds, exact))
+    conn.commit()
+    return result

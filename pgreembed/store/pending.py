@@ -1,0 +1,98 @@
+"""Finding pending rows: keyset pages over small indexes, never a table scan.
+
+A row of a slot is pending when
+- its vector is NULL (new, or its text changed: the trigger cleared it), found
+  through the slot's partial index, unless it failed before on this same text;
+- or its vector came from another model than the slot's (an in-place model
+  change), found through the state table's (model, pk) index.
+
+Both queries start from the app's table: a state row alone proves nothing (the
+row it describes may have been deleted while the triggers were off, or before
+they existed), and trusting one would enqueue a key no worker can ever finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.store.slots import Slot
+
+
+@dataclass
+class Cursor:
+    """Where the last page ended; `None` keys mean "from the start"."""
+
+    missing_after: Any = None
+    outdated_after: Any = None
+
+
+def _after(column: sql.Composable, value: Any) -> tuple[sql.Composable, tuple[Any, ...]]:
+    if value is None:
+        return sql.SQL("TRUE"), ()
+    return sql.SQL("{} > %s").format(column), (value,)
+
+
+def missing_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -> list[Any]:
+    """Primary keys with a NULL vector after `after`, skipping rows failed on this text."""
+    condition, params = _after(sql.SQL("a.{}").format(slot.pk), after)
+    query = sql.SQL(
+        """
+        SELECT a.{pk} FROM {table} a
+        LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        WHERE a.{vector} IS NULL AND {condition}
+          AND (s.pgr_failed_hash IS NULL OR s.pgr_failed_hash <> {hash})
+        ORDER BY a.{pk} LIMIT %s
+        """
+    ).format(pk=slot.pk, table=slot.table, state=slot.state_table, vector=slot.vector,
+             condition=condition, hash=slot.hash_expr)
+    return [row[0] for row in conn.execute(query, (*params, limit))]
+
+
+def outdated_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -> list[Any]:
+    """Primary keys of existing rows whose vector was made by another model than the
+    slot's (a state row of a deleted row is not work: the join drops it)."""
+    condition, params = _after(sql.SQL("s.pgr_pk"), after)
+    query = sql.SQL(
+        """
+        SELECT s.pgr_pk FROM {table} a JOIN {state} s ON s.pgr_pk = a.{pk}
+        WHERE s.pgr_model_id = ANY(%s) AND {condition}
+          AND (s.pgr_failed_hash IS NULL OR s.pgr_failed_hash <> s.pgr_hash)
+        ORDER BY s.pgr_pk LIMIT %s
+        """
+    ).format(table=slot.table, state=slot.state_table, pk=slot.pk, condition=condition)
+    old_models = [
+        r[0] for r in conn.execute("SELECT id FROM pgreembed.models WHERE id <> %s",
+                                   (slot.model_id,))
+    ]
+    if not old_models:
+        return []
+    return [row[0] for row in conn.execute(query, (old_models, *params, limit))]
+
+
+def sweep(conn: psycopg.Connection, slot: Slot, page_size: Callable[[], int],
+          cursor: Cursor | None = None) -> Iterator[list[Any]]:
+    """Pages of pending keys from `cursor` to the end of both sources.
+
+    The cursor is advanced as pages are yielded, so a caller that stops early
+    (its in-flight budget is spent) resumes where it left off next time;
+    `page_size` is asked before each page, so a page never exceeds what the
+    caller can still take.
+    """
+    cursor = cursor if cursor is not None else Cursor()
+    while True:
+        page = missing_page(conn, slot, cursor.missing_after, page_size())
+        if not page:
+            break
+        cursor.missing_after = page[-1]
+        yield page
+    while True:
+        page = outdated_page(conn, slot, cursor.outdated_after, page_size())
+        if not page:
+            break
+        cursor.outdated_after = page[-1]
+        yield page

@@ -1,0 +1,253 @@
+"""`pgreembed init`: the bookkeeping in Postgres, created idempotently.
+
+- schema `pgreembed` with the model and slot registries;
+- per slot, a state table (model + content hash per row, recorded failures);
+- on the app's table: the vector column if missing and a partial index over rows
+  whose vector is NULL (so finding pending rows never scans the table); the triggers
+  are `pgreembed.store.triggers`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Target
+from pgreembed.errors import SetupError
+from pgreembed.store.slots import (
+    Slot,
+    clear_misconfigured,
+    load_slots,
+    primary_key_of,
+    vector_type_for,
+)
+from pgreembed.store.table_lock import SHARE_ROW_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.triggers import drop_triggers, install_triggers, triggers_current
+from pgreembed.store.versions import upgrade
+
+log = logging.getLogger(__name__)
+
+
+def ensure_pgvector(conn: psycopg.Connection) -> None:
+    """Create the extension if it is available; say exactly what is missing if not."""
+    available = conn.execute(
+        "SELECT default_version, installed_version FROM pg_available_extensions"
+        " WHERE name = 'vector'"
+    ).fetchone()
+    if available is None:
+        raise SetupError(
+            "pgvector is not installed on this Postgres server: install the extension"
+            " (package postgresql-<major>-pgvector, or build it from source) and retry"
+        )
+    if available[1] is None:
+        try:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        except psycopg.errors.InsufficientPrivilege:
+            raise SetupError(
+                "pgvector is available but not enabled, and this role may not enable it:"
+                " run `CREATE EXTENSION vector` as a superuser or the database owner"
+            ) from None
+
+
+def ensure_model(conn: psycopg.Connection, target: Target) -> int:
+    row = conn.execute(
+        """
+        INSERT INTO pgreembed.models (key, provider, name, dimensions) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (key) DO UPDATE SET key = excluded.key RETURNING id
+        """,
+        (target.model_key, target.provider, target.model, target.dimensions),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _column_type(conn: psycopg.Connection, target: Target, column: str) -> str | None:
+    row = conn.execute(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+        " WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
+        (sql.Identifier(target.schema, target.table).as_string(conn), column),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
+                         dimensions: int) -> bool:
+    """Add the column if missing (True); refuse a column of another type or size."""
+    wanted = f"{vector_type_for(dimensions)}({dimensions})"
+    found = _column_type(conn, target, column)
+    if found is None:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+            sql.Identifier(target.schema, target.table), sql.Identifier(column), sql.SQL(wanted)))
+        log.info("added column %s %s to %s.%s", column, wanted, target.schema, target.table)
+        return True
+    if found != wanted:
+        raise SetupError(
+            f"target {target.name!r}: column {column!r} is {found}, expected {wanted}"
+            f" for {target.model_key} (a model change is a migration: `pgreembed migrate`)"
+        )
+    return False
+
+
+def _check_table(conn: psycopg.Connection, target: Target) -> None:
+    exists = conn.execute(
+        "SELECT to_regclass(%s)", (sql.Identifier(target.schema, target.table).as_string(conn),)
+    ).fetchone()
+    if exists is None or exists[0] is None:
+        raise SetupError(f"target {target.name!r}: table {target.schema}.{target.table}"
+                         " does not exist")
+    for column in target.text_columns:
+        if _column_type(conn, target, column) is None:
+            raise SetupError(f"target {target.name!r}: text column {column!r} does not exist"
+                             f" in {target.schema}.{target.table}")
+
+
+def register_live_slot(conn: psycopg.Connection, target: Target) -> Slot:
+    """The target's live slot, created on first init and kept in step with the config."""
+    model_id = ensure_model(conn, target)
+    pk, pk_type = primary_key_of(conn, target)
+    live = [s for s in load_slots(conn, target) if s.role == "live"]
+    migrated = conn.execute("SELECT count(*) FROM pgreembed.migrations WHERE target = %s",
+                            (target.name,)).fetchone()
+    if live and live[0].model_id != model_id and migrated and migrated[0]:
+        # After a migration the registry, not the config, says which model is live.
+        log.warning("target %s: config says %s but the live model is %s (migrated);"
+                    " update the config", target.name, target.model_key, live[0].model_key)
+        return live[0]
+    if not live:
+        conn.execute(
+            """
+            INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
+                                         primary_key, pk_type, role, model_id)
+            VALUES (%s, %s, %s, %s, %s, %s, 'live', %s)
+            """,
+            (target.name, target.schema, target.table, target.vector_column, pk, pk_type,
+             model_id),
+        )
+    elif live[0].model_id != model_id and live[0].dimensions != target.dimensions:
+        raise SetupError(
+            f"target {target.name!r}: the live column holds {live[0].model_key}; changing to"
+            f" {target.model_key} changes dimensions, which is a migration:"
+            f" `pgreembed migrate start --target {target.name} --model {target.model}"
+            f" --dimensions {target.dimensions}`")
+    elif live[0].model_id != model_id:
+        # Same column, other model of the same size: rows become "outdated" and are
+        # re-embedded in place. Other sizes were refused by ensure_vector_column.
+        log.warning("target %s: model changed to %s; rows will be re-embedded in place",
+                    target.name, target.model_key)
+        conn.execute("UPDATE pgreembed.slots SET model_id = %s WHERE id = %s",
+                     (model_id, live[0].id))
+    return next(s for s in load_slots(conn, target) if s.role == "live")
+
+
+def create_state_table(conn: psycopg.Connection, slot: Slot) -> None:
+    conn.execute(sql.SQL(
+        """
+        CREATE TABLE IF NOT EXISTS {state} (
+            pgr_pk {pk_type} PRIMARY KEY,
+            pgr_model_id integer,
+            pgr_hash uuid,
+            pgr_embedded_at timestamptz,
+            pgr_truncated boolean NOT NULL DEFAULT false,
+            pgr_failed_hash uuid,
+            pgr_failure text,
+            pgr_attempts integer NOT NULL DEFAULT 0,
+            pgr_failed_at timestamptz
+        )
+        """).format(state=slot.state_table, pk_type=slot.pk_cast))
+    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (pgr_model_id, pgr_pk)").format(
+        sql.Identifier(f"slot_{slot.id}_model"), slot.state_table))
+    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (pgr_pk)"
+                         " WHERE pgr_failed_hash IS NOT NULL").format(
+        sql.Identifier(f"slot_{slot.id}_failed"), slot.state_table))
+
+
+def adopt_existing_vectors(conn: psycopg.Connection, slot: Slot) -> int:
+    """Rows that already have a vector are taken as embedded by the configured model."""
+    cur = conn.execute(sql.SQL(
+        """
+        INSERT INTO {state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at)
+        SELECT {pk}, %s, {hash}, now() FROM {table} WHERE {vector} IS NOT NULL
+        ON CONFLICT (pgr_pk) DO NOTHING
+        """).format(state=slot.state_table, pk=slot.pk, hash=slot.hash_expr, table=slot.table,
+                    vector=slot.vector), (slot.model_id,))
+    return cur.rowcount
+
+
+def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
+    """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
+
+    Needs an autocommit connection. A failed concurrent build leaves an INVALID
+    index behind; it is dropped and rebuilt.
+    """
+    name = slot.pending_index_name
+    row = dsn_conn.execute(
+        "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (slot.target.schema, name),
+    ).fetchone()
+    if row is not None and row[0]:
+        return
+    if row is not None:
+        log.warning("dropping INVALID index %s left by an interrupted build", name)
+        dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+            sql.Identifier(slot.target.schema, name)))
+    dsn_conn.execute(sql.SQL(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({pk}) WHERE {vector} IS NULL"
+    ).format(name=sql.Identifier(name), table=slot.table, pk=slot.pk, vector=slot.vector))
+
+
+def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> Slot:
+    """Create or update everything a target needs. Safe to run again at any time.
+
+    It runs at every scheduler start (and in init containers), so its DDL on the app's
+    table goes through table_lock (short lock attempts, retried, blockers named), and
+    triggers that are already as wanted are left alone (no lock at all).
+    """
+    from pgreembed.store.pool import connect
+
+    with connect(dsn, vector=False) as conn:
+        ensure_pgvector(conn)
+        conn.commit()
+    table = sql.Identifier(target.schema, target.table)
+    # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
+    slot, slots, adopted = run_locked(dsn, table, "init",
+                                      lambda conn: _init_in_transaction(conn, target), policy,
+                                      mode=SHARE_ROW_EXCLUSIVE)
+    if adopted:
+        log.info("target %s: %d existing vectors adopted as %s", target.name, adopted,
+                 target.model_key)
+    with connect(dsn, autocommit=True, vector=False) as conn:
+        for each in slots:
+            ensure_pending_index(conn, each)
+            # Without statistics (a column just added) the planner guesses 0.5% NULL vectors
+            # and hashes the whole backlog for every page of pending keys (100x slower at 80k).
+            conn.execute(sql.SQL("ANALYZE {} ({})").format(each.table, each.vector))
+    return slot
+
+
+def _init_in_transaction(conn: psycopg.Connection, target: Target
+                         ) -> tuple[Slot, list[Slot], int]:
+    # One initialiser at a time (two pods starting together must not race the DDL).
+    upgrade(conn)
+    _check_table(conn, target)
+    registered = [s for s in load_slots(conn, target) if s.role == "live"]
+    dimensions = registered[0].dimensions if registered else target.dimensions
+    added = ensure_vector_column(conn, target, target.vector_column, dimensions)
+    first_init = not registered
+    slot = register_live_slot(conn, target)
+    if clear_misconfigured(conn, target):
+        log.warning("target %s: cleared the misconfigured mark; its batches are dispatched"
+                    " again", target.name)
+    slots = load_slots(conn, target)
+    for each in slots:
+        create_state_table(conn, each)
+    # Once, when the target is first set up (later inits must not scan the table), and
+    # only if the column was there before (a column added just now holds no vector).
+    adopted = adopt_existing_vectors(conn, slot) if first_init and not added else 0
+    if not target.trigger:
+        drop_triggers(conn, target)
+    elif not triggers_current(conn, target, slots):
+        install_triggers(conn, target, slots)
+    return slot, slots, adopted

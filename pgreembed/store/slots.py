@@ -1,0 +1,200 @@
+"""A slot is one vector column being kept filled: the unit the data path works on.
+
+A target has one live slot; a migration adds a second one (the new column).
+Each slot has a registry row (`pgreembed.slots`), a model (`pgreembed.models`)
+and a narrow state table `pgreembed.slot_<id>` with, per row of the app's
+table, the model and the content hash of the text its vector came from, and
+the recorded failure if the row could not be embedded. Every SQL fragment the
+data path needs is composed here, with identifiers quoted by psycopg.sql.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Target
+from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
+
+SCHEMA = "pgreembed"
+NOTIFY_CHANNEL = "pgreembed"
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Everything the scheduler and workers need to know about one vector column."""
+
+    id: int
+    target: Target
+    vector_column: str
+    role: str
+    model_id: int
+    model_key: str
+    provider: str
+    model: str
+    dimensions: int
+    primary_key: str
+    pk_type: str
+    paused: bool = False
+    mode: str = "queue"  # or "batch": filled through the Batch API, not the queue
+    # Why the provider cannot fill it as configured (every input rejected, wrong
+    # dimensions): nothing is dispatched until `pgreembed init` clears it.
+    misconfigured: str | None = None
+
+    # -- identifiers ---------------------------------------------------------------
+
+    @property
+    def table(self) -> sql.Identifier:
+        return sql.Identifier(self.target.schema, self.target.table)
+
+    @property
+    def pk(self) -> sql.Identifier:
+        return sql.Identifier(self.primary_key)
+
+    @property
+    def vector(self) -> sql.Identifier:
+        return sql.Identifier(self.vector_column)
+
+    @property
+    def state_table(self) -> sql.Identifier:
+        return sql.Identifier(SCHEMA, f"slot_{self.id}")
+
+    @property
+    def pending_index_name(self) -> str:
+        return f"pgreembed_pending_{self.id}"
+
+    @property
+    def vector_type(self) -> str:
+        """pgvector indexes `vector` up to 2000 dims; larger models need `halfvec`."""
+        return vector_type_for(self.dimensions)
+
+    @property
+    def pk_cast(self) -> sql.Composable:
+        """Cast text (how pks travel through Redis) back to the key's own type."""
+        return sql.SQL(self.pk_type)
+
+    # -- expressions ---------------------------------------------------------------
+
+    @property
+    def text_expr(self) -> sql.Composable:
+        """The text to embed, as SQL over the app table's columns (unqualified)."""
+        return text_expression(self.target)
+
+    @property
+    def hash_expr(self) -> sql.Composable:
+        """md5 of the text as uuid: what the no-stale-write guard compares."""
+        return sql.SQL("md5(coalesce(({})::text, ''))::uuid").format(self.text_expr)
+
+
+def vector_type_for(dimensions: int) -> str:
+    return "vector" if dimensions <= 2000 else "halfvec"
+
+
+def text_expression(target: Target) -> sql.Composable:
+    if target.text_sql:
+        return sql.SQL(target.text_sql)  # trusted: written by the operator, reviewed like code
+    if len(target.text_columns) == 1:
+        return sql.Identifier(target.text_columns[0])
+    return sql.SQL("concat_ws(E'\\n', {})").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in target.text_columns)
+    )
+
+
+def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
+    """(column, type) of the table's single-column primary key, or the configured one."""
+    regclass = sql.Identifier(target.schema, target.table).as_string(conn)
+    rows = conn.execute(
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+        FROM pg_index i
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+        WHERE i.indrelid = %s::regclass AND i.indisprimary
+        """,
+        (regclass,),
+    ).fetchall()
+    if target.primary_key:
+        found = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
+            (regclass, target.primary_key),
+        ).fetchone()
+        if found is None:
+            raise SetupError(
+                f"target {target.name!r}: primary_key {target.primary_key!r} is not a column"
+                f" of {target.schema}.{target.table}"
+            )
+        return target.primary_key, found[0]
+    if len(rows) != 1:
+        raise SetupError(
+            f"target {target.name!r}: {target.schema}.{target.table} needs a single-column"
+            " primary key (or set primary_key to a unique, non-null column)"
+        )
+    return rows[0][0], rows[0][1]
+
+
+def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool = True
+               ) -> list[Slot]:
+    """The target's columns being kept filled (live first): the live one, and during a
+    migration the new one ('next') or, after a swap, the previous one ('old', kept
+    current so a rollback is instant). Empty until `pgreembed init`."""
+    rows = conn.execute(
+        """
+        SELECT s.id, s.vector_column, s.role, s.model_id, m.key, m.provider, m.name,
+               m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode, s.misconfigured
+        FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
+        WHERE s.target = %s AND s.role IN ('live', 'next', 'old')
+          AND (%s OR NOT s.paused)
+        ORDER BY s.role = 'live' DESC, s.id
+        """,
+        (target.name, include_paused),
+    ).fetchall()
+    return [
+        Slot(id=r[0], target=target, vector_column=r[1], role=r[2], model_id=r[3],
+             model_key=r[4], provider=r[5], model=r[6], dimensions=r[7], primary_key=r[8],
+             pk_type=r[9], paused=r[10], mode=r[11], misconfigured=r[12])
+        for r in rows
+    ]
+
+
+def load_slot(conn: psycopg.Connection, target: Target, slot_id: int) -> Slot:
+    for slot in load_slots(conn, target):
+        if slot.id == slot_id:
+            return slot
+    raise NotFoundError(f"target {target.name!r}: slot {slot_id} is not active")
+
+
+def mark_misconfigured(conn: psycopg.Connection, slot: Slot, reason: str) -> None:
+    """Stop dispatching for `slot`: its requests fail whatever the rows (see embedding)."""
+    conn.execute("UPDATE pgreembed.slots SET misconfigured = %s, misconfigured_at = now()"
+                 " WHERE id = %s", (reason[:2000], slot.id))
+
+
+def clear_misconfigured(conn: psycopg.Connection, target: Target) -> int:
+    """Let the target's slots be dispatched again (the operator fixed the config)."""
+    return conn.execute("UPDATE pgreembed.slots SET misconfigured = NULL,"
+                        " misconfigured_at = NULL WHERE target = %s"
+                        " AND misconfigured IS NOT NULL", (target.name,)).rowcount
+
+
+def registry_exists(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass('pgreembed.slots') IS NOT NULL").fetchone() == (True,)
+
+
+def require_initialized(conn: psycopg.Connection, targets: Iterable[Target]) -> None:
+    """Raise NotInitializedError naming every target without a live slot.
+
+    Commands that read the bookkeeping would otherwise fail with Postgres's raw
+    "relation pgreembed.slots does not exist", or silently skip a new target.
+    """
+    names = [t.name for t in targets]
+    if registry_exists(conn):
+        ready = {r[0] for r in conn.execute(
+            "SELECT target FROM pgreembed.slots WHERE role = 'live' AND target = ANY(%s)",
+            (names,)).fetchall()}
+        names = [n for n in names if n not in ready]
+    if names:
+        raise NotInitializedError(f"target(s) {', '.join(names)} not initialised:"
+                                  " run `pgreembed init` first")

