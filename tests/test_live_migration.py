@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import psycopg
 
+from pgreembed.config import load_settings
+from pgreembed.store.rows import lock_slot
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
@@ -192,3 +194,57 @@ def test_rows_failed_in_the_new_column_stop_the_swap_unless_accepted(
     with stack.connect() as conn:  # the three rows are out of search until their text changes
         assert conn.execute("SELECT count(*) FROM docs WHERE embedding IS NULL AND id IN"
                             " (5, 6, 7)").fetchone() == (3,)
+
+
+@contextmanager
+def writers_always_in_flight(stack: Stack, slot_id: int, hold: float = 0.6
+                             ) -> Iterator[dict[str, int]]:
+    """Two writers overlapping like workers on an HNSW-indexed table at scale (a batch's
+    write holds ROW EXCLUSIVE for seconds there): at every moment one holds the table.
+    They enter through the workers' own write path (`store.rows.lock_slot`)."""
+    settings = load_settings(stack.config_path, stack.env)
+    target = settings.target("docs")
+    stop = threading.Event()
+    counts = {"writes": 0}
+
+    def run(offset: float) -> None:
+        stop.wait(offset)
+        with psycopg.connect(stack.dsn) as conn:
+            while not stop.is_set():
+                assert lock_slot(conn, target, slot_id, "ROW EXCLUSIVE") is not None
+                stop.wait(hold)
+                conn.commit()
+                counts["writes"] += 1
+
+    threads = [threading.Thread(target=run, args=(i * hold / 2,), daemon=True)
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_swap_gets_its_lock_while_worker_writes_are_always_in_flight(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """With a few workers one write is always in flight: 100 ms lock attempts alone never get
+    through (the 500k-row HNSW bench gave up after 60 s); the swap holds our writers out."""
+    column = start_same_dimension_migration(stack)
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.2)
+    with stack.connect() as conn:
+        live = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'").fetchone()[0]
+    with steady_writer(stack), writers_always_in_flight(stack, live) as writes:
+        time.sleep(1.0)
+        started = time.monotonic()
+        out = stack.cli("migrate", "swap", "--target", "docs", "--json", "--lock-wait", "15",
+                        timeout=120)
+        took = time.monotonic() - started
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["step"] == "swap"
+    assert took < 15 and writes["writes"] > 3
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", NEW, 384)
+    assert_column_current(stack, column, OLD, 384)

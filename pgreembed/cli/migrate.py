@@ -30,6 +30,14 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
+def usd(amount: float) -> str:
+    """Dollars with the cents, or as many digits as a sub-cent amount needs ($0.0002)."""
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:,.2f}"
+    digits = f"{amount:.6f}".rstrip("0")
+    return "$" + (digits if len(digits.split(".")[1]) >= 2 else f"{amount:.2f}")
+
+
 def progress_line(pr: progress.Progress) -> str:
     eta = "?" if pr.eta_seconds is None else f"{pr.eta_seconds:.0f}s"
     return (f"{_bar(pr.done, pr.total)} {pr.done}/{pr.total} rows, {pr.failed} failed,"
@@ -52,9 +60,13 @@ def run(args: argparse.Namespace) -> int:
         p = plan.plan(settings, target, args.provider, args.model, args.dimensions,
                          budget=budget)
         cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
-        print(f"rows: {p.rows} ({p.rows_without_text} without text)")
-        print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,}"
-              f" ({'counted' if p.tokens_exact else 'extrapolated from a sample'})")
+        about = "~" if p.rows_estimated else ""
+        print(f"rows: {about}{p.rows} ({about}{p.rows_without_text} without text"
+              f"{'; estimated from a sample of the table' if p.rows_estimated else ''})")
+        how = ("counted" if p.tokens_exact else "extrapolated from a sample") + (
+            "" if p.tokens_counted_by_tokenizer else
+            " as UTF-8 bytes, an upper bound: no tokenizer offline (TIKTOKEN_CACHE_DIR)")
+        print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,} ({how})")
         print(f"estimated cost: {cost}")
         if p.minutes_at_rate_limit is None:
             print(f"estimated time: no rate limit configured for {args.model}"
@@ -141,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"migration {pr.migration.id} ({pr.migration.phase}"
                   f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
             print(progress_line(pr))
-            cap = "" if pr.spend_cap_usd is None else f" of a ${pr.spend_cap_usd:,.2f} cap"
+            cap = "" if pr.spend_cap_usd is None else f" of a {usd(pr.spend_cap_usd)} cap"
             print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
             if pr.paused_by == "spend_cap":
                 print("paused by the spend cap: raise it with `migrate resume --spend-cap USD`"

@@ -70,8 +70,10 @@ def start(settings: Settings, target: Target, provider: str, model: str,
             if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
                 record_budget(conn, slot.model_id, budget)
                 return slot, False  # re-run after a crash: idempotent
+            then = ("`migrate cancel` it, or swap and finalize it" if existing.phase == "filling"
+                    else "`migrate finalize` it (or roll it back first, then finalize)")
             raise MigrationError(f"target {target.name!r} already has migration {existing.id}"
-                                 f" ({existing.phase}); finish or cancel it first")
+                                 f" ({existing.phase}): {then}")
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")

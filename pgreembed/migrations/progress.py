@@ -53,7 +53,9 @@ def progress(settings: Settings, target: Target) -> Progress:
     total, done, failed, recent = (int(x) for x in row)
     rate = recent / 60.0
     left = total - done - failed
-    eta = (left / rate) if rate > 0 else (0.0 if left == 0 else None)
+    # A paused fill does not finish: no ETA (its recent rate would promise one).
+    eta = None if slot.paused and left else (
+        (left / rate) if rate > 0 else (0.0 if left == 0 else None))
     return Progress(migration, slot.vector_column, slot.model_key, total, done, failed, rate,
                     eta, slot.paused, indexes, tokens, spent, cap,
                     paused_by[0] if paused_by else None)

@@ -22,6 +22,7 @@ from pgreembed.embedding.embed import Embedded, Failed, Row
 from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
 from pgreembed.store.slots import Slot, load_slot
+from pgreembed.store.table_lock import join_writers
 
 
 def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:
@@ -49,8 +50,10 @@ def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
     Writers take ROW EXCLUSIVE, readers ACCESS SHARE. None if the slot is gone (its
     migration was cancelled or finalized).
     """
-    conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(
-        sql.Identifier(target.schema, target.table), sql.SQL(mode)))
+    table = sql.Identifier(target.schema, target.table)
+    if mode == "ROW EXCLUSIVE":
+        join_writers(conn, table)  # DDL holds writers out before it locks the table
+    conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(table, sql.SQL(mode)))
     try:
         return load_slot(conn, target, slot_id)
     except NotFoundError:

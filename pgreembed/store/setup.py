@@ -112,8 +112,12 @@ def register_live_slot(conn: psycopg.Connection, target: Target) -> Slot:
                             (target.name,)).fetchone()
     if live and live[0].model_id != model_id and migrated and migrated[0]:
         # After a migration the registry, not the config, says which model is live.
-        log.warning("target %s: config says %s but the live model is %s (migrated);"
-                    " update the config", target.name, target.model_key, live[0].model_key)
+        now = live[0]
+        log.warning("target %s: the config says %s but a migration made %s live; set"
+                    " provider = %r, model = %r, dimensions = %d, vector_column = %r in its"
+                    " [[target]] (init keeps the registry's model meanwhile)", target.name,
+                    target.model_key, now.model_key, now.provider, now.model, now.dimensions,
+                    now.vector_column)
         return live[0]
     if not live:
         conn.execute(

@@ -115,13 +115,47 @@ def idle_conflicting(found: list[Blocker], mode: str) -> list[Blocker]:
             and conflicting & set(b.mode.split("+"))]
 
 
+# Our own writers (workers, the Batch API collector) hold this advisory lock, shared, for
+# their whole write transaction; DDL takes it exclusively first. On an HNSW-indexed table a
+# worker's write holds ROW EXCLUSIVE for seconds (measured at 500k rows: 2-5 s per batch),
+# so with several workers some write is always in flight and a 100 ms attempt at ACCESS
+# EXCLUSIVE never succeeds (a swap gave up after 60 s). Holding the writers out first
+# (they wait on the advisory lock, which no query of the app touches) leaves only the
+# app's short statements to wait for.
+WRITERS_WAIT_MS = 30_000  # how long DDL waits for our writers' transactions in flight
+
+
+def _writers_key(table: sql.Composable, conn: psycopg.Connection) -> tuple[str]:
+    return (f"pgreembed.writers:{table.as_string(conn)}",)
+
+
+def join_writers(conn: psycopg.Connection, table: sql.Composable) -> None:
+    """In a writer's transaction, before it locks the table: DDL may hold writers out."""
+    conn.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))",
+                 _writers_key(table, conn))
+
+
+def hold_writers_out(conn: psycopg.Connection, table: sql.Composable,
+                     lock_timeout_ms: int) -> None:
+    """Wait (at most WRITERS_WAIT_MS) until our writers in flight commit and keep new ones
+    waiting until this transaction ends; then lock waits are short again."""
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(f"{WRITERS_WAIT_MS}ms")))
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                 _writers_key(table, conn))
+    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(f"{lock_timeout_ms}ms")))
+
+
 def run_locked(dsn: str, table: sql.Composable, step: str,
                work: Callable[[psycopg.Connection], T], policy: LockPolicy | None = None,
                *, mode: str | None = None,
                on_busy: Callable[[int, list[Blocker]], None] | None = None) -> T:
     """Run `work(conn)` in one transaction whose lock waits are short; retry while busy.
 
-    `mode` is the strongest lock `work` takes on `table`: while a session idle in a
+    Our own writers are held out first (see WRITERS_WAIT_MS), so an attempt waits only for
+    the app's statements. `mode` is the strongest lock `work` takes on `table`: while a
+    session idle in a
     transaction holds a conflicting one, no attempt is made (it would fail after stalling
     the app). `work` must be safe to run again (it is rolled back on each busy attempt).
     Raises TableBusyError naming the blockers when `policy.wait_seconds` ran out.
@@ -137,8 +171,7 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
             if not stuck:
                 attempts += 1
                 try:
-                    conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-                        sql.Literal(f"{policy.lock_timeout_ms}ms")))
+                    hold_writers_out(conn, table, policy.lock_timeout_ms)
                     result = work(conn)
                     conn.commit()
                     return result

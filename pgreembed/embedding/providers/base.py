@@ -24,6 +24,11 @@ class Provider(Protocol):
     max_batch_inputs: int
     max_batch_tokens: int
 
+    @property
+    def counts_exactly(self) -> bool:
+        """True when `count_tokens` runs the model's tokenizer, not an upper bound."""
+        ...
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token counts (an upper bound is fine when the real tokenizer is unavailable)."""
         ...

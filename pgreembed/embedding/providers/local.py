@@ -87,6 +87,10 @@ class LocalMiniLM:
             self._input_names = {i.name for i in self._session.get_inputs()}
             self._counter, self._tokenizer = counter, tokenizer
 
+    @property
+    def counts_exactly(self) -> bool:
+        return True  # the model's own tokenizer
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         self._load()
         return [len(e.ids) for e in self._counter.encode_batch(list(texts))]

@@ -137,6 +137,10 @@ class OpenAIProvider:
         log.warning("provider: %s; retry %d in %.1fs", _describe(exc) if exc else "?",
                     state.attempt_number, delay)
 
+    @property
+    def counts_exactly(self) -> bool:
+        return self._tokens.exact
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return self._tokens.count(texts)
 

@@ -95,9 +95,16 @@ class ColumnChecks(DoctorBase):
         slot = live[0]
         live_where = f"{target.schema}.{target.table}.{slot.vector_column}"
         if slot.vector_column != target.vector_column or slot.model_key != target.model_key:
+            migrated = self.conn.execute(
+                "SELECT count(*) FROM pgreembed.migrations WHERE target = %s AND phase IN"
+                " ('swapped', 'rolled_back', 'finalized')", (target.name,)).fetchone()
+            advice = (f"a migration made it live: set provider = {slot.provider!r}, model ="
+                      f" {slot.model!r}, dimensions = {slot.dimensions}, vector_column ="
+                      f" {slot.vector_column!r} in the config" if migrated and migrated[0]
+                      else "run `pgreembed init` to re-embed in place with the config's model")
             self.add(WARN, target.name, "models", f"the live column is {live_where}"
                      f" ({slot.model_key}) but the config says {where} ({target.model_key}):"
-                     " run `pgreembed init` (or finish the migration)")
+                     f" {advice}")
         if self.conn.execute("SELECT to_regclass(%s)", (slot.state_table.as_string(self.conn),)
                              ).fetchone() in (None, (None,)):
             self.add(WARN, target.name, "models", f"state table of {live_where} is missing:"

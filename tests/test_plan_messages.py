@@ -1,0 +1,96 @@
+"""What operators read: `migrate plan` at scale and its blockers, paused ETAs, sub-cent caps,
+advice after a migration (issue 14's list of wrong or missing messages)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pgreembed.cli.migrate import usd
+from pgreembed.config import load_settings
+from pgreembed.migrations import plan as plan_module
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from tests.helpers import Stack, migrate, seed, wait_filled
+
+
+def plan_of(stack: Stack, *args: str) -> tuple[int, str, str]:
+    out = stack.cli("migrate", "plan", "--target", "docs", *args)
+    return out.returncode, out.stdout, out.stderr
+
+
+def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack) -> None:
+    seed(stack, 10)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('', '   '), (NULL, NULL)")
+    assert stack.cli("init").returncode == 0
+    code, out, _ = plan_of(stack, "--provider", "local", "--model", "x", "--dimensions", "512")
+    assert code == 1
+    assert "BLOCKER: the local model produces 384 dimensions" in out
+    # Rows without text hold no vector in either column: a note, not a blocker (the swap
+    # waits only for rows that would stop being searchable).
+    code, out, _ = plan_of(stack, "--model", "fake-768", "--dimensions", "768")
+    assert code == 0, out
+    assert "note: 2 rows have no text" in out and "BLOCKER" not in out
+    assert "rows: 12 (2 without text)" in out
+    assert "as UTF-8 bytes, an upper bound" in out  # no tiktoken encoding for fake-768
+    migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    code, out, _ = plan_of(stack, "--model", "fake-1024", "--dimensions", "1024")
+    assert code == 1
+    assert "BLOCKER: migration 1 of 'docs' is open (filling)" in out
+
+
+def test_plan_counts_a_sample_of_a_big_table(stack: Stack, monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
+    seed(stack, 3000)
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET title = NULL, body = NULL WHERE id % 10 = 0")
+        conn.execute("ANALYZE docs")
+    assert stack.cli("init").returncode == 0
+    monkeypatch.setattr(plan_module, "EXACT_COUNT_ROWS", 1000)  # 3000 rows is "big" here
+    monkeypatch.setattr(plan_module, "SAMPLE_ROWS", 1500)
+    settings = load_settings(stack.config_path, stack.env)
+    found = plan_module.plan(settings, settings.target("docs"), "openai", "fake-768", 768)
+    assert found.rows_estimated and not found.tokens_exact
+    assert found.rows == 3000  # the planner's estimate after ANALYZE
+    assert 150 <= found.rows_without_text <= 450  # ~10%, from the sampled pages
+
+
+def test_paused_migration_has_no_eta_and_small_caps_keep_their_digits(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    seed(stack, 40)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    fake_openai.set_faults(slow_model="text-embedding-3-small", slow_model_latency=5.0)
+    migrate(stack, "start", "--model", "text-embedding-3-small", "--dimensions", "384",
+            "--spend-cap", "0.0002")
+    migrate(stack, "pause")
+    status = json.loads(migrate(stack, "status", "--json"))
+    assert status["paused"] and status["eta_seconds"] is None
+    text = migrate(stack, "status")
+    assert "of a $0.0002 cap" in text and "ETA ?" in text
+    assert [usd(x) for x in (0.0002, 0.00015, 0.5, 1234.5, 0)] == [
+        "$0.0002", "$0.00015", "$0.50", "$1,234.50", "$0.00"]
+
+
+def test_advice_after_a_migration_names_the_config_to_write(stack: Stack) -> None:
+    seed(stack, 12)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    out = migrate(stack, "start", "--model", "fake-alt-384", "--dimensions", "384")
+    column = out.split("column ")[1].split(" ")[0]
+    wait_filled(stack, column)
+    migrate(stack, "swap")
+    again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
+                      "--dimensions", "768")
+    assert again.returncode == 1
+    assert "(swapped): `migrate finalize` it" in again.stderr
+    migrate(stack, "finalize")
+    doctor = json.loads(stack.cli("doctor", "--json").stdout)
+    models = [f for f in doctor if f["check"] == "models"]
+    assert any("a migration made it live: set provider = 'openai', model = 'fake-alt-384',"
+               " dimensions = 384" in f["message"] for f in models), models
