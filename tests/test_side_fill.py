@@ -207,3 +207,27 @@ def test_init_after_a_model_change_fills_a_side_column(
     assert vector_columns(stack) == {"embedding"}
     assert ann_index(stack)[1:] == ("docs_embedding_idx", True)
     assert_column_current(stack, "embedding", NEW, 384)
+
+
+def test_a_cron_tick_takes_the_side_fill_through_to_the_swap(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """Without a scheduler process, `tick --wait` starts, fills, indexes and swaps; the next
+    tick after the grace period drops the previous column."""
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
+                                                worker_extra=SIDE_FILL))
+    seed(stack, 60)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    seed(stack, 300)
+    result = stack.cli("tick", "--wait", "--timeout", "120", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [m[:2] for m in migrations(stack)] == [("backlog", "swapped")]
+    wait_for(lambda: stack.cli("tick").returncode == 0 and migrations(stack)[0][1] == "finalized",
+             timeout=30, interval=1.0, message="finalized after the grace period")
+    assert vector_columns(stack) == {"embedding"}
+    assert ann_index(stack)[1:] == ("docs_embedding_idx", True)
+    assert_column_current(stack, "embedding", OLD, 384)
