@@ -22,8 +22,8 @@ SIDE_FILL_KEYS = ("enabled", "min_rows", "min_share", "grace_seconds", "maintena
 class SideFillSettings:
     enabled: bool = True
     # A side fill starts when the live column's backlog exceeds both of these.
-    min_rows: int = 2000
-    min_share: float = 0.25
+    min_rows: int = 1000
+    min_share: float = 0.4
     # After the swap, the previous column is kept this long (rollback), then dropped.
     grace_seconds: float = 600.0
     # Upper bound for the index build's maintenance_work_mem (it is sized to the index).
@@ -45,8 +45,8 @@ def parse_side_fill(raw: Mapping[str, Any]) -> SideFillSettings:
         value = raw.get(key, getattr(defaults, key))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (
                 kind is int and not isinstance(value, int)) or value < low:
-            raise ConfigError(f"side_fill.{key}: must be a {kind.__name__} >= {low:g},"
-                              f" got {value!r}")
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"side_fill.{key}: must be {what} >= {low:g}, got {value!r}")
         return kind(value)
 
     enabled = raw.get("enabled", True)

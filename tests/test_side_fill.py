@@ -15,7 +15,10 @@ from contextlib import contextmanager
 
 import numpy as np
 import psycopg
+import pytest
 
+from pgreembed.config import parse_settings
+from pgreembed.errors import ConfigError
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
 from tests.helpers import (
@@ -231,3 +234,24 @@ def test_a_cron_tick_takes_the_side_fill_through_to_the_swap(
     assert vector_columns(stack) == {"embedding"}
     assert ann_index(stack)[1:] == ("docs_embedding_idx", True)
     assert_column_current(stack, "embedding", OLD, 384)
+
+
+TARGET = {"name": "docs", "table": "docs", "text_column": "body", "provider": "local",
+          "vector_column": "embedding", "model": "all-MiniLM-L6-v2-onnx-int8",
+          "dimensions": 384}
+
+
+def test_side_fill_settings_default_and_errors_name_the_field() -> None:
+    env = {"DATABASE_URL": "postgresql://localhost/db"}
+    defaults = parse_settings({"target": [TARGET]}, env).side_fill
+    assert (defaults.min_rows, defaults.min_share, defaults.enabled) == (1000, 0.4, True)
+    assert defaults.threshold(100) == 1000 and defaults.threshold(1_000_000) == 400_000
+    tuned = parse_settings({"target": [TARGET], "side_fill": {
+        "min_rows": 10, "min_share": 0.5, "parallel_workers": 0}}, env).side_fill
+    assert (tuned.threshold(100), tuned.parallel_workers) == (50, 0)
+    for section, message in (({"min_rows": "many"}, "side_fill.min_rows: must be an integer >= 1"),
+                             ({"min_share": -1}, "side_fill.min_share: must be a number >= 0"),
+                             ({"enabled": "yes"}, "side_fill.enabled: must be true or false"),
+                             ({"min_row": 5}, "min_rows")):
+        with pytest.raises(ConfigError, match=message):
+            parse_settings({"target": [TARGET], "side_fill": section}, env)
