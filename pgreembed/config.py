@@ -21,6 +21,7 @@ from pgreembed.distances import canonical_distance
 from pgreembed.errors import ConfigError
 from pgreembed.model_keys import model_key
 from pgreembed.redact import register_configured_secrets
+from pgreembed.side_fill_config import SIDE_FILL_KEYS, SideFillSettings, parse_side_fill
 
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
@@ -106,6 +107,7 @@ class Settings:
     extra: Mapping[str, Any] = field(default_factory=dict)
     # `[rate_limits."<model>"]`: budgets of openai models, whichever column they fill.
     rate_limits: Mapping[str, Budget] = field(default_factory=dict)
+    side_fill: SideFillSettings = field(default_factory=SideFillSettings)  # [side_fill]
 
     def target(self, name: str) -> Target:
         try:
@@ -116,7 +118,8 @@ class Settings:
 
 
 # Every key a section may hold: anything else is a typo, refused with the nearest name.
-TOP_LEVEL_KEYS = ("target", "defaults", "worker", "rate_limits", "database_url", "redis_url")
+TOP_LEVEL_KEYS = ("target", "defaults", "worker", "rate_limits", "database_url", "redis_url",
+                  "side_fill")
 TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
@@ -313,6 +316,9 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
     if not isinstance(worker, Mapping):
         raise ConfigError("worker: must be a table ([worker])")
     reject_unknown(worker, WORKER_KEYS, "worker")
+    if not isinstance(side_fill := document.get("side_fill", {}), Mapping):
+        raise ConfigError("side_fill: must be a table ([side_fill])")
+    reject_unknown(side_fill, SIDE_FILL_KEYS, "side_fill")
     database_url = env.get("DATABASE_URL") or document.get("database_url")
     if not database_url:
         raise ConfigError("DATABASE_URL: not set (environment variable or database_url in config)")
@@ -346,6 +352,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         maintenance_chance=_env_int(env, "PGREEMBED_MAINTENANCE_CHANCE", 100_000),
         config_path=config_path,
         rate_limits=parse_rate_limits(document.get("rate_limits", {})),
+        side_fill=parse_side_fill(side_fill),
     )
 
 

@@ -20,7 +20,8 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from pgreembed.config import Settings
-from pgreembed.errors import DatabaseError
+from pgreembed.errors import DatabaseError, PgreembedError
+from pgreembed.migrations.side_fill import advance
 from pgreembed.operations.metrics import serve_scheduler_metrics
 from pgreembed.queue.contract import Sender
 from pgreembed.store.pool import connect
@@ -31,6 +32,7 @@ from scheduler.notify import Listener
 log = logging.getLogger(__name__)
 
 JOB_ID = "pgreembed-dispatch"
+SIDE_FILL_JOB_ID = "pgreembed-side-fill"
 
 
 class SchedulerService:
@@ -98,6 +100,18 @@ class SchedulerService:
             log.info("enqueued %d rows in %d batches", report.enqueued_rows, report.batches)
         return True
 
+    def side_fills(self) -> None:
+        """The leader's other job (its own thread: an index build takes minutes while
+        dispatch goes on): start, or take one step further, each target's side fill."""
+        if not self.leadership.is_leader:
+            return
+        for target in self.settings.targets.values():
+            try:
+                advance(self.settings, target)
+            except (psycopg.Error, PgreembedError, redis.RedisError) as exc:
+                log.warning("side fill of %s: %s: %s; retrying next tick", target.name,
+                            type(exc).__name__, exc)
+
     def _drop_connection(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
@@ -109,6 +123,9 @@ class SchedulerService:
         self.scheduler.add_job(self.dispatch, "interval", id=JOB_ID,
                                seconds=self.settings.poll_interval, max_instances=1,
                                coalesce=True, next_run_time=datetime.now(UTC))
+        self.scheduler.add_job(self.side_fills, "interval", id=SIDE_FILL_JOB_ID,
+                               seconds=max(1.0, self.settings.poll_interval), max_instances=1,
+                               coalesce=True)
         self.listener.start()
         serve_scheduler_metrics(self.settings)
 

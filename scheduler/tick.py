@@ -17,6 +17,8 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings
+from pgreembed.errors import PgreembedError
+from pgreembed.migrations.side_fill import advance
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import Sender
 from pgreembed.store.pool import connect
@@ -52,6 +54,18 @@ def _finish(settings: Settings, conn: psycopg.Connection) -> int:
     return EXIT_MISCONFIGURED if bad else EXIT_OK
 
 
+def _advance_side_fills(settings: Settings) -> bool:
+    """Each target's side fill one step further (started, copied, indexed, swapped,
+    finalized); True if one moved. Cron-only deployments have no scheduler to do it."""
+    moved = False
+    for target in settings.targets.values():
+        try:
+            moved = advance(settings, target) is not None or moved
+        except (psycopg.Error, PgreembedError) as exc:
+            log.warning("side fill of %s: %s: %s", target.name, type(exc).__name__, exc)
+    return moved
+
+
 def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
              send: Sender | None = None) -> int:
     client = redis.Redis.from_url(settings.redis_url)
@@ -59,9 +73,9 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
     deadline = time.monotonic() + timeout
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())
-        slot_ids = [s.id for t in settings.targets.values() for s in load_slots(conn, t)]
         conn.commit()
         while True:
+            moved = _advance_side_fills(settings)
             report = dispatcher.run_pass(conn, limit_in_flight=False)
             print(f"tick: enqueued {report.enqueued_rows} rows in {report.batches} batches"
                   f" ({report.skipped_in_flight} already in flight)", flush=True)
@@ -69,10 +83,12 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
                 return _finish(settings, conn)
             # Wait for the workers, then sweep again: rows whose text changed while in
             # flight are pending again and must be done before we call it finished.
+            slot_ids = [s.id for t in settings.targets.values() for s in load_slots(conn, t)]
+            conn.commit()  # a side fill adds and removes columns between passes
             while (left := _in_flight(settings, client, slot_ids)) > 0:
                 if time.monotonic() > deadline:
                     print(f"tick: timed out with {left} rows still in flight", flush=True)
                     return EXIT_TIMEOUT
                 time.sleep(0.2)
-            if report.enqueued_rows == 0 and report.skipped_in_flight == 0:
+            if report.enqueued_rows == 0 and report.skipped_in_flight == 0 and not moved:
                 return _finish(settings, conn)

@@ -28,11 +28,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from pgreembed.migrations.side_fill import route_model_change
     from pgreembed.store.setup import init_target
 
     settings = _settings(args)
     names = [args.target] if args.target else list(settings.targets)
     for name in names:
+        routed = route_model_change(settings, settings.target(name))
+        if routed is not None:
+            slot, plan = routed
+            cost = "unknown" if plan.cost_usd is None else f"${plan.cost_usd:.4f}"
+            print(f"init: target {name}: the model changed to {slot.model_key}: {plan.rows}"
+                  f" rows are re-embedded into the side column {slot.vector_column}"
+                  f" (~{plan.tokens} tokens, {cost}); search keeps the current model until"
+                  " the scheduler swaps it in (`pgreembed status` shows the path)")
         slot = init_target(settings.database_url, settings.target(name),
                            LockPolicy(wait_seconds=args.lock_wait))
         print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
@@ -59,16 +68,24 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     from pgreembed.cli.migrate import progress_line
     from pgreembed.migrations.progress import progress
+    from pgreembed.migrations.side_fill import current
 
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())
         rows = collect(conn, settings, client, exact=exact)
+        fills = {name: current(conn, settings.target(name)) for name in {r.target for r in rows}}
+        conn.rollback()
     # A second column ('next' while filling, 'old' after a swap) means an open migration.
     migrations = {name: progress(settings, settings.target(name))
                   for name in {r.target for r in rows if r.role != "live"}}
     if as_json:
         out = [r.as_dict() for r in rows]
         for item in out:
+            fill = fills.get(str(item["target"]))
+            item["path"] = "side" if fill else "direct"
+            item["side_fill"] = None if fill is None else {
+                "migration": fill.migration_id, "reason": fill.reason, "step": fill.step,
+                "column": fill.column}
             found = migrations.get(str(item["target"]))
             if found and item["role"] != "live":
                 item["migration"] = {"id": found.migration.id, "phase": found.migration.phase,
@@ -96,6 +113,9 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         if r.misconfigured:
             print(f"MISCONFIGURED {r.target}.{r.column} ({r.model}): {r.misconfigured}."
                   " Nothing is sent for it; fix the config, then run `pgreembed init`")
+    for name, fill in sorted(fills.items()):
+        print(f"path of {name}: " + ("direct" if fill is None else
+              f"side column {fill.column} ({fill.reason}: {fill.step})"))
     for name, found in migrations.items():
         print(f"migration of {name}: {progress_line(found)}")
 

@@ -36,7 +36,8 @@ def index_defaults(conn: psycopg.Connection, live: Slot, method: str | None = No
 
 def build_index(settings: Settings, target: Target, method: str | None = None,
                 distance: str | None = None, m: int = 16, ef_construction: int = 64,
-                lists: int | None = None, maintenance_work_mem: str = "512MB") -> str:
+                lists: int | None = None, maintenance_work_mem: str = "512MB",
+                parallel_workers: int | None = None) -> str:
     """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first.
 
     Method and distance default to the live column's ANN index, so the app's queries
@@ -73,6 +74,9 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
             raise MigrationError(f"index method must be hnsw or ivfflat, got {method!r}")
         conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
             sql.Literal(maintenance_work_mem)))
+        if parallel_workers is not None:
+            conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
+                sql.Literal(parallel_workers)))
         conn.execute(sql.SQL(
             "CREATE INDEX CONCURRENTLY {name} ON {table} USING {method} ({column} {opclass})"
             " {params}").format(name=sql.Identifier(name), table=slot.table,

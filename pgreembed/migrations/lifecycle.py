@@ -43,11 +43,20 @@ from pgreembed.store.versions import INIT_LOCK
 
 log = logging.getLogger(__name__)
 
+BACKLOG = "backlog"  # auto_reason of a side fill of the live model
+SIDE_FILL = "side_fill"  # paused_by of the columns a side fill holds back
+
 
 def start(settings: Settings, target: Target, provider: str, model: str,
           dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
-          budget: Budget | None = None, policy: LockPolicy | None = None) -> Slot:
+          budget: Budget | None = None, policy: LockPolicy | None = None,
+          auto_reason: str | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
+
+    `auto_reason` marks a side fill that pgreembed itself started and finishes
+    (migrations.side_fill): 'model_change', or 'backlog', a column of the live model
+    whose filling waits (paused) until the vectors already paid for are copied into it,
+    while the live column is paused so the backlog is not written into its index.
 
     With a spend cap, the migration pauses once the tokens sent for the new column
     cost that much (at the model's list price). A budget is recorded for the new
@@ -77,7 +86,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
-        if live.model_key == new_target.model_key:
+        if live.model_key == new_target.model_key and auto_reason != BACKLOG:
             raise MigrationError(f"target {target.name!r} already uses {live.model_key}")
         model_id = ensure_model(conn, new_target)
         record_budget(conn, model_id, budget)
@@ -86,10 +95,13 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         row = conn.execute(
             """
             INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
-                                         primary_key, pk_type, role, model_id, mode)
-            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s) RETURNING id
+                                         primary_key, pk_type, role, model_id, mode, paused,
+                                         paused_by)
+            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s, %s, %s) RETURNING id
             """, (target.name, target.schema, target.table, column, live.primary_key,
-                  live.pk_type, model_id, "batch" if batch_api else "queue")).fetchone()
+                  live.pk_type, model_id, "batch" if batch_api else "queue",
+                  auto_reason == BACKLOG, SIDE_FILL if auto_reason == BACKLOG else None)
+        ).fetchone()
         assert row is not None
         price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
         if batch_api:
@@ -99,8 +111,14 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                                  " enforced")
         conn.execute(
             "INSERT INTO pgreembed.migrations (target, from_slot, to_slot, phase,"
-            " spend_cap_usd, price_per_mtoken) VALUES (%s, %s, %s, 'filling', %s, %s)",
-            (target.name, live.id, row[0], spend_cap_usd, price))
+            " spend_cap_usd, price_per_mtoken, auto_reason, auto_step)"
+            " VALUES (%s, %s, %s, 'filling', %s, %s, %s, %s)",
+            (target.name, live.id, row[0], spend_cap_usd, price, auto_reason,
+             None if auto_reason is None else "copying" if auto_reason == BACKLOG
+             else "filling"))
+        if auto_reason == BACKLOG:
+            conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s"
+                         " WHERE id = %s", (SIDE_FILL, live.id))
         slots = load_slots(conn, target)
         new_slot = next(s for s in slots if s.id == row[0])
         create_state_table(conn, new_slot)
@@ -192,6 +210,9 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None)
         migration = _require_open(conn, target, "filling")
         slot = _slots_by_id(conn, target)[migration.to_slot]
         _drop_slot(conn, target, slot)
+        # A side fill held the live column back: it is filled directly again.
+        conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                     " WHERE id = %s AND paused_by = %s", (migration.from_slot, SIDE_FILL))
         conn.execute("UPDATE pgreembed.migrations SET phase = 'cancelled', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 

@@ -143,6 +143,13 @@ ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS requests_per_minute intege
 ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS tokens_per_minute integer;
 """
 
+# Side fills (pgreembed.migrations.side_fill): a migration pgreembed started by itself
+# (why: 'backlog' or 'model_change') and the step it is at, which the scheduler drives.
+V2_SIDE_FILL = """
+ALTER TABLE pgreembed.migrations ADD COLUMN auto_reason text;
+ALTER TABLE pgreembed.migrations ADD COLUMN auto_step text;
+"""
+
 # Replaced at every `init` (no data in them): what the application reads to know which
 # column and model are live, and the NOTIFY the app table's trigger calls.
 REPEATABLE = """

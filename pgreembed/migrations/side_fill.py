@@ -1,0 +1,239 @@
+"""Side fills: a big backlog of an indexed live column goes through a side column.
+
+Writing into a column with an HNSW index is ~90x slower than into one without (DESIGN.md),
+so past a measured crossover (`[side_fill]`, bench/side_fill_crossover.py) a backlog is
+a migration to the SAME model that pgreembed starts and finishes by itself, through the
+ordinary migration lifecycle:
+
+    start (lifecycle.start, auto_reason 'backlog'; the live column is paused)
+    copying   the vectors already paid for are copied into the side column
+    filling   the scheduler and workers fill it like any migration's new column
+    indexing  CREATE INDEX CONCURRENTLY (migrations.index), sized to the machine
+    swapping  migrations.swap: waits as the runbook says, one short transaction
+    swapped   the previous column is kept `grace_seconds` for a rollback, then finalized.
+
+A model change that `init` finds (route_model_change) is the same machine with
+auto_reason 'model_change', starting at 'filling': search keeps the old model until the
+swap and never mixes the two. The scheduler calls `advance` for every target.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import psycopg
+
+from pgreembed.config import Settings, Target
+from pgreembed.errors import MigrationError
+from pgreembed.migrations.index import build_index, column_indexes
+from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, finalize, start
+from pgreembed.migrations.plan import Plan, plan
+from pgreembed.migrations.state import _slots_by_id
+from pgreembed.migrations.swap import DEFAULT_MAX_UNSEARCHABLE, swap
+from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page, estimated_rows
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import Slot, load_slots, registry_exists
+from pgreembed.store.versions import current_version, upgrade
+
+log = logging.getLogger(__name__)
+
+MODEL_CHANGE = "model_change"
+COPY_PAGE_ROWS = 5000
+SIDE_FILL_VERSION = 2  # the bookkeeping version that records side fills
+
+
+@dataclass(frozen=True)
+class SideFill:
+    """A side fill in progress: why, where it is, and the column being filled."""
+
+    migration_id: int
+    reason: str
+    step: str
+    phase: str
+    from_slot: int
+    to_slot: int
+    column: str
+    swapped_at: datetime | None
+
+
+def current(conn: psycopg.Connection, target: Target) -> SideFill | None:
+    if current_version(conn) < SIDE_FILL_VERSION:
+        return None  # not upgraded by `init` yet: no side fill can exist
+    row = conn.execute(
+        "SELECT m.id, m.auto_reason, m.auto_step, m.phase, m.from_slot, m.to_slot,"
+        " s.vector_column, m.swapped_at FROM pgreembed.migrations m"
+        " JOIN pgreembed.slots s ON s.id = m.to_slot WHERE m.target = %s"
+        " AND m.phase IN ('filling', 'swapped', 'rolled_back') AND m.auto_reason IS NOT NULL",
+        (target.name,)).fetchone()
+    return None if row is None else SideFill(*row)
+
+
+def _set_step(conn: psycopg.Connection, fill: SideFill, step: str) -> None:
+    conn.execute("UPDATE pgreembed.migrations SET auto_step = %s WHERE id = %s",
+                 (step, fill.migration_id))
+    log.info("side fill %d (%s, column %s): %s", fill.migration_id, fill.reason, fill.column,
+             step)
+
+
+def finish_rows(settings: Settings) -> int:
+    """Pending rows of the side column at which its index is built: what is left then is a
+    small inflow, which the direct path handles."""
+    return max(DEFAULT_MAX_UNSEARCHABLE, settings.side_fill.min_rows // 10)
+
+
+def backlog_threshold(conn: psycopg.Connection, settings: Settings, live: Slot) -> int:
+    return settings.side_fill.threshold(estimated_rows(conn, live) or 0)
+
+
+def should_start(conn: psycopg.Connection, settings: Settings, live: Slot) -> int | None:
+    """The live column's backlog when it should go side by side (indexed, over the
+    threshold), else None."""
+    if live.misconfigured or live.mode != "queue" or live.paused:
+        return None
+    if not any(i.valid and i.distance for i in column_indexes(conn, live)):
+        return None  # no ANN index: writing directly is already the fast path
+    threshold = backlog_threshold(conn, settings, live)
+    backlog = backlog_at_least(conn, live, threshold + 1)
+    return backlog if backlog > threshold else None
+
+
+def advance(settings: Settings, target: Target) -> str | None:
+    """Take the target's side fill one step further (or start one); what was done."""
+    if not settings.side_fill.enabled:
+        return None
+    with connect(settings.database_url, autocommit=True) as conn:
+        fill = current(conn, target)
+        if fill is None:
+            live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+            if live is None or current_version(conn) < SIDE_FILL_VERSION:
+                return None
+            backlog = should_start(conn, settings, live)
+            if backlog is None or _open_migration(conn, target):
+                return None
+            log.info("target %s: %s rows pending in the indexed column %s: filling a side"
+                     " column", target.name, f"{backlog}+", live.vector_column)
+            start(settings, target, live.provider, live.model, live.dimensions,
+                  auto_reason=BACKLOG)
+            return "started"
+        if fill.step == "copying":
+            return _copy(conn, target, fill)
+        if fill.step == "filling":
+            return _maybe_index(conn, settings, target, fill)
+        if fill.step in ("indexing", "swapping"):
+            return _swap(conn, settings, target, fill)
+        if fill.phase == "swapped" and fill.swapped_at is not None:
+            return _maybe_finalize(conn, settings, target, fill)
+    return None
+
+
+def _open_migration(conn: psycopg.Connection, target: Target) -> bool:
+    return conn.execute("SELECT 1 FROM pgreembed.migrations WHERE target = %s AND phase IN"
+                        " ('filling', 'swapped', 'rolled_back')", (target.name,)
+                        ).fetchone() is not None
+
+
+def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
+    """Vectors of the live model already paid for go into the side column (no second
+    purchase), then the side column is let to fill."""
+    slots = _slots_by_id(conn, target)
+    source, side = slots[fill.from_slot], slots[fill.to_slot]
+    after, copied = None, 0
+    while True:
+        after, count = copy_page(conn, source, side, after, COPY_PAGE_ROWS)
+        copied += count
+        if after is None:
+            break
+    conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL WHERE id = %s"
+                 " AND paused_by = %s", (side.id, SIDE_FILL))
+    log.info("side fill %d: %d vectors copied into %s", fill.migration_id, copied,
+             side.vector_column)
+    _set_step(conn, fill, "filling")
+    return "copied"
+
+
+def _maybe_index(conn: psycopg.Connection, settings: Settings, target: Target,
+                 fill: SideFill) -> str | None:
+    side = _slots_by_id(conn, target)[fill.to_slot]
+    limit = finish_rows(settings)
+    if backlog_at_least(conn, side, limit + 1) > limit:
+        return None
+    _set_step(conn, fill, "indexing")
+    rows = estimated_rows(conn, side) or 0
+    memory, workers = build_settings(conn, rows, side.dimensions,
+                                     settings.side_fill.maintenance_work_mem,
+                                     settings.side_fill.parallel_workers)
+    log.info("side fill %d: CREATE INDEX CONCURRENTLY on %s (~%d rows, maintenance_work_mem"
+             " %s, %d parallel workers)", fill.migration_id, side.vector_column, rows, memory,
+             workers)
+    build_index(settings, target, maintenance_work_mem=memory, parallel_workers=workers)
+    _set_step(conn, fill, "swapping")
+    return "indexed"
+
+
+def _swap(conn: psycopg.Connection, settings: Settings, target: Target,
+          fill: SideFill) -> str | None:
+    if fill.step == "indexing":  # a build interrupted (crash): build_index resumes it
+        return _maybe_index(conn, settings, target, fill)
+    try:
+        result = swap(settings, target, catch_up_timeout=10.0)
+    except MigrationError as exc:
+        log.warning("side fill %d: not swapped yet: %s", fill.migration_id, exc)
+        return None
+    log.info("side fill %d: swapped in %d attempt(s), table locked %.3f s, %d rows left to"
+             " embed", fill.migration_id, result.attempts, result.pause_seconds,
+             result.unsearchable)
+    _set_step(conn, fill, "swapped")
+    return "swapped"
+
+
+def _maybe_finalize(conn: psycopg.Connection, settings: Settings, target: Target,
+                    fill: SideFill) -> str | None:
+    row = conn.execute("SELECT now() - %s > make_interval(secs => %s)",
+                       (fill.swapped_at, settings.side_fill.grace_seconds)).fetchone()
+    if not row or not row[0]:
+        return None
+    finalize(settings, target)
+    log.info("side fill %d finished: the previous column is dropped", fill.migration_id)
+    return "finalized"
+
+
+def model_change(conn: psycopg.Connection, target: Target) -> Slot | None:
+    """The live slot when the config names another model of the same size than the
+    live one (and it is not a config left behind by a migration), else None."""
+    live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+    if live is None or live.model_key == target.model_key or (
+            live.dimensions != target.dimensions) or _open_migration(conn, target):
+        return None
+    left_behind = conn.execute(
+        "SELECT mo.key FROM pgreembed.migrations m JOIN pgreembed.slots f ON f.id = m.from_slot"
+        " JOIN pgreembed.models mo ON mo.id = f.model_id WHERE m.target = %s AND m.phase IN"
+        " ('swapped', 'finalized') ORDER BY m.id DESC LIMIT 1", (target.name,)).fetchone()
+    return None if left_behind and left_behind[0] == target.model_key else live
+
+
+def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] | None:
+    """At `init`: a same-size model change of a table over `min_rows` rows (or of one that
+    was migrated before, where `init` never changes the model in place) becomes a side
+    fill to the new model instead of an in-place re-embed that would leave search mixing
+    both models for hours. Returns the new column's slot and the plan (cost) it was
+    started with; None when the change (if any) stays in place."""
+    with connect(settings.database_url) as conn:
+        if not registry_exists(conn):
+            return None
+        upgrade(conn, repeatable=False)  # side fills need version 2
+        conn.commit()
+        live = model_change(conn, target)
+        if live is None:
+            return None
+        rows = estimated_rows(conn, live) or 0
+        migrated = conn.execute("SELECT count(*) FROM pgreembed.migrations WHERE target = %s",
+                                (target.name,)).fetchone()
+        conn.rollback()
+    if rows <= settings.side_fill.min_rows and not (migrated and migrated[0]):
+        return None
+    estimate = plan(settings, target, target.provider, target.model, target.dimensions)
+    slot = start(settings, target, target.provider, target.model, target.dimensions,
+                 auto_reason=MODEL_CHANGE)
+    return slot, estimate

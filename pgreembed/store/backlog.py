@@ -1,0 +1,109 @@
+"""How big a column's backlog is, cheaply, and copying vectors a side column can reuse.
+
+Both serve the side fill (pgreembed.migrations.side_fill): the decision reads only the
+partial pending index and the state table's (model, pk) index, stopping at the
+threshold; the copy walks the table by primary key in short transactions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.store.slots import Slot
+
+
+def estimated_rows(conn: psycopg.Connection, slot: Slot) -> int | None:
+    """The app table's live row count from Postgres's statistics: the cumulative stats
+    counter (`n_live_tup`, which follows inserts and deletes within a second), else the
+    estimate of the last ANALYZE or vacuum (after a crash reset the counters); None if
+    neither exists yet. Not pages times rows per page: the embedding UPDATEs leave dead
+    tuples behind that would count as rows until a vacuum."""
+    row = conn.execute(
+        """
+        SELECT CASE WHEN pg_stat_get_live_tuples(oid) > 0 THEN pg_stat_get_live_tuples(oid)
+                    WHEN reltuples >= 0 THEN reltuples END
+        FROM pg_class WHERE oid = %s::regclass
+        """, (slot.table.as_string(conn),)).fetchone()
+    return None if row is None or row[0] is None else round(row[0])
+
+
+def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
+    """Rows the slot would embed (no vector, or another model's), counted up to `limit`:
+    the answer is exact below it and `limit` at or above it, so a huge backlog costs no
+    more than a small one."""
+    row = conn.execute(sql.SQL(
+        """
+        SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {vector} IS NULL
+                                      LIMIT %(limit)s) m)
+             + (SELECT count(*) FROM (SELECT 1 FROM {state} s JOIN {table} a
+                                      ON a.{pk} = s.pgr_pk
+                                      WHERE s.pgr_model_id <> %(model)s
+                                        AND a.{vector} IS NOT NULL LIMIT %(limit)s) o)
+        """).format(table=slot.table, vector=slot.vector, state=slot.state_table, pk=slot.pk),
+        {"limit": limit, "model": slot.model_id}).fetchone()
+    return min(limit, int(row[0])) if row else 0
+
+
+def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
+              limit: int) -> tuple[Any, int]:
+    """Copy into `side` the vectors of `source` that are of `side`'s model and of the row's
+    current text, for the `limit` rows after key `after` (None: from the start), with
+    their state rows; one transaction. Returns (last key of the page or None at the end,
+    rows copied). A row edited meanwhile has its vector cleared by the trigger, so the
+    `IS NOT NULL` and hash conditions (re-checked on the new row version) skip it."""
+    bound = sql.SQL("{} > %(after)s").format(sql.Identifier("a", source.primary_key)) \
+        if after is not None else sql.SQL("TRUE")
+    with conn.transaction():
+        last = conn.execute(sql.SQL(
+            "SELECT max(k) FROM (SELECT a.{pk} AS k FROM {table} a WHERE {bound}"
+            " ORDER BY a.{pk} LIMIT %(limit)s) p").format(
+                pk=source.pk, table=source.table, bound=bound),
+            {"after": after, "limit": limit}).fetchone()
+        if last is None or last[0] is None:
+            return None, 0
+        copied = conn.execute(sql.SQL(
+            """
+            WITH copied AS (
+                UPDATE {table} a SET {side} = a.{source}
+                FROM {source_state} s
+                WHERE {bound} AND a.{pk} <= %(last)s AND s.pgr_pk = a.{pk}
+                  AND s.pgr_model_id = %(model)s AND s.pgr_hash = {hash}
+                  AND a.{source} IS NOT NULL AND a.{side} IS NULL
+                RETURNING a.{pk} AS k, s.pgr_hash AS h, s.pgr_truncated AS t)
+            INSERT INTO {side_state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at,
+                                      pgr_truncated)
+            SELECT k, %(model)s, h, now(), t FROM copied
+            ON CONFLICT (pgr_pk) DO UPDATE SET pgr_model_id = excluded.pgr_model_id,
+                pgr_hash = excluded.pgr_hash, pgr_embedded_at = excluded.pgr_embedded_at,
+                pgr_truncated = excluded.pgr_truncated, pgr_failed_hash = NULL,
+                pgr_failure = NULL
+            """).format(table=source.table, side=side.vector, source=source.vector,
+                        source_state=source.state_table, bound=bound, pk=source.pk,
+                        hash=source.hash_expr, side_state=side.state_table),
+            {"after": after, "last": last[0], "model": side.model_id}).rowcount
+    return last[0], copied
+
+
+def index_memory_bytes(rows: int, dimensions: int, m: int = 16) -> int:
+    """What an HNSW build over `rows` needs to stay in memory: each element holds its
+    vector and its neighbour lists (2m on layer 0), plus ~25% of headroom."""
+    per_row = dimensions * 4 + 2 * m * 8 + 64
+    return int(rows * per_row * 1.25)
+
+
+def build_settings(conn: psycopg.Connection, rows: int, dimensions: int, cap: str,
+                   parallel_workers: int | None) -> tuple[str, int]:
+    """(maintenance_work_mem, max_parallel_maintenance_workers) for an index build: the
+    memory the graph needs, at least the server's setting and at most `cap`; the parallel
+    workers asked for, else the server's max_parallel_workers (what it allows)."""
+    row = conn.execute(
+        "SELECT pg_size_bytes(current_setting('maintenance_work_mem')), pg_size_bytes(%s),"
+        " current_setting('max_parallel_workers')::int", (cap,)).fetchone()
+    assert row is not None
+    current, most, allowed = int(row[0]), int(row[1]), int(row[2])
+    memory = min(most, max(current, index_memory_bytes(rows, dimensions)))
+    workers = allowed if parallel_workers is None else min(parallel_workers, allowed)
+    return f"{max(1, memory // 1024)}kB", workers

@@ -1,0 +1,257 @@
+"""Big backlogs of an HNSW-indexed live column go side by side; small inflows stay direct.
+
+Real Postgres + pgvector, Redis, workers, scheduler and the OpenAI-compatible server; a
+writer keeps editing and inserting rows, the provider is slowed, and at the end every
+row's vector is compared with its model's vector for the row's current text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgreembed.config import parse_settings
+from pgreembed.errors import ConfigError
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import (
+    Stack,
+    assert_column_current,
+    docs_config,
+    seed,
+    wait_filled,
+    wait_for,
+    write_config,
+)
+
+OLD, NEW = "fake-384", "fake-alt-384"
+SIDE_FILL = """
+[side_fill]
+min_rows = 50
+min_share = 0.3
+grace_seconds = 2
+"""
+
+
+@contextmanager
+def writer(stack: Stack, per_second: float = 10.0) -> Iterator[dict[str, int]]:
+    """Edits a random early row's text and inserts a row, `per_second` times a second."""
+    stop = threading.Event()
+    counts = {"writes": 0, "errors": 0}
+
+    def run() -> None:
+        rng = random.Random(3)
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                                 (f"rewritten {rng.random()}", rng.randint(1, 60)))
+                    conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
+                                 (f"inserted {rng.random()}",))
+                    counts["writes"] += 1
+                except psycopg.Error:
+                    counts["errors"] += 1
+                stop.wait(1.0 / per_second)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def migrations(stack: Stack) -> list[tuple[str | None, str, str | None]]:
+    with stack.connect() as conn:
+        return [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT auto_reason, phase, auto_step FROM pgreembed.migrations ORDER BY id")]
+
+
+def vector_columns(stack: Stack) -> set[str]:
+    with stack.connect() as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'docs'::regclass"
+            " AND NOT attisdropped AND format_type(atttypid, atttypmod) LIKE 'vector%'")}
+
+
+def ann_index(stack: Stack) -> tuple[int, str, bool]:
+    """(oid, name, valid) of the HNSW index on the live column `embedding`."""
+    with stack.connect() as conn:
+        row = conn.execute(
+            "SELECT c.oid::int, c.relname, i.indisvalid FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam"
+            " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indrelid = 'docs'::regclass AND am.amname = 'hnsw'"
+            " AND a.attname = 'embedding'").fetchone()
+    assert row is not None, "no HNSW index on embedding"
+    return int(row[0]), str(row[1]), bool(row[2])
+
+
+def live_vectors_of(stack: Stack, model: str) -> str:
+    """The side fill's phase and, in the same snapshot, a check that every vector in the
+    live column is `model`'s for the row's current text (rows without one aside)."""
+    with psycopg.connect(stack.dsn) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        phase = conn.execute("SELECT phase FROM pgreembed.migrations ORDER BY id DESC"
+                             " LIMIT 1").fetchone()
+        rows = conn.execute("SELECT id, concat_ws(E'\\n', title, body), embedding::text"
+                            " FROM docs WHERE embedding IS NOT NULL").fetchall()
+    for key, text, vector in rows:
+        got = np.array([float(x) for x in vector.strip("[]").split(",")], dtype=np.float32)
+        np.testing.assert_allclose(got, fake_vector(model, text, 384), atol=2e-3,
+                                   err_msg=f"row {key}: embedding is not {model}({text!r})")
+    assert phase is not None
+    return str(phase[0])
+
+
+def status_paths(stack: Stack) -> dict[str, object]:
+    result = stack.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    live = next(r for r in json.loads(result.stdout) if r["role"] == "live")
+    return {"path": live["path"], "side_fill": live["side_fill"]}
+
+
+def finished(stack: Stack) -> None:
+    wait_for(lambda: migrations(stack) and migrations(stack)[-1][1] == "finalized",
+             timeout=180, interval=0.5, message="the side fill finalized")
+
+
+def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
+                                                worker_extra=SIDE_FILL))
+    seed(stack, 60)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    with stack.connect() as conn:  # the app's index, as users have it
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    app_index = ann_index(stack)
+
+    with writer(stack, per_second=5.0) as small:
+        seed(stack, 20)  # below the threshold (max(50, 30% of 80))
+        wait_filled(stack, "embedding")
+    assert migrations(stack) == []
+    assert status_paths(stack) == {"path": "direct", "side_fill": None}
+    assert small["writes"] > 0 and small["errors"] == 0
+
+    fake_openai.set_faults(slow_model=OLD, slow_model_latency=1.0)
+    with writer(stack, per_second=10.0) as big:
+        seed(stack, 400)  # a bulk import: far above the threshold
+        wait_for(lambda: migrations(stack), timeout=30, message="a side fill started")
+        assert migrations(stack)[0][0] == "backlog"
+        side = status_paths(stack)
+        assert side["path"] == "side"
+        assert isinstance(side["side_fill"], dict)
+        column = side["side_fill"]["column"]
+        assert column != "embedding" and column in vector_columns(stack)
+        fake_openai.set_faults(slow_model=OLD, slow_model_latency=0.2)
+        wait_for(lambda: migrations(stack)[0][1] == "swapped", timeout=180, interval=0.3,
+                 message="the side column swapped in")
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    finished(stack)
+    wait_filled(stack, "embedding")
+    assert big["writes"] > 20 and big["errors"] == 0
+
+    oid, name, valid = ann_index(stack)
+    assert valid and name == "docs_embedding_idx"  # the app's index name, on the new column
+    assert oid != app_index[0]  # built concurrently on the side column, then swapped in
+    assert vector_columns(stack) == {"embedding"}  # the previous column is dropped
+    assert [m[:2] for m in migrations(stack)] == [("backlog", "finalized")]
+    log = stack.log_text()
+    assert f"CREATE INDEX CONCURRENTLY on {column}" in log
+    assert "vectors copied into" in log
+    assert status_paths(stack) == {"path": "direct", "side_fill": None}
+    assert_column_current(stack, "embedding", OLD, 384)
+
+
+def test_init_after_a_model_change_fills_a_side_column(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
+                                                worker_extra=SIDE_FILL))
+    seed(stack, 120)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=2.0)
+    write_config(stack.config_path, docs_config(
+        batch_size=16, max_inflight_rows=128, worker_extra=SIDE_FILL).replace(
+            f'model = "{OLD}"', f'model = "{NEW}"'))
+    with writer(stack, per_second=10.0) as writes:
+        result = stack.cli("init")
+        assert result.returncode == 0, result.stderr
+        assert "re-embedded into the side column" in result.stdout
+        assert migrations(stack)[0][0] == "model_change"
+        # Until the swap, search uses the old model only: the live column is not rewritten.
+        for _ in range(5):
+            assert live_vectors_of(stack, OLD) == "filling"
+        assert status_paths(stack)["path"] == "side"
+        fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.1)
+        wait_for(lambda: migrations(stack)[0][1] != "filling", timeout=180, interval=0.3,
+                 message="the side column swapped in")
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    finished(stack)
+    wait_filled(stack, "embedding")
+    assert writes["errors"] == 0
+    assert vector_columns(stack) == {"embedding"}
+    assert ann_index(stack)[1:] == ("docs_embedding_idx", True)
+    assert_column_current(stack, "embedding", NEW, 384)
+
+
+def test_a_cron_tick_takes_the_side_fill_through_to_the_swap(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """Without a scheduler process, `tick --wait` starts, fills, indexes and swaps; the next
+    tick after the grace period drops the previous column."""
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
+                                                worker_extra=SIDE_FILL))
+    seed(stack, 60)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    seed(stack, 300)
+    result = stack.cli("tick", "--wait", "--timeout", "120", timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [m[:2] for m in migrations(stack)] == [("backlog", "swapped")]
+    wait_for(lambda: stack.cli("tick").returncode == 0 and migrations(stack)[0][1] == "finalized",
+             timeout=30, interval=1.0, message="finalized after the grace period")
+    assert vector_columns(stack) == {"embedding"}
+    assert ann_index(stack)[1:] == ("docs_embedding_idx", True)
+    assert_column_current(stack, "embedding", OLD, 384)
+
+
+TARGET = {"name": "docs", "table": "docs", "text_column": "body", "provider": "local",
+          "vector_column": "embedding", "model": "all-MiniLM-L6-v2-onnx-int8",
+          "dimensions": 384}
+
+
+def test_side_fill_settings_default_and_errors_name_the_field() -> None:
+    env = {"DATABASE_URL": "postgresql://localhost/db"}
+    defaults = parse_settings({"target": [TARGET]}, env).side_fill
+    assert (defaults.min_rows, defaults.min_share, defaults.enabled) == (1000, 0.4, True)
+    assert defaults.threshold(100) == 1000 and defaults.threshold(1_000_000) == 400_000
+    tuned = parse_settings({"target": [TARGET], "side_fill": {
+        "min_rows": 10, "min_share": 0.5, "parallel_workers": 0}}, env).side_fill
+    assert (tuned.threshold(100), tuned.parallel_workers) == (50, 0)
+    for section, message in (({"min_rows": "many"}, "side_fill.min_rows: must be an integer >= 1"),
+                             ({"min_share": -1}, "side_fill.min_share: must be a number >= 0"),
+                             ({"enabled": "yes"}, "side_fill.enabled: must be true or false"),
+                             ({"min_row": 5}, "min_rows")):
+        with pytest.raises(ConfigError, match=message):
+            parse_settings({"target": [TARGET], "side_fill": section}, env)
