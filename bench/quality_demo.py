@@ -20,10 +20,10 @@ import tempfile
 from pathlib import Path
 
 import psycopg
-from pgreembed.services import EmbeddedPostgres, LocalRedis
 
 from pgreembed.demo.run import CONFIG, _load_corpus
 from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-quality-demo"

@@ -388,7 +388,7 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
 DIE_BEFORE_ENQUEUE = """
 import os, signal, redis
 from pgreembed.config import load_settings
-from pgreembed.db import connect
+from pgreembed.store.pool import connect
 from scheduler.dispatch import Dispatcher
 
 def send(target, slot_id, keys):

@@ -39,7 +39,8 @@ def test_secrets_of_the_settings_are_masked_in_a_process_without_provider(
 import logging, os
 from pgreembed.logs import setup_logging
 from pgreembed.config import ConfigError, load_settings
-from pgreembed.db import DatabaseError, connect
+from pgreembed.errors import DatabaseError
+from pgreembed.store.pool import connect
 setup_logging()
 log = logging.getLogger("probe")
 try:

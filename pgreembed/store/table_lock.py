@@ -166,7 +166,10 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
     logged_at = -1e9
     while True:
         with connect(dsn) as conn:
-            stuck = idle_conflicting(blockers(conn, table), mode) if mode else []
+            # The first attempt is always made: work that needs no lock (an init with
+            # nothing to change) must not wait for idle sessions it does not conflict with.
+            stuck = (idle_conflicting(blockers(conn, table), mode)
+                     if mode and attempts else [])
             conn.commit()
             if not stuck:
                 attempts += 1
