@@ -143,6 +143,25 @@ ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS requests_per_minute intege
 ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS tokens_per_minute integer;
 """
 
+# Pay once per text (pgreembed.embedding.reuse): each state table gets an index on the
+# text hash per model, so a batch finds rows already embedded from the same text by a
+# probe, never a scan; the usage ledger counts the rows given such a copied vector.
+# State tables made later get the index from `create_state_table`.
+V2_REUSE = """
+ALTER TABLE pgreembed.usage ADD COLUMN reused integer NOT NULL DEFAULT 0;
+DO $$
+DECLARE slot_id integer;
+BEGIN
+    FOR slot_id IN SELECT id FROM pgreembed.slots WHERE role <> 'dropped' LOOP
+        IF to_regclass(format('pgreembed.%I', 'slot_' || slot_id)) IS NOT NULL THEN
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgreembed.%I'
+                           ' (pgr_model_id, pgr_hash)',
+                           'slot_' || slot_id || '_hash', 'slot_' || slot_id);
+        END IF;
+    END LOOP;
+END $$;
+"""
+
 # Replaced at every `init` (no data in them): what the application reads to know which
 # column and model are live, and the NOTIFY the app table's trigger calls.
 REPEATABLE = """

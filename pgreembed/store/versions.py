@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import psycopg
 
 from pgreembed.errors import SetupError
-from pgreembed.store.ddl import REPEATABLE, V1_ADOPT_UNVERSIONED, V1_TABLES, VERSION_TABLE
+from pgreembed.store.ddl import (
+    REPEATABLE,
+    V1_ADOPT_UNVERSIONED,
+    V1_TABLES,
+    V2_REUSE,
+    VERSION_TABLE,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +39,8 @@ STEPS: tuple[Step, ...] = (
     Step(1, "registry, migrations, usage ledger, spend reservations, Batch API jobs and"
             " quality gate (the layout before versioning, adopted in place)",
          V1_TABLES + V1_ADOPT_UNVERSIONED),
+    Step(2, "pay once per text: an index on each state table's text hash per model, and"
+            " rows given a copied vector counted in the usage ledger", V2_REUSE),
 )
 LATEST = STEPS[-1].version
 
