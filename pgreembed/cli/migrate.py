@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         p = plan.plan(settings, target, args.provider, args.model, args.dimensions,
                          budget=budget)
         cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
-        print(f"rows: {p.rows} ({p.rows_without_text} without text)")
+        print(f"rows: {p.rows} ({p.rows_without_text} without text,"
+              f" {p.distinct_texts} distinct texts to embed)")
         print(f"tokens: {'' if p.tokens_exact else '~'}{p.tokens:,}"
               f" ({'counted' if p.tokens_exact else 'extrapolated from a sample'})")
         print(f"estimated cost: {cost}")

@@ -23,6 +23,7 @@ from pgreembed.store.texts import no_text
 class Plan:
     rows: int
     rows_without_text: int
+    distinct_texts: int  # what the provider is sent with `dedupe` on (else every text)
     tokens: int
     tokens_exact: bool
     cost_usd: float | None
@@ -55,9 +56,10 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     table = sql.Identifier(target.schema, target.table)
     text = text_expression(target)
     with connect(settings.database_url) as conn:
-        total, empty = conn.execute(sql.SQL(
-            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {}").format(no_text(text), table)
-        ).fetchone() or (0, 0)
+        total, empty, distinct = conn.execute(sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE {no}),"
+            " count(DISTINCT md5(({text})::text)) FILTER (WHERE NOT {no}) FROM {table}").format(
+                no=no_text(text), text=text, table=table)).fetchone() or (0, 0, 0)
         sample = [r[0] for r in conn.execute(sql.SQL(
             "SELECT ({})::text FROM {} WHERE NOT {} LIMIT %s").format(
                 text, table, no_text(text)), (sample_limit,))]
@@ -80,10 +82,17 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         blockers.append(f"{empty} rows have no text: they will be recorded as failures and"
                         " the swap waits for them (fix or delete them first)")
     embedder = make_provider(settings, provider, model, dimensions)
-    counted = sum(embedder.count_tokens(sample)) if sample else 0
     with_text = total - empty
     exact = len(sample) == with_text
-    tokens = counted if exact else math.ceil(counted / max(1, len(sample)) * with_text)
+    # With dedupe each distinct text is paid for once (pgreembed.embedding.reuse).
+    sent = sorted(set(sample)) if target.dedupe else sample
+    paid_texts = distinct if target.dedupe else with_text
+    counted = sum(embedder.count_tokens(sent)) if sent else 0
+    tokens = counted if exact else math.ceil(counted / max(1, len(sent)) * paid_texts)
+    if target.dedupe and distinct < with_text:
+        notes.append(f"{with_text - distinct} rows repeat another row's text: each distinct"
+                     f" text is embedded once ({distinct} of {with_text}); the estimate"
+                     " counts those (dedupe = false counts every row)")
     price = PRICES_PER_MTOKEN.get(model) if provider == "openai" else 0.0
     cost = None if price is None else tokens / 1e6 * price
     element = 2 if kind == "halfvec" else 4
@@ -95,5 +104,5 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     if budget.requests_per_minute:
         limits.append(math.ceil(with_text / target.batch_size) / budget.requests_per_minute)
     minutes = max(limits) if limits and provider == "openai" else None
-    return Plan(total, empty, tokens, exact, cost, minutes, budget, storage, column,
-                f"{kind}({dimensions})", statements, blockers, notes)
+    return Plan(total, empty, paid_texts, tokens, exact, cost, minutes, budget, storage,
+                column, f"{kind}({dimensions})", statements, blockers, notes)
