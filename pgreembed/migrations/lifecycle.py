@@ -46,12 +46,15 @@ log = logging.getLogger(__name__)
 
 def start(settings: Settings, target: Target, provider: str, model: str,
           dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
-          budget: Budget | None = None, policy: LockPolicy | None = None) -> Slot:
+          budget: Budget | None = None, policy: LockPolicy | None = None,
+          derive: str | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
     With a spend cap, the migration pauses once the tokens sent for the new column
     cost that much (at the model's list price). A budget is recorded for the new
-    model, where every worker reads it (re-running start with another one updates it)."""
+    model, where every worker reads it (re-running start with another one updates it).
+    `derive`: the new column is filled in SQL from the live one (pgreembed.migrations.derive);
+    the scheduler leaves it alone ("derive" mode) until that fill is done."""
     if provider == "local" and dimensions != 384:
         raise MigrationError("the local model produces 384 dimensions")
     budget = budget or Budget()
@@ -87,7 +90,8 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                                          primary_key, pk_type, role, model_id, mode)
             VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s) RETURNING id
             """, (target.name, target.schema, target.table, column, live.primary_key,
-                  live.pk_type, model_id, "batch" if batch_api else "queue")).fetchone()
+                  live.pk_type, model_id,
+                  "derive" if derive else "batch" if batch_api else "queue")).fetchone()
         assert row is not None
         price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
         if batch_api:
@@ -97,8 +101,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                                  " enforced")
         conn.execute(
             "INSERT INTO pgreembed.migrations (target, from_slot, to_slot, phase,"
-            " spend_cap_usd, price_per_mtoken) VALUES (%s, %s, %s, 'filling', %s, %s)",
-            (target.name, live.id, row[0], spend_cap_usd, price))
+            " spend_cap_usd, price_per_mtoken, derived) VALUES (%s, %s, %s, 'filling', %s, %s,"
+            " %s)", (target.name, live.id, row[0], spend_cap_usd, price,
+                     f"{derive} of {live.model_key}" if derive else None))
         slots = load_slots(conn, target)
         new_slot = next(s for s in slots if s.id == row[0])
         create_state_table(conn, new_slot)

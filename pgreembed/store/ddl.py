@@ -149,6 +149,9 @@ ALTER TABLE pgreembed.models ADD COLUMN IF NOT EXISTS tokens_per_minute integer;
 # State tables made later get the index from `create_state_table`.
 V2_REUSE = """
 ALTER TABLE pgreembed.usage ADD COLUMN reused integer NOT NULL DEFAULT 0;
+-- A derived migration (`migrate start --derive`): how its model's vectors were made
+-- from the live ones, e.g. 'dimensions:256 of openai:text-embedding-3-large@3072'.
+ALTER TABLE pgreembed.migrations ADD COLUMN derived text;
 DO $$
 DECLARE slot_id integer;
 BEGIN

@@ -40,7 +40,8 @@ STEPS: tuple[Step, ...] = (
             " quality gate (the layout before versioning, adopted in place)",
          V1_TABLES + V1_ADOPT_UNVERSIONED),
     Step(2, "pay once per text: an index on each state table's text hash per model, and"
-            " rows given a copied vector counted in the usage ledger", V2_REUSE),
+            " rows given a copied vector counted in the usage ledger; how a derived migration"
+            " made its vectors", V2_REUSE),
 )
 LATEST = STEPS[-1].version
 
