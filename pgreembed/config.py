@@ -66,6 +66,9 @@ class Target:
     trigger: bool = True
     # Bad input over the per-input token limit: cut it (and record a flag) or fail the row.
     truncate: bool = True
+    # Identical texts share one vector per model (looked up before the provider is called);
+    # off for tables whose rows must not share vectors.
+    dedupe: bool = True
     # Shared budgets of this model across every worker (openai provider; None: unlimited).
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
@@ -123,7 +126,7 @@ TOP_LEVEL_KEYS = ("target", "defaults", "worker", "rate_limits", "database_url",
 TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
-    "requests_per_minute", "tokens_per_minute", "distance", "schema",
+    "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
 )
 WORKER_KEYS = ("poll_interval", "max_inflight_rows", "lease_seconds", "request_timeout",
                "provider_retry_seconds", "pool_max_size", "write_retry_seconds")
@@ -265,6 +268,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         batch_size=batch_size,
         trigger=_typed(merged.get("trigger", True), bool, f"{where}.trigger"),
         truncate=_typed(merged.get("truncate", True), bool, f"{where}.truncate"),
+        dedupe=_typed(merged.get("dedupe", True), bool, f"{where}.dedupe"),
         requests_per_minute=rpm,
         tokens_per_minute=tpm,
         distance=canonical_distance(_typed(merged.get("distance", "cosine"), str,

@@ -40,6 +40,7 @@ class WorkerMetrics:
     cost: Any
     failures: Any
     changed: Any
+    reused: Any
     provider_seconds: Any
     provider_errors: Any
     lag: Any
@@ -64,6 +65,9 @@ def worker_metrics() -> WorkerMetrics | None:
         changed=prom.Counter("pgreembed_rows_changed_in_flight_total",
                              "Vectors not written because the text changed meanwhile.",
                              ["target"]),
+        reused=prom.Counter("pgreembed_rows_reused_total",
+                            "Vectors written without a provider call: an identical text's"
+                            " vector of the same model, copied.", ["target", "column"]),
         provider_seconds=prom.Histogram("pgreembed_provider_request_seconds",
                                         "Provider request latency.", ["model"]),
         provider_errors=prom.Counter("pgreembed_provider_errors_total",

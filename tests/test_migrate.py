@@ -314,7 +314,10 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
 
     per_row = make_provider(settings, "openai", "text-embedding-3-large", 3072).count_tokens(
         ["x" * 40])[0]  # tiktoken when its encoding is cached, else the byte upper bound
-    assert p.tokens_exact and p.tokens == 100 * per_row
+    # 100 rows, one text: paid for once (dedupe, on by default).
+    assert p.distinct_texts == 1
+    assert p.tokens_exact and p.tokens == per_row
+    assert any("99 rows repeat another row's text" in n for n in p.notes)
     assert p.cost_usd is not None and abs(p.cost_usd - p.tokens / 1e6 * 0.13) < 1e-9
     # The target's budget is fake-384's, not the new model's: no estimate from it...
     assert p.minutes_at_rate_limit is None

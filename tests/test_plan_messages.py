@@ -32,7 +32,7 @@ def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack
     code, out, _ = plan_of(stack, "--model", "fake-768", "--dimensions", "768")
     assert code == 0, out
     assert "note: 2 rows have no text" in out and "BLOCKER" not in out
-    assert "rows: 12 (2 without text)" in out
+    assert "rows: 12 (2 without text, " in out
     assert "as UTF-8 bytes, an upper bound" in out  # no tiktoken encoding for fake-768
     migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     code, out, _ = plan_of(stack, "--model", "fake-1024", "--dimensions", "1024")

@@ -109,3 +109,20 @@ def test_a_newer_database_is_refused(database_url: str) -> None:
         with pytest.raises(SetupError, match=f"version {LATEST + 1}; this pgreembed knows"
                                              f" up to {LATEST}"):
             upgrade(conn)
+
+
+def test_step_3_indexes_the_text_hash_of_every_existing_state_table(
+        old_stack: Stack) -> None:
+    """Pay once per text looks identical texts up by (model, hash): existing state tables
+    get the index from the upgrade step itself, the ledger its `reused` count."""
+    with psycopg.connect(old_stack.dsn) as conn:
+        assert upgrade(conn) == list(range(1, LATEST + 1))
+        conn.commit()
+        slots = [r[0] for r in conn.execute("SELECT id FROM pgreembed.slots ORDER BY id")]
+        assert len(slots) == 2  # the live column and the migration's
+        indexed = {r[0]: r[1] for r in conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgreembed'"
+            " AND indexname LIKE 'slot%%hash'")}
+        assert sorted(indexed) == sorted(f"slot_{i}_hash" for i in slots)
+        assert all("(pgr_model_id, pgr_hash)" in d for d in indexed.values())
+        assert conn.execute("SELECT sum(reused) FROM pgreembed.usage").fetchone()[0] in (0, None)

@@ -103,6 +103,10 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         print(f"{r.target:<16} {r.column:<18} {r.model:<36} {about + str(r.total):>9}"
               f" {about + str(r.embedded):>9} {r.pending:>8} {r.stale:>6} {r.outdated:>8}"
               f" {r.failed:>6} {flight:>9}")
+    for r in rows:
+        if r.reused:
+            print(f"{r.target}.{r.column}: {r.provider_inputs} rows embedded by the provider,"
+                  f" {r.reused} given an identical text's vector (no provider call)")
     seconds = sum(r.seconds for r in rows)
     if any(r.estimated for r in rows):
         print(f"~ estimated from the table's row count; pending, stale, outdated and failed"

@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     target = settings.target(args.target)
     step = args.step
+    if args.derive is not None:
+        return _derive(settings, target, args)
     if step in ("plan", "start") and (not args.model or not args.dimensions):
         raise ConfigError(f"migrate {step}: --model and --dimensions are required")
     budget = Budget(args.requests_per_minute, args.tokens_per_minute)
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                          budget=budget)
         cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
         about = "~" if p.rows_estimated else ""
-        print(f"rows: {about}{p.rows} ({about}{p.rows_without_text} without text"
+        print(f"rows: {about}{p.rows} ({about}{p.rows_without_text} without text,"
+              f" {about}{p.distinct_texts} distinct texts to embed"
               f"{'; estimated from a sample of the table' if p.rows_estimated else ''})")
         how = ("counted" if p.tokens_exact else "extrapolated from a sample") + (
             "" if p.tokens_counted_by_tokenizer else
@@ -197,6 +200,40 @@ def _show_last_comparison(settings: Any, target: Any) -> dict[str, Any] | None:
     return found
 
 
+def _derive(settings: Any, target: Any, args: argparse.Namespace) -> int:
+    """`plan|start --derive SPEC`: a migration made in SQL from the live vectors, $0."""
+    from pgreembed.migrations import derive
+
+    if args.step not in ("plan", "start"):
+        raise ConfigError(f"migrate {args.step}: --derive is an option of plan and start")
+    if args.model or args.dimensions or args.batch_api or args.spend_cap is not None:
+        raise ConfigError("migrate --derive: the model and size come from the live column"
+                          " and the spec (no --model, --dimensions, --batch-api, --spend-cap)")
+    dimensions = derive.parse_dimensions(args.derive)
+    live = derive.live_slot(settings, target)
+    derive.check_shortenable(live, dimensions)
+    if args.step == "plan":
+        p = plan.plan(settings, target, live.provider, live.model, dimensions)
+        saved = derive.storage_saved(p.rows, live, dimensions)
+        if args.json:
+            print(json.dumps({"rows": p.rows, "derived_from": live.model_key,
+                              "provider_inputs": 0, "cost_usd": 0.0, "column": p.column,
+                              "column_type": p.column_type, "storage_bytes": p.storage_bytes,
+                              "storage_saved_bytes": saved}))
+            return 0
+        print(f"rows: {p.rows}; derived in SQL from {live.model_key}: no provider call,"
+              " estimated cost: $0.00 (rows written meanwhile without a live vector are"
+              " embedded by the provider at the new size)")
+        print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)};"
+              f" saves ~{_human_bytes(saved)} over the live column")
+        return 0
+    slot, report = derive.start(settings, target, args.derive, policy=_lock_policy(args))
+    print(f"derived migration: column {slot.vector_column} ({slot.model_key}) filled from"
+          f" {live.model_key}: {report.derived} rows derived in {report.passes} passes,"
+          f" {report.left_to_provider} left to the provider; next: migrate index, swap")
+    return 0
+
+
 def _lock_policy(args: argparse.Namespace) -> LockPolicy:
     return LockPolicy(lock_timeout_ms=args.lock_timeout_ms, wait_seconds=args.lock_wait,
                       terminate_idle_after=args.terminate_idle_after)
@@ -316,6 +353,10 @@ def register(sub: Any) -> None:
                         help="start/swap/rollback/cancel/finalize: after waiting S seconds for the"
                              " lock, end sessions idle in a transaction on the table for S"
                              " seconds or more (off by default)")
+    parser.add_argument("--derive", metavar="dimensions:D",
+                        help="plan/start: fill the new column from the live vectors in SQL,"
+                             " no provider call (text-embedding-3-*: first D components,"
+                             " renormalised)")
     parser.add_argument("--batch-api", action="store_true",
                         help="start: fill through the OpenAI Batch API (half price, <= 24 h)")
     parser.add_argument("--queries", metavar="FILE",

@@ -11,6 +11,10 @@ What goes wrong is charged to whoever is at fault (invariant 8):
   they are never bought twice, and no row is marked failed;
 - a request the provider refuses whatever the rows (a config error) marks the
   slot misconfigured: nothing more is sent for it, no row is marked failed.
+
+Each text is paid for once per model (`dedupe`, on by default): a row whose text another
+row already holds a vector for gets a copy, and a batch sends each distinct text once.
+Copies take the same guarded write as bought vectors (invariants 2 and 7).
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import Embedded, Failed, Outcome, embed_rows
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
+from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
 from pgreembed.errors import MisconfiguredError
 from pgreembed.instruments import failure_kind, worker_metrics
 from pgreembed.redact import redact
 from pgreembed.store import usage as spend
 from pgreembed.store.faults import retry_database_faults
+from pgreembed.store.known import known_vectors
 from pgreembed.store.pool import get_pool
 from pgreembed.store.rows import (
     load_pending,
@@ -56,17 +62,23 @@ class BatchReport:
     written: int
     failed: int
     changed_meanwhile: int
+    reused: int = 0  # vectors given without a provider call (an identical text's)
 
 
 @dataclass
 class _Write:
-    """What one batch has to commit: vectors (bought now or kept from a failed write),
-    rows that failed, tokens billed and the spend reservations to settle with them."""
+    """What one batch has to commit: vectors (bought now, kept from a failed write, or
+    copied from an identical text's), rows that failed, tokens billed and the spend
+    reservations to settle with them."""
 
     embedded: list[Embedded]
     failed: list[Failed]
     tokens: int
     reservation_ids: set[int]
+    reused: int = 0  # of `embedded`, the vectors not bought for their row
+
+    def record_usage(self, conn: psycopg.Connection, slot: Slot) -> None:
+        record_usage(conn, slot, len(self.embedded) - self.reused, self.tokens, self.reused)
 
 
 @functools.cache
@@ -89,19 +101,26 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
             return BatchReport(len(keys), 0, 0, 0, 0)
         slot = found
         rows = load_pending(conn, slot, keys)
+        # Read under the same lock: the vectors are the slot's model's (see lock_slot).
+        known = known_vectors(conn, slot, rows) if target.dedupe and rows else {}
     if not rows:
         return BatchReport(len(keys), 0, 0, 0, 0)
 
     paid = PaidVectors(_redis(settings.redis_url))
     kept = paid.take(slot, rows)  # vectors bought by an earlier attempt whose write failed
     done = {item.row.pk for item in kept.embedded}
-    to_embed = [row for row in rows if row.pk not in done]
+    copied = [Embedded(row, *known[row.content_hash]) for row in rows
+              if row.pk not in done and row.content_hash in known]
+    done.update(item.row.pk for item in copied)
+    rest = [row for row in rows if row.pk not in done]
+    distinct = distinct_texts(rest) if target.dedupe else Distinct(sent=rest)
+    to_embed = distinct.sent
     outcome = Outcome()
     reservation = spend.Reservation(None, None, True)
     if to_embed:
         provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
         reservation = spend.reserve(pool, slot, provider, to_embed)  # a spend cap's share
-        if not reservation.granted and not kept.embedded:
+        if not reservation.granted and not kept.embedded and not copied:
             # The cap is reached (paused) or held by batches in flight.
             return BatchReport(len(keys), len(rows), 0, 0, 0)
         if reservation.granted:
@@ -111,6 +130,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
             except MisconfiguredError as exc:
                 _misconfigured(pool, target, slot, exc)
                 return BatchReport(len(keys), len(rows), 0, 0, 0)
+    reused = len(copied) + share_with_twins(outcome, distinct)
     for failure in outcome.failed:
         log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
                     failure.reason)
@@ -118,8 +138,8 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     held = set(kept.reservation_ids)
     if reservation.id is not None:
         held.add(reservation.id)
-    write = _Write([*kept.embedded, *outcome.embedded], outcome.failed,
-                   kept.tokens + outcome.tokens, held)
+    write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
+                   kept.tokens + outcome.tokens, held, reused)
     try:
         result = retry_database_faults(
             lambda: _commit(pool, target, slot, write, reservation),
@@ -137,11 +157,12 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     for failure in refused:
         log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
                     failure.reason)
-    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed)
+    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed, reused)
     _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
     _observe_lag(slot, written, claimed_at)
-    log.info("target %s slot %d: %d written, %d failed, %d changed meanwhile (of %d)",
-             target.name, slot.id, report.written, report.failed, changed, len(keys))
+    log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
+             " %d failed, %d changed meanwhile (of %d)", target.name, slot.id,
+             report.written, reused, report.failed, changed, len(keys))
     return report
 
 
@@ -154,13 +175,13 @@ def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
         # may have renamed the columns while we waited on the provider (invariant 7).
         current = lock_slot(conn, target, slot.id, "ROW EXCLUSIVE")
         if current is None:
-            record_usage(conn, slot, len(write.embedded), write.tokens)
+            write.record_usage(conn, slot)
             reservation.settle(conn)
             spend.settle_ids(conn, write.reservation_ids)
             return None
         written, refused = write_isolating(conn, current, write.embedded)
         record_failures(conn, current, [*write.failed, *refused])
-        record_usage(conn, current, len(write.embedded), write.tokens)
+        write.record_usage(conn, current)
         reservation.settle(conn)  # in the same transaction as the billed tokens
         spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
         if len(written) + len(refused) < len(write.embedded):
@@ -191,6 +212,7 @@ def _count(slot: Slot, report: BatchReport, tokens: int, failures: Sequence[Fail
     name = slot.target.name
     price = PRICES_PER_MTOKEN.get(slot.model, 0.0) if slot.provider == "openai" else 0.0
     metrics.rows.labels(name, slot.vector_column).inc(report.written)
+    metrics.reused.labels(name, slot.vector_column).inc(report.reused)
     metrics.tokens.labels(name, slot.model_key).inc(tokens)
     metrics.cost.labels(name, slot.model_key).inc(tokens / 1e6 * price)
     metrics.changed.labels(name).inc(report.changed_meanwhile)

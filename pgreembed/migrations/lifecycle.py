@@ -50,7 +50,7 @@ SIDE_FILL = "side_fill"  # paused_by of the columns a side fill holds back
 def start(settings: Settings, target: Target, provider: str, model: str,
           dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
           budget: Budget | None = None, policy: LockPolicy | None = None,
-          auto_reason: str | None = None) -> Slot:
+          auto_reason: str | None = None, derive: str | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
     `auto_reason` marks a side fill that pgreembed itself started and finishes
@@ -60,7 +60,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
 
     With a spend cap, the migration pauses once the tokens sent for the new column
     cost that much (at the model's list price). A budget is recorded for the new
-    model, where every worker reads it (re-running start with another one updates it)."""
+    model, where every worker reads it (re-running start with another one updates it).
+    `derive`: the new column is filled in SQL from the live one (pgreembed.migrations.derive);
+    the scheduler leaves it alone ("derive" mode) until that fill is done."""
     if provider == "local" and dimensions != 384:
         raise MigrationError("the local model produces 384 dimensions")
     budget = budget or Budget()
@@ -99,7 +101,8 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                                          paused_by)
             VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s, %s, %s) RETURNING id
             """, (target.name, target.schema, target.table, column, live.primary_key,
-                  live.pk_type, model_id, "batch" if batch_api else "queue",
+                  live.pk_type, model_id,
+                  "derive" if derive else "batch" if batch_api else "queue",
                   auto_reason == BACKLOG, SIDE_FILL if auto_reason == BACKLOG else None)
         ).fetchone()
         assert row is not None
@@ -111,11 +114,11 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                                  " enforced")
         conn.execute(
             "INSERT INTO pgreembed.migrations (target, from_slot, to_slot, phase,"
-            " spend_cap_usd, price_per_mtoken, auto_reason, auto_step)"
-            " VALUES (%s, %s, %s, 'filling', %s, %s, %s, %s)",
+            " spend_cap_usd, price_per_mtoken, auto_reason, auto_step, derived)"
+            " VALUES (%s, %s, %s, 'filling', %s, %s, %s, %s, %s)",
             (target.name, live.id, row[0], spend_cap_usd, price, auto_reason,
              None if auto_reason is None else "copying" if auto_reason == BACKLOG
-             else "filling"))
+             else "filling", f"{derive} of {live.model_key}" if derive else None))
         if auto_reason == BACKLOG:
             conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s"
                          " WHERE id = %s", (SIDE_FILL, live.id))

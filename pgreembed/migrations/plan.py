@@ -30,6 +30,7 @@ class Plan:
     rows: int
     rows_without_text: int
     rows_estimated: bool  # rows / rows_without_text extrapolated from a sample of pages
+    distinct_texts: int  # what the provider is sent with `dedupe` on (else every text)
     tokens: int
     tokens_exact: bool  # every row's text counted (else extrapolated from a sample)
     tokens_counted_by_tokenizer: bool  # False: UTF-8 bytes, an upper bound
@@ -63,7 +64,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     table = sql.Identifier(target.schema, target.table)
     text = text_expression(target)
     with connect(settings.database_url) as conn:
-        total, empty, estimated = _count_rows(conn, table, text)
+        total, empty, distinct, estimated = _count_rows(conn, table, text)
         sample = [r[0] for r in conn.execute(sql.SQL(
             "SELECT ({})::text FROM {} WHERE NOT {} LIMIT %s").format(
                 text, table, no_text(text)), (sample_limit,))]
@@ -96,10 +97,17 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         notes.append(f"{'~' if estimated else ''}{empty} rows have no text: they get no vector"
                      " in either column (recorded as failures) and do not hold the swap")
     embedder = make_provider(settings, provider, model, dimensions)
-    counted = sum(embedder.count_tokens(sample)) if sample else 0
     with_text = total - empty
     exact = not estimated and len(sample) == with_text
-    tokens = counted if exact else math.ceil(counted / max(1, len(sample)) * with_text)
+    # With dedupe each distinct text is paid for once (pgreembed.embedding.reuse).
+    sent = sorted(set(sample)) if target.dedupe else sample
+    paid_texts = distinct if target.dedupe else with_text
+    counted = sum(embedder.count_tokens(sent)) if sent else 0
+    tokens = counted if exact else math.ceil(counted / max(1, len(sent)) * paid_texts)
+    if target.dedupe and distinct < with_text:
+        notes.append(f"{with_text - distinct} rows repeat another row's text: each distinct"
+                     f" text is embedded once ({distinct} of {with_text}); the estimate"
+                     " counts those (dedupe = false counts every row)")
     price = PRICES_PER_MTOKEN.get(model) if provider == "openai" else 0.0
     cost = None if price is None else tokens / 1e6 * price
     element = 2 if kind == "halfvec" else 4
@@ -111,25 +119,28 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     if budget.requests_per_minute:
         limits.append(math.ceil(with_text / target.batch_size) / budget.requests_per_minute)
     minutes = max(limits) if limits and provider == "openai" else None
-    return Plan(total, empty, estimated, tokens, exact, embedder.counts_exactly, cost, minutes,
-                budget, storage, column, f"{kind}({dimensions})", statements, blockers, notes)
+    return Plan(total, empty, estimated, paid_texts, tokens, exact, embedder.counts_exactly,
+                cost, minutes, budget, storage, column, f"{kind}({dimensions})", statements,
+                blockers, notes)
 
 
 def _count_rows(conn: psycopg.Connection, table: sql.Composable, text: sql.Composable
-                ) -> tuple[int, int, bool]:
-    """(rows, rows without text, estimated): exact up to EXACT_COUNT_ROWS rows, else from
-    a TABLESAMPLE of about SAMPLE_ROWS rows scaled to the planner's row estimate."""
+                ) -> tuple[int, int, int, bool]:
+    """(rows, rows without text, distinct texts, estimated): exact up to EXACT_COUNT_ROWS
+    rows, else from a TABLESAMPLE of about SAMPLE_ROWS rows scaled to the planner's row
+    estimate (a sample's distinct share understates texts repeated across pages)."""
     row = conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid ="
                        " to_regclass(%s)", (table.as_string(conn),)).fetchone()
     guess = int(row[0]) if row else 0
+    counts = sql.SQL("SELECT count(*), count(*) FILTER (WHERE {no}),"
+                     " count(DISTINCT md5(({text})::text)) FILTER (WHERE NOT {no}) FROM {table}"
+                     ).format(no=no_text(text), text=text, table=table)
     if guess <= EXACT_COUNT_ROWS:
-        found = conn.execute(sql.SQL(
-            "SELECT count(*), count(*) FILTER (WHERE {}) FROM {}").format(no_text(text), table)
-        ).fetchone() or (0, 0)
-        return int(found[0]), int(found[1]), False
+        found = conn.execute(counts).fetchone() or (0, 0, 0)
+        return int(found[0]), int(found[1]), int(found[2]), False
     percent = min(100.0, 100.0 * SAMPLE_ROWS / guess)
-    sampled = conn.execute(sql.SQL(
-        "SELECT count(*), count(*) FILTER (WHERE {}) FROM {} TABLESAMPLE SYSTEM (%s)"
-    ).format(no_text(text), table), (percent,)).fetchone() or (0, 0)
-    share = int(sampled[1]) / max(1, int(sampled[0]))
-    return guess, round(guess * share), True
+    sampled = conn.execute(sql.SQL("{} TABLESAMPLE SYSTEM (%s)").format(counts),
+                           (percent,)).fetchone() or (0, 0, 0)
+    seen = max(1, int(sampled[0]))
+    return (guess, round(guess * int(sampled[1]) / seen),
+            round(guess * int(sampled[2]) / seen), True)

@@ -23,6 +23,7 @@ from pgreembed.queue.claims import InFlight
 from pgreembed.redact import redact
 from pgreembed.store.backlog import estimated_rows
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.usage import inputs_and_reused
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class SlotStatus:
     misconfigured: str | None = None
     estimated: bool = False  # total and embedded come from the table's row estimate
     seconds: float = 0.0  # how long the counts took
+    # From the usage ledger: rows written with a vector bought for them, and rows given an
+    # identical text's vector without a provider call (`dedupe`).
+    provider_inputs: int = 0
+    reused: int = 0
 
     @property
     def coverage(self) -> float:
@@ -119,6 +124,7 @@ def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis 
         # The estimate lags behind inserts: never report fewer rows than we counted.
         total = max(estimate, without_vector + outdated)
         embedded, counted = total - without_vector, None
+    bought, reused = inputs_and_reused(conn, slot.id)
     seconds = time.perf_counter() - started
     in_flight = None
     if redis_client is not None:
@@ -129,7 +135,8 @@ def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis 
     return SlotStatus(slot.target.name, slot.id, slot.role, slot.vector_column, slot.model_key,
                       total, embedded, pending, stale, outdated, failed, counted, in_flight,
                       None if slot.misconfigured is None else redact(slot.misconfigured),
-                      estimated=estimate is not None, seconds=seconds)
+                      estimated=estimate is not None, seconds=seconds,
+                      provider_inputs=bought, reused=reused)
 
 
 def collect(conn: psycopg.Connection, settings: Settings,

@@ -150,6 +150,28 @@ ALTER TABLE pgreembed.migrations ADD COLUMN auto_reason text;
 ALTER TABLE pgreembed.migrations ADD COLUMN auto_step text;
 """
 
+# Pay once per text (pgreembed.embedding.reuse): each state table gets an index on the
+# text hash per model, so a batch finds rows already embedded from the same text by a
+# probe, never a scan; the usage ledger counts the rows given such a copied vector.
+# State tables made later get the index from `create_state_table`.
+V3_REUSE = """
+ALTER TABLE pgreembed.usage ADD COLUMN reused integer NOT NULL DEFAULT 0;
+-- A derived migration (`migrate start --derive`): how its model's vectors were made
+-- from the live ones, e.g. 'dimensions:256 of openai:text-embedding-3-large@3072'.
+ALTER TABLE pgreembed.migrations ADD COLUMN derived text;
+DO $$
+DECLARE slot_id integer;
+BEGIN
+    FOR slot_id IN SELECT id FROM pgreembed.slots WHERE role <> 'dropped' LOOP
+        IF to_regclass(format('pgreembed.%I', 'slot_' || slot_id)) IS NOT NULL THEN
+            EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgreembed.%I'
+                           ' (pgr_model_id, pgr_hash)',
+                           'slot_' || slot_id || '_hash', 'slot_' || slot_id);
+        END IF;
+    END LOOP;
+END $$;
+"""
+
 # Replaced at every `init` (no data in them): what the application reads to know which
 # column and model are live, and the NOTIFY the app table's trigger calls.
 REPEATABLE = """

@@ -136,13 +136,16 @@ def write_isolating(conn: psycopg.Connection, slot: Slot, results: Sequence[Embe
     return written + more_written, refused + more_refused
 
 
-def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int) -> None:
-    """Add to the usage ledger (spend, spend caps, metrics): rows written and the tokens
-    the provider billed, and the model that billed them (priced as that model even after
-    the slot's model changes in place). Rows it billed but we could not use count too."""
-    if inputs or tokens:
-        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens, model)"
-                     " VALUES (%s, %s, %s, %s)", (slot.id, inputs, tokens, slot.model_key))
+def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int,
+                 reused: int = 0) -> None:
+    """Add to the usage ledger (spend, spend caps, metrics): rows written with a vector
+    the provider billed, the tokens it billed, and the model that billed them (priced as
+    that model even after the slot's model changes in place). Rows it billed but we could
+    not use count too. `reused`: rows given an identical text's vector, at no cost."""
+    if inputs or tokens or reused:
+        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens, model, reused)"
+                     " VALUES (%s, %s, %s, %s, %s)",
+                     (slot.id, inputs, tokens, slot.model_key, reused))
 
 
 def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:

@@ -162,6 +162,9 @@ def create_state_table(conn: psycopg.Connection, slot: Slot) -> None:
         """).format(state=slot.state_table, pk_type=slot.pk_cast))
     conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (pgr_model_id, pgr_pk)").format(
         sql.Identifier(f"slot_{slot.id}_model"), slot.state_table))
+    # Rows already embedded from a text, per model (pgreembed.embedding.reuse).
+    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (pgr_model_id, pgr_hash)").format(
+        sql.Identifier(f"slot_{slot.id}_hash"), slot.state_table))
     conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (pgr_pk)"
                          " WHERE pgr_failed_hash IS NOT NULL").format(
         sql.Identifier(f"slot_{slot.id}_failed"), slot.state_table))

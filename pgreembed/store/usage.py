@@ -173,3 +173,11 @@ def enforce_spend_cap(conn: psycopg.Connection, slot: Slot) -> bool:
     log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it: migrate"
                 " resume --spend-cap USD)", slot.target.name, spent, cap)
     return True
+
+
+def inputs_and_reused(conn: psycopg.Connection, slot_id: int) -> tuple[int, int]:
+    """(rows written with a vector the provider billed, rows given an identical text's
+    vector for free) for a slot, from the usage ledger (one row per batch)."""
+    row = conn.execute("SELECT coalesce(sum(inputs), 0), coalesce(sum(reused), 0)"
+                       " FROM pgreembed.usage WHERE slot_id = %s", (slot_id,)).fetchone()
+    return (0, 0) if row is None else (int(row[0]), int(row[1]))

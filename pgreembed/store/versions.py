@@ -19,6 +19,7 @@ from pgreembed.store.ddl import (
     V1_ADOPT_UNVERSIONED,
     V1_TABLES,
     V2_SIDE_FILL,
+    V3_REUSE,
     VERSION_TABLE,
 )
 
@@ -40,6 +41,9 @@ STEPS: tuple[Step, ...] = (
             " quality gate (the layout before versioning, adopted in place)",
          V1_TABLES + V1_ADOPT_UNVERSIONED),
     Step(2, "side fills: migrations pgreembed starts and finishes by itself", V2_SIDE_FILL),
+    Step(3, "pay once per text: an index on each state table's text hash per model, and"
+            " rows given a copied vector counted in the usage ledger; how a derived migration"
+            " made its vectors", V3_REUSE),
 )
 LATEST = STEPS[-1].version
 

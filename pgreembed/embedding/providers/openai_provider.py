@@ -36,7 +36,7 @@ from pgreembed.embedding.providers.tokens import TokenCounter
 from pgreembed.embedding.ratelimit import RateLimiter
 from pgreembed.errors import BadInputError, FatalProviderError, TransientProviderError
 from pgreembed.instruments import observe_provider
-from pgreembed.model_keys import model_key
+from pgreembed.model_keys import is_shortenable, model_key
 from pgreembed.redact import redact, register_secret
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,9 @@ class OpenAIProvider:
         self.model = model
         self.dimensions = dimensions
         self.model_key = model_key("openai", model, dimensions)
-        # `dimensions` is accepted only by text-embedding-3 models (and compatible servers).
-        self._send_dimensions = model.startswith("text-embedding-3")
+        # `dimensions` is accepted only by models trained to be shortened (text-embedding-3,
+        # and the test server's fake-* models): a derived migration's later rows need it.
+        self._send_dimensions = is_shortenable(model)
         self._client = openai.OpenAI(api_key=api_key or "unused", base_url=base_url,
                                      max_retries=0, timeout=timeout)
         self._tokens = TokenCounter(model)

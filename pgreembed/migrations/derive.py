@@ -1,0 +1,181 @@
+"""Derived migrations: a new column made from the live vectors in SQL, no provider call.
+
+`migrate start --derive dimensions:D` keeps the first D components of each live vector
+and L2-normalises them: for models trained to be shortened (text-embedding-3-*, and the
+test server's fake-* models) that is exactly the vector the API returns with
+`dimensions=D`, so the registry records the provider's own model at D dimensions and
+rows written later are embedded by the provider at D, like any row.
+
+The new column goes through the usual side column / index / swap / rollback. Its slot is
+registered in "derive" mode, which the scheduler skips; the fill walks the table by
+primary key in chunks, each its own short transaction under a short lock_timeout (the
+app keeps writing), and derives only rows whose live vector is the live model's vector
+for the row's current text (its state row's hash). Rows edited meanwhile are derived
+from their fresh live vector by a later pass; what is left when a pass derives nothing
+(rows without a live vector yet) goes back to the scheduler ("queue" mode) and is
+embedded by the provider at D.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Settings, Target
+from pgreembed.errors import MigrationError
+from pgreembed.migrations.state import _table, open_migration
+from pgreembed.model_keys import is_shortenable
+from pgreembed.store.pool import connect
+from pgreembed.store.rows import lock_slot
+from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.table_lock import LockPolicy, run_locked
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 2000
+MAX_PASSES = 5  # then the few rows edited meanwhile go to the provider
+
+
+@dataclass(frozen=True)
+class FillReport:
+    derived: int
+    passes: int
+    left_to_provider: int
+
+
+def parse_dimensions(spec: str) -> int:
+    """`dimensions:D` -> D; other derivations are refused with the reason."""
+    kind, _, value = spec.partition(":")
+    if kind != "dimensions":
+        raise MigrationError(f"--derive {spec!r}: only dimensions:D is supported (halfvec and"
+                             " binary derivations are not implemented yet)")
+    if not value.isdigit() or int(value) <= 0:
+        raise MigrationError(f"--derive {spec!r}: D must be a positive integer")
+    return int(value)
+
+
+def check_shortenable(live: Slot, dimensions: int) -> None:
+    """Refuse what the provider would not return: a model not trained to be shortened."""
+    if live.provider != "openai" or not is_shortenable(live.model):
+        raise MigrationError(
+            f"--derive dimensions:{dimensions}: {live.model_key} is not known to support"
+            " shortening (only text-embedding-3-* models are trained so that the first D"
+            " components, renormalised, are the model's D-dimension vector); re-embed"
+            " instead: migrate start --model ... --dimensions ...")
+    if dimensions >= live.dimensions:
+        raise MigrationError(f"--derive dimensions:{dimensions}: must be below the live"
+                             f" column's {live.dimensions} dimensions")
+
+
+def live_slot(settings: Settings, target: Target) -> Slot:
+    with connect(settings.database_url) as conn:
+        live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
+    if live is None:
+        raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
+    return live
+
+
+def start(settings: Settings, target: Target, spec: str, policy: LockPolicy | None = None,
+          progress: Callable[[int], None] | None = None) -> tuple[Slot, FillReport]:
+    """Add the derived column (or find it, when re-run) and fill it; no provider call."""
+    from pgreembed.migrations import lifecycle
+
+    dimensions = parse_dimensions(spec)
+    live = live_slot(settings, target)
+    check_shortenable(live, dimensions)
+    slot = lifecycle.start(settings, target, live.provider, live.model, dimensions,
+                           policy=policy, derive=spec)
+    return slot, fill(settings, target, slot.id, policy, progress=progress)
+
+
+def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | None = None,
+         chunk_rows: int = CHUNK_ROWS, progress: Callable[[int], None] | None = None
+         ) -> FillReport:
+    """Derive every row that can be, in chunks; then hand the rest to the scheduler."""
+    derived = passes = 0
+    while passes < MAX_PASSES:
+        passes += 1
+        this_pass, after = 0, None
+        while True:
+            done, after = run_locked(settings.database_url, _table(target), "derive fill",
+                                     functools.partial(_chunk, target=target, slot_id=slot_id,
+                                                       after=after, rows=chunk_rows), policy)
+            this_pass += done
+            if progress is not None:
+                progress(derived + this_pass)
+            if after is None:
+                break
+        derived += this_pass
+        if this_pass == 0:
+            break
+    with connect(settings.database_url) as conn:
+        conn.execute("UPDATE pgreembed.slots SET mode = 'queue' WHERE id = %s"
+                     " AND mode = 'derive'", (slot_id,))
+        slot = next((s for s in load_slots(conn, target) if s.id == slot_id), None)
+        left = 0 if slot is None else int(conn.execute(sql.SQL(
+            "SELECT count(*) FROM {} WHERE {} IS NULL").format(slot.table, slot.vector)
+        ).fetchone()[0])  # type: ignore[index]
+        conn.commit()
+    log.info("derived %d rows of %s in %d passes; %d left to the provider", derived,
+             target.name, passes, left)
+    return FillReport(derived, passes, left)
+
+
+def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
+           rows: int) -> tuple[int, Any]:
+    """One short transaction: derive the next `rows` rows by key; (derived, last key or
+    None at the end). Under `lock_slot`, both column names are the slots' until commit."""
+    new = lock_slot(conn, target, slot_id, "ROW EXCLUSIVE")
+    if new is None:
+        raise MigrationError(f"target {target.name!r}: the derived column was dropped")
+    live = next(s for s in load_slots(conn, target) if s.role == "live")
+    migration = open_migration(conn, target)
+    if migration is None or migration.from_slot != live.id:
+        raise MigrationError(f"target {target.name!r}: the migration is no longer filling")
+    cast = sql.SQL("{}({})").format(sql.SQL(new.vector_type), sql.Literal(new.dimensions))
+    found = conn.execute(sql.SQL(
+        """
+        WITH chunk AS (
+            SELECT {pk} AS pk FROM {table}
+            WHERE %(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type}
+            ORDER BY {pk} LIMIT %(rows)s
+        ), derived AS (
+            UPDATE {table} AS a
+            SET {new} = l2_normalize(subvector(a.{live}, 1, %(dims)s))::{cast}
+            FROM chunk c, {live_state} s
+            WHERE a.{pk} = c.pk AND s.pgr_pk = a.{pk} AND s.pgr_model_id = %(live_model)s
+              AND s.pgr_hash = {hash} AND a.{live} IS NOT NULL AND a.{new} IS NULL
+            RETURNING a.{pk} AS pk, s.pgr_hash AS h, s.pgr_truncated AS t
+        ), recorded AS (
+            INSERT INTO {new_state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at,
+                                     pgr_truncated, pgr_failed_hash, pgr_failure,
+                                     pgr_attempts, pgr_failed_at)
+            SELECT pk, %(new_model)s, h, now(), t, NULL, NULL, 0, NULL FROM derived
+            ON CONFLICT (pgr_pk) DO UPDATE SET
+                pgr_model_id = excluded.pgr_model_id, pgr_hash = excluded.pgr_hash,
+                pgr_embedded_at = excluded.pgr_embedded_at,
+                pgr_truncated = excluded.pgr_truncated, pgr_failed_hash = NULL,
+                pgr_failure = NULL, pgr_attempts = 0, pgr_failed_at = NULL
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM recorded), (SELECT max(pk)::text FROM chunk)
+        """).format(pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
+                    live=live.vector, cast=cast, live_state=live.state_table,
+                    hash=live.hash_expr, new_state=new.state_table),
+        {"after": after, "rows": rows, "dims": new.dimensions, "live_model": live.model_id,
+         "new_model": new.model_id}).fetchone()
+    assert found is not None
+    return int(found[0]), found[1]
+
+
+def storage_saved(rows: int, live: Slot, dimensions: int) -> int:
+    """Bytes the shorter column saves over the live one (vector: 4 bytes, halfvec: 2)."""
+    def size(dims: int) -> int:
+        return (2 if dims > 2000 else 4) * dims + 8
+    return rows * (size(live.dimensions) - size(dimensions))
