@@ -15,7 +15,6 @@ import pytest
 from pgreembed.cli.main import build_parser
 from tests.helpers import ROOT
 
-
 STEPS = ["plan", "start", "status", "pause", "resume", "cancel", "index", "compare", "swap",
          "rollback", "finalize", "batch"]
 
