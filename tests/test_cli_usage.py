@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import jsonschema
 import pytest
 
 from pgreembed.cli.main import build_parser
+from pgreembed.cli.progress import Progress
 from tests.helpers import ROOT
 
 STEPS = ["plan", "start", "status", "pause", "resume", "cancel", "index", "compare", "swap",
@@ -101,3 +103,21 @@ def test_every_schema_is_a_valid_versioned_json_schema() -> None:
         jsonschema.Draft202012Validator.check_schema(found)
         assert found["properties"]["command"] == {"const": path.stem}
         assert found["properties"]["version"] == {"const": 1}
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_task_that_never_waits_draws_no_bar_and_json_draws_nothing() -> None:
+    screen = _Terminal()
+    with Progress("swap: catching up", "rows", stream=screen):
+        pass
+    assert screen.getvalue() == ""
+    with Progress("tick", "rows", stream=screen, as_json=True) as quiet:
+        quiet.update(5, 10)
+    assert screen.getvalue() == ""
+    with Progress("tick", "rows", stream=screen) as bar:
+        bar.update(5, 10)
+    assert "\r" in screen.getvalue() and "5/10" in screen.getvalue()

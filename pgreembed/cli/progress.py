@@ -44,15 +44,16 @@ class Progress:
         self.started = time.monotonic()
         self.last_line = 0.0
         self.done, self.total, self.detail = 0, 0, ""
-        self.bar: tqdm | None = None
-        if self.mode == BAR:
-            self.bar = tqdm(desc=label, unit=f" {unit}", total=None, file=self.stream,
-                            dynamic_ncols=True, mininterval=0.2, leave=True)
+        self.bar: tqdm | None = None  # drawn at the first update: a task that never
+        #                                 waits (a swap already caught up) shows no bar
 
     def update(self, done: int, total: int | None = None, detail: str = "") -> None:
         """Now `done` of `total` (a total may grow, e.g. rows edited while in flight)."""
         self.total = max(total if total is not None else self.total, done)
         self.detail = detail
+        if self.mode == BAR and self.bar is None:
+            self.bar = tqdm(desc=self.label, unit=f" {self.unit}", total=None,
+                            file=self.stream, dynamic_ncols=True, mininterval=0.2, leave=True)
         if self.bar is not None:
             if self.bar.total != self.total:
                 self.bar.total = self.total
