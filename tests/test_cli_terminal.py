@@ -60,7 +60,7 @@ def test_tick_wait_draws_a_moving_bar_with_rate_and_eta_in_a_terminal(
     assert done == sorted(done) and frames[-1] == (ROWS, ROWS), frames
     assert "\r" in screen  # redrawn in place, not scrolled
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d, +[\d.]+ rows/s", screen), screen  # rate, ETA
-    summary = re.search(r"tick: done, (\d+) rows embedded in [\d.]+ s", screen)
+    summary = re.search(r"tick: done, (\d+) rows processed in [\d.]+ s", screen)
     assert summary and int(summary.group(1)) == ROWS, screen
 
 
@@ -74,7 +74,7 @@ def test_tick_wait_in_a_pipe_prints_plain_lines_only(
                        result.stderr, re.M)
     assert len(lines) >= 2, result.stderr  # periodic lines, and a final one
     assert (int(lines[-1][0]), int(lines[-1][1])) == (ROWS, ROWS), result.stderr
-    assert re.search(rf"^tick: done, {ROWS} rows embedded", result.stdout, re.M), result.stdout
+    assert re.search(rf"^tick: done, {ROWS} rows processed", result.stdout, re.M), result.stdout
 
 
 def start_migration(stack: Stack, fake_openai: FakeOpenAIServer) -> str:

@@ -54,7 +54,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
 
         code = run_tick(settings, wait=True, timeout=args.timeout, on_progress=show)
     if code == 0:
-        print(f"tick: done, {bar.done} rows embedded in"
+        print(f"tick: done, {bar.done} rows processed in"
               f" {time.monotonic() - bar.started:.1f} s", flush=True)
     return code
 
