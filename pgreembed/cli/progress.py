@@ -67,13 +67,17 @@ class Progress:
                 self._line()
 
     def _line(self) -> None:
-        meter = tqdm.format_meter(self.done, self.total or None, time.monotonic() - self.started,
-                                  prefix=self.label, unit=self.unit,
-                                  bar_format=_LINE_FORMAT if self.total else None, ascii=True)
-        if not self.total:  # no total yet: count and rate only, without a bar
-            meter = f"{self.label}: {self.done} {self.unit}"
-        print(meter + (f", {self.detail}" if self.detail else ""), file=self.stream,
-              flush=True)
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        line = f"{self.label}: {self.done}"
+        if self.total:
+            left = (self.total - self.done) / rate if rate > 0 else None
+            eta = "?" if left is None else tqdm.format_interval(left)
+            line += (f"/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%),"
+                     f" {rate:.1f} {self.unit}/s, ETA {eta}")
+        else:
+            line += f" {self.unit}, {rate:.1f} {self.unit}/s"
+        print(line + (f", {self.detail}" if self.detail else ""), file=self.stream, flush=True)
 
     def close(self) -> None:
         """Leave the final bar (or a final line) on the screen."""
