@@ -7,9 +7,12 @@ to do and never contain a secret.
 
 from __future__ import annotations
 
-EXIT_ERROR = 1
-EXIT_CONFIG = 2
-EXIT_NOT_INITIALIZED = 4
+# One table for every command (README "Exit codes"; pgreembed/cli/formatting.py).
+EXIT_ERROR = 1  # a service failed (Postgres, Redis, the provider)
+EXIT_CONFIG = 2  # a usage or configuration error
+EXIT_TIMEOUT = 3  # a wait ran out with work left
+EXIT_REFUSED = 4  # refused or blocked: not possible now, nothing was changed
+EXIT_NOT_INITIALIZED = EXIT_REFUSED
 
 
 class PgreembedError(Exception):
@@ -49,13 +52,25 @@ class DatabaseError(PgreembedError):
 class TableBusyError(PgreembedError):
     """The table stayed locked by other sessions for the whole wait; nothing changed."""
 
+    exit_code = EXIT_REFUSED
+
 
 class MigrationError(PgreembedError):
     """A migration step cannot run now; the message says why and what to do."""
 
+    exit_code = EXIT_REFUSED
+
+
+class WaitTimeoutError(PgreembedError):
+    """A wait (a swap's catch-up, Batch API jobs) ran out of time with work left."""
+
+    exit_code = EXIT_TIMEOUT
+
 
 class TuneError(PgreembedError):
     """Nothing to tune (no index, no rows); the message says what is missing."""
+
+    exit_code = EXIT_REFUSED
 
 
 class LiveColumnChanged(PgreembedError):

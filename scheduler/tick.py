@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import psycopg
 import redis
@@ -30,6 +32,15 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_TIMEOUT = 3
 EXIT_MISCONFIGURED = 4
+
+
+@dataclass(frozen=True)
+class TickProgress:
+    """While --wait waits: rows enqueued by every pass so far, and how many are done."""
+
+    enqueued: int
+    done: int
+    passes: int
 
 
 def _in_flight(settings: Settings, client: redis.Redis, slot_ids: list[int]) -> int:
@@ -67,16 +78,22 @@ def _advance_side_fills(settings: Settings) -> bool:
 
 
 def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
-             send: Sender | None = None) -> int:
+             send: Sender | None = None,
+             on_progress: Callable[[TickProgress], None] | None = None) -> int:
+    """One pass (with `wait`: passes until nothing is pending or in flight); `on_progress`
+    is called every 0.2 s while waiting."""
     client = redis.Redis.from_url(settings.redis_url)
     dispatcher = Dispatcher(settings, client, send or dramatiq_sender(settings))
     deadline = time.monotonic() + timeout
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())
         conn.commit()
+        enqueued = passes = 0
         while True:
             moved = _advance_side_fills(settings)
             report = dispatcher.run_pass(conn, limit_in_flight=False)
+            passes += 1
+            enqueued += report.enqueued_rows + report.skipped_in_flight
             print(f"tick: enqueued {report.enqueued_rows} rows in {report.batches} batches"
                   f" ({report.skipped_in_flight} already in flight)", flush=True)
             if not wait:
@@ -86,9 +103,13 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
             slot_ids = [s.id for t in settings.targets.values() for s in load_slots(conn, t)]
             conn.commit()  # a side fill adds and removes columns between passes
             while (left := _in_flight(settings, client, slot_ids)) > 0:
+                if on_progress is not None:
+                    on_progress(TickProgress(enqueued, max(enqueued - left, 0), passes))
                 if time.monotonic() > deadline:
                     print(f"tick: timed out with {left} rows still in flight", flush=True)
                     return EXIT_TIMEOUT
                 time.sleep(0.2)
+            if on_progress is not None:
+                on_progress(TickProgress(enqueued, enqueued, passes))
             if report.enqueued_rows == 0 and report.skipped_in_flight == 0 and not moved:
                 return _finish(settings, conn)

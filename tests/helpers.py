@@ -5,18 +5,22 @@ Test modules import from here, never from each other (or from conftest).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
 
+from pgreembed.cli.output import schema
 from pgreembed.config import parse_settings
 from pgreembed.store.pool import connect
 from pgreembed.testing.fake_vectors import fake_vector, fake_vectors
@@ -63,6 +67,13 @@ class Stack:
     def connect(self) -> psycopg.Connection:
 
         return connect(self.dsn, autocommit=True)
+
+
+def json_document(stdout: str) -> dict[str, Any]:
+    """A `--json` document, validated against its command's versioned JSON Schema."""
+    doc: dict[str, Any] = json.loads(stdout)
+    jsonschema.validate(doc, schema(doc["command"]))
+    return doc
 
 
 def write_config(path: Path, body: str) -> Path:

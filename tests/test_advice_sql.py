@@ -21,7 +21,7 @@ from psycopg import sql
 from pgreembed.config import parse_settings
 from pgreembed.store.setup import init_target
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import API_KEY, ROOT
+from tests.helpers import API_KEY, ROOT, json_document
 
 SCHEMA = 'My "Schema"; drop table y;--'
 TABLE = 'Docs "x"; drop table y;--'
@@ -57,7 +57,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def advice(env: dict[str, str], check: str) -> list[str]:
     """The SQL `doctor --json` advises under `check` (from the findings' details)."""
     result = cli(env, "doctor", "--json")
-    findings = json.loads(result.stdout)
+    findings = json_document(result.stdout)["findings"]
     return [statement for f in findings if f["check"] == check and "details" in f
             for statement in f["details"]["sql"]]
 

@@ -17,14 +17,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis
 
 from pgreembed.config import load_settings
-from tests.helpers import OUTAGE_TRIGGER, Stack, docs_config, wait_for
+from tests.helpers import OUTAGE_TRIGGER, Stack, docs_config, json_document, wait_for
 
 
 def insert_docs(stack: Stack, count: int) -> None:
@@ -41,7 +40,8 @@ def embedded_count(stack: Stack) -> int:
 def cli_json(stack: Stack, *args: str) -> Any:
     result = stack.cli(*args, "--json")
     assert result.returncode in (0, 1), result.stdout + result.stderr
-    return json.loads(result.stdout)
+    doc = json_document(result.stdout)
+    return doc["failures"] if args[0] == "failures" else doc["columns"]
 
 
 def failures(stack: Stack) -> dict[str, str]:
@@ -172,7 +172,8 @@ def test_dimensions_over_the_models_maximum_mark_the_column_misconfigured(
     assert "MISCONFIGURED docs.embedding (openai:text-embedding-3-small@2000)" in text
     doctor = stack.cli("doctor", "--json")
     assert doctor.returncode == 1
-    found = [f for f in json.loads(doctor.stdout) if f["check"] == "misconfigured"]
+    found = [f for f in json_document(doctor.stdout)["findings"]
+             if f["check"] == "misconfigured"]
     assert [(f["level"], f["details"]["column"]) for f in found] == [("error", "embedding")]
 
     from pgreembed.operations.metrics import DatabaseCollector

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from tests.helpers import (
     Stack,
     assert_column_current,
+    json_document,
     migrate,
     running,
     seed,
@@ -40,7 +40,8 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
         conn.execute("UPDATE docs SET body = 'edited during the batch' WHERE id = 4")
     done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
     assert "1 jobs completed (39 rows written, 1 failed)" in done, done
-    failures = json.loads(stack.cli("failures", "--target", "docs", "--json").stdout)
+    failures = json_document(stack.cli("failures", "--target", "docs", "--json").stdout
+                             )["failures"]
     assert [(f["column"], f["role"], f["key"]) for f in failures] == [(column, "next", "41")]
     assert failures[0]["reason"].startswith("batch API rejected it")  # the live column: none
     assert "remaining rows go through the normal queue" in done

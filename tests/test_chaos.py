@@ -18,7 +18,6 @@ $PGREEMBED_CHAOS_ROWS scales the big test (default 20000).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -43,7 +42,16 @@ from psycopg.conninfo import make_conninfo
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
 from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
-from tests.helpers import API_KEY, OUTAGE_TRIGGER, ROOT, Stack, docs_config, pg_outage, wait_for
+from tests.helpers import (
+    API_KEY,
+    OUTAGE_TRIGGER,
+    ROOT,
+    Stack,
+    docs_config,
+    json_document,
+    pg_outage,
+    wait_for,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -372,11 +380,11 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
         status = stack.cli("status", "--json")
         assert status.returncode == 0, status.stderr
         return [(s["failed"], s["pending"], s["misconfigured"])
-                for s in json.loads(status.stdout)] == [(len(refused), 0, None)]
+                for s in json_document(status.stdout)["columns"]] == [(len(refused), 0, None)]
 
     wait_for(settled, timeout=60, interval=1.0, message="every refused row recorded failed")
     failures = stack.cli("failures", "--target", "docs", "--json", "--limit", "1000")
-    reasons = {int(f["key"]): f["reason"] for f in json.loads(failures.stdout)}
+    reasons = {int(f["key"]): f["reason"] for f in json_document(failures.stdout)["failures"]}
     assert set(reasons) == refused
     assert set(reasons.values()) == {'database rejected the write: new row for relation "docs"'
                                      ' violates check constraint "chaos_refused"'

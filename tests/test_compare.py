@@ -17,7 +17,7 @@ import openai
 from psycopg import sql
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import API_KEY, Stack, fill, vector_texts
+from tests.helpers import API_KEY, Stack, fill, json_document, vector_texts
 
 ROWS, DIMS = 1000, 384
 COPY, NOISY = "fake-copy-384", "text-embedding-3-small"  # NOISY has a list price: a cap
@@ -58,13 +58,13 @@ def start_migration(stack: Stack, fake: FakeOpenAIServer, model: str, *extra: st
 def compare(stack: Stack, *args: str) -> dict[str, Any]:
     out = stack.cli("migrate", "compare", "--target", "docs", "--json", *args, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    return dict(json.loads(out.stdout))
+    return json_document(out.stdout)
 
 
 def swap(stack: Stack, step: str = "swap") -> dict[str, Any]:
     out = stack.cli("migrate", step, "--target", "docs", "--json", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    return dict(json.loads(out.stdout))
+    return json_document(out.stdout)
 
 
 def test_compare_ranks_an_identical_model_above_a_degraded_one_and_swap_shows_it(
@@ -107,7 +107,7 @@ def test_compare_ranks_an_identical_model_above_a_degraded_one_and_swap_shows_it
     noisy_column = start_migration(stack, fake_openai, NOISY, "--spend-cap", "0.000001")
     before = fake_openai.stats()["inputs_embedded"]
     refused = stack.cli("migrate", "compare", "--target", "docs", "--sample", "40")
-    assert refused.returncode == 1
+    assert refused.returncode == 4
     assert "spend cap" in refused.stderr
     assert fake_openai.stats()["inputs_embedded"] == before
     assert stack.cli("migrate", "resume", "--target", "docs", "--spend-cap", "1"
@@ -133,4 +133,6 @@ def test_compare_ranks_an_identical_model_above_a_degraded_one_and_swap_shows_it
     # The swap shows the last comparison (in --json: the stored report).
     swapped = swap(stack)
     shown = swapped["comparison"]
-    assert {key: shown[key] for key in from_file} == from_file
+    measured = {key: value for key, value in from_file.items()
+                if key not in ("command", "version")}  # the document's envelope
+    assert {key: shown[key] for key in measured} == measured

@@ -6,7 +6,6 @@ outdated forever ("enqueued 100 rows" every second, `tick --wait` never done).
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import numpy as np
@@ -19,7 +18,7 @@ from pgreembed.store.orphans import OrphanSweep
 from pgreembed.store.pending import sweep
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack
+from tests.helpers import Stack, json_document
 
 
 def insert_docs(stack: Stack, count: int) -> None:
@@ -72,7 +71,7 @@ def test_in_place_model_change_after_deletes_finishes_and_forgets_deleted_rows(s
     result = stack.cli("tick", "--wait", "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
 
-    status = json.loads(stack.cli("status", "--json").stdout)
+    status = json_document(stack.cli("status", "--json").stdout)["columns"]
     live = next(s for s in status if s["role"] == "live")
     assert live["model"] == "openai:alt-384@384"
     assert (live["total"], live["embedded"], live["pending"], live["outdated"],
@@ -116,7 +115,7 @@ def test_state_rows_of_rows_deleted_without_triggers_are_no_work_and_get_swept(
         assert all(n <= 5 for n in removed)  # a page of 5 state rows deletes at most 5
     result = stack.cli("tick", "--wait", "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
-    status = json.loads(stack.cli("status", "--json").stdout)
+    status = json_document(stack.cli("status", "--json").stdout)["columns"]
     assert (status[0]["total"], status[0]["embedded"], status[0]["outdated"]) == (13, 13, 0)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ from pgreembed.config import Settings, parse_settings
 from pgreembed.operations.doctor.checks import run_doctor
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN, Finding
 from pgreembed.store.setup import init_target
+from tests.helpers import json_document
 
 ROOT = Path(__file__).resolve().parent.parent
 DIMS = 384
@@ -220,7 +220,7 @@ def test_cli_exit_codes_and_json(database_url: str, tmp_path: Path) -> None:
     assert "doctor: 0 error(s), 0 warning(s)" in good.stdout
     as_json = run_cli(database_url, config_file(tmp_path, "good"), "--json")
     assert as_json.returncode == 0
-    parsed = json.loads(as_json.stdout)
+    parsed = json_document(as_json.stdout)["findings"]
     assert {f["level"] for f in parsed} == {OK}
     assert {"level", "target", "check", "message"} == set(parsed[0])
 
@@ -229,7 +229,7 @@ def test_cli_exit_codes_and_json(database_url: str, tmp_path: Path) -> None:
     make_table(database_url, "bad", vectors)
     bad = run_cli(database_url, config_file(tmp_path, "good", "bad"), "--json")
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    errors = [f for f in json.loads(bad.stdout) if f["level"] == ERROR]
+    errors = [f for f in json_document(bad.stdout)["findings"] if f["level"] == ERROR]
     assert [(f["target"], f["check"]) for f in errors] == [("bad", "zero_vectors")]
     # --target narrows the check to the healthy one again.
     only_good = run_cli(database_url, config_file(tmp_path, "good", "bad"), "--target", "good")

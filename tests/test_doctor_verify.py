@@ -7,7 +7,6 @@ for their own text: doctor finds exactly those, in the column where they are.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import psycopg
@@ -22,7 +21,7 @@ from pgreembed.store.setup import init_target
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import API_KEY, Stack, wait_for
+from tests.helpers import API_KEY, Stack, json_document, wait_for
 
 
 def seed(stack: Stack, count: int) -> None:
@@ -53,7 +52,7 @@ def verify(stack: Stack, rows: int, *extra: str) -> tuple[int, list[dict[str, An
     """(exit code, the `verify` findings' details, stderr) of `doctor --verify rows --json`."""
     result = stack.cli("doctor", "--verify", str(rows), "--json", *extra)
     assert result.returncode in (0, 1), result.stdout + result.stderr
-    findings = json.loads(result.stdout)
+    findings = json_document(result.stdout)["findings"]
     details = [f["details"] for f in findings if f["check"] == "verify"]
     assert all(f["level"] in (OK, ERROR) for f in findings if f["check"] == "verify")
     return result.returncode, details, result.stderr

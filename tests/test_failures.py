@@ -6,11 +6,10 @@ touch them; records of deleted rows were listed and "retried".
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
-from tests.helpers import Stack, wait_for
+from tests.helpers import Stack, json_document, wait_for
 
 LIVE_MODEL = "openai:fake-384@384"
 NEW_MODEL = "openai:fake-768@768"
@@ -19,7 +18,7 @@ NEW_MODEL = "openai:fake-768@768"
 def failures_json(stack: Stack, *args: str) -> Any:
     result = stack.cli("failures", "--target", "docs", "--json", *args)
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
+    return json_document(result.stdout)["retried" if "--retry" in args else "failures"]
 
 
 def by_role(records: list[dict[str, Any]]) -> dict[str, set[str]]:
@@ -77,7 +76,7 @@ def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fa
     assert f"docs.{new_column} ({NEW_MODEL}, next): 3 failed rows:" in text
 
     refused = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "1")
-    assert refused.returncode == 1
+    assert refused.returncode == 4  # refused: rows failed in the incoming column
     assert f"`pgreembed failures --target docs --column {new_column}`" in refused.stderr
 
     fake_openai.set_faults(bad_input_marker=None)
@@ -112,5 +111,5 @@ def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fa
              message="row 100 embedded in the old column after its retry")
 
     unknown = stack.cli("failures", "--target", "docs", "--column", "nope")
-    assert unknown.returncode == 1
+    assert unknown.returncode == 2  # a wrong option value
     assert "no column 'nope'" in unknown.stderr and new_column in unknown.stderr

@@ -23,6 +23,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    json_document,
     migrate,
     seed,
     wait_filled,
@@ -181,11 +182,11 @@ def test_rows_failed_in_the_new_column_stop_the_swap_unless_accepted(
     fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.3)
     with steady_writer(stack, per_second=5.0, edits=range(10, 61)):
         refused = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "30")
-        assert refused.returncode == 1
+        assert refused.returncode == 4
         assert (f"3 rows searchable now failed to embed in {column}" in refused.stderr
                 and f"pgreembed failures --target docs --column {column}" in refused.stderr)
-        listed = json.loads(stack.cli("failures", "--target", "docs", "--column", column,
-                                      "--json").stdout)
+        listed = json_document(stack.cli("failures", "--target", "docs", "--column", column,
+                                         "--json").stdout)["failures"]
         assert sorted(int(f["key"]) for f in listed) == [5, 6, 7]
         swapped = json.loads(migrate(stack, "swap", "--accept-failed", "--json",
                                      "--timeout", "30"))

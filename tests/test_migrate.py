@@ -77,7 +77,7 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     assert "migration of docs: [##############################] 60/60 rows" in overall.stdout
     # No index on the new column yet while the live one has one: refused.
     refused = stack.cli("migrate", "swap", "--target", "docs")
-    assert refused.returncode == 1 and "run `migrate index`" in refused.stderr
+    assert refused.returncode == 4 and "run `migrate index`" in refused.stderr
     assert "is valid" in migrate(stack, "index")
     assert "swap done" in migrate(stack, "swap")
     assert column_type(stack, "embedding") == "vector(768)"
@@ -222,7 +222,7 @@ def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack
             conn.execute(f"CREATE UNIQUE INDEX CONCURRENTLY pgreembed_ann_{slot_id} ON docs"
                          f" ({new_column})")
     refused = stack.cli("migrate", "swap", "--target", "docs")
-    assert refused.returncode == 1 and "INVALID" in refused.stderr
+    assert refused.returncode == 4 and "INVALID" in refused.stderr
     migrate(stack, "index")
     # A long transaction holds the table: the swap retries until it is released.
     blocker = hold_table(stack, 3.0)  # many lock attempts (100 ms each) long
@@ -402,7 +402,7 @@ def test_new_index_serves_the_live_index_distance_or_swap_refuses(stack: Stack) 
     migrate(stack, "index", "--distance", "cosine")  # what the live index does not serve
     assert new_index() == "ivfflat vector_cosine_ops"  # the method still follows the live one
     refused = stack.cli("migrate", "swap", "--target", "docs")
-    assert refused.returncode == 1
+    assert refused.returncode == 4
     assert "indexed for l2 distance" in refused.stderr, refused.stderr
     migrate(stack, "index")  # defaults to the live index: rebuilt as ivfflat + l2
     assert new_index() == "ivfflat vector_l2_ops"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.helpers import Stack, docs_config
+from tests.helpers import Stack, docs_config, json_document
 
 EXIT_NOT_INITIALIZED = 4
 COMMANDS = [("status",), ("status", "--json"), ("tick",), ("tick", "--wait"),
@@ -43,4 +41,4 @@ dimensions = 384
         assert_asks_for_init(stack, args, "notes")
     result = stack.cli("failures", "--target", "docs", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == []
+    assert json_document(result.stdout)["failures"] == []

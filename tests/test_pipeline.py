@@ -7,14 +7,13 @@ missing row all fail these tests.
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import pytest
 
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, docs_config, wait_for
+from tests.helpers import Stack, docs_config, json_document, wait_for
 
 MODEL = "fake-384"
 
@@ -203,7 +202,7 @@ def test_bad_rows_are_recorded_and_do_not_block_others(stack: Stack, fake_openai
     assert "row 2: text is empty or only whitespace" in failures.stdout
     assert "row 3: provider rejected the text" in failures.stdout
     status = stack.cli("status", "--json")
-    assert [s["failed"] for s in json.loads(status.stdout)] == [3]
+    assert [s["failed"] for s in json_document(status.stdout)["columns"]] == [3]
     # Failed rows are not retried on every pass ...
     assert "enqueued 0 rows" in stack.cli("tick").stdout
     # ... until asked to, or until their text changes.
@@ -234,7 +233,7 @@ def test_provider_down_past_every_in_process_retry_then_work_resumes(stack: Stac
     with stack.connect() as conn:
         assert conn.execute("SELECT count(*) FROM docs WHERE embedding IS NOT NULL"
                             ).fetchone()[0] == 0
-    status = json.loads(stack.cli("status", "--json").stdout)
+    status = json_document(stack.cli("status", "--json").stdout)["columns"]
     assert [s["failed"] for s in status] == [0]  # transient, not bad rows
     fake_openai.set_faults(error_500_count=0)  # the provider is back
 

@@ -25,7 +25,7 @@ def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack
         conn.execute("INSERT INTO docs (title, body) VALUES ('', '   '), (NULL, NULL)")
     assert stack.cli("init").returncode == 0
     code, out, _ = plan_of(stack, "--provider", "local", "--model", "x", "--dimensions", "512")
-    assert code == 1
+    assert code == 4  # refused/blocked (the README's exit-code table)
     assert "BLOCKER: the local model produces 384 dimensions" in out
     # Rows without text hold no vector in either column: a note, not a blocker (the swap
     # waits only for rows that would stop being searchable).
@@ -36,7 +36,7 @@ def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack
     assert "as UTF-8 bytes, an upper bound" in out  # no tiktoken encoding for fake-768
     migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     code, out, _ = plan_of(stack, "--model", "fake-1024", "--dimensions", "1024")
-    assert code == 1
+    assert code == 4
     assert "BLOCKER: migration 1 of 'docs' is open (filling)" in out
 
 
@@ -87,10 +87,11 @@ def test_advice_after_a_migration_names_the_config_to_write(stack: Stack) -> Non
     migrate(stack, "swap")
     again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
                       "--dimensions", "768")
-    assert again.returncode == 1
+    assert again.returncode == 4  # refused
     assert "(swapped): `migrate finalize` it" in again.stderr
     migrate(stack, "finalize")
     doctor = json.loads(stack.cli("doctor", "--json").stdout)
-    models = [f for f in doctor if f["check"] == "models"]
+    findings = doctor["findings"] if isinstance(doctor, dict) else doctor
+    models = [f for f in findings if f["check"] == "models"]
     assert any("a migration made it live: set provider = 'openai', model = 'fake-alt-384',"
                " dimensions = 384" in f["message"] for f in models), models

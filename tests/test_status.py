@@ -3,12 +3,11 @@ and a `--watch` that handles bad intervals, Ctrl-C and a closed pipe without tra
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 
-from tests.helpers import ROOT, Stack, wait_for
+from tests.helpers import ROOT, Stack, json_document, wait_for
 
 ROWS, PENDING = 20_000, 10
 
@@ -34,14 +33,14 @@ def test_status_counts_without_scanning_the_table_and_exactly_on_request(stack: 
     before = seq_scans(stack)
     cheap = stack.cli("status", "--json")
     assert cheap.returncode == 0, cheap.stderr
-    [live] = json.loads(cheap.stdout)
+    [live] = json_document(cheap.stdout)["columns"]
     assert seq_scans(stack) == before, "status scanned the app's table"
     assert live["estimated"] is True and live["truncated"] is None
     assert (live["total"], live["embedded"], live["pending"]) == (ROWS, ROWS - PENDING, PENDING)
     assert live["coverage"] == round((ROWS - PENDING) / ROWS, 6)
 
     exact = stack.cli("status", "--json", "--exact")
-    [counted] = json.loads(exact.stdout)
+    [counted] = json_document(exact.stdout)["columns"]
     assert counted["estimated"] is False and counted["truncated"] == 0
     assert (counted["total"], counted["embedded"], counted["pending"]) == (
         ROWS, ROWS - PENDING, PENDING)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
+from pgreembed.cli.formatting import add_command
+from pgreembed.cli.output import emit
 from pgreembed.operations.doctor.checks import run_doctor
 from pgreembed.operations.doctor.findings import ERROR, WARN, exit_code
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
@@ -26,7 +27,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                           recall_k=args.k, recall_target=args.recall_target,
                           announce=lambda line: print(line, file=notices, flush=True))
     if args.json:
-        print(json.dumps([f.as_dict() for f in findings], indent=2))
+        emit("doctor", {"findings": [f.as_dict() for f in findings]})
     else:
         for f in findings:
             print(f"{f.level.upper():<5}  {f.target or '(server)'}: {f.message}")
@@ -67,10 +68,11 @@ def _similarity(text: str) -> float:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `pgreembed doctor` to the CLI's subcommands."""
     help_text = "read-only health checks of the targets (exit 1 if any error)"
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "doctor", help=help_text, description=help_text)
+    parser = add_command(subparsers, "doctor", help_text, help_text,
+                         example="pgreembed doctor --target docs --recall --json")
     parser.set_defaults(handler=cmd_doctor)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true",
+                        help="print only the versioned JSON document")
     parser.add_argument("--target", action="append", help="only this target (repeatable)")
     parser.add_argument("--sample", type=int, default=1000, metavar="ROWS",
                         help="vectors sampled for the zero/norm checks")

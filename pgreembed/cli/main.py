@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -12,6 +11,9 @@ from collections.abc import Callable, Sequence
 import psycopg
 import redis
 
+from pgreembed.cli.formatting import EXIT_CODES_EPILOG, Parser, add_command
+from pgreembed.cli.output import emit
+from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
 from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
 from pgreembed.logs import setup_logging
@@ -50,9 +52,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
-    from scheduler.tick import run_tick
+    from scheduler.tick import TickProgress, run_tick
 
-    return run_tick(_settings(args), wait=args.wait, timeout=args.timeout)
+    settings = _settings(args)
+    if not args.wait:
+        return run_tick(settings)
+    with Progress("tick", "rows") as bar:
+        def show(at: TickProgress) -> None:
+            bar.update(at.done, at.enqueued, f"pass {at.passes}")
+
+        code = run_tick(settings, wait=True, timeout=args.timeout, on_progress=show)
+    if code == 0:
+        print(f"tick: done, {bar.done} rows processed in"
+              f" {time.monotonic() - bar.started:.1f} s", flush=True)
+    return code
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
@@ -79,7 +92,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
     migrations = {name: progress(settings, settings.target(name))
                   for name in {r.target for r in rows if r.role != "live"}}
     if as_json:
-        out = [r.as_dict() for r in rows]
+        out: list[dict[str, object]] = [r.as_dict() for r in rows]
         for item in out:
             fill = fills.get(str(item["target"]))
             item["path"] = "side" if fill else "direct"
@@ -92,7 +105,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
                                      "done": found.done, "total": found.total,
                                      "rate_per_second": round(found.rate_per_second, 1),
                                      "eta_seconds": found.eta_seconds, "paused": found.paused}
-        print(json.dumps(out, indent=2))
+        emit("status", {"columns": out})
         return
     header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
               f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
@@ -145,9 +158,9 @@ def cmd_failures(args: argparse.Namespace) -> int:
         if args.retry:
             retried = [(slot, retry_failures(conn, slot)) for slot in slots]
             if args.json:
-                print(json.dumps([{"column": s.vector_column, "model": s.model_key,
-                                   "role": s.role, "retried": n} for s, n in retried],
-                                 indent=2))
+                emit("failures-retry", {"retried": [
+                    {"column": s.vector_column, "model": s.model_key, "role": s.role,
+                     "retried": n} for s, n in retried]})
                 return 0
             for slot, count in retried:
                 print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
@@ -156,7 +169,8 @@ def cmd_failures(args: argparse.Namespace) -> int:
         found = [(slot, *list_failures(conn, slot, args.limit)) for slot in slots]
         conn.rollback()
     if args.json:
-        print(json.dumps([r.as_dict() for _, _, records in found for r in records], indent=2))
+        emit("failures", {"failures": [r.as_dict() for _, _, records in found
+                                        for r in records]})
         return 0
     for slot, total, records in found:
         shown = f", the {len(records)} most recent:" if len(records) < total else ":"
@@ -181,7 +195,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pgreembed.demo.run import run_demo
 
-    return run_demo(rows=args.rows, workers=args.workers)
+    with Progress("demo: embedding", "rows") as bar:
+        return run_demo(rows=args.rows, workers=args.workers,
+                        on_progress=lambda done, total: bar.update(done, total))
 
 
 def _watch_seconds(text: str) -> float:
@@ -195,54 +211,86 @@ def _watch_seconds(text: str) -> float:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pgreembed")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print only the versioned JSON document (no progress)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgreembed", description=__doc__)
+    parser = Parser(prog="pgreembed", description=__doc__,
+                    epilog=EXIT_CODES_EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--config", help="TOML file (default: $PGREEMBED_CONFIG or"
                                          " ./pgreembed.toml)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from pgreembed.cli.completion import add_completion
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str
-            ) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text, description=help_text)
+    add_completion(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
+            example: str) -> argparse.ArgumentParser:
+        command = add_command(sub, name, help_text, help_text, example=example)
         command.set_defaults(handler=handler)
         return command
 
-    p = add("init", cmd_init, "create or update the bookkeeping for the targets (idempotent)")
+    p = add("init", cmd_init, "create or update the bookkeeping for the targets (idempotent)",
+            "pgreembed init --target docs")
     p.add_argument("--target", help="only this target")
     p.add_argument("--lock-wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="S",
                    help="give up after retrying the app table's lock this long (each attempt"
-                        f" waits at most {DEFAULT_LOCK_TIMEOUT_MS} ms)")
-    p = add("tick", cmd_tick, "one scheduling pass for a cronjob, then exit")
-    p.add_argument("--wait", action="store_true", help="wait until every pending row is done")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait may take")
-    add("scheduler", cmd_scheduler, "run the continuous scheduler (one leader among replicas)")
-    p = add("status", cmd_status, "counts per target and column (cheap; --exact scans)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+                        f" waits at most {DEFAULT_LOCK_TIMEOUT_MS} ms; then exit 4)")
+    p = add("tick", cmd_tick, "one scheduling pass for a cronjob, then exit",
+            "pgreembed tick --wait --timeout 3000")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until every pending row is done (a progress bar on a terminal)")
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="seconds --wait may take (then exit 3)")
+    add("scheduler", cmd_scheduler, "run the continuous scheduler (one leader among replicas)",
+        "pgreembed scheduler")
+    p = add("status", cmd_status, "counts per target and column (cheap; --exact scans)",
+            "pgreembed status --watch 5")
+    _add_json(p)
     p.add_argument("--watch", type=_watch_seconds, metavar="SECONDS",
                    help="refresh every SECONDS (at least 0.1) until Ctrl-C")
     p.add_argument("--exact", action="store_true",
                    help="count every row exactly (scans the table: seconds per million rows)")
     p = add("failures", cmd_failures, "rows that could not be embedded, and why, in every"
-            " column being filled (live, a migration's new one, the old one kept after a swap)")
+            " column being filled (live, a migration's new one, the old one kept after a swap)",
+            "pgreembed failures --target docs --limit 50")
     p.add_argument("--target", required=True)
     p.add_argument("--column", help="only this vector column")
     p.add_argument("--limit", type=_positive_int, default=20,
                    help="most recent failures shown per column")
     p.add_argument("--retry", action="store_true", help="make the failed rows pending again")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = add("search", cmd_search, "semantic search with the target's active model")
+    _add_json(p)
+    p = add("search", cmd_search, "semantic search with the target's active model",
+            'pgreembed search --target docs "green tea brewing"')
     p.add_argument("--target", required=True)
-    p.add_argument("--limit", "-k", type=int, default=5)
+    p.add_argument("--limit", "-k", type=_positive_int, default=5)
     p.add_argument("query")
-    p = add("demo", cmd_demo, "embedded Postgres + Redis + offline model, end to end")
-    p.add_argument("--rows", type=int, default=1000, help="corpus size")
-    p.add_argument("--workers", type=int, default=2, help="worker processes")
+    p = add("demo", cmd_demo, "embedded Postgres + Redis + offline model, end to end",
+            "pgreembed demo --rows 300")
+    p.add_argument("--rows", type=_positive_int, default=1000, help="corpus size")
+    p.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
     from pgreembed.cli import doctor, tune
     from pgreembed.cli import migrate as cli_migrate
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
+from pgreembed.cli.formatting import EXIT_REFUSED, add_command
+from pgreembed.cli.output import emit
 from pgreembed.config import load_settings
 from pgreembed.operations.recall import (
     DEFAULT_EXACT_TIMEOUT_MS,
@@ -49,10 +50,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                   queries=args.queries, exact_timeout_ms=int(args.statement_timeout * 1000),
                   record=not args.dry_run)
     if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
+        emit("tune", result.as_dict())
     else:
         print_result(result)
-    return 0 if result.recommended is not None else 1
+    return 0 if result.recommended is not None else EXIT_REFUSED  # nothing recorded
 
 
 def _recall(text: str) -> float:
@@ -81,8 +82,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `pgreembed tune` to the CLI's subcommands."""
     help_text = ("measure an index's recall against exact search and recommend the smallest"
                  " setting (hnsw.ef_search, ivfflat.probes) that reaches a target")
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "tune", help=help_text, description=help_text)
+    parser = add_command(subparsers, "tune", help_text, help_text,
+                         example="pgreembed tune --target docs --recall 0.98 --dry-run")
     parser.set_defaults(handler=cmd_tune)
     parser.add_argument("--target", required=True)
     parser.add_argument("--column", choices=["live", "incoming"], default="live",
@@ -101,5 +102,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="longest one exact (sequential-scan) query may run")
     parser.add_argument("--dry-run", action="store_true",
                         help="measure and recommend, record nothing")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true",
+                        help="print only the versioned JSON document")
     return parser

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pgreembed.config import Settings, load_settings
@@ -67,18 +68,17 @@ def _spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
                             start_new_session=True)
 
 
-def _wait_embedded(settings: Settings, expected_total: int, timeout: float) -> float:
+def _wait_embedded(settings: Settings, expected_total: int, timeout: float,
+                   on_progress: Callable[[int, int], None]) -> float:
     start = time.monotonic()
-    last_print = 0.0
     while True:
         with connect(settings.database_url) as conn:
             status = collect(conn, settings, None, exact=True)[0]
         now = time.monotonic()
         if status.embedded + status.failed >= expected_total and status.total == expected_total:
+            on_progress(status.embedded + status.failed, expected_total)
             return now - start
-        if now - last_print > 2:
-            print(f"  {status.embedded}/{status.total} embedded", flush=True)
-            last_print = now
+        on_progress(status.embedded + status.failed, expected_total)
         if now - start > timeout:
             raise TimeoutError(f"only {status.embedded}/{status.total} embedded after"
                                f" {timeout:.0f}s")
@@ -97,7 +97,13 @@ def _wait_row(dsn: str, title: str, timeout: float = 30.0) -> float:
     raise TimeoutError(f"row {title!r} not embedded within {timeout}s")
 
 
-def run_demo(rows: int = 1000, workers: int = 2) -> int:
+def _no_progress(done: int, total: int) -> None:
+    """The default: the caller (the CLI) draws progress, the demo itself does not."""
+
+
+def run_demo(rows: int = 1000, workers: int = 2,
+             on_progress: Callable[[int, int], None] = _no_progress) -> int:
+    """The demo; `on_progress(done, total)` is called every 0.2 s while the corpus embeds."""
     scratch = Path(tempfile.mkdtemp(prefix="pgreembed-demo-"))
     postgres = EmbeddedPostgres(scratch / "pgdata")
     redis_server = LocalRedis()
@@ -122,7 +128,7 @@ def run_demo(rows: int = 1000, workers: int = 2) -> int:
                                 scratch / "scheduler.log"))
         print(f"scheduler + {workers} worker processes running (offline model"
               " all-MiniLM-L6-v2 int8); embedding ...", flush=True)
-        elapsed = _wait_embedded(settings, total, timeout=900)
+        elapsed = _wait_embedded(settings, total, timeout=900, on_progress=on_progress)
         print(f"all {total} rows embedded in {elapsed:.1f}s ({total / elapsed:.0f} rows/s)")
 
         with connect(dsn, autocommit=True) as conn:

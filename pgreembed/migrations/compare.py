@@ -29,7 +29,7 @@ from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import Row, embed_rows
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.embedding.providers import make_provider
-from pgreembed.errors import MigrationError
+from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations.state import open_migration
 from pgreembed.operations.recall import (
     DEFAULT_EXACT_TIMEOUT_MS,
@@ -56,9 +56,9 @@ def read_queries(path: str) -> list[str]:
     texts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     texts = [t for t in texts if t]
     if not texts:
-        raise MigrationError(f"--queries {path}: no query text in the file")
+        raise ConfigError(f"--queries {path}: no query text in the file")
     if len(texts) > MAX_QUERIES:
-        raise MigrationError(f"--queries {path}: {len(texts)} queries, at most {MAX_QUERIES}")
+        raise ConfigError(f"--queries {path}: {len(texts)} queries, at most {MAX_QUERIES}")
     return texts
 
 

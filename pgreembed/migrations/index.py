@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -12,6 +13,7 @@ from psycopg import sql
 from pgreembed.config import Settings, Target
 from pgreembed.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
+from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
 from pgreembed.migrations.state import _require_open, _slots_by_id
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot
@@ -37,12 +39,14 @@ def index_defaults(conn: psycopg.Connection, live: Slot, method: str | None = No
 def build_index(settings: Settings, target: Target, method: str | None = None,
                 distance: str | None = None, m: int = 16, ef_construction: int = 64,
                 lists: int | None = None, maintenance_work_mem: str = "512MB",
-                parallel_workers: int | None = None) -> str:
+                parallel_workers: int | None = None,
+                on_progress: Callable[[IndexBuild], None] | None = None) -> str:
     """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first.
 
     Method and distance default to the live column's ANN index, so the app's queries
     (which use that index's operator) keep using an index after the swap; without
-    one, HNSW for the target's configured `distance`.
+    one, HNSW for the target's configured `distance`. `on_progress` is called about twice
+    a second with the build's phase and tuples/blocks done (pg_stat_progress_create_index).
     """
     with connect(settings.database_url, autocommit=True) as conn:
         migration = _require_open(conn, target, "filling")
@@ -77,11 +81,16 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         if parallel_workers is not None:
             conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
                 sql.Literal(parallel_workers)))
-        conn.execute(sql.SQL(
+        create = sql.SQL(
             "CREATE INDEX CONCURRENTLY {name} ON {table} USING {method} ({column} {opclass})"
             " {params}").format(name=sql.Identifier(name), table=slot.table,
                                 method=sql.SQL(method), column=slot.vector,
-                                opclass=sql.Identifier(opclass), params=params))
+                                opclass=sql.Identifier(opclass), params=params)
+        if on_progress is None:
+            conn.execute(create)
+        else:
+            with BuildWatcher(settings.database_url, conn.info.backend_pid, on_progress):
+                conn.execute(create)
         return name
 
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from pgreembed.config import Budget, Settings, Target
 from pgreembed.embedding.budgets import record_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
-from pgreembed.errors import MigrationError
+from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations.state import (
     _require_open,
     _slots_by_id,
@@ -64,14 +64,14 @@ def start(settings: Settings, target: Target, provider: str, model: str,
     `derive`: the new column is filled in SQL from the live one (pgreembed.migrations.derive);
     the scheduler leaves it alone ("derive" mode) until that fill is done."""
     if provider == "local" and dimensions != 384:
-        raise MigrationError("the local model produces 384 dimensions")
+        raise ConfigError("--dimensions: the local model produces 384 dimensions")
     budget = budget or Budget()
     if budget and provider != "openai":
-        raise MigrationError("--requests-per-minute/--tokens-per-minute apply to the openai"
-                             " provider only")
+        raise ConfigError("--requests-per-minute/--tokens-per-minute apply to the openai"
+                          " provider only")
     new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
     if batch_api and provider != "openai":
-        raise MigrationError("--batch-api needs the openai provider")
+        raise ConfigError("--batch-api needs the openai provider")
 
     def add_column(conn: psycopg.Connection) -> tuple[Slot, bool]:
         conn.execute(INIT_LOCK)

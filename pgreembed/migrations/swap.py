@@ -15,7 +15,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
-from pgreembed.errors import MigrationError
+from pgreembed.errors import MigrationError, WaitTimeoutError
 from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import SWAP_COLUMN, _require_open, _table
 from pgreembed.store.pool import connect
@@ -185,7 +185,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         waited = time.monotonic() - asked
         if ready.unsearchable > max_unsearchable:
             if time.monotonic() > deadline:
-                raise MigrationError(
+                raise WaitTimeoutError(
                     f"{ready.unsearchable} rows still have a vector in {live.vector_column}"
                     f" but none in {other.vector_column} after {waited:.0f} s (allowed:"
                     f" {max_unsearchable}); the workers are not keeping up (`pgreembed"

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
-from pgreembed.errors import NotFoundError
+from pgreembed.errors import ConfigError
 from pgreembed.redact import redact
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, load_slots, require_initialized
 
@@ -47,8 +47,8 @@ def select_slots(conn: psycopg.Connection, target: Target, column: str | None) -
     chosen = [s for s in slots if s.vector_column == column]
     if not chosen:
         known = ", ".join(f"{s.vector_column} ({s.role})" for s in slots)
-        raise NotFoundError(f"target {target.name!r} has no column {column!r} being kept filled"
-                          f" (its columns: {known})")
+        raise ConfigError(f"--column: target {target.name!r} has no column {column!r} being"
+                          f" kept filled (its columns: {known})")
     return chosen
 
 

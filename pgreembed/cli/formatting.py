@@ -1,0 +1,44 @@
+"""How every command's help looks: its description, an example, and one exit-code table."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+EXIT_OK = 0
+EXIT_SERVICE = 1  # Postgres, Redis or the provider failed; doctor found an error
+EXIT_USAGE = 2  # a bad option or config value (argparse exits 2 too)
+EXIT_TIMEOUT = 3  # a --wait / --timeout ran out with work left
+EXIT_REFUSED = 4  # refused or blocked (a migration step not possible now, plan blockers,
+#                   the table stayed locked, a target not initialised, a misconfigured column)
+
+EXIT_CODES_EPILOG = """exit codes (every command):
+  0  ok
+  1  service error (Postgres, Redis, the provider; doctor found an error)
+  2  usage or configuration error
+  3  timeout (--wait / --timeout ran out with work left)
+  4  refused or blocked (step not possible now, plan blockers, table locked,
+     target not initialised, misconfigured column, tune found no setting)"""
+
+
+def add_command(sub: Any, name: str, help_text: str, description: str, *,
+                example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with an example of its use."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=description, epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands refuse options they do not take themselves.
+
+    argparse hands a subcommand's unknown options up to the top parser, whose error then
+    shows the top-level usage; here the subcommand that got them says so, with its usage.
+    """
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:  # a leaf: these options are not its own
+            self.error(f"unrecognized arguments: {' '.join(extras)} (see `{self.prog} --help`)")
+        return parsed, extras

@@ -1,0 +1,55 @@
+"""`migrate plan|start --derive dimensions:D`: a migration made in SQL from the live vectors."""
+
+from __future__ import annotations
+
+import argparse
+
+from pgreembed.cli.output import emit
+from pgreembed.config import Settings, Target
+from pgreembed.errors import ConfigError
+from pgreembed.migrations import derive, plan
+from pgreembed.store.table_lock import LockPolicy
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PB"
+
+
+def derive_step(settings: Settings, target: Target, args: argparse.Namespace, step: str,
+                policy: LockPolicy | None) -> int:
+    """plan: $0 and the storage saved; start: the new column filled, no provider call."""
+    if (args.model or args.dimensions or getattr(args, "batch_api", False)
+            or getattr(args, "spend_cap", None) is not None):
+        raise ConfigError("migrate --derive: the model and size come from the live column"
+                          " and the spec (no --model, --dimensions, --batch-api, --spend-cap)")
+    dimensions = derive.parse_dimensions(args.derive)
+    live = derive.live_slot(settings, target)
+    derive.check_shortenable(live, dimensions)
+    if step == "plan":
+        p = plan.plan(settings, target, live.provider, live.model, dimensions)
+        saved = derive.storage_saved(p.rows, live, dimensions)
+        if getattr(args, "json", False):
+            emit("migrate-plan", {
+                "rows": p.rows, "rows_without_text": p.rows_without_text, "tokens": 0,
+                "tokens_exact": True, "cost_usd": 0.0, "minutes_at_rate_limit": None,
+                "requests_per_minute": None, "tokens_per_minute": None,
+                "storage_bytes": p.storage_bytes, "column": p.column,
+                "column_type": p.column_type, "statements": [], "blockers": p.blockers,
+                "notes": p.notes, "derived_from": live.model_key, "provider_inputs": 0,
+                "storage_saved_bytes": saved})
+            return 0
+        print(f"rows: {p.rows}; derived in SQL from {live.model_key}: no provider call,"
+              " estimated cost: $0.00 (rows written meanwhile without a live vector are"
+              " embedded by the provider at the new size)")
+        print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)};"
+              f" saves ~{_human_bytes(saved)} over the live column")
+        return 0
+    slot, report = derive.start(settings, target, args.derive, policy=policy)
+    print(f"derived migration: column {slot.vector_column} ({slot.model_key}) filled from"
+          f" {live.model_key}: {report.derived} rows derived in {report.passes} passes,"
+          f" {report.left_to_provider} left to the provider; next: migrate index, swap")
+    return 0

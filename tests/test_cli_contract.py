@@ -1,0 +1,62 @@
+"""One output contract: versioned --json documents (checked against their JSON Schema) and
+the README's exit-code table, on real services."""
+
+from __future__ import annotations
+
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from tests.helpers import Stack, json_document, seed
+
+
+def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    assert stack.cli("init").returncode == 0
+    seed(stack, 16)
+    stack.start_worker(threads=2)
+    assert stack.cli("tick", "--wait", "--timeout", "120").returncode == 0
+
+    no_migration = stack.cli("migrate", "status", "--target", "docs", "--json")
+    assert no_migration.returncode == 4, no_migration.stderr  # refused: nothing to report
+    assert no_migration.stdout == "" and "no migration in progress" in no_migration.stderr
+
+    plan = stack.cli("migrate", "plan", "--target", "docs", "--model", "fake-768",
+                     "--dimensions", "768", "--json")
+    assert plan.returncode == 0, plan.stderr
+    planned = json_document(plan.stdout)
+    assert (planned["command"], planned["version"]) == ("migrate-plan", 1)
+    assert planned["rows"] == 16 and planned["blockers"] == []
+    blocked = stack.cli("migrate", "plan", "--target", "docs", "--model", "fake-768",
+                        "--dimensions", "20000", "--json")
+    assert blocked.returncode == 4, blocked.stderr
+    assert json_document(blocked.stdout)["blockers"]
+
+    started = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
+                        "--dimensions", "768")
+    assert started.returncode == 0, started.stderr
+    status = json_document(stack.cli("migrate", "status", "--target", "docs", "--json").stdout)
+    assert (status["command"], status["done"], status["total"]) == ("migrate-status", 0, 16)
+    # No scheduler runs: the new column never catches up, so the swap's wait times out.
+    timed_out = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "1",
+                          "--max-unsearchable", "0", "--json")
+    assert timed_out.returncode == 3, timed_out.stdout + timed_out.stderr
+    assert timed_out.stdout == "" and "16 rows still have a vector" in timed_out.stderr
+    again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-1536",
+                      "--dimensions", "1536")
+    assert again.returncode == 4 and "already has migration" in again.stderr
+    wrong = stack.cli("migrate", "start", "--target", "docs", "--provider", "local",
+                      "--model", "m", "--dimensions", "768")
+    assert wrong.returncode == 2 and "--dimensions" in wrong.stderr  # a usage error
+
+
+def test_status_failures_and_doctor_documents(stack: Stack) -> None:
+    assert stack.cli("init").returncode == 0
+    seed(stack, 3)
+    status = json_document(stack.cli("status", "--json").stdout)
+    assert [(c["role"], c["pending"]) for c in status["columns"]] == [("live", 3)]
+    failures = json_document(stack.cli("failures", "--target", "docs", "--json").stdout)
+    assert failures == {"command": "failures", "version": 1, "failures": []}
+    retried = json_document(stack.cli("failures", "--target", "docs", "--retry",
+                                      "--json").stdout)
+    assert [r["retried"] for r in retried["retried"]] == [0]
+    doctor = stack.cli("doctor", "--json")
+    assert doctor.returncode in (0, 1), doctor.stderr
+    assert {f["check"] for f in json_document(doctor.stdout)["findings"]}
