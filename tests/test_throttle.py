@@ -53,7 +53,7 @@ def _embedded_over_time(stack: Stack, total: int, timeout: float) -> list[tuple[
 
 def test_cap_holds_across_worker_processes(stack: Stack) -> None:
     """Two worker processes x 4 threads, 240 rows, cap 40 rows/s: the first window's
-    budget (2 s x 40 rows) may go at once, the other 160 rows take >= 4 s."""
+    budget (1 s x 40 rows) may go at once, the other 200 rows take >= 5 s."""
     write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=400)
                  + "\n[throttle]\nmax_rows_per_second = 40\n")
     assert stack.cli("init").returncode == 0
@@ -89,7 +89,7 @@ def test_adaptive_backs_off_while_the_probe_query_is_slow(database_url: str,
     config = ThrottleSettings(max_rows_per_second=200, adaptive=True,
                               probe_sql="SELECT pg_sleep(0.05)", max_probe_ms=20,
                               probe_interval=0.1)
-    throttle = Throttle(config, throttle_redis, largest_batch=10,
+    throttle = Throttle(config, throttle_redis,
                         probe=_Prober(database_url, config))
     admitted = _admitted_in(throttle, 4.0)
     assert throttle.factor() <= 0.25, throttle.factor()
@@ -99,7 +99,7 @@ def test_adaptive_backs_off_while_the_probe_query_is_slow(database_url: str,
     calm = ThrottleSettings(max_rows_per_second=200, adaptive=True, max_probe_ms=200,
                             probe_interval=0.1)
     throttle_redis.flushall()
-    relaxed = Throttle(calm, throttle_redis, largest_batch=10, probe=_Prober(database_url, calm))
+    relaxed = Throttle(calm, throttle_redis, probe=_Prober(database_url, calm))
     assert _admitted_in(relaxed, 2.0) >= 300
     assert relaxed.factor() == 1.0
 
@@ -108,7 +108,7 @@ def test_adaptive_backs_off_while_other_clients_are_busy(database_url: str,
                                                          throttle_redis: redis.Redis) -> None:
     config = ThrottleSettings(max_rows_per_second=200, adaptive=True, max_probe_ms=1000,
                               max_active=1, probe_interval=0.1)
-    throttle = Throttle(config, throttle_redis, largest_batch=10,
+    throttle = Throttle(config, throttle_redis,
                         probe=_Prober(database_url, config))
     release = threading.Event()
 
@@ -132,3 +132,13 @@ def test_adaptive_backs_off_while_other_clients_are_busy(database_url: str,
     assert factor <= 0.5, factor
     # Full speed would be 200 rows/s + the first window's budget (1 s): >= 800 in 3 s.
     assert admitted < 400, admitted
+
+
+def test_a_batch_bigger_than_a_second_of_budget_is_paced(throttle_redis: redis.Redis) -> None:
+    """512 rows at a 100 rows/s cap: one second's budget at once, the rest at the cap
+    (not the whole batch in one burst, which would hurt the app as much as no cap)."""
+    throttle = Throttle(ThrottleSettings(max_rows_per_second=100), throttle_redis)
+    started = time.monotonic()
+    throttle.admit(512)
+    elapsed = time.monotonic() - started
+    assert 3.5 <= elapsed <= 8, elapsed

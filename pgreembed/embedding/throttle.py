@@ -2,9 +2,10 @@
 worker (Redis), and lowered while the app's queries suffer (adaptive mode).
 
 The cap is the shared rate limiter of `ratelimit.py` with rows as its tokens and a
-window of at least one second, long enough that the largest batch fits the budget even
-when backed off to MIN_FACTOR (a batch bigger than the window's budget would pass alone
-and exceed the rate). Adaptive mode
+one-second window. A batch is admitted in chunks that fit the window's budget even when
+backed off to MIN_FACTOR: a reservation bigger than the budget would pass alone and
+exceed the rate, and a window long enough to hold a whole batch would let a burst of
+that many rows through at once. Adaptive mode
 reuses the limiter's AIMD factor: each worker process probes the database every
 `probe_interval` seconds (a probe query's latency, other clients' active queries,
 `pgreembed.store.load`); a probe over its bound halves the factor for every worker
@@ -34,20 +35,21 @@ log = logging.getLogger(__name__)
 # back to the full cap in ~1/RECOVER_PER_SECOND seconds; never below MIN_FACTOR of it.
 DECREASE, MIN_FACTOR = 0.5, 0.1
 HOLD_SECONDS, RECOVER_PER_SECOND, COOLDOWN_SECONDS = 2.0, 0.05, 1.0
+WINDOW_SECONDS = 1.0
 
 
 class Throttle:
     """Paces rows written by every worker sharing `client`'s Redis."""
 
-    def __init__(self, config: ThrottleSettings, client: redis.Redis, largest_batch: int,
+    def __init__(self, config: ThrottleSettings, client: redis.Redis,
                  probe: Callable[[], LoadSample] | None = None,
                  namespace: str = "pgreembed") -> None:
         cap = config.max_rows_per_second or 0
         self.config = config
-        self.window = max(1.0, largest_batch / (cap * MIN_FACTOR)) if cap else 1.0
-        budget = Budget(tokens_per_minute=max(1, round(cap * self.window)))
+        self.chunk = max(1, int(cap * WINDOW_SECONDS * MIN_FACTOR))
+        budget = Budget(tokens_per_minute=max(1, round(cap * WINDOW_SECONDS)))
         self.limiter = RateLimiter(client, "throttle:rows", budget=lambda: budget,
-                                   window_seconds=self.window, decrease=DECREASE,
+                                   window_seconds=WINDOW_SECONDS, decrease=DECREASE,
                                    min_factor=MIN_FACTOR, hold_seconds=HOLD_SECONDS,
                                    recover_per_second=RECOVER_PER_SECOND,
                                    cooldown_seconds=COOLDOWN_SECONDS, namespace=namespace)
@@ -59,8 +61,13 @@ class Throttle:
         """Wait until `rows` more rows may be written; returns the seconds waited."""
         if not self.config:
             return 0.0
-        self.check_load()
-        return self.limiter.acquire(rows)
+        waited = 0.0
+        while rows > 0:
+            self.check_load()  # also between chunks: a long wait keeps probing
+            chunk = min(rows, self.chunk)
+            waited += self.limiter.acquire(chunk)
+            rows -= chunk
+        return waited
 
     def check_load(self) -> LoadSample | None:
         """Probe (one thread per process, every probe_interval) and back off if busy."""
@@ -129,8 +136,6 @@ def throttle_for(settings: Settings) -> Throttle:
     key = (settings.database_url, settings.redis_url)
     with _lock:
         if key not in _throttles:
-            largest = max((t.batch_size for t in settings.targets.values()), default=1)
             _throttles[key] = Throttle(settings.throttle, limiter_client(settings.redis_url),
-                                       largest, _Prober(settings.database_url,
-                                                        settings.throttle))
+                                       _Prober(settings.database_url, settings.throttle))
         return _throttles[key]
