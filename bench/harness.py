@@ -97,7 +97,7 @@ class Services:
         self.redis = LocalRedis()
         self.fake = FakeOpenAIServer(api_key=API_KEY)
         self.admin_dsn = ""
-        self._templates: dict[int, str] = {}
+        self._templates: dict[str, str] = {}
 
     def start(self) -> Services:
         self.admin_dsn = self.postgres.start()
@@ -118,10 +118,15 @@ class Services:
     def dsn(self, dbname: str) -> str:
         return make_conninfo(self.admin_dsn, dbname=dbname)
 
-    def template(self, rows: int) -> str:
-        """A database with table docs(id, body, inserted_at) of `rows` rows, built once."""
-        if rows in self._templates:
-            return self._templates[rows]
+    def template(self, rows: int, index: str | None = None) -> str:
+        """A database with table docs(id, body, inserted_at) of `rows` rows, built once;
+        with `index` (a key of INDEXES), also an empty vector column carrying that index,
+        as the app's table has before a backfill."""
+        key = f"{rows}_{index}" if index else str(rows)
+        if key in self._templates:
+            return self._templates[key]
+        if index:
+            return self._indexed_template(rows, index, key)
         name = f"bench_src_{rows}"
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
@@ -136,12 +141,26 @@ class Services:
                     for offset, text in enumerate(texts(start, count)):
                         copy.write_row((start + offset, text))
             conn.execute("VACUUM ANALYZE docs")
-        self._templates[rows] = name
+        self._templates[key] = name
         return name
 
-    def fresh_copy(self, rows: int, label: str) -> str:
-        """A new database, a copy of the `rows` template; returns its DSN."""
-        source = self.template(rows)
+    def _indexed_template(self, rows: int, index: str, key: str) -> str:
+        name = f"bench_src_{key}"
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(self.template(rows))))
+        with psycopg.connect(self.dsn(name), autocommit=True) as conn:
+            kind = vector_type(self.dims)
+            conn.execute(sql.SQL("ALTER TABLE docs ADD COLUMN embedding {}").format(
+                sql.SQL(f"{kind}({self.dims})")))
+            conn.execute(index_sql(index, kind, "embedding"))
+        self._templates[key] = name
+        return name
+
+    def fresh_copy(self, rows: int, label: str, index: str | None = None) -> str:
+        """A new database, a copy of the `rows` template (with `index`); returns its DSN."""
+        source = self.template(rows, index)
         name = f"bench_{label}_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
@@ -156,6 +175,23 @@ class Services:
 
     def flush_redis(self) -> None:
         redis.Redis.from_url(self.redis.url).flushall()
+
+
+# The indexes an app's search column carries (pgvector's defaults for HNSW; IVFFlat with
+# 100 lists, its documented starting point for up to ~1M rows).
+INDEXES = {"hnsw": ("hnsw", "m = 16, ef_construction = 64"), "ivfflat": ("ivfflat", "lists = 100")}
+
+
+def vector_type(dims: int) -> str:
+    """pgvector indexes `vector` up to 2000 dims, `halfvec` up to 4000."""
+    return "vector" if dims <= 2000 else "halfvec"
+
+
+def index_sql(index: str, kind: str, column: str, concurrently: bool = False) -> sql.Composed:
+    method, options = INDEXES[index]
+    return sql.SQL("CREATE INDEX {} ON docs USING {} ({} {}) WITH ({})").format(
+        sql.SQL("CONCURRENTLY") if concurrently else sql.SQL(""), sql.SQL(method),
+        sql.Identifier(column), sql.SQL(f"{kind}_cosine_ops"), sql.SQL(options))
 
 
 def count_pending(conn: psycopg.Connection, column: str = "embedding") -> int:
@@ -353,6 +389,8 @@ class Pipeline:
     dsn: str
     tuning: Tuning
     extra_target: dict[str, int] = field(default_factory=dict)
+    extra_config: str = ""  # more TOML sections (e.g. [throttle])
+    model: str = ""  # the target's model (default: the services' model)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     long_lived: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logdir: Path = field(init=False)
@@ -370,14 +408,15 @@ class Pipeline:
             'text_column = "body"\n'
             'vector_column = "embedding"\n'
             'provider = "openai"\n'
-            f'model = "{self.services.model}"\n'
+            f'model = "{self.model or self.services.model}"\n'
             f"dimensions = {self.services.dims}\n"
             f"batch_size = {self.tuning.batch_size}\n"
             f"{extra}"
             "\n[worker]\n"
             "poll_interval = 0.5\n"
             f"max_inflight_rows = {self.tuning.max_inflight_rows}\n"
-            f"pool_max_size = {self.tuning.pool_max_size}\n")
+            f"pool_max_size = {self.tuning.pool_max_size}\n"
+            f"{self.extra_config}")
         self.env = {
             **os.environ,
             "DATABASE_URL": self.dsn,
@@ -461,11 +500,11 @@ class Pipeline:
 
 @contextlib.contextmanager
 def pipeline(services: Services, dsn: str, tuning: Tuning,
-             extra_target: dict[str, int] | None = None, init: bool = True
-             ) -> Iterator[Pipeline]:
+             extra_target: dict[str, int] | None = None, init: bool = True,
+             extra_config: str = "", model: str = "") -> Iterator[Pipeline]:
     """Our pipeline on `dsn` (`pgreembed init` done unless `init=False`), stopped on exit."""
     services.flush_redis()
-    run = Pipeline(services, dsn, tuning, dict(extra_target or {}))
+    run = Pipeline(services, dsn, tuning, dict(extra_target or {}), extra_config, model)
     if init:
         run.cli("init")
     try:

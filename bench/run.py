@@ -1,8 +1,14 @@
 """Benchmarks: ours against a baseline on the same rows, same machine, same run.
 
-    python -m bench.run [--rows N] [--dims D] [--only ceiling,pgai,memory,freshness,ratelimit]
+    python -m bench.run [--rows N] [--dims D] [--only indexed,sidepath,applatency,ceiling,...]
 
 Sections (all but `profile` by default):
+  indexed    into an HNSW- and an IVFFlat-indexed column (the table users have): the
+             fastest raw write vs our full pipeline; the unindexed pair as a second line
+  sidepath   re-embedding an HNSW-indexed column in place vs through a side column
+             (fill + CREATE INDEX CONCURRENTLY + swap); the crossover backlog
+  applatency the app's p99 (pgbench: vector search + small write) idle, during a
+             full-speed backfill, and during one under [throttle]
   ceiling    raw binary COPY + UPDATE ... FROM of precomputed vectors vs our full pipeline
   pgai       pgai's vectorizer worker (same rows, same provider) vs ours
   memory     worker peak RSS at N and 4N rows
@@ -16,8 +22,10 @@ process, the local OpenAI-compatible server (zero latency, deterministic vectors
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +35,9 @@ from pathlib import Path
 import psycopg
 
 from bench import profile as profiling
+from bench.app_latency import run_phase, throttle_config
 from bench.harness import Services, Tuning, fmt_rate, tiktoken_cache_dir
+from bench.indexed import measure_indexed, measure_side_path
 from bench.sections import (
     CeilingRun,
     OursRun,
@@ -40,8 +50,10 @@ from bench.sections import (
     run_ratelimit,
 )
 
-SECTIONS = ("ceiling", "pgai", "memory", "freshness", "ratelimit", "profile")
-DEFAULT_SECTIONS = ("ceiling", "pgai", "memory", "freshness", "ratelimit")
+SECTIONS = ("indexed", "sidepath", "applatency", "ceiling", "pgai", "memory", "freshness",
+            "ratelimit", "profile")
+DEFAULT_SECTIONS = ("indexed", "sidepath", "applatency", "ceiling", "pgai", "memory",
+                    "freshness", "ratelimit")
 MB = 1024 * 1024
 
 
@@ -60,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, default=100_000,
                         help="rows N (default 100000, ~13 min; --rows 20000 takes ~4)")
     parser.add_argument("--dims", type=int, default=1536, help="vector size (model fake-D)")
+    parser.add_argument("--indexed-rows", type=int, default=10_000,
+                        help="rows of the indexed, sidepath and applatency sections (default"
+                             " 10000: an HNSW-indexed write runs at ~200-400 rows/s here)")
+    parser.add_argument("--indexes", default="hnsw,ivfflat",
+                        help="indexed: the indexes measured (hnsw, ivfflat)")
+    parser.add_argument("--app-seconds", type=float, default=20.0,
+                        help="applatency: seconds of app traffic per phase")
+    parser.add_argument("--app-rate", type=float, default=20.0,
+                        help="applatency: app transactions per second (pgbench -R)")
+    parser.add_argument("--app-clients", type=int, default=2, help="applatency: pgbench clients")
+    parser.add_argument("--app-batch-size", type=int, default=64,
+                        help="applatency: our rows per message (an HNSW write of 512 rows holds"
+                             " a core for seconds, whatever the pace)")
     parser.add_argument("--only", type=_parse_sections, default=list(DEFAULT_SECTIONS),
                         help=f"comma-separated sections among {', '.join(SECTIONS)}")
     parser.add_argument("--batch-size", type=int, default=512, help="our rows per message")
@@ -199,6 +224,60 @@ class Bench:
         print(f"  ours/ceiling: {ratios}")
         self.summary.append(f"ceiling    raw write {ceiling.rate:,.0f} rows/s; ours/ceiling"
                             f" {ratios} (target >= 0.7)")
+
+    def indexed(self) -> None:
+        """Per index, raw writes then ours on the same rows; the unindexed pair last."""
+        rows = self.args.indexed_rows
+        cases = []
+        for index in [*[i.strip() for i in self.args.indexes.split(",") if i.strip()], None]:
+            print(f"  -- {index or 'no index'}: {rows} rows", flush=True)
+            cases.append(measure_indexed(self.services, rows, self.tuning, index))
+        for case in cases:
+            print(f"  {case.line()}")
+            self.summary.append(f"indexed    {case.line()}"
+                                + (" (target >= 0.9)" if case.index else ""))
+
+    def sidepath(self) -> None:
+        rows = self.args.indexed_rows
+        print(f"  -- {rows} rows embedded by {self.services.model} under HNSW, re-embedded"
+              " with another model of the same size", flush=True)
+        result = measure_side_path(self.services, rows, self.tuning)
+        speedup = result.direct_seconds / result.side_seconds
+        crossover = result.crossover_rows()
+        where = ("never (filling the side column is not cheaper per row)" if crossover is None
+                 else f"{crossover:,.0f} rows = {100 * crossover / rows:.0f}% of this"
+                      f" {rows}-row table")
+        print(f"  side column / direct: {speedup:.2f}x faster end to end")
+        print(f"  crossover (side column wins above this backlog): {where}")
+        self.summary.append(f"sidepath   {rows} rows under HNSW: direct {result.direct_seconds:.0f}"
+                            f" s, side column {result.side_seconds:.0f} s = {speedup:.2f}x"
+                            f" (target >= 3); crossover {where}")
+
+    def applatency(self) -> None:
+        a = self.args
+        common = dict(seconds=a.app_seconds, rate=a.app_rate, clients=a.app_clients)
+        rows = a.indexed_rows
+        tuning = dataclasses.replace(self.tuning, batch_size=a.app_batch_size)
+        print(f"  app: pgbench -R {a.app_rate:g} -c {a.app_clients}, {a.app_seconds:g} s per"
+              f" phase; backfill: {rows} rows re-embedded in place, {tuning.describe()}")
+        idle = run_phase(self.services, rows, tuning, "idle", backfill=False, **common)
+        print(f"  {idle.line()}", flush=True)
+        full = run_phase(self.services, rows, tuning, "backfill, no throttle",
+                         backfill=True, **common)
+        print(f"  {full.line(idle)}", flush=True)
+        # The cap is the unthrottled rate: only the adaptive mode slows the backfill down;
+        # its bound is 1.5x the app's idle median (the probe is the app's own search).
+        config = throttle_config(max(1, int(full.backfill_rows / full.seconds)),
+                                 1.5 * statistics.median(idle.latencies_ms))
+        print(f"  throttle: {' '.join(config.split())}")
+        throttled = run_phase(self.services, rows, tuning, "backfill, throttle on",
+                              backfill=True, throttle=config, **common)
+        print(f"  {throttled.line(idle)}", flush=True)
+        self.summary.append(f"applatency p99 idle {idle.percentile(99):.1f} ms, backfill"
+                            f" {full.percentile(99) / idle.percentile(99):.1f}x idle,"
+                            f" throttled {throttled.percentile(99) / idle.percentile(99):.1f}x"
+                            f" idle at {throttled.backfill_rows / throttled.seconds:,.0f} rows/s"
+                            " (target <= 2x)")
 
     def pgai(self) -> None:
         rows = self.args.rows

@@ -54,14 +54,16 @@ class OursRun:
 
 
 def run_ours(services: Services, rows: int, tuning: Tuning, wrapper: list[str] | None = None,
-             timeout: float = 1800.0) -> OursRun:
+             timeout: float = 1800.0, index: str | None = None,
+             extra_config: str = "") -> OursRun:
     """The full pipeline on a fresh copy: `pgreembed init`, `dramatiq worker` started
-    (until every process says it is ready), then one `pgreembed tick --wait` pass."""
-    dsn = services.fresh_copy(rows, "ours")
+    (until every process says it is ready), then one `pgreembed tick --wait` pass.
+    `index`: the copy's vector column already carries that index (bench.harness.INDEXES)."""
+    dsn = services.fresh_copy(rows, "ours", index)
     services.fake.reset()
     try:
         cold_start = time.monotonic()
-        with pipeline(services, dsn, tuning, init=False) as run:
+        with pipeline(services, dsn, tuning, init=False, extra_config=extra_config) as run:
             run.cli("init")
             worker = run.start_worker(wrapper)
             sampler = RssSampler(worker.pid)
@@ -103,6 +105,7 @@ class CeilingRun:
     rows: int
     seconds: float
     cpu: str
+    cpu_used: dict[str, float]
 
     @property
     def rate(self) -> float:
@@ -121,16 +124,18 @@ def ceiling_strategies(batch_size: int, cores: int) -> dict[str, tuple[int | Non
 _VECTORS: dict[tuple[str, int, int], list[tuple[int, Any]]] = {}
 
 
-def run_ceiling(services: Services, rows: int, tuning: Tuning) -> list[CeilingRun]:
+def run_ceiling(services: Services, rows: int, tuning: Tuning, index: str | None = None,
+                strategies: dict[str, tuple[int | None, int]] | None = None
+                ) -> list[CeilingRun]:
     """The same vectors written straight into the same table (after the same `init`):
     binary COPY into a temporary table and UPDATE ... FROM, no provider, no queue.
     Vectors are computed before the clock starts (once per run of the bench). One
     write per strategy, each on a fresh copy, fastest first."""
     vectors = _VECTORS.get((services.model, services.dims, rows), [])
     results: list[CeilingRun] = []
-    strategies = ceiling_strategies(tuning.batch_size, os.cpu_count() or 1)
+    strategies = strategies or ceiling_strategies(tuning.batch_size, os.cpu_count() or 1)
     for name, (chunk_rows, connections) in strategies.items():
-        dsn = services.fresh_copy(rows, "ceiling")
+        dsn = services.fresh_copy(rows, "ceiling", index)
         try:
             with pipeline(services, dsn, tuning):
                 pass  # `pgreembed init` only: same column, partial index and triggers
@@ -205,7 +210,7 @@ def _timed_write(services: Services, dsn: str, name: str, rows: int, vector_type
             conn.close()
     meter.used["writer"] = meter.used.pop("provider")  # this process wrote
     meter.used.pop("tick")
-    return CeilingRun(name, rows, finished - started, meter.describe())
+    return CeilingRun(name, rows, finished - started, meter.describe(), dict(meter.used))
 
 
 # -- 2. pgai --------------------------------------------------------------------------

@@ -8,7 +8,6 @@ validation error names the field and what is wrong with it.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -17,11 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgreembed.config_fields import optional_positive as _optional_positive
+from pgreembed.config_fields import positive as _positive
+from pgreembed.config_fields import reject_unknown
+from pgreembed.config_fields import require as _require
+from pgreembed.config_fields import typed as _typed
 from pgreembed.distances import canonical_distance
 from pgreembed.errors import ConfigError
 from pgreembed.model_keys import model_key
 from pgreembed.redact import register_configured_secrets
 from pgreembed.side_fill_config import SIDE_FILL_KEYS, SideFillSettings, parse_side_fill
+from pgreembed.throttle_settings import ThrottleSettings, parse_throttle
 
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
@@ -111,6 +116,8 @@ class Settings:
     # `[rate_limits."<model>"]`: budgets of openai models, whichever column they fill.
     rate_limits: Mapping[str, Budget] = field(default_factory=dict)
     side_fill: SideFillSettings = field(default_factory=SideFillSettings)  # [side_fill]
+    # `[throttle]`: rows/s cap and adaptive back-off of the writes (pgreembed.throttle_settings).
+    throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
 
     def target(self, name: str) -> Target:
         try:
@@ -121,8 +128,8 @@ class Settings:
 
 
 # Every key a section may hold: anything else is a typo, refused with the nearest name.
-TOP_LEVEL_KEYS = ("target", "defaults", "worker", "rate_limits", "database_url", "redis_url",
-                  "side_fill")
+TOP_LEVEL_KEYS = ("target", "defaults", "worker", "rate_limits", "throttle", "database_url",
+                  "redis_url", "side_fill")
 TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
@@ -130,53 +137,6 @@ TARGET_KEYS = (
 )
 WORKER_KEYS = ("poll_interval", "max_inflight_rows", "lease_seconds", "request_timeout",
                "provider_retry_seconds", "pool_max_size", "write_retry_seconds")
-
-
-def reject_unknown(given: Mapping[str, Any], known: tuple[str, ...], where: str,
-                   what: str = "field") -> None:
-    """Refuse keys that are not in `known`, naming the closest valid one (a typo that
-    is silently ignored runs with the default the user meant to change)."""
-    unknown = sorted(set(given) - set(known))
-    if not unknown:
-        return
-    hints = []
-    for key in unknown:
-        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hints.append(f"{key} (did you mean {near[0]!r}?)" if near else key)
-    raise ConfigError(f"{where}: unknown {what}(s) {', '.join(hints)};"
-                      f" valid: {', '.join(known)}")
-
-
-def _require(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
-    if key not in table:
-        raise ConfigError(f"{where}: missing required field {key!r}")
-    return _typed(table[key], kind, f"{where}.{key}")
-
-
-def _typed(value: Any, kind: type, where: str) -> Any:
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: must be an integer, got {value!r}")
-    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise ConfigError(f"{where}: must be a number, got {value!r}")
-    if kind in (str, bool) and not isinstance(value, kind):
-        raise ConfigError(f"{where}: must be a {kind.__name__}, got {value!r}")
-    if kind is str and not value.strip():
-        raise ConfigError(f"{where}: must not be empty")
-    return value
-
-
-def _positive(value: int, where: str, maximum: int | None = None) -> int:
-    if value <= 0:
-        raise ConfigError(f"{where}: must be > 0, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{where}: must be <= {maximum}, got {value}")
-    return value
-
-
-def _optional_positive(table: Mapping[str, Any], key: str, where: str) -> int | None:
-    if table.get(key) is None:
-        return None
-    return _positive(_typed(table[key], int, f"{where}.{key}"), f"{where}.{key}")
 
 
 # One identifier of a qualified name: "double quoted" ("" is a quote), or bare: no dot,
@@ -357,6 +317,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         config_path=config_path,
         rate_limits=parse_rate_limits(document.get("rate_limits", {})),
         side_fill=parse_side_fill(side_fill),
+        throttle=parse_throttle(document.get("throttle", {})),
     )
 
 

@@ -36,6 +36,7 @@ from pgreembed.embedding.embed import Embedded, Failed, Outcome, embed_rows
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
+from pgreembed.embedding.throttle import throttle_for
 from pgreembed.errors import MisconfiguredError
 from pgreembed.instruments import failure_kind, worker_metrics
 from pgreembed.redact import redact
@@ -118,6 +119,8 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     outcome = Outcome()
     reservation = spend.Reservation(None, None, True)
     if to_embed:
+        # `[throttle]`: the app comes first; wait before buying, so no vector waits unwritten.
+        throttle_for(settings).admit(len(to_embed))
         provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
         reservation = spend.reserve(pool, slot, provider, to_embed)  # a spend cap's share
         if not reservation.granted and not kept.embedded and not copied:

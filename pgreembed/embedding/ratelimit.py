@@ -117,15 +117,15 @@ class RateLimiter:
             self._sleep(wait)
         return wait
 
-    def report_rate_limited(self) -> float:
-        """The provider answered 429 anyway: lower the shared budgets for a while.
-        Returns the factor the budgets are now multiplied by."""
+    def report_rate_limited(self, why: str = "provider returned 429") -> float:
+        """The provider answered 429 anyway (or `why`): lower the shared budgets for a
+        while. Returns the factor the budgets are now multiplied by."""
         factor = self._call("report")  # negative: already lowered for this burst
         if factor is None:
             return 1.0
         if factor > 0:
-            log.warning("rate limit %s: provider returned 429; budgets lowered to %.0f%%",
-                        self.name, factor * 100)
+            log.warning("rate limit %s: %s; budgets lowered to %.0f%%",
+                        self.name, why, factor * 100)
         return abs(factor)
 
     def factor(self) -> float:
