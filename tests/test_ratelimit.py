@@ -35,7 +35,7 @@ TOKEN_CYCLE = [10, 50, 90, 30]
 # [(sent at, tokens), ...] measured right after the limiter let each one go.
 CLIENT = """
 import json, sys, threading, time, redis
-from pgreembed.ratelimit import RateLimiter
+from pgreembed.embedding.ratelimit import RateLimiter
 url, name, threads, requests, offset, rpm, tpm = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])
 cycle, window = json.loads(sys.argv[8]), float(sys.argv[9])
 limiter = RateLimiter(redis.Redis.from_url(url), name, requests_per_minute=rpm,
