@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pgreembed.cli.migrate import usd
+from pgreembed.cli.migrate_steps import usd
 from pgreembed.config import load_settings
 from pgreembed.migrations import plan as plan_module
 from pgreembed.testing.fake_openai import FakeOpenAIServer
