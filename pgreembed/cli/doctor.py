@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from pgreembed.cli.formatting import add_command
+from pgreembed.cli.formatting import add_command, positive_int
 from pgreembed.cli.output import emit
 from pgreembed.operations.doctor.checks import run_doctor
 from pgreembed.operations.doctor.findings import ERROR, WARN, exit_code
@@ -41,13 +41,6 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if not 0 < value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be in 1..1000, got {value}")
     return value
 
 
@@ -92,12 +85,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="measure each ANN index's recall@k against exact search at the"
                              " settings pgreembed.search applies; warn below the target (no"
                              " tokens: sample queries are stored vectors)")
-    parser.add_argument("--recall-queries", type=_positive_int, default=50, metavar="N",
+    parser.add_argument("--recall-queries", type=positive_int, default=50, metavar="N",
                         help="--recall: sample queries per index (each costs one sequential"
                              " scan for the exact answer; default 50, at most 1000)")
     parser.add_argument("--recall-target", type=_recall, metavar="R",
                         help="--recall: lowest acceptable recall (default: the target `tune`"
                              " was given, else 0.95)")
-    parser.add_argument("--k", type=_positive_int, default=10,
+    parser.add_argument("--k", type=positive_int, default=10,
                         help="--recall: recall@k (default 10)")
     return parser

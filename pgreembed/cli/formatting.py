@@ -42,3 +42,22 @@ class Parser(argparse.ArgumentParser):
         if extras and self._subparsers is None:  # a leaf: these options are not its own
             self.error(f"unrecognized arguments: {' '.join(extras)} (see `{self.prog} --help`)")
         return parsed, extras
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0, or a usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} PB"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import psycopg
 import redis
 
-from pgreembed.cli.formatting import EXIT_CODES_EPILOG, Parser, add_command
+from pgreembed.cli.formatting import EXIT_CODES_EPILOG, Parser, add_command, positive_int
 from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
@@ -210,16 +210,6 @@ def _watch_seconds(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -278,19 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
             "pgreembed failures --target docs --limit 50")
     p.add_argument("--target", required=True)
     p.add_argument("--column", help="only this vector column")
-    p.add_argument("--limit", type=_positive_int, default=20,
+    p.add_argument("--limit", type=positive_int, default=20,
                    help="most recent failures shown per column")
     p.add_argument("--retry", action="store_true", help="make the failed rows pending again")
     _add_json(p)
     p = add("search", cmd_search, "semantic search with the target's active model",
             'pgreembed search --target docs "green tea brewing"')
     p.add_argument("--target", required=True)
-    p.add_argument("--limit", "-k", type=_positive_int, default=5)
+    p.add_argument("--limit", "-k", type=positive_int, default=5)
     p.add_argument("query")
     p = add("demo", cmd_demo, "embedded Postgres + Redis + offline model, end to end",
             "pgreembed demo --rows 300")
-    p.add_argument("--rows", type=_positive_int, default=1000, help="corpus size")
-    p.add_argument("--workers", type=_positive_int, default=2, help="worker processes")
+    p.add_argument("--rows", type=positive_int, default=1000, help="corpus size")
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes")
     from pgreembed.cli import doctor, tune
     from pgreembed.cli import migrate as cli_migrate
 

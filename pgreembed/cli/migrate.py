@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgreembed.cli import migrate_steps as steps
-from pgreembed.cli.formatting import add_command
+from pgreembed.cli.formatting import add_command, positive_int
 from pgreembed.distances import DISTANCE_ALIASES, DISTANCES
 from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
@@ -37,34 +37,24 @@ def _spend_cap(text: str) -> SpendCap:
     return SpendCap(usd)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="openai", choices=["openai", "local"])
     p.add_argument("--model", help="the new model (required unless --derive)")
-    p.add_argument("--dimensions", type=_positive_int,
+    p.add_argument("--dimensions", type=positive_int,
                    help="the new model's vector size (required unless --derive)")
     p.add_argument("--derive", metavar="dimensions:D",
                    help="no provider call: the new column is the live vectors shortened to D"
                         " dims in SQL (text-embedding-3-* and other shortenable models)")
-    p.add_argument("--requests-per-minute", type=_positive_int, metavar="N",
+    p.add_argument("--requests-per-minute", type=positive_int, metavar="N",
                    help="the new model's request budget, shared by every worker (start"
                         " records it; plan estimates with it)")
-    p.add_argument("--tokens-per-minute", type=_positive_int, metavar="N",
+    p.add_argument("--tokens-per-minute", type=positive_int, metavar="N",
                    help="the new model's token budget, shared by every worker (start"
                         " records it; plan estimates with it)")
 
 
 def _lock_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lock-timeout-ms", type=_positive_int, default=DEFAULT_LOCK_TIMEOUT_MS,
+    p.add_argument("--lock-timeout-ms", type=positive_int, default=DEFAULT_LOCK_TIMEOUT_MS,
                    help="longest wait of one lock attempt (the app's queries queue behind it"
                         f" meanwhile; default {DEFAULT_LOCK_TIMEOUT_MS})")
     p.add_argument("--lock-wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="S",
@@ -104,9 +94,9 @@ def _index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distance", choices=[*DISTANCES, *DISTANCE_ALIASES],
                    help="default the live column's index distance, else the target's"
                         " `distance`")
-    p.add_argument("--lists", type=_positive_int, help="ivfflat lists (default from row count)")
-    p.add_argument("--m", type=_positive_int, default=16, help="hnsw m (default 16)")
-    p.add_argument("--ef-construction", type=_positive_int, default=64,
+    p.add_argument("--lists", type=positive_int, help="ivfflat lists (default from row count)")
+    p.add_argument("--m", type=positive_int, default=16, help="hnsw m (default 16)")
+    p.add_argument("--ef-construction", type=positive_int, default=64,
                    help="hnsw ef_construction (default 64)")
     p.add_argument("--maintenance-work-mem", default="512MB", metavar="SIZE",
                    help="maintenance_work_mem of the build (default 512MB)")
@@ -132,7 +122,7 @@ def _compare(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--queries", metavar="FILE",
                    help="query texts, one per line (default: --sample)")
-    p.add_argument("--sample", type=_positive_int, metavar="N",
+    p.add_argument("--sample", type=positive_int, metavar="N",
                    help="N rows' texts as self-retrieval queries (default 100)")
     add_k_option(p)
     _json_option(p)

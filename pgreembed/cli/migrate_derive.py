@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target
 from pgreembed.errors import ConfigError
 from pgreembed.migrations import derive, plan
 from pgreembed.store.table_lock import LockPolicy
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1024:
-            return f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} PB"
 
 
 def derive_step(settings: Settings, target: Target, args: argparse.Namespace, step: str,

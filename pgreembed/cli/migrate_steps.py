@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.migrate_derive import derive_step
 from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
@@ -16,14 +17,6 @@ from pgreembed.migrations import index as indexing
 from pgreembed.migrations import lifecycle, plan, progress, swap
 from pgreembed.migrations.index_progress import IndexBuild
 from pgreembed.store.table_lock import LockPolicy
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1024:
-            return f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} PB"
 
 
 def _bar(done: int, total: int, width: int = 30) -> str:
