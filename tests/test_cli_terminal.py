@@ -3,6 +3,7 @@ that moves and a final summary; in a pipe, plain lines without a control charact
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -127,3 +128,18 @@ def test_index_build_shows_its_phase_in_a_terminal_and_nothing_with_json_in_a_pi
     status = piped(stack, "migrate", "status", "--target", "docs", "--json")
     assert status.returncode == 0 and status.stderr == "", status.stderr
     assert status.stdout.lstrip().startswith("{") and not CONTROL.search(status.stdout)
+
+
+def test_demo_shows_its_embedding_bar_in_a_terminal() -> None:
+    """The demo's own services (embedded Postgres, Redis, the offline model)."""
+    child = pexpect.spawn(sys.executable, ["-m", "pgreembed", "demo", "--rows", "40",
+                                           "--workers", "1"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
+                          dimensions=(24, 140), encoding="utf-8", timeout=300)
+    child.expect(pexpect.EOF)
+    screen = child.before
+    child.close()
+    assert child.exitstatus == 0, screen
+    frames = bar_frames(screen, "demo: embedding")
+    assert frames and frames[-1] == (40, 40), screen
+    assert "all 40 rows embedded in" in screen and "\r" in screen

@@ -57,6 +57,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.wait:
         return run_tick(settings)
+    started = time.monotonic()
     with Progress("tick", "rows") as bar:
         def show(at: TickProgress) -> None:
             bar.update(at.done, at.enqueued, f"pass {at.passes}")
@@ -64,7 +65,7 @@ def cmd_tick(args: argparse.Namespace) -> int:
         code = run_tick(settings, wait=True, timeout=args.timeout, on_progress=show)
     if code == 0:
         print(f"tick: done, {bar.done} rows processed in"
-              f" {time.monotonic() - bar.started:.1f} s", flush=True)
+              f" {time.monotonic() - started:.1f} s", flush=True)
     return code
 
 

@@ -44,6 +44,7 @@ class Progress:
         self.started = time.monotonic()
         self.last_line = 0.0
         self.done, self.total, self.detail = 0, 0, ""
+        self.updated = False
         self.bar: tqdm | None = None  # drawn at the first update: a task that never
         #                                 waits (a swap already caught up) shows no bar
 
@@ -51,6 +52,8 @@ class Progress:
         """Now `done` of `total` (a total may grow, e.g. rows edited while in flight)."""
         self.total = max(total if total is not None else self.total, done)
         self.detail = detail
+        if not self.updated:  # rates count from the work, not from the command's start-up
+            self.updated, self.started = True, time.monotonic()
         if self.mode == BAR and self.bar is None:
             self.bar = tqdm(desc=self.label, unit=f" {self.unit}", total=None,
                             file=self.stream, dynamic_ncols=True, mininterval=0.2, leave=True)
