@@ -221,7 +221,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
     slot, slots, adopted = run_locked(dsn, table, "init",
                                       lambda conn: _init_in_transaction(conn, target), policy,
-                                      mode=SHARE_ROW_EXCLUSIVE, may_need_no_lock=True)
+                                      mode=SHARE_ROW_EXCLUSIVE)
     if adopted:
         log.info("target %s: %d existing vectors adopted as %s", target.name, adopted,
                  target.model_key)

@@ -172,7 +172,7 @@ def hold_writers_out(conn: psycopg.Connection, table: sql.Composable,
 
 def run_locked(dsn: str, table: sql.Composable, step: str,
                work: Callable[[psycopg.Connection], T], policy: LockPolicy | None = None,
-               *, mode: str | None = None, may_need_no_lock: bool = False,
+               *, mode: str | None = None,
                on_busy: Callable[[int, list[Blocker]], None] | None = None) -> T:
     """Run `work(conn)` in one transaction whose lock waits are short; retry while busy.
 
@@ -189,10 +189,10 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
     logged_at = -1e9
     while True:
         with connect(dsn) as conn:
-            # `may_need_no_lock`: the first attempt is made anyway, since work that takes
-            # no lock (an init with nothing to change) must not wait for idle sessions.
+            # The first attempt is always made: work that needs no lock (an init with
+            # nothing to change) must not wait for idle sessions it does not conflict with.
             stuck = (idle_conflicting(blockers(conn, table), mode)
-                     if mode and (attempts or not may_need_no_lock) else [])
+                     if mode and attempts else [])
             conn.commit()
             if not stuck:
                 attempts += 1
