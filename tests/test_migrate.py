@@ -334,7 +334,8 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
     assert tighter.budget == Budget(1, 500)
     assert tighter.minutes_at_rate_limit == max(p.tokens / 500, 10 / 1)  # 10 batches of 10
     assert p.column_type == "halfvec(3072)" and any("halfvec" in n for n in p.notes)
-    assert any("1 rows have no text" in b for b in p.blockers)
+    # A row without text holds no vector in either column: a note, not a blocker.
+    assert any("1 rows have no text" in n for n in p.notes) and not p.blockers
     assert p.storage_bytes == 101 * (2 * 3072 + 8)
 
 
@@ -397,7 +398,11 @@ def test_new_index_serves_the_live_index_distance_or_swap_refuses(stack: Stack) 
                 " JOIN pg_opclass o ON o.oid = i.indclass[0]"
                 " WHERE c.relname LIKE 'pgreembed_ann_%'").fetchone())
 
-    plan = migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768")
+    # A migration is open, so plan reports that blocker (exit 4) and still prints its SQL.
+    planned = stack.cli("migrate", "plan", "--target", "docs", "--model", "fake-768",
+                        "--dimensions", "768")
+    assert planned.returncode == 4 and "BLOCKER: migration" in planned.stdout
+    plan = planned.stdout
     assert f'USING "ivfflat" ("{new_column}" "vector_l2_ops")' in plan, plan
     migrate(stack, "index", "--distance", "cosine")  # what the live index does not serve
     assert new_index() == "ivfflat vector_cosine_ops"  # the method still follows the live one

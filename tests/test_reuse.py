@@ -42,7 +42,7 @@ def _one_worker(stack: Stack) -> None:
 def _status(stack: Stack) -> dict[str, object]:
     result = stack.cli("status", "--json")
     assert result.returncode == 0, result.stderr
-    return next(s for s in json.loads(result.stdout) if s["role"] == "live")
+    return next(s for s in json.loads(result.stdout)["columns"] if s["role"] == "live")
 
 
 def test_duplicates_embed_exactly_the_distinct_texts(stack: Stack,

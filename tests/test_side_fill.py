@@ -115,7 +115,7 @@ def live_vectors_of(stack: Stack, model: str) -> str:
 def status_paths(stack: Stack) -> dict[str, object]:
     result = stack.cli("status", "--json")
     assert result.returncode == 0, result.stderr
-    live = next(r for r in json.loads(result.stdout) if r["role"] == "live")
+    live = next(r for r in json.loads(result.stdout)["columns"] if r["role"] == "live")
     return {"path": live["path"], "side_fill": live["side_fill"]}
 
 
