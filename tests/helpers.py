@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,3 +218,35 @@ def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
                               "model": "fake-384", "dimensions": 384}
     raw.update(overrides)
     return parse_settings({"target": [raw]}, {"DATABASE_URL": dsn}).target("docs")
+
+
+@contextmanager
+def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1, 201)
+                  ) -> Iterator[dict[str, int]]:
+    """Edits a random row's text (keys in `edits`) and inserts a row, `per_second` times a
+    second."""
+    stop = threading.Event()
+    counts = {"edits": 0, "inserts": 0, "errors": 0}
+
+    def run() -> None:
+        rng = random.Random(7)
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                                 (f"rewritten {rng.random()}", rng.choice(edits)))
+                    conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
+                                 (f"inserted {rng.random()}",))
+                    counts["edits"] += 1
+                    counts["inserts"] += 1
+                except psycopg.Error:
+                    counts["errors"] += 1
+                stop.wait(1.0 / per_second)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(10)

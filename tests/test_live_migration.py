@@ -8,7 +8,6 @@ columns, with the exact vector of that column's model for the row's current text
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
 from collections.abc import Iterator
@@ -26,44 +25,13 @@ from tests.helpers import (
     json_document,
     migrate,
     seed,
+    steady_writer,
     wait_filled,
     wait_for,
     write_config,
 )
 
 OLD, NEW = "fake-384", "fake-alt-384"  # same dimensions: a wrong-model write fits silently
-
-
-@contextmanager
-def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1, 201)
-                  ) -> Iterator[dict[str, int]]:
-    """Edits a random row's text (keys in `edits`) and inserts a row, `per_second` times a
-    second."""
-    stop = threading.Event()
-    counts = {"edits": 0, "inserts": 0, "errors": 0}
-
-    def run() -> None:
-        rng = random.Random(7)
-        with psycopg.connect(stack.dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                try:
-                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (f"rewritten {rng.random()}", rng.choice(edits)))
-                    conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
-                                 (f"inserted {rng.random()}",))
-                    counts["edits"] += 1
-                    counts["inserts"] += 1
-                except psycopg.Error:
-                    counts["errors"] += 1
-                stop.wait(1.0 / per_second)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield counts
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def start_same_dimension_migration(stack: Stack) -> str:

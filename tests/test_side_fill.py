@@ -8,10 +8,6 @@ row's vector is compared with its model's vector for the row's current text.
 from __future__ import annotations
 
 import json
-import random
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import psycopg
@@ -26,6 +22,7 @@ from tests.helpers import (
     assert_column_current,
     docs_config,
     seed,
+    steady_writer,
     wait_filled,
     wait_for,
     write_config,
@@ -38,35 +35,6 @@ min_rows = 50
 min_share = 0.3
 grace_seconds = 2
 """
-
-
-@contextmanager
-def writer(stack: Stack, per_second: float = 10.0) -> Iterator[dict[str, int]]:
-    """Edits a random early row's text and inserts a row, `per_second` times a second."""
-    stop = threading.Event()
-    counts = {"writes": 0, "errors": 0}
-
-    def run() -> None:
-        rng = random.Random(3)
-        with psycopg.connect(stack.dsn, autocommit=True) as conn:
-            while not stop.is_set():
-                try:
-                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (f"rewritten {rng.random()}", rng.randint(1, 60)))
-                    conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
-                                 (f"inserted {rng.random()}",))
-                    counts["writes"] += 1
-                except psycopg.Error:
-                    counts["errors"] += 1
-                stop.wait(1.0 / per_second)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield counts
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def migrations(stack: Stack) -> list[tuple[str | None, str, str | None]]:
@@ -138,15 +106,15 @@ def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
                      " (embedding vector_cosine_ops)")
     app_index = ann_index(stack)
 
-    with writer(stack, per_second=5.0) as small:
+    with steady_writer(stack, per_second=5.0, edits=range(1, 61)) as small:
         seed(stack, 20)  # below the threshold (max(50, 30% of 80))
         wait_filled(stack, "embedding")
     assert migrations(stack) == []
     assert status_paths(stack) == {"path": "direct", "side_fill": None}
-    assert small["writes"] > 0 and small["errors"] == 0
+    assert small["edits"] > 0 and small["errors"] == 0
 
     fake_openai.set_faults(slow_model=OLD, slow_model_latency=1.0)
-    with writer(stack, per_second=10.0) as big:
+    with steady_writer(stack, per_second=10.0, edits=range(1, 61)) as big:
         seed(stack, 400)  # a bulk import: far above the threshold
         wait_for(lambda: migrations(stack), timeout=30, message="a side fill started")
         assert migrations(stack)[0][0] == "backlog"
@@ -161,7 +129,7 @@ def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     finished(stack)
     wait_filled(stack, "embedding")
-    assert big["writes"] > 20 and big["errors"] == 0
+    assert big["edits"] > 20 and big["errors"] == 0
 
     oid, name, valid = ann_index(stack)
     assert valid and name == "docs_embedding_idx"  # the app's index name, on the new column
@@ -191,7 +159,7 @@ def test_init_after_a_model_change_fills_a_side_column(
     write_config(stack.config_path, docs_config(
         batch_size=16, max_inflight_rows=128, worker_extra=SIDE_FILL).replace(
             f'model = "{OLD}"', f'model = "{NEW}"'))
-    with writer(stack, per_second=10.0) as writes:
+    with steady_writer(stack, per_second=10.0, edits=range(1, 61)) as writes:
         result = stack.cli("init")
         assert result.returncode == 0, result.stderr
         assert "re-embedded into the side column" in result.stdout
