@@ -107,6 +107,9 @@ class Settings:
     # read-only, connection lost) in-process before keeping its vectors in Redis and
     # handing the message to Dramatiq's retries.
     write_retry_seconds: float = 120.0
+    # Dramatiq's back-off before a failed message's first retry; each later retry doubles
+    # it (4 retries, at most 120 s apart). Short in tests, where the provider is local.
+    retry_backoff_seconds: float = 2.0
     # Dramatiq's Redis broker: how soon a killed worker's messages come back
     # ($PGREEMBED_HEARTBEAT_MS) and how often commands run its maintenance pass.
     heartbeat_ms: int = 10_000
@@ -136,7 +139,8 @@ TARGET_KEYS = (
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
 )
 WORKER_KEYS = ("poll_interval", "max_inflight_rows", "lease_seconds", "request_timeout",
-               "provider_retry_seconds", "pool_max_size", "write_retry_seconds")
+               "provider_retry_seconds", "pool_max_size", "write_retry_seconds",
+               "retry_backoff_seconds")
 
 
 # One identifier of a qualified name: "double quoted" ("" is a quote), or bare: no dot,
@@ -312,6 +316,9 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         write_retry_seconds=float(_positive(
             _typed(worker.get("write_retry_seconds", 120.0), float,
                    "worker.write_retry_seconds"), "worker.write_retry_seconds")),
+        retry_backoff_seconds=float(_positive(
+            _typed(worker.get("retry_backoff_seconds", 2.0), float,
+                   "worker.retry_backoff_seconds"), "worker.retry_backoff_seconds")),
         heartbeat_ms=_env_int(env, "PGREEMBED_HEARTBEAT_MS", 10_000),
         maintenance_chance=_env_int(env, "PGREEMBED_MAINTENANCE_CHANCE", 100_000),
         config_path=config_path,

@@ -125,3 +125,10 @@ def test_typos_are_refused_with_the_nearest_valid_name(document: dict[str, objec
     with pytest.raises(ConfigError) as error:
         parse_settings(document, ENV)
     assert message in str(error.value)
+
+
+def test_worker_retry_backoff_is_a_positive_number_of_seconds() -> None:
+    assert settings(target()).retry_backoff_seconds == 2.0
+    assert settings(target(), worker={"retry_backoff_seconds": 0.25}).retry_backoff_seconds == 0.25
+    with pytest.raises(ConfigError, match=r"worker\.retry_backoff_seconds: must be > 0"):
+        settings(target(), worker={"retry_backoff_seconds": 0})

@@ -13,7 +13,8 @@ def test_a_batch_that_exhausts_its_retries_hands_its_rows_back(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     """Provider down for good: after Dramatiq's last retry the rows' claims are released
     (not held for the hour-long lease), and no row is marked failed."""
-    stack.config_path.write_text(docs_config(worker_extra="provider_retry_seconds = 1"))
+    stack.config_path.write_text(docs_config(
+        worker_extra="provider_retry_seconds = 1\nretry_backoff_seconds = 0.2"))
     with stack.connect() as conn:
         conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'b'), ('c', 'd')")
     assert stack.cli("init").returncode == 0

@@ -71,3 +71,7 @@ def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
     inflight = InFlight(redis_client(), slot_id, config.lease_seconds)
     process_batch(config, target, slot_id, keys, claimed_at(inflight, keys))
     inflight.release(keys)
+
+
+# The back-off is a setting; Dramatiq's Retries middleware reads it from the actor's options.
+embed_batch.options["min_backoff"] = int(settings().retry_backoff_seconds * 1000)
