@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgreembed.config_fields import non_negative_seconds, reject_unknown
 from pgreembed.config_fields import optional_positive as _optional_positive
 from pgreembed.config_fields import positive as _positive
-from pgreembed.config_fields import reject_unknown
 from pgreembed.config_fields import require as _require
 from pgreembed.config_fields import typed as _typed
 from pgreembed.distances import canonical_distance
@@ -96,6 +96,9 @@ class Settings:
     openai_api_key: str | None = None
     openai_base_url: str | None = None
     poll_interval: float = 1.0
+    # After a NOTIFY wakes the scheduler it waits this long for more rows before a pass:
+    # a steady stream of inserts then goes out in batches, not one request per row.
+    linger_seconds: float = 0.25
     lease_seconds: int = 3600
     max_inflight_rows: int = 2048
     request_timeout: float = 60.0
@@ -138,8 +141,8 @@ TARGET_KEYS = (
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
 )
-WORKER_KEYS = ("poll_interval", "max_inflight_rows", "lease_seconds", "request_timeout",
-               "provider_retry_seconds", "pool_max_size", "write_retry_seconds",
+WORKER_KEYS = ("poll_interval", "linger_seconds", "max_inflight_rows", "lease_seconds",
+               "request_timeout", "provider_retry_seconds", "pool_max_size", "write_retry_seconds",
                "retry_backoff_seconds")
 
 
@@ -301,6 +304,8 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         poll_interval=float(_positive(
             _typed(worker.get("poll_interval", 1.0), float, "worker.poll_interval"),
             "worker.poll_interval")),
+        linger_seconds=non_negative_seconds(worker.get("linger_seconds", 0.25),
+                                            "worker.linger_seconds"),
         lease_seconds=_positive(_typed(worker.get("lease_seconds", 3600), int,
                                        "worker.lease_seconds"), "worker.lease_seconds"),
         max_inflight_rows=_positive(_typed(worker.get("max_inflight_rows", 2048), int,

@@ -46,6 +46,13 @@ def typed(value: Any, kind: type, where: str) -> Any:
     return value
 
 
+def non_negative_seconds(value: Any, where: str) -> float:
+    seconds = float(typed(value, float, where))
+    if seconds < 0:
+        raise ConfigError(f"{where}: must be >= 0, got {value!r}")
+    return seconds
+
+
 def positive(value: int, where: str, maximum: int | None = None) -> int:
     if value <= 0:
         raise ConfigError(f"{where}: must be > 0, got {value}")

@@ -105,17 +105,24 @@ class Dispatcher:
         def page_size() -> int:
             return whole_page if budget is None else max(1, min(whole_page, budget))
 
+        # Claimed keys wait here until they fill a batch: rows that arrive while the sweep
+        # runs come as pages of 1-2 keys, which would otherwise each be a message.
+        unsent: list[str] = []
         for page in sweep(conn, slot, page_size, cursor):
             keys = [str(k) for k in page]
             claimed = inflight.claim(keys)
             report.skipped_in_flight += len(keys) - len(claimed)
-            self._enqueue(slot, inflight, claimed, report)
+            unsent.extend(claimed)
+            whole = len(unsent) - len(unsent) % batch
+            self._enqueue(slot, inflight, unsent[:whole], report)
+            del unsent[:whole]
             if budget is not None:
                 budget -= len(claimed)
                 if budget <= 0:
                     exhausted = False
                     report.complete = False
                     break
+        self._enqueue(slot, inflight, unsent, report)  # the rest: one partial batch
         if exhausted:
             self._cursors.pop(slot.id, None)  # next pass starts from the beginning
             # Every row pending when this sweep began is claimed now (freshness metric).

@@ -6,7 +6,8 @@ import json
 import signal
 import time
 
-from tests.helpers import Stack, wait_for
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from tests.helpers import Stack, docs_config, wait_for
 
 ROWS = 1500
 
@@ -40,3 +41,32 @@ def test_notify_burst_is_coalesced(stack: Stack) -> None:
     warnings = [r for r in scheduler_records(stack) if r["level"] in ("WARNING", "ERROR")]
     assert warnings == [], (f"{len(warnings)} warnings during a {burst_seconds:.1f} s burst of"
                             f" {ROWS} NOTIFYs, first: {warnings[:3]}")
+
+
+def test_a_steady_stream_goes_out_in_batches_not_one_row_requests(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """40 inserts/s, each with its NOTIFY: the scheduler lingers a moment after a wake-up
+    (`linger_seconds`, 0.25 s by default), so the provider sees batches of several rows,
+    not a request per row (2.1 rows per request before the linger)."""
+    stack.config_path.write_text(docs_config(batch_size=64))
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(processes=1, threads=2)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('warm', 'up')")
+    wait_for(lambda: fake_openai.stats()["inputs_embedded"] == 1, timeout=60,
+             message="the first row embedded")
+    fake_openai.reset()
+    started = time.monotonic()
+    with stack.connect() as conn:
+        for i in range(200):  # ~5 s of a pipeline inserting 40 rows/s
+            conn.execute("INSERT INTO docs (title, body) VALUES (%s, 'stream')", (f"row {i}",))
+            time.sleep(0.025)
+    rate = 200 / (time.monotonic() - started)
+    wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= 200, timeout=60,
+             message="the 200 rows embedded")
+    stats = fake_openai.stats()
+    per_request = stats["inputs_embedded"] / stats["requests"]
+    print(f"\n200 rows at {rate:.0f}/s: {stats['requests']} requests,"
+          f" {per_request:.1f} rows each")
+    assert per_request >= 4, f"{stats['requests']} requests for 200 rows"
