@@ -149,7 +149,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
             UPDATE {table} AS a
             SET {new} = l2_normalize(subvector(a.{live}, 1, %(dims)s))::{cast}
             FROM chunk c, {live_state} s
-            WHERE a.{pk} = c.pk AND s.pgr_pk = a.{pk} AND s.pgr_model_id = %(live_model)s
+            WHERE a.{pk} = c.pk AND {key} AND s.pgr_model_id = %(live_model)s
               AND s.pgr_hash = {hash} AND a.{live} IS NOT NULL AND a.{new} IS NULL
             RETURNING a.{pk} AS pk, s.pgr_hash AS h, s.pgr_truncated AS t
         ), recorded AS (
@@ -167,7 +167,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
         SELECT (SELECT count(*) FROM recorded), (SELECT max(pk)::text FROM chunk)
         """).format(pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
                     live=live.vector, cast=cast, live_state=live.state_table,
-                    hash=live.hash_expr, new_state=new.state_table),
+                    hash=live.hash_expr, new_state=new.state_table, key=live.state_key()),
         {"after": after, "rows": rows, "dims": new.dimensions, "live_model": live.model_id,
          "new_model": new.model_id}).fetchone()
     assert found is not None

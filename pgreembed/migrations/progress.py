@@ -42,8 +42,8 @@ def progress(settings: Settings, target: Target) -> Progress:
             """
             SELECT count(*), count(a.{v}), count(s.pgr_failed_hash),
                    count(*) FILTER (WHERE s.pgr_embedded_at > now() - interval '60 seconds')
-            FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
-            """).format(v=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk)
+            FROM {rows}
+            """).format(v=slot.vector, rows=slot.rows_with_state(outer=True))
         ).fetchone()
         assert row is not None
         indexes = column_indexes(conn, slot)

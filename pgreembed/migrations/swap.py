@@ -51,12 +51,12 @@ def _unsearchable_counts(conn: psycopg.Connection, live: Slot, incoming: Slot
     column's partial pending index, so it stays fast enough to run under the swap lock."""
     row = conn.execute(sql.SQL(
         """
-        SELECT count(*) FILTER (WHERE s.pgr_failed_hash IS DISTINCT FROM {hash}),
-               count(*) FILTER (WHERE s.pgr_failed_hash = {hash})
-        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        SELECT count(*) FILTER (WHERE NOT {failed}), count(*) FILTER (WHERE {failed})
+        FROM {rows}
         WHERE a.{incoming} IS NULL AND a.{live} IS NOT NULL
-        """).format(hash=incoming.hash_expr, table=incoming.table, state=incoming.state_table,
-                    pk=incoming.pk, incoming=incoming.vector, live=live.vector)).fetchone()
+        """).format(failed=incoming.failed_on(incoming.hash_expr),
+                    rows=incoming.rows_with_state(outer=True), incoming=incoming.vector,
+                    live=live.vector)).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 

@@ -76,9 +76,9 @@ def _exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
                count(*) FILTER (WHERE a.{vector} IS NOT NULL AND s.pgr_model_id <> %s),
                count(*) FILTER (WHERE s.pgr_failed_hash IS NOT NULL),
                count(*) FILTER (WHERE s.pgr_truncated)
-        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        FROM {rows}
         """
-    ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
+    ).format(vector=slot.vector, rows=slot.rows_with_state(outer=True)),
         (slot.model_id,)).fetchone()
     assert row is not None
     return tuple(int(x) for x in row)
@@ -91,9 +91,8 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
     row = conn.execute(sql.SQL(
         """
         SELECT n.without_vector, n.pending, n.stale,
-               (SELECT count(*) FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
-                WHERE s.pgr_failed_hash IS NOT NULL),
-               (SELECT count(*) FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
+               (SELECT count(*) FROM {rows} WHERE s.pgr_failed_hash IS NOT NULL),
+               (SELECT count(*) FROM {rows}
                 WHERE s.pgr_model_id = ANY(%s) AND a.{vector} IS NOT NULL)
         FROM (SELECT count(*) AS without_vector,
                      count(*) FILTER (WHERE s.pgr_failed_hash IS NULL) AS pending,
@@ -102,11 +101,12 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
               FROM {table} a
               -- One state-row probe per pending row: as a plain join the planner hashes
               -- the whole state table (one row per row of the app's table).
-              LEFT JOIN LATERAL (SELECT pgr_hash, pgr_failed_hash FROM {state}
-                                 WHERE pgr_pk = a.{pk} OFFSET 0) s ON true
+              LEFT JOIN LATERAL (SELECT s.pgr_hash, s.pgr_failed_hash FROM {state} s
+                                 WHERE {key} OFFSET 0) s ON true
               WHERE a.{vector} IS NULL) n
         """
-    ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
+    ).format(vector=slot.vector, table=slot.table, state=slot.state_table,
+             key=slot.state_key(), rows=slot.rows_with_state()),
         (other_models,)).fetchone()
     assert row is not None
     return tuple(int(x) for x in row)

@@ -115,12 +115,13 @@ def sample_query(slot: Slot, percent: float) -> sql.Composed:
         """
         SELECT a.{pk}, ({text})::text, a.{vector}::real[]
         FROM {table} AS a {sample}
-        CROSS JOIN LATERAL (SELECT pgr_hash FROM {state}
-                            WHERE pgr_pk = a.{pk} AND pgr_model_id = %s LIMIT 1) s
+        CROSS JOIN LATERAL (SELECT s.pgr_hash FROM {state} s
+                            WHERE {key} AND s.pgr_model_id = %s LIMIT 1) s
         WHERE a.{vector} IS NOT NULL AND s.pgr_hash = {hash}
         ORDER BY random() LIMIT %s
         """).format(pk=slot.pk, text=slot.text_expr, vector=slot.vector, table=slot.table,
-                    sample=sample, state=slot.state_table, hash=slot.hash_expr)
+                    sample=sample, state=slot.state_table, key=slot.state_key(),
+                    hash=slot.hash_expr)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

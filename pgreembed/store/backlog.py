@@ -38,11 +38,10 @@ def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
         """
         SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {vector} IS NULL
                                       LIMIT %(limit)s) m)
-             + (SELECT count(*) FROM (SELECT 1 FROM {state} s JOIN {table} a
-                                      ON a.{pk} = s.pgr_pk
+             + (SELECT count(*) FROM (SELECT 1 FROM {rows}
                                       WHERE s.pgr_model_id <> %(model)s
                                         AND a.{vector} IS NOT NULL LIMIT %(limit)s) o)
-        """).format(table=slot.table, vector=slot.vector, state=slot.state_table, pk=slot.pk),
+        """).format(table=slot.table, vector=slot.vector, rows=slot.rows_with_state()),
         {"limit": limit, "model": slot.model_id}).fetchone()
     return min(limit, int(row[0])) if row else 0
 
@@ -69,7 +68,7 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
             WITH copied AS (
                 UPDATE {table} a SET {side} = a.{source}
                 FROM {source_state} s
-                WHERE {bound} AND a.{pk} <= %(last)s AND s.pgr_pk = a.{pk}
+                WHERE {bound} AND a.{pk} <= %(last)s AND {key}
                   AND s.pgr_model_id = %(model)s AND s.pgr_hash = {hash}
                   AND a.{source} IS NOT NULL AND a.{side} IS NULL
                 RETURNING a.{pk} AS k, s.pgr_hash AS h, s.pgr_truncated AS t)
@@ -82,6 +81,7 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
                 pgr_failure = NULL
             """).format(table=source.table, side=side.vector, source=source.vector,
                         source_state=source.state_table, bound=bound, pk=source.pk,
+                        key=source.state_key(),
                         hash=source.hash_expr, side_state=side.state_table),
             {"after": after, "last": last[0], "model": side.model_id}).rowcount
     return last[0], copied

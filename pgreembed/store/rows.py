@@ -30,13 +30,13 @@ def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> l
     query = sql.SQL(
         """
         SELECT a.{pk}, ({text})::text, {hash}
-        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        FROM {rows}
         WHERE a.{pk} = ANY(%s::text[]::{pk_type}[])
           AND (a.{vector} IS NULL OR s.pgr_model_id IS DISTINCT FROM %s)
         ORDER BY a.{pk}
         """
-    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr, table=slot.table,
-             state=slot.state_table, pk_type=slot.pk_cast, vector=slot.vector)
+    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr,
+             rows=slot.rows_with_state(outer=True), pk_type=slot.pk_cast, vector=slot.vector)
     return [Row(pk, text, h) for pk, text, h in conn.execute(query, (list(keys), slot.model_id))]
 
 

@@ -88,6 +88,43 @@ class Slot:
         """md5 of the text as uuid: what the no-stale-write guard compares."""
         return sql.SQL("md5(coalesce(({})::text, ''))::uuid").format(self.text_expr)
 
+    # -- the state-table join ------------------------------------------------------
+    # An app row and its state row are tied by one equation, and every query spells the
+    # join and the "failed on this text" test through these: one definition each.
+
+    def state_key(self, row: str = "a", state: str = "s") -> sql.Composed:
+        """`s.pgr_pk = a.<pk>`: the condition tying state row `state` to app row `row`."""
+        return sql.SQL("{}.pgr_pk = {}.{}").format(
+            sql.Identifier(state), sql.Identifier(row), self.pk)
+
+    def state_join(self, row: str = "a", state: str = "s", *, outer: bool = False
+                   ) -> sql.Composed:
+        """`[LEFT] JOIN <state table> s ON s.pgr_pk = a.<pk>`; outer keeps the rows that
+        have no state row yet (never embedded nor failed)."""
+        return sql.SQL("{} {} {} ON {}").format(
+            sql.SQL("LEFT JOIN" if outer else "JOIN"), self.state_table,
+            sql.Identifier(state), self.state_key(row, state))
+
+    def rows_with_state(self, row: str = "a", state: str = "s", *, outer: bool = False
+                        ) -> sql.Composed:
+        """`<app table> a [LEFT] JOIN <state table> s ON ...`: starting from the app's
+        table, so the state row of a deleted row never counts (see store.orphans)."""
+        return sql.SQL("{} {} {}").format(self.table, sql.Identifier(row),
+                                          self.state_join(row, state, outer=outer))
+
+    @staticmethod
+    def failed_on(text_hash: sql.Composable, state: str = "s") -> sql.Composed:
+        """The row's recorded failure is on the text hashing to `text_hash`. Never NULL
+        (for a non-NULL hash), so `NOT` of it is "not failed on this text"."""
+        return sql.SQL("({s}.pgr_failed_hash IS NOT NULL AND {s}.pgr_failed_hash = {h})"
+                       ).format(s=sql.Identifier(state), h=text_hash)
+
+    def pending(self, row: str = "a", state: str = "s") -> sql.Composed:
+        """A row without a vector that did not fail on its current text: what the scheduler
+        sends (over `rows_with_state(outer=True)`; a failure on an older text is retried)."""
+        return sql.SQL("{}.{} IS NULL AND NOT {}").format(
+            sql.Identifier(row), self.vector, self.failed_on(self.hash_expr, state))
+
 
 def vector_type_for(dimensions: int) -> str:
     return "vector" if dimensions <= 2000 else "halfvec"

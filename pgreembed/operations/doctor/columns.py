@@ -113,12 +113,10 @@ class ColumnChecks(DoctorBase):
         rows = self.conn.execute(sql.SQL(
             """
             SELECT coalesce(m.key, '(no record)'), count(*)
-            FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
-                 LEFT JOIN pgreembed.models m ON m.id = s.pgr_model_id
+            FROM {rows} LEFT JOIN pgreembed.models m ON m.id = s.pgr_model_id
             WHERE a.{vector} IS NOT NULL
             GROUP BY 1 ORDER BY 2 DESC
-            """).format(table=slot.table, state=slot.state_table, pk=slot.pk,
-                        vector=slot.vector)).fetchall()
+            """).format(rows=slot.rows_with_state(outer=True), vector=slot.vector)).fetchall()
         counts = ", ".join(f"{key}: {n}" for key, n in rows)
         if len(rows) > 1:
             self.add(WARN, target.name, "models", f"{live_where} holds vectors from several"
