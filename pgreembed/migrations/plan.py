@@ -15,6 +15,7 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.model_keys import model_key
+from pgreembed.store import catalog
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import load_slots, vector_type_for
 from pgreembed.store.texts import no_text
@@ -129,9 +130,7 @@ def _count_rows(conn: psycopg.Connection, table: sql.Composable, text: sql.Compo
     """(rows, rows without text, distinct texts, estimated): exact up to EXACT_COUNT_ROWS
     rows, else from a TABLESAMPLE of about SAMPLE_ROWS rows scaled to the planner's row
     estimate (a sample's distinct share understates texts repeated across pages)."""
-    row = conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid ="
-                       " to_regclass(%s)", (table.as_string(conn),)).fetchone()
-    guess = int(row[0]) if row else 0
+    guess = max(0, int(catalog.row_estimate(conn, table.as_string(conn))))
     counts = sql.SQL("SELECT count(*), count(*) FILTER (WHERE {no}),"
                      " count(DISTINCT md5(({text})::text)) FILTER (WHERE NOT {no}) FROM {table}"
                      ).format(no=no_text(text), text=text, table=table)

@@ -33,6 +33,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.distances import DISTANCES, opclass_distance
+from pgreembed.store import catalog
 from pgreembed.store.slots import Slot
 
 DEFAULT_K = 10
@@ -63,24 +64,14 @@ class AnnIndex:
 
 def ann_index(conn: psycopg.Connection, slot: Slot) -> AnnIndex | None:
     """The slot's valid ANN index (the one serving the target's distance if several)."""
-    rows = conn.execute(
-        """
-        SELECT c.relname, am.amname, o.opcname, coalesce(c.reloptions, '{}')
-        FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_am am ON am.oid = c.relam
-        JOIN pg_opclass o ON o.oid = i.indclass[0]
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-        WHERE i.indrelid = %s::regclass AND a.attname = %s AND i.indisvalid AND i.indisready
-          AND am.amname IN ('hnsw', 'ivfflat')
-        ORDER BY c.relname
-        """, (slot.table.as_string(conn), slot.vector_column)).fetchall()
     found = []
-    for name, method, opclass, reloptions in rows:
-        distance = opclass_distance(str(opclass))
+    for index in catalog.indexes(conn, catalog.regclass(conn, slot.table)):
+        if not (index.valid and index.method in ("hnsw", "ivfflat") and index.columns
+                and index.columns[0] == slot.vector_column and index.opclasses):
+            continue
+        distance = opclass_distance(index.opclasses[0])
         if distance is not None and distance in DISTANCES:
-            options = dict(str(o).split("=", 1) for o in reloptions)
-            found.append(AnnIndex(str(name), str(method), distance, options))
+            found.append(AnnIndex(index.name, index.method, distance, index.options))
     preferred = [i for i in found if i.distance == slot.target.distance]
     chosen = preferred or found
     return chosen[0] if chosen else None
@@ -200,9 +191,7 @@ def sample_rows(conn: psycopg.Connection, slot: Slot, size: int,
     pages, widened 4x per attempt while too few rows match), so it is never scanned
     in full for a small sample; SYSTEM samples whole pages, so rows written together
     are sampled together."""
-    estimate_row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                (slot.table.as_string(conn),)).fetchone()
-    estimate = float(estimate_row[0]) if estimate_row else -1.0
+    estimate = catalog.row_estimate(conn, catalog.regclass(conn, slot.table))
     percent = 100.0
     if estimate > BLOCK_SAMPLE_FACTOR * size:
         percent = min(100.0, 100.0 * 5 * size / estimate)

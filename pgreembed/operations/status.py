@@ -21,7 +21,7 @@ from psycopg import sql
 from pgreembed.config import Settings
 from pgreembed.queue.claims import InFlight
 from pgreembed.redact import redact
-from pgreembed.store.backlog import estimated_rows
+from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.usage import inputs_and_reused
 
@@ -115,7 +115,7 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
 def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis | None,
                 lease_seconds: int, exact: bool = False) -> SlotStatus:
     started = time.perf_counter()
-    estimate = None if exact else estimated_rows(conn, slot)
+    estimate = None if exact else estimated_rows(conn, regclass(conn, slot.table))
     if estimate is None:  # asked for, or a table never analysed (then small, or new)
         total, embedded, pending, stale, outdated, failed, truncated = _exact_counts(conn, slot)
         counted: int | None = truncated

@@ -40,6 +40,7 @@ from pgreembed.embedding.embed import Row, embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ProviderError
 from pgreembed.redact import redact
+from pgreembed.store import catalog
 from pgreembed.store.slots import Slot
 
 DEFAULT_TOLERANCE = 0.99
@@ -92,10 +93,7 @@ def sample_rows(conn: psycopg.Connection, slot: Slot, size: int
 
     The bookkeeping is looked up per sampled row (LATERAL ... LIMIT 1: a primary-key
     probe), so neither table is read in full on the sampled path."""
-    regclass = slot.table.as_string(conn)
-    estimate_row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                (regclass,)).fetchone()
-    estimate = float(estimate_row[0]) if estimate_row else -1.0
+    estimate = catalog.row_estimate(conn, catalog.regclass(conn, slot.table))
     percent = 100.0
     if estimate > BLOCK_SAMPLE_FACTOR * size:
         percent = min(100.0, 100.0 * OVERSAMPLE * size / estimate)

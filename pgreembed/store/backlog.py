@@ -15,21 +15,6 @@ from psycopg import sql
 from pgreembed.store.slots import Slot
 
 
-def estimated_rows(conn: psycopg.Connection, slot: Slot) -> int | None:
-    """The app table's live row count from Postgres's statistics: the cumulative stats
-    counter (`n_live_tup`, which follows inserts and deletes within a second), else the
-    estimate of the last ANALYZE or vacuum (after a crash reset the counters); None if
-    neither exists yet. Not pages times rows per page: the embedding UPDATEs leave dead
-    tuples behind that would count as rows until a vacuum."""
-    row = conn.execute(
-        """
-        SELECT CASE WHEN pg_stat_get_live_tuples(oid) > 0 THEN pg_stat_get_live_tuples(oid)
-                    WHEN reltuples >= 0 THEN reltuples END
-        FROM pg_class WHERE oid = %s::regclass
-        """, (slot.table.as_string(conn),)).fetchone()
-    return None if row is None or row[0] is None else round(row[0])
-
-
 def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
     """Rows the slot would embed (no vector, or another model's), counted up to `limit`:
     the answer is exact below it and `limit` at or above it, so a huge backlog costs no

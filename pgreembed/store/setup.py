@@ -16,6 +16,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
+from pgreembed.store import catalog
 from pgreembed.store.slots import (
     Slot,
     clear_misconfigured,
@@ -64,12 +65,9 @@ def ensure_model(conn: psycopg.Connection, target: Target) -> int:
 
 
 def _column_type(conn: psycopg.Connection, target: Target, column: str) -> str | None:
-    row = conn.execute(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
-        " WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
-        (sql.Identifier(target.schema, target.table).as_string(conn), column),
-    ).fetchone()
-    return None if row is None else str(row[0])
+    found = catalog.column(
+        conn, catalog.regclass(conn, sql.Identifier(target.schema, target.table)), column)
+    return None if found is None else found.formatted
 
 
 def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
@@ -189,14 +187,10 @@ def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     index behind; it is dropped and rebuilt.
     """
     name = slot.pending_index_name
-    row = dsn_conn.execute(
-        "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-        (slot.target.schema, name),
-    ).fetchone()
-    if row is not None and row[0]:
+    valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
+    if valid:
         return
-    if row is not None:
+    if valid is not None:
         log.warning("dropping INVALID index %s left by an interrupted build", name)
         dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
             sql.Identifier(slot.target.schema, name)))

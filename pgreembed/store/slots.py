@@ -18,6 +18,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
+from pgreembed.store import catalog
 
 SCHEMA = "pgreembed"
 NOTIFY_CHANNEL = "pgreembed"
@@ -142,28 +143,16 @@ def text_expression(target: Target) -> sql.Composable:
 
 def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
     """(column, type) of the table's single-column primary key, or the configured one."""
-    regclass = sql.Identifier(target.schema, target.table).as_string(conn)
-    rows = conn.execute(
-        """
-        SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-        FROM pg_index i
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-        WHERE i.indrelid = %s::regclass AND i.indisprimary
-        """,
-        (regclass,),
-    ).fetchall()
+    relation = catalog.regclass(conn, sql.Identifier(target.schema, target.table))
     if target.primary_key:
-        found = conn.execute(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
-            " WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
-            (regclass, target.primary_key),
-        ).fetchone()
+        found = catalog.column(conn, relation, target.primary_key)
         if found is None:
             raise SetupError(
                 f"target {target.name!r}: primary_key {target.primary_key!r} is not a column"
                 f" of {target.schema}.{target.table}"
             )
-        return target.primary_key, found[0]
+        return target.primary_key, found.formatted
+    rows = catalog.primary_key(conn, relation)
     if len(rows) != 1:
         raise SetupError(
             f"target {target.name!r}: {target.schema}.{target.table} needs a single-column"

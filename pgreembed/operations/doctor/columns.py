@@ -14,6 +14,7 @@ from pgreembed.operations.doctor.base import (
     Extension,
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
+from pgreembed.store import catalog
 from pgreembed.store.slots import (
     load_slots,
     registry_exists,
@@ -27,12 +28,8 @@ class ColumnChecks(DoctorBase):
     """The checks that read a vector column (bounded by sample_rows where they scan)."""
 
     def _column(self, oid: int, name: str) -> Column | None:
-        row = self.conn.execute(
-            "SELECT a.attnum, t.typname, a.atttypmod FROM pg_attribute a"
-            " JOIN pg_type t ON t.oid = a.atttypid"
-            " WHERE a.attrelid = %s AND a.attname = %s AND a.attnum > 0"
-            " AND NOT a.attisdropped", (oid, name)).fetchone()
-        return None if row is None else Column(int(row[0]), str(row[1]), int(row[2]))
+        found = catalog.column(self.conn, str(oid), name)
+        return None if found is None else Column(found.attnum, found.type_name, found.typmod)
 
     def _column_type(self, target: Target, column: Column, where: str) -> bool:
         """Report the column's type; True when it is a pgvector type worth checking further."""
@@ -133,7 +130,7 @@ class ColumnChecks(DoctorBase):
                ext: Extension, column: Column, where: str) -> None:
         norm_fn = "vector_norm" if column.type_name == "vector" else "l2_norm"
         tolerance = 1e-3 if column.type_name == "vector" else 1e-2
-        estimate = float(self.one("SELECT reltuples FROM pg_class WHERE oid = %s", (oid,))[0])
+        estimate = catalog.row_estimate(self.conn, catalog.regclass(self.conn, table))
         samples: list[sql.Composable] = [sql.SQL("")]
         if estimate > 20 * self.sample_rows:
             # Block sampling reads only a few pages of a big table.

@@ -14,9 +14,8 @@ from pgreembed.operations.doctor.base import (
     Extension,
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
-from pgreembed.store.slots import (
-    vector_type_for,
-)
+from pgreembed.store import catalog
+from pgreembed.store.slots import vector_type_for
 
 
 class IndexChecks(DoctorBase):
@@ -24,24 +23,8 @@ class IndexChecks(DoctorBase):
 
     def _indexes(self, target: Target, oid: int, column: Column, where: str,
                  ext: Extension) -> None:
-        rows = self.conn.execute(
-            """
-            SELECT c.relname, am.amname, i.indisvalid AND i.indisready,
-                   ARRAY(SELECT o.opcname FROM unnest(i.indclass::oid[]) k
-                         JOIN pg_opclass o ON o.oid = k),
-                   EXISTS (SELECT 1 FROM pg_depend d
-                           WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
-                             AND d.refclassid = 'pg_class'::regclass
-                             AND d.refobjid = i.indrelid AND d.refobjsubid = %s),
-                   EXISTS (SELECT 1 FROM pg_stat_progress_create_index p
-                           WHERE p.relid = i.indrelid
-                             AND p.index_relid IN (0, i.indexrelid))
-            FROM pg_index i
-            JOIN pg_class c ON c.oid = i.indexrelid
-            JOIN pg_am am ON am.oid = c.relam
-            WHERE i.indrelid = %s
-            ORDER BY c.relname
-            """, (column.attnum, oid)).fetchall()
+        rows = [(i.name, i.method, i.valid, i.opclasses, target.vector_column in i.uses,
+                 i.building) for i in catalog.indexes(self.conn, str(oid))]
         qualified = f"{target.schema}.{target.table}"
         for name, _method, valid, _opclasses, _on_vector, building in rows:
             if valid:
