@@ -29,11 +29,11 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
-from pgreembed.migrations.state import _table, open_migration
+from pgreembed.migrations.state import open_migration
 from pgreembed.model_keys import is_shortenable
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import lock_slot
-from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | 
         passes += 1
         this_pass, after = 0, None
         while True:
-            done, after = run_locked(settings.database_url, _table(target), "derive fill",
+            done, after = run_locked(settings.database_url, app_table(target), "derive fill",
                                      functools.partial(_chunk, target=target, slot_id=slot_id,
                                                        after=after, rows=chunk_rows), policy)
             this_pass += done

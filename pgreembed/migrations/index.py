@@ -14,7 +14,7 @@ from pgreembed.config import Settings, Target
 from pgreembed.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
-from pgreembed.migrations.state import _require_open, _slots_by_id
+from pgreembed.migrations.state import require_open, slots_by_id
 from pgreembed.store import catalog
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot
@@ -50,8 +50,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
     a second with the build's phase and tuples/blocks done (pg_stat_progress_create_index).
     """
     with connect(settings.database_url, autocommit=True) as conn:
-        migration = _require_open(conn, target, "filling")
-        slots = _slots_by_id(conn, target)
+        migration = require_open(conn, target, "filling")
+        slots = slots_by_id(conn, target)
         slot = slots[migration.to_slot]
         method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
         name = ann_index_name(slot)

@@ -17,7 +17,7 @@ from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.model_keys import model_key
 from pgreembed.store import catalog
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import load_slots, vector_type_for
+from pgreembed.store.slots import app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
 
 # Above this many rows (the planner's estimate) `plan` counts a sample of the table's
@@ -62,7 +62,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     if kind == "halfvec":
         notes.append(f"{dimensions} > 2000 dimensions: the column is halfvec({dimensions}),"
                      " since pgvector indexes `vector` only up to 2000 dims")
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     text = text_expression(target)
     with connect(settings.database_url) as conn:
         total, empty, distinct, estimated = _count_rows(conn, table, text)

@@ -30,7 +30,7 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations.index import build_index, column_indexes
 from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, finalize, start
 from pgreembed.migrations.plan import Plan, plan
-from pgreembed.migrations.state import _slots_by_id
+from pgreembed.migrations.state import slots_by_id
 from pgreembed.migrations.swap import DEFAULT_MAX_UNSEARCHABLE, swap
 from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page
 from pgreembed.store.catalog import estimated_rows, regclass
@@ -138,7 +138,7 @@ def _open_migration(conn: psycopg.Connection, target: Target) -> bool:
 def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
     """Vectors of the live model already paid for go into the side column (no second
     purchase), then the side column is let to fill."""
-    slots = _slots_by_id(conn, target)
+    slots = slots_by_id(conn, target)
     source, side = slots[fill.from_slot], slots[fill.to_slot]
     after, copied = None, 0
     while True:
@@ -156,7 +156,7 @@ def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
 
 def _maybe_index(conn: psycopg.Connection, settings: Settings, target: Target,
                  fill: SideFill) -> str | None:
-    side = _slots_by_id(conn, target)[fill.to_slot]
+    side = slots_by_id(conn, target)[fill.to_slot]
     limit = finish_rows(settings)
     if backlog_at_least(conn, side, limit + 1) > limit:
         return None

@@ -21,7 +21,7 @@ from pgreembed.config import Target
 from pgreembed.embedding.embed import Embedded, Failed, Row
 from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
-from pgreembed.store.slots import Slot, load_slot
+from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
 
 
@@ -50,7 +50,7 @@ def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
     Writers take ROW EXCLUSIVE, readers ACCESS SHARE. None if the slot is gone (its
     migration was cancelled or finalized).
     """
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     if mode == "ROW EXCLUSIVE":
         join_writers(conn, table)  # DDL holds writers out before it locks the table
     conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(table, sql.SQL(mode)))

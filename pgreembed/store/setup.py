@@ -19,6 +19,7 @@ from pgreembed.errors import SetupError
 from pgreembed.store import catalog
 from pgreembed.store.slots import (
     Slot,
+    app_table,
     clear_misconfigured,
     load_slots,
     primary_key_of,
@@ -66,7 +67,7 @@ def ensure_model(conn: psycopg.Connection, target: Target) -> int:
 
 def _column_type(conn: psycopg.Connection, target: Target, column: str) -> str | None:
     found = catalog.column(
-        conn, catalog.regclass(conn, sql.Identifier(target.schema, target.table)), column)
+        conn, catalog.regclass(conn, app_table(target)), column)
     return None if found is None else found.formatted
 
 
@@ -77,7 +78,7 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
     found = _column_type(conn, target, column)
     if found is None:
         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-            sql.Identifier(target.schema, target.table), sql.Identifier(column), sql.SQL(wanted)))
+            app_table(target), sql.Identifier(column), sql.SQL(wanted)))
         log.info("added column %s %s to %s.%s", column, wanted, target.schema, target.table)
         return True
     if found != wanted:
@@ -90,7 +91,7 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
 
 def _check_table(conn: psycopg.Connection, target: Target) -> None:
     exists = conn.execute(
-        "SELECT to_regclass(%s)", (sql.Identifier(target.schema, target.table).as_string(conn),)
+        "SELECT to_regclass(%s)", (app_table(target).as_string(conn),)
     ).fetchone()
     if exists is None or exists[0] is None:
         raise SetupError(f"target {target.name!r}: table {target.schema}.{target.table}"
@@ -211,7 +212,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
     with connect(dsn, vector=False) as conn:
         ensure_pgvector(conn)
         conn.commit()
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
     slot, slots, adopted = run_locked(dsn, table, "init",
                                       lambda conn: _init_in_transaction(conn, target), policy,

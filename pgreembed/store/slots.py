@@ -49,7 +49,7 @@ class Slot:
 
     @property
     def table(self) -> sql.Identifier:
-        return sql.Identifier(self.target.schema, self.target.table)
+        return app_table(self.target)
 
     @property
     def pk(self) -> sql.Identifier:
@@ -127,6 +127,11 @@ class Slot:
             sql.Identifier(row), self.vector, self.failed_on(self.hash_expr, state))
 
 
+def app_table(target: Target) -> sql.Identifier:
+    """The app's table of `target`, schema-qualified and quoted: how every query names it."""
+    return sql.Identifier(target.schema, target.table)
+
+
 def vector_type_for(dimensions: int) -> str:
     return "vector" if dimensions <= 2000 else "halfvec"
 
@@ -143,7 +148,7 @@ def text_expression(target: Target) -> sql.Composable:
 
 def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
     """(column, type) of the table's single-column primary key, or the configured one."""
-    relation = catalog.regclass(conn, sql.Identifier(target.schema, target.table))
+    relation = catalog.regclass(conn, app_table(target))
     if target.primary_key:
         found = catalog.column(conn, relation, target.primary_key)
         if found is None:

@@ -40,6 +40,7 @@ from pgreembed.operations.verify import DEFAULT_TOLERANCE
 from pgreembed.redact import redact
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import (
+    app_table,
     load_slots,
     registry_exists,
 )
@@ -102,7 +103,7 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks):
         name = target.name
         self.guarded(name, "misconfigured", lambda: self._misconfigured(target))
         qualified = f"{target.schema}.{target.table}"
-        table = sql.Identifier(target.schema, target.table)
+        table = app_table(target)
         oid_row = self.conn.execute("SELECT to_regclass(%s)::oid",
                                     (table.as_string(self.conn),)).fetchone()
         if oid_row is None or oid_row[0] is None:

@@ -15,7 +15,7 @@ from pgreembed.operations.doctor.base import (
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
 from pgreembed.store import catalog
-from pgreembed.store.slots import vector_type_for
+from pgreembed.store.slots import app_table, vector_type_for
 
 
 class IndexChecks(DoctorBase):
@@ -79,7 +79,7 @@ class IndexChecks(DoctorBase):
         """The advised ANN index (the opclass qualified by pgvector's schema)."""
         return self.statement(sql.SQL(
             "CREATE INDEX CONCURRENTLY ON {table} USING {method} ({column} {opclass});"
-        ).format(table=sql.Identifier(target.schema, target.table),
+        ).format(table=app_table(target),
                  method=sql.Identifier(method), column=sql.Identifier(target.vector_column),
                  opclass=sql.Identifier(ext.schema, opclass)))
 
