@@ -34,14 +34,13 @@ from psycopg.pq import TransactionStatus
 
 from pgreembed.distances import DISTANCES, opclass_distance
 from pgreembed.store import catalog
+from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
 
 DEFAULT_K = 10
 MAX_QUERIES = 1000
 DEFAULT_QUERIES = 100
 DEFAULT_EXACT_TIMEOUT_MS = 30_000
-# Above this many times the sample, read a block sample instead of the whole table.
-BLOCK_SAMPLE_FACTOR = 20
 
 
 @dataclass(frozen=True)
@@ -185,28 +184,17 @@ class GroundTruth:
 
 def sample_rows(conn: psycopg.Connection, slot: Slot, size: int,
                 select: sql.Composable, where: sql.Composable) -> list[tuple[Any, ...]]:
-    """Up to `size` random rows of the slot's table matching `where` (over alias `a`).
-
-    A table over 20x the sample is read through TABLESAMPLE SYSTEM (a few random
-    pages, widened 4x per attempt while too few rows match), so it is never scanned
-    in full for a small sample; SYSTEM samples whole pages, so rows written together
-    are sampled together."""
-    estimate = catalog.row_estimate(conn, catalog.regclass(conn, slot.table))
-    percent = 100.0
-    if estimate > BLOCK_SAMPLE_FACTOR * size:
-        percent = min(100.0, 100.0 * 5 * size / estimate)
-    while True:
-        sample = (sql.SQL("") if percent >= 100.0 else
-                  sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)))
+    """Up to `size` random rows of the slot's table matching `where` (over alias `a`),
+    never scanning a big table for a small sample (see store.sampling); each attempt in
+    its own short transaction."""
+    def fetch(percent: float) -> list[tuple[Any, ...]]:
         with conn.transaction():
-            rows = conn.execute(sql.SQL(
+            return [tuple(r) for r in conn.execute(sql.SQL(
                 "SELECT {select} FROM {table} AS a {sample} WHERE {where}"
-                " ORDER BY random() LIMIT %s").format(select=select, table=slot.table,
-                                                      sample=sample, where=where),
-                (size,)).fetchall()
-        if len(rows) >= size or percent >= 100.0:
-            return [tuple(r) for r in rows]
-        percent = min(100.0, percent * 4)
+                " ORDER BY random() LIMIT %s").format(
+                    select=select, table=slot.table, sample=tablesample(percent), where=where),
+                (size,))]
+    return widening(conn, slot.table, size, fetch)
 
 
 def stored_vector_queries(conn: psycopg.Connection, slot: Slot, size: int,
@@ -219,3 +207,20 @@ def stored_vector_queries(conn: psycopg.Connection, slot: Slot, size: int,
     rows = sample_rows(conn, slot, size, sql.SQL("a.{}, a.{}::text").format(
         slot.pk, slot.vector), where)
     return [Query(str(vector), key) for key, vector in rows]
+
+
+def stored_vector_truth(conn: psycopg.Connection, slot: Slot, queries: int, k: int,
+                        filter_sql: str | None = None,
+                        exact_timeout_ms: int = DEFAULT_EXACT_TIMEOUT_MS
+                        ) -> tuple[AnnIndex | None, GroundTruth | None]:
+    """What `tune` and `doctor --recall` start from: the slot's ANN index and the exact
+    top-k of up to `queries` (at most MAX_QUERIES) stored-vector queries. (None, None)
+    without an index; (index, None) without a row (matching the filter) to query with."""
+    index = ann_index(conn, slot)
+    if index is None:
+        return None, None
+    sample = stored_vector_queries(conn, slot, min(queries, MAX_QUERIES), filter_sql)
+    if not sample:
+        return index, None
+    search = ColumnSearch(conn, slot, k, index.distance, filter_sql, exact_timeout_ms)
+    return index, GroundTruth.measure(search, sample)

@@ -82,15 +82,7 @@ def sweep(conn: psycopg.Connection, slot: Slot, page_size: Callable[[], int],
     caller can still take.
     """
     cursor = cursor if cursor is not None else Cursor()
-    while True:
-        page = missing_page(conn, slot, cursor.missing_after, page_size())
-        if not page:
-            break
-        cursor.missing_after = page[-1]
-        yield page
-    while True:
-        page = outdated_page(conn, slot, cursor.outdated_after, page_size())
-        if not page:
-            break
-        cursor.outdated_after = page[-1]
-        yield page
+    for page_of, field in ((missing_page, "missing_after"), (outdated_page, "outdated_after")):
+        while page := page_of(conn, slot, getattr(cursor, field), page_size()):
+            setattr(cursor, field, page[-1])
+            yield page

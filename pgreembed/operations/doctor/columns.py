@@ -15,6 +15,7 @@ from pgreembed.operations.doctor.base import (
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
 from pgreembed.store import catalog
+from pgreembed.store.sampling import first_percent, tablesample
 from pgreembed.store.slots import (
     load_slots,
     registry_exists,
@@ -130,12 +131,10 @@ class ColumnChecks(DoctorBase):
                ext: Extension, column: Column, where: str) -> None:
         norm_fn = "vector_norm" if column.type_name == "vector" else "l2_norm"
         tolerance = 1e-3 if column.type_name == "vector" else 1e-2
-        estimate = catalog.row_estimate(self.conn, catalog.regclass(self.conn, table))
-        samples: list[sql.Composable] = [sql.SQL("")]
-        if estimate > 20 * self.sample_rows:
-            # Block sampling reads only a few pages of a big table.
-            percent = min(100.0, 100.0 * 5 * self.sample_rows / estimate)
-            samples.insert(0, sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)))
+        # Block sampling reads only a few pages of a big table; the whole table if they
+        # hold no vector.
+        percent = first_percent(self.conn, table, self.sample_rows)
+        samples = [tablesample(percent)] + ([tablesample(100.0)] if percent < 100.0 else [])
         row: tuple[Any, ...] = (0, 0, 0, None, None)
         for sample in samples:
             row = self.one(sql.SQL(
