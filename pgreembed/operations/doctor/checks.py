@@ -135,7 +135,7 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks):
         self.guarded(name, "models", lambda: self._models(target, where))
         self.guarded(name, "norms",
                      lambda: self._norms(target, oid, table, vector, ext, column, where))
-        self.guarded(name, "indexes", lambda: self._indexes(target, oid, column, where, ext))
+        self.guarded(name, "indexes", lambda: self._indexes(target, oid, where, ext))
 
     def _misconfigured(self, target: Target) -> None:
         """A column whose every request the provider refuses as configured: an error."""

@@ -9,7 +9,6 @@ from pgreembed.config import Target
 from pgreembed.distances import DISTANCES, opclass_distance
 from pgreembed.operations.doctor.base import (
     ANN_METHODS,
-    Column,
     DoctorBase,
     Extension,
 )
@@ -21,17 +20,16 @@ from pgreembed.store.slots import app_table, vector_type_for
 class IndexChecks(DoctorBase):
     """The checks that read the catalog's indexes of a vector column."""
 
-    def _indexes(self, target: Target, oid: int, column: Column, where: str,
-                 ext: Extension) -> None:
-        rows = [(i.name, i.method, i.valid, i.opclasses, target.vector_column in i.uses,
-                 i.building) for i in catalog.indexes(self.conn, str(oid))]
+    def _indexes(self, target: Target, oid: int, where: str, ext: Extension) -> None:
+        indexes = catalog.indexes(self.conn, str(oid))
         qualified = f"{target.schema}.{target.table}"
-        for name, _method, valid, _opclasses, _on_vector, building in rows:
-            if valid:
+        for index in indexes:
+            if index.valid:
                 continue
+            name = index.name
             drop = self.statement(sql.SQL("DROP INDEX CONCURRENTLY {};").format(
                 sql.Identifier(target.schema, name)))
-            if building:
+            if index.building:
                 self.add(WARN, target.name, "index_invalid", f"index {name} on {qualified} is"
                          " being built (CREATE INDEX CONCURRENTLY in progress)")
             elif name.startswith("pgreembed_pending_"):
@@ -43,8 +41,8 @@ class IndexChecks(DoctorBase):
                          " INVALID (left by a failed CREATE INDEX CONCURRENTLY): it is updated"
                          f" on every write but never used; `{drop}` and build it again",
                          {"sql": [drop]})
-        ann = [r for r in rows if r[1] in ANN_METHODS and r[4]]
-        valid_ann = [r for r in ann if r[2]]
+        valid_ann = [i for i in indexes if i.method in ANN_METHODS and i.valid
+                     and target.vector_column in i.uses]
         distance = target.distance
         operator = DISTANCES[distance]
         wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
@@ -54,11 +52,10 @@ class IndexChecks(DoctorBase):
                      f" every similarity search scans the whole table; e.g. `{create}`",
                      {"sql": [create]})
             return
-        served = any(opclass_distance(str(o)) == distance
-                     for r in valid_ann for o in r[3])
-        for name, method, _valid, opclasses, _on_vector, _building in valid_ann:
-            ops = ", ".join(opclasses)
-            if any(opclass_distance(str(o)) == distance for o in opclasses):
+        served = any(opclass_distance(o) == distance for i in valid_ann for o in i.opclasses)
+        for index in valid_ann:
+            name, method, ops = index.name, index.method, ", ".join(index.opclasses)
+            if any(opclass_distance(o) == distance for o in index.opclasses):
                 self.add(OK, target.name, "index_opclass", f"{where}: index {name} ({method}"
                          f" {ops}) matches the {distance} distance ({operator})")
             elif served:
@@ -72,7 +69,7 @@ class IndexChecks(DoctorBase):
                          f" {ops}, but the target's distance is {distance}: queries ordering"
                          f" by {operator} cannot use it; build one with {wanted_ops}:"
                          f" `{create}`", {"sql": [create]})
-        self._hints(target, ext, {r[1] for r in valid_ann})
+        self._hints(target, ext, {i.method for i in valid_ann})
 
     def _create_index(self, target: Target, method: str, opclass: str, ext: Extension
                       ) -> str:
