@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,14 +221,29 @@ def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
 
 
 @contextmanager
+def in_background(*loops: Callable[[threading.Event], None]) -> Iterator[None]:
+    """Each `loop(stop)` in a daemon thread for the `with` block; at its end `stop` is set
+    and the threads are joined (10 s each)."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=loop, args=(stop,), daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+@contextmanager
 def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1, 201)
                   ) -> Iterator[dict[str, int]]:
     """Edits a random row's text (keys in `edits`) and inserts a row, `per_second` times a
     second."""
-    stop = threading.Event()
     counts = {"edits": 0, "inserts": 0, "errors": 0}
 
-    def run() -> None:
+    def run(stop: threading.Event) -> None:
         rng = random.Random(7)
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             while not stop.is_set():
@@ -243,10 +258,5 @@ def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1
                     counts["errors"] += 1
                 stop.wait(1.0 / per_second)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
+    with in_background(run):
         yield counts
-    finally:
-        stop.set()
-        thread.join(10)

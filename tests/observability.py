@@ -8,7 +8,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 from prometheus_client.parser import text_string_to_metric_families
+
+from pgreembed.testing.services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SUFFIXES = ("", "_total", "_bucket", "_count", "_sum", "_created")
@@ -46,6 +49,26 @@ def scrape(port: int) -> str:
         return ""
 
 
+def start_exporters(env: dict[str, str], tmp_path: Path) -> tuple[int, int]:
+    """Point the worker's (Dramatiq's, multiprocess) and the scheduler's exporters at free
+    local ports through `env`; returns (worker port, scheduler port)."""
+    worker_port, scheduler_port = free_port(), free_port()
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    env.update({"dramatiq_prom_port": str(worker_port), "dramatiq_prom_host": "127.0.0.1",
+                "dramatiq_prom_db": str(prom_dir),
+                "PGREEMBED_SCHEDULER_METRICS_PORT": str(scheduler_port),
+                "PGREEMBED_METRICS_HOST": "127.0.0.1"})
+    return worker_port, scheduler_port
+
+
+def seed_docs(conn: psycopg.Connection, rows: int) -> None:
+    """`rows` documents to embed and one without text (a recorded failure)."""
+    conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body'"
+                 " FROM generate_series(1, %s) g", (rows,))
+    conn.execute("INSERT INTO docs (title, body) VALUES ('', '')")
+
+
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Sample name -> [(labels, value)], parsed from Prometheus exposition text."""
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
@@ -66,8 +89,18 @@ def emitted(parsed: dict[str, list[tuple[dict[str, str], float]]], name: str
 
 def total(parsed: dict[str, list[tuple[dict[str, str], float]]], name: str,
           **labels: str) -> float:
+    """The sum of sample `name` over the series with `labels` (0 if there is none)."""
     return sum(v for found, v in parsed.get(name, [])
                if all(found.get(k) == want for k, want in labels.items()))
+
+
+def value(parsed: dict[str, list[tuple[dict[str, str], float]]], name: str,
+          **labels: str) -> float | None:
+    """Like `total`, but None when no series of `name` has `labels` (not emitted)."""
+    if not any(all(found.get(k) == want for k, want in labels.items())
+               for found, _ in parsed.get(name, [])):
+        return None
+    return total(parsed, name, **labels)
 
 
 # Series Prometheus makes itself (not an exporter's): allowed in rules and dashboards.

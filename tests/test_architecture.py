@@ -174,3 +174,29 @@ def test_no_module_over_400_lines() -> None:
     long = {m: n for m, p in MODULES.items()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by concern: {long}"
+
+
+def private_imports(module: str) -> list[str]:
+    """`from X import _name` in `module` where X is another module of the project."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join([*parent, *([base] if base else [])])
+        if _resolve(base) in (None, module):
+            continue
+        found += [f"{base}.{alias.name}" for alias in node.names
+                  if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """A leading underscore says "only this module uses it": a name other modules need is
+    part of its module's interface, so it gets a public name (and a docstring)."""
+    bad = {m: found for m in MODULES if (found := private_imports(m))}
+    assert not bad, f"give these public names: {bad}"

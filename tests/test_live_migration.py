@@ -7,6 +7,7 @@ columns, with the exact vector of that column's model for the row's current text
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -22,6 +23,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    in_background,
     json_document,
     migrate,
     seed,
@@ -173,10 +175,9 @@ def writers_always_in_flight(stack: Stack, slot_id: int, hold: float = 0.6
     They enter through the workers' own write path (`store.rows.lock_slot`)."""
     settings = load_settings(stack.config_path, stack.env)
     target = settings.target("docs")
-    stop = threading.Event()
     counts = {"writes": 0}
 
-    def run(offset: float) -> None:
+    def run(stop: threading.Event, offset: float) -> None:
         stop.wait(offset)
         with psycopg.connect(stack.dsn) as conn:
             while not stop.is_set():
@@ -185,16 +186,8 @@ def writers_always_in_flight(stack: Stack, slot_id: int, hold: float = 0.6
                 conn.commit()
                 counts["writes"] += 1
 
-    threads = [threading.Thread(target=run, args=(i * hold / 2,), daemon=True)
-               for i in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
+    with in_background(*(functools.partial(run, offset=i * hold / 2) for i in range(2))):
         yield counts
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
 
 
 def test_swap_gets_its_lock_while_worker_writes_are_always_in_flight(

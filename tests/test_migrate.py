@@ -18,6 +18,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     column_type,
+    in_background,
     migrate,
     running,
     seed,
@@ -160,11 +161,10 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
         "name": "docs", "table": "public.docs", "text_columns": ["title", "body"],
         "vector_column": "embedding", "provider": "openai", "model": "fake-384",
         "dimensions": 384}]}, stack.env)
-    stop = threading.Event()
     errors: list[str] = []
     counts = {"search": 0, "write": 0}
 
-    def searcher() -> None:
+    def searcher(stop: threading.Event) -> None:
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             from pgvector.psycopg import register_vector
             register_vector(conn)
@@ -176,7 +176,7 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
                 except Exception as exc:  # noqa: BLE001 - every failure is counted
                     errors.append(f"search: {exc!r}")
 
-    def writer() -> None:
+    def writer(stop: threading.Event) -> None:
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             i = 0
             while not stop.is_set():
@@ -189,16 +189,10 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
                     errors.append(f"write: {exc!r}")
                 time.sleep(0.005)
 
-    threads = [threading.Thread(target=searcher) for _ in range(3)]
-    threads.append(threading.Thread(target=writer))
-    for t in threads:
-        t.start()
-    time.sleep(1.0)
-    out = migrate(stack, "swap")
-    time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join(10)
+    with in_background(searcher, searcher, searcher, writer):
+        time.sleep(1.0)
+        out = migrate(stack, "swap")
+        time.sleep(1.0)
     assert "swap done" in out
     assert errors == [], errors[:5]
     assert counts["search"] > 10 and counts["write"] > 10, counts

@@ -15,7 +15,6 @@ import redis
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.freshness import oldest_pending_seconds, record_complete_sweep
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from pgreembed.testing.services import free_port
 from tests.helpers import Stack, wait_for
 from tests.observability import (
     PROMETHEUS_OWN,
@@ -25,6 +24,8 @@ from tests.observability import (
     emitted,
     samples,
     scrape,
+    seed_docs,
+    start_exporters,
     total,
 )
 
@@ -36,17 +37,9 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
                                             tmp_path: Path) -> None:
     documented = documented_metrics()
     assert len(documented) >= 15, "the README's metrics reference was not found"
-    worker_port, scheduler_port = free_port(), free_port()
-    prom_dir = tmp_path / "prom"
-    prom_dir.mkdir()
-    stack.env.update({"dramatiq_prom_port": str(worker_port), "dramatiq_prom_host": "127.0.0.1",
-                      "dramatiq_prom_db": str(prom_dir),
-                      "PGREEMBED_SCHEDULER_METRICS_PORT": str(scheduler_port),
-                      "PGREEMBED_METRICS_HOST": "127.0.0.1"})
+    worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
     with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body'"
-                     " FROM generate_series(1, %s) g", (ROWS,))
-        conn.execute("INSERT INTO docs (title, body) VALUES ('', '')")
+        seed_docs(conn, ROWS)
     assert stack.cli("init").returncode == 0
     stack.start_scheduler()
 

@@ -19,6 +19,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    in_background,
     migrate,
     seed,
     wait_filled,
@@ -30,9 +31,8 @@ from tests.helpers import (
 def timed_writer(stack: Stack) -> Iterator[list[float]]:
     """Updates an unrelated column every 10 ms; yields the list of its latencies."""
     latencies: list[float] = []
-    stop = threading.Event()
 
-    def run() -> None:
+    def run(stop: threading.Event) -> None:
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             i = 0
             while not stop.is_set():
@@ -42,13 +42,8 @@ def timed_writer(stack: Stack) -> Iterator[list[float]]:
                 latencies.append(time.monotonic() - started)
                 stop.wait(0.01)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
+    with in_background(run):
         yield latencies
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def idle_in_transaction(stack: Stack, statement: str, seconds: float) -> psycopg.Connection:

@@ -29,11 +29,11 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
-from pgreembed.migrations.state import _table, open_migration
+from pgreembed.migrations.state import open_migration
 from pgreembed.model_keys import is_shortenable
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import lock_slot
-from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | 
         passes += 1
         this_pass, after = 0, None
         while True:
-            done, after = run_locked(settings.database_url, _table(target), "derive fill",
+            done, after = run_locked(settings.database_url, app_table(target), "derive fill",
                                      functools.partial(_chunk, target=target, slot_id=slot_id,
                                                        after=after, rows=chunk_rows), policy)
             this_pass += done
@@ -149,7 +149,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
             UPDATE {table} AS a
             SET {new} = l2_normalize(subvector(a.{live}, 1, %(dims)s))::{cast}
             FROM chunk c, {live_state} s
-            WHERE a.{pk} = c.pk AND s.pgr_pk = a.{pk} AND s.pgr_model_id = %(live_model)s
+            WHERE a.{pk} = c.pk AND {key} AND s.pgr_model_id = %(live_model)s
               AND s.pgr_hash = {hash} AND a.{live} IS NOT NULL AND a.{new} IS NULL
             RETURNING a.{pk} AS pk, s.pgr_hash AS h, s.pgr_truncated AS t
         ), recorded AS (
@@ -167,7 +167,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
         SELECT (SELECT count(*) FROM recorded), (SELECT max(pk)::text FROM chunk)
         """).format(pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
                     live=live.vector, cast=cast, live_state=live.state_table,
-                    hash=live.hash_expr, new_state=new.state_table),
+                    hash=live.hash_expr, new_state=new.state_table, key=live.state_key()),
         {"after": after, "rows": rows, "dims": new.dimensions, "live_model": live.model_id,
          "new_model": new.model_id}).fetchone()
     assert found is not None

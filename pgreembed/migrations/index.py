@@ -14,7 +14,8 @@ from pgreembed.config import Settings, Target
 from pgreembed.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
-from pgreembed.migrations.state import _require_open, _slots_by_id
+from pgreembed.migrations.state import require_open, slots_by_id
+from pgreembed.store import catalog
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot
 
@@ -49,8 +50,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
     a second with the build's phase and tuples/blocks done (pg_stat_progress_create_index).
     """
     with connect(settings.database_url, autocommit=True) as conn:
-        migration = _require_open(conn, target, "filling")
-        slots = _slots_by_id(conn, target)
+        migration = require_open(conn, target, "filling")
+        slots = slots_by_id(conn, target)
         slot = slots[migration.to_slot]
         method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
         name = ann_index_name(slot)
@@ -106,18 +107,11 @@ class ColumnIndex:
 
 def column_indexes(conn: psycopg.Connection, slot: Slot) -> list[ColumnIndex]:
     """The indexes on the slot's column, except our pending index."""
-    rows = conn.execute(
-        """
-        SELECT c.relname, i.indisvalid AND i.indisready, am.amname,
-               (SELECT o.opcname FROM pg_opclass o
-                WHERE o.oid = i.indclass[array_position(i.indkey::int2[], a.attnum)])  -- 0-based
-        FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_am am ON am.oid = c.relam
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-        WHERE i.indrelid = %s::regclass AND a.attname = %s
-        ORDER BY c.relname
-        """, (slot.table.as_string(conn), slot.vector_column)).fetchall()
-    return [ColumnIndex(name, valid, method, opclass_distance(opclass))
-            for name, valid, method, opclass in rows
-            if not name.startswith("pgreembed_pending_")]
+    found = []
+    for index in catalog.indexes(conn, catalog.regclass(conn, slot.table)):
+        if slot.vector_column not in index.columns or index.name.startswith(
+                "pgreembed_pending_"):
+            continue
+        found.append(ColumnIndex(index.name, index.valid, index.method,
+                                 opclass_distance(index.opclass_of(slot.vector_column))))
+    return found

@@ -22,11 +22,10 @@ from pgreembed.embedding.budgets import record_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations.state import (
-    _require_open,
-    _slots_by_id,
-    _table,
     new_column_name,
     open_migration,
+    require_open,
+    slots_by_id,
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import (
@@ -35,7 +34,7 @@ from pgreembed.store.setup import (
     ensure_pending_index,
     ensure_vector_column,
 )
-from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
 from pgreembed.store.triggers import install_triggers
 from pgreembed.store.usage import SPEND_CAP, spend
@@ -77,7 +76,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         conn.execute(INIT_LOCK)
         existing = open_migration(conn, target)
         if existing is not None:
-            slot = _slots_by_id(conn, target).get(existing.to_slot)
+            slot = slots_by_id(conn, target).get(existing.to_slot)
             if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
                 record_budget(conn, slot.model_id, budget)
                 return slot, False  # re-run after a crash: idempotent
@@ -129,7 +128,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
             install_triggers(conn, target, slots)
         return new_slot, True
 
-    new_slot, created = run_locked(settings.database_url, _table(target), "migrate start",
+    new_slot, created = run_locked(settings.database_url, app_table(target), "migrate start",
                                    add_column, policy, mode=ACCESS_EXCLUSIVE)
     _finish_start(settings, target)
     if created:
@@ -147,7 +146,7 @@ def _finish_start(settings: Settings, target: Target) -> None:
 def pause(settings: Settings, target: Target) -> None:
     """Stop filling (queued batches are dropped); a pause by the spend cap stays one."""
     with connect(settings.database_url) as conn:
-        migration = _require_open(conn, target, "filling")
+        migration = require_open(conn, target, "filling")
         conn.execute("UPDATE pgreembed.slots SET paused = true,"
                      " paused_by = CASE WHEN paused THEN paused_by ELSE 'operator' END"
                      " WHERE id = %s", (migration.to_slot,))
@@ -166,7 +165,7 @@ def resume(settings: Settings, target: Target,
     """Fill again. A migration its spend cap paused resumes only with a raised cap
     (`spend_cap_usd`) or none (None): with the same cap it would pause again at once."""
     with connect(settings.database_url) as conn:
-        migration = _require_open(conn, target, "filling")
+        migration = require_open(conn, target, "filling")
         row = conn.execute(
             "SELECT s.paused_by FROM pgreembed.migrations m JOIN pgreembed.slots s"
             " ON s.id = m.to_slot WHERE m.id = %s FOR UPDATE OF m, s",
@@ -210,8 +209,8 @@ def _drop_slot(conn: psycopg.Connection, target: Target, slot: Slot) -> None:
 def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
     """Before a swap: drop the new column; the live column is untouched."""
     def drop_new(conn: psycopg.Connection) -> None:
-        migration = _require_open(conn, target, "filling")
-        slot = _slots_by_id(conn, target)[migration.to_slot]
+        migration = require_open(conn, target, "filling")
+        slot = slots_by_id(conn, target)[migration.to_slot]
         _drop_slot(conn, target, slot)
         # A side fill held the live column back: it is filled directly again.
         conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
@@ -219,18 +218,18 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'cancelled', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 
-    run_locked(settings.database_url, _table(target), "cancel", drop_new, policy,
+    run_locked(settings.database_url, app_table(target), "cancel", drop_new, policy,
                mode=ACCESS_EXCLUSIVE)
 
 
 def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
     """After the rollback window: drop the column that is not live any more."""
     def drop_old(conn: psycopg.Connection) -> None:
-        migration = _require_open(conn, target, "swapped", "rolled_back")
+        migration = require_open(conn, target, "swapped", "rolled_back")
         old = next(s for s in load_slots(conn, target) if s.role == "old")
         _drop_slot(conn, target, old)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
                      " WHERE id = %s", (migration.id,))
 
-    run_locked(settings.database_url, _table(target), "finalize", drop_old, policy,
+    run_locked(settings.database_url, app_table(target), "finalize", drop_old, policy,
                mode=ACCESS_EXCLUSIVE)

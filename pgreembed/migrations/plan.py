@@ -15,8 +15,9 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.model_keys import model_key
+from pgreembed.store import catalog
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import load_slots, vector_type_for
+from pgreembed.store.slots import app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
 
 # Above this many rows (the planner's estimate) `plan` counts a sample of the table's
@@ -61,7 +62,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     if kind == "halfvec":
         notes.append(f"{dimensions} > 2000 dimensions: the column is halfvec({dimensions}),"
                      " since pgvector indexes `vector` only up to 2000 dims")
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     text = text_expression(target)
     with connect(settings.database_url) as conn:
         total, empty, distinct, estimated = _count_rows(conn, table, text)
@@ -129,9 +130,7 @@ def _count_rows(conn: psycopg.Connection, table: sql.Composable, text: sql.Compo
     """(rows, rows without text, distinct texts, estimated): exact up to EXACT_COUNT_ROWS
     rows, else from a TABLESAMPLE of about SAMPLE_ROWS rows scaled to the planner's row
     estimate (a sample's distinct share understates texts repeated across pages)."""
-    row = conn.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid ="
-                       " to_regclass(%s)", (table.as_string(conn),)).fetchone()
-    guess = int(row[0]) if row else 0
+    guess = max(0, int(catalog.row_estimate(conn, table.as_string(conn))))
     counts = sql.SQL("SELECT count(*), count(*) FILTER (WHERE {no}),"
                      " count(DISTINCT md5(({text})::text)) FILTER (WHERE NOT {no}) FROM {table}"
                      ).format(no=no_text(text), text=text, table=table)

@@ -8,7 +8,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.migrations.index import ColumnIndex, column_indexes
-from pgreembed.migrations.state import Migration, _require_open, _slots_by_id
+from pgreembed.migrations.state import Migration, require_open, slots_by_id
 from pgreembed.store.pool import connect
 from pgreembed.store.usage import spend
 
@@ -33,8 +33,8 @@ class Progress:
 
 def progress(settings: Settings, target: Target) -> Progress:
     with connect(settings.database_url) as conn:
-        migration = _require_open(conn, target)
-        slots = _slots_by_id(conn, target)
+        migration = require_open(conn, target)
+        slots = slots_by_id(conn, target)
         slot = slots.get(migration.to_slot) or slots[migration.from_slot]
         if slot.role == "live":  # after a swap, report on the column being kept for rollback
             slot = slots[migration.from_slot]
@@ -42,8 +42,8 @@ def progress(settings: Settings, target: Target) -> Progress:
             """
             SELECT count(*), count(a.{v}), count(s.pgr_failed_hash),
                    count(*) FILTER (WHERE s.pgr_embedded_at > now() - interval '60 seconds')
-            FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
-            """).format(v=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk)
+            FROM {rows}
+            """).format(v=slot.vector, rows=slot.rows_with_state(outer=True))
         ).fetchone()
         assert row is not None
         indexes = column_indexes(conn, slot)

@@ -30,9 +30,10 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations.index import build_index, column_indexes
 from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, finalize, start
 from pgreembed.migrations.plan import Plan, plan
-from pgreembed.migrations.state import _slots_by_id
+from pgreembed.migrations.state import slots_by_id
 from pgreembed.migrations.swap import DEFAULT_MAX_UNSEARCHABLE, swap
-from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page, estimated_rows
+from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page
+from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, load_slots, registry_exists
 from pgreembed.store.versions import current_version, upgrade
@@ -84,7 +85,7 @@ def finish_rows(settings: Settings) -> int:
 
 
 def backlog_threshold(conn: psycopg.Connection, settings: Settings, live: Slot) -> int:
-    return settings.side_fill.threshold(estimated_rows(conn, live) or 0)
+    return settings.side_fill.threshold(estimated_rows(conn, regclass(conn, live.table)) or 0)
 
 
 def should_start(conn: psycopg.Connection, settings: Settings, live: Slot) -> int | None:
@@ -137,7 +138,7 @@ def _open_migration(conn: psycopg.Connection, target: Target) -> bool:
 def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
     """Vectors of the live model already paid for go into the side column (no second
     purchase), then the side column is let to fill."""
-    slots = _slots_by_id(conn, target)
+    slots = slots_by_id(conn, target)
     source, side = slots[fill.from_slot], slots[fill.to_slot]
     after, copied = None, 0
     while True:
@@ -155,12 +156,12 @@ def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
 
 def _maybe_index(conn: psycopg.Connection, settings: Settings, target: Target,
                  fill: SideFill) -> str | None:
-    side = _slots_by_id(conn, target)[fill.to_slot]
+    side = slots_by_id(conn, target)[fill.to_slot]
     limit = finish_rows(settings)
     if backlog_at_least(conn, side, limit + 1) > limit:
         return None
     _set_step(conn, fill, "indexing")
-    rows = estimated_rows(conn, side) or 0
+    rows = estimated_rows(conn, regclass(conn, side.table)) or 0
     memory, workers = build_settings(conn, rows, side.dimensions,
                                      settings.side_fill.maintenance_work_mem,
                                      settings.side_fill.parallel_workers)
@@ -227,7 +228,7 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
         live = model_change(conn, target)
         if live is None:
             return None
-        rows = estimated_rows(conn, live) or 0
+        rows = estimated_rows(conn, regclass(conn, live.table)) or 0
         migrated = conn.execute("SELECT count(*) FROM pgreembed.migrations WHERE target = %s",
                                 (target.name,)).fetchone()
         conn.rollback()

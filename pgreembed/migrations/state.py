@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import MigrationError
@@ -31,11 +30,14 @@ def open_migration(conn: psycopg.Connection, target: Target) -> Migration | None
     return None if row is None else Migration(*row)
 
 
-def _slots_by_id(conn: psycopg.Connection, target: Target) -> dict[int, Slot]:
+def slots_by_id(conn: psycopg.Connection, target: Target) -> dict[int, Slot]:
+    """The target's active slots by id: a migration row names its columns by slot id."""
     return {s.id: s for s in load_slots(conn, target)}
 
 
-def _require_open(conn: psycopg.Connection, target: Target, *phases: str) -> Migration:
+def require_open(conn: psycopg.Connection, target: Target, *phases: str) -> Migration:
+    """The target's open migration, if it is in one of `phases` (any, if none given);
+    else MigrationError saying what this step needs: every step but `start` checks it."""
     migration = open_migration(conn, target)
     if migration is None:
         raise MigrationError(f"target {target.name!r} has no migration in progress")
@@ -43,10 +45,6 @@ def _require_open(conn: psycopg.Connection, target: Target, *phases: str) -> Mig
         raise MigrationError(f"target {target.name!r}: migration {migration.id} is"
                              f" {migration.phase}; this step needs {' or '.join(phases)}")
     return migration
-
-
-def _table(target: Target) -> sql.Identifier:
-    return sql.Identifier(target.schema, target.table)
 
 
 def new_column_name(target: Target, model_id: int) -> str:

@@ -17,9 +17,9 @@ from psycopg import sql
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError, WaitTimeoutError
 from pgreembed.migrations.index import column_indexes
-from pgreembed.migrations.state import SWAP_COLUMN, _require_open, _table
+from pgreembed.migrations.state import SWAP_COLUMN, require_open
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
 
 # Rows searchable now that a swap may leave unsearchable for the seconds the workers take to
@@ -51,12 +51,12 @@ def _unsearchable_counts(conn: psycopg.Connection, live: Slot, incoming: Slot
     column's partial pending index, so it stays fast enough to run under the swap lock."""
     row = conn.execute(sql.SQL(
         """
-        SELECT count(*) FILTER (WHERE s.pgr_failed_hash IS DISTINCT FROM {hash}),
-               count(*) FILTER (WHERE s.pgr_failed_hash = {hash})
-        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        SELECT count(*) FILTER (WHERE NOT {failed}), count(*) FILTER (WHERE {failed})
+        FROM {rows}
         WHERE a.{incoming} IS NULL AND a.{live} IS NOT NULL
-        """).format(hash=incoming.hash_expr, table=incoming.table, state=incoming.state_table,
-                    pk=incoming.pk, incoming=incoming.vector, live=live.vector)).fetchone()
+        """).format(failed=incoming.failed_on(incoming.hash_expr),
+                    rows=incoming.rows_with_state(outer=True), incoming=incoming.vector,
+                    live=live.vector)).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
@@ -170,7 +170,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
 
     while True:
         with connect(settings.database_url) as conn:
-            _require_open(conn, target, *phases)
+            require_open(conn, target, *phases)
             live, other = _pair(conn, target)
             ready = readiness(conn, live, other, check_indexes=not rollback)
             conn.rollback()
@@ -198,9 +198,10 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
 
         def exchange(conn: psycopg.Connection) -> int:
             nonlocal locked_at
-            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(_table(target)))
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                app_table(target)))
             locked_at = time.monotonic()
-            migration = _require_open(conn, target, *phases)
+            migration = require_open(conn, target, *phases)
             live, other = _pair(conn, target)
             unsearchable, failed = _unsearchable_counts(conn, live, other)
             if unsearchable > max_unsearchable or (failed and not accept_failed):
@@ -213,7 +214,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             return unsearchable
 
         try:
-            left = run_locked(settings.database_url, _table(target), step, exchange, policy,
+            left = run_locked(settings.database_url, app_table(target), step, exchange, policy,
                               mode=ACCESS_EXCLUSIVE,
                               on_busy=count_busy)
         except _NotReady:

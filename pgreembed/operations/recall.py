@@ -33,14 +33,14 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.distances import DISTANCES, opclass_distance
+from pgreembed.store import catalog
+from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
 
 DEFAULT_K = 10
 MAX_QUERIES = 1000
 DEFAULT_QUERIES = 100
 DEFAULT_EXACT_TIMEOUT_MS = 30_000
-# Above this many times the sample, read a block sample instead of the whole table.
-BLOCK_SAMPLE_FACTOR = 20
 
 
 @dataclass(frozen=True)
@@ -63,24 +63,14 @@ class AnnIndex:
 
 def ann_index(conn: psycopg.Connection, slot: Slot) -> AnnIndex | None:
     """The slot's valid ANN index (the one serving the target's distance if several)."""
-    rows = conn.execute(
-        """
-        SELECT c.relname, am.amname, o.opcname, coalesce(c.reloptions, '{}')
-        FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_am am ON am.oid = c.relam
-        JOIN pg_opclass o ON o.oid = i.indclass[0]
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-        WHERE i.indrelid = %s::regclass AND a.attname = %s AND i.indisvalid AND i.indisready
-          AND am.amname IN ('hnsw', 'ivfflat')
-        ORDER BY c.relname
-        """, (slot.table.as_string(conn), slot.vector_column)).fetchall()
     found = []
-    for name, method, opclass, reloptions in rows:
-        distance = opclass_distance(str(opclass))
+    for index in catalog.indexes(conn, catalog.regclass(conn, slot.table)):
+        if not (index.valid and index.method in ("hnsw", "ivfflat") and index.columns
+                and index.columns[0] == slot.vector_column and index.opclasses):
+            continue
+        distance = opclass_distance(index.opclasses[0])
         if distance is not None and distance in DISTANCES:
-            options = dict(str(o).split("=", 1) for o in reloptions)
-            found.append(AnnIndex(str(name), str(method), distance, options))
+            found.append(AnnIndex(index.name, index.method, distance, index.options))
     preferred = [i for i in found if i.distance == slot.target.distance]
     chosen = preferred or found
     return chosen[0] if chosen else None
@@ -194,30 +184,17 @@ class GroundTruth:
 
 def sample_rows(conn: psycopg.Connection, slot: Slot, size: int,
                 select: sql.Composable, where: sql.Composable) -> list[tuple[Any, ...]]:
-    """Up to `size` random rows of the slot's table matching `where` (over alias `a`).
-
-    A table over 20x the sample is read through TABLESAMPLE SYSTEM (a few random
-    pages, widened 4x per attempt while too few rows match), so it is never scanned
-    in full for a small sample; SYSTEM samples whole pages, so rows written together
-    are sampled together."""
-    estimate_row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                (slot.table.as_string(conn),)).fetchone()
-    estimate = float(estimate_row[0]) if estimate_row else -1.0
-    percent = 100.0
-    if estimate > BLOCK_SAMPLE_FACTOR * size:
-        percent = min(100.0, 100.0 * 5 * size / estimate)
-    while True:
-        sample = (sql.SQL("") if percent >= 100.0 else
-                  sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)))
+    """Up to `size` random rows of the slot's table matching `where` (over alias `a`),
+    never scanning a big table for a small sample (see store.sampling); each attempt in
+    its own short transaction."""
+    def fetch(percent: float) -> list[tuple[Any, ...]]:
         with conn.transaction():
-            rows = conn.execute(sql.SQL(
+            return [tuple(r) for r in conn.execute(sql.SQL(
                 "SELECT {select} FROM {table} AS a {sample} WHERE {where}"
-                " ORDER BY random() LIMIT %s").format(select=select, table=slot.table,
-                                                      sample=sample, where=where),
-                (size,)).fetchall()
-        if len(rows) >= size or percent >= 100.0:
-            return [tuple(r) for r in rows]
-        percent = min(100.0, percent * 4)
+                " ORDER BY random() LIMIT %s").format(
+                    select=select, table=slot.table, sample=tablesample(percent), where=where),
+                (size,))]
+    return widening(conn, slot.table, size, fetch)
 
 
 def stored_vector_queries(conn: psycopg.Connection, slot: Slot, size: int,
@@ -230,3 +207,20 @@ def stored_vector_queries(conn: psycopg.Connection, slot: Slot, size: int,
     rows = sample_rows(conn, slot, size, sql.SQL("a.{}, a.{}::text").format(
         slot.pk, slot.vector), where)
     return [Query(str(vector), key) for key, vector in rows]
+
+
+def stored_vector_truth(conn: psycopg.Connection, slot: Slot, queries: int, k: int,
+                        filter_sql: str | None = None,
+                        exact_timeout_ms: int = DEFAULT_EXACT_TIMEOUT_MS
+                        ) -> tuple[AnnIndex | None, GroundTruth | None]:
+    """What `tune` and `doctor --recall` start from: the slot's ANN index and the exact
+    top-k of up to `queries` (at most MAX_QUERIES) stored-vector queries. (None, None)
+    without an index; (index, None) without a row (matching the filter) to query with."""
+    index = ann_index(conn, slot)
+    if index is None:
+        return None, None
+    sample = stored_vector_queries(conn, slot, min(queries, MAX_QUERIES), filter_sql)
+    if not sample:
+        return index, None
+    search = ColumnSearch(conn, slot, k, index.distance, filter_sql, exact_timeout_ms)
+    return index, GroundTruth.measure(search, sample)

@@ -13,13 +13,9 @@ import psycopg
 
 from pgreembed.operations.recall import (
     DEFAULT_EXACT_TIMEOUT_MS,
-    MAX_QUERIES,
     AnnIndex,
-    ColumnSearch,
-    GroundTruth,
     Measurement,
-    ann_index,
-    stored_vector_queries,
+    stored_vector_truth,
 )
 from pgreembed.store import index_settings
 from pgreembed.store.slots import Slot
@@ -60,16 +56,12 @@ def measure_slot(conn: psycopg.Connection, slot: Slot, queries: int, k: int,
                  target_recall: float | None = None,
                  exact_timeout_ms: int = DEFAULT_EXACT_TIMEOUT_MS) -> SlotRecall | None:
     """The slot's index recall@k at search's settings; None without an ANN index or rows."""
-    index = ann_index(conn, slot)
-    if index is None:
-        return None
-    sample = stored_vector_queries(conn, slot, min(queries, MAX_QUERIES))
-    if not sample:
+    index, truth = stored_vector_truth(conn, slot, queries, k,
+                                       exact_timeout_ms=exact_timeout_ms)
+    if index is None or truth is None:
         return None
     settings = index_settings.recorded(conn, slot.id)
     target = target_recall or recorded_target(conn, slot.id) or DEFAULT_TARGET
-    truth = GroundTruth.measure(ColumnSearch(conn, slot, k, index.distance,
-                                             exact_timeout_ms=exact_timeout_ms), sample)
     measured, _ = truth.ann(settings)
     return SlotRecall(slot.vector_column, slot.role, slot.model_key, index, settings, target,
                       k, measured)

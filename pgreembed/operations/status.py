@@ -21,7 +21,7 @@ from psycopg import sql
 from pgreembed.config import Settings
 from pgreembed.queue.claims import InFlight
 from pgreembed.redact import redact
-from pgreembed.store.backlog import estimated_rows
+from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.usage import inputs_and_reused
 
@@ -76,9 +76,9 @@ def _exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
                count(*) FILTER (WHERE a.{vector} IS NOT NULL AND s.pgr_model_id <> %s),
                count(*) FILTER (WHERE s.pgr_failed_hash IS NOT NULL),
                count(*) FILTER (WHERE s.pgr_truncated)
-        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        FROM {rows}
         """
-    ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
+    ).format(vector=slot.vector, rows=slot.rows_with_state(outer=True)),
         (slot.model_id,)).fetchone()
     assert row is not None
     return tuple(int(x) for x in row)
@@ -91,9 +91,8 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
     row = conn.execute(sql.SQL(
         """
         SELECT n.without_vector, n.pending, n.stale,
-               (SELECT count(*) FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
-                WHERE s.pgr_failed_hash IS NOT NULL),
-               (SELECT count(*) FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
+               (SELECT count(*) FROM {rows} WHERE s.pgr_failed_hash IS NOT NULL),
+               (SELECT count(*) FROM {rows}
                 WHERE s.pgr_model_id = ANY(%s) AND a.{vector} IS NOT NULL)
         FROM (SELECT count(*) AS without_vector,
                      count(*) FILTER (WHERE s.pgr_failed_hash IS NULL) AS pending,
@@ -102,11 +101,12 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
               FROM {table} a
               -- One state-row probe per pending row: as a plain join the planner hashes
               -- the whole state table (one row per row of the app's table).
-              LEFT JOIN LATERAL (SELECT pgr_hash, pgr_failed_hash FROM {state}
-                                 WHERE pgr_pk = a.{pk} OFFSET 0) s ON true
+              LEFT JOIN LATERAL (SELECT s.pgr_hash, s.pgr_failed_hash FROM {state} s
+                                 WHERE {key} OFFSET 0) s ON true
               WHERE a.{vector} IS NULL) n
         """
-    ).format(vector=slot.vector, table=slot.table, state=slot.state_table, pk=slot.pk),
+    ).format(vector=slot.vector, table=slot.table, state=slot.state_table,
+             key=slot.state_key(), rows=slot.rows_with_state()),
         (other_models,)).fetchone()
     assert row is not None
     return tuple(int(x) for x in row)
@@ -115,7 +115,7 @@ def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
 def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis | None,
                 lease_seconds: int, exact: bool = False) -> SlotStatus:
     started = time.perf_counter()
-    estimate = None if exact else estimated_rows(conn, slot)
+    estimate = None if exact else estimated_rows(conn, regclass(conn, slot.table))
     if estimate is None:  # asked for, or a table never analysed (then small, or new)
         total, embedded, pending, stale, outdated, failed, truncated = _exact_counts(conn, slot)
         counted: int | None = truncated

@@ -25,13 +25,10 @@ from pgreembed.operations.recall import (
     DEFAULT_EXACT_TIMEOUT_MS,
     DEFAULT_K,
     DEFAULT_QUERIES,
-    MAX_QUERIES,
     AnnIndex,
-    ColumnSearch,
     GroundTruth,
     Measurement,
-    ann_index,
-    stored_vector_queries,
+    stored_vector_truth,
 )
 from pgreembed.store import index_settings
 from pgreembed.store.pool import connect
@@ -154,18 +151,16 @@ def tune(settings: Settings, target: Target, *, column: str = "live",
     """Sweep, measure, recommend and (if `record`) record; see the module docstring."""
     with connect(settings.database_url, autocommit=True) as conn:
         slot = column_slot(conn, target, column)
-        index = ann_index(conn, slot)
+        index, truth = stored_vector_truth(conn, slot, queries, k, filter_sql,
+                                           exact_timeout_ms)
         where = f"{target.schema}.{target.table}.{slot.vector_column}"
         if index is None:
             raise TuneError(f"{where} has no valid HNSW or IVFFlat index: nothing to tune"
                             " (`pgreembed doctor` shows how to build one)")
-        sample = stored_vector_queries(conn, slot, min(queries, MAX_QUERIES), filter_sql)
-        if not sample:
+        if truth is None:
             raise TuneError(f"{where}: no row with a vector"
                             f"{' matches the filter' if filter_sql else ''}: nothing to"
                             " measure")
-        search = ColumnSearch(conn, slot, k, index.distance, filter_sql, exact_timeout_ms)
-        truth = GroundTruth.measure(search, sample)
         # (The exact searches loaded pgvector's library: its settings are defined now.)
         iterative = pgvector_at_least_0_8(conn)
         current, _ = truth.ann({})

@@ -40,12 +40,10 @@ from pgreembed.embedding.embed import Row, embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ProviderError
 from pgreembed.redact import redact
+from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
 
 DEFAULT_TOLERANCE = 0.99
-# Above this many times the sample, read a block sample instead of the whole table.
-BLOCK_SAMPLE_FACTOR = 20
-OVERSAMPLE = 5
 
 
 @dataclass(frozen=True)
@@ -92,35 +90,25 @@ def sample_rows(conn: psycopg.Connection, slot: Slot, size: int
 
     The bookkeeping is looked up per sampled row (LATERAL ... LIMIT 1: a primary-key
     probe), so neither table is read in full on the sampled path."""
-    regclass = slot.table.as_string(conn)
-    estimate_row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                                (regclass,)).fetchone()
-    estimate = float(estimate_row[0]) if estimate_row else -1.0
-    percent = 100.0
-    if estimate > BLOCK_SAMPLE_FACTOR * size:
-        percent = min(100.0, 100.0 * OVERSAMPLE * size / estimate)
-    while True:
-        rows = conn.execute(sample_query(slot, percent), (slot.model_id, size)).fetchall()
-        if len(rows) >= size or percent >= 100.0:
-            return [(key, text, np.asarray(vec, dtype=np.float32)) for key, text, vec in rows]
-        percent = min(100.0, percent * 4)
+    rows = widening(conn, slot.table, size, lambda percent: conn.execute(
+        sample_query(slot, percent), (slot.model_id, size)).fetchall())
+    return [(key, text, np.asarray(vec, dtype=np.float32)) for key, text, vec in rows]
 
 
 def sample_query(slot: Slot, percent: float) -> sql.Composed:
     """Verifiable rows among `percent` of the table's pages (all of them at 100), shuffled;
     parameters: the slot's model id, the sample size."""
-    sample = (sql.SQL("") if percent >= 100.0 else
-              sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)))
     return sql.SQL(
         """
         SELECT a.{pk}, ({text})::text, a.{vector}::real[]
         FROM {table} AS a {sample}
-        CROSS JOIN LATERAL (SELECT pgr_hash FROM {state}
-                            WHERE pgr_pk = a.{pk} AND pgr_model_id = %s LIMIT 1) s
+        CROSS JOIN LATERAL (SELECT s.pgr_hash FROM {state} s
+                            WHERE {key} AND s.pgr_model_id = %s LIMIT 1) s
         WHERE a.{vector} IS NOT NULL AND s.pgr_hash = {hash}
         ORDER BY random() LIMIT %s
         """).format(pk=slot.pk, text=slot.text_expr, vector=slot.vector, table=slot.table,
-                    sample=sample, state=slot.state_table, hash=slot.hash_expr)
+                    sample=tablesample(percent), state=slot.state_table, key=slot.state_key(),
+                    hash=slot.hash_expr)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -15,21 +15,6 @@ from psycopg import sql
 from pgreembed.store.slots import Slot
 
 
-def estimated_rows(conn: psycopg.Connection, slot: Slot) -> int | None:
-    """The app table's live row count from Postgres's statistics: the cumulative stats
-    counter (`n_live_tup`, which follows inserts and deletes within a second), else the
-    estimate of the last ANALYZE or vacuum (after a crash reset the counters); None if
-    neither exists yet. Not pages times rows per page: the embedding UPDATEs leave dead
-    tuples behind that would count as rows until a vacuum."""
-    row = conn.execute(
-        """
-        SELECT CASE WHEN pg_stat_get_live_tuples(oid) > 0 THEN pg_stat_get_live_tuples(oid)
-                    WHEN reltuples >= 0 THEN reltuples END
-        FROM pg_class WHERE oid = %s::regclass
-        """, (slot.table.as_string(conn),)).fetchone()
-    return None if row is None or row[0] is None else round(row[0])
-
-
 def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
     """Rows the slot would embed (no vector, or another model's), counted up to `limit`:
     the answer is exact below it and `limit` at or above it, so a huge backlog costs no
@@ -38,11 +23,10 @@ def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
         """
         SELECT (SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {vector} IS NULL
                                       LIMIT %(limit)s) m)
-             + (SELECT count(*) FROM (SELECT 1 FROM {state} s JOIN {table} a
-                                      ON a.{pk} = s.pgr_pk
+             + (SELECT count(*) FROM (SELECT 1 FROM {rows}
                                       WHERE s.pgr_model_id <> %(model)s
                                         AND a.{vector} IS NOT NULL LIMIT %(limit)s) o)
-        """).format(table=slot.table, vector=slot.vector, state=slot.state_table, pk=slot.pk),
+        """).format(table=slot.table, vector=slot.vector, rows=slot.rows_with_state()),
         {"limit": limit, "model": slot.model_id}).fetchone()
     return min(limit, int(row[0])) if row else 0
 
@@ -69,7 +53,7 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
             WITH copied AS (
                 UPDATE {table} a SET {side} = a.{source}
                 FROM {source_state} s
-                WHERE {bound} AND a.{pk} <= %(last)s AND s.pgr_pk = a.{pk}
+                WHERE {bound} AND a.{pk} <= %(last)s AND {key}
                   AND s.pgr_model_id = %(model)s AND s.pgr_hash = {hash}
                   AND a.{source} IS NOT NULL AND a.{side} IS NULL
                 RETURNING a.{pk} AS k, s.pgr_hash AS h, s.pgr_truncated AS t)
@@ -82,6 +66,7 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
                 pgr_failure = NULL
             """).format(table=source.table, side=side.vector, source=source.vector,
                         source_state=source.state_table, bound=bound, pk=source.pk,
+                        key=source.state_key(),
                         hash=source.hash_expr, side_state=side.state_table),
             {"after": after, "last": last[0], "model": side.model_id}).rowcount
     return last[0], copied

@@ -59,11 +59,11 @@ def list_failures(conn: psycopg.Connection, slot: Slot, limit: int
         """
         SELECT s.pgr_pk::text, s.pgr_failure, s.pgr_attempts, s.pgr_failed_at,
                count(*) OVER ()
-        FROM {table} a JOIN {state} s ON s.pgr_pk = a.{pk}
+        FROM {rows}
         WHERE s.pgr_failed_hash IS NOT NULL
         ORDER BY s.pgr_failed_at DESC NULLS LAST, s.pgr_pk
         LIMIT %s
-        """).format(table=slot.table, state=slot.state_table, pk=slot.pk), (limit,)).fetchall()
+        """).format(rows=slot.rows_with_state()), (limit,)).fetchall()
     total = int(rows[0][4]) if rows else 0
     records = [FailureRecord(slot.vector_column, slot.model_key, slot.role, key,
                              redact(reason or ""), attempts, failed_at)
@@ -75,10 +75,9 @@ def count_failed_without_vector(conn: psycopg.Connection, slot: Slot) -> int:
     """Rows with no vector in this slot's column that will stay so until retried."""
     row = conn.execute(sql.SQL(
         """
-        SELECT count(*) FROM {table} a JOIN {state} s ON s.pgr_pk = a.{pk}
+        SELECT count(*) FROM {rows}
         WHERE s.pgr_failed_hash IS NOT NULL AND a.{vector} IS NULL
-        """).format(table=slot.table, state=slot.state_table, pk=slot.pk,
-                    vector=slot.vector)).fetchone()
+        """).format(rows=slot.rows_with_state(), vector=slot.vector)).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -91,8 +90,8 @@ def retry_failures(conn: psycopg.Connection, slot: Slot) -> int:
         """
         UPDATE {state} s SET pgr_failed_hash = NULL
         FROM {table} a
-        WHERE a.{pk} = s.pgr_pk AND s.pgr_failed_hash IS NOT NULL
-        """).format(state=slot.state_table, table=slot.table, pk=slot.pk))
+        WHERE {key} AND s.pgr_failed_hash IS NOT NULL
+        """).format(state=slot.state_table, table=slot.table, key=slot.state_key()))
     count = cur.rowcount
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, slot.target.name))

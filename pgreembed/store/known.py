@@ -37,14 +37,13 @@ def known_vectors(conn: psycopg.Connection, slot: Slot, rows: Sequence[Row]
         FROM unnest(%s::uuid[]) AS h(hash)
         CROSS JOIN LATERAL (
             SELECT a.{vector} AS vec, s.pgr_truncated AS truncated
-            FROM {state} s JOIN {table} a ON a.{pk} = s.pgr_pk
+            FROM {rows}
             WHERE s.pgr_model_id = %s AND s.pgr_hash = h.hash
               AND a.{vector} IS NOT NULL AND {hash} = s.pgr_hash
             LIMIT 1
         ) v
         """
-    ).format(vector=slot.vector, state=slot.state_table, table=slot.table, pk=slot.pk,
-             hash=slot.hash_expr)
+    ).format(vector=slot.vector, rows=slot.rows_with_state(), hash=slot.hash_expr)
     found = {}
     for content_hash, vector, truncated in conn.execute(query, (hashes, slot.model_id)):
         found[content_hash] = (np.asarray(vector.to_numpy(), dtype=np.float32), bool(truncated))

@@ -47,13 +47,14 @@ def forget_deleted_page(conn: psycopg.Connection, slot: Slot, after: str | None,
         ), gone AS (
             DELETE FROM {state} s USING page p
             WHERE s.pgr_pk = p.pgr_pk
-              AND NOT EXISTS (SELECT 1 FROM {table} a WHERE a.{pk} = p.pgr_pk)
+              AND NOT EXISTS (SELECT 1 FROM {table} a WHERE {key})
             RETURNING 1
         )
         SELECT (SELECT pgr_pk::text FROM page ORDER BY pgr_pk DESC LIMIT 1),
                (SELECT count(*) FROM page), (SELECT count(*) FROM gone)
         """
-    ).format(state=slot.state_table, condition=condition, table=slot.table, pk=slot.pk),
+    ).format(state=slot.state_table, condition=condition, table=slot.table,
+             key=slot.state_key(state="p")),
         (*params, limit)).fetchone()
     assert row is not None
     last, seen, removed = row

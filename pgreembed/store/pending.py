@@ -42,14 +42,12 @@ def missing_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -
     condition, params = _after(sql.SQL("a.{}").format(slot.pk), after)
     query = sql.SQL(
         """
-        SELECT a.{pk} FROM {table} a
-        LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
-        WHERE a.{vector} IS NULL AND {condition}
-          AND (s.pgr_failed_hash IS NULL OR s.pgr_failed_hash <> {hash})
+        SELECT a.{pk} FROM {rows}
+        WHERE {pending} AND {condition}
         ORDER BY a.{pk} LIMIT %s
         """
-    ).format(pk=slot.pk, table=slot.table, state=slot.state_table, vector=slot.vector,
-             condition=condition, hash=slot.hash_expr)
+    ).format(pk=slot.pk, rows=slot.rows_with_state(outer=True), pending=slot.pending(),
+             condition=condition)
     return [row[0] for row in conn.execute(query, (*params, limit))]
 
 
@@ -59,12 +57,12 @@ def outdated_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) 
     condition, params = _after(sql.SQL("s.pgr_pk"), after)
     query = sql.SQL(
         """
-        SELECT s.pgr_pk FROM {table} a JOIN {state} s ON s.pgr_pk = a.{pk}
-        WHERE s.pgr_model_id = ANY(%s) AND {condition}
-          AND (s.pgr_failed_hash IS NULL OR s.pgr_failed_hash <> s.pgr_hash)
+        SELECT s.pgr_pk FROM {rows}
+        WHERE s.pgr_model_id = ANY(%s) AND {condition} AND NOT {failed}
         ORDER BY s.pgr_pk LIMIT %s
         """
-    ).format(table=slot.table, state=slot.state_table, pk=slot.pk, condition=condition)
+    ).format(rows=slot.rows_with_state(), condition=condition,
+             failed=slot.failed_on(sql.SQL("s.pgr_hash")))
     old_models = [
         r[0] for r in conn.execute("SELECT id FROM pgreembed.models WHERE id <> %s",
                                    (slot.model_id,))
@@ -84,15 +82,7 @@ def sweep(conn: psycopg.Connection, slot: Slot, page_size: Callable[[], int],
     caller can still take.
     """
     cursor = cursor if cursor is not None else Cursor()
-    while True:
-        page = missing_page(conn, slot, cursor.missing_after, page_size())
-        if not page:
-            break
-        cursor.missing_after = page[-1]
-        yield page
-    while True:
-        page = outdated_page(conn, slot, cursor.outdated_after, page_size())
-        if not page:
-            break
-        cursor.outdated_after = page[-1]
-        yield page
+    for page_of, field in ((missing_page, "missing_after"), (outdated_page, "outdated_after")):
+        while page := page_of(conn, slot, getattr(cursor, field), page_size()):
+            setattr(cursor, field, page[-1])
+            yield page

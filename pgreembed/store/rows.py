@@ -21,7 +21,7 @@ from pgreembed.config import Target
 from pgreembed.embedding.embed import Embedded, Failed, Row
 from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
-from pgreembed.store.slots import Slot, load_slot
+from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
 
 
@@ -30,13 +30,13 @@ def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> l
     query = sql.SQL(
         """
         SELECT a.{pk}, ({text})::text, {hash}
-        FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
+        FROM {rows}
         WHERE a.{pk} = ANY(%s::text[]::{pk_type}[])
           AND (a.{vector} IS NULL OR s.pgr_model_id IS DISTINCT FROM %s)
         ORDER BY a.{pk}
         """
-    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr, table=slot.table,
-             state=slot.state_table, pk_type=slot.pk_cast, vector=slot.vector)
+    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr,
+             rows=slot.rows_with_state(outer=True), pk_type=slot.pk_cast, vector=slot.vector)
     return [Row(pk, text, h) for pk, text, h in conn.execute(query, (list(keys), slot.model_id))]
 
 
@@ -50,7 +50,7 @@ def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
     Writers take ROW EXCLUSIVE, readers ACCESS SHARE. None if the slot is gone (its
     migration was cancelled or finalized).
     """
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     if mode == "ROW EXCLUSIVE":
         join_writers(conn, table)  # DDL holds writers out before it locks the table
     conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(table, sql.SQL(mode)))

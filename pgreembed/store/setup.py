@@ -16,8 +16,10 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
+from pgreembed.store import catalog
 from pgreembed.store.slots import (
     Slot,
+    app_table,
     clear_misconfigured,
     load_slots,
     primary_key_of,
@@ -64,12 +66,9 @@ def ensure_model(conn: psycopg.Connection, target: Target) -> int:
 
 
 def _column_type(conn: psycopg.Connection, target: Target, column: str) -> str | None:
-    row = conn.execute(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
-        " WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
-        (sql.Identifier(target.schema, target.table).as_string(conn), column),
-    ).fetchone()
-    return None if row is None else str(row[0])
+    found = catalog.column(
+        conn, catalog.regclass(conn, app_table(target)), column)
+    return None if found is None else found.formatted
 
 
 def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
@@ -79,7 +78,7 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
     found = _column_type(conn, target, column)
     if found is None:
         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-            sql.Identifier(target.schema, target.table), sql.Identifier(column), sql.SQL(wanted)))
+            app_table(target), sql.Identifier(column), sql.SQL(wanted)))
         log.info("added column %s %s to %s.%s", column, wanted, target.schema, target.table)
         return True
     if found != wanted:
@@ -92,7 +91,7 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
 
 def _check_table(conn: psycopg.Connection, target: Target) -> None:
     exists = conn.execute(
-        "SELECT to_regclass(%s)", (sql.Identifier(target.schema, target.table).as_string(conn),)
+        "SELECT to_regclass(%s)", (app_table(target).as_string(conn),)
     ).fetchone()
     if exists is None or exists[0] is None:
         raise SetupError(f"target {target.name!r}: table {target.schema}.{target.table}"
@@ -189,14 +188,10 @@ def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     index behind; it is dropped and rebuilt.
     """
     name = slot.pending_index_name
-    row = dsn_conn.execute(
-        "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid"
-        " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-        (slot.target.schema, name),
-    ).fetchone()
-    if row is not None and row[0]:
+    valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
+    if valid:
         return
-    if row is not None:
+    if valid is not None:
         log.warning("dropping INVALID index %s left by an interrupted build", name)
         dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
             sql.Identifier(slot.target.schema, name)))
@@ -217,7 +212,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
     with connect(dsn, vector=False) as conn:
         ensure_pgvector(conn)
         conn.commit()
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
     slot, slots, adopted = run_locked(dsn, table, "init",
                                       lambda conn: _init_in_transaction(conn, target), policy,

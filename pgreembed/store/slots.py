@@ -18,6 +18,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
+from pgreembed.store import catalog
 
 SCHEMA = "pgreembed"
 NOTIFY_CHANNEL = "pgreembed"
@@ -48,7 +49,7 @@ class Slot:
 
     @property
     def table(self) -> sql.Identifier:
-        return sql.Identifier(self.target.schema, self.target.table)
+        return app_table(self.target)
 
     @property
     def pk(self) -> sql.Identifier:
@@ -88,6 +89,48 @@ class Slot:
         """md5 of the text as uuid: what the no-stale-write guard compares."""
         return sql.SQL("md5(coalesce(({})::text, ''))::uuid").format(self.text_expr)
 
+    # -- the state-table join ------------------------------------------------------
+    # An app row and its state row are tied by one equation, and every query spells the
+    # join and the "failed on this text" test through these: one definition each.
+
+    def state_key(self, row: str = "a", state: str = "s") -> sql.Composed:
+        """`s.pgr_pk = a.<pk>`: the condition tying state row `state` to app row `row`."""
+        return sql.SQL("{}.pgr_pk = {}.{}").format(
+            sql.Identifier(state), sql.Identifier(row), self.pk)
+
+    def state_join(self, row: str = "a", state: str = "s", *, outer: bool = False
+                   ) -> sql.Composed:
+        """`[LEFT] JOIN <state table> s ON s.pgr_pk = a.<pk>`; outer keeps the rows that
+        have no state row yet (never embedded nor failed)."""
+        return sql.SQL("{} {} {} ON {}").format(
+            sql.SQL("LEFT JOIN" if outer else "JOIN"), self.state_table,
+            sql.Identifier(state), self.state_key(row, state))
+
+    def rows_with_state(self, row: str = "a", state: str = "s", *, outer: bool = False
+                        ) -> sql.Composed:
+        """`<app table> a [LEFT] JOIN <state table> s ON ...`: starting from the app's
+        table, so the state row of a deleted row never counts (see store.orphans)."""
+        return sql.SQL("{} {} {}").format(self.table, sql.Identifier(row),
+                                          self.state_join(row, state, outer=outer))
+
+    @staticmethod
+    def failed_on(text_hash: sql.Composable, state: str = "s") -> sql.Composed:
+        """The row's recorded failure is on the text hashing to `text_hash`. Never NULL
+        (for a non-NULL hash), so `NOT` of it is "not failed on this text"."""
+        return sql.SQL("({s}.pgr_failed_hash IS NOT NULL AND {s}.pgr_failed_hash = {h})"
+                       ).format(s=sql.Identifier(state), h=text_hash)
+
+    def pending(self, row: str = "a", state: str = "s") -> sql.Composed:
+        """A row without a vector that did not fail on its current text: what the scheduler
+        sends (over `rows_with_state(outer=True)`; a failure on an older text is retried)."""
+        return sql.SQL("{}.{} IS NULL AND NOT {}").format(
+            sql.Identifier(row), self.vector, self.failed_on(self.hash_expr, state))
+
+
+def app_table(target: Target) -> sql.Identifier:
+    """The app's table of `target`, schema-qualified and quoted: how every query names it."""
+    return sql.Identifier(target.schema, target.table)
+
 
 def vector_type_for(dimensions: int) -> str:
     return "vector" if dimensions <= 2000 else "halfvec"
@@ -105,28 +148,16 @@ def text_expression(target: Target) -> sql.Composable:
 
 def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
     """(column, type) of the table's single-column primary key, or the configured one."""
-    regclass = sql.Identifier(target.schema, target.table).as_string(conn)
-    rows = conn.execute(
-        """
-        SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-        FROM pg_index i
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-        WHERE i.indrelid = %s::regclass AND i.indisprimary
-        """,
-        (regclass,),
-    ).fetchall()
+    relation = catalog.regclass(conn, app_table(target))
     if target.primary_key:
-        found = conn.execute(
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
-            " WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
-            (regclass, target.primary_key),
-        ).fetchone()
+        found = catalog.column(conn, relation, target.primary_key)
         if found is None:
             raise SetupError(
                 f"target {target.name!r}: primary_key {target.primary_key!r} is not a column"
                 f" of {target.schema}.{target.table}"
             )
-        return target.primary_key, found[0]
+        return target.primary_key, found.formatted
+    rows = catalog.primary_key(conn, relation)
     if len(rows) != 1:
         raise SetupError(
             f"target {target.name!r}: {target.schema}.{target.table} needs a single-column"

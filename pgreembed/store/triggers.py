@@ -12,6 +12,7 @@ from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store.slots import (
     Slot,
+    app_table,
 )
 
 # Bump when the triggers install_triggers creates change: older ones are then replaced.
@@ -32,7 +33,7 @@ def text_sql_columns(conn: psycopg.Connection, target: Target) -> tuple[str, ...
     does not list would never clear the vector: the text would silently go stale.
     """
     assert target.text_sql is not None
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     probe = sql.Identifier(f"pgreembed_text_sql_{target.name}")
     columns: list[tuple[int, str | None]] = []
     with conn.transaction():
@@ -96,7 +97,7 @@ def triggers_current(conn: psycopg.Connection, target: Target, slots: list[Slot]
         SELECT obj_description(to_regprocedure(%s || '()'), 'pg_proc'),
                (SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s)
                 AND tgname = ANY(%s) AND tgenabled <> 'D')
-        """, (function, sql.Identifier(target.schema, target.table).as_string(conn),
+        """, (function, app_table(target).as_string(conn),
               _trigger_names(target))).fetchone()
     wanted = _triggers_fingerprint(target, slots, trigger_columns(conn, target, slots))
     return row is not None and row[0] == wanted and row[1] == len(_trigger_names(target))
@@ -112,7 +113,7 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
     they are compared as text, since some types (json) have no equality operator.
     """
     watched = trigger_columns(conn, target, slots)
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     function = sql.Identifier("pgreembed", f"clear_{target.name}")
     clears = sql.SQL("\n").join(
         sql.SQL("    IF NEW.{v} IS NOT DISTINCT FROM OLD.{v} THEN NEW.{v} := NULL; END IF;")
@@ -171,7 +172,7 @@ def install_forget_triggers(conn: psycopg.Connection, target: Target, slots: lis
     re-embedding a reloaded table costs far more. Rows deleted while the triggers
     were off (or before this version) are removed by `pgreembed.orphans`.
     """
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     forget_row = sql.Identifier("pgreembed", f"forget_{target.name}")
     forget_all = sql.Identifier("pgreembed", f"forget_all_{target.name}")
     _forget_function(conn, forget_row, [
@@ -192,7 +193,7 @@ def install_forget_triggers(conn: psycopg.Connection, target: Target, slots: lis
 
 
 def drop_triggers(conn: psycopg.Connection, target: Target) -> None:
-    table = sql.Identifier(target.schema, target.table)
+    table = app_table(target)
     for name in _trigger_names(target):
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name),
                                                                        table))

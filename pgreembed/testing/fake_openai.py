@@ -36,7 +36,6 @@ from pgreembed.testing.fake_requests import (
     ApiError,
     EmbeddingRequest,
     Faults,
-    _string_inputs,
     bad_request,
     check_marker,
     coerce_fault,
@@ -46,6 +45,7 @@ from pgreembed.testing.fake_requests import (
     parse_batch_file,
     parse_embedding_request,
     refusal,
+    string_inputs,
 )
 from pgreembed.testing.fake_vectors import fake_token_count
 
@@ -255,7 +255,7 @@ class FakeOpenAIServer:
     def _admit(self, body: object) -> None:
         """Sliding 60 s windows for RPM/TPM, global and per model; a rejected request
         uses no budget of either."""
-        tokens = sum(fake_token_count(s) for s in _string_inputs(body))
+        tokens = sum(fake_token_count(s) for s in string_inputs(body))
         model = body.get("model") if isinstance(body, dict) else None
         with self._lock:
             limits: list[tuple[str | None, int | None, int | None]] = [

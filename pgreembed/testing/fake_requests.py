@@ -142,8 +142,9 @@ class EmbeddingRequest:
     encoding: str
 
 
-def _string_inputs(body: object) -> list[str]:
-    """Best-effort inputs of a not-yet-validated body (the rate limiter needs tokens)."""
+def string_inputs(body: object) -> list[str]:
+    """Best-effort inputs of a not-yet-validated body (the rate limiter needs tokens,
+    before the request is validated)."""
     raw = body.get("input") if isinstance(body, dict) else None
     items = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
     return [s for s in items if isinstance(s, str)]
@@ -270,7 +271,7 @@ def parse_batch_file(data: bytes) -> tuple[list[dict[str, Any]], dict[str, Any] 
     if not all(isinstance(line, dict) for line in lines):
         return [], {"code": "invalid_json_line", "line": None, "param": None,
                     "message": "Every line must be a JSON object."}
-    n_inputs = sum(len(_string_inputs(line.get("body"))) for line in lines)
+    n_inputs = sum(len(string_inputs(line.get("body"))) for line in lines)
     if not lines or len(lines) > MAX_BATCH_INPUTS or n_inputs > MAX_BATCH_INPUTS:
         return [], {"code": "too_many_inputs", "line": None, "param": None,
                     "message": f"Batch has {len(lines)} requests and {n_inputs} inputs; "

@@ -40,6 +40,7 @@ from pgreembed.operations.verify import DEFAULT_TOLERANCE
 from pgreembed.redact import redact
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import (
+    app_table,
     load_slots,
     registry_exists,
 )
@@ -102,7 +103,7 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks):
         name = target.name
         self.guarded(name, "misconfigured", lambda: self._misconfigured(target))
         qualified = f"{target.schema}.{target.table}"
-        table = sql.Identifier(target.schema, target.table)
+        table = app_table(target)
         oid_row = self.conn.execute("SELECT to_regclass(%s)::oid",
                                     (table.as_string(self.conn),)).fetchone()
         if oid_row is None or oid_row[0] is None:
@@ -134,7 +135,7 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks):
         self.guarded(name, "models", lambda: self._models(target, where))
         self.guarded(name, "norms",
                      lambda: self._norms(target, oid, table, vector, ext, column, where))
-        self.guarded(name, "indexes", lambda: self._indexes(target, oid, column, where, ext))
+        self.guarded(name, "indexes", lambda: self._indexes(target, oid, where, ext))
 
     def _misconfigured(self, target: Target) -> None:
         """A column whose every request the provider refuses as configured: an error."""

@@ -14,6 +14,8 @@ from pgreembed.operations.doctor.base import (
     Extension,
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
+from pgreembed.store import catalog
+from pgreembed.store.sampling import first_percent, tablesample
 from pgreembed.store.slots import (
     load_slots,
     registry_exists,
@@ -27,12 +29,8 @@ class ColumnChecks(DoctorBase):
     """The checks that read a vector column (bounded by sample_rows where they scan)."""
 
     def _column(self, oid: int, name: str) -> Column | None:
-        row = self.conn.execute(
-            "SELECT a.attnum, t.typname, a.atttypmod FROM pg_attribute a"
-            " JOIN pg_type t ON t.oid = a.atttypid"
-            " WHERE a.attrelid = %s AND a.attname = %s AND a.attnum > 0"
-            " AND NOT a.attisdropped", (oid, name)).fetchone()
-        return None if row is None else Column(int(row[0]), str(row[1]), int(row[2]))
+        found = catalog.column(self.conn, str(oid), name)
+        return None if found is None else Column(found.attnum, found.type_name, found.typmod)
 
     def _column_type(self, target: Target, column: Column, where: str) -> bool:
         """Report the column's type; True when it is a pgvector type worth checking further."""
@@ -113,12 +111,10 @@ class ColumnChecks(DoctorBase):
         rows = self.conn.execute(sql.SQL(
             """
             SELECT coalesce(m.key, '(no record)'), count(*)
-            FROM {table} a LEFT JOIN {state} s ON s.pgr_pk = a.{pk}
-                 LEFT JOIN pgreembed.models m ON m.id = s.pgr_model_id
+            FROM {rows} LEFT JOIN pgreembed.models m ON m.id = s.pgr_model_id
             WHERE a.{vector} IS NOT NULL
             GROUP BY 1 ORDER BY 2 DESC
-            """).format(table=slot.table, state=slot.state_table, pk=slot.pk,
-                        vector=slot.vector)).fetchall()
+            """).format(rows=slot.rows_with_state(outer=True), vector=slot.vector)).fetchall()
         counts = ", ".join(f"{key}: {n}" for key, n in rows)
         if len(rows) > 1:
             self.add(WARN, target.name, "models", f"{live_where} holds vectors from several"
@@ -135,12 +131,10 @@ class ColumnChecks(DoctorBase):
                ext: Extension, column: Column, where: str) -> None:
         norm_fn = "vector_norm" if column.type_name == "vector" else "l2_norm"
         tolerance = 1e-3 if column.type_name == "vector" else 1e-2
-        estimate = float(self.one("SELECT reltuples FROM pg_class WHERE oid = %s", (oid,))[0])
-        samples: list[sql.Composable] = [sql.SQL("")]
-        if estimate > 20 * self.sample_rows:
-            # Block sampling reads only a few pages of a big table.
-            percent = min(100.0, 100.0 * 5 * self.sample_rows / estimate)
-            samples.insert(0, sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)))
+        # Block sampling reads only a few pages of a big table; the whole table if they
+        # hold no vector.
+        percent = first_percent(self.conn, table, self.sample_rows)
+        samples = [tablesample(percent)] + ([tablesample(100.0)] if percent < 100.0 else [])
         row: tuple[Any, ...] = (0, 0, 0, None, None)
         for sample in samples:
             row = self.one(sql.SQL(

@@ -9,46 +9,27 @@ from pgreembed.config import Target
 from pgreembed.distances import DISTANCES, opclass_distance
 from pgreembed.operations.doctor.base import (
     ANN_METHODS,
-    Column,
     DoctorBase,
     Extension,
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
-from pgreembed.store.slots import (
-    vector_type_for,
-)
+from pgreembed.store import catalog
+from pgreembed.store.slots import app_table, vector_type_for
 
 
 class IndexChecks(DoctorBase):
     """The checks that read the catalog's indexes of a vector column."""
 
-    def _indexes(self, target: Target, oid: int, column: Column, where: str,
-                 ext: Extension) -> None:
-        rows = self.conn.execute(
-            """
-            SELECT c.relname, am.amname, i.indisvalid AND i.indisready,
-                   ARRAY(SELECT o.opcname FROM unnest(i.indclass::oid[]) k
-                         JOIN pg_opclass o ON o.oid = k),
-                   EXISTS (SELECT 1 FROM pg_depend d
-                           WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
-                             AND d.refclassid = 'pg_class'::regclass
-                             AND d.refobjid = i.indrelid AND d.refobjsubid = %s),
-                   EXISTS (SELECT 1 FROM pg_stat_progress_create_index p
-                           WHERE p.relid = i.indrelid
-                             AND p.index_relid IN (0, i.indexrelid))
-            FROM pg_index i
-            JOIN pg_class c ON c.oid = i.indexrelid
-            JOIN pg_am am ON am.oid = c.relam
-            WHERE i.indrelid = %s
-            ORDER BY c.relname
-            """, (column.attnum, oid)).fetchall()
+    def _indexes(self, target: Target, oid: int, where: str, ext: Extension) -> None:
+        indexes = catalog.indexes(self.conn, str(oid))
         qualified = f"{target.schema}.{target.table}"
-        for name, _method, valid, _opclasses, _on_vector, building in rows:
-            if valid:
+        for index in indexes:
+            if index.valid:
                 continue
+            name = index.name
             drop = self.statement(sql.SQL("DROP INDEX CONCURRENTLY {};").format(
                 sql.Identifier(target.schema, name)))
-            if building:
+            if index.building:
                 self.add(WARN, target.name, "index_invalid", f"index {name} on {qualified} is"
                          " being built (CREATE INDEX CONCURRENTLY in progress)")
             elif name.startswith("pgreembed_pending_"):
@@ -60,8 +41,8 @@ class IndexChecks(DoctorBase):
                          " INVALID (left by a failed CREATE INDEX CONCURRENTLY): it is updated"
                          f" on every write but never used; `{drop}` and build it again",
                          {"sql": [drop]})
-        ann = [r for r in rows if r[1] in ANN_METHODS and r[4]]
-        valid_ann = [r for r in ann if r[2]]
+        valid_ann = [i for i in indexes if i.method in ANN_METHODS and i.valid
+                     and target.vector_column in i.uses]
         distance = target.distance
         operator = DISTANCES[distance]
         wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
@@ -71,11 +52,10 @@ class IndexChecks(DoctorBase):
                      f" every similarity search scans the whole table; e.g. `{create}`",
                      {"sql": [create]})
             return
-        served = any(opclass_distance(str(o)) == distance
-                     for r in valid_ann for o in r[3])
-        for name, method, _valid, opclasses, _on_vector, _building in valid_ann:
-            ops = ", ".join(opclasses)
-            if any(opclass_distance(str(o)) == distance for o in opclasses):
+        served = any(opclass_distance(o) == distance for i in valid_ann for o in i.opclasses)
+        for index in valid_ann:
+            name, method, ops = index.name, index.method, ", ".join(index.opclasses)
+            if any(opclass_distance(o) == distance for o in index.opclasses):
                 self.add(OK, target.name, "index_opclass", f"{where}: index {name} ({method}"
                          f" {ops}) matches the {distance} distance ({operator})")
             elif served:
@@ -89,14 +69,14 @@ class IndexChecks(DoctorBase):
                          f" {ops}, but the target's distance is {distance}: queries ordering"
                          f" by {operator} cannot use it; build one with {wanted_ops}:"
                          f" `{create}`", {"sql": [create]})
-        self._hints(target, ext, {r[1] for r in valid_ann})
+        self._hints(target, ext, {i.method for i in valid_ann})
 
     def _create_index(self, target: Target, method: str, opclass: str, ext: Extension
                       ) -> str:
         """The advised ANN index (the opclass qualified by pgvector's schema)."""
         return self.statement(sql.SQL(
             "CREATE INDEX CONCURRENTLY ON {table} USING {method} ({column} {opclass});"
-        ).format(table=sql.Identifier(target.schema, target.table),
+        ).format(table=app_table(target),
                  method=sql.Identifier(method), column=sql.Identifier(target.vector_column),
                  opclass=sql.Identifier(ext.schema, opclass)))
 
