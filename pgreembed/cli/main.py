@@ -77,9 +77,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> None:
+    from pgreembed.embedding.throttle import observe
     from pgreembed.operations.status import collect
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    throttle = observe(settings.throttle, client)
     from pgreembed.cli.migrate import progress_line
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
@@ -107,7 +109,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
                                      "rate_per_second": round(found.rate_per_second, 1),
                                      "eta_seconds": found.eta_seconds, "paused": found.paused,
                                      "estimated": found.estimated}
-        emit("status", {"columns": out})
+        emit("status", {"columns": out, "throttle": throttle.as_dict()})
         return
     header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
               f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
@@ -143,6 +145,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
               f"side column {fill.column} ({fill.reason}: {fill.step})"))
     for name, found in migrations.items():
         print(f"migration of {name}: {progress_line(found)}")
+    print(throttle.line())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
