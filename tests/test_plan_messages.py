@@ -69,7 +69,7 @@ def test_paused_migration_has_no_eta_and_small_caps_keep_their_digits(
             "--spend-cap", "0.0002")
     migrate(stack, "pause")
     status = json.loads(migrate(stack, "status", "--json"))
-    assert status["paused"] and status["eta_seconds"] is None
+    assert status["paused"] and status["eta_seconds"] is None, json.dumps(status)
     text = migrate(stack, "status")
     assert "of a $0.0002 cap" in text and "ETA ?" in text
     assert [usd(x) for x in (0.0002, 0.00015, 0.5, 1234.5, 0)] == [
