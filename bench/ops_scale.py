@@ -1,5 +1,6 @@
 """What the operator's tools cost as the table grows: `status`, a scheduler scrape,
-`migrate plan` and one scheduler pass, at a small and a large table.
+`migrate plan`, one scheduler pass and, with a migration just started (its new column
+empty: the whole table is its backlog), `migrate status`, `status` and a scrape.
 
     python -m bench.ops_scale [--small 100000] [--large 5000000] [--pending 1000]
 
@@ -8,6 +9,8 @@ embedding vector(16)) filled with SQL (vectors included: no provider needed), al
 embedded but `--pending` rows, then `pgreembed init` (which adopts the vectors: one
 state row per row, as a real deployment has). Every figure is the median of 3 runs,
 in-process, after one warm-up run; `status --exact` is timed for contrast (it scans).
+The migration is started with `migrate start` (its pending index is built over every row)
+and the table analysed, as autovacuum would after that.
 The last line is JSON with every figure.
 """
 
@@ -26,6 +29,8 @@ import redis
 from bench.harness import API_KEY, Services
 from pgreembed.config import Settings, parse_settings
 from pgreembed.migrations import plan
+from pgreembed.migrations.lifecycle import start
+from pgreembed.migrations.progress import progress
 from pgreembed.operations.metrics import DatabaseCollector
 from pgreembed.operations.status import collect
 from pgreembed.store.pool import connect
@@ -117,6 +122,20 @@ def measure(services: Services, rows: int, pending: int) -> dict[str, float]:
         "pass": median_seconds(one_pass, before=client.flushall),
         "status_exact": median_seconds(lambda: status(exact=True), repeats=1),
     }
+    started = time.perf_counter()
+    start(settings, target, "openai", "fake-alt-16", DIMS)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE docs")
+    print(f"  {rows:,} rows: migration started in {time.perf_counter() - started:.0f} s",
+          flush=True)
+
+    def migrate_status() -> None:
+        found = progress(settings, target)
+        assert found.total - found.done - found.failed >= rows * 0.9, found
+
+    result["migrate_status"] = median_seconds(migrate_status)
+    result["status_migrating"] = median_seconds(lambda: status())
+    result["scrape_migrating"] = median_seconds(lambda: list(collector.collect()))
     services.drop(dsn)
     return result
 
@@ -137,7 +156,9 @@ def main() -> None:
     print(f"\n{'':<26}{args.small:>12,}{args.large:>12,}   ratio   (seconds, median of 3;"
           f" {args.pending} rows pending)")
     labels = {"status": "status", "scrape": "scheduler scrape", "plan": "migrate plan",
-              "pass": "one scheduler pass", "status_exact": "status --exact (scans)"}
+              "pass": "one scheduler pass", "status_exact": "status --exact (scans)",
+              "migrate_status": "migrate status (open)", "status_migrating": "status (migration)",
+              "scrape_migrating": "scrape (migration)"}
     for key, label in labels.items():
         print(f"{label:<26}{small[key]:>12.3f}{large[key]:>12.3f}"
               f"{large[key] / max(small[key], 1e-9):>8.1f}x")

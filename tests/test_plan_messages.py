@@ -64,12 +64,14 @@ def test_paused_migration_has_no_eta_and_small_caps_keep_their_digits(
     stack.start_worker(threads=2)
     stack.start_scheduler()
     wait_filled(stack, "embedding")
-    fake_openai.set_faults(slow_model="text-embedding-3-small", slow_model_latency=5.0)
+    # Slow enough that no batch of the new model lands before `pause` (CLIs on a loaded
+    # machine take seconds each: 5 s let the whole fill finish first).
+    fake_openai.set_faults(slow_model="text-embedding-3-small", slow_model_latency=30.0)
     migrate(stack, "start", "--model", "text-embedding-3-small", "--dimensions", "384",
             "--spend-cap", "0.0002")
     migrate(stack, "pause")
     status = json.loads(migrate(stack, "status", "--json"))
-    assert status["paused"] and status["eta_seconds"] is None
+    assert status["paused"] and status["eta_seconds"] is None, json.dumps(status)
     text = migrate(stack, "status")
     assert "of a $0.0002 cap" in text and "ETA ?" in text
     assert [usd(x) for x in (0.0002, 0.00015, 0.5, 1234.5, 0)] == [

@@ -12,11 +12,11 @@ import psycopg
 import pytest
 import redis
 
-from pgreembed.config import parse_settings
+from pgreembed.config import load_settings, parse_settings
 from pgreembed.embedding.throttle import Throttle, _Prober
 from pgreembed.errors import ConfigError
 from pgreembed.throttle_settings import ThrottleSettings
-from tests.helpers import Stack, docs_config, seed, wait_for, write_config
+from tests.helpers import Stack, docs_config, json_document, seed, wait_for, write_config
 
 ENV = {"DATABASE_URL": "postgresql://localhost/x"}
 TARGET = {"name": "docs", "table": "docs", "text_column": "body", "vector_column": "v",
@@ -143,3 +143,41 @@ def test_a_batch_bigger_than_a_second_of_budget_is_paced(throttle_redis: redis.R
     throttle.admit(512)
     elapsed = time.monotonic() - started
     assert 3.5 <= elapsed <= 8, elapsed
+
+
+def test_status_and_doctor_show_the_throttle_and_its_pace(stack: Stack) -> None:
+    assert stack.cli("init").returncode == 0
+    none = json_document(stack.cli("status", "--json").stdout)["throttle"]
+    assert (none["configured"], none["factor"]) == (False, None)
+    assert "throttle: none" in stack.cli("status").stdout
+
+    write_config(stack.config_path, docs_config() + "\n[throttle]\nmax_rows_per_second = 200"
+                 "\nadaptive = true\nprobe_sql = \"SELECT pg_sleep(0.05)\"\nmax_probe_ms = 20"
+                 "\nprobe_interval = 0.1\n")
+    config = load_settings(stack.config_path, stack.env).throttle
+    # A worker's throttle seeing the slow probe (a real query on the real database).
+    throttle = Throttle(config, redis.Redis.from_url(stack.redis_url),
+                        probe=_Prober(stack.dsn, config))
+
+    def back_off() -> None:
+        time.sleep(0.2)  # past probe_interval
+        assert throttle.check_load() is not None and throttle.factor() < 1.0
+
+    back_off()
+    shown = json_document(stack.cli("status", "--json").stdout)["throttle"]
+    assert (shown["configured"], shown["adaptive"], shown["max_rows_per_second"],
+            shown["max_probe_ms"]) == (True, True, 200, 20.0)
+    assert 0.1 <= shown["factor"] < 1.0, shown
+    assert shown["rows_per_second_now"] == pytest.approx(200 * shown["factor"], abs=0.2)
+    assert 0 <= shown["last_back_off_seconds"] < 60, shown
+    back_off()
+    text = stack.cli("status").stdout
+    assert "throttle: at most 200 rows/s, adaptive (backs off on a probe > 20 ms)" in text
+    assert "of the cap), last back-off" in text, text
+
+    back_off()
+    doctor = json_document(stack.cli("doctor", "--json").stdout)
+    [found] = [f for f in doctor["findings"] if f["check"] == "throttle"]
+    assert found["level"] == "warn", found
+    assert "the app's probe query took" in found["message"], found
+    assert found["details"]["probe_ms"] >= 20 and found["details"]["factor"] < 1.0

@@ -77,9 +77,11 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> None:
+    from pgreembed.embedding.throttle import observe
     from pgreembed.operations.status import collect
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    throttle = observe(settings.throttle, client)
     from pgreembed.cli.migrate import progress_line
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
@@ -105,8 +107,9 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
                 item["migration"] = {"id": found.migration.id, "phase": found.migration.phase,
                                      "done": found.done, "total": found.total,
                                      "rate_per_second": round(found.rate_per_second, 1),
-                                     "eta_seconds": found.eta_seconds, "paused": found.paused}
-        emit("status", {"columns": out})
+                                     "eta_seconds": found.eta_seconds, "paused": found.paused,
+                                     "estimated": found.estimated}
+        emit("status", {"columns": out, "throttle": throttle.as_dict()})
         return
     header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
               f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
@@ -114,15 +117,21 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
     for r in rows:
         flight = "?" if r.in_flight is None else str(r.in_flight)
         about = "~" if r.estimated else ""
+        sampled = "~" if r.backlog_estimated else ""
         print(f"{r.target:<16} {r.column:<18} {r.model:<36} {about + str(r.total):>9}"
-              f" {about + str(r.embedded):>9} {r.pending:>8} {r.stale:>6} {r.outdated:>8}"
+              f" {about + str(r.embedded):>9} {sampled + str(r.pending):>8}"
+              f" {sampled + str(r.stale):>6} {r.outdated:>8}"
               f" {r.failed:>6} {flight:>9}")
     for r in rows:
         if r.reused:
             print(f"{r.target}.{r.column}: {r.provider_inputs} rows embedded by the provider,"
                   f" {r.reused} given an identical text's vector (no provider call)")
     seconds = sum(r.seconds for r in rows)
-    if any(r.estimated for r in rows):
+    if any(r.backlog_estimated for r in rows):
+        print(f"~ estimated from the table's row count, and pending and stale of a backlog"
+              f" over 50,000 rows from a sample of its pages; outdated and failed are exact"
+              f" (counted in {seconds:.2f} s; --exact counts every row)")
+    elif any(r.estimated for r in rows):
         print(f"~ estimated from the table's row count; pending, stale, outdated and failed"
               f" are exact (counted in {seconds:.2f} s; --exact counts every row)")
     elif exact:
@@ -136,6 +145,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
               f"side column {fill.column} ({fill.reason}: {fill.step})"))
     for name, found in migrations.items():
         print(f"migration of {name}: {progress_line(found)}")
+    print(throttle.line())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -34,7 +34,9 @@ def usd(amount: float) -> str:
 
 def progress_line(pr: progress.Progress) -> str:
     eta = "?" if pr.eta_seconds is None else f"{pr.eta_seconds:.0f}s"
-    return (f"{_bar(pr.done, pr.total)} {pr.done}/{pr.total} rows, {pr.failed} failed,"
+    about = "~" if pr.estimated else ""  # from the row estimate (see `status`)
+    return (f"{_bar(pr.done, pr.total)} {about}{pr.done}/{about}{pr.total} rows,"
+            f" {pr.failed} failed,"
             f" {pr.rate_per_second:.1f} rows/s, ETA {eta}{' (paused)' if pr.paused else ''}")
 
 
@@ -212,6 +214,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "indexes": [{"name": i.name, "valid": i.valid} for i in pr.indexes],
         "tokens": pr.tokens, "spend_usd": round(pr.spend_usd, 6),
         "spend_cap_usd": pr.spend_cap_usd, "paused_by": pr.paused_by,
+        "estimated": pr.estimated,
     }
     if args.json:
         emit("migrate-status", info)

@@ -133,6 +133,19 @@ class RateLimiter:
         factor = self._call("factor")
         return 1.0 if factor is None else factor
 
+    def observe(self) -> tuple[float, float | None, int]:
+        """For `status` and `doctor`: (the factor now, seconds since the budgets were last
+        lowered or None once recovered (the record expires then), reservations booked for
+        later: requests waiting their turn). Raises redis.RedisError."""
+        factor = float(self._script(keys=self._keys, args=[
+            "factor", 0, 0, 0, self._settings[0], "", *self._settings[1:]]))
+        client = self._script.registered_client
+        seconds, micros = client.time()
+        now = seconds + micros / 1e6
+        cut_at = client.hget(self._keys[2], "cut_at")
+        waiting = int(client.zcount(self._keys[0], f"({now}", "+inf"))
+        return factor, None if cut_at is None else max(0.0, now - float(cut_at)), waiting
+
 
 def limiter_for_model(settings: Settings, provider: str, model: str) -> RateLimiter:
     """The limiter of one model, shared by every worker through one Redis key per model.

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import psycopg
 import redis
@@ -125,6 +126,64 @@ class _Prober:
         except psycopg.OperationalError:
             self._conn.close()
             raise
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    """What `status` and `doctor` show of the throttle: its config, and from Redis the
+    pace in force now (None where not configured or Redis did not answer)."""
+
+    max_rows_per_second: int | None
+    adaptive: bool
+    max_probe_ms: float | None
+    max_active: int | None
+    factor: float | None = None  # share of the cap in force (adaptive back-offs)
+    rows_per_second_now: float | None = None
+    last_back_off_seconds: float | None = None  # None: none since the pace recovered
+    waiting: int | None = None  # chunks of rows booked for a later second
+
+    def as_dict(self) -> dict[str, object]:
+        return {"configured": self.max_rows_per_second is not None,
+                "max_rows_per_second": self.max_rows_per_second, "adaptive": self.adaptive,
+                "max_probe_ms": self.max_probe_ms, "max_active": self.max_active,
+                "factor": None if self.factor is None else round(self.factor, 3),
+                "rows_per_second_now": None if self.rows_per_second_now is None
+                else round(self.rows_per_second_now, 1),
+                "last_back_off_seconds": None if self.last_back_off_seconds is None
+                else round(self.last_back_off_seconds, 1), "waiting": self.waiting}
+
+    def line(self) -> str:
+        """One line for `status` and `doctor`."""
+        if self.max_rows_per_second is None:
+            return "throttle: none ([throttle] max_rows_per_second is not set)"
+        text = f"throttle: at most {self.max_rows_per_second} rows/s"
+        if self.adaptive:
+            active = "" if self.max_active is None else f" or > {self.max_active} active queries"
+            text += f", adaptive (backs off on a probe > {self.max_probe_ms:g} ms{active})"
+        if self.factor is None or self.rows_per_second_now is None:
+            return text + "; current pace unknown (Redis did not answer)"
+        text += f"; now {self.rows_per_second_now:.0f} rows/s ({self.factor:.0%} of the cap)"
+        if self.last_back_off_seconds is not None:
+            text += f", last back-off {self.last_back_off_seconds:.0f} s ago"
+        if self.waiting:
+            text += f", {self.waiting} chunks waiting their turn"
+        return text
+
+
+def observe(config: ThrottleSettings, client: redis.Redis) -> ThrottleState:
+    """The throttle as every worker sees it (the shared Redis keys); reads only."""
+    state = ThrottleState(config.max_rows_per_second, config.adaptive,
+                          config.max_probe_ms if config.adaptive else None,
+                          config.max_active if config.adaptive else None)
+    if not config:
+        return state
+    try:
+        factor, since, waiting = Throttle(config, client).limiter.observe()
+    except redis.RedisError:
+        return state
+    cap = config.max_rows_per_second or 0
+    return ThrottleState(state.max_rows_per_second, state.adaptive, state.max_probe_ms,
+                         state.max_active, factor, cap * factor, since, waiting)
 
 
 _throttles: dict[tuple[str, str], Throttle] = {}

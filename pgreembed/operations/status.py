@@ -1,12 +1,14 @@
 """Per-slot counts: what is embedded, pending, stale, outdated or failed.
 
 The default counts stay cheap on a table of any size, because they only read what is
-small: rows without a vector through the slot's partial index, failures through the
-state table's partial index, outdated vectors through its (model, pk) index. The
-table's row count is Postgres's own (the statistics' live-row counter, else
-`pg_class.reltuples`), so `total` and `embedded` (total minus rows without a vector) are labelled
-estimates. `exact=True` counts every row with one scan of the table and its state
-table, which takes seconds per million rows (`pgreembed status --exact`).
+small (pgreembed.store.counts): rows without a vector through the slot's partial index
+(a sample of pages past 50,000 of them), failures through the state table's partial
+index, outdated vectors through its (model, pk) index. The table's row count is
+Postgres's own (the statistics' live-row counter, else `pg_class.reltuples`), so `total`
+and `embedded` (total minus rows without a vector) are labelled estimates, and so are
+`pending` and `stale` when sampled. `exact=True` counts every row with one scan of the
+table and its state table, which takes seconds per million rows (`pgreembed status
+--exact`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from dataclasses import asdict, dataclass
 
 import psycopg
 import redis
-from psycopg import sql
 
 from pgreembed.config import Settings
 from pgreembed.queue.claims import InFlight
 from pgreembed.redact import redact
 from pgreembed.store.catalog import estimated_rows, regclass
+from pgreembed.store.counts import cheap_counts, exact_counts
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.usage import inputs_and_reused
 
@@ -50,6 +52,9 @@ class SlotStatus:
     # identical text's vector without a provider call (`dedupe`).
     provider_inputs: int = 0
     reused: int = 0
+    # pending and stale (and so embedded) scaled from a sample of the table's pages: the
+    # backlog was too big to count at every scrape (pgreembed.store.counts)
+    backlog_estimated: bool = False
 
     @property
     def coverage(self) -> float:
@@ -65,65 +70,22 @@ class SlotStatus:
         return out
 
 
-def _exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
-    row = conn.execute(sql.SQL(
-        """
-        SELECT count(*),
-               count(*) FILTER (WHERE a.{vector} IS NOT NULL),
-               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_failed_hash IS NULL),
-               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_hash IS NOT NULL
-                                  AND s.pgr_failed_hash IS NULL),
-               count(*) FILTER (WHERE a.{vector} IS NOT NULL AND s.pgr_model_id <> %s),
-               count(*) FILTER (WHERE s.pgr_failed_hash IS NOT NULL),
-               count(*) FILTER (WHERE s.pgr_truncated)
-        FROM {rows}
-        """
-    ).format(vector=slot.vector, rows=slot.rows_with_state(outer=True)),
-        (slot.model_id,)).fetchone()
-    assert row is not None
-    return tuple(int(x) for x in row)
-
-
-def _cheap_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
-    """Counts that read only the partial index's rows, failures and outdated rows."""
-    other_models = [r[0] for r in conn.execute(
-        "SELECT id FROM pgreembed.models WHERE id <> %s", (slot.model_id,))]
-    row = conn.execute(sql.SQL(
-        """
-        SELECT n.without_vector, n.pending, n.stale,
-               (SELECT count(*) FROM {rows} WHERE s.pgr_failed_hash IS NOT NULL),
-               (SELECT count(*) FROM {rows}
-                WHERE s.pgr_model_id = ANY(%s) AND a.{vector} IS NOT NULL)
-        FROM (SELECT count(*) AS without_vector,
-                     count(*) FILTER (WHERE s.pgr_failed_hash IS NULL) AS pending,
-                     count(*) FILTER (WHERE s.pgr_hash IS NOT NULL
-                                        AND s.pgr_failed_hash IS NULL) AS stale
-              FROM {table} a
-              -- One state-row probe per pending row: as a plain join the planner hashes
-              -- the whole state table (one row per row of the app's table).
-              LEFT JOIN LATERAL (SELECT s.pgr_hash, s.pgr_failed_hash FROM {state} s
-                                 WHERE {key} OFFSET 0) s ON true
-              WHERE a.{vector} IS NULL) n
-        """
-    ).format(vector=slot.vector, table=slot.table, state=slot.state_table,
-             key=slot.state_key(), rows=slot.rows_with_state()),
-        (other_models,)).fetchone()
-    assert row is not None
-    return tuple(int(x) for x in row)
-
-
 def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis | None,
                 lease_seconds: int, exact: bool = False) -> SlotStatus:
     started = time.perf_counter()
     estimate = None if exact else estimated_rows(conn, regclass(conn, slot.table))
     if estimate is None:  # asked for, or a table never analysed (then small, or new)
-        total, embedded, pending, stale, outdated, failed, truncated = _exact_counts(conn, slot)
+        total, embedded, pending, stale, outdated, failed, truncated = exact_counts(conn, slot)
         counted: int | None = truncated
+        sampled = False
     else:
-        without_vector, pending, stale, failed, outdated = _cheap_counts(conn, slot)
+        found = cheap_counts(conn, slot, estimate)
+        pending, stale, failed, outdated = found.pending, found.stale, found.failed, \
+            found.outdated
         # The estimate lags behind inserts: never report fewer rows than we counted.
-        total = max(estimate, without_vector + outdated)
-        embedded, counted = total - without_vector, None
+        total = max(estimate, found.without_vector + outdated)
+        embedded, counted = total - found.without_vector, None
+        sampled = found.sampled_percent is not None
     bought, reused = inputs_and_reused(conn, slot.id)
     seconds = time.perf_counter() - started
     in_flight = None
@@ -136,7 +98,7 @@ def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis 
                       total, embedded, pending, stale, outdated, failed, counted, in_flight,
                       None if slot.misconfigured is None else redact(slot.misconfigured),
                       estimated=estimate is not None, seconds=seconds,
-                      provider_inputs=bought, reused=reused)
+                      provider_inputs=bought, reused=reused, backlog_estimated=sampled)
 
 
 def collect(conn: psycopg.Connection, settings: Settings,

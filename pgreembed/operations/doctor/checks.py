@@ -5,8 +5,9 @@ wrong type or size, vectors of mixed dimensions or from several models, zero
 or non-normalised vectors under cosine distance, rows with no text, a missing
 or INVALID index (a failed `CREATE INDEX CONCURRENTLY` is still maintained on
 every write but never used), an index whose operator class does not match the
-distance the app queries with, and a worker fleet that needs more Postgres
-connections than the server allows. The session is read-only
+distance the app queries with, a worker fleet that needs more Postgres
+connections than the server allows, and the throttle (its cap, the pace in force, an
+adaptive probe that is slow right now). The session is read-only
 (`default_transaction_read_only`) with a statement timeout, so it is safe to
 run against production at any time. `--verify N` also re-embeds a sample of
 rows and compares (see `pgreembed.verify`); that costs tokens, so it is opt-in.
@@ -36,6 +37,7 @@ from pgreembed.operations.doctor.columns import ColumnChecks
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN, Finding
 from pgreembed.operations.doctor.indexes import IndexChecks
 from pgreembed.operations.doctor.samples import SampleChecks
+from pgreembed.operations.doctor.throttle import ThrottleChecks
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
 from pgreembed.redact import redact
 from pgreembed.store.pool import connect
@@ -46,7 +48,7 @@ from pgreembed.store.slots import (
 )
 
 
-class _Doctor(ColumnChecks, IndexChecks, SampleChecks):
+class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks):
     """All the checks, run on one read-only connection."""
 
     def extension(self) -> Extension | None:
@@ -177,6 +179,7 @@ def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_r
         except psycopg.Error as exc:
             doctor.add(ERROR, None, "pgvector", f"cannot inspect extensions: {redact(str(exc))}")
         doctor.guarded(None, "connections", doctor.connections)
+        doctor.guarded(None, "throttle", doctor.throttle)
         for target in chosen:
             doctor.guarded(target.name, "target", functools.partial(doctor.target, target, ext))
             if verify_rows > 0:
