@@ -14,9 +14,6 @@ from pgreembed.operations.doctor.base import (
     Extension,
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
-from pgreembed.store.slots import (
-    vector_type_for,
-)
 
 
 class IndexChecks(DoctorBase):
@@ -64,7 +61,7 @@ class IndexChecks(DoctorBase):
         valid_ann = [r for r in ann if r[2]]
         distance = target.distance
         operator = DISTANCES[distance]
-        wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
+        wanted_ops = f"{self.wanted_type(target)}_{distance}_ops"
         if not valid_ann:
             create = self._create_index(target, "hnsw", wanted_ops, ext)
             self.add(WARN, target.name, "index", f"{where} has no valid HNSW or IVFFlat index:"
