@@ -111,15 +111,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", choices=["backfill", "migrate"],
+                        help="run one section's arms only")
     args = parser.parse_args()
     services = Services(MODEL, DIMS).start()
     results: dict[str, list[dict[str, Any]]] = {"backfill": [], "migrate": []}
     try:
         services.template(args.rows)
         for _ in range(args.rounds):  # interleaved: both arms see the same machine load
-            for dedupe in (True, False):
+            for dedupe in (True, False) if args.only != "migrate" else ():
                 results["backfill"].append(backfill(services, args.rows, dedupe))
-            for arm in ARMS:
+            for arm in ARMS if args.only != "backfill" else ():
                 results["migrate"].append(migration(services, args.rows, arm))
     finally:
         services.stop()
@@ -133,6 +135,8 @@ def main() -> None:
               ("halfvec(384) column: derived (SQL)", "migrate", "arm", "halfvec")]
     for label, section, key, value in labels:
         mine = [r for r in results[section] if r[key] == value]
+        if not mine:
+            continue
         inputs = statistics.median(r["inputs"] for r in mine)
         seconds = statistics.median(r["seconds"] for r in mine)
         print(f"{label:38} {inputs:>16,.0f} {seconds:>9.2f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -34,6 +35,7 @@ def ann_opclasses(stack: Stack, column: str) -> list[str]:
             " AND o.opcname LIKE '%%cosine%%'", (column,)).fetchall()]
 
 
+@pytest.mark.timeout(600)  # 225 s on the loaded 2-core machine: a whole migration, twice swapped
 def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     seed(stack, ROWS)

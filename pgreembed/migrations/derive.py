@@ -132,10 +132,14 @@ def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | 
     while passes < MAX_PASSES:
         passes += 1
         this_pass, after = 0, None
-        while True:
+        # A pass ends at the last key it started with: rows the app inserts meanwhile are
+        # the next pass's (chasing them, a pass never ended while the app kept inserting).
+        upper = _last_key(settings, target)
+        while upper is not None:
             done, after = run_locked(settings.database_url, _table(target), "derive fill",
                                      functools.partial(_chunk, target=target, slot_id=slot_id,
-                                                       after=after, rows=chunk_rows), policy)
+                                                       after=after, upper=upper,
+                                                       rows=chunk_rows), policy)
             this_pass += done
             if progress is not None:
                 progress(derived + this_pass)
@@ -157,7 +161,16 @@ def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | 
     return FillReport(derived, passes, left)
 
 
-def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
+def _last_key(settings: Settings, target: Target) -> str | None:
+    """The table's greatest key now (as text, how keys travel), None when it is empty."""
+    live = live_slot(settings, target)
+    with connect(settings.database_url) as conn:
+        row = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(live.pk, live.table)
+                           ).fetchone()
+    return None if row is None else row[0]
+
+
+def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, upper: str,
            rows: int) -> tuple[int, Any]:
     """One short transaction: derive the next `rows` rows by key; (derived, last key or
     None at the end). Under `lock_slot`, both column names are the slots' until commit."""
@@ -178,12 +191,18 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
         """
         WITH chunk AS (
             SELECT {pk} AS pk FROM {table}
-            WHERE %(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type}
+            WHERE (%(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type})
+              AND {pk} <= %(upper)s::{pk_type}
             ORDER BY {pk} LIMIT %(rows)s
+        ), free AS (
+            -- Rows the app or a worker is writing now are left to a later pass (or to the
+            -- provider): waiting for them under the short lock_timeout would fail the chunk.
+            SELECT a.{pk} AS pk FROM {table} a JOIN chunk c ON a.{pk} = c.pk
+            FOR UPDATE OF a SKIP LOCKED
         ), derived AS (
             UPDATE {table} AS a
             SET {new} = {value}
-            FROM chunk c, {live_state} s
+            FROM free c, {live_state} s
             WHERE a.{pk} = c.pk AND s.pgr_pk = a.{pk} AND s.pgr_model_id = %(live_model)s
               AND s.pgr_hash = {hash} AND a.{live} IS NOT NULL AND a.{new} IS NULL
             RETURNING a.{pk} AS pk, s.pgr_hash AS h, s.pgr_truncated AS t
@@ -203,7 +222,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
         """).format(pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
                     live=live.vector, value=value, live_state=live.state_table,
                     hash=live.hash_expr, new_state=new.state_table),
-        {"after": after, "rows": rows, "live_model": live.model_id,
+        {"after": after, "upper": upper, "rows": rows, "live_model": live.model_id,
          "new_model": new.model_id}).fetchone()
     assert found is not None
     return int(found[0]), found[1]
