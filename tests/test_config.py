@@ -125,3 +125,17 @@ def test_typos_are_refused_with_the_nearest_valid_name(document: dict[str, objec
     with pytest.raises(ConfigError) as error:
         parse_settings(document, ENV)
     assert message in str(error.value)
+
+
+def test_vector_type_is_optional_and_validated() -> None:
+    assert settings(target()).target("docs").storage_type == "vector"
+    big = target(provider="openai", model="text-embedding-3-large", dimensions=3072)
+    assert settings(big).target("docs").storage_type == "halfvec"
+    half = settings(target(vector_type="halfvec")).target("docs")
+    assert (half.vector_type, half.storage_type) == ("halfvec", "halfvec")
+    for value, message in (("float16", "vector_type: must be one of ('vector', 'halfvec')"),
+                           (3, "vector_type: must be a str")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            settings(target(vector_type=value))
+    with pytest.raises(ConfigError, match="indexes `vector` only up to 2000 dimensions"):
+        settings({**big, "vector_type": "vector"})
