@@ -5,9 +5,10 @@
 backfill  a table where 30% of the rows repeat another row's text, embedded from scratch
           with `dedupe = true` vs `dedupe = false` (rounds interleaved, each on a fresh
           copy of the same rows)
-migrate   the live column (fake-384) filled first, then a new 128-dimension column:
-          a full re-embed through the provider (`migrate start --dimensions 128`) vs a
-          derived migration (`migrate start --derive dimensions:128`), rounds interleaved
+migrate   the live column (fake-384) filled first, then a new column: a full re-embed
+          through the provider (`migrate start --dimensions 128`) vs derived migrations
+          (`--derive dimensions:128`, and `--derive halfvec`: halfvec(384), the same
+          model), rounds interleaved
 Wall time is from the command to every row of the column written. Inputs are what the
 local OpenAI-compatible server received. The last line is JSON with every figure.
 """
@@ -79,7 +80,10 @@ def backfill(services: Services, rows: int, dedupe: bool) -> dict[str, Any]:
             "inputs": services.fake.stats()["inputs_embedded"]}
 
 
-def migration(services: Services, rows: int, derived: bool) -> dict[str, Any]:
+ARMS = ("derived", "halfvec", "reembed")  # how the new column is made
+
+
+def migration(services: Services, rows: int, arm: str) -> dict[str, Any]:
     dsn = services.fresh_copy(rows, "derive")
     try:
         with pipeline(services, dsn, TUNING) as run:
@@ -88,8 +92,10 @@ def migration(services: Services, rows: int, derived: bool) -> dict[str, Any]:
             wait_filled(dsn, "embedding")
             services.fake.reset()
             started = time.perf_counter()
-            if derived:
+            if arm == "derived":
                 run.cli("migrate", "start", "--target", "docs", "--derive", f"dimensions:{SHORT}")
+            elif arm == "halfvec":
+                run.cli("migrate", "start", "--target", "docs", "--derive", "halfvec")
             else:
                 run.cli("migrate", "start", "--target", "docs", "--model", MODEL,
                         "--dimensions", str(SHORT))
@@ -97,7 +103,7 @@ def migration(services: Services, rows: int, derived: bool) -> dict[str, Any]:
             seconds = time.perf_counter() - started
     finally:
         services.drop(dsn)
-    return {"derived": derived, "seconds": seconds,
+    return {"arm": arm, "seconds": seconds,
             "inputs": services.fake.stats()["inputs_embedded"]}
 
 
@@ -105,29 +111,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", choices=["backfill", "migrate"],
+                        help="run one section's arms only")
     args = parser.parse_args()
     services = Services(MODEL, DIMS).start()
     results: dict[str, list[dict[str, Any]]] = {"backfill": [], "migrate": []}
     try:
         services.template(args.rows)
         for _ in range(args.rounds):  # interleaved: both arms see the same machine load
-            for dedupe in (True, False):
+            for dedupe in (True, False) if args.only != "migrate" else ():
                 results["backfill"].append(backfill(services, args.rows, dedupe))
-            for derived in (True, False):
-                results["migrate"].append(migration(services, args.rows, derived))
+            for arm in ARMS if args.only != "backfill" else ():
+                results["migrate"].append(migration(services, args.rows, arm))
     finally:
         services.stop()
     print(f"{args.rows:,} rows, {TUNING.describe()}; median of {args.rounds} interleaved"
           " rounds")
-    print(f"{'':34} {'provider inputs':>16} {'seconds':>9}")
-    for name, runs, key in (("backfill, 30% duplicates", results["backfill"], "dedupe"),
-                            ("new 128-dim column", results["migrate"], "derived")):
-        for flag, label in ((True, "dedupe on" if key == "dedupe" else "derived (SQL)"),
-                            (False, "dedupe off" if key == "dedupe" else "full re-embed")):
-            mine = [r for r in runs if r[key] is flag]
-            inputs = statistics.median(r["inputs"] for r in mine)
-            seconds = statistics.median(r["seconds"] for r in mine)
-            print(f"{name + ': ' + label:34} {inputs:>16,.0f} {seconds:>9.2f}")
+    print(f"{'':38} {'provider inputs':>16} {'seconds':>9}")
+    labels = [("backfill, 30% duplicates: dedupe on", "backfill", "dedupe", True),
+              ("backfill, 30% duplicates: dedupe off", "backfill", "dedupe", False),
+              ("new 128-dim column: derived (SQL)", "migrate", "arm", "derived"),
+              ("new 128-dim column: full re-embed", "migrate", "arm", "reembed"),
+              ("halfvec(384) column: derived (SQL)", "migrate", "arm", "halfvec")]
+    for label, section, key, value in labels:
+        mine = [r for r in results[section] if r[key] == value]
+        if not mine:
+            continue
+        inputs = statistics.median(r["inputs"] for r in mine)
+        seconds = statistics.median(r["seconds"] for r in mine)
+        print(f"{label:38} {inputs:>16,.0f} {seconds:>9.2f}")
     print(json.dumps({"rows": args.rows, "tuning": TUNING.describe(), **results}))
 
 

@@ -32,6 +32,14 @@ from pgreembed.throttle_settings import ThrottleSettings, parse_throttle
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
 PROVIDERS = ("local", "openai")
+VECTOR_TYPES = ("vector", "halfvec")
+VECTOR_MAX_INDEXED = 2000  # pgvector indexes `vector` up to 2000 dims, `halfvec` up to 4000
+
+
+def default_vector_type(dimensions: int) -> str:
+    """The column type when the config does not name one: `vector`, or `halfvec` above
+    the 2000 dims pgvector can index as `vector`."""
+    return "vector" if dimensions <= VECTOR_MAX_INDEXED else "halfvec"
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,14 @@ class Target:
     tokens_per_minute: int | None = None
     # The distance the app queries with (a pgvector opclass suffix, see pgreembed.distances).
     distance: str = "cosine"
+    # The column's storage: "vector" (4 bytes a component) or "halfvec" (2); None: by
+    # dimensions. After `migrate --derive halfvec` the registry says halfvec.
+    vector_type: str | None = None
+
+    @property
+    def storage_type(self) -> str:
+        """The column type this target's config asks for (explicit, or by dimensions)."""
+        return self.vector_type or default_vector_type(self.dimensions)
 
     @property
     def model_key(self) -> str:
@@ -140,6 +156,7 @@ TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
+    "vector_type",
 )
 WORKER_KEYS = ("poll_interval", "linger_seconds", "max_inflight_rows", "lease_seconds",
                "request_timeout", "provider_retry_seconds", "pool_max_size", "write_retry_seconds",
@@ -221,6 +238,14 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         _typed(primary_key, str, f"{where}.primary_key")
     rpm, tpm = (_optional_positive(merged, key, where)
                 for key in ("requests_per_minute", "tokens_per_minute"))
+    vector_type = merged.get("vector_type")
+    if vector_type is not None:
+        if _typed(vector_type, str, f"{where}.vector_type") not in VECTOR_TYPES:
+            raise ConfigError(f"{where}.vector_type: must be one of {VECTOR_TYPES}, got"
+                              f" {vector_type!r}")
+        if vector_type == "vector" and dimensions > VECTOR_MAX_INDEXED:
+            raise ConfigError(f"{where}.vector_type: pgvector indexes `vector` only up to"
+                              f" {VECTOR_MAX_INDEXED} dimensions; {dimensions} needs halfvec")
     return Target(
         name=name,
         table=bare,
@@ -240,6 +265,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         tokens_per_minute=tpm,
         distance=canonical_distance(_typed(merged.get("distance", "cosine"), str,
                                            f"{where}.distance"), f"{where}.distance"),
+        vector_type=vector_type,
     )
 
 

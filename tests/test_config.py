@@ -132,3 +132,17 @@ def test_worker_retry_backoff_is_a_positive_number_of_seconds() -> None:
     assert settings(target(), worker={"retry_backoff_seconds": 0.25}).retry_backoff_seconds == 0.25
     with pytest.raises(ConfigError, match=r"worker\.retry_backoff_seconds: must be > 0"):
         settings(target(), worker={"retry_backoff_seconds": 0})
+
+
+def test_vector_type_is_optional_and_validated() -> None:
+    assert settings(target()).target("docs").storage_type == "vector"
+    big = target(provider="openai", model="text-embedding-3-large", dimensions=3072)
+    assert settings(big).target("docs").storage_type == "halfvec"
+    half = settings(target(vector_type="halfvec")).target("docs")
+    assert (half.vector_type, half.storage_type) == ("halfvec", "halfvec")
+    for value, message in (("float16", "vector_type: must be one of ('vector', 'halfvec')"),
+                           (3, "vector_type: must be a str")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            settings(target(vector_type=value))
+    with pytest.raises(ConfigError, match="indexes `vector` only up to 2000 dimensions"):
+        settings({**big, "vector_type": "vector"})

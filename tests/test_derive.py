@@ -94,7 +94,8 @@ def test_derive_is_refused_for_a_size_it_cannot_shorten_to(stack: Stack) -> None
     seed(stack, 3)
     assert stack.cli("init").returncode == 0
     for spec, reason in (("dimensions:384", "must be below the live column's 384"),
-                         ("halfvec:1", "only dimensions:D is supported")):
+                         ("binary", "binary (bit) columns are not implemented"),
+                         ("halfvec:1", "supported are dimensions:D and halfvec")):
         result = stack.cli("migrate", "start", "--target", "docs", "--derive", spec)
         assert result.returncode != 0
         assert reason in result.stderr

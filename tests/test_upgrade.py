@@ -81,6 +81,10 @@ def test_init_upgrades_the_previous_layout_and_the_target_keeps_working(
         assert conn.execute("SELECT count(embedding) FROM docs").fetchone() == (12,)
         assert conn.execute("SELECT phase FROM pgreembed.migrations").fetchall() == [
             ("filling",)]
+        # Step 4: each column's storage type, as its dimensions gave it before.
+        assert conn.execute("SELECT vector_column, vector_type FROM pgreembed.slots"
+                            " ORDER BY id").fetchall() == [("embedding", "vector"),
+                                                           ("embedding__m2", "vector")]
         # New rows and an edit while the workers are down: pending in both columns.
         conn.execute("INSERT INTO docs (title, body) SELECT 'new ' || g, 'row ' || g"
                      " FROM generate_series(1, 5) g")

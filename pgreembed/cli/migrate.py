@@ -42,9 +42,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="the new model (required unless --derive)")
     p.add_argument("--dimensions", type=positive_int,
                    help="the new model's vector size (required unless --derive)")
-    p.add_argument("--derive", metavar="dimensions:D",
-                   help="no provider call: the new column is the live vectors shortened to D"
-                        " dims in SQL (text-embedding-3-* and other shortenable models)")
+    p.add_argument("--derive", metavar="dimensions:D|halfvec",
+                   help="no provider call: the new column is made in SQL from the live"
+                        " vectors, shortened to D dims (text-embedding-3-* and other"
+                        " shortenable models) or cast to halfvec (same model, half the bytes)")
     p.add_argument("--requests-per-minute", type=positive_int, metavar="N",
                    help="the new model's request budget, shared by every worker (start"
                         " records it; plan estimates with it)")

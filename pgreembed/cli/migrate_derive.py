@@ -1,4 +1,5 @@
-"""`migrate plan|start --derive dimensions:D`: a migration made in SQL from the live vectors."""
+"""`migrate plan|start --derive dimensions:D|halfvec`: a migration made in SQL from the live
+vectors."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ def derive_step(settings: Settings, target: Target, args: argparse.Namespace, st
             or getattr(args, "spend_cap", None) is not None):
         raise ConfigError("migrate --derive: the model and size come from the live column"
                           " and the spec (no --model, --dimensions, --batch-api, --spend-cap)")
-    dimensions = derive.parse_dimensions(args.derive)
     live = derive.live_slot(settings, target)
-    derive.check_shortenable(live, dimensions)
+    dimensions, kind = derive.new_column(live, derive.parse(args.derive))
     if step == "plan":
-        p = plan.plan(settings, target, live.provider, live.model, dimensions)
-        saved = derive.storage_saved(p.rows, live, dimensions)
+        p = plan.plan(settings, target, live.provider, live.model, dimensions, vector_type=kind)
+        saved = derive.storage_saved(p.rows, live, dimensions, kind)
+        live_bytes = (4 if live.vector_type == "vector" else 2) * live.dimensions + 8
+        share = saved / max(1, p.rows) / live_bytes  # of each vector's bytes
+        index_saved = round(derive.index_bytes(settings, live) * share)
         if getattr(args, "json", False):
             emit("migrate-plan", {
                 "rows": p.rows, "rows_without_text": p.rows_without_text, "tokens": 0,
@@ -33,13 +36,14 @@ def derive_step(settings: Settings, target: Target, args: argparse.Namespace, st
                 "storage_bytes": p.storage_bytes, "column": p.column,
                 "column_type": p.column_type, "statements": [], "blockers": p.blockers,
                 "notes": p.notes, "derived_from": live.model_key, "provider_inputs": 0,
-                "storage_saved_bytes": saved})
+                "storage_saved_bytes": saved, "index_saved_bytes_estimate": index_saved})
             return 0
         print(f"rows: {p.rows}; derived in SQL from {live.model_key}: no provider call,"
               " estimated cost: $0.00 (rows written meanwhile without a live vector are"
               " embedded by the provider at the new size)")
         print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)};"
-              f" saves ~{_human_bytes(saved)} over the live column")
+              f" saves ~{_human_bytes(saved)} over the live column"
+              + (f" and ~{_human_bytes(index_saved)} of its ANN index" if index_saved else ""))
         return 0
     slot, report = derive.start(settings, target, args.derive, policy=policy)
     print(f"derived migration: column {slot.vector_column} ({slot.model_key}) filled from"

@@ -57,7 +57,7 @@ def _lock_policy(args: argparse.Namespace) -> LockPolicy:
 def _require_model(args: argparse.Namespace, step: str) -> None:
     if not args.model or not args.dimensions:
         raise ConfigError(f"migrate {step}: --model and --dimensions are required"
-                          " (or --derive dimensions:D)")
+                          " (or --derive dimensions:D|halfvec)")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

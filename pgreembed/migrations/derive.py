@@ -6,6 +6,12 @@ test server's fake-* models) that is exactly the vector the API returns with
 `dimensions=D`, so the registry records the provider's own model at D dimensions and
 rows written later are embedded by the provider at D, like any row.
 
+`migrate start --derive halfvec` casts each live vector to `halfvec(N)` (2 bytes a
+component instead of 4; pgvector indexes halfvec up to 4000 dims): the same model, so
+the registry records the same model key, and the slot's `vector_type` says halfvec
+(the migration's `derived` column: `halfvec of <model key>`). Rows written later are
+embedded by the provider and stored as halfvec.
+
 The new column goes through the usual side column / index / swap / rollback. Its slot is
 registered in "derive" mode, which the scheduler skips; the fill walks the table by
 primary key in chunks, each its own short transaction under a short lock_timeout (the
@@ -33,7 +39,7 @@ from pgreembed.migrations.state import open_migration
 from pgreembed.model_keys import is_shortenable
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import lock_slot
-from pgreembed.store.slots import Slot, app_table, load_slots
+from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
 from pgreembed.store.table_lock import LockPolicy, run_locked
 
 log = logging.getLogger(__name__)
@@ -49,15 +55,40 @@ class FillReport:
     left_to_provider: int
 
 
-def parse_dimensions(spec: str) -> int:
-    """`dimensions:D` -> D; other derivations are refused with the reason."""
+@dataclass(frozen=True)
+class Derivation:
+    """What `--derive` asked for: 'dimensions' (shortened to `dimensions`) or 'halfvec'."""
+
+    kind: str
+    spec: str
+    dimensions: int | None = None
+
+
+def parse(spec: str) -> Derivation:
+    """`dimensions:D` or `halfvec`; anything else is refused with the reason."""
     kind, _, value = spec.partition(":")
+    if spec == "halfvec":
+        return Derivation("halfvec", spec)
+    if kind == "binary":
+        raise MigrationError(f"--derive {spec!r}: binary (bit) columns are not implemented;"
+                             " supported: dimensions:D, halfvec")
     if kind != "dimensions":
-        raise MigrationError(f"--derive {spec!r}: only dimensions:D is supported (halfvec and"
-                             " binary derivations are not implemented yet)")
+        raise MigrationError(f"--derive {spec!r}: supported are dimensions:D and halfvec")
     if not value.isdigit() or int(value) <= 0:
         raise MigrationError(f"--derive {spec!r}: D must be a positive integer")
-    return int(value)
+    return Derivation("dimensions", spec, int(value))
+
+
+def new_column(live: Slot, derivation: Derivation) -> tuple[int, str]:
+    """(dimensions, vector type) of the derived column; refuses what cannot be derived."""
+    if derivation.kind == "halfvec":
+        if live.vector_type == "halfvec":
+            raise MigrationError(f"--derive halfvec: the live column is already"
+                                 f" {live.column_type}")
+        return live.dimensions, "halfvec"
+    assert derivation.dimensions is not None
+    check_shortenable(live, derivation.dimensions)
+    return derivation.dimensions, vector_type_for(derivation.dimensions)
 
 
 def check_shortenable(live: Slot, dimensions: int) -> None:
@@ -86,11 +117,10 @@ def start(settings: Settings, target: Target, spec: str, policy: LockPolicy | No
     """Add the derived column (or find it, when re-run) and fill it; no provider call."""
     from pgreembed.migrations import lifecycle
 
-    dimensions = parse_dimensions(spec)
     live = live_slot(settings, target)
-    check_shortenable(live, dimensions)
+    dimensions, kind = new_column(live, parse(spec))
     slot = lifecycle.start(settings, target, live.provider, live.model, dimensions,
-                           policy=policy, derive=spec)
+                           policy=policy, derive=spec, vector_type=kind)
     return slot, fill(settings, target, slot.id, policy, progress=progress)
 
 
@@ -102,10 +132,14 @@ def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | 
     while passes < MAX_PASSES:
         passes += 1
         this_pass, after = 0, None
-        while True:
+        # A pass ends at the last key it started with: rows the app inserts meanwhile are
+        # the next pass's (chasing them, a pass never ended while the app kept inserting).
+        upper = _last_key(settings, target)
+        while upper is not None:
             done, after = run_locked(settings.database_url, app_table(target), "derive fill",
                                      functools.partial(_chunk, target=target, slot_id=slot_id,
-                                                       after=after, rows=chunk_rows), policy)
+                                                       after=after, upper=upper,
+                                                       rows=chunk_rows), policy)
             this_pass += done
             if progress is not None:
                 progress(derived + this_pass)
@@ -127,7 +161,16 @@ def fill(settings: Settings, target: Target, slot_id: int, policy: LockPolicy | 
     return FillReport(derived, passes, left)
 
 
-def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
+def _last_key(settings: Settings, target: Target) -> str | None:
+    """The table's greatest key now (as text, how keys travel), None when it is empty."""
+    live = live_slot(settings, target)
+    with connect(settings.database_url) as conn:
+        row = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(live.pk, live.table)
+                           ).fetchone()
+    return None if row is None else row[0]
+
+
+def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, upper: str,
            rows: int) -> tuple[int, Any]:
     """One short transaction: derive the next `rows` rows by key; (derived, last key or
     None at the end). Under `lock_slot`, both column names are the slots' until commit."""
@@ -139,16 +182,27 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
     if migration is None or migration.from_slot != live.id:
         raise MigrationError(f"target {target.name!r}: the migration is no longer filling")
     cast = sql.SQL("{}({})").format(sql.SQL(new.vector_type), sql.Literal(new.dimensions))
+    if new.dimensions == live.dimensions:  # --derive halfvec: the same vector, 2-byte floats
+        value = sql.SQL("a.{}::{}").format(live.vector, cast)
+    else:  # --derive dimensions:D: what the model returns at D
+        value = sql.SQL("l2_normalize(subvector(a.{}, 1, {}))::{}").format(
+            live.vector, sql.Literal(new.dimensions), cast)
     found = conn.execute(sql.SQL(
         """
         WITH chunk AS (
             SELECT {pk} AS pk FROM {table}
-            WHERE %(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type}
+            WHERE (%(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type})
+              AND {pk} <= %(upper)s::{pk_type}
             ORDER BY {pk} LIMIT %(rows)s
+        ), free AS (
+            -- Rows the app or a worker is writing now are left to a later pass (or to the
+            -- provider): waiting for them under the short lock_timeout would fail the chunk.
+            SELECT a.{pk} AS pk FROM {table} a JOIN chunk c ON a.{pk} = c.pk
+            FOR UPDATE OF a SKIP LOCKED
         ), derived AS (
             UPDATE {table} AS a
-            SET {new} = l2_normalize(subvector(a.{live}, 1, %(dims)s))::{cast}
-            FROM chunk c, {live_state} s
+            SET {new} = {value}
+            FROM free c, {live_state} s
             WHERE a.{pk} = c.pk AND {key} AND s.pgr_model_id = %(live_model)s
               AND s.pgr_hash = {hash} AND a.{live} IS NOT NULL AND a.{new} IS NULL
             RETURNING a.{pk} AS pk, s.pgr_hash AS h, s.pgr_truncated AS t
@@ -166,16 +220,29 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any,
         )
         SELECT (SELECT count(*) FROM recorded), (SELECT max(pk)::text FROM chunk)
         """).format(pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
-                    live=live.vector, cast=cast, live_state=live.state_table,
+                    live=live.vector, value=value, live_state=live.state_table,
                     hash=live.hash_expr, new_state=new.state_table, key=live.state_key()),
-        {"after": after, "rows": rows, "dims": new.dimensions, "live_model": live.model_id,
+        {"after": after, "upper": upper, "rows": rows, "live_model": live.model_id,
          "new_model": new.model_id}).fetchone()
     assert found is not None
     return int(found[0]), found[1]
 
 
-def storage_saved(rows: int, live: Slot, dimensions: int) -> int:
-    """Bytes the shorter column saves over the live one (vector: 4 bytes, halfvec: 2)."""
-    def size(dims: int) -> int:
-        return (2 if dims > 2000 else 4) * dims + 8
-    return rows * (size(live.dimensions) - size(dimensions))
+def storage_saved(rows: int, live: Slot, dimensions: int, vector_type: str) -> int:
+    """Bytes the new column saves over the live one (vector: 4 bytes a component, halfvec:
+    2, plus an 8-byte header); an index over it shrinks about as much."""
+    def size(kind: str, dims: int) -> int:
+        return (2 if kind == "halfvec" else 4) * dims + 8
+    return rows * (size(live.vector_type, live.dimensions) - size(vector_type, dimensions))
+
+
+def index_bytes(settings: Settings, live: Slot) -> int:
+    """Bytes of the live column's indexes (an HNSW index is mostly its vectors' copies)."""
+    from pgreembed.migrations.index import column_indexes
+
+    with connect(settings.database_url) as conn:
+        names = [i.name for i in column_indexes(conn, live) if i.distance]
+        row = conn.execute("SELECT coalesce(sum(pg_relation_size(format('%%I.%%I', %s::text, n)"
+                           "::regclass)), 0) FROM unnest(%s::text[]) n",
+                           (live.target.schema, names)).fetchone()
+    return int(row[0]) if row else 0

@@ -34,7 +34,7 @@ from pgreembed.store.setup import (
     ensure_pending_index,
     ensure_vector_column,
 )
-from pgreembed.store.slots import Slot, app_table, load_slots
+from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
 from pgreembed.store.triggers import install_triggers
 from pgreembed.store.usage import SPEND_CAP, spend
@@ -49,7 +49,8 @@ SIDE_FILL = "side_fill"  # paused_by of the columns a side fill holds back
 def start(settings: Settings, target: Target, provider: str, model: str,
           dimensions: int, spend_cap_usd: float | None = None, batch_api: bool = False,
           budget: Budget | None = None, policy: LockPolicy | None = None,
-          auto_reason: str | None = None, derive: str | None = None) -> Slot:
+          auto_reason: str | None = None, derive: str | None = None,
+          vector_type: str | None = None) -> Slot:
     """Add the new column and register it; the scheduler starts filling it at once.
 
     `auto_reason` marks a side fill that pgreembed itself started and finishes
@@ -61,7 +62,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
     cost that much (at the model's list price). A budget is recorded for the new
     model, where every worker reads it (re-running start with another one updates it).
     `derive`: the new column is filled in SQL from the live one (pgreembed.migrations.derive);
-    the scheduler leaves it alone ("derive" mode) until that fill is done."""
+    the scheduler leaves it alone ("derive" mode) until that fill is done.
+    `vector_type`: the new column's storage (default: by dimensions; a backlog side fill
+    keeps the live column's); the same model in another storage is a migration too."""
     if provider == "local" and dimensions != 384:
         raise ConfigError("--dimensions: the local model produces 384 dimensions")
     budget = budget or Budget()
@@ -77,7 +80,8 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         existing = open_migration(conn, target)
         if existing is not None:
             slot = slots_by_id(conn, target).get(existing.to_slot)
-            if existing.phase == "filling" and slot and slot.model_key == new_target.model_key:
+            if existing.phase == "filling" and slot and slot.model_key == new_target.model_key \
+                    and (vector_type is None or slot.vector_type == vector_type):
                 record_budget(conn, slot.model_id, budget)
                 return slot, False  # re-run after a crash: idempotent
             then = ("`migrate cancel` it, or swap and finalize it" if existing.phase == "filling"
@@ -87,22 +91,27 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
-        if live.model_key == new_target.model_key and auto_reason != BACKLOG:
-            raise MigrationError(f"target {target.name!r} already uses {live.model_key}")
+        kind = vector_type or (live.vector_type if auto_reason == BACKLOG
+                               else vector_type_for(dimensions))
+        if (live.model_key, live.vector_type) == (new_target.model_key, kind) and (
+                auto_reason != BACKLOG):
+            raise MigrationError(f"target {target.name!r} already uses {live.model_key}"
+                                 f" in a {live.column_type} column")
         model_id = ensure_model(conn, new_target)
         record_budget(conn, model_id, budget)
         column = new_column_name(target, model_id)
-        ensure_vector_column(conn, target, column, dimensions)
+        ensure_vector_column(conn, target, column, dimensions, kind)
         row = conn.execute(
             """
             INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
                                          primary_key, pk_type, role, model_id, mode, paused,
-                                         paused_by)
-            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s, %s, %s) RETURNING id
+                                         paused_by, vector_type)
+            VALUES (%s, %s, %s, %s, %s, %s, 'next', %s, %s, %s, %s, %s) RETURNING id
             """, (target.name, target.schema, target.table, column, live.primary_key,
                   live.pk_type, model_id,
                   "derive" if derive else "batch" if batch_api else "queue",
-                  auto_reason == BACKLOG, SIDE_FILL if auto_reason == BACKLOG else None)
+                  auto_reason == BACKLOG, SIDE_FILL if auto_reason == BACKLOG else None,
+                  kind)
         ).fetchone()
         assert row is not None
         price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0

@@ -47,9 +47,11 @@ class Plan:
 
 
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
-         sample_limit: int = 100_000, budget: Budget | None = None) -> Plan:
+         sample_limit: int = 100_000, budget: Budget | None = None,
+         vector_type: str | None = None) -> Plan:
     """What `start` would do and cost; changes nothing. `budget` is what `start` would be
-    given; the time estimate uses every budget of the new model (see pgreembed.budgets)."""
+    given; the time estimate uses every budget of the new model (see pgreembed.budgets).
+    `vector_type`: the new column's storage (default: by dimensions)."""
     from pgreembed.embedding.providers import make_provider
     from pgreembed.migrations.plan_sql import migration_statements
     from pgreembed.store.slots import text_expression
@@ -58,8 +60,8 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     notes: list[str] = []
     if dimensions > 16000:
         blockers.append(f"{dimensions} dimensions: pgvector columns hold at most 16000")
-    kind = vector_type_for(dimensions)
-    if kind == "halfvec":
+    kind = vector_type or vector_type_for(dimensions)
+    if kind == "halfvec" and vector_type is None:
         notes.append(f"{dimensions} > 2000 dimensions: the column is halfvec({dimensions}),"
                      " since pgvector indexes `vector` only up to 2000 dims")
     table = app_table(target)

@@ -21,6 +21,7 @@ from pgreembed.migrations.state import SWAP_COLUMN, require_open
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.triggers import recompile_clear_function
 
 # Rows searchable now that a swap may leave unsearchable for the seconds the workers take to
 # embed them for the new live model: about what one worker round trip fills. Under a steady
@@ -116,6 +117,9 @@ def _exchange(conn: psycopg.Connection, live: Slot, other: Slot, other_role: str
                  (other_role, other.vector_column, live.id))
     conn.execute("UPDATE pgreembed.slots SET role = 'live', vector_column = %s WHERE id = %s",
                  (live.vector_column, other.id))
+    if live.vector_type != other.vector_type:
+        # The clear trigger's plans (cached per session) typed the column by its old type.
+        recompile_clear_function(conn, live.target)
 
 
 @dataclass(frozen=True)

@@ -172,12 +172,23 @@ BEGIN
 END $$;
 """
 
+V4_VECTOR_TYPE = """
+-- The column's storage type, recorded rather than computed from the model's dimensions:
+-- `migrate --derive halfvec` makes a halfvec column of a model a vector column held.
+ALTER TABLE pgreembed.slots ADD COLUMN vector_type text;
+UPDATE pgreembed.slots s
+    SET vector_type = CASE WHEN m.dimensions <= 2000 THEN 'vector' ELSE 'halfvec' END
+    FROM pgreembed.models m WHERE m.id = s.model_id;
+ALTER TABLE pgreembed.slots ALTER COLUMN vector_type SET NOT NULL,
+    ADD CONSTRAINT slots_vector_type CHECK (vector_type IN ('vector', 'halfvec'));
+"""
+
 # Replaced at every `init` (no data in them): what the application reads to know which
 # column and model are live, and the NOTIFY the app table's trigger calls.
 REPEATABLE = """
 CREATE OR REPLACE VIEW pgreembed.active_models AS
     SELECT s.target, s.schema_name, s.table_name, s.vector_column, m.provider,
-           m.name AS model, m.dimensions
+           m.name AS model, m.dimensions, s.vector_type
     FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
     WHERE s.role = 'live';
 CREATE OR REPLACE FUNCTION pgreembed.notify_changed() RETURNS trigger

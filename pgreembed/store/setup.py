@@ -72,9 +72,9 @@ def _column_type(conn: psycopg.Connection, target: Target, column: str) -> str |
 
 
 def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
-                         dimensions: int) -> bool:
+                         dimensions: int, vector_type: str | None = None) -> bool:
     """Add the column if missing (True); refuse a column of another type or size."""
-    wanted = f"{vector_type_for(dimensions)}({dimensions})"
+    wanted = f"{vector_type or vector_type_for(dimensions)}({dimensions})"
     found = _column_type(conn, target, column)
     if found is None:
         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
@@ -84,8 +84,8 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
     if found != wanted:
         raise SetupError(
             f"target {target.name!r}: column {column!r} is {found}, expected {wanted}"
-            f" for {target.model_key} (a model change is a migration: `pgreembed migrate`)"
-        )
+            f" for {target.model_key} (a model or storage change is a migration:"
+            " `pgreembed migrate`)")
     return False
 
 
@@ -118,15 +118,29 @@ def register_live_slot(conn: psycopg.Connection, target: Target) -> Slot:
                     target.model_key, now.model_key, now.provider, now.model, now.dimensions,
                     now.vector_column)
         return live[0]
+    if live and target.vector_type and live[0].vector_type != target.vector_type:
+        # The storage type is the registry's (a derived migration changes it), like the model.
+        now = live[0]
+        if migrated and migrated[0]:
+            log.warning("target %s: the config says vector_type = %r but the live column is"
+                        " %s after a migration; set vector_type = %r in its [[target]] (init"
+                        " keeps the registry's)", target.name, target.vector_type,
+                        now.column_type, now.vector_type)
+        else:
+            fix = (f"`pgreembed migrate start --target {target.name} --derive halfvec` makes"
+                   " it without a provider call" if target.vector_type == "halfvec"
+                   else "a storage change is a migration")
+            raise SetupError(f"target {target.name!r}: the live column is {now.column_type},"
+                             f" the config says vector_type = {target.vector_type!r}: {fix}")
     if not live:
         conn.execute(
             """
             INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
-                                         primary_key, pk_type, role, model_id)
-            VALUES (%s, %s, %s, %s, %s, %s, 'live', %s)
+                                         primary_key, pk_type, role, model_id, vector_type)
+            VALUES (%s, %s, %s, %s, %s, %s, 'live', %s, %s)
             """,
             (target.name, target.schema, target.table, target.vector_column, pk, pk_type,
-             model_id),
+             model_id, target.storage_type),
         )
     elif live[0].model_id != model_id and live[0].dimensions != target.dimensions:
         raise SetupError(
@@ -236,7 +250,8 @@ def _init_in_transaction(conn: psycopg.Connection, target: Target
     _check_table(conn, target)
     registered = [s for s in load_slots(conn, target) if s.role == "live"]
     dimensions = registered[0].dimensions if registered else target.dimensions
-    added = ensure_vector_column(conn, target, target.vector_column, dimensions)
+    kind = registered[0].vector_type if registered else target.storage_type
+    added = ensure_vector_column(conn, target, target.vector_column, dimensions, kind)
     first_init = not registered
     slot = register_live_slot(conn, target)
     if clear_misconfigured(conn, target):

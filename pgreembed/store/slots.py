@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Target
+from pgreembed.config import Target, default_vector_type
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
 from pgreembed.store import catalog
 
@@ -44,6 +44,9 @@ class Slot:
     # Why the provider cannot fill it as configured (every input rejected, wrong
     # dimensions): nothing is dispatched until `pgreembed init` clears it.
     misconfigured: str | None = None
+    # The column's storage, as the registry records it: "vector" or "halfvec" (a
+    # `migrate --derive halfvec` column holds a model `vector` held before).
+    vector_type: str = "vector"
 
     # -- identifiers ---------------------------------------------------------------
 
@@ -68,9 +71,9 @@ class Slot:
         return f"pgreembed_pending_{self.id}"
 
     @property
-    def vector_type(self) -> str:
-        """pgvector indexes `vector` up to 2000 dims; larger models need `halfvec`."""
-        return vector_type_for(self.dimensions)
+    def column_type(self) -> str:
+        """The column's SQL type, e.g. `halfvec(3072)`."""
+        return f"{self.vector_type}({self.dimensions})"
 
     @property
     def pk_cast(self) -> sql.Composable:
@@ -133,7 +136,8 @@ def app_table(target: Target) -> sql.Identifier:
 
 
 def vector_type_for(dimensions: int) -> str:
-    return "vector" if dimensions <= 2000 else "halfvec"
+    """The type a new column of `dimensions` gets unless told otherwise."""
+    return default_vector_type(dimensions)
 
 
 def text_expression(target: Target) -> sql.Composable:
@@ -174,7 +178,8 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
     rows = conn.execute(
         """
         SELECT s.id, s.vector_column, s.role, s.model_id, m.key, m.provider, m.name,
-               m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode, s.misconfigured
+               m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode, s.misconfigured,
+               s.vector_type
         FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
         WHERE s.target = %s AND s.role IN ('live', 'next', 'old')
           AND (%s OR NOT s.paused)
@@ -185,7 +190,8 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
     return [
         Slot(id=r[0], target=target, vector_column=r[1], role=r[2], model_id=r[3],
              model_key=r[4], provider=r[5], model=r[6], dimensions=r[7], primary_key=r[8],
-             pk_type=r[9], paused=r[10], mode=r[11], misconfigured=r[12])
+             pk_type=r[9], paused=r[10], mode=r[11], misconfigured=r[12],
+             vector_type=r[13])
         for r in rows
     ]
 

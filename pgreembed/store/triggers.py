@@ -146,6 +146,22 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
         function, sql.Literal(_triggers_fingerprint(target, slots, watched))))
 
 
+def recompile_clear_function(conn: psycopg.Connection, target: Target) -> None:
+    """Make every session compile the clear trigger's function again.
+
+    PL/pgSQL caches each expression's plan per session, typed by the columns' types then:
+    after a swap exchanges a `vector` and a `halfvec` column, every app session that ran
+    the trigger before would fail its next text update with "type of parameter N
+    (halfvec) does not match that when preparing the plan (vector)". Any change of the
+    function's catalog row (here its COST, to the default) makes sessions recompile it.
+    """
+    function = sql.Identifier("pgreembed", f"clear_{target.name}")
+    found = conn.execute("SELECT to_regprocedure(%s)",
+                         (sql.SQL("{}()").format(function).as_string(conn),)).fetchone()
+    if found is not None and found[0] is not None:
+        conn.execute(sql.SQL("ALTER FUNCTION {}() COST 100").format(function))
+
+
 def _forget_function(conn: psycopg.Connection, function: sql.Composable,
                      statements: list[sql.Composable]) -> None:
     # SECURITY DEFINER: the app's role deletes rows of its table, but may not have any

@@ -20,6 +20,7 @@ from pgreembed.store.ddl import (
     V1_TABLES,
     V2_SIDE_FILL,
     V3_REUSE,
+    V4_VECTOR_TYPE,
     VERSION_TABLE,
 )
 
@@ -44,6 +45,9 @@ STEPS: tuple[Step, ...] = (
     Step(3, "pay once per text: an index on each state table's text hash per model, and"
             " rows given a copied vector counted in the usage ledger; how a derived migration"
             " made its vectors", V3_REUSE),
+    Step(4, "each slot's column storage type (vector or halfvec) in the registry, for"
+            " migrate --derive halfvec; existing slots get the type their dimensions gave",
+         V4_VECTOR_TYPE),
 )
 LATEST = STEPS[-1].version
 

@@ -9,9 +9,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Settings
+from pgreembed.config import Settings, Target
 from pgreembed.operations.doctor.findings import ERROR, WARN, Finding
 from pgreembed.redact import redact
+from pgreembed.store.slots import load_slots, registry_exists
+from pgreembed.store.versions import current_version
+
+VECTOR_TYPE_VERSION = 4  # the bookkeeping version that records each column's storage type
 
 # Connections the scheduler holds: the leader lock, the dispatch pass, LISTEN.
 SCHEDULER_CONNECTIONS = 3
@@ -76,6 +80,18 @@ class DoctorBase:
         except psycopg.Error as exc:
             self.add(ERROR, target, check, f"check {check} could not run:"
                      f" {type(exc).__name__}: {redact(str(exc))}")
+
+    def wanted_type(self, target: Target) -> str:
+        """The column type the target should have: the config's `vector_type` when set,
+        else what the registry records for the live column (a `--derive halfvec` migration
+        makes it halfvec), else the type the dimensions give."""
+        if target.vector_type is None and registry_exists(self.conn) and (
+                current_version(self.conn) >= VECTOR_TYPE_VERSION):
+            for slot in load_slots(self.conn, target):
+                if (slot.role, slot.vector_column, slot.dimensions) == (
+                        "live", target.vector_column, target.dimensions):
+                    return slot.vector_type
+        return target.storage_type
 
     def one(self, query: str | sql.SQL | sql.Composed, params: Any = None) -> tuple[Any, ...]:
         row = self.conn.execute(query, params).fetchone()

@@ -20,7 +20,6 @@ from pgreembed.store.slots import (
     load_slots,
     registry_exists,
     text_expression,
-    vector_type_for,
 )
 from pgreembed.store.texts import no_text
 
@@ -34,7 +33,7 @@ class ColumnChecks(DoctorBase):
 
     def _column_type(self, target: Target, column: Column, where: str) -> bool:
         """Report the column's type; True when it is a pgvector type worth checking further."""
-        wanted_type = vector_type_for(target.dimensions)
+        wanted_type = self.wanted_type(target)
         wanted = f"{wanted_type}({target.dimensions})"
         if column.type_name not in ("vector", "halfvec"):
             self.add(ERROR, target.name, "vector_column", f"{where} is {column.declared},"
@@ -45,8 +44,12 @@ class ColumnChecks(DoctorBase):
                      f" without dimensions; expected {wanted} (an untyped column accepts"
                      " vectors of any size and cannot have an HNSW/IVFFlat index)")
         elif column.typmod != target.dimensions or column.type_name != wanted_type:
+            hint = (f"; if a migration made it {column.declared}, set vector_type ="
+                    f" {column.type_name!r} in the config" if column.typmod ==
+                    target.dimensions else "")
             self.add(ERROR, target.name, "vector_column", f"{where} is {column.declared} but"
-                     f" {target.model_key} needs {wanted} (a model change is a migration)")
+                     f" {target.model_key} needs {wanted} (a model or storage change is a"
+                     f" migration){hint}")
         else:
             self.add(OK, target.name, "vector_column", f"{where} is {wanted} as configured")
         return True

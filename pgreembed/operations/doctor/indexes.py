@@ -14,7 +14,7 @@ from pgreembed.operations.doctor.base import (
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
 from pgreembed.store import catalog
-from pgreembed.store.slots import app_table, vector_type_for
+from pgreembed.store.slots import app_table
 
 
 class IndexChecks(DoctorBase):
@@ -45,7 +45,7 @@ class IndexChecks(DoctorBase):
                      and target.vector_column in i.uses]
         distance = target.distance
         operator = DISTANCES[distance]
-        wanted_ops = f"{vector_type_for(target.dimensions)}_{distance}_ops"
+        wanted_ops = f"{self.wanted_type(target)}_{distance}_ops"
         if not valid_ann:
             create = self._create_index(target, "hnsw", wanted_ops, ext)
             self.add(WARN, target.name, "index", f"{where} has no valid HNSW or IVFFlat index:"
