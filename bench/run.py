@@ -39,7 +39,6 @@ from bench import profile as profiling
 from bench.app_latency import run_phase, throttle_config
 from bench.harness import Services, Tuning, fmt_rate, tiktoken_cache_dir
 from bench.indexed import measure_indexed, measure_side_path
-from bench.side_backlog import measure_backlog
 from bench.sections import (
     CeilingRun,
     OursRun,
@@ -51,6 +50,7 @@ from bench.sections import (
     run_pgai,
     run_ratelimit,
 )
+from bench.side_backlog import measure_backlog
 
 SECTIONS = ("indexed", "sidepath", "applatency", "ceiling", "pgai", "memory", "freshness",
             "ratelimit", "profile")
