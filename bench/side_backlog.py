@@ -45,6 +45,12 @@ NO_SIDE_FILL = "\n[side_fill]\nmin_rows = 1000000000\n"
 TICK_TIMEOUT = 4 * 3600.0
 
 
+def side_config(rows: int) -> str:
+    """The defaults, except below their `min_rows` (1000), where a table this small
+    would stay on the direct path: then the threshold is lowered to half the table."""
+    return "" if rows > 1000 else f"\n[side_fill]\nmin_rows = {max(1, rows // 2)}\n"
+
+
 def table_updates(dsn: str) -> tuple[int, int]:
     """(updates, HOT updates) of the app's table so far (cumulative statistics)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -132,7 +138,7 @@ def run_path(services: Services, rows: int, tuning: Tuning, side: bool,
     dsn = services.fresh_copy(rows, "side" if side else "direct", "hnsw")
     services.fake.reset()
     try:
-        config = "" if side else NO_SIDE_FILL
+        config = side_config(rows) if side else NO_SIDE_FILL
         with pipeline(services, dsn, tuning, init=False, extra_config=config) as run:
             worker = run.start_worker()
             watcher = StepWatcher(dsn)
