@@ -470,7 +470,7 @@ class Pipeline:
         path = self.logdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def wait_log(self, name: str, needle: str, count: int, timeout: float = 60.0) -> None:
+    def wait_log(self, name: str, needle: str, count: int, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while self.log_text(name).count(needle) < count:
             if time.monotonic() > deadline or not self.alive():

@@ -3,11 +3,13 @@
 - `measure_indexed`: the fastest raw write into the indexed column (512-row
   transactions on 1..cores connections) against our full pipeline into the same
   indexed column, same rows, back to back; and the same pair on the unindexed column.
-- `measure_side_path`: re-embedding a filled, HNSW-indexed column with another model,
-  directly (`init` after the model edit: in place, through the index) against the
-  side column of the migration commands (`migrate start` fills an unindexed column,
-  `migrate index` builds CONCURRENTLY, `migrate swap`), end to end; and the backlog
-  size where the two cost the same (the auto side-path threshold).
+- `measure_side_path`: a MODEL CHANGE of a filled, HNSW-indexed column, directly (`init`
+  after the model edit with the automatic side fill kept out of the way: in place,
+  through the index) against the side column of the migration commands (`migrate start`
+  fills an unindexed column, `migrate index` builds CONCURRENTLY, `migrate swap`), end to
+  end; and the backlog size where the two cost the same. Every row has a live vector
+  here, so each side-column write re-inserts it into the live HNSW index (no HOT update:
+  the counts are printed). The backlog case (no vector yet) is bench.side_backlog.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from bench.harness import (
     verify_vectors,
 )
 from bench.sections import CeilingRun, OursRun, run_ceiling, run_ours
+from bench.side_backlog import NO_SIDE_FILL, table_updates
 
 OTHER_MODEL_PREFIX = "fake-b"  # a second model of the same size (its own deterministic vectors)
 
@@ -97,6 +100,8 @@ class SidePathRun:
     fill_seconds: float  # `migrate start` + workers fill the unindexed side column
     build_seconds: float  # `migrate index` (CREATE INDEX CONCURRENTLY)
     swap_seconds: float  # `migrate swap`
+    direct_updates: tuple[int, int] = (0, 0)  # (updates, HOT updates) of docs
+    side_updates: tuple[int, int] = (0, 0)
 
     @property
     def side_seconds(self) -> float:
@@ -148,17 +153,24 @@ def measure_side_path(services: Services, rows: int, tuning: Tuning) -> SidePath
 
     dsn = copy_of(services, template, "direct")
     try:
-        with pipeline(services, dsn, tuning, init=False, model=new_model) as run:
+        # Without NO_SIDE_FILL, `init` itself routes a model change of a table over
+        # side_fill.min_rows into a side fill: "direct" would be the side path too.
+        with pipeline(services, dsn, tuning, init=False, model=new_model,
+                      extra_config=NO_SIDE_FILL) as run:
             run.start_worker()
+            before = table_updates(dsn)
             started = time.monotonic()
             run.cli("init")  # the model edit: every row is outdated, re-embedded in place
             run.cli("tick", "--wait", "--timeout", "3600")
             direct = time.monotonic() - started
+            direct_updates = _minus(table_updates(dsn), before)
+        _require_no_migration(dsn)
         verify_vectors(dsn, new_model, services.dims, rows)
     finally:
         services.drop(dsn)
     print(f"    direct (init after the model edit, in place through the HNSW index):"
-          f" {direct:.1f} s = {rows / direct:,.0f} rows/s", flush=True)
+          f" {direct:.1f} s = {rows / direct:,.0f} rows/s; docs updates {direct_updates[0]:,}"
+          f" ({direct_updates[1]:,} HOT)", flush=True)
 
     dsn = copy_of(services, template, "side")
     try:
@@ -167,7 +179,9 @@ def measure_side_path(services: Services, rows: int, tuning: Tuning) -> SidePath
             started = time.monotonic()
             run.cli("migrate", "start", "--target", "docs", "--model", new_model,
                     "--dimensions", str(services.dims))
+            before = table_updates(dsn)
             run.cli("tick", "--wait", "--timeout", "3600")
+            side_updates = _minus(table_updates(dsn), before)
             filled = time.monotonic()
             run.cli("migrate", "index", "--target", "docs")
             built = time.monotonic()
@@ -176,8 +190,21 @@ def measure_side_path(services: Services, rows: int, tuning: Tuning) -> SidePath
         verify_vectors(dsn, new_model, services.dims, rows)
     finally:
         services.drop(dsn)
-    result = SidePathRun(rows, direct, filled - started, built - filled, swapped - built)
+    result = SidePathRun(rows, direct, filled - started, built - filled, swapped - built,
+                         direct_updates, side_updates)
     print(f"    side column (migrate start + fill, index CONCURRENTLY, swap):"
           f" {result.side_seconds:.1f} s = fill {result.fill_seconds:.1f} + build"
-          f" {result.build_seconds:.1f} + swap {result.swap_seconds:.1f}", flush=True)
+          f" {result.build_seconds:.1f} + swap {result.swap_seconds:.1f}; docs updates while"
+          f" filling {side_updates[0]:,} ({side_updates[1]:,} HOT)", flush=True)
     return result
+
+
+def _minus(after: tuple[int, int], before: tuple[int, int]) -> tuple[int, int]:
+    return after[0] - before[0], after[1] - before[1]
+
+
+def _require_no_migration(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        found = conn.execute("SELECT id, auto_reason FROM pgreembed.migrations").fetchall()
+    if found:
+        raise AssertionError(f"the direct run went side by side: {found}")
