@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgreembed.config_fields import non_negative_seconds, reject_unknown
+from pgreembed.config_fields import env_int, non_negative_seconds, reject_unknown
 from pgreembed.config_fields import optional_positive as _optional_positive
 from pgreembed.config_fields import positive as _positive
 from pgreembed.config_fields import require as _require
@@ -350,20 +350,13 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         retry_backoff_seconds=float(_positive(
             _typed(worker.get("retry_backoff_seconds", 2.0), float,
                    "worker.retry_backoff_seconds"), "worker.retry_backoff_seconds")),
-        heartbeat_ms=_env_int(env, "PGREEMBED_HEARTBEAT_MS", 10_000),
-        maintenance_chance=_env_int(env, "PGREEMBED_MAINTENANCE_CHANCE", 100_000),
+        heartbeat_ms=env_int(env, "PGREEMBED_HEARTBEAT_MS", 10_000),
+        maintenance_chance=env_int(env, "PGREEMBED_MAINTENANCE_CHANCE", 100_000),
         config_path=config_path,
         rate_limits=parse_rate_limits(document.get("rate_limits", {})),
         side_fill=parse_side_fill(side_fill),
         throttle=parse_throttle(document.get("throttle", {})),
     )
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    try:
-        return _positive(int(env.get(name) or default), name)
-    except ValueError:
-        raise ConfigError(f"{name}: must be a positive integer, got {env[name]!r}") from None
 
 
 def _check_dsn_at_signs(database_url: str) -> None:

@@ -65,3 +65,11 @@ def optional_positive(table: Mapping[str, Any], key: str, where: str) -> int | N
     if table.get(key) is None:
         return None
     return positive(typed(table[key], int, f"{where}.{key}"), f"{where}.{key}")
+
+
+def env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    """A positive integer from the environment (`name` unset or empty: `default`)."""
+    try:
+        return positive(int(env.get(name) or default), name)
+    except ValueError:
+        raise ConfigError(f"{name}: must be a positive integer, got {env[name]!r}") from None
