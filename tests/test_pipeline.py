@@ -113,12 +113,14 @@ def test_text_changed_while_in_flight_ends_with_new_texts_vector(stack: Stack, f
 def test_duplicate_enqueue_does_not_double_provider_calls(stack: Stack, fake_openai) -> None:
     insert_docs(stack, 30)
     init(stack)
-    fake_openai.set_faults(latency=0.5)
+    # 4 batches on 2 threads at 5 s each: the second tick (a new process, ~1 s to start on
+    # a loaded machine) runs while every row is still in flight.
+    fake_openai.set_faults(latency=5.0)
     stack.start_worker(threads=2)
     first = stack.cli("tick")
     second = stack.cli("tick")  # everything is still in flight
-    assert "enqueued 30 rows" in first.stdout
-    assert "enqueued 0 rows" in second.stdout and "30 already in flight" in second.stdout
+    assert first.stdout.startswith("tick: enqueued 30 rows in 4 batches"), first.stdout
+    assert second.stdout == "tick: enqueued 0 rows in 0 batches (30 already in flight)\n"
     assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
     counts = fake_openai.stats()["text_counts"]
     assert len(counts) == 30
