@@ -20,37 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from typing import Any
 
-import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
 from bench.harness import texts
+from bench.side_fill_crossover import _vectors, _write
 from pgreembed.testing.services import EmbeddedPostgres
-
-BATCH = 512
-
-
-def _vectors(count: int, dims: int, seed: int) -> np.ndarray:
-    matrix = np.random.default_rng(seed).standard_normal((count, dims)).astype(np.float32)
-    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
-
-
-def _write(conn: psycopg.Connection, column: str, keys: list[int], vectors: np.ndarray,
-           dims: int) -> float:
-    started = time.perf_counter()
-    for start in range(0, len(keys), BATCH):
-        with conn.transaction():
-            conn.execute(f"CREATE TEMP TABLE w (id bigint, v vector({dims})) ON COMMIT DROP")
-            with conn.cursor().copy("COPY w (id, v) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["bigint", "vector"])
-                for key, vector in zip(keys[start:start + BATCH],
-                                       vectors[start:start + BATCH], strict=True):
-                    copy.write_row((key, vector))
-            conn.execute(f"UPDATE t SET {column} = w.v FROM w WHERE t.id = w.id")
-    return time.perf_counter() - started
 
 
 def _updates(conn: psycopg.Connection) -> tuple[int, int]:
