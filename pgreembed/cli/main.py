@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import Any
 
 import psycopg
 import redis
@@ -150,13 +155,46 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    while True:
+    if args.watch is None:
         _print_status(settings, args.json, args.exact)
-        if args.watch is None:
-            return 0
-        sys.stdout.flush()
-        time.sleep(args.watch)
-        print()
+        return 0
+    with _ctrl_c_remembered() as interrupted:
+        while True:
+            _print_status(settings, args.json, args.exact)
+            sys.stdout.flush()
+            _stop_if_set(interrupted)
+            time.sleep(args.watch)
+            _stop_if_set(interrupted)
+            print()
+
+
+def _stop_if_set(interrupted: threading.Event) -> None:
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_remembered() -> Iterator[threading.Event]:
+    """Ctrl-C ends a watch even when it lands in a finalizer (a connection's __del__),
+    where Python reports the KeyboardInterrupt as "Exception ignored" and goes on: the
+    handler also sets a flag the loop checks, and that report is silenced."""
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def unraisable(report: Any) -> None:
+        if not isinstance(report.exc_value, KeyboardInterrupt):
+            sys.__unraisablehook__(report)
+
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        sys.unraisablehook = previous_hook
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
