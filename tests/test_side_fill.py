@@ -92,18 +92,23 @@ def finished(stack: Stack) -> None:
              timeout=180, interval=0.5, message="the side fill finalized")
 
 
-def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
-        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+def filled_and_indexed(stack: Stack, rows: int) -> None:
+    """`rows` rows embedded by running processes, then the app's HNSW index, as users have it."""
     write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
                                                 worker_extra=SIDE_FILL))
-    seed(stack, 60)
+    seed(stack, rows)
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=4)
     stack.start_scheduler()
     wait_filled(stack, "embedding")
-    with stack.connect() as conn:  # the app's index, as users have it
+    with stack.connect() as conn:
         conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
                      " (embedding vector_cosine_ops)")
+
+
+def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    filled_and_indexed(stack, 60)
     app_index = ann_index(stack)
 
     with steady_writer(stack, per_second=5.0, edits=range(1, 61)) as small:
@@ -145,16 +150,7 @@ def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
 
 def test_init_after_a_model_change_fills_a_side_column(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
-    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
-                                                worker_extra=SIDE_FILL))
-    seed(stack, 120)
-    assert stack.cli("init").returncode == 0
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-    wait_filled(stack, "embedding")
-    with stack.connect() as conn:
-        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
-                     " (embedding vector_cosine_ops)")
+    filled_and_indexed(stack, 120)
     fake_openai.set_faults(slow_model=NEW, slow_model_latency=2.0)
     write_config(stack.config_path, docs_config(
         batch_size=16, max_inflight_rows=128, worker_extra=SIDE_FILL).replace(
