@@ -23,6 +23,7 @@ from pgreembed.config import Settings, load_settings
 from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
 from pgreembed.logs import setup_logging
 from pgreembed.redact import redact
+from pgreembed.store.counts import BACKLOG_EXACT_ROWS
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import require_initialized
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS, LockPolicy
@@ -134,7 +135,8 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
     seconds = sum(r.seconds for r in rows)
     if any(r.backlog_estimated for r in rows):
         print(f"~ estimated from the table's row count, and pending and stale of a backlog"
-              f" over 50,000 rows from a sample of its pages; outdated and failed are exact"
+              f" over {BACKLOG_EXACT_ROWS:,} rows from a sample of its pages; outdated and"
+              f" failed are exact"
               f" (counted in {seconds:.2f} s; --exact counts every row)")
     elif any(r.estimated for r in rows):
         print(f"~ estimated from the table's row count; pending, stale, outdated and failed"
