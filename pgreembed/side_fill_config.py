@@ -28,7 +28,7 @@ class SideFillSettings:
     grace_seconds: float = 600.0
     # Upper bound for the index build's maintenance_work_mem (it is sized to the index).
     maintenance_work_mem: str = "1GB"
-    # max_parallel_maintenance_workers of the build; None: the server's max_parallel_workers.
+    # max_parallel_maintenance_workers of the build; None: the server's own setting.
     parallel_workers: int | None = None
 
     def threshold(self, table_rows: int) -> int:

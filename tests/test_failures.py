@@ -113,3 +113,32 @@ def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fa
     unknown = stack.cli("failures", "--target", "docs", "--column", "nope")
     assert unknown.returncode == 2  # a wrong option value
     assert "no column 'nope'" in unknown.stderr and new_column in unknown.stderr
+
+
+def test_a_failed_row_edited_since_counts_as_pending_not_failed(stack: Stack, fake_openai
+                                                                ) -> None:
+    """Status, `failures` and the scheduler agree: a failure is on a text, and once the
+    text changes the row is pending again (status said "failed" until it was re-sent)."""
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'fine'), ('b', 'BAD text')")
+    fake_openai.set_faults(bad_input_marker="BAD")
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=2)  # no scheduler: each pass is a `tick`, as from cron
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    assert [r["key"] for r in failures_json(stack)] == ["2"]
+
+    def counts() -> tuple[int, int]:
+        result = stack.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        [live] = json_document(result.stdout)["columns"]
+        return live["pending"], live["failed"]
+
+    assert counts() == (0, 1)
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'good text now' WHERE id = 2")
+    assert counts() == (1, 0)
+    exact = json_document(stack.cli("status", "--json", "--exact").stdout)["columns"][0]
+    assert (exact["pending"], exact["failed"]) == (1, 0)
+    assert failures_json(stack) == []
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    assert counts() == (0, 0) and embedded_count(stack, "embedding") == 2

@@ -170,6 +170,13 @@ def test_status_and_doctor_show_the_throttle_and_its_pace(stack: Stack) -> None:
     assert 0.1 <= shown["factor"] < 1.0, shown
     assert shown["rows_per_second_now"] == pytest.approx(200 * shown["factor"], abs=0.2)
     assert 0 <= shown["last_back_off_seconds"] < 60, shown
+    from pgreembed.operations.metrics import DatabaseCollector
+
+    gauges = {m.name: m for m in DatabaseCollector(load_settings(stack.config_path, stack.env)
+                                                   ).collect()}
+    [factor] = [s.value for s in gauges["pgreembed_throttle_factor"].samples]
+    [pace] = [s.value for s in gauges["pgreembed_throttle_rows_per_second"].samples]
+    assert 0.1 <= factor < 1.0 and pace == pytest.approx(200 * factor), (factor, pace)
     back_off()
     text = stack.cli("status").stdout
     assert "throttle: at most 200 rows/s, adaptive (backs off on a probe > 20 ms)" in text

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgreembed.cli import migrate_steps as steps
-from pgreembed.cli.formatting import add_command, positive_int
+from pgreembed.cli.formatting import add_command, non_negative_int, positive_int
 from pgreembed.distances import DISTANCE_ALIASES, DISTANCES
 from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
@@ -101,6 +101,9 @@ def _index(p: argparse.ArgumentParser) -> None:
                    help="hnsw ef_construction (default 64)")
     p.add_argument("--maintenance-work-mem", default="512MB", metavar="SIZE",
                    help="maintenance_work_mem of the build (default 512MB)")
+    p.add_argument("--parallel-workers", type=non_negative_int, metavar="N",
+                   help="parallel workers of the build (max_parallel_maintenance_workers;"
+                        " default the server's, 2 unless changed)")
 
 
 def _swap(p: argparse.ArgumentParser) -> None:

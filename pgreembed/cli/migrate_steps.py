@@ -167,7 +167,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                     distance=args.distance, lists=args.lists, m=args.m,
                                     ef_construction=args.ef_construction,
                                     maintenance_work_mem=args.maintenance_work_mem,
-                                    on_progress=show)
+                                    parallel_workers=args.parallel_workers, on_progress=show)
     print(f"index {name} is valid")
     return 0
 

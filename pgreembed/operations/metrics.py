@@ -1,9 +1,9 @@
 """The scheduler's Prometheus gauges, read from Postgres at scrape time.
 
 Pending, embedded, failed, in flight, coverage, age of the oldest pending row, tokens
-and cost so far: right even after restarts (PGREEMBED_SCHEDULER_METRICS_PORT). They use
-the cheap counts of `pgreembed.operations.status` (no scan of the app's table).
-"""
+and cost so far, the throttle's pace: right even after restarts
+(PGREEMBED_SCHEDULER_METRICS_PORT). They use the cheap counts of
+`pgreembed.operations.status` (no scan of the app's table)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class DatabaseCollector:
         import redis
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        from pgreembed.embedding.throttle import observe
         from pgreembed.operations.status import collect
         from pgreembed.queue.freshness import oldest_pending_seconds
         from pgreembed.store.pool import connect
@@ -57,6 +58,11 @@ class DatabaseCollector:
         caps = GaugeMetricFamily("pgreembed_migration_spend_cap_usd",
                                  "Its spend cap (only migrations started with one).",
                                  labels=["target", "column"])
+        pace = GaugeMetricFamily("pgreembed_throttle_factor",
+                                 "Share of [throttle] max_rows_per_second in force now (the"
+                                 " adaptive back-offs); only when a cap is set.")
+        pace_rows = GaugeMetricFamily("pgreembed_throttle_rows_per_second",
+                                      "The pace in force now: the cap times that share.")
         scrape = GaugeMetricFamily("pgreembed_scrape_seconds",
                                    "Time this scrape spent reading Postgres and Redis.")
         started = time.perf_counter()
@@ -70,6 +76,7 @@ class DatabaseCollector:
                 ).fetchall())
                 migrations = migration_spend(conn)
                 conn.commit()
+            throttle = observe(self.settings.throttle, client)
             ages = {s.slot: oldest_pending_seconds(
                 client, s.slot, self.settings.lease_seconds, s.pending, s.in_flight or 0,
                 float(created.get(s.slot, 0.0))) for s in statuses}
@@ -99,8 +106,12 @@ class DatabaseCollector:
                 spent.add_metric(list(columns[slot_id]), usd)
                 if cap is not None:
                     caps.add_metric(list(columns[slot_id]), cap)
+        if throttle.factor is not None and throttle.rows_per_second_now is not None:
+            pace.add_metric([], throttle.factor)
+            pace_rows.add_metric([], throttle.rows_per_second_now)
         scrape.add_metric([], time.perf_counter() - started)
-        yield from (counts, coverage, oldest, tokens, cost, spent, caps, misconfigured, scrape)
+        yield from (counts, coverage, oldest, tokens, cost, spent, caps, misconfigured, pace,
+                    pace_rows, scrape)
 
 
 def migration_spend(conn: Any) -> list[tuple[int, float, float | None]]:

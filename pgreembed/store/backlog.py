@@ -83,12 +83,14 @@ def build_settings(conn: psycopg.Connection, rows: int, dimensions: int, cap: st
                    parallel_workers: int | None) -> tuple[str, int]:
     """(maintenance_work_mem, max_parallel_maintenance_workers) for an index build: the
     memory the graph needs, at least the server's setting and at most `cap`; the parallel
-    workers asked for, else the server's max_parallel_workers (what it allows)."""
+    workers asked for, else the server's own max_parallel_maintenance_workers (the DBA's
+    choice for builds, 2 by default), never more than max_parallel_workers allows."""
     row = conn.execute(
         "SELECT pg_size_bytes(current_setting('maintenance_work_mem')), pg_size_bytes(%s),"
+        " current_setting('max_parallel_maintenance_workers')::int,"
         " current_setting('max_parallel_workers')::int", (cap,)).fetchone()
     assert row is not None
-    current, most, allowed = int(row[0]), int(row[1]), int(row[2])
+    current, most, server, allowed = (int(value) for value in row)
     memory = min(most, max(current, index_memory_bytes(rows, dimensions)))
-    workers = allowed if parallel_workers is None else min(parallel_workers, allowed)
+    workers = min(server if parallel_workers is None else parallel_workers, allowed)
     return f"{max(1, memory // 1024)}kB", workers

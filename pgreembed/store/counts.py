@@ -40,15 +40,15 @@ def exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
         """
         SELECT count(*),
                count(*) FILTER (WHERE a.{vector} IS NOT NULL),
-               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_failed_hash IS NULL),
-               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_hash IS NOT NULL
-                                  AND s.pgr_failed_hash IS NULL),
+               count(*) FILTER (WHERE {pending}),
+               count(*) FILTER (WHERE {pending} AND s.pgr_hash IS NOT NULL),
                count(*) FILTER (WHERE a.{vector} IS NOT NULL AND s.pgr_model_id <> %s),
-               count(*) FILTER (WHERE s.pgr_failed_hash IS NOT NULL),
+               count(*) FILTER (WHERE {failed}),
                count(*) FILTER (WHERE s.pgr_truncated)
         FROM {rows}
         """
-    ).format(vector=slot.vector, rows=slot.rows_with_state(outer=True)),
+    ).format(vector=slot.vector, rows=slot.rows_with_state(outer=True),
+             pending=slot.pending(), failed=slot.failed_on(slot.hash_expr)),
         (slot.model_id,)).fetchone()
     assert row is not None
     return tuple(int(x) for x in row)
@@ -59,10 +59,11 @@ def cheap_counts(conn: psycopg.Connection, slot: Slot, estimated_total: int) -> 
     other_models = [r[0] for r in conn.execute(
         "SELECT id FROM pgreembed.models WHERE id <> %s", (slot.model_id,))]
     names = {"vector": slot.vector, "table": slot.table, "state": slot.state_table,
-             "pk": slot.pk, "rows": slot.rows_with_state(), "key": slot.state_key()}
+             "pk": slot.pk, "rows": slot.rows_with_state(), "key": slot.state_key(),
+             "failed": slot.failed_on(slot.hash_expr), "pending": slot.pending()}
     row = conn.execute(sql.SQL(
         """
-        SELECT (SELECT count(*) FROM {rows} WHERE s.pgr_failed_hash IS NOT NULL),
+        SELECT (SELECT count(*) FROM {rows} WHERE {failed}),
                (SELECT count(*) FROM {rows}
                 WHERE s.pgr_model_id = ANY(%(others)s) AND a.{vector} IS NOT NULL),
                -- ORDER BY the key: the partial index, read this far and no further (a
@@ -79,9 +80,8 @@ def cheap_counts(conn: psycopg.Connection, slot: Slot, estimated_total: int) -> 
     probe = sql.SQL(
         """
         SELECT count(*), count(*) FILTER (WHERE a.{vector} IS NULL),
-               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_failed_hash IS NULL),
-               count(*) FILTER (WHERE a.{vector} IS NULL AND s.pgr_hash IS NOT NULL
-                                  AND s.pgr_failed_hash IS NULL)
+               count(*) FILTER (WHERE {pending}),
+               count(*) FILTER (WHERE {pending} AND s.pgr_hash IS NOT NULL)
         FROM {table} a {sample}
         LEFT JOIN LATERAL (SELECT s.pgr_hash, s.pgr_failed_hash FROM {state} s
                            WHERE {key} AND a.{vector} IS NULL OFFSET 0) s ON true

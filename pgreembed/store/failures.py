@@ -54,16 +54,18 @@ def select_slots(conn: psycopg.Connection, target: Target, column: str | None) -
 
 def list_failures(conn: psycopg.Connection, slot: Slot, limit: int
                   ) -> tuple[int, list[FailureRecord]]:
-    """(how many rows of the app's table failed in this slot, the `limit` most recent)."""
+    """(how many rows of the app's table failed in this slot on their current text, the
+    `limit` most recent). A row edited since it failed is pending again, not listed."""
     rows = conn.execute(sql.SQL(
         """
         SELECT s.pgr_pk::text, s.pgr_failure, s.pgr_attempts, s.pgr_failed_at,
                count(*) OVER ()
         FROM {rows}
-        WHERE s.pgr_failed_hash IS NOT NULL
+        WHERE {failed}
         ORDER BY s.pgr_failed_at DESC NULLS LAST, s.pgr_pk
         LIMIT %s
-        """).format(rows=slot.rows_with_state()), (limit,)).fetchall()
+        """).format(rows=slot.rows_with_state(), failed=slot.failed_on(slot.hash_expr)),
+        (limit,)).fetchall()
     total = int(rows[0][4]) if rows else 0
     records = [FailureRecord(slot.vector_column, slot.model_key, slot.role, key,
                              redact(reason or ""), attempts, failed_at)
@@ -76,8 +78,9 @@ def count_failed_without_vector(conn: psycopg.Connection, slot: Slot) -> int:
     row = conn.execute(sql.SQL(
         """
         SELECT count(*) FROM {rows}
-        WHERE s.pgr_failed_hash IS NOT NULL AND a.{vector} IS NULL
-        """).format(rows=slot.rows_with_state(), vector=slot.vector)).fetchone()
+        WHERE {failed} AND a.{vector} IS NULL
+        """).format(rows=slot.rows_with_state(), vector=slot.vector,
+                    failed=slot.failed_on(slot.hash_expr))).fetchone()
     return int(row[0]) if row else 0
 
 
