@@ -125,12 +125,14 @@ _VECTORS: dict[tuple[str, int, int], list[tuple[int, Any]]] = {}
 
 
 def run_ceiling(services: Services, rows: int, tuning: Tuning, index: str | None = None,
-                strategies: dict[str, tuple[int | None, int]] | None = None
-                ) -> list[CeilingRun]:
+                strategies: dict[str, tuple[int | None, int]] | None = None,
+                with_state_row: bool = False) -> list[CeilingRun]:
     """The same vectors written straight into the same table (after the same `init`):
     binary COPY into a temporary table and UPDATE ... FROM, no provider, no queue.
     Vectors are computed before the clock starts (once per run of the bench). One
-    write per strategy, each on a fresh copy, fastest first."""
+    write per strategy, each on a fresh copy, fastest first. `with_state_row`: each
+    transaction also upserts pgreembed's state row of every vector (not a ceiling: it
+    shows how much of our Postgres CPU that bookkeeping is)."""
     vectors = _VECTORS.get((services.model, services.dims, rows), [])
     results: list[CeilingRun] = []
     strategies = strategies or ceiling_strategies(tuning.batch_size, os.cpu_count() or 1)
@@ -147,7 +149,7 @@ def run_ceiling(services: Services, rows: int, tuning: Tuning, index: str | None
                 chunks = [vectors[i:i + (chunk_rows or rows)]
                           for i in range(0, rows, chunk_rows or rows)]
                 results.append(_timed_write(services, dsn, name, rows, vector_type, chunks,
-                                            connections))
+                                            connections, with_state_row))
                 if count_pending(conn):
                     raise AssertionError(f"the ceiling write ({name}) left rows without a vector")
             verify_vectors(dsn, services.model, services.dims, rows)
@@ -174,8 +176,25 @@ def _precomputed(services: Services, conn: psycopg.Connection, vector_type: str
     return [(pk, v) for (pk, _), v in zip(pairs, vectors, strict=True)]
 
 
+STATE_ROW_SQL = """
+    INSERT INTO pgreembed.{state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at)
+    SELECT i.id, s.model_id, md5(i.id::text)::uuid, now()
+    FROM incoming i, pgreembed.slots s WHERE s.role = 'live'
+    ON CONFLICT (pgr_pk) DO UPDATE SET pgr_model_id = excluded.pgr_model_id,
+        pgr_hash = excluded.pgr_hash, pgr_embedded_at = excluded.pgr_embedded_at
+"""
+
+
+def _state_table(conn: psycopg.Connection) -> str:
+    row = conn.execute("SELECT 'slot_' || id FROM pgreembed.slots WHERE role = 'live'"
+                       ).fetchone()
+    conn.commit()
+    assert row is not None
+    return str(row[0])
+
+
 def _write_chunk(conn: psycopg.Connection, vector_type: str,
-                 chunk: list[tuple[int, Any]]) -> None:
+                 chunk: list[tuple[int, Any]], state_table: str | None = None) -> None:
     with conn.transaction():
         conn.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS incoming (id bigint, vec {})"
                              " ON COMMIT DELETE ROWS").format(sql.SQL(vector_type)))
@@ -185,21 +204,25 @@ def _write_chunk(conn: psycopg.Connection, vector_type: str,
                 for item in chunk:
                     copy.write_row(item)
             cur.execute("UPDATE docs d SET embedding = i.vec FROM incoming i WHERE d.id = i.id")
+            if state_table is not None:
+                cur.execute(sql.SQL(STATE_ROW_SQL).format(state=sql.Identifier(state_table)))
 
 
 def _timed_write(services: Services, dsn: str, name: str, rows: int, vector_type: str,
-                 chunks: list[list[tuple[int, Any]]], connections: int) -> CeilingRun:
+                 chunks: list[list[tuple[int, Any]]], connections: int,
+                 with_state_row: bool = False) -> CeilingRun:
     """Write `chunks` on `connections` connections at once (opened before the clock)."""
     conns = [psycopg.connect(dsn, autocommit=True) for _ in range(connections)]
     try:
         for conn in conns:
             register_vector(conn)
+        state_table = _state_table(conns[0]) if with_state_row else None
         meter = CpuMeter(services, None)
         started = time.monotonic()
 
         def write_share(index: int) -> None:
             for chunk in chunks[index::connections]:
-                _write_chunk(conns[index], vector_type, chunk)
+                _write_chunk(conns[index], vector_type, chunk, state_table)
 
         with concurrent.futures.ThreadPoolExecutor(connections) as pool:
             list(pool.map(write_share, range(connections)))

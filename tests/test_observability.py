@@ -40,6 +40,9 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
     with stack.connect() as conn:
         seed_docs(conn, ROWS)
+    # A cap far above this test's pace, so that the throttle's gauges exist.
+    stack.config_path.write_text(stack.config_path.read_text()
+                                 + "\n[throttle]\nmax_rows_per_second = 100000\n")
     assert stack.cli("init").returncode == 0
     stack.start_scheduler()
 
@@ -104,6 +107,8 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
     assert total(scheduler, "pgreembed_coverage_ratio", **live) == ROWS / (ROWS + 1)
     assert total(scheduler, "pgreembed_oldest_pending_seconds", **live) == 0.0
     assert total(scheduler, "pgreembed_migration_spend_cap_usd", target="docs") == 5.0
+    assert total(scheduler, "pgreembed_throttle_factor") == 1.0  # no back-off: not adaptive
+    assert total(scheduler, "pgreembed_throttle_rows_per_second") == 100000.0
 
 
 def test_oldest_pending_age_counts_claims_and_rows_not_claimed_yet(redis_url: str) -> None:

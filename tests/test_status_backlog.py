@@ -34,9 +34,15 @@ def test_big_backlogs_are_sampled_and_labelled(stack: Stack, monkeypatch: pytest
                                                capsys: pytest.CaptureFixture[str]) -> None:
     # The thresholds scaled down with the table (in production: 50,000 and 30,000 rows).
     monkeypatch.setattr(counts, "BACKLOG_EXACT_ROWS", 1_000)
-    monkeypatch.setattr(counts, "SAMPLE_ROWS", 4_000)
+    monkeypatch.setattr(counts, "SAMPLE_ROWS", 8_000)
+    # A sample of pages is only as good as the number of pages the backlog spans: with
+    # short texts the 8,000 pending rows sat in ~60 of ~2,500 pages (the filled rows hold
+    # their 384-dim vectors inline) and a 20% sample was off by up to 35%. Texts of
+    # ~1.5 kB spread them over ~1,800 pages, as a production backlog spans thousands.
     with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
+        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g || ' '"
+                     " || (SELECT string_agg(md5(g::text || '.' || i), ' ')"
+                     "     FROM generate_series(1, 45) i)"
                      " FROM generate_series(1, %s) g", (ROWS,))
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:  # vectors filled with SQL: the backlog at one end
