@@ -7,8 +7,8 @@ One table of `--rows` random unit vectors with no index. Each round builds the H
 interleaved order, with the maintenance_work_mem pgreembed picks (the graph in memory):
 `max_parallel_maintenance_workers = w` is what `[side_fill] parallel_workers` sets. Printed:
 seconds (median of the rounds) and Postgres CPU seconds per worker count, and one JSON line
-(`result: {...}`). Whether more processes than cores help is a property of the machine; the
-side fill's default follows what this shows.
+(`result: {...}`). Whether more processes than cores help is a property of the machine: this
+shows what `[side_fill] parallel_workers` (default: the server's own setting) should be.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ class Bench:
             [booked] = run_ceiling(self.services, rows, self.tuning, strategies={
                 f"{writes[0].strategy} + a state row per vector": ceiling_strategies(
                     self.tuning.batch_size, cores)[writes[0].strategy]}, with_state_row=True)
-            print(f"  raw write + state rows (not a ceiling), {booked.strategy}: {rows} rows"
+            print(f"  not a ceiling, {booked.strategy}: {rows} rows"
                   f" in {booked.seconds:.2f} s: {booked.rate:,.0f} rows/s; {booked.cpu}",
                   flush=True)
             ours = self._ours_once(rows)

@@ -179,7 +179,7 @@ def _precomputed(services: Services, conn: psycopg.Connection, vector_type: str
 STATE_ROW_SQL = """
     INSERT INTO pgreembed.{state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at)
     SELECT i.id, s.model_id, md5(i.id::text)::uuid, now()
-    FROM incoming i, pgreembed.slots s WHERE s.role = 'live'
+    FROM incoming i, pgreembed.slots s WHERE s.role = 'live' AND s.table_name = 'docs'
     ON CONFLICT (pgr_pk) DO UPDATE SET pgr_model_id = excluded.pgr_model_id,
         pgr_hash = excluded.pgr_hash, pgr_embedded_at = excluded.pgr_embedded_at
 """
@@ -187,7 +187,7 @@ STATE_ROW_SQL = """
 
 def _state_table(conn: psycopg.Connection) -> str:
     row = conn.execute("SELECT 'slot_' || id FROM pgreembed.slots WHERE role = 'live'"
-                       ).fetchone()
+                       " AND table_name = 'docs'").fetchone()
     conn.commit()
     assert row is not None
     return str(row[0])

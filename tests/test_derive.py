@@ -104,8 +104,8 @@ def test_derive_is_refused_for_a_size_it_cannot_shorten_to(stack: Stack) -> None
 
 
 class ParallelWorkerWatch:
-    """The most parallel workers seen at once in this database, polled every 10 ms on a
-    connection of its own (what a build with workers shows in pg_stat_activity)."""
+    """The most parallel workers of a CREATE INDEX seen at once in this database, polled
+    every 10 ms on a connection of its own (pg_stat_activity's leader_pid)."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
@@ -116,9 +116,11 @@ class ParallelWorkerWatch:
     def run(self) -> None:
         with self.stack.connect() as conn:
             while not self.stop.is_set():
-                row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type"
-                                   " = 'parallel worker' AND datname = current_database()"
-                                   ).fetchone()
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity w JOIN pg_stat_activity l"
+                    " ON l.pid = w.leader_pid WHERE w.backend_type = 'parallel worker'"
+                    " AND w.datname = current_database() AND l.query LIKE 'CREATE INDEX%'"
+                ).fetchone()
                 self.most = max(self.most, int(row[0]) if row else 0)
                 self.stop.wait(0.01)
 

@@ -131,8 +131,11 @@ def test_a_failed_row_edited_since_counts_as_pending_not_failed(stack: Stack, fa
         result = stack.cli("status", "--json")
         assert result.returncode == 0, result.stderr
         [live] = json_document(result.stdout)["columns"]
+        assert live["estimated"] is True  # the cheap counts, not the --exact scan
         return live["pending"], live["failed"]
 
+    with stack.connect() as conn:  # statistics: `status` takes its cheap path
+        conn.execute("ANALYZE docs")
     assert counts() == (0, 1)
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET body = 'good text now' WHERE id = 2")
@@ -140,5 +143,7 @@ def test_a_failed_row_edited_since_counts_as_pending_not_failed(stack: Stack, fa
     exact = json_document(stack.cli("status", "--json", "--exact").stdout)["columns"][0]
     assert (exact["pending"], exact["failed"]) == (1, 0)
     assert failures_json(stack) == []
+    assert failures_json(stack, "--retry") == [  # nothing failed on its current text
+        {"column": "embedding", "model": LIVE_MODEL, "role": "live", "retried": 0}]
     assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
     assert counts() == (0, 0) and embedded_count(stack, "embedding") == 2

@@ -172,6 +172,7 @@ def test_status_and_doctor_show_the_throttle_and_its_pace(stack: Stack) -> None:
     assert 0 <= shown["last_back_off_seconds"] < 60, shown
     from pgreembed.operations.metrics import DatabaseCollector
 
+    back_off()
     gauges = {m.name: m for m in DatabaseCollector(load_settings(stack.config_path, stack.env)
                                                    ).collect()}
     [factor] = [s.value for s in gauges["pgreembed_throttle_factor"].samples]

@@ -84,7 +84,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
                 sql.Literal(parallel_workers)))
         # Vectors are TOASTed, so the table's main heap is small and the planner
         # (plan_create_index_workers) would start no parallel worker at all: a 20k x 1536
-        # build took 55 s with 0, 1 or 7 workers allowed, 29 s with this and 1 or 3.
+        # build took 58-61 s with 0, 1 or 7 workers allowed, 29 s with this and 1 or 2
+        # (bench.index_workers).
         conn.execute("SET min_parallel_table_scan_size = 0")
         create = sql.SQL(
             "CREATE INDEX CONCURRENTLY {name} ON {table} USING {method} ({column} {opclass})"

@@ -26,7 +26,7 @@ SAMPLE_ROWS = 30_000
 @dataclass(frozen=True)
 class Counts:
     without_vector: int
-    pending: int  # without a vector and not failed
+    pending: int  # without a vector and not failed on its current text
     stale: int  # of those, rows embedded before whose text changed since
     failed: int
     outdated: int  # a vector of another model than the column's

@@ -73,28 +73,19 @@ def list_failures(conn: psycopg.Connection, slot: Slot, limit: int
     return total, records
 
 
-def count_failed_without_vector(conn: psycopg.Connection, slot: Slot) -> int:
-    """Rows with no vector in this slot's column that will stay so until retried."""
-    row = conn.execute(sql.SQL(
-        """
-        SELECT count(*) FROM {rows}
-        WHERE {failed} AND a.{vector} IS NULL
-        """).format(rows=slot.rows_with_state(), vector=slot.vector,
-                    failed=slot.failed_on(slot.hash_expr))).fetchone()
-    return int(row[0]) if row else 0
-
-
 def retry_failures(conn: psycopg.Connection, slot: Slot) -> int:
     """Make the slot's failed rows pending again and wake the scheduler; commits.
 
-    Returns how many rows of the app's table are pending again.
+    Returns how many rows of the app's table are pending again (those failed on their
+    current text: a row edited since it failed is pending already).
     """
     cur = conn.execute(sql.SQL(
         """
         UPDATE {state} s SET pgr_failed_hash = NULL
         FROM {table} a
-        WHERE {key} AND s.pgr_failed_hash IS NOT NULL
-        """).format(state=slot.state_table, table=slot.table, key=slot.state_key()))
+        WHERE {key} AND {failed}
+        """).format(state=slot.state_table, table=slot.table, key=slot.state_key(),
+                    failed=slot.failed_on(slot.hash_expr)))
     count = cur.rowcount
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, slot.target.name))
