@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+from typing import Self
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -21,14 +22,30 @@ from tests.helpers import (
 )
 
 
-class Writer:
-    """The app meanwhile: inserts rows and edits texts until stopped."""
+class Background:
+    """A loop on a thread of its own for the length of a `with` block."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.stop = threading.Event()
-        self.writes = 0
         self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+class Writer(Background):
+    """The app meanwhile: inserts rows and edits texts until stopped."""
+
+    writes = 0
 
     def run(self) -> None:
         rng = random.Random(16)
@@ -42,14 +59,6 @@ class Writer:
                                  (f"edited {self.writes}", rng.randint(1, 200)))
                 self.writes += 1
                 self.stop.wait(0.02)
-
-    def __enter__(self) -> Writer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
@@ -103,15 +112,11 @@ def test_derive_is_refused_for_a_size_it_cannot_shorten_to(stack: Stack) -> None
         assert reason in result.stderr
 
 
-class ParallelWorkerWatch:
+class ParallelWorkerWatch(Background):
     """The most parallel workers of a CREATE INDEX seen at once in this database, polled
     every 10 ms on a connection of its own (pg_stat_activity's leader_pid)."""
 
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-        self.most = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
+    most = 0
 
     def run(self) -> None:
         with self.stack.connect() as conn:
@@ -124,19 +129,11 @@ class ParallelWorkerWatch:
                 self.most = max(self.most, int(row[0]) if row else 0)
                 self.stop.wait(0.01)
 
-    def __enter__(self) -> ParallelWorkerWatch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
 
 def test_the_index_build_gets_the_parallel_workers_it_is_given(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     """The vectors are TOASTed, so the heap looks small and Postgres' planner gave the
-    build no worker whatever max_parallel_maintenance_workers said (55 s instead of 29 s
+    build no worker whatever max_parallel_maintenance_workers said (58-61 s instead of 29 s
     for 20k x 1536 on 2 cores, bench.index_workers). Under a writer and a slowed provider."""
     write_config(stack.config_path, docs_config() + "\n[side_fill]\nenabled = false\n")
     seed(stack, 3000)
