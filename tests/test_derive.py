@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import json
-import random
 import threading
-from typing import Self
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -14,51 +14,14 @@ from tests.helpers import (
     assert_column_current,
     column_type,
     docs_config,
+    in_background,
     migrate,
     running,
     seed,
+    steady_writer,
     wait_filled,
     write_config,
 )
-
-
-class Background:
-    """A loop on a thread of its own for the length of a `with` block."""
-
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
-
-class Writer(Background):
-    """The app meanwhile: inserts rows and edits texts until stopped."""
-
-    writes = 0
-
-    def run(self) -> None:
-        rng = random.Random(16)
-        with self.stack.connect() as conn:
-            while not self.stop.is_set():
-                if rng.random() < 0.5:
-                    conn.execute("INSERT INTO docs (title, body) VALUES ('new', %s)",
-                                 (f"written meanwhile {self.writes}",))
-                else:
-                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (f"edited {self.writes}", rng.randint(1, 200)))
-                self.writes += 1
-                self.stop.wait(0.02)
 
 
 def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
@@ -88,13 +51,14 @@ def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
                             " ON m.id = s.model_id").fetchone() == (
             "openai:fake-384@128", "dimensions:128 of openai:fake-384@384")
 
-    with Writer(stack) as writer:  # later rows: embedded by the provider at 128
+    # Later rows: embedded by the provider at 128 (an insert and an edit, 25 times a second).
+    with steady_writer(stack, per_second=25.0) as writes:
         migrate(stack, "index")
         migrate(stack, "swap", "--max-unsearchable", "1000")
         assert column_type(stack, "embedding") == "vector(128)"
         migrate(stack, "rollback")
         assert column_type(stack, "embedding") == "vector(384)"
-    assert writer.writes > 20
+    assert writes["edits"] + writes["inserts"] > 20
     wait_filled(stack, "embedding")
     wait_filled(stack, new_column)
     assert_column_current(stack, "embedding", "fake-384", 384)
@@ -112,22 +76,26 @@ def test_derive_is_refused_for_a_size_it_cannot_shorten_to(stack: Stack) -> None
         assert reason in result.stderr
 
 
-class ParallelWorkerWatch(Background):
-    """The most parallel workers of a CREATE INDEX seen at once in this database, polled
-    every 10 ms on a connection of its own (pg_stat_activity's leader_pid)."""
+@contextmanager
+def parallel_workers_seen(stack: Stack) -> Iterator[dict[str, int]]:
+    """The most parallel workers of a CREATE INDEX seen at once in this database
+    (`["most"]`), polled every 10 ms on a connection of its own (pg_stat_activity's
+    leader_pid)."""
+    seen = {"most": 0}
 
-    most = 0
-
-    def run(self) -> None:
-        with self.stack.connect() as conn:
-            while not self.stop.is_set():
+    def poll(stop: threading.Event) -> None:
+        with stack.connect() as conn:
+            while not stop.is_set():
                 row = conn.execute(
                     "SELECT count(*) FROM pg_stat_activity w JOIN pg_stat_activity l"
                     " ON l.pid = w.leader_pid WHERE w.backend_type = 'parallel worker'"
                     " AND w.datname = current_database() AND l.query LIKE 'CREATE INDEX%'"
                 ).fetchone()
-                self.most = max(self.most, int(row[0]) if row else 0)
-                self.stop.wait(0.01)
+                seen["most"] = max(seen["most"], int(row[0]) if row else 0)
+                stop.wait(0.01)
+
+    with in_background(poll):
+        yield seen
 
 
 def test_the_index_build_gets_the_parallel_workers_it_is_given(
@@ -149,8 +117,8 @@ def test_the_index_build_gets_the_parallel_workers_it_is_given(
         assert row == (True,)
 
     fake_openai.set_faults(slow_model="fake-384", slow_model_latency=0.3)
-    with Writer(stack) as writer:
-        with ParallelWorkerWatch(stack) as serial:
+    with steady_writer(stack, per_second=25.0) as writes:
+        with parallel_workers_seen(stack) as serial:
             migrate(stack, "index", "--parallel-workers", "0")
         with stack.connect() as conn:
             name = conn.execute(
@@ -160,12 +128,12 @@ def test_the_index_build_gets_the_parallel_workers_it_is_given(
             ).fetchone()
             assert name is not None
             conn.execute(f'DROP INDEX "{name[0]}"')
-        with ParallelWorkerWatch(stack) as default:  # the server's setting: 2
+        with parallel_workers_seen(stack) as default:  # the server's setting: 2
             migrate(stack, "index")
         migrate(stack, "swap", "--max-unsearchable", "1000")
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
-    assert (serial.most, default.most >= 1) == (0, True), (serial.most, default.most)
-    assert writer.writes > 20
+    assert (serial["most"], default["most"] >= 1) == (0, True), (serial, default)
+    assert writes["edits"] + writes["inserts"] > 20
     wait_filled(stack, "embedding")
     wait_filled(stack, new_column)
     assert_column_current(stack, "embedding", "fake-384", 256)
