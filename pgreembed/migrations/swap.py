@@ -55,7 +55,7 @@ def _unsearchable_counts(conn: psycopg.Connection, live: Slot, incoming: Slot
         SELECT count(*) FILTER (WHERE NOT {failed}), count(*) FILTER (WHERE {failed})
         FROM {rows}
         WHERE a.{incoming} IS NULL AND a.{live} IS NOT NULL
-        """).format(failed=incoming.failed_on(incoming.hash_expr),
+        """).format(failed=incoming.failed(),
                     rows=incoming.rows_with_state(outer=True), incoming=incoming.vector,
                     live=live.vector)).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)

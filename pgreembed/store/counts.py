@@ -48,7 +48,7 @@ def exact_counts(conn: psycopg.Connection, slot: Slot) -> tuple[int, ...]:
         FROM {rows}
         """
     ).format(vector=slot.vector, rows=slot.rows_with_state(outer=True),
-             pending=slot.pending(), failed=slot.failed_on(slot.hash_expr)),
+             pending=slot.pending(), failed=slot.failed()),
         (slot.model_id,)).fetchone()
     assert row is not None
     return tuple(int(x) for x in row)
@@ -60,7 +60,7 @@ def cheap_counts(conn: psycopg.Connection, slot: Slot, estimated_total: int) -> 
         "SELECT id FROM pgreembed.models WHERE id <> %s", (slot.model_id,))]
     names = {"vector": slot.vector, "table": slot.table, "state": slot.state_table,
              "pk": slot.pk, "rows": slot.rows_with_state(), "key": slot.state_key(),
-             "failed": slot.failed_on(slot.hash_expr), "pending": slot.pending()}
+             "failed": slot.failed(), "pending": slot.pending()}
     row = conn.execute(sql.SQL(
         """
         SELECT (SELECT count(*) FROM {rows} WHERE {failed}),

@@ -64,7 +64,7 @@ def list_failures(conn: psycopg.Connection, slot: Slot, limit: int
         WHERE {failed}
         ORDER BY s.pgr_failed_at DESC NULLS LAST, s.pgr_pk
         LIMIT %s
-        """).format(rows=slot.rows_with_state(), failed=slot.failed_on(slot.hash_expr)),
+        """).format(rows=slot.rows_with_state(), failed=slot.failed()),
         (limit,)).fetchall()
     total = int(rows[0][4]) if rows else 0
     records = [FailureRecord(slot.vector_column, slot.model_key, slot.role, key,
@@ -85,7 +85,7 @@ def retry_failures(conn: psycopg.Connection, slot: Slot) -> int:
         FROM {table} a
         WHERE {key} AND {failed}
         """).format(state=slot.state_table, table=slot.table, key=slot.state_key(),
-                    failed=slot.failed_on(slot.hash_expr)))
+                    failed=slot.failed()))
     count = cur.rowcount
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, slot.target.name))

@@ -123,11 +123,16 @@ class Slot:
         return sql.SQL("({s}.pgr_failed_hash IS NOT NULL AND {s}.pgr_failed_hash = {h})"
                        ).format(s=sql.Identifier(state), h=text_hash)
 
+    def failed(self, state: str = "s") -> sql.Composed:
+        """The row failed on its current text (a row edited since is pending again): what
+        `status`, `failures` and the swap count as failed."""
+        return self.failed_on(self.hash_expr, state)
+
     def pending(self, row: str = "a", state: str = "s") -> sql.Composed:
         """A row without a vector that did not fail on its current text: what the scheduler
         sends (over `rows_with_state(outer=True)`; a failure on an older text is retried)."""
         return sql.SQL("{}.{} IS NULL AND NOT {}").format(
-            sql.Identifier(row), self.vector, self.failed_on(self.hash_expr, state))
+            sql.Identifier(row), self.vector, self.failed(state))
 
 
 def app_table(target: Target) -> sql.Identifier:
