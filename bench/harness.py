@@ -314,6 +314,13 @@ def _tree_cpu(pid: int, include_reaped: bool = True) -> float:
         return 0.0
 
 
+def postgres_cpu(data_dir: Path) -> float:
+    """CPU seconds of a local Postgres server: its postmaster and every backend, those
+    that exited included (0 if it is not running)."""
+    pid_file = data_dir / "postmaster.pid"
+    return _tree_cpu(int(pid_file.read_text().split()[0])) if pid_file.exists() else 0.0
+
+
 class CpuMeter:
     """Where the CPU time of a measured window went: Postgres (every backend), Redis,
     our workers, and this process (the local provider server's threads)."""
@@ -325,11 +332,9 @@ class CpuMeter:
         self.used: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
-        pid_file = self.services.postgres.data_dir / "postmaster.pid"
-        postmaster = int(pid_file.read_text().split()[0]) if pid_file.exists() else 0
         me = psutil.Process().cpu_times()
         values = {
-            "postgres": _tree_cpu(postmaster) if postmaster else 0.0,
+            "postgres": postgres_cpu(self.services.postgres.data_dir),
             "redis": _tree_cpu(self.services.redis.process.pid)
             if self.services.redis.process else 0.0,
             # Our own threads: the provider server (plus a little polling); children we

@@ -18,12 +18,14 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
-from psycopg import sql
 
+from bench.harness import postgres_cpu
+from pgreembed.migrations.index import prepare_build_session
 from pgreembed.store.backlog import build_settings
 from pgreembed.testing.services import EmbeddedPostgres
 
@@ -44,36 +46,18 @@ def _fill(conn: psycopg.Connection, rows: int, dims: int) -> None:
     conn.execute("VACUUM ANALYZE t")
 
 
-def _postgres_cpu(conn: psycopg.Connection) -> float:
-    """CPU seconds of every process of the server so far (its postmaster's children
-    included), read from /proc: the server runs on this machine."""
-    import psutil
-
-    pid = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert pid is not None
-    root = psutil.Process(int(pid[0])).parent()
-    total = sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
-    times = root.cpu_times()
-    return total + times.children_user + times.children_system
-
-
-def _build(conn: psycopg.Connection, rows: int, dims: int, workers: int) -> tuple[float, float]:
-    memory, chosen = build_settings(conn, rows, dims, "1GB", workers)
-    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(memory)))
-    conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
-        sql.Literal(chosen)))
-    # The heap of a table whose vectors are TOASTed is small: without this, the planner
-    # (plan_create_index_workers) starts no worker at all, whatever the setting above.
-    conn.execute("SET min_parallel_table_scan_size = 0")
+def _build(conn: psycopg.Connection, data_dir: Path, rows: int, dims: int, workers: int
+           ) -> tuple[float, float]:
+    prepare_build_session(conn, *build_settings(conn, rows, dims, "1GB", workers))
     conn.execute("DROP INDEX IF EXISTS t_v")
-    cpu = _postgres_cpu(conn)
+    cpu = postgres_cpu(data_dir)
     started = time.perf_counter()
     conn.execute("CREATE INDEX CONCURRENTLY t_v ON t USING hnsw (v vector_cosine_ops)"
                  " WITH (m = 16, ef_construction = 64)")
-    return time.perf_counter() - started, _postgres_cpu(conn) - cpu
+    return time.perf_counter() - started, postgres_cpu(data_dir) - cpu
 
 
-def measure(dsn: str, rows: int, dims: int, workers: list[int], rounds: int
+def measure(dsn: str, data_dir: Path, rows: int, dims: int, workers: list[int], rounds: int
             ) -> dict[str, dict[str, float]]:
     seconds: dict[int, list[float]] = {w: [] for w in workers}
     cpu: dict[int, list[float]] = {w: [] for w in workers}
@@ -84,7 +68,7 @@ def measure(dsn: str, rows: int, dims: int, workers: list[int], rounds: int
         for number in range(rounds):
             order = workers if number % 2 == 0 else list(reversed(workers))
             for count in order:
-                took, used = _build(conn, rows, dims, count)
+                took, used = _build(conn, data_dir, rows, dims, count)
                 seconds[count].append(took)
                 cpu[count].append(used)
                 print(f"  round {number + 1}: {count} workers: {took:.1f} s,"
@@ -106,7 +90,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pgreembed-index-workers-") as folder:
         server = EmbeddedPostgres(f"{folder}/pg")
         try:
-            result = measure(server.start(), args.rows, args.dims, workers, args.rounds)
+            result = measure(server.start(), server.data_dir, args.rows, args.dims, workers,
+                             args.rounds)
         finally:
             server.stop()
     base = result[str(workers[0])]["seconds"]

@@ -37,6 +37,22 @@ def index_defaults(conn: psycopg.Connection, live: Slot, method: str | None = No
     return method, distance
 
 
+def prepare_build_session(conn: psycopg.Connection, maintenance_work_mem: str,
+                          parallel_workers: int | None) -> None:
+    """The session settings of an index build (its own connection: they end with it);
+    `parallel_workers` None keeps the server's max_parallel_maintenance_workers."""
+    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
+        sql.Literal(maintenance_work_mem)))
+    if parallel_workers is not None:
+        conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
+            sql.Literal(parallel_workers)))
+    # Vectors are TOASTed, so the table's main heap is small and the planner
+    # (plan_create_index_workers) would start no parallel worker at all: a 20k x 1536
+    # build took 58-61 s with 0, 1 or 7 workers allowed, 29 s with this and 1 or 2
+    # (bench.index_workers).
+    conn.execute("SET min_parallel_table_scan_size = 0")
+
+
 def build_index(settings: Settings, target: Target, method: str | None = None,
                 distance: str | None = None, m: int = 16, ef_construction: int = 64,
                 lists: int | None = None, maintenance_work_mem: str = "512MB",
@@ -77,16 +93,7 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
             params = sql.SQL("WITH (lists = {})").format(sql.Literal(chosen))
         else:
             raise MigrationError(f"index method must be hnsw or ivfflat, got {method!r}")
-        conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
-            sql.Literal(maintenance_work_mem)))
-        if parallel_workers is not None:
-            conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(
-                sql.Literal(parallel_workers)))
-        # Vectors are TOASTed, so the table's main heap is small and the planner
-        # (plan_create_index_workers) would start no parallel worker at all: a 20k x 1536
-        # build took 58-61 s with 0, 1 or 7 workers allowed, 29 s with this and 1 or 2
-        # (bench.index_workers).
-        conn.execute("SET min_parallel_table_scan_size = 0")
+        prepare_build_session(conn, maintenance_work_mem, parallel_workers)
         create = sql.SQL(
             "CREATE INDEX CONCURRENTLY {name} ON {table} USING {method} ({column} {opclass})"
             " {params}").format(name=sql.Identifier(name), table=slot.table,
