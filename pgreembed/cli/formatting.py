@@ -44,26 +44,25 @@ class Parser(argparse.ArgumentParser):
         return parsed, extras
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number above 0, or a usage error naming the value."""
+def _whole_number(text: str, least: int, wanted: str) -> int:
+    """`text` as an int of at least `least`, or a usage error saying what was `wanted`."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above 0, or a usage error naming the value."""
+    return _whole_number(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: a whole number of 0 or more, or a usage error naming the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
+    return _whole_number(text, 0, "a whole number >= 0")
 
 
 def human_bytes(count: float) -> str:
