@@ -7,7 +7,7 @@ on the live column; the pipeline (scheduler + a dramatiq worker + the local
 OpenAI-compatible server) keeps both columns of a same-dimension migration filled while
 a writer edits row texts (each edit clears both vectors) and inserts rows. Clients:
 - `helper`: pgreembed.search.search on an autocommit connection;
-- `snippet`: the README's snippet, verbatim (pgreembed.db.connect, not autocommit);
+- `snippet`: the snippet of docs/search.md, verbatim (pgreembed.db.connect, not autocommit);
 - `prepared`: the app's own kNN SQL on the live column name, server-side prepared;
 - `writer`: the text updates and inserts;
 - `idle`: a session that reads the table then sits idle in its transaction (like a
@@ -145,7 +145,7 @@ def loads(settings: Settings, dsn: str, rows: int, args: argparse.Namespace,
             (hit.distance, hit.key, hit.text[:80])  # what the snippet prints
 
     def snippet() -> None:
-        with connect(settings.database_url) as conn:  # the README's snippet, verbatim
+        with connect(settings.database_url) as conn:  # the snippet of docs/search.md, verbatim
             i = 0
             while not stop.is_set():
                 i += 1

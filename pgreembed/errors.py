@@ -7,7 +7,7 @@ to do and never contain a secret.
 
 from __future__ import annotations
 
-# One table for every command (README "Exit codes"; pgreembed/cli/formatting.py).
+# One table for every command (docs/cli.md "Exit codes"; pgreembed/cli/formatting.py).
 EXIT_ERROR = 1  # a service failed (Postgres, Redis, the provider)
 EXIT_CONFIG = 2  # a usage or configuration error
 EXIT_TIMEOUT = 3  # a wait ran out with work left

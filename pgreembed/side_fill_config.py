@@ -3,7 +3,7 @@
 Writing into a column with an HNSW index is ~90x slower than into one without; filling a
 side column and building its index afterwards is cheaper once the backlog is a large
 enough share of the table (the index is rebuilt over every row). The defaults come from
-`python -m bench.side_fill_crossover` (README, "Big backlogs").
+`python -m bench.side_fill_crossover` (docs/migrations.md, "Big backlogs").
 """
 
 from __future__ import annotations

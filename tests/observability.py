@@ -1,4 +1,4 @@
-"""Helpers shared by the observability tests: the README's metric list, exposition
+"""Helpers shared by the observability tests: the metric list of docs/operations.md, exposition
 text parsed with prometheus_client's own parser."""
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ class Documented:
     source: str
 
 
-def documented_metrics(readme: Path = ROOT / "README.md") -> dict[str, Documented]:
-    """The rows of the README's metrics reference table."""
+def documented_metrics(readme: Path = ROOT / "docs" / "operations.md") -> dict[str, Documented]:
+    """The rows of the metrics reference table (docs/operations.md)."""
     text = readme.read_text()
-    section = text.split("### Metrics reference", 1)[1].split("\n## ", 1)[0]
+    section = text.split("## Metrics reference", 1)[1].split("\n## ", 1)[0]
     found = {}
     row = re.compile(r"^\|\s*`([a-z_:]+)`\s*\|\s*(counter|gauge|histogram)\s*\|"
                      r"([^|]*)\|\s*(\w+)\s*\|")

@@ -1,5 +1,5 @@
 """One output contract: versioned --json documents (checked against their JSON Schema) and
-the README's exit-code table, on real services."""
+the exit-code table of docs/cli.md, on real services."""
 
 from __future__ import annotations
 

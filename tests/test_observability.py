@@ -2,7 +2,7 @@
 
 A real worker fleet (Dramatiq's exporter, multiprocess) and the real scheduler run
 against the fake provider answering 500s and 429s; both /metrics endpoints are scraped
-and parsed, and every metric of the README's reference must be there with its labels.
+and parsed, and every metric of docs/operations.md's reference must be there with its labels.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ MODEL = "openai:fake-384@384"
 def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenAIServer,
                                             tmp_path: Path) -> None:
     documented = documented_metrics()
-    assert len(documented) >= 15, "the README's metrics reference was not found"
+    assert len(documented) >= 15, "the metrics reference of docs/operations.md was not found"
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
     with stack.connect() as conn:
         seed_docs(conn, ROWS)

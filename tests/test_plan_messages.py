@@ -25,7 +25,7 @@ def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack
         conn.execute("INSERT INTO docs (title, body) VALUES ('', '   '), (NULL, NULL)")
     assert stack.cli("init").returncode == 0
     code, out, _ = plan_of(stack, "--provider", "local", "--model", "x", "--dimensions", "512")
-    assert code == 4  # refused/blocked (the README's exit-code table)
+    assert code == 4  # refused/blocked (the exit-code table of docs/cli.md)
     assert "BLOCKER: the local model produces 384 dimensions" in out
     # Rows without text hold no vector in either column: a note, not a blocker (the swap
     # waits only for rows that would stop being searchable).

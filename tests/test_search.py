@@ -28,7 +28,7 @@ ROWS = 30
 
 
 def settings_of(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The settings an app gets from its environment, as in the README."""
+    """The settings an app gets from its environment, as in docs/search.md."""
     for name in ("DATABASE_URL", "PGREEMBED_CONFIG", "OPENAI_API_KEY", "OPENAI_BASE_URL"):
         monkeypatch.setenv(name, stack.env[name])
     return load_settings()
@@ -127,7 +127,7 @@ def test_readme_connection_does_not_block_a_swap(stack: Stack,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ready_to_swap(stack)
     settings = settings_of(stack, monkeypatch)
-    # The README's snippet: a connection without autocommit, kept open by the app.
+    # The snippet of docs/search.md: a connection without autocommit, kept open by the app.
     with connect(settings.database_url) as conn:
         hits = search(conn, settings, "docs", QUERY, limit=5)
         assert_ranked_by(stack, hits, OLD_MODEL)
