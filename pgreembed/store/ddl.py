@@ -192,7 +192,7 @@ CREATE OR REPLACE VIEW pgreembed.active_models AS
     FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
     WHERE s.role = 'live';
 CREATE OR REPLACE FUNCTION pgreembed.notify_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('""" + NOTIFY_CHANNEL + """', TG_ARGV[0]);
     RETURN NULL;

@@ -17,6 +17,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog
+from pgreembed.store.session import lift_statement_limits
 from pgreembed.store.slots import (
     Slot,
     app_table,
@@ -198,9 +199,11 @@ def adopt_existing_vectors(conn: psycopg.Connection, slot: Slot) -> int:
 def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
 
-    Needs an autocommit connection. A failed concurrent build leaves an INVALID
-    index behind; it is dropped and rebuilt.
+    Needs an autocommit connection (it lifts its statement timeout: a build is long by
+    nature). A failed concurrent build leaves an INVALID index behind; it is dropped and
+    rebuilt.
     """
+    lift_statement_limits(dsn_conn)
     name = slot.pending_index_name
     valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
     if valid:
@@ -235,6 +238,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
         log.info("target %s: %d existing vectors adopted as %s", target.name, adopted,
                  target.model_key)
     with connect(dsn, autocommit=True, vector=False) as conn:
+        lift_statement_limits(conn)  # ANALYZE of a big table outlasts a role's timeout
         for each in slots:
             ensure_pending_index(conn, each)
             # Without statistics (a column just added) the planner guesses 0.5% NULL vectors
