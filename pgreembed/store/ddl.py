@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pgreembed.store.slots import NOTIFY_CHANNEL
 
+# Schema pgreembed itself is made by versions.ensure_schema (or by an admin beforehand).
 VERSION_TABLE = """
-CREATE SCHEMA IF NOT EXISTS pgreembed;
 CREATE TABLE IF NOT EXISTS pgreembed.schema_version (
     version integer PRIMARY KEY,
     description text NOT NULL,
