@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+import pytest
+from psycopg import sql
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -129,3 +133,86 @@ def migration_phases(stack: Stack) -> list[tuple[str | None, str]]:
     with stack.connect() as conn:
         return [(r[0], r[1]) for r in conn.execute(
             "SELECT auto_reason, phase FROM pgreembed.migrations ORDER BY id")]
+
+
+def test_init_into_a_schema_an_admin_made(ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """No CREATE on the database: the admin made schema pgreembed for pgreembed's role."""
+    stack, roles = ordinary_roles
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM {}").format(
+            sql.Identifier(admin.info.dbname), sql.Identifier(roles.pgreembed)))
+        admin.execute("CREATE SCHEMA pgreembed")
+        admin.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA pgreembed TO {}").format(
+            sql.Identifier(roles.pgreembed)))
+    seed(stack, 5)
+    run(stack, "init")
+    run(stack, "init")  # and again, as every scheduler start does
+
+
+@contextmanager
+def crawling_autovacuum(stack: Stack) -> Iterator[int]:
+    """An autovacuum of docs held for seconds: cost-based delay at its slowest on this table
+    and a 1 s naptime (server-wide while it lasts); yields its pid."""
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
+        admin.execute("SELECT pg_reload_conf()")
+        try:
+            admin.execute("ALTER TABLE docs SET (autovacuum_vacuum_cost_delay = 100,"
+                          " autovacuum_vacuum_cost_limit = 1, autovacuum_vacuum_threshold = 0,"
+                          " autovacuum_vacuum_scale_factor = 0)")
+            admin.execute("UPDATE docs SET views = views + 1")
+            admin.execute("SELECT pg_stat_force_next_flush()")
+
+            def running() -> int | None:
+                row = admin.execute(
+                    "SELECT v.pid FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a"
+                    " USING (pid) WHERE v.relid = 'docs'::regclass"
+                    " AND a.backend_type = 'autovacuum worker'").fetchone()
+                return None if row is None else int(row[0])
+
+            yield wait_for(running, timeout=60, message="an autovacuum of docs runs")
+        finally:
+            admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
+            admin.execute("SELECT pg_reload_conf()")
+            # Postgres cancels the autovacuum for this lock waiter after deadlock_timeout.
+            admin.execute("ALTER TABLE docs RESET (autovacuum_vacuum_cost_delay,"
+                          " autovacuum_vacuum_cost_limit, autovacuum_vacuum_threshold,"
+                          " autovacuum_vacuum_scale_factor)")
+
+
+@pytest.mark.parametrize("read_all_stats", [True, False], ids=["pg_read_all_stats", "bare"])
+def test_a_swap_behind_an_autovacuum_it_may_not_cancel(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], read_all_stats: bool) -> None:
+    """Without pg_signal_autovacuum_worker, an autovacuum holding the table is waited for,
+    said once, never a permission error; with pg_read_all_stats an idle app session
+    `--terminate-idle-after` may not end (no pg_signal_backend) is waited out likewise."""
+    stack, roles = ordinary_roles
+    if read_all_stats:
+        with psycopg.connect(stack.dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(
+                sql.Identifier(roles.pgreembed)))
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
+    seed(stack, 300)
+    run(stack, "init")
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
+        "--dimensions", "384")
+    wait_filled(stack, next_column(stack))
+
+    with crawling_autovacuum(stack) as pid:
+        busy = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "3",
+                   codes=(4,))
+        assert f"pid {pid}, an autovacuum, holds the table; this role may not cancel it" \
+            in busy.stderr
+        assert busy.stderr.count("may not cancel it") == 2  # the log line, then the error's
+    if read_all_stats:
+        app = idle_app_session(roles, 4.0)
+        swapped = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "60",
+                      "--terminate-idle-after", "1")
+        app.close()
+        assert "grant pg_signal_backend" in swapped.stderr
+    else:
+        run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "60")
+    assert "Traceback" not in stack.log_text()
