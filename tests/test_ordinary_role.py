@@ -150,34 +150,50 @@ def test_init_into_a_schema_an_admin_made(ordinary_roles: tuple[Stack, OrdinaryR
 
 
 @contextmanager
-def crawling_autovacuum(stack: Stack) -> Iterator[int]:
+def crawling_autovacuum(stack: Stack, *, wraparound: bool = False) -> Iterator[int]:
     """An autovacuum of docs held for seconds: cost-based delay at its slowest on this table
-    and a 1 s naptime (server-wide while it lasts); yields its pid."""
+    and a 1 s naptime (server-wide while it lasts); yields its pid. `wraparound`: one run to
+    prevent wraparound (the table's freeze age over its own autovacuum_freeze_max_age),
+    with track_activities off, so no query text says so."""
+    options = ("autovacuum_vacuum_cost_delay", "autovacuum_vacuum_cost_limit",
+               "autovacuum_vacuum_threshold", "autovacuum_vacuum_scale_factor",
+               "autovacuum_freeze_max_age")
     with psycopg.connect(stack.dsn, autocommit=True) as admin:
         admin.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
+        if wraparound:
+            admin.execute("ALTER SYSTEM SET track_activities = off")
         admin.execute("SELECT pg_reload_conf()")
         try:
+            if wraparound:  # 100,001 transactions: the table's age passes 100,000
+                admin.execute("SET synchronous_commit = off")
+                admin.execute("DO $$ BEGIN FOR i IN 1..100001 LOOP PERFORM"
+                              " pg_current_xact_id(); COMMIT; END LOOP; END $$")
             admin.execute("ALTER TABLE docs SET (autovacuum_vacuum_cost_delay = 100,"
                           " autovacuum_vacuum_cost_limit = 1, autovacuum_vacuum_threshold = 0,"
-                          " autovacuum_vacuum_scale_factor = 0)")
+                          " autovacuum_vacuum_scale_factor = 0"
+                          + (", autovacuum_freeze_max_age = 100000)" if wraparound else ")"))
             admin.execute("UPDATE docs SET views = views + 1")
             admin.execute("SELECT pg_stat_force_next_flush()")
 
             def running() -> int | None:
                 row = admin.execute(
-                    "SELECT v.pid FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a"
-                    " USING (pid) WHERE v.relid = 'docs'::regclass"
+                    "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                    " WHERE l.relation = 'docs'::regclass AND l.granted"
                     " AND a.backend_type = 'autovacuum worker'").fetchone()
                 return None if row is None else int(row[0])
 
             yield wait_for(running, timeout=60, message="an autovacuum of docs runs")
         finally:
             admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
+            admin.execute("ALTER SYSTEM RESET track_activities")
             admin.execute("SELECT pg_reload_conf()")
-            # Postgres cancels the autovacuum for this lock waiter after deadlock_timeout.
-            admin.execute("ALTER TABLE docs RESET (autovacuum_vacuum_cost_delay,"
-                          " autovacuum_vacuum_cost_limit, autovacuum_vacuum_threshold,"
-                          " autovacuum_vacuum_scale_factor)")
+            # Postgres cancels a (not anti-wraparound) autovacuum for this lock waiter after
+            # deadlock_timeout; an anti-wraparound one is ended as the admin would.
+            admin.execute("SELECT pg_cancel_backend(l.pid) FROM pg_locks l JOIN"
+                          " pg_stat_activity a USING (pid) WHERE l.relation = 'docs'::regclass"
+                          " AND a.backend_type = 'autovacuum worker'")
+            admin.execute(sql.SQL("ALTER TABLE docs RESET ({})").format(
+                sql.SQL(", ").join(map(sql.SQL, options))))
 
 
 @pytest.mark.parametrize("read_all_stats", [True, False], ids=["pg_read_all_stats", "bare"])
@@ -215,4 +231,31 @@ def test_a_swap_behind_an_autovacuum_it_may_not_cancel(
         assert "grant pg_signal_backend" in swapped.stderr
     else:
         run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "60")
+    assert "Traceback" not in stack.log_text()
+
+
+def test_an_autovacuum_is_cancelled_unless_it_prevents_wraparound(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """As a superuser: an ordinary autovacuum holding the table is cancelled for the swap,
+    as Postgres does for a lock waiter; one preventing wraparound never is, told by the
+    table's age (track_activities is off: no query text says it)."""
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
+    seed(stack, 300)
+    run(stack, "init")
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
+        "--dimensions", "384")
+    wait_filled(stack, next_column(stack))
+    with crawling_autovacuum(stack) as pid:
+        swapped = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "30")
+        assert f"cancelled pid {pid} (autovacuum" in swapped.stderr
+    with crawling_autovacuum(stack, wraparound=True) as pid:
+        busy = run(stack, "migrate", "rollback", "--target", "docs", "--lock-wait", "3",
+                   codes=(4,))
+        assert f"pid {pid} is an autovacuum to prevent transaction ID wraparound, never" \
+            " cancelled" in busy.stderr
+        assert "cancelled pid" not in busy.stderr
+    run(stack, "migrate", "rollback", "--target", "docs", "--lock-wait", "60")
     assert "Traceback" not in stack.log_text()
