@@ -259,3 +259,18 @@ def test_an_autovacuum_is_cancelled_unless_it_prevents_wraparound(
         assert "cancelled pid" not in busy.stderr
     run(stack, "migrate", "rollback", "--target", "docs", "--lock-wait", "60")
     assert "Traceback" not in stack.log_text()
+
+
+def test_a_role_that_may_not_change_the_table_is_told_what_to_grant(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    stack, roles = ordinary_roles
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("REVOKE {} FROM {}").format(
+            sql.Identifier(roles.owner), sql.Identifier(roles.pgreembed)))
+    refused = stack.cli("init")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert (f"make it a member of the table's owner role, `GRANT \"{roles.owner}\" TO"
+            f" \"{roles.pgreembed}\";`") in refused.stderr
+    doctor = json_document(run(stack, "doctor", "--json", codes=(1,)).stdout)
+    role = next(f for f in doctor["findings"] if f["check"] == "role")
+    assert role["level"] == "error" and f'GRANT "{roles.owner}" TO' in role["message"]

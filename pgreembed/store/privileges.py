@@ -28,9 +28,11 @@ class Grant:
 READ_ALL_STATS = Grant(
     "read_all_stats", "pg_read_all_stats (or pg_monitor)",
     "the state and transaction age of other roles' sessions: blockers named with them,"
-    " no lock attempt while an idle transaction holds the table, --terminate-idle-after",
+    " no lock attempt while an idle transaction holds the table, --terminate-idle-after,"
+    " and the adaptive throttle's count of the app's active queries",
     "other roles' sessions show as 'state hidden': each lock attempt is made (and waits"
-    " its lock_timeout) even behind an idle transaction, and idle ones cannot be ended")
+    " its lock_timeout) even behind an idle transaction, idle ones cannot be ended, and"
+    " the adaptive throttle counts only pgreembed's own active queries")
 SIGNAL_AUTOVACUUM = Grant(
     "signal_autovacuum", "pg_signal_autovacuum_worker (Postgres 18) or superuser",
     "cancelling an autovacuum that holds the table while a swap, init or finalize waits"
