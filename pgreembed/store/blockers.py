@@ -143,7 +143,7 @@ def cancel_autovacuum(conn: psycopg.Connection, table: sql.Composable, found: li
             """
             SELECT pg_cancel_backend(l.pid)
             FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-            JOIN pg_stat_progress_vacuum v ON v.pid = l.pid
+            LEFT JOIN pg_stat_progress_vacuum v ON v.pid = l.pid  -- empty: track_activities off
             LEFT JOIN pg_stat_activity a ON a.pid = l.pid
             WHERE l.pid = %s AND l.locktype = 'relation' AND l.relation = to_regclass(%s)
               AND l.granted AND l.mode = ANY(%s) AND {autovacuum} AND NOT {wraparound}
