@@ -150,17 +150,18 @@ def test_init_into_a_schema_an_admin_made(ordinary_roles: tuple[Stack, OrdinaryR
 
 
 @contextmanager
-def crawling_autovacuum(stack: Stack, *, wraparound: bool = False) -> Iterator[int]:
+def crawling_autovacuum(stack: Stack, *, wraparound: bool = False, quiet: bool = False
+                        ) -> Iterator[int]:
     """An autovacuum of docs held for seconds: cost-based delay at its slowest on this table
     and a 1 s naptime (server-wide while it lasts); yields its pid. `wraparound`: one run to
-    prevent wraparound (the table's freeze age over its own autovacuum_freeze_max_age),
-    with track_activities off, so no query text says so."""
+    prevent wraparound (the table's freeze age over its own autovacuum_freeze_max_age);
+    `quiet`: track_activities off (no query text, no pg_stat_progress_vacuum)."""
     options = ("autovacuum_vacuum_cost_delay", "autovacuum_vacuum_cost_limit",
                "autovacuum_vacuum_threshold", "autovacuum_vacuum_scale_factor",
                "autovacuum_freeze_max_age")
     with psycopg.connect(stack.dsn, autocommit=True) as admin:
         admin.execute("ALTER SYSTEM SET autovacuum_naptime = 1")
-        if wraparound:
+        if quiet:
             admin.execute("ALTER SYSTEM SET track_activities = off")
         admin.execute("SELECT pg_reload_conf()")
         try:
@@ -248,10 +249,10 @@ def test_an_autovacuum_is_cancelled_unless_it_prevents_wraparound(
     run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
         "--dimensions", "384")
     wait_filled(stack, next_column(stack))
-    with crawling_autovacuum(stack) as pid:
+    with crawling_autovacuum(stack, quiet=True) as pid:
         swapped = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "30")
         assert f"cancelled pid {pid} (autovacuum" in swapped.stderr
-    with crawling_autovacuum(stack, wraparound=True) as pid:
+    with crawling_autovacuum(stack, wraparound=True, quiet=True) as pid:
         busy = run(stack, "migrate", "rollback", "--target", "docs", "--lock-wait", "3",
                    codes=(4,))
         assert f"pid {pid} is an autovacuum to prevent transaction ID wraparound, never" \
