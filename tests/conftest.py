@@ -7,6 +7,7 @@ test gets a database of its own, a flushed Redis and a reset fake provider.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -21,7 +22,16 @@ from psycopg.conninfo import make_conninfo
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.services import EmbeddedPostgres, LocalRedis
-from tests.helpers import API_KEY, ROOT, Stack, docs_config, write_config
+from tests.helpers import (
+    API_KEY,
+    ROOT,
+    OrdinaryRoles,
+    Stack,
+    create_ordinary_roles,
+    docs_config,
+    drop_ordinary_roles,
+    write_config,
+)
 
 
 @pytest.fixture(scope="session")
@@ -112,3 +122,23 @@ def stack(database_url: str, redis_url: str, fake_openai: FakeOpenAIServer,
             process.kill()
 
 
+
+
+@pytest.fixture
+def ordinary_roles(stack: Stack) -> Iterator[tuple[Stack, OrdinaryRoles]]:
+    """The stack with pgreembed's processes (DATABASE_URL) running as an ordinary role
+    (tests.helpers.OrdinaryRoles); `stack.dsn` stays the admin's, for the test's own checks.
+    """
+    roles = create_ordinary_roles(stack.dsn)
+    managed = dataclasses.replace(stack, env={**stack.env,
+                                              "DATABASE_URL": roles.pgreembed_dsn})
+    yield managed, roles
+    for process in managed.processes:  # the same list as the stack's
+        if process.poll() is None:
+            process.terminate()
+    for process in managed.processes:
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    drop_ordinary_roles(stack.dsn, roles)

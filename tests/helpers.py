@@ -23,6 +23,7 @@ import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pgreembed.cli.output import schema
 from pgreembed.config import parse_settings
@@ -260,3 +261,57 @@ def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1
 
     with in_background(run):
         yield counts
+
+
+@dataclass(frozen=True)
+class OrdinaryRoles:
+    """Roles as on managed Postgres (no superuser): `owner` (NOLOGIN) owns the docs table
+    (and may create in its schema, as the role that made it could);
+    pgreembed logs in as `pgreembed`, a plain member of `owner` with CREATE on the
+    database; the app logs in as `app` with SELECT/INSERT/UPDATE/DELETE on the table.
+    Names carry the database's, so tests on a shared server never collide."""
+
+    owner: str
+    pgreembed: str
+    app: str
+    pgreembed_dsn: str
+    app_dsn: str
+
+
+ROLE_PASSWORD = "pgreembed-test-role"  # for servers that ask (the embedded one trusts)
+
+
+def create_ordinary_roles(admin_dsn: str, table: str = "docs") -> OrdinaryRoles:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        base = conn.info.dbname
+        owner, pgreembed, app = (f"{base}_app_owner", f"{base}_pgreembed", f"{base}_app")
+        ident = {name: sql.Identifier(name) for name in (owner, pgreembed, app)}
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(ident[owner]))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {} IN ROLE {}").format(
+            ident[pgreembed], sql.Literal(ROLE_PASSWORD), ident[owner]))
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER PASSWORD {}").format(
+            ident[app], sql.Literal(ROLE_PASSWORD)))
+        conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+            sql.Identifier(table), ident[owner]))
+        # As the role that made the app's tables would have (indexes need it).
+        conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(ident[owner]))
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(base), ident[pgreembed]))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+            sql.Identifier(table), ident[app]))
+        conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {}").format(
+            ident[app]))
+    return OrdinaryRoles(owner, pgreembed, app,
+                         make_conninfo(admin_dsn, user=pgreembed, password=ROLE_PASSWORD),
+                         make_conninfo(admin_dsn, user=app, password=ROLE_PASSWORD))
+
+
+def drop_ordinary_roles(admin_dsn: str, roles: OrdinaryRoles) -> None:
+    """Their sessions ended, what they own in this database dropped, then the roles."""
+    names = [roles.app, roles.pgreembed, roles.owner]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                     " WHERE usename = ANY(%s)", (names,))
+        for name in names:
+            conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

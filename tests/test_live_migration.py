@@ -210,3 +210,45 @@ def test_swap_gets_its_lock_while_worker_writes_are_always_in_flight(
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", NEW, 384)
     assert_column_current(stack, column, OLD, 384)
+
+
+def restart_pipeline(stack: Stack) -> None:
+    """Stop the worker and the scheduler (SIGTERM, graceful) and start them again: their
+    new sessions get the database's defaults as they are now."""
+    running = [p for p in stack.processes if p.poll() is None]
+    for process in running:
+        process.terminate()
+    for process in running:
+        process.wait(30)
+    stack.start_worker(threads=8)
+    stack.start_scheduler()
+
+
+def test_database_isolation_defaults_change_nothing(stack: Stack,
+                                                    fake_openai: FakeOpenAIServer) -> None:
+    """A database default of REPEATABLE READ (for the swap), then SERIALIZABLE (for the
+    rollback), as a DBA may set: our sessions pin READ COMMITTED, so a write that waited
+    on the swap's lock reads the registry as the swap left it (invariant 7)."""
+    with stack.connect() as conn:
+        dbname = conn.info.dbname
+        conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_isolation'
+                     " = 'repeatable read'")
+    column = start_same_dimension_migration(stack)
+    with steady_writer(stack):
+        assert edit_then(stack, fake_openai, OLD, "swap")["step"] == "swap"
+        time.sleep(4.0)  # the slowed batches write after the swap
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", NEW, 384)
+    assert_column_current(stack, column, OLD, 384)
+
+    with stack.connect() as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_isolation'
+                     " = 'serializable'")
+    restart_pipeline(stack)
+    with steady_writer(stack):
+        assert edit_then(stack, fake_openai, NEW, "rollback")["step"] == "rollback"
+        time.sleep(4.0)
+    settle(stack, fake_openai, "embedding", column)
+    assert_column_current(stack, "embedding", OLD, 384)
+    assert_column_current(stack, column, NEW, 384)
+    assert "Traceback" not in stack.log_text()

@@ -17,6 +17,7 @@ from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
 from pgreembed.migrations.state import require_open, slots_by_id
 from pgreembed.store import catalog
 from pgreembed.store.pool import connect
+from pgreembed.store.session import lift_statement_limits
 from pgreembed.store.slots import Slot
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ def index_defaults(conn: psycopg.Connection, live: Slot, method: str | None = No
 def prepare_build_session(conn: psycopg.Connection, maintenance_work_mem: str,
                           parallel_workers: int | None) -> None:
     """The session settings of an index build (its own connection: they end with it);
-    `parallel_workers` None keeps the server's max_parallel_maintenance_workers."""
+    `parallel_workers` None keeps the server's max_parallel_maintenance_workers. No
+    statement timeout: a role's would cancel every build of a big table."""
+    lift_statement_limits(conn)
     conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
         sql.Literal(maintenance_work_mem)))
     if parallel_workers is not None:

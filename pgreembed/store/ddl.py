@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pgreembed.store.slots import NOTIFY_CHANNEL
 
+# Schema pgreembed itself is made by versions.ensure_schema (or by an admin beforehand).
 VERSION_TABLE = """
-CREATE SCHEMA IF NOT EXISTS pgreembed;
 CREATE TABLE IF NOT EXISTS pgreembed.schema_version (
     version integer PRIMARY KEY,
     description text NOT NULL,
@@ -192,7 +192,7 @@ CREATE OR REPLACE VIEW pgreembed.active_models AS
     FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
     WHERE s.role = 'live';
 CREATE OR REPLACE FUNCTION pgreembed.notify_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM pg_notify('""" + NOTIFY_CHANNEL + """', TG_ARGV[0]);
     RETURN NULL;

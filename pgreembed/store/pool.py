@@ -3,7 +3,9 @@
 The pool checks a connection before lending it (so a Postgres restart costs
 no failed batch), registers pgvector's types on every new connection, and
 disables server-side prepared plans, which break after a column swap changes
-a column's type ("cached plan must not change result type").
+a column's type ("cached plan must not change result type"). Every connection,
+pooled or dedicated, pins our session settings (store.session: READ COMMITTED
+whatever the database's default, our own idle-in-transaction limit).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from pgreembed.errors import DatabaseError
 from pgreembed.redact import redact
+from pgreembed.store.session import pin_session
 
 _pools: dict[str, ConnectionPool] = {}
 _lock = threading.Lock()
@@ -24,6 +27,7 @@ _lock = threading.Lock()
 
 def _configure(conn: psycopg.Connection) -> None:
     conn.prepare_threshold = None
+    pin_session(conn)
     register_vector(conn)
 
 
@@ -34,6 +38,11 @@ def connect(dsn: str, *, autocommit: bool = False, vector: bool = True) -> psyco
                                application_name="pgreembed")
     except psycopg.Error as exc:
         raise DatabaseError(f"cannot connect to Postgres: {redact(str(exc))}") from None
+    try:
+        pin_session(conn)
+    except psycopg.Error as exc:
+        conn.close()
+        raise DatabaseError(f"cannot set up the session: {redact(str(exc))}") from None
     if vector:
         # Without the extension yet, `init` reports that clearly; nothing to register.
         with contextlib.suppress(psycopg.ProgrammingError):

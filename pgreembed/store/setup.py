@@ -17,6 +17,8 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog
+from pgreembed.store.privileges import privileges, required
+from pgreembed.store.session import lift_statement_limits
 from pgreembed.store.slots import (
     Slot,
     app_table,
@@ -51,6 +53,27 @@ def ensure_pgvector(conn: psycopg.Connection) -> None:
                 "pgvector is available but not enabled, and this role may not enable it:"
                 " run `CREATE EXTENSION vector` as a superuser or the database owner"
             ) from None
+
+
+def check_rights(conn: psycopg.Connection, target: Target) -> None:
+    """The minimal role's rights on the table, checked before any DDL: one clear line with
+    the statement to run, not Postgres' "must be owner of table" halfway through."""
+    table = app_table(target)
+    rights = required(conn, table.as_string(conn))
+    if rights.table_owner is None:
+        return  # no such table: _check_table says so
+    role = sql.Identifier(privileges(conn).role).as_string(conn)
+    owner = sql.Identifier(rights.table_owner).as_string(conn)
+    where = f"{target.schema}.{target.table}"
+    if not rights.owns_table:
+        raise SetupError(f"target {target.name!r}: pgreembed's role may not change {where}"
+                         " (it adds columns, indexes and triggers): make it a member of the"
+                         f" table's owner role, `GRANT {owner} TO {role};`")
+    if not rights.may_index:
+        schema = sql.Identifier(target.schema).as_string(conn)
+        raise SetupError(f"target {target.name!r}: pgreembed's role may not create indexes"
+                         f" next to {where}: as the schema's owner, `GRANT CREATE ON SCHEMA"
+                         f" {schema} TO {owner};` (or to {role})")
 
 
 def ensure_model(conn: psycopg.Connection, target: Target) -> int:
@@ -198,9 +221,11 @@ def adopt_existing_vectors(conn: psycopg.Connection, slot: Slot) -> int:
 def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
 
-    Needs an autocommit connection. A failed concurrent build leaves an INVALID
-    index behind; it is dropped and rebuilt.
+    Needs an autocommit connection (it lifts its statement timeout: a build is long by
+    nature). A failed concurrent build leaves an INVALID index behind; it is dropped and
+    rebuilt.
     """
+    lift_statement_limits(dsn_conn)
     name = slot.pending_index_name
     valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
     if valid:
@@ -225,6 +250,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
 
     with connect(dsn, vector=False) as conn:
         ensure_pgvector(conn)
+        check_rights(conn, target)
         conn.commit()
     table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
@@ -235,6 +261,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
         log.info("target %s: %d existing vectors adopted as %s", target.name, adopted,
                  target.model_key)
     with connect(dsn, autocommit=True, vector=False) as conn:
+        lift_statement_limits(conn)  # ANALYZE of a big table outlasts a role's timeout
         for each in slots:
             ensure_pending_index(conn, each)
             # Without statistics (a column just added) the planner guesses 0.5% NULL vectors

@@ -25,7 +25,21 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.errors import TableBusyError
+from pgreembed.store.blockers import (
+    ACCESS_EXCLUSIVE,
+    SHARE_ROW_EXCLUSIVE,
+    Blocker,
+    Degraded,
+    blockers,
+    cancel_autovacuum,
+    idle_conflicting,
+    terminate_idle,
+)
 from pgreembed.store.pool import connect
+from pgreembed.store.privileges import privileges
+
+__all__ = ["ACCESS_EXCLUSIVE", "SHARE_ROW_EXCLUSIVE", "Blocker", "LockPolicy", "run_locked",
+           "join_writers", "hold_writers_out", "blockers", "idle_conflicting"]
 
 log = logging.getLogger(__name__)
 
@@ -36,106 +50,12 @@ DEFAULT_WAIT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
-class Blocker:
-    """A session holding a lock on the table (what the operator needs to identify it)."""
-
-    pid: int
-    application_name: str
-    state: str
-    transaction_seconds: float | None
-    mode: str
-    # An autovacuum that Postgres itself would cancel for a lock waiter (not one run to
-    # prevent transaction ID wraparound, which it never cancels).
-    cancellable_autovacuum: bool = False
-
-    def __str__(self) -> str:
-        age = ("" if self.transaction_seconds is None
-               else f", transaction open {self.transaction_seconds:.1f} s")
-        app = self.application_name or ("autovacuum" if self.cancellable_autovacuum else "?")
-        return f"pid {self.pid} ({app}, {self.state}{age}, holds {self.mode})"
-
-
-@dataclass(frozen=True)
 class LockPolicy:
     """How hard to try for the table's lock: per attempt, overall, and whom to end."""
 
     lock_timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS
     wait_seconds: float = DEFAULT_WAIT_SECONDS
     terminate_idle_after: float | None = None
-
-
-def blockers(conn: psycopg.Connection, table: sql.Composable) -> list[Blocker]:
-    """Sessions (other than ours) holding a granted lock on `table`."""
-    rows = conn.execute(
-        """
-        SELECT a.pid, a.application_name, coalesce(a.state, '?'),
-               extract(epoch FROM now() - a.xact_start)::float8,
-               string_agg(DISTINCT l.mode, '+' ORDER BY l.mode),
-               a.backend_type = 'autovacuum worker'
-                   AND a.query NOT LIKE '%%to prevent wraparound%%'
-        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'relation' AND l.relation = to_regclass(%s) AND l.granted
-          AND l.pid <> pg_backend_pid()
-        GROUP BY 1, 2, 3, 4, 6 ORDER BY 4 DESC NULLS LAST
-        """, (table.as_string(conn),)).fetchall()
-    return [Blocker(int(r[0]), r[1] or "", r[2], r[3], r[4], bool(r[5])) for r in rows]
-
-
-def _cancel_autovacuum(conn: psycopg.Connection, found: list[Blocker]) -> bool:
-    """Cancel autovacuum workers holding the table; True if any.
-
-    Postgres cancels an autovacuum that blocks a lock request after deadlock_timeout (1 s)
-    of waiting, but our attempts wait 100 ms, so it never would: on an HNSW-indexed table an
-    autovacuum holds SHARE UPDATE EXCLUSIVE for minutes (measured: a rollback at 500k rows
-    gave up after 62 s behind one). Doing what Postgres would do costs nothing but a later
-    autovacuum; wraparound-prevention runs are never touched.
-    """
-    cancelled = False
-    for blocker in found:
-        if blocker.cancellable_autovacuum:
-            log.warning("cancelling %s, as Postgres does for a lock waiter", blocker)
-            conn.execute("SELECT pg_cancel_backend(%s)", (blocker.pid,))
-            cancelled = True
-    return cancelled
-
-
-def _terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: float) -> bool:
-    """End the sessions idle in a transaction open `older_than` seconds; True if any."""
-    ended = False
-    for blocker in found:
-        idle = blocker.state.startswith("idle in transaction")
-        if idle and (blocker.transaction_seconds or 0) >= older_than:
-            log.warning("terminating %s: idle in a transaction that holds the table",
-                        blocker)
-            conn.execute("SELECT pg_terminate_backend(%s, 1000)", (blocker.pid,))
-            ended = True
-    return ended
-
-
-ACCESS_EXCLUSIVE = "AccessExclusiveLock"  # DROP/ADD/RENAME COLUMN, LOCK TABLE
-SHARE_ROW_EXCLUSIVE = "ShareRowExclusiveLock"  # CREATE/DROP TRIGGER
-
-# Which held lock modes a request of each mode waits for (PostgreSQL's conflict table).
-CONFLICTS = {
-    ACCESS_EXCLUSIVE: {"AccessShareLock", "RowShareLock", "RowExclusiveLock",
-                            "ShareUpdateExclusiveLock", "ShareLock", "ShareRowExclusiveLock",
-                            "ExclusiveLock", "AccessExclusiveLock"},
-    SHARE_ROW_EXCLUSIVE: {"RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
-                              "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"},
-}
-IDLE_SECONDS = 1.0  # an idle transaction older than this is not about to commit
-
-
-def idle_conflicting(found: list[Blocker], mode: str) -> list[Blocker]:
-    """Sessions idle in a transaction (for a while) that hold a lock conflicting with `mode`.
-
-    An attempt while one of them holds the table cannot succeed and would only stall the
-    app's queries for lock_timeout: wait (or end them) instead of attempting.
-    """
-    conflicting = CONFLICTS[mode]
-    return [b for b in found if b.state.startswith("idle in transaction")
-            and (b.transaction_seconds or 0) > IDLE_SECONDS
-            and conflicting & set(b.mode.split("+"))]
 
 
 # Our own writers (workers, the Batch API collector) hold this advisory lock, shared, for
@@ -187,8 +107,11 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
     started = time.monotonic()
     attempts = 0
     logged_at = -1e9
+    degraded: Degraded | None = None
     while True:
         with connect(dsn) as conn:
+            if degraded is None:  # what this role may do about blockers, asked once
+                degraded = Degraded(step, privileges(conn))
             # The first attempt is always made: work that needs no lock (an init with
             # nothing to change) must not wait for idle sessions it does not conflict with.
             stuck = (idle_conflicting(blockers(conn, table), mode)
@@ -205,6 +128,7 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
                     conn.rollback()
             found = blockers(conn, table)
             conn.commit()
+        degraded.notice(found, policy.terminate_idle_after)
         waited = time.monotonic() - started
         if on_busy is not None:
             on_busy(attempts, found)
@@ -219,13 +143,15 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
                 f"could not {step}: the table stayed busy for {waited:.0f} s"
                 f" ({attempts} attempts of {policy.lock_timeout_ms} ms); nothing changed."
                 f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
-                " or end those sessions (--terminate-idle-after ends idle ones)")
+                " or end those sessions (--terminate-idle-after ends idle ones)"
+                + "".join(f". {hint[0].upper()}{hint[1:]}" for hint in degraded.hints))
         with connect(dsn, autocommit=True, vector=False) as admin:
-            if _cancel_autovacuum(admin, found):
+            if degraded.privileges.signal_autovacuum and cancel_autovacuum(
+                    admin, table, found, mode or ACCESS_EXCLUSIVE):
                 continue
             if (policy.terminate_idle_after is not None
                     and waited >= policy.terminate_idle_after
-                    and _terminate_idle(admin, found, policy.terminate_idle_after)):
+                    and terminate_idle(admin, found, policy.terminate_idle_after)):
                 continue  # at once, before the app reconnects and reads again
         # Jittered pause: the app's queued queries run, and retrying processes don't align.
         time.sleep(0.25 if stuck else random.uniform(0.05, min(1.0, 0.1 * attempts)))

@@ -16,7 +16,26 @@ from pgreembed.store.slots import (
 )
 
 # Bump when the triggers install_triggers creates change: older ones are then replaced.
-TRIGGERS_VERSION = 2
+# 3: the clear function pins its search_path (pgvector's schema).
+TRIGGERS_VERSION = 3
+
+
+def vector_schema(conn: psycopg.Connection) -> str:
+    """The schema pgvector was created in (`public`, or e.g. Supabase's `extensions`)."""
+    row = conn.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n"
+                       " ON n.oid = e.extnamespace WHERE e.extname = 'vector'").fetchone()
+    if row is None:
+        raise SetupError("pgvector is not enabled in this database: CREATE EXTENSION vector")
+    return str(row[0])
+
+
+def pinned_search_path(conn: psycopg.Connection) -> sql.Composable:
+    """The clear function's own search_path: it compares vectors (the `=` of pgvector's
+    schema), and runs in the app's sessions, whose search_path may not name that schema
+    (then every text edit of the app failed: "operator does not exist: vector = vector").
+    pg_catalog first, so nothing in the extension's schema shadows a built-in."""
+    return sql.SQL("SET search_path = pg_catalog, {}, pg_temp").format(
+        sql.Identifier(vector_schema(conn)))
 
 
 def _trigger_names(target: Target) -> list[str]:
@@ -75,14 +94,16 @@ def trigger_columns(conn: psycopg.Connection, target: Target, slots: list[Slot]
     return target.text_columns + tuple(c for c in derived if c not in target.text_columns)
 
 
-def _triggers_fingerprint(target: Target, slots: list[Slot], columns: tuple[str, ...]) -> str:
+def _triggers_fingerprint(target: Target, slots: list[Slot], columns: tuple[str, ...],
+                          search_path: str) -> str:
     """What the triggers were made from; kept as the clear function's comment.
 
     With text_sql, the expression and the columns it reads are part of it, so an edited
     text_sql re-creates the triggers (targets without one keep their old fingerprint).
     """
     spec: tuple[object, ...] = (TRIGGERS_VERSION, target.schema, target.table,
-                                target.text_columns, sorted(s.vector_column for s in slots))
+                                target.text_columns, sorted(s.vector_column for s in slots),
+                                search_path)
     if target.text_sql:
         spec += (target.text_sql, columns)
     return "pgreembed triggers " + hashlib.sha1(repr(spec).encode()).hexdigest()
@@ -99,7 +120,8 @@ def triggers_current(conn: psycopg.Connection, target: Target, slots: list[Slot]
                 AND tgname = ANY(%s) AND tgenabled <> 'D')
         """, (function, app_table(target).as_string(conn),
               _trigger_names(target))).fetchone()
-    wanted = _triggers_fingerprint(target, slots, trigger_columns(conn, target, slots))
+    wanted = _triggers_fingerprint(target, slots, trigger_columns(conn, target, slots),
+                                   pinned_search_path(conn).as_string(conn))
     return row is not None and row[0] == wanted and row[1] == len(_trigger_names(target))
 
 
@@ -118,10 +140,11 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
     clears = sql.SQL("\n").join(
         sql.SQL("    IF NEW.{v} IS NOT DISTINCT FROM OLD.{v} THEN NEW.{v} := NULL; END IF;")
         .format(v=slot.vector) for slot in slots)
+    search_path = pinned_search_path(conn)
     conn.execute(sql.SQL(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $body$\n"
-        "BEGIN\n{clears}\n    RETURN NEW;\nEND $body$"
-    ).format(function=function, clears=clears))
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {path}"
+        " AS $body$\nBEGIN\n{clears}\n    RETURN NEW;\nEND $body$"
+    ).format(function=function, path=search_path, clears=clears))
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in watched)
     compare = ("OLD.{c}::text IS DISTINCT FROM NEW.{c}::text" if target.text_sql
                else "OLD.{c} IS DISTINCT FROM NEW.{c}")
@@ -143,7 +166,8 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
              target=sql.Literal(target.name)))
     install_forget_triggers(conn, target, slots)
     conn.execute(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
-        function, sql.Literal(_triggers_fingerprint(target, slots, watched))))
+        function, sql.Literal(_triggers_fingerprint(target, slots, watched,
+                                                    search_path.as_string(conn)))))
 
 
 def recompile_clear_function(conn: psycopg.Connection, target: Target) -> None:

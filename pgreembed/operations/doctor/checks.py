@@ -36,6 +36,7 @@ from pgreembed.operations.doctor.base import (
 from pgreembed.operations.doctor.columns import ColumnChecks
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN, Finding
 from pgreembed.operations.doctor.indexes import IndexChecks
+from pgreembed.operations.doctor.privileges import PrivilegeChecks
 from pgreembed.operations.doctor.samples import SampleChecks
 from pgreembed.operations.doctor.throttle import ThrottleChecks
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
@@ -48,7 +49,7 @@ from pgreembed.store.slots import (
 )
 
 
-class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks):
+class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks, PrivilegeChecks):
     """All the checks, run on one read-only connection."""
 
     def extension(self) -> Extension | None:
@@ -81,7 +82,10 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks):
         extra = self.one("SELECT current_setting('reserved_connections', true)")[0]
         reserved += int(extra or 0)
         others = int(self.one(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+            # backend_type is hidden (NULL) for other roles' sessions without
+            # pg_read_all_stats; those are clients when they run as a role.
+            "SELECT count(*) FROM pg_stat_activity WHERE coalesce(backend_type,"
+            " CASE WHEN usesysid IS NOT NULL THEN 'client backend' END) = 'client backend'"
             " AND pid <> pg_backend_pid()"
             " AND coalesce(application_name, '') NOT LIKE 'pgreembed%'")[0])
         pool = self.settings.pool_max_size
@@ -103,6 +107,7 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks):
 
     def target(self, target: Target, ext: Extension | None) -> None:
         name = target.name
+        self.guarded(name, "role", lambda: self.role_rights(target))
         self.guarded(name, "misconfigured", lambda: self._misconfigured(target))
         qualified = f"{target.schema}.{target.table}"
         table = app_table(target)
@@ -180,6 +185,7 @@ def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_r
             doctor.add(ERROR, None, "pgvector", f"cannot inspect extensions: {redact(str(exc))}")
         doctor.guarded(None, "connections", doctor.connections)
         doctor.guarded(None, "throttle", doctor.throttle)
+        doctor.guarded(None, "privileges", doctor.optional_grants)
         for target in chosen:
             doctor.guarded(target.name, "target", functools.partial(doctor.target, target, ext))
             if verify_rows > 0:

@@ -1,0 +1,57 @@
+"""The session settings pgreembed pins on every connection, whatever the database or
+role defaults say (managed services and DBAs set them per database and per role).
+
+- READ COMMITTED: the write path reads the slot registry after waiting for the
+  writers' advisory lock (store.table_lock); under a default of REPEATABLE READ or
+  SERIALIZABLE its snapshot would predate a swap that committed meanwhile, and the
+  vectors would land in the other model's column (invariant 7). psycopg's own
+  `isolation_level` makes every BEGIN say so; autocommit statements follow the
+  session's default_transaction_isolation, set here too.
+- idle_in_transaction_session_timeout at most IDLE_IN_TRANSACTION_MS: pgreembed never
+  waits on the network or a user inside a transaction, so a session of ours idle in
+  one for a minute is a hung process holding the app's table; Postgres ends it rather
+  than letting it block the app's DDL (and the queue behind it) forever. A stricter
+  value of the role is kept.
+- idle_session_timeout 0: the leader lock and the LISTEN connection are idle by
+  design (the pool retires its own idle connections); a role's limit would drop the
+  leader lock every few minutes.
+- statement_timeout is left to the role for ordinary statements (the DBA's guard), but
+  lifted for the statements that are long by nature: index builds and ANALYZE
+  (`lift_statement_limits`).
+- search_path is not touched: pgvector may live in a schema of its own (Supabase's
+  `extensions`) that the role's search_path names; the triggers we install pin theirs.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+IDLE_IN_TRANSACTION_MS = 60_000
+
+_PIN = """
+SELECT set_config('default_transaction_isolation', 'read committed', false),
+       set_config('idle_session_timeout', '0', false),
+       set_config('idle_in_transaction_session_timeout',
+                  (SELECT CASE WHEN setting::bigint BETWEEN 1 AND %(idle)s THEN setting
+                               ELSE %(idle)s::text END
+                   FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'),
+                  false)
+"""
+
+
+def pin_session(conn: psycopg.Connection) -> None:
+    """Pin our session settings on a new connection (left idle, as the pool requires)."""
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    conn.execute(_PIN, {"idle": IDLE_IN_TRANSACTION_MS})
+    if not conn.autocommit:
+        conn.commit()
+
+
+def lift_statement_limits(conn: psycopg.Connection) -> None:
+    """No statement or transaction timeout for this session (an index build, ANALYZE):
+    a role's statement_timeout would cancel every build of a big table, so a side fill
+    would never finish. Use on a dedicated connection (it keeps the setting)."""
+    conn.execute("SELECT set_config('statement_timeout', '0', false)")
+    # transaction_timeout exists from Postgres 17 on; each CONCURRENTLY phase is one.
+    conn.execute("SELECT set_config('transaction_timeout', '0', false)"
+                 " WHERE current_setting('server_version_num')::int >= 170000")

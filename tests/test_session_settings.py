@@ -1,0 +1,139 @@
+"""The session settings pgreembed pins (store.session), against the defaults a DBA or a
+managed service sets per database: isolation, timeouts, search_path."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgreembed.config import load_settings
+from pgreembed.store.pool import close_pools, connect, get_pool
+from pgreembed.store.rows import lock_slot
+from pgreembed.store.slots import Slot, app_table
+from pgreembed.store.table_lock import hold_writers_out
+from tests.helpers import Stack, json_document, migrate, seed, wait_for
+
+
+def set_database_default(stack: Stack, setting: str, value: str) -> None:
+    """ALTER DATABASE ... SET: the sessions opened from now on get it."""
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+            sql.Identifier(conn.info.dbname), sql.Identifier(setting), sql.Literal(value)))
+
+
+@contextlib.contextmanager
+def pooled(stack: Stack) -> Iterator[psycopg.Connection]:
+    """A connection of the workers' pool (closed with the pool at the end)."""
+    try:
+        with get_pool(stack.dsn).connection() as conn:
+            yield conn
+    finally:
+        close_pools()
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_a_write_that_waited_on_a_swap_reads_the_registry_the_swap_left(
+        stack: Stack, isolation: str) -> None:
+    """The worker's write waits on the writers' lock while a swap renames the columns and
+    updates the registry; once through, it must see the column where the swap left its
+    slot. Under a database default of REPEATABLE READ its snapshot dates from before the
+    wait, so it would write this model's vectors into the other model's column."""
+    seed(stack, 5)
+    assert stack.cli("init").returncode == 0
+    set_database_default(stack, "default_transaction_isolation", isolation)
+    target = load_settings(stack.config_path, stack.env).target("docs")
+    found: list[Slot | None] = []
+    with connect(stack.dsn) as swap, pooled(stack) as writer:
+        live = swap.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'").fetchone()
+        assert live is not None
+        hold_writers_out(swap, app_table(target), 100)
+
+        def write() -> None:
+            found.append(lock_slot(writer, target, live[0], "ROW EXCLUSIVE"))
+            writer.rollback()
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        wait_for(lambda: swap.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        ).fetchone() == (1,), message="the write waits on the swap")
+        swap.execute("ALTER TABLE docs RENAME COLUMN embedding TO embedding_swapped")
+        swap.execute("UPDATE pgreembed.slots SET vector_column = 'embedding_swapped'"
+                     " WHERE id = %s", live)
+        swap.commit()
+        thread.join(10)
+    assert found and found[0] is not None
+    assert found[0].vector_column == "embedding_swapped"
+
+
+def test_every_connection_pins_read_committed_and_its_own_timeouts(stack: Stack) -> None:
+    set_database_default(stack, "default_transaction_isolation", "serializable")
+    set_database_default(stack, "idle_session_timeout", "2s")
+    shown = "SELECT current_setting('transaction_isolation'),"\
+            " current_setting('idle_in_transaction_session_timeout'),"\
+            " current_setting('idle_session_timeout')"
+    with connect(stack.dsn, autocommit=True) as auto, connect(stack.dsn) as direct, \
+            pooled(stack) as pool:
+        for conn in (auto, direct, pool):
+            assert conn.execute(shown).fetchone() == ("read committed", "1min", "0")
+            if not conn.autocommit:
+                conn.rollback()
+    set_database_default(stack, "idle_in_transaction_session_timeout", "5s")
+    with connect(stack.dsn) as stricter:  # a stricter limit of the DBA's is kept
+        assert stricter.execute(shown).fetchone() == ("read committed", "5s", "0")
+
+
+def test_the_clear_trigger_works_when_pgvector_is_off_the_apps_search_path(
+        stack: Stack) -> None:
+    """pgvector in a schema of its own (Supabase: `extensions`), named by pgreembed's
+    search_path but not by the app's: the app's text edits must still clear the vector."""
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute("DROP EXTENSION vector")
+        admin.execute("CREATE SCHEMA extensions")
+        admin.execute("CREATE EXTENSION vector SCHEMA extensions")
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} SET search_path = public, extensions"
+                              ).format(sql.Identifier(admin.info.dbname)))
+    seed(stack, 3)
+    init = stack.cli("init")
+    assert init.returncode == 0, init.stderr
+    with psycopg.connect(stack.dsn, autocommit=True) as app:
+        app.execute("UPDATE docs SET embedding = array_fill(0.5, ARRAY[384])::real[]::"
+                    "extensions.vector")
+        app.execute("SET search_path = public")
+        app.execute("UPDATE docs SET body = 'edited' WHERE id = 1")
+        assert app.execute("SELECT id FROM docs WHERE embedding IS NULL").fetchall() == [(1,)]
+        app.execute("UPDATE docs SET views = 1")  # not a text change: vectors stay
+        assert app.execute("SELECT count(*) FROM docs WHERE embedding IS NULL"
+                           ).fetchone() == (1,)
+
+
+def test_an_index_build_outlasts_the_databases_statement_timeout(stack: Stack) -> None:
+    """A database (or role) statement_timeout of 1 s; the build waits 2.5 s for an app
+    transaction that writes the table (CREATE INDEX CONCURRENTLY waits for writers), as a
+    big table's build takes minutes: it must finish, not be cancelled."""
+    seed(stack, 20)
+    assert stack.cli("init").returncode == 0
+    migrate(stack, "start", "--model", "fake-alt-384", "--dimensions", "384")
+    set_database_default(stack, "statement_timeout", "1s")
+    app = psycopg.connect(stack.dsn)
+    app.execute("UPDATE docs SET views = views + 1 WHERE id = 1")
+    timer = threading.Timer(2.5, app.commit)
+    timer.start()
+    try:
+        built = stack.cli("migrate", "index", "--target", "docs")
+    finally:
+        timer.join()
+        app.close()
+    assert built.returncode == 0, built.stderr[-2000:]
+    status = json_document(stack.cli("migrate", "status", "--target", "docs", "--json").stdout)
+    assert status  # the migration is still there, its index built
+    with psycopg.connect(stack.dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_index WHERE indrelid = 'docs'::regclass"
+                            " AND indisvalid AND indexrelid::regclass::text LIKE"
+                            " 'pgreembed_ann_%'").fetchone() == (1,)
