@@ -13,6 +13,7 @@ from psycopg import sql
 from pgreembed.config import Settings, Target
 from pgreembed.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
 from pgreembed.migrations.state import require_open, slots_by_id
 from pgreembed.store import catalog
@@ -104,6 +105,7 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         else:
             with BuildWatcher(settings.database_url, conn.info.backend_pid, on_progress):
                 conn.execute(create)
+        crash_point("index")
         return name
 
 

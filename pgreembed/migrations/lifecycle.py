@@ -21,6 +21,7 @@ from pgreembed.config import Budget, Settings, Target
 from pgreembed.embedding.budgets import record_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import ConfigError, MigrationError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.state import (
     new_column_name,
     open_migration,
@@ -139,6 +140,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
 
     new_slot, created = run_locked(settings.database_url, app_table(target), "migrate start",
                                    add_column, policy, mode=ACCESS_EXCLUSIVE)
+    crash_point("start")
     _finish_start(settings, target)
     if created:
         log.info("migration of %s to %s started: column %s", target.name, new_slot.model_key,
@@ -242,3 +244,4 @@ def finalize(settings: Settings, target: Target, policy: LockPolicy | None = Non
 
     run_locked(settings.database_url, app_table(target), "finalize", drop_old, policy,
                mode=ACCESS_EXCLUSIVE)
+    crash_point("finalize")

@@ -27,6 +27,7 @@ import psycopg
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import build_index, column_indexes
 from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, finalize, start
 from pgreembed.migrations.plan import Plan, plan
@@ -151,6 +152,7 @@ def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
     log.info("side fill %d: %d vectors copied into %s", fill.migration_id, copied,
              side.vector_column)
     _set_step(conn, fill, "filling")
+    crash_point("copy")
     return "copied"
 
 

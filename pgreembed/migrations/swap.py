@@ -16,6 +16,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError, WaitTimeoutError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import SWAP_COLUMN, require_open
 from pgreembed.store.pool import connect
@@ -223,5 +224,6 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
                               on_busy=count_busy)
         except _NotReady:
             continue  # rows changed between the check and the lock
+        crash_point(step)
         done = time.monotonic()
         return SwapResult(attempts + 1, done - locked_at, done - asked, left)
