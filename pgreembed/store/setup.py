@@ -17,6 +17,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog
+from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.slots import (
     Slot,
     app_table,
@@ -199,19 +200,24 @@ def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
 
     Needs an autocommit connection. A failed concurrent build leaves an INVALID
-    index behind; it is dropped and rebuilt.
+    index behind; it is dropped and rebuilt. A build in progress (another `init`, a
+    `migrate start`) is waited for, not dropped (index_builds).
     """
     name = slot.pending_index_name
-    valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
-    if valid:
+    if catalog.index_valid(dsn_conn, slot.target.schema, name):
         return
-    if valid is not None:
-        log.warning("dropping INVALID index %s left by an interrupted build", name)
-        dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-            sql.Identifier(slot.target.schema, name)))
-    dsn_conn.execute(sql.SQL(
-        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({pk}) WHERE {vector} IS NULL"
-    ).format(name=sql.Identifier(name), table=slot.table, pk=slot.pk, vector=slot.vector))
+    with sole_builder(dsn_conn, slot.target.schema, name):
+        valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
+        if valid:
+            return
+        if valid is not None:
+            log.warning("dropping INVALID index %s left by an interrupted build", name)
+            dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(slot.target.schema, name)))
+        dsn_conn.execute(sql.SQL(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({pk})"
+            " WHERE {vector} IS NULL").format(name=sql.Identifier(name), table=slot.table,
+                                              pk=slot.pk, vector=slot.vector))
 
 
 def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> Slot:
