@@ -181,7 +181,8 @@ def finished(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, 
 
 @contextmanager
 def build_sampler(stack: Stack) -> Iterator[set[tuple[int, int]]]:
-    """(pid, index oid) of every CREATE INDEX seen on docs, sampled every 10 ms."""
+    """(pid, index oid) of every CREATE INDEX seen on docs, sampled every 10 ms (a build's
+    first moments show index oid 0: the index is not created yet)."""
     seen: set[tuple[int, int]] = set()
     stop = threading.Event()
 
@@ -190,7 +191,7 @@ def build_sampler(stack: Stack) -> Iterator[set[tuple[int, int]]]:
             while not stop.is_set():
                 for pid, oid in conn.execute(
                         "SELECT pid, index_relid::int FROM pg_stat_progress_create_index"
-                        " WHERE relid = 'docs'::regclass"):
+                        " WHERE relid = 'docs'::regclass AND index_relid <> 0"):
                     seen.add((int(pid), int(oid)))
                 stop.wait(0.01)
 
