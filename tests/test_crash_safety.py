@@ -26,6 +26,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    in_background,
     json_document,
     seed,
     steady_writer,
@@ -277,3 +278,45 @@ def test_a_pause_that_read_the_phase_before_a_swap_leaves_the_new_live_column_ru
     assert status["paused"] is False
     if paused[0] != 0:  # refused: the migration it read was swapped meanwhile
         assert "swapped" in paused[1], paused
+
+
+def test_a_swap_waiting_for_the_migration_row_does_not_hold_the_app_table(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """A transaction holds the migration's row (as a spend reservation or a pause does)
+    while a swap runs: the swap waits for that row before it locks the table, so the app's
+    queries (each allowed 50 ms of lock wait) never queue behind it."""
+    migration_filled(stack, 40)
+    stalled = {"queries": 0, "lock_timeouts": 0}
+
+    def app(stop: threading.Event) -> None:
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '50ms'")
+            while not stop.is_set():
+                try:
+                    conn.execute("SELECT count(*) FROM docs WHERE id = 1").fetchone()
+                    stalled["queries"] += 1
+                except psycopg.errors.LockNotAvailable:
+                    stalled["lock_timeouts"] += 1
+                stop.wait(0.005)
+
+    with in_background(app), psycopg.connect(stack.dsn) as holder:
+        holder.execute("SELECT 1 FROM pgreembed.migrations WHERE phase = 'filling'"
+                       " FOR UPDATE")
+        swap = spawn(stack, "migrate", "swap", "--target", "docs")
+        with stack.connect() as conn:
+            def swap_waiting() -> bool:
+                return bool(conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE %s = ANY(pg_blocking_pids(pid))",
+                    (holder.info.backend_pid,)).fetchone()[0])
+
+            for _ in range(5):  # five lock attempts of the swap (100 ms each), seen waiting
+                wait_for(swap_waiting, timeout=30, interval=0.005, message="a swap attempt")
+                wait_for(lambda: not swap_waiting(), timeout=30, interval=0.005,
+                         message="the attempt given up")
+        holder.rollback()
+        code, output = finished(swap)
+    assert code == 0, output
+    assert stalled["queries"] > 0
+    assert stalled["lock_timeouts"] == 0, (
+        f"{stalled['lock_timeouts']} app queries timed out behind the swap's table lock")
