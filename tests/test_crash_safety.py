@@ -19,7 +19,11 @@ from contextlib import contextmanager
 
 import psycopg
 
+from pgreembed.config import load_settings
 from pgreembed.migrations.crash_point import CRASH_AT
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import load_slots
+from pgreembed.store.usage import enforce_spend_cap
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     ROOT,
@@ -320,3 +324,27 @@ def test_a_swap_waiting_for_the_migration_row_does_not_hold_the_app_table(
     assert stalled["queries"] > 0
     assert stalled["lock_timeouts"] == 0, (
         f"{stalled['lock_timeouts']} app queries timed out behind the swap's table lock")
+
+
+def test_the_spend_cap_of_a_slot_read_before_a_swap_never_pauses_the_new_live_column(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """The scheduler's pass holds the slots it loaded (the new column: 'next', its cap
+    reached) while a swap commits; its spend-cap check then runs on what is live now."""
+    migration_filled(stack, 30)
+    with stack.connect() as conn:  # the cap is reached: any spend at all crosses it
+        conn.execute("UPDATE pgreembed.migrations SET spend_cap_usd = 1e-12,"
+                     " price_per_mtoken = 1")
+        conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens)"
+                     " SELECT to_slot, 1, 1000 FROM pgreembed.migrations")
+    settings = load_settings(stack.config_path, stack.env)
+    with connect(stack.dsn) as conn:
+        loaded = next(s for s in load_slots(conn, settings.target("docs"))
+                      if s.role == "next")
+        conn.commit()
+        ok(run(stack, "migrate", "swap", "--target", "docs"))
+        paused = enforce_spend_cap(conn, loaded)
+    with stack.connect() as conn:
+        live = conn.execute("SELECT paused, paused_by FROM pgreembed.slots"
+                            " WHERE role = 'live'").fetchall()
+    assert live == [(False, None)], "the spend cap paused the column that is live"
+    assert paused is False
