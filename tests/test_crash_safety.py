@@ -4,8 +4,11 @@
   pgreembed.migrations.crash_point) of a side fill run by `tick`, and of a manual
   migration run by its CLI steps: the next run completes it.
 - Two `migrate index` at once: one build, its index kept (not dropped and rebuilt).
-- A `migrate pause` that read the phase before a swap and writes after it: the column
-  that became live is not left paused.
+- A `migrate pause` that read the phase before a swap and writes after it, and a
+  spend-cap check on a slot loaded before a swap: the column that became live is not
+  left paused.
+- A swap waiting for the migration's row (held by a pause or a spend reservation) does
+  not hold the app's table meanwhile (lock order: migration row, then table).
 """
 
 from __future__ import annotations
