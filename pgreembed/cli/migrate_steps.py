@@ -196,6 +196,8 @@ def cmd_swap(args: argparse.Namespace) -> int:
             "pause_ms": round(result.pause_seconds * 1000, 1),
             "seconds": round(result.waited_seconds, 3), "unsearchable": result.unsearchable,
             **({"comparison": comparison} if step == "swap" else {})})
+    elif result.already_done:
+        print(f"{step} was already done (committed by an earlier run): nothing to do")
     else:
         print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
               f" (attempt {result.attempts}, {result.waited_seconds:.1f} s in all;"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import psycopg
@@ -13,9 +14,11 @@ from psycopg import sql
 from pgreembed.config import Settings, Target
 from pgreembed.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
 from pgreembed.migrations.state import require_open, slots_by_id
 from pgreembed.store import catalog
+from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.pool import connect
 from pgreembed.store.session import lift_statement_limits
 from pgreembed.store.slots import Slot
@@ -61,19 +64,23 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
                 lists: int | None = None, maintenance_work_mem: str = "512MB",
                 parallel_workers: int | None = None,
                 on_progress: Callable[[IndexBuild], None] | None = None) -> str:
-    """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first.
+    """CREATE INDEX CONCURRENTLY on the new column; an INVALID leftover is dropped first,
+    a build in progress (another process's) is waited for (store.index_builds).
 
     Method and distance default to the live column's ANN index, so the app's queries
     (which use that index's operator) keep using an index after the swap; without
     one, HNSW for the target's configured `distance`. `on_progress` is called about twice
     a second with the build's phase and tuples/blocks done (pg_stat_progress_create_index).
     """
-    with connect(settings.database_url, autocommit=True) as conn:
+    with connect(settings.database_url, autocommit=True) as conn, ExitStack() as held:
         migration = require_open(conn, target, "filling")
         slots = slots_by_id(conn, target)
         slot = slots[migration.to_slot]
         method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
         name = ann_index_name(slot)
+        # Another `migrate index`, `init` or side-fill step may be building it right now:
+        # its INVALID index is then a build in progress, not a leftover to drop.
+        held.enter_context(sole_builder(conn, target.schema, name))
         existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
         if existing is not None and existing.valid and (existing.method, existing.distance) == (
                 method, distance):
@@ -107,6 +114,7 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         else:
             with BuildWatcher(settings.database_url, conn.info.backend_pid, on_progress):
                 conn.execute(create)
+        crash_point("index")
         return name
 
 

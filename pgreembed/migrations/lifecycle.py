@@ -21,6 +21,7 @@ from pgreembed.config import Budget, Settings, Target
 from pgreembed.embedding.budgets import record_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import ConfigError, MigrationError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.state import (
     new_column_name,
     open_migration,
@@ -139,6 +140,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
 
     new_slot, created = run_locked(settings.database_url, app_table(target), "migrate start",
                                    add_column, policy, mode=ACCESS_EXCLUSIVE)
+    crash_point("start")
     _finish_start(settings, target)
     if created:
         log.info("migration of %s to %s started: column %s", target.name, new_slot.model_key,
@@ -153,12 +155,15 @@ def _finish_start(settings: Settings, target: Target) -> None:
 
 
 def pause(settings: Settings, target: Target) -> None:
-    """Stop filling (queued batches are dropped); a pause by the spend cap stays one."""
+    """Stop filling (queued batches are dropped); a pause by the spend cap stays one.
+
+    The phase is read under the migration row's lock, which a swap takes before it makes
+    the new column live (and unpaused): a pause never lands on a column that is live."""
     with connect(settings.database_url) as conn:
-        migration = require_open(conn, target, "filling")
+        migration = require_open(conn, target, "filling", lock=True)
         conn.execute("UPDATE pgreembed.slots SET paused = true,"
                      " paused_by = CASE WHEN paused THEN paused_by ELSE 'operator' END"
-                     " WHERE id = %s", (migration.to_slot,))
+                     " WHERE id = %s AND role = 'next'", (migration.to_slot,))
         conn.commit()
 
 
@@ -218,7 +223,7 @@ def _drop_slot(conn: psycopg.Connection, target: Target, slot: Slot) -> None:
 def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
     """Before a swap: drop the new column; the live column is untouched."""
     def drop_new(conn: psycopg.Connection) -> None:
-        migration = require_open(conn, target, "filling")
+        migration = require_open(conn, target, "filling", lock=True)  # before any table
         slot = slots_by_id(conn, target)[migration.to_slot]
         _drop_slot(conn, target, slot)
         # A side fill held the live column back: it is filled directly again.
@@ -232,9 +237,15 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None)
 
 
 def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
-    """After the rollback window: drop the column that is not live any more."""
+    """After the rollback window: drop the column that is not live any more. Run again
+    after its commit (a crash before the caller heard of it), it has nothing to do."""
+    with connect(settings.database_url) as conn:
+        if open_migration(conn, target) is None and _last_phase(conn, target) == "finalized":
+            return
+        conn.rollback()
+
     def drop_old(conn: psycopg.Connection) -> None:
-        migration = require_open(conn, target, "swapped", "rolled_back")
+        migration = require_open(conn, target, "swapped", "rolled_back", lock=True)
         old = next(s for s in load_slots(conn, target) if s.role == "old")
         _drop_slot(conn, target, old)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
@@ -242,3 +253,10 @@ def finalize(settings: Settings, target: Target, policy: LockPolicy | None = Non
 
     run_locked(settings.database_url, app_table(target), "finalize", drop_old, policy,
                mode=ACCESS_EXCLUSIVE)
+    crash_point("finalize")
+
+
+def _last_phase(conn: psycopg.Connection, target: Target) -> str | None:
+    row = conn.execute("SELECT phase FROM pgreembed.migrations WHERE target = %s"
+                       " ORDER BY id DESC LIMIT 1", (target.name,)).fetchone()
+    return None if row is None else str(row[0])

@@ -15,6 +15,11 @@ ordinary migration lifecycle:
 A model change that `init` finds (route_model_change) is the same machine with
 auto_reason 'model_change', starting at 'filling': search keeps the old model until the
 swap and never mixes the two. The scheduler calls `advance` for every target.
+
+Crash safety: each step's change and its record commit together (the copy's unpause and
+'filling'; the swap records 'swapped' in its own transaction), the phase has the last
+word over the recorded step (a swapped migration is never swapped again), and the other
+steps are idempotent (an index already built is kept, one left INVALID is rebuilt).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import psycopg
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import build_index, column_indexes
 from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, finalize, start
 from pgreembed.migrations.plan import Plan, plan
@@ -35,6 +41,7 @@ from pgreembed.migrations.swap import DEFAULT_MAX_UNSEARCHABLE, swap
 from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page
 from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.pool import connect
+from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot, load_slots, registry_exists
 from pgreembed.store.versions import current_version, upgrade
 
@@ -118,14 +125,16 @@ def advance(settings: Settings, target: Target) -> str | None:
             start(settings, target, live.provider, live.model, live.dimensions,
                   auto_reason=BACKLOG)
             return "started"
+        if fill.phase == "swapped":  # whatever step was recorded: the swap committed
+            return _maybe_finalize(conn, settings, target, fill)
+        if fill.phase != "filling":
+            return None  # rolled back by an operator: theirs to swap or finalize
         if fill.step == "copying":
             return _copy(conn, target, fill)
         if fill.step == "filling":
             return _maybe_index(conn, settings, target, fill)
         if fill.step in ("indexing", "swapping"):
             return _swap(conn, settings, target, fill)
-        if fill.phase == "swapped" and fill.swapped_at is not None:
-            return _maybe_finalize(conn, settings, target, fill)
     return None
 
 
@@ -140,17 +149,20 @@ def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
     purchase), then the side column is let to fill."""
     slots = slots_by_id(conn, target)
     source, side = slots[fill.from_slot], slots[fill.to_slot]
+    ensure_pending_index(conn, side)  # `start` makes it after its commit: a crash skips it
     after, copied = None, 0
     while True:
         after, count = copy_page(conn, source, side, after, COPY_PAGE_ROWS)
         copied += count
         if after is None:
             break
-    conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL WHERE id = %s"
-                 " AND paused_by = %s", (side.id, SIDE_FILL))
+    with conn.transaction():  # the change and its record commit together
+        conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                     " WHERE id = %s AND paused_by = %s", (side.id, SIDE_FILL))
+        _set_step(conn, fill, "filling")
     log.info("side fill %d: %d vectors copied into %s", fill.migration_id, copied,
              side.vector_column)
-    _set_step(conn, fill, "filling")
+    crash_point("copy")
     return "copied"
 
 
@@ -184,13 +196,14 @@ def _swap(conn: psycopg.Connection, settings: Settings, target: Target,
         return None
     log.info("side fill %d: swapped in %d attempt(s), table locked %.3f s, %d rows left to"
              " embed", fill.migration_id, result.attempts, result.pause_seconds,
-             result.unsearchable)
-    _set_step(conn, fill, "swapped")
+             result.unsearchable)  # the swap recorded the step 'swapped' in its commit
     return "swapped"
 
 
 def _maybe_finalize(conn: psycopg.Connection, settings: Settings, target: Target,
                     fill: SideFill) -> str | None:
+    if fill.swapped_at is None:
+        return None
     row = conn.execute("SELECT now() - %s > make_interval(secs => %s)",
                        (fill.swapped_at, settings.side_fill.grace_seconds)).fetchone()
     if not row or not row[0]:

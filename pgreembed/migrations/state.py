@@ -22,11 +22,15 @@ class Migration:
     to_slot: int
 
 
-def open_migration(conn: psycopg.Connection, target: Target) -> Migration | None:
+def open_migration(conn: psycopg.Connection, target: Target, *, lock: bool = False
+                   ) -> Migration | None:
+    """`lock`: the row is locked (FOR UPDATE) until the transaction ends; a step that
+    changes the phase (swap, rollback, cancel, finalize) takes it first, before any table
+    lock, and so does every pause: under it the phase read is the phase at commit."""
     row = conn.execute(
         "SELECT id, target, phase, from_slot, to_slot FROM pgreembed.migrations"
-        " WHERE target = %s AND phase IN ('filling', 'swapped', 'rolled_back')",
-        (target.name,)).fetchone()
+        " WHERE target = %s AND phase IN ('filling', 'swapped', 'rolled_back')"
+        + (" FOR UPDATE" if lock else ""), (target.name,)).fetchone()
     return None if row is None else Migration(*row)
 
 
@@ -35,10 +39,12 @@ def slots_by_id(conn: psycopg.Connection, target: Target) -> dict[int, Slot]:
     return {s.id: s for s in load_slots(conn, target)}
 
 
-def require_open(conn: psycopg.Connection, target: Target, *phases: str) -> Migration:
+def require_open(conn: psycopg.Connection, target: Target, *phases: str,
+                 lock: bool = False) -> Migration:
     """The target's open migration, if it is in one of `phases` (any, if none given);
-    else MigrationError saying what this step needs: every step but `start` checks it."""
-    migration = open_migration(conn, target)
+    else MigrationError saying what this step needs: every step but `start` checks it.
+    `lock`: see open_migration."""
+    migration = open_migration(conn, target, lock=lock)
     if migration is None:
         raise MigrationError(f"target {target.name!r} has no migration in progress")
     if phases and migration.phase not in phases:

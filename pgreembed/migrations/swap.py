@@ -16,8 +16,9 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError, WaitTimeoutError
+from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import column_indexes
-from pgreembed.migrations.state import SWAP_COLUMN, require_open
+from pgreembed.migrations.state import SWAP_COLUMN, open_migration, require_open
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
@@ -128,6 +129,7 @@ class SwapResult:
     pause_seconds: float  # ACCESS EXCLUSIVE held: from the lock granted to the commit
     waited_seconds: float  # from the call to the commit (catching up and lock attempts)
     unsearchable: int  # rows left unsearchable for the seconds until they are embedded
+    already_done: bool = False  # run again after its commit (a crash): nothing to do
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,12 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
     """
     phases = ("swapped",) if rollback else ("filling", "rolled_back")
     step = "rollback" if rollback else "swap"
+    done_phase = "rolled_back" if rollback else "swapped"
+    with connect(settings.database_url) as conn:
+        migration = open_migration(conn, target)
+        conn.rollback()
+    if migration is not None and migration.phase == done_phase:
+        return SwapResult(0, 0.0, 0.0, 0, already_done=True)  # re-run after a crash
     asked = time.monotonic()
     deadline = asked + catch_up_timeout
     attempts = 0
@@ -202,19 +210,24 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
 
         def exchange(conn: psycopg.Connection) -> int:
             nonlocal locked_at
+            # The migration's row before the table: pauses and spend reservations lock it
+            # and then the slot, and must never wait on a swap that holds the table.
+            migration = require_open(conn, target, *phases, lock=True)
             conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                 app_table(target)))
             locked_at = time.monotonic()
-            migration = require_open(conn, target, *phases)
             live, other = _pair(conn, target)
             unsearchable, failed = _unsearchable_counts(conn, live, other)
             if unsearchable > max_unsearchable or (failed and not accept_failed):
                 raise _NotReady()
             _exchange(conn, live, other, "old")
-            conn.execute("UPDATE pgreembed.migrations SET phase = %s, swapped_at = now()"
-                         " WHERE id = %s", ("rolled_back" if rollback else "swapped",
-                                            migration.id))
-            conn.execute("UPDATE pgreembed.slots SET paused = false WHERE id = %s", (other.id,))
+            # A side fill's step is recorded in the same commit (a crash cannot split them).
+            conn.execute("UPDATE pgreembed.migrations SET phase = %s, swapped_at = now(),"
+                         " auto_step = CASE WHEN auto_reason IS NULL OR %s THEN auto_step"
+                         " ELSE 'swapped' END WHERE id = %s", (done_phase, rollback,
+                                                                migration.id))
+            conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                         " WHERE id = %s", (other.id,))
             return unsearchable
 
         try:
@@ -223,5 +236,6 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
                               on_busy=count_busy)
         except _NotReady:
             continue  # rows changed between the check and the lock
+        crash_point(step)
         done = time.monotonic()
         return SwapResult(attempts + 1, done - locked_at, done - asked, left)

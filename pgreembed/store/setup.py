@@ -17,6 +17,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog
+from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.privileges import privileges, required
 from pgreembed.store.session import lift_statement_limits
 from pgreembed.store.slots import (
@@ -223,20 +224,25 @@ def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
 
     Needs an autocommit connection (it lifts its statement timeout: a build is long by
     nature). A failed concurrent build leaves an INVALID index behind; it is dropped and
-    rebuilt.
+    rebuilt. A build in progress (another `init`, a `migrate start`) is waited for, not
+    dropped (index_builds).
     """
     lift_statement_limits(dsn_conn)
     name = slot.pending_index_name
-    valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
-    if valid:
+    if catalog.index_valid(dsn_conn, slot.target.schema, name):
         return
-    if valid is not None:
-        log.warning("dropping INVALID index %s left by an interrupted build", name)
-        dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-            sql.Identifier(slot.target.schema, name)))
-    dsn_conn.execute(sql.SQL(
-        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({pk}) WHERE {vector} IS NULL"
-    ).format(name=sql.Identifier(name), table=slot.table, pk=slot.pk, vector=slot.vector))
+    with sole_builder(dsn_conn, slot.target.schema, name):
+        valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
+        if valid:
+            return
+        if valid is not None:
+            log.warning("dropping INVALID index %s left by an interrupted build", name)
+            dsn_conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(slot.target.schema, name)))
+        dsn_conn.execute(sql.SQL(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} ({pk})"
+            " WHERE {vector} IS NULL").format(name=sql.Identifier(name), table=slot.table,
+                                              pk=slot.pk, vector=slot.vector))
 
 
 def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> Slot:

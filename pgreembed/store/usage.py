@@ -118,7 +118,7 @@ def reserve_tokens(conn: psycopg.Connection, slot: Slot, tokens: int,
         spent, reserved = int(row[0]) / 1e6 * price, int(row[1]) / 1e6 * price
         if spent >= cap:
             conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s"
-                         " WHERE id = %s AND NOT paused", (SPEND_CAP, slot.id))
+                         " WHERE id = %s AND NOT paused AND role = 'next'", (SPEND_CAP, slot.id))
             conn.commit()
             log.warning("migration %d of %s paused by its $%.6f spend cap: $%.6f spent,"
                         " $%.6f reserved by batches in flight (raise it: migrate resume"
@@ -161,15 +161,24 @@ def spend(conn: psycopg.Connection, slot_id: int) -> tuple[int, float, float | N
 
 
 def enforce_spend_cap(conn: psycopg.Connection, slot: Slot) -> bool:
-    """Pause a filling migration whose spend reached its cap; True if it is paused now."""
+    """Pause a filling migration whose spend reached its cap; True if it is paused now.
+
+    Under the migration row's lock, as `migrate pause`: a swap takes it before making the
+    column live (and unpaused), so the phase checked here is the phase at our commit and
+    a column that became live meanwhile is never paused."""
     if slot.role != "next":
         return False
     _, spent, cap = spend(conn, slot.id)
     if cap is None or spent < cap:
         return False
-    conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s WHERE id = %s",
-                 (SPEND_CAP, slot.id))
+    filling = conn.execute("SELECT 1 FROM pgreembed.migrations WHERE to_slot = %s"
+                           " AND phase = 'filling' FOR UPDATE", (slot.id,)).fetchone()
+    paused = filling is not None and conn.execute(
+        "UPDATE pgreembed.slots SET paused = true, paused_by = %s WHERE id = %s"
+        " AND role = 'next'", (SPEND_CAP, slot.id)).rowcount > 0
     conn.commit()
+    if not paused:
+        return False
     log.warning("migration of %s paused: spent $%.4f of its $%.4f cap (raise it: migrate"
                 " resume --spend-cap USD)", slot.target.name, spent, cap)
     return True
