@@ -1,9 +1,9 @@
 """Side fills: a big backlog of an indexed live column goes through a side column.
 
-Writing into a column with an HNSW index is ~90x slower than into one without (DESIGN.md),
-so past a measured crossover (`[side_fill]`, bench/side_fill_crossover.py) a backlog is
-a migration to the SAME model that pgreembed starts and finishes by itself, through the
-ordinary migration lifecycle:
+Writing into a column with an HNSW index is ~90x slower than into one without
+(docs/architecture.md), so past a measured crossover (`[side_fill]`,
+bench/side_fill_crossover.py) a backlog is a migration to the SAME model that pgreembed
+starts and finishes by itself, through the ordinary migration lifecycle:
 
     start (lifecycle.start, auto_reason 'backlog'; the live column is paused)
     copying   the vectors already paid for are copied into the side column
