@@ -16,6 +16,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError, WaitTimeoutError
+from pgreembed.migrations import app_objects, rebind
 from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import SWAP_COLUMN, require_open
 from pgreembed.store.pool import connect
@@ -128,6 +129,8 @@ class SwapResult:
     pause_seconds: float  # ACCESS EXCLUSIVE held: from the lock granted to the commit
     waited_seconds: float  # from the call to the commit (catching up and lock attempts)
     unsearchable: int  # rows left unsearchable for the seconds until they are embedded
+    # The app's views, functions and policies kept on the column they name (app_objects).
+    kept: tuple[app_objects.Decision, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,8 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         with connect(settings.database_url) as conn:
             require_open(conn, target, *phases)
             live, other = _pair(conn, target)
+            # The app's objects that cannot be kept on their column: refused before waiting.
+            app_objects.check_swap(conn, live, other, step)
             ready = readiness(conn, live, other, check_indexes=not rollback)
             conn.rollback()
         if ready.problems:
@@ -199,9 +204,10 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             time.sleep(0.5)
             continue
         locked_at = 0.0
+        kept: list[app_objects.Decision] = []
 
         def exchange(conn: psycopg.Connection) -> int:
-            nonlocal locked_at
+            nonlocal locked_at, kept
             conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                 app_table(target)))
             locked_at = time.monotonic()
@@ -210,7 +216,9 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             unsearchable, failed = _unsearchable_counts(conn, live, other)
             if unsearchable > max_unsearchable or (failed and not accept_failed):
                 raise _NotReady()
+            captured = rebind.capture(conn, live, other, step)  # before the names move
             _exchange(conn, live, other, "old")
+            kept = captured.apply(conn)  # each app object back on the column it names
             conn.execute("UPDATE pgreembed.migrations SET phase = %s, swapped_at = now()"
                          " WHERE id = %s", ("rolled_back" if rollback else "swapped",
                                             migration.id))
@@ -224,4 +232,4 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         except _NotReady:
             continue  # rows changed between the check and the lock
         done = time.monotonic()
-        return SwapResult(attempts + 1, done - locked_at, done - asked, left)
+        return SwapResult(attempts + 1, done - locked_at, done - asked, left, tuple(kept))

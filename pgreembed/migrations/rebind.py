@@ -1,0 +1,164 @@
+"""Keep the app's views, BEGIN ATOMIC functions and policies on the column they name
+across a swap, in the swap's own transaction.
+
+`capture` runs under the swap's ACCESS EXCLUSIVE lock, before the columns' names are
+exchanged: it decides (migrations.app_objects), refuses what cannot be kept, and reads
+each object's definition as Postgres prints it (pg_get_viewdef, pg_get_functiondef,
+pg_get_expr), which names the columns. `Kept.apply`, after the exchange, runs those
+definitions again: parsed anew, each name binds to the column that bears it now. Capture
+and apply share one transaction and one search_path, so every other name resolves as
+before. A lock the app holds on a view makes the statement wait at most the swap's
+lock_timeout; the swap is then retried like any busy attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.errors import MigrationError
+from pgreembed.migrations import app_objects as decisions
+from pgreembed.store import app_objects as catalog
+from pgreembed.store.slots import Slot
+
+Statement = sql.SQL | sql.Composed
+
+
+@dataclass
+class _Object:
+    decision: decisions.Decision
+    statements: list[Statement] = field(default_factory=list)
+
+
+def _acl(conn: psycopg.Connection, catalog_name: str, oid: int) -> list[tuple[str | None, str,
+                                                                               bool]]:
+    column, owner, kind = {"pg_class": ("relacl", "relowner", "r"),
+                           "pg_proc": ("proacl", "proowner", "f")}[catalog_name]
+    rows = conn.execute(sql.SQL(
+        "SELECT CASE WHEN e.grantee = 0 THEN NULL ELSE pg_get_userbyid(e.grantee) END,"
+        " e.privilege_type, e.is_grantable FROM {cat} x,"
+        " aclexplode(coalesce(x.{acl}, acldefault({kind}, x.{owner}))) e WHERE x.oid = %s"
+    ).format(cat=sql.Identifier(catalog_name), acl=sql.Identifier(column),
+             owner=sql.Identifier(owner), kind=sql.Literal(kind)), (oid,)).fetchall()
+    return [(r[0], str(r[1]), bool(r[2])) for r in rows]
+
+
+def _restore(conn: psycopg.Connection, obj: catalog.AppObject, on: sql.Composable,
+             catalog_name: str, old_acl: list[tuple[str | None, str, bool]],
+             comments: list[Statement]) -> list[Statement]:
+    """Owner, grants and comments of a dropped object, for the statements after its CREATE.
+    The grants are replaced whole: default privileges may have granted others."""
+    out: list[Statement] = []
+    user = conn.execute("SELECT current_user").fetchone()
+    if obj.owner and user and obj.owner != user[0]:
+        out.append(sql.SQL("ALTER {} OWNER TO {}").format(on, sql.Identifier(obj.owner)))
+    grantees = {g for g, _, _ in old_acl} | ({obj.owner} if obj.owner else set())
+    out.append(sql.SQL("REVOKE ALL ON {} FROM {}").format(on, sql.SQL(", ").join(
+        sql.SQL("PUBLIC") if g is None else sql.Identifier(g) for g in sorted(
+            grantees, key=lambda g: g or ""))))
+    for grantee, privilege, option in old_acl:
+        out.append(sql.SQL("GRANT {} ON {} TO {}{}").format(
+            sql.SQL(privilege), on, sql.SQL("PUBLIC") if grantee is None
+            else sql.Identifier(grantee), sql.SQL(" WITH GRANT OPTION" if option else "")))
+    return out + comments
+
+
+def _view(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
+    obj = decision.obj
+    assert obj.schema and obj.relname
+    name = sql.Identifier(obj.schema, obj.relname)
+    row = conn.execute("SELECT pg_get_viewdef(%s::oid), coalesce(reloptions, '{}'),"
+                       " obj_description(%s::oid, 'pg_class') FROM pg_class WHERE oid = %s",
+                       (obj.oid, obj.oid, obj.oid)).fetchone()
+    assert row is not None
+    definition = sql.SQL(str(row[0]).strip().rstrip(";"))
+    options = [option.split("=", 1) for option in row[1]]
+    with_options = sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(key), sql.Literal(value))
+        for key, value in options)) if options else sql.SQL("")
+    if decision.action == decisions.REBIND:
+        # Without WITH, CREATE OR REPLACE VIEW would reset the options (security_barrier...).
+        return [sql.SQL("CREATE OR REPLACE VIEW {}{} AS {}").format(name, with_options,
+                                                                   definition)]
+    comments: list[Statement] = []
+    if row[2] is not None:
+        comments.append(sql.SQL("COMMENT ON VIEW {} IS {}").format(name, sql.Literal(row[2])))
+    for column, text in conn.execute(
+            "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
+            " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped"
+            " AND col_description(attrelid, attnum) IS NOT NULL", (obj.oid,)).fetchall():
+        comments.append(sql.SQL("COMMENT ON COLUMN {} IS {}").format(
+            sql.Identifier(obj.schema, obj.relname, column), sql.Literal(text)))
+    on = sql.SQL("TABLE {}").format(name)  # GRANT ... ON TABLE covers views
+    return [sql.SQL("DROP VIEW {}").format(name),
+            sql.SQL("CREATE VIEW {}{} AS {}").format(name, with_options, definition),
+            *_restore(conn, obj, on, "pg_class", _acl(conn, "pg_class", obj.oid), comments)]
+
+
+def _function(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
+    obj = decision.obj
+    row = conn.execute("SELECT pg_get_functiondef(%s::oid), obj_description(%s::oid, 'pg_proc'),"
+                       " pg_get_function_identity_arguments(%s::oid)",
+                       (obj.oid, obj.oid, obj.oid)).fetchone()
+    assert row is not None and obj.schema and obj.relname
+    definition = sql.SQL(str(row[0]))  # "CREATE OR REPLACE FUNCTION ..." as Postgres prints it
+    if decision.action == decisions.REBIND:
+        return [definition]
+    kind = sql.SQL("PROCEDURE" if obj.kind == catalog.PROCEDURE else "FUNCTION")
+    on = sql.SQL("{} {}({})").format(kind, sql.Identifier(obj.schema, obj.relname),
+                                     sql.SQL(str(row[2])))
+    comments: list[Statement] = []
+    if row[1] is not None:
+        comments.append(sql.SQL("COMMENT ON {} IS {}").format(on, sql.Literal(row[1])))
+    return [sql.SQL("DROP {}").format(on), definition,
+            *_restore(conn, obj, on, "pg_proc", _acl(conn, "pg_proc", obj.oid), comments)]
+
+
+def _policy(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
+    obj = decision.obj
+    row = conn.execute("SELECT pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck,"
+                       " polrelid) FROM pg_policy WHERE oid = %s", (obj.oid,)).fetchone()
+    assert row is not None and obj.schema and obj.relname and obj.objname
+    clauses = [sql.SQL("{} ({})").format(sql.SQL(word), sql.SQL(expr))
+               for word, expr in (("USING", row[0]), ("WITH CHECK", row[1])) if expr]
+    return [sql.SQL("ALTER POLICY {} ON {} {}").format(
+        sql.Identifier(obj.objname), sql.Identifier(obj.schema, obj.relname),
+        sql.SQL(" ").join(clauses))] if clauses else []
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The captured statements that put each object back on the column it names."""
+
+    objects: list[_Object]
+
+    def apply(self, conn: psycopg.Connection) -> list[decisions.Decision]:
+        """Run them (after the exchange of names, in the same transaction)."""
+        for each in self.objects:
+            for statement in each.statements:
+                try:
+                    conn.execute(statement)
+                except psycopg.errors.LockNotAvailable:
+                    raise  # the app holds the object: this attempt is retried
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"could not keep {each.decision.obj.kind} {each.decision.obj.name} on"
+                        f" {each.decision.obj.column}: {exc.diag.message_primary or exc};"
+                        " nothing changed") from None
+        return [each.decision for each in self.objects]
+
+
+def capture(conn: psycopg.Connection, live: Slot, other: Slot, step: str) -> Kept:
+    """Decide, refuse, and read the definitions, before the exchange (see the module)."""
+    kept = []
+    for decision in decisions.check_swap(conn, live, other, step):
+        kind = decision.obj.kind
+        if kind == catalog.VIEW:
+            kept.append(_Object(decision, _view(conn, decision)))
+        elif kind in (catalog.FUNCTION, catalog.PROCEDURE) and decision.obj.sql_body:
+            kept.append(_Object(decision, _function(conn, decision)))
+        elif kind == catalog.POLICY:
+            kept.append(_Object(decision, _policy(conn, decision)))
+    return Kept(kept)
