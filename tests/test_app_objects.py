@@ -42,6 +42,8 @@ COMMENT ON COLUMN docs_search.embedding IS 'the live model''s vector';
 GRANT SELECT ON docs TO ao_view_owner;
 ALTER VIEW docs_search OWNER TO ao_view_owner;
 GRANT SELECT ON docs_search TO ao_reader;
+CREATE VIEW docs_distance WITH (security_invoker = true) AS SELECT id,
+    embedding <=> (SELECT embedding FROM docs ORDER BY id LIMIT 1) AS distance FROM docs;
 CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs;
 CREATE FUNCTION doc_embedding(k bigint) RETURNS vector LANGUAGE sql STABLE
     BEGIN ATOMIC SELECT embedding FROM docs WHERE id = k; END;
@@ -76,6 +78,12 @@ def serves(conn: psycopg.Connection, model: tuple[str, int]) -> dict[str, int]:
                                        err_msg=f"{obj} row {key}: not {name}({text!r})")
         served[obj] = len(rows)
     assert min(served.values()) >= 150, served
+    # A view with no vector column is replaced in place (CREATE OR REPLACE VIEW).
+    differ = conn.execute(
+        "SELECT count(*) FROM docs_distance v JOIN docs d USING (id) WHERE v.distance IS"
+        " DISTINCT FROM d.embedding <=> (SELECT embedding FROM docs ORDER BY id LIMIT 1)"
+        ).fetchone()
+    assert differ == (0,)
     return served
 
 
@@ -101,7 +109,10 @@ def bound_columns(conn: psycopg.Connection) -> dict[str, set[str]]:
 def assert_on_live(conn: psycopg.Connection, model: tuple[str, int]) -> None:
     served = serves(conn, model)
     bound = bound_columns(conn)
-    assert bound == {k: {"embedding"} for k in bound} and len(bound) >= 3, bound
+    assert bound == {k: {"embedding"} for k in bound} and len(bound) >= 4, bound
+    options = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'docs_distance'"
+                           ).fetchone()
+    assert options == (["security_invoker=true"],)
     assert served
 
 
@@ -191,6 +202,7 @@ def test_views_functions_policies_follow_the_live_column_through_a_migration(
                                  "--json"))
     actions = {o["name"]: o["action"] for o in plan["app_objects"]}
     assert actions == {"public.docs_search": "recreate", "public.docs_snapshot": "refuse",
+                       "public.docs_distance": "rebind",
                        "public.doc_embedding(k bigint)": "rebind",
                        "embedded_rows on public.docs": "rebind", "docs_columns": "refuse"}
     assert any("docs_all" in note and "subscriber" in note for note in plan["notes"])
@@ -204,17 +216,23 @@ def test_views_functions_policies_follow_the_live_column_through_a_migration(
     wait_filled(stack, column)
     migrate(stack, "index")
 
-    # The swap refuses up front what it cannot keep on the column, naming each.
-    refused(stack, "swap", "public.docs_snapshot", "docs_columns", "DROP MATERIALIZED VIEW")
+    # The swap refuses up front what it cannot keep on the column, naming each: a view
+    # over the view it must re-create (the type changes) too.
+    with stack.connect() as conn:
+        conn.execute("CREATE VIEW docs_search_top AS SELECT id, embedding FROM docs_search")
+    out = refused(stack, "swap", "public.docs_snapshot", "docs_columns",
+                  "DROP MATERIALIZED VIEW", "public.docs_search ", "docs_search_top")
+    assert "public.docs_distance" not in out  # kept in place: not refused
     with stack.connect() as conn:
         assert_on_live(conn, OLD)
+        conn.execute("DROP VIEW docs_search_top")
         conn.execute("DROP MATERIALIZED VIEW docs_snapshot")
         conn.execute("ALTER PUBLICATION docs_columns SET TABLE docs (id, title, body)")
 
     swapped = swap_under_load(stack, fake_openai, "swap", OLD[0])
     assert {o["name"]: o["action"] for o in swapped["app_objects"]} == {
         "public.docs_search": "recreate", "public.doc_embedding(k bigint)": "rebind",
-        "embedded_rows on public.docs": "rebind"}
+        "embedded_rows on public.docs": "rebind", "public.docs_distance": "rebind"}
     with stack.connect() as conn:
         assert_on_live(conn, NEW)
     assert_view_kept(stack, 512)
