@@ -10,6 +10,7 @@ each row's current text, or the step was refused up front naming it, with nothin
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.helpers import (
     Stack,
     column_type,
     docs_config,
+    in_background,
     json_document,
     migrate,
     seed,
@@ -170,12 +172,29 @@ def slot_columns(stack: Stack) -> list[tuple[str, str, str]]:
 
 def swap_under_load(stack: Stack, fake: FakeOpenAIServer, step: str, slow: str
                     ) -> dict[str, Any]:
+    """`step` under a steady writer, with the provider slowed and the app reading its view
+    all the while (the swap locks the view before the table, as the app's queries do)."""
+    reads = {"ok": 0, "errors": 0}
+
+    def read_view(stop: threading.Event) -> None:
+        with psycopg.connect(stack.dsn, autocommit=True, prepare_threshold=None) as conn:
+            while not stop.is_set():
+                try:
+                    conn.execute("SELECT count(*), max(vector_dims(embedding))"
+                                 " FROM docs_search").fetchone()
+                    reads["ok"] += 1
+                except psycopg.Error as exc:
+                    reads["errors"] += 1
+                    reads.setdefault("last", str(exc))  # type: ignore[arg-type]
+                stop.wait(0.005)
+
     fake.set_faults(slow_model=slow, slow_model_latency=0.5)
-    with steady_writer(stack, per_second=10.0) as writes:
+    with steady_writer(stack, per_second=10.0) as writes, in_background(read_view):
         time.sleep(1.0)
         doc = json_document(migrate(stack, step, "--json", "--timeout", "60"))
         time.sleep(1.0)
     assert writes["edits"] > 5 and writes["errors"] == 0
+    assert reads["ok"] > 50 and reads["errors"] == 0, reads
     fake.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, "embedding")
     return doc

@@ -9,8 +9,9 @@ transaction (migrations.rebind):
   dimensions, vector <-> halfvec), a view with a vector column cannot be replaced: it is
   dropped and created again with its options, owner, grants and comments, and the swap is
   refused up front if other objects depend on it;
-- BEGIN ATOMIC functions and procedures: the same with pg_get_functiondef (re-created only
-  when the column's base type changes and their signature names it);
+- BEGIN ATOMIC functions and procedures: CREATE OR REPLACE with pg_get_functiondef (their
+  signature is part of it, so a change of the column's type never needs a new function;
+  a body that no longer type-checks fails the swap's transaction, nothing changed);
 - row-level security policies: ALTER POLICY with their USING / WITH CHECK captured before.
 
 What cannot be kept on the column under the swap's short lock is refused before anything
@@ -104,13 +105,13 @@ def _way_out(kind: str, name: str) -> str:
     }.get(kind, "drop it before the swap and create it again after")
 
 
-def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool,
-           base_type_changes: bool) -> Decision:
+def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool) -> Decision:
     """What the swap will do with `obj` (see the module's docstring)."""
     if obj.kind == catalog.VIEW or (obj.kind in (catalog.FUNCTION, catalog.PROCEDURE)
                                     and obj.sql_body):
-        recreate = obj.vector_output and (
-            type_changes if obj.kind == catalog.VIEW else base_type_changes)
+        # A function's signature is in its definition: replacing it never changes it. A
+        # view's column types come from its query: another column type needs a new view.
+        recreate = obj.kind == catalog.VIEW and obj.vector_output and type_changes
         missing = _missing_privileges(conn, obj, recreate)
         if missing:
             return Decision(obj, REFUSE, f"cannot be kept on {obj.column}: {missing}")
@@ -145,9 +146,7 @@ def swap_decisions(conn: psycopg.Connection, table: sql.Composable, columns: lis
                    from_type: str, to_type: str) -> list[Decision]:
     """Each app object reading one of `columns` (the live one, and the incoming one when it
     exists), decided for a swap from a `from_type` to a `to_type` column (`vector(384)`)."""
-    type_changes = from_type != to_type
-    base_changes = from_type.split("(")[0] != to_type.split("(")[0]
-    return [decide(conn, obj, type_changes, base_changes)
+    return [decide(conn, obj, from_type != to_type)
             for obj in catalog.dependents(conn, table, columns)]
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from pgreembed.config import Target
 from pgreembed.errors import MigrationError
 from pgreembed.migrations import app_objects as decisions
 from pgreembed.store import app_objects as catalog
-from pgreembed.store.slots import Slot
+from pgreembed.store.slots import Slot, app_table, load_slots
 
 Statement = sql.SQL | sql.Composed
 
@@ -32,21 +33,18 @@ class _Object:
     statements: list[Statement] = field(default_factory=list)
 
 
-def _acl(conn: psycopg.Connection, catalog_name: str, oid: int) -> list[tuple[str | None, str,
-                                                                               bool]]:
-    column, owner, kind = {"pg_class": ("relacl", "relowner", "r"),
-                           "pg_proc": ("proacl", "proowner", "f")}[catalog_name]
-    rows = conn.execute(sql.SQL(
+def _acl(conn: psycopg.Connection, oid: int) -> list[tuple[str | None, str, bool]]:
+    """A relation's grants, (grantee or None: PUBLIC, privilege, with grant option)."""
+    rows = conn.execute(
         "SELECT CASE WHEN e.grantee = 0 THEN NULL ELSE pg_get_userbyid(e.grantee) END,"
-        " e.privilege_type, e.is_grantable FROM {cat} x,"
-        " aclexplode(coalesce(x.{acl}, acldefault({kind}, x.{owner}))) e WHERE x.oid = %s"
-    ).format(cat=sql.Identifier(catalog_name), acl=sql.Identifier(column),
-             owner=sql.Identifier(owner), kind=sql.Literal(kind)), (oid,)).fetchall()
+        " e.privilege_type, e.is_grantable FROM pg_class x,"
+        " aclexplode(coalesce(x.relacl, acldefault('r', x.relowner))) e WHERE x.oid = %s",
+        (oid,)).fetchall()
     return [(r[0], str(r[1]), bool(r[2])) for r in rows]
 
 
 def _restore(conn: psycopg.Connection, obj: catalog.AppObject, on: sql.Composable,
-             catalog_name: str, old_acl: list[tuple[str | None, str, bool]],
+             old_acl: list[tuple[str | None, str, bool]],
              comments: list[Statement]) -> list[Statement]:
     """Owner, grants and comments of a dropped object, for the statements after its CREATE.
     The grants are replaced whole: default privileges may have granted others."""
@@ -94,26 +92,13 @@ def _view(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statem
     on = sql.SQL("TABLE {}").format(name)  # GRANT ... ON TABLE covers views
     return [sql.SQL("DROP VIEW {}").format(name),
             sql.SQL("CREATE VIEW {}{} AS {}").format(name, with_options, definition),
-            *_restore(conn, obj, on, "pg_class", _acl(conn, "pg_class", obj.oid), comments)]
+            *_restore(conn, obj, on, _acl(conn, obj.oid), comments)]
 
 
 def _function(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
-    obj = decision.obj
-    row = conn.execute("SELECT pg_get_functiondef(%s::oid), obj_description(%s::oid, 'pg_proc'),"
-                       " pg_get_function_identity_arguments(%s::oid)",
-                       (obj.oid, obj.oid, obj.oid)).fetchone()
-    assert row is not None and obj.schema and obj.relname
-    definition = sql.SQL(str(row[0]))  # "CREATE OR REPLACE FUNCTION ..." as Postgres prints it
-    if decision.action == decisions.REBIND:
-        return [definition]
-    kind = sql.SQL("PROCEDURE" if obj.kind == catalog.PROCEDURE else "FUNCTION")
-    on = sql.SQL("{} {}({})").format(kind, sql.Identifier(obj.schema, obj.relname),
-                                     sql.SQL(str(row[2])))
-    comments: list[Statement] = []
-    if row[1] is not None:
-        comments.append(sql.SQL("COMMENT ON {} IS {}").format(on, sql.Literal(row[1])))
-    return [sql.SQL("DROP {}").format(on), definition,
-            *_restore(conn, obj, on, "pg_proc", _acl(conn, "pg_proc", obj.oid), comments)]
+    row = conn.execute("SELECT pg_get_functiondef(%s::oid)", (decision.obj.oid,)).fetchone()
+    assert row is not None
+    return [sql.SQL(str(row[0]))]  # "CREATE OR REPLACE FUNCTION ..." as Postgres prints it
 
 
 def _policy(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
@@ -148,6 +133,21 @@ class Kept:
                         f" {each.decision.obj.column}: {exc.diag.message_primary or exc};"
                         " nothing changed") from None
         return [each.decision for each in self.objects]
+
+
+def lock_views(conn: psycopg.Connection, target: Target) -> None:
+    """Lock the app's views over the vector columns before their table, in the order the
+    app's queries take them (view, then table). The other order deadlocks with any query
+    on a view that arrives during the swap: it holds the view and waits for the table while
+    the swap holds the table and waits for the view. `ALTER VIEW ... OWNER TO` its own
+    owner changes nothing and takes the view's ACCESS EXCLUSIVE lock alone (LOCK TABLE on
+    a view would also lock its tables, and refuse unless the view's owner may write them).
+    The swap's lock_timeout applies: a busy attempt is retried. Ownership is checked up
+    front (migrations.app_objects)."""
+    table = app_table(target)
+    columns = [s.vector_column for s in load_slots(conn, target) if s.role != "dropped"]
+    for view, owner in catalog.views_reading(conn, table, columns):
+        conn.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(owner)))
 
 
 def capture(conn: psycopg.Connection, live: Slot, other: Slot, step: str) -> Kept:

@@ -208,6 +208,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
 
         def exchange(conn: psycopg.Connection) -> int:
             nonlocal locked_at, kept
+            rebind.lock_views(conn, target)  # the app's views first, as its queries do
             conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                 app_table(target)))
             locked_at = time.monotonic()

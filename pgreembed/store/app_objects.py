@@ -259,6 +259,25 @@ def dependents(conn: psycopg.Connection, table: sql.Composable, columns: list[st
     return list(found.values())
 
 
+def views_reading(conn: psycopg.Connection, table: sql.Composable, columns: list[str]
+                  ) -> list[tuple[sql.Identifier, str]]:
+    """The views (not materialized) that read one of `columns` of `table`, with their
+    owner, in oid order."""
+    rows = conn.execute(
+        """
+        SELECT DISTINCT c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner)
+        FROM pg_depend d
+        JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+        JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+        JOIN pg_class c ON c.oid = r.ev_class AND c.relkind = 'v'
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %s::regclass
+          AND a.attname = ANY(%s)
+        ORDER BY c.oid
+        """, (table.as_string(conn), columns)).fetchall()
+    return [(sql.Identifier(schema, name), owner) for _, schema, name, owner in rows]
+
+
 def publications(conn: psycopg.Connection, schema: str, table: str) -> list[Publication]:
     """The publications that send `schema.table` (FOR ALL TABLES and TABLES IN SCHEMA
     included), with their column list for it, if any."""
