@@ -47,6 +47,7 @@ GRANT SELECT ON docs_search TO ao_reader;
 CREATE VIEW docs_distance WITH (security_invoker = true) AS SELECT id,
     embedding <=> (SELECT embedding FROM docs ORDER BY id LIMIT 1) AS distance FROM docs;
 CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs;
+CREATE UNIQUE INDEX docs_snapshot_id ON docs_snapshot (id);
 CREATE FUNCTION doc_embedding(k bigint) RETURNS vector LANGUAGE sql STABLE
     BEGIN ATOMIC SELECT embedding FROM docs WHERE id = k; END;
 ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
@@ -240,7 +241,9 @@ def test_views_functions_policies_follow_the_live_column_through_a_migration(
     with stack.connect() as conn:
         conn.execute("CREATE VIEW docs_search_top AS SELECT id, embedding FROM docs_search")
     out = refused(stack, "swap", "public.docs_snapshot", "docs_columns",
-                  "DROP MATERIALIZED VIEW", "public.docs_search ", "docs_search_top")
+                  "DROP MATERIALIZED VIEW", "public.docs_search ", "docs_search_top",
+                  "CREATE MATERIALIZED VIEW public.docs_snapshot AS SELECT id,",
+                  "CREATE UNIQUE INDEX docs_snapshot_id ON public.docs_snapshot")
     assert "public.docs_distance" not in out  # kept in place: not refused
     with stack.connect() as conn:
         assert_on_live(conn, OLD)
@@ -281,6 +284,10 @@ def test_views_functions_policies_follow_the_live_column_through_a_migration(
         assert_on_live(conn, NEW)
         # An app object reading the previous column by name: finalize names it, drops nothing.
         conn.execute(f"CREATE VIEW old_model AS SELECT id, {column} FROM docs")
+    warned = json_document(stack.cli("doctor", "--target", "docs", "--json").stdout)
+    [finding] = [f for f in warned["findings"] if f["check"] == "app_objects"]
+    assert finding["level"] == "warn" and f"public.old_model reads {column}" in finding[
+        "message"], finding
     out = refused(stack, "finalize", "public.old_model")
     assert "CASCADE" not in out
     with stack.connect() as conn:

@@ -89,8 +89,8 @@ def _way_out(kind: str, name: str) -> str:
     return {
         catalog.MATVIEW: f"drop it before the swap and create it again after (its REFRESH"
                          f" would keep reading the previous column): DROP MATERIALIZED VIEW"
-                         f" {name}; then swap; then CREATE MATERIALIZED VIEW {name} AS"
-                         " <its definition> and its indexes",
+                         f" {name}; then swap; then create it again with its indexes (and"
+                         " grants)",
         catalog.GENERATED: "make it a plain column before the swap (ALTER TABLE ... ALTER"
                            " COLUMN ... DROP EXPRESSION) or drop it, and add it again after",
         catalog.RULE: "drop it before the swap (DROP RULE) and create it again after",
@@ -137,9 +137,13 @@ def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool) -> Deci
            if obj.kind in (catalog.FUNCTION, catalog.PROCEDURE) else None)
     if why:
         return Decision(obj, REBIND, why)
+    way_out = _way_out(obj.kind, obj.name)
+    if obj.kind == catalog.MATVIEW:
+        way_out += ":" + "".join("\n      " + statement.replace("\n", "\n      ") + ";"
+                                 for statement in catalog.recreate_statements(
+                                     conn, obj.oid, obj.name))
     return Decision(obj, REFUSE, f"the swap cannot keep it on {obj.column} under its short"
-                    f" lock: it would read the other model's column. Way out:"
-                    f" {_way_out(obj.kind, obj.name)}")
+                    f" lock: it would read the other model's column. Way out: {way_out}")
 
 
 def swap_decisions(conn: psycopg.Connection, table: sql.Composable, columns: list[str],
@@ -156,8 +160,8 @@ def refuse_swap(decisions: list[Decision], step: str) -> None:
     if refused:
         raise MigrationError(
             f"{step} refused, nothing changed: {len(refused)} app object(s) read the vector"
-            " column by attribute number and cannot be kept on it: "
-            + "; ".join(d.line() for d in refused))
+            " column by attribute number and cannot be kept on it:"
+            + "".join(f"\n  - {d.line()}" for d in refused))
 
 
 def check_swap(conn: psycopg.Connection, live: Slot, other: Slot, step: str) -> list[Decision]:
@@ -176,11 +180,10 @@ def refuse_drop(conn: psycopg.Connection, table: sql.Composable, column: str, st
     if found:
         raise MigrationError(
             f"{step} refused, nothing changed: {len(found)} app object(s) still read"
-            f" {column}, the column it would drop: "
-            + "; ".join(f"{o.kind} {o.name}" + (f" (owner {o.owner})" if o.owner else "")
-                        for o in found)
-            + ". Point them at the live column (re-create them), or drop them, then run it"
-            " again")
+            f" {column}, the column it would drop (point them at the live column by"
+            " re-creating them, or drop them, then run it again):"
+            + "".join(f"\n  - {o.kind} {o.name}" + (f" (owner {o.owner})" if o.owner else "")
+                      for o in found))
 
 
 def publication_notes(conn: psycopg.Connection, publications: list[Publication],

@@ -278,6 +278,16 @@ def views_reading(conn: psycopg.Connection, table: sql.Composable, columns: list
     return [(sql.Identifier(schema, name), owner) for _, schema, name, owner in rows]
 
 
+def recreate_statements(conn: psycopg.Connection, oid: int, name: str) -> list[str]:
+    """A materialized view's CREATE and its indexes' CREATE, as Postgres prints them."""
+    row = conn.execute("SELECT pg_get_viewdef(%s::oid)", (oid,)).fetchone()
+    assert row is not None
+    indexes = [str(r[0]) for r in conn.execute(
+        "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = %s ORDER BY 1",
+        (oid,))]
+    return [f"CREATE MATERIALIZED VIEW {name} AS {str(row[0]).strip().rstrip(';')}", *indexes]
+
+
 def publications(conn: psycopg.Connection, schema: str, table: str) -> list[Publication]:
     """The publications that send `schema.table` (FOR ALL TABLES and TABLES IN SCHEMA
     included), with their column list for it, if any."""
