@@ -98,10 +98,10 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         notes += app_objects.publication_notes(
             conn, app_catalog.publications(conn, target.schema, target.table), table, column,
             f"{kind}({dimensions})")
-    refused = [d.line() for d in objects if d.action == app_objects.REFUSE]
+    refused = [f"{d.obj.kind} {d.obj.name}" for d in objects if d.action == app_objects.REFUSE]
     if refused:
-        notes.append("the swap will refuse while these read the vector column (start and"
-                     " fill meanwhile): " + "; ".join(refused))
+        notes.append(f"the swap will refuse while {', '.join(refused)} read(s) the vector"
+                     " column (each app object's way out is above); start and fill meanwhile")
     if provider == "local" and dimensions != 384:
         blockers.append("the local model produces 384 dimensions (--dimensions 384)")
     if open_migration is not None:
