@@ -144,7 +144,8 @@ def column_type_of(stack: Stack, relation: str, column: str) -> str:
 def refused(stack: Stack, step: str, *names: str, env: dict[str, str] | None = None) -> str:
     before = slot_columns(stack)
     result = (stack.cli if env is None else _cli_as(stack, env))(
-        "migrate", step, "--target", "docs", *(() if step == "finalize" else ("--timeout", "60")))
+        "migrate", step, "--target", "docs",
+        *(("--timeout", "60") if step in ("swap", "rollback") else ()))
     assert result.returncode == 4, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     for name in names:
@@ -299,3 +300,50 @@ def test_views_functions_policies_follow_the_live_column_through_a_migration(
         assert_on_live(conn, NEW)
         conn.execute("CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs")
         assert bound_columns(conn)["docs_snapshot"] == {"embedding"}
+
+
+KEPT_OFF = """
+ALTER TABLE docs ADD COLUMN dims integer GENERATED ALWAYS AS (vector_dims(embedding)) STORED;
+ALTER TABLE docs ADD CONSTRAINT unit_vectors CHECK (embedding IS NULL
+    OR abs(vector_norm(embedding) - 1) < 0.01);
+CREATE FUNCTION keep_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TRIGGER on_vector BEFORE UPDATE OF embedding ON docs FOR EACH ROW
+    WHEN (NEW.embedding IS NOT NULL) EXECUTE FUNCTION keep_row();
+CREATE TABLE vector_log (id bigint, embedding vector);
+CREATE RULE log_vectors AS ON UPDATE TO docs DO ALSO
+    INSERT INTO vector_log VALUES (NEW.id, NEW.embedding);
+CREATE FUNCTION plain_sql(k bigint) RETURNS vector LANGUAGE sql
+    AS 'SELECT embedding FROM docs WHERE id = k';
+"""
+
+
+def test_what_a_swap_cannot_keep_is_refused_up_front_and_cancel_names_its_readers(
+        stack: Stack) -> None:
+    """Generated columns, CHECK constraints, triggers naming the column and rules cannot
+    be kept on it under the swap's lock: plan lists them, the swap refuses naming each
+    before it waits or changes anything (no worker runs: nothing is filled). A plain-string
+    SQL function follows the name by itself: not listed. `cancel` names what reads the
+    column it would drop instead of cascading."""
+    seed(stack, 10)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        conn.execute(KEPT_OFF)
+    plan = json_document(migrate(stack, "plan", "--model", OLD[0] + "-b", "--dimensions",
+                                 "384", "--json"))
+    assert {(o["kind"], o["name"], o["action"]) for o in plan["app_objects"]} == {
+        ("generated column", "public.docs.dims", "refuse"),
+        ("constraint", "unit_vectors on public.docs", "refuse"),
+        ("trigger", "on_vector on public.docs", "refuse"),
+        ("rule", "log_vectors on public.docs", "refuse")}
+    column = migrate(stack, "start", "--model", OLD[0] + "-b", "--dimensions", "384"
+                     ).split("column ")[1].split(" ")[0]
+    refused(stack, "swap", "public.docs.dims", "unit_vectors on public.docs",
+            "on_vector on public.docs", "log_vectors on public.docs", "DROP TRIGGER")
+    with stack.connect() as conn:
+        conn.execute(f"CREATE VIEW peek AS SELECT id, {column} FROM docs")
+    out = refused(stack, "cancel", "view public.peek")
+    assert "CASCADE" not in out
+    with stack.connect() as conn:
+        conn.execute("DROP VIEW peek")
+    migrate(stack, "cancel")
+    assert column_type(stack, column) is None

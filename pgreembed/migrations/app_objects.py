@@ -107,6 +107,10 @@ def _way_out(kind: str, name: str) -> str:
 
 def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool) -> Decision:
     """What the swap will do with `obj` (see the module's docstring)."""
+    if obj.schema and obj.schema.startswith("pg_temp"):
+        return Decision(obj, REFUSE, "a temporary object of another session: it cannot be"
+                        " re-created from here, and goes when that session ends (end it, or"
+                        " swap after)")
     if obj.kind == catalog.VIEW or (obj.kind in (catalog.FUNCTION, catalog.PROCEDURE)
                                     and obj.sql_body):
         # A function's signature is in its definition: replacing it never changes it. A
