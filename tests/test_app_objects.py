@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 
 OLD, NEW = ("fake-384", 384), ("fake-512", 512)
-ROLES = ("ao_view_owner", "ao_reader", "ao_table_owner", "ao_reembed")
+ROLES = ("ao_view_owner", "ao_reader", "ao_table_owner", "ao_reembed", "ao_default")
 
 APP_OBJECTS = """
 CREATE VIEW docs_search WITH (security_barrier = true)
@@ -44,6 +44,7 @@ COMMENT ON COLUMN docs_search.embedding IS 'the live model''s vector';
 GRANT SELECT ON docs TO ao_view_owner;
 ALTER VIEW docs_search OWNER TO ao_view_owner;
 GRANT SELECT ON docs_search TO ao_reader;
+ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO ao_default;
 CREATE VIEW docs_distance WITH (security_invoker = true) AS SELECT id,
     embedding <=> (SELECT embedding FROM docs ORDER BY id LIMIT 1) AS distance FROM docs;
 CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs;
@@ -125,7 +126,8 @@ def assert_view_kept(stack: Stack, dims: int) -> None:
     with stack.connect() as conn:
         row = conn.execute(
             "SELECT pg_get_userbyid(relowner), reloptions,"
-            " has_table_privilege('ao_reader', oid, 'SELECT'),"
+            " has_table_privilege('ao_reader', oid, 'SELECT')"
+            " AND NOT has_table_privilege('ao_default', oid, 'SELECT'),"
             " obj_description(oid, 'pg_class'), col_description(oid, 4)"
             " FROM pg_class WHERE oid = 'docs_search'::regclass").fetchone()
     assert row == ("ao_view_owner", ["security_barrier=true"], True, "what the app searches",

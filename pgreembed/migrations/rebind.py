@@ -13,6 +13,7 @@ lock_timeout; the swap is then retried like any busy attempt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -25,12 +26,13 @@ from pgreembed.store import app_objects as catalog
 from pgreembed.store.slots import Slot, app_table, load_slots
 
 Statement = sql.SQL | sql.Composed
+Step = Statement | Callable[[psycopg.Connection], None]  # a callable reads what it needs
 
 
 @dataclass
 class _Object:
     decision: decisions.Decision
-    statements: list[Statement] = field(default_factory=list)
+    statements: list[Step] = field(default_factory=list)
 
 
 def _acl(conn: psycopg.Connection, oid: int) -> list[tuple[str | None, str, bool]]:
@@ -43,27 +45,36 @@ def _acl(conn: psycopg.Connection, oid: int) -> list[tuple[str | None, str, bool
     return [(r[0], str(r[1]), bool(r[2])) for r in rows]
 
 
-def _restore(conn: psycopg.Connection, obj: catalog.AppObject, on: sql.Composable,
-             old_acl: list[tuple[str | None, str, bool]],
-             comments: list[Statement]) -> list[Statement]:
-    """Owner, grants and comments of a dropped object, for the statements after its CREATE.
-    The grants are replaced whole: default privileges may have granted others."""
-    out: list[Statement] = []
-    user = conn.execute("SELECT current_user").fetchone()
-    if obj.owner and user and obj.owner != user[0]:
+def _revoke_all(name: sql.Identifier, on: sql.Composable) -> Step:
+    """Revoke whatever the re-created relation was given (by default privileges too), so
+    that its grants become exactly the captured ones."""
+    def run(conn: psycopg.Connection) -> None:
+        grantees = [r[0] for r in conn.execute(
+            "SELECT DISTINCT CASE WHEN e.grantee = 0 THEN NULL"
+            " ELSE pg_get_userbyid(e.grantee) END FROM pg_class x,"
+            " aclexplode(coalesce(x.relacl, acldefault('r', x.relowner))) e"
+            " WHERE x.oid = %s::regclass", (name.as_string(conn),)).fetchall()]
+        if grantees:
+            conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(on, sql.SQL(", ").join(
+                sql.SQL("PUBLIC") if g is None else sql.Identifier(g) for g in grantees)))
+    return run
+
+
+def _restore(obj: catalog.AppObject, name: sql.Identifier, on: sql.Composable,
+             old_acl: list[tuple[str | None, str, bool]], user: str) -> list[Step]:
+    """Owner and grants of a dropped relation, for the statements after its CREATE."""
+    out: list[Step] = []
+    if obj.owner and obj.owner != user:
         out.append(sql.SQL("ALTER {} OWNER TO {}").format(on, sql.Identifier(obj.owner)))
-    grantees = {g for g, _, _ in old_acl} | ({obj.owner} if obj.owner else set())
-    out.append(sql.SQL("REVOKE ALL ON {} FROM {}").format(on, sql.SQL(", ").join(
-        sql.SQL("PUBLIC") if g is None else sql.Identifier(g) for g in sorted(
-            grantees, key=lambda g: g or ""))))
+    out.append(_revoke_all(name, on))
     for grantee, privilege, option in old_acl:
         out.append(sql.SQL("GRANT {} ON {} TO {}{}").format(
             sql.SQL(privilege), on, sql.SQL("PUBLIC") if grantee is None
             else sql.Identifier(grantee), sql.SQL(" WITH GRANT OPTION" if option else "")))
-    return out + comments
+    return out
 
 
-def _view(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
+def _view(conn: psycopg.Connection, decision: decisions.Decision) -> list[Step]:
     obj = decision.obj
     assert obj.schema and obj.relname
     name = sql.Identifier(obj.schema, obj.relname)
@@ -90,18 +101,20 @@ def _view(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statem
         comments.append(sql.SQL("COMMENT ON COLUMN {} IS {}").format(
             sql.Identifier(obj.schema, obj.relname, column), sql.Literal(text)))
     on = sql.SQL("TABLE {}").format(name)  # GRANT ... ON TABLE covers views
+    user = conn.execute("SELECT current_user").fetchone()
+    assert user is not None
     return [sql.SQL("DROP VIEW {}").format(name),
             sql.SQL("CREATE VIEW {}{} AS {}").format(name, with_options, definition),
-            *_restore(conn, obj, on, _acl(conn, obj.oid), comments)]
+            *_restore(obj, name, on, _acl(conn, obj.oid), str(user[0])), *comments]
 
 
-def _function(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
+def _function(conn: psycopg.Connection, decision: decisions.Decision) -> list[Step]:
     row = conn.execute("SELECT pg_get_functiondef(%s::oid)", (decision.obj.oid,)).fetchone()
     assert row is not None
     return [sql.SQL(str(row[0]))]  # "CREATE OR REPLACE FUNCTION ..." as Postgres prints it
 
 
-def _policy(conn: psycopg.Connection, decision: decisions.Decision) -> list[Statement]:
+def _policy(conn: psycopg.Connection, decision: decisions.Decision) -> list[Step]:
     obj = decision.obj
     row = conn.execute("SELECT pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck,"
                        " polrelid) FROM pg_policy WHERE oid = %s", (obj.oid,)).fetchone()
@@ -124,7 +137,10 @@ class Kept:
         for each in self.objects:
             for statement in each.statements:
                 try:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
                 except psycopg.errors.LockNotAvailable:
                     raise  # the app holds the object: this attempt is retried
                 except psycopg.Error as exc:
