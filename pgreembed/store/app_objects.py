@@ -127,7 +127,7 @@ def _dependents_of(conn: psycopg.Connection, catalog: str, oid: int) -> tuple[st
     return tuple(str(r[0]) for r in rows)
 
 
-def _from_rewrite(conn: psycopg.Connection, objid: int, column: str) -> AppObject:
+def _from_rewrite(conn: psycopg.Connection, objid: int, column: str) -> AppObject | None:
     row = conn.execute(
         """
         SELECT r.rulename, c.oid, c.relkind, n.nspname, c.relname, pg_get_userbyid(c.relowner),
@@ -139,6 +139,8 @@ def _from_rewrite(conn: psycopg.Connection, objid: int, column: str) -> AppObjec
         (objid,)).fetchone()
     assert row is not None
     rule, rel_oid, relkind, schema, relname, owner, vector_output = row
+    if schema == SCHEMA:
+        return None  # pgreembed's own
     name = _qualified(conn, schema, relname)
     if rule != "_RETURN":
         return AppObject(RULE, f"{_qualified(conn, rule)} on {name}", column, owner,
