@@ -79,7 +79,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "tokens_per_minute": p.budget.tokens_per_minute,
             "storage_bytes": p.storage_bytes, "column": p.column,
             "column_type": p.column_type, "statements": p.statements,
-            "blockers": p.blockers, "notes": p.notes})
+            "blockers": p.blockers, "notes": p.notes,
+            "app_objects": [d.as_dict() for d in p.app_objects]})
         return code
     cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
     about = "~" if p.rows_estimated else ""
@@ -105,6 +106,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("SQL:")
     for statement in p.statements:
         print(f"  {statement}")
+    for decision in p.app_objects:
+        print(f"app object: {decision.line()}")
     for note in p.notes:
         print(f"note: {note}")
     for blocker in p.blockers:
@@ -125,6 +128,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
     print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
           " filled by the scheduler and workers")
+    decisions, notes = lifecycle.app_objects_report(settings, target)
+    for decision in decisions:
+        print(f"app object: {decision.line()}")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -195,6 +203,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
             "step": step, "attempts": result.attempts,
             "pause_ms": round(result.pause_seconds * 1000, 1),
             "seconds": round(result.waited_seconds, 3), "unsearchable": result.unsearchable,
+            "app_objects": [d.as_dict() for d in result.kept],
             **({"comparison": comparison} if step == "swap" else {})})
     elif result.already_done:
         print(f"{step} was already done (committed by an earlier run): nothing to do")
@@ -202,6 +211,9 @@ def cmd_swap(args: argparse.Namespace) -> int:
         print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
               f" (attempt {result.attempts}, {result.waited_seconds:.1f} s in all;"
               f" {result.unsearchable} rows to embed for the new live model)")
+        for decision in result.kept:
+            print(f"kept on its column: {decision.obj.kind} {decision.obj.name}"
+                  f" ({decision.action})")
     return 0
 
 

@@ -21,6 +21,8 @@ from pgreembed.config import Budget, Settings, Target
 from pgreembed.embedding.budgets import record_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import ConfigError, MigrationError
+from pgreembed.migrations import app_objects
+from pgreembed.migrations.app_objects import refuse_drop
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.state import (
     new_column_name,
@@ -148,6 +150,13 @@ def start(settings: Settings, target: Target, provider: str, model: str,
     return new_slot
 
 
+def app_objects_report(settings: Settings, target: Target
+                       ) -> tuple[list[app_objects.Decision], list[str]]:
+    """The app's objects reading the target's columns, with what the swap will do."""
+    with connect(settings.database_url, autocommit=True) as conn:
+        return app_objects.report(conn, target)
+
+
 def _finish_start(settings: Settings, target: Target) -> None:
     with connect(settings.database_url, autocommit=True) as conn:
         for slot in load_slots(conn, target):
@@ -225,6 +234,7 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None)
     def drop_new(conn: psycopg.Connection) -> None:
         migration = require_open(conn, target, "filling", lock=True)  # before any table
         slot = slots_by_id(conn, target)[migration.to_slot]
+        refuse_drop(conn, slot.table, slot.vector_column, "cancel")
         _drop_slot(conn, target, slot)
         # A side fill held the live column back: it is filled directly again.
         conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
@@ -247,6 +257,7 @@ def finalize(settings: Settings, target: Target, policy: LockPolicy | None = Non
     def drop_old(conn: psycopg.Connection) -> None:
         migration = require_open(conn, target, "swapped", "rolled_back", lock=True)
         old = next(s for s in load_slots(conn, target) if s.role == "old")
+        refuse_drop(conn, old.table, old.vector_column, "finalize")
         _drop_slot(conn, target, old)
         conn.execute("UPDATE pgreembed.migrations SET phase = 'finalized', finished_at = now()"
                      " WHERE id = %s", (migration.id,))

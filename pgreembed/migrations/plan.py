@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -12,9 +12,11 @@ from pgreembed.config import Budget, Settings, Target
 from pgreembed.embedding.budgets import configured_budget, recorded_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import MigrationError
+from pgreembed.migrations import app_objects
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.model_keys import model_key
+from pgreembed.store import app_objects as app_catalog
 from pgreembed.store import catalog
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table, load_slots, vector_type_for
@@ -44,6 +46,8 @@ class Plan:
     statements: list[str]
     blockers: list[str]
     notes: list[str]
+    # The app's objects reading the live column, with what the swap will do with each.
+    app_objects: list[app_objects.Decision] = field(default_factory=list)
 
 
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
@@ -89,6 +93,15 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
             conn, live, column, f"{kind}({dimensions})", index_method,
             f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
             SWAP_COLUMN)
+        objects = app_objects.swap_decisions(conn, table, [live.vector_column],
+                                             live.column_type, f"{kind}({dimensions})")
+        notes += app_objects.publication_notes(
+            conn, app_catalog.publications(conn, target.schema, target.table), table, column,
+            f"{kind}({dimensions})")
+    refused = [f"{d.obj.kind} {d.obj.name}" for d in objects if d.action == app_objects.REFUSE]
+    if refused:
+        notes.append(f"the swap will refuse while {', '.join(refused)} read(s) the vector"
+                     " column (each app object's way out is above); start and fill meanwhile")
     if provider == "local" and dimensions != 384:
         blockers.append("the local model produces 384 dimensions (--dimensions 384)")
     if open_migration is not None:
@@ -124,7 +137,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     minutes = max(limits) if limits and provider == "openai" else None
     return Plan(total, empty, estimated, paid_texts, tokens, exact, embedder.counts_exactly,
                 cost, minutes, budget, storage, column, f"{kind}({dimensions})", statements,
-                blockers, notes)
+                blockers, notes, objects)
 
 
 def _count_rows(conn: psycopg.Connection, table: sql.Composable, text: sql.Composable

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError, WaitTimeoutError
+from pgreembed.migrations import app_objects, rebind
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import SWAP_COLUMN, open_migration, require_open
@@ -130,6 +131,8 @@ class SwapResult:
     waited_seconds: float  # from the call to the commit (catching up and lock attempts)
     unsearchable: int  # rows left unsearchable for the seconds until they are embedded
     already_done: bool = False  # run again after its commit (a crash): nothing to do
+    # The app's views, functions and policies kept on the column they name (app_objects).
+    kept: tuple[app_objects.Decision, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         with connect(settings.database_url) as conn:
             require_open(conn, target, *phases)
             live, other = _pair(conn, target)
+            # The app's objects that cannot be kept on their column: refused before waiting.
+            app_objects.check_swap(conn, live, other, step)
             ready = readiness(conn, live, other, check_indexes=not rollback)
             conn.rollback()
         if ready.problems:
@@ -207,12 +212,14 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             time.sleep(0.5)
             continue
         locked_at = 0.0
+        kept: list[app_objects.Decision] = []
 
         def exchange(conn: psycopg.Connection) -> int:
-            nonlocal locked_at
+            nonlocal locked_at, kept
             # The migration's row before the table: pauses and spend reservations lock it
             # and then the slot, and must never wait on a swap that holds the table.
             migration = require_open(conn, target, *phases, lock=True)
+            rebind.lock_views(conn, target)  # the app's views first, as its queries do
             conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                 app_table(target)))
             locked_at = time.monotonic()
@@ -220,7 +227,9 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             unsearchable, failed = _unsearchable_counts(conn, live, other)
             if unsearchable > max_unsearchable or (failed and not accept_failed):
                 raise _NotReady()
+            captured = rebind.capture(conn, live, other, step)  # before the names move
             _exchange(conn, live, other, "old")
+            kept = captured.apply(conn)  # each app object back on the column it names
             # A side fill's step is recorded in the same commit (a crash cannot split them).
             conn.execute("UPDATE pgreembed.migrations SET phase = %s, swapped_at = now(),"
                          " auto_step = CASE WHEN auto_reason IS NULL OR %s THEN auto_step"
@@ -238,4 +247,5 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             continue  # rows changed between the check and the lock
         crash_point(step)
         done = time.monotonic()
-        return SwapResult(attempts + 1, done - locked_at, done - asked, left)
+        return SwapResult(attempts + 1, done - locked_at, done - asked, left,
+                          kept=tuple(kept))

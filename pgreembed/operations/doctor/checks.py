@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
+from pgreembed.operations.doctor.app_objects import AppObjectChecks
 from pgreembed.operations.doctor.base import (
     SCHEDULER_CONNECTIONS,
     Extension,
@@ -49,7 +50,8 @@ from pgreembed.store.slots import (
 )
 
 
-class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks, PrivilegeChecks):
+class _Doctor(AppObjectChecks, ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks,
+              PrivilegeChecks):
     """All the checks, run on one read-only connection."""
 
     def extension(self) -> Extension | None:
@@ -143,6 +145,7 @@ class _Doctor(ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks, Privilege
         self.guarded(name, "norms",
                      lambda: self._norms(target, oid, table, vector, ext, column, where))
         self.guarded(name, "indexes", lambda: self._indexes(target, oid, where, ext))
+        self.guarded(name, "app_objects", lambda: self.app_objects(target))
 
     def _misconfigured(self, target: Target) -> None:
         """A column whose every request the provider refuses as configured: an error."""
