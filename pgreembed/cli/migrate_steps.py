@@ -203,6 +203,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
             "step": step, "attempts": result.attempts,
             "pause_ms": round(result.pause_seconds * 1000, 1),
             "seconds": round(result.waited_seconds, 3), "unsearchable": result.unsearchable,
+            "already_done": result.already_done,
             "app_objects": [d.as_dict() for d in result.kept],
             **({"comparison": comparison} if step == "swap" else {})})
     elif result.already_done:
