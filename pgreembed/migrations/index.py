@@ -15,7 +15,7 @@ from pgreembed.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
 from pgreembed.migrations.state import require_open, slots_by_id
-from pgreembed.store import catalog
+from pgreembed.store import catalog, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot
 
@@ -81,6 +81,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
             log.warning("dropping index %s (%s) to build it again", name, why)
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                 sql.Identifier(target.schema, name)))
+        if distance == "l1":
+            server_versions.require(conn, server_versions.L1_INDEX, MigrationError)
         opclass = f"{slot.vector_type}_{distance}_ops"
         if method == "hnsw":
             params = sql.SQL("WITH (m = {}, ef_construction = {})").format(

@@ -15,7 +15,7 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.model_keys import model_key
-from pgreembed.store import catalog
+from pgreembed.store import catalog, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
@@ -80,6 +80,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
         index_method, index_distance = index_defaults(conn, live)
+        versions = server_versions.read(conn)
         budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
         if provider == "openai":
             budget = budget.tighter(recorded_budget(conn, provider, model))
@@ -89,6 +90,10 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
             conn, live, column, f"{kind}({dimensions})", index_method,
             f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
             SWAP_COLUMN)
+    blockers.extend(problem for problem in (
+        versions.missing(server_versions.HALFVEC) if kind == "halfvec" else None,
+        versions.missing(server_versions.L1_INDEX) if index_distance == "l1" else None,
+    ) if problem is not None)
     if provider == "local" and dimensions != 384:
         blockers.append("the local model produces 384 dimensions (--dimensions 384)")
     if open_migration is not None:
