@@ -22,6 +22,8 @@ from tests.helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.second_server  # also run on PostgreSQL 15 by .ci/run
+
 ROWS = 400
 STALE = range(1, 11)  # rows whose live vector is of an older text (edited, trigger off)
 

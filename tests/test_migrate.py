@@ -54,6 +54,7 @@ def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection
     return blocker
 
 
+@pytest.mark.second_server
 def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     seed(stack, 60)
     running(stack)
@@ -111,6 +112,7 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     assert_column_current(stack, "embedding", "fake-768", 768)
 
 
+@pytest.mark.second_server
 def test_large_model_uses_halfvec(stack: Stack) -> None:
     seed(stack, 12)
     running(stack)
@@ -125,6 +127,7 @@ def test_large_model_uses_halfvec(stack: Stack) -> None:
     assert_column_current(stack, "embedding", "fake-3072", 3072)
 
 
+@pytest.mark.second_server
 def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     seed(stack, 10)
     running(stack)
@@ -148,6 +151,7 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     assert_column_current(stack, "embedding", "fake-384", 384)
 
 
+@pytest.mark.second_server
 def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
     seed(stack, 200)
     running(stack)
@@ -198,6 +202,7 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
     assert counts["search"] > 10 and counts["write"] > 10, counts
 
 
+@pytest.mark.second_server
 def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack) -> None:
     seed(stack, 20)
     with stack.connect() as conn:  # two equal texts: equal vectors, so a UNIQUE build fails
@@ -278,6 +283,7 @@ def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_o
     assert_column_current(stack, "embedding", "fake-384", 384)
 
 
+@pytest.mark.second_server
 def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
                                                              fake_openai) -> None:
     from pgreembed.migrations import plan as migration

@@ -30,6 +30,8 @@ from tests.helpers import (
     write_config,
 )
 
+pytestmark = pytest.mark.second_server  # also run on PostgreSQL 15 by .ci/run
+
 FIXTURE = ROOT / "tests" / "fixtures" / "bookkeeping_v0.sql"
 
 
