@@ -26,6 +26,7 @@ from psycopg import sql
 
 from pgreembed.cli.output import schema
 from pgreembed.config import parse_settings
+from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.testing.fake_vectors import fake_vector, fake_vectors
 from pgreembed.testing.services import EmbeddedPostgres
@@ -260,3 +261,12 @@ def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1
 
     with in_background(run):
         yield counts
+
+
+def require_server(dsn: str, requirement: server_versions.Requirement) -> None:
+    """Skip the test, naming the version found and the one needed, when the suite's server
+    (TEST_DATABASE_URL, e.g. PostgreSQL 15 in .ci/run) is too old for `requirement`."""
+    with psycopg.connect(dsn) as conn:
+        missing = server_versions.read(conn).missing(requirement)
+    if missing is not None:
+        pytest.skip(missing)

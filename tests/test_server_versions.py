@@ -13,7 +13,7 @@ import pytest
 
 from pgreembed.store import server_versions
 from pgreembed.store.server_versions import ServerVersions, parse_version
-from tests.helpers import Stack, json_document
+from tests.helpers import Stack, column_type, docs_config, json_document
 
 pytestmark = pytest.mark.second_server
 
@@ -88,6 +88,33 @@ def test_tune_with_a_filter_sweeps_iterative_scans_only_where_pgvector_has_them(
         feature = server_versions.ITERATIVE_SCAN.feature
         assert note.startswith(f"iterative scans not tried: {feature} needs pgvector 0.8.0"
                                f" or newer; this database has pgvector {found[0]}")
+
+
+def test_a_halfvec_column_is_made_only_where_pgvector_has_halfvec(stack: Stack) -> None:
+    """On pgvector < 0.7 (e.g. 0.6.2: docs-notes/pgversions.md) init of a 3072-dim model
+    and `--derive halfvec` are refused before anything changes, naming both versions."""
+    stack.config_path.write_text(docs_config().replace(
+        'model = "fake-384"\ndimensions = 384', 'model = "fake-3072"\ndimensions = 3072'))
+    result = stack.cli("init")
+    with stack.connect() as conn:
+        _, vector = versions_of(conn)
+        found = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+                             ).fetchone()
+    assert found is not None
+    if vector >= (0, 7, 0):
+        assert result.returncode == 0, result.stderr
+        assert column_type(stack, "embedding") == "halfvec(3072)"
+        return
+    needs = (f"{server_versions.HALFVEC.feature} needs pgvector 0.7.0 or newer; this database"
+             f" has pgvector {found[0]}")
+    assert result.returncode == 1 and f"pgreembed: {needs}" in result.stderr
+    assert column_type(stack, "embedding") is None
+    stack.config_path.write_text(docs_config())
+    assert stack.cli("init").returncode == 0
+    derive = stack.cli("migrate", "start", "--target", "docs", "--derive", "halfvec")
+    assert derive.returncode == 4 and f"pgreembed: {needs}" in derive.stderr
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pgreembed.migrations").fetchone() == (0,)
 
 
 def older(postgres: int = 150020, pgvector: str | None = "0.8.0",
