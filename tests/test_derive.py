@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from pgreembed.store import server_versions
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
@@ -18,6 +19,7 @@ from tests.helpers import (
     docs_config,
     in_background,
     migrate,
+    require_server,
     running,
     seed,
     steady_writer,
@@ -29,6 +31,7 @@ from tests.helpers import (
 @pytest.mark.second_server
 def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    require_server(stack.dsn, server_versions.DERIVE_DIMENSIONS)
     seed(stack, 200)
     running(stack)
     wait_filled(stack, "embedding")

@@ -14,12 +14,14 @@ import pytest
 
 from pgreembed.config import parse_settings
 from pgreembed.operations.search import search
+from pgreembed.store import server_versions
 from tests.helpers import (
     Stack,
     assert_column_current,
     column_type,
     in_background,
     migrate,
+    require_server,
     running,
     seed,
     wait_filled,
@@ -114,6 +116,7 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
 
 @pytest.mark.second_server
 def test_large_model_uses_halfvec(stack: Stack) -> None:
+    require_server(stack.dsn, server_versions.HALFVEC)
     seed(stack, 12)
     running(stack)
     migrate(stack, "start", "--model", "fake-3072", "--dimensions", "3072")
@@ -289,6 +292,7 @@ def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
     from pgreembed.migrations import plan as migration
     from pgreembed.store.setup import init_target
 
+    require_server(database_url, server_versions.HALFVEC)  # plans a 3072-dim model
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
         conn.execute("INSERT INTO docs SELECT g, repeat('x', 40) FROM generate_series(1, 100) g")
