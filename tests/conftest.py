@@ -38,6 +38,7 @@ from tests.helpers import (
 def server_dsn() -> Iterator[str]:
     given = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
     if given:
+        check_given_server(given)
         yield given
         return
     postgres = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pgreembed-test-")) / "pgdata")
@@ -47,6 +48,19 @@ def server_dsn() -> Iterator[str]:
     postgres.restart()
     yield dsn
     postgres.stop()
+
+
+def check_given_server(dsn: str) -> None:
+    """What the tests need of a server they are given, said once instead of in every test."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT rolsuper, EXISTS (SELECT FROM pg_available_extensions WHERE name = 'vector')"
+            " FROM pg_roles WHERE rolname = current_user").fetchone()
+    if row is None or not all(row):
+        pytest.fail("TEST_DATABASE_URL: the tests need a superuser role (they create"
+                    " databases, roles and the vector extension) on a server with pgvector;"
+                    f" this one: superuser {row and row[0]}, pgvector available"
+                    f" {row and row[1]}", pytrace=False)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgreembed.cli.output import schema
 from pgreembed.config import parse_settings
+from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.testing.fake_vectors import fake_vector, fake_vectors
 from pgreembed.testing.services import EmbeddedPostgres
@@ -315,3 +316,12 @@ def drop_ordinary_roles(admin_dsn: str, roles: OrdinaryRoles) -> None:
         for name in names:
             conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def require_server(dsn: str, requirement: server_versions.Requirement) -> None:
+    """Skip the test, naming the version found and the one needed, when the suite's server
+    (TEST_DATABASE_URL, e.g. PostgreSQL 15 in .ci/run) is too old for `requirement`."""
+    with psycopg.connect(dsn) as conn:
+        missing = server_versions.read(conn).missing(requirement)
+    if missing is not None:
+        pytest.skip(missing)

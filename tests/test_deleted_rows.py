@@ -10,6 +10,7 @@ import uuid
 
 import numpy as np
 import psycopg
+import pytest
 import redis
 from psycopg import sql
 
@@ -59,6 +60,7 @@ def change_model(stack: Stack, model: str) -> None:
     stack.config_path.write_text(config.replace('model = "fake-384"', f'model = "{model}"'))
 
 
+@pytest.mark.second_server
 def test_in_place_model_change_after_deletes_finishes_and_forgets_deleted_rows(stack: Stack
                                                                               ) -> None:
     insert_docs(stack, 30)
@@ -119,6 +121,7 @@ def test_state_rows_of_rows_deleted_without_triggers_are_no_work_and_get_swept(
     assert (status[0]["total"], status[0]["embedded"], status[0]["outdated"]) == (13, 13, 0)
 
 
+@pytest.mark.second_server
 def test_app_role_deletes_and_truncates_without_rights_on_our_state_tables(stack: Stack
                                                                          ) -> None:
     insert_docs(stack, 12)

@@ -8,6 +8,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
+from pgreembed.store import server_versions
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
@@ -16,6 +19,7 @@ from tests.helpers import (
     docs_config,
     in_background,
     migrate,
+    require_server,
     running,
     seed,
     steady_writer,
@@ -24,8 +28,10 @@ from tests.helpers import (
 )
 
 
+@pytest.mark.second_server
 def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    require_server(stack.dsn, server_versions.DERIVE_DIMENSIONS)
     seed(stack, 200)
     running(stack)
     wait_filled(stack, "embedding")
@@ -65,6 +71,7 @@ def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
     assert_column_current(stack, new_column, "fake-384", 128)
 
 
+@pytest.mark.second_server
 def test_derive_is_refused_for_a_size_it_cannot_shorten_to(stack: Stack) -> None:
     seed(stack, 3)
     assert stack.cli("init").returncode == 0

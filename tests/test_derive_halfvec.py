@@ -8,6 +8,7 @@ import json
 import psycopg
 import pytest
 
+from pgreembed.store import server_versions
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
@@ -15,12 +16,15 @@ from tests.helpers import (
     column_type,
     docs_config,
     migrate,
+    require_server,
     running,
     seed,
     steady_writer,
     wait_filled,
     write_config,
 )
+
+pytestmark = pytest.mark.second_server  # also run on PostgreSQL 15 by .ci/run
 
 ROWS = 400
 STALE = range(1, 11)  # rows whose live vector is of an older text (edited, trigger off)
@@ -38,6 +42,7 @@ def ann_opclasses(stack: Stack, column: str) -> list[str]:
 @pytest.mark.timeout(600)  # 225 s on the loaded 2-core machine: a whole migration, twice swapped
 def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    require_server(stack.dsn, server_versions.HALFVEC)
     seed(stack, ROWS)
     running(stack)
     wait_filled(stack, "embedding")
@@ -108,6 +113,7 @@ def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
 
 
 def test_halfvec_is_refused_when_the_live_column_is_halfvec(stack: Stack) -> None:
+    require_server(stack.dsn, server_versions.HALFVEC)
     write_config(stack.config_path, docs_config(target_extra='vector_type = "halfvec"'))
     seed(stack, 3)
     assert stack.cli("init").returncode == 0

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
 
 from pgreembed.config import load_settings
 from pgreembed.store.rows import lock_slot
@@ -69,6 +70,7 @@ def edit_then(stack: Stack, fake: FakeOpenAIServer, slow: str, step: str) -> dic
     return result
 
 
+@pytest.mark.second_server
 def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     column = start_same_dimension_migration(stack)
@@ -93,6 +95,7 @@ def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
     assert writes["errors"] == writes_back["errors"] == 0
 
 
+@pytest.mark.second_server
 def test_swap_converges_under_steady_writes(stack: Stack, fake_openai: FakeOpenAIServer
                                             ) -> None:
     """Zero rows without an incoming vector never happens under steady writes; the swap
@@ -190,6 +193,7 @@ def writers_always_in_flight(stack: Stack, slot_id: int, hold: float = 0.6
         yield counts
 
 
+@pytest.mark.second_server
 def test_swap_gets_its_lock_while_worker_writes_are_always_in_flight(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     """With a few workers one write is always in flight: 100 ms lock attempts alone never get

@@ -14,12 +14,14 @@ import pytest
 
 from pgreembed.config import parse_settings
 from pgreembed.operations.search import search
+from pgreembed.store import server_versions
 from tests.helpers import (
     Stack,
     assert_column_current,
     column_type,
     in_background,
     migrate,
+    require_server,
     running,
     seed,
     wait_filled,
@@ -54,6 +56,7 @@ def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection
     return blocker
 
 
+@pytest.mark.second_server
 def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     seed(stack, 60)
     running(stack)
@@ -111,7 +114,9 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     assert_column_current(stack, "embedding", "fake-768", 768)
 
 
+@pytest.mark.second_server
 def test_large_model_uses_halfvec(stack: Stack) -> None:
+    require_server(stack.dsn, server_versions.HALFVEC)
     seed(stack, 12)
     running(stack)
     migrate(stack, "start", "--model", "fake-3072", "--dimensions", "3072")
@@ -125,6 +130,7 @@ def test_large_model_uses_halfvec(stack: Stack) -> None:
     assert_column_current(stack, "embedding", "fake-3072", 3072)
 
 
+@pytest.mark.second_server
 def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     seed(stack, 10)
     running(stack)
@@ -148,6 +154,7 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     assert_column_current(stack, "embedding", "fake-384", 384)
 
 
+@pytest.mark.second_server
 def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
     seed(stack, 200)
     running(stack)
@@ -198,6 +205,7 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
     assert counts["search"] > 10 and counts["write"] > 10, counts
 
 
+@pytest.mark.second_server
 def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack) -> None:
     seed(stack, 20)
     with stack.connect() as conn:  # two equal texts: equal vectors, so a UNIQUE build fails
@@ -278,11 +286,13 @@ def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_o
     assert_column_current(stack, "embedding", "fake-384", 384)
 
 
+@pytest.mark.second_server
 def test_plan_changes_nothing_and_estimates_tokens_cost_time(database_url: str,
                                                              fake_openai) -> None:
     from pgreembed.migrations import plan as migration
     from pgreembed.store.setup import init_target
 
+    require_server(database_url, server_versions.HALFVEC)  # plans a 3072-dim model
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
         conn.execute("INSERT INTO docs SELECT g, repeat('x', 40) FROM generate_series(1, 100) g")

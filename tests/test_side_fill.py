@@ -148,6 +148,7 @@ def test_big_backlog_goes_side_by_side_small_inflow_stays_direct(
     assert_column_current(stack, "embedding", OLD, 384)
 
 
+@pytest.mark.second_server
 def test_init_after_a_model_change_fills_a_side_column(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     filled_and_indexed(stack, 120)
@@ -176,6 +177,7 @@ def test_init_after_a_model_change_fills_a_side_column(
     assert_column_current(stack, "embedding", NEW, 384)
 
 
+@pytest.mark.second_server
 def test_a_cron_tick_takes_the_side_fill_through_to_the_swap(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     """Without a scheduler process, `tick --wait` starts, fills, indexes and swaps; the next
@@ -205,6 +207,7 @@ TARGET = {"name": "docs", "table": "docs", "text_column": "body", "provider": "l
           "dimensions": 384}
 
 
+@pytest.mark.second_server
 def test_side_fill_settings_default_and_errors_name_the_field() -> None:
     env = {"DATABASE_URL": "postgresql://localhost/db"}
     defaults = parse_settings({"target": [TARGET]}, env).side_fill

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -25,6 +26,8 @@ from tests.helpers import (
     wait_filled,
     write_config,
 )
+
+pytestmark = pytest.mark.second_server  # also run on PostgreSQL 15 by .ci/run
 
 
 @contextmanager

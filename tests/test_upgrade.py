@@ -4,6 +4,7 @@ tests/fixtures/bookkeeping_v0.sql is a pg_dump (without the vector extension) of
 database made by that release (commit 877d542): the test `docs` table, `init`, its 12
 rows embedded with fake-384, then `migrate start --model fake-1536 --dimensions 1536`
 (the new column empty, the migration filling). Its bookkeeping has no version table.
+Its `SET transaction_timeout` line (Postgres 17+) was removed so it loads on Postgres 15.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from tests.helpers import (
     wait_filled,
     write_config,
 )
+
+pytestmark = pytest.mark.second_server  # also run on PostgreSQL 15 by .ci/run
 
 FIXTURE = ROOT / "tests" / "fixtures" / "bookkeeping_v0.sql"
 

@@ -32,6 +32,8 @@ def print_result(result: TuneResult) -> None:
     for label, m in rows:
         print(f"{label:<{width}} {m.recall:>9.3f} {m.p50_ms:>8.2f} {m.p99_ms:>8.2f}"
               f"{f'  ({m.short} queries came back short)' if m.short else ''}")
+    for note in result.notes:
+        print(f"note: {note}")
     if result.recommended is None:
         print(f"no setting reached recall {result.target_recall}; nothing recorded"
               " (a larger index build parameter, m / lists, or exact search is needed)")

@@ -37,6 +37,7 @@ from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.state import open_migration
 from pgreembed.model_keys import is_shortenable
+from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import lock_slot
 from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
@@ -118,7 +119,11 @@ def start(settings: Settings, target: Target, spec: str, policy: LockPolicy | No
     from pgreembed.migrations import lifecycle
 
     live = live_slot(settings, target)
-    dimensions, kind = new_column(live, parse(spec))
+    derivation = parse(spec)
+    dimensions, kind = new_column(live, derivation)
+    with connect(settings.database_url) as conn:  # refused before anything changes
+        server_versions.require(conn, server_versions.HALFVEC if derivation.kind == "halfvec"
+                                else server_versions.DERIVE_DIMENSIONS, MigrationError)
     slot = lifecycle.start(settings, target, live.provider, live.model, dimensions,
                            policy=policy, derive=spec, vector_type=kind)
     return slot, fill(settings, target, slot.id, policy, progress=progress)

@@ -17,7 +17,7 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
 from pgreembed.migrations.state import require_open, slots_by_id
-from pgreembed.store import catalog
+from pgreembed.store import catalog, server_versions
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.pool import connect
 from pgreembed.store.session import lift_statement_limits
@@ -91,6 +91,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
             log.warning("dropping index %s (%s) to build it again", name, why)
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                 sql.Identifier(target.schema, name)))
+        if distance == "l1":
+            server_versions.require(conn, server_versions.L1_INDEX, MigrationError)
         opclass = f"{slot.vector_type}_{distance}_ops"
         if method == "hnsw":
             params = sql.SQL("WITH (m = {}, ef_construction = {})").format(

@@ -17,7 +17,7 @@ from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.model_keys import model_key
 from pgreembed.store import app_objects as app_catalog
-from pgreembed.store import catalog
+from pgreembed.store import catalog, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
@@ -84,6 +84,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
         index_method, index_distance = index_defaults(conn, live)
+        versions = server_versions.read(conn)
         budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
         if provider == "openai":
             budget = budget.tighter(recorded_budget(conn, provider, model))
@@ -98,6 +99,10 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         notes += app_objects.publication_notes(
             conn, app_catalog.publications(conn, target.schema, target.table), table, column,
             f"{kind}({dimensions})")
+    blockers.extend(problem for problem in (
+        versions.missing(server_versions.HALFVEC) if kind == "halfvec" else None,
+        versions.missing(server_versions.L1_INDEX) if index_distance == "l1" else None,
+    ) if problem is not None)
     refused = [f"{d.obj.kind} {d.obj.name}" for d in objects if d.action == app_objects.REFUSE]
     if refused:
         notes.append(f"the swap will refuse while {', '.join(refused)} read(s) the vector"

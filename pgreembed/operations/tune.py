@@ -14,7 +14,7 @@ it to its own statements. Tuning writes nothing else and spends no tokens.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -30,7 +30,7 @@ from pgreembed.operations.recall import (
     Measurement,
     stored_vector_truth,
 )
-from pgreembed.store import index_settings
+from pgreembed.store import index_settings, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.versions import upgrade
@@ -61,16 +61,6 @@ def column_slot(conn: psycopg.Connection, target: Target, column: str) -> Slot:
     if column == "live":
         raise TuneError(f"target {target.name!r} has no live column: run `pgreembed init`")
     raise TuneError(f"target {target.name!r} has no incoming column: no migration is open")
-
-
-def pgvector_at_least_0_8(conn: psycopg.Connection) -> bool:
-    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-                       ).fetchone()
-    try:
-        major, minor = (int(p) for p in str(row[0] if row else "0.0").split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (0, 8)
 
 
 def primary_values(index: AnnIndex, k: int) -> list[int]:
@@ -123,6 +113,7 @@ class TuneResult:
     rows: list[Measurement]
     recommended: Measurement | None
     statements: list[str]
+    notes: list[str] = field(default_factory=list)  # what was not tried, and why
 
     def as_dict(self) -> dict[str, Any]:
         return {"target": self.target, "column": self.column, "role": self.role,
@@ -131,7 +122,8 @@ class TuneResult:
                 "queries": self.current.queries, "current": self.current.as_dict(),
                 "sweep": [m.as_dict() for m in self.rows],
                 "recommended": None if self.recommended is None else
-                self.recommended.as_dict(), "set_statements": self.statements}
+                self.recommended.as_dict(), "set_statements": self.statements,
+                "notes": self.notes}
 
 
 def server_values(conn: psycopg.Connection, names: list[str]) -> dict[str, str]:
@@ -162,7 +154,9 @@ def tune(settings: Settings, target: Target, *, column: str = "live",
                             f"{' matches the filter' if filter_sql else ''}: nothing to"
                             " measure")
         # (The exact searches loaded pgvector's library: its settings are defined now.)
-        iterative = pgvector_at_least_0_8(conn)
+        missing = server_versions.read(conn).missing(server_versions.ITERATIVE_SCAN)
+        iterative = missing is None
+        notes = [f"iterative scans not tried: {missing}"] if filter_sql and missing else []
         current, _ = truth.ann({})
         current.settings = server_values(conn, [PRIMARY[index.method]])
         rows: list[Measurement] = []
@@ -181,7 +175,7 @@ def tune(settings: Settings, target: Target, *, column: str = "live",
                         target_recall=recall_target, recall=recommended.recall,
                         filter_sql=filter_sql)
     return TuneResult(target.name, slot.vector_column, slot.role, slot.model_key, index, k,
-                      recall_target, filter_sql, current, rows, recommended, statements)
+                      recall_target, filter_sql, current, rows, recommended, statements, notes)
 
 
 def _first_reaching(truth: GroundTruth, candidates: Iterator[dict[str, str]],

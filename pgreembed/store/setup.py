@@ -16,7 +16,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
-from pgreembed.store import catalog
+from pgreembed.store import catalog, server_versions
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.privileges import privileges, required
 from pgreembed.store.session import lift_statement_limits
@@ -54,6 +54,7 @@ def ensure_pgvector(conn: psycopg.Connection) -> None:
                 "pgvector is available but not enabled, and this role may not enable it:"
                 " run `CREATE EXTENSION vector` as a superuser or the database owner"
             ) from None
+    server_versions.require_supported(conn)
 
 
 def check_rights(conn: psycopg.Connection, target: Target) -> None:
@@ -101,6 +102,8 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
     wanted = f"{vector_type or vector_type_for(dimensions)}({dimensions})"
     found = _column_type(conn, target, column)
     if found is None:
+        if wanted.startswith("halfvec"):
+            server_versions.require(conn, server_versions.HALFVEC)
         conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
             app_table(target), sql.Identifier(column), sql.SQL(wanted)))
         log.info("added column %s %s to %s.%s", column, wanted, target.schema, target.table)

@@ -27,14 +27,6 @@ class Extension:
     version: str
     schema: str
 
-    @property
-    def at_least_0_8(self) -> bool:
-        try:
-            major, minor = (int(p) for p in self.version.split(".")[:2])
-        except ValueError:
-            return False
-        return (major, minor) >= (0, 8)
-
 
 @dataclass(frozen=True)
 class Column:

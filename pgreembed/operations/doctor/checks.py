@@ -40,6 +40,7 @@ from pgreembed.operations.doctor.indexes import IndexChecks
 from pgreembed.operations.doctor.privileges import PrivilegeChecks
 from pgreembed.operations.doctor.samples import SampleChecks
 from pgreembed.operations.doctor.throttle import ThrottleChecks
+from pgreembed.operations.doctor.versions import VersionChecks
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
 from pgreembed.redact import redact
 from pgreembed.store.pool import connect
@@ -51,7 +52,7 @@ from pgreembed.store.slots import (
 
 
 class _Doctor(AppObjectChecks, ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks,
-              PrivilegeChecks):
+              PrivilegeChecks, VersionChecks):
     """All the checks, run on one read-only connection."""
 
     def extension(self) -> Extension | None:
@@ -186,6 +187,7 @@ def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_r
             ext = doctor.extension()
         except psycopg.Error as exc:
             doctor.add(ERROR, None, "pgvector", f"cannot inspect extensions: {redact(str(exc))}")
+        doctor.guarded(None, "versions", doctor.versions)
         doctor.guarded(None, "connections", doctor.connections)
         doctor.guarded(None, "throttle", doctor.throttle)
         doctor.guarded(None, "privileges", doctor.optional_grants)

@@ -13,7 +13,7 @@ from pgreembed.operations.doctor.base import (
     Extension,
 )
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
-from pgreembed.store import catalog
+from pgreembed.store import catalog, server_versions
 from pgreembed.store.slots import app_table
 
 
@@ -85,14 +85,14 @@ class IndexChecks(DoctorBase):
         if "hnsw" in methods:
             ef = self.one("SELECT current_setting('hnsw.ef_search', true)")[0]
             iterative = self.one("SELECT current_setting('hnsw.iterative_scan', true)")[0]
-            if ext.at_least_0_8:
+            missing = server_versions.read(self.conn).missing(server_versions.ITERATIVE_SCAN)
+            if missing is None:
                 advice = ("SET hnsw.iterative_scan = relaxed_order (or strict_order) so the"
                           " scan continues until enough rows pass the filter"
                           if iterative in (None, "off") else
                           f"hnsw.iterative_scan = {iterative} is on")
             else:
-                advice = ("pgvector >= 0.8 adds hnsw.iterative_scan for this;"
-                          " meanwhile raise hnsw.ef_search")
+                advice = f"raise hnsw.ef_search ({missing})"
             self.add(OK, target.name, "hint_hnsw", f"hint: HNSW returns at most"
                      f" hnsw.ef_search = {ef} candidates before a WHERE filter; filtered queries"
                      f" can come back short: {advice}")
@@ -100,4 +100,4 @@ class IndexChecks(DoctorBase):
             probes = self.one("SELECT current_setting('ivfflat.probes', true)")[0]
             self.add(OK, target.name, "hint_ivfflat", f"hint: IVFFlat searches ivfflat.probes"
                      f" = {probes} lists; raise it (about sqrt(lists)) for recall, and for"
-                     " filtered queries use ivfflat.iterative_scan (pgvector >= 0.8)")
+                     " filtered queries use ivfflat.iterative_scan (pgvector 0.8 or newer)")
