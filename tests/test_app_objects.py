@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+import pytest
 from psycopg.conninfo import make_conninfo
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
@@ -204,6 +205,7 @@ def swap_under_load(stack: Stack, fake: FakeOpenAIServer, step: str, slow: str
     return doc
 
 
+@pytest.mark.second_server
 def test_views_functions_policies_follow_the_live_column_through_a_migration(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))

@@ -66,6 +66,7 @@ def idle_app_session(roles: OrdinaryRoles, seconds: float) -> psycopg.Connection
     return app
 
 
+@pytest.mark.second_server
 def test_the_whole_lifecycle_as_an_ordinary_role(
         ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
     stack, roles = ordinary_roles

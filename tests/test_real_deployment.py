@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
@@ -128,6 +129,7 @@ def settle(stack: Stack, fake: FakeOpenAIServer, *columns: str) -> None:
         wait_filled(stack, column)
 
 
+@pytest.mark.second_server
 def test_the_whole_lifecycle_on_a_managed_database(
         ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
     stack, roles = ordinary_roles  # pgreembed's processes run as the ordinary role

@@ -37,6 +37,7 @@ def pooled(stack: Stack) -> Iterator[psycopg.Connection]:
 
 
 @pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+@pytest.mark.second_server
 def test_a_write_that_waited_on_a_swap_reads_the_registry_the_swap_left(
         stack: Stack, isolation: str) -> None:
     """The worker's write waits on the writers' lock while a swap renames the columns and
