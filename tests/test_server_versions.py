@@ -82,7 +82,7 @@ def test_tune_with_a_filter_sweeps_iterative_scans_only_where_pgvector_has_them(
     tried = {row["settings"].get("ivfflat.iterative_scan") for row in report["sweep"]}
     if vector >= (0, 8, 0):
         assert "relaxed_order" in tried and report["notes"] == []
-    else:  # e.g. PostgreSQL 15 + pgvector 0.7.4 (docs-notes/pgversions.md)
+    else:  # e.g. PostgreSQL 15 + pgvector 0.7.4 (docs/development.md)
         assert tried == {None}
         [note] = report["notes"]
         feature = server_versions.ITERATIVE_SCAN.feature
@@ -91,7 +91,7 @@ def test_tune_with_a_filter_sweeps_iterative_scans_only_where_pgvector_has_them(
 
 
 def test_a_halfvec_column_is_made_only_where_pgvector_has_halfvec(stack: Stack) -> None:
-    """On pgvector < 0.7 (e.g. 0.6.2: docs-notes/pgversions.md) init of a 3072-dim model
+    """On pgvector < 0.7 (e.g. 0.6.2: docs/development.md) init of a 3072-dim model
     and `--derive halfvec` are refused before anything changes, naming both versions."""
     stack.config_path.write_text(docs_config().replace(
         'model = "fake-384"\ndimensions = 384', 'model = "fake-3072"\ndimensions = 3072'))
