@@ -1,6 +1,7 @@
 """Background writes never wait on the app's row locks (invariant 10).
 
-The app's transactions touch two rows in descending key order (row b, a pause, row a)
+The app's transactions touch two rows in descending key order (row b, a pause, row a;
+some DELETE row b, which fires our trigger that deletes its state rows)
 at the moment a batch writing both lands. A write that locks rows in its join order waits
 on b while holding a, and the app then waits on a: a deadlock, which holds the app's
 transaction for deadlock_timeout (1 s) and aborts one side. Our write must lock only rows
@@ -30,6 +31,8 @@ MODEL, DIMS = "fake-384", 384
 ROUNDS, PAIRS = 8, 4  # app transactions: ROUNDS x PAIRS, PAIRS at a time
 PAUSE = 0.3  # the app's own pause between its two updates
 HELD_MS = 200  # an app transaction slower than its own work by this was held by us
+FIRST = {"UPDATE": "UPDATE docs SET views = views + 1 WHERE id = %s",
+         "DELETE": "DELETE FROM docs WHERE id = %s"}
 
 
 def _deadlocks(stack: Stack) -> int:
@@ -39,14 +42,15 @@ def _deadlocks(stack: Stack) -> int:
     return int(row[0]) if row else 0
 
 
-def _app_transaction(dsn: str, a: int, b: int, barrier: threading.Barrier,
+def _app_transaction(dsn: str, a: int, b: int, first: str, barrier: threading.Barrier,
                      held: list[float], aborted: list[str]) -> None:
-    """UPDATE row b, wait for the batch to be let go, pause, UPDATE row a, COMMIT: the
-    time spent in the statements (not in its own pauses) is what the app was held."""
+    """`first` (UPDATE or DELETE) row b, wait for the batch to be let go, pause, UPDATE
+    row a, COMMIT: the time spent in the statements (not in its own pauses) is what the
+    app was held. A DELETE fires our trigger that deletes the row's state rows."""
     with psycopg.connect(dsn) as conn:
         try:
             started = time.monotonic()
-            conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (b,))
+            conn.execute(FIRST[first], (b,))
             spent = time.monotonic() - started
             barrier.wait(30)
             time.sleep(PAUSE)
@@ -86,7 +90,8 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
                  message="the round's batch at the provider")
         barrier = threading.Barrier(PAIRS + 1)
         apps = [threading.Thread(target=_app_transaction,
-                                 args=(stack.dsn, a, a + 1, barrier, held, aborted))
+                                 args=(stack.dsn, a, a + 1, "DELETE" if a == first else "UPDATE",
+                                       barrier, held, aborted))
                 for a in keys[::2]]
         for app in apps:
             app.start()
@@ -102,6 +107,10 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
     assert slow == [], f"{len(slow)} of {ROUNDS * PAIRS} app transactions held (ms): {slow}"
     assert _deadlocks(stack) == deadlocks_before
     assert "deadlock detected" not in stack.log_text()
+    with stack.connect() as conn:  # the deleted rows' state went with them
+        orphans = conn.execute("SELECT count(*) FROM pgreembed.slot_1 s WHERE NOT EXISTS"
+                               " (SELECT FROM docs d WHERE d.id = s.pgr_pk)").fetchone()
+    assert orphans == (0,)
     # Rows skipped because the app held them were written from their kept vectors: each
     # edited row's text was bought once.
     stats = fake_openai.stats()
