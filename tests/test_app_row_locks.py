@@ -116,3 +116,7 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
     stats = fake_openai.stats()
     assert stats["inputs_embedded"] - bought_before == ROUNDS * 2 * PAIRS
     assert max(stats["text_counts"].values()) == 1
+    with stack.connect() as conn:  # and counted once in the ledger, when bought
+        ledger = conn.execute("SELECT sum(inputs), sum(tokens) FROM pgreembed.usage"
+                              ).fetchone()
+    assert ledger == (stats["inputs_embedded"], stats["tokens_embedded"])
