@@ -211,9 +211,11 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
         log.warning("batch job %d: made by %s, but column %s is %s now: its %d vectors are"
                     " dropped, their rows stay pending", job_id, made_by,
                     current.vector_column, current.model_key, len(embedded))
-        billed_by = slot if current.holds_vectors_of(slot) or len(made_by) != 1 else replace(
-            slot, model_key=model_key(slot.provider, made_by[0]["model"],
-                                      made_by[0].get("dimensions", slot.dimensions)))
+        billed_by = slot
+        if len(made_by) == 1 and made_by != [_asked(slot)]:  # priced as the model it was
+            asked = made_by[0]
+            billed_by = replace(slot, model=asked["model"], model_key=model_key(
+                slot.provider, asked["model"], asked.get("dimensions", slot.dimensions)))
         record_usage(conn, billed_by, len(embedded), tokens_billed)
         return 0, 0
     written = write_vectors(conn, current, embedded)
