@@ -10,7 +10,12 @@ What goes wrong is charged to whoever is at fault (invariant 8):
   the vectors are kept in Redis (`pgreembed.paid`) for the message's retry, so
   they are never bought twice, and no row is marked failed;
 - a request the provider refuses whatever the rows (a config error) marks the
-  slot misconfigured: nothing more is sent for it, no row is marked failed.
+  slot misconfigured: nothing more is sent for it, no row is marked failed;
+- a row the app holds locked when the write comes is skipped, never waited for
+  (invariant 10): its vector is kept in Redis and the next pass writes it;
+- vectors whose column changed model meanwhile (`init` in place) are dropped, never
+  written as the new model's (invariant 7): their rows stay pending, their spend is
+  recorded as the model that billed it.
 
 Each text is paid for once per model (`dedupe`, on by default): a row whose text another
 row already holds a vector for gets a copy, and a batch sends each distinct text once.
