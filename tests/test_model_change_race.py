@@ -6,14 +6,22 @@ model. The old model's spend stays in the ledger under its own name.
 
 from __future__ import annotations
 
-import numpy as np
+import uuid
+from dataclasses import replace
 
+import numpy as np
+import redis
+
+from pgreembed.embedding.embed import Embedded, Row
+from pgreembed.embedding.paid import PaidVectors
+from pgreembed.store.slots import Slot
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
 from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    make_target,
     seed,
     wait_filled,
     wait_for,
@@ -83,3 +91,21 @@ def test_in_place_model_change_never_records_the_old_models_vectors_as_the_new(
         tokens = conn.execute("SELECT sum(tokens) FROM pgreembed.usage").fetchone()
     assert billed[f"openai:{OLD}@{DIMS}"] >= 300 + 8, billed  # the fill + a held batch
     assert tokens is not None and tokens[0] == fake_openai.stats()["tokens_embedded"]
+
+
+def test_a_vector_kept_through_an_outage_is_taken_only_for_the_model_that_made_it(
+        redis_url: str) -> None:
+    target = make_target("postgresql:///unused")
+    made_by = Slot(id=1, target=target, vector_column="embedding", role="live", model_id=1,
+                   model_key=f"openai:{OLD}@{DIMS}", provider="openai", model=OLD,
+                   dimensions=DIMS, primary_key="id", pk_type="bigint")
+    row = Row(7, "some text", uuid.uuid4())
+    paid = PaidVectors(redis.Redis.from_url(redis_url))
+    assert paid.keep(made_by, [Embedded(row, fake_vector(OLD, "some text", DIMS))], 5, set())
+
+    assert len(paid.take(made_by, [row]).embedded) == 1  # the same model: taken
+    changed_in_place = replace(made_by, model_id=2, model_key=f"openai:{NEW}@{DIMS}",
+                               model=NEW)
+    assert paid.take(changed_in_place, [row]).embedded == []
+    # Even under the same registry id (a model row re-keyed by hand), the key is checked.
+    assert paid.take(replace(made_by, model_key=f"openai:{NEW}@{DIMS}"), [row]).embedded == []
