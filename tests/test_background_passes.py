@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import psycopg
 import pytest
 
 from pgreembed.config import load_settings
 from pgreembed.errors import MigrationError
+from pgreembed.migrations.derive import derives_from
 from pgreembed.migrations.lifecycle import BACKLOG, start
 from pgreembed.store.backlog import copy_page
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import load_slots
+from pgreembed.store.slots import Slot, load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
     assert_column_current,
     fill,
+    make_target,
     migrate,
     running,
     seed,
@@ -103,3 +106,18 @@ def test_batch_api_results_of_a_model_the_column_no_longer_has_are_dropped(
     # The rows stayed pending: the workers embed them with the column's model.
     wait_filled(stack, column)
     assert_column_current(stack, column, "fake-alt-768", 768)
+
+
+def test_a_derived_column_is_filled_only_from_the_model_it_derives_from() -> None:
+    target = make_target("postgresql:///unused")
+    live = Slot(id=1, target=target, vector_column="embedding", role="live", model_id=1,
+                model_key="openai:fake-768@768", provider="openai", model="fake-768",
+                dimensions=768, primary_key="id", pk_type="bigint")
+    shortened = replace(live, id=2, model_id=2, model_key="openai:fake-768@256",
+                        dimensions=256, role="next")
+    halfvec = replace(live, id=2, role="next", vector_type="halfvec")
+    assert derives_from(shortened, live) and derives_from(halfvec, live)
+    # `init` changed the live model in place: its vectors are not the new column's model's.
+    changed = replace(live, model_id=3, model_key="openai:fake-alt-768@768",
+                      model="fake-alt-768")
+    assert not derives_from(shortened, changed) and not derives_from(halfvec, changed)
