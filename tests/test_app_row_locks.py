@@ -120,3 +120,22 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
         ledger = conn.execute("SELECT sum(inputs), sum(tokens) FROM pgreembed.usage"
                               ).fetchone()
     assert ledger == (stats["inputs_embedded"], stats["tokens_embedded"])
+
+
+    # An app session that locks a pending row and sits idle: the row is tried again at the
+    # scheduler's poll (0.5 s in the tests' config), not in a loop, and written once free.
+    fake_openai.set_faults(hold_marker="idle")
+    requests = fake_openai.stats()["requests"]
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'idle' WHERE id = 1")
+    wait_for(lambda: fake_openai.stats()["requests"] > requests, timeout=30,
+             message="the row's batch at the provider")
+    tries_before = stack.log_text().count("1 held by another transaction")
+    with psycopg.connect(stack.dsn) as app:
+        app.execute("UPDATE docs SET views = views + 1 WHERE id = 1")
+        fake_openai.set_faults(hold_marker=None)
+        time.sleep(3.0)
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", MODEL, DIMS)
+    tries = stack.log_text().count("1 held by another transaction") - tries_before
+    assert 1 <= tries <= 12, f"{tries} writes tried the held row in 3 s"

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import redis
@@ -85,6 +86,7 @@ class _Write:
     reservation_ids: set[int]
     reused: int = 0  # of `embedded`, the vectors not bought for their row
     recorded: int = 0  # of `embedded`, kept vectors whose spend the ledger already has
+    kept: frozenset[Any] = frozenset()  # keys of the rows whose vectors were kept before
 
     def record_usage(self, conn: psycopg.Connection, slot: Slot) -> None:
         record_usage(conn, slot, len(self.embedded) - self.reused - self.recorded,
@@ -160,7 +162,8 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     if reservation.id is not None:
         held.add(reservation.id)
     write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
-                   kept.tokens + outcome.tokens, held, reused, kept.recorded)
+                   kept.tokens + outcome.tokens, held, reused, kept.recorded,
+                   frozenset(item.row.pk for item in kept.embedded))
     try:
         result = retry_database_faults(
             lambda: _commit(pool, target, slot, write, reservation, paid),
@@ -220,8 +223,11 @@ def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
         if written.busy:
             # Kept before the commit that wakes the scheduler: the next pass finds them.
             paid.keep(current, written.busy, 0, set(), recorded=True)
-        if len(written.keys) + len(written.refused) < len(write.embedded):
-            # Their text changed while we embedded, or the app held them: redo them now.
+        changed = len(write.embedded) - len(written.keys) - len(written.refused) - len(
+            written.busy)
+        if changed or any(item.row.pk not in write.kept for item in written.busy):
+            # Their text changed while we embedded, or the app holds them: redo them now.
+            # Rows held again (an app session idle in its transaction) wait for the poll.
             _wake_scheduler(conn, target)
     return _Committed(current, written)
 
