@@ -19,6 +19,7 @@ from pgreembed.migrations.derive import derives_from
 from pgreembed.migrations.lifecycle import BACKLOG, start
 from pgreembed.store.backlog import copy_page
 from pgreembed.store.pool import connect
+from pgreembed.store.rows import lock_free_rows
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -121,3 +122,21 @@ def test_a_derived_column_is_filled_only_from_the_model_it_derives_from() -> Non
     changed = replace(live, model_id=3, model_key="openai:fake-alt-768@768",
                       model="fake-alt-768")
     assert not derives_from(shortened, changed) and not derives_from(halfvec, changed)
+
+
+def test_a_write_neither_skips_nor_blocks_a_row_the_app_references(stack: Stack) -> None:
+    """An app transaction inserting a row that references ours (a foreign key check takes
+    KEY SHARE on it) does not conflict with the lock an UPDATE of the vector takes."""
+    seed(stack, 3)
+    assert stack.cli("init").returncode == 0
+    settings = load_settings(stack.config_path, stack.env)
+    with stack.connect() as conn:
+        conn.execute("CREATE TABLE notes (id serial PRIMARY KEY,"
+                     " doc_id bigint NOT NULL REFERENCES docs (id))")
+        (slot,) = load_slots(conn, settings.target("docs"))
+    with psycopg.connect(stack.dsn) as app, connect(stack.dsn) as ours:
+        app.execute("INSERT INTO notes (doc_id) VALUES (2)")  # uncommitted: KEY SHARE on 2
+        assert lock_free_rows(ours, slot, ["1", "2", "3"]) == ({"1", "2", "3"}, set())
+        ours.rollback()
+        app.execute("UPDATE docs SET views = 1 WHERE id = 3")  # a row lock of the app's
+        assert lock_free_rows(ours, slot, ["1", "2", "3"]) == ({"1", "2"}, {"3"})

@@ -214,7 +214,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, u
             -- Rows the app or a worker is writing now are left to a later pass (or to the
             -- provider): waiting for them under the short lock_timeout would fail the chunk.
             SELECT a.{pk} AS pk FROM {table} a JOIN chunk c ON a.{pk} = c.pk
-            ORDER BY a.{pk} FOR UPDATE OF a SKIP LOCKED
+            ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED
         ), derived AS (
             UPDATE {table} AS a
             SET {new} = {value}

@@ -70,7 +70,7 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
                   AND a.{source} IS NOT NULL AND a.{side} IS NULL
             ), free AS (
                 SELECT a.{pk} AS k FROM {table} a JOIN wanted w ON a.{pk} = w.k
-                ORDER BY a.{pk} FOR UPDATE OF a SKIP LOCKED
+                ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED
             ), copied AS (
                 UPDATE {table} a SET {side} = a.{source}
                 FROM free f, {source_state} s

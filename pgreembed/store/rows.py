@@ -87,13 +87,15 @@ def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
     FROM` locks rows in join order, so an app transaction touching the same rows in
     another order deadlocked with it, or was held for deadlock_timeout. Rows locked here
     are ours until commit, so the writes that follow never wait on them; the app may
-    wait on us, for the write's few milliseconds.
+    wait on us, for the write's few milliseconds. NO KEY UPDATE is the lock our UPDATE of
+    a non-key column takes anyway: the app's foreign-key checks on the row (KEY SHARE,
+    taken by inserting a row that references it) neither make us skip it nor wait on us.
     """
     if not keys:
         return set(), set()
     locked = {row[0] for row in conn.execute(sql.SQL(
         "SELECT k.pk FROM unnest(%s::text[]) AS k(pk) JOIN {table} a ON a.{pk} = k.pk::{type}"
-        " ORDER BY a.{pk} FOR UPDATE OF a SKIP LOCKED").format(
+        " ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED").format(
             table=slot.table, pk=slot.pk, type=slot.pk_cast), (list(keys),))}
     rest = [k for k in keys if k not in locked]
     busy = {row[0] for row in conn.execute(sql.SQL(
