@@ -3,10 +3,12 @@
 The workers' write (store.rows.write_vectors: binary COPY + `UPDATE ... FROM`) now locks
 the batch's rows with `SELECT ... ORDER BY pk FOR UPDATE SKIP LOCKED` before it, so it
 never waits on the app's row locks. This times the same write with and without that
-step, on the UNINDEXED column (where the write is fastest, so the extra statement shows
-most), in rounds that alternate between the two, one database, one connection:
+step, on the unindexed column (where the write is fastest, so the extra statement shows
+most) or, with --hnsw, on an HNSW-indexed one (the table users have), in rounds that
+alternate between the two, one database, one connection:
 
     python -m bench.write_lock_cost [--rows 20000] [--batch 512] [--dims 1536] [--rounds 6]
+                                    [--hnsw]
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--dims", type=int, default=1536)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--hnsw", action="store_true", help="index the column (cosine)")
     args = parser.parse_args()
     server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="pgreembed-bench-")) / "pgdata")
     dsn = server.start()
@@ -77,6 +80,9 @@ def main() -> None:
             "vector_column": "embedding", "provider": "openai", "model": MODEL,
             "dimensions": args.dims}]}, {"DATABASE_URL": dsn}).target("docs")
         slot = init_target(dsn, target)
+        if args.hnsw:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE INDEX ON docs USING hnsw (embedding vector_cosine_ops)")
         with connect(dsn) as conn:
             keys = [str(k) for (k,) in conn.execute("SELECT id FROM docs ORDER BY id")]
             pending: list[Row] = load_pending(conn, slot, keys)
@@ -98,7 +104,8 @@ def main() -> None:
                 conn.execute("VACUUM docs")
         before = statistics.median(rates["without the lock step"])
         after = statistics.median(rates["with it"])
-        print(f"{args.rows} rows x {args.dims} dims, {args.batch}-row transactions, unindexed"
+        column = "HNSW-indexed" if args.hnsw else "unindexed"
+        print(f"{args.rows} rows x {args.dims} dims, {args.batch}-row transactions, {column}"
               f" column, {args.rounds} alternating rounds (median rows/s):")
         for label, values in rates.items():
             print(f"  {label:>22}: {statistics.median(values):8.0f}"
