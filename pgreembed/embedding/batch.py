@@ -10,7 +10,12 @@ What goes wrong is charged to whoever is at fault (invariant 8):
   the vectors are kept in Redis (`pgreembed.paid`) for the message's retry, so
   they are never bought twice, and no row is marked failed;
 - a request the provider refuses whatever the rows (a config error) marks the
-  slot misconfigured: nothing more is sent for it, no row is marked failed.
+  slot misconfigured: nothing more is sent for it, no row is marked failed;
+- a row the app holds locked when the write comes is skipped, never waited for
+  (invariant 10): its vector is kept in Redis and the next pass writes it;
+- vectors whose column changed model meanwhile (`init` in place) are dropped, never
+  written as the new model's (invariant 7): their rows stay pending, their spend is
+  recorded as the model that billed it.
 
 Each text is paid for once per model (`dedupe`, on by default): a row whose text another
 row already holds a vector for gets a copy, and a batch sends each distinct text once.
@@ -45,6 +50,7 @@ from pgreembed.store.faults import retry_database_faults
 from pgreembed.store.known import known_vectors
 from pgreembed.store.pool import get_pool
 from pgreembed.store.rows import (
+    Written,
     load_pending,
     lock_slot,
     record_failures,
@@ -64,6 +70,8 @@ class BatchReport:
     failed: int
     changed_meanwhile: int
     reused: int = 0  # vectors given without a provider call (an identical text's)
+    busy: int = 0  # rows the app held locked: left pending, their vectors kept for them
+    dropped: int = 0  # vectors not of the column's model any more (changed in place)
 
 
 @dataclass
@@ -77,9 +85,21 @@ class _Write:
     tokens: int
     reservation_ids: set[int]
     reused: int = 0  # of `embedded`, the vectors not bought for their row
+    recorded: int = 0  # of `embedded`, kept vectors whose spend the ledger already has
+    kept: frozenset[Any] = frozenset()  # keys of the rows whose vectors were kept before
 
     def record_usage(self, conn: psycopg.Connection, slot: Slot) -> None:
-        record_usage(conn, slot, len(self.embedded) - self.reused, self.tokens, self.reused)
+        record_usage(conn, slot, len(self.embedded) - self.reused - self.recorded,
+                     self.tokens, self.reused)
+
+
+@dataclass(frozen=True)
+class _Committed:
+    """What one write transaction did: the column it wrote (None: none, the vectors were
+    dropped), and its `Written`."""
+
+    slot: Slot | None
+    written: Written
 
 
 @functools.cache
@@ -142,56 +162,80 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     if reservation.id is not None:
         held.add(reservation.id)
     write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
-                   kept.tokens + outcome.tokens, held, reused)
+                   kept.tokens + outcome.tokens, held, reused, kept.recorded,
+                   frozenset(item.row.pk for item in kept.embedded))
     try:
         result = retry_database_faults(
-            lambda: _commit(pool, target, slot, write, reservation),
+            lambda: _commit(pool, target, slot, write, reservation, paid),
             settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
     except psycopg.Error:
         # Not a row's fault: keep what was paid for; the message's retry writes it.
         paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
         raise
-    paid.forget(slot, [item.row for item in kept.embedded])
-    if result is None:  # its column was dropped meanwhile (cancel, finalize)
-        return BatchReport(len(keys), len(rows), 0, 0, 0)
-    slot, written, refused = result
-    changed = len(write.embedded) - len(written) - len(refused)
+    busy = result.written.busy
+    kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
+    paid.forget(slot, [item.row for item in kept.embedded if item.row.pk not in kept_again])
+    if result.slot is None:  # dropped: not the column's model any more, or no column
+        return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
+    slot, written, refused = result.slot, result.written.keys, result.written.refused
+    changed = len(write.embedded) - len(written) - len(refused) - len(busy)
     failures = [*write.failed, *refused]
     for failure in refused:
         log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
                     failure.reason)
-    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed, reused)
+    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed, reused,
+                         busy=len(busy))
     _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
     _observe_lag(slot, written, claimed_at)
     log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
-             " %d failed, %d changed meanwhile (of %d)", target.name, slot.id,
-             report.written, reused, report.failed, changed, len(keys))
+             " %d failed, %d changed meanwhile, %d held by another transaction (kept for"
+             " the next pass) (of %d)", target.name, slot.id, report.written, reused,
+             report.failed, changed, len(busy), len(keys))
     return report
 
 
 def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
-            reservation: spend.Reservation) -> tuple[Slot, list[Any], list[Failed]] | None:
+            reservation: spend.Reservation, paid: PaidVectors) -> _Committed:
     """One attempt at the batch's write transaction: vectors, failures, billed tokens and
-    the settled reservations, together. None if the slot's column was dropped meanwhile."""
+    the settled reservations, together. `slot` is the slot as read when the vectors were
+    bought or copied: they are written only if the column still belongs to its model."""
     with pool.connection() as conn:
         # The vectors belong to the slot's model, not to a column name: a swap or rollback
-        # may have renamed the columns while we waited on the provider (invariant 7).
+        # may have renamed the columns while we waited on the provider, and `init` may
+        # have changed the slot's model in place (invariant 7).
         current = lock_slot(conn, target, slot.id, "ROW EXCLUSIVE")
-        if current is None:
-            write.record_usage(conn, slot)
+        if current is None or not current.holds_vectors_of(slot):
+            if current is not None:
+                log.warning("target %s column %s: %d vectors of %s dropped, the column's"
+                            " model changed to %s while they were embedded; their rows stay"
+                            " pending", target.name, current.vector_column,
+                            len(write.embedded), slot.model_key, current.model_key)
+                _wake_scheduler(conn, target)
+            write.record_usage(conn, slot)  # billed as the model that billed them
             reservation.settle(conn)
             spend.settle_ids(conn, write.reservation_ids)
-            return None
-        written, refused = write_isolating(conn, current, write.embedded)
-        record_failures(conn, current, [*write.failed, *refused])
+            return _Committed(None, Written())
+        written = write_isolating(conn, current, write.embedded)
+        record_failures(conn, current, [*write.failed, *written.refused])
         write.record_usage(conn, current)
         reservation.settle(conn)  # in the same transaction as the billed tokens
         spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
-        if len(written) + len(refused) < len(write.embedded):
-            # Their text changed while we embedded: wake the scheduler to redo them now.
-            conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
-                sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
-    return current, written, refused
+        if written.busy:
+            # Kept before the commit that wakes the scheduler: the next pass finds them.
+            paid.keep(current, written.busy, 0, set(), recorded=True)
+        changed = len(write.embedded) - len(written.keys) - len(written.refused) - len(
+            written.busy)
+        if changed or any(item.row.pk not in write.kept for item in written.busy):
+            # Their text changed while we embedded, or the app holds them: redo them now.
+            # Rows held again (an app session idle in its transaction) wait for the poll.
+            _wake_scheduler(conn, target)
+    return _Committed(current, written)
+
+
+def _wake_scheduler(conn: psycopg.Connection, target: Target) -> None:
+    """NOTIFY at commit: rows left pending are dispatched again without waiting a poll."""
+    conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
+        sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
 
 
 def _misconfigured(pool: ConnectionPool, target: Target, slot: Slot,

@@ -5,7 +5,9 @@ or read-only spell, a column renamed by hand), its vectors are kept here, one
 Redis key per row named by slot, model, row key and text hash, for an hour. The
 next attempt at those rows (Dramatiq's retry of the message, or the same rows
 in a later batch once the scheduler re-enqueued them) writes these vectors
-instead of buying them again (invariant 8).
+instead of buying them again (invariant 8). The same goes for the rows a write
+skipped because the app held them locked (store.rows.lock_free_rows): their
+spend is in the ledger already, so they are kept `recorded`.
 
 Why Redis: it is the store a database outage does not take down with it (a side
 table in Postgres fails along with the write it should rescue); the queue
@@ -48,6 +50,9 @@ class Kept:
     embedded: list[Embedded] = field(default_factory=list)
     tokens: int = 0
     reservation_ids: set[int] = field(default_factory=set)
+    # Of `embedded`, the vectors whose spend the usage ledger has already (kept because
+    # the app held their row when their batch was written, not because the write failed).
+    recorded: int = 0
 
 
 class PaidVectors:
@@ -63,8 +68,9 @@ class PaidVectors:
         return f"{self.namespace}:paid:{slot.id}:{slot.model_id}:{row.pk}:{row.content_hash}"
 
     def keep(self, slot: Slot, embedded: Sequence[Embedded], tokens: int,
-             reservation_ids: set[int]) -> bool:
-        """Keep the vectors (tokens shared out over them); False if Redis failed too."""
+             reservation_ids: set[int], recorded: bool = False) -> bool:
+        """Keep the vectors (tokens shared out over them); False if Redis failed too.
+        `recorded`: their spend is in the usage ledger already (do not count it again)."""
         if not embedded:
             return True
         share, rest = divmod(tokens, len(embedded))
@@ -73,7 +79,9 @@ class PaidVectors:
                 for i, item in enumerate(embedded):
                     header = json.dumps({"tokens": share + (rest if i == 0 else 0),
                                          "truncated": item.truncated,
-                                         "reservations": sorted(reservation_ids)}).encode()
+                                         "reservations": sorted(reservation_ids),
+                                         "model": slot.model_key,
+                                         "recorded": recorded}).encode()
                     value = (_HEADER.pack(len(header)) + header
                              + np.asarray(item.vector, dtype="<f4").tobytes())
                     pipe.set(self._key(slot, item.row), value, ex=self.seconds)
@@ -88,7 +96,9 @@ class PaidVectors:
 
     def take(self, slot: Slot, rows: Sequence[Row]) -> Kept:
         """The kept vectors of `rows` (same slot, model and text hash); they stay kept
-        until `forget`, so a write that fails again loses nothing."""
+        until `forget`, so a write that fails again loses nothing. The model is in the
+        key (its id) and checked again against the header (its key and size): a vector
+        is only ever taken for the model that made it (invariant 7)."""
         found = Kept()
         if not rows:
             return found
@@ -103,9 +113,11 @@ class PaidVectors:
             (size,) = _HEADER.unpack_from(value)
             header = json.loads(value[_HEADER.size:_HEADER.size + size])
             vector = np.frombuffer(value[_HEADER.size + size:], dtype="<f4")
-            if vector.size != slot.dimensions:
+            if vector.size != slot.dimensions or header.get("model",
+                                                            slot.model_key) != slot.model_key:
                 continue
             found.embedded.append(Embedded(row, vector, bool(header["truncated"])))
+            found.recorded += bool(header.get("recorded"))
             found.tokens += int(header["tokens"])
             found.reservation_ids.update(int(i) for i in header["reservations"])
         return found

@@ -20,18 +20,21 @@ import io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import openai
 import psycopg
+import redis
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import Embedded, Failed, Row, prepare
+from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.providers.openai_provider import decode_vector
 from pgreembed.errors import MigrationError, NotFoundError
+from pgreembed.model_keys import model_key
 from pgreembed.redact import redact, register_secret
 from pgreembed.store.pending import missing_page
 from pgreembed.store.pool import connect
@@ -107,10 +110,8 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
     records: list[tuple[int, int, int, str, Any, int]] = []
     for line_no, start in enumerate(range(0, len(ready), INPUTS_PER_LINE)):
         chunk = ready[start:start + INPUTS_PER_LINE]
-        body: dict[str, Any] = {"model": slot.model, "input": [text for _, text, _, _ in chunk],
+        body: dict[str, Any] = {**_asked(slot), "input": [text for _, text, _, _ in chunk],
                                 "encoding_format": "base64"}
-        if slot.model.startswith("text-embedding-3"):
-            body["dimensions"] = slot.dimensions
         lines.append(json.dumps({"custom_id": f"{job_id}-{line_no}", "method": "POST",
                                  "url": "/v1/embeddings", "body": body}))
         records.extend((job_id, line_no, i, str(r.pk), r.content_hash, tokens)
@@ -130,6 +131,29 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
     return len(ready)
 
 
+def _asked(slot: Slot) -> dict[str, Any]:
+    """What a request line asks for to get `slot`'s model's vectors."""
+    asked: dict[str, Any] = {"model": slot.model}
+    if slot.model.startswith("text-embedding-3"):
+        asked["dimensions"] = slot.dimensions
+    return asked
+
+
+def _made_by(client: openai.OpenAI, batch: Any) -> list[dict[str, Any]]:
+    """What the job's request lines asked for (model, dimensions): the model that made its
+    vectors, whatever the registry says by the time they are collected."""
+    asked = []
+    for line in client.files.content(batch.input_file_id).text.splitlines():
+        if line.strip():
+            body = json.loads(line)["body"]
+            found = {"model": body["model"]}
+            if "dimensions" in body:
+                found["dimensions"] = body["dimensions"]
+            if found not in asked:
+                asked.append(found)
+    return asked
+
+
 def _job_rows(conn: psycopg.Connection, job_id: int) -> dict[tuple[int, int], tuple[str, Any, int]]:
     return {(r[0], r[1]): (r[2], r[3], r[4]) for r in conn.execute(
         "SELECT line, position, pk, content_hash, tokens FROM pgreembed.batch_job_rows"
@@ -137,10 +161,11 @@ def _job_rows(conn: psycopg.Connection, job_id: int) -> dict[tuple[int, int], tu
 
 
 def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
-            client: openai.OpenAI) -> tuple[int, int]:
+            client: openai.OpenAI, paid: PaidVectors) -> tuple[int, int]:
     """Write a completed job's vectors (guarded); record rows with wrong vectors.
 
-    Returns (written, failed); rows of rejected lines stay pending."""
+    Returns (written, failed); rows of rejected lines stay pending, and so do rows the app
+    holds locked at the write (their vectors are kept in `paid` for the workers)."""
     rows = _job_rows(conn, job_id)
     embedded: list[Embedded] = []
     failed: list[Failed] = []
@@ -176,13 +201,29 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
                     failed.append(Failed(Row(pk, None, h), reason))
                 else:
                     embedded.append(Embedded(Row(pk, None, h), vector, False))
+    made_by = _made_by(client, batch)
     current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
     if current is None:
         raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
+    if not current.holds_vectors_of(slot) or made_by != [_asked(current)]:
+        # Not the column's model's vectors (invariant 7): billed, never written; the rows
+        # stay pending and the workers embed them with the column's model.
+        log.warning("batch job %d: made by %s, but column %s is %s now: its %d vectors are"
+                    " dropped, their rows stay pending", job_id, made_by,
+                    current.vector_column, current.model_key, len(embedded))
+        billed_by = slot
+        if len(made_by) == 1 and made_by != [_asked(slot)]:  # priced as the model it was
+            asked = made_by[0]
+            billed_by = replace(slot, model=asked["model"], model_key=model_key(
+                slot.provider, asked["model"], asked.get("dimensions", slot.dimensions)))
+        record_usage(conn, billed_by, len(embedded), tokens_billed)
+        return 0, 0
     written = write_vectors(conn, current, embedded)
+    if written.busy:
+        paid.keep(current, written.busy, 0, set(), recorded=True)
     _record_failures_by_key(conn, slot, failed)
     record_usage(conn, slot, len(embedded), tokens_billed)
-    return len(written), len(failed)
+    return len(written.keys), len(failed)
 
 
 def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequence[Failed]
@@ -201,6 +242,7 @@ def step(settings: Settings, target: Target) -> BatchStep:
     calls poll and write finished jobs; when none is open, the column goes back to
     the queue so workers embed rows edited meanwhile."""
     client = _client(settings)
+    paid = PaidVectors(redis.Redis.from_url(settings.redis_url))
     with connect(settings.database_url) as conn:
         slot = batch_slot(conn, target)
         if slot is None:
@@ -214,7 +256,7 @@ def step(settings: Settings, target: Target) -> BatchStep:
             if batch.status in ("validating", "in_progress", "finalizing"):
                 continue
             if batch.status == "completed":
-                w, f = collect(conn, slot, job_id, batch, client)
+                w, f = collect(conn, slot, job_id, batch, client, paid)
                 written, failed, completed = written + w, failed + f, completed + 1
             else:
                 log.warning("batch job %d ended %s; its rows stay pending", job_id,

@@ -105,6 +105,18 @@ def check_shortenable(live: Slot, dimensions: int) -> None:
                              f" column's {live.dimensions} dimensions")
 
 
+def derives_from(new: Slot, live: Slot) -> bool:
+    """Whether what `_chunk` makes from `live`'s vectors is `new`'s model's vector: the same
+    provider and model, at the same size (halfvec) or shortened (a model trained for it).
+    Read under the chunk's lock: a model changed in place must not be derived from
+    (invariant 7)."""
+    if (new.provider, new.model) != (live.provider, live.model):
+        return False
+    if new.dimensions == live.dimensions:
+        return True
+    return new.dimensions < live.dimensions and is_shortenable(live.model)
+
+
 def live_slot(settings: Settings, target: Target) -> Slot:
     with connect(settings.database_url) as conn:
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
@@ -186,6 +198,10 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, u
     migration = open_migration(conn, target)
     if migration is None or migration.from_slot != live.id:
         raise MigrationError(f"target {target.name!r}: the migration is no longer filling")
+    if not derives_from(new, live):
+        raise MigrationError(f"target {target.name!r}: column {new.vector_column} holds"
+                             f" {new.model_key}, which cannot be derived from the live"
+                             f" {live.model_key}; nothing derived")
     cast = sql.SQL("{}({})").format(sql.SQL(new.vector_type), sql.Literal(new.dimensions))
     if new.dimensions == live.dimensions:  # --derive halfvec: the same vector, 2-byte floats
         value = sql.SQL("a.{}::{}").format(live.vector, cast)
@@ -203,7 +219,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, u
             -- Rows the app or a worker is writing now are left to a later pass (or to the
             -- provider): waiting for them under the short lock_timeout would fail the chunk.
             SELECT a.{pk} AS pk FROM {table} a JOIN chunk c ON a.{pk} = c.pk
-            FOR UPDATE OF a SKIP LOCKED
+            ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED
         ), derived AS (
             UPDATE {table} AS a
             SET {new} = {value}

@@ -25,6 +25,7 @@ steps are idempotent (an index already built is kept, one left INVALID is rebuil
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CHANGE = "model_change"
 COPY_PAGE_ROWS = 5000
+COPY_BUSY_RETRIES = 3  # a page's rows the app holds are tried again, then left to the queue
 SIDE_FILL_VERSION = 2  # the bookkeeping version that records side fills
 
 
@@ -152,7 +154,14 @@ def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
     ensure_pending_index(conn, side)  # `start` makes it after its commit: a crash skips it
     after, copied = None, 0
     while True:
-        after, count = copy_page(conn, source, side, after, COPY_PAGE_ROWS)
+        start = after
+        after, count, busy = copy_page(conn, source, side, start, COPY_PAGE_ROWS)
+        for attempt in range(1, COPY_BUSY_RETRIES + 1):
+            if not busy:
+                break  # else rows the app holds now: try them again once it let them go
+            time.sleep(0.1 * attempt)
+            after, more, busy = copy_page(conn, source, side, start, COPY_PAGE_ROWS)
+            count += more
         copied += count
         if after is None:
             break

@@ -12,7 +12,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgreembed.store.slots import Slot
+from pgreembed.errors import MigrationError
+from pgreembed.store.rows import lock_slot
+from pgreembed.store.slots import Slot, load_slot
 
 
 def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
@@ -32,44 +34,69 @@ def backlog_at_least(conn: psycopg.Connection, slot: Slot, limit: int) -> int:
 
 
 def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
-              limit: int) -> tuple[Any, int]:
+              limit: int) -> tuple[Any, int, int]:
     """Copy into `side` the vectors of `source` that are of `side`'s model and of the row's
     current text, for the `limit` rows after key `after` (None: from the start), with
     their state rows; one transaction. Returns (last key of the page or None at the end,
-    rows copied). A row edited meanwhile has its vector cleared by the trigger, so the
-    `IS NOT NULL` and hash conditions (re-checked on the new row version) skip it."""
+    rows copied, rows left because another transaction holds them). A row edited
+    meanwhile has its vector cleared by the trigger, so the `IS NOT NULL` and hash
+    conditions (re-checked on the new row version) skip it.
+
+    Under `lock_slot`, both columns are the slots' until commit and `side` still belongs
+    to the model whose vectors are copied (invariant 7); the rows are locked in key order,
+    skipping those the app holds, so the copy never waits on the app (invariant 10).
+    """
     bound = sql.SQL("{} > %(after)s").format(sql.Identifier("a", source.primary_key)) \
         if after is not None else sql.SQL("TRUE")
     with conn.transaction():
+        now = lock_slot(conn, side.target, side.id, "ROW EXCLUSIVE")
+        if now is None or not now.holds_vectors_of(side):
+            raise MigrationError(f"target {side.target.name!r}: column {side.vector_column}"
+                                 f" is no longer {side.model_key}; nothing copied")
+        source = load_slot(conn, source.target, source.id)
         last = conn.execute(sql.SQL(
             "SELECT max(k) FROM (SELECT a.{pk} AS k FROM {table} a WHERE {bound}"
             " ORDER BY a.{pk} LIMIT %(limit)s) p").format(
                 pk=source.pk, table=source.table, bound=bound),
             {"after": after, "limit": limit}).fetchone()
         if last is None or last[0] is None:
-            return None, 0
-        copied = conn.execute(sql.SQL(
+            return None, 0, 0
+        found = conn.execute(sql.SQL(
             """
-            WITH copied AS (
-                UPDATE {table} a SET {side} = a.{source}
-                FROM {source_state} s
-                WHERE {bound} AND a.{pk} <= %(last)s AND {key}
+            WITH wanted AS (
+                SELECT a.{pk} AS k FROM {table} a JOIN {source_state} s ON {key}
+                WHERE {bound} AND a.{pk} <= %(last)s
                   AND s.pgr_model_id = %(model)s AND s.pgr_hash = {hash}
                   AND a.{source} IS NOT NULL AND a.{side} IS NULL
-                RETURNING a.{pk} AS k, s.pgr_hash AS h, s.pgr_truncated AS t)
-            INSERT INTO {side_state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at,
-                                      pgr_truncated)
-            SELECT k, %(model)s, h, now(), t FROM copied
-            ON CONFLICT (pgr_pk) DO UPDATE SET pgr_model_id = excluded.pgr_model_id,
-                pgr_hash = excluded.pgr_hash, pgr_embedded_at = excluded.pgr_embedded_at,
-                pgr_truncated = excluded.pgr_truncated, pgr_failed_hash = NULL,
-                pgr_failure = NULL
-            """).format(table=source.table, side=side.vector, source=source.vector,
+            ), free AS (
+                SELECT a.{pk} AS k FROM {table} a JOIN wanted w ON a.{pk} = w.k
+                ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED
+            ), copied AS (
+                UPDATE {table} a SET {side} = a.{source}
+                FROM free f, {source_state} s
+                WHERE a.{pk} = f.k AND {key}
+                  AND s.pgr_model_id = %(model)s AND s.pgr_hash = {hash}
+                  AND a.{source} IS NOT NULL AND a.{side} IS NULL
+                RETURNING a.{pk} AS k, s.pgr_hash AS h, s.pgr_truncated AS t
+            ), recorded AS (
+                INSERT INTO {side_state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at,
+                                          pgr_truncated)
+                SELECT k, %(model)s, h, now(), t FROM copied
+                ON CONFLICT (pgr_pk) DO UPDATE SET pgr_model_id = excluded.pgr_model_id,
+                    pgr_hash = excluded.pgr_hash, pgr_embedded_at = excluded.pgr_embedded_at,
+                    pgr_truncated = excluded.pgr_truncated, pgr_failed_hash = NULL,
+                    pgr_failure = NULL
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM recorded),
+                   (SELECT count(*) FROM wanted) - (SELECT count(*) FROM free)
+            """).format(table=source.table, side=now.vector, source=source.vector,
                         source_state=source.state_table, bound=bound, pk=source.pk,
                         key=source.state_key(),
-                        hash=source.hash_expr, side_state=side.state_table),
-            {"after": after, "last": last[0], "model": side.model_id}).rowcount
-    return last[0], copied
+                        hash=source.hash_expr, side_state=now.state_table),
+            {"after": after, "last": last[0], "model": now.model_id}).fetchone()
+    assert found is not None
+    return last[0], int(found[0]), int(found[1])
 
 
 def index_memory_bytes(rows: int, dimensions: int, m: int = 16) -> int:

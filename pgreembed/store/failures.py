@@ -79,12 +79,14 @@ def retry_failures(conn: psycopg.Connection, slot: Slot) -> int:
     Returns how many rows of the app's table are pending again (those failed on their
     current text: a row edited since it failed is pending already).
     """
+    # State rows locked in key order, skipping those the app holds (its DELETE's trigger
+    # deletes them): waiting for one while holding others could deadlock with the app.
     cur = conn.execute(sql.SQL(
         """
-        UPDATE {state} s SET pgr_failed_hash = NULL
-        FROM {table} a
-        WHERE {key} AND {failed}
-        """).format(state=slot.state_table, table=slot.table, key=slot.state_key(),
+        UPDATE {state} t SET pgr_failed_hash = NULL
+        WHERE t.pgr_pk IN (SELECT s.pgr_pk FROM {rows} WHERE {failed}
+                           ORDER BY s.pgr_pk FOR UPDATE OF s SKIP LOCKED)
+        """).format(state=slot.state_table, rows=slot.rows_with_state(),
                     failed=slot.failed()))
     count = cur.rowcount
     if count:

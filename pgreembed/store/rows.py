@@ -6,11 +6,14 @@ UPDATE only touches rows whose text still hashes to what was embedded
 (invariant 2); the rows it skipped changed meanwhile and stay pending. A row
 the app's table refuses (a constraint or trigger of the app's) is isolated by
 halving the write in savepoints, like a provider's 400 is split in halves.
+Rows are locked first, in key order and skipping those another transaction
+holds (the app's), so a background write never waits on the app (invariant 10).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -60,17 +63,67 @@ def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
         return None
 
 
-def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]) -> list[Any]:
-    """Write vectors whose row text is unchanged; returns the keys written.
+@dataclass
+class Written:
+    """What a write did with its vectors: rows written, rows the app's table refused, and
+    rows left pending because the app holds them locked now (their vectors are still good
+    for their text: the caller keeps them for the next pass, see embedding.paid)."""
 
-    `slot` must come from `lock_slot(..., "ROW EXCLUSIVE")` in the same transaction: the
-    vectors belong to the slot's model, and only under that lock is its column name sure
-    (a swap may have renamed the columns while the provider was embedding; invariant 7).
-    The temporary table empties itself at commit, and is emptied first (a savepoint's
-    earlier write, see `write_isolating`, is still in it until then).
+    keys: list[Any] = field(default_factory=list)
+    refused: list[Failed] = field(default_factory=list)
+    busy: list[Embedded] = field(default_factory=list)
+
+    def add(self, other: Written) -> Written:
+        return Written(self.keys + other.keys, self.refused + other.refused,
+                       self.busy + other.busy)
+
+
+def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
+                   ) -> tuple[set[str], set[str]]:
+    """Lock, in key order, the rows among `keys` that nobody holds; (keys locked, keys of
+    rows that exist but another transaction holds). Deleted rows are in neither.
+
+    A background write must never wait on the app's row locks (invariant 10): `UPDATE ...
+    FROM` locks rows in join order, so an app transaction touching the same rows in
+    another order deadlocked with it, or was held for deadlock_timeout. Rows locked here
+    are ours until commit, so the writes that follow never wait on them; the app may
+    wait on us, for the write's few milliseconds. NO KEY UPDATE is the lock our UPDATE of
+    a non-key column takes anyway: the app's foreign-key checks on the row (KEY SHARE,
+    taken by inserting a row that references it) neither make us skip it nor wait on us.
+    """
+    if not keys:
+        return set(), set()
+    locked = {row[0] for row in conn.execute(sql.SQL(
+        "SELECT k.pk FROM unnest(%s::text[]) AS k(pk) JOIN {table} a ON a.{pk} = k.pk::{type}"
+        " ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED").format(
+            table=slot.table, pk=slot.pk, type=slot.pk_cast), (list(keys),))}
+    rest = [k for k in keys if k not in locked]
+    busy = {row[0] for row in conn.execute(sql.SQL(
+        "SELECT k.pk FROM unnest(%s::text[]) AS k(pk)"
+        " WHERE EXISTS (SELECT FROM {table} a WHERE a.{pk} = k.pk::{type})").format(
+            table=slot.table, pk=slot.pk, type=slot.pk_cast), (rest,))} if rest else set()
+    return locked, busy
+
+
+def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]
+                  ) -> Written:
+    """Write vectors whose row text is unchanged, into rows nobody else holds locked.
+
+    `slot` must come from `lock_slot(..., "ROW EXCLUSIVE")` in the same transaction, and
+    the vectors must be of its model (`Slot.holds_vectors_of`): only under that lock is
+    its column name sure (a swap may have renamed the columns while the provider was
+    embedding; invariant 7). Rows the app holds are skipped (`Written.busy`), never
+    waited for (see `lock_free_rows`). The temporary table empties itself at commit, and
+    is emptied first (a savepoint's earlier write, see `write_isolating`, is still in it
+    until then).
     """
     if not results:
-        return []
+        return Written()
+    locked, busy = lock_free_rows(conn, slot, [str(item.row.pk) for item in results])
+    skipped = [item for item in results if str(item.row.pk) in busy]
+    results = [item for item in results if str(item.row.pk) in locked]
+    if not results:
+        return Written(busy=skipped)
     # One temporary table per vector type, kept by the pooled connection.
     incoming = sql.Identifier(f"pgreembed_incoming_{slot.vector_type}")
     conn.execute(sql.SQL(
@@ -108,32 +161,31 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
         ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
                  pk_type=slot.pk_cast, hash=slot.hash_expr, state=slot.state_table),
             (slot.model_id,))
-        return [row[0] for row in cur.fetchall()]
+        return Written(keys=[row[0] for row in cur.fetchall()], busy=skipped)
 
 
 def write_isolating(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]
-                    ) -> tuple[list[Any], list[Failed]]:
-    """`write_vectors`, with the rows the app's table refuses isolated: (keys written,
-    rows refused with the database's message).
+                    ) -> Written:
+    """`write_vectors`, with the rows the app's table refuses isolated (`Written.refused`,
+    with the database's message).
 
     Each try runs in a savepoint; a row-level error (constraint, trigger, data
     exception) splits the write in halves until the refused row stands alone, so its
     neighbours are written. Any other error is nobody's row's fault and propagates.
     """
     if not results:
-        return [], []
+        return Written()
     try:
         with conn.transaction():  # a savepoint: the caller's transaction is open
-            return write_vectors(conn, slot, results), []
+            return write_vectors(conn, slot, results)
     except psycopg.Error as exc:
         if not is_row_fault(exc):
             raise
         if len(results) == 1:
-            return [], [Failed(results[0].row, describe(exc))]
+            return Written(refused=[Failed(results[0].row, describe(exc))])
     middle = len(results) // 2
-    written, refused = write_isolating(conn, slot, results[:middle])
-    more_written, more_refused = write_isolating(conn, slot, results[middle:])
-    return written + more_written, refused + more_refused
+    return write_isolating(conn, slot, results[:middle]).add(
+        write_isolating(conn, slot, results[middle:]))
 
 
 def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int,
@@ -151,6 +203,12 @@ def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int,
 def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:
     """Remember why rows failed, for this text: they are skipped until the text changes
     or `pgreembed failures --retry` clears them."""
+    if not failures:
+        return
+    # Like vectors, never wait on the app's row locks: the failure of a row the app holds
+    # now is recorded when it is tried again (invariant 10).
+    locked, _ = lock_free_rows(conn, slot, [str(f.row.pk) for f in failures])
+    failures = [f for f in failures if str(f.row.pk) in locked]
     if not failures:
         return
     with conn.cursor() as cur:

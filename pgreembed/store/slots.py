@@ -48,6 +48,15 @@ class Slot:
     # `migrate --derive halfvec` column holds a model `vector` held before).
     vector_type: str = "vector"
 
+    def holds_vectors_of(self, made_by: Slot) -> bool:
+        """Whether vectors made for `made_by` (the slot as read when they were bought or
+        copied) belong in this slot's column now: the same registered model (key,
+        dimensions) and storage type. `init` changes a live slot's model in place, so the
+        same slot id may stand for another model by the time they are written."""
+        return (self.id, self.model_id, self.model_key, self.dimensions, self.vector_type) == (
+            made_by.id, made_by.model_id, made_by.model_key, made_by.dimensions,
+            made_by.vector_type)
+
     # -- identifiers ---------------------------------------------------------------
 
     @property
