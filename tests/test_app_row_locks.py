@@ -15,6 +15,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
@@ -63,6 +64,7 @@ def _app_transaction(dsn: str, a: int, b: int, first: str, barrier: threading.Ba
             conn.rollback()
 
 
+@pytest.mark.second_server
 def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     write_config(stack.config_path, docs_config(batch_size=2 * PAIRS))

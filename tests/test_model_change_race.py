@@ -54,6 +54,7 @@ def _settled(stack: Stack) -> bool:
     return row is not None and row[0] == 0
 
 
+@pytest.mark.second_server
 def test_in_place_model_change_never_records_the_old_models_vectors_as_the_new(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     seed(stack, 300)
