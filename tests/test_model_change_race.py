@@ -10,6 +10,7 @@ import uuid
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import redis
 
 from pgreembed.embedding.embed import Embedded, Row
