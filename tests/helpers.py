@@ -162,6 +162,21 @@ def migrate(stack: Stack, *args: str) -> str:
     return result.stdout
 
 
+def new_column(stack: Stack) -> str:
+    """The docs target's incoming column (an open migration's), as the registry names it."""
+    with stack.connect() as conn:
+        row = conn.execute("SELECT vector_column FROM pgreembed.slots"
+                           " WHERE target = 'docs' AND role = 'next'").fetchone()
+    assert row is not None, "no migration of docs is filling a new column"
+    return str(row[0])
+
+
+def start_migration(stack: Stack, *args: str) -> str:
+    """`migrate start <args> --target docs`; the new column."""
+    migrate(stack, "start", *args)
+    return new_column(stack)
+
+
 def wait_filled(stack: Stack, column: str) -> None:
     def filled() -> bool:
         with stack.connect() as conn:

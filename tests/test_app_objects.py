@@ -28,7 +28,9 @@ from tests.helpers import (
     in_background,
     json_document,
     migrate,
+    new_column,
     seed,
+    start_migration,
     steady_writer,
     wait_filled,
     write_config,
@@ -237,7 +239,7 @@ def test_views_functions_policies_follow_the_live_column_through_a_migration(
     assert found["publications"]["level"] == "warn"
     started = migrate(stack, "start", "--model", NEW[0], "--dimensions", "512")
     assert "public.docs_snapshot" in started and "public.docs_search" in started
-    column = started.split("column ")[1].split(" ")[0]
+    column = new_column(stack)
     wait_filled(stack, column)
     migrate(stack, "index")
 
@@ -339,8 +341,7 @@ def test_what_a_swap_cannot_keep_is_refused_up_front_and_cancel_names_its_reader
         ("constraint", "unit_vectors on public.docs", "refuse"),
         ("trigger", "on_vector on public.docs", "refuse"),
         ("rule", "log_vectors on public.docs", "refuse")}
-    column = migrate(stack, "start", "--model", OLD[0] + "-b", "--dimensions", "384"
-                     ).split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", OLD[0] + "-b", "--dimensions", "384")
     refused(stack, "swap", "public.docs.dims", "unit_vectors on public.docs",
             "on_vector on public.docs", "log_vectors on public.docs", "DROP TRIGGER")
     with stack.connect() as conn:

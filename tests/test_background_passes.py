@@ -30,6 +30,7 @@ from tests.helpers import (
     migrate,
     running,
     seed,
+    start_migration,
     wait_filled,
 )
 
@@ -91,8 +92,7 @@ def test_batch_api_results_of_a_model_the_column_no_longer_has_are_dropped(
     running(stack)
     wait_filled(stack, "embedding")
     fake_openai.set_faults(batch_delay=1.0)
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768", "--batch-api")
-    column = out.split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", "fake-768", "--dimensions", "768", "--batch-api")
     assert "20 inputs submitted" in migrate(stack, "batch")
     # While the job runs, the column's model changes in place to another of the same size.
     with stack.connect() as conn:

@@ -11,6 +11,7 @@ from tests.helpers import (
     migrate,
     running,
     seed,
+    start_migration,
     wait_filled,
     wait_for,
 )
@@ -30,8 +31,7 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
     running(stack)
     wait_filled(stack, "embedding")
     fake_openai.set_faults(batch_delay=2.0, bad_input_marker="BADINPUT")
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768", "--batch-api")
-    column = out.split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", "fake-768", "--dimensions", "768", "--batch-api")
     first = migrate(stack, "batch")
     assert "41 inputs submitted" in first and "1 open" in first
     time.sleep(1.0)
@@ -50,8 +50,7 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
         conn.execute("UPDATE docs SET body = 'cured' WHERE title = 'poison'")
     wait_filled(stack, column)
     assert_column_current(stack, column, "fake-768", 768)
-    status = migrate(stack, "status", "--json")
-    assert '"done": 41' in status
+    assert json_document(migrate(stack, "status", "--json"))["done"] == 41
 
     def batch_texts_once() -> bool:
         counts = fake_openai.stats()["text_counts"]

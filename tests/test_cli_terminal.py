@@ -13,7 +13,7 @@ import time
 import pexpect
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import ROOT, Stack, seed, wait_for
+from tests.helpers import ROOT, Stack, seed, start_migration, wait_for
 
 ROWS = 120  # 15 batches of 8
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
@@ -78,21 +78,18 @@ def test_tick_wait_in_a_pipe_prints_plain_lines_only(
     assert re.search(rf"^tick: done, {ROWS} rows processed", result.stdout, re.M), result.stdout
 
 
-def start_migration(stack: Stack, fake_openai: FakeOpenAIServer) -> str:
+def migrating(stack: Stack, fake_openai: FakeOpenAIServer) -> str:
     """The live column filled, a migration to fake-768 started (no worker yet): its column."""
     assert stack.cli("init").returncode == 0
     seed(stack, 64)
     stack.start_worker(threads=1)
     assert stack.cli("tick", "--wait", "--timeout", "120").returncode == 0
-    out = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
-                    "--dimensions", "768")
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split("column ")[1].split(" ")[0]
+    return start_migration(stack, "--model", "fake-768", "--dimensions", "768")
 
 
 def test_swap_shows_its_catch_up_as_a_bar_then_its_result(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
-    start_migration(stack, fake_openai)
+    migrating(stack, fake_openai)
     fake_openai.set_faults(slow_model="fake-768", slow_model_latency=0.4)
     stack.start_scheduler()  # fills the new column, 8 rows per 0.4 s
     code, screen = in_terminal(stack, "migrate", "swap", "--target", "docs",
@@ -106,7 +103,7 @@ def test_swap_shows_its_catch_up_as_a_bar_then_its_result(
 
 def test_index_build_shows_its_phase_in_a_terminal_and_nothing_with_json_in_a_pipe(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
-    column = start_migration(stack, fake_openai)
+    column = migrating(stack, fake_openai)
     stack.start_scheduler()
     wait_for(lambda: stack.connect().execute(
         f'SELECT count(*) FROM docs WHERE "{column}" IS NULL').fetchone()[0] == 0,

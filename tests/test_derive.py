@@ -22,6 +22,7 @@ from tests.helpers import (
     require_server,
     running,
     seed,
+    start_migration,
     steady_writer,
     wait_filled,
     write_config,
@@ -45,8 +46,7 @@ def test_derived_dimensions_cost_nothing_and_are_what_the_provider_returns(
     assert planned["storage_saved_bytes"] == 200 * (384 - 128) * 4
 
     fake_openai.reset()
-    out = migrate(stack, "start", "--derive", "dimensions:128")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--derive", "dimensions:128")
     assert fake_openai.stats()["requests"] == 0  # filled in SQL
     assert column_type(stack, new_column) == "vector(128)"
     # The provider's own vector at dimensions=128, for every row.
@@ -116,8 +116,7 @@ def test_the_index_build_gets_the_parallel_workers_it_is_given(
         conn.execute("ALTER TABLE docs SET (toast_tuple_target = 128)")
     running(stack)
     wait_filled(stack, "embedding")
-    out = migrate(stack, "start", "--derive", "dimensions:256")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--derive", "dimensions:256")
     with stack.connect() as conn:  # the premise: a heap below min_parallel_table_scan_size
         row = conn.execute("SELECT pg_relation_size('docs') < pg_size_bytes("
                            "current_setting('min_parallel_table_scan_size'))").fetchone()

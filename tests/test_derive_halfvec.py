@@ -16,6 +16,7 @@ from tests.helpers import (
     column_type,
     docs_config,
     migrate,
+    new_column,
     require_server,
     running,
     seed,
@@ -64,10 +65,10 @@ def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
     with steady_writer(stack, per_second=10.0, edits=range(20, ROWS + 1)) as writes:
         fake_openai.reset()
         fake_openai.set_faults(slow_model="fake-384", slow_model_latency=0.3)
-        out = migrate(stack, "start", "--derive", "halfvec")
+        migrate(stack, "start", "--derive", "halfvec")
         sent = fake_openai.stats()["text_counts"]
-        new_column = out.split("column ")[1].split(" ")[0]
-        assert column_type(stack, new_column) == "halfvec(384)"
+        incoming = new_column(stack)
+        assert column_type(stack, incoming) == "halfvec(384)"
         # The fill itself sent nothing: whatever reached the provider meanwhile is a text
         # the writer wrote (or a stale row's, left to the provider), never a seeded one.
         assert not [t for t in sent if "\nbody " in t], sorted(sent)[:5]
@@ -79,7 +80,7 @@ def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
             # The operator's repair of the stale live vectors: clear them, they re-embed.
             conn.execute("UPDATE docs SET embedding = NULL WHERE id = ANY(%s)", (list(STALE),))
         migrate(stack, "index")
-        assert ann_opclasses(stack, new_column) == ["halfvec_cosine_ops"]
+        assert ann_opclasses(stack, incoming) == ["halfvec_cosine_ops"]
         migrate(stack, "swap", "--max-unsearchable", "1000")
         assert column_type(stack, "embedding") == "halfvec(384)"
         assert ann_opclasses(stack, "embedding") == ["halfvec_cosine_ops"]
@@ -90,15 +91,15 @@ def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
     assert writes["inserts"] > 20 and writes["errors"] == 0
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, "embedding")
-    wait_filled(stack, new_column)
+    wait_filled(stack, incoming)
     # Every row, both columns: the model's vector of the row's current text (halfvec
     # rounds each component to ~1e-4 here, within the helper's 2e-3).
     assert_column_current(stack, "embedding", "fake-384", 384)
-    assert_column_current(stack, new_column, "fake-384", 384)
+    assert_column_current(stack, incoming, "fake-384", 384)
 
     # The app's query with a `vector` parameter still works on the halfvec column.
     with stack.connect() as conn:
-        probe = conn.execute(f"SELECT {new_column}::text FROM docs WHERE id = 50").fetchone()
+        probe = conn.execute(f"SELECT {incoming}::text FROM docs WHERE id = 50").fetchone()
         nearest = conn.execute("SELECT id FROM docs ORDER BY embedding <=> %s::vector"
                                " LIMIT 1", (probe[0],)).fetchone()
         assert nearest == (50,)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tests.helpers import Stack, json_document, wait_for
+from tests.helpers import Stack, json_document, new_column, wait_for
 
 LIVE_MODEL = "openai:fake-384@384"
 NEW_MODEL = "openai:fake-768@768"
@@ -52,7 +52,7 @@ def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fa
     started = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
                         "--dimensions", "768")
     assert started.returncode == 0, started.stderr
-    new_column = started.stdout.split("column ")[1].split(" ")[0]
+    incoming = new_column(stack)
     wait_for(lambda: by_role(failures_json(stack)).get("next") == {"9", "10", "11", "12"},
              timeout=60, message="the new column's failures recorded")
     with stack.connect() as conn:  # deleted while the triggers were off: a stale record
@@ -66,24 +66,24 @@ def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fa
         assert set(record) == {"column", "model", "role", "key", "reason", "attempts",
                                "failed_at"}
         expected = ("embedding", LIVE_MODEL) if record["role"] == "live" else (
-            new_column, NEW_MODEL)
+            incoming, NEW_MODEL)
         assert (record["column"], record["model"]) == expected
         assert record["attempts"] >= 1 and record["reason"]
         datetime.fromisoformat(record["failed_at"])
     assert all("provider rejected" in r["reason"] for r in records if r["key"] in {"10", "11"})
-    assert by_role(failures_json(stack, "--column", new_column)) == {"next": {"9", "10", "11"}}
+    assert by_role(failures_json(stack, "--column", incoming)) == {"next": {"9", "10", "11"}}
     text = stack.cli("failures", "--target", "docs").stdout
-    assert f"docs.{new_column} ({NEW_MODEL}, next): 3 failed rows:" in text
+    assert f"docs.{incoming} ({NEW_MODEL}, next): 3 failed rows:" in text
 
     refused = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "1")
     assert refused.returncode == 4  # refused: rows failed in the incoming column
-    assert f"`pgreembed failures --target docs --column {new_column}`" in refused.stderr
+    assert f"`pgreembed failures --target docs --column {incoming}`" in refused.stderr
 
     fake_openai.set_faults(bad_input_marker=None)
-    retried = failures_json(stack, "--column", new_column, "--retry")
-    assert retried == [{"column": new_column, "model": NEW_MODEL, "role": "next",
+    retried = failures_json(stack, "--column", incoming, "--retry")
+    assert retried == [{"column": incoming, "model": NEW_MODEL, "role": "next",
                         "retried": 3}]
-    wait_for(lambda: embedded_count(stack, new_column) == 10, timeout=60,
+    wait_for(lambda: embedded_count(stack, incoming) == 10, timeout=60,
              message="rows 10 and 11 embedded in the new column after the retry")
     after = failures_json(stack)
     assert by_role(after) == {"live": {"9"}, "next": {"9"}}
@@ -103,16 +103,16 @@ def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fa
     wait_for(lambda: by_role(failures_json(stack)) == {"live": {"100"}, "old": {"100"}},
              timeout=60, message="row 100 failed in both columns")
     old = next(r for r in failures_json(stack) if r["role"] == "old")
-    assert (old["column"], old["model"]) == (new_column, LIVE_MODEL)  # names were exchanged
+    assert (old["column"], old["model"]) == (incoming, LIVE_MODEL)  # names were exchanged
     fake_openai.set_faults(bad_input_marker=None)
-    assert failures_json(stack, "--column", new_column, "--retry") == [
-        {"column": new_column, "model": LIVE_MODEL, "role": "old", "retried": 1}]
+    assert failures_json(stack, "--column", incoming, "--retry") == [
+        {"column": incoming, "model": LIVE_MODEL, "role": "old", "retried": 1}]
     wait_for(lambda: by_role(failures_json(stack)) == {"live": {"100"}}, timeout=60,
              message="row 100 embedded in the old column after its retry")
 
     unknown = stack.cli("failures", "--target", "docs", "--column", "nope")
     assert unknown.returncode == 2  # a wrong option value
-    assert "no column 'nope'" in unknown.stderr and new_column in unknown.stderr
+    assert "no column 'nope'" in unknown.stderr and incoming in unknown.stderr
 
 
 def test_a_failed_row_edited_since_counts_as_pending_not_failed(stack: Stack, fake_openai

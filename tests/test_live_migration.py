@@ -28,6 +28,7 @@ from tests.helpers import (
     json_document,
     migrate,
     seed,
+    start_migration,
     steady_writer,
     wait_filled,
     wait_for,
@@ -45,8 +46,7 @@ def start_same_dimension_migration(stack: Stack) -> str:
     stack.start_worker(threads=8)
     stack.start_scheduler()
     wait_filled(stack, "embedding")
-    out = migrate(stack, "start", "--model", NEW, "--dimensions", "384")
-    column = out.split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", NEW, "--dimensions", "384")
     wait_filled(stack, column)
     return column
 
@@ -147,8 +147,7 @@ def test_rows_failed_in_the_new_column_stop_the_swap_unless_accepted(
     stack.start_scheduler()
     wait_filled(stack, "embedding")
     fake_openai.set_faults(bad_input_marker="poison")
-    out = migrate(stack, "start", "--model", NEW, "--dimensions", "384")
-    column = out.split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", NEW, "--dimensions", "384")
     with stack.connect() as conn:
         wait_for(lambda: conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
                                       ).fetchone()[0] == 3, timeout=60)

@@ -20,10 +20,12 @@ from tests.helpers import (
     assert_column_current,
     column_type,
     in_background,
+    json_document,
     migrate,
     require_server,
     running,
     seed,
+    start_migration,
     wait_filled,
     wait_for,
 )
@@ -65,8 +67,7 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     assert "rows: 60" in plan and "vector(768)" in plan
     assert 'ALTER TABLE "public"."docs" ADD COLUMN' in plan
     assert "estimated time: no rate limit configured" in plan
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     assert column_type(stack, new_column) == "vector(768)"
     # Traffic during the backfill: inserts, text updates, deletes.
     with stack.connect() as conn:
@@ -75,8 +76,8 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
         conn.execute("DELETE FROM docs WHERE id = 7")
     wait_filled(stack, new_column)
     wait_filled(stack, "embedding")
-    status = migrate(stack, "status", "--json")
-    assert '"done": 60' in status and '"phase": "filling"' in status
+    status = json_document(migrate(stack, "status", "--json"))
+    assert (status["done"], status["phase"]) == (60, "filling")
     overall = stack.cli("status")
     assert "migration of docs: [##############################] ~60/~60 rows" in overall.stdout
     # No index on the new column yet while the live one has one: refused.
@@ -211,8 +212,7 @@ def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack
     with stack.connect() as conn:  # two equal texts: equal vectors, so a UNIQUE build fails
         conn.execute("INSERT INTO docs (title, body) VALUES ('doc 1', 'body 1')")
     running(stack)
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     # Re-running start after a crash is harmless.
     migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     wait_filled(stack, new_column)
@@ -265,8 +265,7 @@ def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_o
     running(stack)
     wait_filled(stack, "embedding")
     fake_openai.set_faults(latency=0.3)
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= 8, timeout=30,
              message="the fill to begin")
     for process in stack.processes:  # SIGKILL the whole worker and scheduler groups
@@ -348,8 +347,7 @@ def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack:
     """SIGKILL of `migrate swap`/`rollback` while it retries on a busy table: no half swap."""
     seed(stack, 20)
     running(stack)
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     wait_filled(stack, new_column)
     migrate(stack, "index")
 
@@ -389,8 +387,7 @@ def test_new_index_serves_the_live_index_distance_or_swap_refuses(stack: Stack) 
     """An app querying with <-> (L2) must keep an index it can use after the swap."""
     seed(stack, 20)
     running(stack, index="ivfflat (embedding vector_l2_ops) WITH (lists = 1)")
-    out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-    new_column = out.split("column ")[1].split(" ")[0]
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     wait_filled(stack, new_column)
 
     def new_index() -> str:

@@ -11,7 +11,7 @@ from pgreembed.cli.migrate_steps import usd
 from pgreembed.config import load_settings
 from pgreembed.migrations import plan as plan_module
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import Stack, migrate, seed, wait_filled
+from tests.helpers import Stack, migrate, seed, start_migration, wait_filled
 
 
 def plan_of(stack: Stack, *args: str) -> tuple[int, str, str]:
@@ -84,8 +84,7 @@ def test_advice_after_a_migration_names_the_config_to_write(stack: Stack) -> Non
     stack.start_worker(threads=2)
     stack.start_scheduler()
     wait_filled(stack, "embedding")
-    out = migrate(stack, "start", "--model", "fake-alt-384", "--dimensions", "384")
-    column = out.split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", "fake-alt-384", "--dimensions", "384")
     wait_filled(stack, column)
     migrate(stack, "swap")
     again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",

@@ -7,7 +7,15 @@ import json
 import time
 
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
-from tests.helpers import Stack, assert_column_current, docs_config, seed, wait_filled, wait_for
+from tests.helpers import (
+    Stack,
+    assert_column_current,
+    docs_config,
+    new_column,
+    seed,
+    wait_filled,
+    wait_for,
+)
 
 MODEL = "text-embedding-3-small"
 PRICE = PRICES_PER_MTOKEN[MODEL] / 1e6  # USD per token
@@ -52,7 +60,7 @@ def test_cap_holds_with_concurrent_workers_and_resume_raises_it(stack: Stack,
     out = stack.cli("migrate", "start", "--target", "docs", "--model", MODEL,
                     "--dimensions", "384", "--spend-cap", str(cap))
     assert out.returncode == 0, out.stdout + out.stderr
-    column = out.stdout.split("column ")[1].split(" ")[0]
+    column = new_column(stack)
     with stack.connect() as conn:
         slot = conn.execute("SELECT id FROM pgreembed.slots WHERE vector_column = %s",
                             (column,)).fetchone()

@@ -21,8 +21,9 @@ from tests.helpers import (
     assert_column_current,
     docs_config,
     in_background,
-    migrate,
+    new_column,
     seed,
+    start_migration,
     wait_filled,
     write_config,
 )
@@ -87,7 +88,7 @@ def test_migrate_start_waits_behind_an_idle_reader_without_stalling_writers(
     # ...and no write waited behind a lock attempt for more than one attempt (100 ms) plus
     # scheduling noise; an unbounded wait would have stalled the writer ~3 s.
     assert max(latencies) < 0.6, sorted(latencies)[-5:]
-    column = out.stdout.split("column ")[1].split(" ")[0]
+    column = new_column(stack)
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET body = 'edited while filling' WHERE id <= 5")
     wait_filled(stack, column)
@@ -141,8 +142,7 @@ def test_swap_ends_an_idle_transaction_only_when_asked(stack: Stack,
     stack.start_worker(threads=4)
     stack.start_scheduler()
     wait_filled(stack, "embedding")
-    out = migrate(stack, "start", "--model", "fake-alt-384", "--dimensions", "384")
-    column = out.split("column ")[1].split(" ")[0]
+    column = start_migration(stack, "--model", "fake-alt-384", "--dimensions", "384")
     wait_filled(stack, column)
     fake_openai.set_faults(slow_model="fake-alt-384", slow_model_latency=0.5)
     reader = idle_in_transaction(stack, "SELECT count(*) FROM docs", 120.0)
