@@ -121,10 +121,11 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: s
         time.sleep(interval)
 
 
-def seed(stack: Stack, count: int) -> None:
+def seed(stack: Stack, count: int, *, title: str = "doc", body: str = "body ") -> None:
+    """`count` docs rows: title "<title> N", body "<body>N" for N = 1..count."""
     with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, %s) g", (count,))
+        conn.execute("INSERT INTO docs (title, body) SELECT %s || ' ' || g, %s || g"
+                     " FROM generate_series(1, %s) g", (title, body, count))
 
 
 def column_type(stack: Stack, column: str) -> str | None:

@@ -23,13 +23,7 @@ from typing import Any
 import redis
 
 from pgreembed.config import load_settings
-from tests.helpers import OUTAGE_TRIGGER, Stack, docs_config, json_document, wait_for
-
-
-def insert_docs(stack: Stack, count: int) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body of ' || g"
-                     " FROM generate_series(1, %s) g", (count,))
+from tests.helpers import OUTAGE_TRIGGER, Stack, docs_config, json_document, seed, wait_for
 
 
 def embedded_count(stack: Stack) -> int:
@@ -62,7 +56,7 @@ def set_outage(stack: Stack, on: bool) -> None:
 
 def test_rows_the_table_refuses_fail_alone_with_the_databases_message(stack: Stack,
                                                                       fake_openai) -> None:
-    insert_docs(stack, 40)
+    seed(stack, 40, body="body of ")
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:  # the app's own rules, met only when a vector is set
         conn.execute("ALTER TABLE docs ADD CONSTRAINT no_vector_for_3s"
@@ -97,7 +91,7 @@ def test_rows_the_table_refuses_fail_alone_with_the_databases_message(stack: Sta
 
 
 def test_disk_full_pauses_the_write_and_buys_nothing_twice(stack: Stack, fake_openai) -> None:
-    insert_docs(stack, 24)
+    seed(stack, 24, body="body of ")
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
         conn.execute(OUTAGE_TRIGGER)
@@ -120,7 +114,7 @@ def test_vectors_outlive_a_write_that_fails_past_its_retries(stack: Stack, fake_
     """After `write_retry_seconds` the message goes back to Dramatiq: its retry writes the
     vectors kept in Redis instead of buying them again."""
     stack.config_path.write_text(docs_config(worker_extra="write_retry_seconds = 0.5"))
-    insert_docs(stack, 16)
+    seed(stack, 16, body="body of ")
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
         conn.execute(OUTAGE_TRIGGER)
@@ -152,7 +146,7 @@ def test_dimensions_over_the_models_maximum_mark_the_column_misconfigured(
         stack: Stack, fake_openai) -> None:
     # The issue's case: every request is a 400, which was split down to single rows.
     stack.config_path.write_text(misconfigured_config("text-embedding-3-small", 2000))
-    insert_docs(stack, 256)
+    seed(stack, 256, body="body of ")
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=2)
     result = stack.cli("tick", "--wait", "--timeout", "60")
@@ -195,7 +189,7 @@ def test_dimensions_over_the_models_maximum_mark_the_column_misconfigured(
 def test_a_model_answering_other_dimensions_marks_the_column_until_init(
         stack: Stack, fake_openai) -> None:
     stack.config_path.write_text(misconfigured_config("fake-384", 384))
-    insert_docs(stack, 64)
+    seed(stack, 64, body="body of ")
     assert stack.cli("init").returncode == 0
     fake_openai.set_faults(wrong_dims_count=1000)  # the server answers 385 dimensions
     stack.start_worker(threads=2)
@@ -215,7 +209,7 @@ def test_a_model_answering_other_dimensions_marks_the_column_until_init(
 def test_a_single_bad_row_is_still_the_rows_fault(stack: Stack, fake_openai) -> None:
     """The probe passes, so a 400 for one input is split down to that row, as before."""
     stack.config_path.write_text(misconfigured_config("fake-384", 384))
-    insert_docs(stack, 16)
+    seed(stack, 16, body="body of ")
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET body = 'POISON' WHERE id = 5")
     assert stack.cli("init").returncode == 0

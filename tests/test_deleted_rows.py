@@ -19,13 +19,7 @@ from pgreembed.store.orphans import OrphanSweep
 from pgreembed.store.pending import sweep
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, json_document
-
-
-def insert_docs(stack: Stack, count: int) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body of ' || g"
-                     " FROM generate_series(1, %s) g", (count,))
+from tests.helpers import Stack, json_document, seed
 
 
 def embed_all(stack: Stack) -> None:
@@ -63,7 +57,7 @@ def change_model(stack: Stack, model: str) -> None:
 @pytest.mark.second_server
 def test_in_place_model_change_after_deletes_finishes_and_forgets_deleted_rows(stack: Stack
                                                                               ) -> None:
-    insert_docs(stack, 30)
+    seed(stack, 30, body="body of ")
     embed_all(stack)
     with stack.connect() as conn:
         conn.execute("DELETE FROM docs WHERE id % 3 = 0")
@@ -91,7 +85,7 @@ def test_in_place_model_change_after_deletes_finishes_and_forgets_deleted_rows(s
 
 def test_state_rows_of_rows_deleted_without_triggers_are_no_work_and_get_swept(
         stack: Stack, redis_url: str) -> None:
-    insert_docs(stack, 25)
+    seed(stack, 25, body="body of ")
     embed_all(stack)
     delete_without_triggers(stack, "id % 2 = 0")
     deleted = {k for k in range(1, 26) if k % 2 == 0}
@@ -124,7 +118,7 @@ def test_state_rows_of_rows_deleted_without_triggers_are_no_work_and_get_swept(
 @pytest.mark.second_server
 def test_app_role_deletes_and_truncates_without_rights_on_our_state_tables(stack: Stack
                                                                          ) -> None:
-    insert_docs(stack, 12)
+    seed(stack, 12, body="body of ")
     embed_all(stack)
     role = f"app_{uuid.uuid4().hex[:8]}"
     with stack.connect() as conn:
@@ -142,7 +136,7 @@ def test_app_role_deletes_and_truncates_without_rights_on_our_state_tables(stack
         with stack.connect() as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-    insert_docs(stack, 3)
+    seed(stack, 3, body="body of ")
     result = stack.cli("tick", "--wait", "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
     assert state_keys(stack) == app_keys(stack)

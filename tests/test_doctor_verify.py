@@ -21,13 +21,7 @@ from pgreembed.store.setup import init_target
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import API_KEY, Stack, json_document, wait_for
-
-
-def seed(stack: Stack, count: int) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, %s) g", (count,))
+from tests.helpers import API_KEY, Stack, json_document, seed, wait_for
 
 
 def filled(stack: Stack, column: str) -> bool:

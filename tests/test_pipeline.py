@@ -13,16 +13,9 @@ import numpy as np
 import pytest
 
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, docs_config, json_document, wait_for
+from tests.helpers import Stack, docs_config, json_document, seed, wait_for
 
 MODEL = "fake-384"
-
-
-def insert_docs(stack: Stack, count: int, prefix: str = "doc") -> None:
-    with stack.connect() as conn:
-        conn.execute(
-            "INSERT INTO docs (title, body) SELECT %s || ' ' || g, 'body of ' || g"
-            " FROM generate_series(1, %s) g", (prefix, count))
 
 
 def rows(stack: Stack) -> list[tuple[int, str, object]]:
@@ -46,7 +39,7 @@ def init(stack: Stack) -> None:
 
 
 def test_new_rows_are_embedded(stack: Stack) -> None:
-    insert_docs(stack, 40)
+    seed(stack, 40, body="body of ")
     init(stack)
     stack.start_worker()
     result = stack.cli("tick", "--wait", "--timeout", "60")
@@ -75,7 +68,7 @@ def test_worker_processes_warm_up_before_their_first_message(stack: Stack, fake_
 
 def test_changed_text_is_reembedded_and_unrelated_change_is_not(stack: Stack, fake_openai
                                                                 ) -> None:
-    insert_docs(stack, 10)
+    seed(stack, 10, body="body of ")
     init(stack)
     stack.start_worker()
     assert stack.cli("tick", "--wait").returncode == 0
@@ -93,7 +86,7 @@ def test_changed_text_is_reembedded_and_unrelated_change_is_not(stack: Stack, fa
 
 def test_text_changed_while_in_flight_ends_with_new_texts_vector(stack: Stack, fake_openai
                                                                   ) -> None:
-    insert_docs(stack, 8)
+    seed(stack, 8, body="body of ")
     init(stack)
     fake_openai.set_faults(latency=2.0)
     stack.start_worker()
@@ -111,7 +104,7 @@ def test_text_changed_while_in_flight_ends_with_new_texts_vector(stack: Stack, f
 
 
 def test_duplicate_enqueue_does_not_double_provider_calls(stack: Stack, fake_openai) -> None:
-    insert_docs(stack, 30)
+    seed(stack, 30, body="body of ")
     init(stack)
     # 4 batches on 2 threads at 5 s each: the second tick (a new process, ~1 s to start on
     # a loaded machine) runs while every row is still in flight.
@@ -132,7 +125,7 @@ def test_tick_sends_whole_batches(stack: Stack) -> None:
     """Pages of pending keys are whole batches: 1100 rows in batches of 300 are
     300 + 300 + 300 + 200, not 300 + 300 + 300 + 100 + 100 (pages of 1000)."""
     stack.config_path.write_text(docs_config(batch_size=300))
-    insert_docs(stack, 1100)
+    seed(stack, 1100, body="body of ")
     init(stack)
     assert "enqueued 1100 rows in 4 batches" in stack.cli("tick").stdout
 
@@ -224,7 +217,7 @@ def test_provider_down_past_every_in_process_retry_then_work_resumes(stack: Stac
     message goes to Dramatiq's retries, no row is marked failed, and once the provider
     is back every row is embedded without anyone stepping in."""
     stack.config_path.write_text(docs_config(worker_extra="provider_retry_seconds = 2"))
-    insert_docs(stack, 30)
+    seed(stack, 30, body="body of ")
     init(stack)
     fake_openai.set_faults(error_500_count=10**6)  # every request fails: the provider is down
     stack.start_worker(threads=2)
