@@ -20,6 +20,7 @@ from pgreembed.config import Target
 from pgreembed.errors import ConfigError
 from pgreembed.redact import redact
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, load_slots, require_initialized
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def retry_failures(conn: psycopg.Connection, slot: Slot) -> int:
         FROM {table} a
         WHERE {key} AND {failed}
         """).format(state=slot.state_table, table=slot.table, key=slot.state_key(),
-                    failed=slot.failed()))
+                    failed=slot.failed()), NO_PARAMS)
     count = cur.rowcount
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, slot.target.name))
