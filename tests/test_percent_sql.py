@@ -44,7 +44,7 @@ poll_interval = 0.5
 [throttle]
 max_rows_per_second = 1000
 adaptive = true
-probe_sql = "SELECT count(*) FROM docs WHERE title LIKE '%x%'"
+probe_sql = "SET LOCAL enable_seqscan = off; SELECT count(*) FROM docs WHERE title LIKE '%x%'"
 max_probe_ms = 1000
 """
 
