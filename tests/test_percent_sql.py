@@ -1,6 +1,8 @@
-"""Operator-written SQL with `%` in it (text_sql's format() and LIKE, tune's --filter):
-psycopg reads `%` as a placeholder in any query run with parameters, so each such
-fragment must reach Postgres unchanged through every query that composes it."""
+"""Operator-written SQL with `%` in it (text_sql's format() and LIKE, probe_sql, tune's
+--filter): psycopg reads `%` as a placeholder in any query run with parameters, so each
+such fragment must reach Postgres unchanged through every query that composes it. One
+setup goes through every command that runs it; percent_guard records any statement sent
+without parameters that still holds the doubled `%%` (which runs, but on other SQL)."""
 
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ def test_percent_in_trusted_sql_works_everywhere(stack: Stack, fake_openai,  # t
     ok(stack.cli("failures", "--target", "docs", "--retry"), "failures --retry")
     hits = ok(stack.cli("search", "--target", "docs", "box 4: body 4 (100% x)"), "search")
     assert hits.splitlines()[0].split()[1] == "4"
-    doctor = json_document(ok(stack.cli("doctor", "--target", "docs", "--json"), "doctor"))
+    doctor = json_document(ok(stack.cli("doctor", "--target", "docs", "--json", "--verify",
+                                        "10"), "doctor"))
     assert not [f for f in doctor["findings"] if f["level"] == "error"], doctor
     [throttle] = [f for f in doctor["findings"] if f["check"] == "throttle"]
     assert "probe_ms" in throttle["details"], throttle
@@ -116,6 +119,7 @@ def test_percent_in_trusted_sql_works_everywhere(stack: Stack, fake_openai,  # t
         new_column = out.split("column ")[1].split(" ")[0]
         wait_filled(stack, new_column)
         migrate(stack, "index")
+        migrate(stack, "compare", "--sample", "10")
         assert "swap done" in migrate(stack, "swap")
     wait_filled(stack, "embedding")
     wait_filled(stack, new_column)
