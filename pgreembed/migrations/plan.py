@@ -21,6 +21,7 @@ from pgreembed.store import catalog, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 # Above this many rows (the planner's estimate) `plan` counts a sample of the table's
 # pages instead of every row: a full count took 1.1 s at 5M rows, and grows with the table.
@@ -155,7 +156,7 @@ def _count_rows(conn: psycopg.Connection, table: sql.Composable, text: sql.Compo
                      " count(DISTINCT md5(({text})::text)) FILTER (WHERE NOT {no}) FROM {table}"
                      ).format(no=no_text(text), text=text, table=table)
     if guess <= EXACT_COUNT_ROWS:
-        found = conn.execute(counts).fetchone() or (0, 0, 0)
+        found = conn.execute(counts, NO_PARAMS).fetchone() or (0, 0, 0)
         return int(found[0]), int(found[1]), int(found[2]), False
     percent = min(100.0, 100.0 * SAMPLE_ROWS / guess)
     sampled = conn.execute(sql.SQL("{} TABLESAMPLE SYSTEM (%s)").format(counts),

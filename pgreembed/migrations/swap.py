@@ -24,6 +24,7 @@ from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
 from pgreembed.store.triggers import recompile_clear_function
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 # Rows searchable now that a swap may leave unsearchable for the seconds the workers take to
 # embed them for the new live model: about what one worker round trip fills. Under a steady
@@ -59,7 +60,7 @@ def _unsearchable_counts(conn: psycopg.Connection, live: Slot, incoming: Slot
         WHERE a.{incoming} IS NULL AND a.{live} IS NOT NULL
         """).format(failed=incoming.failed(),
                     rows=incoming.rows_with_state(outer=True), incoming=incoming.vector,
-                    live=live.vector)).fetchone()
+                    live=live.vector), NO_PARAMS).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 

@@ -36,6 +36,7 @@ from pgreembed.distances import DISTANCES, opclass_distance
 from pgreembed.store import catalog
 from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
+from pgreembed.store.trusted_sql import trusted_sql
 
 DEFAULT_K = 10
 MAX_QUERIES = 1000
@@ -103,7 +104,7 @@ class ColumnSearch:
         self.exact_timeout_ms = exact_timeout_ms
         where = sql.SQL("{} IS NOT NULL").format(slot.vector)
         if filter_sql:
-            where = sql.SQL("{} AND ({})").format(where, sql.SQL(filter_sql))
+            where = sql.SQL("{} AND ({})").format(where, trusted_sql(filter_sql))
         self.statement = sql.SQL(
             "SELECT {pk} FROM {table} WHERE {where} ORDER BY {vector} {op} %s::{type} LIMIT %s"
         ).format(pk=slot.pk, table=slot.table, where=where, vector=slot.vector,
@@ -203,7 +204,7 @@ def stored_vector_queries(conn: psycopg.Connection, slot: Slot, size: int,
     the filter, so a filtered query has neighbours to find)."""
     where = sql.SQL("a.{} IS NOT NULL").format(slot.vector)
     if filter_sql:
-        where = sql.SQL("{} AND ({})").format(where, sql.SQL(filter_sql))
+        where = sql.SQL("{} AND ({})").format(where, trusted_sql(filter_sql))
     rows = sample_rows(conn, slot, size, sql.SQL("a.{}, a.{}::text").format(
         slot.pk, slot.vector), where)
     return [Query(str(vector), key) for key, vector in rows]

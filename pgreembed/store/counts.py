@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.store.slots import Slot
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 BACKLOG_EXACT_ROWS = 50_000
 SAMPLE_ROWS = 30_000
@@ -91,7 +92,7 @@ def cheap_counts(conn: psycopg.Connection, slot: Slot, estimated_total: int) -> 
     if backlog > BACKLOG_EXACT_ROWS and percent < 100.0:
         found = conn.execute(probe.format(
             sample=sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)),
-            where=sql.SQL("TRUE"), **names)).fetchone()
+            where=sql.SQL("TRUE"), **names), NO_PARAMS).fetchone()
         assert found is not None
         seen, nulls, pending, stale = (int(x) for x in found)
         if seen:  # an empty sample (a table of empty pages) cannot be scaled: count
@@ -101,7 +102,7 @@ def cheap_counts(conn: psycopg.Connection, slot: Slot, estimated_total: int) -> 
                           min(without, round(stale * scale)), failed, outdated, percent)
     found = conn.execute(probe.format(sample=sql.SQL(""),
                                       where=sql.SQL("a.{} IS NULL").format(slot.vector),
-                                      **names)).fetchone()
+                                      **names), NO_PARAMS).fetchone()
     assert found is not None
     _, without, pending, stale = (int(x) for x in found)
     return Counts(without, pending, stale, failed, outdated)

@@ -20,6 +20,7 @@ from pgreembed.config import Target
 from pgreembed.errors import ConfigError
 from pgreembed.redact import redact
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, load_slots, require_initialized
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def retry_failures(conn: psycopg.Connection, slot: Slot) -> int:
         WHERE t.pgr_pk IN (SELECT s.pgr_pk FROM {rows} WHERE {failed}
                            ORDER BY s.pgr_pk FOR UPDATE OF s SKIP LOCKED)
         """).format(state=slot.state_table, rows=slot.rows_with_state(),
-                    failed=slot.failed()))
+                    failed=slot.failed()), NO_PARAMS)
     count = cur.rowcount
     if count:
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, slot.target.name))

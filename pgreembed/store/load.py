@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from pgreembed.store.trusted_sql import NO_PARAMS, trusted_sql
+
 # Our own sessions are left out: the question is whether the app is waiting, and our
 # writers are always active while a backfill runs.
 _ACTIVE_OTHERS = sql.SQL(
@@ -32,7 +34,7 @@ def sample_load(conn: psycopg.Connection, probe_sql: str, timeout_ms: int) -> Lo
     conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout_ms))))
     started = time.perf_counter()
     try:
-        conn.execute(sql.SQL(probe_sql))  # trusted config (like text_sql)
+        conn.execute(trusted_sql(probe_sql), NO_PARAMS)
         probe = time.perf_counter() - started
     except psycopg.errors.QueryCanceled:
         probe = timeout_ms / 1000

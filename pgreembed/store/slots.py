@@ -19,6 +19,7 @@ from psycopg import sql
 from pgreembed.config import Target, default_vector_type
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
 from pgreembed.store import catalog
+from pgreembed.store.trusted_sql import trusted_sql
 
 SCHEMA = "pgreembed"
 NOTIFY_CHANNEL = "pgreembed"
@@ -156,7 +157,7 @@ def vector_type_for(dimensions: int) -> str:
 
 def text_expression(target: Target) -> sql.Composable:
     if target.text_sql:
-        return sql.SQL(target.text_sql)  # trusted: written by the operator, reviewed like code
+        return trusted_sql(target.text_sql)  # queries holding it pass params: see trusted_sql
     if len(target.text_columns) == 1:
         return sql.Identifier(target.text_columns[0])
     return sql.SQL("concat_ws(E'\\n', {})").format(

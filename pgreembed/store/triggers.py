@@ -13,7 +13,9 @@ from pgreembed.errors import SetupError
 from pgreembed.store.slots import (
     Slot,
     app_table,
+    text_expression,
 )
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 # Bump when the triggers install_triggers creates change: older ones are then replaced.
 # 3: the clear function pins its search_path (pgvector's schema).
@@ -58,7 +60,7 @@ def text_sql_columns(conn: psycopg.Connection, target: Target) -> tuple[str, ...
     with conn.transaction():
         try:
             conn.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS SELECT ({}) FROM {}").format(
-                probe, sql.SQL(target.text_sql), table))
+                probe, text_expression(target), table), NO_PARAMS)
         except psycopg.Error as exc:
             raise SetupError(f"target {target.name!r}.text_sql: Postgres cannot evaluate it"
                              f" over {target.schema}.{target.table}:"

@@ -22,6 +22,7 @@ from pgreembed.store.slots import (
     text_expression,
 )
 from pgreembed.store.texts import no_text
+from pgreembed.store.trusted_sql import NO_PARAMS
 
 
 class ColumnChecks(DoctorBase):
@@ -172,7 +173,7 @@ class ColumnChecks(DoctorBase):
 
     def _missing_text(self, target: Target, table: sql.Identifier) -> None:
         count = int(self.one(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
-            table, no_text(text_expression(target))))[0])
+            table, no_text(text_expression(target))), NO_PARAMS)[0])
         qualified = f"{target.schema}.{target.table}"
         if count:
             self.add(WARN, target.name, "missing_text", f"{qualified}: {count} rows have NULL"
