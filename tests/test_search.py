@@ -195,10 +195,11 @@ def test_swap_committed_while_the_query_waits_for_its_lock(
     with stack.connect() as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
             sql.Identifier(conn.info.dbname), sql.Literal(isolation)))
-    # Holding the migration's row stalls the swap inside its transaction, after the
-    # renames, while it holds docs exclusively.
+    # Holding the registry's rows stalls the swap inside its transaction, after the
+    # renames, while it holds docs exclusively (it takes the migration's row before the
+    # table, so holding that one would stall it before it holds anything).
     blocker = psycopg.connect(stack.dsn)
-    blocker.execute("SELECT 1 FROM pgreembed.migrations FOR UPDATE")
+    blocker.execute("SELECT 1 FROM pgreembed.slots FOR UPDATE")
     blocker_pid = blocker.info.backend_pid
     fake_openai.set_faults(hold_marker=QUERY)
     with connect(settings.database_url) as conn, ThreadPoolExecutor(2) as pool:
