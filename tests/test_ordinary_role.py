@@ -111,7 +111,7 @@ def test_the_whole_lifecycle_as_an_ordinary_role(
     # A side fill the scheduler starts by itself for a bulk import, through to finalize.
     seed(stack, 300)
     wait_for(lambda: migration_phases(stack)[-1:] == [("backlog", "finalized")],
-             timeout=120, interval=0.5, message="the side fill finalized")
+             timeout=300, interval=0.5, message="the side fill finalized")
     wait_filled(stack, "embedding")
 
     status = json_document(run(stack, "status", "--json").stdout)

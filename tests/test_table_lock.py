@@ -51,16 +51,24 @@ def timed_writer(stack: Stack) -> Iterator[list[float]]:
 
 
 def idle_in_transaction(stack: Stack, statement: str, seconds: float) -> psycopg.Connection:
-    """An app session that ran `statement` and then sits idle in its transaction."""
+    """An app session that ran `statement` and then sits idle in its transaction until
+    `seconds` after another session first waited for a lock on docs (so a slow-starting
+    command still meets it), or 60 s if nobody does."""
     conn = psycopg.connect(stack.dsn, application_name="app-report-job")
     conn.execute(statement)
+
     def end() -> None:
+        deadline = time.monotonic() + 60
+        with contextlib.suppress(psycopg.Error), stack.connect() as watcher:
+            while not conn.closed and time.monotonic() < deadline and not watcher.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    " AND relation = 'docs'::regclass").fetchone()[0]:
+                time.sleep(0.02)
+        time.sleep(seconds)
         with contextlib.suppress(psycopg.Error):
             conn.rollback()
 
-    timer = threading.Timer(seconds, end)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=end, daemon=True).start()
     return conn
 
 
