@@ -200,6 +200,7 @@ class FakeOpenAIServer:
             if method == "GET" and (m := re.fullmatch(r"/v1/files/([\w-]+)(/content)?", path)):
                 obj, data = self._lookup(self._files, m.group(1))
                 if m[2]:
+                    self._stopping.wait(self._faults.file_content_delay)
                     return Response(200, data, "application/octet-stream")
                 return json_response(200, obj)
         raise ApiError(404, f"Invalid URL ({method} {path})")
