@@ -19,7 +19,7 @@ from pgreembed.errors import SetupError
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.privileges import privileges, required
-from pgreembed.store.session import lift_statement_limits
+from pgreembed.store.session import lift_statement_limits, statement_limits_lifted
 from pgreembed.store.slots import (
     Slot,
     app_table,
@@ -225,16 +225,16 @@ def adopt_existing_vectors(conn: psycopg.Connection, slot: Slot) -> int:
 def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
 
-    Needs an autocommit connection (it lifts its statement timeout: a build is long by
-    nature). A failed concurrent build leaves an INVALID index behind; it is dropped and
-    rebuilt. A build in progress (another `init`, a `migrate start`) is waited for, not
-    dropped (index_builds).
+    Needs an autocommit connection; its statement limits are lifted for the build (long by
+    nature) and put back after, so the caller's later statements keep the DBA's timeout.
+    A failed concurrent build leaves an INVALID index behind; it is dropped and rebuilt. A
+    build in progress (another `init`, a `migrate start`) is waited for, not dropped
+    (index_builds).
     """
-    lift_statement_limits(dsn_conn)
     name = slot.pending_index_name
     if catalog.index_valid(dsn_conn, slot.target.schema, name):
         return
-    with sole_builder(dsn_conn, slot.target.schema, name):
+    with statement_limits_lifted(dsn_conn), sole_builder(dsn_conn, slot.target.schema, name):
         valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
         if valid:
             return
