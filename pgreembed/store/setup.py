@@ -35,10 +35,12 @@ from pgreembed.store.versions import upgrade
 log = logging.getLogger(__name__)
 
 
-def ensure_pgvector(conn: psycopg.Connection) -> None:
-    """Create the extension if it is available; say exactly what is missing if not."""
+def check_server(conn: psycopg.Connection) -> bool:
+    """pgvector on the server, and versions pgreembed runs on; whether the extension is
+    enabled in this database. Checked before anything is changed (CREATE EXTENSION), so
+    an unsupported server is said first, not after the user enabled the extension."""
     available = conn.execute(
-        "SELECT default_version, installed_version FROM pg_available_extensions"
+        "SELECT installed_version IS NOT NULL FROM pg_available_extensions"
         " WHERE name = 'vector'"
     ).fetchone()
     if available is None:
@@ -46,15 +48,20 @@ def ensure_pgvector(conn: psycopg.Connection) -> None:
             "pgvector is not installed on this Postgres server: install the extension"
             " (package postgresql-<major>-pgvector, or build it from source) and retry"
         )
-    if available[1] is None:
-        try:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        except psycopg.errors.InsufficientPrivilege:
-            raise SetupError(
-                "pgvector is available but not enabled, and this role may not enable it:"
-                " run `CREATE EXTENSION vector` as a superuser or the database owner"
-            ) from None
     server_versions.require_supported(conn)
+    return bool(available[0])
+
+
+def enable_pgvector(conn: psycopg.Connection) -> None:
+    """CREATE EXTENSION vector, or say who may run it."""
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    except psycopg.errors.InsufficientPrivilege:
+        raise SetupError(
+            "pgvector is available but not enabled, and this role may not enable it:"
+            " run `CREATE EXTENSION vector` as a superuser or the database owner"
+        ) from None
+    server_versions.require_supported(conn)  # the version just enabled
 
 
 def check_rights(conn: psycopg.Connection, target: Target) -> None:
@@ -258,8 +265,10 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
     from pgreembed.store.pool import connect
 
     with connect(dsn, vector=False) as conn:
-        ensure_pgvector(conn)
+        enabled = check_server(conn)
         check_rights(conn, target)
+        if not enabled:  # a change: after every check that could refuse the target
+            enable_pgvector(conn)
         conn.commit()
     table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
