@@ -60,6 +60,8 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
     with in_background(lambda stop: watch_idle_in_transaction(stack, stop, idle)):
         done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
     assert idle == [], idle
+    # The job recorded the model it asked for: its input file is not downloaded again.
+    assert fake_openai.stats()["file_downloads"] == {"batch_output": 2}
     fake_openai.set_faults(file_content_delay=0.0)
     assert "1 jobs completed (39 rows written, 1 failed)" in done, done
     failures = json_document(stack.cli("failures", "--target", "docs", "--json").stdout

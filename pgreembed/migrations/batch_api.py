@@ -27,6 +27,7 @@ import openai
 import psycopg
 import redis
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import Embedded, Failed, Row, prepare
@@ -46,6 +47,7 @@ from pgreembed.store.rows import (
     write_vectors,
 )
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.versions import upgrade
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,9 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
     if not ready:
         conn.commit()
         return 0
-    row = conn.execute("INSERT INTO pgreembed.batch_jobs (slot_id, inputs) VALUES (%s, %s)"
-                       " RETURNING id", (slot.id, len(ready))).fetchone()
+    row = conn.execute("INSERT INTO pgreembed.batch_jobs (slot_id, inputs, asked)"
+                       " VALUES (%s, %s, %s) RETURNING id",
+                       (slot.id, len(ready), Jsonb(_asked(slot)))).fetchone()
     assert row is not None
     job_id = int(row[0])
     lines: list[str] = []
@@ -142,7 +145,8 @@ def _asked(slot: Slot) -> dict[str, Any]:
 
 def _made_by(client: openai.OpenAI, batch: Any) -> list[dict[str, Any]]:
     """What the job's request lines asked for (model, dimensions): the model that made its
-    vectors, whatever the registry says by the time they are collected."""
+    vectors, whatever the registry says by the time they are collected. Read from the
+    input file for a job submitted before `batch_jobs.asked` recorded it."""
     asked = []
     for line in client.files.content(batch.input_file_id).text.splitlines():
         if line.strip():
@@ -251,21 +255,24 @@ def step(settings: Settings, target: Target) -> BatchStep:
     client = _client(settings)
     paid = PaidVectors(redis.Redis.from_url(settings.redis_url))
     with connect(settings.database_url) as conn:
+        upgrade(conn, repeatable=False)  # batch_jobs.asked (version 5), if init ran before
+        conn.commit()
         slot = batch_slot(conn, target)
         if slot is None:
             raise MigrationError(f"target {target.name!r} has no column in batch mode"
                               " (migrate start --batch-api)")
         completed = written = failed = 0
         jobs = conn.execute(
-            "SELECT id, provider_batch_id FROM pgreembed.batch_jobs WHERE slot_id = %s"
-            " AND status = 'submitted' ORDER BY id", (slot.id,)).fetchall()
+            "SELECT id, provider_batch_id, asked FROM pgreembed.batch_jobs"
+            " WHERE slot_id = %s AND status = 'submitted' ORDER BY id", (slot.id,)).fetchall()
         conn.commit()  # never a transaction open across the provider's calls
-        for job_id, batch_id in jobs:
+        for job_id, batch_id, asked in jobs:
             batch = client.batches.retrieve(batch_id)
             if batch.status in ("validating", "in_progress", "finalizing"):
                 continue
             if batch.status == "completed":
-                records, made_by = _download(client, batch), _made_by(client, batch)
+                records = _download(client, batch)
+                made_by = [asked] if asked is not None else _made_by(client, batch)
                 w, f = collect(conn, slot, job_id, records, made_by, paid)
                 written, failed, completed = written + w, failed + f, completed + 1
             else:
