@@ -86,14 +86,20 @@ def test_a_side_fill_copy_skips_rows_the_app_holds_and_copies_them_after(
         copy_page(conn, source, side, None, 1000)
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "submitted_before_v5"])
 def test_batch_api_results_of_a_model_the_column_no_longer_has_are_dropped(
-        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+        stack: Stack, fake_openai: FakeOpenAIServer, recorded: bool) -> None:
+    """The model a job asked for is recorded at submit (bookkeeping version 5); a job
+    submitted before has none recorded, and its input file tells."""
     seed(stack, 20)
     running(stack)
     wait_filled(stack, "embedding")
     fake_openai.set_faults(batch_delay=1.0)
     column = start_migration(stack, "--model", "fake-768", "--dimensions", "768", "--batch-api")
     assert "20 inputs submitted" in migrate(stack, "batch")
+    if not recorded:
+        with stack.connect() as conn:
+            conn.execute("UPDATE pgreembed.batch_jobs SET asked = NULL")
     # While the job runs, the column's model changes in place to another of the same size.
     with stack.connect() as conn:
         conn.execute("UPDATE pgreembed.slots SET model_id = %s WHERE vector_column = %s",
@@ -104,6 +110,7 @@ def test_batch_api_results_of_a_model_the_column_no_longer_has_are_dropped(
         billed = dict(conn.execute("SELECT model, sum(inputs) FROM pgreembed.usage"
                                    " GROUP BY model").fetchall())
     assert billed.get("openai:fake-768@768") == 20, billed  # billed as the model it was
+    assert fake_openai.stats()["file_downloads"].get("batch", 0) == (0 if recorded else 1)
     # The rows stayed pending: the workers embed them with the column's model.
     wait_filled(stack, column)
     assert_column_current(stack, column, "fake-alt-768", 768)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from tests.helpers import (
     Stack,
     assert_column_current,
+    in_background,
     json_document,
     migrate,
     running,
@@ -21,6 +23,18 @@ def null_count(stack: Stack, column: str) -> int:
     with stack.connect() as conn:
         return int(conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
                                 ).fetchone()[0])
+
+
+def watch_idle_in_transaction(stack: Stack, stop: threading.Event,
+                              seen: list[tuple[object, ...]]) -> None:
+    """Collect pgreembed sessions idle in a transaction for over a second until `stop`."""
+    with stack.connect() as conn:
+        while not stop.is_set():
+            seen.extend(conn.execute(
+                "SELECT pid, query FROM pg_stat_activity WHERE state = 'idle in transaction'"
+                " AND application_name LIKE 'pgreembed%%'"
+                " AND state_change < now() - interval '1 second'").fetchall())
+            stop.wait(0.2)
 
 
 def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Stack,
@@ -38,7 +52,17 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
     assert null_count(stack, column) == 41  # the queue leaves a batch-mode column alone
     with stack.connect() as conn:  # edited while its batch runs: that vector must not land
         conn.execute("UPDATE docs SET body = 'edited during the batch' WHERE id = 4")
-    done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
+    # Collecting downloads the output, error and input files (hundreds of MB for a full
+    # job): no pgreembed session may sit idle in a transaction meanwhile, or Postgres ends
+    # it at our idle-in-transaction limit and the paid results are never written.
+    fake_openai.set_faults(file_content_delay=1.5)
+    idle: list[tuple[object, ...]] = []
+    with in_background(lambda stop: watch_idle_in_transaction(stack, stop, idle)):
+        done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
+    assert idle == [], idle
+    # The job recorded the model it asked for: its input file is not downloaded again.
+    assert fake_openai.stats()["file_downloads"] == {"batch_output": 2}
+    fake_openai.set_faults(file_content_delay=0.0)
     assert "1 jobs completed (39 rows written, 1 failed)" in done, done
     failures = json_document(stack.cli("failures", "--target", "docs", "--json").stdout
                              )["failures"]

@@ -8,7 +8,7 @@ from psycopg import sql
 
 from pgreembed.errors import SetupError
 from pgreembed.store.setup import init_target
-from tests.helpers import make_target
+from tests.helpers import create_ordinary_roles, drop_ordinary_roles, make_target
 
 HOSTILE = 'we"ird; DROP TABLE victim; --'
 
@@ -107,3 +107,21 @@ def test_missing_pgvector_is_a_clear_error() -> None:
         pytest.skip("that server has pgvector")
     with pytest.raises(SetupError, match="pgvector is not installed on this Postgres server"):
         init_target(dsn, make_target(dsn))
+
+
+def test_every_check_that_can_refuse_comes_before_enabling_pgvector(database_url: str) -> None:
+    """A role that may change neither the table nor the extension: it is told about the
+    table first (versions and rights are checked before CREATE EXTENSION, the one change),
+    and nothing was changed."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP EXTENSION vector")
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    roles = create_ordinary_roles(database_url)
+    try:
+        with pytest.raises(SetupError, match="pgreembed's role may not change public.docs"):
+            init_target(roles.app_dsn, make_target(roles.app_dsn))
+    finally:
+        drop_ordinary_roles(database_url, roles)
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'"
+                            ).fetchone() == (0,)

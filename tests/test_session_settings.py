@@ -12,9 +12,11 @@ import pytest
 from psycopg import sql
 
 from pgreembed.config import load_settings
+from pgreembed.store import catalog
 from pgreembed.store.pool import close_pools, connect, get_pool
 from pgreembed.store.rows import lock_slot
-from pgreembed.store.slots import Slot, app_table
+from pgreembed.store.setup import ensure_pending_index
+from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import hold_writers_out
 from tests.helpers import Stack, json_document, migrate, seed, wait_for
 
@@ -117,10 +119,17 @@ def test_the_clear_trigger_works_when_pgvector_is_off_the_apps_search_path(
 def test_an_index_build_outlasts_the_databases_statement_timeout(stack: Stack) -> None:
     """A database (or role) statement_timeout of 1 s; the build waits 2.5 s for an app
     transaction that writes the table (CREATE INDEX CONCURRENTLY waits for writers), as a
-    big table's build takes minutes: it must finish, not be cancelled."""
+    big table's build takes minutes: it must finish, not be cancelled. So must the DROP
+    INDEX CONCURRENTLY of an index of the wrong kind before it (it waits for them too)."""
     seed(stack, 20)
     assert stack.cli("init").returncode == 0
     migrate(stack, "start", "--model", "fake-alt-384", "--dimensions", "384")
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:  # not the index asked for:
+        slot_id, column = conn.execute(  # `migrate index` drops it (CONCURRENTLY) first
+            "SELECT id, vector_column FROM pgreembed.slots WHERE role = 'next'").fetchone()
+        conn.execute(sql.SQL("CREATE INDEX {} ON docs USING ivfflat ({} vector_cosine_ops)"
+                             " WITH (lists = 1)").format(
+            sql.Identifier(f"pgreembed_ann_{slot_id}"), sql.Identifier(column)))
     set_database_default(stack, "statement_timeout", "1s")
     app = psycopg.connect(stack.dsn)
     app.execute("UPDATE docs SET views = views + 1 WHERE id = 1")
@@ -138,3 +147,21 @@ def test_an_index_build_outlasts_the_databases_statement_timeout(stack: Stack) -
         assert conn.execute("SELECT count(*) FROM pg_index WHERE indrelid = 'docs'::regclass"
                             " AND indisvalid AND indexrelid::regclass::text LIKE"
                             " 'pgreembed_ann_%'").fetchone() == (1,)
+
+
+def test_the_pending_index_build_leaves_the_callers_statement_timeout_alone(
+        stack: Stack) -> None:
+    """A side fill builds its pending index on the connection it then copies pages with:
+    those copies must keep the DBA's statement_timeout, lifted for the build only."""
+    seed(stack, 3)
+    assert stack.cli("init").returncode == 0
+    target = load_settings(stack.config_path, stack.env).target("docs")
+    with connect(stack.dsn, autocommit=True) as conn:
+        slot = load_slots(conn, target)[0]
+        conn.execute(sql.SQL("DROP INDEX {}").format(
+            sql.Identifier(target.schema, slot.pending_index_name)))
+        conn.execute("SET statement_timeout = '7s'")
+        ensure_pending_index(conn, slot)
+        assert catalog.index_valid(conn, target.schema, slot.pending_index_name)
+        assert conn.execute("SELECT current_setting('statement_timeout')").fetchone() == (
+            "7s",)

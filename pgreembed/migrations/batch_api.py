@@ -27,6 +27,7 @@ import openai
 import psycopg
 import redis
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import Embedded, Failed, Row, prepare
@@ -46,6 +47,7 @@ from pgreembed.store.rows import (
     write_vectors,
 )
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.versions import upgrade
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +98,16 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
         keys.extend(str(k) for k in page if str(k) not in in_jobs)
     keys = keys[:MAX_INPUTS_PER_BATCH]
     rows = load_pending(conn, slot, keys)
+    conn.commit()  # counting tokens may download tiktoken's encoding: not in a transaction
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
     ready, failed, _ = prepare(rows, provider, slot.target.truncate)
     record_failures(conn, slot, failed)
     if not ready:
         conn.commit()
         return 0
-    row = conn.execute("INSERT INTO pgreembed.batch_jobs (slot_id, inputs) VALUES (%s, %s)"
-                       " RETURNING id", (slot.id, len(ready))).fetchone()
+    row = conn.execute("INSERT INTO pgreembed.batch_jobs (slot_id, inputs, asked)"
+                       " VALUES (%s, %s, %s) RETURNING id",
+                       (slot.id, len(ready), Jsonb(_asked(slot)))).fetchone()
     assert row is not None
     job_id = int(row[0])
     lines: list[str] = []
@@ -141,7 +145,8 @@ def _asked(slot: Slot) -> dict[str, Any]:
 
 def _made_by(client: openai.OpenAI, batch: Any) -> list[dict[str, Any]]:
     """What the job's request lines asked for (model, dimensions): the model that made its
-    vectors, whatever the registry says by the time they are collected."""
+    vectors, whatever the registry says by the time they are collected. Read from the
+    input file for a job submitted before `batch_jobs.asked` recorded it."""
     asked = []
     for line in client.files.content(batch.input_file_id).text.splitlines():
         if line.strip():
@@ -160,9 +165,22 @@ def _job_rows(conn: psycopg.Connection, job_id: int) -> dict[tuple[int, int], tu
         " WHERE job_id = %s", (job_id,))}
 
 
-def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
-            client: openai.OpenAI, paid: PaidVectors) -> tuple[int, int]:
-    """Write a completed job's vectors (guarded); record rows with wrong vectors.
+def _download(client: openai.OpenAI, batch: Any) -> list[tuple[dict[str, Any], bool]]:
+    """A completed job's output and error lines, (record, is_error). Called outside any
+    transaction: an output file of 50,000 inputs is hundreds of MB, and a session idle in
+    a transaction that long is ended by our idle-in-transaction limit (store.session)."""
+    records: list[tuple[dict[str, Any], bool]] = []
+    for file_id, is_error in ((batch.output_file_id, False), (batch.error_file_id, True)):
+        if file_id:
+            records.extend((json.loads(line), is_error) for line in
+                           client.files.content(file_id).text.splitlines() if line.strip())
+    return records
+
+
+def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
+            records: Sequence[tuple[dict[str, Any], bool]], made_by: list[dict[str, Any]],
+            paid: PaidVectors) -> tuple[int, int]:
+    """Write a completed job's downloaded vectors (guarded); record rows with wrong vectors.
 
     Returns (written, failed); rows of rejected lines stay pending, and so do rows the app
     holds locked at the write (their vectors are kept in `paid` for the workers)."""
@@ -170,38 +188,31 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int, batch: Any,
     embedded: list[Embedded] = []
     failed: list[Failed] = []
     tokens_billed = 0
-    for file_id, is_error in ((batch.output_file_id, False), (batch.error_file_id, True)):
-        if not file_id:
+    for record, is_error in records:
+        line_no = int(record["custom_id"].split("-")[1])
+        members = sorted((pos, v) for (ln, pos), v in rows.items() if ln == line_no)
+        response = record.get("response") or {}
+        if is_error or response.get("status_code") != 200:
+            message = redact(str((response.get("body") or {}).get("error", {}).get(
+                "message") or record.get("error")))
+            if len(members) == 1:
+                pk, h, _ = members[0][1]
+                failed.append(Failed(Row(pk, None, h), f"batch API rejected it: {message}"))
+            else:  # the queue path (after hand-back) isolates the bad row by splitting
+                log.warning("batch job %d line %d rejected (%s); its rows go to the queue",
+                            job_id, line_no, message)
             continue
-        for text_line in client.files.content(file_id).text.splitlines():
-            if not text_line.strip():
-                continue
-            record = json.loads(text_line)
-            line_no = int(record["custom_id"].split("-")[1])
-            members = sorted((pos, v) for (ln, pos), v in rows.items() if ln == line_no)
-            response = record.get("response") or {}
-            if is_error or response.get("status_code") != 200:
-                message = redact(str((response.get("body") or {}).get("error", {}).get(
-                    "message") or record.get("error")))
-                if len(members) == 1:
-                    pk, h, _ = members[0][1]
-                    failed.append(Failed(Row(pk, None, h), f"batch API rejected it: {message}"))
-                else:  # the queue path (after hand-back) isolates the bad row by splitting
-                    log.warning("batch job %d line %d rejected (%s); its rows go to the queue",
-                                job_id, line_no, message)
-                continue
-            data = sorted(response["body"]["data"], key=lambda d: d["index"])
-            usage = response["body"].get("usage") or {}
-            tokens_billed += usage.get("prompt_tokens") or sum(t for _, (_, _, t) in members)
-            for (_, (pk, h, _)), item in zip(members, data, strict=True):
-                vector = decode_vector(item["embedding"])
-                if vector.shape != (slot.dimensions,):
-                    reason = (f"provider returned {vector.size} dimensions,"
-                              f" expected {slot.dimensions}")
-                    failed.append(Failed(Row(pk, None, h), reason))
-                else:
-                    embedded.append(Embedded(Row(pk, None, h), vector, False))
-    made_by = _made_by(client, batch)
+        data = sorted(response["body"]["data"], key=lambda d: d["index"])
+        usage = response["body"].get("usage") or {}
+        tokens_billed += usage.get("prompt_tokens") or sum(t for _, (_, _, t) in members)
+        for (_, (pk, h, _)), item in zip(members, data, strict=True):
+            vector = decode_vector(item["embedding"])
+            if vector.shape != (slot.dimensions,):
+                reason = (f"provider returned {vector.size} dimensions,"
+                          f" expected {slot.dimensions}")
+                failed.append(Failed(Row(pk, None, h), reason))
+            else:
+                embedded.append(Embedded(Row(pk, None, h), vector, False))
     current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
     if current is None:
         raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
@@ -244,19 +255,25 @@ def step(settings: Settings, target: Target) -> BatchStep:
     client = _client(settings)
     paid = PaidVectors(redis.Redis.from_url(settings.redis_url))
     with connect(settings.database_url) as conn:
+        upgrade(conn, repeatable=False)  # batch_jobs.asked (version 5), if init ran before
+        conn.commit()
         slot = batch_slot(conn, target)
         if slot is None:
             raise MigrationError(f"target {target.name!r} has no column in batch mode"
                               " (migrate start --batch-api)")
         completed = written = failed = 0
-        for job_id, batch_id in conn.execute(
-                "SELECT id, provider_batch_id FROM pgreembed.batch_jobs WHERE slot_id = %s"
-                " AND status = 'submitted' ORDER BY id", (slot.id,)).fetchall():
+        jobs = conn.execute(
+            "SELECT id, provider_batch_id, asked FROM pgreembed.batch_jobs"
+            " WHERE slot_id = %s AND status = 'submitted' ORDER BY id", (slot.id,)).fetchall()
+        conn.commit()  # never a transaction open across the provider's calls
+        for job_id, batch_id, asked in jobs:
             batch = client.batches.retrieve(batch_id)
             if batch.status in ("validating", "in_progress", "finalizing"):
                 continue
             if batch.status == "completed":
-                w, f = collect(conn, slot, job_id, batch, client, paid)
+                records = _download(client, batch)
+                made_by = [asked] if asked is not None else _made_by(client, batch)
+                w, f = collect(conn, slot, job_id, records, made_by, paid)
                 written, failed, completed = written + w, failed + f, completed + 1
             else:
                 log.warning("batch job %d ended %s; its rows stay pending", job_id,

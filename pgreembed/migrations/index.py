@@ -46,7 +46,7 @@ def prepare_build_session(conn: psycopg.Connection, maintenance_work_mem: str,
     """The session settings of an index build (its own connection: they end with it);
     `parallel_workers` None keeps the server's max_parallel_maintenance_workers. No
     statement timeout: a role's would cancel every build of a big table."""
-    lift_statement_limits(conn)
+    lift_statement_limits(conn)  # again for bench.index_workers, which calls this alone
     conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
         sql.Literal(maintenance_work_mem)))
     if parallel_workers is not None:
@@ -73,6 +73,9 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
     a second with the build's phase and tuples/blocks done (pg_stat_progress_create_index).
     """
     with connect(settings.database_url, autocommit=True) as conn, ExitStack() as held:
+        # Before anything long: the wait for a build in progress, DROP INDEX CONCURRENTLY
+        # and ivfflat's count(*) outlast a role's statement_timeout as the build does.
+        lift_statement_limits(conn)
         migration = require_open(conn, target, "filling")
         slots = slots_by_id(conn, target)
         slot = slots[migration.to_slot]

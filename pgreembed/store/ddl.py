@@ -183,6 +183,13 @@ ALTER TABLE pgreembed.slots ALTER COLUMN vector_type SET NOT NULL,
     ADD CONSTRAINT slots_vector_type CHECK (vector_type IN ('vector', 'halfvec'));
 """
 
+# What a Batch API job's request lines asked for ({"model": ..., "dimensions": ...}),
+# recorded at submit: the model that made its vectors, whatever the registry says when
+# they are collected. NULL for a job submitted before: read back from its input file.
+V5_BATCH_ASKED = """
+ALTER TABLE pgreembed.batch_jobs ADD COLUMN asked jsonb;
+"""
+
 # Replaced at every `init` (no data in them): what the application reads to know which
 # column and model are live, and the NOTIFY the app table's trigger calls.
 REPEATABLE = """

@@ -11,6 +11,13 @@ pg_locks: the app's own statements lock every index of the table, the INVALID on
 
 Waiting is by polling pg_try_advisory_lock: a session blocked in pg_advisory_lock holds
 a snapshot, and the build in progress waits for every older snapshot before it ends.
+The wait has a deadline (an hour by default: an ANN build of a big table takes many
+minutes, a pending index's far less); past it, one line names the session holding the
+build, so a hung one never makes `migrate index` or `init` wait forever.
+
+Without pg_read_all_stats a role sees only its own rows of pg_stat_progress_create_index:
+another role's build of the same index is then invisible, so only our own builds (which
+hold the advisory lock) are recognised as builds in progress.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ from collections.abc import Iterator
 
 import psycopg
 
+from pgreembed.errors import WaitTimeoutError
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+WAIT_SECONDS = 3600.0
 
 
 def _key(schema: str, name: str) -> tuple[str]:
@@ -40,13 +50,34 @@ def other_build(conn: psycopg.Connection, schema: str, name: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+def lock_holder(conn: psycopg.Connection, schema: str, name: str) -> int | None:
+    """The pid of the session holding the build's advisory lock, if another one does."""
+    row = conn.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+        " AND ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0)"
+        " AND pid <> pg_backend_pid() LIMIT 1", _key(schema, name)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _describe(conn: psycopg.Connection, pid: int | None) -> str:
+    if pid is None:
+        return "another session"
+    row = conn.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
+                       (pid,)).fetchone()
+    app = f", application_name {row[0]!r}" if row and row[0] else ""
+    return f"session pid {pid}{app}"
+
+
 @contextlib.contextmanager
-def sole_builder(conn: psycopg.Connection, schema: str, name: str) -> Iterator[None]:
-    """Hold the build of `schema.name` for the block, after any build in progress ended.
+def sole_builder(conn: psycopg.Connection, schema: str, name: str,
+                 wait_seconds: float = WAIT_SECONDS) -> Iterator[None]:
+    """Hold the build of `schema.name` for the block, after any build in progress ended
+    (WaitTimeoutError if it has not within `wait_seconds`).
 
     `conn` must be in autocommit mode (each poll is its own short transaction) and is
     the connection that builds: the advisory lock is its session's.
     """
+    deadline = time.monotonic() + wait_seconds
     waited_for: int | None = None
     while True:
         got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
@@ -58,11 +89,16 @@ def sole_builder(conn: psycopg.Connection, schema: str, name: str) -> Iterator[N
             conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
                          _key(schema, name))
         else:
-            pid = -1
+            pid = lock_holder(conn, schema, name)
+        if time.monotonic() >= deadline:
+            raise WaitTimeoutError(
+                f"index {schema}.{name} is still being built by {_describe(conn, pid)} after"
+                f" {wait_seconds:g} s: run again once that build ends (or, if it hangs,"
+                f" end that session with pg_cancel_backend({pid or 'its pid'}))")
         if waited_for is None:
-            log.info("index %s is being built by another session%s: waiting for that build",
-                     name, "" if pid < 0 else f" (pid {pid})")
-            waited_for = pid
+            log.info("index %s is being built by %s: waiting for that build", name,
+                     _describe(conn, pid))
+            waited_for = -1 if pid is None else pid
         time.sleep(POLL_SECONDS)
     try:
         yield

@@ -24,6 +24,9 @@ role defaults say (managed services and DBAs set them per database and per role)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import psycopg
 
 IDLE_IN_TRANSACTION_MS = 60_000
@@ -55,3 +58,21 @@ def lift_statement_limits(conn: psycopg.Connection) -> None:
     # transaction_timeout exists from Postgres 17 on; each CONCURRENTLY phase is one.
     conn.execute("SELECT set_config('transaction_timeout', '0', false)"
                  " WHERE current_setting('server_version_num')::int >= 170000")
+
+
+@contextlib.contextmanager
+def statement_limits_lifted(conn: psycopg.Connection) -> Iterator[None]:
+    """`lift_statement_limits` for the block only, on a connection that goes on with the
+    DBA's timeouts afterwards (a side fill's copy pages after building its index)."""
+    saved = conn.execute("SELECT current_setting('statement_timeout'),"
+                         " current_setting('transaction_timeout', true)").fetchone()
+    assert saved is not None
+    lift_statement_limits(conn)
+    try:
+        yield
+    finally:
+        if not conn.broken:
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (saved[0],))
+            if saved[1] is not None:
+                conn.execute("SELECT set_config('transaction_timeout', %s, false)",
+                             (saved[1],))

@@ -19,7 +19,7 @@ from pgreembed.errors import SetupError
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.privileges import privileges, required
-from pgreembed.store.session import lift_statement_limits
+from pgreembed.store.session import lift_statement_limits, statement_limits_lifted
 from pgreembed.store.slots import (
     Slot,
     app_table,
@@ -35,10 +35,12 @@ from pgreembed.store.versions import upgrade
 log = logging.getLogger(__name__)
 
 
-def ensure_pgvector(conn: psycopg.Connection) -> None:
-    """Create the extension if it is available; say exactly what is missing if not."""
+def check_server(conn: psycopg.Connection) -> bool:
+    """pgvector on the server, and versions pgreembed runs on; whether the extension is
+    enabled in this database. Checked before anything is changed (CREATE EXTENSION), so
+    an unsupported server is said first, not after the user enabled the extension."""
     available = conn.execute(
-        "SELECT default_version, installed_version FROM pg_available_extensions"
+        "SELECT installed_version IS NOT NULL FROM pg_available_extensions"
         " WHERE name = 'vector'"
     ).fetchone()
     if available is None:
@@ -46,15 +48,20 @@ def ensure_pgvector(conn: psycopg.Connection) -> None:
             "pgvector is not installed on this Postgres server: install the extension"
             " (package postgresql-<major>-pgvector, or build it from source) and retry"
         )
-    if available[1] is None:
-        try:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-        except psycopg.errors.InsufficientPrivilege:
-            raise SetupError(
-                "pgvector is available but not enabled, and this role may not enable it:"
-                " run `CREATE EXTENSION vector` as a superuser or the database owner"
-            ) from None
     server_versions.require_supported(conn)
+    return bool(available[0])
+
+
+def enable_pgvector(conn: psycopg.Connection) -> None:
+    """CREATE EXTENSION vector, or say who may run it."""
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    except psycopg.errors.InsufficientPrivilege:
+        raise SetupError(
+            "pgvector is available but not enabled, and this role may not enable it:"
+            " run `CREATE EXTENSION vector` as a superuser or the database owner"
+        ) from None
+    server_versions.require_supported(conn)  # the version just enabled
 
 
 def check_rights(conn: psycopg.Connection, target: Target) -> None:
@@ -225,16 +232,16 @@ def adopt_existing_vectors(conn: psycopg.Connection, slot: Slot) -> int:
 def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
 
-    Needs an autocommit connection (it lifts its statement timeout: a build is long by
-    nature). A failed concurrent build leaves an INVALID index behind; it is dropped and
-    rebuilt. A build in progress (another `init`, a `migrate start`) is waited for, not
-    dropped (index_builds).
+    Needs an autocommit connection; its statement limits are lifted for the build (long by
+    nature) and put back after, so the caller's later statements keep the DBA's timeout.
+    A failed concurrent build leaves an INVALID index behind; it is dropped and rebuilt. A
+    build in progress (another `init`, a `migrate start`) is waited for, not dropped
+    (index_builds).
     """
-    lift_statement_limits(dsn_conn)
     name = slot.pending_index_name
     if catalog.index_valid(dsn_conn, slot.target.schema, name):
         return
-    with sole_builder(dsn_conn, slot.target.schema, name):
+    with statement_limits_lifted(dsn_conn), sole_builder(dsn_conn, slot.target.schema, name):
         valid = catalog.index_valid(dsn_conn, slot.target.schema, name)
         if valid:
             return
@@ -258,8 +265,10 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
     from pgreembed.store.pool import connect
 
     with connect(dsn, vector=False) as conn:
-        ensure_pgvector(conn)
+        enabled = check_server(conn)
         check_rights(conn, target)
+        if not enabled:  # a change: after every check that could refuse the target
+            enable_pgvector(conn)
         conn.commit()
     table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.

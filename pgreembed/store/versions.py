@@ -22,6 +22,7 @@ from pgreembed.store.ddl import (
     V2_SIDE_FILL,
     V3_REUSE,
     V4_VECTOR_TYPE,
+    V5_BATCH_ASKED,
     VERSION_TABLE,
 )
 
@@ -49,6 +50,8 @@ STEPS: tuple[Step, ...] = (
     Step(4, "each slot's column storage type (vector or halfvec) in the registry, for"
             " migrate --derive halfvec; existing slots get the type their dimensions gave",
          V4_VECTOR_TYPE),
+    Step(5, "Batch API jobs record the model and dimensions their requests asked for, so"
+            " collecting a job no longer downloads its input file", V5_BATCH_ASKED),
 )
 LATEST = STEPS[-1].version
 

@@ -127,7 +127,8 @@ class FakeOpenAIServer:
     @staticmethod
     def _empty_stats() -> dict[str, Any]:
         return {"requests": 0, "status_counts": {}, "inputs_embedded": 0,
-                "tokens_embedded": 0, "text_counts": {}, "max_concurrency": 0}
+                "tokens_embedded": 0, "text_counts": {}, "max_concurrency": 0,
+                "file_downloads": {}}  # file contents downloaded, per file purpose
 
     def _take(self, name: str) -> bool:
         """Consume one unit of a "next N requests" fault if any is left."""
@@ -200,6 +201,10 @@ class FakeOpenAIServer:
             if method == "GET" and (m := re.fullmatch(r"/v1/files/([\w-]+)(/content)?", path)):
                 obj, data = self._lookup(self._files, m.group(1))
                 if m[2]:
+                    with self._lock:
+                        downloads = self._stats["file_downloads"]
+                        downloads[obj["purpose"]] = downloads.get(obj["purpose"], 0) + 1
+                    self._stopping.wait(self._faults.file_content_delay)
                     return Response(200, data, "application/octet-stream")
                 return json_response(200, obj)
         raise ApiError(404, f"Invalid URL ({method} {path})")

@@ -66,6 +66,9 @@ class Faults:
     # {"text-embedding-3-large": {"tokens_per_minute": 1000, "requests_per_minute": 5}}.
     model_limits: dict[str, dict[str, int]] = field(default_factory=dict)
     batch_delay: float = 0.0
+    # Seconds each file content download takes (a Batch API output file of 50,000 inputs
+    # is hundreds of MB): lets a test watch what the client holds open meanwhile.
+    file_content_delay: float = 0.0
     # The next N 401 answers quote the rejected key, as some servers do: lets a test
     # prove the client side redacts what a server echoes back.
     echo_rejected_key_count: int = 0
