@@ -12,7 +12,11 @@ unchanged (their definition compared before and after a swap and a rollback).
 from __future__ import annotations
 
 import pytest
+from psycopg import sql
 
+from pgreembed.errors import MigrationError
+from pgreembed.migrations import type_change
+from pgreembed.store import app_objects as app_catalog
 from pgreembed.store import server_versions
 from tests.helpers import (
     Stack,
@@ -76,9 +80,21 @@ def test_type_changing_swap_refuses_what_applies_operators_to_the_column(
     migrate(stack, "index")
 
     # The swap refuses up front, naming each with its definition as Postgres prints it.
-    out = refused(stack, "swap", *SENSITIVE, "ORDER BY (docs.embedding <=> q)")
+    out = refused(stack, "swap", *SENSITIVE, "ORDER BY (docs.embedding <=> nearest_doc.q)",
+                  "DROP FUNCTION public.nearest_doc(q vector)", "DROP VIEW public.docs_near")
     assert "docs_vectors" not in out
     with stack.connect() as conn:
+        # The safety net run after each re-creation in the swap's transaction: a definition
+        # that casts the column itself fails the swap; a pass-through one does not.
+        conn.execute("CREATE VIEW docs_cast AS SELECT id, embedding::halfvec AS h FROM docs")
+        found = {o.name: o for o in app_catalog.dependents(
+            conn, sql.Identifier("public", "docs"), ["embedding"])}
+        with pytest.raises(MigrationError, match="casts embedding itself"):
+            type_change.check_recreated(conn, found["public.docs_cast"], "halfvec(384)",
+                                        "vector(384)")
+        type_change.check_recreated(conn, found["public.docs_vectors"], "halfvec(384)",
+                                    "vector(384)")
+        conn.execute("DROP VIEW docs_cast")
         conn.execute("DROP FUNCTION nearest_doc(vector)")
         conn.execute("DROP VIEW docs_near")
 
