@@ -9,7 +9,7 @@ from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target
 from pgreembed.errors import ConfigError
-from pgreembed.migrations import derive, plan
+from pgreembed.migrations import app_objects, derive, lifecycle, plan
 from pgreembed.store.table_lock import LockPolicy
 
 
@@ -34,19 +34,36 @@ def derive_step(settings: Settings, target: Target, args: argparse.Namespace, st
                 "tokens_exact": True, "cost_usd": 0.0, "minutes_at_rate_limit": None,
                 "requests_per_minute": None, "tokens_per_minute": None,
                 "storage_bytes": p.storage_bytes, "column": p.column,
-                "column_type": p.column_type, "statements": [], "blockers": p.blockers,
-                "notes": p.notes, "derived_from": live.model_key, "provider_inputs": 0,
+                "column_type": p.column_type, "statements": p.statements,
+                "blockers": p.blockers, "notes": p.notes,
+                "app_objects": [d.as_dict() for d in p.app_objects],
+                "derived_from": live.model_key, "provider_inputs": 0,
                 "storage_saved_bytes": saved, "index_saved_bytes_estimate": index_saved})
-            return 0
+            return 4 if p.blockers else 0
         print(f"rows: {p.rows}; derived in SQL from {live.model_key}: no provider call,"
               " estimated cost: $0.00 (rows written meanwhile without a live vector are"
               " embedded by the provider at the new size)")
         print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)};"
               f" saves ~{_human_bytes(saved)} over the live column"
               + (f" and ~{_human_bytes(index_saved)} of its ANN index" if index_saved else ""))
-        return 0
+        # As for any migration: the SQL, and what the swap will do with each app object.
+        print("SQL:")
+        for statement in p.statements:
+            print(f"  {statement}")
+        _print_app_objects(p.app_objects, p.notes)
+        for blocker in p.blockers:
+            print(f"BLOCKER: {blocker}")
+        return 4 if p.blockers else 0
     slot, report = derive.start(settings, target, args.derive, policy=policy)
     print(f"derived migration: column {slot.vector_column} ({slot.model_key}) filled from"
           f" {live.model_key}: {report.derived} rows derived in {report.passes} passes,"
           f" {report.left_to_provider} left to the provider; next: migrate index, swap")
+    _print_app_objects(*lifecycle.app_objects_report(settings, target))
     return 0
+
+
+def _print_app_objects(decisions: list[app_objects.Decision], notes: list[str]) -> None:
+    for decision in decisions:
+        print(f"app object: {decision.line()}")
+    for note in notes:
+        print(f"note: {note}")

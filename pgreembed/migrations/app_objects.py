@@ -31,6 +31,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import MigrationError
+from pgreembed.migrations import type_change
 from pgreembed.store import app_objects as catalog
 from pgreembed.store.app_objects import AppObject, Publication
 from pgreembed.store.slots import Slot, load_slots
@@ -154,8 +155,19 @@ def swap_decisions(conn: psycopg.Connection, table: sql.Composable, columns: lis
                    from_type: str, to_type: str) -> list[Decision]:
     """Each app object reading one of `columns` (the live one, and the incoming one when it
     exists), decided for a swap from a `from_type` to a `to_type` column (`vector(384)`)."""
-    return [decide(conn, obj, from_type != to_type)
+    return [_refuse_type_sensitive(conn, decide(conn, obj, from_type != to_type),
+                                   from_type, to_type)
             for obj in catalog.dependents(conn, table, columns)]
+
+
+def _refuse_type_sensitive(conn: psycopg.Connection, decision: Decision, from_type: str,
+                           to_type: str) -> Decision:
+    """A swap that changes the base type (vector <-> halfvec) refuses what applies an
+    operator, function or cast to the column (migrations.type_change)."""
+    if decision.action == REFUSE:
+        return decision  # refused already, with its own way out
+    why = type_change.refusal(conn, decision.obj, from_type, to_type)
+    return decision if why is None else Decision(decision.obj, REFUSE, why)
 
 
 def refuse_swap(decisions: list[Decision], step: str) -> None:

@@ -22,6 +22,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import MigrationError
 from pgreembed.migrations import app_objects as decisions
+from pgreembed.migrations import type_change
 from pgreembed.store import app_objects as catalog
 from pgreembed.store.slots import Slot, app_table, load_slots
 
@@ -131,6 +132,7 @@ class Kept:
     """The captured statements that put each object back on the column it names."""
 
     objects: list[_Object]
+    column_types: tuple[str, str] = ("", "")  # the column's type before and after the swap
 
     def apply(self, conn: psycopg.Connection) -> list[decisions.Decision]:
         """Run them (after the exchange of names, in the same transaction)."""
@@ -148,6 +150,8 @@ class Kept:
                         f"could not keep {each.decision.obj.kind} {each.decision.obj.name} on"
                         f" {each.decision.obj.column}: {exc.diag.message_primary or exc};"
                         " nothing changed") from None
+            # Safety net: never a silent change of how it uses the column (type_change).
+            type_change.check_recreated(conn, each.decision.obj, *self.column_types)
         return [each.decision for each in self.objects]
 
 
@@ -177,4 +181,4 @@ def capture(conn: psycopg.Connection, live: Slot, other: Slot, step: str) -> Kep
             kept.append(_Object(decision, _function(conn, decision)))
         elif kind == catalog.POLICY:
             kept.append(_Object(decision, _policy(conn, decision)))
-    return Kept(kept)
+    return Kept(kept, (live.column_type, other.column_type))
