@@ -30,6 +30,7 @@ from pgreembed.migrations.state import (
     require_open,
     slots_by_id,
 )
+from pgreembed.store.blockers import ACCESS_EXCLUSIVE
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import (
     create_state_table,
@@ -38,7 +39,7 @@ from pgreembed.store.setup import (
     ensure_vector_column,
 )
 from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
-from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import install_triggers
 from pgreembed.store.usage import SPEND_CAP, spend
 from pgreembed.store.versions import INIT_LOCK

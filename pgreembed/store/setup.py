@@ -17,6 +17,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog, server_versions
+from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.privileges import privileges, required
 from pgreembed.store.session import lift_statement_limits
@@ -28,7 +29,7 @@ from pgreembed.store.slots import (
     primary_key_of,
     vector_type_for,
 )
-from pgreembed.store.table_lock import SHARE_ROW_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import drop_triggers, install_triggers, triggers_current
 from pgreembed.store.versions import upgrade
 

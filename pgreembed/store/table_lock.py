@@ -27,7 +27,6 @@ from psycopg import sql
 from pgreembed.errors import TableBusyError
 from pgreembed.store.blockers import (
     ACCESS_EXCLUSIVE,
-    SHARE_ROW_EXCLUSIVE,
     Blocker,
     Degraded,
     blockers,
@@ -37,9 +36,6 @@ from pgreembed.store.blockers import (
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.privileges import privileges
-
-__all__ = ["ACCESS_EXCLUSIVE", "SHARE_ROW_EXCLUSIVE", "Blocker", "LockPolicy", "run_locked",
-           "join_writers", "hold_writers_out", "blockers", "idle_conflicting"]
 
 log = logging.getLogger(__name__)
 
