@@ -14,6 +14,8 @@ from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.table_lock import RowBusy
 
 SWAP_COLUMN = "pgreembed__swap"
+# A migration in one of these phases is open (the target's one at a time).
+OPEN = "phase IN ('filling', 'swapped', 'rolled_back')"
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ def open_migration(conn: psycopg.Connection, target: Target, *, lock: bool = Fal
     changes the phase (swap, rollback, cancel, finalize) takes it first, before any table
     lock, and so does every pause: under it the phase read is the phase at commit."""
     query = ("SELECT id, target, phase, from_slot, to_slot FROM pgreembed.migrations"
-             " WHERE target = %s AND phase IN ('filling', 'swapped', 'rolled_back')")
+             f" WHERE target = %s AND {OPEN}")
     if not lock:
         row = conn.execute(query, (target.name,)).fetchone()
         return None if row is None else Migration(*row)
@@ -41,9 +43,8 @@ def open_migration(conn: psycopg.Connection, target: Target, *, lock: bool = Fal
         row = conn.execute(query + " FOR UPDATE", (target.name,)).fetchone()
     except psycopg.errors.LockNotAvailable:
         conn.execute("ROLLBACK TO SAVEPOINT migration_row")
-        holders = row_holders(conn, sql.SQL("pgreembed.migrations"), sql.SQL(
-            "t.target = %s AND t.phase IN ('filling', 'swapped', 'rolled_back')"),
-            (target.name,))
+        holders = row_holders(conn, sql.SQL("pgreembed.migrations"),
+                              sql.SQL(f"t.target = %s AND t.{OPEN}"), (target.name,))
         raise RowBusy(f"the migration row of target {target.name!r}", holders,
                       "a pause, a resume or a spend reservation holds it while it runs (no"
                       " table lock is taken meanwhile): try again once it has committed"
