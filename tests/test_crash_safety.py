@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import psycopg
 
 from pgreembed.config import load_settings
+from pgreembed.errors import EXIT_REFUSED
 from pgreembed.migrations.crash_point import CRASH_AT
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import load_slots
@@ -153,8 +154,11 @@ def test_manual_migration_killed_after_each_step_completes_when_it_is_run_again(
                            ("finalize", "finalized")):
             killed(run(stack, "migrate", step, *target, crash_at=step), step)
             assert migrations(stack)[-1][1] == then
-            ok(run(stack, "migrate", step, *target))
+            again = ok(run(stack, "migrate", step, *target))
             assert migrations(stack)[-1][1] == then
+            if step != "index":  # a re-run of index checks the index it finds valid
+                assert f"{step} was already done (committed by an earlier run): nothing" \
+                       " to do" in again, again
     assert writes["edits"] > 0 and writes["errors"] == 0
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, "embedding")
@@ -327,6 +331,29 @@ def test_a_swap_waiting_for_the_migration_row_does_not_hold_the_app_table(
     assert stalled["queries"] > 0
     assert stalled["lock_timeouts"] == 0, (
         f"{stalled['lock_timeouts']} app queries timed out behind the swap's table lock")
+
+
+def test_a_busy_migration_row_is_named_and_a_cancel_killed_after_its_commit_is_done(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """A swap that gives up on the migration's row (held as a pause or a spend reservation
+    holds it) names that row and its holder, not the table's blockers (there are none); a
+    cancel SIGKILLed right after its commit, run again, says it was already done."""
+    migration_filled(stack, 20)
+    with psycopg.connect(stack.dsn, application_name="row-holder") as holder:
+        holder.execute("SELECT 1 FROM pgreembed.migrations WHERE phase = 'filling'"
+                       " FOR UPDATE")
+        busy = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "1")
+        holder_pid = holder.info.backend_pid
+        holder.rollback()
+    assert busy.returncode == EXIT_REFUSED, busy.stdout + busy.stderr
+    assert "Traceback" not in busy.stderr and "nobody now" not in busy.stderr, busy.stderr
+    assert "could not swap: the migration row of target 'docs' stayed locked" in busy.stderr
+    assert f"Held by: pid {holder_pid} (row-holder, idle in transaction" in busy.stderr
+    killed(run(stack, "migrate", "cancel", "--target", "docs", crash_at="cancel"), "cancel")
+    assert migrations(stack)[-1][1] == "cancelled"
+    again = ok(run(stack, "migrate", "cancel", "--target", "docs"))
+    assert "cancel was already done (committed by an earlier run): nothing to do" in again
+    assert vector_columns(stack) == {"embedding"}
 
 
 def test_the_spend_cap_of_a_slot_read_before_a_swap_never_pauses_the_new_live_column(

@@ -5,6 +5,7 @@ an app that logs in as a role of its own (tests.helpers.OrdinaryRoles)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -276,3 +277,35 @@ def test_a_role_that_may_not_change_the_table_is_told_what_to_grant(
     doctor = json_document(run(stack, "doctor", "--json", codes=(1,)).stdout)
     role = next(f for f in doctor["findings"] if f["check"] == "role")
     assert role["level"] == "error" and f'GRANT "{roles.owner}" TO' in role["message"]
+
+
+def test_init_and_doctor_give_the_same_advice_and_it_works_pasted(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """No CREATE on the table's schema (CREATE INDEX needs it) and an admin-made schema
+    pgreembed with USAGE only: init refuses before any DDL and doctor reports it, word for
+    word the same, as statements that, run as the admin, are all init was missing."""
+    stack, roles = ordinary_roles
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(
+            sql.Identifier(roles.owner)))
+        admin.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM {}").format(
+            sql.Identifier(admin.info.dbname), sql.Identifier(roles.pgreembed)))
+        admin.execute("CREATE SCHEMA pgreembed")
+        admin.execute(sql.SQL("GRANT USAGE ON SCHEMA pgreembed TO {}").format(
+            sql.Identifier(roles.pgreembed)))
+    seed(stack, 5)
+    refused = run(stack, "init", codes=(1,))
+    doctor = json_document(run(stack, "doctor", "--json", codes=(1,)).stdout)
+    role = next(f for f in doctor["findings"] if f["check"] == "role")
+    assert role["level"] == "error"
+    assert f"pgreembed: target 'docs': {role['message']}\n" in refused.stderr, (
+        refused.stderr, role["message"])
+    advice = re.findall(r"`([^`]*)`", role["message"])
+    assert advice == [f'GRANT CREATE ON SCHEMA "public" TO "{roles.pgreembed}";',
+                      f'GRANT USAGE, CREATE ON SCHEMA pgreembed TO "{roles.pgreembed}";']
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        for statement in advice:
+            admin.execute(statement)
+    run(stack, "init")
+    doctor = json_document(run(stack, "doctor", "--json", codes=(0, 1)).stdout)
+    assert next(f for f in doctor["findings"] if f["check"] == "role")["level"] == "ok"

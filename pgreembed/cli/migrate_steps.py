@@ -151,17 +151,25 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _already_done(step: str) -> None:
+    print(f"{step} was already done (committed by an earlier run): nothing to do")
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     settings, target = _target(args)
-    lifecycle.cancel(settings, target, _lock_policy(args))
-    print(f"migration of {target.name} cancelled; the new column is dropped")
+    if lifecycle.cancel(settings, target, _lock_policy(args)).already_done:
+        _already_done("cancel")
+    else:
+        print(f"migration of {target.name} cancelled; the new column is dropped")
     return 0
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
     settings, target = _target(args)
-    lifecycle.finalize(settings, target, _lock_policy(args))
-    print(f"migration of {target.name} finalized; the previous column is dropped")
+    if lifecycle.finalize(settings, target, _lock_policy(args)).already_done:
+        _already_done("finalize")
+    else:
+        print(f"migration of {target.name} finalized; the previous column is dropped")
     return 0
 
 
@@ -207,7 +215,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
             "app_objects": [d.as_dict() for d in result.kept],
             **({"comparison": comparison} if step == "swap" else {})})
     elif result.already_done:
-        print(f"{step} was already done (committed by an earlier run): nothing to do")
+        _already_done(step)
     else:
         print(f"{step} done in {result.pause_seconds * 1000:.0f} ms of table lock"
               f" (attempt {result.attempts}, {result.waited_seconds:.1f} s in all;"

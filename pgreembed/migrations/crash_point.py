@@ -2,7 +2,7 @@
 
 `PGREEMBED_CRASH_AT=<step>` in the environment makes the process SIGKILL itself at
 `crash_point(<step>)`, which the migration steps call right after their transaction
-commits (start, copy, index, swap, finalize): tests/test_crash_safety.py proves with it
+commits (start, copy, index, swap, cancel, finalize): tests/test_crash_safety.py proves with it
 that a real kill -9 at every step boundary leaves a state the next run completes.
 Unset (always, outside those tests), it does nothing.
 """

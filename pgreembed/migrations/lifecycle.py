@@ -12,7 +12,7 @@ be re-run after a crash.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import psycopg
 from psycopg import sql
@@ -30,6 +30,7 @@ from pgreembed.migrations.state import (
     require_open,
     slots_by_id,
 )
+from pgreembed.store.blockers import ACCESS_EXCLUSIVE
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import (
     create_state_table,
@@ -38,7 +39,7 @@ from pgreembed.store.setup import (
     ensure_vector_column,
 )
 from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
-from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import install_triggers
 from pgreembed.store.usage import SPEND_CAP, spend
 from pgreembed.store.versions import INIT_LOCK
@@ -229,8 +230,29 @@ def _drop_slot(conn: psycopg.Connection, target: Target, slot: Slot) -> None:
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(slot.state_table))
 
 
-def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
-    """Before a swap: drop the new column; the live column is untouched."""
+@dataclass(frozen=True)
+class StepResult:
+    """What a cancel or finalize did: `already_done` when it was run again after its
+    commit (a crash before the caller heard of it) and had nothing left to do."""
+
+    already_done: bool = False
+
+
+def _already_done(settings: Settings, target: Target, done_phase: str) -> bool:
+    """No open migration, and the last one ended in `done_phase` (this step committed)."""
+    with connect(settings.database_url) as conn:
+        done = open_migration(conn, target) is None and _last_phase(conn, target) == done_phase
+        conn.rollback()
+    return done
+
+
+def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None
+           ) -> StepResult:
+    """Before a swap: drop the new column; the live column is untouched. Run again after
+    its commit, it has nothing to do."""
+    if _already_done(settings, target, "cancelled"):
+        return StepResult(already_done=True)
+
     def drop_new(conn: psycopg.Connection) -> None:
         migration = require_open(conn, target, "filling", lock=True)  # before any table
         slot = slots_by_id(conn, target)[migration.to_slot]
@@ -244,15 +266,16 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None)
 
     run_locked(settings.database_url, app_table(target), "cancel", drop_new, policy,
                mode=ACCESS_EXCLUSIVE)
+    crash_point("cancel")
+    return StepResult()
 
 
-def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None) -> None:
+def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None
+             ) -> StepResult:
     """After the rollback window: drop the column that is not live any more. Run again
     after its commit (a crash before the caller heard of it), it has nothing to do."""
-    with connect(settings.database_url) as conn:
-        if open_migration(conn, target) is None and _last_phase(conn, target) == "finalized":
-            return
-        conn.rollback()
+    if _already_done(settings, target, "finalized"):
+        return StepResult(already_done=True)
 
     def drop_old(conn: psycopg.Connection) -> None:
         migration = require_open(conn, target, "swapped", "rolled_back", lock=True)
@@ -265,6 +288,7 @@ def finalize(settings: Settings, target: Target, policy: LockPolicy | None = Non
     run_locked(settings.database_url, app_table(target), "finalize", drop_old, policy,
                mode=ACCESS_EXCLUSIVE)
     crash_point("finalize")
+    return StepResult()
 
 
 def _last_phase(conn: psycopg.Connection, target: Target) -> str | None:

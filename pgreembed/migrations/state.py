@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import MigrationError
+from pgreembed.store.blockers import row_holders
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.table_lock import RowBusy
 
 SWAP_COLUMN = "pgreembed__swap"
+# A migration in one of these phases is open (the target's one at a time).
+OPEN = "phase IN ('filling', 'swapped', 'rolled_back')"
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,24 @@ def open_migration(conn: psycopg.Connection, target: Target, *, lock: bool = Fal
     """`lock`: the row is locked (FOR UPDATE) until the transaction ends; a step that
     changes the phase (swap, rollback, cancel, finalize) takes it first, before any table
     lock, and so does every pause: under it the phase read is the phase at commit."""
-    row = conn.execute(
-        "SELECT id, target, phase, from_slot, to_slot FROM pgreembed.migrations"
-        " WHERE target = %s AND phase IN ('filling', 'swapped', 'rolled_back')"
-        + (" FOR UPDATE" if lock else ""), (target.name,)).fetchone()
+    query = ("SELECT id, target, phase, from_slot, to_slot FROM pgreembed.migrations"
+             f" WHERE target = %s AND {OPEN}")
+    if not lock:
+        row = conn.execute(query, (target.name,)).fetchone()
+        return None if row is None else Migration(*row)
+    # A savepoint: after a lock timeout the transaction can still read who holds the row.
+    conn.execute("SAVEPOINT migration_row")
+    try:
+        row = conn.execute(query + " FOR UPDATE", (target.name,)).fetchone()
+    except psycopg.errors.LockNotAvailable:
+        conn.execute("ROLLBACK TO SAVEPOINT migration_row")
+        holders = row_holders(conn, sql.SQL("pgreembed.migrations"),
+                              sql.SQL(f"t.target = %s AND t.{OPEN}"), (target.name,))
+        raise RowBusy(f"the migration row of target {target.name!r}", holders,
+                      "a pause, a resume or a spend reservation holds it while it runs (no"
+                      " table lock is taken meanwhile): try again once it has committed"
+                      ) from None
+    conn.execute("RELEASE SAVEPOINT migration_row")
     return None if row is None else Migration(*row)
 
 

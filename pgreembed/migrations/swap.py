@@ -20,9 +20,10 @@ from pgreembed.migrations import app_objects, rebind
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import SWAP_COLUMN, open_migration, require_open
+from pgreembed.store.blockers import ACCESS_EXCLUSIVE
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, app_table, load_slots
-from pgreembed.store.table_lock import ACCESS_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import recompile_clear_function
 from pgreembed.store.trusted_sql import NO_PARAMS
 

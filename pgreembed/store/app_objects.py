@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from pgreembed.store import server_versions
 from pgreembed.store.slots import SCHEMA
 
 VIEW, MATVIEW, FUNCTION, PROCEDURE, POLICY = ("view", "materialized view", "function",
@@ -28,7 +29,7 @@ GENERATED, RULE, TRIGGER, CONSTRAINT, PUBLICATION, OTHER = (
 
 
 @dataclass(frozen=True)
-class Privileges:
+class ObjectRights:
     """What the connected role may do with an object (see migrations.app_objects)."""
 
     acts_as_owner: bool  # has the owner's privileges (member of its role, inherited)
@@ -52,7 +53,7 @@ class AppObject:
     objname: str | None = None  # a policy's, trigger's, rule's or constraint's own name
     sql_body: bool = False  # a function with a BEGIN ATOMIC body (bound at CREATE)
     vector_output: bool = False  # a view with a vector/halfvec column, a function with one
-    privileges: Privileges | None = None
+    privileges: ObjectRights | None = None
     dependents: tuple[str, ...] = field(default=())  # objects that depend on this one
 
     def as_dict(self) -> dict[str, object]:
@@ -80,11 +81,11 @@ ORDER BY 1, 2, 3
 
 def _set_option(conn: psycopg.Connection) -> str:
     """pg_has_role's option for 'may SET ROLE to it' (its own word from Postgres 16)."""
-    return "SET" if conn.info.server_version >= 160000 else "MEMBER"
+    return "SET" if server_versions.postgres_num(conn) >= 160000 else "MEMBER"
 
 
 def _privileges(conn: psycopg.Connection, owner: str | None, schema: str | None
-                ) -> Privileges | None:
+                ) -> ObjectRights | None:
     if owner is None or schema is None:
         return None
     row = conn.execute(
@@ -96,7 +97,7 @@ def _privileges(conn: psycopg.Connection, owner: str | None, schema: str | None
         " OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)",
         {"o": owner, "s": schema, "set": _set_option(conn)}).fetchone()
     assert row is not None
-    return Privileges(*map(bool, row))
+    return ObjectRights(*map(bool, row))
 
 
 def _qualified(conn: psycopg.Connection, *parts: str) -> str:

@@ -109,6 +109,27 @@ def blockers(conn: psycopg.Connection, table: sql.Composable) -> list[Blocker]:
                     bool(r[8])) for r in rows]
 
 
+def row_holders(conn: psycopg.Connection, table: sql.Composable, where: sql.Composable,
+                params: tuple[object, ...]) -> list[Blocker]:
+    """Sessions holding a lock on the rows of `table` matching `where` (over alias `t`).
+
+    A row lock has no pg_locks entry of its own: the row's xmax names the locking
+    transaction, whose own transactionid lock its session holds (visible to every role).
+    A row locked by several transactions at once (a multixact) names none."""
+    rows = conn.execute(sql.SQL(
+        """
+        SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.state, '?'),
+               extract(epoch FROM now() - a.xact_start)::float8, a.usename, a.state IS NULL
+        FROM {table} t
+        JOIN pg_locks l ON l.locktype = 'transactionid' AND l.transactionid = t.xmax
+             AND l.mode = 'ExclusiveLock' AND l.granted
+        LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE ({where}) AND l.pid <> pg_backend_pid()
+        """).format(table=table, where=where), params).fetchall()
+    return [Blocker(int(r[0]), r[1], r[2], r[3], "a lock on the row", r[4], bool(r[5]))
+            for r in rows]
+
+
 def idle_conflicting(found: list[Blocker], mode: str) -> list[Blocker]:
     """Sessions idle in a transaction (for a while) that hold a lock conflicting with `mode`.
 

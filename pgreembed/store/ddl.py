@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pgreembed.store.slots import NOTIFY_CHANNEL
 
-# Schema pgreembed itself is made by versions.ensure_schema (or by an admin beforehand).
+# Schema pgreembed itself is made by privileges.ensure_schema (or by an admin beforehand).
 VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS pgreembed.schema_version (
     version integer PRIMARY KEY,

@@ -68,6 +68,7 @@ class ServerVersions:
     postgres_text: str  # server_version, e.g. '15.20 (Debian 15.20-0+deb12u1)'
     pgvector: str | None  # installed in this database (extversion), None when not
     pgvector_available: str | None  # the server's default_version, None when absent
+    pgvector_schema: str | None = None  # the schema it is installed in, None when not
 
     @property
     def postgres_major(self) -> int:
@@ -123,15 +124,22 @@ class ServerVersions:
         return f"{self.postgres_name}, {vector}"
 
 
+def postgres_num(conn: psycopg.Connection) -> int:
+    """server_version_num, as psycopg got it at connect time (no round trip): for the
+    statements that differ by Postgres version."""
+    return conn.info.server_version
+
+
 def read(conn: psycopg.Connection) -> ServerVersions:
-    """The server's and this database's versions (two catalog reads, no lock)."""
+    """The server's and this database's versions (one catalog read, no lock)."""
     row = conn.execute(
-        "SELECT current_setting('server_version_num')::int, current_setting('server_version'),"
-        " (SELECT extversion FROM pg_extension WHERE extname = 'vector'),"
+        "SELECT current_setting('server_version'), e.extversion, n.nspname,"
         " (SELECT default_version FROM pg_available_extensions WHERE name = 'vector')"
+        " FROM (SELECT 1) one LEFT JOIN pg_extension e ON e.extname = 'vector'"
+        " LEFT JOIN pg_namespace n ON n.oid = e.extnamespace"
     ).fetchone()
     assert row is not None
-    return ServerVersions(int(row[0]), str(row[1]), row[2], row[3])
+    return ServerVersions(postgres_num(conn), str(row[0]), row[1], row[3], row[2])
 
 
 def require_supported(conn: psycopg.Connection) -> ServerVersions:

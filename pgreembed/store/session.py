@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import psycopg
 
+from pgreembed.store import server_versions
+
 IDLE_IN_TRANSACTION_MS = 60_000
 
 _PIN = """
@@ -56,8 +58,8 @@ def lift_statement_limits(conn: psycopg.Connection) -> None:
     would never finish. Use on a dedicated connection (it keeps the setting)."""
     conn.execute("SELECT set_config('statement_timeout', '0', false)")
     # transaction_timeout exists from Postgres 17 on; each CONCURRENTLY phase is one.
-    conn.execute("SELECT set_config('transaction_timeout', '0', false)"
-                 " WHERE current_setting('server_version_num')::int >= 170000")
+    if server_versions.postgres_num(conn) >= 170000:
+        conn.execute("SELECT set_config('transaction_timeout', '0', false)")
 
 
 @contextlib.contextmanager

@@ -17,8 +17,9 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog, server_versions
+from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
 from pgreembed.store.index_builds import sole_builder
-from pgreembed.store.privileges import privileges, required
+from pgreembed.store.privileges import lacking, required
 from pgreembed.store.session import lift_statement_limits, statement_limits_lifted
 from pgreembed.store.slots import (
     Slot,
@@ -28,7 +29,7 @@ from pgreembed.store.slots import (
     primary_key_of,
     vector_type_for,
 )
-from pgreembed.store.table_lock import SHARE_ROW_EXCLUSIVE, LockPolicy, run_locked
+from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import drop_triggers, install_triggers, triggers_current
 from pgreembed.store.versions import upgrade
 
@@ -65,24 +66,15 @@ def enable_pgvector(conn: psycopg.Connection) -> None:
 
 
 def check_rights(conn: psycopg.Connection, target: Target) -> None:
-    """The minimal role's rights on the table, checked before any DDL: one clear line with
-    the statement to run, not Postgres' "must be owner of table" halfway through."""
-    table = app_table(target)
-    rights = required(conn, table.as_string(conn))
+    """The minimal role's rights, checked before any DDL: one clear line with the
+    statements to run (doctor's, word for word), not Postgres' "must be owner of table"
+    halfway through."""
+    rights = required(conn, app_table(target).as_string(conn))
     if rights.table_owner is None:
         return  # no such table: _check_table says so
-    role = sql.Identifier(privileges(conn).role).as_string(conn)
-    owner = sql.Identifier(rights.table_owner).as_string(conn)
-    where = f"{target.schema}.{target.table}"
-    if not rights.owns_table:
-        raise SetupError(f"target {target.name!r}: pgreembed's role may not change {where}"
-                         " (it adds columns, indexes and triggers): make it a member of the"
-                         f" table's owner role, `GRANT {owner} TO {role};`")
-    if not rights.may_index:
-        schema = sql.Identifier(target.schema).as_string(conn)
-        raise SetupError(f"target {target.name!r}: pgreembed's role may not create indexes"
-                         f" next to {where}: as the schema's owner, `GRANT CREATE ON SCHEMA"
-                         f" {schema} TO {owner};` (or to {role})")
+    problem = lacking(conn, rights)
+    if problem is not None:
+        raise SetupError(f"target {target.name!r}: {problem}")
 
 
 def ensure_model(conn: psycopg.Connection, target: Target) -> int:

@@ -27,7 +27,6 @@ from psycopg import sql
 from pgreembed.errors import TableBusyError
 from pgreembed.store.blockers import (
     ACCESS_EXCLUSIVE,
-    SHARE_ROW_EXCLUSIVE,
     Blocker,
     Degraded,
     blockers,
@@ -38,15 +37,26 @@ from pgreembed.store.blockers import (
 from pgreembed.store.pool import connect
 from pgreembed.store.privileges import privileges
 
-__all__ = ["ACCESS_EXCLUSIVE", "SHARE_ROW_EXCLUSIVE", "Blocker", "LockPolicy", "run_locked",
-           "join_writers", "hold_writers_out", "blockers", "idle_conflicting"]
-
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT_MS = 100
 DEFAULT_WAIT_SECONDS = 60.0
+
+
+class RowBusy(TableBusyError):
+    """`work` timed out on a row it locks before the table (a migration's row, held by a
+    pause or a spend reservation while it runs): run_locked retries it like a busy table,
+    but names that row and its holders, not the table's (which are not in the way)."""
+
+    def __init__(self, what: str, holders: list[Blocker], hint: str) -> None:
+        self.what, self.holders, self.hint = what, holders, hint
+        super().__init__(f"{what} is locked by {_named(holders)}: {hint}")
+
+
+def _named(holders: list[Blocker]) -> str:
+    return "; ".join(map(str, holders)) or "a transaction this role cannot see"
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,7 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
             stuck = (idle_conflicting(blockers(conn, table), mode)
                      if mode and attempts else [])
             conn.commit()
+            row_busy: RowBusy | None = None
             if not stuck:
                 attempts += 1
                 try:
@@ -126,18 +137,27 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
                     return result
                 except psycopg.errors.LockNotAvailable:
                     conn.rollback()
-            found = blockers(conn, table)
+                except RowBusy as busy:
+                    conn.rollback()
+                    row_busy = busy
+            found = row_busy.holders if row_busy is not None else blockers(conn, table)
             conn.commit()
         degraded.notice(found, policy.terminate_idle_after)
         waited = time.monotonic() - started
         if on_busy is not None:
             on_busy(attempts, found)
+        busy_what = row_busy.what if row_busy is not None else "table"
         if time.monotonic() - logged_at >= 5.0:
             logged_at = time.monotonic()
-            log.warning("%s: table busy (%d attempts, %.1f s, lock_timeout %d ms%s); held by"
-                        " %s", step, attempts, waited, policy.lock_timeout_ms,
+            log.warning("%s: %s busy (%d attempts, %.1f s, lock_timeout %d ms%s); held by"
+                        " %s", step, busy_what, attempts, waited, policy.lock_timeout_ms,
                         ", waiting for idle transactions" if stuck else "",
                         "; ".join(map(str, found)) or "sessions that just finished")
+        if waited >= policy.wait_seconds and row_busy is not None:
+            raise TableBusyError(
+                f"could not {step}: {row_busy.what} stayed locked for {waited:.0f} s"
+                f" ({attempts} attempts of {policy.lock_timeout_ms} ms); nothing changed."
+                f" Held by: {_named(found)}. {row_busy.hint}")
         if waited >= policy.wait_seconds:
             raise TableBusyError(
                 f"could not {step}: the table stayed busy for {waited:.0f} s"
@@ -145,13 +165,14 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
                 f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
                 " or end those sessions (--terminate-idle-after ends idle ones)"
                 + "".join(f". {hint[0].upper()}{hint[1:]}" for hint in degraded.hints))
-        with connect(dsn, autocommit=True, vector=False) as admin:
-            if degraded.privileges.signal_autovacuum and cancel_autovacuum(
-                    admin, table, found, mode or ACCESS_EXCLUSIVE):
-                continue
-            if (policy.terminate_idle_after is not None
-                    and waited >= policy.terminate_idle_after
-                    and terminate_idle(admin, found, policy.terminate_idle_after)):
-                continue  # at once, before the app reconnects and reads again
+        if row_busy is None:  # the table's blockers: ours to cancel or end, if allowed
+            with connect(dsn, autocommit=True, vector=False) as admin:
+                if degraded.privileges.signal_autovacuum and cancel_autovacuum(
+                        admin, table, found, mode or ACCESS_EXCLUSIVE):
+                    continue
+                if (policy.terminate_idle_after is not None
+                        and waited >= policy.terminate_idle_after
+                        and terminate_idle(admin, found, policy.terminate_idle_after)):
+                    continue  # at once, before the app reconnects and reads again
         # Jittered pause: the app's queued queries run, and retrying processes don't align.
         time.sleep(0.25 if stuck else random.uniform(0.05, min(1.0, 0.1 * attempts)))

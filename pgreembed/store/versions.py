@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import sql
 
 from pgreembed.errors import SetupError
 from pgreembed.store.ddl import (
@@ -25,6 +24,7 @@ from pgreembed.store.ddl import (
     V5_BATCH_ASKED,
     VERSION_TABLE,
 )
+from pgreembed.store.privileges import ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +62,6 @@ def current_version(conn: psycopg.Connection) -> int:
         return 0
     row = conn.execute("SELECT max(version) FROM pgreembed.schema_version").fetchone()
     return int(row[0]) if row and row[0] is not None else 0
-
-
-def ensure_schema(conn: psycopg.Connection) -> None:
-    """Schema pgreembed, made here if this role may (CREATE on the database), else by an
-    admin beforehand (managed Postgres): `CREATE SCHEMA IF NOT EXISTS` needs CREATE on
-    the database even when the schema exists, so it is only run when it does not."""
-    row = conn.execute("SELECT n.oid IS NOT NULL, n.oid IS NOT NULL AND"
-                       " has_schema_privilege(n.oid, 'USAGE, CREATE'), current_user"
-                       " FROM (SELECT 1) one LEFT JOIN pg_namespace n"
-                       " ON n.nspname = 'pgreembed'").fetchone()
-    assert row is not None
-    exists, usable, role = bool(row[0]), bool(row[1]), str(row[2])
-    quoted = sql.Identifier(role).as_string(conn)
-    if exists and not usable:
-        raise SetupError(f"schema pgreembed exists but role {role} may not create in it: run"
-                         f" `GRANT USAGE, CREATE ON SCHEMA pgreembed TO {quoted};` as its"
-                         " owner")
-    if exists:
-        return
-    try:
-        conn.execute("CREATE SCHEMA IF NOT EXISTS pgreembed")
-    except psycopg.errors.InsufficientPrivilege:
-        database = sql.Identifier(conn.info.dbname).as_string(conn)
-        raise SetupError(f"role {role} may not create schema pgreembed: as an admin, run"
-                         f" `CREATE SCHEMA pgreembed AUTHORIZATION {quoted};` (or `GRANT"
-                         f" CREATE ON DATABASE {database} TO {quoted};`)") from None
 
 
 def upgrade(conn: psycopg.Connection, *, repeatable: bool = True) -> list[int]:

@@ -43,6 +43,7 @@ from pgreembed.operations.doctor.throttle import ThrottleChecks
 from pgreembed.operations.doctor.versions import VersionChecks
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
 from pgreembed.redact import redact
+from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import (
     app_table,
@@ -56,26 +57,21 @@ class _Doctor(AppObjectChecks, ColumnChecks, IndexChecks, SampleChecks, Throttle
     """All the checks, run on one read-only connection."""
 
     def extension(self) -> Extension | None:
-        row = self.conn.execute(
-            "SELECT e.extversion, n.nspname FROM pg_extension e"
-            " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"
-        ).fetchone()
-        if row is not None:
-            ext = Extension(row[0], row[1])
+        found = server_versions.read(self.conn)
+        if found.pgvector is not None and found.pgvector_schema is not None:
+            ext = Extension(found.pgvector, found.pgvector_schema)
             self.add(OK, None, "pgvector", f"pgvector {ext.version} installed"
                      f" (schema {ext.schema})")
             # Load the library so its settings (hnsw.ef_search, ...) become visible.
             self.conn.execute(sql.SQL("SELECT '[1]'::{}").format(
                 sql.Identifier(ext.schema, "vector")))
             return ext
-        available = self.conn.execute(
-            "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
-        ).fetchone()
+        available = found.pgvector_available
         if available is None:
             self.add(ERROR, None, "pgvector", "pgvector is not available on this Postgres"
                      " server: install the extension package, then run `pgreembed init`")
         else:
-            self.add(ERROR, None, "pgvector", f"pgvector {available[0]} is available but not"
+            self.add(ERROR, None, "pgvector", f"pgvector {available} is available but not"
                      " installed in this database: run `pgreembed init`")
         return None
 

@@ -4,12 +4,10 @@ degrades without it (store.privileges)."""
 
 from __future__ import annotations
 
-from psycopg import sql
-
 from pgreembed.config import Target
 from pgreembed.operations.doctor.base import DoctorBase
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN
-from pgreembed.store.privileges import OPTIONAL_GRANTS, privileges, required
+from pgreembed.store.privileges import OPTIONAL_GRANTS, lacking, privileges, required
 from pgreembed.store.slots import app_table
 
 
@@ -27,30 +25,12 @@ class PrivilegeChecks(DoctorBase):
                  + "; ".join(lines), details)
 
     def role_rights(self, target: Target) -> None:
-        """The minimal role: owner (or member of the owner role) of the table, and schema
-        pgreembed usable (or creatable)."""
-        table = app_table(target)
-        rights = required(self.conn, table.as_string(self.conn))
-        role = sql.Identifier(privileges(self.conn).role)
-        problems = []
-        if rights.table_owner is not None and not rights.owns_table:
-            problems.append(self.statement(sql.SQL("GRANT {} TO {};").format(
-                sql.Identifier(rights.table_owner), role)) + " (pgreembed adds columns,"
-                " indexes and triggers to the table: it must own it, or be a member of"
-                " its owner role)")
-        if rights.table_owner is not None and not rights.may_index:
-            problems.append(self.statement(sql.SQL("GRANT CREATE ON SCHEMA {} TO {};").format(
-                sql.Identifier(target.schema), role)) + " (as the schema's owner: indexes"
-                " are created next to the table)")
-        if rights.schema_exists and not rights.may_use_schema:
-            problems.append(self.statement(sql.SQL(
-                "GRANT USAGE, CREATE ON SCHEMA pgreembed TO {};").format(role)))
-        if not rights.schema_exists and not rights.may_create_schema:
-            problems.append(self.statement(sql.SQL(
-                "CREATE SCHEMA pgreembed AUTHORIZATION {};").format(role)) + " (as an admin)")
-        if problems:
-            self.add(ERROR, target.name, "role", "pgreembed's role lacks what it needs: run "
-                     + "; ".join(problems))
+        """The minimal role: owner (or member of the owner role) of the table, CREATE in
+        its schema, and schema pgreembed usable (or creatable); init says the same."""
+        rights = required(self.conn, app_table(target).as_string(self.conn))
+        problem = lacking(self.conn, rights)
+        if problem is not None:
+            self.add(ERROR, target.name, "role", problem)
         else:
             self.add(OK, target.name, "role", f"pgreembed's role may change"
                      f" {target.schema}.{target.table} and use schema pgreembed")
