@@ -34,6 +34,7 @@ from pgreembed.store.blockers import (
     cancel_autovacuum,
     idle_conflicting,
     terminate_idle,
+    unendable_idle,
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.privileges import privileges
@@ -90,6 +91,16 @@ def hold_writers_out(conn: psycopg.Connection, table: sql.Composable,
         sql.Literal(f"{lock_timeout_ms}ms")))
 
 
+def _what_to_do(policy: LockPolicy, found: list[Blocker]) -> str:
+    """The advice that fits: --terminate-idle-after only when it was not given, and not
+    'try it' when it was given and this role may not end the idle sessions."""
+    if policy.terminate_idle_after is None:
+        return "Try again, or end those sessions (--terminate-idle-after ends idle ones)"
+    if unendable_idle(found):
+        return "Try again once those sessions end (this role may not end them)"
+    return "Try again, or end those sessions"
+
+
 def run_locked(dsn: str, table: sql.Composable, step: str,
                work: Callable[[psycopg.Connection], T], policy: LockPolicy | None = None,
                *, mode: str | None = None,
@@ -142,8 +153,8 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
             raise TableBusyError(
                 f"could not {step}: the table stayed busy for {waited:.0f} s"
                 f" ({attempts} attempts of {policy.lock_timeout_ms} ms); nothing changed."
-                f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
-                " or end those sessions (--terminate-idle-after ends idle ones)"
+                f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. "
+                + _what_to_do(policy, found)
                 + "".join(f". {hint[0].upper()}{hint[1:]}" for hint in degraded.hints))
         with connect(dsn, autocommit=True, vector=False) as admin:
             if degraded.privileges.signal_autovacuum and cancel_autovacuum(
