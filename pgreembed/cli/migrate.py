@@ -38,7 +38,8 @@ def _spend_cap(text: str) -> SpendCap:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", default="openai", choices=["openai", "local"])
+    p.add_argument("--provider", choices=["openai", "local"],
+                   help="the new model's provider (default: the target's configured one)")
     p.add_argument("--model", help="the new model (required unless --derive)")
     p.add_argument("--dimensions", type=positive_int,
                    help="the new model's vector size (required unless --derive)")

@@ -12,6 +12,7 @@ from pgreembed.cli.migrate_derive import derive_step
 from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
+from pgreembed.embedding.providers import require_credentials
 from pgreembed.errors import ConfigError, WaitTimeoutError
 from pgreembed.migrations import index as indexing
 from pgreembed.migrations import lifecycle, plan, progress, swap
@@ -65,7 +66,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.derive is not None:
         return derive_step(settings, target, args, "plan", None)
     _require_model(args, "plan")
-    p = plan.plan(settings, target, args.provider, args.model, args.dimensions,
+    p = plan.plan(settings, target, args.provider or target.provider, args.model,
+                  args.dimensions,
                   budget=_budget(args))
     code = 4 if p.blockers else 0
     if args.json:
@@ -120,7 +122,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.derive is not None:
         return derive_step(settings, target, args, "start", _lock_policy(args))
     _require_model(args, "start")
-    slot = lifecycle.start(settings, target, args.provider, args.model, args.dimensions,
+    provider = args.provider or target.provider
+    require_credentials(settings, provider)
+    slot = lifecycle.start(settings, target, provider, args.model, args.dimensions,
                            spend_cap_usd=args.spend_cap and args.spend_cap.usd,
                            batch_api=args.batch_api, budget=_budget(args),
                            policy=_lock_policy(args))
