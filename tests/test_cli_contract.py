@@ -16,7 +16,15 @@ def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
 
     no_migration = stack.cli("migrate", "status", "--target", "docs", "--json")
     assert no_migration.returncode == 4, no_migration.stderr  # refused: nothing to report
-    assert no_migration.stdout == "" and "no migration in progress" in no_migration.stderr
+    # A refusal with --json is still a document on stdout: the error document.
+    refused = json_document(no_migration.stdout)
+    assert set(refused) == {"command", "version", "error"}
+    assert (refused["command"], refused["error"]["code"]) == ("migrate-status", 4)
+    assert "no migration in progress" in refused["error"]["message"]
+    assert "no migration in progress" in no_migration.stderr
+    not_open = stack.cli("migrate", "swap", "--target", "docs", "--json")
+    assert not_open.returncode == 4, not_open.stderr
+    assert json_document(not_open.stdout)["error"]["code"] == 4
 
     plan = stack.cli("migrate", "plan", "--target", "docs", "--model", "fake-768",
                      "--dimensions", "768", "--json")
@@ -38,7 +46,9 @@ def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
     timed_out = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "1",
                           "--max-unsearchable", "0", "--json")
     assert timed_out.returncode == 3, timed_out.stdout + timed_out.stderr
-    assert timed_out.stdout == "" and "16 rows still have a vector" in timed_out.stderr
+    timeout_doc = json_document(timed_out.stdout)
+    assert (timeout_doc["command"], timeout_doc["error"]["code"]) == ("migrate-swap", 3)
+    assert "16 rows still have a vector" in timeout_doc["error"]["message"]
     again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-1536",
                       "--dimensions", "1536")
     assert again.returncode == 4 and "already has migration" in again.stderr

@@ -17,7 +17,7 @@ import psycopg
 import redis
 
 from pgreembed.cli.formatting import EXIT_CODES_EPILOG, Parser, add_command, positive_int
-from pgreembed.cli.output import emit
+from pgreembed.cli.output import emit, emit_error
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
 from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
@@ -341,20 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(args: argparse.Namespace, code: int, message: str) -> int:
+    """The one line on stderr, and with --json the error document on stdout."""
+    print(f"pgreembed: {message}", file=sys.stderr)
+    emit_error(args, code, message)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         return int(args.handler(args))
     except ConfigError as exc:
-        print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _failed(args, exc.exit_code, f"configuration error: {redact(str(exc))}")
     except PgreembedError as exc:  # expected: a message for the operator, and its exit code
-        print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+        return _failed(args, exc.exit_code, redact(str(exc)))
     except (psycopg.Error, redis.RedisError) as exc:
-        print(f"pgreembed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_ERROR
+        return _failed(args, EXIT_ERROR, f"{type(exc).__name__}: {redact(str(exc))}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
