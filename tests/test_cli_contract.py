@@ -3,6 +3,8 @@ the exit-code table of docs/cli.md, on real services."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import Stack, json_document, seed
 
@@ -70,3 +72,27 @@ def test_status_failures_and_doctor_documents(stack: Stack) -> None:
     doctor = stack.cli("doctor", "--json")
     assert doctor.returncode in (0, 1), doctor.stderr
     assert {f["check"] for f in json_document(doctor.stdout)["findings"]}
+
+
+def test_redis_down_is_one_line_naming_redis_never_its_password(stack: Stack) -> None:
+    """Like Postgres's, a Redis that cannot be reached is one redacted line that says so
+    (exit 1), and with --json the error document."""
+    assert stack.cli("init").returncode == 0
+    password = "Redis-Secret-Owl-42"
+    down = dataclasses.replace(stack, env={**stack.env,
+                                           "REDIS_URL": f"redis://:{password}@127.0.0.1:1/0"})
+    tick = down.cli("tick")
+    no_redis_needed = down.cli("failures", "--target", "docs", "--json")  # no Redis needed
+    assert no_redis_needed.returncode == 0, no_redis_needed.stderr
+    # status works without Redis: said once, in flight unknown (null), exit 0.
+    status_text = down.cli("status")
+    status_json = down.cli("status", "--json")
+    for args, out, code in ((("tick",), tick, 1), (("status",), status_text, 0),
+                            (("status", "--json"), status_json, 0)):
+        lines = [line for line in out.stderr.splitlines() if line.startswith("pgreembed:")]
+        assert out.returncode == code, (args, out.returncode, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("pgreembed: cannot connect to Redis"), \
+            (args, out.stderr)
+        assert password not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    columns = json_document(status_json.stdout)["columns"]
+    assert [c["in_flight"] for c in columns] == [None]

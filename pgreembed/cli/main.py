@@ -88,13 +88,20 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     throttle = observe(settings.throttle, client)
+    reachable: redis.Redis | None = client
+    try:  # status works without Redis: only what lives there (in flight) is unknown
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        print(f"pgreembed: cannot connect to Redis: {redact(str(exc))} (REDIS_URL):"
+              " rows in flight unknown", file=sys.stderr)
+        reachable = None
     from pgreembed.cli.migrate import progress_line
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
 
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())
-        rows = collect(conn, settings, client, exact=exact)
+        rows = collect(conn, settings, reachable, exact=exact)
         fills = {name: current(conn, settings.target(name)) for name in {r.target for r in rows}}
         conn.rollback()
     # A second column ('next' while filling, 'old' after a swap) means an open migration.
@@ -357,8 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _failed(args, exc.exit_code, f"configuration error: {redact(str(exc))}")
     except PgreembedError as exc:  # expected: a message for the operator, and its exit code
         return _failed(args, exc.exit_code, redact(str(exc)))
-    except (psycopg.Error, redis.RedisError) as exc:
-        return _failed(args, EXIT_ERROR, f"{type(exc).__name__}: {redact(str(exc))}")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # as pool.connect says it
+        return _failed(args, EXIT_ERROR, f"cannot connect to Redis: {redact(str(exc))}"
+                                         " (REDIS_URL)")
+    except redis.RedisError as exc:
+        return _failed(args, EXIT_ERROR, f"Redis: {type(exc).__name__}: {redact(str(exc))}")
+    except psycopg.Error as exc:
+        return _failed(args, EXIT_ERROR, f"Postgres: {type(exc).__name__}: {redact(str(exc))}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
