@@ -95,7 +95,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         print(f"pgreembed: cannot connect to Redis: {redact(str(exc))} (REDIS_URL):"
               " rows in flight unknown", file=sys.stderr)
         reachable = None
-    from pgreembed.cli.migrate import progress_line
+    from pgreembed.cli.migrate import ROLE_LABELS, migration_line
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
 
@@ -124,14 +124,16 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
                                      "estimated": found.estimated}
         emit("status", {"columns": out, "throttle": throttle.as_dict()})
         return
-    header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
+    header = (f"{'target':<16} {'column':<18} {'role':<8} {'model':<36} {'total':>9}"
+              f" {'embedded':>9}"
               f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
     print(header)
     for r in rows:
         flight = "?" if r.in_flight is None else str(r.in_flight)
         about = "~" if r.estimated else ""
         sampled = "~" if r.backlog_estimated else ""
-        print(f"{r.target:<16} {r.column:<18} {r.model:<36} {about + str(r.total):>9}"
+        print(f"{r.target:<16} {r.column:<18} {ROLE_LABELS.get(r.role, r.role):<8}"
+              f" {r.model:<36} {about + str(r.total):>9}"
               f" {about + str(r.embedded):>9} {sampled + str(r.pending):>8}"
               f" {sampled + str(r.stale):>6} {r.outdated:>8}"
               f" {r.failed:>6} {flight:>9}")
@@ -158,7 +160,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         print(f"path of {name}: " + ("direct" if fill is None else
               f"side column {fill.column} ({fill.reason}: {fill.step})"))
     for name, found in migrations.items():
-        print(f"migration of {name}: {progress_line(found)}")
+        print(f"migration of {name}: {migration_line(found)}")
     print(throttle.line())
 
 

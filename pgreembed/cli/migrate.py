@@ -17,6 +17,8 @@ from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
 
 progress_line = steps.progress_line  # `pgreembed status` shows an open migration with it
+migration_line = steps.migration_line
+ROLE_LABELS = steps.ROLE_LABELS
 
 
 @dataclass(frozen=True)

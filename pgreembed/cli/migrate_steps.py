@@ -41,6 +41,25 @@ def progress_line(pr: progress.Progress) -> str:
             f" {pr.rate_per_second:.1f} rows/s, ETA {eta}{' (paused)' if pr.paused else ''}")
 
 
+# What each column is to a migration, as `status` labels it (slots.role: live/next/old).
+ROLE_LABELS = {"live": "live", "next": "incoming", "old": "old"}
+
+
+def migration_line(pr: progress.Progress) -> str:
+    """`status`'s line for an open migration: its bar while the new column fills; after a
+    swap (or a rollback) the phase and what comes next, as a bar would say nothing."""
+    phase = pr.migration.phase
+    if phase == "filling":
+        return progress_line(pr)
+    about = "~" if pr.estimated else ""
+    kept = (f"{pr.column} ({pr.model}) kept current: {about}{pr.done}/{about}{pr.total} rows,"
+            f" {pr.failed} failed")
+    step = ("`migrate finalize` drops it, `migrate rollback` makes it live again"
+            if phase == "swapped" else
+            "`migrate swap` makes it live again, `migrate finalize` drops it")
+    return f"{phase.replace('_', ' ')}; {kept}; {step}"
+
+
 def _target(args: argparse.Namespace) -> tuple[Settings, Target]:
     settings = load_settings(args.config)
     return settings, settings.target(args.target)
@@ -240,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"migration {pr.migration.id} ({pr.migration.phase}"
           f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
-    print(progress_line(pr))
+    print(migration_line(pr))
     cap = "" if pr.spend_cap_usd is None else f" of a {usd(pr.spend_cap_usd)} cap"
     print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
     if pr.paused_by == "spend_cap":
