@@ -222,9 +222,9 @@ class Degraded:
         if cannot_end:
             pids = ", ".join(f"pid {b.pid} (role {b.role or '?'})" for b in cannot_end)
             self._say("signal_backend", (
-                f"--terminate-idle-after cannot end {pids}: this role may end only sessions"
-                " of roles it is a member of, and a superuser's only as a superuser;"
-                " waiting for them" if self.privileges.signal_backend else
+                f"--terminate-idle-after cannot end {pids}: a superuser's session may be"
+                " ended only by a superuser; waiting for them"
+                if self.privileges.signal_backend else
                 f"--terminate-idle-after cannot end {pids}: this role may end only sessions"
                 " of roles it is a member of (`" + self.grant_signal_backend + "` lets it"
                 " end other roles' sessions); waiting for them"))
