@@ -99,5 +99,12 @@ class MisconfiguredError(ProviderError):
         self.tokens = tokens
 
 
+class ProviderKeyMissing(FatalProviderError, ConfigError):
+    """The provider needs an API key the environment does not give: a config error
+    (exit 2), and to a worker still fatal (no batch is tried, no row failed)."""
+
+    exit_code = EXIT_CONFIG
+
+
 class TransientProviderError(ProviderError):
     """Still failing after the retry budget (429s, 5xx, timeouts): try the batch again later."""

@@ -3,6 +3,8 @@ the exit-code table of docs/cli.md, on real services."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import Stack, json_document, seed
 
@@ -16,7 +18,15 @@ def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
 
     no_migration = stack.cli("migrate", "status", "--target", "docs", "--json")
     assert no_migration.returncode == 4, no_migration.stderr  # refused: nothing to report
-    assert no_migration.stdout == "" and "no migration in progress" in no_migration.stderr
+    # A refusal with --json is still a document on stdout: the error document.
+    refused = json_document(no_migration.stdout)
+    assert set(refused) == {"command", "version", "error"}
+    assert (refused["command"], refused["error"]["code"]) == ("migrate-status", 4)
+    assert "no migration in progress" in refused["error"]["message"]
+    assert "no migration in progress" in no_migration.stderr
+    not_open = stack.cli("migrate", "swap", "--target", "docs", "--json")
+    assert not_open.returncode == 4, not_open.stderr
+    assert json_document(not_open.stdout)["error"]["code"] == 4
 
     plan = stack.cli("migrate", "plan", "--target", "docs", "--model", "fake-768",
                      "--dimensions", "768", "--json")
@@ -38,7 +48,9 @@ def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
     timed_out = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "1",
                           "--max-unsearchable", "0", "--json")
     assert timed_out.returncode == 3, timed_out.stdout + timed_out.stderr
-    assert timed_out.stdout == "" and "16 rows still have a vector" in timed_out.stderr
+    timeout_doc = json_document(timed_out.stdout)
+    assert (timeout_doc["command"], timeout_doc["error"]["code"]) == ("migrate-swap", 3)
+    assert "16 rows still have a vector" in timeout_doc["error"]["message"]
     again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-1536",
                       "--dimensions", "1536")
     assert again.returncode == 4 and "already has migration" in again.stderr
@@ -60,3 +72,27 @@ def test_status_failures_and_doctor_documents(stack: Stack) -> None:
     doctor = stack.cli("doctor", "--json")
     assert doctor.returncode in (0, 1), doctor.stderr
     assert {f["check"] for f in json_document(doctor.stdout)["findings"]}
+
+
+def test_redis_down_is_one_line_naming_redis_never_its_password(stack: Stack) -> None:
+    """Like Postgres's, a Redis that cannot be reached is one redacted line that says so
+    (exit 1), and with --json the error document."""
+    assert stack.cli("init").returncode == 0
+    password = "Redis-Secret-Owl-42"
+    down = dataclasses.replace(stack, env={**stack.env,
+                                           "REDIS_URL": f"redis://:{password}@127.0.0.1:1/0"})
+    tick = down.cli("tick")
+    no_redis_needed = down.cli("failures", "--target", "docs", "--json")  # no Redis needed
+    assert no_redis_needed.returncode == 0, no_redis_needed.stderr
+    # status works without Redis: said once, in flight unknown (null), exit 0.
+    status_text = down.cli("status")
+    status_json = down.cli("status", "--json")
+    for args, out, code in ((("tick",), tick, 1), (("status",), status_text, 0),
+                            (("status", "--json"), status_json, 0)):
+        lines = [line for line in out.stderr.splitlines() if line.startswith("pgreembed:")]
+        assert out.returncode == code, (args, out.returncode, out.stderr)
+        assert len(lines) == 1 and lines[0].startswith("pgreembed: cannot connect to Redis"), \
+            (args, out.stderr)
+        assert password not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    columns = json_document(status_json.stdout)["columns"]
+    assert [c["in_flight"] for c in columns] == [None]

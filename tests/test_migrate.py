@@ -58,6 +58,14 @@ def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection
     return blocker
 
 
+def status_roles(text: str) -> dict[str, str]:
+    """`status`'s column -> role, read from its table (header: target column role ...)."""
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["target", "column", "role"], lines[0]
+    rows = [line.split() for line in lines[1:] if line.startswith("docs ")]
+    return {row[1]: row[2] for row in rows}
+
+
 @pytest.mark.second_server
 def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     seed(stack, 60)
@@ -80,11 +88,17 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     assert (status["done"], status["phase"]) == (60, "filling")
     overall = stack.cli("status")
     assert "migration of docs: [##############################] ~60/~60 rows" in overall.stdout
+    assert status_roles(overall.stdout) == {"embedding": "live", new_column: "incoming"}
     # No index on the new column yet while the live one has one: refused.
     refused = stack.cli("migrate", "swap", "--target", "docs")
     assert refused.returncode == 4 and "run `migrate index`" in refused.stderr
     assert "is valid" in migrate(stack, "index")
     assert "swap done" in migrate(stack, "swap")
+    swapped = stack.cli("status").stdout
+    assert status_roles(swapped) == {"embedding": "live", new_column: "old"}
+    [line] = [line for line in swapped.splitlines() if line.startswith("migration of docs:")]
+    assert line.startswith(f"migration of docs: swapped; {new_column} (openai:fake-384@384)"
+                           " kept current") and "[#" not in line, line
     assert column_type(stack, "embedding") == "vector(768)"
     assert column_type(stack, new_column) == "vector(384)"
     assert_column_current(stack, "embedding", "fake-768", 768)
@@ -370,6 +384,11 @@ def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack:
         assert conn.execute("SELECT model FROM pgreembed.active_models").fetchone() == (
             "fake-384",)
     assert "swap done" in migrate(stack, "swap")
+    swapped = stack.cli("status").stdout
+    assert status_roles(swapped) == {"embedding": "live", new_column: "old"}
+    [line] = [line for line in swapped.splitlines() if line.startswith("migration of docs:")]
+    assert line.startswith(f"migration of docs: swapped; {new_column} (openai:fake-384@384)"
+                           " kept current") and "[#" not in line, line
     assert column_type(stack, "embedding") == "vector(768)"
 
     with stack.connect() as conn:

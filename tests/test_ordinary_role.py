@@ -5,6 +5,7 @@ an app that logs in as a role of its own (tests.helpers.OrdinaryRoles)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import threading
@@ -16,6 +17,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgreembed.errors import TableBusyError
+from pgreembed.store.blockers import ACCESS_EXCLUSIVE
+from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     OrdinaryRoles,
@@ -231,10 +235,43 @@ def test_a_swap_behind_an_autovacuum_it_may_not_cancel(
         swapped = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "60",
                       "--terminate-idle-after", "1")
         app.close()
-        assert "grant pg_signal_backend" in swapped.stderr
+        assert f'GRANT pg_signal_backend TO "{roles.pgreembed}";' in swapped.stderr
     else:
         run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "60")
     assert "Traceback" not in stack.log_text()
+
+
+def test_terminate_idle_after_never_tries_a_session_this_role_may_not_end(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], caplog: pytest.LogCaptureFixture) -> None:
+    """With pg_read_all_stats but not pg_signal_backend, an idle app session of another
+    role is known up front to be beyond --terminate-idle-after: it is said once (naming
+    the GRANT), never attempted, and the final advice does not suggest the flag given."""
+    stack, roles = ordinary_roles
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(
+            sql.Identifier(roles.pgreembed)))
+    app = idle_app_session(roles, 30.0)
+    caplog.set_level(logging.WARNING, logger="pgreembed")
+    try:
+        with pytest.raises(TableBusyError) as busy:
+            run_locked(roles.pgreembed_dsn, sql.Identifier("docs"), "swap",
+                       lambda conn: conn.execute("LOCK TABLE docs IN ACCESS EXCLUSIVE MODE"),
+                       LockPolicy(wait_seconds=3, terminate_idle_after=1),
+                       mode=ACCESS_EXCLUSIVE)
+        app_pid = app.info.backend_pid
+        alive = app.execute("SELECT 1").fetchone()  # never ended
+    finally:
+        app.close()
+    assert alive == (1,)
+    grant = f'GRANT pg_signal_backend TO "{roles.pgreembed}";'
+    lines = [r.getMessage() for r in caplog.records]
+    about_the_app = [line for line in lines if f"pid {app_pid} " in line
+                     and "table busy" not in line]
+    assert len(about_the_app) == 1, lines
+    assert "--terminate-idle-after cannot end" in about_the_app[0] and grant in about_the_app[0]
+    message = str(busy.value)
+    assert "--terminate-idle-after ends idle ones" not in message
+    assert grant in message
 
 
 def test_an_autovacuum_is_cancelled_unless_it_prevents_wraparound(

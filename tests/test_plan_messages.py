@@ -3,15 +3,25 @@ advice after a migration (issue 14's list of wrong or missing messages)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from pgreembed.cli.migrate_steps import usd
-from pgreembed.config import load_settings
+from pgreembed.config import LOCAL_MODEL, load_settings
 from pgreembed.migrations import plan as plan_module
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import Stack, migrate, seed, start_migration, wait_filled
+from tests.helpers import (
+    Stack,
+    docs_config,
+    json_document,
+    migrate,
+    seed,
+    start_migration,
+    wait_filled,
+    write_config,
+)
 
 
 def plan_of(stack: Stack, *args: str) -> tuple[int, str, str]:
@@ -97,3 +107,27 @@ def test_advice_after_a_migration_names_the_config_to_write(stack: Stack) -> Non
     models = [f for f in findings if f["check"] == "models"]
     assert any("a migration made it live: set provider = 'openai', model = 'fake-alt-384',"
                " dimensions = 384" in f["message"] for f in models), models
+
+
+def test_plan_and_start_default_to_the_targets_provider_and_a_missing_key_is_config(
+        stack: Stack) -> None:
+    """A target on the local provider: plan/start without --provider use it, not openai;
+    asking for openai without OPENAI_API_KEY (nor OPENAI_BASE_URL) is a config error,
+    exit 2 (docs/cli.md's exit codes), nothing started."""
+    keyless = dataclasses.replace(stack, env={k: v for k, v in stack.env.items()
+                                              if not k.startswith("OPENAI_")})
+    write_config(stack.config_path, docs_config().replace(
+        'provider = "openai"\nmodel = "fake-384"', 'provider = "local"'))
+    seed(stack, 5)
+    assert keyless.cli("init").returncode == 0
+    local = keyless.cli("migrate", "plan", "--target", "docs", "--model", LOCAL_MODEL,
+                        "--dimensions", "384", "--json")
+    assert "OPENAI_API_KEY" not in local.stderr, local.stderr
+    assert json_document(local.stdout)["column_type"] == "vector(384)", local.stderr
+    for step in ("plan", "start"):
+        keyed = keyless.cli("migrate", step, "--target", "docs", "--provider", "openai",
+                            "--model", "text-embedding-3-small", "--dimensions", "1536")
+        assert keyed.returncode == 2, (step, keyed.returncode, keyed.stderr)
+        assert "OPENAI_API_KEY: not set" in keyed.stderr and "Traceback" not in keyed.stderr
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pgreembed.slots").fetchone() == (1,)

@@ -17,7 +17,7 @@ import psycopg
 import redis
 
 from pgreembed.cli.formatting import EXIT_CODES_EPILOG, Parser, add_command, positive_int
-from pgreembed.cli.output import emit
+from pgreembed.cli.output import emit, emit_error
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
 from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
@@ -88,13 +88,20 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     throttle = observe(settings.throttle, client)
-    from pgreembed.cli.migrate import progress_line
+    reachable: redis.Redis | None = client
+    try:  # status works without Redis: only what lives there (in flight) is unknown
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        print(f"pgreembed: cannot connect to Redis: {redact(str(exc))} (REDIS_URL):"
+              " rows in flight unknown", file=sys.stderr)
+        reachable = None
+    from pgreembed.cli.migrate import ROLE_LABELS, migration_line
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
 
     with connect(settings.database_url) as conn:
         require_initialized(conn, settings.targets.values())
-        rows = collect(conn, settings, client, exact=exact)
+        rows = collect(conn, settings, reachable, exact=exact)
         fills = {name: current(conn, settings.target(name)) for name in {r.target for r in rows}}
         conn.rollback()
     # A second column ('next' while filling, 'old' after a swap) means an open migration.
@@ -117,14 +124,16 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
                                      "estimated": found.estimated}
         emit("status", {"columns": out, "throttle": throttle.as_dict()})
         return
-    header = (f"{'target':<16} {'column':<18} {'model':<36} {'total':>9} {'embedded':>9}"
+    header = (f"{'target':<16} {'column':<18} {'role':<8} {'model':<36} {'total':>9}"
+              f" {'embedded':>9}"
               f" {'pending':>8} {'stale':>6} {'outdated':>8} {'failed':>6} {'in flight':>9}")
     print(header)
     for r in rows:
         flight = "?" if r.in_flight is None else str(r.in_flight)
         about = "~" if r.estimated else ""
         sampled = "~" if r.backlog_estimated else ""
-        print(f"{r.target:<16} {r.column:<18} {r.model:<36} {about + str(r.total):>9}"
+        print(f"{r.target:<16} {r.column:<18} {ROLE_LABELS.get(r.role, r.role):<8}"
+              f" {r.model:<36} {about + str(r.total):>9}"
               f" {about + str(r.embedded):>9} {sampled + str(r.pending):>8}"
               f" {sampled + str(r.stale):>6} {r.outdated:>8}"
               f" {r.failed:>6} {flight:>9}")
@@ -151,7 +160,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         print(f"path of {name}: " + ("direct" if fill is None else
               f"side column {fill.column} ({fill.reason}: {fill.step})"))
     for name, found in migrations.items():
-        print(f"migration of {name}: {progress_line(found)}")
+        print(f"migration of {name}: {migration_line(found)}")
     print(throttle.line())
 
 
@@ -341,20 +350,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _failed(args: argparse.Namespace, code: int, message: str) -> int:
+    """The one line on stderr, and with --json the error document on stdout."""
+    print(f"pgreembed: {message}", file=sys.stderr)
+    emit_error(args, code, message)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         return int(args.handler(args))
     except ConfigError as exc:
-        print(f"pgreembed: configuration error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _failed(args, exc.exit_code, f"configuration error: {redact(str(exc))}")
     except PgreembedError as exc:  # expected: a message for the operator, and its exit code
-        print(f"pgreembed: {redact(str(exc))}", file=sys.stderr)
-        return exc.exit_code
-    except (psycopg.Error, redis.RedisError) as exc:
-        print(f"pgreembed: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_ERROR
+        return _failed(args, exc.exit_code, redact(str(exc)))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:  # as pool.connect says it
+        return _failed(args, EXIT_ERROR, f"cannot connect to Redis: {redact(str(exc))}"
+                                         " (REDIS_URL)")
+    except redis.RedisError as exc:
+        return _failed(args, EXIT_ERROR, f"Redis: {type(exc).__name__}: {redact(str(exc))}")
+    except psycopg.Error as exc:
+        return _failed(args, EXIT_ERROR, f"Postgres: {type(exc).__name__}: {redact(str(exc))}")
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -17,6 +17,8 @@ from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
 
 progress_line = steps.progress_line  # `pgreembed status` shows an open migration with it
+migration_line = steps.migration_line
+ROLE_LABELS = steps.ROLE_LABELS
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ def _spend_cap(text: str) -> SpendCap:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", default="openai", choices=["openai", "local"])
+    p.add_argument("--provider", choices=["openai", "local"],
+                   help="the new model's provider (default: the target's configured one)")
     p.add_argument("--model", help="the new model (required unless --derive)")
     p.add_argument("--dimensions", type=positive_int,
                    help="the new model's vector size (required unless --derive)")

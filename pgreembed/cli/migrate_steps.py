@@ -12,6 +12,7 @@ from pgreembed.cli.migrate_derive import derive_step
 from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
+from pgreembed.embedding.providers import require_credentials
 from pgreembed.errors import ConfigError, WaitTimeoutError
 from pgreembed.migrations import index as indexing
 from pgreembed.migrations import lifecycle, plan, progress, swap
@@ -40,6 +41,25 @@ def progress_line(pr: progress.Progress) -> str:
             f" {pr.rate_per_second:.1f} rows/s, ETA {eta}{' (paused)' if pr.paused else ''}")
 
 
+# What each column is to a migration, as `status` labels it (slots.role: live/next/old).
+ROLE_LABELS = {"live": "live", "next": "incoming", "old": "old"}
+
+
+def migration_line(pr: progress.Progress) -> str:
+    """`status`'s line for an open migration: its bar while the new column fills; after a
+    swap (or a rollback) the phase and what comes next, as a bar would say nothing."""
+    phase = pr.migration.phase
+    if phase == "filling":
+        return progress_line(pr)
+    about = "~" if pr.estimated else ""
+    kept = (f"{pr.column} ({pr.model}) kept current: {about}{pr.done}/{about}{pr.total} rows,"
+            f" {pr.failed} failed")
+    step = ("`migrate finalize` drops it, `migrate rollback` makes it live again"
+            if phase == "swapped" else
+            "`migrate swap` makes it live again, `migrate finalize` drops it")
+    return f"{phase.replace('_', ' ')}; {kept}; {step}"
+
+
 def _target(args: argparse.Namespace) -> tuple[Settings, Target]:
     settings = load_settings(args.config)
     return settings, settings.target(args.target)
@@ -65,7 +85,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.derive is not None:
         return derive_step(settings, target, args, "plan", None)
     _require_model(args, "plan")
-    p = plan.plan(settings, target, args.provider, args.model, args.dimensions,
+    p = plan.plan(settings, target, args.provider or target.provider, args.model,
+                  args.dimensions,
                   budget=_budget(args))
     code = 4 if p.blockers else 0
     if args.json:
@@ -120,7 +141,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.derive is not None:
         return derive_step(settings, target, args, "start", _lock_policy(args))
     _require_model(args, "start")
-    slot = lifecycle.start(settings, target, args.provider, args.model, args.dimensions,
+    provider = args.provider or target.provider
+    require_credentials(settings, provider)
+    slot = lifecycle.start(settings, target, provider, args.model, args.dimensions,
                            spend_cap_usd=args.spend_cap and args.spend_cap.usd,
                            batch_api=args.batch_api, budget=_budget(args),
                            policy=_lock_policy(args))
@@ -244,7 +267,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"migration {pr.migration.id} ({pr.migration.phase}"
           f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
-    print(progress_line(pr))
+    print(migration_line(pr))
     cap = "" if pr.spend_cap_usd is None else f" of a {usd(pr.spend_cap_usd)} cap"
     print(f"tokens sent: {pr.tokens:,}, spend ${pr.spend_usd:,.4f}{cap}")
     if pr.paused_by == "spend_cap":

@@ -22,7 +22,6 @@ from psycopg import sql
 from pgreembed.store.privileges import (
     READ_ALL_STATS,
     SIGNAL_AUTOVACUUM,
-    SIGNAL_BACKEND,
     Privileges,
 )
 
@@ -71,6 +70,13 @@ class Blocker:
     hidden: bool = False  # state and transaction age hidden from our role
     autovacuum: bool = False
     wraparound: bool = False  # an autovacuum run to prevent wraparound: never cancelled
+    # Whether our role may end it, as Postgres decides: a member of its role (a
+    # superuser's session only by a superuser), or pg_signal_backend for a non-superuser's.
+    endable: bool = False
+
+    @property
+    def idle_in_transaction(self) -> bool:
+        return self.state.startswith("idle in transaction")
 
     @property
     def cancellable_autovacuum(self) -> bool:
@@ -96,17 +102,22 @@ def blockers(conn: psycopg.Connection, table: sql.Composable) -> list[Blocker]:
                extract(epoch FROM now() - a.xact_start)::float8,
                string_agg(DISTINCT l.mode, '+' ORDER BY l.mode), a.usename,
                a.state IS NULL AND NOT coalesce({autovacuum}, false), coalesce({autovacuum}, false),
-               {wraparound} OR coalesce(a.query LIKE '%%to prevent wraparound%%', false)
+               {wraparound} OR coalesce(a.query LIKE '%%to prevent wraparound%%', false),
+               coalesce(CASE WHEN r.rolsuper THEN me.rolsuper
+                        ELSE pg_has_role(r.oid, 'USAGE')
+                             OR pg_has_role('pg_signal_backend', 'USAGE') END, false)
         FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
         LEFT JOIN pg_stat_activity a ON a.pid = l.pid
         LEFT JOIN pg_stat_progress_vacuum v ON v.pid = l.pid
+        LEFT JOIN pg_roles r ON r.oid = a.usesysid
+        JOIN pg_roles me ON me.rolname = current_user
         WHERE l.locktype = 'relation' AND l.relation = to_regclass(%s) AND l.granted
           AND l.pid <> pg_backend_pid()
-        GROUP BY 1, 2, 3, 4, 6, 7, 8, 9 ORDER BY 4 DESC NULLS LAST
+        GROUP BY 1, 2, 3, 4, 6, 7, 8, 9, 10 ORDER BY 4 DESC NULLS LAST
         """).format(autovacuum=sql.SQL(AUTOVACUUM), wraparound=sql.SQL(WRAPAROUND)),
         (table.as_string(conn),)).fetchall()
     return [Blocker(int(r[0]), r[1], r[2], r[3], r[4], r[5], bool(r[6]), bool(r[7]),
-                    bool(r[8])) for r in rows]
+                    bool(r[8]), bool(r[9])) for r in rows]
 
 
 def row_holders(conn: psycopg.Connection, table: sql.Composable, where: sql.Composable,
@@ -177,13 +188,19 @@ def cancel_autovacuum(conn: psycopg.Connection, table: sql.Composable, found: li
     return cancelled
 
 
+def unendable_idle(found: list[Blocker]) -> list[Blocker]:
+    """Sessions idle in a transaction that this role may not end (said, never attempted)."""
+    return [b for b in found if b.idle_in_transaction and not b.endable]
+
+
 def terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: float) -> bool:
-    """End the sessions idle in a transaction open `older_than` seconds; True if any.
+    """End the sessions idle in a transaction open `older_than` seconds that this role may
+    end (the others are left alone: Degraded says so once); True if any was.
     Each is re-checked (pid, state, age) in the statement that ends it."""
     ended = False
     for blocker in found:
-        idle = blocker.state.startswith("idle in transaction")
-        if not (idle and (blocker.transaction_seconds or 0) >= older_than):
+        if not (blocker.idle_in_transaction and blocker.endable
+                and (blocker.transaction_seconds or 0) >= older_than):
             continue
         log.warning("terminating %s: idle in a transaction that holds the table", blocker)
         try:
@@ -192,9 +209,8 @@ def terminate_idle(conn: psycopg.Connection, found: list[Blocker], older_than: f
                 " AND state LIKE 'idle in transaction%%'"
                 " AND now() - xact_start >= make_interval(secs => %s)",
                 (blocker.pid, older_than)).fetchone()
-        except psycopg.errors.InsufficientPrivilege:
-            log.warning("cannot end pid %d: this role may end only sessions of roles it is a"
-                        " member of (grant pg_signal_backend to end others)", blocker.pid)
+        except psycopg.errors.InsufficientPrivilege:  # its role changed since we looked
+            log.warning("cannot end pid %d: this role may not signal it", blocker.pid)
             continue
         ended = ended or bool(row and row[0])
     return ended
@@ -215,11 +231,24 @@ class Degraded:
             self.hints.append(line)
             log.warning("%s: %s", self.step, line)
 
+    @property
+    def grant_signal_backend(self) -> str:
+        """The statement an admin runs so that --terminate-idle-after may end other roles'
+        sessions (printed as advice, the role quoted)."""
+        return sql.SQL("GRANT pg_signal_backend TO {};").format(
+            sql.Identifier(self.privileges.role)).as_string()
+
     def notice(self, found: list[Blocker], terminate_idle_after: float | None) -> None:
-        if terminate_idle_after is not None and not self.privileges.signal_backend:
-            self._say("signal_backend", "--terminate-idle-after can end only sessions of"
-                      f" roles this role is a member of (grant {SIGNAL_BACKEND.roles} to end"
-                      " other roles' sessions)")
+        cannot_end = unendable_idle(found) if terminate_idle_after is not None else []
+        if cannot_end:
+            pids = ", ".join(f"pid {b.pid} (role {b.role or '?'})" for b in cannot_end)
+            self._say("signal_backend", (
+                f"--terminate-idle-after cannot end {pids}: a superuser's session may be"
+                " ended only by a superuser; waiting for them"
+                if self.privileges.signal_backend else
+                f"--terminate-idle-after cannot end {pids}: this role may end only sessions"
+                " of roles it is a member of (`" + self.grant_signal_backend + "` lets it"
+                " end other roles' sessions); waiting for them"))
         if any(b.hidden for b in found):
             self._say("hidden", "the state of other roles' sessions is hidden from this role"
                       f" (grant {READ_ALL_STATS.roles}): idle transactions cannot be told"

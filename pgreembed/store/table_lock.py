@@ -33,6 +33,7 @@ from pgreembed.store.blockers import (
     cancel_autovacuum,
     idle_conflicting,
     terminate_idle,
+    unendable_idle,
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.privileges import privileges
@@ -100,6 +101,16 @@ def hold_writers_out(conn: psycopg.Connection, table: sql.Composable,
         sql.Literal(f"{lock_timeout_ms}ms")))
 
 
+def _what_to_do(policy: LockPolicy, found: list[Blocker]) -> str:
+    """The advice that fits: --terminate-idle-after only when it was not given, and not
+    'try it' when it was given and this role may not end the idle sessions."""
+    if policy.terminate_idle_after is None:
+        return "Try again, or end those sessions (--terminate-idle-after ends idle ones)"
+    if unendable_idle(found):
+        return "Try again once those sessions end (this role may not end them)"
+    return "Try again, or end those sessions"
+
+
 def run_locked(dsn: str, table: sql.Composable, step: str,
                work: Callable[[psycopg.Connection], T], policy: LockPolicy | None = None,
                *, mode: str | None = None,
@@ -162,8 +173,8 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
             raise TableBusyError(
                 f"could not {step}: the table stayed busy for {waited:.0f} s"
                 f" ({attempts} attempts of {policy.lock_timeout_ms} ms); nothing changed."
-                f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. Try again,"
-                " or end those sessions (--terminate-idle-after ends idle ones)"
+                f" Held by: {'; '.join(map(str, found)) or 'nobody now'}. "
+                + _what_to_do(policy, found)
                 + "".join(f". {hint[0].upper()}{hint[1:]}" for hint in degraded.hints))
         if row_busy is None:  # the table's blockers: ours to cancel or end, if allowed
             with connect(dsn, autocommit=True, vector=False) as admin:

@@ -10,15 +10,26 @@ from pgreembed.errors import (
     BadInputError,
     FatalProviderError,
     ProviderError,
+    ProviderKeyMissing,
     TransientProviderError,
 )
 from pgreembed.model_keys import model_key
 
 __all__ = ["BadInputError", "FatalProviderError", "Provider", "ProviderError",
-           "TransientProviderError", "make_provider"]
+           "TransientProviderError", "make_provider", "require_credentials"]
+
+OPENAI_KEY_MISSING = ("OPENAI_API_KEY: not set (needed for the openai provider without"
+                      " OPENAI_BASE_URL)")
 
 _providers: dict[str, Provider] = {}
 _lock = threading.Lock()
+
+
+def require_credentials(settings: Settings, provider: str) -> None:
+    """Before a migration starts: the provider's key is there, or it is a config error
+    now (exit 2), not a migration whose every batch fails later in the workers."""
+    if provider == "openai" and not settings.openai_api_key and not settings.openai_base_url:
+        raise ProviderKeyMissing(OPENAI_KEY_MISSING)
 
 
 def make_provider(settings: Settings, provider: str, model: str, dimensions: int) -> Provider:

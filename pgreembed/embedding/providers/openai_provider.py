@@ -31,10 +31,16 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from pgreembed.embedding.providers import OPENAI_KEY_MISSING
 from pgreembed.embedding.providers.base import Embeddings
 from pgreembed.embedding.providers.tokens import TokenCounter
 from pgreembed.embedding.ratelimit import RateLimiter
-from pgreembed.errors import BadInputError, FatalProviderError, TransientProviderError
+from pgreembed.errors import (
+    BadInputError,
+    FatalProviderError,
+    ProviderKeyMissing,
+    TransientProviderError,
+)
 from pgreembed.instruments import observe_provider
 from pgreembed.model_keys import is_shortenable, model_key
 from pgreembed.redact import redact, register_secret
@@ -109,8 +115,7 @@ class OpenAIProvider:
                  max_retry_seconds: float = 300.0, backoff_initial: float = 0.5,
                  backoff_max: float = 30.0, limiter: RateLimiter | None = None) -> None:
         if not api_key and not base_url:
-            raise FatalProviderError(
-                "OPENAI_API_KEY: not set (needed for the openai provider without OPENAI_BASE_URL)")
+            raise ProviderKeyMissing(OPENAI_KEY_MISSING)
         register_secret(api_key)
         self.model = model
         self.dimensions = dimensions
