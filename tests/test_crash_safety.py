@@ -232,11 +232,12 @@ def test_two_concurrent_migrate_index_build_one_index_once(
                 " WHERE relid = 'docs'::regclass AND index_relid <> 0").fetchone(),
                 timeout=30, message="the first build started")[0]
             second = spawn(stack, *index)
-            # The second one is at the build in progress: dropping it, or waiting for it.
+            # The second one is at the build in progress: dropping it, or waiting for it
+            # (polling the build's advisory lock and who holds it).
             wait_for(lambda: conn.execute(
                 "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> pg_backend_pid()"
-                " AND (query LIKE 'DROP INDEX%%' OR query LIKE '%%pg_try_advisory_lock%%')"
+                " AND (query LIKE 'DROP INDEX%%' OR query LIKE '%%hashtextextended%%')"
                 ).fetchone(), timeout=30, message="the second `migrate index` at the build")
         writer.rollback()
         results = [finished(first), finished(second)]
