@@ -352,3 +352,44 @@ def test_what_a_swap_cannot_keep_is_refused_up_front_and_cancel_names_its_reader
         conn.execute("DROP VIEW peek")
     migrate(stack, "cancel")
     assert column_type(stack, column) is None
+
+
+ATTACHED = """
+CREATE VIEW docs_edit AS SELECT id, title, embedding FROM docs;
+CREATE FUNCTION edit_doc() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN UPDATE docs SET title = NEW.title WHERE id = NEW.id; RETURN NEW; END $$;
+CREATE TRIGGER docs_edit_write INSTEAD OF UPDATE ON docs_edit FOR EACH ROW
+    EXECUTE FUNCTION edit_doc();
+CREATE VIEW docs_columns_only AS SELECT id, title, embedding FROM docs;
+GRANT SELECT (id, embedding) ON docs_columns_only TO ao_reader;
+"""
+
+
+def test_a_view_re_created_by_a_type_changing_swap_keeps_what_is_attached_to_it(
+        stack: Stack) -> None:
+    """DROP VIEW removes a view's INSTEAD OF triggers (and its rules, column defaults)
+    silently: a swap that must re-create the view (384 -> 512 dimensions) refuses up front
+    naming the trigger. A view's column-level grants are given again."""
+    seed(stack, 10)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        create_roles(conn)
+        conn.execute(ATTACHED)
+    plan = json_document(migrate(stack, "plan", "--model", NEW[0], "--dimensions", "512",
+                                 "--json"))
+    decided = {o["name"]: o for o in plan["app_objects"]}
+    assert decided["public.docs_edit"]["action"] == "refuse"
+    assert "docs_edit_write" in decided["public.docs_edit"]["detail"]
+    assert decided["public.docs_columns_only"]["action"] == "recreate"
+    start_migration(stack, "--model", NEW[0], "--dimensions", "512")
+    refused(stack, "swap", "public.docs_edit", "trigger docs_edit_write")
+    with stack.connect() as conn:
+        conn.execute("DROP VIEW docs_edit")
+    migrate(stack, "swap", "--timeout", "60")
+    assert column_type_of(stack, "docs_columns_only", "embedding") == "vector(512)"
+    with stack.connect() as conn:
+        row = conn.execute(
+            "SELECT has_column_privilege('ao_reader', 'docs_columns_only', 'embedding',"
+            " 'SELECT'), has_column_privilege('ao_reader', 'docs_columns_only', 'title',"
+            " 'SELECT')").fetchone()
+    assert row == (True, False)
