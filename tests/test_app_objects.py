@@ -362,6 +362,10 @@ CREATE TRIGGER docs_edit_write INSTEAD OF UPDATE ON docs_edit FOR EACH ROW
     EXECUTE FUNCTION edit_doc();
 CREATE VIEW docs_columns_only AS SELECT id, title, embedding FROM docs;
 GRANT SELECT (id, embedding) ON docs_columns_only TO ao_reader;
+CREATE FUNCTION doc_norm(k bigint) RETURNS real LANGUAGE sql STABLE
+    BEGIN ATOMIC SELECT vector_norm(embedding) FROM docs WHERE id = k; END;
+CREATE FUNCTION doc_vector(k bigint) RETURNS vector LANGUAGE sql STABLE
+    BEGIN ATOMIC SELECT embedding FROM docs WHERE id = k; END;
 """
 
 
@@ -369,12 +373,18 @@ def test_a_view_re_created_by_a_type_changing_swap_keeps_what_is_attached_to_it(
         stack: Stack) -> None:
     """DROP VIEW removes a view's INSTEAD OF triggers (and its rules, column defaults)
     silently: a swap that must re-create the view (384 -> 512 dimensions) refuses up front
-    naming the trigger. A view's column-level grants are given again."""
+    naming the trigger. A view's column-level grants are given again. A BEGIN ATOMIC body
+    that would not type-check against halfvec is refused before the swap waits."""
     seed(stack, 10)
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
         create_roles(conn)
         conn.execute(ATTACHED)
+    start_migration(stack, "--derive", "halfvec")
+    out = refused(stack, "swap", "public.doc_norm(k bigint)",
+                  "vector_norm(halfvec) does not exist")
+    assert "doc_vector" not in out  # halfvec -> vector is an assignment cast: it type-checks
+    migrate(stack, "cancel")
     plan = json_document(migrate(stack, "plan", "--model", NEW[0], "--dimensions", "512",
                                  "--json"))
     decided = {o["name"]: o for o in plan["app_objects"]}
