@@ -20,6 +20,7 @@ def body_error(conn: psycopg.Connection, function_oid: int, schema: str, table: 
                column: str, new_type: str) -> str | None:
     """Postgres' error for the function's body with `column` of type `new_type`, or None
     when it type-checks."""
+    error: str | None = None
     try:
         with conn.transaction(force_rollback=True):
             conn.execute("SELECT set_config('search_path', %s, true)",
@@ -31,9 +32,15 @@ def body_error(conn: psycopg.Connection, function_oid: int, schema: str, table: 
                 sql.Identifier(table), sql.Identifier(schema, table)))
             conn.execute(sql.SQL("ALTER TABLE pg_temp.{} ALTER COLUMN {} TYPE {}").format(
                 sql.Identifier(table), sql.Identifier(column), sql.SQL(new_type)))
-            conn.execute(sql.SQL(str(row[0])))
+            try:
+                with conn.transaction():
+                    conn.execute(sql.SQL(str(row[0])))
+            except psycopg.errors.LockNotAvailable:
+                raise
+            except psycopg.Error as exc:
+                error = exc.diag.message_primary or str(exc)
     except psycopg.errors.LockNotAvailable:
         raise
-    except psycopg.Error as exc:
-        return exc.diag.message_primary or str(exc)
-    return None
+    except psycopg.Error:
+        return None  # no check possible here (no TEMP privilege...): the swap's own applies
+    return error
