@@ -19,6 +19,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pgreembed.config import load_settings
+from pgreembed.migrations import rebind
+from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from tests.helpers import (
@@ -403,3 +406,15 @@ def test_a_view_re_created_by_a_type_changing_swap_keeps_what_is_attached_to_it(
             " 'SELECT'), has_column_privilege('ao_reader', 'docs_columns_only', 'title',"
             " 'SELECT')").fetchone()
     assert row == (True, False)
+
+    # Under the swap's lock only one query verifies that the objects decided for before
+    # waiting are still those: one that came in between makes the attempt start again.
+    target = load_settings(stack.config_path, env=stack.env).target("docs")
+    with psycopg.connect(stack.dsn) as conn:
+        live, old = sorted((s for s in load_slots(conn, target) if s.role != "dropped"),
+                           key=lambda s: s.role != "live")
+        checked = rebind.check(conn, live, old, "rollback")
+        conn.execute(f"CREATE VIEW came_late AS SELECT id, {old.vector_column} FROM docs")
+        with pytest.raises(rebind.ObjectsChanged):
+            rebind.capture(conn, live, old, checked)
+        conn.rollback()

@@ -236,7 +236,11 @@ def _swap(conn: psycopg.Connection, settings: Settings, target: Target,
         log.warning("side fill %d (%s) cancelled, the live column %s is filled directly"
                     " again: its swap would be refused:%s", fill.migration_id, fill.reason,
                     live.vector_column, "".join(f"\n  - {line}" for line in refusals))
-        cancel(settings, target)  # drops the side column, unpauses the live one
+        try:
+            cancel(settings, target)  # drops the side column, unpauses the live one
+        except MigrationError as exc:  # e.g. an app object reads the side column
+            log.warning("side fill %d: not cancelled yet: %s", fill.migration_id, exc)
+            return None
         return "cancelled"
     try:
         result = swap(settings, target, catch_up_timeout=10.0)
