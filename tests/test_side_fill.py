@@ -234,16 +234,21 @@ def test_a_side_fill_whose_swap_would_be_refused_does_not_start_or_is_cancelled(
     snapshot = "CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs"
     with stack.connect() as conn:
         conn.execute(snapshot)
-    seed(stack, 300)
+    told = "filled directly: a side fill's swap would be refused"
+    fake_openai.set_faults(slow_model=OLD, slow_model_latency=1.0)  # the scheduler sees it
+    seed(stack, 300, title="import", body="first import ")  # texts not seen before
+    wait_for(lambda: told in stack.log_text(), timeout=30, message="the refusal logged")
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, "embedding")
     assert migrations(stack) == []
-    assert stack.log_text().count("filled directly: a side fill's swap would be refused") == 1
+    assert stack.log_text().count(told) == 1
     assert "public.docs_snapshot" in stack.log_text()
 
     with stack.connect() as conn:
         conn.execute("DROP MATERIALIZED VIEW docs_snapshot")
     fake_openai.set_faults(slow_model=OLD, slow_model_latency=2.0)
-    seed(stack, 500)  # the side fill starts, then the app adds its snapshot
+    # A side fill starts, then the app adds its snapshot.
+    seed(stack, 500, title="bulk", body="second import ")
     wait_for(lambda: migrations(stack), timeout=30, message="a side fill started")
     with stack.connect() as conn:
         conn.execute(snapshot)
@@ -251,7 +256,8 @@ def test_a_side_fill_whose_swap_would_be_refused_does_not_start_or_is_cancelled(
     wait_for(lambda: migrations(stack)[0][1] == "cancelled", timeout=120, interval=0.3,
              message="the side fill cancelled at its swap")
     assert stack.log_text().count("cancelled, the live column embedding is filled directly") == 1
-    seed(stack, 300)  # the live column is not paused: new rows become searchable
+    # The live column is not paused: new rows become searchable.
+    seed(stack, 300, title="late", body="after the cancel ")
     wait_filled(stack, "embedding")
     assert [m[:2] for m in migrations(stack)] == [("backlog", "cancelled")]
     assert vector_columns(stack) == {"embedding"}
