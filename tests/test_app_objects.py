@@ -19,6 +19,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pgreembed.config import load_settings
+from pgreembed.migrations import rebind
+from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from tests.helpers import (
@@ -352,3 +355,66 @@ def test_what_a_swap_cannot_keep_is_refused_up_front_and_cancel_names_its_reader
         conn.execute("DROP VIEW peek")
     migrate(stack, "cancel")
     assert column_type(stack, column) is None
+
+
+ATTACHED = """
+CREATE VIEW docs_edit AS SELECT id, title, embedding FROM docs;
+CREATE FUNCTION edit_doc() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN UPDATE docs SET title = NEW.title WHERE id = NEW.id; RETURN NEW; END $$;
+CREATE TRIGGER docs_edit_write INSTEAD OF UPDATE ON docs_edit FOR EACH ROW
+    EXECUTE FUNCTION edit_doc();
+CREATE VIEW docs_columns_only AS SELECT id, title, embedding FROM docs;
+GRANT SELECT (id, embedding) ON docs_columns_only TO ao_reader;
+CREATE FUNCTION doc_norm(k bigint) RETURNS real LANGUAGE sql STABLE
+    BEGIN ATOMIC SELECT vector_norm(embedding) FROM docs WHERE id = k; END;
+CREATE FUNCTION doc_vector(k bigint) RETURNS vector LANGUAGE sql STABLE
+    BEGIN ATOMIC SELECT embedding FROM docs WHERE id = k; END;
+"""
+
+
+def test_a_view_re_created_by_a_type_changing_swap_keeps_what_is_attached_to_it(
+        stack: Stack) -> None:
+    """DROP VIEW removes a view's INSTEAD OF triggers (and its rules, column defaults)
+    silently: a swap that must re-create the view (384 -> 512 dimensions) refuses up front
+    naming the trigger. A view's column-level grants are given again. A BEGIN ATOMIC body
+    that would not type-check against halfvec is refused before the swap waits."""
+    seed(stack, 10)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        create_roles(conn)
+        conn.execute(ATTACHED)
+    start_migration(stack, "--derive", "halfvec")
+    out = refused(stack, "swap", "public.doc_norm(k bigint)",
+                  "vector_norm(halfvec) does not exist")
+    assert "doc_vector" not in out  # halfvec -> vector is an assignment cast: it type-checks
+    migrate(stack, "cancel")
+    plan = json_document(migrate(stack, "plan", "--model", NEW[0], "--dimensions", "512",
+                                 "--json"))
+    decided = {o["name"]: o for o in plan["app_objects"]}
+    assert decided["public.docs_edit"]["action"] == "refuse"
+    assert "docs_edit_write" in decided["public.docs_edit"]["detail"]
+    assert decided["public.docs_columns_only"]["action"] == "recreate"
+    start_migration(stack, "--model", NEW[0], "--dimensions", "512")
+    refused(stack, "swap", "public.docs_edit", "trigger docs_edit_write")
+    with stack.connect() as conn:
+        conn.execute("DROP VIEW docs_edit")
+    migrate(stack, "swap", "--timeout", "60")
+    assert column_type_of(stack, "docs_columns_only", "embedding") == "vector(512)"
+    with stack.connect() as conn:
+        row = conn.execute(
+            "SELECT has_column_privilege('ao_reader', 'docs_columns_only', 'embedding',"
+            " 'SELECT'), has_column_privilege('ao_reader', 'docs_columns_only', 'title',"
+            " 'SELECT')").fetchone()
+    assert row == (True, False)
+
+    # Under the swap's lock only one query verifies that the objects decided for before
+    # waiting are still those: one that came in between makes the attempt start again.
+    target = load_settings(stack.config_path, env=stack.env).target("docs")
+    with psycopg.connect(stack.dsn) as conn:
+        live, old = sorted((s for s in load_slots(conn, target) if s.role != "dropped"),
+                           key=lambda s: s.role != "live")
+        checked = rebind.check(conn, live, old, "rollback")
+        conn.execute(f"CREATE VIEW came_late AS SELECT id, {old.vector_column} FROM docs")
+        with pytest.raises(rebind.ObjectsChanged):
+            rebind.capture(conn, live, old, checked)
+        conn.rollback()

@@ -222,3 +222,52 @@ def test_side_fill_settings_default_and_errors_name_the_field() -> None:
                              ({"min_row": 5}, "min_rows")):
         with pytest.raises(ConfigError, match=message):
             parse_settings({"target": [TARGET], "side_fill": section}, env)
+
+
+def test_a_side_fill_whose_swap_would_be_refused_does_not_start_or_is_cancelled(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """A materialized view over the live column: the side fill's swap would always be
+    refused, and a side fill pauses the live column until its swap. So the backlog is
+    filled directly (told once), a side fill that meets such an object later is cancelled
+    (the live column fills again), and `init` keeps a model change in place."""
+    filled_and_indexed(stack, 60)
+    snapshot = "CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs"
+    with stack.connect() as conn:
+        conn.execute(snapshot)
+    told = "filled directly: a side fill's swap would be refused"
+    fake_openai.set_faults(slow_model=OLD, slow_model_latency=1.0)  # the scheduler sees it
+    seed(stack, 300, title="import", body="first import ")  # texts not seen before
+    wait_for(lambda: told in stack.log_text(), timeout=30, message="the refusal logged")
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    wait_filled(stack, "embedding")
+    assert migrations(stack) == []
+    assert stack.log_text().count(told) == 1
+    assert "public.docs_snapshot" in stack.log_text()
+
+    with stack.connect() as conn:
+        conn.execute("DROP MATERIALIZED VIEW docs_snapshot")
+    fake_openai.set_faults(slow_model=OLD, slow_model_latency=2.0)
+    # A side fill starts, then the app adds its snapshot.
+    seed(stack, 500, title="bulk", body="second import ")
+    wait_for(lambda: migrations(stack), timeout=30, message="a side fill started")
+    with stack.connect() as conn:
+        conn.execute(snapshot)
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    wait_for(lambda: migrations(stack)[0][1] == "cancelled", timeout=120, interval=0.3,
+             message="the side fill cancelled at its swap")
+    assert stack.log_text().count("cancelled, the live column embedding is filled directly") == 1
+    # The live column is not paused: new rows become searchable.
+    seed(stack, 300, title="late", body="after the cancel ")
+    wait_filled(stack, "embedding")
+    assert [m[:2] for m in migrations(stack)] == [("backlog", "cancelled")]
+    assert vector_columns(stack) == {"embedding"}
+    assert_column_current(stack, "embedding", OLD, 384)
+
+    write_config(stack.config_path, docs_config(
+        batch_size=16, max_inflight_rows=128, worker_extra=SIDE_FILL).replace(
+            f'model = "{OLD}"', f'model = "{NEW}"'))
+    result = stack.cli("init")
+    assert result.returncode == 0, result.stderr
+    assert "side column" not in result.stdout
+    assert "public.docs_snapshot" in result.stderr
+    assert [m[:2] for m in migrations(stack)] == [("backlog", "cancelled")]

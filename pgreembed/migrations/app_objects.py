@@ -11,7 +11,8 @@ transaction (migrations.rebind):
   refused up front if other objects depend on it;
 - BEGIN ATOMIC functions and procedures: CREATE OR REPLACE with pg_get_functiondef (their
   signature is part of it, so a change of the column's type never needs a new function;
-  a body that no longer type-checks fails the swap's transaction, nothing changed);
+  a body that no longer type-checks against the new type is refused up front, checked in
+  a rolled-back transaction (store.function_check));
 - row-level security policies: ALTER POLICY with their USING / WITH CHECK captured before.
 
 What cannot be kept on the column under the swap's short lock is refused before anything
@@ -34,6 +35,7 @@ from pgreembed.errors import MigrationError
 from pgreembed.migrations import type_change
 from pgreembed.store import app_objects as catalog
 from pgreembed.store.app_objects import AppObject, Publication
+from pgreembed.store.function_check import body_error
 from pgreembed.store.slots import Slot, load_slots
 
 REBIND, RECREATE, REFUSE = "rebind", "recreate", "refuse"
@@ -106,8 +108,10 @@ def _way_out(kind: str, name: str) -> str:
     }.get(kind, "drop it before the swap and create it again after")
 
 
-def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool) -> Decision:
-    """What the swap will do with `obj` (see the module's docstring)."""
+def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool,
+           body_error: str | None = None) -> Decision:
+    """What the swap will do with `obj` (see the module's docstring); `body_error`: a
+    BEGIN ATOMIC body's error against the column's type after the swap."""
     if obj.schema and obj.schema.startswith("pg_temp"):
         return Decision(obj, REFUSE, "a temporary object of another session: it cannot be"
                         " re-created from here, and goes when that session ends (end it, or"
@@ -120,6 +124,11 @@ def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool) -> Deci
         missing = _missing_privileges(conn, obj, recreate)
         if missing:
             return Decision(obj, REFUSE, f"cannot be kept on {obj.column}: {missing}")
+        if body_error:
+            return Decision(obj, REFUSE, "the swap changes the column's type and its body no"
+                            f" longer type-checks against it ({body_error}). Way out: drop it"
+                            " before the swap and create it again after for the new type"
+                            " (or make its body read the column through a cast)")
         if recreate and obj.dependents:
             return Decision(obj, REFUSE, "the swap changes the column's type, so it must be"
                             " dropped and created again, but other objects depend on it:"
@@ -155,9 +164,20 @@ def swap_decisions(conn: psycopg.Connection, table: sql.Composable, columns: lis
                    from_type: str, to_type: str) -> list[Decision]:
     """Each app object reading one of `columns` (the live one, and the incoming one when it
     exists), decided for a swap from a `from_type` to a `to_type` column (`vector(384)`)."""
-    return [_refuse_type_sensitive(conn, decide(conn, obj, from_type != to_type),
-                                   from_type, to_type)
-            for obj in catalog.dependents(conn, table, columns)]
+    found = catalog.dependents(conn, table, columns)
+    if from_type == to_type:
+        return [decide(conn, obj, False) for obj in found]
+    row = conn.execute("SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n"
+                       " ON n.oid = c.relnamespace WHERE c.oid = %s::regclass",
+                       (table.as_string(conn),)).fetchone()
+    assert row is not None
+    # After the swap, the name of columns[0] (the live one) bears `to_type`, the other's
+    # `from_type`: a BEGIN ATOMIC body is checked against that before anything waits.
+    return [_refuse_type_sensitive(conn, decide(conn, obj, True, body_error(
+                conn, obj.oid, row[0], row[1], obj.column,
+                to_type if obj.column == columns[0] else from_type)
+                if obj.sql_body else None), from_type, to_type)
+            for obj in found]
 
 
 def _refuse_type_sensitive(conn: psycopg.Connection, decision: Decision, from_type: str,

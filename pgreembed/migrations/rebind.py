@@ -1,9 +1,10 @@
 """Keep the app's views, BEGIN ATOMIC functions and policies on the column they name
 across a swap, in the swap's own transaction.
 
-`capture` runs under the swap's ACCESS EXCLUSIVE lock, before the columns' names are
-exchanged: it decides (migrations.app_objects), refuses what cannot be kept, and reads
-each object's definition as Postgres prints it (pg_get_viewdef, pg_get_functiondef,
+`check` runs before the swap waits: it decides (migrations.app_objects) and refuses what
+cannot be kept. `capture` runs under the swap's ACCESS EXCLUSIVE lock, before the columns'
+names are exchanged: it verifies in one query that the objects are the ones decided for,
+and reads each object's definition as Postgres prints it (pg_get_viewdef, pg_get_functiondef,
 pg_get_expr), which names the columns. `Kept.apply`, after the exchange, runs those
 definitions again: parsed anew, each name binds to the column that bears it now. Capture
 and apply share one transaction and one search_path, so every other name resolves as
@@ -19,12 +20,11 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Target
 from pgreembed.errors import MigrationError
 from pgreembed.migrations import app_objects as decisions
 from pgreembed.migrations import type_change
 from pgreembed.store import app_objects as catalog
-from pgreembed.store.slots import Slot, app_table, load_slots
+from pgreembed.store.slots import Slot
 
 Statement = sql.SQL | sql.Composed
 Step = Statement | Callable[[psycopg.Connection], None]  # a callable reads what it needs
@@ -106,7 +106,22 @@ def _view(conn: psycopg.Connection, decision: decisions.Decision) -> list[Step]:
     assert user is not None
     return [sql.SQL("DROP VIEW {}").format(name),
             sql.SQL("CREATE VIEW {}{} AS {}").format(name, with_options, definition),
-            *_restore(obj, name, on, _acl(conn, obj.oid), str(user[0])), *comments]
+            *_restore(obj, name, on, _acl(conn, obj.oid), str(user[0])),
+            *_column_grants(conn, obj.oid, name), *comments]
+
+
+def _column_grants(conn: psycopg.Connection, oid: int, name: sql.Identifier) -> list[Step]:
+    """A relation's column-level grants (pg_attribute.attacl), as GRANTs to run again."""
+    return [sql.SQL("GRANT {} ({}) ON TABLE {} TO {}{}").format(
+        sql.SQL(privilege), sql.Identifier(column), name,
+        sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
+        sql.SQL(" WITH GRANT OPTION" if option else ""))
+        for column, grantee, privilege, option in conn.execute(
+            "SELECT a.attname, CASE WHEN e.grantee = 0 THEN NULL"
+            " ELSE pg_get_userbyid(e.grantee) END, e.privilege_type, e.is_grantable"
+            " FROM pg_attribute a, aclexplode(a.attacl) e WHERE a.attrelid = %s"
+            " AND a.attnum > 0 AND NOT a.attisdropped AND a.attacl IS NOT NULL"
+            " ORDER BY a.attnum, 2, 3", (oid,)).fetchall()]
 
 
 def _function(conn: psycopg.Connection, decision: decisions.Decision) -> list[Step]:
@@ -155,25 +170,53 @@ class Kept:
         return [each.decision for each in self.objects]
 
 
-def lock_views(conn: psycopg.Connection, target: Target) -> None:
+class ObjectsChanged(Exception):
+    """An object came to depend on the columns (or went) between the check and the lock:
+    this attempt is rolled back and the swap checks again."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the check before waiting decided, and the dependencies it saw (see capture)."""
+
+    decisions: list[decisions.Decision]
+    keys: frozenset[tuple[str, int]]
+
+
+def check(conn: psycopg.Connection, live: Slot, other: Slot, step: str) -> Checked:
+    """Before waiting for the lock: decide for every app object, refuse what cannot be
+    kept (raises), and note what depends on the two columns."""
+    columns = [live.vector_column, other.vector_column]
+    return Checked(decisions.check_swap(conn, live, other, step),
+                   catalog.dependency_keys(conn, live.table, columns))
+
+
+def lock_views(conn: psycopg.Connection, checked: Checked) -> None:
     """Lock the app's views over the vector columns before their table, in the order the
     app's queries take them (view, then table). The other order deadlocks with any query
     on a view that arrives during the swap: it holds the view and waits for the table while
     the swap holds the table and waits for the view. `ALTER VIEW ... OWNER TO` its own
     owner changes nothing and takes the view's ACCESS EXCLUSIVE lock alone (LOCK TABLE on
     a view would also lock its tables, and refuse unless the view's owner may write them).
-    The swap's lock_timeout applies: a busy attempt is retried. Ownership is checked up
-    front (migrations.app_objects)."""
-    table = app_table(target)
-    columns = [s.vector_column for s in load_slots(conn, target) if s.role != "dropped"]
-    for view, owner in catalog.views_reading(conn, table, columns):
-        conn.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(view, sql.Identifier(owner)))
+    The swap's lock_timeout applies: a busy attempt is retried. The views are those the
+    check found (store.app_objects.dependents); capture verifies none came since."""
+    views = sorted((d.obj for d in checked.decisions if d.obj.kind == catalog.VIEW),
+                   key=lambda obj: obj.oid)
+    for view in views:
+        assert view.schema and view.relname and view.owner
+        conn.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(
+            sql.Identifier(view.schema, view.relname), sql.Identifier(view.owner)))
 
 
-def capture(conn: psycopg.Connection, live: Slot, other: Slot, step: str) -> Kept:
-    """Decide, refuse, and read the definitions, before the exchange (see the module)."""
+def capture(conn: psycopg.Connection, live: Slot, other: Slot, checked: Checked) -> Kept:
+    """Under the lock, before the exchange: verify in one query that what depends on the
+    columns is what the check decided for (else ObjectsChanged), then read the
+    definitions (see the module). The lock is held for one query, not a whole check."""
+    columns = [live.vector_column, other.vector_column]
+    if catalog.dependency_keys(conn, live.table, columns) != checked.keys:
+        raise ObjectsChanged()
     kept = []
-    for decision in decisions.check_swap(conn, live, other, step):
+    for decision in checked.decisions:
         kind = decision.obj.kind
         if kind == catalog.VIEW:
             kept.append(_Object(decision, _view(conn, decision)))

@@ -33,9 +33,10 @@ import psycopg
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
+from pgreembed.migrations import app_objects
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import build_index, column_indexes
-from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, finalize, start
+from pgreembed.migrations.lifecycle import BACKLOG, SIDE_FILL, cancel, finalize, start
 from pgreembed.migrations.plan import Plan, plan
 from pgreembed.migrations.state import slots_by_id
 from pgreembed.migrations.swap import DEFAULT_MAX_UNSEARCHABLE, swap
@@ -109,6 +110,26 @@ def should_start(conn: psycopg.Connection, settings: Settings, live: Slot) -> in
     return backlog if backlog > threshold else None
 
 
+_told: dict[str, str] = {}  # per target: the last refusal logged (logged once, not per poll)
+
+
+def swap_refusals(conn: psycopg.Connection, live: Slot, to_type: str,
+                  columns: list[str] | None = None) -> list[str]:
+    """Why a swap of `live` to a `to_type` column would be refused (app objects it cannot
+    keep on the column), one line each; empty when it would go through. A side fill ends in
+    a swap: one that will be refused must not start (it pauses the live column until then)."""
+    found = app_objects.swap_decisions(conn, live.table, columns or [live.vector_column],
+                                       live.column_type, to_type)
+    return [d.line() for d in found if d.action == app_objects.REFUSE]
+
+
+def _tell_once(target: Target, refusals: list[str], message: str) -> None:
+    said = "\n".join(refusals)
+    if _told.get(target.name) != said:
+        _told[target.name] = said
+        log.warning("%s", message)
+
+
 def advance(settings: Settings, target: Target) -> str | None:
     """Take the target's side fill one step further (or start one); what was done."""
     if not settings.side_fill.enabled:
@@ -121,6 +142,14 @@ def advance(settings: Settings, target: Target) -> str | None:
                 return None
             backlog = should_start(conn, settings, live)
             if backlog is None or _open_migration(conn, target):
+                return None
+            refusals = swap_refusals(conn, live, live.column_type)
+            conn.rollback()
+            if refusals:
+                _tell_once(target, refusals, f"target {target.name}: {backlog}+ rows pending in the"
+                           f" indexed column {live.vector_column}, filled directly: a side"
+                           " fill's swap would be refused:" + "".join(
+                               f"\n  - {line}" for line in refusals))
                 return None
             log.info("target %s: %s rows pending in the indexed column %s: filling a side"
                      " column", target.name, f"{backlog}+", live.vector_column)
@@ -198,6 +227,21 @@ def _swap(conn: psycopg.Connection, settings: Settings, target: Target,
           fill: SideFill) -> str | None:
     if fill.step == "indexing":  # a build interrupted (crash): build_index resumes it
         return _maybe_index(conn, settings, target, fill)
+    slots = slots_by_id(conn, target)
+    live, side = slots[fill.from_slot], slots[fill.to_slot]
+    refusals = swap_refusals(conn, live, side.column_type,
+                             [live.vector_column, side.vector_column])
+    conn.rollback()
+    if refusals:  # an app object that appeared since the start: its swap would never go
+        log.warning("side fill %d (%s) cancelled, the live column %s is filled directly"
+                    " again: its swap would be refused:%s", fill.migration_id, fill.reason,
+                    live.vector_column, "".join(f"\n  - {line}" for line in refusals))
+        try:
+            cancel(settings, target)  # drops the side column, unpauses the live one
+        except MigrationError as exc:  # e.g. an app object reads the side column
+            log.warning("side fill %d: not cancelled yet: %s", fill.migration_id, exc)
+            return None
+        return "cancelled"
     try:
         result = swap(settings, target, catch_up_timeout=10.0)
     except MigrationError as exc:
@@ -254,7 +298,13 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
         migrated = conn.execute("SELECT count(*) FROM pgreembed.migrations WHERE target = %s",
                                 (target.name,)).fetchone()
         conn.rollback()
+        refusals = swap_refusals(conn, live, f"{target.storage_type}({target.dimensions})")
+        conn.rollback()
     if rows <= settings.side_fill.min_rows and not (migrated and migrated[0]):
+        return None
+    if refusals:
+        log.warning("target %s: the model change is not filled side by side: its swap would"
+                    " be refused:%s", target.name, "".join(f"\n  - {line}" for line in refusals))
         return None
     estimate = plan(settings, target, target.provider, target.model, target.dimensions)
     slot = start(settings, target, target.provider, target.model, target.dimensions,

@@ -190,7 +190,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             require_open(conn, target, *phases)
             live, other = _pair(conn, target)
             # The app's objects that cannot be kept on their column: refused before waiting.
-            app_objects.check_swap(conn, live, other, step)
+            checked = rebind.check(conn, live, other, step)
             ready = readiness(conn, live, other, check_indexes=not rollback)
             conn.rollback()
         if ready.problems:
@@ -216,12 +216,12 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         locked_at = 0.0
         kept: list[app_objects.Decision] = []
 
-        def exchange(conn: psycopg.Connection) -> int:
+        def exchange(conn: psycopg.Connection, checked: rebind.Checked = checked) -> int:
             nonlocal locked_at, kept
             # The migration's row before the table: pauses and spend reservations lock it
             # and then the slot, and must never wait on a swap that holds the table.
             migration = require_open(conn, target, *phases, lock=True)
-            rebind.lock_views(conn, target)  # the app's views first, as its queries do
+            rebind.lock_views(conn, checked)  # the app's views first, as its queries do
             conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
                 app_table(target)))
             locked_at = time.monotonic()
@@ -229,7 +229,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             unsearchable, failed = _unsearchable_counts(conn, live, other)
             if unsearchable > max_unsearchable or (failed and not accept_failed):
                 raise _NotReady()
-            captured = rebind.capture(conn, live, other, step)  # before the names move
+            captured = rebind.capture(conn, live, other, checked)  # before the names move
             _exchange(conn, live, other, "old")
             kept = captured.apply(conn)  # each app object back on the column it names
             # A side fill's step is recorded in the same commit (a crash cannot split them).
@@ -245,8 +245,8 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             left = run_locked(settings.database_url, app_table(target), step, exchange, policy,
                               mode=ACCESS_EXCLUSIVE,
                               on_busy=count_busy)
-        except _NotReady:
-            continue  # rows changed between the check and the lock
+        except (_NotReady, rebind.ObjectsChanged):
+            continue  # rows or app objects changed between the check and the lock
         crash_point(step)
         done = time.monotonic()
         return SwapResult(attempts + 1, done - locked_at, done - asked, left,

@@ -125,6 +125,26 @@ def _dependents_of(conn: psycopg.Connection, catalog: str, oid: int) -> tuple[st
           AND coalesce(r.ev_class <> %(oid)s, true)
         ORDER BY 1
         """, {"cat": catalog, "oid": oid}).fetchall()
+    return tuple(str(r[0]) for r in rows) + (_attached_to(conn, oid) if catalog == "pg_class"
+                                             else ())
+
+
+def _attached_to(conn: psycopg.Connection, oid: int) -> tuple[str, ...]:
+    """A view's INSTEAD OF triggers, its rules other than its query (_RETURN) and its
+    column defaults: Postgres records them as automatic dependencies, so DROP VIEW removes
+    them silently. Re-creating the view would lose them."""
+    rows = conn.execute(
+        """
+        SELECT pg_describe_object('pg_trigger'::regclass, oid, 0) FROM pg_trigger
+        WHERE tgrelid = %(oid)s AND NOT tgisinternal
+        UNION ALL
+        SELECT pg_describe_object('pg_rewrite'::regclass, oid, 0) FROM pg_rewrite
+        WHERE ev_class = %(oid)s AND rulename <> '_RETURN'
+        UNION ALL
+        SELECT pg_describe_object('pg_attrdef'::regclass, oid, 0) FROM pg_attrdef
+        WHERE adrelid = %(oid)s
+        ORDER BY 1
+        """, {"oid": oid}).fetchall()
     return tuple(str(r[0]) for r in rows)
 
 
@@ -262,23 +282,12 @@ def dependents(conn: psycopg.Connection, table: sql.Composable, columns: list[st
     return list(found.values())
 
 
-def views_reading(conn: psycopg.Connection, table: sql.Composable, columns: list[str]
-                  ) -> list[tuple[sql.Identifier, str]]:
-    """The views (not materialized) that read one of `columns` of `table`, with their
-    owner, in oid order."""
-    rows = conn.execute(
-        """
-        SELECT DISTINCT c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner)
-        FROM pg_depend d
-        JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-        JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
-        JOIN pg_class c ON c.oid = r.ev_class AND c.relkind = 'v'
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = %s::regclass
-          AND a.attname = ANY(%s)
-        ORDER BY c.oid
-        """, (table.as_string(conn), columns)).fetchall()
-    return [(sql.Identifier(schema, name), owner) for _, schema, name, owner in rows]
+def dependency_keys(conn: psycopg.Connection, table: sql.Composable, columns: list[str]
+                    ) -> frozenset[tuple[str, int]]:
+    """Every pg_depend entry on `columns` of `table`, as (catalog, oid): one query, to tell
+    under a lock whether anything depending on them appeared or went since a check."""
+    return frozenset((str(c), int(o)) for c, o, _, _ in conn.execute(
+        _DEPENDS, (table.as_string(conn), columns)).fetchall())
 
 
 def recreate_statements(conn: psycopg.Connection, oid: int, name: str) -> list[str]:
