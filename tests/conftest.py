@@ -126,14 +126,7 @@ def stack(database_url: str, redis_url: str, fake_openai: FakeOpenAIServer,
     logs.mkdir()
     s = Stack(database_url, redis_url, config, env, logs, [])
     yield s
-    for process in s.processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in s.processes:
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    stop_processes(s.processes)
 
 
 
@@ -147,12 +140,17 @@ def ordinary_roles(stack: Stack) -> Iterator[tuple[Stack, OrdinaryRoles]]:
     managed = dataclasses.replace(stack, env={**stack.env,
                                               "DATABASE_URL": roles.pgreembed_dsn})
     yield managed, roles
-    for process in managed.processes:  # the same list as the stack's
+    stop_processes(managed.processes)  # the stack's list: their sessions end before the roles
+    drop_ordinary_roles(stack.dsn, roles)
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM (graceful) every process still running, then wait; SIGKILL after 15 s."""
+    for process in processes:
         if process.poll() is None:
             process.terminate()
-    for process in managed.processes:
+    for process in processes:
         try:
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
-    drop_ordinary_roles(stack.dsn, roles)

@@ -109,6 +109,31 @@ max_inflight_rows = {max_inflight_rows}
 """
 
 
+def side_fill_section(grace_seconds: float = 2) -> str:
+    """A `[side_fill]` section that sends a small test table's backlog side by side."""
+    return f"""
+[side_fill]
+min_rows = 50
+min_share = 0.3
+grace_seconds = {grace_seconds:g}
+"""
+
+
+def migrations(stack: Stack) -> list[tuple[str | None, str, str | None]]:
+    """(auto_reason, phase, auto_step) of every migration, oldest first."""
+    with stack.connect() as conn:
+        return [(r[0], r[1], r[2]) for r in conn.execute(
+            "SELECT auto_reason, phase, auto_step FROM pgreembed.migrations ORDER BY id")]
+
+
+def vector_columns(stack: Stack) -> set[str]:
+    """The docs table's vector columns (live, incoming, old)."""
+    with stack.connect() as conn:
+        return {r[0] for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'docs'::regclass"
+            " AND NOT attisdropped AND format_type(atttypid, atttypmod) LIKE 'vector%'")}
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = ""):  # type: ignore[no-untyped-def]
     """Poll `predicate` until it returns a truthy value; fail the test after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -36,20 +36,18 @@ from tests.helpers import (
     docs_config,
     in_background,
     json_document,
+    migrations,
     seed,
+    side_fill_section,
     steady_writer,
+    vector_columns,
     wait_filled,
     wait_for,
     write_config,
 )
 
 OLD, NEW = "fake-384", "fake-alt-384"
-SIDE_FILL = """
-[side_fill]
-min_rows = 50
-min_share = 0.3
-grace_seconds = 1
-"""
+SIDE_FILL = side_fill_section(grace_seconds=1)
 
 
 def run(stack: Stack, *args: str, crash_at: str | None = None, timeout: float = 120
@@ -69,19 +67,6 @@ def killed(result: subprocess.CompletedProcess[str], point: str) -> None:
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     return result.stdout
-
-
-def migrations(stack: Stack) -> list[tuple[str | None, str, str | None]]:
-    with stack.connect() as conn:
-        return [(r[0], r[1], r[2]) for r in conn.execute(
-            "SELECT auto_reason, phase, auto_step FROM pgreembed.migrations ORDER BY id")]
-
-
-def vector_columns(stack: Stack) -> set[str]:
-    with stack.connect() as conn:
-        return {r[0] for r in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = 'docs'::regclass"
-            " AND NOT attisdropped AND format_type(atttypid, atttypmod) LIKE 'vector%'")}
 
 
 def indexes_on_docs(stack: Stack) -> list[tuple[int, str, bool]]:

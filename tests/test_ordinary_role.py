@@ -26,18 +26,15 @@ from tests.helpers import (
     Stack,
     docs_config,
     json_document,
+    new_column,
     seed,
+    side_fill_section,
     wait_filled,
     wait_for,
     write_config,
 )
 
-SIDE_FILL = """
-[side_fill]
-min_rows = 50
-min_share = 0.3
-grace_seconds = 2
-"""
+SIDE_FILL = side_fill_section(grace_seconds=2)
 
 
 def run(stack: Stack, *args: str, codes: tuple[int, ...] = (0,)
@@ -53,12 +50,17 @@ def step(stack: Stack, *args: str) -> dict[str, Any]:
     return json_document(run(stack, "migrate", *args, "--target", "docs", "--json").stdout)
 
 
-def next_column(stack: Stack) -> str:
-    with stack.connect() as conn:
-        row = conn.execute("SELECT vector_column FROM pgreembed.slots WHERE role = 'next'"
-                           ).fetchone()
-    assert row is not None
-    return str(row[0])
+def migration_filled(stack: Stack) -> None:
+    """300 rows embedded by fake-384, a migration to fake-alt-384 started and filled."""
+    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
+    seed(stack, 300)
+    run(stack, "init")
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
+        "--dimensions", "384")
+    wait_filled(stack, new_column(stack))
 
 
 def idle_app_session(roles: OrdinaryRoles, seconds: float) -> psycopg.Connection:
@@ -94,7 +96,7 @@ def test_the_whole_lifecycle_as_an_ordinary_role(
     # rollback, finalize.
     run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
         "--dimensions", "384")
-    column = next_column(stack)
+    column = new_column(stack)
     wait_filled(stack, column)
     run(stack, "migrate", "index", "--target", "docs")
     step(stack, "compare", "--sample", "10")
@@ -214,15 +216,7 @@ def test_a_swap_behind_an_autovacuum_it_may_not_cancel(
         with psycopg.connect(stack.dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("GRANT pg_read_all_stats TO {}").format(
                 sql.Identifier(roles.pgreembed)))
-    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
-    seed(stack, 300)
-    run(stack, "init")
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-    wait_filled(stack, "embedding")
-    run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
-        "--dimensions", "384")
-    wait_filled(stack, next_column(stack))
+    migration_filled(stack)
 
     with crawling_autovacuum(stack) as pid:
         busy = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "3",
@@ -279,15 +273,7 @@ def test_an_autovacuum_is_cancelled_unless_it_prevents_wraparound(
     """As a superuser: an ordinary autovacuum holding the table is cancelled for the swap,
     as Postgres does for a lock waiter; one preventing wraparound never is, told by the
     table's age (track_activities is off: no query text says it)."""
-    write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128))
-    seed(stack, 300)
-    run(stack, "init")
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-    wait_filled(stack, "embedding")
-    run(stack, "migrate", "start", "--target", "docs", "--model", "fake-alt-384",
-        "--dimensions", "384")
-    wait_filled(stack, next_column(stack))
+    migration_filled(stack)
     with crawling_autovacuum(stack, quiet=True) as pid:
         swapped = run(stack, "migrate", "swap", "--target", "docs", "--lock-wait", "30")
         assert f"cancelled pid {pid} (autovacuum" in swapped.stderr

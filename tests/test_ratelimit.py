@@ -199,6 +199,12 @@ def test_worker_fleet_stays_under_server_token_limit(stack: Stack,
                                    atol=1e-6)
 
 
+def migration_done(stack: Stack) -> int:
+    """Rows the open migration's new column holds (`migrate status --json`'s `done`)."""
+    status = stack.cli("migrate", "status", "--target", "docs", "--json")
+    return int(json.loads(status.stdout)["done"])
+
+
 def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     """The account limits the NEW model only; `migrate start --tokens-per-minute` records
@@ -230,6 +236,10 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
                  message="the new model's first minute of budget to be used")
         time.sleep(3)  # every worker now waits for the window to slide (or storms)
         stats = fake_openai.stats()
+        # What was bought is written before the workers go (a loaded machine may take
+        # a while to commit the last batch).
+        wait_for(lambda: migration_done(stack) >= stats["inputs_embedded"], timeout=30,
+                 message="the rows bought in the first minute to be written")
     finally:
         os.killpg(worker.pid, signal.SIGKILL)  # threads sleep up to a minute for budget
         worker.wait(10)
@@ -238,8 +248,7 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
           f" statuses {stats['status_counts']}")
     assert stats["status_counts"].get("429", 0) <= 3, stats["status_counts"]
     assert stats["inputs_embedded"] == budget_rows  # the budget is used, not exceeded
-    status = stack.cli("migrate", "status", "--target", "docs", "--json")
-    assert json.loads(status.stdout)["done"] == budget_rows
+    assert migration_done(stack) == budget_rows
 
 
 def test_budgets_are_validated_and_belong_to_the_model_called(

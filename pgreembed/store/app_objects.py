@@ -211,6 +211,22 @@ _TABLE_OF = ("SELECT {name}, n.nspname, c.relname, pg_get_userbyid(c.relowner) F
              " WHERE x.oid = %s{extra}")
 
 
+
+# Objects named within a table: (name column, table column, kind), for _named_on_table.
+_NAMED_ON_TABLE = {"pg_policy": ("polname", "polrelid", POLICY),
+                   "pg_trigger": ("tgname", "tgrelid", TRIGGER),
+                   "pg_constraint": ("conname", "conrelid", CONSTRAINT)}
+
+
+def _named_on_table(conn: psycopg.Connection, catalog: str, objid: int, column: str
+                    ) -> AppObject | None:
+    """A policy, trigger or constraint of the table, as `<name> on <schema.table>`."""
+    name, rel, kind = _NAMED_ON_TABLE[catalog]
+    return _on_table(conn, _TABLE_OF.format(name=f"x.{name}", catalog=catalog, rel=rel,
+                                            extra=""),
+                     objid, kind, catalog, column)
+
+
 def _classify(conn: psycopg.Connection, catalog: str, objid: int, column: str, attnum: int
               ) -> AppObject | None:
     if catalog == "pg_rewrite":
@@ -218,9 +234,7 @@ def _classify(conn: psycopg.Connection, catalog: str, objid: int, column: str, a
     if catalog == "pg_proc":
         return _from_proc(conn, objid, column)
     if catalog == "pg_policy":
-        return _on_table(conn, _TABLE_OF.format(name="x.polname", catalog="pg_policy",
-                                                rel="polrelid", extra=""),
-                         objid, POLICY, catalog, column)
+        return _named_on_table(conn, catalog, objid, column)
     if catalog == "pg_trigger":
         found = conn.execute(
             "SELECT n.nspname = %s OR t.tgisinternal FROM pg_trigger t JOIN pg_proc p"
@@ -228,17 +242,13 @@ def _classify(conn: psycopg.Connection, catalog: str, objid: int, column: str, a
             " WHERE t.oid = %s", (SCHEMA, objid)).fetchone()
         if found is None or found[0]:
             return None  # pgreembed's triggers (clear, notify, forget) or a constraint's
-        return _on_table(conn, _TABLE_OF.format(name="x.tgname", catalog="pg_trigger",
-                                                rel="tgrelid", extra=""),
-                         objid, TRIGGER, catalog, column)
+        return _named_on_table(conn, catalog, objid, column)
     if catalog == "pg_constraint":
         kind = conn.execute("SELECT contype FROM pg_constraint WHERE oid = %s",
                             (objid,)).fetchone()
         if kind is None or kind[0] == "n":
             return None  # the column's own NOT NULL: a property that stays with it
-        return _on_table(conn, _TABLE_OF.format(name="x.conname", catalog="pg_constraint",
-                                                rel="conrelid", extra=""),
-                         objid, CONSTRAINT, catalog, column)
+        return _named_on_table(conn, catalog, objid, column)
     if catalog == "pg_attrdef":
         row = conn.execute(
             "SELECT a.attname, a.attgenerated <> '', d.adnum, n.nspname, c.relname,"
