@@ -7,8 +7,10 @@ test gets a database of its own, a flushed Redis and a reset fake provider.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import tempfile
 import uuid
@@ -145,7 +147,12 @@ def ordinary_roles(stack: Stack) -> Iterator[tuple[Stack, OrdinaryRoles]]:
 
 
 def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM (graceful) every process still running, then wait; SIGKILL after 15 s."""
+    """SIGTERM (graceful) every process still running, then wait; SIGKILL after 15 s.
+
+    Each was started in a session of its own (Stack.spawn), so what is left of its
+    process group afterwards (dramatiq's forked workers, orphaned when their parent is
+    killed) is killed too: a worker thread still sleeping for rate-limit budget would
+    otherwise send its request to the shared test server during the next test."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
@@ -154,3 +161,6 @@ def stop_processes(processes: list[subprocess.Popen[bytes]]) -> None:
             process.wait(15)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(5)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)

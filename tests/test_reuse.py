@@ -25,7 +25,9 @@ from tests.helpers import (
 def _seed_with_duplicates(stack: Stack) -> list[str]:
     """100 rows, 70 distinct texts: 30 rows repeat an earlier text, in shuffled order so
     some twins share a batch and others are already embedded when theirs comes."""
-    texts = [f"text {i}" for i in range(70)] + [f"text {(i * 7) % 70}" for i in range(30)]
+    # Texts of this test alone: the test server is shared by the tests of one process.
+    texts = [f"reuse text {i}" for i in range(70)] + [f"reuse text {(i * 7) % 70}"
+                                                      for i in range(30)]
     random.Random(16).shuffle(texts)
     with stack.connect() as conn:
         conn.execute("INSERT INTO docs (body) SELECT unnest(%s::text[])", (texts,))
@@ -51,10 +53,10 @@ def test_duplicates_embed_exactly_the_distinct_texts(stack: Stack,
     _one_worker(stack)
     result = stack.cli("tick", "--wait", "--timeout", "120")
     assert result.returncode == 0, result.stdout + result.stderr
-    stats = fake_openai.stats()
-    assert stats["inputs_embedded"] == len(set(texts)) == 70
-    assert sorted(stats["text_counts"]) == sorted(set(texts))
-    assert set(stats["text_counts"].values()) == {1}
+    counts = fake_openai.stats()["text_counts"]
+    bought = {text: counts.get(text, 0) for text in set(texts)}
+    assert len(bought) == 70
+    assert {text: n for text, n in bought.items() if n != 1} == {}  # each bought once
     assert_column_current(stack, "embedding", "fake-384", 384)
     status = _status(stack)
     assert (status["provider_inputs"], status["reused"]) == (70, 30)
