@@ -218,8 +218,7 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, u
         ), free AS (
             -- Rows the app or a worker is writing now are left to a later pass (or to the
             -- provider): waiting for them under the short lock_timeout would fail the chunk.
-            SELECT a.{pk} AS pk FROM {table} a JOIN chunk c ON a.{pk} = c.pk
-            ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED
+            {free}
         ), derived AS (
             UPDATE {table} AS a
             SET {new} = {value}
@@ -240,7 +239,8 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, u
             RETURNING 1
         )
         SELECT (SELECT count(*) FROM recorded), (SELECT max(pk)::text FROM chunk)
-        """).format(pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
+        """).format(free=live.unlocked_rows("chunk", "pk"),
+                    pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
                     live=live.vector, value=value, live_state=live.state_table,
                     hash=live.hash_expr, new_state=new.state_table, key=live.state_key()),
         {"after": after, "upper": upper, "rows": rows, "live_model": live.model_id,

@@ -69,8 +69,7 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
                   AND s.pgr_model_id = %(model)s AND s.pgr_hash = {hash}
                   AND a.{source} IS NOT NULL AND a.{side} IS NULL
             ), free AS (
-                SELECT a.{pk} AS k FROM {table} a JOIN wanted w ON a.{pk} = w.k
-                ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED
+                {free}
             ), copied AS (
                 UPDATE {table} a SET {side} = a.{source}
                 FROM free f, {source_state} s
@@ -90,7 +89,8 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
             )
             SELECT (SELECT count(*) FROM recorded),
                    (SELECT count(*) FROM wanted) - (SELECT count(*) FROM free)
-            """).format(table=source.table, side=now.vector, source=source.vector,
+            """).format(free=source.unlocked_rows("wanted", "k"),
+                        table=source.table, side=now.vector, source=source.vector,
                         source_state=source.state_table, bound=bound, pk=source.pk,
                         key=source.state_key(),
                         hash=source.hash_expr, side_state=now.state_table),

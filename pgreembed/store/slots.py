@@ -138,6 +138,16 @@ class Slot:
         `status`, `failures` and the swap count as failed."""
         return self.failed_on(self.hash_expr, state)
 
+    def unlocked_rows(self, relation: str, key: str) -> sql.Composed:
+        """The app's rows whose key is `relation.key` (a CTE of the same query), as column
+        `key`, locked in key order and skipping those another transaction holds: a
+        background pass never waits on the app's row locks (`UPDATE ... FROM` alone locks
+        in join order, and deadlocked with app transactions; invariant 10)."""
+        return sql.SQL("SELECT a.{pk} AS {key} FROM {table} a JOIN {rel} ON a.{pk} = {rel}.{key}"
+                       " ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED").format(
+            pk=self.pk, key=sql.Identifier(key), table=self.table,
+            rel=sql.Identifier(relation))
+
     def pending(self, row: str = "a", state: str = "s") -> sql.Composed:
         """A row without a vector that did not fail on its current text: what the scheduler
         sends (over `rows_with_state(outer=True)`; a failure on an older text is retried)."""
