@@ -25,13 +25,13 @@ from unittest import mock
 import psycopg
 
 from pgreembed.config import parse_settings
-from pgreembed.embedding.embed import Embedded, Row
 from pgreembed.store import rows as store_rows
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import load_pending, lock_slot, write_vectors
 from pgreembed.store.setup import init_target
 from pgreembed.testing.fake_vectors import fake_vectors
 from pgreembed.testing.services import EmbeddedPostgres
+from pgreembed.values import Embedded, Row
 
 MODEL = "fake-384"
 

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgreembed.embedding.embed import Row, embed_rows, pack, sanitize
+from pgreembed.embedding.embed import embed_rows, pack, sanitize
 from pgreembed.embedding.providers.base import Embeddings
 from pgreembed.errors import BadInputError, MisconfiguredError, TransientProviderError
+from pgreembed.values import Row
 
 
 @given(st.lists(st.integers(min_value=1, max_value=500), max_size=300),

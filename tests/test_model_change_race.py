@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import redis
 
-from pgreembed.embedding.embed import Embedded, Row
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.store.slots import Slot
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
+from pgreembed.values import Embedded, Row
 from tests.helpers import (
     Stack,
     assert_column_current,

@@ -37,7 +37,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from pgreembed.config import Settings, Target
-from pgreembed.embedding.embed import Embedded, Failed, Outcome, embed_rows
+from pgreembed.embedding.embed import Outcome, embed_rows, estimate_tokens
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
@@ -58,6 +58,7 @@ from pgreembed.store.rows import (
     write_isolating,
 )
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, mark_misconfigured
+from pgreembed.values import Embedded, Failed
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
         # `[throttle]`: the app comes first; wait before buying, so no vector waits unwritten.
         throttle_for(settings).admit(len(to_embed))
         provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
-        reservation = spend.reserve(pool, slot, provider, to_embed)  # a spend cap's share
+        reservation = spend.reserve(
+            pool, slot, lambda: estimate_tokens(provider, to_embed))  # a spend cap's share
         if not reservation.granted and not kept.embedded and not copied:
             # The cap is reached (paused) or held by batches in flight.
             return BatchReport(len(keys), len(rows), 0, 0, 0)

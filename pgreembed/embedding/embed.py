@@ -16,41 +16,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from pgreembed.embedding.providers.base import Provider
 from pgreembed.errors import BadInputError, MisconfiguredError, TransientProviderError
 from pgreembed.store.texts import is_no_text
+from pgreembed.values import Embedded, Failed, Row
 
 log = logging.getLogger(__name__)
 
 NOT_FINITE = "provider returned a vector with NaN or infinity"
 # Short and plain: no provider can reject it for its content or its length.
 PROBE = "hello world"
-
-
-@dataclass(frozen=True)
-class Row:
-    """A row as read for embedding: key, text, and the hash the write is guarded by."""
-
-    pk: Any
-    text: str | None
-    content_hash: Any
-
-
-@dataclass(frozen=True)
-class Embedded:
-    row: Row
-    vector: np.ndarray
-    truncated: bool = False
-
-
-@dataclass(frozen=True)
-class Failed:
-    row: Row
-    reason: str
 
 
 @dataclass
@@ -71,6 +49,14 @@ def sanitize(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-8", errors="replace").decode("utf-8")
     return text
+
+
+def estimate_tokens(provider: Provider, rows: Sequence[Row]) -> int:
+    """What sending `rows` will cost at most: their token counts, cut at the input limit."""
+    texts = [r.text for r in rows if r.text is not None and not is_no_text(r.text)]
+    if not texts:
+        return 0
+    return sum(min(n, provider.max_input_tokens) for n in provider.count_tokens(texts))
 
 
 def prepare(rows: Sequence[Row], provider: Provider, truncate: bool

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from pgreembed.embedding.embed import Embedded, Row
 from pgreembed.store.slots import Slot
+from pgreembed.values import Embedded, Row
 
 log = logging.getLogger(__name__)
 

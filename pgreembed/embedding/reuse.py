@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pgreembed.embedding.embed import Embedded, Failed, Outcome, Row
+from pgreembed.embedding.embed import Outcome
 from pgreembed.store.texts import is_no_text
+from pgreembed.values import Embedded, Failed, Row
 
 
 @dataclass

@@ -30,7 +30,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgreembed.config import Settings, Target
-from pgreembed.embedding.embed import Embedded, Failed, Row, prepare
+from pgreembed.embedding.embed import prepare
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.providers.openai_provider import decode_vector
@@ -48,6 +48,7 @@ from pgreembed.store.rows import (
 )
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.versions import upgrade
+from pgreembed.values import Embedded, Failed, Row
 
 log = logging.getLogger(__name__)
 

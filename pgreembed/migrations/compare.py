@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
-from pgreembed.embedding.embed import Row, embed_rows
+from pgreembed.embedding.embed import embed_rows
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ConfigError, MigrationError
@@ -47,6 +47,7 @@ from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.texts import no_text
 from pgreembed.store.usage import reserve_tokens, spend
 from pgreembed.store.versions import upgrade
+from pgreembed.values import Row
 
 DEFAULT_SAMPLE = 100
 

@@ -15,9 +15,9 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pgreembed.embedding.embed import Row
 from pgreembed.store.slots import Slot
 from pgreembed.store.texts import is_no_text
+from pgreembed.values import Row
 
 
 def known_vectors(conn: psycopg.Connection, slot: Slot, rows: Sequence[Row]

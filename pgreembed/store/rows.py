@@ -21,11 +21,11 @@ from pgvector import HalfVector
 from psycopg import sql
 
 from pgreembed.config import Target
-from pgreembed.embedding.embed import Embedded, Failed, Row
 from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
 from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
+from pgreembed.values import Embedded, Failed, Row
 
 
 def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:

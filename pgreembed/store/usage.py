@@ -21,17 +21,14 @@ locks the migration's row, so reservations are taken one at a time:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from pgreembed.embedding.embed import Row
-from pgreembed.embedding.providers.base import Provider
 from pgreembed.store.slots import Slot
-from pgreembed.store.texts import is_no_text
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +77,15 @@ def settle_ids(conn: psycopg.Connection, ids: set[int]) -> None:
                      (sorted(ids),))
 
 
-def estimate_tokens(provider: Provider, rows: Sequence[Row]) -> int:
-    """What sending `rows` will cost at most: their token counts, cut at the input limit."""
-    texts = [r.text for r in rows if r.text is not None and not is_no_text(r.text)]
-    if not texts:
-        return 0
-    return sum(min(n, provider.max_input_tokens) for n in provider.count_tokens(texts))
+def reserve(pool: ConnectionPool, slot: Slot, estimate: Callable[[], int]) -> Reservation:
+    """Reserve the batch's estimated cost against its migration's spend cap, if any.
 
-
-def reserve(pool: ConnectionPool, slot: Slot, provider: Provider,
-            rows: Sequence[Row]) -> Reservation:
-    """Reserve the batch's estimated cost against its migration's spend cap, if any."""
+    `estimate` gives the batch's tokens at most (`embedding.embed.estimate_tokens`); it is
+    called only for a capped migration's column, as counting may run a tokenizer."""
     if slot.role != "next":  # only a migration's new column has a cap
         return Reservation(None, None, True)
     with pool.connection() as conn:
-        return reserve_tokens(conn, slot, estimate_tokens(provider, rows), pool)
+        return reserve_tokens(conn, slot, estimate(), pool)
 
 
 def reserve_tokens(conn: psycopg.Connection, slot: Slot, tokens: int,
