@@ -6,9 +6,11 @@ Counted where the money goes: the local OpenAI-compatible server's requests and 
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 import tomllib
+from unittest import mock
 
 import psycopg
 
@@ -99,7 +101,8 @@ def test_a_copied_vector_is_not_written_over_a_text_edited_meanwhile(
     """The copy takes the guarded write: edited while the batch waits on the provider
     (for its other row), the row keeps no vector and is redone with its new text."""
     from pgreembed.config import parse_settings
-    from pgreembed.embedding.batch import process_batch
+    with mock.patch.dict(os.environ, stack.env):  # importing `worker` builds its broker
+        from worker.batch import process_batch
 
     with stack.connect() as conn:
         conn.execute("INSERT INTO docs (body) VALUES ('shared')")

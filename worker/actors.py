@@ -15,10 +15,10 @@ from typing import Any
 import dramatiq
 import redis
 
-from pgreembed.embedding.batch import process_batch
 from pgreembed.instruments import worker_metrics
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import ACTOR, QUEUE
+from worker.batch import process_batch
 from worker.settings import settings
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ What goes wrong is charged to whoever is at fault (invariant 8):
 - a row the provider or the app's table refuses is recorded failed, alone;
 - a database that cannot take the write (disk full, read-only, connection lost)
   costs a pause: the write is retried in-process for `write_retry_seconds`, then
-  the vectors are kept in Redis (`pgreembed.paid`) for the message's retry, so
+  the vectors are kept in Redis (`embedding.paid`) for the message's retry, so
   they are never bought twice, and no row is marked failed;
 - a request the provider refuses whatever the rows (a config error) marks the
   slot misconfigured: nothing more is sent for it, no row is marked failed;
