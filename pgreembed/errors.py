@@ -7,13 +7,28 @@ to do and never contain a secret.
 
 from __future__ import annotations
 
-# One table for every command (docs/cli.md "Exit codes"; pgreembed/cli/formatting.py).
-EXIT_ERROR = 1  # a service failed (Postgres, Redis, the provider)
-EXIT_CONFIG = 2  # a usage or configuration error
-EXIT_TIMEOUT = 3  # a wait ran out with work left
-EXIT_REFUSED = 4  # refused or blocked: not possible now, nothing was changed
+# The one exit-code table every command uses (docs/cli.md "Exit codes"): the CLI, `tick`,
+# `doctor`, `tune` and the errors below return these names, never a number of their own;
+# `pgreembed --help` prints EXIT_CODES (tests/test_architecture.py checks both).
+EXIT_OK = 0
+EXIT_ERROR = 1  # a service failed (Postgres, Redis, the provider); doctor found an error
+EXIT_CONFIG = 2  # a usage or configuration error (argparse exits 2 too)
+EXIT_TIMEOUT = 3  # a wait (--wait / --timeout) ran out with work left
+EXIT_REFUSED = 4  # refused or blocked: not possible now, nothing was changed (a migration
+#                   step, plan blockers, the table stayed locked, a target not initialised,
+#                   a misconfigured column, tune found no setting)
 EXIT_NOT_INITIALIZED = EXIT_REFUSED
+EXIT_MISCONFIGURED = EXIT_REFUSED
+EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "ok",
+    EXIT_ERROR: "service error (Postgres, Redis, the provider; doctor found an error)",
+    EXIT_CONFIG: "usage or configuration error",
+    EXIT_TIMEOUT: "timeout (--wait / --timeout ran out with work left)",
+    EXIT_REFUSED: "refused or blocked (step not possible now, plan blockers, table locked,\n"
+                  "     target not initialised, misconfigured column, tune found no setting)",
+}
 
 class PgreembedError(Exception):
     """Base class: an expected failure with a message meant for the operator."""

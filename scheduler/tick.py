@@ -19,7 +19,7 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings
-from pgreembed.errors import PgreembedError
+from pgreembed.errors import EXIT_MISCONFIGURED, EXIT_OK, EXIT_TIMEOUT, PgreembedError
 from pgreembed.migrations.side_fill import advance
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import Sender
@@ -28,10 +28,6 @@ from pgreembed.store.slots import Slot, load_slots, require_initialized
 from scheduler.dispatch import Dispatcher, dramatiq_sender
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_TIMEOUT = 3
-EXIT_MISCONFIGURED = 4
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,65 @@ def test_no_module_imports_another_modules_private_names() -> None:
     part of its module's interface, so it gets a public name (and a docstring)."""
     bad = {m: found for m in MODULES if (found := private_imports(m))}
     assert not bad, f"give these public names: {bad}"
+
+
+def _int_literal(node: ast.AST | None) -> bool:
+    """An int written as a number (a bool is not one), or a conditional choosing one."""
+    if isinstance(node, ast.IfExp):
+        return _int_literal(node.body) or _int_literal(node.orelse)
+    return (isinstance(node, ast.Constant) and type(node.value) is int) or (
+        isinstance(node, ast.UnaryOp) and _int_literal(node.operand))
+
+
+# The modules whose functions return a command's exit code.
+COMMANDS = ("pgreembed.cli", "pgreembed.demo", "scheduler", "worker")
+
+
+def exit_code_spellings(module: str) -> list[str]:
+    """Exit codes `module` spells itself instead of naming them from pgreembed.errors:
+    an EXIT_* or `exit_code` set, a number given to sys.exit/SystemExit, or (in a
+    command's module, or a function named exit_code) a number returned."""
+    path = MODULES[module]
+    found = []
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                name = target.id if isinstance(target, ast.Name) else (
+                    target.attr if isinstance(target, ast.Attribute) else "")
+                if name.startswith("EXIT_") or (name == "exit_code"
+                                                and _int_literal(node.value)):
+                    found.append(f"line {node.lineno}: {name} =")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("exit", "SystemExit", "_exit") and any(map(_int_literal, node.args)):
+                found.append(f"line {node.lineno}: {name}(<number>)")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+                node.name == "exit_code" or any(_in(module, c) for c in COMMANDS)):
+            found += [f"line {r.lineno}: return <number> in {node.name}"
+                      for r in ast.walk(node)
+                      if isinstance(r, ast.Return) and _int_literal(r.value)]
+    return found
+
+
+def test_exit_codes_are_defined_once() -> None:
+    """pgreembed/errors.py holds the one exit-code table (docs/cli.md "Exit codes"); every
+    command returns its names, so a code cannot mean two things in two commands."""
+    bad = {m: found for m in MODULES
+           if m != "pgreembed.errors" and (found := exit_code_spellings(m))}
+    assert not bad, f"use the names of pgreembed.errors' exit-code table: {bad}"
+
+
+def test_the_exit_code_table_is_the_documented_one() -> None:
+    """The numbers are a contract (scripts test them): docs/cli.md's table lists each."""
+    from pgreembed import errors
+
+    table = (ROOT / "docs" / "cli.md").read_text().split("**Exit codes**", 1)[1]
+    documented = {int(line.split("|")[1]) for line in table.splitlines()
+                  if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    named = {value for name, value in vars(errors).items() if name.startswith("EXIT_")
+             and isinstance(value, int)}
+    assert documented == named == {0, 1, 2, 3, 4, 130}
+    assert set(errors.EXIT_CODES) == named - {errors.EXIT_INTERRUPTED}

@@ -5,21 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-EXIT_OK = 0
-EXIT_SERVICE = 1  # Postgres, Redis or the provider failed; doctor found an error
-EXIT_USAGE = 2  # a bad option or config value (argparse exits 2 too)
-EXIT_TIMEOUT = 3  # a --wait / --timeout ran out with work left
-EXIT_REFUSED = 4  # refused or blocked (a migration step not possible now, plan blockers,
-#                   the table stayed locked, a target not initialised, a misconfigured column)
+from pgreembed.errors import EXIT_CODES
 
-EXIT_CODES_EPILOG = """exit codes (every command):
-  0  ok
-  1  service error (Postgres, Redis, the provider; doctor found an error)
-  2  usage or configuration error
-  3  timeout (--wait / --timeout ran out with work left)
-  4  refused or blocked (step not possible now, plan blockers, table locked,
-     target not initialised, misconfigured column, tune found no setting)"""
-
+HELP_EXIT_CODES = "exit codes (every command):\n" + "\n".join(
+    f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
 
 def add_command(sub: Any, name: str, help_text: str, description: str, *,
                 example: str) -> argparse.ArgumentParser:

@@ -16,19 +16,17 @@ from typing import Any
 import psycopg
 import redis
 
-from pgreembed.cli.formatting import EXIT_CODES_EPILOG, Parser, add_command, positive_int
+from pgreembed.cli.formatting import HELP_EXIT_CODES, Parser, add_command, positive_int
 from pgreembed.cli.output import emit, emit_error
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
-from pgreembed.errors import EXIT_ERROR, ConfigError, PgreembedError
+from pgreembed.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PgreembedError
 from pgreembed.logs import setup_logging
 from pgreembed.redact import redact
 from pgreembed.store.counts import BACKLOG_EXACT_ROWS
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import require_initialized
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS, LockPolicy
-
-EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -54,7 +52,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                            LockPolicy(wait_seconds=args.lock_wait))
         print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
               f" slot {slot.id}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
@@ -79,7 +77,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     from scheduler.service import SchedulerService
 
     SchedulerService(_settings(args)).run()
-    return 0
+    return EXIT_OK
 
 
 def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> None:
@@ -168,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.watch is None:
         _print_status(settings, args.json, args.exact)
-        return 0
+        return EXIT_OK
     with _ctrl_c_remembered() as interrupted:
         while True:
             _print_status(settings, args.json, args.exact)
@@ -221,17 +219,17 @@ def cmd_failures(args: argparse.Namespace) -> int:
                 emit("failures-retry", {"retried": [
                     {"column": s.vector_column, "model": s.model_key, "role": s.role,
                      "retried": n} for s, n in retried]})
-                return 0
+                return EXIT_OK
             for slot, count in retried:
                 print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
                       f" {count} failed rows are pending again")
-            return 0
+            return EXIT_OK
         found = [(slot, *list_failures(conn, slot, args.limit)) for slot in slots]
         conn.rollback()
     if args.json:
         emit("failures", {"failures": [r.as_dict() for _, _, records in found
                                         for r in records]})
-        return 0
+        return EXIT_OK
     for slot, total, records in found:
         shown = f", the {len(records)} most recent:" if len(records) < total else ":"
         print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
@@ -239,7 +237,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
         for r in records:
             when = "" if r.failed_at is None else f", last {r.failed_at:%Y-%m-%d %H:%M:%S%z}"
             print(f"  row {r.key}: {r.reason} (attempts: {r.attempts}{when})")
-    return 0
+    return EXIT_OK
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -249,7 +247,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     with connect(settings.database_url) as conn:
         for hit in search(conn, settings, args.target, args.query, args.limit):
             print(f"{hit.distance:.3f}  {hit.key}  {hit.text[:100]!r}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -286,7 +284,7 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pgreembed", description=__doc__,
-                    epilog=EXIT_CODES_EPILOG,
+                    epilog=HELP_EXIT_CODES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--config", help="TOML file (default: $PGREEMBED_CONFIG or"

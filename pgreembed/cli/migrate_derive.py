@@ -8,7 +8,7 @@ import argparse
 from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target
-from pgreembed.errors import ConfigError
+from pgreembed.errors import EXIT_OK, EXIT_REFUSED, ConfigError
 from pgreembed.migrations import app_objects, derive, lifecycle, plan
 from pgreembed.store.table_lock import LockPolicy
 
@@ -39,7 +39,7 @@ def derive_step(settings: Settings, target: Target, args: argparse.Namespace, st
                 "app_objects": [d.as_dict() for d in p.app_objects],
                 "derived_from": live.model_key, "provider_inputs": 0,
                 "storage_saved_bytes": saved, "index_saved_bytes_estimate": index_saved})
-            return 4 if p.blockers else 0
+            return EXIT_REFUSED if p.blockers else EXIT_OK
         print(f"rows: {p.rows}; derived in SQL from {live.model_key}: no provider call,"
               " estimated cost: $0.00 (rows written meanwhile without a live vector are"
               " embedded by the provider at the new size)")
@@ -53,13 +53,13 @@ def derive_step(settings: Settings, target: Target, args: argparse.Namespace, st
         _print_app_objects(p.app_objects, p.notes)
         for blocker in p.blockers:
             print(f"BLOCKER: {blocker}")
-        return 4 if p.blockers else 0
+        return EXIT_REFUSED if p.blockers else EXIT_OK
     slot, report = derive.start(settings, target, args.derive, policy=policy)
     print(f"derived migration: column {slot.vector_column} ({slot.model_key}) filled from"
           f" {live.model_key}: {report.derived} rows derived in {report.passes} passes,"
           f" {report.left_to_provider} left to the provider; next: migrate index, swap")
     _print_app_objects(*lifecycle.app_objects_report(settings, target))
-    return 0
+    return EXIT_OK
 
 
 def _print_app_objects(decisions: list[app_objects.Decision], notes: list[str]) -> None:

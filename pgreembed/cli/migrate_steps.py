@@ -13,7 +13,7 @@ from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
 from pgreembed.embedding.providers import require_credentials
-from pgreembed.errors import ConfigError, WaitTimeoutError
+from pgreembed.errors import EXIT_OK, EXIT_REFUSED, ConfigError, WaitTimeoutError
 from pgreembed.migrations import index as indexing
 from pgreembed.migrations import lifecycle, plan, progress, swap
 from pgreembed.migrations.index_progress import IndexBuild
@@ -88,7 +88,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = plan.plan(settings, target, args.provider or target.provider, args.model,
                   args.dimensions,
                   budget=_budget(args))
-    code = 4 if p.blockers else 0
+    code = EXIT_REFUSED if p.blockers else EXIT_OK
     if args.json:
         emit("migrate-plan", {
             "rows": p.rows, "rows_without_text": p.rows_without_text, "tokens": p.tokens,
@@ -156,14 +156,14 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"app object: {decision.line()}")
     for note in notes:
         print(f"note: {note}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
     settings, target = _target(args)
     lifecycle.pause(settings, target)
     print(f"migration of {target.name} paused")
-    return 0
+    return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -171,7 +171,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     cap = lifecycle.KEEP_CAP if args.spend_cap is None else args.spend_cap.usd
     lifecycle.resume(settings, target, cap)
     print(f"migration of {target.name} resumed")
-    return 0
+    return EXIT_OK
 
 
 def _already_done(step: str) -> None:
@@ -184,7 +184,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         _already_done("cancel")
     else:
         print(f"migration of {target.name} cancelled; the new column is dropped")
-    return 0
+    return EXIT_OK
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
@@ -193,7 +193,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         _already_done("finalize")
     else:
         print(f"migration of {target.name} finalized; the previous column is dropped")
-    return 0
+    return EXIT_OK
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -208,7 +208,7 @@ def cmd_index(args: argparse.Namespace) -> int:
                                     maintenance_work_mem=args.maintenance_work_mem,
                                     parallel_workers=args.parallel_workers, on_progress=show)
     print(f"index {name} is valid")
-    return 0
+    return EXIT_OK
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
@@ -246,7 +246,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
         for decision in result.kept:
             print(f"kept on its column: {decision.obj.kind} {decision.obj.name}"
                   f" ({decision.action})")
-    return 0
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -264,7 +264,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     if args.json:
         emit("migrate-status", info)
-        return 0
+        return EXIT_OK
     print(f"migration {pr.migration.id} ({pr.migration.phase}"
           f"{', paused' if pr.paused else ''}): {pr.column} <- {pr.model}")
     print(migration_line(pr))
@@ -275,7 +275,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               " (or --spend-cap none)")
     for index in pr.indexes:
         print(f"index {index.name}: {'valid' if index.valid else 'INVALID'}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -293,7 +293,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         emit("migrate-compare", report)
     else:
         print("\n".join(report_lines(report)))
-    return 0
+    return EXIT_OK
 
 
 def _show_last_comparison(settings: Settings, target: Target) -> dict[str, Any] | None:
@@ -337,4 +337,4 @@ def cmd_batch(args: argparse.Namespace) -> int:
           f" ({written} rows written, {failed} failed), {result.open_jobs} open")
     if result.back_to_queue:
         print("batch: all jobs done; remaining rows go through the normal queue")
-    return 0
+    return EXIT_OK

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pgreembed.cli.formatting import EXIT_REFUSED, add_command
+from pgreembed.cli.formatting import add_command
 from pgreembed.cli.output import emit
 from pgreembed.config import load_settings
+from pgreembed.errors import EXIT_OK, EXIT_REFUSED
 from pgreembed.operations.recall import (
     DEFAULT_EXACT_TIMEOUT_MS,
     DEFAULT_K,
@@ -55,7 +56,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         emit("tune", result.as_dict())
     else:
         print_result(result)
-    return 0 if result.recommended is not None else EXIT_REFUSED  # nothing recorded
+    return EXIT_OK if result.recommended is not None else EXIT_REFUSED  # nothing recorded
 
 
 def _recall(text: str) -> float:

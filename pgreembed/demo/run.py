@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pgreembed.config import Settings, load_settings
 from pgreembed.demo.corpus import stdlib_docstrings
+from pgreembed.errors import EXIT_OK
 from pgreembed.operations.search import search
 from pgreembed.operations.status import collect
 from pgreembed.store.pool import connect
@@ -144,7 +145,7 @@ def run_demo(rows: int = 1000, workers: int = 2,
                 for hit in search(conn, settings, "docs", query, limit=3):
                     first_line = (hit.text.splitlines() or [""])[0]
                     print(f"  {hit.distance:.3f}  {first_line[:90]}")
-        return 0
+        return EXIT_OK
     finally:
         for process in processes:
             if process.poll() is None:

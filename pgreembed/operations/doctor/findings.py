@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pgreembed.errors import EXIT_ERROR, EXIT_OK
+
 OK, WARN, ERROR = "ok", "warn", "error"
 
 
@@ -34,4 +36,4 @@ class Finding:
 
 
 def exit_code(findings: list[Finding]) -> int:
-    return 1 if any(f.level == ERROR for f in findings) else 0
+    return EXIT_ERROR if any(f.level == ERROR for f in findings) else EXIT_OK
