@@ -31,7 +31,7 @@ from pgreembed.config import Settings, parse_settings
 from pgreembed.migrations import plan
 from pgreembed.migrations.lifecycle import start
 from pgreembed.migrations.progress import progress
-from pgreembed.operations.metrics import DatabaseCollector
+from pgreembed.observability.scheduler_metrics import DatabaseCollector
 from pgreembed.operations.status import collect
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target

@@ -23,7 +23,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from pgreembed.config import Settings
 from pgreembed.errors import DatabaseError, PgreembedError
 from pgreembed.migrations.side_fill import advance
-from pgreembed.operations.metrics import serve_scheduler_metrics
+from pgreembed.observability.scheduler_metrics import serve_scheduler_metrics
 from pgreembed.queue.contract import Sender
 from pgreembed.store.pool import connect
 from scheduler.dispatch import Dispatcher, dramatiq_sender

@@ -121,7 +121,8 @@ def test_pgreembed_never_imports_the_processes() -> None:
     assert not {m: d for m, d in bad.items() if d}
 
 
-GROUND_FLOOR = ("pgreembed.values", "pgreembed.errors", "pgreembed.config", "pgreembed.redact")
+GROUND_FLOOR = ("pgreembed.values", "pgreembed.errors", "pgreembed.config",
+                "pgreembed.observability.redact")
 
 
 def test_store_imports_no_feature() -> None:
@@ -132,6 +133,37 @@ def test_store_imports_no_feature() -> None:
                                                 ("pgreembed.store", *GROUND_FLOOR)))
            for m, deps in GRAPH.items() if _in(m, "pgreembed.store")}
     assert not {m: d for m, d in bad.items() if d}
+
+
+def test_the_ground_floor_stands_alone() -> None:
+    """Value types, errors, config and redaction import nothing of the floors above."""
+    bad = {m: sorted(d for d in deps if not any(_in(d, f) for f in GROUND_FLOOR))
+           for m, deps in GRAPH.items() if any(_in(m, f) for f in GROUND_FLOOR)}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def environment_reads(module: str) -> list[str]:
+    """Where `module` reads the process environment itself (os.environ, os.getenv)."""
+    path = MODULES[module]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id == "os" and node.attr in ("environ", "environb", "getenv")):
+            found.append(f"line {node.lineno}: os.{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            found += [f"line {node.lineno}: from os import {a.name}" for a in node.names
+                      if a.name in ("environ", "environb", "getenv")]
+    return found
+
+
+def test_the_environment_is_read_only_by_the_config() -> None:
+    """Every environment variable is declared once in pgreembed/config/environment.py
+    (name, default) and read through it, so docs/configuration.md's list is the whole
+    list. No exemption: pgreembed/testing/ builds its services' environments from
+    arguments, and the demo hands its processes `config.environment.child_environment()`."""
+    bad = {m: found for m in MODULES
+           if not _in(m, "pgreembed.config") and (found := environment_reads(m))}
+    assert not bad, f"read these through pgreembed.config.environment: {bad}"
 
 
 def test_data_path_imports_no_feature() -> None:

@@ -170,7 +170,7 @@ def test_dimensions_over_the_models_maximum_mark_the_column_misconfigured(
              if f["check"] == "misconfigured"]
     assert [(f["level"], f["details"]["column"]) for f in found] == [("error", "embedding")]
 
-    from pgreembed.operations.metrics import DatabaseCollector
+    from pgreembed.observability.scheduler_metrics import DatabaseCollector
 
     settings = load_settings(stack.config_path, env=stack.env)
     gauges = {m.name: m for m in DatabaseCollector(settings).collect()}

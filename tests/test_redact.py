@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from pgreembed.redact import RedactingFilter, redact, register_secret
+from pgreembed.observability.redact import RedactingFilter, redact, register_secret
 
 
 @pytest.mark.parametrize(("raw", "secret"), [
@@ -46,7 +46,8 @@ def test_json_log_lines_are_redacted(tmp_path) -> None:  # type: ignore[no-untyp
     import subprocess
     import sys
 
-    script = ("import logging; from pgreembed.logs import setup_logging; setup_logging();"
+    script = ("import logging; from pgreembed.observability.logs import setup_logging;"
+              " setup_logging();"
               " logging.getLogger('x').warning('dsn %s', 'postgresql://u:pw-in-json@h/db')")
     env = {**os.environ, "PGREEMBED_LOG_FORMAT": "json"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,

@@ -37,7 +37,7 @@ def test_secrets_of_the_settings_are_masked_in_a_process_without_provider(
     DSN, but an app or a tool may still hand it to libpq), the key and the Redis password."""
     script = """
 import logging, os
-from pgreembed.logs import setup_logging
+from pgreembed.observability.logs import setup_logging
 from pgreembed.config import ConfigError, load_settings
 from pgreembed.errors import DatabaseError
 from pgreembed.store.pool import connect

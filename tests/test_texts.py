@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgreembed.model_keys import model_key, parse_model_key
+from pgreembed.config.model_keys import model_key, parse_model_key
 from pgreembed.store.texts import is_no_text, no_text
 
 TEXTS = [None, "", " ", "\t\n", "\v\f\r ", "a", " a ", "\u00a0", "\u2003x"]

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from pgreembed.config import load_settings, parse_settings
+from pgreembed.config.throttle import ThrottleSettings
 from pgreembed.embedding.throttle import Throttle, _Prober
 from pgreembed.errors import ConfigError
-from pgreembed.throttle_settings import ThrottleSettings
 from tests.helpers import Stack, docs_config, json_document, seed, wait_for, write_config
 
 ENV = {"DATABASE_URL": "postgresql://localhost/x"}
@@ -170,7 +170,7 @@ def test_status_and_doctor_show_the_throttle_and_its_pace(stack: Stack) -> None:
     assert 0.1 <= shown["factor"] < 1.0, shown
     assert shown["rows_per_second_now"] == pytest.approx(200 * shown["factor"], abs=0.2)
     assert 0 <= shown["last_back_off_seconds"] < 60, shown
-    from pgreembed.operations.metrics import DatabaseCollector
+    from pgreembed.observability.scheduler_metrics import DatabaseCollector
 
     back_off()
     gauges = {m.name: m for m in DatabaseCollector(load_settings(stack.config_path, stack.env)

@@ -7,7 +7,7 @@ import pytest
 
 from pgreembed.config import load_settings
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
-from pgreembed.operations.metrics import DatabaseCollector
+from pgreembed.observability.scheduler_metrics import DatabaseCollector
 from tests.helpers import Stack
 
 SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"

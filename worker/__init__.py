@@ -1,6 +1,6 @@
 """What `dramatiq worker` loads: the Redis broker (from Settings), then the actors."""
 
-from pgreembed.logs import setup_logging
+from pgreembed.observability.logs import setup_logging
 from worker.broker import worker_broker
 from worker.settings import settings
 

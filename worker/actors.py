@@ -15,7 +15,7 @@ from typing import Any
 import dramatiq
 import redis
 
-from pgreembed.instruments import worker_metrics
+from pgreembed.observability.worker_metrics import worker_metrics
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import ACTOR, QUEUE
 from worker.batch import process_batch

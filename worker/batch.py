@@ -43,8 +43,8 @@ from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
 from pgreembed.embedding.throttle import throttle_for
 from pgreembed.errors import MisconfiguredError
-from pgreembed.instruments import failure_kind, worker_metrics
-from pgreembed.redact import redact
+from pgreembed.observability.redact import redact
+from pgreembed.observability.worker_metrics import failure_kind, worker_metrics
 from pgreembed.store import usage as spend
 from pgreembed.store.faults import retry_database_faults
 from pgreembed.store.known import known_vectors

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
-from pgreembed.config import Settings
-from pgreembed.instruments import WORKER_PORT_ENV, require_prometheus
+from pgreembed.config import Settings, environment
+from pgreembed.observability.worker_metrics import WORKER_PORT_ENV, require_prometheus
 from pgreembed.queue.broker import make_broker
 from worker.warmup import WarmUp
 
@@ -17,7 +15,7 @@ def worker_broker(settings: Settings) -> RedisBroker:
     """Build the broker from `settings`, add the workers' middleware and make it global."""
     broker = make_broker(settings)
     broker.add_middleware(WarmUp())
-    if os.environ.get(WORKER_PORT_ENV):
+    if environment.WORKER_METRICS_PORT.get():
         # Dramatiq's own exporter: its fork runs in the `dramatiq` main process, which
         # reads dramatiq_prom_port/_host/_db from the environment it was started with.
         require_prometheus(WORKER_PORT_ENV)

@@ -14,7 +14,7 @@ import logging
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from pgreembed.redact import redact
+from pgreembed.observability.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pgreembed.cli.output import emit, emit_error
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
 from pgreembed.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PgreembedError
-from pgreembed.logs import setup_logging
-from pgreembed.redact import redact
+from pgreembed.observability.logs import setup_logging
+from pgreembed.observability.redact import redact
 from pgreembed.store.counts import BACKLOG_EXACT_ROWS
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import require_initialized

@@ -12,7 +12,7 @@ from typing import Any
 
 from pgreembed.cli import migrate_steps as steps
 from pgreembed.cli.formatting import add_command, non_negative_int, positive_int
-from pgreembed.distances import DISTANCE_ALIASES, DISTANCES
+from pgreembed.config.distances import DISTANCE_ALIASES, DISTANCES
 from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
 

@@ -8,12 +8,13 @@ nothing is printed about progress.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import TextIO
 
 from tqdm import tqdm
+
+from pgreembed.config import environment
 
 BAR = "bar"
 LINES = "lines"
@@ -26,7 +27,7 @@ def choose_mode(as_json: bool, stream: TextIO) -> str:
     """quiet for --json, a bar on a terminal, plain lines otherwise ($PGREEMBED_PROGRESS wins)."""
     if as_json:
         return QUIET
-    forced = os.environ.get("PGREEMBED_PROGRESS", "").lower()
+    forced = environment.PROGRESS.get().lower()
     if forced in (BAR, LINES, QUIET):
         return forced
     return BAR if stream.isatty() else LINES

@@ -9,7 +9,6 @@ semantic searches, and stops everything it started.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pgreembed.config import Settings, load_settings
+from pgreembed.config import Settings, environment, load_settings
+from pgreembed.config.environment import child_environment
 from pgreembed.demo.corpus import stdlib_docstrings
 from pgreembed.errors import EXIT_OK
 from pgreembed.operations.search import search
@@ -115,8 +115,9 @@ def run_demo(rows: int = 1000, workers: int = 2,
         redis_url = redis_server.start()
         config_path = scratch / "pgreembed.toml"
         config_path.write_text(CONFIG)
-        env = {**os.environ, "DATABASE_URL": dsn, "REDIS_URL": redis_url,
-               "PGREEMBED_CONFIG": str(config_path), "PGREEMBED_LOCAL_THREADS": "1"}
+        env = child_environment(**{
+            environment.DATABASE_URL.name: dsn, environment.REDIS_URL.name: redis_url,
+            environment.CONFIG.name: str(config_path), environment.LOCAL_THREADS.name: "1"})
         total = _load_corpus(dsn, rows)
         print(f"loaded {total} docstrings of the Python standard library into table docs")
         settings = load_settings(config_path, env)

@@ -92,7 +92,7 @@ class ModelBudget:
             with pool.connection(timeout=5) as conn:
                 self._recorded = recorded_budget(conn, self._provider, self._model)
         except Exception as exc:  # noqa: BLE001 - keep the last budget read, say why
-            from pgreembed.redact import redact
+            from pgreembed.observability.redact import redact
 
             log.warning("rate limit %s: cannot read its recorded budget (%s); keeping %s",
                         self._model, redact(str(exc)), self._recorded)

@@ -25,10 +25,10 @@ import psycopg
 import redis
 
 from pgreembed.config import Budget, Settings
+from pgreembed.config.throttle import ThrottleSettings
 from pgreembed.embedding.ratelimit import RateLimiter, limiter_client
 from pgreembed.store.load import LoadSample, sample_load
 from pgreembed.store.pool import connect
-from pgreembed.throttle_settings import ThrottleSettings
 
 log = logging.getLogger(__name__)
 

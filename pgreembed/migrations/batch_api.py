@@ -30,13 +30,13 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgreembed.config import Settings, Target
+from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.embed import prepare
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.providers.openai_provider import decode_vector
 from pgreembed.errors import MigrationError, NotFoundError
-from pgreembed.model_keys import model_key
-from pgreembed.redact import redact, register_secret
+from pgreembed.observability.redact import redact, register_secret
 from pgreembed.store.pending import missing_page
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import (

@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import signal
 
-CRASH_AT = "PGREEMBED_CRASH_AT"
+from pgreembed.config import environment
+
+CRASH_AT = environment.CRASH_AT.name
 
 
 def crash_point(step: str) -> None:
-    if os.environ.get(CRASH_AT) == step:
+    if environment.CRASH_AT.get() == step:
         os.kill(os.getpid(), signal.SIGKILL)

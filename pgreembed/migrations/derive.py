@@ -34,9 +34,9 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
+from pgreembed.config.model_keys import is_shortenable
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.state import open_migration
-from pgreembed.model_keys import is_shortenable
 from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import lock_slot

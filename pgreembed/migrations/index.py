@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
-from pgreembed.distances import canonical_distance, opclass_distance
+from pgreembed.config.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild

@@ -9,13 +9,13 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Budget, Settings, Target
+from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.budgets import configured_budget, recorded_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import MigrationError
 from pgreembed.migrations import app_objects
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
-from pgreembed.model_keys import model_key
 from pgreembed.store import app_objects as app_catalog
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.pool import connect

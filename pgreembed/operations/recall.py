@@ -32,7 +32,7 @@ from pgvector import HalfVector, Vector
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from pgreembed.distances import DISTANCES, opclass_distance
+from pgreembed.config.distances import DISTANCES, opclass_distance
 from pgreembed.store import catalog
 from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.config import Settings
-from pgreembed.distances import DISTANCES, canonical_distance
+from pgreembed.config.distances import DISTANCES, canonical_distance
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import LiveColumnChanged, NotFoundError
 from pgreembed.store.index_settings import apply_local

@@ -20,8 +20,8 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings
+from pgreembed.observability.redact import redact
 from pgreembed.queue.claims import InFlight
-from pgreembed.redact import redact
 from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.counts import cheap_counts, exact_counts
 from pgreembed.store.slots import Slot, load_slots

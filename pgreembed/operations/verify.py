@@ -39,7 +39,7 @@ from pgreembed.config import Settings
 from pgreembed.embedding.embed import embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ProviderError
-from pgreembed.redact import redact
+from pgreembed.observability.redact import redact
 from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
 from pgreembed.values import Row

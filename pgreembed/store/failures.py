@@ -18,7 +18,7 @@ from psycopg import sql
 
 from pgreembed.config import Target
 from pgreembed.errors import ConfigError
-from pgreembed.redact import redact
+from pgreembed.observability.redact import redact
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, load_slots, require_initialized
 from pgreembed.store.trusted_sql import NO_PARAMS
 

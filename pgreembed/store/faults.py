@@ -25,7 +25,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from pgreembed.redact import redact
+from pgreembed.observability.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from pgreembed.errors import DatabaseError
-from pgreembed.redact import redact
+from pgreembed.observability.redact import redact
 from pgreembed.store.session import pin_session
 
 _pools: dict[str, ConnectionPool] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from pgreembed.config import Settings
+from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.providers.base import Provider
 from pgreembed.errors import (
     BadInputError,
@@ -13,7 +14,6 @@ from pgreembed.errors import (
     ProviderKeyMissing,
     TransientProviderError,
 )
-from pgreembed.model_keys import model_key
 
 __all__ = ["BadInputError", "FatalProviderError", "Provider", "ProviderError",
            "TransientProviderError", "make_provider", "require_credentials"]

@@ -9,7 +9,6 @@ attention mask, L2 normalisation.
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pgreembed.config import LOCAL_MODEL
+from pgreembed.config import LOCAL_MODEL, environment
 from pgreembed.embedding.providers.base import Embeddings
 from pgreembed.errors import FatalProviderError
 
@@ -57,7 +56,7 @@ class LocalMiniLM:
     max_batch_tokens = 256 * MAX_TOKENS
 
     def __init__(self, threads: int | None = None) -> None:
-        self._threads = threads or int(os.environ.get("PGREEMBED_LOCAL_THREADS", "0"))
+        self._threads = threads or int(environment.LOCAL_THREADS.get())
         self._lock = threading.Lock()
         self._session: Any = None
         self._tokenizer: Any = None

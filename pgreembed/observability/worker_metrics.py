@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from pgreembed.config import environment
 from pgreembed.errors import MetricsUnavailable
 
-WORKER_PORT_ENV = "dramatiq_prom_port"
-
-
-SCHEDULER_PORT_ENV = "PGREEMBED_SCHEDULER_METRICS_PORT"
+WORKER_PORT_ENV = environment.WORKER_METRICS_PORT.name
+SCHEDULER_PORT_ENV = environment.SCHEDULER_METRICS_PORT.name
 
 
 def require_prometheus(setting: str) -> None:
@@ -49,7 +47,7 @@ class WorkerMetrics:
 @functools.cache
 def worker_metrics() -> WorkerMetrics | None:
     """The worker's metrics, created after Dramatiq set up its multiprocess directory."""
-    if not os.environ.get(WORKER_PORT_ENV):
+    if not environment.WORKER_METRICS_PORT.get():
         return None
     import prometheus_client as prom
 

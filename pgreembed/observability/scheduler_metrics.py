@@ -8,13 +8,13 @@ and cost so far, the throttle's pace: right even after restarts
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from pgreembed.instruments import SCHEDULER_PORT_ENV, require_prometheus
-from pgreembed.model_keys import parse_model_key
+from pgreembed.config import environment
+from pgreembed.config.model_keys import parse_model_key
+from pgreembed.observability.worker_metrics import SCHEDULER_PORT_ENV, require_prometheus
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def list_price(model_key: str) -> float:
 
 def serve_scheduler_metrics(settings: Any) -> bool:
     """Start the scheduler's exposition server if its port is configured."""
-    port = os.environ.get(SCHEDULER_PORT_ENV)
+    port = environment.SCHEDULER_METRICS_PORT.get()
     if not port:
         return False
     require_prometheus(SCHEDULER_PORT_ENV)
@@ -151,7 +151,7 @@ def serve_scheduler_metrics(settings: Any) -> bool:
 
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(settings))
-    start_http_server(int(port), addr=os.environ.get("PGREEMBED_METRICS_HOST", "0.0.0.0"),
+    start_http_server(int(port), addr=environment.METRICS_HOST.get(),
                       registry=registry)
     log.info("scheduler metrics on port %s", port)
     return True
