@@ -15,6 +15,7 @@ import psycopg
 
 from pgreembed.errors import DatabaseError
 from pgreembed.store.pool import connect
+from pgreembed.store.signals import check_alive, try_leader_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,9 @@ class Leadership:
                 self._conn = connect(self.dsn, autocommit=True, vector=False)
                 self.is_leader = False
             if self.is_leader:
-                self._conn.execute("SELECT 1")
+                check_alive(self._conn)
                 return True
-            row = self._conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))",
-                                     (self.key,)).fetchone()
-            self.is_leader = bool(row and row[0])
+            self.is_leader = try_leader_lock(self._conn, self.key)
             if self.is_leader:
                 log.info("this scheduler is now the leader")
             return self.is_leader

@@ -15,7 +15,7 @@ import psycopg
 
 from pgreembed.errors import DatabaseError
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import NOTIFY_CHANNEL
+from pgreembed.store.signals import listen
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Listener(threading.Thread):
         while not self._stop.is_set():
             try:
                 with connect(self.dsn, autocommit=True, vector=False) as conn:
-                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    listen(conn)
                     backoff = 0.5
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):

@@ -126,8 +126,8 @@ GROUND_FLOOR = ("pgreembed.values", "pgreembed.errors", "pgreembed.config",
 
 
 def test_store_imports_no_feature() -> None:
-    """All SQL of the app's table lives in the store; it knows nothing of embedding,
-    migrations, operations or the CLI: it stands on the ground floor only (the value types,
+    """The store knows nothing of embedding, migrations, operations or the CLI: it
+    stands on the ground floor only (the value types,
     the errors, the config, redaction)."""
     bad = {m: sorted(d for d in deps if not any(_in(d, f) for f in
                                                 ("pgreembed.store", *GROUND_FLOOR)))
@@ -164,6 +164,29 @@ def test_the_environment_is_read_only_by_the_config() -> None:
     bad = {m: found for m in MODULES
            if not _in(m, "pgreembed.config") and (found := environment_reads(m))}
     assert not bad, f"read these through pgreembed.config.environment: {bad}"
+
+
+def sql_statements(module: str) -> list[str]:
+    """Lines of `module` that run a statement of their own (`x.execute(<statement>)`,
+    executemany, copy); a Redis pipeline's argument-less execute() is not one."""
+    path = MODULES[module]
+    return [f"line {node.lineno}" for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("execute", "executemany", "copy") and node.args]
+
+
+# Where the SQL is: every statement of the processes and of the data path is a function of
+# store/; migrations/ and operations/ (the operator's commands) run their own statements,
+# through store/'s connections and psycopg.sql (docs/architecture.md, "Layout").
+SQL_FREE = ("scheduler", "worker", "pgreembed.queue", "pgreembed.embedding",
+            "pgreembed.config", "pgreembed.observability.logs",
+            "pgreembed.observability.redact", "pgreembed.cli")
+
+
+def test_the_processes_and_the_data_path_run_sql_only_through_the_store() -> None:
+    bad = {m: found for m in MODULES
+           if any(_in(m, p) for p in SQL_FREE) and (found := sql_statements(m))}
+    assert not bad, f"move these statements into a pgreembed.store function: {bad}"
 
 
 def test_data_path_imports_no_feature() -> None:

@@ -254,9 +254,10 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
 def test_budgets_are_validated_and_belong_to_the_model_called(
         database_url: str, redis_url: str) -> None:
     from pgreembed.config import Budget, parse_settings
-    from pgreembed.embedding.budgets import configured_budget, record_budget
+    from pgreembed.embedding.budgets import configured_budget
     from pgreembed.embedding.ratelimit import limiter_for_model
     from pgreembed.errors import ConfigError
+    from pgreembed.store.budgets import record_budget
     from pgreembed.store.pool import close_pools, connect
     from pgreembed.store.setup import ensure_model, init_target
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import psycopg
 import redis
-from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from pgreembed.config import Settings, Target
@@ -57,7 +56,8 @@ from pgreembed.store.rows import (
     record_usage,
     write_isolating,
 )
-from pgreembed.store.slots import NOTIFY_CHANNEL, Slot, mark_misconfigured
+from pgreembed.store.signals import wake_scheduler
+from pgreembed.store.slots import Slot, mark_misconfigured
 from pgreembed.values import Embedded, Failed
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
                             " model changed to %s while they were embedded; their rows stay"
                             " pending", target.name, current.vector_column,
                             len(write.embedded), slot.model_key, current.model_key)
-                _wake_scheduler(conn, target)
+                wake_scheduler(conn, target.name)
             write.record_usage(conn, slot)  # billed as the model that billed them
             reservation.settle(conn)
             spend.settle_ids(conn, write.reservation_ids)
@@ -230,14 +230,8 @@ def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
         if changed or any(item.row.pk not in write.kept for item in written.busy):
             # Their text changed while we embedded, or the app holds them: redo them now.
             # Rows held again (an app session idle in its transaction) wait for the poll.
-            _wake_scheduler(conn, target)
+            wake_scheduler(conn, target.name)
     return _Committed(current, written)
-
-
-def _wake_scheduler(conn: psycopg.Connection, target: Target) -> None:
-    """NOTIFY at commit: rows left pending are dispatched again without waiting a poll."""
-    conn.execute(sql.SQL("SELECT pg_notify({}, {})").format(
-        sql.Literal(NOTIFY_CHANNEL), sql.Literal(target.name)))
 
 
 def _misconfigured(pool: ConnectionPool, target: Target, slot: Slot,

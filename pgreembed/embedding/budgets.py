@@ -19,9 +19,8 @@ import logging
 import threading
 import time
 
-import psycopg
-
 from pgreembed.config import Budget, Settings
+from pgreembed.store.budgets import recorded_budget
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +32,6 @@ def configured_budget(settings: Settings, provider: str, model: str) -> Budget:
         if (target.provider, target.model) == (provider, model):
             budget = budget.tighter(Budget(target.requests_per_minute, target.tokens_per_minute))
     return budget
-
-
-def recorded_budget(conn: psycopg.Connection, provider: str, model: str) -> Budget:
-    """What the bookkeeping says about `model` (of any dimensions)."""
-    row = conn.execute(
-        "SELECT min(requests_per_minute), min(tokens_per_minute) FROM pgreembed.models"
-        " WHERE provider = %s AND name = %s", (provider, model)).fetchone()
-    return Budget() if row is None else Budget(row[0], row[1])
-
-
-def record_budget(conn: psycopg.Connection, model_id: int, budget: Budget) -> None:
-    """Remember a budget for a model (the limits given; the others are kept)."""
-    conn.execute(
-        "UPDATE pgreembed.models SET"
-        " requests_per_minute = coalesce(%s, requests_per_minute),"
-        " tokens_per_minute = coalesce(%s, tokens_per_minute) WHERE id = %s",
-        (budget.requests_per_minute, budget.tokens_per_minute, model_id))
 
 
 class ModelBudget:

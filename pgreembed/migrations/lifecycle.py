@@ -18,7 +18,6 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Budget, Settings, Target
-from pgreembed.embedding.budgets import record_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations import app_objects
@@ -31,6 +30,7 @@ from pgreembed.migrations.state import (
     slots_by_id,
 )
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE
+from pgreembed.store.budgets import record_budget
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import (
     create_state_table,

@@ -10,7 +10,7 @@ from psycopg import sql
 
 from pgreembed.config import Budget, Settings, Target
 from pgreembed.config.model_keys import model_key
-from pgreembed.embedding.budgets import configured_budget, recorded_budget
+from pgreembed.embedding.budgets import configured_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import MigrationError
 from pgreembed.migrations import app_objects
@@ -18,6 +18,7 @@ from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.store import app_objects as app_catalog
 from pgreembed.store import catalog, server_versions
+from pgreembed.store.budgets import recorded_budget
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
