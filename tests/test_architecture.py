@@ -189,6 +189,16 @@ def test_the_processes_and_the_data_path_run_sql_only_through_the_store() -> Non
     assert not bad, f"move these statements into a pgreembed.store function: {bad}"
 
 
+def test_every_environment_variable_is_documented() -> None:
+    """The declarations are the whole list (the rule above); each is named in docs/."""
+    from pgreembed.config import environment
+
+    docs = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    names = [v.name for v in vars(environment).values() if isinstance(v, environment.EnvVar)]
+    assert len(names) > 10
+    assert not [name for name in names if f"`{name}" not in docs and f"${name}" not in docs]
+
+
 def test_data_path_imports_no_feature() -> None:
     """The hot path (queue, embedding, the worker's batch) does not reach into migrations
     or operations; embedding/ is texts to vectors and never loads a batch of its own."""
