@@ -265,7 +265,7 @@ def _count(slot: Slot, report: BatchReport, tokens: int, failures: Sequence[Fail
 
 def _observe_lag(slot: Slot, written: Sequence[object],
                  claimed_at: Mapping[str, float] | None) -> None:
-    """Claim-to-committed lag of each row written (see pgreembed.freshness)."""
+    """Claim-to-committed lag of each row written (see pgreembed.queue.freshness)."""
     metrics = worker_metrics()
     if metrics is None or not claimed_at:
         return

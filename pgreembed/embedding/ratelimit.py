@@ -150,7 +150,7 @@ class RateLimiter:
 def limiter_for_model(settings: Settings, provider: str, model: str) -> RateLimiter:
     """The limiter of one model, shared by every worker through one Redis key per model.
 
-    Its budgets are those `pgreembed.budgets` finds for the model (config, and what
+    Its budgets are those `pgreembed.embedding.budgets` finds for the model (config, and what
     `migrate start` recorded), re-read while the worker runs.
     """
     from pgreembed.embedding.budgets import ModelBudget

@@ -56,7 +56,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
          sample_limit: int = 100_000, budget: Budget | None = None,
          vector_type: str | None = None) -> Plan:
     """What `start` would do and cost; changes nothing. `budget` is what `start` would be
-    given; the time estimate uses every budget of the new model (see pgreembed.budgets).
+    given; the time estimate uses every budget of the new model (see pgreembed.embedding.budgets).
     `vector_type`: the new column's storage (default: by dimensions)."""
     from pgreembed.embedding.providers import make_provider
     from pgreembed.migrations.plan_sql import migration_statements

@@ -5,7 +5,7 @@ For the column's ANN index it sweeps the query-time setting upwards (HNSW:
 pgvector 0.8's iterative scan, `hnsw.iterative_scan = strict_order` or
 `ivfflat.iterative_scan = relaxed_order`, and for HNSW a raised
 `hnsw.max_scan_tuples` if nothing else gets there), measures recall@k against exact
-search on sample queries (see `pgreembed.recall`) and the latency, and stops at
+search on sample queries (see `pgreembed.operations.recall`) and the latency, and stops at
 the first setting that reaches the target: that is the recommendation. It is
 recorded for the slot (`pgreembed.index_settings`), and `pgreembed.search` applies
 it to its own statements. Tuning writes nothing else and spends no tokens.

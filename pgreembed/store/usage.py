@@ -71,7 +71,7 @@ class Reservation:
 def settle_ids(conn: psycopg.Connection, ids: set[int]) -> None:
     """Settle reservations by id, in the transaction that records their billed tokens:
     those of a batch whose earlier write attempts failed (its vectors were kept, see
-    `pgreembed.paid`), which `Reservation.settle` no longer holds."""
+    `pgreembed.embedding.paid`), which `Reservation.settle` no longer holds."""
     if ids:
         conn.execute("DELETE FROM pgreembed.spend_reservations WHERE id = ANY(%s)",
                      (sorted(ids),))

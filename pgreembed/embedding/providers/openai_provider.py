@@ -7,7 +7,7 @@ and 404 are never retried. Vectors come back as base64 (much faster to parse);
 the tokens billed are the response's `usage`, so texts are run through tiktoken
 only when something needs an exact count before sending.
 With a shared `RateLimiter`, every attempt first waits for room in the
-budget of the model called (see `pgreembed.budgets`), and a 429 lowers that
+budget of the model called (see `pgreembed.embedding.budgets`), and a 429 lowers that
 budget for every worker.
 """
 

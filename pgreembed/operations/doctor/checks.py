@@ -10,9 +10,9 @@ connections than the server allows, and the throttle (its cap, the pace in force
 adaptive probe that is slow right now). The session is read-only
 (`default_transaction_read_only`) with a statement timeout, so it is safe to
 run against production at any time. `--verify N` also re-embeds a sample of
-rows and compares (see `pgreembed.verify`); that costs tokens, so it is opt-in.
+rows and compares (see `pgreembed.operations.verify`); that costs tokens, so it is opt-in.
 `--recall` measures each ANN index's recall against exact search (see
-`pgreembed.recall_check`); that costs one sequential scan per sample query, so it
+`pgreembed.operations.recall_check`); that costs one sequential scan per sample query, so it
 is opt-in too.
 
 Every SQL statement it advises is composed with psycopg.sql and rendered with
