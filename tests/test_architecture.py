@@ -1,6 +1,11 @@
 """The layout's rules, checked by parsing every module's imports (no import is executed).
 
     cli/  ->  scheduler/, worker/ (processes)  ->  pgreembed core  ->  pgreembed.store
+          ->  the ground floor (values, errors, config, observability.redact)
+
+Besides imports it checks, by parsing the code: exit codes spelled only in
+pgreembed/errors.py, the environment read only by pgreembed/config/, and SQL run by the
+processes and the data path only through store/ functions.
 
 Every import counts, also the ones inside functions (a lazy import is still a
 dependency); only `if TYPE_CHECKING:` blocks are left out.
