@@ -1,4 +1,5 @@
-"""The layout's rules, checked by parsing every module's imports (no import is executed).
+"""The layout's rules, checked by parsing every module (only the exit-code table and the
+environment declarations are imported, to compare them with docs/).
 
     cli/  ->  scheduler/, worker/ (processes)  ->  pgreembed core  ->  pgreembed.store
           ->  the ground floor (values, errors, config, observability.redact)
