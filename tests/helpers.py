@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import jsonschema
 import numpy as np
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -80,6 +82,19 @@ def json_document(stdout: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(stdout)
     jsonschema.validate(doc, schema(doc["command"]))
     return doc
+
+
+# `migrate batch`'s summary (it has no --json): submitted, completed, written, failed, open.
+BATCH_LINE = (r"batch: (\d+) inputs submitted, (\d+) jobs completed"
+              r" \((\d+) rows written, (\d+) failed\), (\d+) open")
+
+
+def counts(pattern: str, text: str) -> list[tuple[int, ...]]:
+    """The integers in the groups of each match of `pattern`, for output that has no `--json`
+    (a human line, a log line, an exception's message). Compared whole, 60 is never taken
+    for 600 or 160, as a substring check would."""
+    return [tuple(int(group) for group in (match if isinstance(match, tuple) else (match,)))
+            for match in re.findall(pattern, text)]
 
 
 def write_config(path: Path, body: str) -> Path:
@@ -146,11 +161,18 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: s
         time.sleep(interval)
 
 
-def seed(stack: Stack, count: int, *, title: str = "doc", body: str = "body ") -> None:
-    """`count` docs rows: title "<title> N", body "<body>N" for N = 1..count."""
+def seed(stack: Stack, count: int = 0, *, title: str = "doc", body: str = "body ",
+         numbered_body: bool = True, bodies: Sequence[str] = ()) -> None:
+    """The tests' one way to fill the docs table: `count` rows titled "<title> N" with body
+    "<body>N" (just "<body>" unless `numbered_body`) for N = 1..count, then one row per
+    entry of `bodies` with that body and no title, in their order."""
     with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT %s || ' ' || g, %s || g"
-                     " FROM generate_series(1, %s) g", (title, body, count))
+        conn.execute("INSERT INTO docs (title, body) SELECT %s || ' ' || g,"
+                     " CASE WHEN %s THEN %s || g ELSE %s END FROM generate_series(1, %s) g",
+                     (title, numbered_body, body, body, count))
+        if bodies:
+            conn.execute("INSERT INTO docs (body) SELECT b FROM unnest(%s::text[])"
+                         " WITH ORDINALITY AS t(b, n) ORDER BY n", (list(bodies),))
 
 
 def column_type(stack: Stack, column: str) -> str | None:
@@ -209,6 +231,20 @@ def wait_filled(stack: Stack, column: str) -> None:
             return conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL"
                                 ).fetchone()[0] == 0
     wait_for(filled, timeout=120, interval=0.3, message=f"{column} filled")
+
+
+def rows_in_flight(stack: Stack, model: str | None = None) -> int:
+    """Rows the scheduler claimed and no worker has released yet (the Redis markers of
+    every slot, or of the slots filled by `model`): 0 once every batch sent is written."""
+    with stack.connect() as conn:
+        slots = [r[0] for r in conn.execute(
+            "SELECT s.id FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id"
+            " WHERE %(model)s::text IS NULL OR m.name = %(model)s", {"model": model})]
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        return sum(int(client.zcard(f"pgreembed:inflight:{slot}")) for slot in slots)
+    finally:
+        client.close()
 
 
 def vector_texts(vectors: np.ndarray) -> list[str]:

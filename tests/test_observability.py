@@ -15,7 +15,7 @@ import redis
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.freshness import oldest_pending_seconds, record_complete_sweep
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import Stack, wait_for
+from tests.helpers import Stack, seed, wait_for
 from tests.observability import (
     PROMETHEUS_OWN,
     base_name,
@@ -24,7 +24,6 @@ from tests.observability import (
     emitted,
     samples,
     scrape,
-    seed_docs,
     start_exporters,
     total,
 )
@@ -38,8 +37,7 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
     documented = documented_metrics()
     assert len(documented) >= 15, "the metrics reference of docs/operations.md was not found"
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
-    with stack.connect() as conn:
-        seed_docs(conn, ROWS)
+    seed(stack, ROWS, body="body", numbered_body=False, bodies=[""])  # and one failure
     # A cap far above this test's pace, so that the throttle's gauges exist.
     stack.config_path.write_text(stack.config_path.read_text()
                                  + "\n[throttle]\nmax_rows_per_second = 100000\n")

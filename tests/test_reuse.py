@@ -17,6 +17,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    seed,
     wait_for,
     write_config,
 )
@@ -29,8 +30,7 @@ def _seed_with_duplicates(stack: Stack) -> list[str]:
     texts = [f"reuse text {i}" for i in range(70)] + [f"reuse text {(i * 7) % 70}"
                                                       for i in range(30)]
     random.Random(16).shuffle(texts)
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (body) SELECT unnest(%s::text[])", (texts,))
+    seed(stack, bodies=texts)
     return texts
 
 
