@@ -25,6 +25,7 @@ from tests.helpers import (
     seed,
     start_migration,
     wait_filled,
+    wait_for,
     write_config,
 )
 
@@ -81,14 +82,16 @@ def test_migrate_start_waits_behind_an_idle_reader_without_stalling_writers(
     wait_filled(stack, "embedding")
     fake_openai.set_faults(slow_model="fake-768", slow_model_latency=0.5)
     with timed_writer(stack) as latencies:
-        time.sleep(0.5)
+        wait_for(lambda: len(latencies) >= 20, timeout=30, message="the app's writer running")
         # ADD COLUMN needs ACCESS EXCLUSIVE: the idle reader's ACCESS SHARE blocks it for 3 s.
         reader = idle_in_transaction(stack, "SELECT count(*) FROM docs", 3.0)
         started = time.monotonic()
         out = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
                         "--dimensions", "768")
         took = time.monotonic() - started
-        time.sleep(0.5)
+        written = len(latencies)  # a write stalled behind a lock is recorded once it ends
+        wait_for(lambda: len(latencies) >= written + 20, timeout=30,
+                 message="the app's writer going on after the command")
     reader.close()
     assert out.returncode == 0, out.stderr
     assert took >= 2.5  # it waited for the reader...
