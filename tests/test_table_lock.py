@@ -64,8 +64,8 @@ def idle_in_transaction(stack: Stack, statement: str, seconds: float) -> psycopg
             while not conn.closed and time.monotonic() < deadline and not watcher.execute(
                     "SELECT count(*) FROM pg_locks WHERE NOT granted"
                     " AND relation = 'docs'::regclass").fetchone()[0]:
-                time.sleep(0.02)
-        time.sleep(seconds)
+                time.sleep(0.02)  # a poll (in its own thread: no wait_for failing the test)
+        time.sleep(seconds)  # the scenario: the reader stays idle this long
         with contextlib.suppress(psycopg.Error):
             conn.rollback()
 
