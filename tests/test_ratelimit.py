@@ -24,7 +24,7 @@ from pgreembed.embedding.ratelimit import RateLimiter, limiter_client
 from pgreembed.errors import FatalProviderError
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_token_count, fake_vector
-from tests.helpers import API_KEY, ROOT, Stack, docs_config, wait_for
+from tests.helpers import API_KEY, ROOT, Stack, docs_config, start_migration, wait_for
 
 WINDOW = 2.0
 RPM = 8  # per WINDOW here
@@ -238,9 +238,8 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
     fake_openai.reset()
     fake_openai.set_faults(model_limits={"fake-768": {"tokens_per_minute": server_tpm}})
     try:
-        started = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
-                            "--dimensions", "768", "--tokens-per-minute", str(our_tpm))
-        assert started.returncode == 0, started.stdout + started.stderr
+        start_migration(stack, "--model", "fake-768", "--dimensions", "768",
+                        "--tokens-per-minute", str(our_tpm))
         wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= budget_rows, timeout=40,
                  message="the new model's first minute of budget to be used")
         time.sleep(3)  # the scenario: every worker waits for the window to slide (or storms)
