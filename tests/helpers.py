@@ -162,17 +162,17 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: s
 
 
 def seed(stack: Stack, count: int = 0, *, title: str = "doc", body: str = "body ",
-         numbered_body: bool = True, bodies: Sequence[str] = ()) -> None:
+         numbered_body: bool = True, rows: Sequence[tuple[str | None, str | None]] = ()
+         ) -> None:
     """The tests' one way to fill the docs table: `count` rows titled "<title> N" with body
     "<body>N" (just "<body>" unless `numbered_body`) for N = 1..count, then one row per
-    entry of `bodies` with that body and no title, in their order."""
+    (title, body) of `rows`, in their order (keys follow on)."""
     with stack.connect() as conn:
         conn.execute("INSERT INTO docs (title, body) SELECT %s || ' ' || g,"
                      " CASE WHEN %s THEN %s || g ELSE %s END FROM generate_series(1, %s) g",
                      (title, numbered_body, body, body, count))
-        if bodies:
-            conn.execute("INSERT INTO docs (body) SELECT b FROM unnest(%s::text[])"
-                         " WITH ORDINALITY AS t(b, n) ORDER BY n", (list(bodies),))
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)", list(rows))
 
 
 def column_type(stack: Stack, column: str) -> str | None:

@@ -41,9 +41,7 @@ def watch_idle_in_transaction(stack: Stack, stop: threading.Event,
 
 def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Stack,
                                                                       fake_openai) -> None:
-    seed(stack, 40)
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES ('poison', 'BADINPUT row')")
+    seed(stack, 40, rows=[("poison", "BADINPUT row")])
     running(stack)
     wait_filled(stack, "embedding")
     fake_openai.set_faults(batch_delay=2.0, bad_input_marker="BADINPUT")

@@ -36,11 +36,8 @@ def embedded_count(stack: Stack, column: str) -> int:
 
 def test_failures_of_every_column_listed_and_retried_per_column(stack: Stack, fake_openai
                                                                 ) -> None:
-    seed(stack, 8)
-    with stack.connect() as conn:
-        # 9: empty text (fails in every column); 10-12 fail only in the migration's column.
-        conn.execute("INSERT INTO docs (title, body) VALUES ('', ''), ('m', 'MIGBAD a'),"
-                     " ('m', 'MIGBAD b'), ('m', 'MIGBAD c')")
+    # 9: empty text (fails in every column); 10-12 fail only in the migration's column.
+    seed(stack, 8, rows=[("", ""), ("m", "MIGBAD a"), ("m", "MIGBAD b"), ("m", "MIGBAD c")])
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=2)
     stack.start_scheduler()
@@ -117,8 +114,7 @@ def test_a_failed_row_edited_since_counts_as_pending_not_failed(stack: Stack, fa
                                                                 ) -> None:
     """Status, `failures` and the scheduler agree: a failure is on a text, and once the
     text changes the row is pending again (status said "failed" until it was re-sent)."""
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'fine'), ('b', 'BAD text')")
+    seed(stack, rows=[("a", "fine"), ("b", "BAD text")])
     fake_openai.set_faults(bad_input_marker="BAD")
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=2)  # no scheduler: each pass is a `tick`, as from cron

@@ -10,7 +10,7 @@ from tests.observability import samples, scrape, start_exporters, value
 
 def test_worker_and_scheduler_metrics(stack: Stack, tmp_path: Path) -> None:
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
-    seed(stack, 20, body="body", numbered_body=False, bodies=[""])  # and one failure
+    seed(stack, 20, body="body", numbered_body=False, rows=[("", "")])  # and one failure
     assert stack.cli("init").returncode == 0
     stack.start_worker(processes=2, threads=2)
     stack.start_scheduler()

@@ -228,9 +228,8 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
 
 @pytest.mark.second_server
 def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack) -> None:
-    seed(stack, 20)
-    with stack.connect() as conn:  # two equal texts: equal vectors, so a UNIQUE build fails
-        conn.execute("INSERT INTO docs (title, body) VALUES ('doc 1', 'body 1')")
+    # Two equal texts (row 1 and row 21): equal vectors, so a UNIQUE build fails.
+    seed(stack, 20, rows=[("doc 1", "body 1")])
     running(stack)
     new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     # Re-running start after a crash is harmless.

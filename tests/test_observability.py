@@ -37,7 +37,7 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
     documented = documented_metrics()
     assert len(documented) >= 15, "the metrics reference of docs/operations.md was not found"
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
-    seed(stack, ROWS, body="body", numbered_body=False, bodies=[""])  # and one failure
+    seed(stack, ROWS, body="body", numbered_body=False, rows=[("", "")])  # and one failure
     # A cap far above this test's pace, so that the throttle's gauges exist.
     stack.config_path.write_text(stack.config_path.read_text()
                                  + "\n[throttle]\nmax_rows_per_second = 100000\n")

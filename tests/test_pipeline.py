@@ -183,9 +183,8 @@ def test_continuous_scheduler_picks_up_inserts_within_seconds(stack: Stack) -> N
 @pytest.mark.parametrize("threads", [4])
 def test_bad_rows_are_recorded_and_do_not_block_others(stack: Stack, fake_openai,
                                                        threads: int) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES (NULL, NULL), ('', '   '),"
-                     " ('poison', 'BADINPUT here'), ('good', 'one'), ('good', 'two')")
+    seed(stack, rows=[(None, None), ("", "   "), ("poison", "BADINPUT here"), ("good", "one"),
+                      ("good", "two")])
     fake_openai.set_faults(bad_input_marker="BADINPUT")
     init(stack)
     stack.start_worker(threads=threads)

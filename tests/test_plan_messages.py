@@ -31,9 +31,7 @@ def plan_of(stack: Stack, *args: str) -> tuple[int, str, str]:
 
 
 def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack) -> None:
-    seed(stack, 10)
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES ('', '   '), (NULL, NULL)")
+    seed(stack, 10, rows=[("", "   "), (None, None)])
     assert stack.cli("init").returncode == 0
     code, out, _ = plan_of(stack, "--provider", "local", "--model", "x", "--dimensions", "512")
     assert code == 4  # refused/blocked (the exit-code table of docs/cli.md)

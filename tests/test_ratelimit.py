@@ -24,7 +24,7 @@ from pgreembed.embedding.ratelimit import RateLimiter, limiter_client
 from pgreembed.errors import FatalProviderError
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_token_count, fake_vector
-from tests.helpers import API_KEY, ROOT, Stack, docs_config, start_migration, wait_for
+from tests.helpers import API_KEY, ROOT, Stack, docs_config, seed, start_migration, wait_for
 
 WINDOW = 2.0
 RPM = 8  # per WINDOW here
@@ -170,9 +170,7 @@ def test_worker_fleet_stays_under_server_token_limit(stack: Stack,
     stack.config_path.write_text(docs_config(batch_size=20, max_inflight_rows=2048,
                                              target_extra=f"tokens_per_minute = {our_tpm}"))
 
-    with stack.connect() as conn, conn.cursor() as cur:
-        cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)",
-                        [tuple(t.split("\n", 1)) for t in texts])
+    seed(stack, rows=[(title, body) for title, body in (t.split("\n", 1) for t in texts)])
     assert stack.cli("init").returncode == 0
     fake_openai.set_faults(tokens_per_minute=server_tpm)
     worker = stack.start_worker(processes=2, threads=4)
@@ -227,9 +225,7 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
     our_tpm = int(0.9 * server_tpm * ours_per_theirs)
     budget_rows = int(0.9 * server_rows)
     stack.config_path.write_text(docs_config(batch_size=20, max_inflight_rows=2048))
-    with stack.connect() as conn, conn.cursor() as cur:
-        cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)",
-                        [tuple(t.split("\n", 1)) for t in texts])
+    seed(stack, rows=[(title, body) for title, body in (t.split("\n", 1) for t in texts)])
     assert stack.cli("init").returncode == 0
     worker = stack.start_worker(processes=2, threads=4)
     stack.start_scheduler()
