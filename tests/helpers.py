@@ -73,7 +73,6 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
 
     def connect(self) -> psycopg.Connection:
-
         return connect(self.dsn, autocommit=True)
 
 
@@ -84,8 +83,7 @@ def json_document(stdout: str) -> dict[str, Any]:
     return doc
 
 
-# `migrate batch`'s summary (it has no --json): submitted, completed, written, failed, open.
-BATCH_LINE = (r"batch: (\d+) inputs submitted, (\d+) jobs completed"
+BATCH_LINE = (r"batch: (\d+) inputs submitted, (\d+) jobs completed"  # migrate batch: no --json
               r" \((\d+) rows written, (\d+) failed\), (\d+) open")
 
 
@@ -240,11 +238,8 @@ def rows_in_flight(stack: Stack, model: str | None = None) -> int:
         slots = [r[0] for r in conn.execute(
             "SELECT s.id FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id"
             " WHERE %(model)s::text IS NULL OR m.name = %(model)s", {"model": model})]
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
+    with redis.Redis.from_url(stack.redis_url) as client:
         return sum(int(client.zcard(f"pgreembed:inflight:{slot}")) for slot in slots)
-    finally:
-        client.close()
 
 
 def vector_texts(vectors: np.ndarray) -> list[str]:
