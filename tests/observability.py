@@ -8,7 +8,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgreembed.testing.services import free_port
@@ -60,13 +59,6 @@ def start_exporters(env: dict[str, str], tmp_path: Path) -> tuple[int, int]:
                 "PGREEMBED_SCHEDULER_METRICS_PORT": str(scheduler_port),
                 "PGREEMBED_METRICS_HOST": "127.0.0.1"})
     return worker_port, scheduler_port
-
-
-def seed_docs(conn: psycopg.Connection, rows: int) -> None:
-    """`rows` documents to embed and one without text (a recorded failure)."""
-    conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body'"
-                 " FROM generate_series(1, %s) g", (rows,))
-    conn.execute("INSERT INTO docs (title, body) VALUES ('', '')")
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -32,10 +32,12 @@ from tests.helpers import (
     json_document,
     migrate,
     new_column,
+    rows_in_flight,
     seed,
     start_migration,
     steady_writer,
     wait_filled,
+    wait_for,
     write_config,
 )
 
@@ -200,9 +202,10 @@ def swap_under_load(stack: Stack, fake: FakeOpenAIServer, step: str, slow: str
 
     fake.set_faults(slow_model=slow, slow_model_latency=0.5)
     with steady_writer(stack, per_second=10.0) as writes, in_background(read_view):
-        time.sleep(1.0)
+        wait_for(lambda: reads["ok"] > 0 and rows_in_flight(stack, slow) > 0, timeout=30,
+                 message=f"the app reading and batches of the slowed {slow} in flight")
         doc = json_document(migrate(stack, step, "--json", "--timeout", "60"))
-        time.sleep(1.0)
+        time.sleep(1.0)  # the app keeps on while the batches slowed 0.5 s land after the step
     assert writes["edits"] > 5 and writes["errors"] == 0
     assert reads["ok"] > 50 and reads["errors"] == 0, reads
     fake.set_faults(slow_model=None, slow_model_latency=0.0)

@@ -54,7 +54,7 @@ def _app_transaction(dsn: str, a: int, b: int, first: str, barrier: threading.Ba
             conn.execute(FIRST[first], (b,))
             spent = time.monotonic() - started
             barrier.wait(30)
-            time.sleep(PAUSE)
+            time.sleep(PAUSE)  # the scenario: the app's pause inside its transaction
             started = time.monotonic()
             conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (a,))
             conn.commit()
@@ -136,7 +136,7 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
     with psycopg.connect(stack.dsn) as app:
         app.execute("UPDATE docs SET views = views + 1 WHERE id = 1")
         fake_openai.set_faults(hold_marker=None)
-        time.sleep(3.0)
+        time.sleep(3.0)  # the scenario: the app holds the row for 3 s
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", MODEL, DIMS)
     tries = stack.log_text().count("1 held by another transaction") - tries_before

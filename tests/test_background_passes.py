@@ -23,8 +23,10 @@ from pgreembed.store.rows import lock_free_rows
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
+    BATCH_LINE,
     Stack,
     assert_column_current,
+    counts,
     fill,
     make_target,
     migrate,
@@ -96,7 +98,8 @@ def test_batch_api_results_of_a_model_the_column_no_longer_has_are_dropped(
     wait_filled(stack, "embedding")
     fake_openai.set_faults(batch_delay=1.0)
     column = start_migration(stack, "--model", "fake-768", "--dimensions", "768", "--batch-api")
-    assert "20 inputs submitted" in migrate(stack, "batch")
+    submitted = migrate(stack, "batch")
+    assert [c[0] for c in counts(BATCH_LINE, submitted)] == [20], submitted
     if not recorded:
         with stack.connect() as conn:
             conn.execute("UPDATE pgreembed.batch_jobs SET asked = NULL")
@@ -105,7 +108,7 @@ def test_batch_api_results_of_a_model_the_column_no_longer_has_are_dropped(
         conn.execute("UPDATE pgreembed.slots SET model_id = %s WHERE vector_column = %s",
                      (_other_model(conn, "fake-alt-768", 768), column))
     done = migrate(stack, "batch", "--wait", "--poll", "0.5", "--timeout", "60")
-    assert "1 jobs completed (0 rows written, 0 failed)" in done, done
+    assert [c[1:4] for c in counts(BATCH_LINE, done)] == [(1, 0, 0)], done
     with stack.connect() as conn:
         billed = dict(conn.execute("SELECT model, sum(inputs) FROM pgreembed.usage"
                                    " GROUP BY model").fetchall())

@@ -6,8 +6,10 @@ import threading
 import time
 
 from tests.helpers import (
+    BATCH_LINE,
     Stack,
     assert_column_current,
+    counts,
     in_background,
     json_document,
     migrate,
@@ -39,16 +41,15 @@ def watch_idle_in_transaction(stack: Stack, stop: threading.Event,
 
 def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Stack,
                                                                       fake_openai) -> None:
-    seed(stack, 40)
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES ('poison', 'BADINPUT row')")
+    seed(stack, 40, rows=[("poison", "BADINPUT row")])
     running(stack)
     wait_filled(stack, "embedding")
     fake_openai.set_faults(batch_delay=2.0, bad_input_marker="BADINPUT")
     column = start_migration(stack, "--model", "fake-768", "--dimensions", "768", "--batch-api")
     first = migrate(stack, "batch")
-    assert "41 inputs submitted" in first and "1 open" in first
-    time.sleep(1.0)
+    # (submitted, jobs completed, rows written, failed, open)
+    assert counts(BATCH_LINE, first) == [(41, 0, 0, 0, 1)], first
+    time.sleep(1.0)  # the scenario: a while (two scheduler polls) the queue must not fill it
     assert null_count(stack, column) == 41  # the queue leaves a batch-mode column alone
     with stack.connect() as conn:  # edited while its batch runs: that vector must not land
         conn.execute("UPDATE docs SET body = 'edited during the batch' WHERE id = 4")
@@ -63,7 +64,7 @@ def test_batch_api_fills_new_column_and_hands_stragglers_to_the_queue(stack: Sta
     # The job recorded the model it asked for: its input file is not downloaded again.
     assert fake_openai.stats()["file_downloads"] == {"batch_output": 2}
     fake_openai.set_faults(file_content_delay=0.0)
-    assert "1 jobs completed (39 rows written, 1 failed)" in done, done
+    assert [c[1:4] for c in counts(BATCH_LINE, done)] == [(1, 39, 1)], done
     failures = json_document(stack.cli("failures", "--target", "docs", "--json").stdout
                              )["failures"]
     assert [(f["column"], f["role"], f["key"]) for f in failures] == [(column, "next", "41")]

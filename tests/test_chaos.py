@@ -51,6 +51,7 @@ from tests.helpers import (
     docs_config,
     json_document,
     pg_outage,
+    seed,
     wait_for,
 )
 
@@ -158,7 +159,7 @@ class Fleet(threading.Thread):
             self.current = self.stack.spawn("worker", self.args)
             self.starts += 1
             self.current.wait()
-            time.sleep(0.2)
+            time.sleep(0.2)  # the supervisor's restart delay
 
     def workers(self) -> list[psutil.Process]:
         """The worker processes of the running command (forked: same command line)."""
@@ -205,17 +206,11 @@ def query(stack: Stack, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[An
         except psycopg.OperationalError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+            time.sleep(0.2)  # retried until Postgres is back (a poll of the connection)
 
 
 def embedded_count(stack: Stack) -> int:
     return int(query(stack, "SELECT count(*) FROM docs WHERE embedding IS NOT NULL")[0][0])
-
-
-def insert_rows(stack: Stack, count: int, prefix: str = "doc") -> None:
-    query(stack, "INSERT INTO docs (title, body) SELECT %s || ' ' || g,"
-                 " 'body of ' || %s || ' ' || g FROM generate_series(1, %s) g"
-                 " RETURNING 1", (prefix, prefix, count))
 
 
 def edit_rows(stack: Stack, count: int, rng: random.Random, tag: str) -> int:
@@ -259,7 +254,7 @@ def refuse_some_writes(stack: Stack) -> set[int]:
 
 def disk_full(stack: Stack, seconds: float) -> None:
     query(stack, "UPDATE write_outage SET disk_full = true RETURNING 1")
-    time.sleep(seconds)
+    time.sleep(seconds)  # the scenario: the disk stays full this long
     query(stack, "UPDATE write_outage SET disk_full = false RETURNING 1")
 
 
@@ -303,7 +298,7 @@ def test_chaos_fleet_loses_nothing_and_wastes_little(chaos_stack: Stack, own_red
                                                      fake_openai: FakeOpenAIServer) -> None:
     stack = chaos_stack
     rng = random.Random(4)
-    insert_rows(stack, ROWS)
+    seed(stack, ROWS, body="body of doc ")
     assert stack.cli("init").returncode == 0
     refused = refuse_some_writes(stack)
     start = time.monotonic()
@@ -425,7 +420,7 @@ def in_flight(stack: Stack) -> int:
 def test_scheduler_sigkilled_then_a_new_one_continues(chaos_stack: Stack,
                                                       fake_openai: FakeOpenAIServer) -> None:
     stack = chaos_stack
-    insert_rows(stack, 6000)
+    seed(stack, 6000, body="body of doc ")
     assert stack.cli("init").returncode == 0
     fake_openai.set_faults(latency=0.05)
     worker = stack.start_worker(processes=1, threads=4)
@@ -457,7 +452,7 @@ def test_postgres_restart_mid_run_leaves_no_stuck_worker(chaos_stack: Stack,
                                                          fake_openai: FakeOpenAIServer) -> None:
     """The worker command is not restarted: its pools must recover by themselves."""
     stack = chaos_stack
-    insert_rows(stack, 4000)
+    seed(stack, 4000, body="body of doc ")
     assert stack.cli("init").returncode == 0
     fake_openai.set_faults(latency=0.2)  # batches are in flight when Postgres goes away
     worker = stack.start_worker(processes=2, threads=4)
@@ -472,7 +467,7 @@ def test_postgres_restart_mid_run_leaves_no_stuck_worker(chaos_stack: Stack,
     assert worker.poll() is None, "the worker command died"
     # Not stuck: fresh rows are embedded within seconds by the same processes.
     fake_openai.set_faults(latency=0.0)
-    insert_rows(stack, 20, prefix="fresh")
+    seed(stack, 20, title="fresh", body="body of fresh ")
     wait_until_done(stack, timeout=15)
     assert worker.poll() is None
     assert_every_row_current(stack)

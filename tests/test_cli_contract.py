@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import Stack, json_document, seed
+from tests.helpers import Stack, counts, json_document, seed
 
 
 def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
@@ -50,7 +50,7 @@ def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
     assert timed_out.returncode == 3, timed_out.stdout + timed_out.stderr
     timeout_doc = json_document(timed_out.stdout)
     assert (timeout_doc["command"], timeout_doc["error"]["code"]) == ("migrate-swap", 3)
-    assert "16 rows still have a vector" in timeout_doc["error"]["message"]
+    assert counts(r"(\d+) rows still have a vector", timeout_doc["error"]["message"]) == [(16,)]
     again = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-1536",
                       "--dimensions", "1536")
     assert again.returncode == 4 and "already has migration" in again.stderr

@@ -13,7 +13,7 @@ import time
 import pexpect
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import ROOT, Stack, seed, start_migration, wait_for
+from tests.helpers import ROOT, Stack, counts, seed, start_migration, wait_for
 
 ROWS = 120  # 15 batches of 8
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
@@ -139,4 +139,4 @@ def test_demo_shows_its_embedding_bar_in_a_terminal() -> None:
     assert child.exitstatus == 0, screen
     frames = bar_frames(screen, "demo: embedding")
     assert frames and frames[-1] == (40, 40), screen
-    assert "all 40 rows embedded in" in screen and "\r" in screen
+    assert counts(r"all (\d+) rows embedded in", screen) == [(40,)] and "\r" in screen

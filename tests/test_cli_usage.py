@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -120,4 +121,5 @@ def test_a_task_that_never_waits_draws_no_bar_and_json_draws_nothing() -> None:
     assert screen.getvalue() == ""
     with Progress("tick", "rows", stream=screen) as bar:
         bar.update(5, 10)
-    assert "\r" in screen.getvalue() and "5/10" in screen.getvalue()
+    assert "\r" in screen.getvalue()
+    assert ("5", "10") in re.findall(r"(\d+)/(\d+)", screen.getvalue()), screen.getvalue()

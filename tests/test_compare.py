@@ -17,7 +17,15 @@ import openai
 from psycopg import sql
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import API_KEY, Stack, fill, json_document, vector_texts
+from tests.helpers import (
+    API_KEY,
+    Stack,
+    fill,
+    json_document,
+    seed,
+    start_migration,
+    vector_texts,
+)
 
 ROWS, DIMS = 1000, 384
 COPY, NOISY = "fake-copy-384", "text-embedding-3-small"  # NOISY has a list price: a cap
@@ -41,18 +49,13 @@ def fill_through_server(stack: Stack, fake: FakeOpenAIServer, column: str, model
                     vector_texts(np.asarray(vectors)), rows, strict=True)])
 
 
-def start_migration(stack: Stack, fake: FakeOpenAIServer, model: str, *extra: str) -> str:
-    out = stack.cli("migrate", "start", "--target", "docs", "--model", model, "--dimensions",
-                    str(DIMS), *extra)
-    assert out.returncode == 0, out.stderr
-    with stack.connect() as conn:
-        row = conn.execute("SELECT vector_column FROM pgreembed.slots WHERE role = 'next'"
-                           ).fetchone()
-    assert row is not None
-    fill_through_server(stack, fake, str(row[0]), model)
+def filled_migration(stack: Stack, fake: FakeOpenAIServer, model: str, *extra: str) -> str:
+    """A migration to `model`, its column filled through the server and indexed; the column."""
+    column = start_migration(stack, "--model", model, "--dimensions", str(DIMS), *extra)
+    fill_through_server(stack, fake, column, model)
     out = stack.cli("migrate", "index", "--target", "docs")
     assert out.returncode == 0, out.stderr
-    return str(row[0])
+    return column
 
 
 def compare(stack: Stack, *args: str) -> dict[str, Any]:
@@ -72,9 +75,7 @@ def test_compare_ranks_an_identical_model_above_a_degraded_one_and_swap_shows_it
     fake_openai.set_faults(degraded_models={
         COPY: {"copy_of": "fake-384", "noise": 0.0},
         NOISY: {"copy_of": "fake-384", "noise": 3.0}})
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, %s) g", (ROWS,))
+    seed(stack, ROWS)
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
         fill(conn, "embedding", "fake-384")
@@ -82,7 +83,7 @@ def test_compare_ranks_an_identical_model_above_a_degraded_one_and_swap_shows_it
                      " (embedding vector_cosine_ops)")
 
     # An identical copy. A swap with no comparison warns, and its JSON says so.
-    copy_column = start_migration(stack, fake_openai, COPY)
+    copy_column = filled_migration(stack, fake_openai, COPY)
     out = stack.cli("migrate", "swap", "--target", "docs", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["comparison"] is None
@@ -104,7 +105,7 @@ def test_compare_ranks_an_identical_model_above_a_degraded_one_and_swap_shows_it
     assert stack.cli("migrate", "finalize", "--target", "docs").returncode == 0
 
     # A degraded copy, under a spend cap too small for the comparison: refused, unspent.
-    noisy_column = start_migration(stack, fake_openai, NOISY, "--spend-cap", "0.000001")
+    noisy_column = filled_migration(stack, fake_openai, NOISY, "--spend-cap", "0.000001")
     before = fake_openai.stats()["inputs_embedded"]
     refused = stack.cli("migrate", "compare", "--target", "docs", "--sample", "40")
     assert refused.returncode == 4

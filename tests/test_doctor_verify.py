@@ -21,7 +21,7 @@ from pgreembed.store.setup import init_target
 from pgreembed.store.slots import load_slots
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import API_KEY, Stack, json_document, seed, wait_for
+from tests.helpers import API_KEY, Stack, counts, json_document, seed, start_migration, wait_for
 
 
 def filled(stack: Stack, column: str) -> bool:
@@ -72,7 +72,7 @@ def test_verify_finds_exactly_the_corrupted_rows_in_live_and_incoming_columns(
     assert (live["column"], live["role"], live["sampled"]) == ("embedding", "live", 40)
     assert live["disagreements"] == [] and live["tolerance"] == 0.99
     assert live["tokens_counted"] > 0 and live["tokens_billed"] > 0
-    assert "re-embedding 40 sampled rows" in notices
+    assert counts(r"re-embedding (\d+) sampled rows", notices) == [(40,)], notices
 
     # A row edited behind the trigger's back: its vector is of the old text. It is
     # pending (its text no longer hashes to what was embedded), not corrupt.
@@ -89,14 +89,7 @@ def test_verify_finds_exactly_the_corrupted_rows_in_live_and_incoming_columns(
     assert all(d["cosine"] < 0.5 for d in live["disagreements"])
 
     # During a migration the incoming column is verified with its own model.
-    migrated = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
-                         "--dimensions", "768")
-    assert migrated.returncode == 0, migrated.stdout + migrated.stderr
-    with stack.connect() as conn:
-        row = conn.execute("SELECT vector_column FROM pgreembed.slots WHERE role = 'next'"
-                           ).fetchone()
-    assert row is not None
-    new_column = str(row[0])
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     stack.start_scheduler()
     wait_for(lambda: filled(stack, new_column) and filled(stack, "embedding"), timeout=90,
              interval=0.3, message="both columns filled")
@@ -148,7 +141,8 @@ def test_verify_samples_a_big_table_in_blocks(database_url: str,
     assert found.details["sampled"] == 10
     keys = [d["key"] for d in found.details["disagreements"]]
     assert keys and all(key % 2 == 0 for key in keys)
-    assert announced and "re-embedding 10 sampled rows" in announced[0]
+    assert announced
+    assert counts(r"re-embedding (\d+) sampled rows", announced[0]) == [(10,)], announced
 
     # The block sample reads a few pages of the table, and the bookkeeping by key.
     with psycopg.connect(database_url) as conn:

@@ -23,10 +23,12 @@ from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
     assert_column_current,
+    counts,
     docs_config,
     in_background,
     json_document,
     migrate,
+    rows_in_flight,
     seed,
     start_migration,
     steady_writer,
@@ -55,7 +57,8 @@ def settle(stack: Stack, fake: FakeOpenAIServer, *columns: str) -> None:
     fake.set_faults(slow_model=None, slow_model_latency=0.0)
     for column in columns:
         wait_filled(stack, column)
-    time.sleep(1.0)  # batches that were in flight land
+    wait_for(lambda: rows_in_flight(stack) == 0, timeout=60,
+             message="the batches in flight to land")
     for column in columns:
         wait_filled(stack, column)
 
@@ -65,7 +68,8 @@ def edit_then(stack: Stack, fake: FakeOpenAIServer, slow: str, step: str) -> dic
     fake.set_faults(slow_model=slow, slow_model_latency=3.0)
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET body = 'edited ' || id WHERE id <= 150")
-    time.sleep(1.0)  # the slowed model's batches are now waiting on the provider
+    wait_for(lambda: rows_in_flight(stack, slow) > 0, timeout=30,
+             message=f"batches of the slowed {slow} in flight")
     result: dict[str, object] = json.loads(migrate(stack, step, "--json", "--timeout", "60"))
     return result
 
@@ -79,7 +83,7 @@ def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
         # OLD's column, which is now `column`, not in `embedding`.
         swapped = edit_then(stack, fake_openai, OLD, "swap")
         assert swapped["step"] == "swap"
-        time.sleep(4.0)  # the slowed batches write after the swap
+        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the swap
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", NEW, 384)
     assert_column_current(stack, column, OLD, 384)
@@ -87,7 +91,7 @@ def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
     with steady_writer(stack) as writes_back:
         rolled = edit_then(stack, fake_openai, NEW, "rollback")
         assert rolled["step"] == "rollback"
-        time.sleep(4.0)
+        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the step
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", OLD, 384)
     assert_column_current(stack, column, NEW, 384)
@@ -102,13 +106,14 @@ def test_swap_converges_under_steady_writes(stack: Stack, fake_openai: FakeOpenA
     waits only for rows that would stop being searchable."""
     column = start_same_dimension_migration(stack)
     fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.3)
-    with steady_writer(stack, per_second=30.0):
-        time.sleep(2.0)
+    with steady_writer(stack, per_second=30.0) as writes:
+        wait_for(lambda: writes["edits"] >= 30 and rows_in_flight(stack, NEW) > 0,
+                 timeout=30, message="steady writes with the slowed model's batches in flight")
         started = time.monotonic()
         swapped = json.loads(migrate(stack, "swap", "--json", "--timeout", "30"))
         assert time.monotonic() - started < 15
         assert swapped["unsearchable"] <= 100
-        time.sleep(1.0)
+        time.sleep(1.0)  # the scenario: the swapped columns serve a while under the writes
         rolled = json.loads(migrate(stack, "rollback", "--json", "--timeout", "30"))
         assert rolled["unsearchable"] <= 100
     settle(stack, fake_openai, "embedding", column)
@@ -155,8 +160,9 @@ def test_rows_failed_in_the_new_column_stop_the_swap_unless_accepted(
     with steady_writer(stack, per_second=5.0, edits=range(10, 61)):
         refused = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "30")
         assert refused.returncode == 4
-        assert (f"3 rows searchable now failed to embed in {column}" in refused.stderr
-                and f"pgreembed failures --target docs --column {column}" in refused.stderr)
+        assert counts(rf"(\d+) rows searchable now failed to embed in {column}\b",
+                      refused.stderr) == [(3,)], refused.stderr
+        assert f"pgreembed failures --target docs --column {column}" in refused.stderr
         listed = json_document(stack.cli("failures", "--target", "docs", "--column", column,
                                          "--json").stdout)["failures"]
         assert sorted(int(f["key"]) for f in listed) == [5, 6, 7]
@@ -202,7 +208,8 @@ def test_swap_gets_its_lock_while_worker_writes_are_always_in_flight(
     with stack.connect() as conn:
         live = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'").fetchone()[0]
     with steady_writer(stack), writers_always_in_flight(stack, live) as writes:
-        time.sleep(1.0)
+        wait_for(lambda: writes["writes"] >= 2, timeout=30,
+                 message="both writers holding the table in turn")
         started = time.monotonic()
         out = stack.cli("migrate", "swap", "--target", "docs", "--json", "--lock-wait", "15",
                         timeout=120)
@@ -239,7 +246,7 @@ def test_database_isolation_defaults_change_nothing(stack: Stack,
     column = start_same_dimension_migration(stack)
     with steady_writer(stack):
         assert edit_then(stack, fake_openai, OLD, "swap")["step"] == "swap"
-        time.sleep(4.0)  # the slowed batches write after the swap
+        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the swap
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", NEW, 384)
     assert_column_current(stack, column, OLD, 384)
@@ -250,7 +257,7 @@ def test_database_isolation_defaults_change_nothing(stack: Stack,
     restart_pipeline(stack)
     with steady_writer(stack):
         assert edit_then(stack, fake_openai, NEW, "rollback")["step"] == "rollback"
-        time.sleep(4.0)
+        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the step
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", OLD, 384)
     assert_column_current(stack, column, NEW, 384)

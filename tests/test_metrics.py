@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import Stack, wait_for
-from tests.observability import samples, scrape, seed_docs, start_exporters, value
+from tests.helpers import Stack, seed, wait_for
+from tests.observability import samples, scrape, start_exporters, value
 
 
 def test_worker_and_scheduler_metrics(stack: Stack, tmp_path: Path) -> None:
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
-    with stack.connect() as conn:
-        seed_docs(conn, 20)
+    seed(stack, 20, body="body", numbered_body=False, rows=[("", "")])  # and one failure
     assert stack.cli("init").returncode == 0
     stack.start_worker(processes=2, threads=2)
     stack.start_scheduler()

@@ -19,6 +19,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     column_type,
+    counts,
     in_background,
     json_document,
     migrate,
@@ -71,10 +72,13 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     seed(stack, 60)
     running(stack)
     wait_filled(stack, "embedding")
-    plan = migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768")
-    assert "rows: 60" in plan and "vector(768)" in plan
-    assert 'ALTER TABLE "public"."docs" ADD COLUMN' in plan
-    assert "estimated time: no rate limit configured" in plan
+    plan = json_document(migrate(stack, "plan", "--model", "fake-768", "--dimensions", "768",
+                                 "--json"))
+    assert (plan["rows"], plan["column_type"]) == (60, "vector(768)")
+    assert any(s.startswith('ALTER TABLE "public"."docs" ADD COLUMN')
+               for s in plan["statements"]), plan["statements"]
+    assert "estimated time: no rate limit configured" in migrate(
+        stack, "plan", "--model", "fake-768", "--dimensions", "768")
     new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     assert column_type(stack, new_column) == "vector(768)"
     # Traffic during the backfill: inserts, text updates, deletes.
@@ -87,7 +91,8 @@ def test_full_migration_swap_rollback_finalize(stack: Stack) -> None:
     status = json_document(migrate(stack, "status", "--json"))
     assert (status["done"], status["phase"]) == (60, "filling")
     overall = stack.cli("status")
-    assert "migration of docs: [##############################] ~60/~60 rows" in overall.stdout
+    assert counts(r"migration of docs: \[#{30}\] ~(\d+)/~(\d+) rows", overall.stdout) == [
+        (60, 60)], overall.stdout
     assert status_roles(overall.stdout) == {"embedding": "live", new_column: "incoming"}
     # No index on the new column yet while the live one has one: refused.
     refused = stack.cli("migrate", "swap", "--target", "docs")
@@ -134,11 +139,9 @@ def test_large_model_uses_halfvec(stack: Stack) -> None:
     require_server(stack.dsn, server_versions.HALFVEC)
     seed(stack, 12)
     running(stack)
-    migrate(stack, "start", "--model", "fake-3072", "--dimensions", "3072")
-    slot_column = [c for c, t in schema_snapshot(stack)["columns"]  # type: ignore[union-attr]
-                   if t == "halfvec(3072)"]
-    assert len(slot_column) == 1
-    wait_filled(stack, slot_column[0])
+    column = start_migration(stack, "--model", "fake-3072", "--dimensions", "3072")
+    assert column_type(stack, column) == "halfvec(3072)"
+    wait_filled(stack, column)
     migrate(stack, "index")
     migrate(stack, "swap")
     assert column_type(stack, "embedding") == "halfvec(3072)"
@@ -154,7 +157,7 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     assert schema_snapshot(stack) != before
     migrate(stack, "pause")
-    assert '"paused": true' in migrate(stack, "status", "--json")
+    assert json_document(migrate(stack, "status", "--json"))["paused"] is True
     # A long query holds the table: cancel retries its short lock instead of queueing
     # the app's queries behind an unbounded wait, then drops the column.
     blocker = hold_table(stack, 3.0)  # many lock attempts (100 ms each) long
@@ -174,9 +177,7 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
     seed(stack, 200)
     running(stack)
     wait_filled(stack, "embedding")
-    migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-    new_column = [c for c, t in schema_snapshot(stack)["columns"]  # type: ignore[union-attr]
-                  if t == "vector(768)"][0]
+    new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     wait_filled(stack, new_column)
     migrate(stack, "index")
     settings = parse_settings({"target": [{
@@ -184,7 +185,7 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
         "vector_column": "embedding", "provider": "openai", "model": "fake-384",
         "dimensions": 384}]}, stack.env)
     errors: list[str] = []
-    counts = {"search": 0, "write": 0}
+    ran = {"search": 0, "write": 0}
 
     def searcher(stop: threading.Event) -> None:
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
@@ -194,7 +195,7 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
                 try:
                     hits = search(conn, settings, "docs", "doc 5", limit=3)
                     assert hits
-                    counts["search"] += 1
+                    ran["search"] += 1
                 except Exception as exc:  # noqa: BLE001 - every failure is counted
                     errors.append(f"search: {exc!r}")
 
@@ -206,25 +207,29 @@ def test_swap_under_concurrent_searches_and_writes(stack: Stack) -> None:
                 try:
                     conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s",
                                  (i % 200 + 1,))
-                    counts["write"] += 1
+                    ran["write"] += 1
                 except Exception as exc:  # noqa: BLE001
                     errors.append(f"write: {exc!r}")
-                time.sleep(0.005)
+                time.sleep(0.005)  # the app's pace
+
+    def ran_since(before: dict[str, int]) -> bool:
+        return all(ran[kind] > before[kind] + 10 for kind in ran)
 
     with in_background(searcher, searcher, searcher, writer):
-        time.sleep(1.0)
+        wait_for(lambda: ran_since({"search": 0, "write": 0}), timeout=60,
+                 message=f"the app's searches and writes running ({ran})")
         out = migrate(stack, "swap")
-        time.sleep(1.0)
+        swapped = dict(ran)
+        wait_for(lambda: ran_since(swapped), timeout=60,
+                 message=f"the app's searches and writes after the swap ({ran})")
     assert "swap done" in out
     assert errors == [], errors[:5]
-    assert counts["search"] > 10 and counts["write"] > 10, counts
 
 
 @pytest.mark.second_server
 def test_index_retry_drops_invalid_leftover_and_swap_waits_for_lock(stack: Stack) -> None:
-    seed(stack, 20)
-    with stack.connect() as conn:  # two equal texts: equal vectors, so a UNIQUE build fails
-        conn.execute("INSERT INTO docs (title, body) VALUES ('doc 1', 'body 1')")
+    # Two equal texts (row 1 and row 21): equal vectors, so a UNIQUE build fails.
+    seed(stack, 20, rows=[("doc 1", "body 1")])
     running(stack)
     new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
     # Re-running start after a crash is harmless.
@@ -259,16 +264,14 @@ def test_spend_cap_pauses_the_migration_and_status_reports_spend(stack: Stack) -
             "--spend-cap", "0.000001")
 
     def paused() -> bool:
-        return '"paused": true' in migrate(stack, "status", "--json")
+        return json_document(migrate(stack, "status", "--json"))["paused"] is True
 
     wait_for(paused, timeout=60, interval=0.5, message="the spend cap to pause the migration")
-    import json
-
-    status = json.loads(migrate(stack, "status", "--json"))
+    status = json_document(migrate(stack, "status", "--json"))
     assert status["tokens"] > 0 and status["spend_usd"] >= 0.000001
     assert status["done"] < 80
-    time.sleep(2)  # paused: nothing more is sent
-    assert json.loads(migrate(stack, "status", "--json"))["tokens"] == status["tokens"]
+    time.sleep(2)  # the scenario: a paused migration sends nothing more in this while
+    assert json_document(migrate(stack, "status", "--json"))["tokens"] == status["tokens"]
 
 
 def test_fill_resumes_after_worker_and_scheduler_are_killed(stack: Stack, fake_openai) -> None:

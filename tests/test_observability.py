@@ -15,7 +15,7 @@ import redis
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.freshness import oldest_pending_seconds, record_complete_sweep
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import Stack, wait_for
+from tests.helpers import Stack, seed, start_migration, wait_for
 from tests.observability import (
     PROMETHEUS_OWN,
     base_name,
@@ -24,7 +24,6 @@ from tests.observability import (
     emitted,
     samples,
     scrape,
-    seed_docs,
     start_exporters,
     total,
 )
@@ -38,8 +37,7 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
     documented = documented_metrics()
     assert len(documented) >= 15, "the metrics reference of docs/operations.md was not found"
     worker_port, scheduler_port = start_exporters(stack.env, tmp_path)
-    with stack.connect() as conn:
-        seed_docs(conn, ROWS)
+    seed(stack, ROWS, body="body", numbered_body=False, rows=[("", "")])  # and one failure
     # A cap far above this test's pace, so that the throttle's gauges exist.
     stack.config_path.write_text(stack.config_path.read_text()
                                  + "\n[throttle]\nmax_rows_per_second = 100000\n")
@@ -65,9 +63,8 @@ def test_every_documented_metric_is_emitted(stack: Stack, fake_openai: FakeOpenA
 
     wait_for(live_done, timeout=90, interval=0.5, message="the live column embedded")
     # A migration with a spend cap: the `next` column and the spend gauges.
-    started = stack.cli("migrate", "start", "--target", "docs", "--model", "text-embedding-3-small",
-                        "--dimensions", "384", "--spend-cap", "5")
-    assert started.returncode == 0, started.stderr
+    start_migration(stack, "--model", "text-embedding-3-small", "--dimensions", "384",
+                    "--spend-cap", "5")
 
     def everything() -> tuple[dict, dict] | None:  # type: ignore[type-arg]
         scheduler = samples(scrape(scheduler_port))

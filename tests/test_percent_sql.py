@@ -18,6 +18,7 @@ from tests.helpers import (
     Stack,
     json_document,
     migrate,
+    start_migration,
     steady_writer,
     wait_filled,
     write_config,
@@ -115,8 +116,7 @@ def test_percent_in_trusted_sql_works_everywhere(stack: Stack, fake_openai,  # t
     assert "probe_ms" in throttle["details"], throttle
 
     with steady_writer(stack, per_second=5, edits=range(1, 41)):
-        out = migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
-        new_column = out.split("column ")[1].split(" ")[0]
+        new_column = start_migration(stack, "--model", "fake-768", "--dimensions", "768")
         wait_filled(stack, new_column)
         migrate(stack, "index")
         migrate(stack, "compare", "--sample", "10")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, docs_config, json_document, seed, wait_for
+from tests.helpers import Stack, counts, docs_config, json_document, seed, wait_for
 
 MODEL = "fake-384"
 
@@ -44,7 +44,8 @@ def test_new_rows_are_embedded(stack: Stack) -> None:
     stack.start_worker()
     result = stack.cli("tick", "--wait", "--timeout", "60")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "enqueued 40 rows" in result.stdout
+    # One line per pass of `--wait`: one of them enqueued the 40 rows.
+    assert (40,) in counts(r"enqueued (\d+) rows", result.stdout), result.stdout
     assert_all_current(stack)
 
 
@@ -79,7 +80,7 @@ def test_changed_text_is_reembedded_and_unrelated_change_is_not(stack: Stack, fa
         conn.execute("UPDATE docs SET body = body WHERE id = 4")  # same text: no change
     result = stack.cli("tick", "--wait")
     assert result.returncode == 0
-    assert "enqueued 1 rows" in result.stdout, result.stdout
+    assert (1,) in counts(r"enqueued (\d+) rows", result.stdout), result.stdout
     assert fake_openai.stats()["inputs_embedded"] == calls_before + 1
     assert_all_current(stack)
 
@@ -112,12 +113,13 @@ def test_duplicate_enqueue_does_not_double_provider_calls(stack: Stack, fake_ope
     stack.start_worker(threads=2)
     first = stack.cli("tick")
     second = stack.cli("tick")  # everything is still in flight
-    assert first.stdout.startswith("tick: enqueued 30 rows in 4 batches"), first.stdout
+    assert counts(r"^tick: enqueued (\d+) rows in (\d+) batches", first.stdout) == [(30, 4)], (
+        first.stdout)
     assert second.stdout == "tick: enqueued 0 rows in 0 batches (30 already in flight)\n"
     assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
-    counts = fake_openai.stats()["text_counts"]
-    assert len(counts) == 30
-    assert set(counts.values()) == {1}, counts
+    sent = fake_openai.stats()["text_counts"]
+    assert len(sent) == 30
+    assert set(sent.values()) == {1}, sent
     assert_all_current(stack)
 
 
@@ -127,7 +129,8 @@ def test_tick_sends_whole_batches(stack: Stack) -> None:
     stack.config_path.write_text(docs_config(batch_size=300))
     seed(stack, 1100, body="body of ")
     init(stack)
-    assert "enqueued 1100 rows in 4 batches" in stack.cli("tick").stdout
+    tick = stack.cli("tick").stdout
+    assert counts(r"enqueued (\d+) rows in (\d+) batches", tick) == [(1100, 4)], tick
 
 
 def test_tick_exit_codes(stack: Stack, tmp_path) -> None:
@@ -155,7 +158,9 @@ def test_continuous_scheduler_picks_up_inserts_within_seconds(stack: Stack) -> N
     stack.start_worker()
     stack.start_scheduler()
     stack.start_scheduler()  # a second replica must not double the work
-    time.sleep(3)  # both started, one holds the leader lock
+    wait_for(lambda: "this scheduler is now the leader" in stack.log_text()
+             and "Worker process is ready for action" in stack.log_text(), timeout=60,
+             message="a scheduler leading and the worker ready")
     latencies = []
     for i in range(5):
         with stack.connect() as conn:
@@ -178,9 +183,8 @@ def test_continuous_scheduler_picks_up_inserts_within_seconds(stack: Stack) -> N
 @pytest.mark.parametrize("threads", [4])
 def test_bad_rows_are_recorded_and_do_not_block_others(stack: Stack, fake_openai,
                                                        threads: int) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES (NULL, NULL), ('', '   '),"
-                     " ('poison', 'BADINPUT here'), ('good', 'one'), ('good', 'two')")
+    seed(stack, rows=[(None, None), ("", "   "), ("poison", "BADINPUT here"), ("good", "one"),
+                      ("good", "two")])
     fake_openai.set_faults(bad_input_marker="BADINPUT")
     init(stack)
     stack.start_worker(threads=threads)
@@ -199,7 +203,8 @@ def test_bad_rows_are_recorded_and_do_not_block_others(stack: Stack, fake_openai
     status = stack.cli("status", "--json")
     assert [s["failed"] for s in json_document(status.stdout)["columns"]] == [3]
     # Failed rows are not retried on every pass ...
-    assert "enqueued 0 rows" in stack.cli("tick").stdout
+    tick = stack.cli("tick").stdout
+    assert counts(r"enqueued (\d+) rows", tick) == [(0,)], tick
     # ... until asked to, or until their text changes.
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET body = 'fixed' WHERE id = 3")
@@ -224,7 +229,7 @@ def test_provider_down_past_every_in_process_retry_then_work_resumes(stack: Stac
     stack.start_scheduler()
     wait_for(lambda: "Retrying message" in stack.log_text(), timeout=60,
              message="a batch to give up in-process and go to Dramatiq's retries")
-    time.sleep(4.0)
+    time.sleep(4.0)  # the scenario: the provider stays down a while longer
     with stack.connect() as conn:
         assert conn.execute("SELECT count(*) FROM docs WHERE embedding IS NOT NULL"
                             ).fetchone()[0] == 0

@@ -14,6 +14,7 @@ from pgreembed.migrations import plan as plan_module
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import (
     Stack,
+    counts,
     docs_config,
     json_document,
     migrate,
@@ -30,9 +31,7 @@ def plan_of(stack: Stack, *args: str) -> tuple[int, str, str]:
 
 
 def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack) -> None:
-    seed(stack, 10)
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES ('', '   '), (NULL, NULL)")
+    seed(stack, 10, rows=[("", "   "), (None, None)])
     assert stack.cli("init").returncode == 0
     code, out, _ = plan_of(stack, "--provider", "local", "--model", "x", "--dimensions", "512")
     assert code == 4  # refused/blocked (the exit-code table of docs/cli.md)
@@ -41,8 +40,8 @@ def test_plan_blocks_what_start_refuses_and_notes_rows_without_text(stack: Stack
     # waits only for rows that would stop being searchable).
     code, out, _ = plan_of(stack, "--model", "fake-768", "--dimensions", "768")
     assert code == 0, out
-    assert "note: 2 rows have no text" in out and "BLOCKER" not in out
-    assert "rows: 12 (2 without text, " in out
+    assert counts(r"note: (\d+) rows have no text", out) == [(2,)] and "BLOCKER" not in out
+    assert counts(r"rows: (\d+) \((\d+) without text, ", out) == [(12, 2)], out
     assert "as UTF-8 bytes, an upper bound" in out  # no tiktoken encoding for fake-768
     migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
     code, out, _ = plan_of(stack, "--model", "fake-1024", "--dimensions", "1024")

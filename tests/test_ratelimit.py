@@ -24,7 +24,7 @@ from pgreembed.embedding.ratelimit import RateLimiter, limiter_client
 from pgreembed.errors import FatalProviderError
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_token_count, fake_vector
-from tests.helpers import API_KEY, ROOT, Stack, docs_config, wait_for
+from tests.helpers import API_KEY, ROOT, Stack, docs_config, seed, start_migration, wait_for
 
 WINDOW = 2.0
 RPM = 8  # per WINDOW here
@@ -106,11 +106,11 @@ def test_429_report_lowers_the_shared_budget_then_it_recovers(redis_url: str) ->
     waits = [here.reserve(1) for _ in range(6)]
     assert waits[:5] == [0.0] * 5, waits  # half of 10 per window
     assert waits[5] > WINDOW - 0.3, waits
-    time.sleep(0.6)
+    time.sleep(0.6)  # the limiter's own clock: past the cool-down
     assert here.report_rate_limited() == 0.25  # a new burst after the cool-down
     time.sleep(1.2)  # past the hold: additive increase
     assert 0.25 < here.factor() < 1.0
-    time.sleep(1.6)
+    time.sleep(1.6)  # recovered in full at 0.5 a second
     assert here.factor() == 1.0
     # Another model's budget is untouched.
     assert RateLimiter(client, "other", requests_per_minute=10).factor() == 1.0
@@ -170,9 +170,7 @@ def test_worker_fleet_stays_under_server_token_limit(stack: Stack,
     stack.config_path.write_text(docs_config(batch_size=20, max_inflight_rows=2048,
                                              target_extra=f"tokens_per_minute = {our_tpm}"))
 
-    with stack.connect() as conn, conn.cursor() as cur:
-        cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)",
-                        [tuple(t.split("\n", 1)) for t in texts])
+    seed(stack, rows=[(title, body) for title, body in (t.split("\n", 1) for t in texts)])
     assert stack.cli("init").returncode == 0
     fake_openai.set_faults(tokens_per_minute=server_tpm)
     worker = stack.start_worker(processes=2, threads=4)
@@ -180,8 +178,17 @@ def test_worker_fleet_stays_under_server_token_limit(stack: Stack,
         assert stack.cli("tick").returncode == 0
         wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= budget_rows, timeout=40,
                  message="the first minute's budget to be used")
-        time.sleep(3)  # every worker is now waiting for the window to slide
+        time.sleep(3)  # the scenario: every worker waits for the window to slide, buying nothing
         stats = fake_openai.stats()
+
+        def written() -> int:
+            with stack.connect() as conn:
+                return int(conn.execute("SELECT count(embedding) FROM docs").fetchone()[0])
+
+        # What was bought is written before the workers go (a loaded machine may take
+        # a while to commit the last batch).
+        wait_for(lambda: written() >= stats["inputs_embedded"], timeout=30,
+                 message="the rows bought in the first minute to be written")
     finally:
         os.killpg(worker.pid, signal.SIGKILL)  # threads sleep up to a minute for budget
         worker.wait(10)
@@ -218,9 +225,7 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
     our_tpm = int(0.9 * server_tpm * ours_per_theirs)
     budget_rows = int(0.9 * server_rows)
     stack.config_path.write_text(docs_config(batch_size=20, max_inflight_rows=2048))
-    with stack.connect() as conn, conn.cursor() as cur:
-        cur.executemany("INSERT INTO docs (title, body) VALUES (%s, %s)",
-                        [tuple(t.split("\n", 1)) for t in texts])
+    seed(stack, rows=[(title, body) for title, body in (t.split("\n", 1) for t in texts)])
     assert stack.cli("init").returncode == 0
     worker = stack.start_worker(processes=2, threads=4)
     stack.start_scheduler()
@@ -229,12 +234,11 @@ def test_migration_to_a_limited_model_is_throttled_by_that_models_budget(
     fake_openai.reset()
     fake_openai.set_faults(model_limits={"fake-768": {"tokens_per_minute": server_tpm}})
     try:
-        started = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
-                            "--dimensions", "768", "--tokens-per-minute", str(our_tpm))
-        assert started.returncode == 0, started.stdout + started.stderr
+        start_migration(stack, "--model", "fake-768", "--dimensions", "768",
+                        "--tokens-per-minute", str(our_tpm))
         wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= budget_rows, timeout=40,
                  message="the new model's first minute of budget to be used")
-        time.sleep(3)  # every worker now waits for the window to slide (or storms)
+        time.sleep(3)  # the scenario: every worker waits for the window to slide (or storms)
         stats = fake_openai.stats()
         # What was bought is written before the workers go (a loaded machine may take
         # a while to commit the last batch).

@@ -32,9 +32,12 @@ from tests.helpers import (
     in_background,
     json_document,
     migrate,
+    rows_in_flight,
     seed,
+    start_migration,
     steady_writer,
     wait_filled,
+    wait_for,
     write_config,
 )
 
@@ -107,7 +110,7 @@ def app_transactions(dsn: str, keys: range) -> Iterator[AppTransactions]:
                     with conn.transaction():
                         conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                         conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (high,))
-                        time.sleep(APP_SLEEP)
+                        time.sleep(APP_SLEEP)  # the scenario: the app holds its rows
                         conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (low,))
                 except psycopg.Error as exc:
                     with lock:
@@ -146,8 +149,7 @@ def test_the_whole_lifecycle_on_a_managed_database(
     assert_app_reads_live(roles)
 
     fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.5)
-    migrate(stack, "start", "--model", NEW, "--dimensions", "384")
-    column = json_document(migrate(stack, "status", "--json"))["column"]
+    column = start_migration(stack, "--model", NEW, "--dimensions", "384")
     wait_filled(stack, column)
     migrate(stack, "index")
     live, kept = NEW, OLD
@@ -155,10 +157,11 @@ def test_the_whole_lifecycle_on_a_managed_database(
         fake_openai.set_faults(slow_model=kept, slow_model_latency=0.5)
         with steady_writer(app, per_second=10.0, edits=range(1, 101)), \
                 app_transactions(roles.app_dsn, range(1, 101)) as transactions:
-            time.sleep(1.0)  # batches of both models are in flight
+            wait_for(lambda kept=kept: rows_in_flight(stack, kept) > 0, timeout=30,
+                     message=f"batches of the slowed {kept} in flight")
             done = json_document(migrate(stack, step, "--json", "--timeout", "60"))
             assert done["step"] == step
-            time.sleep(2.0)  # the slowed batches land after the step
+            time.sleep(2.0)  # the app keeps on while the batches slowed 0.5 s land after it
         settle(stack, fake_openai, "embedding", column)
         assert_column_current(stack, "embedding", live, 384)
         assert_column_current(stack, column, kept, 384)

@@ -6,7 +6,7 @@ import redis
 
 from pgreembed.queue.claims import InFlight
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import Stack, docs_config, wait_for
+from tests.helpers import Stack, docs_config, seed, wait_for
 
 
 def test_a_batch_that_exhausts_its_retries_hands_its_rows_back(
@@ -15,8 +15,7 @@ def test_a_batch_that_exhausts_its_retries_hands_its_rows_back(
     (not held for the hour-long lease), and no row is marked failed."""
     stack.config_path.write_text(docs_config(
         worker_extra="provider_retry_seconds = 1\nretry_backoff_seconds = 0.2"))
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'b'), ('c', 'd')")
+    seed(stack, rows=[("a", "b"), ("c", "d")])
     assert stack.cli("init").returncode == 0
     fake_openai.set_faults(error_500_count=10**6)
     assert stack.cli("tick").returncode == 0  # claims the rows and enqueues one batch

@@ -19,6 +19,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    seed,
     wait_for,
     write_config,
 )
@@ -31,8 +32,7 @@ def _seed_with_duplicates(stack: Stack) -> list[str]:
     texts = [f"reuse text {i}" for i in range(70)] + [f"reuse text {(i * 7) % 70}"
                                                       for i in range(30)]
     random.Random(16).shuffle(texts)
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (body) SELECT unnest(%s::text[])", (texts,))
+    seed(stack, rows=[(None, text) for text in texts])
     return texts
 
 
@@ -69,8 +69,7 @@ def test_duplicates_embed_exactly_the_distinct_texts(stack: Stack,
 
 def test_edit_back_to_a_text_another_row_holds_costs_nothing(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (body) VALUES ('template'), ('template'), ('other')")
+    seed(stack, rows=[(None, "template"), (None, "template"), (None, "other")])
     _one_worker(stack)
     assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
     assert fake_openai.stats()["inputs_embedded"] == 2
@@ -104,13 +103,12 @@ def test_a_copied_vector_is_not_written_over_a_text_edited_meanwhile(
     with mock.patch.dict(os.environ, stack.env):  # importing `worker` builds its broker
         from worker.batch import process_batch
 
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (body) VALUES ('shared')")
+    seed(stack, rows=[(None, "shared")])
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=1)
     assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
-    with stack.connect() as conn:  # pending rows the test's own batch will take
-        conn.execute("INSERT INTO docs (body) VALUES ('shared'), ('HOLD new text')")
+    seed(stack, rows=[(None, "shared"), (None, "HOLD new text")])  # for the test's own batch
+    with stack.connect() as conn:
         slot_id = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'"
                                ).fetchone()[0]
     fake_openai.reset()

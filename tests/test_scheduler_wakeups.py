@@ -61,7 +61,7 @@ def test_a_steady_stream_goes_out_in_batches_not_one_row_requests(
     with stack.connect() as conn:
         for i in range(200):  # ~5 s of a pipeline inserting 40 rows/s
             conn.execute("INSERT INTO docs (title, body) VALUES (%s, 'stream')", (f"row {i}",))
-            time.sleep(0.025)
+            time.sleep(0.025)  # the app's pace: a steady stream of inserts
     rate = 200 / (time.monotonic() - started)
     wait_for(lambda: fake_openai.stats()["inputs_embedded"] >= 200, timeout=60,
              message="the 200 rows embedded")

@@ -20,7 +20,7 @@ from pgreembed.store.pool import connect
 from pgreembed.store.table_lock import LockPolicy
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, docs_config, wait_for, write_config
+from tests.helpers import Stack, docs_config, seed, start_migration, wait_for, write_config
 
 OLD_MODEL, NEW_MODEL, DIMS = "fake-384", "fake-alt-384", 384  # same size: a mix-up is silent
 QUERY = "how do I compress a file?"
@@ -46,9 +46,7 @@ def fill(stack: Stack, column: str, model: str) -> None:
 
 def initialised(stack: Stack, index: str = "hnsw (embedding vector_cosine_ops)") -> None:
     """Rows, `init`, the live column filled by OLD_MODEL and the app's index on it."""
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, %s) g", (ROWS,))
+    seed(stack, ROWS)
     init = stack.cli("init")
     assert init.returncode == 0, init.stderr
     fill(stack, "embedding", OLD_MODEL)
@@ -59,12 +57,7 @@ def initialised(stack: Stack, index: str = "hnsw (embedding vector_cosine_ops)")
 def ready_to_swap(stack: Stack) -> None:
     """A migration to NEW_MODEL (same dimensions) with its column filled and indexed."""
     initialised(stack)
-    out = stack.cli("migrate", "start", "--target", "docs", "--model", NEW_MODEL,
-                    "--dimensions", str(DIMS))
-    assert out.returncode == 0, out.stderr
-    with stack.connect() as conn:
-        column = conn.execute("SELECT vector_column FROM pgreembed.slots WHERE role = 'next'"
-                              ).fetchone()[0]
+    column = start_migration(stack, "--model", NEW_MODEL, "--dimensions", str(DIMS))
     fill(stack, column, NEW_MODEL)
     out = stack.cli("migrate", "index", "--target", "docs")
     assert out.returncode == 0, out.stderr

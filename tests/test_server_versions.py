@@ -13,7 +13,7 @@ import pytest
 
 from pgreembed.store import server_versions
 from pgreembed.store.server_versions import ServerVersions, parse_version
-from tests.helpers import Stack, column_type, docs_config, json_document
+from tests.helpers import Stack, column_type, docs_config, json_document, seed
 
 pytestmark = pytest.mark.second_server
 
@@ -61,9 +61,7 @@ def test_doctor_names_the_versions_found_and_each_feature_that_needs_newer(stack
 
 def test_tune_with_a_filter_sweeps_iterative_scans_only_where_pgvector_has_them(
         stack: Stack) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, 400) g")
+    seed(stack, 400)
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET embedding = ('[' || array_to_string(ARRAY(SELECT"

@@ -4,15 +4,14 @@ concurrency, and `migrate resume --spend-cap` raises (or removes) it."""
 from __future__ import annotations
 
 import json
-import time
 
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
-    new_column,
     seed,
+    start_migration,
     wait_filled,
     wait_for,
 )
@@ -40,10 +39,12 @@ def ledger(stack: Stack, slot_id: int) -> tuple[float, float, int]:
     return int(tokens) * PRICE, int(biggest) * PRICE, int(open_reservations[0])
 
 
-def wait_paused_by_cap(stack: Stack) -> None:
+def wait_paused_by_cap(stack: Stack, slot_id: int) -> None:
+    """Paused by the cap, and the batches in flight then billed (no reservation open)."""
     wait_for(lambda: status(stack)["paused_by"] == "spend_cap", timeout=60, interval=0.3,
              message="the spend cap to pause the migration")
-    time.sleep(1.5)  # batches in flight when it paused finish and are billed
+    wait_for(lambda: ledger(stack, slot_id)[2] == 0, timeout=30, interval=0.2,
+             message="the batches in flight when it paused to be billed")
 
 
 def test_cap_holds_with_concurrent_workers_and_resume_raises_it(stack: Stack,
@@ -57,17 +58,15 @@ def test_cap_holds_with_concurrent_workers_and_resume_raises_it(stack: Stack,
     fake_openai.set_faults(latency=0.3)  # every request overlaps the others
     # "doc N\nbody N" is ~4 tokens to the server: a batch of 8 rows costs ~$6e-7.
     cap = 0.000003
-    out = stack.cli("migrate", "start", "--target", "docs", "--model", MODEL,
-                    "--dimensions", "384", "--spend-cap", str(cap))
-    assert out.returncode == 0, out.stdout + out.stderr
-    column = new_column(stack)
+    column = start_migration(stack, "--model", MODEL, "--dimensions", "384",
+                             "--spend-cap", str(cap))
     with stack.connect() as conn:
         slot = conn.execute("SELECT id FROM pgreembed.slots WHERE vector_column = %s",
                             (column,)).fetchone()
     assert slot is not None
     slot_id = int(slot[0])
 
-    wait_paused_by_cap(stack)
+    wait_paused_by_cap(stack, slot_id)
     spent, batch_cost, reservations = ledger(stack, slot_id)
     print(f"\nspend cap ${cap}: spent ${spent:.7f}, one batch ${batch_cost:.7f}")
     assert 0 < batch_cost < cap / 3  # several batches fit: the cap is what stops them
@@ -88,7 +87,7 @@ def test_cap_holds_with_concurrent_workers_and_resume_raises_it(stack: Stack,
     resumed = stack.cli("migrate", "resume", "--target", "docs", "--spend-cap", str(raised))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert status(stack)["spend_cap_usd"] == raised
-    wait_paused_by_cap(stack)
+    wait_paused_by_cap(stack, slot_id)
     spent_again, batch_cost, _ = ledger(stack, slot_id)
     assert spent < spent_again, "resume --spend-cap did not resume filling"
     assert raised <= spent_again <= raised + batch_cost, (spent_again, raised, batch_cost)

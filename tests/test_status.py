@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from tests.helpers import ROOT, Stack, json_document, wait_for
+from tests.helpers import ROOT, Stack, json_document, seed, wait_for
 
 ROWS, PENDING = 20_000, 10
 
@@ -22,9 +22,7 @@ def seq_scans(stack: Stack) -> int:
 
 def test_status_counts_without_scanning_the_table_and_exactly_on_request(stack: Stack
                                                                         ) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body'"
-                     " FROM generate_series(1, %s) g", (ROWS,))
+    seed(stack, ROWS, body="body", numbered_body=False)
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:  # vectors filled with SQL, all but PENDING rows
         conn.execute("UPDATE docs SET embedding = array_fill(0.1, ARRAY[384])::vector"

@@ -15,7 +15,7 @@ from pgreembed.migrations.progress import progress
 from pgreembed.operations.status import collect
 from pgreembed.store import counts
 from pgreembed.store.pool import connect
-from tests.helpers import Stack, json_document, migrate
+from tests.helpers import Stack, json_document, migrate, seed
 
 ROWS, PENDING = 20_000, 8_000
 
@@ -88,9 +88,7 @@ def test_big_backlogs_are_sampled_and_labelled(stack: Stack, monkeypatch: pytest
 
 
 def test_a_small_backlog_is_counted_exactly(stack: Stack) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, 3000) g")
+    seed(stack, 3000)
     assert stack.cli("init").returncode == 0
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET embedding = array_fill(0.1, ARRAY[384])::vector"

@@ -25,6 +25,7 @@ from tests.helpers import (
     seed,
     start_migration,
     wait_filled,
+    wait_for,
     write_config,
 )
 
@@ -63,8 +64,8 @@ def idle_in_transaction(stack: Stack, statement: str, seconds: float) -> psycopg
             while not conn.closed and time.monotonic() < deadline and not watcher.execute(
                     "SELECT count(*) FROM pg_locks WHERE NOT granted"
                     " AND relation = 'docs'::regclass").fetchone()[0]:
-                time.sleep(0.02)
-        time.sleep(seconds)
+                time.sleep(0.02)  # a poll (in its own thread: no wait_for failing the test)
+        time.sleep(seconds)  # the scenario: the reader stays idle this long
         with contextlib.suppress(psycopg.Error):
             conn.rollback()
 
@@ -81,14 +82,16 @@ def test_migrate_start_waits_behind_an_idle_reader_without_stalling_writers(
     wait_filled(stack, "embedding")
     fake_openai.set_faults(slow_model="fake-768", slow_model_latency=0.5)
     with timed_writer(stack) as latencies:
-        time.sleep(0.5)
+        wait_for(lambda: len(latencies) >= 20, timeout=30, message="the app's writer running")
         # ADD COLUMN needs ACCESS EXCLUSIVE: the idle reader's ACCESS SHARE blocks it for 3 s.
         reader = idle_in_transaction(stack, "SELECT count(*) FROM docs", 3.0)
         started = time.monotonic()
         out = stack.cli("migrate", "start", "--target", "docs", "--model", "fake-768",
                         "--dimensions", "768")
         took = time.monotonic() - started
-        time.sleep(0.5)
+        written = len(latencies)  # a write stalled behind a lock is recorded once it ends
+        wait_for(lambda: len(latencies) >= written + 20, timeout=30,
+                 message="the app's writer going on after the command")
     reader.close()
     assert out.returncode == 0, out.stderr
     assert took >= 2.5  # it waited for the reader...

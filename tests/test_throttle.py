@@ -16,7 +16,15 @@ from pgreembed.config import load_settings, parse_settings
 from pgreembed.config.throttle import ThrottleSettings
 from pgreembed.embedding.throttle import Throttle, _Prober
 from pgreembed.errors import ConfigError
-from tests.helpers import Stack, docs_config, json_document, seed, wait_for, write_config
+from tests.helpers import (
+    Stack,
+    counts,
+    docs_config,
+    json_document,
+    seed,
+    wait_for,
+    write_config,
+)
 
 ENV = {"DATABASE_URL": "postgresql://localhost/x"}
 TARGET = {"name": "docs", "table": "docs", "text_column": "body", "vector_column": "v",
@@ -48,7 +56,7 @@ def _embedded_over_time(stack: Stack, total: int, timeout: float) -> list[tuple[
             if done >= total:
                 return samples
             assert time.monotonic() < deadline, f"{done} of {total} rows after {timeout}s"
-            time.sleep(0.05)
+            time.sleep(0.05)  # the sampling interval of the rate measured
 
 
 def test_cap_holds_across_worker_processes(stack: Stack) -> None:
@@ -180,7 +188,8 @@ def test_status_and_doctor_show_the_throttle_and_its_pace(stack: Stack) -> None:
     assert 0.1 <= factor < 1.0 and pace == pytest.approx(200 * factor), (factor, pace)
     back_off()
     text = stack.cli("status").stdout
-    assert "throttle: at most 200 rows/s, adaptive (backs off on a probe > 20 ms)" in text
+    assert counts(r"throttle: at most (\d+) rows/s, adaptive \(backs off on a probe > (\d+) ms\)",
+                  text) == [(200, 20)], text
     assert "of the cap), last back-off" in text, text
 
     back_off()

@@ -20,15 +20,13 @@ from pgreembed.config import Settings, load_settings
 from pgreembed.operations.search import search
 from pgreembed.store.pool import connect
 from pgreembed.testing.fake_vectors import fake_vectors
-from tests.helpers import Stack, fill, json_document, vector_texts
+from tests.helpers import Stack, fill, json_document, seed, vector_texts
 
 MODEL, DIMS, ROWS, LISTS = "fake-384", 384, 3000, 30
 
 
 def ivfflat_table(stack: Stack) -> dict[int, str]:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'body ' || g"
-                     " FROM generate_series(1, %s) g", (ROWS,))
+    seed(stack, ROWS)
     init = stack.cli("init")
     assert init.returncode == 0, init.stderr
     with stack.connect() as conn:

@@ -26,6 +26,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    seed,
     wait_filled,
     write_config,
 )
@@ -89,9 +90,8 @@ def test_init_upgrades_the_previous_layout_and_the_target_keeps_working(
                             " ORDER BY id").fetchall() == [("embedding", "vector"),
                                                            ("embedding__m2", "vector")]
         # New rows and an edit while the workers are down: pending in both columns.
-        conn.execute("INSERT INTO docs (title, body) SELECT 'new ' || g, 'row ' || g"
-                     " FROM generate_series(1, 5) g")
         conn.execute("UPDATE docs SET body = 'edited' WHERE id = 3")
+    seed(old_stack, 5, title="new", body="row ")
 
     again = old_stack.cli("init")
     assert again.returncode == 0, again.stderr

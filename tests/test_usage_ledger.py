@@ -8,7 +8,7 @@ import pytest
 from pgreembed.config import load_settings
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.observability.scheduler_metrics import DatabaseCollector
-from tests.helpers import Stack
+from tests.helpers import Stack, seed
 
 SMALL, LARGE = "text-embedding-3-small", "text-embedding-3-large"
 
@@ -24,9 +24,7 @@ def use_model(stack: Stack, model: str) -> None:
 
 
 def test_cost_per_column_prices_each_models_tokens_at_its_own_price(stack: Stack) -> None:
-    with stack.connect() as conn:
-        conn.execute("INSERT INTO docs (title, body) SELECT 'doc ' || g, 'some body text'"
-                     " FROM generate_series(1, 30) g")
+    seed(stack, 30, body="some body text", numbered_body=False)
     stack.start_worker()
     use_model(stack, SMALL)
     use_model(stack, LARGE)  # in place: every row is re-embedded into the same column
