@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
 import psycopg
 import pytest
 
+from pgreembed.migrations.crash_point import CRASH_AT
 from tests.helpers import (
+    ROOT,
     Stack,
     assert_column_current,
     docs_config,
@@ -101,6 +106,8 @@ def test_finalize_gives_the_replaced_vectors_space_back(stack: Stack) -> None:
         migrate(stack, "finalize")
         app.close()
     after = sizes(stack)
+    print(json.dumps({"before": before, "peak": measured["peak"], "after": after,
+                      "planned": planned}))
     # The replaced vectors left: the table's data is back to its size before.
     assert after["data"] <= 1.1 * before["data"], (before, after)
     with stack.connect() as conn:
@@ -112,3 +119,54 @@ def test_finalize_gives_the_replaced_vectors_space_back(stack: Stack) -> None:
         assert abs(planned_bytes - got) <= 0.2 * got, (planned, measured, after)
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", NEW, DIMS)
+
+
+def cli(stack: Stack, *args: str, crash_at: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """The CLI; with `crash_at`, it SIGKILLs itself right after that point's commit."""
+    env = {**stack.env, **({CRASH_AT: crash_at} if crash_at else {})}
+    return subprocess.run([sys.executable, "-m", "pgreembed", *args, "--target", "docs"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def old_vectors(stack: Stack, column: str) -> int:
+    return ROWS_SMALL - nulls(stack, column)
+
+
+ROWS_SMALL = 60
+
+
+@pytest.mark.second_server
+def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(stack: Stack) -> None:
+    seed(stack, ROWS_SMALL)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    column = start_migration(stack, "--model", "fake-alt-384", "--dimensions", "384")
+    wait_filled(stack, column)
+    migrate(stack, "index")
+    migrate(stack, "swap")
+    # Killed once the old column is marked: nothing cleared yet, but no way back.
+    killed = cli(stack, "migrate", "finalize", crash_at="finalize_begun")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    refused = cli(stack, "migrate", "rollback")
+    assert refused.returncode == 4 and "finalize has begun clearing" in refused.stderr
+    # Killed after clearing: every old vector gone, its indexes too, the column still there.
+    killed = cli(stack, "migrate", "finalize", crash_at="finalize_cleared")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert old_vectors(stack, column) == 0
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'docs'"
+                            " AND indexdef LIKE %s", (f"%{column}%",)).fetchone() == (0,)
+    done = cli(stack, "migrate", "finalize")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with stack.connect() as conn:
+        assert conn.execute("SELECT phase FROM pgreembed.migrations").fetchall() == [
+            ("finalized",)]
+        conn.execute("UPDATE docs SET body = 'after finalize' WHERE id = 5")
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", "fake-alt-384", 384)
