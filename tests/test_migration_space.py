@@ -20,7 +20,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgreembed.errors import ConfigError
 from pgreembed.migrations.crash_point import CRASH_AT
+from pgreembed.migrations.disk import parse_size
 from tests.helpers import (
     ROOT,
     Stack,
@@ -170,3 +172,10 @@ def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(stack: Stac
         conn.execute("UPDATE docs SET body = 'after finalize' WHERE id = 5")
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", "fake-alt-384", 384)
+
+
+def test_disk_budget_sizes() -> None:
+    assert [parse_size(s) for s in ("1234", "500MB", "1.5GiB", "2 tb")] == [
+        1234, 500 * 10**6, int(1.5 * 2**30), 2 * 10**12]
+    with pytest.raises(ConfigError, match="--disk-budget"):
+        parse_size("lots")
