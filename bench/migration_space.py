@@ -133,6 +133,8 @@ class App:
     def __init__(self, dsn: str, rows: int, rate: float = 50.0) -> None:
         self.dsn, self.rows, self.rate = dsn, rows, rate
         self.latencies: list[float] = []
+        self.phase = "setup"  # what the bench is doing meanwhile
+        self.by_phase: dict[str, list[float]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -146,6 +148,7 @@ class App:
                              (texts(key + rng.randint(1, 10**6), 1)[0], key))
                 took = time.perf_counter() - started
                 self.latencies.append(took)
+                self.by_phase.setdefault(self.phase, []).append(took)
                 self.stop.wait(max(0.0, 1 / self.rate - took))
 
     def __enter__(self) -> App:
@@ -156,8 +159,8 @@ class App:
         self.stop.set()
         self.thread.join()
 
-    def p99_ms(self) -> float:
-        ordered = sorted(self.latencies)
+    def p99_ms(self, phase: str | None = None) -> float:
+        ordered = sorted(self.latencies if phase is None else self.by_phase.get(phase, []))
         return round(1000 * ordered[int(0.99 * (len(ordered) - 1))], 1) if ordered else 0.0
 
 
@@ -205,8 +208,8 @@ def _clear_spread(conn: psycopg.Connection, column: str, rows: int) -> None:
     _clear(conn, column, rows)  # rows moved behind the walk
 
 
-def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
-          ) -> dict[str, Any]:
+def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int,
+          app: App) -> dict[str, Any]:
     pid = conn.info.backend_pid
     side = "v" if case == "in_place" else "side"
     if case != "in_place":
@@ -216,6 +219,7 @@ def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
         else:
             conn.execute("CREATE INDEX CONCURRENTLY t_side_pending ON t (id) WHERE side IS NULL")
     live_before = _index_size(conn, "t_v")
+    app.phase = "fill"
     updates, cpu, wal = _updates(conn), _cpu(pid), _wal(conn)
     all_cpu, all_wal = cpu, wal
     fill_s = _write(conn, side, list(range(1, rows + 1)), _vectors(rows, dims, 10 + number),
@@ -231,6 +235,7 @@ def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
         out["total_s"] = out["fill_s"]
     else:
         started, cpu = time.perf_counter(), _cpu(pid)
+        app.phase = "build"
         conn.execute("CREATE INDEX CONCURRENTLY t_side ON t USING hnsw (side vector_cosine_ops)"
                      " WITH (m = 16, ef_construction = 64)")
         out["build_s"] = round(time.perf_counter() - started, 2)
@@ -246,6 +251,7 @@ def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
             conn.execute("ALTER INDEX IF EXISTS t_side_pending RENAME TO t_v_pending")
         if case == "spread_ff":
             conn.execute("CREATE INDEX CONCURRENTLY t_v_pending ON t (id) WHERE v IS NULL")
+        app.phase = "finalize"
         started, cpu, wal, updates = time.perf_counter(), _cpu(pid), _wal(conn), _updates(conn)
         if case != "today":
             conn.execute("DROP INDEX CONCURRENTLY t_old")
@@ -263,6 +269,7 @@ def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
     out["end_to_end_s"] = round(out["total_s"] + out.get("finalize_s", 0.0), 2)
     out["end_to_end_cpu_ms_per_row"] = round(1000 * (_cpu(pid) - all_cpu) / rows, 2)
     out["end_to_end_wal_bytes_per_row"] = round((_wal(conn) - all_wal) / rows)
+    app.phase = "vacuum"
     conn.execute("VACUUM t")
     return out | _sizes(conn)
 
@@ -298,7 +305,7 @@ def main() -> None:
                             runs = []
                             with App(db, args.rows) as app:
                                 for number in range(1, args.cycles + 1):
-                                    out = cycle(conn, case, number, args.rows, args.dims)
+                                    out = cycle(conn, case, number, args.rows, args.dims, app)
                                     out["total_ratio"] = round(out["total"] / before["total"], 3)
                                     out["live_bytes_ratio"] = round(
                                         out["live_bytes"] / before["live_bytes"], 3)
@@ -310,7 +317,10 @@ def main() -> None:
                                 runs.append(out)
                                 print(json.dumps(out), flush=True)
                             runs[-1]["app_p99_ms"] = app.p99_ms()
-                            print(json.dumps({"case": case, "app_p99_ms": app.p99_ms()}),
+                            runs[-1]["app_p99_ms_finalize"] = app.p99_ms("finalize")
+                            runs[-1]["app_p99_ms_fill"] = app.p99_ms("fill")
+                            print(json.dumps({"case": case, "app_p99_ms": {
+                                phase: app.p99_ms(phase) for phase in app.by_phase}}),
                                   flush=True)
                             results[case].append(runs)
                         admin.execute(f"DROP DATABASE {name}")
@@ -328,6 +338,9 @@ def main() -> None:
                                                    for c in every),
             "live_index_growth": max(c["live_index_growth"] for c in every),
             "app_p99_ms": statistics.median(r[-1]["app_p99_ms"] for r in rounds),
+            "app_p99_ms_fill": statistics.median(r[-1]["app_p99_ms_fill"] for r in rounds),
+            "app_p99_ms_finalize": statistics.median(r[-1]["app_p99_ms_finalize"]
+                                                     for r in rounds),
             "total_s_first": statistics.median(r[0]["total_s"] for r in rounds),
             "total_s_last": statistics.median(r[-1]["total_s"] for r in rounds),
             "total_ratio_per_cycle": [statistics.median(r[i]["total_ratio"] for r in rounds)
