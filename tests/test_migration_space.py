@@ -25,6 +25,7 @@ from pgreembed.migrations.crash_point import CRASH_AT
 from pgreembed.migrations.disk import parse_size
 from tests.helpers import (
     ROOT,
+    OrdinaryRoles,
     Stack,
     assert_column_current,
     docs_config,
@@ -35,6 +36,11 @@ from tests.helpers import (
     wait_filled,
     wait_for,
     write_config,
+)
+from tests.test_real_deployment import (
+    assert_app_reads_live,
+    create_app_objects,
+    repeatable_read_by_default,
 )
 
 OLD, NEW, DIMS = "fake-768", "fake-alt-768", 768  # 3,080 bytes a vector: TOASTed
@@ -139,9 +145,15 @@ ROWS_SMALL = 60
 
 
 @pytest.mark.second_server
-def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(stack: Stack) -> None:
+def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """As an ordinary role, REPEATABLE READ by default, an app view and function on the
+    vector column."""
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
     seed(stack, ROWS_SMALL)
     assert stack.cli("init").returncode == 0
+    create_app_objects(stack, roles)
     with stack.connect() as conn:
         conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
                      " (embedding vector_cosine_ops)")
@@ -172,6 +184,7 @@ def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(stack: Stac
         conn.execute("UPDATE docs SET body = 'after finalize' WHERE id = 5")
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", "fake-alt-384", 384)
+    assert_app_reads_live(roles)
 
 
 def test_disk_budget_sizes() -> None:
