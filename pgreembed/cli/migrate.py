@@ -75,6 +75,9 @@ def _json_option(p: argparse.ArgumentParser) -> None:
 
 def _plan(p: argparse.ArgumentParser) -> None:
     _model_options(p)
+    p.add_argument("--disk-budget", metavar="SIZE",
+                   help="refuse (exit 4) if the table would grow by more than this at the"
+                        " migration's peak: bytes, or e.g. 500MB, 20GB, 1.5TiB")
     _json_option(p)
 
 

@@ -9,7 +9,7 @@ from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target
 from pgreembed.errors import EXIT_OK, EXIT_REFUSED, ConfigError
-from pgreembed.migrations import app_objects, derive, lifecycle, plan
+from pgreembed.migrations import app_objects, derive, disk, lifecycle, plan
 from pgreembed.store.table_lock import LockPolicy
 
 
@@ -23,7 +23,9 @@ def derive_step(settings: Settings, target: Target, args: argparse.Namespace, st
     live = derive.live_slot(settings, target)
     dimensions, kind = derive.new_column(live, derive.parse(args.derive))
     if step == "plan":
-        p = plan.plan(settings, target, live.provider, live.model, dimensions, vector_type=kind)
+        budget = getattr(args, "disk_budget", None)
+        p = plan.plan(settings, target, live.provider, live.model, dimensions, vector_type=kind,
+                      disk_budget=None if budget is None else disk.parse_size(budget))
         saved = derive.storage_saved(p.rows, live, dimensions, kind)
         live_bytes = (4 if live.vector_type == "vector" else 2) * live.dimensions + 8
         share = saved / max(1, p.rows) / live_bytes  # of each vector's bytes

@@ -14,8 +14,8 @@ from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
 from pgreembed.embedding.providers import require_credentials
 from pgreembed.errors import EXIT_OK, EXIT_REFUSED, ConfigError, WaitTimeoutError
+from pgreembed.migrations import disk, lifecycle, plan, progress, swap
 from pgreembed.migrations import index as indexing
-from pgreembed.migrations import lifecycle, plan, progress, swap
 from pgreembed.migrations.index_progress import IndexBuild
 from pgreembed.store.table_lock import LockPolicy
 
@@ -85,9 +85,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.derive is not None:
         return derive_step(settings, target, args, "plan", None)
     _require_model(args, "plan")
+    budget_bytes = None if args.disk_budget is None else disk.parse_size(args.disk_budget)
     p = plan.plan(settings, target, args.provider or target.provider, args.model,
                   args.dimensions,
-                  budget=_budget(args))
+                  budget=_budget(args), disk_budget=budget_bytes)
     code = EXIT_REFUSED if p.blockers else EXIT_OK
     if args.json:
         emit("migrate-plan", {
@@ -101,7 +102,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "storage_bytes": p.storage_bytes, "column": p.column,
             "column_type": p.column_type, "statements": p.statements,
             "blockers": p.blockers, "notes": p.notes,
-            "app_objects": [d.as_dict() for d in p.app_objects]})
+            "app_objects": [d.as_dict() for d in p.app_objects],
+            "disk": None if p.space is None else {
+                "table_bytes": p.space.now, "peak_bytes": p.space.peak,
+                "peak_extra_bytes": p.space.peak_extra,
+                "after_finalize_bytes": p.space.after_finalize,
+                "live_after_finalize_bytes": p.space.live_after_finalize,
+                "disk_budget_bytes": budget_bytes}})
         return code
     cost = "n/a (unknown price)" if p.cost_usd is None else f"${p.cost_usd:,.2f}"
     about = "~" if p.rows_estimated else ""
@@ -124,6 +131,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"estimated time at {args.model}'s rate limit ({limits}):"
               f" {p.minutes_at_rate_limit:,.1f} min")
     print(f"new column: {p.column} {p.column_type}, ~{_human_bytes(p.storage_bytes)}")
+    if p.space is not None:
+        _print_disk(p.space, budget_bytes)
     print("SQL:")
     for statement in p.statements:
         print(f"  {statement}")
@@ -134,6 +143,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for blocker in p.blockers:
         print(f"BLOCKER: {blocker}")
     return code
+
+
+def _print_disk(d: disk.DiskEstimate, budget: int | None) -> None:
+    within = ("" if budget is None else
+              f", {'within' if d.peak_extra <= budget else 'OVER'} --disk-budget"
+              f" {_human_bytes(budget)}")
+    print(f"disk: the table (heap + TOAST + indexes) is {_human_bytes(d.now)} now;"
+          f" ~{_human_bytes(d.peak)} at the peak, from start to finalize"
+          f" (+{_human_bytes(d.peak_extra)}{within})")
+    print(f"after finalize + VACUUM: ~{_human_bytes(d.after_finalize)} on disk, of which"
+          f" ~{_human_bytes(d.live_after_finalize)} data; the rest is free space the table"
+          " (and the next migration) reuses, which only a rewrite (VACUUM FULL, pg_repack)"
+          " returns to the OS")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

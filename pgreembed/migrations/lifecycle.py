@@ -20,7 +20,7 @@ from psycopg import sql
 from pgreembed.config import Budget, Settings, Target
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import ConfigError, MigrationError
-from pgreembed.migrations import app_objects
+from pgreembed.migrations import app_objects, clear
 from pgreembed.migrations.app_objects import refuse_drop
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.state import (
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG = "backlog"  # auto_reason of a side fill of the live model
 SIDE_FILL = "side_fill"  # paused_by of the columns a side fill holds back
+FINALIZING = "finalize"  # paused_by of a replaced column finalize is clearing: no rollback
 
 
 def start(settings: Settings, target: Target, provider: str, model: str,
@@ -270,12 +271,35 @@ def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None
     return StepResult()
 
 
-def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None
-             ) -> StepResult:
+def finalize(settings: Settings, target: Target, policy: LockPolicy | None = None,
+             clear_vectors: bool = True) -> StepResult:
     """After the rollback window: drop the column that is not live any more. Run again
-    after its commit (a crash before the caller heard of it), it has nothing to do."""
+    after its commit (a crash before the caller heard of it), it has nothing to do.
+
+    First (`clear_vectors`) the column's vectors leave the disk (migrations.clear): its
+    slot is marked FINALIZING (no rollback from here, the scheduler stops keeping it
+    current), its indexes are dropped and every row's value set to NULL in short
+    transactions; an interrupted finalize resumes there. Then DROP COLUMN."""
     if _already_done(settings, target, "finalized"):
         return StepResult(already_done=True)
+    policy = policy or LockPolicy()
+
+    def begin(conn: psycopg.Connection) -> Slot:
+        require_open(conn, target, "swapped", "rolled_back", lock=True)
+        old = next(s for s in load_slots(conn, target) if s.role == "old")
+        refuse_drop(conn, old.table, old.vector_column, "finalize")  # before anything goes
+        conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s"
+                     " WHERE id = %s", (FINALIZING, old.id))
+        return old
+
+    if clear_vectors:
+        old = run_locked(settings.database_url, app_table(target), "finalize", begin, policy)
+        crash_point("finalize_begun")
+        clear.drop_column_indexes(settings.database_url, old, policy)
+        done = clear.clear(settings.database_url, old, policy)
+        log.info("finalize: %d old vectors of %s cleared (%d left locked by the app)",
+                 done.rows, old.vector_column, done.left)
+        crash_point("finalize_cleared")
 
     def drop_old(conn: psycopg.Connection) -> None:
         migration = require_open(conn, target, "swapped", "rolled_back", lock=True)

@@ -13,14 +13,14 @@ from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.budgets import configured_budget
 from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
 from pgreembed.errors import MigrationError
-from pgreembed.migrations import app_objects
+from pgreembed.migrations import app_objects, disk
 from pgreembed.migrations.index import column_indexes, index_defaults
 from pgreembed.migrations.state import SWAP_COLUMN, new_column_name
 from pgreembed.store import app_objects as app_catalog
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.budgets import recorded_budget
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import app_table, load_slots, vector_type_for
+from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
 from pgreembed.store.texts import no_text
 from pgreembed.store.trusted_sql import NO_PARAMS
 
@@ -50,14 +50,16 @@ class Plan:
     notes: list[str]
     # The app's objects reading the live column, with what the swap will do with each.
     app_objects: list[app_objects.Decision] = field(default_factory=list)
+    space: disk.DiskEstimate | None = None  # the table's bytes now, at the peak, after
 
 
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
          sample_limit: int = 100_000, budget: Budget | None = None,
-         vector_type: str | None = None) -> Plan:
+         vector_type: str | None = None, disk_budget: int | None = None) -> Plan:
     """What `start` would do and cost; changes nothing. `budget` is what `start` would be
     given; the time estimate uses every budget of the new model (see pgreembed.embedding.budgets).
-    `vector_type`: the new column's storage (default: by dimensions)."""
+    `vector_type`: the new column's storage (default: by dimensions). `disk_budget`: the
+    bytes the table may grow by at the migration's peak; a peak above it is a blocker."""
     from pgreembed.embedding.providers import make_provider
     from pgreembed.migrations.plan_sql import migration_statements
     from pgreembed.store.slots import text_expression
@@ -96,6 +98,8 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
             conn, live, column, f"{kind}({dimensions})", index_method,
             f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
             SWAP_COLUMN)
+        ann_bytes = _index_bytes(conn, live)
+        space = disk.estimate(conn, live, total, dimensions, kind, ann_bytes)
         objects = app_objects.swap_decisions(conn, table, [live.vector_column],
                                              live.column_type, f"{kind}({dimensions})")
         notes += app_objects.publication_notes(
@@ -105,6 +109,10 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         versions.missing(server_versions.HALFVEC) if kind == "halfvec" else None,
         versions.missing(server_versions.L1_INDEX) if index_distance == "l1" else None,
     ) if problem is not None)
+    if disk_budget is not None and space.peak_extra > disk_budget:
+        blockers.append(f"the migration needs ~{space.peak_extra:,} more bytes of disk at its"
+                        f" peak (the table {space.now:,} -> ~{space.peak:,}), over"
+                        f" --disk-budget {disk_budget:,}")
     refused = [f"{d.obj.kind} {d.obj.name}" for d in objects if d.action == app_objects.REFUSE]
     if refused:
         notes.append(f"the swap will refuse while {', '.join(refused)} read(s) the vector"
@@ -144,7 +152,16 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     minutes = max(limits) if limits and provider == "openai" else None
     return Plan(total, empty, estimated, paid_texts, tokens, exact, embedder.counts_exactly,
                 cost, minutes, budget, storage, column, f"{kind}({dimensions})", statements,
-                blockers, notes, objects)
+                blockers, notes, objects, space)
+
+
+def _index_bytes(conn: psycopg.Connection, live: Slot) -> int:
+    """Bytes of the live column's indexes (dropped at finalize, rebuilt on the new one)."""
+    names = [i.name for i in column_indexes(conn, live)]
+    row = conn.execute("SELECT coalesce(sum(pg_relation_size(format('%%I.%%I', %s::text, n)"
+                       "::regclass)), 0) FROM unnest(%s::text[]) n",
+                       (live.target.schema, names)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _count_rows(conn: psycopg.Connection, table: sql.Composable, text: sql.Composable

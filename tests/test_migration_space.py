@@ -1,0 +1,194 @@
+"""A finished migration gives the replaced vectors' space back to the table (issue 24).
+
+DROP COLUMN alone frees nothing: every replaced (TOASTed) vector stayed on disk until its
+row was rewritten, so after one migration the table held both models' vectors (live
+data 1.93x, bench.migration_space). finalize now clears the old column first
+(migrations.clear), while the app writes and holds some rows locked; `migrate plan`
+predicts the table's size at the peak and after finalize.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgreembed.errors import ConfigError
+from pgreembed.migrations.crash_point import CRASH_AT
+from pgreembed.migrations.disk import parse_size
+from tests.helpers import (
+    ROOT,
+    OrdinaryRoles,
+    Stack,
+    assert_column_current,
+    docs_config,
+    in_background,
+    migrate,
+    seed,
+    start_migration,
+    wait_filled,
+    wait_for,
+    write_config,
+)
+from tests.test_real_deployment import (
+    assert_app_reads_live,
+    create_app_objects,
+    repeatable_read_by_default,
+)
+
+OLD, NEW, DIMS = "fake-768", "fake-alt-768", 768  # 3,080 bytes a vector: TOASTed
+ROWS = 2000
+
+
+def sizes(stack: Stack) -> dict[str, int]:
+    """The docs table after a plain VACUUM: on disk (heap + TOAST + indexes) and its live
+    data (pgstattuple's live tuple bytes of heap and TOAST)."""
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        conn.execute("VACUUM docs")
+        row = conn.execute(
+            "SELECT pg_total_relation_size('docs'), (SELECT tuple_len FROM pgstattuple('docs'))"
+            " + (SELECT tuple_len FROM pgstattuple(reltoastrelid)) FROM pg_class"
+            " WHERE oid = 'docs'::regclass").fetchone()
+    assert row is not None
+    return {"disk": int(row[0]), "data": int(row[1])}
+
+
+def editing(stack: Stack, per_second: float = 50.0):  # type: ignore[no-untyped-def]
+    """The app: edits the text of a random row, `per_second` times a second."""
+    def run(stop: threading.Event) -> None:
+        rng = random.Random(24)
+        with psycopg.connect(stack.dsn, autocommit=True) as conn:
+            while not stop.wait(1.0 / per_second):
+                conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                             (f"edited {rng.random()}", rng.randint(1, ROWS)))
+    return in_background(run)
+
+
+def nulls(stack: Stack, column: str) -> int:
+    with stack.connect() as conn:
+        row = conn.execute(f"SELECT count(*) FROM docs WHERE {column} IS NULL").fetchone()
+    return int(row[0]) if row else -1
+
+
+def holding_rows(stack: Stack, seconds: float) -> psycopg.Connection:
+    """An app transaction holding rows 1-20 locked (FOR UPDATE) for `seconds`."""
+    app = psycopg.connect(stack.dsn)
+    app.execute("SELECT id FROM docs WHERE id <= 20 FOR UPDATE").fetchall()
+    threading.Timer(seconds, app.rollback).start()
+    return app
+
+
+@pytest.mark.second_server
+def test_finalize_gives_the_replaced_vectors_space_back(stack: Stack) -> None:
+    write_config(stack.config_path, docs_config(batch_size=100, max_inflight_rows=400).replace(
+        '"fake-384"', f'"{OLD}"').replace("dimensions = 384", f"dimensions = {DIMS}"))
+    with stack.connect() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+    seed(stack, ROWS)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    before = sizes(stack)
+    planned = json.loads(migrate(stack, "plan", "--model", NEW, "--dimensions", str(DIMS),
+                                 "--json"))["disk"]
+    refused = stack.cli("migrate", "plan", "--target", "docs", "--model", NEW,
+                        "--dimensions", str(DIMS), "--disk-budget",
+                        str(planned["peak_extra_bytes"] // 2))
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    measured: dict[str, Any] = {}
+    with editing(stack):
+        column = start_migration(stack, "--model", NEW, "--dimensions", str(DIMS))
+        wait_for(lambda: nulls(stack, column) <= 100, timeout=120,
+                 message=f"{column} filled but for the rows being edited")
+        migrate(stack, "swap")  # waits for the rest
+        measured["peak"] = sizes(stack)
+        app = holding_rows(stack, 2.0)  # finalize clears around them, then takes them
+        migrate(stack, "finalize")
+        app.close()
+    after = sizes(stack)
+    print(json.dumps({"before": before, "peak": measured["peak"], "after": after,
+                      "planned": planned}))
+    # The replaced vectors left: the table's data is back to its size before.
+    assert after["data"] <= 1.1 * before["data"], (before, after)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pgreembed.slots WHERE role = 'old'"
+                            ).fetchone() == (0,)
+    # The plan's disk figures, within 20% of what was measured.
+    for planned_bytes, got in ((planned["peak_bytes"], measured["peak"]["disk"]),
+                               (planned["after_finalize_bytes"], after["disk"])):
+        assert abs(planned_bytes - got) <= 0.2 * got, (planned, measured, after)
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", NEW, DIMS)
+
+
+def cli(stack: Stack, *args: str, crash_at: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """The CLI; with `crash_at`, it SIGKILLs itself right after that point's commit."""
+    env = {**stack.env, **({CRASH_AT: crash_at} if crash_at else {})}
+    return subprocess.run([sys.executable, "-m", "pgreembed", *args, "--target", "docs"],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def old_vectors(stack: Stack, column: str) -> int:
+    return ROWS_SMALL - nulls(stack, column)
+
+
+ROWS_SMALL = 60
+
+
+@pytest.mark.second_server
+def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """As an ordinary role, REPEATABLE READ by default, an app view and function on the
+    vector column."""
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
+    seed(stack, ROWS_SMALL)
+    assert stack.cli("init").returncode == 0
+    create_app_objects(stack, roles)
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    column = start_migration(stack, "--model", "fake-alt-384", "--dimensions", "384")
+    wait_filled(stack, column)
+    migrate(stack, "index")
+    migrate(stack, "swap")
+    # Killed once the old column is marked: nothing cleared yet, but no way back.
+    killed = cli(stack, "migrate", "finalize", crash_at="finalize_begun")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    refused = cli(stack, "migrate", "rollback")
+    assert refused.returncode == 4 and "finalize has begun clearing" in refused.stderr
+    # Killed after clearing: every old vector gone, its indexes too, the column still there.
+    killed = cli(stack, "migrate", "finalize", crash_at="finalize_cleared")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert old_vectors(stack, column) == 0
+    with stack.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'docs'"
+                            " AND indexdef LIKE %s", (f"%{column}%",)).fetchone() == (0,)
+    done = cli(stack, "migrate", "finalize")
+    assert done.returncode == 0, done.stderr[-2000:]
+    with stack.connect() as conn:
+        assert conn.execute("SELECT phase FROM pgreembed.migrations").fetchall() == [
+            ("finalized",)]
+        conn.execute("UPDATE docs SET body = 'after finalize' WHERE id = 5")
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", "fake-alt-384", 384)
+    assert_app_reads_live(roles)
+
+
+def test_disk_budget_sizes() -> None:
+    assert [parse_size(s) for s in ("1234", "500MB", "1.5GiB", "2 tb")] == [
+        1234, 500 * 10**6, int(1.5 * 2**30), 2 * 10**12]
+    with pytest.raises(ConfigError, match="--disk-budget"):
+        parse_size("lots")
