@@ -1,4 +1,5 @@
-"""Spend caps that hold with many workers: a batch reserves its cost before it is sent.
+"""The usage ledger's spend, and spend caps that hold with many workers: a batch reserves
+its cost before it is sent.
 
 Checking the ledger after the fact let every worker in flight pass the check at
 once (a $0.0002 cap spent $0.0005). Instead, before its request a batch of a
