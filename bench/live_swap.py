@@ -6,8 +6,8 @@ What the app has: N rows with an ANN index (IVFFlat cosine by default, `--index 
 on the live column; the pipeline (scheduler + a dramatiq worker + the local
 OpenAI-compatible server) keeps both columns of a same-dimension migration filled while
 a writer edits row texts (each edit clears both vectors) and inserts rows. Clients:
-- `helper`: pgreembed.search.search on an autocommit connection;
-- `snippet`: the snippet of docs/search.md, verbatim (pgreembed.db.connect, not autocommit);
+- `helper`: pgreembed.operations.search.search on an autocommit connection;
+- `snippet`: the snippet of docs/search.md, verbatim (pgreembed.store.pool.connect, not autocommit);
 - `prepared`: the app's own kNN SQL on the live column name, server-side prepared;
 - `writer`: the text updates and inserts;
 - `idle`: a session that reads the table then sits idle in its transaction (like a

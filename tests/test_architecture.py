@@ -185,8 +185,7 @@ def sql_statements(module: str) -> list[str]:
 # store/; migrations/ and operations/ (the operator's commands) run their own statements,
 # through store/'s connections and psycopg.sql (docs/architecture.md, "Layout").
 SQL_FREE = ("scheduler", "worker", "pgreembed.queue", "pgreembed.embedding",
-            "pgreembed.config", "pgreembed.observability.logs",
-            "pgreembed.observability.redact", "pgreembed.cli")
+            "pgreembed.config", "pgreembed.observability", "pgreembed.cli")
 
 
 def test_the_processes_and_the_data_path_run_sql_only_through_the_store() -> None:

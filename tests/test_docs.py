@@ -80,3 +80,13 @@ def test_every_relative_link_and_anchor_resolves() -> None:
             elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
                 dead.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
     assert dead == []
+
+
+def test_the_readme_is_short_and_keeps_its_two_commands() -> None:
+    """The README is read in five minutes (issue 23: at most 250 lines); its depth lives in
+    docs/. Its two commands are a promise to every reader: they stay exactly these."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250
+    install = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && "
+    assert [line for line in lines if line.startswith(install)] == [
+        install + ".venv/bin/pgreembed demo", install + ".venv/bin/python -m pytest"]

@@ -83,8 +83,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                                           f" (default {DEFAULT_TOLERANCE})")
     parser.add_argument("--recall", action="store_true",
                         help="measure each ANN index's recall@k against exact search at the"
-                             " settings pgreembed.search applies; warn below the target (no"
-                             " tokens: sample queries are stored vectors)")
+                             " settings the search helper (pgreembed.operations.search)"
+                             " applies; warn below the target (no tokens: sample queries"
+                             " are stored vectors)")
     parser.add_argument("--recall-queries", type=positive_int, default=50, metavar="N",
                         help="--recall: sample queries per index (each costs one sequential"
                              " scan for the exact answer; default 50, at most 1000)")

@@ -1,4 +1,5 @@
-"""`pgreembed` command line: init, tick, scheduler, status, failures, search, demo."""
+"""`pgreembed` command line: init, tick, scheduler, status, failures, search, doctor, tune,
+migrate, demo."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def print_result(result: TuneResult) -> None:
               " (a larger index build parameter, m / lists, or exact search is needed)")
         return
     print(f"recommended: {settings_text(result.recommended.settings)} (recall"
-          f" {result.recommended.recall:.3f}); recorded for pgreembed.search. In other"
+          f" {result.recommended.recall:.3f}); recorded for pgreembed.operations.search. In other"
           " sessions:")
     for statement in result.statements:
         print(f"  {statement}")

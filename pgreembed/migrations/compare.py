@@ -3,7 +3,7 @@
 Each query is embedded with both models (query texts from a file, or the texts of
 N rows sampled from the table as self-retrieval queries) and searched in the live
 and the incoming column. Per column: recall@k of its ANN index against exact
-search on the same column (at the settings pgreembed.search applies, see
+search on the same column (at the settings pgreembed.operations.search applies, see
 `pgreembed.operations.recall`), latency p50/p99 and, for sampled rows, where the model finds
 the row itself (self-recall@1 and @k of exact search). Between the models:
 overlap@k of their exact results. It changes nothing in the app's table; it

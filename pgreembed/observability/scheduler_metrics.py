@@ -33,6 +33,8 @@ class DatabaseCollector:
         from pgreembed.operations.status import collect
         from pgreembed.queue.freshness import oldest_pending_seconds
         from pgreembed.store.pool import connect
+        from pgreembed.store.slots import slots_created_at
+        from pgreembed.store.usage import migration_spend, usage_by_model
 
         counts = GaugeMetricFamily("pgreembed_rows", "Rows per state (total and embedded are"
                                    " estimates from the table's row count).",
@@ -71,9 +73,7 @@ class DatabaseCollector:
             with connect(self.settings.database_url) as conn:
                 statuses = collect(conn, self.settings, client)
                 usage = usage_by_model(conn)
-                created: dict[int, float] = dict(conn.execute(
-                    "SELECT id, extract(epoch FROM created_at)::float8 FROM pgreembed.slots"
-                ).fetchall())
+                created = slots_created_at(conn)
                 migrations = migration_spend(conn)
                 conn.commit()
             throttle = observe(self.settings.throttle, client)
@@ -112,25 +112,6 @@ class DatabaseCollector:
         scrape.add_metric([], time.perf_counter() - started)
         yield from (counts, coverage, oldest, tokens, cost, spent, caps, misconfigured, pace,
                     pace_rows, scrape)
-
-
-def migration_spend(conn: Any) -> list[tuple[int, float, float | None]]:
-    """(new column's slot, USD spent, USD cap) of each migration still filling."""
-    from pgreembed.store.usage import spend
-
-    slots = [r[0] for r in conn.execute(
-        "SELECT to_slot FROM pgreembed.migrations WHERE phase = 'filling'")]
-    return [(slot_id, *spend(conn, slot_id)[1:]) for slot_id in slots]
-
-
-def usage_by_model(conn: Any) -> dict[int, dict[str | None, float]]:
-    """Tokens per slot and per model that billed them (None: rows from before the
-    ledger recorded the model, priced as the slot's model)."""
-    out: dict[int, dict[str | None, float]] = {}
-    for slot_id, model, used in conn.execute(
-            "SELECT slot_id, model, sum(tokens) FROM pgreembed.usage GROUP BY 1, 2"):
-        out.setdefault(slot_id, {})[model] = float(used or 0)
-    return out
 
 
 def list_price(model_key: str) -> float:

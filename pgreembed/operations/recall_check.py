@@ -1,4 +1,4 @@
-"""`doctor --recall`: one column's index measured at the settings pgreembed.search applies.
+"""`doctor --recall`: one column's index measured at the settings the search helper applies.
 
 Those are the settings `pgreembed tune` recorded for the column, else the server's
 own. The target is the one `tune` was given, unless the caller names one, else 0.95.

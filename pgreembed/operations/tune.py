@@ -7,7 +7,7 @@ pgvector 0.8's iterative scan, `hnsw.iterative_scan = strict_order` or
 `hnsw.max_scan_tuples` if nothing else gets there), measures recall@k against exact
 search on sample queries (see `pgreembed.operations.recall`) and the latency, and stops at
 the first setting that reaches the target: that is the recommendation. It is
-recorded for the slot (`pgreembed.index_settings`), and `pgreembed.search` applies
+recorded for the slot (`pgreembed.index_settings`), and `pgreembed.operations.search` applies
 it to its own statements. Tuning writes nothing else and spends no tokens.
 """
 

@@ -1,7 +1,7 @@
 """pgvector's query-time index settings: which ones we set, recorded per slot, applied locally.
 
 `pgreembed tune` records, per slot (vector column), the smallest settings that
-reached a recall target; `pgreembed.search` applies them to its own statement only,
+reached a recall target; `pgreembed.operations.search` applies them to its own statement only,
 through `set_config(name, value, true)` (SET LOCAL) inside a transaction or savepoint
 that ends with the statement, so they never leak into the app's session. Only the
 settings below can be recorded or passed: anything else would let a caller change

@@ -241,6 +241,12 @@ def clear_misconfigured(conn: psycopg.Connection, target: Target) -> int:
                         " AND misconfigured IS NOT NULL", (target.name,)).rowcount
 
 
+def slots_created_at(conn: psycopg.Connection) -> dict[int, float]:
+    """When each slot was created (epoch seconds): the oldest a pending row can be."""
+    return dict(conn.execute(
+        "SELECT id, extract(epoch FROM created_at)::float8 FROM pgreembed.slots").fetchall())
+
+
 def registry_exists(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass('pgreembed.slots') IS NOT NULL").fetchone() == (True,)
 

@@ -1,4 +1,5 @@
-"""Spend caps that hold with many workers: a batch reserves its cost before it is sent.
+"""The usage ledger's spend, and spend caps that hold with many workers: a batch reserves
+its cost before it is sent.
 
 Checking the ledger after the fact let every worker in flight pass the check at
 once (a $0.0002 cap spent $0.0005). Instead, before its request a batch of a
@@ -149,6 +150,23 @@ def spend(conn: psycopg.Connection, slot_id: int) -> tuple[int, float, float | N
     tokens = int(row[0])
     price = float(row[1] or 0)
     return tokens, tokens / 1e6 * price, None if row[2] is None else float(row[2])
+
+
+def migration_spend(conn: psycopg.Connection) -> list[tuple[int, float, float | None]]:
+    """(new column's slot, USD spent, USD cap) of each migration still filling."""
+    slots = [r[0] for r in conn.execute(
+        "SELECT to_slot FROM pgreembed.migrations WHERE phase = 'filling'")]
+    return [(slot_id, *spend(conn, slot_id)[1:]) for slot_id in slots]
+
+
+def usage_by_model(conn: psycopg.Connection) -> dict[int, dict[str | None, float]]:
+    """Tokens per slot and per model that billed them (None: rows from before the
+    ledger recorded the model, priced as the slot's model)."""
+    out: dict[int, dict[str | None, float]] = {}
+    for slot_id, model, used in conn.execute(
+            "SELECT slot_id, model, sum(tokens) FROM pgreembed.usage GROUP BY 1, 2"):
+        out.setdefault(slot_id, {})[model] = float(used or 0)
+    return out
 
 
 def enforce_spend_cap(conn: psycopg.Connection, slot: Slot) -> bool:
