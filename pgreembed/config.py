@@ -24,6 +24,8 @@ from pgreembed.config_fields import typed as _typed
 from pgreembed.distances import canonical_distance
 from pgreembed.errors import ConfigError
 from pgreembed.model_keys import model_key
+from pgreembed.provider_settings import PROVIDER_TABLES, SECRET_ENV, ProviderSettings
+from pgreembed.provider_settings import parse_provider_settings
 from pgreembed.redact import register_configured_secrets
 from pgreembed.side_fill_config import SIDE_FILL_KEYS, SideFillSettings, parse_side_fill
 from pgreembed.throttle_settings import ThrottleSettings, parse_throttle
@@ -31,7 +33,7 @@ from pgreembed.throttle_settings import ThrottleSettings, parse_throttle
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
-PROVIDERS = ("local", "openai")
+PROVIDERS = ("local", "openai", *PROVIDER_TABLES)
 VECTOR_TYPES = ("vector", "halfvec")
 VECTOR_MAX_INDEXED = 2000  # pgvector indexes `vector` up to 2000 dims, `halfvec` up to 4000
 
@@ -90,6 +92,8 @@ class Target:
     # The column's storage: "vector" (4 bytes a component) or "halfvec" (2); None: by
     # dimensions. After `migrate --derive halfvec` the registry says halfvec.
     vector_type: str | None = None
+    # `[target.azure]`, `[target.cohere]`, ...: each provider's own settings.
+    providers: ProviderSettings = field(default_factory=ProviderSettings)
 
     @property
     def storage_type(self) -> str:
@@ -156,7 +160,7 @@ TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
-    "vector_type",
+    "vector_type", *PROVIDER_TABLES,
 )
 WORKER_KEYS = ("poll_interval", "linger_seconds", "max_inflight_rows", "lease_seconds",
                "request_timeout", "provider_retry_seconds", "pool_max_size", "write_retry_seconds",
@@ -266,6 +270,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         distance=canonical_distance(_typed(merged.get("distance", "cosine"), str,
                                            f"{where}.distance"), f"{where}.distance"),
         vector_type=vector_type,
+        providers=parse_provider_settings(merged, where),
     )
 
 
@@ -391,5 +396,5 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     # Every process reads its settings at start-up: from then on its configured secrets
     # are masked in logs and errors, whatever their shape, provider built or not.
     register_configured_secrets([settings.database_url, settings.redis_url],
-                                [settings.openai_api_key])
+                                [settings.openai_api_key, *(env.get(n) for n in SECRET_ENV)])
     return settings
