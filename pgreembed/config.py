@@ -24,8 +24,12 @@ from pgreembed.config_fields import typed as _typed
 from pgreembed.distances import canonical_distance
 from pgreembed.errors import ConfigError
 from pgreembed.model_keys import model_key
-from pgreembed.provider_settings import PROVIDER_TABLES, SECRET_ENV, ProviderSettings
-from pgreembed.provider_settings import parse_provider_settings
+from pgreembed.provider_settings import (
+    PROVIDER_TABLES,
+    SECRET_ENV,
+    ProviderSettings,
+    parse_provider_settings,
+)
 from pgreembed.redact import register_configured_secrets
 from pgreembed.side_fill_config import SIDE_FILL_KEYS, SideFillSettings, parse_side_fill
 from pgreembed.throttle_settings import ThrottleSettings, parse_throttle
