@@ -1,0 +1,204 @@
+"""Azure OpenAI, Cohere, Voyage and Bedrock (Titan, Cohere on Bedrock) through their official
+clients, against local servers speaking each wire protocol over real HTTP.
+
+Per provider: a batch embedded with each row's own vector, within the provider's
+inputs-per-request limit; a throttle's Retry-After waited; one refused input failing its
+row only; wrong dimensions marking the request's fault (MisconfiguredError); queries sent
+as the query input type (also by the search helper, on a real database).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgreembed.config import Settings, parse_settings
+from pgreembed.embedding import providers
+from pgreembed.embedding.embed import Row, embed_rows
+from pgreembed.embedding.providers import make_provider
+from pgreembed.embedding.providers.base import QUERY, Provider
+from pgreembed.errors import MisconfiguredError
+from pgreembed.operations.search import search
+from pgreembed.store.setup import init_target
+from pgreembed.store.table_lock import LockPolicy
+from pgreembed.testing.fake_azure import FakeAzureServer
+from pgreembed.testing.fake_bedrock import FakeBedrockServer
+from pgreembed.testing.fake_cohere import FakeCohereServer
+from pgreembed.testing.fake_vectors import fake_vectors
+from pgreembed.testing.fake_voyage import FakeVoyageServer
+
+KEY = "sk-provider-test-key"
+
+
+@dataclass(frozen=True)
+class Case:
+    provider: str
+    model: str
+    dimensions: int
+    server: str
+    query_type: str | None  # as the server sees it; None: the API has no input type
+
+
+CASES = {
+    "azure": Case("azure", "fake-512", 512, "azure", None),
+    "cohere": Case("cohere", "embed-english-v3.0", 1024, "cohere", "search_query"),
+    "voyage": Case("voyage", "voyage-3.5", 512, "voyage", "query"),
+    "titan": Case("bedrock", "amazon.titan-embed-text-v2:0", 256, "bedrock", None),
+    "bedrock-cohere": Case("bedrock", "cohere.embed-english-v3", 1024, "bedrock",
+                           "search_query"),
+}
+
+
+def config(servers: dict[str, Any], case: Case) -> dict[str, Any]:
+    target = {"name": "docs", "table": "docs", "text_columns": ["title", "body"],
+              "vector_column": "embedding", "provider": case.provider, "model": case.model,
+              "dimensions": case.dimensions,
+              "azure": {"endpoint": servers["azure"].endpoint, "api_version": "2024-10-21",
+                        "base_model": "text-embedding-3-small"},
+              "cohere": {"base_url": servers["cohere"].base_url},
+              "voyage": {"base_url": servers["voyage"].base_url},
+              "bedrock": {"region": "us-east-1", "endpoint_url": servers["bedrock"].origin}}
+    return {"target": [target], "worker": {"request_timeout": 5.0,
+                                           "provider_retry_seconds": 20.0}}
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, Any]]:
+    running = {"azure": FakeAzureServer(api_key=KEY).start(),
+               "cohere": FakeCohereServer(api_key=KEY).start(),
+               "voyage": FakeVoyageServer(api_key=KEY).start(),
+               "bedrock": FakeBedrockServer().start()}
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AZURE_OPENAI_API_KEY", "CO_API_KEY", "VOYAGE_API_KEY"):
+            patch.setenv(name, KEY)
+        patch.setenv("AWS_ACCESS_KEY_ID", "AKIDFAKEFORTESTS")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-for-tests")
+        patch.delenv("AWS_PROFILE", raising=False)
+        yield running
+    for server in running.values():
+        server.stop()
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request: pytest.FixtureRequest, servers: dict[str, Any], database_url: str,
+         redis_url: str) -> tuple[Case, Any, Settings, Provider]:
+    chosen = CASES[request.param]
+    server = servers[chosen.server]
+    server.reset()
+    # No budget is configured: the rate limiter reads none (a fresh database has no
+    # bookkeeping) and sends every request at once.
+    settings = parse_settings(config(servers, chosen), {"DATABASE_URL": database_url,
+                                                        "REDIS_URL": redis_url})
+    providers._providers.clear()  # built per process: its limiter reads this test's database
+    provider = make_provider(settings, chosen.provider, chosen.model, chosen.dimensions,
+                             settings.target("docs"))
+    return chosen, server, settings, provider
+
+
+def fault(server: Any, kind: str, value: Any) -> None:
+    """One fault, by the names of the Azure (OpenAI) fake or the wire fakes."""
+    azure = isinstance(server, FakeAzureServer)
+    if kind == "throttle":
+        server.set_faults(**({"rate_limit_count": 1, "rate_limit_retry_after": value} if azure
+                             else {"rate_limit_count": 1, "retry_after": value}))
+    else:
+        server.set_faults(**{kind: value})
+
+
+def sizes(server: Any) -> list[int]:
+    return list(server.stats().get("request_sizes", []))
+
+
+def rows(n: int, prefix: str = "text") -> list[Row]:
+    return [Row(i, f"{prefix} number {i}", None) for i in range(n)]
+
+
+def expected(case: Case, texts: list[str]) -> np.ndarray:
+    return fake_vectors(case.model, texts, case.dimensions)
+
+
+def test_batch_is_embedded_within_the_request_limit(case: tuple[Case, Any, Settings, Provider]
+                                                    ) -> None:
+    chosen, server, _, provider = case
+    batch = rows(130)
+    outcome = embed_rows(batch, provider)
+    assert not outcome.failed
+    got = np.stack([e.vector for e in sorted(outcome.embedded, key=lambda e: e.row.pk)])
+    assert np.allclose(got, expected(chosen, [r.text or "" for r in batch]), atol=1e-6)
+    stats = server.stats()
+    assert stats["inputs_embedded"] == 130
+    assert outcome.tokens > 0
+    if not isinstance(server, FakeAzureServer):
+        assert max(sizes(server)) <= provider.max_batch_inputs
+        assert sum(sizes(server)) == 130
+        assert len(sizes(server)) == -(-130 // provider.max_batch_inputs)  # ceil
+
+
+def test_throttle_waits_its_retry_after(case: tuple[Case, Any, Settings, Provider]) -> None:
+    _, server, _, provider = case
+    fault(server, "throttle", 0.5)
+    started = time.monotonic()
+    outcome = embed_rows(rows(1, "throttled"), provider)
+    elapsed = time.monotonic() - started
+    assert len(outcome.embedded) == 1
+    assert server.stats()["status_counts"] == {"429": 1, "200": 1}
+    assert elapsed >= 0.5
+
+
+def test_one_refused_input_fails_its_row_only(case: tuple[Case, Any, Settings, Provider]
+                                              ) -> None:
+    _, server, _, provider = case
+    fault(server, "bad_input_marker", "POISON")
+    batch = [*rows(6), Row(99, "a POISON text", None), *rows(3, "more")]
+    outcome = embed_rows(batch, provider)
+    assert [f.row.pk for f in outcome.failed] == [99]
+    assert "provider rejected the text" in outcome.failed[0].reason
+    assert len(outcome.embedded) == 9
+
+
+def test_wrong_dimensions_are_the_columns_fault(case: tuple[Case, Any, Settings, Provider]
+                                                ) -> None:
+    _, server, _, provider = case
+    fault(server, "wrong_dims_count", 100)
+    with pytest.raises(MisconfiguredError, match="dimensions"):
+        embed_rows(rows(4), provider)
+
+
+def test_queries_go_as_the_query_input_type(case: tuple[Case, Any, Settings, Provider]
+                                            ) -> None:
+    chosen, server, _, provider = case
+    if chosen.query_type is None:
+        pytest.skip(f"{chosen.provider} {chosen.model} has no input types")
+    embed_rows(rows(2), provider)
+    provider.embed(["a question?"], input_type=QUERY)
+    kinds = server.stats()["input_types"]
+    assert kinds[chosen.query_type] == 1
+    assert sum(kinds.values()) == 3  # the two rows as documents
+
+
+@pytest.mark.parametrize("name", ["cohere", "voyage"])
+def test_search_helper_sends_a_query(name: str, servers: dict[str, Any], database_url: str,
+                                     redis_url: str) -> None:
+    chosen = CASES[name]
+    server = servers[chosen.server]
+    server.reset()
+    settings = parse_settings(config(servers, chosen), {"DATABASE_URL": database_url,
+                                                        "REDIS_URL": redis_url})
+    providers._providers.clear()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id bigserial PRIMARY KEY, title text, body text)")
+        conn.execute("INSERT INTO docs (title, body) VALUES ('tea', 'green tea brewing')")
+    slot = init_target(database_url, settings.target("docs"), LockPolicy(wait_seconds=10))
+    vector = fake_vectors(chosen.model, ["tea\ngreen tea brewing"], chosen.dimensions)[0]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE docs SET {slot.vector_column} = %s::vector",
+                     ("[" + ",".join(map(str, vector.tolist())) + "]",))
+        hits = search(conn, settings, "docs", "how to brew tea")
+    assert [hit.key for hit in hits] == [1]
+    assert server.stats()["input_types"] == {chosen.query_type: 1}
