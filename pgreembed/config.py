@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgreembed import provider_settings
 from pgreembed.config_fields import env_int, non_negative_seconds, reject_unknown
 from pgreembed.config_fields import optional_positive as _optional_positive
 from pgreembed.config_fields import positive as _positive
@@ -24,12 +25,7 @@ from pgreembed.config_fields import typed as _typed
 from pgreembed.distances import canonical_distance
 from pgreembed.errors import ConfigError
 from pgreembed.model_keys import model_key
-from pgreembed.provider_settings import (
-    PROVIDER_TABLES,
-    SECRET_ENV,
-    ProviderSettings,
-    parse_provider_settings,
-)
+from pgreembed.provider_settings import PROVIDER_TABLES, ProviderSettings
 from pgreembed.redact import register_configured_secrets
 from pgreembed.side_fill_config import SIDE_FILL_KEYS, SideFillSettings, parse_side_fill
 from pgreembed.throttle_settings import ThrottleSettings, parse_throttle
@@ -274,7 +270,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         distance=canonical_distance(_typed(merged.get("distance", "cosine"), str,
                                            f"{where}.distance"), f"{where}.distance"),
         vector_type=vector_type,
-        providers=parse_provider_settings(merged, where),
+        providers=provider_settings.parse_provider_settings(merged, where),
     )
 
 
@@ -400,5 +396,5 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     # Every process reads its settings at start-up: from then on its configured secrets
     # are masked in logs and errors, whatever their shape, provider built or not.
     register_configured_secrets([settings.database_url, settings.redis_url],
-                                [settings.openai_api_key, *(env.get(n) for n in SECRET_ENV)])
+                                [settings.openai_api_key, *provider_settings.secrets(env)])
     return settings

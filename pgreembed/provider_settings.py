@@ -27,6 +27,11 @@ SECRET_ENV = ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN", "CO_API_KEY", "VO
               "AWS_BEARER_TOKEN_BEDROCK")
 
 
+def secrets(env: Mapping[str, str]) -> list[str | None]:
+    """The provider secrets the environment holds (registered for redaction at start-up)."""
+    return [env.get(name) for name in SECRET_ENV]
+
+
 @dataclass(frozen=True)
 class AzureSettings:
     """`model` of an azure target is its deployment name (key `azure:<deployment>@<dims>`)."""

@@ -9,6 +9,9 @@ as the query input type (also by the search helper, on a real database).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from pgreembed.config import Settings, parse_settings
+from pgreembed.config import PROVIDERS, Settings, parse_settings
 from pgreembed.embedding import providers
 from pgreembed.embedding.embed import Row, embed_rows
 from pgreembed.embedding.providers import make_provider
@@ -32,6 +35,7 @@ from pgreembed.testing.fake_bedrock import FakeBedrockServer
 from pgreembed.testing.fake_cohere import FakeCohereServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from pgreembed.testing.fake_voyage import FakeVoyageServer
+from tests.helpers import ROOT, json_document
 
 KEY = "sk-provider-test-key"
 
@@ -202,3 +206,22 @@ def test_search_helper_sends_a_query(name: str, servers: dict[str, Any], databas
         hits = search(conn, settings, "docs", "how to brew tea")
     assert [hit.key for hit in hits] == [1]
     assert server.stats()["input_types"] == {chosen.query_type: 1}
+
+
+def test_providers_command_lists_every_provider() -> None:
+    result = subprocess.run([sys.executable, "-m", "pgreembed", "providers", "--json"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    listed = {p["name"]: p for p in json_document(result.stdout)["providers"]}
+    assert sorted(listed) == sorted(PROVIDERS)
+    assert listed["cohere"]["installed"] and listed["cohere"]["extra"] == "cohere"
+    assert listed["cohere"]["input_types"] == {"document": "search_document",
+                                               "query": "search_query"}
+    titan = next(m for m in listed["bedrock"]["models"]
+                 if m["name"] == "amazon.titan-embed-text-v2:0")
+    assert (titan["inputs_per_request"], titan["dimensions"]) == (1, [1024, 512, 256])
+    text = subprocess.run([sys.executable, "-m", "pgreembed", "providers"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert text.returncode == 0 and "voyage (installed)" in text.stdout

@@ -145,7 +145,8 @@ class _Probe:
         self.provider = provider
         self.outcome = outcome
         # Passed only when not the default: providers of before input types still plug in.
-        self.kind = {} if input_type == DOCUMENT else {"input_type": input_type}
+        self.kind: dict[str, Any] = {} if input_type == DOCUMENT else {
+            "input_type": input_type}
         self.passed = False
 
     def check(self, complaint: str) -> None:
