@@ -9,6 +9,7 @@ as the query input type (also by the search helper, on a real database).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from pgreembed.store.table_lock import LockPolicy
 from pgreembed.testing.fake_azure import FakeAzureServer
 from pgreembed.testing.fake_bedrock import FakeBedrockServer
 from pgreembed.testing.fake_cohere import FakeCohereServer
+from pgreembed.testing.fake_google import FakeGeminiServer, FakeVertexServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from pgreembed.testing.fake_voyage import FakeVoyageServer
 from tests.helpers import ROOT, json_document
@@ -56,7 +58,11 @@ CASES = {
     "titan": Case("bedrock", "amazon.titan-embed-text-v2:0", 256, "bedrock", None),
     "bedrock-cohere": Case("bedrock", "cohere.embed-english-v3", 1024, "bedrock",
                            "search_query"),
+    "gemini": Case("gemini", "gemini-embedding-001", 768, "gemini", "RETRIEVAL_QUERY"),
+    "vertex": Case("vertex", "text-embedding-005", 768, "vertex", "RETRIEVAL_QUERY"),
 }
+# google-genai is not in the `dev` extra (it pins tenacity < 9.2): its cases need it here.
+HAS_GOOGLE = importlib.util.find_spec("google.genai") is not None
 
 
 def config(servers: dict[str, Any], case: Case) -> dict[str, Any]:
@@ -67,7 +73,10 @@ def config(servers: dict[str, Any], case: Case) -> dict[str, Any]:
                         "base_model": "text-embedding-3-small"},
               "cohere": {"base_url": servers["cohere"].base_url},
               "voyage": {"base_url": servers["voyage"].base_url},
-              "bedrock": {"region": "us-east-1", "endpoint_url": servers["bedrock"].origin}}
+              "bedrock": {"region": "us-east-1", "endpoint_url": servers["bedrock"].origin},
+              "gemini": {"base_url": servers["gemini"].origin},
+              "vertex": {"project": "p", "location": "us-central1",
+                         "base_url": servers["vertex"].origin}}
     return {"target": [target], "worker": {"request_timeout": 5.0,
                                            "provider_retry_seconds": 20.0}}
 
@@ -77,9 +86,11 @@ def servers() -> Iterator[dict[str, Any]]:
     running = {"azure": FakeAzureServer(api_key=KEY).start(),
                "cohere": FakeCohereServer(api_key=KEY).start(),
                "voyage": FakeVoyageServer(api_key=KEY).start(),
-               "bedrock": FakeBedrockServer().start()}
+               "bedrock": FakeBedrockServer().start(),
+               "gemini": FakeGeminiServer(api_key=KEY).start(),
+               "vertex": FakeVertexServer().start()}
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("AZURE_OPENAI_API_KEY", "CO_API_KEY", "VOYAGE_API_KEY"):
+        for name in ("AZURE_OPENAI_API_KEY", "CO_API_KEY", "VOYAGE_API_KEY", "GEMINI_API_KEY"):
             patch.setenv(name, KEY)
         patch.setenv("AWS_ACCESS_KEY_ID", "AKIDFAKEFORTESTS")
         patch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-for-tests")
@@ -93,6 +104,8 @@ def servers() -> Iterator[dict[str, Any]]:
 def case(request: pytest.FixtureRequest, servers: dict[str, Any], database_url: str,
          redis_url: str) -> tuple[Case, Any, Settings, Provider]:
     chosen = CASES[request.param]
+    if chosen.server in ("gemini", "vertex") and not HAS_GOOGLE:
+        pytest.skip("google-genai is not installed (pip install 'pgreembed[google]')")
     server = servers[chosen.server]
     server.reset()
     # No budget is configured: the rate limiter reads none (a fresh database has no
@@ -100,6 +113,15 @@ def case(request: pytest.FixtureRequest, servers: dict[str, Any], database_url: 
     settings = parse_settings(config(servers, chosen), {"DATABASE_URL": database_url,
                                                         "REDIS_URL": redis_url})
     providers._providers.clear()  # built per process: its limiter reads this test's database
+    if chosen.provider == "vertex":  # Application Default Credentials: a token of its own
+        from google.oauth2.credentials import Credentials
+
+        from pgreembed.embedding.providers.google import VertexProvider
+
+        vertex = settings.target("docs").providers.vertex
+        return chosen, server, settings, VertexProvider(
+            chosen.model, chosen.dimensions, options=vertex, timeout=5.0,
+            max_retry_seconds=20.0, credentials=Credentials(token="fake-token"))
     provider = make_provider(settings, chosen.provider, chosen.model, chosen.dimensions,
                              settings.target("docs"))
     return chosen, server, settings, provider
