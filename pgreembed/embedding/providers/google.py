@@ -48,7 +48,8 @@ class _GoogleProvider(RemoteProvider):
             task_type=self.wire_input_type(input_type, self._task_type),
             output_dimensionality=self.dimensions if shortenable(self.provider, self.model)
             else None)
-        response = self._client.models.embed_content(model=self.model, contents=texts,
+        contents: list[Any] = list(texts)  # list invariance: list[str] is not list[Part]
+        response = self._client.models.embed_content(model=self.model, contents=contents,
                                                      config=config)
         embeddings = response.embeddings or []
         counted = [e.statistics.token_count for e in embeddings
