@@ -13,6 +13,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    json_document,
     migrate,
     running,
     seed,
@@ -77,3 +78,7 @@ base_url = "{cohere_server.base_url}"
     stats = cohere_server.stats()
     assert set(stats["input_types"]) == {"search_document"}  # rows are documents
     assert stats["inputs_embedded"] >= 60
+    # The quality gate embeds its sampled texts as the queries they stand for.
+    report = json_document(migrate(stack, "compare", "--sample", "5", "--json"))
+    assert report["columns"]["incoming"]["model"] == f"cohere:{COHERE_MODEL}@384"
+    assert cohere_server.stats()["input_types"]["search_query"] == report["queries"] == 5
