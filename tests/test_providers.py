@@ -22,13 +22,16 @@ import numpy as np
 import psycopg
 import pytest
 
-from pgreembed.config import PROVIDERS, Settings, parse_settings
+from pgreembed.config import PROVIDERS, Settings, load_settings, parse_settings
 from pgreembed.embedding import providers
 from pgreembed.embedding.embed import Row, embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.providers.base import QUERY, Provider
-from pgreembed.errors import MisconfiguredError
+from pgreembed.embedding.providers.cohere_provider import CohereProvider
+from pgreembed.errors import FatalProviderError, MisconfiguredError
 from pgreembed.operations.search import search
+from pgreembed.provider_settings import CohereSettings
+from pgreembed.redact import redact
 from pgreembed.store.setup import init_target
 from pgreembed.store.table_lock import LockPolicy
 from pgreembed.testing.fake_azure import FakeAzureServer
@@ -247,3 +250,19 @@ def test_providers_command_lists_every_provider() -> None:
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert text.returncode == 0 and "voyage (installed)" in text.stdout
+
+
+def test_provider_secrets_are_masked_and_never_in_errors(servers: dict[str, Any],
+                                                        tmp_path: Any) -> None:
+    secret = "co-live-9f8e7d6c5b4a3210"
+    path = tmp_path / "pgreembed.toml"
+    path.write_text('[[target]]\nname = "docs"\ntable = "docs"\ntext_column = "body"\n'
+                    'vector_column = "embedding"\ndimensions = 384\n')
+    load_settings(path, {"DATABASE_URL": "postgresql://x/y", "CO_API_KEY": secret,
+                         "AWS_SECRET_ACCESS_KEY": "aws/secret+KEY1234567890"})
+    assert redact(f"key {secret} and aws/secret+KEY1234567890") == "key *** and ***"
+    provider = CohereProvider("embed-english-v3.0", 1024, api_key=secret, timeout=5.0,
+                              options=CohereSettings(base_url=servers["cohere"].base_url))
+    with pytest.raises(FatalProviderError) as refused:  # the server wants another key
+        provider.embed(["text"])
+    assert "401" in str(refused.value) and secret not in str(refused.value)
