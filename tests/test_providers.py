@@ -266,3 +266,17 @@ def test_provider_secrets_are_masked_and_never_in_errors(servers: dict[str, Any]
     with pytest.raises(FatalProviderError) as refused:  # the server wants another key
         provider.embed(["text"])
     assert "401" in str(refused.value) and secret not in str(refused.value)
+
+
+def test_migrate_start_refuses_a_provider_without_its_key(tmp_path: Any) -> None:
+    path = tmp_path / "pgreembed.toml"
+    path.write_text('[[target]]\nname = "docs"\ntable = "docs"\ntext_column = "body"\n'
+                    'vector_column = "embedding"\ndimensions = 384\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("CO_API_KEY", "COHERE_API_KEY")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pgreembed", "--config", str(path), "migrate", "start",
+         "--target", "docs", "--provider", "cohere", "--model", "embed-v4.0",
+         "--dimensions", "1024"], capture_output=True, text=True, timeout=60,
+        env={**env, "PYTHONPATH": str(ROOT), "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
+    assert result.returncode == 2, result.stderr
+    assert "CO_API_KEY or COHERE_API_KEY: not set" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from pgreembed.config import Settings, Target
@@ -23,6 +24,11 @@ OPENAI_KEY_MISSING = ("OPENAI_API_KEY: not set (needed for the openai provider w
                       " OPENAI_BASE_URL)")
 
 _providers: dict[str, Provider] = {}
+# The environment variables one of which holds a provider's key (bedrock and vertex: the
+# AWS / Google credential chains, which find credentials in many places: not checked).
+_KEY_ENV = {"azure": ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_AD_TOKEN"),
+            "cohere": ("CO_API_KEY", "COHERE_API_KEY"), "voyage": ("VOYAGE_API_KEY",),
+            "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
 # provider -> (module, class) of the providers built from a sub-table of settings.
 _REMOTE = {"azure": ("azure", "AzureProvider"), "cohere": ("cohere_provider", "CohereProvider"),
            "voyage": ("voyage_provider", "VoyageProvider"),
@@ -40,6 +46,10 @@ def require_credentials(settings: Settings, provider: str) -> None:
     if not info.installed:
         raise ProviderKeyMissing(f"the {provider} provider needs the {info.package!r} package:"
                                  f" pip install 'pgreembed[{info.extra}]'")
+    names = _KEY_ENV.get(provider)
+    if names and not any(os.environ.get(name) for name in names):
+        raise ProviderKeyMissing(f"{' or '.join(names)}: not set (needed for the {provider}"
+                                 " provider)")
 
 
 def make_provider(settings: Settings, provider: str, model: str, dimensions: int,
