@@ -199,6 +199,14 @@ def test_wrong_dimensions_are_the_columns_fault(case: tuple[Case, Any, Settings,
         embed_rows(rows(4), provider)
 
 
+def test_every_input_refused_is_the_columns_fault(case: tuple[Case, Any, Settings, Provider]
+                                                  ) -> None:
+    _, server, _, provider = case
+    fault(server, "bad_input_marker", " ")  # every row's text and the one-word probe
+    with pytest.raises(MisconfiguredError, match="rejects every input"):
+        embed_rows(rows(4), provider)
+
+
 def test_queries_go_as_the_query_input_type(case: tuple[Case, Any, Settings, Provider]
                                             ) -> None:
     chosen, server, _, provider = case
