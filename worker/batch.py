@@ -142,7 +142,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     if to_embed:
         # `[throttle]`: the app comes first; wait before buying, so no vector waits unwritten.
         throttle_for(settings).admit(len(to_embed))
-        provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+        provider = make_provider(settings, slot.provider, slot.model, slot.dimensions, target)
         reservation = spend.reserve(
             pool, slot, lambda: estimate_tokens(provider, to_embed))  # a spend cap's share
         if not reservation.granted and not kept.embedded and not copied:
@@ -250,10 +250,10 @@ def _count(slot: Slot, report: BatchReport, tokens: int, failures: Sequence[Fail
     metrics = worker_metrics()
     if metrics is None:
         return
-    from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+    from pgreembed.embedding.pricing import list_price
 
     name = slot.target.name
-    price = PRICES_PER_MTOKEN.get(slot.model, 0.0) if slot.provider == "openai" else 0.0
+    price = list_price(slot.provider, slot.model, slot.target) or 0.0
     metrics.rows.labels(name, slot.vector_column).inc(report.written)
     metrics.reused.labels(name, slot.vector_column).inc(report.reused)
     metrics.tokens.labels(name, slot.model_key).inc(tokens)

@@ -12,6 +12,7 @@ from typing import Any
 
 from pgreembed.cli import migrate_steps as steps
 from pgreembed.cli.formatting import add_command, non_negative_int, positive_int
+from pgreembed.config import PROVIDERS
 from pgreembed.config.distances import DISTANCE_ALIASES, DISTANCES
 from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
@@ -40,7 +41,7 @@ def _spend_cap(text: str) -> SpendCap:
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--provider", choices=["openai", "local"],
+    p.add_argument("--provider", choices=list(PROVIDERS),
                    help="the new model's provider (default: the target's configured one)")
     p.add_argument("--model", help="the new model (required unless --derive)")
     p.add_argument("--dimensions", type=positive_int,

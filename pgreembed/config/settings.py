@@ -26,6 +26,7 @@ from pgreembed.config.fields import (
     table_keys,
 )
 from pgreembed.config.fields import optional_positive as _optional_positive
+from pgreembed.config.providers import secrets as provider_secrets
 from pgreembed.config.side_fill import SIDE_FILL_KEYS, SideFillSettings, parse_side_fill
 from pgreembed.config.target import TARGET_KEYS, Target, parse_target
 from pgreembed.config.throttle import ThrottleSettings, parse_throttle
@@ -204,5 +205,5 @@ def load_settings(path: str | os.PathLike[str] | None = None,
     # Every process reads its settings at start-up: from then on its configured secrets
     # are masked in logs and errors, whatever their shape, provider built or not.
     register_configured_secrets([settings.database_url, settings.redis_url],
-                                [settings.openai_api_key])
+                                [settings.openai_api_key, *provider_secrets(env)])
     return settings

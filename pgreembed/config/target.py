@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from pgreembed.config import providers as provider_tables
 from pgreembed.config.distances import canonical_distance
 from pgreembed.config.fields import (
     at_most,
@@ -25,12 +26,13 @@ from pgreembed.config.fields import positive as _positive
 from pgreembed.config.fields import require as _require
 from pgreembed.config.fields import typed as _typed
 from pgreembed.config.model_keys import model_key
+from pgreembed.config.providers import PROVIDER_TABLES, ProviderSettings
 from pgreembed.errors import ConfigError
 
 # Names we turn into SQL identifiers of our own (state tables, channels, keys).
 _TARGET_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 LOCAL_MODEL = "all-MiniLM-L6-v2-onnx-int8"
-PROVIDERS = ("local", "openai")
+PROVIDERS = ("local", "openai", *PROVIDER_TABLES)
 VECTOR_TYPES = ("vector", "halfvec")
 VECTOR_MAX_INDEXED = 2000  # pgvector indexes `vector` up to 2000 dims, `halfvec` up to 4000
 
@@ -71,6 +73,8 @@ class Target:
     # The column's storage: "vector" (4 bytes a component) or "halfvec" (2); None: by
     # dimensions. After `migrate --derive halfvec` the registry says halfvec.
     vector_type: str | None = setting(None, check=one_of(VECTOR_TYPES))
+    # `[target.azure]`, `[target.cohere]`, ...: each provider's own settings (providers.py).
+    providers: ProviderSettings = field(default_factory=ProviderSettings)
 
     @property
     def storage_type(self) -> str:
@@ -90,7 +94,7 @@ TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
-    "vector_type",
+    "vector_type", *PROVIDER_TABLES,
 )
 
 
@@ -186,4 +190,5 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         tokens_per_minute=tpm,
         distance=simple["distance"].read(merged, where),
         vector_type=vector_type,
+        providers=provider_tables.parse_provider_settings(merged, where),
     )

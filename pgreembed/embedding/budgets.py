@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def configured_budget(settings: Settings, provider: str, model: str) -> Budget:
     """What the config says about `model`: its rate_limits table and its targets."""
-    budget = settings.rate_limits.get(model, Budget()) if provider == "openai" else Budget()
+    budget = settings.rate_limits.get(model, Budget()) if provider != "local" else Budget()
     for target in settings.targets.values():
         if (target.provider, target.model) == (provider, model):
             budget = budget.tighter(Budget(target.requests_per_minute, target.tokens_per_minute))

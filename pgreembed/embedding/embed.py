@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from pgreembed.embedding.providers.base import Provider
+from pgreembed.embedding.providers.base import DOCUMENT, InputType, Provider
 from pgreembed.errors import BadInputError, MisconfiguredError, TransientProviderError
 from pgreembed.store.texts import is_no_text
 from pgreembed.values import Embedded, Failed, Row
@@ -111,12 +112,14 @@ def pack(items: Sequence[tuple[Row, str, int, bool]], max_inputs: int, max_token
         yield batch
 
 
-def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True) -> Outcome:
+def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True,
+               input_type: InputType = DOCUMENT) -> Outcome:
     """Embed what can be embedded; explain what cannot. Transient errors propagate, and
-    `MisconfiguredError` when the request, not a row, is at fault."""
+    `MisconfiguredError` when the request, not a row, is at fault. `input_type`: rows are
+    documents; `migrate compare` embeds its texts as the queries they stand for."""
     ready, failed, exact = prepare(rows, provider, truncate)
     outcome = Outcome(failed=failed)
-    probe = _Probe(provider, outcome)
+    probe = _Probe(provider, outcome, input_type)
     for request in pack(ready, provider.max_batch_inputs, provider.max_batch_tokens):
         _embed_isolating(request, provider, exact, outcome, probe)
     return outcome
@@ -125,9 +128,12 @@ def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True) -
 class _Probe:
     """Tells a request's fault from its rows': sends `PROBE` alone, once per batch."""
 
-    def __init__(self, provider: Provider, outcome: Outcome) -> None:
+    def __init__(self, provider: Provider, outcome: Outcome, input_type: InputType) -> None:
         self.provider = provider
         self.outcome = outcome
+        # Passed only when not the default: providers of before input types still plug in.
+        self.kind: dict[str, Any] = {} if input_type == DOCUMENT else {
+            "input_type": input_type}
         self.passed = False
 
     def check(self, complaint: str) -> None:
@@ -136,7 +142,7 @@ class _Probe:
             return
         expected = self.provider.dimensions
         try:
-            vectors, billed = self.provider.embed([PROBE])
+            vectors, billed = self.provider.embed([PROBE], **self.kind)
         except BadInputError as exc:
             raise MisconfiguredError(
                 f"the provider rejects every input, even a one-word one ({exc}); no row is"
@@ -158,7 +164,8 @@ def _embed_isolating(request: list[tuple[Row, str, int, bool]], provider: Provid
     try:
         vectors, billed = provider.embed(
             [text for _, text, _, _ in request],
-            sum(tokens for _, _, tokens, _ in request) if exact else None)
+            sum(tokens for _, _, tokens, _ in request) if exact else None,
+            **probe.kind)
     except BadInputError as exc:
         probe.check(f"provider rejected a request of {len(request)} inputs")
         if len(request) == 1:

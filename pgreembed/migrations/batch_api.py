@@ -100,7 +100,7 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
     keys = keys[:MAX_INPUTS_PER_BATCH]
     rows = load_pending(conn, slot, keys)
     conn.commit()  # counting tokens may download tiktoken's encoding: not in a transaction
-    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions, slot.target)
     ready, failed, _ = prepare(rows, provider, slot.target.truncate)
     record_failures(conn, slot, failed)
     if not ready:

@@ -27,8 +27,9 @@ from psycopg import sql
 
 from pgreembed.config import Settings, Target
 from pgreembed.embedding.embed import embed_rows
-from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from pgreembed.embedding.pricing import list_price
 from pgreembed.embedding.providers import make_provider
+from pgreembed.embedding.providers.base import QUERY
 from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations.state import open_migration
 from pgreembed.operations.recall import (
@@ -78,7 +79,7 @@ class _Side:
 
 
 def _price(slot: Slot) -> float:
-    return PRICES_PER_MTOKEN.get(slot.model, 0.0) if slot.provider == "openai" else 0.0
+    return list_price(slot.provider, slot.model, slot.target) or 0.0
 
 
 def _slots(conn: psycopg.Connection, target: Target) -> tuple[int, Slot, Slot]:
@@ -137,7 +138,7 @@ def compare(settings: Settings, target: Target, *, texts: Sequence[str] | None =
 
 
 def _provider(settings: Settings, slot: Slot) -> Any:
-    return make_provider(settings, slot.provider, slot.model, slot.dimensions)
+    return make_provider(settings, slot.provider, slot.model, slot.dimensions, slot.target)
 
 
 def _announce_cost(conn: psycopg.Connection, target: Target, incoming: Slot,
@@ -179,7 +180,8 @@ def _embed_both(settings: Settings, conn: psycopg.Connection, incoming: Slot,
                                      " reached (batches in flight hold the rest): try later")
         try:
             outcome = embed_rows([Row(i, text, None) for i, text in enumerate(texts)],
-                                 _provider(settings, side.slot), truncate=True)
+                                 _provider(settings, side.slot), truncate=True,
+                                 input_type=QUERY)  # queries, as search sends them
         except BaseException:
             if reservation is not None:
                 reservation.release()

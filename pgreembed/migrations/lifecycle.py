@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Budget, Settings, Target
-from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from pgreembed.embedding.pricing import list_price
 from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations import app_objects, clear
 from pgreembed.migrations.app_objects import refuse_drop
@@ -73,9 +73,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
     if provider == "local" and dimensions != 384:
         raise ConfigError("--dimensions: the local model produces 384 dimensions")
     budget = budget or Budget()
-    if budget and provider != "openai":
-        raise ConfigError("--requests-per-minute/--tokens-per-minute apply to the openai"
-                          " provider only")
+    if budget and provider == "local":
+        raise ConfigError("--requests-per-minute/--tokens-per-minute apply to remote"
+                          " providers only (not local)")
     new_target = replace(target, provider=provider, model=model, dimensions=dimensions)
     if batch_api and provider != "openai":
         raise ConfigError("--batch-api needs the openai provider")
@@ -119,7 +119,7 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                   kind)
         ).fetchone()
         assert row is not None
-        price = PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
+        price = list_price(provider, model, target) or 0.0
         if batch_api:
             price /= 2  # the Batch API bills half
         if spend_cap_usd is not None and not price:

@@ -11,7 +11,7 @@ from psycopg import sql
 from pgreembed.config import Budget, Settings, Target
 from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.budgets import configured_budget
-from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+from pgreembed.embedding.pricing import list_price
 from pgreembed.errors import MigrationError
 from pgreembed.migrations import app_objects, disk
 from pgreembed.migrations.index import column_indexes, index_defaults
@@ -90,7 +90,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         index_method, index_distance = index_defaults(conn, live)
         versions = server_versions.read(conn)
         budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))
-        if provider == "openai":
+        if provider != "local":
             budget = budget.tighter(recorded_budget(conn, provider, model))
         column = (new_column_name(target, model_id_row[0]) if model_id_row
                   else f"{target.vector_column}__m<id>")
@@ -127,7 +127,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     if empty:
         notes.append(f"{'~' if estimated else ''}{empty} rows have no text: they get no vector"
                      " in either column (recorded as failures) and do not hold the swap")
-    embedder = make_provider(settings, provider, model, dimensions)
+    embedder = make_provider(settings, provider, model, dimensions, target)
     with_text = total - empty
     exact = not estimated and len(sample) == with_text
     # With dedupe each distinct text is paid for once (pgreembed.embedding.reuse).
@@ -139,7 +139,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         notes.append(f"{with_text - distinct} rows repeat another row's text: each distinct"
                      f" text is embedded once ({distinct} of {with_text}); the estimate"
                      " counts those (dedupe = false counts every row)")
-    price = PRICES_PER_MTOKEN.get(model) if provider == "openai" else 0.0
+    price = list_price(provider, model, target)
     cost = None if price is None else tokens / 1e6 * price
     element = 2 if kind == "halfvec" else 4
     storage = total * (element * dimensions + 8)
@@ -149,7 +149,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         limits.append(tokens / budget.tokens_per_minute)
     if budget.requests_per_minute:
         limits.append(math.ceil(with_text / target.batch_size) / budget.requests_per_minute)
-    minutes = max(limits) if limits and provider == "openai" else None
+    minutes = max(limits) if limits and provider != "local" else None
     return Plan(total, empty, estimated, paid_texts, tokens, exact, embedder.counts_exactly,
                 cost, minutes, budget, storage, column, f"{kind}({dimensions})", statements,
                 blockers, notes, objects, space)

@@ -115,11 +115,11 @@ class DatabaseCollector:
 
 
 def list_price(model_key: str) -> float:
-    """USD per million tokens of a model key (`openai:<name>@<dims>`); 0 for others."""
-    from pgreembed.embedding.pricing import PRICES_PER_MTOKEN
+    """USD per million tokens of a model key (`<provider>:<name>@<dims>`); 0: unknown."""
+    from pgreembed.embedding.pricing import list_price as price
 
     provider, model, _ = parse_model_key(model_key)
-    return PRICES_PER_MTOKEN.get(model, 0.0) if provider == "openai" else 0.0
+    return price(provider, model) or 0.0
 
 
 def serve_scheduler_metrics(settings: Any) -> bool:

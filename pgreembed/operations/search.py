@@ -22,6 +22,7 @@ from psycopg.pq import TransactionStatus
 from pgreembed.config import Settings
 from pgreembed.config.distances import DISTANCES, canonical_distance
 from pgreembed.embedding.providers import make_provider
+from pgreembed.embedding.providers.base import QUERY
 from pgreembed.errors import LiveColumnChanged, NotFoundError
 from pgreembed.store.index_settings import apply_local
 from pgreembed.store.index_settings import recorded as recorded_settings
@@ -164,7 +165,7 @@ def _statement(slot: Slot, operator: sql.Composable) -> sql.Composed:
 def _embed_query(settings: Settings, slot: Slot, query: str) -> str:
     """The query's vector as pgvector text: needs no adapter registered on the app's
     connection (and registering one would run a query of its own)."""
-    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
-    values = provider.embed([query]).vectors[0]
+    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions, slot.target)
+    values = provider.embed([query], input_type=QUERY).vectors[0]
     kind = HalfVector if slot.vector_type == "halfvec" else Vector
     return str(kind(values).to_text())

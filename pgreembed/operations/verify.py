@@ -127,7 +127,7 @@ def verify_slot(conn: psycopg.Connection, settings: Settings, slot: Slot, size: 
     if not sampled:
         announce(f"verify: {where} ({slot.model_key}): no embedded rows to sample")
         return result
-    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions)
+    provider = make_provider(settings, slot.provider, slot.model, slot.dimensions, slot.target)
     texts = [text or "" for _, text, _ in sampled]
     result.tokens_counted = sum(provider.count_tokens(texts))
     announce(f"verify: {where} ({slot.model_key}): re-embedding {len(sampled)} sampled rows:"

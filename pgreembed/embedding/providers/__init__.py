@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from pgreembed.config import Settings
+from pgreembed.config import Settings, Target, environment
 from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.providers.base import Provider
+from pgreembed.embedding.providers.catalog import provider_info
 from pgreembed.errors import (
     BadInputError,
     FatalProviderError,
@@ -22,6 +23,17 @@ OPENAI_KEY_MISSING = ("OPENAI_API_KEY: not set (needed for the openai provider w
                       " OPENAI_BASE_URL)")
 
 _providers: dict[str, Provider] = {}
+# The environment variables one of which holds a provider's key (bedrock and vertex: the
+# AWS / Google credential chains, which find credentials in many places: not checked).
+_KEY_ENV = {"azure": (environment.AZURE_OPENAI_API_KEY, environment.AZURE_OPENAI_AD_TOKEN),
+            "cohere": (environment.CO_API_KEY, environment.COHERE_API_KEY),
+            "voyage": (environment.VOYAGE_API_KEY,),
+            "gemini": (environment.GEMINI_API_KEY, environment.GOOGLE_API_KEY)}
+# provider -> (module, class) of the providers built from a sub-table of settings.
+_REMOTE = {"azure": ("azure", "AzureProvider"), "cohere": ("cohere_provider", "CohereProvider"),
+           "voyage": ("voyage_provider", "VoyageProvider"),
+           "bedrock": ("bedrock", "BedrockProvider"), "gemini": ("google", "GeminiProvider"),
+           "vertex": ("google", "VertexProvider")}
 _lock = threading.Lock()
 
 
@@ -30,20 +42,41 @@ def require_credentials(settings: Settings, provider: str) -> None:
     now (exit 2), not a migration whose every batch fails later in the workers."""
     if provider == "openai" and not settings.openai_api_key and not settings.openai_base_url:
         raise ProviderKeyMissing(OPENAI_KEY_MISSING)
+    info = provider_info(provider)
+    if not info.installed:
+        raise ProviderKeyMissing(f"the {provider} provider needs the {info.package!r} package:"
+                                 f" pip install 'pgreembed[{info.extra}]'")
+    variables = _KEY_ENV.get(provider)
+    if variables and not any(each.is_set() for each in variables):
+        names = [each.name for each in variables]
+        raise ProviderKeyMissing(f"{' or '.join(names)}: not set (needed for the {provider}"
+                                 " provider)")
 
 
-def make_provider(settings: Settings, provider: str, model: str, dimensions: int) -> Provider:
-    """The provider for one model, built once per process (clients and sessions are reused)."""
-    key = model_key(provider, model, dimensions)
+def make_provider(settings: Settings, provider: str, model: str, dimensions: int,
+                  target: Target | None = None) -> Provider:
+    """The provider for one model, built once per process (clients and sessions are reused).
+    `target`: whose provider sub-table (`[target.azure]`, ...) applies; without it, the
+    first configured target's that has one."""
+    options = _options(settings, provider, target)
+    key = f"{model_key(provider, model, dimensions)} {options!r}"
     with _lock:
         found = _providers.get(key)
         if found is None:
-            found = _build(settings, provider, model, dimensions)
+            found = _build(settings, provider, model, dimensions, options)
             _providers[key] = found
         return found
 
 
-def _build(settings: Settings, provider: str, model: str, dimensions: int) -> Provider:
+def _options(settings: Settings, provider: str, target: Target | None) -> object:
+    if target is None or getattr(target.providers, provider, None) is None:
+        target = next((t for t in settings.targets.values()
+                       if getattr(t.providers, provider, None) is not None), target)
+    return target.providers.of(provider) if target is not None else None
+
+
+def _build(settings: Settings, provider: str, model: str, dimensions: int,
+           options: object) -> Provider:
     if provider == "local":
         from pgreembed.embedding.providers.local import LocalMiniLM
 
@@ -57,4 +90,17 @@ def _build(settings: Settings, provider: str, model: str, dimensions: int) -> Pr
                               timeout=settings.request_timeout,
                               max_retry_seconds=settings.provider_retry_seconds,
                               limiter=limiter_for_model(settings, provider, model))
+    if provider in _REMOTE:
+        import importlib
+
+        from pgreembed.embedding.ratelimit import limiter_for_model
+
+        module_name, class_name = _REMOTE[provider]
+        if not provider_info(provider).installed:
+            require_credentials(settings, provider)
+        module = importlib.import_module(f"pgreembed.embedding.providers.{module_name}")
+        built: Provider = getattr(module, class_name).build(
+            settings, model, dimensions, options,
+            limiter_for_model(settings, provider, model))
+        return built
     raise FatalProviderError(f"unknown provider {provider!r}")

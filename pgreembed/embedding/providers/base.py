@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
+
+# What a text is embedded as: a row of the table (a document), or a search query. Models
+# trained for retrieval (Cohere, Voyage, Gemini, Vertex) embed the two differently; the
+# others ignore it. Rows are always documents; `search` and `migrate compare` send queries.
+InputType = Literal["document", "query"]
+DOCUMENT: InputType = "document"
+QUERY: InputType = "query"
 
 
 class Embeddings(NamedTuple):
@@ -42,8 +49,9 @@ class Provider(Protocol):
         """`text` cut to at most `max_tokens` tokens."""
         ...
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
-        """Embed `texts` in one request. Raises ProviderError subclasses.
+    def embed(self, texts: Sequence[str], tokens: int | None = None,
+              input_type: InputType = DOCUMENT) -> Embeddings:
+        """Embed `texts` in one request, as `input_type`. Raises ProviderError subclasses.
 
         `tokens` is the texts' exact total as `count_tokens` gave it, when the caller has
         it already (a rate-limited provider needs it before sending, and would count).

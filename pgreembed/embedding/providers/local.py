@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pgreembed.config import LOCAL_MODEL, environment
-from pgreembed.embedding.providers.base import Embeddings
+from pgreembed.embedding.providers.base import DOCUMENT, Embeddings, InputType
 from pgreembed.errors import FatalProviderError
 
 MAX_TOKENS = 256
@@ -107,7 +107,8 @@ class LocalMiniLM:
         end = encoding.offsets[keep - 1][1]
         return text[:end]
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
+    def embed(self, texts: Sequence[str], tokens: int | None = None,
+              input_type: InputType = DOCUMENT) -> Embeddings:
         self._load()
         out = np.empty((len(texts), self.dimensions), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

@@ -33,7 +33,7 @@ from tenacity import (
 
 from pgreembed.config.model_keys import is_shortenable, model_key
 from pgreembed.embedding.providers import OPENAI_KEY_MISSING
-from pgreembed.embedding.providers.base import Embeddings
+from pgreembed.embedding.providers.base import DOCUMENT, Embeddings, InputType
 from pgreembed.embedding.providers.tokens import TokenCounter
 from pgreembed.embedding.ratelimit import RateLimiter
 from pgreembed.errors import (
@@ -87,7 +87,7 @@ class _WaitRetryAfterOrBackoff:
     """Wait what Retry-After says; otherwise exponential back-off with jitter."""
 
     def __init__(self, initial: float, maximum: float) -> None:
-        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum)
+        self._backoff = wait_exponential_jitter(initial=initial, max=maximum)
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -113,19 +113,23 @@ class OpenAIProvider:
     def __init__(self, model: str, dimensions: int, *, api_key: str | None,
                  base_url: str | None, timeout: float = 60.0, max_attempts: int = 8,
                  max_retry_seconds: float = 300.0, backoff_initial: float = 0.5,
-                 backoff_max: float = 30.0, limiter: RateLimiter | None = None) -> None:
-        if not api_key and not base_url:
+                 backoff_max: float = 30.0, limiter: RateLimiter | None = None,
+                 client: openai.OpenAI | None = None, provider: str = "openai",
+                 base_model: str | None = None) -> None:
+        """`client`, `provider`, `base_model`: Azure's (pgreembed.embedding.providers.azure):
+        its AzureOpenAI client, `model` its deployment, `base_model` the model it serves."""
+        if client is None and not api_key and not base_url:
             raise ProviderKeyMissing(OPENAI_KEY_MISSING)
         register_secret(api_key)
         self.model = model
         self.dimensions = dimensions
-        self.model_key = model_key("openai", model, dimensions)
+        self.model_key = model_key(provider, model, dimensions)
         # `dimensions` is accepted only by models trained to be shortened (text-embedding-3,
         # and the test server's fake-* models): a derived migration's later rows need it.
-        self._send_dimensions = is_shortenable(model)
-        self._client = openai.OpenAI(api_key=api_key or "unused", base_url=base_url,
-                                     max_retries=0, timeout=timeout)
-        self._tokens = TokenCounter(model)
+        self._send_dimensions = is_shortenable(base_model or model)
+        self._client = client or openai.OpenAI(api_key=api_key or "unused", base_url=base_url,
+                                               max_retries=0, timeout=timeout)
+        self._tokens = TokenCounter(base_model or model)
         self._retrying = Retrying(
             retry=retry_if_exception(is_retryable),
             wait=_WaitRetryAfterOrBackoff(backoff_initial, backoff_max),
@@ -156,7 +160,8 @@ class OpenAIProvider:
     def truncate(self, text: str, max_tokens: int) -> str:
         return self._tokens.truncate(text, max_tokens)
 
-    def embed(self, texts: Sequence[str], tokens: int | None = None) -> Embeddings:
+    def embed(self, texts: Sequence[str], tokens: int | None = None,
+              input_type: InputType = DOCUMENT) -> Embeddings:
         try:
             if self._limiter is not None and self._limiter.limited and tokens is None:
                 tokens = sum(self.count_tokens(texts))
