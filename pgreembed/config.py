@@ -90,6 +90,9 @@ class Target:
     # The column's storage: "vector" (4 bytes a component) or "halfvec" (2); None: by
     # dimensions. After `migrate --derive halfvec` the registry says halfvec.
     vector_type: str | None = None
+    # A chunked target: this Target is its chunk table, `parent` the app's table whose
+    # rows are split into it (pgreembed.chunking.config.Parent; None: not chunked).
+    parent: Any = None
 
     @property
     def storage_type(self) -> str:
@@ -156,7 +159,7 @@ TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
-    "vector_type",
+    "vector_type", "chunking", "destination",
 )
 WORKER_KEYS = ("poll_interval", "linger_seconds", "max_inflight_rows", "lease_seconds",
                "request_timeout", "provider_retry_seconds", "pool_max_size", "write_retry_seconds",
@@ -246,7 +249,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         if vector_type == "vector" and dimensions > VECTOR_MAX_INDEXED:
             raise ConfigError(f"{where}.vector_type: pgvector indexes `vector` only up to"
                               f" {VECTOR_MAX_INDEXED} dimensions; {dimensions} needs halfvec")
-    return Target(
+    target = Target(
         name=name,
         table=bare,
         schema=schema,
@@ -267,6 +270,10 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
                                            f"{where}.distance"), f"{where}.distance"),
         vector_type=vector_type,
     )
+    if "chunking" in merged or "destination" in merged:
+        from pgreembed.chunking.config import as_chunk_target
+        return as_chunk_target(target, merged, where)
+    return target
 
 
 def parse_rate_limits(raw: Any) -> dict[str, Budget]:
