@@ -90,9 +90,7 @@ class Target:
     # The column's storage: "vector" (4 bytes a component) or "halfvec" (2); None: by
     # dimensions. After `migrate --derive halfvec` the registry says halfvec.
     vector_type: str | None = None
-    # A chunked target: this Target is its chunk table, `parent` the app's table whose
-    # rows are split into it (pgreembed.chunking.config.Parent; None: not chunked).
-    parent: Any = None
+    parent: Any = None  # chunked: this is the chunk table (pgreembed.chunking.config.Parent)
 
     @property
     def storage_type(self) -> str:
