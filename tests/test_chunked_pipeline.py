@@ -1,0 +1,88 @@
+"""Chunked targets end to end: scheduler (chunk stage) -> Redis -> worker -> chunk table.
+
+The chunk table is embedded by the ordinary machinery; every chunk's vector is checked
+against the fake provider's vector of that chunk's text, and every chunk set against the
+chunks of its parent's current text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import Stack, wait_for
+from tests.test_chunked_targets import chunk_sets, chunked_stack, expected
+
+MODEL = "fake-384"
+PARENTS = 500
+
+
+def body(rng: random.Random, key: int, version: str) -> str:
+    """~2 kB of paragraphs unique to this parent (4-6 chunks at 800/400); the version
+    lands in the middle paragraph, as a one-sentence edit would."""
+    paragraphs = [" ".join(f"parent {key} paragraph {p} word{rng.randint(0, 99)}"
+                           for _ in range(rng.randint(8, 14))) + "." for p in range(6)]
+    paragraphs[3] += f" Edited to version {version}."
+    return "\n\n".join(paragraphs)
+
+
+def settled(stack: Stack, target: object) -> bool:
+    with stack.connect() as conn:
+        pending = conn.execute("SELECT (SELECT count(*) FROM pgreembed.chunk_dirty_docs)"
+                               " + (SELECT count(*) FROM docs_chunks WHERE embedding IS NULL)"
+                               ).fetchone()
+        return pending == (0,) and chunk_sets(conn) == expected(conn, target)
+
+
+@pytest.mark.timeout(300)
+def test_parents_edited_twice_while_the_provider_is_slow_end_current(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    settings = chunked_stack(stack, batch_size=32)
+    target = settings.target("docs")
+    assert stack.cli("init").returncode == 0
+    fake_openai.set_faults(slow_model=MODEL, slow_model_latency=1.5)
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (id, title, body) SELECT * FROM unnest(%s::bigint[],"
+                     " %s::text[], %s::text[])",
+                     (list(range(1, PARENTS + 1)), [f"t{k}" for k in range(1, PARENTS + 1)],
+                      [body(random.Random(k), k, "0") for k in range(1, PARENTS + 1)]))
+
+        def chunked_some() -> bool:
+            return conn.execute("SELECT count(*) FROM docs_chunks").fetchone()[0] > 0
+        wait_for(chunked_some, timeout=60, message="the chunk stage to run")
+        for version in ("1", "2"):  # both within the slow window (1.5 s a request)
+            for key in range(1, PARENTS + 1):
+                conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                             (body(random.Random(key), key, version), key))
+            time.sleep(0.3)
+    fake_openai.set_faults(slow_model_latency=0.0)
+    wait_for(lambda: settled(stack, target), timeout=180, interval=0.5,
+             message="every chunk set current and embedded")
+
+    with stack.connect() as conn:
+        sets = chunk_sets(conn)
+        assert sets == expected(conn, target)
+        assert not any("version 0." in c or "version 1." in c
+                       for chunks in sets.values() for c in chunks), "stale chunks"
+        rows = conn.execute("SELECT chunk, embedding FROM docs_chunks").fetchall()
+    for text, vector in rows:
+        np.testing.assert_allclose(vector.to_numpy(), fake_vector(MODEL, text, 384),
+                                   atol=1e-6, err_msg=f"chunk {text[:40]!r}: other vector")
+    stats = fake_openai.stats()
+    counts = stats["text_counts"]
+    figures = {"parents": PARENTS, "chunks": len(rows), "inputs": stats["inputs_embedded"],
+               "distinct_texts_sent": len(counts),
+               "max_sends_of_one_text": max(counts.values())}
+    print(json.dumps(figures))
+    assert {text for text, _ in rows} <= set(counts)
+    assert max(counts.values()) == 1, "a chunk text was bought twice"
+    # Unchanged chunks were never sent again: the two edits touch one paragraph each.
+    assert stats["inputs_embedded"] <= len(rows) + 2 * 2 * PARENTS
