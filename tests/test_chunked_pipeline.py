@@ -16,7 +16,7 @@ import pytest
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, wait_for
+from tests.helpers import Stack, migrate, new_column, wait_for
 from tests.test_chunked_targets import chunk_sets, chunked_stack, expected
 
 MODEL = "fake-384"
@@ -86,3 +86,59 @@ def test_parents_edited_twice_while_the_provider_is_slow_end_current(
     assert max(counts.values()) == 1, "a chunk text was bought twice"
     # Unchanged chunks were never sent again: the two edits touch one paragraph each.
     assert stats["inputs_embedded"] <= len(rows) + 2 * 2 * PARENTS
+
+
+def assert_chunks_current(stack: Stack, target: object, column: str, model: str,
+                          dims: int) -> None:
+    with stack.connect() as conn:
+        assert chunk_sets(conn) == expected(conn, target)
+        rows = conn.execute(f"SELECT chunk, {column} FROM docs_chunks").fetchall()
+    assert rows
+    for text, vector in rows:
+        assert vector is not None, f"chunk {text[:40]!r}: no vector in {column}"
+        np.testing.assert_allclose(vector.to_numpy(), fake_vector(model, text, dims),
+                                   atol=1e-6, err_msg=f"{column} of {text[:40]!r}")
+
+
+@pytest.mark.timeout(300)
+def test_model_migration_of_the_chunk_table_swaps_and_rolls_back(stack: Stack) -> None:
+    """The existing migration lifecycle (start, fill, index, swap, rollback, finalize) on a
+    chunk table, with parents edited during the fill and after the swap."""
+    settings = chunked_stack(stack, batch_size=32)
+    target = settings.target("docs")
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        for key in range(1, 41):
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
+                         (key, f"t{key}", body(random.Random(key), key, "0")))
+    wait_for(lambda: settled(stack, target), timeout=120, message="chunks embedded")
+    migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+    column = new_column(stack)
+    with stack.connect() as conn:
+        for key in range(1, 11):
+            conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                         (body(random.Random(key), key, "1"), key))
+        conn.execute("DELETE FROM docs WHERE id = 40")
+
+    def both_filled() -> bool:
+        with stack.connect() as conn:
+            left = conn.execute(f"SELECT count(*) FROM docs_chunks WHERE embedding IS NULL"
+                                f" OR {column} IS NULL").fetchone()
+        return left == (0,) and settled(stack, target)
+    wait_for(both_filled, timeout=120, interval=0.5, message="both columns filled")
+    migrate(stack, "index")
+    assert "swap done" in migrate(stack, "swap")
+    with stack.connect() as conn:
+        for key in range(11, 16):
+            conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                         (body(random.Random(key), key, "2"), key))
+    wait_for(both_filled, timeout=120, interval=0.5, message="filled after the swap")
+    assert_chunks_current(stack, target, "embedding", "fake-768", 768)
+    assert_chunks_current(stack, target, column, "fake-384", 384)
+    assert "rollback done" in migrate(stack, "rollback")
+    assert_chunks_current(stack, target, "embedding", "fake-384", 384)
+    assert "swap done" in migrate(stack, "swap")
+    migrate(stack, "finalize")
+    assert_chunks_current(stack, target, "embedding", "fake-768", 768)
