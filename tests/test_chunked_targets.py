@@ -247,3 +247,54 @@ def test_many_documents_chunk_as_pgai_would(stack: Stack) -> None:
     drain(stack.dsn, target)
     with stack.connect() as conn:
         assert chunk_sets(conn) == expected(conn, target)
+
+
+def test_repeatable_read_delete_racing_the_stage_leaves_no_orphan(stack: Stack) -> None:
+    """An app transaction in REPEATABLE READ whose snapshot predates a chunk set's commit
+    deletes the parent: its trigger cannot see the new chunks; the stage removes them."""
+    chunked_stack(stack)
+    target = init(stack)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'x'), ('b', 'y')")
+    with psycopg.connect(stack.dsn) as app:
+        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        app.execute("SELECT count(*) FROM docs")  # the snapshot is taken here
+        drain(stack.dsn, target)
+        app.execute("DELETE FROM docs WHERE id = 1")
+        app.commit()
+    with stack.connect() as conn:
+        run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
+    with stack.connect() as conn:
+        assert chunk_sets(conn) == {2: ["b: y"]}
+
+
+def test_repeatable_read_truncate_and_serialization_conflicts(stack: Stack) -> None:
+    """REPEATABLE READ app transactions never fail on rows the stage changed since their
+    snapshot (the delete trigger skips them and leaves marks), and a TRUNCATE whose
+    snapshot predates a chunk set leaves no chunk behind either."""
+    chunked_stack(stack)
+    target = init(stack)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'x'), ('b', 'y')")
+    drain(stack.dsn, target)
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'x2' WHERE id = 1")
+    with psycopg.connect(stack.dsn) as app:
+        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        app.execute("SELECT count(*) FROM docs")
+        drain(stack.dsn, target)  # deletes and inserts rows of parent 1 after the snapshot
+        app.execute("DELETE FROM docs WHERE id = 1")
+        app.commit()
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('c', 'z')")
+    with psycopg.connect(stack.dsn) as app:
+        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        app.execute("SELECT count(*) FROM docs")
+        drain(stack.dsn, target)
+        app.execute("TRUNCATE docs")
+        app.commit()
+    with stack.connect() as conn:
+        report = run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
+        assert report.removed >= 1  # what the two old snapshots could not see
+        assert chunk_sets(conn) == {} and dirty(conn) == set()
+        assert conn.execute("SELECT count(*) FROM pgreembed.chunk_gone_docs").fetchone() == (0,)

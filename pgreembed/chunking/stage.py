@@ -22,7 +22,7 @@ from pgreembed.chunking.matching import match
 from pgreembed.chunking.splitter import chunker
 from pgreembed.config import Settings, Target
 from pgreembed.errors import PgreembedError
-from pgreembed.store.chunk_sets import Applied, apply_chunk_sets, read_dirty
+from pgreembed.store.chunk_sets import Applied, apply_chunk_sets, read_dirty, sweep_gone
 from pgreembed.store.chunks import parent_key
 from pgreembed.store.slots import load_slots
 
@@ -39,6 +39,7 @@ class StageReport:
     inserted: int = 0
     deleted: int = 0
     kept: int = 0
+    removed: int = 0  # chunks of parents deleted under an older snapshot (sweep_gone)
 
     def add(self, applied: Applied) -> None:
         self.parents += applied.parents
@@ -92,6 +93,9 @@ def run_chunk_stage(conn: psycopg.Connection, settings: Settings,
             continue
         done = 0
         try:
+            key, key_type = parent_key(conn, target)
+            report.removed += sweep_gone(conn, target, key, key_type)
+            conn.commit()
             while done < max_parents:
                 applied = rechunk(conn, target)
                 report.add(applied)

@@ -20,7 +20,7 @@ from psycopg import sql
 from pgreembed.chunking.config import CHUNK_KEY, CHUNK_TEXT
 from pgreembed.chunking.matching import Diff, Existing
 from pgreembed.config import Target
-from pgreembed.store.chunks import dirty_table, parent_of, parent_target
+from pgreembed.store.chunks import dirty_table, gone_table, parent_of, parent_target
 from pgreembed.store.slots import app_table, text_expression
 from pgreembed.store.trusted_sql import NO_PARAMS
 
@@ -122,6 +122,37 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_typ
     report.parents, report.deleted = len(locked), len(delete)
     report.moved, report.inserted = len(move), len(insert)
     return report
+
+
+def sweep_gone(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+               limit: int = 10_000) -> int:
+    """Remove the chunks (and marks) of parents deleted by transactions whose snapshot
+    could not see them all (store.chunks.gone_table); the caller commits. Only chunks
+    whose parent is gone now are removed: a key inserted again keeps its new chunks."""
+    ids = {"gone": gone_table(target), "chunks": app_table(target),
+           "dirty": dirty_table(target), "parent": app_table(parent_target(target)),
+           "key": sql.Identifier(key), "type": sql.SQL(key_type)}
+    marks = conn.execute(sql.SQL("SELECT id, pgr_pk FROM {gone} ORDER BY id LIMIT %s"
+                                 " FOR UPDATE SKIP LOCKED").format(**ids), (limit,)).fetchall()
+    if not marks:
+        return 0
+    whole = any(k is None for _, k in marks)  # a TRUNCATE: every chunk is a suspect
+    keys: tuple[Any, ...] = () if whole else ([k for _, k in marks],)
+
+    def among_marks(column: sql.Composable) -> sql.Composable:
+        return sql.SQL("TRUE") if whole else sql.SQL("{} = ANY(%s::{}[])").format(
+            column, ids["type"])
+    removed = conn.execute(sql.SQL(
+        "DELETE FROM {chunks} c WHERE {marked} AND NOT EXISTS"
+        " (SELECT FROM {parent} p WHERE p.{key} = c.{key})").format(
+        marked=among_marks(sql.SQL("c.{}").format(ids["key"])), **ids), keys).rowcount
+    conn.execute(sql.SQL(
+        "DELETE FROM {dirty} d WHERE {marked} AND NOT EXISTS"
+        " (SELECT FROM {parent} p WHERE p.{key} = d.pgr_pk)").format(
+        marked=among_marks(sql.SQL("d.pgr_pk")), **ids), keys)
+    conn.execute(sql.SQL("DELETE FROM {gone} WHERE id = ANY(%s)").format(**ids),
+                 ([i for i, _ in marks],))
+    return removed
 
 
 def dirty_count(conn: psycopg.Connection, target: Target) -> int:

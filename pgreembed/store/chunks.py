@@ -27,7 +27,8 @@ from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, app_table, primary_key
 from pgreembed.store.triggers import text_sql_columns
 
 # Bump when the parent's triggers change: older ones are then replaced.
-CHUNK_TRIGGERS_VERSION = 1
+# 2: deletes under REPEATABLE READ leave gone marks and never fail on the stage's rows.
+CHUNK_TRIGGERS_VERSION = 2
 
 
 def parent_of(target: Target) -> Parent:
@@ -47,6 +48,13 @@ def parent_target(target: Target) -> Target:
 
 def dirty_table(target: Target) -> sql.Identifier:
     return sql.Identifier(SCHEMA, f"chunk_dirty_{target.name}")
+
+
+def gone_table(target: Target) -> sql.Identifier:
+    """Keys of parents deleted by a transaction whose snapshot may not see every chunk
+    (REPEATABLE READ or SERIALIZABLE); NULL: the whole table was truncated. The chunk
+    stage removes what is left of them (store.chunk_sets.sweep_gone)."""
+    return sql.Identifier(SCHEMA, f"chunk_gone_{target.name}")
 
 
 def parent_key(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
@@ -88,6 +96,9 @@ def ensure_chunk_table(conn: psycopg.Connection, target: Target) -> bool:
         "CREATE TABLE IF NOT EXISTS {dirty} (pgr_pk {type} PRIMARY KEY,"
         " pgr_marked_at timestamptz NOT NULL DEFAULT now())").format(
         dirty=dirty_table(target), type=sql.SQL(key_type)))
+    conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {gone} (id bigserial PRIMARY KEY,"
+                         " pgr_pk {type})").format(gone=gone_table(target),
+                                                   type=sql.SQL(key_type)))
     if exists is not None and exists[0] is not None:
         _check_shape(conn, target, str(exists[0]), key, key_type)
         return False
@@ -189,25 +200,50 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
     _function(conn, names["new"][1], sql.SQL(
         "    INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM pgr_new ON CONFLICT DO NOTHING;\n"
         "{notify}").format(notify=notify, **ids))
+    # A snapshot older than the stage's last commit (REPEATABLE READ, SERIALIZABLE) may not
+    # see chunks the stage wrote, and fails with a serialization error on rows it changed:
+    # such a transaction leaves marks for the stage and skips what it cannot do itself.
+    # The app's statement never fails because of pgreembed's rows.
+    ids["snapshot_old"] = sql.SQL("current_setting('transaction_isolation') <> 'read committed'")
+    ids["gone"] = gone_table(target)
     _function(conn, names["edit"][1], sql.SQL(
         "    IF OLD.{key} IS DISTINCT FROM NEW.{key} THEN\n"
-        "        UPDATE {chunks} SET {key} = NEW.{key} WHERE {key} = OLD.{key};\n"
-        "        DELETE FROM {dirty} WHERE pgr_pk = OLD.{key};\n"
+        "        BEGIN\n"
+        "            UPDATE {chunks} SET {key} = NEW.{key} WHERE {key} = OLD.{key};\n"
+        "            DELETE FROM {dirty} WHERE pgr_pk = OLD.{key};\n"
+        "        EXCEPTION WHEN serialization_failure THEN\n"
+        "            INSERT INTO {gone} (pgr_pk) VALUES (OLD.{key});\n"
+        "            INSERT INTO {dirty} (pgr_pk) VALUES (NEW.{key}) ON CONFLICT DO NOTHING;\n"
+        "        END;\n"
         "    END IF;\n"
         "    IF {changed} THEN\n"
         "        INSERT INTO {dirty} (pgr_pk) VALUES (NEW.{key}) ON CONFLICT DO NOTHING;\n"
         "    {notify}\n"
         "    END IF;").format(notify=notify, **ids))
     _function(conn, names["gone"][1], sql.SQL(
-        "    DELETE FROM {chunks} c USING pgr_old o WHERE c.{key} = o.{key};\n"
-        "    DELETE FROM {dirty} d USING pgr_old o WHERE d.pgr_pk = o.{key};").format(**ids))
+        "    IF {snapshot_old} THEN\n"
+        "        INSERT INTO {gone} (pgr_pk) SELECT {key} FROM pgr_old;\n"
+        "    END IF;\n"
+        "    BEGIN\n"
+        "        DELETE FROM {chunks} c USING pgr_old o WHERE c.{key} = o.{key};\n"
+        "        DELETE FROM {dirty} d USING pgr_old o WHERE d.pgr_pk = o.{key};\n"
+        "    EXCEPTION WHEN serialization_failure THEN\n"
+        "        NULL;  -- rows the stage changed since this snapshot: the marks cover them\n"
+        "    END;").format(**ids))
     # DELETE, not TRUNCATE: a TRUNCATE would take ACCESS EXCLUSIVE on tables the workers
     # use, inside the app's transaction (as store.triggers' forget_all).
     _function(conn, names["gone_all"][1], sql.SQL(
-        "    DELETE FROM {chunks};\n    DELETE FROM {dirty};").format(**ids))
+        "    IF {snapshot_old} THEN\n"
+        "        INSERT INTO {gone} (pgr_pk) VALUES (NULL);\n"
+        "    END IF;\n"
+        "    BEGIN\n"
+        "        DELETE FROM {chunks};\n        DELETE FROM {dirty};\n"
+        "    EXCEPTION WHEN serialization_failure THEN\n"
+        "        NULL;\n"
+        "    END;").format(**ids))
     for trigger, _ in names.values():
         conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, parent))
-    each = {"parent": parent, **{k: v for k, v in ids.items() if k in ("key", "changed")}}
+    each = {"parent": parent, "key": ids["key"], "changed": ids["changed"]}
     statements = {
         "new": "AFTER INSERT ON {parent} REFERENCING NEW TABLE AS pgr_new FOR EACH STATEMENT",
         "edit": "AFTER UPDATE OF {columns} ON {parent} FOR EACH ROW WHEN"
