@@ -142,3 +142,63 @@ def test_model_migration_of_the_chunk_table_swaps_and_rolls_back(stack: Stack) -
     assert "swap done" in migrate(stack, "swap")
     migrate(stack, "finalize")
     assert_chunks_current(stack, target, "embedding", "fake-768", 768)
+
+
+def edits_of(text: str) -> list[tuple[str, str, int]]:
+    """(name, edited text, most inputs allowed) for the issue's three edits, in order."""
+    paragraphs = text.split("\n\n")
+    middle = len(paragraphs) // 2
+    sentence = list(paragraphs)
+    sentence[middle] += " One sentence added here by the edit, in the middle."
+    inserted = sentence[:middle] + ["An inserted paragraph " + "of several words " * 20]
+    inserted += sentence[middle:]
+    deleted = inserted[:middle + 3] + inserted[middle + 4:]
+    return [("sentence", "\n\n".join(sentence), 2), ("insert", "\n\n".join(inserted), 3),
+            ("delete", "\n\n".join(deleted), 2)]
+
+
+@pytest.mark.timeout(300)
+def test_edits_of_a_long_document_send_only_their_chunks(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """Issue 25's figures through the whole path, counted at the provider: a one-sentence
+    edit in the middle of a ~35 kB document sends at most 2 inputs, an inserted paragraph
+    at most 3, a deleted one at most 2. Also: 30% shared boilerplate is bought once."""
+    from tests.chunk_corpus import long_document
+
+    settings = chunked_stack(stack, batch_size=32)
+    target = settings.target("docs")
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    text = long_document()
+    boilerplate = "\n\n".join(f"Shared boilerplate paragraph {i}: " + "legal words " * 60
+                              for i in range(7))
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (id, title, body) VALUES (1, 'long', %s)", (text,))
+        for key in range(2, 22):  # ~30% of their chunks are the same boilerplate
+            own = body(random.Random(key), key, "0") + "\n\n" + body(random.Random(-key),
+                                                                    key, "x")
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, 'same', %s)",
+                         (key, own + "\n\n" + boilerplate))
+    wait_for(lambda: settled(stack, target), timeout=120, message="first chunk sets")
+    with stack.connect() as conn:
+        chunks = conn.execute("SELECT chunk FROM docs_chunks").fetchall()
+    distinct = {c for (c,) in chunks}
+    shared = sum(1 for (c,) in chunks if "boilerplate" in c)
+    sent = fake_openai.stats()["inputs_embedded"]
+    figures: dict[str, object] = {"chunks": len(chunks), "distinct": len(distinct),
+                                  "shared_chunks": shared, "inputs": sent}
+    # Identical chunk texts are bought once, but for a shared text whose copies straddle
+    # two batches in flight together (keys sort by text: see chunk_sets.chunk_uuid).
+    shared_texts = {c for (c,) in chunks if "boilerplate" in c}
+    assert len(distinct) <= sent <= len(distinct) + len(shared_texts), figures
+    assert max(fake_openai.stats()["text_counts"].values()) <= 2
+    for name, edited, most in edits_of(text):
+        before = fake_openai.stats()["inputs_embedded"]
+        with stack.connect() as conn:
+            conn.execute("UPDATE docs SET body = %s WHERE id = 1", (edited,))
+        wait_for(lambda: settled(stack, target), timeout=60, message=f"{name} re-chunked")
+        figures[name] = fake_openai.stats()["inputs_embedded"] - before
+        assert 1 <= figures[name] <= most, figures  # type: ignore[operator]
+    print(json.dumps(figures))
+    assert shared >= 0.3 * len(chunks)

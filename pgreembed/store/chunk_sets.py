@@ -10,6 +10,9 @@ row and vector (pgreembed.chunking.matching).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +55,15 @@ def _version(target: Target) -> sql.Composable:
     return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(columns))
 
 
+def chunk_uuid(text: str) -> uuid.UUID:
+    """A new chunk's key: 8 bytes of md5(text), then 8 random ones (unique all the same).
+
+    The scheduler sends pending rows in key order, so chunks of one text (boilerplate
+    shared by many parents) travel in one batch, where it is bought once for all of them;
+    with random keys they spread over batches in flight together, each buying it."""
+    return uuid.UUID(bytes=hashlib.md5(text.encode()).digest()[:8] + os.urandom(8))
+
+
 def read_dirty(conn: psycopg.Connection, target: Target, key: str, limit: int
                ) -> list[DirtyParent]:
     """Up to `limit` dirty parents, oldest mark first (a short read; no lock)."""
@@ -88,10 +100,10 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_typ
         "SELECT pgr_pk FROM {dirty} WHERE pgr_pk = ANY(%s::{type}[]) ORDER BY pgr_pk"
         " FOR UPDATE SKIP LOCKED").format(**ids), (list(fresh),)).fetchall()]
     stored: dict[Any, list[Existing]] = {k: [] for k in locked}
-    for uuid, owner, seq, text, has_vector in conn.execute(sql.SQL(
+    for row_key, owner, seq, text, has_vector in conn.execute(sql.SQL(
             "SELECT {uuid}, {key}, chunk_seq, {chunk}, {vector} IS NOT NULL FROM {chunks}"
             " WHERE {key} = ANY(%s::{type}[])").format(**ids), (locked,), ):
-        stored[owner].append(Existing(uuid, seq, text, has_vector))
+        stored[owner].append(Existing(row_key, seq, text, has_vector))
     delete: list[Any] = []
     move: list[tuple[Any, int]] = []
     insert: list[tuple[Any, int, str]] = []
@@ -114,9 +126,10 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_typ
             ([u for u, _ in move], [s for _, s in move]))
     if insert:
         conn.execute(sql.SQL(
-            "INSERT INTO {chunks} ({key}, chunk_seq, {chunk})"
-            " SELECT * FROM unnest(%s::{type}[], %s::int[], %s::text[])").format(**ids),
-            ([k for k, _, _ in insert], [s for _, s, _ in insert], [t for _, _, t in insert]))
+            "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk})"
+            " SELECT * FROM unnest(%s::uuid[], %s::{type}[], %s::int[], %s::text[])").format(
+            **ids), ([chunk_uuid(t) for _, _, t in insert], [k for k, _, _ in insert],
+                     [s for _, s, _ in insert], [t for _, _, t in insert]))
     conn.execute(sql.SQL("DELETE FROM {dirty} WHERE pgr_pk = ANY(%s::{type}[])").format(
         **ids), (locked,))
     report.parents, report.deleted = len(locked), len(delete)
