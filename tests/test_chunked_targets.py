@@ -298,3 +298,28 @@ def test_repeatable_read_truncate_and_serialization_conflicts(stack: Stack) -> N
         assert report.removed >= 1  # what the two old snapshots could not see
         assert chunk_sets(conn) == {} and dirty(conn) == set()
         assert conn.execute("SELECT count(*) FROM pgreembed.chunk_gone_docs").fetchone() == (0,)
+
+
+def test_changed_chunking_rechunks_every_parent_keeping_unchanged_chunks(stack: Stack
+                                                                         ) -> None:
+    chunked_stack(stack)
+    target = init(stack)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('a', %s), ('b', 'short')",
+                     (long_document(),))
+    drain(stack.dsn, target)
+    init(stack)  # the same settings: nothing to do
+    with stack.connect() as conn:
+        assert dirty(conn) == set()
+        conn.execute("UPDATE docs_chunks SET embedding = array_fill(0.5, ARRAY[384])::vector")
+        short = conn.execute("SELECT embedding_uuid FROM docs_chunks WHERE id = 2").fetchone()
+    write_config(stack.config_path, CHUNKED.format(batch_size=64).replace(
+        "size = 800\noverlap = 400", "size = 1200\noverlap = 100"))
+    target = init(stack)
+    with stack.connect() as conn:
+        assert dirty(conn) == {1, 2}
+    drain(stack.dsn, target)
+    with stack.connect() as conn:
+        assert chunk_sets(conn) == expected(conn, target)
+        assert conn.execute("SELECT embedding_uuid, embedding IS NOT NULL FROM docs_chunks"
+                            " WHERE id = 2").fetchone() == (short[0], True)

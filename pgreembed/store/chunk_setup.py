@@ -18,6 +18,7 @@ from pgreembed.store.chunks import (
     chunk_triggers_current,
     ensure_chunk_table,
     install_chunk_triggers,
+    mark_all_if_changed,
     mark_all_if_new,
     parent_target,
 )
@@ -47,7 +48,12 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
                    mode=SHARE_ROW_EXCLUSIVE)
     with connect(dsn, vector=False) as conn:
         marked = mark_all_if_new(conn, target)
+        changed = mark_all_if_changed(conn, target)
         conn.commit()
     if marked:
         log.info("target %s: %d rows of %s.%s to chunk", target.name, marked,
                  target.parent.schema, target.parent.table)
+    if changed:
+        log.warning("target %s: the chunking or text settings changed; %d rows of %s.%s are"
+                    " chunked again (unchanged chunks keep their vectors)", target.name,
+                    changed, target.parent.schema, target.parent.table)

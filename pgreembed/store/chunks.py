@@ -111,6 +111,34 @@ def ensure_chunk_table(conn: psycopg.Connection, target: Target) -> bool:
     return True
 
 
+def chunking_key(target: Target) -> str:
+    """What the chunk sets are made of: the splitter settings, template and text."""
+    parent = parent_of(target)
+    blob = "|".join([parent.chunking.key, *parent.text_columns, parent.text_sql or ""])
+    return f"pgreembed chunking {hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def mark_all_if_changed(conn: psycopg.Connection, target: Target) -> int:
+    """After a change of [target.chunking] or the text: every parent is chunked again, in
+    place (matching keeps each chunk whose text is unchanged, with its vectors). The key
+    the chunk sets were made with is the dirty table's comment."""
+    key, _ = parent_key(conn, target)
+    dirty = dirty_table(target)
+    found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')",
+                         (dirty.as_string(conn),)).fetchone()
+    wanted = chunking_key(target)
+    if found is not None and found[0] == wanted:
+        return 0
+    marked = 0
+    if found is not None and found[0] is not None:
+        marked = conn.execute(sql.SQL(
+            "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent} ON CONFLICT DO NOTHING"
+        ).format(dirty=dirty, key=sql.Identifier(key),
+                 parent=app_table(parent_target(target)))).rowcount
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(dirty, sql.Literal(wanted)))
+    return marked
+
+
 def mark_all_if_new(conn: psycopg.Connection, target: Target) -> int:
     """Mark every parent row dirty while nothing was ever chunked (a new chunked target).
 
