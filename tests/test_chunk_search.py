@@ -80,6 +80,16 @@ def test_best_chunk_per_parent_even_when_one_parent_crowds_the_top(stack: Stack)
     assert hits[0].key == 1 and hits[0].chunk == query and hits[0].distance < 1e-5
     assert [h.chunk_seq for h in hits] == [s for _, s, _ in want]
     np.testing.assert_allclose([h.distance for h in hits], [d for _, _, d in want], atol=1e-5)
+    # With an HNSW index (ef_search 40 < the 80 candidates): iterative scans fill them.
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX ON docs_chunks USING hnsw (embedding vector_cosine_ops)")
+    with connect(stack.dsn, autocommit=True) as app:
+        app.execute("SET enable_seqscan = off")  # the table is small: make it use the index
+        indexed = search_parents(app, settings, "docs", query, limit=10, index_settings={})
+        assert app.execute("SHOW hnsw.iterative_scan").fetchone() == ("off",)
+    assert len({h.key for h in indexed}) == 10 and indexed[0].key == 1
+    recall = len({h.key for h in indexed} & {k for k, _, _ in want}) / 10
+    assert recall >= 0.9, recall
     # In the app's own open transaction: runs in it and leaves it open, as search() does.
     with psycopg.connect(stack.dsn) as app:
         app.execute("SELECT 1")
