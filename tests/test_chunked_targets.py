@@ -15,7 +15,7 @@ from pgreembed.config import load_settings
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
 from tests.chunk_corpus import documents, long_document
-from tests.helpers import Stack, write_config
+from tests.helpers import Stack, json_document, write_config
 
 CHUNKED = """
 [[target]]
@@ -323,3 +323,19 @@ def test_changed_chunking_rechunks_every_parent_keeping_unchanged_chunks(stack: 
         assert chunk_sets(conn) == expected(conn, target)
         assert conn.execute("SELECT embedding_uuid, embedding IS NOT NULL FROM docs_chunks"
                             " WHERE id = 2").fetchone() == (short[0], True)
+
+
+def test_status_counts_parents_to_chunk(stack: Stack) -> None:
+    chunked_stack(stack)
+    target = init(stack)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) SELECT 't', 'b' || i FROM"
+                     " generate_series(1, 7) i")
+    out = stack.cli("status", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json_document(out.stdout)
+    assert doc["chunking"] == [{"target": "docs", "parent_table": "public.docs",
+                                "chunk_table": "public.docs_chunks", "parents_to_chunk": 7}]
+    drain(stack.dsn, target)
+    text = stack.cli("status").stdout
+    assert "chunks of docs: 0 rows of public.docs to chunk" in text
