@@ -16,7 +16,7 @@ import pytest
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, wait_for
+from tests.helpers import Stack, json_document, wait_for
 from tests.test_chunked_targets import chunk_sets, chunked_stack, expected
 
 MODEL = "fake-384"
@@ -146,3 +146,28 @@ def test_edits_of_a_long_document_send_only_their_chunks(
         assert 1 <= figures[name] <= most, figures  # type: ignore[operator]
     print(json.dumps(figures))
     assert shared >= 0.3 * len(chunks)
+
+
+@pytest.mark.timeout(180)
+def test_cron_tick_chunks_and_embeds_and_doctor_runs(stack: Stack) -> None:
+    """A cron-only deployment: `tick --wait` runs the chunk stage and embeds the chunks;
+    `doctor` and `migrate plan` run on a chunked target without a traceback."""
+    settings = chunked_stack(stack, batch_size=32)
+    target = settings.target("docs")
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        for key in range(1, 11):
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, 't', %s)",
+                         (key, body(random.Random(key), key, "0")))
+    stack.start_worker(threads=2)
+    out = stack.cli("tick", "--wait", "--timeout", "120")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert settled(stack, target)
+    doctor = stack.cli("doctor")
+    assert doctor.returncode == 0 and "Traceback" not in doctor.stderr, doctor.stdout
+    plan = stack.cli("migrate", "plan", "--target", "docs", "--model", "fake-768",
+                     "--dimensions", "768", "--json")
+    assert plan.returncode == 0, plan.stderr
+    with stack.connect() as conn:
+        chunks = conn.execute("SELECT count(*) FROM docs_chunks").fetchone()[0]
+    assert json_document(plan.stdout)["rows"] == chunks  # a model change counts chunks

@@ -105,4 +105,7 @@ def run_chunk_stage(conn: psycopg.Connection, settings: Settings,
         except (psycopg.Error, PgreembedError) as exc:
             conn.rollback()
             log.warning("chunk stage of %s: %s: %s", target.name, type(exc).__name__, exc)
+        except Exception:  # noqa: BLE001 - a splitter's bug must not stop every target's pass
+            conn.rollback()
+            log.exception("chunk stage of %s failed; its parents stay dirty", target.name)
     return report
