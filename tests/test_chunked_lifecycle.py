@@ -31,11 +31,24 @@ def assert_chunks_current(stack: Stack, target: object, column: str, model: str,
                                    atol=1e-6, err_msg=f"{column} of {text[:40]!r}")
 
 
+def assert_view_current(stack: Stack, model: str, dims: int) -> None:
+    """pgai's view (chunk columns + the parent's) serves the live column's model."""
+    with stack.connect() as conn:
+        rows = conn.execute("SELECT chunk, embedding, title, id FROM docs_view").fetchall()
+        chunks = conn.execute("SELECT count(*) FROM docs_chunks").fetchone()[0]
+    assert len(rows) == chunks > 0
+    for text, vector, title, key in rows:
+        assert text.startswith(f"{title}: ") and title == f"t{key}"
+        np.testing.assert_allclose(vector.to_numpy(), fake_vector(model, text, dims),
+                                   atol=1e-6, err_msg=f"docs_view row of {text[:40]!r}")
+
+
 @pytest.mark.timeout(300)
 def test_model_migration_of_the_chunk_table_swaps_and_rolls_back(stack: Stack) -> None:
     """The existing migration lifecycle (start, fill, index, swap, rollback, finalize) on a
     chunk table, with parents edited during the fill and after the swap."""
-    settings = chunked_stack(stack, batch_size=32)
+    settings = chunked_stack(stack, batch_size=32,
+                             destination='[target.destination]\nview = "docs_view"\n')
     target = settings.target("docs")
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=4)
@@ -68,11 +81,14 @@ def test_model_migration_of_the_chunk_table_swaps_and_rolls_back(stack: Stack) -
     wait_for(both_filled, timeout=120, interval=0.5, message="filled after the swap")
     assert_chunks_current(stack, target, "embedding", "fake-768", 768)
     assert_chunks_current(stack, target, column, "fake-384", 384)
+    assert_view_current(stack, "fake-768", 768)
     assert "rollback done" in migrate(stack, "rollback")
     assert_chunks_current(stack, target, "embedding", "fake-384", 384)
+    assert_view_current(stack, "fake-384", 384)
     assert "swap done" in migrate(stack, "swap")
     migrate(stack, "finalize")
     assert_chunks_current(stack, target, "embedding", "fake-768", 768)
+    assert_view_current(stack, "fake-768", 768)
 
 
 @pytest.mark.timeout(300)

@@ -32,15 +32,16 @@ batch_size = {batch_size}
 size = 800
 overlap = 400
 template = "$title: $chunk"
-
+{destination}
 [worker]
 poll_interval = 0.5
 max_inflight_rows = 512
 """
 
 
-def chunked_stack(stack: Stack, batch_size: int = 64) -> Any:
-    write_config(stack.config_path, CHUNKED.format(batch_size=batch_size))
+def chunked_stack(stack: Stack, batch_size: int = 64, destination: str = "") -> Any:
+    write_config(stack.config_path, CHUNKED.format(batch_size=batch_size,
+                                                   destination=destination))
     return load_settings(stack.config_path, stack.env)
 
 
@@ -313,7 +314,7 @@ def test_changed_chunking_rechunks_every_parent_keeping_unchanged_chunks(stack: 
         assert dirty(conn) == set()
         conn.execute("UPDATE docs_chunks SET embedding = array_fill(0.5, ARRAY[384])::vector")
         short = conn.execute("SELECT embedding_uuid FROM docs_chunks WHERE id = 2").fetchone()
-    write_config(stack.config_path, CHUNKED.format(batch_size=64).replace(
+    write_config(stack.config_path, CHUNKED.format(batch_size=64, destination="").replace(
         "size = 800\noverlap = 400", "size = 1200\noverlap = 100"))
     target = init(stack)
     with stack.connect() as conn:

@@ -34,6 +34,9 @@ def test_a_chunked_target_is_its_chunk_table_with_pgai_defaults() -> None:
         separators=("\n\n", "\n", ".", "?", "!", " ", ""), is_separator_regex=False,
         template="$chunk")
     assert chunked(destination={"table": "pieces"}).table == "pieces"
+    assert chunked(destination={"view": "docs_view"}).parent.view == "docs_view"
+    with pytest.raises(ConfigError, match="three different names"):
+        chunked(destination={"view": "docs_chunks"})
     assert chunked({"splitter": "character"}).parent.chunking.separators == ("\n\n",)
 
 

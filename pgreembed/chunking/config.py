@@ -151,7 +151,8 @@ def check_fits(chunking: Chunking, provider: str, where: str) -> None:
 def parse_destination(raw: Any, parent_schema: str, parent_table: str, where: str
                       ) -> tuple[str, str, str | None]:
     """(schema, table, view) of `[target.destination]`: `<table>_chunks` beside the parent
-    by default. The names are used as given (quoted), like the parent's."""
+    by default; the optional view (chunk columns and the parent's, as pgai's) beside them.
+    The names are used as given (quoted), like the parent's."""
     where = f"{where}.destination"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: must be a table ([target.destination])")
@@ -160,11 +161,10 @@ def parse_destination(raw: Any, parent_schema: str, parent_table: str, where: st
     view = raw.get("view")
     if view is not None:
         typed(view, str, f"{where}.view")
-        raise ConfigError(f"{where}.view: not supported yet (query the chunk table and join"
-                          " the parent on its key)")
-    if (parent_schema, table) == (parent_schema, parent_table):
-        raise ConfigError(f"{where}.table: must not be the parent table itself")
-    return parent_schema, table, None
+    if table == parent_table or view in (table, parent_table):
+        raise ConfigError(f"{where}: the chunk table, the view and the parent table need"
+                          " three different names")
+    return parent_schema, table, view
 
 
 CHUNK_KEY = "embedding_uuid"

@@ -17,6 +17,7 @@ from pgreembed.store.chunks import (
     check_parent,
     chunk_triggers_current,
     ensure_chunk_table,
+    ensure_view,
     install_chunk_triggers,
     mark_all_if_changed,
     mark_all_if_new,
@@ -49,6 +50,9 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
     with connect(dsn, vector=False) as conn:
         marked = mark_all_if_new(conn, target)
         changed = mark_all_if_changed(conn, target)
+        if ensure_view(conn, target):
+            log.info("target %s: created view %s.%s", target.name, target.parent.schema,
+                     target.parent.view)
         conn.commit()
     if marked:
         log.info("target %s: %d rows of %s.%s to chunk", target.name, marked,

@@ -105,9 +105,32 @@ def ensure_chunk_table(conn: psycopg.Connection, target: Target) -> bool:
     conn.execute(sql.SQL(
         "CREATE TABLE {table} ({uuid} uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
         " {key} {type} NOT NULL, chunk_seq integer NOT NULL, {chunk} text NOT NULL,"
-        " UNIQUE ({key}, chunk_seq))").format(
+        " {vector} {vector_type}, UNIQUE ({key}, chunk_seq))").format(
         table=table, uuid=sql.Identifier(CHUNK_KEY), key=sql.Identifier(key),
-        type=sql.SQL(key_type), chunk=sql.Identifier(CHUNK_TEXT)))
+        type=sql.SQL(key_type), chunk=sql.Identifier(CHUNK_TEXT),
+        vector=sql.Identifier(target.vector_column),
+        vector_type=sql.SQL(f"{target.storage_type}({int(target.dimensions)})")))
+    return True
+
+
+def ensure_view(conn: psycopg.Connection, target: Target) -> bool:
+    """pgai's view if configured and missing (True: created): the chunk table's columns
+    but the key, then every column of the parent. A swap keeps it on the live column like
+    any app view (migrations.rebind); it is never replaced here once it exists."""
+    parent = parent_of(target)
+    if parent.view is None:
+        return False
+    name = sql.Identifier(parent.schema, parent.view)
+    found = conn.execute("SELECT to_regclass(%s)", (name.as_string(conn),)).fetchone()
+    if found is not None and found[0] is not None:
+        return False
+    key, _ = parent_key(conn, target)
+    conn.execute(sql.SQL(
+        "CREATE VIEW {view} AS SELECT c.{uuid}, c.chunk_seq, c.{chunk}, c.{vector}, p.*"
+        " FROM {chunks} c JOIN {parent} p ON p.{key} = c.{key}").format(
+        view=name, uuid=sql.Identifier(CHUNK_KEY), chunk=sql.Identifier(CHUNK_TEXT),
+        vector=sql.Identifier(target.vector_column), chunks=app_table(target),
+        parent=app_table(parent_target(target)), key=sql.Identifier(key)))
     return True
 
 
