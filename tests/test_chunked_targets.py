@@ -340,3 +340,20 @@ def test_status_counts_parents_to_chunk(stack: Stack) -> None:
     drain(stack.dsn, target)
     text = stack.cli("status").stdout
     assert "chunks of docs: 0 rows of public.docs to chunk" in text
+
+
+def test_first_marks_do_not_depend_on_an_empty_dirty_table(stack: Stack) -> None:
+    """A row the app inserts between the triggers' creation and the first marks must not
+    stop the existing rows from being marked (an init interrupted there, run again)."""
+    chunked_stack(stack)
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('a', 'x'), ('b', 'y')")
+    init(stack)
+    with stack.connect() as conn:  # as if init stopped after the triggers
+        conn.execute("COMMENT ON TABLE pgreembed.chunk_dirty_docs IS NULL")
+        conn.execute("DELETE FROM pgreembed.chunk_dirty_docs")
+        conn.execute("INSERT INTO docs (title, body) VALUES ('c', 'z')")
+        assert dirty(conn) == {3}
+    init(stack)
+    with stack.connect() as conn:
+        assert dirty(conn) == {1, 2, 3}

@@ -19,8 +19,7 @@ from pgreembed.store.chunks import (
     ensure_chunk_table,
     ensure_view,
     install_chunk_triggers,
-    mark_all_if_changed,
-    mark_all_if_new,
+    mark_all_unless_current,
     parent_target,
 )
 from pgreembed.store.pool import connect
@@ -48,16 +47,15 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
                    lambda conn: install_chunk_triggers(conn, target), policy,
                    mode=SHARE_ROW_EXCLUSIVE)
     with connect(dsn, vector=False) as conn:
-        marked = mark_all_if_new(conn, target)
-        changed = mark_all_if_changed(conn, target)
+        marked, first = mark_all_unless_current(conn, target)
         if ensure_view(conn, target):
             log.info("target %s: created view %s.%s", target.name, target.parent.schema,
                      target.parent.view)
         conn.commit()
-    if marked:
+    if first:
         log.info("target %s: %d rows of %s.%s to chunk", target.name, marked,
                  target.parent.schema, target.parent.table)
-    if changed:
+    elif marked:
         log.warning("target %s: the chunking or text settings changed; %d rows of %s.%s are"
                     " chunked again (unchanged chunks keep their vectors)", target.name,
-                    changed, target.parent.schema, target.parent.table)
+                    marked, target.parent.schema, target.parent.table)

@@ -141,39 +141,27 @@ def chunking_key(target: Target) -> str:
     return f"pgreembed chunking {hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def mark_all_if_changed(conn: psycopg.Connection, target: Target) -> int:
-    """After a change of [target.chunking] or the text: every parent is chunked again, in
-    place (matching keeps each chunk whose text is unchanged, with its vectors). The key
-    the chunk sets were made with is the dirty table's comment."""
+def mark_all_unless_current(conn: psycopg.Connection, target: Target) -> tuple[int, bool]:
+    """Mark every parent dirty unless its chunk sets were made with the current settings:
+    on the first init, and after a change of [target.chunking], the template or the text
+    (the stage then re-chunks in place; matching keeps each unchanged chunk with its
+    vectors). The key they were made with is the dirty table's comment, set in the same
+    transaction as the marks. Run after the triggers are committed: a row is then either
+    seen here or marked by the insert trigger. Returns (rows marked, first time)."""
     key, _ = parent_key(conn, target)
     dirty = dirty_table(target)
     found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')",
                          (dirty.as_string(conn),)).fetchone()
     wanted = chunking_key(target)
-    if found is not None and found[0] == wanted:
-        return 0
-    marked = 0
-    if found is not None and found[0] is not None:
-        marked = conn.execute(sql.SQL(
-            "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent} ON CONFLICT DO NOTHING"
-        ).format(dirty=dirty, key=sql.Identifier(key),
-                 parent=app_table(parent_target(target)))).rowcount
+    made_with = found[0] if found is not None else None
+    if made_with == wanted:
+        return 0, False
+    marked = conn.execute(sql.SQL(
+        "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent} ON CONFLICT DO NOTHING"
+    ).format(dirty=dirty, key=sql.Identifier(key),
+             parent=app_table(parent_target(target)))).rowcount
     conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(dirty, sql.Literal(wanted)))
-    return marked
-
-
-def mark_all_if_new(conn: psycopg.Connection, target: Target) -> int:
-    """Mark every parent row dirty while nothing was ever chunked (a new chunked target).
-
-    Run after the triggers are in place and committed: a row is then either seen here or
-    marked by the insert trigger. Nothing is repeated once a chunk or a mark exists."""
-    key, _ = parent_key(conn, target)
-    return conn.execute(sql.SQL(
-        "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent}"
-        " WHERE NOT EXISTS (SELECT FROM {chunks}) AND NOT EXISTS (SELECT FROM {dirty})"
-        " ON CONFLICT DO NOTHING").format(
-        dirty=dirty_table(target), key=sql.Identifier(key), chunks=app_table(target),
-        parent=app_table(parent_target(target)))).rowcount
+    return marked, made_with is None
 
 
 def _check_shape(conn: psycopg.Connection, target: Target, relation: str, key: str,
