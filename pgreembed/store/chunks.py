@@ -96,6 +96,11 @@ def ensure_chunk_table(conn: psycopg.Connection, target: Target) -> bool:
         "CREATE TABLE IF NOT EXISTS {dirty} (pgr_pk {type} PRIMARY KEY,"
         " pgr_marked_at timestamptz NOT NULL DEFAULT now())").format(
         dirty=dirty_table(target), type=sql.SQL(key_type)))
+    # The stage takes the oldest marks first: without this index every batch of 100
+    # sorted the whole dirty table (0.6 s a batch with 300,000 parents to chunk).
+    conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {name} ON {dirty}"
+                         " (pgr_marked_at, pgr_pk)").format(
+        name=sql.Identifier(f"chunk_dirty_{target.name}_order"), dirty=dirty_table(target)))
     conn.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {gone} (id bigserial PRIMARY KEY,"
                          " pgr_pk {type})").format(gone=gone_table(target),
                                                    type=sql.SQL(key_type)))
