@@ -7,8 +7,9 @@ They live on the ground floor so that `store/` (which writes them) and `embeddin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 
@@ -33,3 +34,30 @@ class Embedded:
 class Failed:
     row: Row
     reason: str
+
+
+# A chunked target's chunk rows (pgreembed.chunking.matching decides, store.chunk_sets applies).
+@dataclass(frozen=True)
+class Existing:
+    """One chunk row as stored."""
+
+    uuid: UUID
+    seq: int
+    text: str
+    has_vector: bool
+
+
+@dataclass
+class Diff:
+    """What to do to one parent's chunk rows."""
+
+    delete: list[UUID] = field(default_factory=list)
+    # (uuid, new seq) of kept rows whose position changed
+    move: list[tuple[UUID, int]] = field(default_factory=list)
+    # (seq, text) of new rows (vector NULL: the embedding machinery fills them)
+    insert: list[tuple[int, str]] = field(default_factory=list)
+    kept: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.delete or self.move or self.insert)

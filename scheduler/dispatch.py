@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import psycopg
 import redis
 
+from pgreembed.chunking.stage import run_chunk_stage
 from pgreembed.config import Settings
 from pgreembed.queue.broker import make_broker
 from pgreembed.queue.claims import InFlight
@@ -59,6 +60,7 @@ class Dispatcher:
     def run_pass(self, conn: psycopg.Connection, limit_in_flight: bool = True) -> PassReport:
         """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
         report = PassReport()
+        run_chunk_stage(conn, self.settings)  # chunked targets: new chunks are pending rows
         for target in self.settings.targets.values():
             for slot in load_slots(conn, target, include_paused=False):
                 conn.commit()  # each page in its own short snapshot

@@ -83,6 +83,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> None:
     from pgreembed.embedding.throttle import observe
+    from pgreembed.operations.chunk_status import chunking_status
     from pgreembed.operations.status import collect
 
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
@@ -102,6 +103,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         require_initialized(conn, settings.targets.values())
         rows = collect(conn, settings, reachable, exact=exact)
         fills = {name: current(conn, settings.target(name)) for name in {r.target for r in rows}}
+        chunked = chunking_status(conn, settings)
         conn.rollback()
     # A second column ('next' while filling, 'old' after a swap) means an open migration.
     migrations = {name: progress(settings, settings.target(name))
@@ -121,7 +123,8 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
                                      "rate_per_second": round(found.rate_per_second, 1),
                                      "eta_seconds": found.eta_seconds, "paused": found.paused,
                                      "estimated": found.estimated}
-        emit("status", {"columns": out, "throttle": throttle.as_dict()})
+        emit("status", {"columns": out, "throttle": throttle.as_dict(),
+                        "chunking": [c.as_dict() for c in chunked]})
         return
     header = (f"{'target':<16} {'column':<18} {'role':<8} {'model':<36} {'total':>9}"
               f" {'embedded':>9}"
@@ -160,6 +163,8 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
               f"side column {fill.column} ({fill.reason}: {fill.step})"))
     for name, found in migrations.items():
         print(f"migration of {name}: {migration_line(found)}")
+    for each in chunked:
+        print(each.line())
     print(throttle.line())
 
 

@@ -75,6 +75,7 @@ class Target:
     vector_type: str | None = setting(None, check=one_of(VECTOR_TYPES))
     # `[target.azure]`, `[target.cohere]`, ...: each provider's own settings (providers.py).
     providers: ProviderSettings = field(default_factory=ProviderSettings)
+    parent: Any = None  # chunked: this is the chunk table (pgreembed.config.chunking.Parent)
 
     @property
     def storage_type(self) -> str:
@@ -94,7 +95,7 @@ TARGET_KEYS = (
     "name", "table", "text_columns", "text_column", "text_sql", "vector_column",
     "provider", "model", "dimensions", "primary_key", "batch_size", "trigger", "truncate",
     "dedupe", "requests_per_minute", "tokens_per_minute", "distance", "schema",
-    "vector_type", *PROVIDER_TABLES,
+    "vector_type", "chunking", "destination", *PROVIDER_TABLES,
 )
 
 
@@ -173,7 +174,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
     if vector_type == "vector" and dimensions > VECTOR_MAX_INDEXED:
         raise ConfigError(f"{where}.vector_type: pgvector indexes `vector` only up to"
                           f" {VECTOR_MAX_INDEXED} dimensions; {dimensions} needs halfvec")
-    return Target(
+    target = Target(
         name=name,
         table=bare,
         schema=schema,
@@ -192,3 +193,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         vector_type=vector_type,
         providers=provider_tables.parse_provider_settings(merged, where),
     )
+    if "chunking" in merged or "destination" in merged:
+        from pgreembed.config.chunking import as_chunk_target
+        return as_chunk_target(target, merged, where)
+    return target

@@ -182,7 +182,10 @@ def _chunk(conn: psycopg.Connection, old: Slot, after: Any) -> tuple[int, Any]:
             UPDATE {table} a SET {old} = NULL FROM free f
             WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL RETURNING 1
         )
-        SELECT (SELECT count(*) FROM cleared), (SELECT max(pk)::text FROM chunk)
+        -- max() has no uuid version (a chunk table's key): the last key by ORDER BY of the
+        -- qualified column (a bare name would order by the text output: '99' > '100')
+        SELECT (SELECT count(*) FROM cleared),
+               (SELECT c.pk::text FROM chunk c ORDER BY c.pk DESC LIMIT 1)
         """).format(pk=slot.pk, table=slot.table, old=slot.vector, pk_type=slot.pk_cast,
                     free=slot.unlocked_rows("chunk", "pk")),
         {"after": after, "rows": ROWS_PER_PASS_CHUNK}).fetchone()

@@ -182,8 +182,11 @@ def _last_key(settings: Settings, target: Target) -> str | None:
     """The table's greatest key now (as text, how keys travel), None when it is empty."""
     live = live_slot(settings, target)
     with connect(settings.database_url) as conn:
-        row = conn.execute(sql.SQL("SELECT max({})::text FROM {}").format(live.pk, live.table)
-                           ).fetchone()
+        # Not max(): it has no uuid version (a chunk table's key). Ordered by the qualified
+        # column: a bare name would order by the text output (lexically: '99' > '100').
+        row = conn.execute(sql.SQL(
+            "SELECT a.{pk}::text FROM {table} a ORDER BY a.{pk} DESC LIMIT 1"
+        ).format(pk=live.pk, table=live.table)).fetchone()
     return None if row is None else row[0]
 
 
@@ -238,7 +241,8 @@ def _chunk(conn: psycopg.Connection, target: Target, slot_id: int, after: Any, u
                 pgr_failure = NULL, pgr_attempts = 0, pgr_failed_at = NULL
             RETURNING 1
         )
-        SELECT (SELECT count(*) FROM recorded), (SELECT max(pk)::text FROM chunk)
+        SELECT (SELECT count(*) FROM recorded),
+               (SELECT c.pk::text FROM chunk c ORDER BY c.pk DESC LIMIT 1)
         """).format(free=live.unlocked_rows("chunk", "pk"),
                     pk=live.pk, table=live.table, pk_type=live.pk_cast, new=new.vector,
                     live=live.vector, value=value, live_state=live.state_table,

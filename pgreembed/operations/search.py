@@ -10,7 +10,7 @@ connection in the transaction state it found it in.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,12 @@ MAX_ATTEMPTS = 3
 
 # One statement that searches and, in the same snapshot, checks that the registry
 # still names the slot we embedded for as live under the column we search.
-_SEARCH = """
+LIVE_CHECK = """
 WITH pgreembed_registry AS MATERIALIZED (
     SELECT EXISTS (SELECT 1 FROM pgreembed.slots
                    WHERE id = %(slot)s AND role = 'live' AND vector_column = %(column)s)
-           AS live)
+           AS live)"""
+_SEARCH = LIVE_CHECK + """
 SELECT pgreembed_registry.live, hit.key, hit.text, hit.distance
 FROM pgreembed_registry LEFT JOIN LATERAL (
     SELECT {pk} AS key, ({text})::text AS text, {vector} {op} %(query)s::{type} AS distance
@@ -97,6 +98,22 @@ def search(conn: psycopg.Connection, settings: Settings, target_name: str, query
     """
     target = settings.target(target_name)
     operator = sql.SQL(DISTANCES[canonical_distance(distance or target.distance)])
+
+    def run(slot: Slot, vector: str) -> list[tuple[Any, ...]]:
+        return conn.execute(_statement(slot, operator), {
+            "slot": slot.id, "column": slot.vector_column, "query": vector,
+            "limit": limit}, prepare=False).fetchall()
+    rows = on_live_column(conn, settings, target_name, query, run, index_settings)
+    return [Hit(key, text, float(dist)) for _, key, text, dist in rows if dist is not None]
+
+
+def on_live_column(conn: psycopg.Connection, settings: Settings, target_name: str,
+                   query: str, run: Callable[[Slot, str], list[tuple[Any, ...]]],
+                   index_settings: Mapping[str, str | int] | None = None
+                   ) -> list[tuple[Any, ...]]:
+    """`run(slot, query vector)` with `search`'s guarantees (see there): its rows' first
+    value must be the registry check `_SEARCH` makes (the slot is still live under its
+    column); on a swap in between the query is embedded again with the new live model."""
     for _ in range(MAX_ATTEMPTS):
         with _statement_scope(conn):
             slot = live_slot(conn, settings, target_name)
@@ -104,12 +121,9 @@ def search(conn: psycopg.Connection, settings: Settings, target_name: str, query
                       else validate_settings(index_settings))
         vector = _embed_query(settings, slot, query)
         with _search_scope(conn, chosen):
-            rows = conn.execute(_statement(slot, operator), {
-                "slot": slot.id, "column": slot.vector_column, "query": vector,
-                "limit": limit}, prepare=False).fetchall()
+            rows = run(slot, vector)
         if rows[0][0]:  # the registry still says `slot` is live: `vector` fits
-            return [Hit(key, text, float(dist)) for _, key, text, dist in rows
-                    if dist is not None]
+            return rows
     raise LiveColumnChanged(
         f"target {target_name!r}: the live column changed during each of {MAX_ATTEMPTS}"
         " attempts of one search (a swap or rollback running over and over?)")

@@ -55,8 +55,8 @@ def copy_page(conn: psycopg.Connection, source: Slot, side: Slot, after: Any,
                                  f" is no longer {side.model_key}; nothing copied")
         source = load_slot(conn, source.target, source.id)
         last = conn.execute(sql.SQL(
-            "SELECT max(k) FROM (SELECT a.{pk} AS k FROM {table} a WHERE {bound}"
-            " ORDER BY a.{pk} LIMIT %(limit)s) p").format(
+            "SELECT k FROM (SELECT a.{pk} AS k FROM {table} a WHERE {bound}"
+            " ORDER BY a.{pk} LIMIT %(limit)s) p ORDER BY k DESC LIMIT 1").format(
                 pk=source.pk, table=source.table, bound=bound),
             {"after": after, "limit": limit}).fetchone()
         if last is None or last[0] is None:

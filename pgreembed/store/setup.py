@@ -262,6 +262,9 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
         if not enabled:  # a change: after every check that could refuse the target
             enable_pgvector(conn)
         conn.commit()
+    if target.parent is not None:  # chunked: the chunk table is the target's table
+        from pgreembed.store.chunk_setup import init_chunking
+        init_chunking(dsn, target, policy, check_rights)
     table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
     slot, slots, adopted = run_locked(dsn, table, "init",

@@ -217,9 +217,13 @@ def install_forget_triggers(conn: psycopg.Connection, target: Target, slots: lis
     table = app_table(target)
     forget_row = sql.Identifier("pgreembed", f"forget_{target.name}")
     forget_all = sql.Identifier("pgreembed", f"forget_all_{target.name}")
+    # A chunk table (ours, never partitioned) loses thousands of rows per statement (a
+    # parent's delete): there one set-based delete per slot over the transition table.
+    per_statement = target.parent is not None
     _forget_function(conn, forget_row, [
-        sql.SQL("    DELETE FROM {state} WHERE pgr_pk = OLD.{pk};").format(
-            state=slot.state_table, pk=slot.pk) for slot in slots])
+        sql.SQL("    DELETE FROM {state} s USING pgr_old o WHERE s.pgr_pk = o.{pk};"
+                if per_statement else "    DELETE FROM {state} WHERE pgr_pk = OLD.{pk};"
+                ).format(state=slot.state_table, pk=slot.pk) for slot in slots])
     _forget_function(conn, forget_all, [
         sql.SQL("    DELETE FROM {state};").format(state=slot.state_table) for slot in slots])
     delete_trigger = sql.Identifier(f"pgreembed_forget_{target.name}")
@@ -227,8 +231,10 @@ def install_forget_triggers(conn: psycopg.Connection, target: Target, slots: lis
     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(delete_trigger, table))
     conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(truncate_trigger, table))
     conn.execute(sql.SQL(
-        "CREATE TRIGGER {name} AFTER DELETE ON {table} FOR EACH ROW EXECUTE FUNCTION"
-        " {function}()").format(name=delete_trigger, table=table, function=forget_row))
+        "CREATE TRIGGER {name} AFTER DELETE ON {table} " + (
+            "REFERENCING OLD TABLE AS pgr_old FOR EACH STATEMENT" if per_statement
+            else "FOR EACH ROW") + " EXECUTE FUNCTION {function}()").format(
+        name=delete_trigger, table=table, function=forget_row))
     conn.execute(sql.SQL(
         "CREATE TRIGGER {name} AFTER TRUNCATE ON {table} FOR EACH STATEMENT EXECUTE FUNCTION"
         " {function}()").format(name=truncate_trigger, table=table, function=forget_all))

@@ -1,0 +1,111 @@
+"""The chunk stage: dirty parents -> split -> matched -> applied in one short transaction.
+
+It runs before each dispatch pass (scheduler and `tick`). Splitting happens outside any
+transaction; applying re-checks each parent (pgreembed.store.chunk_sets), so a parent
+edited meanwhile is left dirty and done again with its new text. The new chunks are rows
+with a NULL vector in the chunk table, which the ordinary machinery then embeds like any
+pending row of a target table (dedupe gives a text already embedded its vector for free).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgreembed.chunking.matching import match
+from pgreembed.chunking.splitter import chunker
+from pgreembed.config import Settings, Target
+from pgreembed.config.chunking import Chunking
+from pgreembed.errors import PgreembedError
+from pgreembed.store.chunk_sets import Applied, apply_chunk_sets, read_dirty, sweep_gone
+from pgreembed.store.chunks import parent_key
+from pgreembed.store.slots import load_slots
+
+log = logging.getLogger(__name__)
+
+PARENTS_PER_TRANSACTION = 100
+PARENTS_PER_PASS = 2000  # then the dispatch pass runs; the rest is done next pass
+
+
+@dataclass
+class StageReport:
+    parents: int = 0
+    stale: int = 0
+    inserted: int = 0
+    deleted: int = 0
+    kept: int = 0
+    removed: int = 0  # chunks of parents deleted under an older snapshot (sweep_gone)
+
+    def add(self, applied: Applied) -> None:
+        self.parents += applied.parents
+        self.stale += applied.stale
+        self.inserted += applied.inserted
+        self.deleted += applied.deleted
+        self.kept += applied.kept
+
+
+@functools.lru_cache(maxsize=32)
+def _chunker(chunking: Chunking, provider: str, model: str
+             ) -> Callable[[str, Mapping[str, Any]], list[str]]:
+    return chunker(chunking, provider, model)
+
+
+def rechunk(conn: psycopg.Connection, target: Target,
+            limit: int = PARENTS_PER_TRANSACTION) -> Applied:
+    """One batch of `target`'s dirty parents; commits. Applied.parents == 0 and
+    Applied.stale == 0: nothing was dirty."""
+    slots = [s for s in load_slots(conn, target) if s.role == "live"]
+    if not slots:
+        conn.commit()
+        return Applied()
+    key, key_type = parent_key(conn, target)
+    parents = read_dirty(conn, target, key, limit)
+    conn.commit()
+    if not parents:
+        return Applied()
+    chunks_of = _chunker(target.parent.chunking, target.provider, target.model)
+    planned = [(p, chunks_of(p.text or "", p.row)) for p in parents]
+    try:
+        applied = apply_chunk_sets(conn, target, key, key_type, slots[0].vector, planned,
+                                   match)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    if applied.stale:
+        log.info("target %s: %d parents changed while being chunked; done again next",
+                 target.name, applied.stale)
+    return applied
+
+
+def run_chunk_stage(conn: psycopg.Connection, settings: Settings,
+                    max_parents: int = PARENTS_PER_PASS) -> StageReport:
+    """Re-chunk dirty parents of every chunked target (bounded per pass). A failure is
+    logged and left for the next pass: the marks stay in Postgres."""
+    report = StageReport()
+    for target in settings.targets.values():
+        if target.parent is None:
+            continue
+        done = 0
+        try:
+            key, key_type = parent_key(conn, target)
+            report.removed += sweep_gone(conn, target, key, key_type)
+            conn.commit()
+            while done < max_parents:
+                applied = rechunk(conn, target)
+                report.add(applied)
+                done += applied.parents + applied.stale
+                if applied.parents == 0:
+                    break  # nothing dirty, or all of it busy: next pass
+        except (psycopg.Error, PgreembedError) as exc:
+            conn.rollback()
+            log.warning("chunk stage of %s: %s: %s", target.name, type(exc).__name__, exc)
+        except Exception:  # noqa: BLE001 - a splitter's bug must not stop every target's pass
+            conn.rollback()
+            log.exception("chunk stage of %s failed; its parents stay dirty", target.name)
+    return report

@@ -1,0 +1,174 @@
+"""The chunk stage's SQL: read dirty parents, then apply their new chunk sets.
+
+Applying is one short transaction per batch of parents. It locks each parent FOR SHARE
+SKIP LOCKED and keeps only those whose text (and template columns) still hash to what
+was split: a parent edited since, or held by an app transaction, stays dirty and is done
+again later, so a stale chunk set is never written and the stage never waits on the app.
+The old chunks stay (searchable) until the new set commits; unchanged texts keep their
+row and vector (pgreembed.chunking.matching).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Target
+from pgreembed.config.chunking import CHUNK_KEY, CHUNK_TEXT
+from pgreembed.store.chunks import dirty_table, gone_table, parent_of, parent_target
+from pgreembed.store.slots import app_table, text_expression
+from pgreembed.store.trusted_sql import NO_PARAMS
+from pgreembed.values import Diff, Existing
+
+
+@dataclass(frozen=True)
+class DirtyParent:
+    """A parent to chunk: its key, text, template values and the version they hash to."""
+
+    key: Any
+    text: str | None
+    row: Mapping[str, Any]
+    version: str
+
+
+@dataclass
+class Applied:
+    parents: int = 0  # chunk sets written
+    stale: int = 0  # edited (or locked by the app) since they were read: left dirty
+    inserted: int = 0
+    deleted: int = 0
+    moved: int = 0
+    kept: int = 0
+
+
+def _version(target: Target) -> sql.Composable:
+    """md5 over the text and the template columns: what the chunks are made of."""
+    columns = [text_expression(parent_target(target)),
+               *(sql.Identifier(c) for c in parent_of(target).chunking.template_columns)]
+    return sql.SQL("md5(row({})::text)").format(sql.SQL(", ").join(columns))
+
+
+def chunk_uuid(text: str) -> uuid.UUID:
+    """A new chunk's key: 8 bytes of md5(text), then 8 random ones (unique all the same).
+
+    The scheduler sends pending rows in key order, so chunks of one text (boilerplate
+    shared by many parents) travel in one batch, where it is bought once for all of them;
+    with random keys they spread over batches in flight together, each buying it."""
+    return uuid.UUID(bytes=hashlib.md5(text.encode()).digest()[:8] + os.urandom(8))
+
+
+def read_dirty(conn: psycopg.Connection, target: Target, key: str, limit: int
+               ) -> list[DirtyParent]:
+    """Up to `limit` dirty parents, oldest mark first (a short read; no lock)."""
+    template = parent_of(target).chunking.template_columns
+    rows = conn.execute(sql.SQL(
+        "SELECT d.pgr_pk, ({text})::text, {version}{template} FROM {dirty} d JOIN {parent} p"
+        " ON p.{key} = d.pgr_pk ORDER BY d.pgr_marked_at, d.pgr_pk LIMIT %s").format(
+        text=text_expression(parent_target(target)), version=_version(target),
+        template=sql.SQL("").join(sql.SQL(", p.{}").format(sql.Identifier(c))
+                                  for c in template),
+        dirty=dirty_table(target), parent=app_table(parent_target(target)),
+        key=sql.Identifier(key)), (limit,)).fetchall()
+    return [DirtyParent(r[0], r[1], dict(zip(template, r[3:], strict=True)), r[2])
+            for r in rows]
+
+
+def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+                     vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
+                     match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
+    """Write the new chunk sets of the parents still as they were read (the caller
+    commits). `match` turns a parent's stored chunks and its new list into a Diff."""
+    report = Applied()
+    keys = [p.key for p, _ in planned]
+    ids = {"parent": app_table(parent_target(target)), "key": sql.Identifier(key),
+           "chunks": app_table(target), "dirty": dirty_table(target),
+           "uuid": sql.Identifier(CHUNK_KEY), "chunk": sql.Identifier(CHUNK_TEXT),
+           "type": sql.SQL(key_type), "vector": vector, "version": _version(target)}
+    current: dict[Any, str] = dict(conn.execute(sql.SQL(
+        "SELECT {key}, {version} FROM {parent} WHERE {key} = ANY(%s::{type}[]) ORDER BY {key}"
+        " FOR SHARE SKIP LOCKED").format(**ids), (keys,)).fetchall())
+    fresh = {p.key: chunks for p, chunks in planned if current.get(p.key) == p.version}
+    report.stale = len(planned) - len(fresh)
+    locked = [r[0] for r in conn.execute(sql.SQL(
+        "SELECT pgr_pk FROM {dirty} WHERE pgr_pk = ANY(%s::{type}[]) ORDER BY pgr_pk"
+        " FOR UPDATE SKIP LOCKED").format(**ids), (list(fresh),)).fetchall()]
+    stored: dict[Any, list[Existing]] = {k: [] for k in locked}
+    for row_key, owner, seq, text, has_vector in conn.execute(sql.SQL(
+            "SELECT {uuid}, {key}, chunk_seq, {chunk}, {vector} IS NOT NULL FROM {chunks}"
+            " WHERE {key} = ANY(%s::{type}[])").format(**ids), (locked,), ):
+        stored[owner].append(Existing(row_key, seq, text, has_vector))
+    delete: list[Any] = []
+    move: list[tuple[Any, int]] = []
+    insert: list[tuple[Any, int, str]] = []
+    for owner in locked:
+        diff = match(stored[owner], fresh[owner])
+        delete += diff.delete
+        move += diff.move
+        insert += [(owner, seq, text) for seq, text in diff.insert]
+        report.kept += diff.kept
+    if delete:
+        conn.execute(sql.SQL("DELETE FROM {chunks} WHERE {uuid} = ANY(%s::uuid[])").format(
+            **ids), (delete,))
+    if move:  # through negative seqs: UNIQUE (key, chunk_seq) is checked row by row
+        conn.execute(sql.SQL("UPDATE {chunks} SET chunk_seq = -1 - chunk_seq"
+                             " WHERE {uuid} = ANY(%s::uuid[])").format(**ids),
+                     ([u for u, _ in move],))
+        conn.execute(sql.SQL(
+            "UPDATE {chunks} c SET chunk_seq = m.seq FROM unnest(%s::uuid[], %s::int[])"
+            " AS m(u, seq) WHERE c.{uuid} = m.u").format(**ids),
+            ([u for u, _ in move], [s for _, s in move]))
+    if insert:
+        conn.execute(sql.SQL(
+            "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk})"
+            " SELECT * FROM unnest(%s::uuid[], %s::{type}[], %s::int[], %s::text[])").format(
+            **ids), ([chunk_uuid(t) for _, _, t in insert], [k for k, _, _ in insert],
+                     [s for _, s, _ in insert], [t for _, _, t in insert]))
+    conn.execute(sql.SQL("DELETE FROM {dirty} WHERE pgr_pk = ANY(%s::{type}[])").format(
+        **ids), (locked,))
+    report.parents, report.deleted = len(locked), len(delete)
+    report.moved, report.inserted = len(move), len(insert)
+    return report
+
+
+def sweep_gone(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+               limit: int = 10_000) -> int:
+    """Remove the chunks (and marks) of parents deleted by transactions whose snapshot
+    could not see them all (store.chunks.gone_table); the caller commits. Only chunks
+    whose parent is gone now are removed: a key inserted again keeps its new chunks."""
+    ids = {"gone": gone_table(target), "chunks": app_table(target),
+           "dirty": dirty_table(target), "parent": app_table(parent_target(target)),
+           "key": sql.Identifier(key), "type": sql.SQL(key_type)}
+    marks = conn.execute(sql.SQL("SELECT id, pgr_pk FROM {gone} ORDER BY id LIMIT %s"
+                                 " FOR UPDATE SKIP LOCKED").format(**ids), (limit,)).fetchall()
+    if not marks:
+        return 0
+    whole = any(k is None for _, k in marks)  # a TRUNCATE: every chunk is a suspect
+    keys: tuple[Any, ...] = () if whole else ([k for _, k in marks],)
+
+    def among_marks(column: sql.Composable) -> sql.Composable:
+        return sql.SQL("TRUE") if whole else sql.SQL("{} = ANY(%s::{}[])").format(
+            column, ids["type"])
+    removed = conn.execute(sql.SQL(
+        "DELETE FROM {chunks} c WHERE {marked} AND NOT EXISTS"
+        " (SELECT FROM {parent} p WHERE p.{key} = c.{key})").format(
+        marked=among_marks(sql.SQL("c.{}").format(ids["key"])), **ids), keys).rowcount
+    conn.execute(sql.SQL(
+        "DELETE FROM {dirty} d WHERE {marked} AND NOT EXISTS"
+        " (SELECT FROM {parent} p WHERE p.{key} = d.pgr_pk)").format(
+        marked=among_marks(sql.SQL("d.pgr_pk")), **ids), keys)
+    conn.execute(sql.SQL("DELETE FROM {gone} WHERE id = ANY(%s)").format(**ids),
+                 ([i for i, _ in marks],))
+    return removed
+
+
+def dirty_count(conn: psycopg.Connection, target: Target) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(dirty_table(target)),
+                       NO_PARAMS).fetchone()
+    return int(row[0]) if row else 0

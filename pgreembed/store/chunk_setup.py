@@ -1,0 +1,61 @@
+"""`init` of a chunked target, before the ordinary init of its chunk table.
+
+The parent is the app's table: its triggers change through table_lock (short lock
+attempts, retried, blockers named), and only when they are not already as wanted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import psycopg
+
+from pgreembed.config import Target
+from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
+from pgreembed.store.chunks import (
+    check_parent,
+    chunk_triggers_current,
+    ensure_chunk_table,
+    ensure_view,
+    install_chunk_triggers,
+    mark_all_unless_current,
+    parent_target,
+)
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import app_table
+from pgreembed.store.table_lock import LockPolicy, run_locked
+from pgreembed.store.versions import upgrade
+
+log = logging.getLogger(__name__)
+
+
+def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
+                  check_rights: Callable[[psycopg.Connection, Target], None]) -> None:
+    """The chunk and dirty tables, the parent's triggers, and the first marks."""
+    with connect(dsn, vector=False) as conn:
+        check_rights(conn, parent_target(target))
+        upgrade(conn)
+        check_parent(conn, target)
+        if ensure_chunk_table(conn, target):
+            log.info("target %s: created chunk table %s.%s", target.name, target.schema,
+                     target.table)
+        current = chunk_triggers_current(conn, target)
+        conn.commit()
+    if not current:
+        run_locked(dsn, app_table(parent_target(target)), "init (chunk triggers)",
+                   lambda conn: install_chunk_triggers(conn, target), policy,
+                   mode=SHARE_ROW_EXCLUSIVE)
+    with connect(dsn, vector=False) as conn:
+        marked, first = mark_all_unless_current(conn, target)
+        if ensure_view(conn, target):
+            log.info("target %s: created view %s.%s", target.name, target.parent.schema,
+                     target.parent.view)
+        conn.commit()
+    if first:
+        log.info("target %s: %d rows of %s.%s to chunk", target.name, marked,
+                 target.parent.schema, target.parent.table)
+    elif marked:
+        log.warning("target %s: the chunking or text settings changed; %d rows of %s.%s are"
+                    " chunked again (unchanged chunks keep their vectors)", target.name,
+                    marked, target.parent.schema, target.parent.table)
