@@ -30,17 +30,19 @@ from pgreembed.store.table_lock import join_writers
 
 def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:
     """The rows among `keys` that still need this slot's model (others were done meanwhile)."""
+    wanted = sql.SQL("%(keys)s::text[]::{}[]").format(slot.pk_cast)
     query = sql.SQL(
         """
         SELECT a.{pk}, ({text})::text, {hash}
         FROM {rows}
-        WHERE a.{pk} = ANY(%s::text[]::{pk_type}[])
-          AND (a.{vector} IS NULL OR s.pgr_model_id IS DISTINCT FROM %s)
+        WHERE a.{pk} = ANY({wanted})
+          AND (a.{vector} IS NULL OR s.pgr_model_id IS DISTINCT FROM %(model)s)
         ORDER BY a.{pk}
         """
-    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr,
-             rows=slot.rows_with_state(outer=True), pk_type=slot.pk_cast, vector=slot.vector)
-    return [Row(pk, text, h) for pk, text, h in conn.execute(query, (list(keys), slot.model_id))]
+    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr, wanted=wanted,
+             rows=slot.rows_with_state(outer=True, keys=wanted), vector=slot.vector)
+    return [Row(pk, text, h) for pk, text, h in conn.execute(
+        query, {"keys": list(keys), "model": slot.model_id})]
 
 
 def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
