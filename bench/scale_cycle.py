@@ -9,8 +9,9 @@ with our scheduler and workers running (dramatiq 2 processes x 4 threads), an ap
 editing `--edits` rows/s (their text: both columns re-embed them) and a pgbench client
 searching (`ORDER BY embedding <=> <a row's vector> LIMIT 10` at `--search-rate`/s),
 the cycle runs through the CLI: `migrate start` (to fake-alt-D), the fill (until the new
-column's backlog is below --edits rows), `migrate index`, `migrate compare --sample 100`,
-`migrate swap`, `migrate finalize`, then a plain `VACUUM docs`. Embeddings come from the
+column's backlog is below --backlog rows: the edits keep a steady one), `migrate index`,
+`migrate compare --sample 100`, `migrate swap --max-unsearchable <backlog>`, `migrate
+finalize`, then a plain `VACUUM docs`. Embeddings come from the
 local OpenAI-compatible server (pgreembed.testing.fake_openai) at zero latency, so the
 database is what is measured. Per step: seconds, the table's size after it (heap +
 TOAST + indexes), WAL bytes, Postgres CPU (every server process), the search's p50/p99
@@ -196,11 +197,14 @@ def wait_filled(dsn: str, column: str, backlog: int, timeout: float) -> dict[str
 
 
 def extrapolate(steps: list[dict[str, Any]], rows: int, target: int) -> list[str]:
-    """Each step scaled to `target` rows, by what its work grows with."""
+    """Each step scaled to `target` rows, by what its work grows with: the fill, the
+    pending index `start` builds, finalize and VACUUM touch every row (linear); compare's
+    exact search scans the table once per query (linear); the HNSW build is n log n; the
+    swap's renames are constant. Sizes and WAL scale linearly."""
     factor = target / rows
     index_factor = factor * math.log(target) / math.log(rows)
     basis = {"start": ("linear", factor), "fill": ("linear", factor),
-             "index": ("n log n", index_factor), "compare": ("constant", 1.0),
+             "index": ("n log n", index_factor), "compare": ("linear", factor),
              "swap": ("constant", 1.0), "finalize": ("linear", factor),
              "vacuum": ("linear", factor)}
     lines = []
@@ -221,8 +225,13 @@ def main() -> None:
     parser.add_argument("--search-rate", type=float, default=10.0, help="searches per second")
     parser.add_argument("--baseline", type=float, default=30.0, help="seconds before start")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per waiting step")
+    parser.add_argument("--backlog", type=int, default=0,
+                        help="the fill is done below this many pending rows, and the swap"
+                             " allows as many unsearchable (default: 1%% of the rows; the"
+                             " edits keep a steady backlog)")
     args = parser.parse_args()
     rows, dims = args.rows, args.dims
+    backlog = args.backlog or max(100, rows // 100)
     services = Services(f"fake-{dims}", dims).start()
     searcher: Searcher | None = None
     editor: Editor | None = None
@@ -252,12 +261,13 @@ def main() -> None:
                                    " WHERE target = 'docs' AND role = 'next'").fetchone()
             assert row is not None
             column = str(row[0])
-            meter.step("fill", lambda: wait_filled(dsn, column, int(args.edits), args.timeout))
+            meter.step("fill", lambda: wait_filled(dsn, column, backlog, args.timeout))
             meter.step("index", lambda: run.cli("migrate", "index", "--target", "docs"))
             meter.step("compare", lambda: run.cli("migrate", "compare", "--target", "docs",
                                                   "--sample", "100"))
             meter.step("swap", lambda: run.cli("migrate", "swap", "--target", "docs",
-                                               "--timeout", str(args.timeout)))
+                                               "--timeout", str(args.timeout),
+                                               "--max-unsearchable", str(backlog)))
             meter.step("finalize", lambda: run.cli("migrate", "finalize", "--target", "docs"))
 
             def vacuum() -> None:
@@ -284,7 +294,7 @@ def main() -> None:
         print(f"  cycle: {total / 60:.1f} min, WAL {sum(s['wal_bytes'] for s in cycle) / 2**30:.2f}"
               f" GiB, Postgres CPU {sum(s['postgres_cpu_s'] for s in cycle):.0f} s")
         print("extrapolated to 10,000,000 rows (same machine; per-row work scales linearly,"
-              " the HNSW build as n log n, compare and swap constant):")
+              " the HNSW build as n log n, the swap constant):")
         for line in extrapolate(cycle, rows, 10_000_000):
             print(line)
         print(json.dumps({"rows": rows, "dims": dims, "setup": setup, "steps": steps,
