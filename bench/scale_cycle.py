@@ -29,6 +29,7 @@ import random
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -182,6 +183,16 @@ class Meter:
                        "edit_p99_ms": round(1000 * percentile(edits, 0.99), 1)}
 
 
+def cli(run: Any, timeout: float, *args: str) -> None:
+    """`pgreembed <args>` as the pipeline's processes run it, given `timeout` seconds (an
+    HNSW build of 100k rows on a loaded machine took longer than the harness's 600 s)."""
+    result = subprocess.run([sys.executable, "-m", "pgreembed", *args], env=run.env,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"pgreembed {' '.join(args)} failed ({result.returncode}):"
+                           f" {result.stderr[-2000:]}")
+
+
 def wait_filled(dsn: str, column: str, backlog: int, timeout: float) -> dict[str, Any]:
     """Until fewer than `backlog` rows lack a vector in `column` (the edits keep a few)."""
     deadline = time.monotonic() + timeout
@@ -253,22 +264,25 @@ def main() -> None:
             searcher = Searcher(dsn, rows, args.search_rate, run.logdir)
             meter = Meter(services, dsn, editor, searcher)
             meter.step("baseline", lambda: time.sleep(args.baseline))
+
+            def migrate(step: str, *more: str) -> Any:
+                return lambda: cli(run, args.timeout, "migrate", step, "--target", "docs",
+                                   *more)
+
             new_model = NEW_MODEL.format(dims=dims)
-            meter.step("start", lambda: run.cli("migrate", "start", "--target", "docs",
-                                                "--model", new_model, "--dimensions", str(dims)))
+            meter.step("start", migrate("start", "--model", new_model,
+                                        "--dimensions", str(dims)))
             with psycopg.connect(dsn) as conn:
                 row = conn.execute("SELECT vector_column FROM pgreembed.slots"
                                    " WHERE target = 'docs' AND role = 'next'").fetchone()
             assert row is not None
             column = str(row[0])
             meter.step("fill", lambda: wait_filled(dsn, column, backlog, args.timeout))
-            meter.step("index", lambda: run.cli("migrate", "index", "--target", "docs"))
-            meter.step("compare", lambda: run.cli("migrate", "compare", "--target", "docs",
-                                                  "--sample", "100"))
-            meter.step("swap", lambda: run.cli("migrate", "swap", "--target", "docs",
-                                               "--timeout", str(args.timeout),
-                                               "--max-unsearchable", str(backlog)))
-            meter.step("finalize", lambda: run.cli("migrate", "finalize", "--target", "docs"))
+            meter.step("index", migrate("index"))
+            meter.step("compare", migrate("compare", "--sample", "100"))
+            meter.step("swap", migrate("swap", "--timeout", str(args.timeout),
+                                       "--max-unsearchable", str(backlog)))
+            meter.step("finalize", migrate("finalize"))
 
             def vacuum() -> None:
                 with psycopg.connect(dsn, autocommit=True) as conn:
