@@ -87,7 +87,11 @@ class _WaitRetryAfterOrBackoff:
     """Wait what Retry-After says; otherwise exponential back-off with jitter."""
 
     def __init__(self, initial: float, maximum: float) -> None:
-        self._backoff = wait_exponential_jitter(multiplier=initial, max=maximum)
+        try:
+            self._backoff = wait_exponential_jitter(  # type: ignore[call-arg, unused-ignore]
+                multiplier=initial, max=maximum)
+        except TypeError:  # tenacity before 9.2 names it `initial` (the shared venv flips)
+            self._backoff = wait_exponential_jitter(initial=initial, max=maximum)
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
