@@ -1,0 +1,259 @@
+"""Postgres CPU per row of the workers' write path against the raw write, and where it goes.
+
+Two parts, each in rounds that interleave its arms (the arms' order rotates), median:
+
+- `path`: the database side of one worker batch, in this process, one batch after the
+  other on one connection: `worker.batch.process_batch` (read the pending rows under
+  the slot's lock, probe the known vectors, call the local stand-in provider, then the
+  write transaction: lock the slot, lock the free rows, COPY, the guarded UPDATE with the
+  state upsert, the usage row) against the raw write (binary COPY into a temporary table
+  and `UPDATE ... FROM`, 512-row transactions, one connection) and the raw write plus a
+  state row per vector, on the same table. With --stats, pg_stat_statements' execution
+  time per statement of each arm (one connection, nothing else runs: wall ~ CPU).
+- `pipeline` (--pipeline): the whole pipeline (`pgreembed tick` + `dramatiq worker`, 2
+  processes x 4 threads) with `pool_max_size` 4 and 1, against the raw write on 2
+  connections, each on a fresh copy of the same rows (bench.sections).
+
+Postgres CPU is every server process's (postmaster tree, /proc), autovacuum off during
+the measured windows (the tables are vacuumed between arms, outside the meter), so the
+figure is the write's and not a vacuum that happened to run; in the path part each arm
+ends with a CHECKPOINT inside its meter (and starts after one outside it), so it pays
+for writing the pages it dirtied and for no one else's:
+
+    python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
+                              [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+from unittest import mock
+
+import psycopg
+from psycopg import sql
+
+from bench.harness import API_KEY, Services, Tuning, pipeline, postgres_cpu
+from bench.sections import (
+    _precomputed,
+    _state_table,
+    _vector_type,
+    _write_chunk,
+    run_ceiling,
+    run_ours,
+)
+from pgreembed.config import parse_settings
+from pgreembed.store.pool import close_pools
+
+STATS_SQL = """
+    SELECT regexp_replace(left(query, 90), '\\s+', ' ', 'g'), calls, rows, total_exec_time
+    FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s)
+      AND query NOT LIKE '%%pg_stat_statements%%'
+    ORDER BY total_exec_time DESC
+"""
+
+
+def _server(services: Services, stats: bool) -> None:
+    """Autovacuum off (the meter would count it), pg_stat_statements loaded if asked."""
+    with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET autovacuum = off")
+        # No checkpoint inside an arm but the one it ends with (it pays for its own pages).
+        conn.execute("ALTER SYSTEM SET max_wal_size = '20GB'")
+        conn.execute("ALTER SYSTEM SET checkpoint_timeout = '1h'")
+        if stats:
+            conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    services.postgres.restart()
+    if stats:
+        with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+
+class PathBench:
+    """The path part: one database, the vector column reset between arms."""
+
+    def __init__(self, services: Services, rows: int, batch: int, hnsw: bool,
+                 stats: bool) -> None:
+        self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
+        self.dsn = services.fresh_copy(rows, "path")
+        self.dbname = str(psycopg.conninfo.conninfo_to_dict(self.dsn)["dbname"])
+        with pipeline(services, self.dsn, Tuning(batch_size=batch)):
+            pass  # `pgreembed init`: the column, the state table, the pending index
+        if hnsw:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("CREATE INDEX ON docs USING hnsw (embedding vector_cosine_ops)")
+        with psycopg.connect(self.dsn) as conn:
+            self.vector_type = _vector_type(conn)
+            self.vectors = _precomputed(services, conn, self.vector_type)
+            self.state_table = _state_table(conn)
+            row = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'").fetchone()
+            assert row is not None
+            self.slot_id = int(row[0])
+        self.settings = parse_settings({"target": [{
+            "name": "docs", "table": "public.docs", "text_column": "body",
+            "vector_column": "embedding", "provider": "openai", "model": services.model,
+            "dimensions": services.dims, "batch_size": batch}]}, {
+            "DATABASE_URL": self.dsn, "REDIS_URL": services.redis.url,
+            "OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": services.fake.base_url})
+        self.keys = [str(pk) for pk, _ in self.vectors]
+        self.by_statement: dict[str, dict[str, list[float]]] = defaultdict(
+            lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
+
+    def arms(self) -> dict[str, Callable[[], None]]:
+        return {"raw write": lambda: self._raw(False),
+                "raw write + state rows": lambda: self._raw(True),
+                "ours (process_batch)": self._ours}
+
+    def _raw(self, state_rows: bool) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            from pgvector.psycopg import register_vector
+            register_vector(conn)
+            for i in range(0, self.rows, self.batch):
+                _write_chunk(conn, self.vector_type, self.vectors[i:i + self.batch],
+                             self.state_table if state_rows else None)
+
+    def _ours(self) -> None:
+        # Importing `worker` builds its broker from the environment's settings.
+        with mock.patch.dict(os.environ, {"DATABASE_URL": self.dsn,
+                                          "REDIS_URL": self.settings.redis_url}):
+            from worker.batch import process_batch
+        for i in range(0, self.rows, self.batch):
+            report = process_batch(self.settings, "docs", self.slot_id,
+                                   self.keys[i:i + self.batch])
+            if report.written != len(self.keys[i:i + self.batch]):
+                raise AssertionError(f"process_batch wrote {report.written}: {report}")
+        close_pools()
+
+    def reset(self) -> None:
+        """Every row pending again, the table vacuumed (outside the meter)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE docs SET embedding = NULL")
+            conn.execute(sql.SQL("TRUNCATE pgreembed.{}, pgreembed.usage").format(
+                sql.Identifier(self.state_table)))
+            conn.execute("VACUUM docs")
+            conn.execute(sql.SQL("VACUUM pgreembed.{}").format(sql.Identifier(self.state_table)))
+            conn.execute("CHECKPOINT")  # the reset's pages are written before the meter
+        if self.stats:
+            with psycopg.connect(self.services.admin_dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_stat_statements_reset()")
+        self.services.flush_redis()
+
+    def measure(self, name: str, arm: Callable[[], None]) -> tuple[float, float]:
+        """(Postgres CPU s, wall s) of one arm; every row has its vector afterwards."""
+        self.reset()
+        before = postgres_cpu(self.services.postgres.data_dir)
+        started = time.monotonic()
+        arm()
+        seconds = time.monotonic() - started
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")  # each arm writes its own dirty pages
+        cpu = postgres_cpu(self.services.postgres.data_dir) - before
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM docs WHERE embedding IS NULL").fetchone()
+            if row != (0,):
+                raise AssertionError(f"{name}: {row} rows left without a vector")
+        if self.stats:
+            with psycopg.connect(self.services.admin_dsn, autocommit=True) as conn:
+                for query, calls, rows, ms in conn.execute(STATS_SQL, (self.dbname,)):
+                    entry = self.by_statement[name][query]
+                    entry[0] += calls
+                    entry[1] += rows
+                    entry[2] += ms
+        return cpu, seconds
+
+
+def run_path(services: Services, args: argparse.Namespace) -> None:
+    bench = PathBench(services, args.rows, args.batch, args.hnsw, args.stats)
+    cpu: dict[str, list[float]] = defaultdict(list)
+    wall: dict[str, list[float]] = defaultdict(list)
+    arms = list(bench.arms().items())
+    for number in range(args.rounds):
+        order = arms[number % len(arms):] + arms[:number % len(arms)]
+        for name, arm in order:
+            used, seconds = bench.measure(name, arm)
+            cpu[name].append(used)
+            wall[name].append(seconds)
+            print(f"  round {number + 1} {name}: Postgres CPU {used:.2f} s, {seconds:.2f} s",
+                  flush=True)
+    column = "HNSW-indexed" if args.hnsw else "unindexed"
+    print(f"path: {args.rows} rows x {args.dims} dims, {args.batch}-row batches, one"
+          f" connection, {column} column; median of {args.rounds} interleaved rounds:")
+    raw = statistics.median(cpu["raw write"])
+    for name, values in cpu.items():
+        median = statistics.median(values)
+        print(f"  {name:>24}: Postgres CPU {median:6.2f} s = {1e6 * median / args.rows:6.1f}"
+              f" us/row ({median / raw:.2f}x the raw write); {statistics.median(wall[name]):.2f}"
+              f" s wall; rounds {', '.join(f'{v:.2f}' for v in values)}")
+    if args.stats:
+        for name, statements in bench.by_statement.items():
+            print(f"  pg_stat_statements, {name} (exec ms per 1000 rows, calls, rows; all rounds):")
+            total = sum(entry[2] for entry in statements.values())
+            per = 1000 / (args.rows * args.rounds)
+            print(f"    {total * per:8.2f}  total")
+            for query, (calls, rows, ms) in sorted(statements.items(), key=lambda kv: -kv[1][2]):
+                if ms * per >= 0.05:
+                    print(f"    {ms * per:8.2f}  {int(calls):6} {int(rows):8}  {query}")
+
+
+def run_pipeline(services: Services, args: argparse.Namespace) -> None:
+    rows = args.pipeline_rows
+    arms: list[tuple[str, Callable[[], Any]]] = [
+        ("raw write, 512-row transactions on 2 connections", lambda: run_ceiling(
+            services, rows, Tuning(), strategies={"2 connections": (512, 2)})[0]),
+        ("ours, pool_max_size 4", lambda: run_ours(services, rows, Tuning(pool_max_size=4))),
+        ("ours, pool_max_size 1", lambda: run_ours(services, rows, Tuning(pool_max_size=1))),
+    ]
+    cpu: dict[str, list[float]] = defaultdict(list)
+    rate: dict[str, list[float]] = defaultdict(list)
+    for number in range(args.pipeline_rounds):
+        order = arms[number % len(arms):] + arms[:number % len(arms)]
+        for name, arm in order:
+            with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
+                conn.execute("CHECKPOINT")  # the previous arm's pages, outside the meter
+            result = arm()
+            used = result.cpu_used["postgres"]
+            speed = result.rate if hasattr(result, "rate") else result.progress.warm()
+            cpu[name].append(used)
+            rate[name].append(speed)
+            print(f"  round {number + 1} {name}: Postgres CPU {used:.2f} s, {speed:,.0f} rows/s"
+                  f" ({result.cpu})", flush=True)
+    print(f"pipeline: {rows} rows x {args.dims} dims, median of {args.pipeline_rounds}"
+          " interleaved rounds (ours: dramatiq --processes 2 --threads 4, batch_size 512):")
+    raw = statistics.median(next(iter(cpu.values())))
+    for name, values in cpu.items():
+        median = statistics.median(values)
+        print(f"  {name:>48}: Postgres CPU {median:6.2f} s ({median / raw:.2f}x the raw"
+              f" write), {statistics.median(rate[name]):,.0f} rows/s; rounds"
+              f" {', '.join(f'{v:.2f}' for v in values)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--dims", type=int, default=1536)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--hnsw", action="store_true", help="path: an HNSW-indexed column")
+    parser.add_argument("--stats", action="store_true", help="path: pg_stat_statements")
+    parser.add_argument("--no-path", action="store_true", help="skip the path part")
+    parser.add_argument("--pipeline", action="store_true", help="also the pipeline part")
+    parser.add_argument("--pipeline-rows", type=int, default=100_000)
+    parser.add_argument("--pipeline-rounds", type=int, default=3)
+    args = parser.parse_args()
+    services = Services(f"fake-{args.dims}", args.dims).start()
+    try:
+        _server(services, args.stats)
+        if not args.no_path:
+            run_path(services, args)
+        if args.pipeline:
+            run_pipeline(services, args)
+    finally:
+        services.stop()
+
+
+if __name__ == "__main__":
+    main()

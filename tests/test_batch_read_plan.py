@@ -1,0 +1,54 @@
+"""A worker batch reads its rows' state through the state table's primary key.
+
+The batch read (store.rows.load_pending) joins the app's rows to their state rows. The
+planner does not carry the batch's `pk = ANY(keys)` across the join, so it scanned the
+whole state table for every 512-row batch: most of the read's Postgres CPU at 100k rows,
+and growing with the table (bench.write_cpu). Checked by the scan counters Postgres keeps
+for the transaction (pg_stat_xact_user_tables), not by a plan's text.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import parse_settings
+from pgreembed.store.pool import connect
+from pgreembed.store.rows import load_pending
+from pgreembed.store.setup import init_target
+from pgreembed.store.slots import load_slot
+
+ROWS = 50_000
+BATCH = 512
+
+
+def test_a_batch_read_does_not_scan_the_state_table(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO docs SELECT g, 'body ' || g FROM generate_series(1, %s) g",
+                     (ROWS,))
+    target = parse_settings({"target": [{
+        "name": "docs", "table": "public.docs", "text_column": "body",
+        "vector_column": "embedding", "provider": "openai", "model": "fake-384",
+        "dimensions": 384}]}, {"DATABASE_URL": database_url}).target("docs")
+    slot = init_target(database_url, target)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # Every row has a state row (embedded once, by a model replaced since), as after
+        # a first fill: every row is pending for this slot's model again.
+        conn.execute(sql.SQL(
+            "INSERT INTO {} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at)"
+            " SELECT id, NULL, md5(body)::uuid, now() FROM docs").format(slot.state_table))
+        conn.execute(sql.SQL("ANALYZE docs, {}").format(slot.state_table))
+    keys = [str(k) for k in range(ROWS // 2, ROWS // 2 + BATCH)]
+    with connect(database_url) as conn:
+        slot = load_slot(conn, target, slot.id)
+        pending = load_pending(conn, slot, keys)
+        scans = conn.execute(
+            "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables"
+            " WHERE relid = %s::regclass",
+            (slot.state_table.as_string(conn),)).fetchone()
+        conn.rollback()
+    assert [str(row.pk) for row in pending] == keys
+    assert scans is not None
+    seq_scans, index_scans = scans
+    assert (seq_scans, index_scans > 0) == (0, True)
