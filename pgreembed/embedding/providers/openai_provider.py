@@ -34,6 +34,7 @@ from tenacity import (
 from pgreembed.config.model_keys import is_shortenable, model_key
 from pgreembed.embedding.providers import OPENAI_KEY_MISSING
 from pgreembed.embedding.providers.base import DOCUMENT, Embeddings, InputType
+from pgreembed.embedding.providers.remote import retry_after_seconds as header_retry_after
 from pgreembed.embedding.providers.tokens import TokenCounter
 from pgreembed.embedding.ratelimit import RateLimiter
 from pgreembed.errors import (
@@ -47,25 +48,11 @@ from pgreembed.observability.worker_metrics import observe_provider
 
 log = logging.getLogger(__name__)
 
-MAX_RETRY_AFTER = 120.0
-
 
 def retry_after_seconds(exc: BaseException) -> float | None:
-    """The server's requested delay, from retry-after-ms or retry-after (seconds)."""
+    """The server's requested delay (retry-after-ms or retry-after) of a failed request."""
     response = getattr(exc, "response", None)
-    if response is None:
-        return None
-    for header, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
-        value = response.headers.get(header)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) / divisor
-        except ValueError:
-            continue
-        if 0 <= seconds <= MAX_RETRY_AFTER:
-            return seconds
-    return None
+    return None if response is None else header_retry_after(response.headers)
 
 
 def is_quota_error(exc: BaseException) -> bool:
