@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -88,3 +89,45 @@ class FakeHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(resp.body)
+
+
+class ServedApp:
+    """An `App` served over real HTTP on its own thread: start, stop, a context manager.
+
+    Subclasses route requests (`handle`); `_stopping` wakes handlers that sleep in
+    latency or timeout faults when the server stops."""
+
+    thread_name = "fake-http"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._stopping = threading.Event()
+        self._httpd = FakeHTTPServer((host, port), FakeHandler)
+        self._httpd.app = self  # type: ignore[assignment]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def origin(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Any:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and wake handlers sleeping in latency/timeout faults."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

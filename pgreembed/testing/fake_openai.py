@@ -25,9 +25,8 @@ from dataclasses import asdict
 from typing import Any
 
 from pgreembed.testing.fake_http import (
-    FakeHandler,
-    FakeHTTPServer,
     Response,
+    ServedApp,
     json_response,
     parse_multipart,
 )
@@ -50,14 +49,14 @@ from pgreembed.testing.fake_requests import (
 from pgreembed.testing.fake_vectors import fake_token_count
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(ServedApp):
     """Threaded HTTP server speaking the embeddings, files and batches APIs."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None) -> None:
+        super().__init__(host, port)
         self.api_key = api_key
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
         self._faults = Faults()
         self._stats = self._empty_stats()
         self._in_flight = 0
@@ -66,37 +65,20 @@ class FakeOpenAIServer:
         self._windows: dict[str | None, deque[tuple[float, int]]] = {}
         self._files: dict[str, tuple[dict[str, Any], bytes]] = {}
         self._batches: dict[str, dict[str, Any]] = {}
-        self._httpd = FakeHTTPServer((host, port), FakeHandler)
-        self._httpd.app = self
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        return f"http://{host!s}:{port}/v1"
+        return self.origin + "/v1"
+
+    thread_name = "fake-openai"
 
     def start(self) -> FakeOpenAIServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name="fake-openai", daemon=True)
-        self._thread.start()
+        super().start()
         return self
-
-    def stop(self) -> None:
-        """Stop serving and wake handlers sleeping in latency/timeout faults."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._httpd.server_close()
 
     def __enter__(self) -> FakeOpenAIServer:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- faults and stats ------------------------------------------------------
     def set_faults(self, **changes: Any) -> None:

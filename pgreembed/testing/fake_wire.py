@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pgreembed.embedding.providers.catalog import PROVIDERS
-from pgreembed.testing.fake_http import FakeHandler, FakeHTTPServer, Response
+from pgreembed.testing.fake_http import Response, ServedApp
 from pgreembed.testing.fake_vectors import fake_token_count, fake_vectors, model_dims
 
 
@@ -55,7 +55,7 @@ class WireFaults:
     bad_input_marker: str | None = None
 
 
-class FakeWireServer(ABC):
+class FakeWireServer(ServedApp, ABC):
     """One wire protocol's fake, over real HTTP."""
 
     name: ClassVar[str]
@@ -63,36 +63,19 @@ class FakeWireServer(ABC):
     path_prefix: ClassVar[str] = ""  # base_url's path
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.thread_name = f"fake-{self.name}"
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
         self._faults = WireFaults()
         self._stats = self._empty_stats()
-        self._httpd = FakeHTTPServer((host, port), FakeHandler)
-        self._httpd.app = self
-        self._thread: threading.Thread | None = None
-
-    @property
-    def origin(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     @property
     def base_url(self) -> str:
         return self.origin + self.path_prefix
 
     def start(self) -> FakeWireServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                        name=f"fake-{self.name}", daemon=True)
-        self._thread.start()
+        super().start()
         return self
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._httpd.server_close()
 
     def set_faults(self, **changes: Any) -> None:
         with self._lock:
