@@ -41,7 +41,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from bench.harness import texts
-from bench.side_fill_crossover import BATCH, _vectors
+from bench.side_fill_crossover import _vectors
+from bench.side_fill_crossover import _write as crossover_write
 from pgreembed.testing.services import EmbeddedPostgres
 
 CLEAR_CHUNK = 500
@@ -89,18 +90,8 @@ def _updates(conn: psycopg.Connection) -> tuple[int, int]:
 
 def _write(conn: psycopg.Connection, column: str, keys: list[int], vectors: Any,
            dims: int) -> float:
-    """What the workers' write does, 512 rows per transaction; seconds taken."""
-    started = time.perf_counter()
-    for start in range(0, len(keys), BATCH):
-        with conn.transaction():
-            conn.execute(f"CREATE TEMP TABLE w (id bigint, v vector({dims})) ON COMMIT DROP")
-            with conn.cursor().copy("COPY w (id, v) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(["bigint", "vector"])
-                for key, vector in zip(keys[start:start + BATCH],
-                                       vectors[start:start + BATCH], strict=True):
-                    copy.write_row((key, vector))
-            _counted(conn, f"UPDATE t SET {column} = w.v FROM w WHERE t.id = w.id")
-    return time.perf_counter() - started
+    """The workers' write (bench.side_fill_crossover), its updates counted."""
+    return crossover_write(conn, column, keys, vectors, dims, update=_counted)
 
 
 def _update(conn: psycopg.Connection, query: str, params: tuple[Any, ...]) -> int:

@@ -21,6 +21,8 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -37,9 +39,15 @@ def _vectors(count: int, dims: int, seed: int) -> np.ndarray:
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
-def _write(conn: psycopg.Connection, column: str, keys: list[int], vectors: np.ndarray,
-           dims: int) -> float:
-    """What the workers' write does, 512 rows per transaction; seconds taken."""
+def _execute(conn: psycopg.Connection, query: str) -> object:
+    return conn.execute(query)
+
+
+def _write(conn: psycopg.Connection, column: str, keys: list[int], vectors: Any,
+           dims: int, update: Callable[[psycopg.Connection, str], object] = _execute
+           ) -> float:
+    """What the workers' write does, 512 rows per transaction; seconds taken. `update`
+    runs the UPDATE (a bench that counts its updates passes its own)."""
     started = time.perf_counter()
     for start in range(0, len(keys), BATCH):
         with conn.transaction():
@@ -49,7 +57,7 @@ def _write(conn: psycopg.Connection, column: str, keys: list[int], vectors: np.n
                 for key, vector in zip(keys[start:start + BATCH],
                                        vectors[start:start + BATCH], strict=True):
                     copy.write_row((key, vector))
-            conn.execute(f"UPDATE t SET {column} = w.v FROM w WHERE t.id = w.id")
+            update(conn, f"UPDATE t SET {column} = w.v FROM w WHERE t.id = w.id")
     return time.perf_counter() - started
 
 
