@@ -150,3 +150,16 @@ def test_vector_type_is_optional_and_validated() -> None:
             settings(target(vector_type=value))
     with pytest.raises(ConfigError, match="indexes `vector` only up to 2000 dimensions"):
         settings({**big, "vector_type": "vector"})
+
+
+@pytest.mark.parametrize("value", ["abc", "-2", "1.5"])
+def test_local_threads_must_be_a_whole_number(monkeypatch: pytest.MonkeyPatch,
+                                              value: str) -> None:
+    """A typo in PGREEMBED_LOCAL_THREADS is a config error naming it, not a bare ValueError."""
+    from pgreembed.embedding.providers.local import LocalMiniLM
+
+    monkeypatch.setenv("PGREEMBED_LOCAL_THREADS", value)
+    with pytest.raises(ConfigError, match="PGREEMBED_LOCAL_THREADS: must be an integer >= 0"):
+        LocalMiniLM()
+    monkeypatch.setenv("PGREEMBED_LOCAL_THREADS", "0")
+    LocalMiniLM()  # 0: onnxruntime's own choice

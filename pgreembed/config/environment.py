@@ -46,6 +46,19 @@ class EnvVar:
                               f" {env[self.name]!r}") from None
 
 
+    def non_negative_int(self, env: Mapping[str, str] | None = None) -> int:
+        """An integer >= 0 (unset or empty: its default), or a ConfigError naming it."""
+        env = os.environ if env is None else env
+        raw = env.get(self.name) or self.default
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            value = -1
+        if value < 0:
+            raise ConfigError(f"{self.name}: must be an integer >= 0, got {raw!r}")
+        return value
+
+
 # Where things are, and the secrets (Settings; the config file may give the URLs too).
 CONFIG = EnvVar("PGREEMBED_CONFIG")
 DATABASE_URL = EnvVar("DATABASE_URL")

@@ -56,7 +56,7 @@ class LocalMiniLM:
     max_batch_tokens = 256 * MAX_TOKENS
 
     def __init__(self, threads: int | None = None) -> None:
-        self._threads = threads or int(environment.LOCAL_THREADS.get())
+        self._threads = threads or environment.LOCAL_THREADS.non_negative_int()
         self._lock = threading.Lock()
         self._session: Any = None
         self._tokenizer: Any = None
