@@ -5,6 +5,7 @@ points at something real. A newcomer following a reference must never hit a dead
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 from tests.helpers import ROOT
@@ -90,3 +91,31 @@ def test_the_readme_is_short_and_keeps_its_two_commands() -> None:
     install = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]' && "
     assert [line for line in lines if line.startswith(install)] == [
         install + ".venv/bin/pgreembed demo", install + ".venv/bin/python -m pytest"]
+
+
+# A fragment (provider keys, a sub-table) is read as part of this target; a block that
+# starts with a section ([side_fill]) gets this whole target after it.
+_TARGET_HEAD = ('[[target]]\nname = "docs"\ntable = "public.docs"\ntext_column = "body"\n'
+                'vector_column = "embedding"\n')
+_TARGET_TAIL = _TARGET_HEAD + 'provider = "local"\nmodel = "all-MiniLM-L6-v2-onnx-int8"\n' \
+    'dimensions = 384\n'
+
+
+def test_every_toml_example_in_the_docs_parses() -> None:
+    """A reader copies these into pgreembed.toml: each must load as the docs say it does."""
+    from pgreembed.config import parse_settings
+    env = {"DATABASE_URL": "postgresql://app@db/app", "REDIS_URL": "redis://redis"}
+    broken = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for block in re.findall(r"```toml\n(.*?)```", path.read_text(), re.DOTALL):
+            if "[[target]]" in block:
+                source = block
+            elif block.lstrip().startswith("["):
+                source = block + "\n" + _TARGET_TAIL
+            else:
+                source = _TARGET_HEAD + block
+            try:
+                parse_settings(tomllib.loads(source), env)
+            except Exception as error:  # noqa: BLE001 - report every broken example at once
+                broken.append(f"{path.relative_to(ROOT)}: {type(error).__name__}: {error}")
+    assert broken == []
