@@ -9,6 +9,7 @@ import pytest
 from pgreembed.chunking.splitter import chunker, make_splitter
 from pgreembed.config import parse_settings
 from pgreembed.config.chunking import INPUT_LIMITS, Chunking, Parent
+from pgreembed.embedding.providers.catalog import provider_info
 from pgreembed.errors import ConfigError
 from tests.chunk_corpus import documents
 
@@ -69,6 +70,17 @@ def test_input_limits_agree_with_the_providers() -> None:
 
     assert INPUT_LIMITS["local"] == local.MAX_TOKENS - 2
     assert INPUT_LIMITS["openai"] == openai_provider.OpenAIProvider.max_input_tokens
+    assert INPUT_LIMITS["azure"] == provider_info("azure").max_input_tokens
+
+
+@pytest.mark.parametrize(("provider", "model"), [
+    ("azure", "my-deployment"), ("cohere", "embed-v4.0"), ("voyage", "voyage-3.5"),
+    ("bedrock", "amazon.titan-embed-text-v2:0"), ("gemini", "gemini-embedding-001"),
+    ("vertex", "text-embedding-005")])
+def test_every_provider_takes_a_chunked_target(provider: str, model: str) -> None:
+    """Was KeyError: 'cohere' at config load (only openai and local had a limit)."""
+    t = chunked(provider=provider, model=model)
+    assert (t.provider, t.model, t.parent.chunking.size) == (provider, model, 800)
 
 
 SETTINGS = [
