@@ -297,6 +297,9 @@ def test_providers_command_lists_every_provider() -> None:
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert text.returncode == 0 and "voyage (installed)" in text.stdout
+    # A model with its own request size says so (the provider's line said 250 for Vertex).
+    assert ("  - gemini-embedding-001: 3072/1536/768 dims, 2,048 tokens an input,"
+            " 1 input a request, $0.15 per 1M tokens") in text.stdout.splitlines()
 
 
 def test_provider_secrets_are_masked_and_never_in_errors(servers: dict[str, Any],

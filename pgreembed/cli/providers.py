@@ -44,7 +44,8 @@ def cmd_providers(args: argparse.Namespace) -> int:
         print(f"{p['name']} ({state})")
         print(f"  wire: {p['wire']}")
         limits = p["limits"]
-        print(f"  limits: {limits['inputs_per_request']} inputs and"
+        many = "s" if limits["inputs_per_request"] > 1 else ""
+        print(f"  limits: {limits['inputs_per_request']} input{many} and"
               f" {limits['tokens_per_request']:,} tokens a request,"
               f" {limits['tokens_per_input']:,} tokens an input")
         if p["input_types"]:
@@ -54,8 +55,11 @@ def cmd_providers(args: argparse.Namespace) -> int:
             price = m["price_per_mtoken_usd"]
             cost = "price unknown" if price is None else f"${price:g} per 1M tokens"
             sizes = "/".join(str(d) for d in m["dimensions"])
+            inputs = m["inputs_per_request"]  # Titan, Vertex's gemini: fewer than above
+            own = "" if inputs == limits["inputs_per_request"] else \
+                f", {inputs} input{'s' if inputs > 1 else ''} a request"
             print(f"  - {m['name']}: {sizes} dims, {m['tokens_per_input']:,} tokens an"
-                  f" input, {cost}")
+                  f" input{own}, {cost}")
     return EXIT_OK
 
 
