@@ -12,6 +12,7 @@ import pytest
 from pgreembed.chunking.splitter import chunker
 from pgreembed.chunking.stage import rechunk, run_chunk_stage
 from pgreembed.config import load_settings
+from pgreembed.errors import SetupError
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
 from tests.chunk_corpus import documents, long_document
@@ -357,3 +358,16 @@ def test_first_marks_do_not_depend_on_an_empty_dirty_table(stack: Stack) -> None
     init(stack)
     with stack.connect() as conn:
         assert dirty(conn) == {1, 2, 3}
+
+
+def test_view_refused_before_anything_is_made_when_the_parent_has_a_chunk_column(
+        stack: Stack) -> None:
+    """Was a bare `DuplicateColumn: column "embedding" specified more than once` from
+    CREATE VIEW, after the chunk table had been created."""
+    chunked_stack(stack, destination='[target.destination]\nview = "docs_view"')
+    with stack.connect() as conn:
+        conn.execute("ALTER TABLE docs ADD COLUMN embedding vector(384)")
+    with pytest.raises(SetupError, match="view docs_view would have column 'embedding' twice"):
+        init(stack)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT to_regclass('docs_chunks')").fetchone() == (None,)

@@ -71,7 +71,8 @@ def watched_columns(conn: psycopg.Connection, target: Target) -> list[str]:
 
 
 def check_parent(conn: psycopg.Connection, target: Target) -> None:
-    """The parent exists and has every column the text and the template name."""
+    """The parent exists, has every column the text and the template name, and none the
+    view (if it is still to be made) would repeat."""
     parent = parent_of(target)
     relation = app_table(parent_target(target)).as_string(conn)
     found = conn.execute("SELECT to_regclass(%s)", (relation,)).fetchone()
@@ -84,6 +85,16 @@ def check_parent(conn: psycopg.Connection, target: Target) -> None:
             if catalog.column(conn, str(found[0]), name) is None:
                 raise SetupError(f"target {target.name!r}: {kind} {name!r} is not a column"
                                  f" of {parent.schema}.{parent.table}")
+    # pgai's view takes the chunk columns, then p.*: a parent column of the same name
+    # would fail CREATE VIEW after the chunk table is made; refuse before anything is.
+    if parent.view is None or conn.execute("SELECT to_regclass(%s)", (sql.Identifier(
+            parent.schema, parent.view).as_string(conn),)).fetchone() != (None,):
+        return
+    for name in (CHUNK_KEY, "chunk_seq", CHUNK_TEXT, target.vector_column):
+        if catalog.column(conn, str(found[0]), name) is not None:
+            raise SetupError(f"target {target.name!r}: view {parent.view} would have column"
+                             f" {name!r} twice ({parent.schema}.{parent.table} has one):"
+                             " rename it, or drop `view` from [target.destination]")
 
 
 def ensure_chunk_table(conn: psycopg.Connection, target: Target) -> bool:
