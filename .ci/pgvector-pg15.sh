@@ -10,7 +10,9 @@ if [ -x "$PG_CONFIG" ] && [ -f "$("$PG_CONFIG" --pkglibdir)/vector.so" ] \
     exit 0  # already installed
 fi
 export DEBIAN_FRONTEND=noninteractive
-if [ ! -x "$PG_CONFIG" ] || [ ! -d "$("$PG_CONFIG" --pkglibdir)/pgxs" ]; then
+# The server headers too: a machine may have pgxs (from postgresql-15) but not postgres.h.
+if [ ! -x "$PG_CONFIG" ] || [ ! -d "$("$PG_CONFIG" --pkglibdir)/pgxs" ] \
+        || [ ! -f "$("$PG_CONFIG" --includedir-server)/postgres.h" ]; then
     apt-get update -qq && apt-get install -y -qq postgresql-15 postgresql-server-dev-15 >/dev/null
 fi
 W=${W:-$(mktemp -d /tmp/pgvector-build.XXXXXX)}; mkdir -p "$W/lists/partial" "$W/src"
