@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sys
@@ -92,14 +93,19 @@ class FakeHandler(BaseHTTPRequestHandler):
 
 
 class ServedApp:
-    """An `App` served over real HTTP on its own thread: start, stop, a context manager.
+    """An `App` served over real HTTP on its own thread: start, stop, a context manager,
+    and the counters and "next N requests" faults every fake keeps under its lock.
 
-    Subclasses route requests (`handle`); `_stopping` wakes handlers that sleep in
-    latency or timeout faults when the server stops."""
+    Subclasses route requests (`handle`) and set `_faults` (a dataclass of fault fields)
+    and `_stats` (a dict); `_stopping` wakes handlers that sleep in latency or timeout
+    faults when the server stops."""
 
     thread_name = "fake-http"
+    _faults: Any
+    _stats: dict[str, Any]
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd = FakeHTTPServer((host, port), FakeHandler)
         self._httpd.app = self  # type: ignore[assignment]
@@ -131,3 +137,15 @@ class ServedApp:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return copy.deepcopy(self._stats)
+
+    def _take(self, name: str) -> bool:
+        """Consume one unit of a "next N requests" fault if any is left."""
+        with self._lock:
+            left = getattr(self._faults, name)
+            if left > 0:
+                setattr(self._faults, name, left - 1)
+            return bool(left > 0)

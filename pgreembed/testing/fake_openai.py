@@ -56,7 +56,6 @@ class FakeOpenAIServer(ServedApp):
                  api_key: str | None = None) -> None:
         super().__init__(host, port)
         self.api_key = api_key
-        self._lock = threading.Lock()
         self._faults = Faults()
         self._stats = self._empty_stats()
         self._in_flight = 0
@@ -102,23 +101,11 @@ class FakeOpenAIServer(ServedApp):
             self._stats = self._empty_stats()
             self._windows.clear()
 
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return copy.deepcopy(self._stats)
-
     @staticmethod
     def _empty_stats() -> dict[str, Any]:
         return {"requests": 0, "status_counts": {}, "inputs_embedded": 0,
                 "tokens_embedded": 0, "text_counts": {}, "max_concurrency": 0,
                 "file_downloads": {}}  # file contents downloaded, per file purpose
-
-    def _take(self, name: str) -> bool:
-        """Consume one unit of a "next N requests" fault if any is left."""
-        with self._lock:
-            left = getattr(self._faults, name)
-            if left > 0:
-                setattr(self._faults, name, left - 1)
-            return bool(left > 0)
 
     def _record_success(self, req: EmbeddingRequest) -> None:
         with self._lock:

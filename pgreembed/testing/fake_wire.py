@@ -10,9 +10,7 @@ input types sent).
 
 from __future__ import annotations
 
-import copy
 import json
-import threading
 import traceback
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -65,7 +63,6 @@ class FakeWireServer(ServedApp, ABC):
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         super().__init__(host, port)
         self.thread_name = f"fake-{self.name}"
-        self._lock = threading.Lock()
         self._faults = WireFaults()
         self._stats = self._empty_stats()
 
@@ -89,22 +86,11 @@ class FakeWireServer(ServedApp, ABC):
             self._faults = WireFaults()
             self._stats = self._empty_stats()
 
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return copy.deepcopy(self._stats)
-
     @staticmethod
     def _empty_stats() -> dict[str, Any]:
         return {"requests": 0, "status_counts": {}, "inputs_embedded": 0,
                 "request_sizes": [], "input_types": {}, "text_counts": {}, "models": {},
                 "auth": []}
-
-    def _take(self, name: str) -> bool:
-        with self._lock:
-            left = getattr(self._faults, name)
-            if left > 0:
-                setattr(self._faults, name, left - 1)
-            return bool(left > 0)
 
     # -- what a protocol implements --------------------------------------------------
     @abstractmethod
