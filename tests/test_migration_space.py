@@ -23,6 +23,11 @@ import pytest
 from pgreembed.errors import ConfigError
 from pgreembed.migrations.crash_point import CRASH_AT
 from pgreembed.migrations.disk import parse_size
+from tests.app_side import (
+    assert_app_reads_live,
+    create_app_objects,
+    repeatable_read_by_default,
+)
 from tests.helpers import (
     ROOT,
     OrdinaryRoles,
@@ -36,11 +41,6 @@ from tests.helpers import (
     wait_filled,
     wait_for,
     write_config,
-)
-from tests.test_real_deployment import (
-    assert_app_reads_live,
-    create_app_objects,
-    repeatable_read_by_default,
 )
 
 OLD, NEW, DIMS = "fake-768", "fake-alt-768", 768  # 3,080 bytes a vector: TOASTed

@@ -1,0 +1,101 @@
+"""The app's side of a real deployment, for tests that run as users' databases are: a
+database default of REPEATABLE READ, a view and a BEGIN ATOMIC function on the vector
+column owned by the app's owner role, and multi-row app transactions that hold rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+
+from tests.helpers import OrdinaryRoles, Stack, in_background
+
+APP_SLEEP = 0.3  # the app's transaction works this long between its two rows
+HELD = 0.2  # an app transaction longer than its own work by this much was held by someone
+
+
+def repeatable_read_by_default(stack: Stack) -> None:
+    """As a DBA may set it: every transaction without its own level is REPEATABLE READ."""
+    with stack.connect() as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_isolation"
+                             " = 'repeatable read'").format(sql.Identifier(conn.info.dbname)))
+
+
+APP_OBJECTS = """
+CREATE VIEW docs_search AS SELECT id, title, body, embedding FROM docs;
+CREATE FUNCTION doc_embedding(doc bigint) RETURNS vector LANGUAGE sql STABLE
+BEGIN ATOMIC SELECT embedding FROM docs WHERE id = doc; END;
+"""
+
+
+def create_app_objects(stack: Stack, roles: OrdinaryRoles) -> None:
+    with stack.connect() as conn:
+        conn.execute(APP_OBJECTS)
+        conn.execute(sql.SQL("ALTER VIEW docs_search OWNER TO {}").format(
+            sql.Identifier(roles.owner)))
+        conn.execute(sql.SQL("ALTER FUNCTION doc_embedding(bigint) OWNER TO {}").format(
+            sql.Identifier(roles.owner)))
+        conn.execute(sql.SQL("GRANT SELECT ON docs_search TO {}").format(
+            sql.Identifier(roles.app)))
+
+
+def assert_app_reads_live(roles: OrdinaryRoles) -> None:
+    """The view and the function give, for every row, the live column's vector."""
+    with psycopg.connect(roles.app_dsn, autocommit=True) as conn:
+        base = dict(conn.execute("SELECT id, embedding::text FROM docs").fetchall())
+        view = dict(conn.execute("SELECT id, embedding::text FROM docs_search").fetchall())
+        function = dict(conn.execute("SELECT id, doc_embedding(id)::text FROM docs"
+                                     ).fetchall())
+    assert base and None not in base.values()
+    assert [k for k in base if view.get(k) != base[k]] == [], "the view serves another column"
+    assert [k for k in base if function.get(k) != base[k]] == [], \
+        "the function serves another column"
+
+
+@dataclasses.dataclass
+class AppTransactions:
+    """Two-row transactions in descending key order, 4 at a time, as an app runs them
+    (each on its own share of the keys: they never wait on each other, only on us)."""
+
+    held: list[float] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    done: int = 0
+
+
+@contextmanager
+def app_transactions(dsn: str, keys: range) -> Iterator[AppTransactions]:
+    seen = AppTransactions()
+    lock = threading.Lock()
+
+    def run(share: int, stop: threading.Event) -> None:
+        rng = random.Random(share)
+        mine = [k for k in keys if k % 4 == share]
+        with psycopg.connect(dsn) as conn:
+            while not stop.is_set():
+                low, high = sorted(rng.sample(mine, 2))
+                started = time.monotonic()
+                try:
+                    with conn.transaction():
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (high,))
+                        time.sleep(APP_SLEEP)  # the scenario: the app holds its rows
+                        conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (low,))
+                except psycopg.Error as exc:
+                    with lock:
+                        seen.errors.append(f"{exc.sqlstate}: {exc}")
+                    continue
+                extra = time.monotonic() - started - APP_SLEEP
+                with lock:
+                    seen.done += 1
+                    if extra > HELD:
+                        seen.held.append(round(extra, 3))
+
+    with in_background(*[functools.partial(run, share) for share in range(4)]):
+        yield seen
