@@ -31,7 +31,8 @@ from pgreembed.embedding.embed import Row, embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.providers.base import QUERY, Provider
 from pgreembed.embedding.providers.cohere_provider import CohereProvider
-from pgreembed.errors import FatalProviderError, MisconfiguredError
+from pgreembed.embedding.providers.keys import KEY_VARIABLES
+from pgreembed.errors import FatalProviderError, MisconfiguredError, ProviderKeyMissing
 from pgreembed.observability.redact import redact
 from pgreembed.operations.search import search
 from pgreembed.store.setup import init_target
@@ -330,3 +331,28 @@ def test_migrate_start_refuses_a_provider_without_its_key(tmp_path: Any) -> None
         env={**env, "PYTHONPATH": str(ROOT), "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x"})
     assert result.returncode == 2, result.stderr
     assert "CO_API_KEY or COHERE_API_KEY: not set" in result.stderr
+
+
+KEYED_MODELS = {"azure": ("text-embedding-3-small", 1536), "cohere": ("embed-v4.0", 1024),
+                "voyage": ("voyage-3.5", 1024), "gemini": ("gemini-embedding-001", 768)}
+
+
+@pytest.mark.parametrize("provider", sorted(KEYED_MODELS))
+def test_a_worker_without_the_key_says_what_migrate_start_says(
+        provider: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's first build and `migrate start` read the same variables and give the
+    same message (they were two lookups with two wordings: "cohere: CO_API_KEY is not set"
+    beside "CO_API_KEY or COHERE_API_KEY: not set")."""
+    for variable in KEY_VARIABLES[provider]:
+        monkeypatch.delenv(variable.name, raising=False)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://example.invalid")
+    settings = parse_settings({"database_url": "postgresql://x/y", "target": [
+        {"name": "docs", "table": "docs", "text_column": "body", "vector_column": "embedding",
+         "dimensions": 384}]}, {})
+    with pytest.raises(ProviderKeyMissing) as at_start:
+        providers.require_credentials(settings, provider)
+    model, dimensions = KEYED_MODELS[provider]
+    with pytest.raises(ProviderKeyMissing) as at_build:
+        make_provider(settings, provider, model, dimensions)
+    assert str(at_build.value) == str(at_start.value)
+    assert str(at_start.value).startswith(" or ".join(v.name for v in KEY_VARIABLES[provider]))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 
-from pgreembed.config import Settings, Target, environment
+from pgreembed.config import Settings, Target
 from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.providers.base import Provider
 from pgreembed.embedding.providers.catalog import provider_info
+from pgreembed.embedding.providers.keys import has_key, key_missing
 from pgreembed.errors import (
     BadInputError,
     FatalProviderError,
@@ -23,12 +24,6 @@ OPENAI_KEY_MISSING = ("OPENAI_API_KEY: not set (needed for the openai provider w
                       " OPENAI_BASE_URL)")
 
 _providers: dict[str, Provider] = {}
-# The environment variables one of which holds a provider's key (bedrock and vertex: the
-# AWS / Google credential chains, which find credentials in many places: not checked).
-_KEY_ENV = {"azure": (environment.AZURE_OPENAI_API_KEY, environment.AZURE_OPENAI_AD_TOKEN),
-            "cohere": (environment.CO_API_KEY, environment.COHERE_API_KEY),
-            "voyage": (environment.VOYAGE_API_KEY,),
-            "gemini": (environment.GEMINI_API_KEY, environment.GOOGLE_API_KEY)}
 # provider -> (module, class) of the providers built from a sub-table of settings.
 _REMOTE = {"azure": ("azure", "AzureProvider"), "cohere": ("cohere_provider", "CohereProvider"),
            "voyage": ("voyage_provider", "VoyageProvider"),
@@ -46,11 +41,8 @@ def require_credentials(settings: Settings, provider: str) -> None:
     if not info.installed:
         raise ProviderKeyMissing(f"the {provider} provider needs the {info.package!r} package:"
                                  f" pip install 'pgreembed[{info.extra}]'")
-    variables = _KEY_ENV.get(provider)
-    if variables and not any(each.is_set() for each in variables):
-        names = [each.name for each in variables]
-        raise ProviderKeyMissing(f"{' or '.join(names)}: not set (needed for the {provider}"
-                                 " provider)")
+    if not has_key(provider):
+        raise key_missing(provider)
 
 
 def make_provider(settings: Settings, provider: str, model: str, dimensions: int,

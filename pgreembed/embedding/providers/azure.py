@@ -15,6 +15,7 @@ import openai
 
 from pgreembed.config import Settings, environment
 from pgreembed.config.providers import AzureSettings
+from pgreembed.embedding.providers.keys import has_key, key_missing
 from pgreembed.embedding.providers.openai_provider import OpenAIProvider
 from pgreembed.embedding.ratelimit import RateLimiter
 from pgreembed.errors import ProviderKeyMissing
@@ -34,11 +35,10 @@ class AzureProvider(OpenAIProvider):
         if not endpoint:
             raise ProviderKeyMissing("azure: set [target.azure] endpoint (or"
                                      " AZURE_OPENAI_ENDPOINT)")
+        if not has_key("azure"):
+            raise key_missing("azure")
         key = environment.AZURE_OPENAI_API_KEY.get()
         token = environment.AZURE_OPENAI_AD_TOKEN.get()
-        if not key and not token:
-            raise ProviderKeyMissing("azure: AZURE_OPENAI_API_KEY or AZURE_OPENAI_AD_TOKEN"
-                                     " (a Microsoft Entra ID token) is not set")
         register_secret(key)
         register_secret(token)
         client = openai.AzureOpenAI(

@@ -20,9 +20,9 @@ from pgreembed.config import Settings, environment
 from pgreembed.config.providers import CohereSettings
 from pgreembed.embedding.providers.base import InputType
 from pgreembed.embedding.providers.catalog import shortenable
+from pgreembed.embedding.providers.keys import provider_key
 from pgreembed.embedding.providers.remote import TRANSIENT, Fault, RemoteProvider, http_fault
 from pgreembed.embedding.ratelimit import RateLimiter
-from pgreembed.errors import ProviderKeyMissing
 from pgreembed.observability.redact import register_secret
 
 
@@ -42,10 +42,7 @@ class CohereProvider(RemoteProvider):
     @classmethod
     def build(cls, settings: Settings, model: str, dimensions: int, options: object,
               limiter: RateLimiter) -> CohereProvider:
-        key = environment.CO_API_KEY.get() or environment.COHERE_API_KEY.get()
-        if not key:
-            raise ProviderKeyMissing("cohere: CO_API_KEY is not set")
-        return cls(model, dimensions, api_key=key,
+        return cls(model, dimensions, api_key=provider_key("cohere"),
                    options=options if isinstance(options, CohereSettings) else None,
                    timeout=settings.request_timeout,
                    max_retry_seconds=settings.provider_retry_seconds, limiter=limiter)

@@ -25,6 +25,7 @@ from pgreembed.config import Settings, environment
 from pgreembed.config.providers import GeminiSettings, VertexSettings
 from pgreembed.embedding.providers.base import InputType
 from pgreembed.embedding.providers.catalog import shortenable
+from pgreembed.embedding.providers.keys import provider_key
 from pgreembed.embedding.providers.remote import TRANSIENT, Fault, RemoteProvider, http_fault
 from pgreembed.embedding.ratelimit import RateLimiter
 from pgreembed.errors import ProviderKeyMissing
@@ -82,10 +83,7 @@ class GeminiProvider(_GoogleProvider):
     @classmethod
     def build(cls, settings: Settings, model: str, dimensions: int, options: object,
               limiter: RateLimiter) -> GeminiProvider:
-        key = environment.GEMINI_API_KEY.get() or environment.GOOGLE_API_KEY.get()
-        if not key:
-            raise ProviderKeyMissing("gemini: GEMINI_API_KEY (or GOOGLE_API_KEY) is not set")
-        return cls(model, dimensions, api_key=key,
+        return cls(model, dimensions, api_key=provider_key("gemini"),
                    options=options if isinstance(options, GeminiSettings) else None,
                    timeout=settings.request_timeout,
                    max_retry_seconds=settings.provider_retry_seconds, limiter=limiter)

@@ -15,13 +15,13 @@ from typing import Any
 import voyageai
 import voyageai.error as verr
 
-from pgreembed.config import Settings, environment
+from pgreembed.config import Settings
 from pgreembed.config.providers import VoyageSettings
 from pgreembed.embedding.providers.base import InputType
 from pgreembed.embedding.providers.catalog import shortenable
+from pgreembed.embedding.providers.keys import provider_key
 from pgreembed.embedding.providers.remote import TRANSIENT, Fault, RemoteProvider, http_fault
 from pgreembed.embedding.ratelimit import RateLimiter
-from pgreembed.errors import ProviderKeyMissing
 from pgreembed.observability.redact import register_secret
 
 
@@ -40,10 +40,7 @@ class VoyageProvider(RemoteProvider):
     @classmethod
     def build(cls, settings: Settings, model: str, dimensions: int, options: object,
               limiter: RateLimiter) -> VoyageProvider:
-        key = environment.VOYAGE_API_KEY.get()
-        if not key:
-            raise ProviderKeyMissing("voyage: VOYAGE_API_KEY is not set")
-        return cls(model, dimensions, api_key=key,
+        return cls(model, dimensions, api_key=provider_key("voyage"),
                    options=options if isinstance(options, VoyageSettings) else None,
                    timeout=settings.request_timeout,
                    max_retry_seconds=settings.provider_retry_seconds, limiter=limiter)
