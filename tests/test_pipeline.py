@@ -244,3 +244,42 @@ def test_provider_down_past_every_in_process_retry_then_work_resumes(stack: Stac
     wait_for(all_embedded, timeout=90, interval=0.5, message="every row after the outage")
     assert_all_current(stack)
     assert fake_openai.stats()["status_counts"].get("500", 0) >= 3
+
+
+def test_a_target_added_after_the_workers_started_needs_no_worker_restart(stack: Stack
+                                                                          ) -> None:
+    """The config gains a target, `init` and a `tick` run with it; the worker started with
+    the old config re-reads it for the new target's messages (before: "unknown target",
+    retried until the worker was restarted)."""
+    seed(stack, 5)
+    init(stack)
+    worker = stack.start_worker()
+    with stack.connect() as conn:
+        wait_for(lambda: conn.execute(  # booted: its pool is open, its config read
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+            " 'pgreembed-worker' AND datname = current_database()").fetchone()[0] >= 1,
+            timeout=60, message="the worker to boot with the first config")
+        conn.execute("CREATE TABLE notes (id bigserial PRIMARY KEY, note text, embedding"
+                     " vector(384))")
+        conn.execute("INSERT INTO notes (note) SELECT 'note ' || g FROM generate_series(1, 12) g")
+    stack.config_path.write_text(docs_config() + """
+[[target]]
+name = "notes"
+table = "public.notes"
+text_column = "note"
+vector_column = "embedding"
+provider = "openai"
+model = "fake-384"
+dimensions = 384
+batch_size = 8
+""")
+    init(stack)
+    result = stack.cli("tick", "--wait", "--timeout", "60")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert worker.poll() is None, "the worker was not restarted"
+    with stack.connect() as conn:
+        notes = conn.execute("SELECT id, note, embedding FROM notes ORDER BY id").fetchall()
+    for key, text, vector in notes:
+        assert vector is not None, f"notes row {key} has no vector"
+        np.testing.assert_allclose(vector.to_numpy(), fake_vector(MODEL, text, 384), atol=1e-6)
+    assert "was added to the config" in stack.log_text()

@@ -19,7 +19,7 @@ from pgreembed.observability.worker_metrics import worker_metrics
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import ACTOR, QUEUE
 from worker.batch import process_batch
-from worker.settings import settings
+from worker.settings import knowing, settings
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
     exhausted, embed_batch_gave_up releases them, so the scheduler reschedules them at
     once instead of after the lease.
     """
-    config = settings()
+    config = knowing(target)
     inflight = InFlight(redis_client(), slot_id, config.lease_seconds)
     process_batch(config, target, slot_id, keys, claimed_at(inflight, keys))
     inflight.release(keys)
