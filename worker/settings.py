@@ -43,8 +43,9 @@ def knowing(target: str) -> Settings:
         log.warning("target %r is not in this worker's config, and re-reading the config"
                     " failed: %s", target, error)
         return current
+    if target not in reloaded.targets:
+        return current
+    log.info("target %r was added to the config: re-read it", target)
     with _lock:
-        if target in reloaded.targets:
-            log.info("target %r was added to the config: re-read it", target)
-            _current = reloaded
-        return _current
+        _current = reloaded
+    return reloaded
