@@ -60,14 +60,15 @@ def sizes(stack: Stack) -> dict[str, int]:
     return {"disk": int(row[0]), "data": int(row[1])}
 
 
-def editing(stack: Stack, per_second: float = 50.0):  # type: ignore[no-untyped-def]
-    """The app: edits the text of a random row, `per_second` times a second."""
+def editing(stack: Stack, per_second: float = 50.0, rows: int = ROWS):  # type: ignore[no-untyped-def]
+    """The app: edits the text of a random row of the first `rows`, `per_second` times a
+    second."""
     def run(stop: threading.Event) -> None:
         rng = random.Random(24)
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             while not stop.wait(1.0 / per_second):
                 conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                             (f"edited {rng.random()}", rng.randint(1, ROWS)))
+                             (f"edited {rng.random()}", rng.randint(1, rows)))
     return in_background(run)
 
 
@@ -192,3 +193,55 @@ def test_disk_budget_sizes() -> None:
         1234, 500 * 10**6, int(1.5 * 2**30), 2 * 10**12]
     with pytest.raises(ConfigError, match="--disk-budget"):
         parse_size("lots")
+
+
+@pytest.mark.second_server
+def test_cancel_gives_the_new_vectors_space_back_and_resumes_after_a_kill(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: Any) -> None:
+    """A cancelled migration cleared its column's vectors before DROP COLUMN (it left a
+    whole copy on disk, as finalize did), as users' databases are: an ordinary role,
+    REPEATABLE READ by default, an app view and function on the vector column, the app
+    editing rows and holding some locked, the new model's provider slowed. Killed while
+    clearing, cancel resumes; meanwhile nothing may swap, resume or index that column."""
+    stack, roles = ordinary_roles
+    write_config(stack.config_path, docs_config(batch_size=20, max_inflight_rows=80).replace(
+        '"fake-384"', f'"{OLD}"').replace("dimensions = 384", f"dimensions = {DIMS}"))
+    repeatable_read_by_default(stack)
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+    seed(stack, ROWS_SMALL * 5)
+    assert stack.cli("init").returncode == 0
+    create_app_objects(stack, roles)
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    before = sizes(stack)
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.3)
+    column = start_migration(stack, "--model", NEW, "--dimensions", str(DIMS))
+    wait_for(lambda: nulls(stack, column) <= ROWS_SMALL, timeout=120,
+             message=f"{column} mostly filled")
+    with editing(stack, per_second=20, rows=ROWS_SMALL * 5):
+        app = holding_rows(stack, 2.0)  # cancel clears around them, then takes them
+        killed = cli(stack, "migrate", "cancel", crash_at="cancel_begun")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        for step in (("migrate", "swap"), ("migrate", "resume"), ("migrate", "index")):
+            refused = cli(stack, *step)
+            assert refused.returncode == 4, (step, refused.stdout, refused.stderr[-2000:])
+            assert "cancel has begun clearing" in refused.stderr, step
+        killed = cli(stack, "migrate", "cancel", crash_at="cancel_cleared")
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        # Every new vector gone, but what batches already at the provider when cancel
+        # paused the column wrote after (at most the in-flight rows; DROP COLUMN takes them).
+        assert nulls(stack, column) >= ROWS_SMALL * 5 - 80
+        done = cli(stack, "migrate", "cancel")
+        assert done.returncode == 0, done.stderr[-2000:]
+        app.close()
+    after = sizes(stack)
+    print(json.dumps({"before": before, "after": after}))
+    assert after["data"] <= 1.1 * before["data"], (before, after)
+    with stack.connect() as conn:
+        assert conn.execute("SELECT phase FROM pgreembed.migrations").fetchall() == [
+            ("cancelled",)]
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", OLD, DIMS)
+    assert_app_reads_live(roles)

@@ -52,7 +52,8 @@ class Cleared:
     left: int  # rows the app kept locked through every pass: DROP COLUMN leaves them
 
 
-def drop_column_indexes(dsn: str, old: Slot, policy: LockPolicy) -> list[str]:
+def drop_column_indexes(dsn: str, old: Slot, policy: LockPolicy, step: str = "finalize"
+                        ) -> list[str]:
     """DROP INDEX CONCURRENTLY every index on the old column, its pending index included
     (an indexed column changed rules HOT out). Its SHARE UPDATE EXCLUSIVE lock queues
     behind no read or write of the app, so it may wait up to `policy.wait_seconds`; it
@@ -68,9 +69,9 @@ def drop_column_indexes(dsn: str, old: Slot, policy: LockPolicy) -> list[str]:
                 conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                     sql.Identifier(old.target.schema, name)))
             except psycopg.errors.LockNotAvailable as exc:
-                raise TableBusyError(f"finalize: could not drop index {name} in"
+                raise TableBusyError(f"{step}: could not drop index {name} in"
                                      f" {policy.wait_seconds:.0f} s (the table stayed in"
-                                     " use); run finalize again") from exc
+                                     f" use); run {step} again") from exc
             except psycopg.errors.DependentObjectsStillExist:
                 continue  # a constraint's index: DROP COLUMN decides (refuse_drop ran)
             dropped.append(name)
@@ -86,10 +87,11 @@ def remaining(dsn: str, old: Slot) -> int:
     return int(row[0]) if row else 0
 
 
-def clear(dsn: str, old: Slot, policy: LockPolicy, *, pages_per_range: int = PAGES_PER_RANGE
-          ) -> Cleared:
-    """Set the old column to NULL in every row (see the module's docstring)."""
-    run = functools.partial(run_locked, dsn, app_table(old.target), "finalize (clearing)",
+def clear(dsn: str, old: Slot, policy: LockPolicy, *, pages_per_range: int = PAGES_PER_RANGE,
+          step: str = "finalize") -> Cleared:
+    """Set the column to NULL in every row (see the module's docstring). `old` is the slot
+    being cleared: finalize's replaced column, or cancel's new one (`step`)."""
+    run = functools.partial(run_locked, dsn, app_table(old.target), f"{step} (clearing)",
                             policy=policy)
     cleared = 0
     pages = _pages(dsn, old)
@@ -115,7 +117,7 @@ def clear(dsn: str, old: Slot, policy: LockPolicy, *, pages_per_range: int = PAG
         if not left:
             return Cleared(cleared, 0)
         if time.monotonic() - started > policy.wait_seconds:
-            log.warning("finalize: %d rows of %s kept their old vector (locked by the app"
+            log.warning("%d rows of %s kept their vector (locked by the app"
                         " through every pass for %.0f s): DROP COLUMN leaves them until"
                         " they are rewritten", left, old.vector_column, policy.wait_seconds)
             return Cleared(cleared, left)
@@ -132,12 +134,13 @@ def _pages(dsn: str, old: Slot) -> int:
 
 
 def _still_old(conn: psycopg.Connection, old: Slot) -> Slot:
-    """The old slot under the table's ROW EXCLUSIVE lock: no swap can move its column
-    until commit (store.rows.lock_slot)."""
+    """The slot being cleared (finalize: the replaced one, cancel: the new one) under the
+    table's ROW EXCLUSIVE lock, unchanged since the clearing began: no swap can move its
+    column until commit (store.rows.lock_slot)."""
     slot = lock_slot(conn, old.target, old.id, "ROW EXCLUSIVE")
-    if slot is None or slot.role != "old" or slot.vector_column != old.vector_column:
+    if slot is None or slot.role != old.role or slot.vector_column != old.vector_column:
         raise MigrationError(f"target {old.target.name!r}: column {old.vector_column} is no"
-                             " longer the replaced one; nothing cleared")
+                             " longer the one being cleared; nothing cleared")
     return slot
 
 
@@ -191,3 +194,4 @@ def _chunk(conn: psycopg.Connection, old: Slot, after: Any) -> tuple[int, Any]:
         {"after": after, "rows": ROWS_PER_PASS_CHUNK}).fetchone()
     assert row is not None
     return int(row[0]), row[1]
+

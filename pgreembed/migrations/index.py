@@ -16,7 +16,7 @@ from pgreembed.config.distances import canonical_distance, opclass_distance
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index_progress import BuildWatcher, IndexBuild
-from pgreembed.migrations.state import require_open, slots_by_id
+from pgreembed.migrations.state import refuse_if_clearing, require_open, slots_by_id
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.pool import connect
@@ -79,6 +79,7 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         migration = require_open(conn, target, "filling")
         slots = slots_by_id(conn, target)
         slot = slots[migration.to_slot]
+        refuse_if_clearing(conn, slot, "migrate index")
         method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
         name = ann_index_name(slot)
         # Another `migrate index`, `init` or side-fill step may be building it right now:

@@ -24,8 +24,11 @@ from pgreembed.migrations import app_objects, clear
 from pgreembed.migrations.app_objects import refuse_drop
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.state import (
+    CANCELLING,
+    FINALIZING,
     new_column_name,
     open_migration,
+    refuse_if_clearing,
     require_open,
     slots_by_id,
 )
@@ -48,7 +51,6 @@ log = logging.getLogger(__name__)
 
 BACKLOG = "backlog"  # auto_reason of a side fill of the live model
 SIDE_FILL = "side_fill"  # paused_by of the columns a side fill holds back
-FINALIZING = "finalize"  # paused_by of a replaced column finalize is clearing: no rollback
 
 
 def start(settings: Settings, target: Target, provider: str, model: str,
@@ -196,6 +198,7 @@ def resume(settings: Settings, target: Target,
             " ON s.id = m.to_slot WHERE m.id = %s FOR UPDATE OF m, s",
             (migration.id,)).fetchone()
         assert row is not None
+        refuse_if_clearing(conn, slots_by_id(conn, target)[migration.to_slot], "resume")
         _, spent, cap = spend(conn, migration.to_slot)
         where = f"migration {migration.id} of {target.name!r}"
         if isinstance(spend_cap_usd, float):
@@ -247,12 +250,35 @@ def _already_done(settings: Settings, target: Target, done_phase: str) -> bool:
     return done
 
 
-def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None
-           ) -> StepResult:
+def cancel(settings: Settings, target: Target, policy: LockPolicy | None = None,
+           clear_vectors: bool = True) -> StepResult:
     """Before a swap: drop the new column; the live column is untouched. Run again after
-    its commit, it has nothing to do."""
+    its commit, it has nothing to do.
+
+    First (`clear_vectors`) the new column's vectors leave the disk, as finalize does for
+    the replaced one (migrations.clear): the slot is marked CANCELLING (no swap, resume or
+    index build from here), its indexes dropped, its rows set to NULL in short
+    transactions; an interrupted cancel resumes there. Then DROP COLUMN."""
     if _already_done(settings, target, "cancelled"):
         return StepResult(already_done=True)
+    policy = policy or LockPolicy()
+
+    def begin(conn: psycopg.Connection) -> Slot:
+        migration = require_open(conn, target, "filling", lock=True)
+        new = slots_by_id(conn, target)[migration.to_slot]
+        refuse_drop(conn, new.table, new.vector_column, "cancel")  # before anything goes
+        conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s"
+                     " WHERE id = %s", (CANCELLING, new.id))
+        return new
+
+    if clear_vectors:
+        new = run_locked(settings.database_url, app_table(target), "cancel", begin, policy)
+        crash_point("cancel_begun")
+        clear.drop_column_indexes(settings.database_url, new, policy, "cancel")
+        done = clear.clear(settings.database_url, new, policy, step="cancel")
+        log.info("cancel: %d new vectors of %s cleared (%d left locked by the app)",
+                 done.rows, new.vector_column, done.left)
+        crash_point("cancel_cleared")
 
     def drop_new(conn: psycopg.Connection) -> None:
         migration = require_open(conn, target, "filling", lock=True)  # before any table

@@ -74,3 +74,23 @@ def require_open(conn: psycopg.Connection, target: Target, *phases: str,
 
 def new_column_name(target: Target, model_id: int) -> str:
     return f"{target.vector_column}__m{model_id}"
+
+
+# paused_by of a column being cleared: finalize clears the replaced column, cancel the new
+# one. Its vectors are being thrown away, so nothing may make it live or fill it again.
+FINALIZING = "finalize"
+CANCELLING = "cancel"
+
+
+def refuse_if_clearing(conn: psycopg.Connection, slot: Slot, step: str) -> None:
+    """MigrationError when `slot` is being cleared by a finalize or cancel that began:
+    making it live (swap, rollback), filling it (resume) or indexing it would serve or
+    build on a column whose vectors are being removed. The way out: run that step again."""
+    row = conn.execute("SELECT paused_by FROM pgreembed.slots WHERE id = %s",
+                       (slot.id,)).fetchone()
+    if row is None or row[0] not in (FINALIZING, CANCELLING):
+        return
+    raise MigrationError(
+        f"{step} refused: {row[0]} has begun clearing {slot.vector_column} (its vectors are"
+        f" being removed); run `pgreembed migrate {row[0]} --target {slot.target.name}`"
+        " again to finish it")

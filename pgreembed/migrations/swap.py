@@ -19,7 +19,12 @@ from pgreembed.errors import MigrationError, WaitTimeoutError
 from pgreembed.migrations import app_objects, rebind
 from pgreembed.migrations.crash_point import crash_point
 from pgreembed.migrations.index import column_indexes
-from pgreembed.migrations.state import SWAP_COLUMN, open_migration, require_open
+from pgreembed.migrations.state import (
+    SWAP_COLUMN,
+    open_migration,
+    refuse_if_clearing,
+    require_open,
+)
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, app_table, load_slots
@@ -157,19 +162,6 @@ def _pair(conn: psycopg.Connection, target: Target) -> tuple[Slot, Slot]:
     return live, other
 
 
-def _refuse_finalizing(conn: psycopg.Connection, other: Slot, step: str) -> None:
-    """A finalize that began clearing the replaced column (migrations.clear) has thrown
-    its vectors away: making it live again (a rollback, or a swap after a rollback) would
-    make every row unsearchable."""
-    row = conn.execute("SELECT paused_by FROM pgreembed.slots WHERE id = %s",
-                       (other.id,)).fetchone()
-    if row is not None and row[0] == "finalize":
-        raise MigrationError(
-            f"{step} refused: finalize has begun clearing {other.vector_column} (its"
-            f" vectors are being removed); run `pgreembed migrate finalize --target"
-            f" {other.target.name}` again to finish it")
-
-
 def swap(settings: Settings, target: Target, *, rollback: bool = False,
          catch_up_timeout: float = 300.0, max_unsearchable: int = DEFAULT_MAX_UNSEARCHABLE,
          accept_failed: bool = False, policy: LockPolicy | None = None,
@@ -202,7 +194,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         with connect(settings.database_url) as conn:
             require_open(conn, target, *phases)
             live, other = _pair(conn, target)
-            _refuse_finalizing(conn, other, step)
+            refuse_if_clearing(conn, other, step)
             # The app's objects that cannot be kept on their column: refused before waiting.
             checked = rebind.check(conn, live, other, step)
             ready = readiness(conn, live, other, check_indexes=not rollback)
@@ -240,7 +232,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
                 app_table(target)))
             locked_at = time.monotonic()
             live, other = _pair(conn, target)
-            _refuse_finalizing(conn, other, step)
+            refuse_if_clearing(conn, other, step)
             unsearchable, failed = _unsearchable_counts(conn, live, other)
             if unsearchable > max_unsearchable or (failed and not accept_failed):
                 raise _NotReady()
