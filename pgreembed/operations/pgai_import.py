@@ -39,8 +39,6 @@ from pgreembed.store.table_lock import LockPolicy
 from pgreembed.values import Row
 
 MIN_COSINE = 0.999
-DEFAULT_VERIFY_CHUNKS = 200
-DEFAULT_VERIFY_VECTORS = 20
 
 
 @dataclass

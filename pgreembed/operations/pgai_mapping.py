@@ -20,6 +20,9 @@ from typing import Any
 
 from pgreembed.store.pgai_values import Vectorizer
 
+# The checks' default sample sizes (the CLI's defaults; this module is light to import).
+DEFAULT_VERIFY_CHUNKS = 200
+DEFAULT_VERIFY_VECTORS = 20
 OPCLASS_DISTANCE = {"vector_cosine_ops": "cosine", "vector_ip_ops": "ip",
                     "vector_l1_ops": "l1", "vector_l2_ops": "l2"}
 SPLITTERS = {"recursive_character_text_splitter": "recursive",
