@@ -202,6 +202,21 @@ def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
 
 def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
         pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    # All or nothing: with a vectorizer that cannot be adopted among those named (a
+    # composite key), none is, and the reason is named.
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE pairs (a int, b int, body text, PRIMARY KEY (a, b))")
+        pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+            source="pairs", name="pairs_v", embedder="voyageai", model="voyage-3"))
+    refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "pairs_v",
+                          "--vectorizer", "notes_col", "--no-embed-check", "--json")
+    assert refused.returncode == 4, refused.stderr
+    assert "composite primary key" in json_document(refused.stdout)["error"]["message"]
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('pgreembed.slots') IS NULL OR NOT EXISTS"
+                            " (SELECT FROM pgreembed.slots WHERE target = 'notes_col')"
+                            ).fetchone() == (True,)
+
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "notes_col",
                        "--no-embed-check", "--json")
     assert done.returncode == 0, done.stderr

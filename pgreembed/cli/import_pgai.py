@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pgreembed.cli.formatting import add_command, non_negative_int
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target, environment, load_settings, parse_settings
-from pgreembed.errors import EXIT_OK, ConfigError
+from pgreembed.errors import EXIT_OK, ConfigError, ImportRefused
 from pgreembed.operations.pgai_mapping import DEFAULT_VERIFY_CHUNKS, DEFAULT_VERIFY_VECTORS
 from pgreembed.store.pool import connect
 from pgreembed.store.table_lock import DEFAULT_WAIT_SECONDS, LockPolicy
@@ -93,7 +93,14 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
     vectors = (None if args.no_embed_check else
                args.verify_vectors if args.verify_vectors is not None else
                None if args.dry_run else DEFAULT_VERIFY_VECTORS)
-    if not args.dry_run or vectors:
+    if not args.dry_run:
+        refused = [p for p in plans if p.target is None]
+        if refused:  # all or nothing: before any check spends or any change is made
+            raise ImportRefused("cannot adopt " + "; ".join(
+                f"{p.vectorizer.name!r} ({p.mapping.refusal})" for p in refused)
+                + "; nothing was changed (`--dry-run` shows the plan; name the others"
+                " with --vectorizer)")
+    if (not args.dry_run or vectors) and any(p.target is not None for p in plans):
         settings = _with_targets(base, plans)
         with connect(dsn) as conn:
             for plan in plans:  # every check before the first change

@@ -210,9 +210,8 @@ def adopt(settings: Settings, plan: VectorizerPlan, policy: LockPolicy | None) -
     state rows recorded for the mapped model."""
     target = plan.target
     if target is None:
-        reasons = "; ".join(f"{n.what}: {n.reason}" for n in plan.mapping.notes
-                            if n.kind == "refused")
-        raise ImportRefused(f"vectorizer {plan.vectorizer.name!r} cannot be adopted: {reasons}")
+        raise ImportRefused(f"vectorizer {plan.vectorizer.name!r} cannot be adopted:"
+                            f" {plan.mapping.refusal}")
     slot = init_target(settings.database_url, target, policy, adopt=target.parent is not None)
     with connect(settings.database_url, vector=False) as conn:
         live = next(s for s in load_slots(conn, target) if s.role == "live")

@@ -56,6 +56,11 @@ class Mapping:
         return not any(n.kind == "refused" for n in self.notes)
 
     @property
+    def refusal(self) -> str:
+        """Why it cannot be adopted ("" when it can)."""
+        return "; ".join(f"{n.what}: {n.reason}" for n in self.notes if n.kind == "refused")
+
+    @property
     def frozen(self) -> bool:
         return any(n.kind == "frozen" for n in self.notes)
 
