@@ -96,6 +96,13 @@ def chunk_table(conn: psycopg.Connection, name: str) -> str:
 
 def test_dry_run_plans_every_vectorizer_and_re_splits_200_parents_identically(
         pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    with psycopg.connect(pgai_db, autocommit=True) as conn:  # work pgai still owes
+        conn.execute("INSERT INTO notes SELECT g, 'new note ' || g"
+                     " FROM generate_series(901, 903) g")
+        failed = sql.Identifier(*pgai_side.vectorizer_row(conn, "notes_col")
+                                .queue_failed_table.split("."))
+        conn.execute(sql.SQL("INSERT INTO {} (id, failure_step) VALUES (7, 'embedding'),"
+                             " (8, 'loading')").format(failed))
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--all", "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     doc = json_document(done.stdout)
@@ -115,7 +122,8 @@ def test_dry_run_plans_every_vectorizer_and_re_splits_200_parents_identically(
             assert plan["target"]["chunking"]["template"] == \
                 VECTORIZERS[name].get("template", "$chunk")
         notes = plan_of(doc, "notes_col")
-        assert (notes["maps_to"], notes["rows"], notes["chunks"]) == ("ordinary", 50, 50)
+        assert (notes["maps_to"], notes["rows"], notes["chunks"], notes["queued"],
+                notes["failed"]) == ("ordinary", 53, 50, 3, 2)
         assert conn.execute("SELECT to_regnamespace('pgreembed')").fetchone() == (None,)
     assert fake_openai.stats()["inputs_embedded"] == 0
 
