@@ -1,6 +1,6 @@
-"""Issue 25, test 6 at a twentieth of the size (5,000 chunks): grouped search's recall@10 of parents against
-exact search, through an HNSW index, on chunks that crowd (10 close chunks a parent, 20
-parents a topic). `python -m bench.chunk_recall` runs the issue's 100k chunks."""
+"""Issue 25, test 6 at a twentieth of the size (5,000 chunks): grouped search's recall@10
+of parents against exact search, through an HNSW index, on chunks that crowd (10 close
+chunks a parent, 20 parents a topic). `python -m bench.chunk_recall` runs 100k chunks."""
 
 from __future__ import annotations
 
