@@ -351,7 +351,8 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
              message="every chunk set current, both columns filled")
     with stack.connect() as conn:
         figures["wrong_settled"] = wrong_vectors(conn, {"embedding": old, column: new})
-        figures["chunks"] = conn.execute("SELECT count(*) FROM docs_chunks").fetchone()[0]
+        row = conn.execute("SELECT count(*) FROM docs_chunks").fetchone()
+        figures["chunks"] = row[0] if row else 0
     figures["column"] = column
     return figures
 

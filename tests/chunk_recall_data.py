@@ -41,7 +41,7 @@ class Corpus:
         return [int(k) for k in np.argsort(best)[:limit]]
 
 
-def _unit(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def _unit(rows: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 

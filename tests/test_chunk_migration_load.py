@@ -13,10 +13,11 @@ from tests.chunk_load import run_migration_under_load
 from tests.helpers import OrdinaryRoles, Stack
 from tests.test_chunked_targets import chunk_sets, chunked_stack, expected
 
-EDITS_PER_SECOND = 40.0  # the bench: 150
+EDITS_PER_SECOND = 20.0  # the bench: 150
+SECONDS = 8.0  # of load around the steps, besides the steps' own time
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_migration_of_the_chunk_table_under_parent_edits(
         ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
     stack, roles = ordinary_roles
@@ -26,8 +27,8 @@ def test_migration_of_the_chunk_table_under_parent_edits(
     out = stack.cli("init")
     assert out.returncode == 0, out.stderr
     figures = run_migration_under_load(
-        stack, roles, fake_openai, parents=200, rate=EDITS_PER_SECOND, seconds=16,
-        provider_latency=0.1, expected=lambda conn: expected(conn, target),
+        stack, roles, fake_openai, parents=100, rate=EDITS_PER_SECOND, seconds=SECONDS,
+        provider_latency=0.05, expected=lambda conn: expected(conn, target),
         chunk_sets=chunk_sets)
     print(json.dumps(figures))
     app = figures["app"]
@@ -44,5 +45,5 @@ def test_migration_of_the_chunk_table_under_parent_edits(
     # of the issue, see docs-notes/chunk-heavy.md), its transactions never.
     assert app["errors"] == app["lock_timeouts"], figures["app_error_samples"]
     assert figures["row_holders"]["errors"] == [] and figures["chunk_holder_errors"] == []
-    assert app["edit"]["count"] > 0.5 * EDITS_PER_SECOND * 16
+    assert app["edit"]["count"] > 0.5 * EDITS_PER_SECOND * SECONDS
     assert app["search_app_view"]["count"] > 50 and app["search_pgai_view"]["count"] > 50
