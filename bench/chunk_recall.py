@@ -90,7 +90,7 @@ def _round(dsn: str, settings: Any, asked: list[str], truth: dict[str, list[int]
     recalls, seconds, short = [], [], 0
     original = chunk_search._iterative_scans
     if not iterative:  # what search_parents does on pgvector < 0.8: no iterative scans
-        chunk_search._iterative_scans = lambda conn: None  # type: ignore[assignment]
+        chunk_search._iterative_scans = lambda conn: None
     try:
         with connect(dsn, autocommit=True) as app:
             app.execute("SET enable_seqscan = off")
