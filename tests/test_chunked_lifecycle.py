@@ -14,6 +14,7 @@ from psycopg import sql
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
+from tests.chunk_load import CHUNK_APP_OBJECTS, chunk_app_objects_off_live
 from tests.helpers import OrdinaryRoles, Stack, migrate, new_column, wait_for
 from tests.test_chunked_pipeline import MODEL, body, settled
 from tests.test_chunked_targets import chunk_sets, chunked_stack, expected
@@ -32,10 +33,12 @@ def assert_chunks_current(stack: Stack, target: object, column: str, model: str,
 
 
 def assert_view_current(stack: Stack, model: str, dims: int) -> None:
-    """pgai's view (chunk columns + the parent's) serves the live column's model."""
+    """pgai's view (chunk columns + the parent's) serves the live column's model, and so do
+    the app's own view and SQL function on the chunk table's vector column."""
     with stack.connect() as conn:
         rows = conn.execute("SELECT chunk, embedding, title, id FROM docs_view").fetchall()
         chunks = conn.execute("SELECT count(*) FROM docs_chunks").fetchone()[0]
+        assert chunk_app_objects_off_live(conn) == {"view": 0, "function": 0}
     assert len(rows) == chunks > 0
     for text, vector, title, key in rows:
         assert text.startswith(f"{title}: ") and title == f"t{key}"
@@ -46,11 +49,15 @@ def assert_view_current(stack: Stack, model: str, dims: int) -> None:
 @pytest.mark.timeout(300)
 def test_model_migration_of_the_chunk_table_swaps_and_rolls_back(stack: Stack) -> None:
     """The existing migration lifecycle (start, fill, index, swap, rollback, finalize) on a
-    chunk table, with parents edited during the fill and after the swap."""
+    chunk table, with parents edited during the fill and after the swap; pgai's view and
+    the app's own view and BEGIN ATOMIC function on the chunk vector column serve the
+    live column after each swap, the rollback and finalize."""
     settings = chunked_stack(stack, batch_size=32,
                              destination='[target.destination]\nview = "docs_view"\n')
     target = settings.target("docs")
     assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:  # the app's own view and function on the vector column
+        conn.execute(CHUNK_APP_OBJECTS)
     stack.start_worker(threads=4)
     stack.start_scheduler()
     with stack.connect() as conn:

@@ -1,0 +1,112 @@
+"""Issue 25, test 4 at the issue's rate: a model migration of a chunk table (start, fill,
+index, swap, rollback) under 150 parent edits/s, as users' databases are (the scenario of
+tests/chunk_load.py: ordinary roles, REPEATABLE READ default, the app's view and SQL
+function on the chunk vector column, app transactions holding parents and chunks, a
+slowed provider). Prints the app statements' latencies and lock waits, the swap's and
+the rollback's wall time, and the wrong-model chunk counts (each must be 0).
+
+    PYTHONPATH=$PWD .venv/bin/python -m bench.chunk_migration --rate 150 --parents 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import signal
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.harness import API_KEY, ROOT, Services
+
+# The scenario is the test's (tests/chunk_load.py), run at the issue's rate; imported by
+# name so that mypy, which checks bench/, does not take on the test modules' typing.
+chunk_load: Any = importlib.import_module("tests.chunk_load")
+helpers: Any = importlib.import_module("tests.helpers")
+chunked_targets: Any = importlib.import_module("tests.test_chunked_targets")
+
+VIEW = '[target.destination]\nview = "docs_view"\n'
+
+
+def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
+    name = f"bench_chunkmig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = services.dsn(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+        conn.execute("CREATE TABLE docs (id bigserial PRIMARY KEY, title text, body text,"
+                     " views integer NOT NULL DEFAULT 0)")
+    folder = Path(tempfile.mkdtemp(prefix="chunkmig-", dir=services.workdir))
+    config = helpers.write_config(folder / "pgreembed.toml", chunked_targets.CHUNKED.format(
+        batch_size=args.batch_size, destination=VIEW))
+    roles = helpers.create_ordinary_roles(dsn)
+    env = {**os.environ, "DATABASE_URL": roles.pgreembed_dsn,
+           "REDIS_URL": services.redis.url, "PGREEMBED_CONFIG": str(config),
+           "OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": services.fake.base_url,
+           "PGREEMBED_HEARTBEAT_MS": "5000", "PYTHONPATH": str(ROOT)}
+    (folder / "logs").mkdir()
+    stack = helpers.Stack(dsn, services.redis.url, config, env, folder / "logs", [])
+    from pgreembed.config import load_settings
+
+    target = load_settings(config, env).target("docs")
+    try:
+        out = stack.cli("init")
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr)
+        figures: dict[str, Any] = chunk_load.run_migration_under_load(
+            stack, roles, services.fake, parents=args.parents, rate=args.rate,
+            seconds=args.seconds, provider_latency=args.provider_latency,
+            expected=lambda conn: chunked_targets.expected(conn, target),
+            chunk_sets=chunked_targets.chunk_sets)
+        return figures
+    finally:
+        for process in stack.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in stack.processes:
+            process.wait(30)
+        helpers.drop_ordinary_roles(dsn, roles)
+        services.drop(dsn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rate", type=float, default=150.0, help="parent edits a second")
+    parser.add_argument("--parents", type=int, default=400)
+    parser.add_argument("--seconds", type=float, default=24.0,
+                        help="load time around the steps (a quarter before start, between"
+                             " index and swap, after swap, after rollback)")
+    parser.add_argument("--provider-latency", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    services = Services("fake-384", 384).start()
+    try:
+        figures = run(services, args)
+    finally:
+        services.stop()
+    app = figures["app"]
+    print(f"{args.rate:g} parent edits/s asked, {app['edits_per_second']} done;"
+          f" {figures['parents']} parents, {figures['chunks']} chunks; provider"
+          f" +{args.provider_latency} s a request")
+    for kind in ("edit", "search_app_view", "search_pgai_view"):
+        k = app[kind]
+        print(f"{kind}: {k['count']} statements, p50 {k['p50_ms']} ms, p99 {k['p99_ms']} ms,"
+              f" max {k['max_ms']} ms, {k['over_100_ms']} over 100 ms")
+    print(f"app lock timeouts (100 ms): {app['lock_timeouts']} {app['lock_timeouts_where']};"
+          f" longest lock wait seen behind pgreembed {app['longest_lock_wait_ms']}")
+    print(f"swap {figures['swap']['seconds']} s ({figures['swap']['report']}); rollback"
+          f" {figures['rollback']['seconds']} s ({figures['rollback']['report']})")
+    print(f"wrong-model chunks: after swap {figures['wrong_after_swap']}, after rollback"
+          f" {figures['wrong_after_rollback']}, settled {figures['wrong_settled']}")
+    print("result: " + json.dumps({**vars(args), **figures}))
+
+
+if __name__ == "__main__":
+    main()
