@@ -1,0 +1,123 @@
+"""Issue 25, test 7: a corpus with 30% shared boilerplate chunks costs exactly one provider
+input per distinct chunk text, with several workers and a slowed provider, so that copies
+of one text land in batches in flight together (pgreembed.embedding.text_claims)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from dataclasses import replace
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import redis
+
+from pgreembed.embedding.text_claims import TextClaims
+from pgreembed.store.slots import Slot
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from pgreembed.values import Embedded, Row
+from tests.helpers import Stack, wait_for
+from tests.test_chunked_pipeline import MODEL, body, settled
+from tests.test_chunked_targets import chunked_stack
+
+PARENTS = 40
+
+
+def boilerplate_corpus() -> list[tuple[int, str]]:
+    """(key, body): each parent's own paragraphs plus 7 shared boilerplate paragraphs
+    (~30% of the chunks are copies of those)."""
+    boilerplate = "\n\n".join(f"Shared boilerplate paragraph {i}: " + "legal words " * 60
+                              for i in range(7))
+    return [(key, body(random.Random(key), key, "0") + "\n\n" + body(random.Random(-key), key,
+                                                                     "x")
+             + "\n\n" + boilerplate) for key in range(1, PARENTS + 1)]
+
+
+@pytest.mark.timeout(240)
+def test_shared_chunk_texts_are_bought_exactly_once_across_concurrent_batches(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    # Small batches and 2 processes x 4 threads: a shared text's copies spread over many
+    # batches at the provider together (0.4 s a request).
+    settings = chunked_stack(stack, batch_size=8)
+    target = settings.target("docs")
+    assert stack.cli("init").returncode == 0
+    fake_openai.set_faults(slow_model=MODEL, slow_model_latency=0.4)
+    stack.start_worker(processes=2, threads=4)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (id, title, body) SELECT * FROM unnest(%s::bigint[],"
+                     " %s::text[], %s::text[])",
+                     ([k for k, _ in boilerplate_corpus()], ["same"] * PARENTS,
+                      [b for _, b in boilerplate_corpus()]))
+    wait_for(lambda: settled(stack, target), timeout=180, interval=0.5,
+             message="every chunk embedded")
+    with stack.connect() as conn:
+        rows = conn.execute("SELECT chunk, embedding FROM docs_chunks").fetchall()
+    for text, vector in rows:
+        np.testing.assert_allclose(vector.to_numpy(), fake_vector(MODEL, text, 384),
+                                   atol=1e-6, err_msg=f"chunk {text[:40]!r}: other vector")
+    distinct = {text for text, _ in rows}
+    shared = sum(1 for text, _ in rows if "boilerplate" in text)
+    stats = fake_openai.stats()
+    figures = {"chunks": len(rows), "distinct": len(distinct), "shared_chunks": shared,
+               "inputs": stats["inputs_embedded"],
+               "max_sends_of_one_text": max(stats["text_counts"].values())}
+    print(json.dumps(figures))
+    assert shared >= 0.3 * len(rows), figures
+    assert stats["inputs_embedded"] == len(distinct), figures
+    assert max(stats["text_counts"].values()) == 1, figures
+
+
+def _slot(claim_id: int = 1) -> Slot:
+    return Slot(claim_id, cast(Any, None), "embedding", "live", 7, "openai/fake-4/4",
+                "openai", "fake-4", 4, "id", "bigint")
+
+
+def _row(key: int, text: str) -> Row:
+    return Row(key, text, uuid.uuid5(uuid.NAMESPACE_OID, text))
+
+
+def test_a_text_another_batch_is_buying_is_copied_once_published(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    first, second = (TextClaims(client, _slot(), 30.0) for _ in range(2))
+    assert first.claim([_row(1, "same")]).mine == [_row(1, "same")]
+    claimed = second.claim([_row(2, "same"), _row(3, "other")])
+    assert claimed.theirs == [_row(2, "same")] and claimed.mine == [_row(3, "other")]
+    first.publish([Embedded(_row(1, "same"), np.arange(4, dtype=np.float32), True)])
+    copies, gone = second.wait(claimed.theirs)
+    assert gone == [] and [c.row for c in copies] == [_row(2, "same")]
+    np.testing.assert_array_equal(copies[0].vector, np.arange(4, dtype=np.float32))
+    assert copies[0].truncated
+    # A batch that comes later copies it at claim time; another model's slot does not.
+    assert [c.row for c in TextClaims(client, _slot(), 30.0).claim([_row(4, "same")]).copied
+            ] == [_row(4, "same")]
+    other_model = replace(_slot(), model_id=8)
+    assert TextClaims(client, other_model, 30.0).claim([_row(5, "same")]).mine == [
+        _row(5, "same")]
+
+
+def test_a_buyer_that_fails_or_dies_does_not_hold_the_others(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    # Failed: its claim is dropped when it leaves, and the waiter gives up at once (its
+    # row stays pending, not failed), the next batch claims the text and buys it.
+    with TextClaims(client, _slot(), 30.0) as failing:
+        failing.claim([_row(1, "bad luck")])
+        waiter = TextClaims(client, _slot(), 30.0)
+        theirs = waiter.claim([_row(2, "bad luck")]).theirs
+    started = time.monotonic()
+    assert waiter.wait(theirs) == ([], [_row(2, "bad luck")])
+    assert time.monotonic() - started < 5
+    assert TextClaims(client, _slot(), 30.0).claim([_row(3, "bad luck")]).mine
+    # Died (never released): its claim expires, the waiter stops waiting then.
+    TextClaims(client, _slot(), 1.0).claim([_row(1, "crashed")])
+    waiter = TextClaims(client, _slot(), 1.0)
+    theirs = waiter.claim([_row(2, "crashed")]).theirs
+    assert theirs == [_row(2, "crashed")]
+    started = time.monotonic()
+    assert waiter.wait(theirs) == ([], [_row(2, "crashed")])
+    assert time.monotonic() - started < 5
+    assert TextClaims(client, _slot(), 1.0).claim([_row(3, "crashed")]).mine
