@@ -102,8 +102,8 @@ def test_a_text_another_batch_is_buying_is_copied_once_published(redis_url: str)
 
 def test_a_buyer_that_fails_or_dies_does_not_hold_the_others(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    # Failed: its claim is dropped when it leaves, and the waiter gives up at once (its
-    # row stays pending, not failed), the next batch claims the text and buys it.
+    # Failed: it got no vector, its claim is dropped when it is done, and the waiter gives
+    # up at once (its row stays pending, not failed), the next batch buys the text.
     with TextClaims(client, _slot(), 30.0) as failing:
         failing.claim([_row(1, "bad luck")])
         waiter = TextClaims(client, _slot(), 30.0)
@@ -121,3 +121,19 @@ def test_a_buyer_that_fails_or_dies_does_not_hold_the_others(redis_url: str) -> 
     assert waiter.wait(theirs) == ([], [_row(2, "crashed")])
     assert time.monotonic() - started < 5
     assert TextClaims(client, _slot(), 1.0).claim([_row(3, "crashed")]).mine
+
+
+def test_a_text_bought_lately_is_left_to_postgres_not_bought_again(redis_url: str) -> None:
+    """A batch that read its rows before another's write landed finds no vector in
+    Postgres; the text is marked done, so it leaves the rows pending (the next batch copies
+    the vector from Postgres) instead of buying it again. Nobody waited: no vector is kept
+    in Redis."""
+    client = redis.Redis.from_url(redis_url)
+    with TextClaims(client, _slot(), 30.0) as buyer:
+        buyer.claim([_row(1, "boilerplate")])
+        buyer.publish([Embedded(_row(1, "boilerplate"), np.ones(4, dtype=np.float32))])
+    late = TextClaims(client, _slot(), 30.0).claim([_row(2, "boilerplate")])
+    assert (late.mine, late.copied, late.theirs, late.later) == ([], [], [], [
+        _row(2, "boilerplate")])
+    assert not any(client.get(k).startswith(b"V") for k in client.keys("pgreembed:text:*")
+                   if not k.endswith(b":w"))

@@ -138,9 +138,12 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     done.update(item.row.pk for item in copied)
     rest = [row for row in rows if row.pk not in done]
     distinct = distinct_texts(rest) if target.dedupe else Distinct(sent=rest)
-    claims = (TextClaims(_redis(settings.redis_url), slot, claim_seconds(settings.request_timeout))
+    claims = (TextClaims(_redis(settings.redis_url), slot,
+                         claim_seconds(settings.request_timeout))
               if target.dedupe else NoClaims())
-    with claims:  # leaving it drops the claims on texts not bought (error, cap, failure)
+    # Leaving it (after the write, or on an error, a cap, a failure) settles the claims:
+    # texts bought are marked done (or published to batches waiting), others dropped.
+    with claims:
         claimed = claims.claim(distinct.sent)
         to_embed = claimed.mine
         outcome = Outcome()
@@ -164,47 +167,54 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
                 except MisconfiguredError as exc:
                     _misconfigured(pool, target, slot, exc)
                     return BatchReport(len(keys), len(rows), 0, 0, 0)
-        claims.publish(outcome.embedded)  # batches waiting on these texts copy them now
+        claims.publish(outcome.embedded)  # batches waiting on them copy them now
         waited, gone = claims.wait(claimed.theirs)
-    bought = len(outcome.embedded)
-    outcome.embedded.extend([*claimed.copied, *waited])  # bought by other batches
-    deferred = sum(1 + len(distinct.twins.get(row.pk, ())) for row in gone)
-    reused = len(copied) + len(outcome.embedded) - bought + share_with_twins(outcome, distinct)
-    held = set(kept.reservation_ids)
-    if reservation.id is not None:
-        held.add(reservation.id)
-    write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
-                   kept.tokens + outcome.tokens, held, reused, kept.recorded,
-                   frozenset(item.row.pk for item in kept.embedded), deferred)
-    try:
-        result = retry_database_faults(
-            lambda: _commit(pool, target, slot, write, reservation, paid),
-            settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
-    except psycopg.Error:
-        # Not a row's fault: keep what was paid for; the message's retry writes it.
-        paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
-        raise
-    busy = result.written.busy
-    kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
-    paid.forget(slot, [item.row for item in kept.embedded if item.row.pk not in kept_again])
-    if result.slot is None:  # dropped: not the column's model any more, or no column
-        return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
-    slot, written, refused = result.slot, result.written.keys, result.written.refused
-    changed = len(write.embedded) - len(written) - len(refused) - len(busy)
-    failures = [*write.failed, *refused]
-    for failure in refused:
-        log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
-                    failure.reason)
-    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed, reused,
-                         busy=len(busy))
-    _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
-    _observe_lag(slot, written, claimed_at)
-    log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
-             " %d failed, %d changed meanwhile, %d held by another transaction (kept for"
-             " the next pass), %d left pending (their text's buyer gave up) (of %d)",
-             target.name, slot.id, report.written, reused, report.failed, changed,
-             len(busy), write.deferred, len(keys))
-    return report
+        bought = len(outcome.embedded)
+        outcome.embedded.extend([*claimed.copied, *waited])  # bought by other batches
+        gone = [*gone, *claimed.later]
+        deferred = sum(1 + len(distinct.twins.get(row.pk, ())) for row in gone)
+        reused = len(copied) + len(outcome.embedded) - bought + share_with_twins(outcome,
+                                                                                distinct)
+        for failure in outcome.failed:
+            log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
+                        failure.reason)
+        held = set(kept.reservation_ids)
+        if reservation.id is not None:
+            held.add(reservation.id)
+        write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
+                       kept.tokens + outcome.tokens, held, reused, kept.recorded,
+                       frozenset(item.row.pk for item in kept.embedded), deferred)
+        try:
+            result = retry_database_faults(
+                lambda: _commit(pool, target, slot, write, reservation, paid),
+                settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
+        except psycopg.Error:
+            # Not a row's fault: keep what was paid for; the message's retry writes it.
+            paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
+            raise
+        busy = result.written.busy
+        kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
+        paid.forget(slot, [item.row for item in kept.embedded
+                           if item.row.pk not in kept_again])
+        if result.slot is None:  # dropped: not the column's model any more, or no column
+            return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
+        slot, written, refused = result.slot, result.written.keys, result.written.refused
+        changed = len(write.embedded) - len(written) - len(refused) - len(busy)
+        failures = [*write.failed, *refused]
+        for failure in refused:
+            log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
+                        failure.reason)
+        report = BatchReport(len(keys), len(rows), len(written), len(failures), changed,
+                             reused, busy=len(busy))
+        _count(slot, report, write.tokens, failures)  # kept vectors were not counted
+        _observe_lag(slot, written, claimed_at)
+        log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
+                 " %d failed, %d changed meanwhile, %d held by another transaction (kept for"
+                 " the next pass), %d left pending (their text's buyer gave up or is writing it)"
+                 " (of %d)",
+                 target.name, slot.id, report.written, reused, report.failed, changed,
+                 len(busy), write.deferred, len(keys))
+        return report
 
 
 def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,

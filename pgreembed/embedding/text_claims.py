@@ -7,17 +7,22 @@ for 290 distinct texts). So before buying, a batch claims each of its texts in R
 (one key per slot, model and text hash, set only if absent):
 
 - absent: the key now holds this batch's claim, and the batch buys the text;
-- a vector: another batch bought it (published below): copied, no provider call;
-- another batch's claim: that batch is buying it. This batch buys the rest, then waits
-  for the vector to be published and copies it.
+- another batch's claim: that batch is buying it. This batch flags the key as waited
+  on, buys its other texts, then waits for the vector and copies it;
+- a vector: published for a waiting batch, copied;
+- done ('D'): its buyer wrote it lately. The rows are left pending and the scheduler
+  sends them again at once: the next batch copies the vector from Postgres.
 
-A buyer publishes its vectors in the key (replacing its claim) as soon as the provider
-answers, before its write, and drops its claims on the texts it did not get a vector for
-(failed rows, a provider error, a spend cap): a waiting batch then leaves those rows
-pending (not failed: the first buyer's failure is not theirs) and the scheduler sends
-them again, where they are claimed and bought (or found written). A claim expires after
-`claim_seconds` (a crashed worker's), and a waiter stops waiting then, so no row waits
-longer than that. Redis unreachable: every text is bought, as before this existed.
+A buyer publishes the vectors of waited texts as soon as the provider answers (before
+its write: waiters need not wait for it). When it is done (written, or an error, a
+spend cap, a failure), texts bought and not waited on become 'D' for DONE_SECONDS (so
+a batch that read the rows before that write does not buy them again), and texts it got
+no vector for are dropped: a waiter then leaves its rows pending (not failed: the first
+buyer's failure is not theirs) and the next batch buys them. Only waited texts carry a
+vector in Redis (a backfill of distinct texts would otherwise keep every vector there).
+A claim expires after `claim_seconds` (a crashed worker's), and a waiter stops waiting
+then, so no row waits longer than that. Redis unreachable: every text is bought, as
+before this existed.
 
 Safety is the write's, as for every copy: the key carries the slot and the model's id,
 the vector's size is checked, and the write is guarded by the text hash and the column's
@@ -26,7 +31,6 @@ model (invariants 2 and 7).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
@@ -44,11 +48,12 @@ from pgreembed.values import Embedded, Row
 
 log = logging.getLogger(__name__)
 
-PUBLISH_SECONDS = 300  # a published vector outlives every batch that could wait on it
+PUBLISH_SECONDS = 60  # a published vector, for the batches polling for it
+DONE_SECONDS = 30  # a text bought lately: longer than a batch takes from its read to here
 POLL_SECONDS = 0.05
 _CLAIM = (Path(__file__).parent / "text_claim.lua").read_text()
-_RELEASE = (Path(__file__).parent / "text_release.lua").read_text()
-_VECTOR, _MINE = b"V", b"M"
+_SETTLE = (Path(__file__).parent / "text_settle.lua").read_text()
+_VECTOR, _MINE, _CLAIMED = b"V", b"M", b"C"
 
 
 def claim_seconds(request_timeout: float) -> float:
@@ -65,6 +70,7 @@ class Claimed:
     mine: list[Row] = field(default_factory=list)  # this batch buys them
     copied: list[Embedded] = field(default_factory=list)  # another batch bought them
     theirs: list[Row] = field(default_factory=list)  # another batch is buying them
+    later: list[Row] = field(default_factory=list)  # bought lately: copy from Postgres
 
 
 def _encode(item: Embedded) -> bytes:
@@ -82,8 +88,9 @@ class TextClaims:
         self.slot = slot
         self.claim_seconds = claim_seconds
         self.namespace = namespace
-        self.token = b"C" + uuid.uuid4().hex.encode()
+        self.token = _CLAIMED + uuid.uuid4().hex.encode()
         self._held: set[str] = set()
+        self._vectors: dict[str, bytes] = {}  # held key -> the vector bought for it
 
     def _key(self, row: Row) -> str:
         return (f"{self.namespace}:text:{self.slot.id}:{self.slot.model_id}:"
@@ -119,33 +126,42 @@ class TextClaims:
                 self._held.add(self._key(row))
             elif copy is not None:
                 out.copied.append(copy)
-            elif value.startswith(_VECTOR):
-                out.mine.append(row)  # another size: not this model's vector (never here)
-            else:
+            elif value.startswith(_CLAIMED):
                 out.theirs.append(row)
+            else:
+                out.later.append(row)  # done, or a vector of another size (never here)
         return out
 
     def publish(self, embedded: Sequence[Embedded]) -> None:
-        """The vectors this batch bought, for the batches waiting on their texts (before
-        the write: they need not wait for it)."""
-        items = [item for item in embedded if self._key(item.row) in self._held]
-        if not items:
+        """The vectors this batch bought: those of texts other batches wait on go to
+        them now (before the write: they need not wait for it); `close` settles the
+        rest."""
+        for item in embedded:
+            if self._key(item.row) in self._held:
+                self._vectors[self._key(item.row)] = _encode(item)
+        self._settle("waited", sorted(self._vectors))
+
+    def _settle(self, mode: str, keys: Sequence[str]) -> None:
+        if not keys:
             return
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for item in items:
-                    pipe.set(self._key(item.row), _encode(item), ex=PUBLISH_SECONDS)
-                pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("slot %d: vectors not published (%s): batches waiting on them"
-                        " leave their rows pending", self.slot.id, type(exc).__name__)
+            settled = self.client.register_script(_SETTLE)(
+                keys=list(keys), args=[self.token, mode, PUBLISH_SECONDS, DONE_SECONDS,
+                                       *(self._vectors.get(k, b"") for k in keys)])
+        except redis.RedisError as exc:  # the claims expire after claim_seconds
+            log.warning("slot %d: text claims not settled (%s)", self.slot.id,
+                        type(exc).__name__)
             return
-        self._held.difference_update(self._key(item.row) for item in items)
+        for key, done in zip(keys, settled, strict=True):
+            if done or mode == "final":
+                self._held.discard(key)
+                self._vectors.pop(key, None)
 
     def wait(self, rows: Sequence[Row]) -> tuple[list[Embedded], list[Row]]:
         """(copies, rows given up on) for `rows` claimed by other batches: each is copied
-        once its buyer publishes it, or given up on when the buyer dropped its claim or
-        it expired (those rows stay pending for the scheduler to send again)."""
+        once its buyer publishes it, or given up on when its buyer is done without
+        publishing it (it dropped the claim, or wrote it), or the claim expired: those
+        rows stay pending for the scheduler to send again."""
         copies: list[Embedded] = []
         gone: list[Row] = []
         waiting = list(rows)
@@ -163,7 +179,7 @@ class TextClaims:
                         and value.startswith(_VECTOR) else None)
                 if copy is not None:
                     copies.append(copy)
-                elif isinstance(value, bytes) and value.startswith(b"C"):
+                elif isinstance(value, bytes) and value.startswith(_CLAIMED):
                     still.append(row)  # its buyer is still at the provider
                 else:
                     gone.append(row)
@@ -172,20 +188,17 @@ class TextClaims:
                 time.sleep(POLL_SECONDS)
         return copies, [*gone, *waiting]
 
-    def release(self) -> None:
-        """Drop the claims still held (texts this batch did not get a vector for)."""
-        if not self._held:
-            return
-        with contextlib.suppress(redis.RedisError):  # else they expire after claim_seconds
-            self.client.register_script(_RELEASE)(keys=sorted(self._held), args=[self.token])
-        self._held.clear()
+    def close(self) -> None:
+        """The batch is done (written, or given up): texts bought become done (or go to
+        a batch that waits on them), texts it got no vector for are dropped."""
+        self._settle("final", sorted(self._held))
 
     def __enter__(self) -> TextClaims:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.release()
+        self.close()
 
 
 class NoClaims(TextClaims):
@@ -199,4 +212,7 @@ class NoClaims(TextClaims):
         return Claimed(mine=list(rows))
 
     def publish(self, embedded: Sequence[Embedded]) -> None:
+        return None
+
+    def close(self) -> None:
         return None
