@@ -132,8 +132,16 @@ def test_a_text_bought_lately_is_left_to_postgres_not_bought_again(redis_url: st
     with TextClaims(client, _slot(), 30.0) as buyer:
         buyer.claim([_row(1, "boilerplate")])
         buyer.publish([Embedded(_row(1, "boilerplate"), np.ones(4, dtype=np.float32))])
+        buyer.landed({1})
     late = TextClaims(client, _slot(), 30.0).claim([_row(2, "boilerplate")])
     assert (late.mine, late.copied, late.theirs, late.later) == ([], [], [], [
         _row(2, "boilerplate")])
     assert not any(client.get(k).startswith(b"V") for k in client.keys("pgreembed:text:*")
                    if not k.endswith(b":w"))
+    # Bought but not written (edited meanwhile, held by the app): not done, dropped; the
+    # next batch buys it (its vector is not in Postgres to copy).
+    with TextClaims(client, _slot(), 30.0) as buyer:
+        buyer.claim([_row(1, "unwritten")])
+        buyer.publish([Embedded(_row(1, "unwritten"), np.ones(4, dtype=np.float32))])
+        buyer.landed(set())
+    assert TextClaims(client, _slot(), 30.0).claim([_row(2, "unwritten")]).mine

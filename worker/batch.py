@@ -192,6 +192,7 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
             # Not a row's fault: keep what was paid for; the message's retry writes it.
             paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
             raise
+        claims.landed(set(result.written.keys) if result.slot is not None else set())
         busy = result.written.busy
         kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
         paid.forget(slot, [item.row for item in kept.embedded

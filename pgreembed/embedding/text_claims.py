@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -48,11 +48,12 @@ from pgreembed.values import Embedded, Row
 
 log = logging.getLogger(__name__)
 
-PUBLISH_SECONDS = 60  # a published vector, for the batches polling for it
+PUBLISH_SECONDS = 60  # a published vector, for the batches polling for it (50 ms)
 DONE_SECONDS = 30  # a text bought lately: longer than a batch takes from its read to here
 POLL_SECONDS = 0.05
 _CLAIM = (Path(__file__).parent / "text_claim.lua").read_text()
 _SETTLE = (Path(__file__).parent / "text_settle.lua").read_text()
+_PUBLISH = (Path(__file__).parent / "text_publish.lua").read_text()
 _VECTOR, _MINE, _CLAIMED = b"V", b"M", b"C"
 
 
@@ -90,7 +91,8 @@ class TextClaims:
         self.namespace = namespace
         self.token = _CLAIMED + uuid.uuid4().hex.encode()
         self._held: set[str] = set()
-        self._vectors: dict[str, bytes] = {}  # held key -> the vector bought for it
+        self._bought: dict[str, Embedded] = {}  # held key -> the vector bought for it
+        self._written: set[str] = set()  # of those, the keys whose write committed
 
     def _key(self, row: Row) -> str:
         return (f"{self.namespace}:text:{self.slot.id}:{self.slot.model_id}:"
@@ -135,27 +137,55 @@ class TextClaims:
     def publish(self, embedded: Sequence[Embedded]) -> None:
         """The vectors this batch bought: those of texts other batches wait on go to
         them now (before the write: they need not wait for it); `close` settles the
-        rest."""
+        rest. Only waited texts travel to Redis (one small read to find them)."""
         for item in embedded:
             if self._key(item.row) in self._held:
-                self._vectors[self._key(item.row)] = _encode(item)
-        self._settle("waited", sorted(self._vectors))
-
-    def _settle(self, mode: str, keys: Sequence[str]) -> None:
+                self._bought[self._key(item.row)] = item
+        keys = sorted(self._bought)
         if not keys:
             return
         try:
-            settled = self.client.register_script(_SETTLE)(
-                keys=list(keys), args=[self.token, mode, PUBLISH_SECONDS, DONE_SECONDS,
-                                       *(self._vectors.get(k, b"") for k in keys)])
+            flags = self.client.mget([f"{k}:w" for k in keys])
+        except redis.RedisError:
+            return  # `close` tries again
+        self._publish([k for k, flag in zip(keys, flags, strict=True) if flag is not None])
+
+    def _publish(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        try:
+            self.client.register_script(_PUBLISH)(
+                keys=list(keys), args=[self.token, PUBLISH_SECONDS,
+                                       *(_encode(self._bought[k]) for k in keys)])
+        except redis.RedisError as exc:
+            log.warning("slot %d: vectors not published (%s): the batches waiting on them"
+                        " leave their rows pending", self.slot.id, type(exc).__name__)
+            return
+        self._held.difference_update(keys)
+
+    def landed(self, written: Collection[object]) -> None:
+        """The rows (keys) whose vectors the write committed: only their texts are marked
+        done (a text whose row was not written, edited meanwhile or held by the app, is
+        not in Postgres for a later batch to copy)."""
+        self._written = {k for k, item in self._bought.items() if item.row.pk in written}
+
+    def close(self) -> None:
+        """The batch is done (written, or given up): texts written become done (or go to
+        a batch that waits on them), other claims are dropped."""
+        keys = sorted(self._held)
+        if not keys:
+            return
+        what = ["W" if k in self._written else "U" if k in self._bought else "N"
+                for k in keys]
+        try:
+            waited = self.client.register_script(_SETTLE)(
+                keys=keys, args=[self.token, *what, DONE_SECONDS])
         except redis.RedisError as exc:  # the claims expire after claim_seconds
             log.warning("slot %d: text claims not settled (%s)", self.slot.id,
                         type(exc).__name__)
             return
-        for key, done in zip(keys, settled, strict=True):
-            if done or mode == "final":
-                self._held.discard(key)
-                self._vectors.pop(key, None)
+        self._publish([k for k, flag in zip(keys, waited, strict=True) if flag])
+        self._held.clear()
 
     def wait(self, rows: Sequence[Row]) -> tuple[list[Embedded], list[Row]]:
         """(copies, rows given up on) for `rows` claimed by other batches: each is copied
@@ -188,11 +218,6 @@ class TextClaims:
                 time.sleep(POLL_SECONDS)
         return copies, [*gone, *waiting]
 
-    def close(self) -> None:
-        """The batch is done (written, or given up): texts bought become done (or go to
-        a batch that waits on them), texts it got no vector for are dropped."""
-        self._settle("final", sorted(self._held))
-
     def __enter__(self) -> TextClaims:
         return self
 
@@ -215,4 +240,7 @@ class NoClaims(TextClaims):
         return None
 
     def close(self) -> None:
+        return None
+
+    def landed(self, written: Collection[object]) -> None:
         return None

@@ -1,26 +1,21 @@
--- Settle the claims ARGV[1] still holds (pgreembed.embedding.text_claims); ARGV[2] is
--- 'waited' (before the write: only texts a batch waits on) or 'final' (after it).
--- ARGV[3], ARGV[4]: seconds a vector, a 'D' (done) marker is kept; ARGV[4 + i]: key i's
--- vector, '' when it got none. A waited text gets its vector; in 'final', a text bought
--- that nobody waits on becomes 'D' (its vector is in Postgres: a later batch copies it
--- from there), one without a vector is dropped (a later batch buys it).
--- Returns 1 for each key settled, 0 for each left (or no longer ours).
+-- Settle the claims ARGV[1] still holds once its batch is done
+-- (pgreembed.embedding.text_claims). ARGV[1 + i] says what became of key i's text:
+-- 'W' bought and written, 'U' bought but not written, 'N' no vector. A text another
+-- batch waits on and that has a vector is left claimed and returned 1 (the caller
+-- publishes its vector); else a written text becomes 'D' (done: a later batch copies it
+-- from Postgres) for ARGV[#KEYS + 2] seconds, any other claim is dropped (returned 0).
 local out = {}
+local done_seconds = ARGV[#KEYS + 2]
 for i, key in ipairs(KEYS) do
-    local value = ARGV[4 + i]
+    local what = ARGV[1 + i]
     out[i] = 0
     if redis.call('GET', key) == ARGV[1] then
-        local waited = redis.call('EXISTS', key .. ':w') == 1
-        if value ~= '' and waited then
-            redis.call('SET', key, value, 'EX', ARGV[3])
+        if what ~= 'N' and redis.call('EXISTS', key .. ':w') == 1 then
             out[i] = 1
-        elseif ARGV[2] == 'final' then
-            if value == '' then
-                redis.call('DEL', key)
-            else
-                redis.call('SET', key, 'D', 'EX', ARGV[4])
-            end
-            out[i] = 1
+        elseif what == 'W' then
+            redis.call('SET', key, 'D', 'EX', done_seconds)
+        else
+            redis.call('DEL', key)
         end
     end
 end
