@@ -5,11 +5,15 @@ of one text land in batches in flight together (pgreembed.embedding.text_claims)
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 import time
+import tomllib
 import uuid
 from dataclasses import replace
 from typing import Any, cast
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ from pgreembed.store.slots import Slot
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
 from pgreembed.values import Embedded, Row
-from tests.helpers import Stack, wait_for
+from tests.helpers import Stack, json_document, seed, wait_for
 from tests.test_chunked_pipeline import MODEL, body, settled
 from tests.test_chunked_targets import chunked_stack
 
@@ -145,3 +149,55 @@ def test_a_text_bought_lately_is_left_to_postgres_not_bought_again(redis_url: st
         buyer.publish([Embedded(_row(1, "unwritten"), np.ones(4, dtype=np.float32))])
         buyer.landed(set())
     assert TextClaims(client, _slot(), 30.0).claim([_row(2, "unwritten")]).mine
+
+
+def test_a_batch_waits_for_the_buyer_and_a_failed_buyer_fails_only_its_rows(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """Two batches with one text, in one worker process: the second waits for the first's
+    vector (one provider input); when the first buyer's row fails (a 400 for that input),
+    the waiting batch leaves its row pending, not failed."""
+    from pgreembed.config import parse_settings
+    with mock.patch.dict(os.environ, stack.env):  # importing `worker` builds its broker
+        from worker.batch import process_batch
+
+    seed(stack, rows=[(None, "HOLD shared"), (None, "HOLD shared"), (None, "HOLD BAD"),
+                      (None, "HOLD BAD")])
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        slot_id = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'"
+                               ).fetchone()[0]
+    settings = parse_settings(tomllib.loads(stack.config_path.read_text()), stack.env)
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    fake_openai.reset()
+    fake_openai.set_faults(hold_marker="HOLD", bad_input_marker="BAD")
+    reports: dict[str, Any] = {}
+
+    def run(key: str) -> None:
+        reports[key] = process_batch(settings, "docs", slot_id, [key])
+
+    def flagged() -> bool:
+        return bool(client.keys("pgreembed:text:*:w"))
+    for first, second in (("1", "2"), ("3", "4")):
+        buyer = threading.Thread(target=run, args=(first,))
+        buyer.start()
+        wait_for(lambda: bool(client.keys("pgreembed:text:*")), message="the buyer's claim")
+        waiter = threading.Thread(target=run, args=(second,))
+        waiter.start()
+        wait_for(flagged, message="the second batch waiting on the text")
+        fake_openai.set_faults(hold_marker=None)
+        buyer.join(60)
+        waiter.join(60)
+        fake_openai.set_faults(hold_marker="HOLD")
+        client.delete(*client.keys("pgreembed:text:*"))
+        if first == "1":
+            assert (reports["1"].written, reports["2"].written, reports["2"].reused) == (
+                1, 1, 1), reports
+        else:
+            assert (reports["3"].failed, reports["4"].failed, reports["4"].written) == (
+                1, 0, 0), reports
+    assert fake_openai.stats()["text_counts"]["HOLD shared"] == 1
+    with stack.connect() as conn:
+        vectors = dict(conn.execute("SELECT id, embedding IS NOT NULL FROM docs").fetchall())
+    assert vectors == {1: True, 2: True, 3: False, 4: False}
+    out = stack.cli("failures", "--target", "docs", "--json")
+    assert [str(f["key"]) for f in json_document(out.stdout)["failures"]] == ["3"]
