@@ -80,8 +80,8 @@ def _encode(item: Embedded) -> bytes:
 
 
 class TextClaims:
-    """One batch's claims on its texts (use as a context manager: leaving it drops the
-    claims that were not turned into vectors)."""
+    """One batch's claims on its texts. Use it as a context manager around buying and
+    writing: leaving it settles the claims (`close`), whatever happened."""
 
     def __init__(self, client: redis.Redis, slot: Slot, claim_seconds: float,
                  namespace: str = "pgreembed") -> None:
