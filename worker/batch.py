@@ -40,6 +40,7 @@ from pgreembed.embedding.embed import Outcome, embed_rows, estimate_tokens
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
+from pgreembed.embedding.text_claims import NoClaims, TextClaims, claim_seconds
 from pgreembed.embedding.throttle import throttle_for
 from pgreembed.errors import MisconfiguredError
 from pgreembed.observability.redact import redact
@@ -88,6 +89,7 @@ class _Write:
     reused: int = 0  # of `embedded`, the vectors not bought for their row
     recorded: int = 0  # of `embedded`, kept vectors whose spend the ledger already has
     kept: frozenset[Any] = frozenset()  # keys of the rows whose vectors were kept before
+    deferred: int = 0  # rows whose text another batch was buying and did not publish
 
     def record_usage(self, conn: psycopg.Connection, slot: Slot) -> None:
         record_usage(conn, slot, len(self.embedded) - self.reused - self.recorded,
@@ -136,64 +138,84 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     done.update(item.row.pk for item in copied)
     rest = [row for row in rows if row.pk not in done]
     distinct = distinct_texts(rest) if target.dedupe else Distinct(sent=rest)
-    to_embed = distinct.sent
-    outcome = Outcome()
-    reservation = spend.Reservation(None, None, True)
-    if to_embed:
-        # `[throttle]`: the app comes first; wait before buying, so no vector waits unwritten.
-        throttle_for(settings).admit(len(to_embed))
-        provider = make_provider(settings, slot.provider, slot.model, slot.dimensions, target)
-        reservation = spend.reserve(
-            pool, slot, lambda: estimate_tokens(provider, to_embed))  # a spend cap's share
-        if not reservation.granted and not kept.embedded and not copied:
-            # The cap is reached (paused) or held by batches in flight.
-            return BatchReport(len(keys), len(rows), 0, 0, 0)
-        if reservation.granted:
-            try:
-                with reservation.released_on_error():
-                    outcome = embed_rows(to_embed, provider, truncate=target.truncate)
-            except MisconfiguredError as exc:
-                _misconfigured(pool, target, slot, exc)
+    claims = (TextClaims(_redis(settings.redis_url), slot,
+                         claim_seconds(settings.request_timeout))
+              if target.dedupe else NoClaims())
+    # Leaving it (after the write, or on an error, a cap, a failure) settles the claims:
+    # texts bought are marked done (or published to batches waiting), others dropped.
+    with claims:
+        claimed = claims.claim(distinct.sent)
+        to_embed = claimed.mine
+        outcome = Outcome()
+        reservation = spend.Reservation(None, None, True)
+        if to_embed:
+            # `[throttle]`: the app comes first; wait before buying, so no vector waits
+            # unwritten.
+            throttle_for(settings).admit(len(to_embed))
+            provider = make_provider(settings, slot.provider, slot.model, slot.dimensions,
+                                     target)
+            reservation = spend.reserve(
+                pool, slot, lambda: estimate_tokens(provider, to_embed))  # a cap's share
+            if not reservation.granted and not (kept.embedded or copied or claimed.copied
+                                                or claimed.theirs):
+                # The cap is reached (paused) or held by batches in flight.
                 return BatchReport(len(keys), len(rows), 0, 0, 0)
-    reused = len(copied) + share_with_twins(outcome, distinct)
-    for failure in outcome.failed:
-        log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
-                    failure.reason)
-
-    held = set(kept.reservation_ids)
-    if reservation.id is not None:
-        held.add(reservation.id)
-    write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
-                   kept.tokens + outcome.tokens, held, reused, kept.recorded,
-                   frozenset(item.row.pk for item in kept.embedded))
-    try:
-        result = retry_database_faults(
-            lambda: _commit(pool, target, slot, write, reservation, paid),
-            settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
-    except psycopg.Error:
-        # Not a row's fault: keep what was paid for; the message's retry writes it.
-        paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
-        raise
-    busy = result.written.busy
-    kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
-    paid.forget(slot, [item.row for item in kept.embedded if item.row.pk not in kept_again])
-    if result.slot is None:  # dropped: not the column's model any more, or no column
-        return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
-    slot, written, refused = result.slot, result.written.keys, result.written.refused
-    changed = len(write.embedded) - len(written) - len(refused) - len(busy)
-    failures = [*write.failed, *refused]
-    for failure in refused:
-        log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
-                    failure.reason)
-    report = BatchReport(len(keys), len(rows), len(written), len(failures), changed, reused,
-                         busy=len(busy))
-    _count(slot, report, write.tokens, failures)  # kept vectors were not counted before
-    _observe_lag(slot, written, claimed_at)
-    log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
-             " %d failed, %d changed meanwhile, %d held by another transaction (kept for"
-             " the next pass) (of %d)", target.name, slot.id, report.written, reused,
-             report.failed, changed, len(busy), len(keys))
-    return report
+            if reservation.granted:
+                try:
+                    with reservation.released_on_error():
+                        outcome = embed_rows(to_embed, provider, truncate=target.truncate)
+                except MisconfiguredError as exc:
+                    _misconfigured(pool, target, slot, exc)
+                    return BatchReport(len(keys), len(rows), 0, 0, 0)
+        claims.publish(outcome.embedded)  # batches waiting on them copy them now
+        waited, gone = claims.wait(claimed.theirs)
+        bought = len(outcome.embedded)
+        outcome.embedded.extend([*claimed.copied, *waited])  # bought by other batches
+        gone = [*gone, *claimed.later]
+        deferred = sum(1 + len(distinct.twins.get(row.pk, ())) for row in gone)
+        reused = len(copied) + len(outcome.embedded) - bought + share_with_twins(outcome,
+                                                                                distinct)
+        for failure in outcome.failed:
+            log.warning("target %s row %s not embedded: %s", target.name, failure.row.pk,
+                        failure.reason)
+        held = set(kept.reservation_ids)
+        if reservation.id is not None:
+            held.add(reservation.id)
+        write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
+                       kept.tokens + outcome.tokens, held, reused, kept.recorded,
+                       frozenset(item.row.pk for item in kept.embedded), deferred)
+        try:
+            result = retry_database_faults(
+                lambda: _commit(pool, target, slot, write, reservation, paid),
+                settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
+        except psycopg.Error:
+            # Not a row's fault: keep what was paid for; the message's retry writes it.
+            paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
+            raise
+        claims.landed(set(result.written.keys) if result.slot is not None else set())
+        busy = result.written.busy
+        kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
+        paid.forget(slot, [item.row for item in kept.embedded
+                           if item.row.pk not in kept_again])
+        if result.slot is None:  # dropped: not the column's model any more, or no column
+            return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
+        slot, written, refused = result.slot, result.written.keys, result.written.refused
+        changed = len(write.embedded) - len(written) - len(refused) - len(busy)
+        failures = [*write.failed, *refused]
+        for failure in refused:
+            log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
+                        failure.reason)
+        report = BatchReport(len(keys), len(rows), len(written), len(failures), changed,
+                             reused, busy=len(busy))
+        _count(slot, report, write.tokens, failures)  # kept vectors were not counted
+        _observe_lag(slot, written, claimed_at)
+        log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
+                 " %d failed, %d changed meanwhile, %d held by another transaction (kept for"
+                 " the next pass), %d left pending (their text's buyer gave up or is writing it)"
+                 " (of %d)",
+                 target.name, slot.id, report.written, reused, report.failed, changed,
+                 len(busy), write.deferred, len(keys))
+        return report
 
 
 def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
@@ -227,8 +249,10 @@ def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
             paid.keep(current, written.busy, 0, set(), recorded=True)
         changed = len(write.embedded) - len(written.keys) - len(written.refused) - len(
             written.busy)
-        if changed or any(item.row.pk not in write.kept for item in written.busy):
-            # Their text changed while we embedded, or the app holds them: redo them now.
+        if changed or write.deferred or any(item.row.pk not in write.kept
+                                            for item in written.busy):
+            # Their text changed while we embedded, the app holds them, or their text's
+            # buyer gave up: redo them now.
             # Rows held again (an app session idle in its transaction) wait for the poll.
             wake_scheduler(conn, target.name)
     return _Committed(current, written)

@@ -30,6 +30,7 @@ class DatabaseCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from pgreembed.embedding.throttle import observe
+        from pgreembed.operations.chunk_status import chunking_status
         from pgreembed.operations.status import collect
         from pgreembed.queue.freshness import oldest_pending_seconds
         from pgreembed.store.pool import connect
@@ -65,6 +66,14 @@ class DatabaseCollector:
                                  " adaptive back-offs); only when a cap is set.")
         pace_rows = GaugeMetricFamily("pgreembed_throttle_rows_per_second",
                                       "The pace in force now: the cap times that share.")
+        chunking = GaugeMetricFamily(
+            "pgreembed_chunking", "Chunked targets: parents (estimated past 100,000),"
+            " parents_to_chunk (marked for the chunk stage), gone_marks (deletes still to"
+            " sweep), chunks (estimated past 100,000), chunks_pending (no vector yet).",
+            labels=["target", "state"])
+        chunk_age = GaugeMetricFamily("pgreembed_chunking_oldest_mark_seconds",
+                                      "Age of the oldest parent waiting for the chunk stage"
+                                      " (0 when none waits).", labels=["target"])
         scrape = GaugeMetricFamily("pgreembed_scrape_seconds",
                                    "Time this scrape spent reading Postgres and Redis.")
         started = time.perf_counter()
@@ -75,6 +84,7 @@ class DatabaseCollector:
                 usage = usage_by_model(conn)
                 created = slots_created_at(conn)
                 migrations = migration_spend(conn)
+                chunked = chunking_status(conn, self.settings)
                 conn.commit()
             throttle = observe(self.settings.throttle, client)
             ages = {s.slot: oldest_pending_seconds(
@@ -109,9 +119,14 @@ class DatabaseCollector:
         if throttle.factor is not None and throttle.rows_per_second_now is not None:
             pace.add_metric([], throttle.factor)
             pace_rows.add_metric([], throttle.rows_per_second_now)
+        for each in chunked:
+            for state in ("parents", "parents_to_chunk", "gone_marks", "chunks",
+                          "chunks_pending"):
+                chunking.add_metric([each.target, state], getattr(each, state))
+            chunk_age.add_metric([each.target], each.oldest_mark_seconds or 0.0)
         scrape.add_metric([], time.perf_counter() - started)
         yield from (counts, coverage, oldest, tokens, cost, spent, caps, misconfigured, pace,
-                    pace_rows, scrape)
+                    pace_rows, chunking, chunk_age, scrape)
 
 
 def list_price(model_key: str) -> float:

@@ -35,6 +35,7 @@ from pgreembed.operations.doctor.base import (
     SCHEDULER_CONNECTIONS,
     Extension,
 )
+from pgreembed.operations.doctor.chunks import ChunkChecks
 from pgreembed.operations.doctor.columns import ColumnChecks
 from pgreembed.operations.doctor.findings import ERROR, OK, WARN, Finding
 from pgreembed.operations.doctor.indexes import IndexChecks
@@ -52,8 +53,8 @@ from pgreembed.store.slots import (
 )
 
 
-class _Doctor(AppObjectChecks, ColumnChecks, IndexChecks, SampleChecks, ThrottleChecks,
-              PrivilegeChecks, VersionChecks):
+class _Doctor(AppObjectChecks, ChunkChecks, ColumnChecks, IndexChecks, SampleChecks,
+              ThrottleChecks, PrivilegeChecks, VersionChecks):
     """All the checks, run on one read-only connection."""
 
     def extension(self) -> Extension | None:
@@ -143,6 +144,9 @@ class _Doctor(AppObjectChecks, ColumnChecks, IndexChecks, SampleChecks, Throttle
                      lambda: self._norms(target, oid, table, vector, ext, column, where))
         self.guarded(name, "indexes", lambda: self._indexes(target, oid, where, ext))
         self.guarded(name, "app_objects", lambda: self.app_objects(target))
+        if target.parent is not None:
+            self.guarded(name, "chunk_backlog", lambda: self.chunk_backlog(target))
+            self.guarded(name, "chunk_orphans", lambda: self.chunk_orphans(target))
 
     def _misconfigured(self, target: Target) -> None:
         """A column whose every request the provider refuses as configured: an error."""
