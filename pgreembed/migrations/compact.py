@@ -282,6 +282,6 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
 
 def vacuum_table(dsn: str, col: Column) -> None:
     """A plain VACUUM (its truncation takes the lock only if it is free, and gives it back
-    when someone waits)."""
+    when someone waits); TRUNCATE true also where the table's vacuum_truncate is off."""
     with connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("VACUUM {}").format(col.table))
+        conn.execute(sql.SQL("VACUUM (TRUNCATE true) {}").format(col.table))
