@@ -154,8 +154,8 @@ def _print_disk(d: disk.DiskEstimate, budget: int | None) -> None:
           f" (+{_human_bytes(d.peak_extra)}{within})")
     print(f"after finalize + VACUUM: ~{_human_bytes(d.after_finalize)} on disk, of which"
           f" ~{_human_bytes(d.live_after_finalize)} data; the rest is free space the table"
-          " (and the next migration) reuses, which only a rewrite (VACUUM FULL, pg_repack)"
-          " returns to the OS")
+          " (and the next migration) reuses; `pgreembed migrate compact` after finalize"
+          " returns it to the OS (costly: see its help)")
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ MARGIN = 1.02  # the boundary's slack over the pages the live vectors need
 MAX_ROUNDS = 8  # each ends with a VACUUM (it scans the table's indexes)
 ROUND_SHARE = 0.2  # of the live vectors moved per round, newest first
 DONE_WITHIN = 1.05  # of the boundary: the file is compact enough
+HORIZON_WAIT = 10.0  # seconds of VACUUM retries while an older app transaction pins chunks
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,8 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
         vacuum()  # truncates the emptied tail; the moved values' old room is free again
         pages = _toast_pages(dsn, toast)
         waited = time.monotonic()
-        while pages >= before and time.monotonic() - waited < policy.wait_seconds:
+        while pages >= before and time.monotonic() - waited < min(policy.wait_seconds,
+                                                                   HORIZON_WAIT):
             # An app transaction older than the moves still sees the old chunks: they are
             # not dead to everyone yet. Wait for it to end, then VACUUM again.
             time.sleep(random.uniform(0.5, 1.5))
