@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 ROWS_PER_TRANSACTION = 32  # a non-HOT update each (an HNSW graph search): ~0.1-0.2 s
 PAGES_PER_SCAN = 64  # heap pages read per step of the walk
 MARGIN = 1.02  # the boundary's slack over the pages the live vectors need
-MAX_ROUNDS = 8  # each ends with a VACUUM (it scans the table's indexes)
+MAX_ROUNDS = 6  # enough rounds of ROUND_SHARE for every value; a VACUUM each
 ROUND_SHARE = 0.2  # of the live vectors moved per round, newest first
 DONE_WITHIN = 1.05  # of the boundary: the file is compact enough
 HORIZON_WAIT = 10.0  # seconds of VACUUM retries while an older app transaction pins chunks
@@ -238,6 +238,27 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
         moved += len(batch) - len(left)
         return left
 
+    def retry(rows: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        time.sleep(random.uniform(0.05, 0.3))  # the app's transactions end meanwhile
+        left: list[tuple[int, str]] = []
+        for start in range(0, len(rows), rows_per_transaction):
+            left += move(rows[start:start + rows_per_transaction])
+        return left
+
+    def vacuum_shrinking(before: int) -> int:
+        """VACUUM (it truncates the emptied tail, and the moved values' old room is free
+        again); while the file did not shrink, an app transaction older than the moves
+        may still see the old chunks (not dead to everyone yet): wait, VACUUM again."""
+        vacuum()
+        pages = _toast_pages(dsn, toast)
+        waited = time.monotonic()
+        while pages >= before and time.monotonic() - waited < min(policy.wait_seconds,
+                                                                   HORIZON_WAIT):
+            time.sleep(random.uniform(0.5, 1.5))
+            vacuum()
+            pages = _toast_pages(dsn, toast)
+        return pages
+
     step = max(rows_per_transaction, math.ceil(len(candidates) * ROUND_SHARE))
     for _ in range(MAX_ROUNDS):
         end = min(len(candidates), at + step)
@@ -250,32 +271,21 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
             full = _toast_pages(dsn, toast) > pages
             if progress is not None:
                 progress(at, len(candidates))
-        vacuum()  # truncates the emptied tail; the moved values' old room is free again
-        pages = _toast_pages(dsn, toast)
-        waited = time.monotonic()
-        while pages >= before and time.monotonic() - waited < min(policy.wait_seconds,
-                                                                   HORIZON_WAIT):
-            # An app transaction older than the moves still sees the old chunks: they are
-            # not dead to everyone yet. Wait for it to end, then VACUUM again.
-            time.sleep(random.uniform(0.5, 1.5))
-            vacuum()
-            pages = _toast_pages(dsn, toast)
+        if held and not full:
+            held = retry(held)  # a held row in the tail keeps VACUUM from truncating
+        pages = vacuum_shrinking(before)
         log.info("compact: %d of %d vectors moved, TOAST file now %d pages%s", moved,
                  len(candidates), pages, " (no room left before the tail)" if full else "")
         if full or pages <= toast.boundary * DONE_WITHIN or at >= len(candidates):
             break
-        if pages >= before:  # the tail did not shrink: its values are not the newest
-            log.warning("compact: the TOAST file did not shrink (%d pages); stopping",
-                        pages)
-            break
+        if pages >= before:  # the tail's values were not these: on with older ones
+            log.warning("compact: the TOAST file did not shrink (%d pages): the newest"
+                        " values were not all in the tail", pages)
     started = time.monotonic()
     while held and not full and time.monotonic() - started < policy.wait_seconds:
-        time.sleep(random.uniform(0.05, 0.3))  # the app's transactions end meanwhile
-        retry, held = held, []
-        for start in range(0, len(retry), rows_per_transaction):
-            held += move(retry[start:start + rows_per_transaction])
+        held = retry(held)
         if not held:
-            vacuum()
+            pages = vacuum_shrinking(pages)
     if held:
         log.warning("compact: %d rows stayed locked by the app; their vectors stay in the"
                     " tail", len(held))
