@@ -19,7 +19,7 @@ from pgreembed.cli.progress import Progress
 from tests.helpers import ROOT
 
 STEPS = ["plan", "start", "status", "pause", "resume", "cancel", "index", "compare", "swap",
-         "rollback", "finalize", "batch"]
+         "rollback", "finalize", "compact", "batch"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

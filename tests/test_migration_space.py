@@ -35,6 +35,7 @@ from tests.helpers import (
     assert_column_current,
     docs_config,
     in_background,
+    json_document,
     migrate,
     seed,
     start_migration,
@@ -81,6 +82,7 @@ def nulls(stack: Stack, column: str) -> int:
 def holding_rows(stack: Stack, seconds: float) -> psycopg.Connection:
     """An app transaction holding rows 1-20 locked (FOR UPDATE) for `seconds`."""
     app = psycopg.connect(stack.dsn)
+    app.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")  # as apps on RR do to lock
     app.execute("SELECT id FROM docs WHERE id <= 20 FOR UPDATE").fetchall()
     threading.Timer(seconds, app.rollback).start()
     return app
@@ -186,6 +188,75 @@ def test_finalize_killed_while_clearing_resumes_and_refuses_rollback(
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", "fake-alt-384", 384)
     assert_app_reads_live(roles)
+
+
+def app_editing(dsn: str, per_second: float = 50.0):  # type: ignore[no-untyped-def]
+    """The app, as its own role: edits the text of a random row, `per_second` times a
+    second."""
+    def run(stop: threading.Event) -> None:
+        rng = random.Random(25)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.wait(1.0 / per_second):
+                try:
+                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                                 (f"edited {rng.random()}", rng.randint(1, ROWS)))
+                except psycopg.errors.SerializationFailure:
+                    continue  # REPEATABLE READ: the app retries another edit
+    return in_background(run)
+
+
+@pytest.mark.second_server
+def test_compact_gives_the_freed_space_back_to_the_os(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """After finalize the freed space is at the front of the TOAST file and the live
+    vectors at its end: a plain VACUUM returns nothing (2.1x here). `migrate compact`
+    stores the tail's vectors again in the front, then VACUUM truncates the tail. As an
+    ordinary role, REPEATABLE READ by default, the app's view and function, the app
+    editing 50 rows/s and holding rows while it runs."""
+    stack, roles = ordinary_roles
+    write_config(stack.config_path, docs_config(batch_size=100, max_inflight_rows=400).replace(
+        '"fake-384"', f'"{OLD}"').replace("dimensions = 384", f"dimensions = {DIMS}"))
+    repeatable_read_by_default(stack)
+    with stack.connect() as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+    seed(stack, ROWS)
+    assert stack.cli("init").returncode == 0
+    create_app_objects(stack, roles)
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    before = sizes(stack)
+    with app_editing(roles.app_dsn):
+        column = start_migration(stack, "--model", NEW, "--dimensions", str(DIMS))
+        wait_for(lambda: nulls(stack, column) <= 100, timeout=120,
+                 message=f"{column} filled but for the rows being edited")
+        migrate(stack, "swap")
+        migrate(stack, "finalize")
+        finalized = sizes(stack)
+        app = holding_rows(stack, 2.0)  # compact moves around them, then takes them
+        compacted = stack.cli("migrate", "compact", "--target", "docs", "--json",
+                              timeout=300)
+        app.close()
+    assert compacted.returncode == 0, compacted.stdout + compacted.stderr
+    doc = json_document(compacted.stdout)
+    after = sizes(stack)
+    print(json.dumps({"before": before, "finalized": finalized, "after": after,
+                      "compact": doc}))
+    # What finalize leaves: the data is back to its size, the file is not (the tail).
+    assert finalized["data"] <= 1.1 * before["data"], (before, finalized)
+    assert finalized["disk"] > 1.5 * before["disk"], (before, finalized)
+    # compact: the file too, within 10%.
+    assert after["disk"] <= 1.1 * before["disk"], (before, finalized, after, doc)
+    assert doc["moved"] >= ROWS // 2 and doc["held"] == 0 and not doc["stopped_full"], doc
+    assert doc["table_bytes_after"] <= 1.1 * before["disk"], doc
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", NEW, DIMS)
+    assert_app_reads_live(roles)
+    refused = stack.cli("migrate", "start", "--target", "docs", "--model", OLD,
+                        "--dimensions", str(DIMS))
+    assert refused.returncode == 0, refused.stderr[-2000:]
+    during = stack.cli("migrate", "compact", "--target", "docs")
+    assert during.returncode == 4 and "after `pgreembed migrate finalize`" in during.stderr
 
 
 def test_disk_budget_sizes() -> None:

@@ -139,6 +139,11 @@ def _compare(p: argparse.ArgumentParser) -> None:
     _json_option(p)
 
 
+def _compact(p: argparse.ArgumentParser) -> None:
+    _lock_options(p)
+    _json_option(p)
+
+
 def _batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="poll until the jobs are done")
     p.add_argument("--poll", type=float, default=30.0, metavar="S",
@@ -176,6 +181,10 @@ STEPS: dict[str, Step] = {
                  f"pgreembed migrate rollback {T}"),
     "finalize": ("drop the previous column once the swap is trusted", steps.cmd_finalize,
                  _lock_options, f"pgreembed migrate finalize {T}"),
+    "compact": ("after finalize: move the live vectors out of the TOAST file's tail so"
+                " VACUUM gives the freed space back to the OS (costs about an in-place"
+                " write of each moved row; opt-in)", steps.cmd_compact, _compact,
+                f"pgreembed migrate compact {T} --json"),
     "batch": ("submit / poll the OpenAI Batch API jobs of a --batch-api migration",
               steps.cmd_batch, _batch, f"pgreembed migrate batch {T} --wait --poll 60"),
 }
