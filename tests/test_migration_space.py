@@ -23,6 +23,7 @@ import pytest
 from pgreembed.errors import ConfigError
 from pgreembed.migrations.crash_point import CRASH_AT
 from pgreembed.migrations.disk import parse_size
+from pgreembed.store import server_versions
 from tests.app_side import (
     assert_app_reads_live,
     create_app_objects,
@@ -37,6 +38,7 @@ from tests.helpers import (
     in_background,
     json_document,
     migrate,
+    require_server,
     seed,
     start_migration,
     wait_filled,
@@ -214,6 +216,7 @@ def test_compact_gives_the_freed_space_back_to_the_os(
     ordinary role, REPEATABLE READ by default, the app's view and function, the app
     editing 50 rows/s and holding rows while it runs."""
     stack, roles = ordinary_roles
+    require_server(stack.dsn, server_versions.COMPACT)
     write_config(stack.config_path, docs_config(batch_size=100, max_inflight_rows=400).replace(
         '"fake-384"', f'"{OLD}"').replace("dimensions = 384", f"dimensions = {DIMS}"))
     repeatable_read_by_default(stack)

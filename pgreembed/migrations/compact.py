@@ -44,6 +44,7 @@ from pgreembed.config import Settings, Target
 from pgreembed.errors import MigrationError
 from pgreembed.migrations.disk import PAGE, TOAST_CHUNK, TOAST_INDEX_ENTRY, toast_bytes
 from pgreembed.migrations.state import open_migration
+from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import load_slots
 from pgreembed.store.table_lock import LockPolicy, run_locked
@@ -102,6 +103,7 @@ def compact_target(settings: Settings, target: Target, policy: LockPolicy | None
     """`migrate compact`: the target's live column, between migrations (during one the
     front is not free yet: the replaced vectors leave at finalize)."""
     with connect(settings.database_url) as conn:
+        server_versions.require(conn, server_versions.COMPACT, MigrationError)
         migration = open_migration(conn, target)
         if migration is not None:
             raise MigrationError(

@@ -44,12 +44,14 @@ ITERATIVE_SCAN = Requirement("iterative index scans (hnsw.iterative_scan,"
 PARALLEL_HNSW_BUILD = Requirement("parallel HNSW index builds", pgvector=(0, 6, 0))
 CANCEL_AUTOVACUUM_ROLE = Requirement("cancelling a blocking autovacuum without superuser"
                                      " (role pg_signal_autovacuum_worker)", postgres=18)
+COMPACT = Requirement("migrate compact (pg_column_toast_chunk_id finds where each vector is"
+                      " stored)", postgres=17)
 PUBLICATION_COLUMN_LISTS = Requirement("publication column lists (a side column kept off"
                                        " the subscribers)", postgres=15)
 
 # What doctor lists as unavailable on an older server (most useful first).
 NOTED = (HALFVEC, ITERATIVE_SCAN, PARALLEL_HNSW_BUILD, CANCEL_AUTOVACUUM_ROLE,
-         PUBLICATION_COLUMN_LISTS)
+         PUBLICATION_COLUMN_LISTS, COMPACT)
 
 
 def parse_version(text: str) -> Version:
