@@ -56,6 +56,8 @@ def test_doctor_names_the_versions_found_and_each_feature_that_needs_newer(stack
                 f" newer; this server runs PostgreSQL {name[0].split()[0]}") in found["message"]
     if number < 150000:
         expected.append(server_versions.PUBLICATION_COLUMN_LISTS.feature)
+    if number < 170000:
+        expected.append(server_versions.COMPACT.feature)
     assert found["details"]["unavailable"] == expected
 
 
