@@ -1,0 +1,247 @@
+"""`import-pgai --take-over` and `--undo`: hand a pgai vectorizer's work to pgreembed and back.
+
+Take-over, in one transaction under the table-lock policy (100 ms lock attempts with
+jittered retries, blockers named; SHARE ROW EXCLUSIVE on the source: the app's reads go
+on, its writes wait the few milliseconds the transaction takes):
+  - pgai's two source triggers are disabled (kept, for an undo), ours enabled or created,
+    so every write of the app is seen by exactly one of the two;
+  - the keys in pgai's queue are marked dirty for our chunk stage and their queue rows
+    deleted; rows a pgai batch in flight holds are skipped (never waited on) and their
+    keys kept in the registry, marked once that batch is over (`finish_in_flight`);
+  - pgai's failed-queue keys are recorded as failures of the parents with pgai's reason
+    (a key queued again since it failed is chunked instead);
+  - the vectorizer is disabled with pgai's own `ai.disable_vectorizer_schedule`: its
+    worker checks the flag before every batch and stops;
+  - a pause an undo put on the live column is lifted, and the scheduler woken.
+Undo is the same backwards: our triggers disabled and pgai's enabled, every parent with
+work left (dirty, or a chunk without a vector) queued for pgai, the vectorizer enabled,
+our live column paused (the scheduler sends nothing of it while pgai is in charge).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pgreembed.config import Settings, Target
+from pgreembed.errors import ConfigError, MigrationError, NotInitializedError, SetupError
+from pgreembed.store import pgai_queue, takeover
+from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
+from pgreembed.store.chunks import (
+    chunk_triggers_current,
+    chunk_triggers_present,
+    chunking_key,
+    ensure_chunk_table,
+    install_chunk_triggers,
+    parent_key,
+    parent_target,
+    set_chunk_triggers_enabled,
+)
+from pgreembed.store.pgai_queue import PgaiVectorizer
+from pgreembed.store.pool import connect
+from pgreembed.store.slots import Slot, app_table, load_slots
+from pgreembed.store.table_lock import LockPolicy, run_locked
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_WAIT_SECONDS = 120.0  # how long a take-over waits for pgai's batch in flight
+
+
+@dataclass
+class TakeoverReport:
+    vectorizer: str
+    target: str
+    state: str  # "taken", "already taken", "undone"
+    queued_rows: int = 0  # rows in pgai's queue at the take-over (a key may repeat)
+    keys_marked: int = 0  # parents marked for the chunk stage (or handed back to pgai)
+    keys_gone: int = 0  # queued keys whose row was deleted meanwhile: nothing to do
+    in_flight: int = 0  # keys a pgai batch was writing at the take-over
+    in_flight_left: int = 0  # ... still held when the wait ran out (marked all the same)
+    failed_recorded: int = 0
+    failed_superseded: int = 0  # failed in pgai, queued again since: chunked instead
+    lock_attempts: int = 0
+    locked_ms: float = 0.0  # the transaction holding the source's lock
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def target_of(settings: Settings, vec: PgaiVectorizer) -> Target:
+    """The configured chunked target that adopted `vec`'s chunk table."""
+    if vec.destination != "table":
+        raise SetupError(f"pgai vectorizer {vec.name!r} writes a column of"
+                         f" {vec.source_schema}.{vec.source_table}: --take-over of a column"
+                         " destination is not done yet (only chunk-table destinations)")
+    for target in settings.targets.values():
+        if (target.parent is not None and (target.schema, target.table)
+                == (vec.target_schema, vec.target_table)
+                and (target.parent.schema, target.parent.table)
+                == (vec.source_schema, vec.source_table)):
+            return target
+    raise ConfigError(f"no target in the config adopts pgai vectorizer {vec.name!r}"
+                      f" ({vec.source_schema}.{vec.source_table} ->"
+                      f" {vec.target_schema}.{vec.target_table}): add the target"
+                      " `pgreembed import-pgai` prints, import it, then take over")
+
+
+def _live(slots: list[Slot], target: Target) -> Slot:
+    live = [s for s in slots if s.role == "live"]
+    if not live:
+        raise NotInitializedError(f"target {target.name!r} has no live column yet: run"
+                                  " `pgreembed import-pgai` (adopt) before --take-over")
+    return live[0]
+
+
+def take_over(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None = None,
+              in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS) -> TakeoverReport:
+    started = time.monotonic()
+    target = target_of(settings, vec)
+    dsn = settings.database_url
+    report = TakeoverReport(vec.name, target.name, "taken")
+    with connect(dsn) as conn:
+        live = _live(load_slots(conn, target), target)
+        if takeover.vector_not_null(conn, target):
+            raise SetupError(f"target {target.name!r}: {target.schema}.{target.table}."
+                             f"{target.vector_column} is still NOT NULL as pgai made it:"
+                             " import (adopt) the vectorizer before --take-over")
+        key, key_type = parent_key(conn, target)
+        if key != vec.key:
+            raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by {vec.key!r},"
+                             f" target {target.name!r} by {key!r}")
+        ensure_chunk_table(conn, target)  # the dirty and gone tables; checks the shape
+        takeover.ensure_tables(conn, target, key_type)
+        if takeover.keep_chunking_key(conn, target, chunking_key(target)):
+            report.notes.append("pgai's chunk sets recorded as made with the target's"
+                                " chunking settings (no parent is chunked again for it)")
+        previous = takeover.read_takeover(conn, target)
+        current = chunk_triggers_current(conn, target)
+        present = bool(chunk_triggers_present(conn, target))
+        conn.commit()
+    if previous is not None and previous.state == "taken" and vec.disabled:
+        report.state = "already taken"
+    else:
+        _cut_over(dsn, target, vec, live, key, key_type, current, present, policy, report)
+    _finish_in_flight(dsn, target, vec, key, key_type, in_flight_wait, report)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _cut_over(dsn: str, target: Target, vec: PgaiVectorizer, live: Slot, key: str,
+              key_type: str, current: bool, present: bool, policy: LockPolicy | None,
+              report: TakeoverReport) -> None:
+    held: dict[str, float] = {}
+
+    def work(conn: Any) -> None:
+        report.lock_attempts += 1
+        held["from"] = time.monotonic()
+        pgai_queue.set_triggers_enabled(conn, vec, False)  # takes the source's lock
+        if current:
+            set_chunk_triggers_enabled(conn, target, True)
+        else:
+            install_chunk_triggers(conn, target)
+        taken = pgai_queue.take_queue(conn, vec)
+        report.queued_rows = taken.deleted + taken.held
+        report.keys_marked, report.keys_gone = takeover.mark_dirty(
+            conn, target, key, key_type, taken.moved)
+        queued = {str(k) for k in [*taken.moved, *taken.in_flight]}
+        failed = pgai_queue.failures(conn, vec)
+        kept = [(f.key, f.failed_at, f.reason) for f in failed if str(f.key) not in queued]
+        report.failed_superseded = len(failed) - len(kept)
+        report.failed_recorded = takeover.record_failures(conn, target, key, key_type, kept)
+        report.in_flight = len(taken.in_flight)
+        pgai_queue.set_disabled(conn, vec, True)
+        takeover.pause_live(conn, live, False)
+        takeover.record_taken(conn, target, vec.id, vec.name, taken.in_flight)
+        takeover.notify(conn, target)
+        held["until"] = time.monotonic()
+
+    mode = ACCESS_EXCLUSIVE if present and not current else SHARE_ROW_EXCLUSIVE
+    run_locked(dsn, app_table(parent_target(target)),
+               f"take over pgai vectorizer {vec.name}", work, policy, mode=mode)
+    report.locked_ms = round(1000 * (held["until"] - held["from"]), 1)
+    log.info("target %s: took over pgai vectorizer %s: %d queued keys marked, %d failed"
+             " recorded, %d in a pgai batch in flight", target.name, vec.name,
+             report.keys_marked, report.failed_recorded, report.in_flight)
+
+
+def _finish_in_flight(dsn: str, target: Target, vec: PgaiVectorizer, key: str,
+                      key_type: str, wait: float, report: TakeoverReport) -> None:
+    """Wait for pgai's batch in flight at the take-over to end (its commit deletes its
+    queue rows; a rollback leaves them, and they are moved like the others), then mark its
+    keys: the chunk stage compares what it wrote with the current text."""
+    deadline = time.monotonic() + wait
+    while True:
+        with connect(dsn) as conn:
+            taken = pgai_queue.take_queue(conn, vec)
+            marked, gone = takeover.mark_dirty(conn, target, key, key_type, taken.moved)
+            report.keys_marked += marked
+            report.keys_gone += gone
+            conn.commit()
+        if taken.held == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)  # pgai's batch is at its provider: poll, never wait on its locks
+    report.in_flight_left = taken.held
+    if taken.held:
+        report.notes.append(f"{taken.held} queue rows still held by a pgai batch after"
+                            f" {wait:.0f} s: their keys are marked all the same")
+    with connect(dsn) as conn:
+        found = takeover.read_takeover(conn, target)
+        keys = found.in_flight if found is not None else []
+        marked, gone = takeover.mark_dirty(conn, target, key, key_type, keys)
+        report.keys_marked += marked
+        report.keys_gone += gone
+        takeover.clear_in_flight(conn, target)
+        takeover.notify(conn, target)
+        conn.commit()
+
+
+def undo(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None = None
+         ) -> TakeoverReport:
+    started = time.monotonic()
+    target = target_of(settings, vec)
+    dsn = settings.database_url
+    report = TakeoverReport(vec.name, target.name, "undone")
+    with connect(dsn) as conn:
+        live = _live(load_slots(conn, target), target)
+        key, key_type = parent_key(conn, target)
+        found = takeover.read_takeover(conn, target)
+        conn.commit()
+    if found is None or found.state != "taken":
+        raise MigrationError(f"target {target.name!r} has not taken over pgai vectorizer"
+                             f" {vec.name!r}: nothing to undo")
+    held: dict[str, float] = {}
+    in_flight = found.in_flight
+
+    def work(conn: Any) -> None:
+        report.lock_attempts += 1
+        held["from"] = time.monotonic()
+        set_chunk_triggers_enabled(conn, target, False)  # takes the source's lock
+        pgai_queue.set_triggers_enabled(conn, vec, True)
+        keys = {*takeover.take_dirty(conn, target),
+                *takeover.parents_with_pending_chunks(conn, target, key, live.vector)}
+        texts = {str(k) for k in keys} | set(in_flight)
+        report.keys_marked = pgai_queue.hand_back(conn, vec, sorted(texts), key_type)
+        report.queued_rows = report.keys_marked
+        pgai_queue.set_disabled(conn, vec, False)
+        takeover.pause_live(conn, live, True)
+        takeover.record_undone(conn, target)
+        held["until"] = time.monotonic()
+
+    run_locked(dsn, app_table(parent_target(target)), f"hand pgai vectorizer {vec.name} back",
+               work, policy, mode=SHARE_ROW_EXCLUSIVE)
+    report.locked_ms = round(1000 * (held["until"] - held["from"]), 1)
+    report.seconds = round(time.monotonic() - started, 3)
+    log.info("target %s: handed pgai vectorizer %s back: %d keys queued for pgai",
+             target.name, vec.name, report.keys_marked)
+    return report
+
+
+def vectorizers(settings: Settings, names: list[str] | None) -> list[PgaiVectorizer]:
+    with connect(settings.database_url) as conn:
+        found = pgai_queue.read_vectorizers(conn, names)
+        conn.commit()
+    return found
