@@ -76,6 +76,13 @@ class MigrationError(PgreembedError):
     exit_code = EXIT_REFUSED
 
 
+class ImportRefused(PgreembedError):
+    """import-pgai cannot adopt (a catalog older than pgai 0.10, a model that differs from
+    the stored vectors); nothing was changed, the message says what to do."""
+
+    exit_code = EXIT_REFUSED
+
+
 class WaitTimeoutError(PgreembedError):
     """A wait (a swap's catch-up, Batch API jobs) ran out of time with work left."""
 

@@ -345,13 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
             "pgreembed demo --rows 300")
     p.add_argument("--rows", type=positive_int, default=1000, help="corpus size")
     p.add_argument("--workers", type=positive_int, default=2, help="worker processes")
-    from pgreembed.cli import doctor, providers, tune
+    from pgreembed.cli import doctor, import_pgai, providers, tune
     from pgreembed.cli import migrate as cli_migrate
 
     cli_migrate.register(sub)
     doctor.register(sub)
     tune.register(sub)
     providers.register(sub)
+    import_pgai.register(sub)
     return parser
 
 

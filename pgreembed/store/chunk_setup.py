@@ -12,8 +12,9 @@ from collections.abc import Callable
 import psycopg
 
 from pgreembed.config import Target
-from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
+from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunks import (
+    allow_pending,
     check_parent,
     chunk_triggers_current,
     ensure_chunk_table,
@@ -21,6 +22,8 @@ from pgreembed.store.chunks import (
     install_chunk_triggers,
     mark_all_unless_current,
     parent_target,
+    record_chunking_current,
+    vector_not_null,
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table
@@ -31,8 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
-                  check_rights: Callable[[psycopg.Connection, Target], None]) -> None:
-    """The chunk and dirty tables, the parent's triggers, and the first marks."""
+                  check_rights: Callable[[psycopg.Connection, Target], None],
+                  adopt: bool = False) -> None:
+    """The chunk and dirty tables, the parent's triggers, and the first marks.
+
+    `adopt` (import-pgai): the chunk table exists, filled by another chunker with these
+    settings; its chunks are taken as they are. Its vector column loses NOT NULL (pgai's
+    has it; new chunks are pending), no parent is marked dirty, and the parent's triggers
+    are left to the take-over (pgai's own still run until then)."""
     with connect(dsn, vector=False) as conn:
         check_rights(conn, parent_target(target))
         upgrade(conn)
@@ -40,14 +49,19 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
         if ensure_chunk_table(conn, target):
             log.info("target %s: created chunk table %s.%s", target.name, target.schema,
                      target.table)
-        current = chunk_triggers_current(conn, target)
+        current = adopt or chunk_triggers_current(conn, target)
+        not_null = adopt and vector_not_null(conn, target)
         conn.commit()
+    if not_null:  # a catalog change only (no rewrite), under the short-attempt policy
+        run_locked(dsn, app_table(target), "import (vector column nullable)",
+                   lambda conn: allow_pending(conn, target), policy, mode=ACCESS_EXCLUSIVE)
     if not current:
         run_locked(dsn, app_table(parent_target(target)), "init (chunk triggers)",
                    lambda conn: install_chunk_triggers(conn, target), policy,
                    mode=SHARE_ROW_EXCLUSIVE)
     with connect(dsn, vector=False) as conn:
-        marked, first = mark_all_unless_current(conn, target)
+        marked, first = ((record_chunking_current(conn, target), False) if adopt
+                         else mark_all_unless_current(conn, target))
         if ensure_view(conn, target):
             log.info("target %s: created view %s.%s", target.name, target.parent.schema,
                      target.parent.view)

@@ -247,12 +247,14 @@ def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
                                               pk=slot.pk, vector=slot.vector))
 
 
-def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> Slot:
+def init_target(dsn: str, target: Target, policy: LockPolicy | None = None, *,
+                adopt: bool = False) -> Slot:
     """Create or update everything a target needs. Safe to run again at any time.
 
     It runs at every scheduler start (and in init containers), so its DDL on the app's
     table goes through table_lock (short lock attempts, retried, blockers named), and
-    triggers that are already as wanted are left alone (no lock at all).
+    triggers that are already as wanted are left alone (no lock at all). `adopt`: a chunk
+    table filled by pgai is taken as it is (store.chunk_setup.init_chunking).
     """
     from pgreembed.store.pool import connect
 
@@ -264,7 +266,7 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
         conn.commit()
     if target.parent is not None:  # chunked: the chunk table is the target's table
         from pgreembed.store.chunk_setup import init_chunking
-        init_chunking(dsn, target, policy, check_rights)
+        init_chunking(dsn, target, policy, check_rights, adopt=adopt)
     table = app_table(target)
     # Mostly trigger changes (SHARE ROW EXCLUSIVE); ADD COLUMN only on the first init.
     slot, slots, adopted = run_locked(dsn, table, "init",

@@ -1,0 +1,241 @@
+"""`pgreembed import-pgai` against a real pgai 0.12.1 (issue 26): its catalog installed by
+`pgai.install`, vectorizers made by `ai.create_vectorizer`, chunk tables filled by pgai's
+own worker through the fake OpenAI server (pgreembed.testing.pgai_side).
+
+One database for the module (pgai's install and worker run once); each adopting test
+takes a vectorizer of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pgreembed.testing import pgai_side
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from tests.chunk_corpus import documents
+from tests.helpers import API_KEY, ROOT, json_document
+
+PARENTS = 240  # a few are empty (no chunks): at least 200 chunked parents to sample
+VECTORIZERS = {
+    "blog_recursive": {},
+    "blog_character": {"chunking": "character",
+                       "chunking_args": {"chunk_size": 600, "chunk_overlap": 200}},
+    "blog_template": {"template": "$title by $author\n\n$chunk",
+                      "chunking_args": {"chunk_size": 500, "chunk_overlap": 100}},
+}
+
+
+@pytest.fixture(scope="module")
+def pgai_db(server_dsn: str, fake_server: FakeOpenAIServer) -> Iterator[str]:
+    """A database with pgai installed, three table-destination vectorizers on `blog` and a
+    column-destination one on `notes`, all filled by pgai's worker."""
+    name = f"t_pgai_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = make_conninfo(server_dsn, dbname=name)
+    fake_server.reset()
+    assert pgai_side.install_pgai(dsn) == pgai_side.PGAI_VERSION
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE blog (id bigint PRIMARY KEY, title text, author text,"
+                     " body text)")
+        with conn.cursor().copy("COPY blog (id, title, author, body) FROM STDIN") as copy:
+            for i, doc in enumerate(documents(PARENTS, seed=26), start=1):
+                copy.write_row((i, f"Title {i}", f"Author {i % 7}", doc))
+        conn.execute("CREATE TABLE notes (id integer PRIMARY KEY, body text NOT NULL)")
+        conn.execute("INSERT INTO notes SELECT g, 'note number ' || g || ' about postgres'"
+                     " FROM generate_series(1, 50) g")
+        for vname, extra in VECTORIZERS.items():
+            pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+                source="blog", name=vname, base_url=fake_server.base_url, **extra))
+        pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+            source="notes", name="notes_col", destination="column", chunking="none",
+            base_url=fake_server.base_url))
+    pgai_side.run_pgai_worker_once(dsn, API_KEY)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for vname in [*VECTORIZERS, "notes_col"]:
+            assert pgai_side.queue_count(conn, vname) == 0
+    yield dsn
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+def import_pgai(dsn: str, fake: FakeOpenAIServer, tmp: Path, *args: str
+                ) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it: no pgreembed config, DATABASE_URL and the provider's
+    variables from the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGREEMBED_")}
+    env.update(DATABASE_URL=dsn, OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=fake.base_url,
+               PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1,localhost")
+    return subprocess.run([sys.executable, "-m", "pgreembed", "import-pgai", *args],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+
+
+def plan_of(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    found = [v for v in doc["vectorizers"] if v["vectorizer"] == name]
+    assert len(found) == 1, doc
+    return found[0]
+
+
+def chunk_table(conn: psycopg.Connection, name: str) -> str:
+    target = pgai_side.vectorizer_row(conn, name).target
+    assert target is not None
+    return target
+
+
+def test_dry_run_plans_every_vectorizer_and_re_splits_200_parents_identically(
+        pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    done = import_pgai(pgai_db, fake_openai, tmp_path, "--all", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json_document(done.stdout)
+    assert doc["dry_run"] is True
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        for name in VECTORIZERS:
+            plan = plan_of(doc, name)
+            rows, chunks = conn.execute(sql.SQL(
+                "SELECT (SELECT count(*) FROM blog), (SELECT count(*) FROM {})").format(
+                sql.Identifier(*chunk_table(conn, name).split(".")))).fetchone() or (0, 0)
+            assert (plan["maps_to"], plan["adoptable"], plan["rows"], plan["chunks"],
+                    plan["queued"], plan["failed"]) == ("chunked", True, rows, chunks, 0, 0)
+            assert chunks > 2 * rows
+            check = plan["chunk_check"]
+            assert (check["sampled"], check["identical"], check["match_share"]) == (
+                200, 200, 1.0), (name, check)
+            assert plan["target"]["chunking"]["template"] == \
+                VECTORIZERS[name].get("template", "$chunk")
+        notes = plan_of(doc, "notes_col")
+        assert (notes["maps_to"], notes["rows"], notes["chunks"]) == ("ordinary", 50, 50)
+        assert conn.execute("SELECT to_regnamespace('pgreembed')").fetchone() == (None,)
+    assert fake_openai.stats()["inputs_embedded"] == 0
+
+    # The check can fail: the catalog says 500 where the chunks were made with 600.
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config,"
+                     " '{chunking,chunk_size}', '500') WHERE name = 'blog_character'")
+    try:
+        changed = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer",
+                              "blog_character", "--dry-run", "--verify-chunks", "50", "--json")
+        check = plan_of(json_document(changed.stdout), "blog_character")["chunk_check"]
+        assert check["sampled"] == 50 and check["identical"] < 50, check
+    finally:
+        with psycopg.connect(pgai_db, autocommit=True) as conn:
+            conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config,"
+                         " '{chunking,chunk_size}', '600') WHERE name = 'blog_character'")
+
+
+def test_adopt_with_no_embed_check_sends_nothing_and_rewrites_no_chunk(
+        pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        table = chunk_table(conn, "blog_recursive")
+        before = pgai_side.chunk_checksum(conn, table)
+        versions = pgai_side.chunk_row_versions(conn, table)
+    done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_recursive",
+                       "--no-embed-check", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = plan_of(json_document(done.stdout), "blog_recursive")
+    assert fake_openai.stats()["inputs_embedded"] == 0
+    assert plan["vector_check"] is None and plan["adopted_chunks"] == before[0]
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert pgai_side.chunk_checksum(conn, table) == before
+        assert pgai_side.chunk_row_versions(conn, table) == versions  # no row rewritten
+        assert conn.execute("SELECT count(*) FROM pgreembed.chunk_dirty_blog_recursive"
+                            ).fetchone() == (0,)
+        assert conn.execute("SELECT attnotnull FROM pg_attribute WHERE attrelid ="
+                            " %s::regclass AND attname = 'embedding'", (table,)
+                            ).fetchone() == (False,)
+    # The printed TOML is a working config: status counts every chunk embedded, none due.
+    config = tmp_path / "pgreembed.toml"
+    config.write_text(plan["toml"])
+    env = {**os.environ, "DATABASE_URL": pgai_db, "PGREEMBED_CONFIG": str(config),
+           "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(ROOT),
+           "REDIS_URL": "redis://127.0.0.1:1/0"}
+    status = subprocess.run([sys.executable, "-m", "pgreembed", "status", "--exact", "--json"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    [column] = json_document(status.stdout)["columns"]
+    assert (column["embedded"], column["pending"], column["stale"], column["outdated"]) == (
+        before[0], 0, 0, 0), column
+
+
+def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
+        pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    """K = 20 texts re-embedded (a template of two columns); a catalog naming another
+    model than the vectors' is refused with nothing adopted."""
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config,"
+                     " '{embedding,model}', '\"fake-other-model\"') WHERE name = 'blog_character'")
+    try:
+        refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_character",
+                              "--verify-vectors", "5", "--json")
+    finally:
+        with psycopg.connect(pgai_db, autocommit=True) as conn:
+            conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config,"
+                         " '{embedding,model}', '\"text-embedding-3-small\"')"
+                         " WHERE name = 'blog_character'")
+    assert refused.returncode == 4, refused.stderr
+    assert "model differs" in json_document(refused.stdout)["error"]["message"]
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('pgreembed.chunk_dirty_blog_character')"
+                            ).fetchone() == (None,)
+
+    fake_openai.reset()
+    done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_template",
+                       "--json")
+    assert done.returncode == 0, done.stderr
+    plan = plan_of(json_document(done.stdout), "blog_template")
+    assert plan["vector_check"]["sampled"] == 20 and plan["vector_check"]["below"] == 0
+    assert plan["vector_check"]["min_cosine"] >= 0.999
+    assert fake_openai.stats()["inputs_embedded"] == 20
+    assert plan["adopted_chunks"] == plan["chunks"]
+
+
+def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
+        pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "notes_col",
+                       "--no-embed-check", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = plan_of(json_document(done.stdout), "notes_col")
+    assert (plan["maps_to"], plan["adopted_chunks"]) == ("ordinary", 50)
+    assert plan["target"]["vector_column"] == "embedding" and "chunking" not in plan["target"]
+    assert fake_openai.stats()["inputs_embedded"] == 0
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        slot = conn.execute("SELECT table_name, vector_column FROM pgreembed.slots"
+                            " WHERE target = 'notes_col'").fetchall()
+        assert slot == [("notes", "embedding")]
+
+
+def test_a_catalog_older_than_0_10_is_refused_with_nothing_changed(
+        database_url: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE blog (id bigint PRIMARY KEY, body text)")
+        pgai_side.make_pre_010_catalog(conn, "public.blog", "blog_embedding")
+        before = conn.execute("SELECT (SELECT array_agg(relname::text ORDER BY relname)"
+                              " FROM pg_class WHERE relnamespace <> 'pg_catalog'::regnamespace"
+                              " AND relnamespace <> 'information_schema'::regnamespace"
+                              " AND relnamespace::regnamespace::text NOT LIKE 'pg_toast%'),"
+                              " (SELECT jsonb_agg(v) FROM ai.vectorizer v)").fetchone()
+    for args in (("--all", "--json"), ("--all", "--dry-run", "--json")):
+        done = import_pgai(database_url, fake_openai, tmp_path, *args)
+        assert done.returncode == 4, done.stderr
+        message = json_document(done.stdout)["error"]["message"]
+        assert "older than 0.10" in message and "pgai install" in message, message
+        assert "ALTER EXTENSION ai UPDATE" in message
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        after = conn.execute("SELECT (SELECT array_agg(relname::text ORDER BY relname)"
+                             " FROM pg_class WHERE relnamespace <> 'pg_catalog'::regnamespace"
+                             " AND relnamespace <> 'information_schema'::regnamespace"
+                             " AND relnamespace::regnamespace::text NOT LIKE 'pg_toast%'),"
+                             " (SELECT jsonb_agg(v) FROM ai.vectorizer v)").fetchone()
+    assert after == before
+    assert fake_openai.stats()["inputs_embedded"] == 0
