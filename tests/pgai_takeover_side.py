@@ -6,6 +6,8 @@ worker (through the fake OpenAI server), adopted as a chunked target, and the ch
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +18,19 @@ from psycopg import sql
 from pgreembed.chunking.splitter import chunker
 from pgreembed.config import Settings, load_settings
 from pgreembed.store.chunk_sets import chunk_uuid
-from pgreembed.store.chunks import chunk_trigger_names
-from pgreembed.store.setup import init_target
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_vectors import fake_vector
 
 MODEL = "text-embedding-3-small"
 DIMS = 64
-VECTORIZER = "docs_v"
+VECTORIZER = "docs_v"  # also the target's name, as import-pgai maps it
 CHUNKS = "docs_v_store"
+DIRTY = "pgreembed.chunk_dirty_docs_v"
+FAILED = "pgreembed.chunk_failed_docs_v"
 
 TOML = f"""
 [[target]]
-name = "docs"
+name = "{VECTORIZER}"
 table = "public.docs"
 text_column = "body"
 vector_column = "embedding"
@@ -92,20 +94,17 @@ def pgai_filled(dsn: str, base_url: str, api_key: str, parents: int,
         return pgai_side.vectorizer_row(conn, VECTORIZER)
 
 
-def adopt(dsn: str, settings: Settings) -> None:
-    """Stand-in for `import-pgai`'s adopt step (branch pgai-import) until it is merged:
-    the chunk table registered as the target's live column with state rows for pgai's
-    vectors (no chunk row rewritten), the vector column made nullable, and neither our
-    parent triggers nor dirty marks left: pgai stays in charge until the take-over."""
-    target = settings.target("docs")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN embedding DROP NOT NULL").format(
-            sql.Identifier(CHUNKS)))
-    init_target(dsn, target)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DELETE FROM pgreembed.chunk_dirty_docs")
-        for name in chunk_trigger_names(target):
-            conn.execute(sql.SQL("DROP TRIGGER {} ON docs").format(sql.Identifier(name)))
+def import_pgai(env: dict[str, str], *args: str, cwd: Path | None = None
+                ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pgreembed", "import-pgai", *args],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def adopt(env: dict[str, str]) -> None:
+    """`import-pgai --vectorizer docs_v --no-embed-check`: the chunk table registered as the
+    target's live column, pgai still in charge."""
+    done = import_pgai(env, "--vectorizer", VECTORIZER, "--no-embed-check")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def chunk_sets(conn: psycopg.Connection) -> dict[int, list[str]]:
@@ -119,7 +118,7 @@ def chunk_sets(conn: psycopg.Connection) -> dict[int, list[str]]:
 
 
 def expected(conn: psycopg.Connection, settings: Settings) -> dict[int, list[str]]:
-    target = settings.target("docs")
+    target = settings.target(VECTORIZER)
     split = chunker(target.parent.chunking, target.provider, target.model)
     wanted = {key: split(text or "", {}) for key, text in conn.execute(
         "SELECT id, body FROM docs")}
@@ -128,9 +127,9 @@ def expected(conn: psycopg.Connection, settings: Settings) -> dict[int, list[str
 
 def pending(conn: psycopg.Connection) -> int:
     row = conn.execute(sql.SQL(
-        "SELECT (SELECT count(*) FROM pgreembed.chunk_dirty_docs)"
+        "SELECT (SELECT count(*) FROM {})"
         " + (SELECT count(*) FROM {} WHERE embedding IS NULL)").format(
-        sql.Identifier(CHUNKS))).fetchone()
+        sql.Identifier(*DIRTY.split(".")), sql.Identifier(CHUNKS))).fetchone()
     return int(row[0]) if row else -1
 
 

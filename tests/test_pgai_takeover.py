@@ -9,24 +9,27 @@ full counts (1,000 inserts and 1,000 edits).
 from __future__ import annotations
 
 import json
-import threading
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
 import pytest
 
-from pgreembed.operations.pgai_takeover import take_over, undo, vectorizers
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import API_KEY, Stack, wait_for
+from tests.helpers import API_KEY, Stack, json_document, wait_for
 from tests.pgai_takeover_side import (
     CHUNKS,
+    FAILED,
     VECTORIZER,
     adopt,
     chunk_sets,
     edit,
     expected,
+    import_pgai,
     insert,
     made_by_pgai,
     pending,
@@ -78,7 +81,7 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
     settings = settings_for(stack.config_path, stack.env)
     vec = pgai_filled(stack.dsn, fake_openai.base_url, API_KEY, PARENTS)
     print(f"pgai fill {time.monotonic() - started:.1f} s")
-    adopt(stack.dsn, settings)
+    adopt(stack.env)
     pgai = start_pgai(stack)
     with stack.connect() as conn:
         assert settled(conn, settings), "pgai's fill differs from our split"
@@ -98,17 +101,20 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
                                                   + vec.queue_table)}
         assert len(queued_keys) == QUEUED_EDITS + QUEUED_INSERTS
 
-    (found,) = vectorizers(settings, [VECTORIZER])
-    reports: list[Any] = []
-    thread = threading.Thread(target=lambda: reports.append(take_over(settings, found)))
-    thread.start()
+    # The cut-over, as a user runs it; pgai's batch in flight ends once it has committed.
+    command = subprocess.Popen([sys.executable, "-m", "pgreembed", "import-pgai",
+                                "--vectorizer", VECTORIZER, "--take-over", "--json"],
+                               env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     with stack.connect() as conn:
         wait_for(lambda: cut_over(conn), timeout=60, message="the cut-over committed")
-        fake_openai.set_faults(hold_marker=None)  # pgai's batch in flight now ends
-    thread.join(120)
+        fake_openai.set_faults(hold_marker=None)
+    out, err = command.communicate(timeout=120)
+    assert command.returncode == 0, out + err
     print(f"take-over done {time.monotonic() - started:.1f} s")
-    (report,) = reports
-    print(json.dumps(report.as_dict()))
+    (report,) = json_document(out)["vectorizers"]
+    print(json.dumps(report))
+    report = SimpleNamespace(**report)
     assert report.state == "taken"
     assert report.in_flight >= 1  # held rows were not waited on, and not lost
     assert report.keys_marked == len(queued_keys)
@@ -120,8 +126,7 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
         assert conn.execute("SELECT disabled FROM ai.vectorizer WHERE id = %s",
                             (vec.id,)).fetchone() == (True,)
         assert conn.execute("SELECT count(*) FROM " + vec.queue_table).fetchone() == (0,)
-        failures = dict(conn.execute("SELECT pgr_pk, pgr_failure FROM"
-                                     " pgreembed.chunk_failed_docs").fetchall())
+        failures = dict(conn.execute("SELECT pgr_pk, pgr_failure FROM " + FAILED).fetchall())
         assert set(failures) == set(failed)
         assert all(f"unreadable row {k}" in failures[k] and "'loading'" in failures[k]
                    for k in failed), failures
@@ -168,21 +173,27 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
         assert pgai_rows_written(conn) == written_by_pgai
         assert made_by_pgai(conn, among=before_ours) == 0
 
-        # Undo with work left on our side: pgai's worker (still running) converges.
-        fake_openai.set_faults(slow_model=settings.target("docs").model,
-                               slow_model_latency=1.0)
+        # Undo with work left on our side (40 parents' new chunks held at the provider):
+        # handed back to pgai, whose worker (still running) converges.
+        fake_openai.set_faults(hold_marker="Edited to version 3.")
         edit(conn, range(1, 41), "3")
-    back = undo(settings, found)
-    print(json.dumps(back.as_dict()))
-    assert back.state == "undone" and back.keys_marked >= 1
-    fake_openai.set_faults(slow_model_latency=0.0)
+        wait_for(lambda: conn.execute("SELECT count(DISTINCT id) FROM " + CHUNKS + " WHERE"
+                                      " embedding IS NULL").fetchone() == (40,),
+                 timeout=60, message="40 parents re-chunked, their new chunks at the provider")
+    done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--undo", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (undone,) = json_document(done.stdout)["vectorizers"]
+    print(json.dumps(undone))
+    back = SimpleNamespace(**undone)
+    assert (back.state, back.keys_marked) == ("undone", 40)
+    fake_openai.set_faults(hold_marker=None)
     with stack.connect() as conn:
         assert pgai_side_triggers(conn, vec) == {vec.trigger_name: True,
                                                  vec.trigger_name + "_truncate": True}
         assert conn.execute("SELECT disabled FROM ai.vectorizer WHERE id = %s",
                             (vec.id,)).fetchone() == (False,)
-        assert conn.execute("SELECT paused_by FROM pgreembed.slots WHERE target = 'docs'"
-                            " AND role = 'live'").fetchone() == ("pgai",)
+        assert conn.execute("SELECT paused_by FROM pgreembed.slots WHERE target = %s"
+                            " AND role = 'live'", (VECTORIZER,)).fetchone() == ("pgai",)
         edit(conn, range(41, 51), "4")  # after the undo: pgai's trigger queues them
         wait_for(lambda: pgai_queue_empty_and_settled(conn, settings, vec, failed),
                  timeout=150, interval=0.5, message="pgai's worker converging after undo")

@@ -30,16 +30,18 @@ from pgreembed.errors import ConfigError, MigrationError, NotInitializedError, S
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunks import (
+    chunk_trigger_names,
     chunk_triggers_current,
     chunk_triggers_present,
-    chunking_key,
     ensure_chunk_table,
     install_chunk_triggers,
     parent_key,
     parent_target,
     set_chunk_triggers_enabled,
+    vector_not_null,
 )
-from pgreembed.store.pgai_queue import PgaiVectorizer
+from pgreembed.store.pgai_queue import key_of
+from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import LockPolicy, run_locked
@@ -70,22 +72,29 @@ class TakeoverReport:
         return asdict(self)
 
 
-def target_of(settings: Settings, vec: PgaiVectorizer) -> Target:
-    """The configured chunked target that adopted `vec`'s chunk table."""
-    if vec.destination != "table":
+def target_of(settings: Settings, vec: Vectorizer) -> Target:
+    """The chunked target that adopted `vec`'s chunk table (from the config, or the one
+    import-pgai maps it to)."""
+    if vec.destination_kind != "table" or vec.chunk_table is None:
         raise SetupError(f"pgai vectorizer {vec.name!r} writes a column of"
                          f" {vec.source_schema}.{vec.source_table}: --take-over of a column"
                          " destination is not done yet (only chunk-table destinations)")
-    for target in settings.targets.values():
-        if (target.parent is not None and (target.schema, target.table)
-                == (vec.target_schema, vec.target_table)
-                and (target.parent.schema, target.parent.table)
-                == (vec.source_schema, vec.source_table)):
-            return target
-    raise ConfigError(f"no target in the config adopts pgai vectorizer {vec.name!r}"
-                      f" ({vec.source_schema}.{vec.source_table} ->"
-                      f" {vec.target_schema}.{vec.target_table}): add the target"
-                      " `pgreembed import-pgai` prints, import it, then take over")
+    found = [t for t in settings.targets.values()
+             if t.parent is not None and (t.schema, t.table) == vec.chunk_table
+             and (t.parent.schema, t.parent.table) == (vec.source_schema, vec.source_table)]
+    if len(found) > 1:  # the config's and the mapped one: the one import-pgai registered
+        with connect(settings.database_url) as conn:
+            found = [t for t in found if any(s.role == "live" for s in load_slots(conn, t))]
+            conn.commit()
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigError(f"no target adopts pgai vectorizer {vec.name!r}"
+                          f" ({vec.source_schema}.{vec.source_table} ->"
+                          f" {'.'.join(vec.chunk_table)}): run `pgreembed import-pgai"
+                          f" --vectorizer {vec.name}` (adopt) first")
+    raise ConfigError(f"targets {', '.join(t.name for t in found)} all adopt pgai vectorizer"
+                      f" {vec.name!r}: keep one in the config")
 
 
 def _live(slots: list[Slot], target: Target) -> Slot:
@@ -96,7 +105,7 @@ def _live(slots: list[Slot], target: Target) -> Slot:
     return live[0]
 
 
-def take_over(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None = None,
+def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None,
               in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS) -> TakeoverReport:
     started = time.monotonic()
     target = target_of(settings, vec)
@@ -104,19 +113,16 @@ def take_over(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None
     report = TakeoverReport(vec.name, target.name, "taken")
     with connect(dsn) as conn:
         live = _live(load_slots(conn, target), target)
-        if takeover.vector_not_null(conn, target):
+        if vector_not_null(conn, target):
             raise SetupError(f"target {target.name!r}: {target.schema}.{target.table}."
                              f"{target.vector_column} is still NOT NULL as pgai made it:"
                              " import (adopt) the vectorizer before --take-over")
         key, key_type = parent_key(conn, target)
-        if key != vec.key:
-            raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by {vec.key!r},"
+        if key != key_of(vec):
+            raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by {key_of(vec)!r},"
                              f" target {target.name!r} by {key!r}")
         ensure_chunk_table(conn, target)  # the dirty and gone tables; checks the shape
         takeover.ensure_tables(conn, target, key_type)
-        if takeover.keep_chunking_key(conn, target, chunking_key(target)):
-            report.notes.append("pgai's chunk sets recorded as made with the target's"
-                                " chunking settings (no parent is chunked again for it)")
         previous = takeover.read_takeover(conn, target)
         current = chunk_triggers_current(conn, target)
         present = bool(chunk_triggers_present(conn, target))
@@ -124,51 +130,76 @@ def take_over(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None
     if previous is not None and previous.state == "taken" and vec.disabled:
         report.state = "already taken"
     else:
-        _cut_over(dsn, target, vec, live, key, key_type, current, present, policy, report)
+        _prepare(dsn, target, current, present, policy)
+        queued = _cut_over(dsn, target, vec, live, key, key_type, policy, report)
+        _after_cut_over(dsn, target, vec, key, key_type, queued, report)
     _finish_in_flight(dsn, target, vec, key, key_type, in_flight_wait, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
 
-def _cut_over(dsn: str, target: Target, vec: PgaiVectorizer, live: Slot, key: str,
-              key_type: str, current: bool, present: bool, policy: LockPolicy | None,
-              report: TakeoverReport) -> None:
+def _prepare(dsn: str, target: Target, current: bool, present: bool,
+             policy: LockPolicy | None) -> None:
+    """Our triggers on the source, created disabled (no effect yet), so the cut-over is one
+    ALTER TABLE that switches both sides."""
+    if current:
+        return
+
+    def work(conn: Any) -> None:
+        install_chunk_triggers(conn, target)
+        set_chunk_triggers_enabled(conn, target, False)
+
+    run_locked(dsn, app_table(parent_target(target)), "take over (pgreembed's triggers)",
+               work, policy, mode=ACCESS_EXCLUSIVE if present else SHARE_ROW_EXCLUSIVE)
+
+
+def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot, key: str,
+              key_type: str, policy: LockPolicy | None, report: TakeoverReport
+              ) -> list[Any]:
+    """The switch, in one short transaction; returns the keys queued at it."""
     held: dict[str, float] = {}
+    queued: list[Any] = []
 
     def work(conn: Any) -> None:
         report.lock_attempts += 1
         held["from"] = time.monotonic()
-        pgai_queue.set_triggers_enabled(conn, vec, False)  # takes the source's lock
-        if current:
-            set_chunk_triggers_enabled(conn, target, True)
-        else:
-            install_chunk_triggers(conn, target)
+        pgai_queue.switch_triggers(conn, vec, chunk_trigger_names(target), True)
         taken = pgai_queue.take_queue(conn, vec)
         report.queued_rows = taken.deleted + taken.held
         report.keys_marked, report.keys_gone = takeover.mark_dirty(
             conn, target, key, key_type, taken.moved)
-        queued = {str(k) for k in [*taken.moved, *taken.in_flight]}
-        failed = pgai_queue.failures(conn, vec)
-        kept = [(f.key, f.failed_at, f.reason) for f in failed if str(f.key) not in queued]
-        report.failed_superseded = len(failed) - len(kept)
-        report.failed_recorded = takeover.record_failures(conn, target, key, key_type, kept)
         report.in_flight = len(taken.in_flight)
-        pgai_queue.set_disabled(conn, vec, True)
+        queued[:] = [*taken.moved, *taken.in_flight]
         takeover.pause_live(conn, live, False)
         takeover.record_taken(conn, target, vec.id, vec.name, taken.in_flight)
         takeover.notify(conn, target)
-        held["until"] = time.monotonic()
 
-    mode = ACCESS_EXCLUSIVE if present and not current else SHARE_ROW_EXCLUSIVE
     run_locked(dsn, app_table(parent_target(target)),
-               f"take over pgai vectorizer {vec.name}", work, policy, mode=mode)
-    report.locked_ms = round(1000 * (held["until"] - held["from"]), 1)
-    log.info("target %s: took over pgai vectorizer %s: %d queued keys marked, %d failed"
-             " recorded, %d in a pgai batch in flight", target.name, vec.name,
-             report.keys_marked, report.failed_recorded, report.in_flight)
+               f"take over pgai vectorizer {vec.name}", work, policy,
+               mode=SHARE_ROW_EXCLUSIVE)
+    report.locked_ms = round(1000 * (time.monotonic() - held["from"]), 1)  # commit included
+    log.info("target %s: took over pgai vectorizer %s: %d queued keys marked, %d in a pgai"
+             " batch in flight; source locked %.0f ms", target.name, vec.name,
+             report.keys_marked, report.in_flight, report.locked_ms)
+    return queued
 
 
-def _finish_in_flight(dsn: str, target: Target, vec: PgaiVectorizer, key: str,
+def _after_cut_over(dsn: str, target: Target, vec: Vectorizer, key: str, key_type: str,
+                    queued: list[Any], report: TakeoverReport) -> None:
+    """Outside the lock: pgai's vectorizer disabled (its worker has nothing left to claim
+    already: its queue was emptied and its triggers are off), and its failures recorded as
+    the parents' (a key queued again since it failed is chunked instead)."""
+    with connect(dsn) as conn:
+        pgai_queue.set_disabled(conn, vec, True)
+        failed = pgai_queue.failures(conn, vec)
+        again = {str(k) for k in queued}
+        kept = [(f.key, f.failed_at, f.reason) for f in failed if str(f.key) not in again]
+        report.failed_superseded = len(failed) - len(kept)
+        report.failed_recorded = takeover.record_failures(conn, target, key, key_type, kept)
+        conn.commit()
+
+
+def _finish_in_flight(dsn: str, target: Target, vec: Vectorizer, key: str,
                       key_type: str, wait: float, report: TakeoverReport) -> None:
     """Wait for pgai's batch in flight at the take-over to end (its commit deletes its
     queue rows; a rollback leaves them, and they are moved like the others), then mark its
@@ -199,7 +230,7 @@ def _finish_in_flight(dsn: str, target: Target, vec: PgaiVectorizer, key: str,
         conn.commit()
 
 
-def undo(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None = None
+def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
          ) -> TakeoverReport:
     started = time.monotonic()
     target = target_of(settings, vec)
@@ -219,8 +250,7 @@ def undo(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None = No
     def work(conn: Any) -> None:
         report.lock_attempts += 1
         held["from"] = time.monotonic()
-        set_chunk_triggers_enabled(conn, target, False)  # takes the source's lock
-        pgai_queue.set_triggers_enabled(conn, vec, True)
+        pgai_queue.switch_triggers(conn, vec, chunk_triggers_present(conn, target), False)
         keys = {*takeover.take_dirty(conn, target),
                 *takeover.parents_with_pending_chunks(conn, target, key, live.vector)}
         texts = {str(k) for k in keys} | set(in_flight)
@@ -229,19 +259,21 @@ def undo(settings: Settings, vec: PgaiVectorizer, policy: LockPolicy | None = No
         pgai_queue.set_disabled(conn, vec, False)
         takeover.pause_live(conn, live, True)
         takeover.record_undone(conn, target)
-        held["until"] = time.monotonic()
 
     run_locked(dsn, app_table(parent_target(target)), f"hand pgai vectorizer {vec.name} back",
                work, policy, mode=SHARE_ROW_EXCLUSIVE)
-    report.locked_ms = round(1000 * (held["until"] - held["from"]), 1)
+    report.locked_ms = round(1000 * (time.monotonic() - held["from"]), 1)
     report.seconds = round(time.monotonic() - started, 3)
     log.info("target %s: handed pgai vectorizer %s back: %d keys queued for pgai",
              target.name, vec.name, report.keys_marked)
     return report
 
 
-def vectorizers(settings: Settings, names: list[str] | None) -> list[PgaiVectorizer]:
-    with connect(settings.database_url) as conn:
-        found = pgai_queue.read_vectorizers(conn, names)
+def vectorizers(settings: Settings, names: list[str] | None) -> list[Vectorizer]:
+    """The catalog's vectorizers asked for (import-pgai's refusals of old catalogs apply)."""
+    from pgreembed.operations.pgai_import import read_catalog
+
+    with connect(settings.database_url, vector=False) as conn:
+        found = read_catalog(conn, names)
         conn.commit()
     return found

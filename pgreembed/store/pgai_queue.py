@@ -22,96 +22,39 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgreembed.errors import NotFoundError, SetupError
+from pgreembed.errors import SetupError
+from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.trusted_sql import NO_PARAMS
 
 
-@dataclass(frozen=True)
-class PgaiVectorizer:
-    """The parts of an `ai.vectorizer` row a take-over touches."""
-
-    id: int
-    name: str
-    source_schema: str
-    source_table: str
-    key: str  # the source's primary key column (single-column keys only, for now)
-    trigger_name: str
-    queue_schema: str
-    queue_table: str
-    failed_table: str | None
-    destination: str  # "table" or "column"
-    target_schema: str | None  # table destination: the chunk table
-    target_table: str | None
-    disabled: bool
-
-    @property
-    def source(self) -> sql.Identifier:
-        return sql.Identifier(self.source_schema, self.source_table)
-
-    @property
-    def queue(self) -> sql.Identifier:
-        return sql.Identifier(self.queue_schema, self.queue_table)
-
-    @property
-    def triggers(self) -> list[str]:
-        """Its two triggers on the source: the row trigger and the TRUNCATE one."""
-        return [self.trigger_name, f"{self.trigger_name}_truncate"]
+def key_of(vec: Vectorizer) -> str:
+    """The source's key column: a take-over handles single-column keys (for now)."""
+    if len(vec.source_pk) != 1:
+        columns = ", ".join(c.name for c in vec.source_pk)
+        raise SetupError(f"pgai vectorizer {vec.name!r}: {vec.source_schema}.{vec.source_table}"
+                         f" has a composite key ({columns}); a take-over needs a single-column"
+                         " key (not done yet)")
+    return vec.source_pk[0].name
 
 
-def _from_row(row: tuple[Any, ...]) -> PgaiVectorizer:
-    vid, name, schema, table, source_pk, trigger, q_schema, q_table, failed, config, off = row
-    if len(source_pk) != 1:
-        columns = ", ".join(str(c["attname"]) for c in source_pk)
-        raise SetupError(f"pgai vectorizer {name!r}: {schema}.{table} has a composite key"
-                         f" ({columns}); a take-over needs a single-column key (not done yet)")
-    destination = config.get("destination", {})
-    return PgaiVectorizer(
-        id=int(vid), name=str(name), source_schema=str(schema), source_table=str(table),
-        key=str(source_pk[0]["attname"]), trigger_name=str(trigger),
-        queue_schema=str(q_schema), queue_table=str(q_table),
-        failed_table=None if failed is None else str(failed),
-        destination=str(destination.get("implementation", "table")),
-        target_schema=destination.get("target_schema"),
-        target_table=destination.get("target_table"), disabled=bool(off))
+def source_of(vec: Vectorizer) -> sql.Identifier:
+    return sql.Identifier(vec.source_schema, vec.source_table)
 
 
-def read_vectorizers(conn: psycopg.Connection, names: list[str] | None
-                     ) -> list[PgaiVectorizer]:
-    """The catalog's vectorizers named (all when None), in id order; NotFoundError names
-    any missing one. Requires pgai >= 0.10's catalog (a `name` and `disabled` column)."""
-    found = conn.execute("SELECT to_regclass('ai.vectorizer')").fetchone()
-    if found is None or found[0] is None:
-        raise NotFoundError("no pgai catalog in this database (table ai.vectorizer is missing)")
-    rows = conn.execute(
-        "SELECT id, name, source_schema, source_table, source_pk, trigger_name, queue_schema,"
-        " queue_table, queue_failed_table, config, disabled FROM ai.vectorizer"
-        " WHERE %s::text[] IS NULL OR name = ANY(%s::text[]) ORDER BY id",
-        (names, names)).fetchall()
-    missing = sorted(set(names or []) - {str(r[1]) for r in rows})
-    if missing:
-        raise NotFoundError(f"no pgai vectorizer named {', '.join(missing)}")
-    return [_from_row(r) for r in rows]
+def queue_of(vec: Vectorizer) -> sql.Identifier:
+    return sql.Identifier(vec.queue_schema, vec.queue_table)
 
 
-def triggers_enabled(conn: psycopg.Connection, vec: PgaiVectorizer) -> dict[str, bool]:
+def triggers_of(vec: Vectorizer) -> list[str]:
+    """Its two triggers on the source: the row trigger and the TRUNCATE one."""
+    return [vec.trigger_name, f"{vec.trigger_name}_truncate"]
+
+
+def triggers_enabled(conn: psycopg.Connection, vec: Vectorizer) -> dict[str, bool]:
     """Its source triggers that exist, and whether each is enabled."""
     return {str(name): state != "D" for name, state in conn.execute(
         "SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = to_regclass(%s)"
-        " AND tgname = ANY(%s)", (vec.source.as_string(conn), vec.triggers)).fetchall()}
-
-
-def set_triggers_enabled(conn: psycopg.Connection, vec: PgaiVectorizer, enabled: bool
-                         ) -> None:
-    """ENABLE/DISABLE its source triggers in one ALTER TABLE: SHARE ROW EXCLUSIVE on the
-    source (reads go on; DROP TRIGGER would need ACCESS EXCLUSIVE). The triggers stay, for
-    an undo. The caller holds the table-lock policy."""
-    present = list(triggers_enabled(conn, vec))
-    if not present:
-        raise SetupError(f"pgai vectorizer {vec.name!r}: its triggers {', '.join(vec.triggers)}"
-                         f" are not on {vec.source_schema}.{vec.source_table}")
-    verb = sql.SQL("ENABLE" if enabled else "DISABLE")
-    conn.execute(sql.SQL("ALTER TABLE {} {}").format(vec.source, sql.SQL(", ").join(
-        sql.SQL("{} TRIGGER {}").format(verb, sql.Identifier(t)) for t in present)))
+        " AND tgname = ANY(%s)", (source_of(vec).as_string(conn), triggers_of(vec))).fetchall()}
 
 
 @dataclass(frozen=True)
@@ -125,11 +68,11 @@ class QueueTaken:
     in_flight: list[Any]
 
 
-def take_queue(conn: psycopg.Connection, vec: PgaiVectorizer) -> QueueTaken:
+def take_queue(conn: psycopg.Connection, vec: Vectorizer) -> QueueTaken:
     """Delete the queue rows no pgai batch holds, and return the distinct keys of both
     kinds (the caller marks them; a key may be queued many times). Never waits on a pgai
     batch: its rows are skipped, as its own claim skips ours."""
-    ids = {"q": vec.queue, "key": sql.Identifier(vec.key)}
+    ids = {"q": queue_of(vec), "key": sql.Identifier(key_of(vec))}
     moved = conn.execute(sql.SQL(
         "WITH free AS (SELECT ctid FROM {q} FOR UPDATE SKIP LOCKED),"
         " gone AS (DELETE FROM {q} WHERE ctid IN (SELECT ctid FROM free) RETURNING {key})"
@@ -142,20 +85,21 @@ def take_queue(conn: psycopg.Connection, vec: PgaiVectorizer) -> QueueTaken:
                       held=sum(int(n) for _, n in held), in_flight=[k for k, _ in held])
 
 
-def queue_rows(conn: psycopg.Connection, vec: PgaiVectorizer) -> int:
-    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(vec.queue),
+def queue_rows(conn: psycopg.Connection, vec: Vectorizer) -> int:
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(queue_of(vec)),
                        NO_PARAMS).fetchone()
     return int(row[0]) if row else 0
 
 
-def hand_back(conn: psycopg.Connection, vec: PgaiVectorizer, keys: list[Any], key_type: str
+def hand_back(conn: psycopg.Connection, vec: Vectorizer, keys: list[Any], key_type: str
               ) -> int:
     """Queue `keys` for pgai's worker (an undo): it re-chunks and re-embeds each."""
     if not keys:
         return 0
     return conn.execute(sql.SQL(
         "INSERT INTO {q} ({key}) SELECT DISTINCT k FROM unnest(%s::{type}[]) k").format(
-        q=vec.queue, key=sql.Identifier(vec.key), type=sql.SQL(key_type)), (keys,)).rowcount
+        q=queue_of(vec), key=sql.Identifier(key_of(vec)), type=sql.SQL(key_type)),
+        (keys,)).rowcount
 
 
 @dataclass(frozen=True)
@@ -166,12 +110,12 @@ class PgaiFailure:
     reason: str
 
 
-def failures(conn: psycopg.Connection, vec: PgaiVectorizer) -> list[PgaiFailure]:
+def failures(conn: psycopg.Connection, vec: Vectorizer) -> list[PgaiFailure]:
     """Keys in pgai's failed queue, the latest failure per key, with pgai's message for it
     (`ai._vectorizer_errors` rows of the same vectorizer and timestamp) when there is one."""
-    if vec.failed_table is None:
+    if vec.queue_failed_table is None:
         return []
-    failed = sql.Identifier(vec.queue_schema, vec.failed_table)
+    failed = sql.Identifier(vec.queue_schema, vec.queue_failed_table)
     errors = conn.execute("SELECT to_regclass('ai._vectorizer_errors') IS NOT NULL").fetchone()
     message = sql.SQL(
         "(SELECT string_agg(DISTINCT e.message || coalesce(': ' || (e.details ->> 'error_reason'),"
@@ -181,15 +125,31 @@ def failures(conn: psycopg.Connection, vec: PgaiVectorizer) -> list[PgaiFailure]
     rows = conn.execute(sql.SQL(
         "SELECT DISTINCT ON (f.{key}) f.{key}, f.failure_step, f.created_at, {message}"
         " FROM {failed} f ORDER BY f.{key}, f.created_at DESC").format(
-        key=sql.Identifier(vec.key), failed=failed, message=message), params).fetchall()
+        key=sql.Identifier(key_of(vec)), failed=failed, message=message), params).fetchall()
     return [PgaiFailure(k, str(step or ""), at,
                         f"pgai gave up at step {step or 'unknown'!r}"
                         + (f": {text}" if text else " (pgai recorded no message)"))
             for k, step, at, text in rows]
 
 
-def set_disabled(conn: psycopg.Connection, vec: PgaiVectorizer, disabled: bool) -> None:
+def set_disabled(conn: psycopg.Connection, vec: Vectorizer, disabled: bool) -> None:
     """pgai's own switch: its worker checks `disabled` before every batch."""
     function = "disable_vectorizer_schedule" if disabled else "enable_vectorizer_schedule"
     conn.execute(sql.SQL("SELECT ai.{}(%s::int4)").format(sql.Identifier(function)),
                  (vec.id,))
+
+
+def switch_triggers(conn: psycopg.Connection, vec: Vectorizer, ours: list[str],
+                    to_pgreembed: bool) -> None:
+    """One ALTER TABLE that disables one side's triggers on the source and enables the
+    other's: every write of the app is seen by exactly one of the two, and the statement
+    is the whole of the lock's cost (SHARE ROW EXCLUSIVE, as long as the transaction)."""
+    pgai = list(triggers_enabled(conn, vec))
+    if not pgai:
+        raise SetupError(f"pgai vectorizer {vec.name!r}: its triggers"
+                         f" {', '.join(triggers_of(vec))} are not on"
+                         f" {vec.source_schema}.{vec.source_table}")
+    off, on = (pgai, ours) if to_pgreembed else (ours, pgai)
+    conn.execute(sql.SQL("ALTER TABLE {} {}").format(source_of(vec), sql.SQL(", ").join(
+        [sql.SQL("DISABLE TRIGGER {}").format(sql.Identifier(t)) for t in off]
+        + [sql.SQL("ENABLE TRIGGER {}").format(sql.Identifier(t)) for t in on])))

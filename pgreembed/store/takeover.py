@@ -214,25 +214,3 @@ def pause_live(conn: psycopg.Connection, slot: Slot, paused: bool) -> None:
 def notify(conn: psycopg.Connection, target: Target) -> None:
     conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, target.name))
 
-
-def keep_chunking_key(conn: psycopg.Connection, target: Target, made_with: str) -> bool:
-    """Record on the dirty table that its parents' chunk sets were made with the current
-    settings, unless something is recorded already (True: recorded now). pgai's chunks were
-    made with the settings the target maps them to (import's chunk check compares them);
-    without this the next `init` would mark every parent to be chunked again."""
-    found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')",
-                         (dirty_table(target).as_string(conn),)).fetchone()
-    if found is not None and found[0] is not None:
-        return False
-    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
-        dirty_table(target), sql.Literal(made_with)))
-    return True
-
-
-def vector_not_null(conn: psycopg.Connection, target: Target) -> bool:
-    """Whether the chunk table's vector column is still NOT NULL (as pgai made it): the
-    chunk stage inserts new chunks with a NULL vector, so adopting drops it first."""
-    row = conn.execute("SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(%s)"
-                       " AND attname = %s AND NOT attisdropped",
-                       (app_table(target).as_string(conn), target.vector_column)).fetchone()
-    return bool(row and row[0])
