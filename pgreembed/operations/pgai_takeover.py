@@ -40,6 +40,7 @@ from pgreembed.store.chunks import (
     set_chunk_triggers_enabled,
     vector_not_null,
 )
+from pgreembed.store.pgai_cutover import Switched, switch_to_pgreembed
 from pgreembed.store.pgai_queue import key_of
 from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.pool import connect
@@ -131,7 +132,7 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
         report.state = "already taken"
     else:
         _prepare(dsn, target, current, present, policy)
-        queued = _cut_over(dsn, target, vec, live, key, key_type, policy, report)
+        queued = _cut_over(dsn, target, vec, live, policy, report)
         _after_cut_over(dsn, target, vec, key, key_type, queued, report)
     _finish_in_flight(dsn, target, vec, key, key_type, in_flight_wait, report)
     report.seconds = round(time.monotonic() - started, 3)
@@ -153,46 +154,44 @@ def _prepare(dsn: str, target: Target, current: bool, present: bool,
                work, policy, mode=ACCESS_EXCLUSIVE if present else SHARE_ROW_EXCLUSIVE)
 
 
-def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot, key: str,
-              key_type: str, policy: LockPolicy | None, report: TakeoverReport
-              ) -> list[Any]:
-    """The switch, in one short transaction; returns the keys queued at it."""
+def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot,
+              policy: LockPolicy | None, report: TakeoverReport) -> list[str]:
+    """The switch, in one short transaction; returns the keys queued at it (as text)."""
     held: dict[str, float] = {}
-    queued: list[Any] = []
+    result: list[Switched] = []
+    with connect(dsn) as conn:
+        pgai_triggers = list(pgai_queue.triggers_enabled(conn, vec))
+        conn.commit()
 
     def work(conn: Any) -> None:
         report.lock_attempts += 1
         held["from"] = time.monotonic()
-        pgai_queue.switch_triggers(conn, vec, chunk_trigger_names(target), True)
-        taken = pgai_queue.take_queue(conn, vec)
-        report.queued_rows = taken.deleted + taken.held
-        report.keys_marked, report.keys_gone = takeover.mark_dirty(
-            conn, target, key, key_type, taken.moved)
-        report.in_flight = len(taken.in_flight)
-        queued[:] = [*taken.moved, *taken.in_flight]
-        takeover.pause_live(conn, live, False)
-        takeover.record_taken(conn, target, vec.id, vec.name, taken.in_flight)
-        takeover.notify(conn, target)
+        result[:] = [switch_to_pgreembed(conn, target, vec, pgai_triggers,
+                                         chunk_trigger_names(target), live)]
 
     run_locked(dsn, app_table(parent_target(target)),
                f"take over pgai vectorizer {vec.name}", work, policy,
                mode=SHARE_ROW_EXCLUSIVE)
     report.locked_ms = round(1000 * (time.monotonic() - held["from"]), 1)  # commit included
+    (switched,) = result
+    report.queued_rows = switched.deleted + switched.held
+    report.keys_marked, report.keys_gone = switched.marked, switched.gone
+    report.in_flight = len(switched.in_flight)
     log.info("target %s: took over pgai vectorizer %s: %d queued keys marked, %d in a pgai"
              " batch in flight; source locked %.0f ms", target.name, vec.name,
              report.keys_marked, report.in_flight, report.locked_ms)
-    return queued
+    return switched.queued
 
 
 def _after_cut_over(dsn: str, target: Target, vec: Vectorizer, key: str, key_type: str,
-                    queued: list[Any], report: TakeoverReport) -> None:
+                    queued: list[str], report: TakeoverReport) -> None:
     """Outside the lock: pgai's vectorizer disabled (its worker has nothing left to claim
     already: its queue was emptied and its triggers are off), and its failures recorded as
     the parents' (a key queued again since it failed is chunked instead)."""
     with connect(dsn) as conn:
         pgai_queue.set_disabled(conn, vec, True)
         failed = pgai_queue.failures(conn, vec)
-        again = {str(k) for k in queued}
+        again = set(queued)
         kept = [(f.key, f.failed_at, f.reason) for f in failed if str(f.key) not in again]
         report.failed_superseded = len(failed) - len(kept)
         report.failed_recorded = takeover.record_failures(conn, target, key, key_type, kept)

@@ -70,18 +70,6 @@ def read_takeover(conn: psycopg.Connection, target: Target) -> Takeover | None:
                                              row[5], row[6])
 
 
-def record_taken(conn: psycopg.Connection, target: Target, vectorizer_id: int,
-                 vectorizer: str, in_flight: Sequence[Any]) -> None:
-    conn.execute(
-        "INSERT INTO pgreembed.pgai_takeovers (target, vectorizer_id, vectorizer, state,"
-        " in_flight, taken_at) VALUES (%s, %s, %s, 'taken', %s::text[], now())"
-        " ON CONFLICT (target) DO UPDATE SET vectorizer_id = EXCLUDED.vectorizer_id,"
-        " vectorizer = EXCLUDED.vectorizer, state = 'taken', taken_at = now(),"
-        " undone_at = NULL, in_flight = array(SELECT DISTINCT unnest("
-        " pgai_takeovers.in_flight || EXCLUDED.in_flight))",
-        (target.name, vectorizer_id, vectorizer, [str(k) for k in in_flight]))
-
-
 def record_undone(conn: psycopg.Connection, target: Target) -> None:
     conn.execute("UPDATE pgreembed.pgai_takeovers SET state = 'undone', undone_at = now(),"
                  " in_flight = '{}' WHERE target = %s", (target.name,))
