@@ -58,3 +58,21 @@ def cmd_take_over(args: argparse.Namespace, settings: Any) -> int:
         for report in reports:
             _print(report)
     return EXIT_OK
+
+
+def parent_failures_of(conn: Any, target: Any, limit: int) -> tuple[int, list[Any]]:
+    """`failures`: a chunked target's parents recorded failed (pgai's failed queue, handed
+    over at a take-over); (0, []) for other targets."""
+    if target.parent is None:
+        return 0, []
+    from pgreembed.store.chunks import parent_key
+    from pgreembed.store.takeover import parent_failures
+
+    return parent_failures(conn, target, parent_key(conn, target)[0], limit)
+
+
+def print_parent_failures(target: Any, total: int, parents: list[Any]) -> None:
+    if total:
+        print(f"{target.name}: {total} parent rows failed (handed over from pgai):")
+    for p in parents:
+        print(f"  row {p.key}: {p.reason} ({p.failed_at:%Y-%m-%d %H:%M:%S%z})")

@@ -1,18 +1,20 @@
 """`import-pgai --take-over` and `--undo`: hand a pgai vectorizer's work to pgreembed and back.
 
-Take-over, in one transaction under the table-lock policy (100 ms lock attempts with
-jittered retries, blockers named; SHARE ROW EXCLUSIVE on the source: the app's reads go
-on, its writes wait the few milliseconds the transaction takes):
-  - pgai's two source triggers are disabled (kept, for an undo), ours enabled or created,
-    so every write of the app is seen by exactly one of the two;
-  - the keys in pgai's queue are marked dirty for our chunk stage and their queue rows
-    deleted; rows a pgai batch in flight holds are skipped (never waited on) and their
-    keys kept in the registry, marked once that batch is over (`finish_in_flight`);
-  - pgai's failed-queue keys are recorded as failures of the parents with pgai's reason
-    (a key queued again since it failed is chunked instead);
-  - the vectorizer is disabled with pgai's own `ai.disable_vectorizer_schedule`: its
-    worker checks the flag before every batch and stops;
-  - a pause an undo put on the live column is lifted, and the scheduler woken.
+Take-over, in steps that are each safe to stop after (a second run finishes the job):
+  1. our triggers on the source, created disabled (no effect yet);
+  2. the vectorizer disabled with pgai's own `ai.disable_vectorizer_schedule` (its worker
+     checks the flag before every batch), then a wait for its batch in flight to commit
+     (pgai's trigger still queues every write meanwhile);
+  3. the cut-over, one round trip under the table-lock policy (100 ms lock attempts with
+     jittered retries, blockers named; SHARE ROW EXCLUSIVE on the source: the app's reads
+     go on, its writes wait the milliseconds it takes): pgai's two triggers disabled (kept,
+     for an undo) and ours enabled in one ALTER TABLE, so every write is seen by exactly
+     one side; the keys in pgai's queue marked dirty for our chunk stage and their rows
+     deleted; rows a pgai batch still holds skipped (never waited on) and their keys kept
+     in the registry, marked once that batch is over; a pause an undo made lifted;
+  4. pgai's failed-queue keys recorded as failures of their parents with pgai's reason (a
+     key queued again since it failed is chunked instead).
+If the cut-over cannot get its lock, the vectorizer is enabled again: pgai stays in charge.
 Undo is the same backwards: our triggers disabled and pgai's enabled, every parent with
 work left (dirty, or a chunk without a vector) queued for pgai, the vectorizer enabled,
 our live column paused (the scheduler sends nothing of it while pgai is in charge).
@@ -29,11 +31,11 @@ from pgreembed.config import Settings, Target
 from pgreembed.errors import ConfigError, MigrationError, NotInitializedError, SetupError
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
+from pgreembed.store.chunk_sets import dirty_exists
 from pgreembed.store.chunks import (
     chunk_trigger_names,
     chunk_triggers_current,
     chunk_triggers_present,
-    ensure_chunk_table,
     install_chunk_triggers,
     parent_key,
     parent_target,
@@ -64,8 +66,10 @@ class TakeoverReport:
     in_flight_left: int = 0  # ... still held when the wait ran out (marked all the same)
     failed_recorded: int = 0
     failed_superseded: int = 0  # failed in pgai, queued again since: chunked instead
+    waited_for_pgai_s: float = 0.0  # for pgai's batch in flight, after disabling it
     lock_attempts: int = 0
     locked_ms: float = 0.0  # the transaction holding the source's lock
+    locked_at: float = 0.0  # when it began (epoch seconds)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -122,7 +126,9 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
         if key != key_of(vec):
             raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by {key_of(vec)!r},"
                              f" target {target.name!r} by {key!r}")
-        ensure_chunk_table(conn, target)  # the dirty and gone tables; checks the shape
+        if not dirty_exists(conn, target):  # made by adopt (init_chunking)
+            raise NotInitializedError(f"target {target.name!r} has no dirty table yet: run"
+                                      " `pgreembed import-pgai` (adopt) before --take-over")
         takeover.ensure_tables(conn, target, key_type)
         previous = takeover.read_takeover(conn, target)
         current = chunk_triggers_current(conn, target)
@@ -132,8 +138,15 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
         report.state = "already taken"
     else:
         _prepare(dsn, target, current, present, policy)
-        queued = _cut_over(dsn, target, vec, live, policy, report)
-        _after_cut_over(dsn, target, vec, key, key_type, queued, report)
+        _set_disabled(dsn, vec, True)
+        try:
+            report.waited_for_pgai_s = _wait_for_pgai(dsn, vec, in_flight_wait)
+            queued = _cut_over(dsn, target, vec, live, policy, report)
+        except BaseException:
+            if not vec.disabled:  # pgai stays in charge, as it was
+                _set_disabled(dsn, vec, False)
+            raise
+        _record_failures(dsn, target, vec, key, key_type, queued, report)
     _finish_in_flight(dsn, target, vec, key, key_type, in_flight_wait, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -166,6 +179,7 @@ def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot,
     def work(conn: Any) -> None:
         report.lock_attempts += 1
         held["from"] = time.monotonic()
+        report.locked_at = time.time()
         result[:] = [switch_to_pgreembed(conn, target, vec, pgai_triggers,
                                          chunk_trigger_names(target), live)]
 
@@ -183,13 +197,34 @@ def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot,
     return switched.queued
 
 
-def _after_cut_over(dsn: str, target: Target, vec: Vectorizer, key: str, key_type: str,
-                    queued: list[str], report: TakeoverReport) -> None:
-    """Outside the lock: pgai's vectorizer disabled (its worker has nothing left to claim
-    already: its queue was emptied and its triggers are off), and its failures recorded as
-    the parents' (a key queued again since it failed is chunked instead)."""
+def _set_disabled(dsn: str, vec: Vectorizer, disabled: bool) -> None:
     with connect(dsn) as conn:
-        pgai_queue.set_disabled(conn, vec, True)
+        pgai_queue.set_disabled(conn, vec, disabled)
+        conn.commit()
+
+
+def _wait_for_pgai(dsn: str, vec: Vectorizer, wait: float) -> float:
+    """Once the vectorizer is disabled pgai's worker starts no batch; wait (at most `wait`
+    seconds) for the one in flight to commit. Otherwise the chunk stage would re-chunk
+    parents that batch is rewriting, and wait on its row locks while holding the parents
+    (app writes to them waited 3.5 s in a test). Meanwhile pgai's trigger still queues every
+    write: nothing is lost, it is only not processed for that long. Returns seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < wait:
+        with connect(dsn) as conn:
+            held = pgai_queue.held_rows(conn, vec)
+            conn.rollback()
+        if not held:
+            break
+        time.sleep(0.2)  # pgai's batch is at its provider: poll, never wait on its locks
+    return round(time.monotonic() - started, 3)
+
+
+def _record_failures(dsn: str, target: Target, vec: Vectorizer, key: str, key_type: str,
+                     queued: list[str], report: TakeoverReport) -> None:
+    """pgai's failures recorded as the parents' (a key queued again since it failed is
+    chunked instead); outside the lock: pgai writes no failure once disabled."""
+    with connect(dsn) as conn:
         failed = pgai_queue.failures(conn, vec)
         again = set(queued)
         kept = [(f.key, f.failed_at, f.reason) for f in failed if str(f.key) not in again]
@@ -249,6 +284,7 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
     def work(conn: Any) -> None:
         report.lock_attempts += 1
         held["from"] = time.monotonic()
+        report.locked_at = time.time()
         pgai_queue.switch_triggers(conn, vec, chunk_triggers_present(conn, target), False)
         keys = {*takeover.take_dirty(conn, target),
                 *takeover.parents_with_pending_chunks(conn, target, key, live.vector)}

@@ -153,3 +153,13 @@ def switch_triggers(conn: psycopg.Connection, vec: Vectorizer, ours: list[str],
     conn.execute(sql.SQL("ALTER TABLE {} {}").format(source_of(vec), sql.SQL(", ").join(
         [sql.SQL("DISABLE TRIGGER {}").format(sql.Identifier(t)) for t in off]
         + [sql.SQL("ENABLE TRIGGER {}").format(sql.Identifier(t)) for t in on])))
+
+
+def held_rows(conn: psycopg.Connection, vec: Vectorizer) -> int:
+    """Queue rows a pgai batch in flight holds (it claims them FOR UPDATE and deletes them
+    when it commits); the caller rolls back (the probe locks the free rows for a moment)."""
+    row = conn.execute(sql.SQL(
+        "SELECT (SELECT count(*) FROM {q})"
+        " - (SELECT count(*) FROM (SELECT FROM {q} FOR UPDATE SKIP LOCKED) free)").format(
+        q=queue_of(vec)), NO_PARAMS).fetchone()
+    return int(row[0]) if row else 0

@@ -202,3 +202,28 @@ def pause_live(conn: psycopg.Connection, slot: Slot, paused: bool) -> None:
 def notify(conn: psycopg.Connection, target: Target) -> None:
     conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, target.name))
 
+
+
+def pgai_in_charge(conn: psycopg.Connection, target: Target) -> bool:
+    """Whether pgai's worker, not pgreembed, keeps this chunk table current: an enabled
+    pgai vectorizer writes it and no take-over happened, or the take-over was undone.
+    `init` then leaves the parent's triggers to the take-over (both sides' triggers on
+    at once would chunk and embed every write twice)."""
+    found = conn.execute("SELECT to_regclass('pgreembed.pgai_takeovers') IS NOT NULL,"
+                         " to_regclass('ai.vectorizer') IS NOT NULL").fetchone()
+    if found is None:
+        return False
+    registry, pgai = found
+    if registry:
+        row = conn.execute("SELECT state FROM pgreembed.pgai_takeovers WHERE target = %s",
+                           (target.name,)).fetchone()
+        if row is not None:
+            return bool(row[0] == "undone")
+    if not pgai:
+        return False
+    return conn.execute(
+        "SELECT EXISTS (SELECT FROM ai.vectorizer WHERE NOT disabled"
+        " AND config -> 'destination' ->> 'implementation' = 'table'"
+        " AND config -> 'destination' ->> 'target_schema' = %s"
+        " AND config -> 'destination' ->> 'target_table' = %s)",
+        (target.schema, target.table)).fetchone() == (True,)
