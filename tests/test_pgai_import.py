@@ -96,6 +96,13 @@ def chunk_table(conn: psycopg.Connection, name: str) -> str:
 
 def test_dry_run_plans_every_vectorizer_and_re_splits_200_parents_identically(
         pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    with psycopg.connect(pgai_db, autocommit=True) as conn:  # work pgai still owes
+        conn.execute("INSERT INTO notes SELECT g, 'new note ' || g"
+                     " FROM generate_series(901, 903) g")
+        failed = sql.Identifier(*pgai_side.vectorizer_row(conn, "notes_col")
+                                .queue_failed_table.split("."))
+        conn.execute(sql.SQL("INSERT INTO {} (id, failure_step) VALUES (7, 'embedding'),"
+                             " (8, 'loading')").format(failed))
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--all", "--dry-run", "--json")
     assert done.returncode == 0, done.stderr
     doc = json_document(done.stdout)
@@ -115,7 +122,8 @@ def test_dry_run_plans_every_vectorizer_and_re_splits_200_parents_identically(
             assert plan["target"]["chunking"]["template"] == \
                 VECTORIZERS[name].get("template", "$chunk")
         notes = plan_of(doc, "notes_col")
-        assert (notes["maps_to"], notes["rows"], notes["chunks"]) == ("ordinary", 50, 50)
+        assert (notes["maps_to"], notes["rows"], notes["chunks"], notes["queued"],
+                notes["failed"]) == ("ordinary", 53, 50, 3, 2)
         assert conn.execute("SELECT to_regnamespace('pgreembed')").fetchone() == (None,)
     assert fake_openai.stats()["inputs_embedded"] == 0
 
@@ -202,6 +210,21 @@ def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
 
 def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
         pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    # All or nothing: with a vectorizer that cannot be adopted among those named (a
+    # composite key), none is, and the reason is named.
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE pairs (a int, b int, body text, PRIMARY KEY (a, b))")
+        pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+            source="pairs", name="pairs_v", embedder="voyageai", model="voyage-3"))
+    refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "pairs_v",
+                          "--vectorizer", "notes_col", "--no-embed-check", "--json")
+    assert refused.returncode == 4, refused.stderr
+    assert "composite primary key" in json_document(refused.stdout)["error"]["message"]
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('pgreembed.slots') IS NULL OR NOT EXISTS"
+                            " (SELECT FROM pgreembed.slots WHERE target = 'notes_col')"
+                            ).fetchone() == (True,)
+
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "notes_col",
                        "--no-embed-check", "--json")
     assert done.returncode == 0, done.stderr
@@ -225,12 +248,12 @@ def test_a_catalog_older_than_0_10_is_refused_with_nothing_changed(
                               " AND relnamespace <> 'information_schema'::regnamespace"
                               " AND relnamespace::regnamespace::text NOT LIKE 'pg_toast%'),"
                               " (SELECT jsonb_agg(v) FROM ai.vectorizer v)").fetchone()
-    for args in (("--all", "--json"), ("--all", "--dry-run", "--json")):
-        done = import_pgai(database_url, fake_openai, tmp_path, *args)
-        assert done.returncode == 4, done.stderr
-        message = json_document(done.stdout)["error"]["message"]
-        assert "older than 0.10" in message and "pgai install" in message, message
-        assert "ALTER EXTENSION ai UPDATE" in message
+    # Refused before anything is read or changed (a dry run takes the same first step).
+    done = import_pgai(database_url, fake_openai, tmp_path, "--all", "--json")
+    assert done.returncode == 4, done.stderr
+    message = json_document(done.stdout)["error"]["message"]
+    assert "older than 0.10" in message and "pgai install" in message, message
+    assert "ALTER EXTENSION ai UPDATE" in message
     with psycopg.connect(database_url, autocommit=True) as conn:
         after = conn.execute("SELECT (SELECT array_agg(relname::text ORDER BY relname)"
                              " FROM pg_class WHERE relnamespace <> 'pg_catalog'::regnamespace"

@@ -12,17 +12,19 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgreembed.cli import pgai_takeover
 from pgreembed.cli.formatting import add_command, non_negative_int
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target, environment, load_settings, parse_settings
-from pgreembed.errors import EXIT_OK, ConfigError
-from pgreembed.operations import pgai_import
-from pgreembed.operations.pgai_import import VectorizerPlan
+from pgreembed.errors import EXIT_OK, ConfigError, ImportRefused
+from pgreembed.operations.pgai_mapping import DEFAULT_VERIFY_CHUNKS, DEFAULT_VERIFY_VECTORS
 from pgreembed.store.pool import connect
 from pgreembed.store.table_lock import DEFAULT_WAIT_SECONDS, LockPolicy
+
+if TYPE_CHECKING:
+    from pgreembed.operations.pgai_import import VectorizerPlan
 
 
 def _base(args: argparse.Namespace) -> tuple[str, Settings | None]:
@@ -82,6 +84,8 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
         raise ConfigError("--vectorizer and --all: give one")
     if not args.dry_run and not (args.vectorizer or args.all):
         raise ConfigError("adopting needs --vectorizer NAME or --all (or --dry-run to plan)")
+    from pgreembed.operations import pgai_import  # numpy, the providers: only when run
+
     dsn, base = _base(args)
     with connect(dsn, vector=False) as conn:
         plans = pgai_import.make_plan(conn, args.vectorizer or None)
@@ -91,8 +95,15 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
             plan.chunk_check = pgai_import.verify_chunks(conn, plan, args.verify_chunks)
     vectors = (None if args.no_embed_check else
                args.verify_vectors if args.verify_vectors is not None else
-               None if args.dry_run else pgai_import.DEFAULT_VERIFY_VECTORS)
-    if not args.dry_run or vectors:
+               None if args.dry_run else DEFAULT_VERIFY_VECTORS)
+    if not args.dry_run:
+        refused = [p for p in plans if p.target is None]
+        if refused:  # all or nothing: before any check spends or any change is made
+            raise ImportRefused("cannot adopt " + "; ".join(
+                f"{p.vectorizer.name!r} ({p.mapping.refusal})" for p in refused)
+                + "; nothing was changed (`--dry-run` shows the plan; name the others"
+                " with --vectorizer)")
+    if (not args.dry_run or vectors) and any(p.target is not None for p in plans):
         settings = _with_targets(base, plans)
         with connect(dsn) as conn:
             for plan in plans:  # every check before the first change
@@ -126,13 +137,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="plan and check only: change nothing")
     parser.add_argument("--verify-chunks", type=non_negative_int, metavar="N",
-                        default=pgai_import.DEFAULT_VERIFY_CHUNKS,
+                        default=DEFAULT_VERIFY_CHUNKS,
                         help="re-split N stored parents and compare (default"
-                             f" {pgai_import.DEFAULT_VERIFY_CHUNKS}; free)")
+                             f" {DEFAULT_VERIFY_CHUNKS}; free)")
     checks = parser.add_mutually_exclusive_group()
     checks.add_argument("--verify-vectors", type=non_negative_int, metavar="K",
                         help="re-embed K stored chunks, require cosine >= 0.999 (default"
-                             f" {pgai_import.DEFAULT_VERIFY_VECTORS} when adopting; costs K"
+                             f" {DEFAULT_VERIFY_VECTORS} when adopting; costs K"
                              " inputs)")
     checks.add_argument("--no-embed-check", action="store_true",
                         help="skip the vector check: 0 texts sent to any provider")

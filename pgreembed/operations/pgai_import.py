@@ -39,8 +39,6 @@ from pgreembed.store.table_lock import LockPolicy
 from pgreembed.values import Row
 
 MIN_COSINE = 0.999
-DEFAULT_VERIFY_CHUNKS = 200
-DEFAULT_VERIFY_VECTORS = 20
 
 
 @dataclass
@@ -212,9 +210,8 @@ def adopt(settings: Settings, plan: VectorizerPlan, policy: LockPolicy | None) -
     state rows recorded for the mapped model."""
     target = plan.target
     if target is None:
-        reasons = "; ".join(f"{n.what}: {n.reason}" for n in plan.mapping.notes
-                            if n.kind == "refused")
-        raise ImportRefused(f"vectorizer {plan.vectorizer.name!r} cannot be adopted: {reasons}")
+        raise ImportRefused(f"vectorizer {plan.vectorizer.name!r} cannot be adopted:"
+                            f" {plan.mapping.refusal}")
     slot = init_target(settings.database_url, target, policy, adopt=target.parent is not None)
     with connect(settings.database_url, vector=False) as conn:
         live = next(s for s in load_slots(conn, target) if s.role == "live")

@@ -20,6 +20,9 @@ from typing import Any
 
 from pgreembed.store.pgai_values import Vectorizer
 
+# The checks' default sample sizes (the CLI's defaults; this module is light to import).
+DEFAULT_VERIFY_CHUNKS = 200
+DEFAULT_VERIFY_VECTORS = 20
 OPCLASS_DISTANCE = {"vector_cosine_ops": "cosine", "vector_ip_ops": "ip",
                     "vector_l1_ops": "l1", "vector_l2_ops": "l2"}
 SPLITTERS = {"recursive_character_text_splitter": "recursive",
@@ -51,6 +54,11 @@ class Mapping:
     @property
     def adoptable(self) -> bool:
         return not any(n.kind == "refused" for n in self.notes)
+
+    @property
+    def refusal(self) -> str:
+        """Why it cannot be adopted ("" when it can)."""
+        return "; ".join(f"{n.what}: {n.reason}" for n in self.notes if n.kind == "refused")
 
     @property
     def frozen(self) -> bool:

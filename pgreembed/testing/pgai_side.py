@@ -11,7 +11,6 @@ embedder needs tiktoken's cl100k_base, which its wheel bundles (`TIKTOKEN_CACHE_
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from pgreembed.config import environment
 
 PGAI_VERSION = "0.12.1"
 
@@ -129,7 +130,7 @@ def create_vectorizer(conn: psycopg.Connection[Any], spec: VectorizerSpec) -> in
 def worker_env(api_key: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment pgai's worker needs here: the key its embedder reads by name,
     tiktoken offline, and no proxy between it and the loopback fake server."""
-    env = dict(os.environ if base is None else base)
+    env = environment.child_environment() if base is None else dict(base)
     env["OPENAI_API_KEY"] = api_key
     env["TIKTOKEN_CACHE_DIR"] = tiktoken_cache_dir()
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
