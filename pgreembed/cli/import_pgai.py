@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pgreembed.cli import pgai_takeover
 from pgreembed.cli.formatting import add_command, non_negative_int
 from pgreembed.cli.output import emit
 from pgreembed.config import Settings, Target, environment, load_settings, parse_settings
@@ -88,6 +89,8 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
     dsn, base = _base(args)
     with connect(dsn, vector=False) as conn:
         plans = pgai_import.make_plan(conn, args.vectorizer or None)
+        if pgai_takeover.wanted(args):
+            return pgai_takeover.cmd_take_over(args, _with_targets(base, plans))
         for plan in plans:
             plan.chunk_check = pgai_import.verify_chunks(conn, plan, args.verify_chunks)
     vectors = (None if args.no_embed_check else
@@ -148,4 +151,5 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="give up after retrying a table's lock this long")
     parser.add_argument("--json", action="store_true",
                         help="print only the versioned JSON document")
+    pgai_takeover.add_arguments(parser)
     return parser

@@ -213,6 +213,7 @@ def _ctrl_c_remembered() -> Iterator[threading.Event]:
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
+    from pgreembed.cli.pgai_takeover import parent_failures_of, print_parent_failures
     from pgreembed.store.failures import list_failures, retry_failures, select_slots
 
     settings = _settings(args)
@@ -231,11 +232,14 @@ def cmd_failures(args: argparse.Namespace) -> int:
                       f" {count} failed rows are pending again")
             return EXIT_OK
         found = [(slot, *list_failures(conn, slot, args.limit)) for slot in slots]
+        parents_total, parents = parent_failures_of(conn, target, args.limit)
         conn.rollback()
     if args.json:
         emit("failures", {"failures": [r.as_dict() for _, _, records in found
-                                        for r in records]})
+                                        for r in records],
+                          "parent_failures": [p.as_dict() for p in parents]})
         return EXIT_OK
+    print_parent_failures(target, parents_total, parents)
     for slot, total, records in found:
         shown = f", the {len(records)} most recent:" if len(records) < total else ":"
         print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"

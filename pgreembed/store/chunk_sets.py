@@ -208,3 +208,15 @@ def dirty_count(conn: psycopg.Connection, target: Target) -> int:
     row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(dirty_table(target)),
                        NO_PARAMS).fetchone()
     return int(row[0]) if row else 0
+
+
+def parent_version(target: Target) -> sql.Composable:
+    """The md5 a parent's chunk set is made of (text and template columns), over the
+    parent's unqualified columns: what a failure of the parent is recorded against."""
+    return _version(target)
+
+
+def dirty_exists(conn: psycopg.Connection, target: Target) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                       (dirty_table(target).as_string(conn),)).fetchone()
+    return row == (True,)

@@ -28,6 +28,7 @@ from pgreembed.store.chunks import (
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import app_table
 from pgreembed.store.table_lock import LockPolicy, run_locked
+from pgreembed.store.takeover import pgai_in_charge
 from pgreembed.store.versions import upgrade
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,12 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
         if ensure_chunk_table(conn, target):
             log.info("target %s: created chunk table %s.%s", target.name, target.schema,
                      target.table)
-        current = adopt or chunk_triggers_current(conn, target)
+        pgai = not adopt and pgai_in_charge(conn, target)
+        if pgai:
+            log.info("target %s: pgai's vectorizer keeps %s.%s current; the parent's"
+                     " triggers are left to `pgreembed import-pgai --take-over`",
+                     target.name, target.schema, target.table)
+        current = adopt or pgai or chunk_triggers_current(conn, target)
         not_null = adopt and vector_not_null(conn, target)
         conn.commit()
     if not_null:  # a catalog change only (no rewrite), under the short-attempt policy

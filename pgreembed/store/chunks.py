@@ -337,3 +337,29 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
             trigger=trigger, function=function, columns=columns, **each))
     conn.execute(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
         names["edit"][1], sql.Literal(_fingerprint(conn, target, key, watched))))
+
+
+def chunk_trigger_names(target: Target) -> list[str]:
+    """The names of the parent's triggers a chunked target installs."""
+    return [f"pgreembed_chunk_{kind}_{target.name}" for kind in _names(target)]
+
+
+def chunk_triggers_present(conn: psycopg.Connection, target: Target) -> list[str]:
+    """Which of them exist on the parent (enabled or not)."""
+    parent = app_table(parent_target(target)).as_string(conn)
+    return [r[0] for r in conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND tgname = ANY(%s)",
+        (parent, chunk_trigger_names(target))).fetchall()]
+
+
+def set_chunk_triggers_enabled(conn: psycopg.Connection, target: Target, enabled: bool
+                               ) -> None:
+    """ENABLE or DISABLE the parent's triggers in one ALTER TABLE (SHARE ROW EXCLUSIVE,
+    unlike DROP TRIGGER's ACCESS EXCLUSIVE); the caller holds the table-lock policy."""
+    present = chunk_triggers_present(conn, target)
+    if not present:
+        return
+    verb = sql.SQL("ENABLE" if enabled else "DISABLE")
+    conn.execute(sql.SQL("ALTER TABLE {} {}").format(
+        app_table(parent_target(target)), sql.SQL(", ").join(
+            sql.SQL("{} TRIGGER {}").format(verb, sql.Identifier(name)) for name in present)))

@@ -1,0 +1,229 @@
+"""pgreembed's side of a take-over from pgai: which vectorizer a target took over and
+whether it was undone, pgai's failures recorded as the parents', the live slot's pause
+while pgai is in charge, and the marks that move work between the two.
+
+`pgreembed.pgai_takeovers` has one row per chunked target taken over (state `taken` or
+`undone`); `in_flight` holds the keys a pgai batch was writing at the take-over (as
+text), marked dirty once that batch is over, so a crash between the two loses none: the
+next `--take-over` finishes it. `pgreembed.chunk_failed_<target>` records a parent
+pgreembed was handed as failed, with the md5 of its text and template columns then:
+like a chunk's failure, it stands while the parent's text is unchanged (an edit marks
+the parent dirty and the chunk stage chunks it again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgreembed.config import Target
+from pgreembed.store.chunk_sets import parent_version
+from pgreembed.store.chunks import dirty_table, parent_target
+from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, Slot, app_table
+from pgreembed.store.trusted_sql import NO_PARAMS
+
+PAUSED_BY_PGAI = "pgai"
+
+
+def failed_table(target: Target) -> sql.Identifier:
+    return sql.Identifier(SCHEMA, f"chunk_failed_{target.name}")
+
+
+def ensure_tables(conn: psycopg.Connection, target: Target, key_type: str) -> None:
+    """The registry and the target's parent-failure table, if missing."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS pgreembed.pgai_takeovers (target text PRIMARY KEY,"
+        " vectorizer_id int NOT NULL, vectorizer text NOT NULL, state text NOT NULL,"
+        " in_flight text[] NOT NULL DEFAULT '{}', taken_at timestamptz,"
+        " undone_at timestamptz)")
+    conn.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {failed} (pgr_pk {type} PRIMARY KEY,"
+        " pgr_version text NOT NULL, pgr_failure text NOT NULL,"
+        " pgr_failed_at timestamptz NOT NULL, pgr_recorded_at timestamptz NOT NULL"
+        " DEFAULT now())").format(failed=failed_table(target), type=sql.SQL(key_type)))
+
+
+@dataclass(frozen=True)
+class Takeover:
+    target: str
+    vectorizer_id: int
+    vectorizer: str
+    state: str
+    in_flight: list[str]
+    taken_at: datetime | None
+    undone_at: datetime | None
+
+
+def read_takeover(conn: psycopg.Connection, target: Target) -> Takeover | None:
+    found = conn.execute("SELECT to_regclass('pgreembed.pgai_takeovers')").fetchone()
+    if found is None or found[0] is None:
+        return None
+    row = conn.execute("SELECT target, vectorizer_id, vectorizer, state, in_flight, taken_at,"
+                       " undone_at FROM pgreembed.pgai_takeovers WHERE target = %s",
+                       (target.name,)).fetchone()
+    return None if row is None else Takeover(row[0], row[1], row[2], row[3], list(row[4]),
+                                             row[5], row[6])
+
+
+def record_undone(conn: psycopg.Connection, target: Target) -> None:
+    conn.execute("UPDATE pgreembed.pgai_takeovers SET state = 'undone', undone_at = now(),"
+                 " in_flight = '{}' WHERE target = %s", (target.name,))
+
+
+def mark_dirty(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+               keys: Sequence[Any]) -> tuple[int, int]:
+    """Mark `keys` (any type castable from text) for the chunk stage; a key whose parent
+    is gone needs nothing (pgai's trigger, or ours, removed its chunks). Returns
+    (marked now, parents gone)."""
+    if not keys:
+        return 0, 0
+    ids = {"dirty": dirty_table(target), "parent": app_table(parent_target(target)),
+           "key": sql.Identifier(key), "type": sql.SQL(key_type)}
+    texts = [str(k) for k in keys]
+    existing = conn.execute(sql.SQL(
+        "SELECT count(*) FROM {parent} WHERE {key} = ANY(%s::text[]::{type}[])").format(
+        **ids), (texts,)).fetchone()
+    marked = conn.execute(sql.SQL(
+        "INSERT INTO {dirty} (pgr_pk) SELECT p.{key} FROM {parent} p"
+        " WHERE p.{key} = ANY(%s::text[]::{type}[]) ON CONFLICT DO NOTHING").format(**ids),
+        (texts,)).rowcount
+    return marked, len(set(texts)) - (int(existing[0]) if existing else 0)
+
+
+def clear_in_flight(conn: psycopg.Connection, target: Target) -> None:
+    conn.execute("UPDATE pgreembed.pgai_takeovers SET in_flight = '{}' WHERE target = %s",
+                 (target.name,))
+
+
+def record_failures(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+                    failed: Sequence[tuple[Any, datetime, str]]) -> int:
+    """Record (key, failed_at, reason) as failures of the parents, against their current
+    text; a parent gone is skipped. Returns how many were recorded."""
+    if not failed:
+        return 0
+    ids = {"failed": failed_table(target), "parent": app_table(parent_target(target)),
+           "key": sql.Identifier(key), "type": sql.SQL(key_type),
+           "version": parent_version(target)}
+    return conn.execute(sql.SQL(
+        "INSERT INTO {failed} (pgr_pk, pgr_version, pgr_failure, pgr_failed_at)"
+        " SELECT p.{key}, {version}, f.pgr_reason, f.pgr_at FROM unnest(%s::text[],"
+        " %s::timestamptz[], %s::text[]) AS f(pgr_k, pgr_at, pgr_reason)"
+        " JOIN {parent} p ON p.{key} = f.pgr_k::{type}"
+        " ON CONFLICT (pgr_pk) DO UPDATE SET pgr_version = EXCLUDED.pgr_version,"
+        " pgr_failure = EXCLUDED.pgr_failure, pgr_failed_at = EXCLUDED.pgr_failed_at,"
+        " pgr_recorded_at = now()").format(**ids),
+        ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
+         [reason for _, _, reason in failed])).rowcount
+
+
+@dataclass(frozen=True)
+class ParentFailure:
+    key: str
+    reason: str
+    failed_at: datetime
+
+    def as_dict(self) -> dict[str, object]:
+        return {"key": self.key, "reason": self.reason, "failed_at": self.failed_at.isoformat()}
+
+
+def parent_failures(conn: psycopg.Connection, target: Target, key: str, limit: int
+                    ) -> tuple[int, list[ParentFailure]]:
+    """(parents failed on their current text, the `limit` most recent). A parent edited
+    since it failed is not listed: the edit marked it to be chunked again."""
+    found = conn.execute("SELECT to_regclass(%s)", (failed_table(target).as_string(conn),)
+                         ).fetchone()
+    if found is None or found[0] is None:
+        return 0, []
+    rows = conn.execute(sql.SQL(
+        "SELECT f.pgr_pk::text, f.pgr_failure, f.pgr_failed_at, count(*) OVER ()"
+        " FROM {failed} f JOIN {parent} p ON p.{key} = f.pgr_pk"
+        " WHERE f.pgr_version = {version} ORDER BY f.pgr_failed_at DESC, f.pgr_pk LIMIT %s"
+    ).format(failed=failed_table(target), parent=app_table(parent_target(target)),
+             key=sql.Identifier(key), version=parent_version(target)), (limit,)).fetchall()
+    total = int(rows[0][3]) if rows else 0
+    return total, [ParentFailure(k, reason, at) for k, reason, at, _ in rows]
+
+
+def retry_parent_failures(conn: psycopg.Connection, target: Target, key: str) -> int:
+    """Mark the failed parents dirty (the chunk stage tries them again) and forget the
+    records; the caller commits. Returns how many."""
+    found = conn.execute("SELECT to_regclass(%s)", (failed_table(target).as_string(conn),)
+                         ).fetchone()
+    if found is None or found[0] is None:
+        return 0
+    keys = [r[0] for r in conn.execute(sql.SQL(
+        "DELETE FROM {failed} RETURNING pgr_pk").format(failed=failed_table(target)),
+        NO_PARAMS).fetchall()]
+    if keys:
+        conn.execute(sql.SQL(
+            "INSERT INTO {dirty} (pgr_pk) SELECT p.{key} FROM {parent} p"
+            " WHERE p.{key} = ANY(%s) ON CONFLICT DO NOTHING").format(
+            dirty=dirty_table(target), parent=app_table(parent_target(target)),
+            key=sql.Identifier(key)), (keys,))
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, target.name))
+    return len(keys)
+
+
+def take_dirty(conn: psycopg.Connection, target: Target) -> list[Any]:
+    """Delete every dirty mark and return the keys (an undo hands them to pgai). Waits on
+    a chunk stage applying some (its transaction is short); the caller's lock_timeout
+    bounds it."""
+    return [r[0] for r in conn.execute(sql.SQL(
+        "DELETE FROM {dirty} RETURNING pgr_pk").format(dirty=dirty_table(target)),
+        NO_PARAMS).fetchall()]
+
+
+def parents_with_pending_chunks(conn: psycopg.Connection, target: Target, key: str,
+                                vector: sql.Identifier) -> list[Any]:
+    """Parents with a chunk whose live vector is NULL (pending or failed): pgai's worker
+    writes every chunk of a parent again, so an undo hands these back whole."""
+    return [r[0] for r in conn.execute(sql.SQL(
+        "SELECT DISTINCT {key} FROM {chunks} WHERE {vector} IS NULL").format(
+        key=sql.Identifier(key), chunks=app_table(target), vector=vector),
+        NO_PARAMS).fetchall()]
+
+
+def pause_live(conn: psycopg.Connection, slot: Slot, paused: bool) -> None:
+    """While pgai is in charge (after an undo) the live slot is paused, so the scheduler
+    sends nothing of the chunk table; a take-over lifts only a pause it made."""
+    if paused:
+        conn.execute("UPDATE pgreembed.slots SET paused = true, paused_by = %s"
+                     " WHERE id = %s AND NOT paused", (PAUSED_BY_PGAI, slot.id))
+    else:
+        conn.execute("UPDATE pgreembed.slots SET paused = false, paused_by = NULL"
+                     " WHERE id = %s AND paused_by = %s", (slot.id, PAUSED_BY_PGAI))
+
+
+def notify(conn: psycopg.Connection, target: Target) -> None:
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, target.name))
+
+
+
+def pgai_in_charge(conn: psycopg.Connection, target: Target) -> bool:
+    """Whether pgai's worker, not pgreembed, keeps this chunk table current: an enabled
+    pgai vectorizer writes it and no take-over happened, or the take-over was undone.
+    `init` then leaves the parent's triggers to the take-over (both sides' triggers on
+    at once would chunk and embed every write twice)."""
+    found = conn.execute("SELECT to_regclass('pgreembed.pgai_takeovers') IS NOT NULL,"
+                         " to_regclass('ai.vectorizer') IS NOT NULL").fetchone()
+    if found is None:
+        return False
+    registry, pgai = found
+    if registry:
+        row = conn.execute("SELECT state FROM pgreembed.pgai_takeovers WHERE target = %s",
+                           (target.name,)).fetchone()
+        if row is not None:
+            return bool(row[0] == "undone")
+    if not pgai:
+        return False
+    return conn.execute(
+        "SELECT EXISTS (SELECT FROM ai.vectorizer WHERE NOT disabled"
+        " AND config -> 'destination' ->> 'implementation' = 'table'"
+        " AND config -> 'destination' ->> 'target_schema' = %s"
+        " AND config -> 'destination' ->> 'target_table' = %s)",
+        (target.schema, target.table)).fetchone() == (True,)
