@@ -101,9 +101,9 @@ def import_pgai(env: dict[str, str], *args: str, cwd: Path | None = None
 
 
 def adopt(env: dict[str, str]) -> None:
-    """`import-pgai --vectorizer docs_v --no-embed-check`: the chunk table registered as the
+    """`import-pgai --vectorizer docs_v --adopt --no-embed-check`: the chunk table registered as the
     target's live column, pgai still in charge."""
-    done = import_pgai(env, "--vectorizer", VECTORIZER, "--no-embed-check")
+    done = import_pgai(env, "--vectorizer", VECTORIZER, "--adopt", "--no-embed-check")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

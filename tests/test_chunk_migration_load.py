@@ -42,7 +42,7 @@ def test_migration_of_the_chunk_table_under_parent_edits(
     # parents FOR SHARE, so its waits were the app's edits' too).
     assert app["pgreembed_row_lock_waits"] == {}
     # The app's statements failed only by their own lock_timeout (reported: the stall bar
-    # of the issue, see docs-notes/chunk-heavy.md), its transactions never.
+    # of the issue, see docs/chunking.md), its transactions never.
     assert app["errors"] == app["lock_timeouts"], figures["app_error_samples"]
     assert figures["row_holders"]["errors"] == [] and figures["chunk_holder_errors"] == []
     assert app["edit"]["count"] > 0.5 * EDITS_PER_SECOND * SECONDS

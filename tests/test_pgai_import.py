@@ -132,8 +132,10 @@ def test_dry_run_plans_every_vectorizer_and_re_splits_200_parents_identically(
         conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config,"
                      " '{chunking,chunk_size}', '500') WHERE name = 'blog_character'")
     try:
+        # (without --adopt, --take-over or --undo a run is a dry run: the plan is the default)
         changed = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer",
-                              "blog_character", "--dry-run", "--verify-chunks", "50", "--json")
+                              "blog_character", "--verify-chunks", "50", "--json")
+        assert json_document(changed.stdout)["dry_run"] is True
         check = plan_of(json_document(changed.stdout), "blog_character")["chunk_check"]
         assert check["sampled"] == 50 and check["identical"] < 50, check
     finally:
@@ -149,7 +151,7 @@ def test_adopt_with_no_embed_check_sends_nothing_and_rewrites_no_chunk(
         before = pgai_side.chunk_checksum(conn, table)
         versions = pgai_side.chunk_row_versions(conn, table)
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_recursive",
-                       "--no-embed-check", "--json")
+                       "--adopt", "--no-embed-check", "--json")
     assert done.returncode == 0, done.stderr
     plan = plan_of(json_document(done.stdout), "blog_recursive")
     assert fake_openai.stats()["inputs_embedded"] == 0
@@ -185,7 +187,7 @@ def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
                      " '{embedding,model}', '\"fake-other-model\"') WHERE name = 'blog_character'")
     try:
         refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_character",
-                              "--verify-vectors", "5", "--json")
+                              "--adopt", "--verify-vectors", "5", "--json")
     finally:
         with psycopg.connect(pgai_db, autocommit=True) as conn:
             conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config,"
@@ -199,7 +201,7 @@ def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
 
     fake_openai.reset()
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_template",
-                       "--json")
+                       "--adopt", "--json")
     assert done.returncode == 0, done.stderr
     plan = plan_of(json_document(done.stdout), "blog_template")
     assert plan["vector_check"]["sampled"] == 20 and plan["vector_check"]["below"] == 0
@@ -217,7 +219,7 @@ def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
         pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
             source="pairs", name="pairs_v", embedder="voyageai", model="voyage-3"))
     refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "pairs_v",
-                          "--vectorizer", "notes_col", "--no-embed-check", "--json")
+                          "--vectorizer", "notes_col", "--adopt", "--no-embed-check", "--json")
     assert refused.returncode == 4, refused.stderr
     assert "composite primary key" in json_document(refused.stdout)["error"]["message"]
     with psycopg.connect(pgai_db, autocommit=True) as conn:
@@ -226,7 +228,7 @@ def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
                             ).fetchone() == (True,)
 
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "notes_col",
-                       "--no-embed-check", "--json")
+                       "--adopt", "--no-embed-check", "--json")
     assert done.returncode == 0, done.stderr
     plan = plan_of(json_document(done.stdout), "notes_col")
     assert (plan["maps_to"], plan["adopted_chunks"]) == ("ordinary", 50)

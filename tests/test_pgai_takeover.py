@@ -104,7 +104,8 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
     # The take-over as a user runs it: it disables pgai's vectorizer, then waits for the
     # batch pgai has in flight (held at the provider here until pgai is disabled).
     command = subprocess.Popen([sys.executable, "-m", "pgreembed", "import-pgai",
-                                "--vectorizer", VECTORIZER, "--take-over", "--json"],
+                                "--vectorizer", VECTORIZER, "--take-over", "--no-embed-check",
+                                "--json"],
                                env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     with stack.connect() as conn:
@@ -281,7 +282,8 @@ def test_take_over_under_150_writes_per_second(stack: Stack,
     with in_background(*(writer(i) for i in range(WRITERS))):
         time.sleep(3)  # the scenario: writes through pgai's trigger before the cut-over
         cut_from = time.time()
-        done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over", "--json")
+        done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over",
+                           "--no-embed-check", "--json")
         time.sleep(3)  # ... and through ours after it
     assert done.returncode == 0, done.stdout + done.stderr
     (report,) = json_document(done.stdout)["vectorizers"]

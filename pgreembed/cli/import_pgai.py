@@ -1,7 +1,9 @@
 """`pgreembed import-pgai`: adopt pgai vectorizers without re-embedding (issue 26).
 
-Plan (`--dry-run`), chunk and vector checks, adoption; the take-over and its undo are
-separate steps. Works without a pgreembed config (DATABASE_URL and the provider's
+The plan with its chunk and vector checks is the default (a dry run); `--adopt` registers
+the stored vectors (pgai stays in charge); `--take-over` adopts and then hands pgai's
+trigger, queue and failures to pgreembed (cli/pgai_takeover.py); `--undo` hands back.
+Works without a pgreembed config (DATABASE_URL and the provider's
 variables from the environment); with one, its settings are used and the mapped targets
 added to them for this run (the TOML printed is what to add to the file).
 """
@@ -80,54 +82,65 @@ def _print_plan(plan: VectorizerPlan) -> None:
 
 
 def cmd_import_pgai(args: argparse.Namespace) -> int:
+    """Without --adopt, --take-over or --undo: the plan and its checks (a dry run)."""
     if args.vectorizer and args.all:
         raise ConfigError("--vectorizer and --all: give one")
-    if not args.dry_run and not (args.vectorizer or args.all):
-        raise ConfigError("adopting needs --vectorizer NAME or --all (or --dry-run to plan)")
+    adopting = bool(args.adopt or args.take_over)
+    if args.dry_run and (adopting or args.undo):
+        raise ConfigError("--dry-run plans only: it cannot be given with --adopt,"
+                          " --take-over or --undo")
+    if (adopting or args.undo) and not (args.vectorizer or args.all):
+        raise ConfigError("--adopt, --take-over and --undo need --vectorizer NAME or --all")
+    dry_run = not adopting
     from pgreembed.operations import pgai_import  # numpy, the providers: only when run
 
     dsn, base = _base(args)
     with connect(dsn, vector=False) as conn:
         plans = pgai_import.make_plan(conn, args.vectorizer or None)
-        if pgai_takeover.wanted(args):
+        if args.undo:
             return pgai_takeover.cmd_take_over(args, _with_targets(base, plans))
         for plan in plans:
             plan.chunk_check = pgai_import.verify_chunks(conn, plan, args.verify_chunks)
     vectors = (None if args.no_embed_check else
                args.verify_vectors if args.verify_vectors is not None else
-               None if args.dry_run else DEFAULT_VERIFY_VECTORS)
-    if not args.dry_run:
+               None if dry_run else DEFAULT_VERIFY_VECTORS)
+    if not dry_run:
         refused = [p for p in plans if p.target is None]
         if refused:  # all or nothing: before any check spends or any change is made
             raise ImportRefused("cannot adopt " + "; ".join(
                 f"{p.vectorizer.name!r} ({p.mapping.refusal})" for p in refused)
-                + "; nothing was changed (`--dry-run` shows the plan; name the others"
-                " with --vectorizer)")
-    if (not args.dry_run or vectors) and any(p.target is not None for p in plans):
+                + "; nothing was changed (a run without --adopt or --take-over shows the"
+                " plan; name the others with --vectorizer)")
+    if (not dry_run or vectors) and any(p.target is not None for p in plans):
         settings = _with_targets(base, plans)
         with connect(dsn) as conn:
             for plan in plans:  # every check before the first change
                 if vectors:
                     plan.vector_check = pgai_import.verify_vectors(conn, settings, plan, vectors)
-        if not args.dry_run:
+        if not dry_run:
+            # Safe to run again (a take-over after an earlier --adopt records the chunks
+            # pgai's worker wrote since; nothing already recorded is touched).
             policy = LockPolicy(wait_seconds=args.lock_wait)
             for plan in plans:
                 pgai_import.adopt(settings, plan, policy)
+        if args.take_over:
+            return pgai_takeover.cmd_take_over(args, settings)
     if args.json:
-        emit("import-pgai", {"dry_run": args.dry_run,
+        emit("import-pgai", {"dry_run": dry_run,
                              "vectorizers": [p.as_dict() for p in plans]})
     else:
         for plan in plans:
             _print_plan(plan)
-        if args.dry_run:
-            print("dry run: nothing changed")
+        if dry_run:
+            print("dry run: nothing changed (--adopt registers the stored vectors,"
+                  " --take-over also hands pgai's work to pgreembed)")
     return EXIT_OK
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `pgreembed import-pgai` to the CLI's subcommands."""
-    help_text = ("adopt pgai vectorizers: plan (--dry-run), check the chunks and vectors,"
-                 " register the stored chunks without re-embedding")
+    help_text = ("adopt pgai vectorizers without re-embedding: plan and check (the default),"
+                 " --adopt, --take-over from pgai's worker, --undo")
     parser = add_command(subparsers, "import-pgai", help_text, help_text,
                          example="pgreembed import-pgai --vectorizer blog_embedding --dry-run")
     parser.set_defaults(handler=cmd_import_pgai)
@@ -135,7 +148,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="a pgai vectorizer by name (repeat for several)")
     parser.add_argument("--all", action="store_true", help="every vectorizer in ai.vectorizer")
     parser.add_argument("--dry-run", action="store_true",
-                        help="plan and check only: change nothing")
+                        help="plan and check only, change nothing (the default without"
+                             " --adopt, --take-over or --undo)")
     parser.add_argument("--verify-chunks", type=non_negative_int, metavar="N",
                         default=DEFAULT_VERIFY_CHUNKS,
                         help="re-split N stored parents and compare (default"

@@ -16,8 +16,11 @@ from pgreembed.store.table_lock import LockPolicy
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--adopt", action="store_true",
+                       help="register the stored chunks and vectors as the target's live"
+                            " column (no text sent, no row rewritten); pgai stays in charge")
     steps.add_argument("--take-over", action="store_true",
-                       help="after adopting: pgai's triggers off (kept), ours on, its queue"
+                       help="adopt, then: pgai's triggers off (kept), ours on, its queue"
                             " and failures moved over, the vectorizer disabled")
     steps.add_argument("--undo", action="store_true",
                        help="give an adopted vectorizer back to pgai's worker")

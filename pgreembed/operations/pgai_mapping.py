@@ -1,6 +1,6 @@
 """A pgai vectorizer's config -> the pgreembed [[target]] it implies, and what does not map.
 
-Pure: no SQL, no provider. The mapping (docs-notes/pgai-import.md):
+Pure: no SQL, no provider. The mapping (docs/pgai.md, "The mapping"):
 - loading column -> text_columns; loading uri, parsing pymupdf/docling -> adopted frozen
   (vectors and search keep working; source changes are not re-chunked: no loader yet);
 - chunking recursive/character -> [target.chunking] with unit "characters" (pgai's

@@ -4,7 +4,7 @@ The transaction holds SHARE ROW EXCLUSIVE on the app's table from its first stat
 its commit, and every app write waits that long: so it is one multi-statement query (the
 simple protocol; every value a literal composed by psycopg.sql) plus the commit, not a
 dozen round trips. Measured on a 2-core VM at load average ~30: ten statements held the
-lock 173 ms; this: see docs-notes/pgai-takeover.md.
+lock 173 ms; this: see docs/pgai.md (Part 2, Figures).
 """
 
 from __future__ import annotations
