@@ -16,6 +16,7 @@ from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunks import (
     check_parent,
     chunk_triggers_current,
+    chunking_changed,
     ensure_chunk_table,
     ensure_view,
     install_chunk_triggers,
@@ -48,10 +49,18 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
                    mode=SHARE_ROW_EXCLUSIVE)
     with connect(dsn, vector=False) as conn:
         marked, first = mark_all_unless_current(conn, target)
+        made_with = chunking_changed(conn, target)
         if ensure_view(conn, target):
             log.info("target %s: created view %s.%s", target.name, target.parent.schema,
                      target.parent.view)
         conn.commit()
+    if made_with is not None:
+        log.warning("target %s: [target.chunking] differs from the settings %s.%s was made"
+                    " with; nothing is re-chunked in place (search would mix the two):"
+                    " `pgreembed migrate plan --target %s --rechunk` estimates the re-chunk,"
+                    " `pgreembed migrate start --target %s --rechunk` builds the new chunk"
+                    " set side by side (swap, rollback, finalize as for a model)",
+                    target.name, target.schema, target.table, target.name, target.name)
     if first:
         log.info("target %s: %d rows of %s.%s to chunk", target.name, marked,
                  target.parent.schema, target.parent.table)

@@ -20,9 +20,9 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
-from pgreembed.config.chunking import CHUNK_KEY, CHUNK_TEXT, Parent
+from pgreembed.config.chunking import CHUNK_KEY, CHUNK_TEXT, Chunking, Parent
 from pgreembed.errors import SetupError
-from pgreembed.store import catalog
+from pgreembed.store import catalog, chunk_settings
 from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, app_table, primary_key_of
 from pgreembed.store.triggers import text_sql_columns
 
@@ -62,12 +62,18 @@ def parent_key(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
     return primary_key_of(conn, parent_target(target))
 
 
-def watched_columns(conn: psycopg.Connection, target: Target) -> list[str]:
+def watched_columns(conn: psycopg.Connection, target: Target, also: tuple[str, ...] = ()
+                    ) -> list[str]:
     """The parent's columns whose change changes its chunks: text and template columns."""
     parent = parent_of(target)
     of_parent = parent_target(target)
     texts = text_sql_columns(conn, of_parent) if parent.text_sql else parent.text_columns
-    return list(dict.fromkeys([*texts, *parent.chunking.template_columns]))
+    # The set keeps the settings it was made with until a re-chunk migration swaps it:
+    # the columns of their template too (store.chunk_settings).
+    made = chunk_settings.recorded(conn, dirty_table(target))
+    made_columns = made.template_columns if made is not None else ()
+    return list(dict.fromkeys([*texts, *parent.chunking.template_columns, *made_columns,
+                               *also]))
 
 
 def check_parent(conn: psycopg.Connection, target: Target) -> None:
@@ -159,25 +165,41 @@ def chunking_key(target: Target) -> str:
 
 def mark_all_unless_current(conn: psycopg.Connection, target: Target) -> tuple[int, bool]:
     """Mark every parent dirty unless its chunk sets were made with the current settings:
-    on the first init, and after a change of [target.chunking], the template or the text
-    (the stage then re-chunks in place; matching keeps each unchanged chunk with its
-    vectors). The key they were made with is the dirty table's comment, set in the same
-    transaction as the marks. Run after the triggers are committed: a row is then either
-    seen here or marked by the insert trigger. Returns (rows marked, first time)."""
+    on the first init, and after a change of the text columns (the stage then re-chunks
+    in place; matching keeps each unchanged chunk with its vectors). The key they were
+    made with, and the chunking settings, are the dirty table's comment, set in the same
+    transaction as the marks (store.chunk_settings). A change of [target.chunking] alone
+    marks nothing: the set keeps its recorded settings until a re-chunk migration
+    (`migrate start --rechunk`) replaces it side by side; see `chunking_changed`.
+    Run after the triggers are committed: a row is then either seen here or marked by the
+    insert trigger. Returns (rows marked, first time)."""
     key, _ = parent_key(conn, target)
     dirty = dirty_table(target)
-    found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')",
-                         (dirty.as_string(conn),)).fetchone()
+    made_with, settings = chunk_settings.parse(chunk_settings.read_comment(conn, dirty))
+    chunking = parent_of(target).chunking
+    if settings is not None and settings != chunking:
+        target = chunk_settings.with_chunking(target, settings)  # kept until a migration
+        chunking = settings
     wanted = chunking_key(target)
-    made_with = found[0] if found is not None else None
     if made_with == wanted:
+        if settings is None:  # recorded before the settings were: add them
+            conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+                dirty, sql.Literal(chunk_settings.comment(wanted, chunking))))
         return 0, False
     marked = conn.execute(sql.SQL(
         "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent} ON CONFLICT DO NOTHING"
     ).format(dirty=dirty, key=sql.Identifier(key),
              parent=app_table(parent_target(target)))).rowcount
-    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(dirty, sql.Literal(wanted)))
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+        dirty, sql.Literal(chunk_settings.comment(wanted, chunking))))
     return marked, made_with is None
+
+
+def chunking_changed(conn: psycopg.Connection, target: Target) -> Chunking | None:
+    """The settings the live chunk set was made with, when the config asks for others
+    (None: they agree, or none are recorded)."""
+    made = chunk_settings.recorded(conn, dirty_table(target))
+    return made if made is not None and made != parent_of(target).chunking else None
 
 
 def _check_shape(conn: psycopg.Connection, target: Target, relation: str, key: str,
@@ -242,10 +264,13 @@ def chunk_triggers_current(conn: psycopg.Connection, target: Target) -> bool:
     return count is not None and count[0] == len(_names(target))
 
 
-def install_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
-    """(Re)create the parent's four triggers, in the caller's transaction (run_locked)."""
+def install_chunk_triggers(conn: psycopg.Connection, target: Target,
+                           also_watch: tuple[str, ...] = ()) -> None:
+    """(Re)create the parent's four triggers, in the caller's transaction (run_locked).
+    `also_watch`: more parent columns whose change marks the row (a re-chunk migration's
+    second set watches the template columns of both settings)."""
     key, _ = parent_key(conn, target)
-    watched = watched_columns(conn, target)
+    watched = watched_columns(conn, target, also_watch)
     parent = app_table(parent_target(target))
     names = _names(target)
     ids = {"chunks": app_table(target), "dirty": dirty_table(target),
@@ -313,3 +338,12 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
             trigger=trigger, function=function, columns=columns, **each))
     conn.execute(sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
         names["edit"][1], sql.Literal(_fingerprint(conn, target, key, watched))))
+
+
+def drop_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
+    """Remove the parent's four triggers of `target` and their functions (a re-chunk
+    migration's second set, at finalize or cancel)."""
+    parent = app_table(parent_target(target))
+    for trigger, function in _names(target).values():
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, parent))
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function))
