@@ -29,10 +29,14 @@ def plan_step(settings: Settings, target: Target, args: argparse.Namespace) -> i
     code = EXIT_REFUSED if p.blockers else EXIT_OK
     if args.json:
         emit("migrate-plan", {
-            "rows": p.parents, "tokens": p.tokens, "tokens_exact": not p.estimated,
+            "rows": p.parents, "rows_without_text": p.parents_without_chunks,
+            "tokens": p.tokens, "tokens_exact": not p.estimated,
             "tokens_counted_by_tokenizer": p.tokens_counted_by_tokenizer,
-            "cost_usd": p.cost_usd, "statements": [], "blockers": p.blockers,
-            "notes": p.notes, "rechunk": {
+            "cost_usd": p.cost_usd, "minutes_at_rate_limit": None,
+            "requests_per_minute": None, "tokens_per_minute": None,
+            "storage_bytes": p.new_set_bytes, "column": target.vector_column,
+            "column_type": p.column_type, "statements": [], "blockers": p.blockers,
+            "notes": p.notes, "app_objects": [], "rechunk": {
                 "parents": p.parents, "parents_split": p.parents_split,
                 "estimated": p.estimated, "chunks_now": p.chunks_now,
                 "chunks_after": p.chunks_after, "distinct_texts_after": p.distinct_after,
@@ -97,7 +101,7 @@ def swap_step(settings: Settings, target: Target, args: argparse.Namespace,
             "pause_ms": round(result.pause_seconds * 1000, 1),
             "seconds": round(result.waited_seconds, 3),
             "unsearchable": result.parents_left + result.chunks_left,
-            "already_done": result.already_done, "app_objects": [],
+            "already_done": result.already_done, "app_objects": [], "comparison": None,
             "rechunk": {"parents_left": result.parents_left,
                         "chunks_left": result.chunks_left, "views": list(result.views)}})
     elif result.already_done:

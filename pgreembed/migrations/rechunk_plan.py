@@ -41,6 +41,8 @@ class RechunkPlan:
     table_bytes: int  # the live chunk set now (heap, TOAST, indexes)
     new_set_bytes: int  # estimated size of the new set once filled and indexed
     split_seconds: float
+    parents_without_chunks: int  # no text (estimated likewise): no chunk in either set
+    column_type: str
     made_with: Chunking
     wanted: Chunking
     blockers: list[str] = field(default_factory=list)
@@ -73,7 +75,8 @@ def plan(settings: Settings, target: Target, sample_parents: int = SAMPLE_PARENT
         conn.rollback()
         split = chunker(wanted, live.provider, live.model)
         began = time.monotonic()
-        chunks = [c for text, row in rows for c in split(text or "", row)]
+        per_parent = [split(text or "", row) for text, row in rows]
+        chunks = [c for each in per_parent for c in each]
         split_seconds = time.monotonic() - began
         distinct = sorted(set(chunks))
         known = rechunk_plan_sql.embedded_texts(conn, live, distinct)
@@ -114,5 +117,7 @@ def plan(settings: Settings, target: Target, sample_parents: int = SAMPLE_PARENT
         cost_usd=None if price is None else tokens / 1e6 * price,
         table_bytes=counts.table_bytes,
         new_set_bytes=round(per_chunk * chunks_after) if counts.chunks else 0,
-        split_seconds=split_seconds, made_with=made or wanted, wanted=wanted,
+        split_seconds=split_seconds,
+        parents_without_chunks=round(sum(1 for each in per_parent if not each) * scale),
+        column_type=live.column_type, made_with=made or wanted, wanted=wanted,
         blockers=blockers, notes=notes)

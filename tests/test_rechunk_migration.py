@@ -1,0 +1,213 @@
+"""A change of [target.chunking] as a side-by-side migration (scheduler + Redis + worker +
+the fake provider): plan, start, fill, index, swap, rollback, finalize, while the app edits
+parents and the provider is slow. Every chunk set is checked against the split of its
+parent's current text with that set's settings, every chunk's vector against the model's
+vector of its text, and pgai's view against the live set."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgreembed.chunking.splitter import chunker
+from pgreembed.config import load_settings
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from pgreembed.testing.fake_vectors import fake_vector
+from tests.helpers import Stack, json_document, migrate, wait_for, write_config
+from tests.test_chunked_pipeline import MODEL, body
+from tests.test_chunked_targets import CHUNKED
+
+OLD = CHUNKED.format(batch_size=32, destination='[target.destination]\nview = "docs_view"\n')
+NEW = OLD.replace("size = 800\noverlap = 400", "size = 1200\noverlap = 100")
+PARENTS, SHORT = 40, 10  # short parents: one chunk, the same in both settings (copied)
+
+
+def sets(conn: psycopg.Connection, table: str) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    for key, seq, text in conn.execute(f"SELECT id, chunk_seq, chunk FROM {table}"
+                                       " ORDER BY id, chunk_seq"):
+        assert seq == len(found.setdefault(key, [])), f"{table}: chunk_seq not consecutive"
+        found[key].append(text)
+    return found
+
+
+def split_all(conn: psycopg.Connection, target: Any) -> dict[int, list[str]]:
+    split = chunker(target.parent.chunking, target.provider, target.model)
+    wanted = {key: split(text or "", {"title": title})
+              for key, title, text in conn.execute("SELECT id, title, body FROM docs")}
+    return {k: v for k, v in wanted.items() if v}
+
+
+def current(stack: Stack, table: str, target: Any) -> bool:
+    """The set in `table` equals the split of every parent's current text, all embedded
+    (and none of its parents is marked to chunk again)."""
+    dirty_table = "chunk_dirty_docs" + table.removeprefix("docs_chunks")
+    with stack.connect() as conn:
+        pending = conn.execute(f"SELECT count(*) FROM {table} WHERE embedding IS NULL"
+                               ).fetchone()
+        dirty = conn.execute(f"SELECT count(*) FROM pgreembed.{dirty_table}").fetchone()
+        return pending == (0,) and dirty == (0,) and sets(conn, table) == split_all(conn,
+                                                                                    target)
+
+
+def assert_vectors(stack: Stack, relation: str) -> int:
+    with stack.connect() as conn:
+        rows = conn.execute(f"SELECT chunk, embedding FROM {relation}").fetchall()
+    assert rows
+    for text, vector in rows:
+        np.testing.assert_allclose(vector.to_numpy(), fake_vector(MODEL, text, 384),
+                                   atol=1e-6, err_msg=f"{relation}: {text[:40]!r}")
+    return len(rows)
+
+
+def assert_view_serves(stack: Stack, table: str) -> None:
+    with stack.connect() as conn:
+        view = sorted(conn.execute("SELECT embedding_uuid, chunk FROM docs_view").fetchall())
+        live = sorted(conn.execute(f"SELECT embedding_uuid, chunk FROM {table}").fetchall())
+    assert view == live and view
+
+
+class Writer(threading.Thread):
+    """The app: edits of parents 1..10 (a new middle sentence), ~10 a second."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.stop, self.edits, self.version = stack, threading.Event(), 0, 0
+
+    def run(self) -> None:
+        with self.stack.connect() as conn:
+            while not self.stop.is_set():
+                self.version += 1
+                key = 1 + self.version % 10
+                conn.execute("UPDATE docs SET body = %s WHERE id = %s",
+                             (body(random.Random(key), key, f"w{self.version}"), key))
+                self.edits += 1
+                time.sleep(0.1)
+
+
+@pytest.mark.timeout(600)
+def test_rechunk_migration_side_by_side_under_edits(stack: Stack,
+                                                    fake_openai: FakeOpenAIServer) -> None:
+    write_config(stack.config_path, OLD)
+    old = load_settings(stack.config_path, stack.env).target("docs")
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        for key in range(1, PARENTS + 1):
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
+                         (key, f"t{key}", body(random.Random(key), key, "0")))
+        for key in range(PARENTS + 1, PARENTS + SHORT + 1):
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
+                         (key, f"t{key}", f"A short note number {key}."))
+    wait_for(lambda: current(stack, "docs_chunks", old), timeout=180, interval=0.5,
+             message="the first chunk set embedded")
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_chunks_embedding_idx ON docs_chunks"
+                     " USING hnsw (embedding vector_cosine_ops)")
+        old_texts = {t for chunks in sets(conn, "docs_chunks").values() for t in chunks}
+
+    write_config(stack.config_path, NEW)
+    new = load_settings(stack.config_path, stack.env).target("docs")
+    init = stack.cli("init")
+    assert init.returncode == 0 and "migrate start --target docs --rechunk" in init.stderr
+    with stack.connect() as conn:
+        assert sets(conn, "docs_chunks") == split_all(conn, old)  # nothing in place
+        expected_new = split_all(conn, new)
+    plan_run = stack.cli("migrate", "plan", "--target", "docs", "--rechunk", "--json")
+    assert plan_run.returncode == 0, plan_run.stdout + plan_run.stderr
+    plan = json_document(plan_run.stdout)["rechunk"]
+    print(json.dumps({"plan": plan}))
+
+    fake_openai.set_faults(slow_model=MODEL, slow_model_latency=0.5)
+    inputs_before = fake_openai.stats()["inputs_embedded"]
+    writer = Writer(stack)
+    writer.start()
+    try:
+        out = migrate(stack, "start", "--rechunk")
+        assert "re-chunk started" in out
+        with stack.connect() as conn:
+            row = conn.execute("SELECT table_name FROM pgreembed.slots WHERE target = 'docs'"
+                               " AND role = 'next'").fetchone()
+        side = f"docs_chunks__c{row[0].rsplit('__c', 1)[1]}"
+        assert row[0] == side
+        wait_for(lambda: _filled(stack, side), timeout=240, interval=0.5,
+                 message="the new chunk set filled")
+        migrate(stack, "index")
+        swapped = json_document(migrate(stack, "swap", "--json", "--max-unsearchable", "40"))
+        assert swapped["pause_ms"] < 1000, swapped
+        assert_view_serves(stack, "docs_chunks")
+        time.sleep(2.0)  # edits after the swap, into both sets
+    finally:
+        writer.stop.set()
+        writer.join()
+    fake_openai.set_faults(slow_model_latency=0.0)
+    assert writer.edits > 20
+
+    # After the swap: the live name holds the new settings' split of every current text.
+    wait_for(lambda: current(stack, "docs_chunks", new) and current(stack, side, old),
+             timeout=180, interval=0.5, message="both sets current after the swap")
+    assert_vectors(stack, "docs_chunks")
+    assert_vectors(stack, side)
+    assert_view_serves(stack, "docs_chunks")
+    with stack.connect() as conn:
+        indexes = {r[0] for r in conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'docs_chunks'")}
+    assert "docs_chunks_embedding_idx" in indexes  # the app's index name stays live
+
+    # Plan against what the migration did (the untouched parents 11..50 are as planned).
+    with stack.connect() as conn:
+        built = sets(conn, "docs_chunks")
+    assert abs(plan["chunks_after"] - sum(map(len, built.values()))) <= 0.2 * plan[
+        "chunks_after"]
+    planned_new = {t for k, chunks in expected_new.items() for t in chunks
+                   if t not in old_texts}
+    counts = fake_openai.stats()["text_counts"]
+    assert abs(plan["texts_to_embed"] - len(planned_new)) <= 0.2 * len(planned_new)
+    untouched = {t for k, chunks in expected_new.items() if k > 10 for t in chunks
+                 if t not in old_texts}  # the writer edits parents 1..10
+    assert untouched and all(counts.get(t, 0) >= 1 for t in untouched)
+    reused = {t for k, chunks in expected_new.items() for t in chunks if t in old_texts}
+    assert reused and plan["chunks_reused"] >= len(reused)
+    assert all(counts.get(t) == 1 for t in reused), "a text the live set had was bought again"
+    print(json.dumps({"edits": writer.edits, "swap": swapped,
+                      "inputs": fake_openai.stats()["inputs_embedded"] - inputs_before,
+                      "planned_new": len(planned_new)}))
+
+    # Rollback: the previous set is live again, current for the edits made since.
+    migrate(stack, "rollback")
+    assert current(stack, "docs_chunks", old) and current(stack, side, new)
+    assert_vectors(stack, "docs_chunks")
+    assert_view_serves(stack, "docs_chunks")
+
+    migrate(stack, "swap")
+    migrate(stack, "finalize")
+    with stack.connect() as conn:
+        assert conn.execute("SELECT to_regclass(%s)", (side,)).fetchone() == (None,)
+        triggers = {r[0] for r in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass")}
+        conn.execute("UPDATE docs SET body = body || ' Final.' WHERE id = 3")
+    assert not any("__c" in t for t in triggers), triggers
+    wait_for(lambda: current(stack, "docs_chunks", new), timeout=120, interval=0.5,
+             message="edits after finalize")
+    assert_vectors(stack, "docs_chunks")
+    assert_view_serves(stack, "docs_chunks")
+    assert stack.cli("init").returncode == 0
+    assert "rechunk" not in stack.cli("init").stderr
+
+
+def _filled(stack: Stack, side: str) -> bool:
+    """Every parent chunked into the new set, and no more than the writer keeps pending."""
+    with stack.connect() as conn:
+        parents, pending = conn.execute(
+            f"SELECT count(DISTINCT id), count(*) FILTER (WHERE embedding IS NULL) FROM {side}"
+        ).fetchone()
+    print(json.dumps({"side_parents": parents, "side_pending": pending}))
+    return bool(parents == PARENTS + SHORT and pending <= 30)
