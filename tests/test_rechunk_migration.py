@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -211,3 +214,63 @@ def _filled(stack: Stack, side: str) -> bool:
         ).fetchone()
     print(json.dumps({"side_parents": parents, "side_pending": pending}))
     return bool(parents == PARENTS + SHORT and pending <= 30)
+
+
+@pytest.mark.timeout(300)
+def test_rechunk_start_crash_refusals_and_cancel(stack: Stack) -> None:
+    """No scheduler or worker: `start --rechunk` killed right after its commit is finished
+    by running it again (one migration, its pending index made); a swap is refused,
+    nothing changed, while an app function is bound to the chunk table; cancel drops the
+    new set, its triggers and slot, and leaves the live set as it was."""
+    from pgreembed.chunking.stage import run_chunk_stage
+    from pgreembed.store.pool import connect
+
+    write_config(stack.config_path, OLD)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        for key in range(1, 11):
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
+                         (key, f"t{key}", body(random.Random(key), key, "0")))
+    with connect(stack.dsn) as conn:
+        run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
+    with stack.connect() as conn:
+        before = sets(conn, "docs_chunks")
+        triggers_before = {r[0] for r in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass")}
+    refused = stack.cli("migrate", "start", "--target", "docs", "--rechunk")
+    assert refused.returncode == 4 and "nothing to re-chunk" in refused.stderr, refused.stderr
+
+    write_config(stack.config_path, NEW)
+    crashed = subprocess.run([sys.executable, "-m", "pgreembed", "migrate", "start",
+                              "--target", "docs", "--rechunk"],
+                             env={**stack.env, "PGREEMBED_CRASH_AT": "start"},
+                             capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    migrate(stack, "start", "--rechunk")  # again: finds its migration
+    with stack.connect() as conn:
+        (slot,) = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'next'").fetchone()
+        assert conn.execute("SELECT count(*) FROM pgreembed.migrations").fetchone() == (1,)
+        assert conn.execute("SELECT to_regclass(%s)",
+                            (f"public.pgreembed_pending_{slot}",)).fetchone() != (None,)
+        assert conn.execute(f"SELECT count(*) FROM pgreembed.chunk_dirty_docs__c{slot}"
+                            ).fetchone() == (10,)
+        conn.execute("CREATE FUNCTION chunk_count() RETURNS bigint LANGUAGE sql"
+                      " BEGIN ATOMIC SELECT count(*) FROM docs_chunks; END")
+    blocked = stack.cli("migrate", "swap", "--target", "docs", "--timeout", "1")
+    assert blocked.returncode == 4 and "function public.chunk_count()" in blocked.stderr, (
+        blocked.stderr)
+    with stack.connect() as conn:
+        conn.execute("DROP FUNCTION chunk_count()")
+    with connect(stack.dsn) as conn:  # the stage fills the new set (no worker: no vectors)
+        run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
+    with stack.connect() as conn:
+        assert len(sets(conn, f"docs_chunks__c{slot}")) == 10
+    assert "cancelled" in migrate(stack, "cancel")
+    with stack.connect() as conn:
+        assert sets(conn, "docs_chunks") == before
+        assert conn.execute("SELECT to_regclass(%s)", (f"docs_chunks__c{slot}",)
+                            ).fetchone() == (None,)
+        assert {r[0] for r in conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass")} == triggers_before
+        assert conn.execute("SELECT role FROM pgreembed.slots WHERE id = %s", (slot,)
+                            ).fetchone() == ("dropped",)
