@@ -24,6 +24,7 @@ from pgreembed.store.chunks import (
     parent_target,
 )
 from pgreembed.store.pool import connect
+from pgreembed.store.rechunk_sets import rechunk_slot
 from pgreembed.store.slots import app_table
 from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.versions import upgrade
@@ -49,7 +50,8 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
                    mode=SHARE_ROW_EXCLUSIVE)
     with connect(dsn, vector=False) as conn:
         marked, first = mark_all_unless_current(conn, target)
-        made_with = chunking_changed(conn, target)
+        # An open re-chunk migration is the way the settings change: nothing to say.
+        made_with = None if rechunk_slot(conn, target) else chunking_changed(conn, target)
         if ensure_view(conn, target):
             log.info("target %s: created view %s.%s", target.name, target.parent.schema,
                      target.parent.view)

@@ -166,15 +166,21 @@ def dependents(conn: psycopg.Connection, table: sql.Identifier) -> tuple[list[Vi
     Definitions are printed with every name schema-qualified (search_path pg_catalog)."""
     conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")
     views, refused = [], []
-    for schema, name, kind, definition in conn.execute(
+    for schema, name, kind, definition, owner, owner_role, current in conn.execute(
             "SELECT DISTINCT n.nspname, c.relname, c.relkind,"
-            " CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid, false) END"
+            " CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid, false) END,"
+            " pg_get_userbyid(c.relowner), pg_has_role(current_user, c.relowner, 'USAGE'),"
+            " current_user::text"
             " FROM pg_depend d JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass"
             " AND r.oid = d.objid JOIN pg_class c ON c.oid = r.ev_class"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE d.refobjid = %s::regclass AND c.oid <> d.refobjid ORDER BY 1, 2",
             (table.as_string(conn),)).fetchall():
-        if kind == "v":
+        if kind == "v" and not owner_role:
+            refused.append(f"view {schema}.{name} (owner {owner}: pgreembed's role cannot"
+                           f" re-create it; GRANT {owner} TO {current}, or run the swap as"
+                           f" {owner})")
+        elif kind == "v":
             views.append(View(sql.Identifier(schema, name), str(definition)))
         else:
             refused.append(f"materialized view {schema}.{name}")
