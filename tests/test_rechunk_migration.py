@@ -23,7 +23,16 @@ from pgreembed.chunking.splitter import chunker
 from pgreembed.config import load_settings
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, json_document, migrate, wait_for, write_config
+from tests.app_side import repeatable_read_by_default
+from tests.helpers import (
+    OrdinaryRoles,
+    Stack,
+    in_background,
+    json_document,
+    migrate,
+    wait_for,
+    write_config,
+)
 from tests.test_chunked_pipeline import MODEL, body
 from tests.test_chunked_targets import CHUNKED
 
@@ -206,14 +215,14 @@ def test_rechunk_migration_side_by_side_under_edits(stack: Stack,
     assert "rechunk" not in stack.cli("init").stderr
 
 
-def _filled(stack: Stack, side: str) -> bool:
+def _filled(stack: Stack, side: str, parents_wanted: int = PARENTS + SHORT) -> bool:
     """Every parent chunked into the new set, and no more than the writer keeps pending."""
     with stack.connect() as conn:
         parents, pending = conn.execute(
             f"SELECT count(DISTINCT id), count(*) FILTER (WHERE embedding IS NULL) FROM {side}"
         ).fetchone()
     print(json.dumps({"side_parents": parents, "side_pending": pending}))
-    return bool(parents == PARENTS + SHORT and pending <= 30)
+    return bool(parents == parents_wanted and pending <= 30)
 
 
 @pytest.mark.timeout(300)
@@ -274,3 +283,96 @@ def test_rechunk_start_crash_refusals_and_cancel(stack: Stack) -> None:
             "SELECT tgname FROM pg_trigger WHERE tgrelid = 'docs'::regclass")} == triggers_before
         assert conn.execute("SELECT role FROM pgreembed.slots WHERE id = %s", (slot,)
                             ).fetchone() == ("dropped",)
+
+
+@pytest.mark.timeout(600)
+def test_rechunk_as_ordinary_roles_under_repeatable_read(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    """As users' databases are: pgreembed a plain member of the owner role, REPEATABLE READ
+    by default, the app's own view over the chunk table (owned by the owner role), app
+    transactions holding a parent row across `start` and reading the view across the
+    swap, and the app editing parents throughout: the app reads the live set through its
+    view after the swap and the rollback, and none of its statements fails."""
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
+    write_config(stack.config_path, OLD)
+    old = load_settings(stack.config_path, stack.env).target("docs")
+    out = stack.cli("init")
+    assert out.returncode == 0, out.stderr
+    with stack.connect() as conn:
+        for role in (roles.owner, roles.app):
+            conn.execute(f'GRANT SELECT ON docs_chunks TO "{role}"')
+        conn.execute("CREATE VIEW app_chunks AS SELECT id, chunk_seq, chunk, embedding"
+                     " FROM docs_chunks")
+        conn.execute(f'ALTER VIEW app_chunks OWNER TO "{roles.owner}"')
+        conn.execute(f'GRANT SELECT ON app_chunks TO "{roles.app}"')
+    fake_openai.set_faults(slow_model=MODEL, slow_model_latency=0.3)
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with psycopg.connect(roles.app_dsn, autocommit=True) as app:
+        for key in range(1, 21):
+            app.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
+                        (key, f"t{key}", body(random.Random(key), key, "0")))
+    wait_for(lambda: current(stack, "docs_chunks", old), timeout=180, interval=0.5,
+             message="the first set embedded")
+    write_config(stack.config_path, NEW)
+    new = load_settings(stack.config_path, stack.env).target("docs")
+    errors: list[str] = []
+
+    def edit(stop: threading.Event) -> None:
+        version = 0
+        with psycopg.connect(roles.app_dsn, autocommit=True) as app:
+            while not stop.is_set():
+                version += 1
+                key = 1 + version % 5
+                try:
+                    app.execute("UPDATE docs SET body = %s WHERE id = %s",
+                                (body(random.Random(key), key, f"e{version}"), key))
+                except psycopg.Error as exc:
+                    errors.append(f"edit: {exc}")
+                time.sleep(0.1)
+
+    def read(stop: threading.Event) -> None:
+        with psycopg.connect(roles.app_dsn) as app:  # REPEATABLE READ transactions
+            while not stop.is_set():
+                try:
+                    app.execute("SELECT count(*) FROM app_chunks").fetchone()
+                    time.sleep(0.3)  # holds its snapshot and ACCESS SHARE a while
+                    app.commit()
+                    time.sleep(0.3)  # (an app that never lets go blocks any swap)
+                except psycopg.Error as exc:
+                    app.rollback()
+                    errors.append(f"read: {exc}")
+
+    with in_background(edit, read):
+        with psycopg.connect(roles.app_dsn) as holder:  # holds parent 9 across start
+            holder.execute("UPDATE docs SET views = views + 1 WHERE id = 9")
+            threading.Timer(1.0, holder.commit).start()
+            migrate(stack, "start", "--rechunk")
+        with stack.connect() as conn:
+            (side,) = conn.execute("SELECT table_name FROM pgreembed.slots"
+                                   " WHERE role = 'next'").fetchone()
+        wait_for(lambda: _filled(stack, side, 20), timeout=240, interval=0.5,
+                 message="the new set filled")
+        migrate(stack, "swap", "--max-unsearchable", "30")
+        time.sleep(1.0)
+    fake_openai.set_faults(slow_model_latency=0.0)
+    assert errors == []
+    wait_for(lambda: current(stack, "docs_chunks", new) and current(stack, side, old),
+             timeout=180, interval=0.5, message="both sets current")
+    with psycopg.connect(roles.app_dsn, autocommit=True) as app:
+        through_view = sorted(app.execute("SELECT id, chunk_seq, chunk FROM app_chunks"))
+    with stack.connect() as conn:
+        assert through_view == sorted(conn.execute("SELECT id, chunk_seq, chunk"
+                                                   " FROM docs_chunks"))
+        assert sets(conn, "docs_chunks") == split_all(conn, new)
+    assert_vectors(stack, "docs_chunks")
+    migrate(stack, "rollback")
+    with psycopg.connect(roles.app_dsn, autocommit=True) as app:
+        through_view = sorted(app.execute("SELECT id, chunk_seq, chunk FROM app_chunks"))
+    with stack.connect() as conn:
+        assert through_view == sorted(conn.execute("SELECT id, chunk_seq, chunk"
+                                                   " FROM docs_chunks"))
+        assert sets(conn, "docs_chunks") == split_all(conn, old)
+    migrate(stack, "finalize")
+    assert_vectors(stack, "docs_chunks")

@@ -28,7 +28,8 @@ from pgreembed.store.triggers import text_sql_columns
 
 # Bump when the parent's triggers change: older ones are then replaced.
 # 2: deletes under REPEATABLE READ leave gone marks and never fail on the stage's rows.
-CHUNK_TRIGGERS_VERSION = 2
+# 3: marks under REPEATABLE READ never fail on a mark committed after the snapshot.
+CHUNK_TRIGGERS_VERSION = 3
 
 
 def parent_of(target: Target) -> Parent:
@@ -264,6 +265,25 @@ def chunk_triggers_current(conn: psycopg.Connection, target: Target) -> bool:
     return count is not None and count[0] == len(_names(target))
 
 
+def _mark(ids: dict[str, sql.Composable], insert: sql.Composable) -> sql.Composable:
+    """A dirty mark. Under REPEATABLE READ or SERIALIZABLE, ON CONFLICT DO NOTHING fails
+    with a serialization error when the row it meets was committed after the snapshot (a
+    mark `init` or `migrate start --rechunk` made, or another edit's): that mark stands for
+    this parent too, and the stage cannot remove it while this transaction holds the row
+    (it skips parents locked by the app), so the error is dropped. Read committed takes
+    no subtransaction."""
+    return sql.SQL(
+        "    IF {snapshot_old} THEN\n"
+        "        BEGIN\n"
+        "            {insert};\n"
+        "        EXCEPTION WHEN serialization_failure THEN\n"
+        "            NULL;  -- a mark for the row is there (committed after this snapshot)\n"
+        "        END;\n"
+        "    ELSE\n"
+        "        {insert};\n"
+        "    END IF;").format(snapshot_old=ids["snapshot_old"], insert=insert)
+
+
 def install_chunk_triggers(conn: psycopg.Connection, target: Target,
                            also_watch: tuple[str, ...] = ()) -> None:
     """(Re)create the parent's four triggers, in the caller's transaction (run_locked).
@@ -277,15 +297,16 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target,
            "key": sql.Identifier(key), "channel": sql.Literal(NOTIFY_CHANNEL),
            "target": sql.Literal(target.name), "changed": _changed(watched)}
     notify = sql.SQL("    PERFORM pg_notify({channel}, {target});").format(**ids)
-    _function(conn, names["new"][1], sql.SQL(
-        "    INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM pgr_new ON CONFLICT DO NOTHING;\n"
-        "{notify}").format(notify=notify, **ids))
     # A snapshot older than the stage's last commit (REPEATABLE READ, SERIALIZABLE) may not
     # see chunks the stage wrote, and fails with a serialization error on rows it changed:
     # such a transaction leaves marks for the stage and skips what it cannot do itself.
     # The app's statement never fails because of pgreembed's rows.
     ids["snapshot_old"] = sql.SQL("current_setting('transaction_isolation') <> 'read committed'")
     ids["gone"] = gone_table(target)
+    _function(conn, names["new"][1], sql.SQL(
+        "{mark}\n{notify}").format(notify=notify, mark=_mark(ids, sql.SQL(
+            "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM pgr_new ON CONFLICT DO NOTHING"
+        ).format(**ids))))
     _function(conn, names["edit"][1], sql.SQL(
         "    IF OLD.{key} IS DISTINCT FROM NEW.{key} THEN\n"
         "        BEGIN\n"
@@ -297,9 +318,11 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target,
         "        END;\n"
         "    END IF;\n"
         "    IF {changed} THEN\n"
-        "        INSERT INTO {dirty} (pgr_pk) VALUES (NEW.{key}) ON CONFLICT DO NOTHING;\n"
+        "{mark}\n"
         "    {notify}\n"
-        "    END IF;").format(notify=notify, **ids))
+        "    END IF;").format(notify=notify, mark=_mark(ids, sql.SQL(
+            "INSERT INTO {dirty} (pgr_pk) VALUES (NEW.{key}) ON CONFLICT DO NOTHING").format(
+            **ids)), **ids))
     _function(conn, names["gone"][1], sql.SQL(
         "    IF {snapshot_old} THEN\n"
         "        INSERT INTO {gone} (pgr_pk) SELECT {key} FROM pgr_old;\n"
