@@ -38,7 +38,7 @@ from tests.test_chunked_targets import CHUNKED
 
 OLD = CHUNKED.format(batch_size=32, destination='[target.destination]\nview = "docs_view"\n')
 NEW = OLD.replace("size = 800\noverlap = 400", "size = 1200\noverlap = 100")
-PARENTS, SHORT = 40, 10  # short parents: one chunk, the same in both settings (copied)
+PARENTS, SHORT = 24, 6  # short parents: one chunk, the same in both settings (copied)
 
 
 def sets(conn: psycopg.Connection, table: str) -> dict[int, list[str]]:
@@ -138,7 +138,7 @@ def test_rechunk_migration_side_by_side_under_edits(stack: Stack,
     plan = json_document(plan_run.stdout)["rechunk"]
     print(json.dumps({"plan": plan}))
 
-    fake_openai.set_faults(slow_model=MODEL, slow_model_latency=0.5)
+    fake_openai.set_faults(slow_model=MODEL, slow_model_latency=0.3)
     inputs_before = fake_openai.stats()["inputs_embedded"]
     writer = Writer(stack)
     writer.start()
@@ -310,7 +310,7 @@ def test_rechunk_as_ordinary_roles_under_repeatable_read(
     stack.start_worker(threads=4)
     stack.start_scheduler()
     with psycopg.connect(roles.app_dsn, autocommit=True) as app:
-        for key in range(1, 21):
+        for key in range(1, 13):
             app.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
                         (key, f"t{key}", body(random.Random(key), key, "0")))
     wait_for(lambda: current(stack, "docs_chunks", old), timeout=180, interval=0.5,
@@ -352,7 +352,7 @@ def test_rechunk_as_ordinary_roles_under_repeatable_read(
         with stack.connect() as conn:
             (side,) = conn.execute("SELECT table_name FROM pgreembed.slots"
                                    " WHERE role = 'next'").fetchone()
-        wait_for(lambda: _filled(stack, side, 20), timeout=240, interval=0.5,
+        wait_for(lambda: _filled(stack, side, 12), timeout=240, interval=0.5,
                  message="the new set filled")
         migrate(stack, "swap", "--max-unsearchable", "30")
         time.sleep(1.0)
