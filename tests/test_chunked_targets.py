@@ -302,8 +302,11 @@ def test_repeatable_read_truncate_and_serialization_conflicts(stack: Stack) -> N
         assert conn.execute("SELECT count(*) FROM pgreembed.chunk_gone_docs").fetchone() == (0,)
 
 
-def test_changed_chunking_rechunks_every_parent_keeping_unchanged_chunks(stack: Stack
-                                                                         ) -> None:
+def test_changed_chunking_is_not_applied_in_place(stack: Stack) -> None:
+    """A changed [target.chunking] is a re-chunk migration (tests/test_rechunk_migration):
+    `init` marks nothing, and the stage keeps splitting edits with the settings the set was
+    made with, so the table never mixes two settings. (Before: every parent was marked and
+    re-chunked in place with the new settings.)"""
     chunked_stack(stack)
     target = init(stack)
     with stack.connect() as conn:
@@ -313,18 +316,18 @@ def test_changed_chunking_rechunks_every_parent_keeping_unchanged_chunks(stack: 
     init(stack)  # the same settings: nothing to do
     with stack.connect() as conn:
         assert dirty(conn) == set()
-        conn.execute("UPDATE docs_chunks SET embedding = array_fill(0.5, ARRAY[384])::vector")
-        short = conn.execute("SELECT embedding_uuid FROM docs_chunks WHERE id = 2").fetchone()
+        before = chunk_sets(conn)
     write_config(stack.config_path, CHUNKED.format(batch_size=64, destination="").replace(
         "size = 800\noverlap = 400", "size = 1200\noverlap = 100"))
-    target = init(stack)
+    changed = init(stack)
     with stack.connect() as conn:
-        assert dirty(conn) == {1, 2}
-    drain(stack.dsn, target)
-    with stack.connect() as conn:
-        assert chunk_sets(conn) == expected(conn, target)
-        assert conn.execute("SELECT embedding_uuid, embedding IS NOT NULL FROM docs_chunks"
-                            " WHERE id = 2").fetchone() == (short[0], True)
+        assert dirty(conn) == set()
+        assert chunk_sets(conn) == before
+        conn.execute("UPDATE docs SET body = body || ' Appended.' WHERE id = 1")
+        with connect(stack.dsn) as stage:
+            run_chunk_stage(stage, load_settings(stack.config_path, stack.env))
+        assert chunk_sets(conn) == expected(conn, target)  # the settings it was made with
+        assert chunk_sets(conn) != expected(conn, changed)
 
 
 def test_status_counts_parents_to_chunk(stack: Stack) -> None:

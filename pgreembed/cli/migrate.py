@@ -74,8 +74,15 @@ def _json_option(p: argparse.ArgumentParser) -> None:
                    help="print only the versioned JSON document (no progress)")
 
 
+def _rechunk_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rechunk", action="store_true",
+                   help="a chunked target: a new chunk set with the configured"
+                        " [target.chunking], side by side (the model stays)")
+
+
 def _plan(p: argparse.ArgumentParser) -> None:
     _model_options(p)
+    _rechunk_option(p)
     p.add_argument("--disk-budget", metavar="SIZE",
                    help="refuse (exit 4) if the table would grow by more than this at the"
                         " migration's peak: bytes, or e.g. 500MB, 20GB, 1.5TiB")
@@ -84,6 +91,7 @@ def _plan(p: argparse.ArgumentParser) -> None:
 
 def _start(p: argparse.ArgumentParser) -> None:
     _model_options(p)
+    _rechunk_option(p)
     p.add_argument("--spend-cap", type=_spend_cap, metavar="USD",
                    help="pause the migration once it has cost this much")
     p.add_argument("--batch-api", action="store_true",

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from pgreembed.cli import migrate_rechunk
 from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.migrate_derive import derive_step
 from pgreembed.cli.output import emit
@@ -14,7 +15,7 @@ from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
 from pgreembed.embedding.providers import require_credentials
 from pgreembed.errors import EXIT_OK, EXIT_REFUSED, ConfigError, WaitTimeoutError
-from pgreembed.migrations import compact, disk, lifecycle, plan, progress, swap
+from pgreembed.migrations import compact, disk, lifecycle, plan, progress, rechunk, swap
 from pgreembed.migrations import index as indexing
 from pgreembed.migrations.index_progress import IndexBuild
 from pgreembed.store.table_lock import LockPolicy
@@ -82,6 +83,8 @@ def _require_model(args: argparse.Namespace, step: str) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     settings, target = _target(args)
+    if args.rechunk:
+        return migrate_rechunk.plan_step(settings, target, args)
     if args.derive is not None:
         return derive_step(settings, target, args, "plan", None)
     _require_model(args, "plan")
@@ -160,6 +163,8 @@ def _print_disk(d: disk.DiskEstimate, budget: int | None) -> None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     settings, target = _target(args)
+    if args.rechunk:
+        return migrate_rechunk.start_step(settings, target, args, _lock_policy(args))
     if args.derive is not None:
         return derive_step(settings, target, args, "start", _lock_policy(args))
     _require_model(args, "start")
@@ -202,6 +207,8 @@ def _already_done(step: str) -> None:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     settings, target = _target(args)
+    if rechunk.is_rechunk(settings, target):
+        return migrate_rechunk.end_step(settings, target, "cancel", _lock_policy(args))
     if lifecycle.cancel(settings, target, _lock_policy(args)).already_done:
         _already_done("cancel")
     else:
@@ -211,6 +218,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_finalize(args: argparse.Namespace) -> int:
     settings, target = _target(args)
+    if rechunk.is_rechunk(settings, target):
+        return migrate_rechunk.end_step(settings, target, "finalize", _lock_policy(args))
     if lifecycle.finalize(settings, target, _lock_policy(args)).already_done:
         _already_done("finalize")
     else:
@@ -263,6 +272,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_swap(args: argparse.Namespace) -> int:
     settings, target = _target(args)
+    if rechunk.is_rechunk(settings, target):
+        return migrate_rechunk.swap_step(settings, target, args, _lock_policy(args))
     step = args.step
     comparison = _show_last_comparison(settings, target) if step == "swap" else None
     with Progress(f"{step}: catching up", "rows", as_json=args.json) as bar:

@@ -17,6 +17,7 @@ from pgreembed.store.chunks import (
     allow_pending,
     check_parent,
     chunk_triggers_current,
+    chunking_changed,
     ensure_chunk_table,
     ensure_view,
     install_chunk_triggers,
@@ -26,6 +27,7 @@ from pgreembed.store.chunks import (
     vector_not_null,
 )
 from pgreembed.store.pool import connect
+from pgreembed.store.rechunk_sets import rechunk_slot
 from pgreembed.store.slots import app_table
 from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.takeover import pgai_in_charge
@@ -68,10 +70,19 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
     with connect(dsn, vector=False) as conn:
         marked, first = ((record_chunking_current(conn, target), False) if adopt
                          else mark_all_unless_current(conn, target))
+        # An open re-chunk migration is the way the settings change: nothing to say.
+        made_with = None if rechunk_slot(conn, target) else chunking_changed(conn, target)
         if ensure_view(conn, target):
             log.info("target %s: created view %s.%s", target.name, target.parent.schema,
                      target.parent.view)
         conn.commit()
+    if made_with is not None:
+        log.warning("target %s: [target.chunking] differs from the settings %s.%s was made"
+                    " with; nothing is re-chunked in place (search would mix the two):"
+                    " `pgreembed migrate plan --target %s --rechunk` estimates the re-chunk,"
+                    " `pgreembed migrate start --target %s --rechunk` builds the new chunk"
+                    " set side by side (swap, rollback, finalize as for a model)",
+                    target.name, target.schema, target.table, target.name, target.name)
     if first:
         log.info("target %s: %d rows of %s.%s to chunk", target.name, marked,
                  target.parent.schema, target.parent.table)

@@ -20,15 +20,16 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
-from pgreembed.config.chunking import CHUNK_KEY, CHUNK_TEXT, Parent
+from pgreembed.config.chunking import CHUNK_KEY, CHUNK_TEXT, Chunking, Parent
 from pgreembed.errors import SetupError
-from pgreembed.store import catalog
+from pgreembed.store import catalog, chunk_settings
 from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, app_table, primary_key_of
 from pgreembed.store.triggers import text_sql_columns
 
 # Bump when the parent's triggers change: older ones are then replaced.
 # 2: deletes under REPEATABLE READ leave gone marks and never fail on the stage's rows.
-CHUNK_TRIGGERS_VERSION = 2
+# 3: marks under REPEATABLE READ never fail on a mark committed after the snapshot.
+CHUNK_TRIGGERS_VERSION = 3
 
 
 def parent_of(target: Target) -> Parent:
@@ -62,12 +63,18 @@ def parent_key(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
     return primary_key_of(conn, parent_target(target))
 
 
-def watched_columns(conn: psycopg.Connection, target: Target) -> list[str]:
+def watched_columns(conn: psycopg.Connection, target: Target, also: tuple[str, ...] = ()
+                    ) -> list[str]:
     """The parent's columns whose change changes its chunks: text and template columns."""
     parent = parent_of(target)
     of_parent = parent_target(target)
     texts = text_sql_columns(conn, of_parent) if parent.text_sql else parent.text_columns
-    return list(dict.fromkeys([*texts, *parent.chunking.template_columns]))
+    # The set keeps the settings it was made with until a re-chunk migration swaps it:
+    # the columns of their template too (store.chunk_settings).
+    made = chunk_settings.recorded(conn, dirty_table(target))
+    made_columns = made.template_columns if made is not None else ()
+    return list(dict.fromkeys([*texts, *parent.chunking.template_columns, *made_columns,
+                               *also]))
 
 
 def check_parent(conn: psycopg.Connection, target: Target) -> None:
@@ -159,24 +166,33 @@ def chunking_key(target: Target) -> str:
 
 def mark_all_unless_current(conn: psycopg.Connection, target: Target) -> tuple[int, bool]:
     """Mark every parent dirty unless its chunk sets were made with the current settings:
-    on the first init, and after a change of [target.chunking], the template or the text
-    (the stage then re-chunks in place; matching keeps each unchanged chunk with its
-    vectors). The key they were made with is the dirty table's comment, set in the same
-    transaction as the marks. Run after the triggers are committed: a row is then either
-    seen here or marked by the insert trigger. Returns (rows marked, first time)."""
+    on the first init, and after a change of the text columns (the stage then re-chunks
+    in place; matching keeps each unchanged chunk with its vectors). The key they were
+    made with, and the chunking settings, are the dirty table's comment, set in the same
+    transaction as the marks (store.chunk_settings). A change of [target.chunking] alone
+    marks nothing: the set keeps its recorded settings until a re-chunk migration
+    (`migrate start --rechunk`) replaces it side by side; see `chunking_changed`.
+    Run after the triggers are committed: a row is then either seen here or marked by the
+    insert trigger. Returns (rows marked, first time)."""
     key, _ = parent_key(conn, target)
     dirty = dirty_table(target)
-    found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')",
-                         (dirty.as_string(conn),)).fetchone()
+    made_with, settings = chunk_settings.parse(chunk_settings.read_comment(conn, dirty))
+    chunking = parent_of(target).chunking
+    if settings is not None and settings != chunking:
+        target = chunk_settings.with_chunking(target, settings)  # kept until a migration
+        chunking = settings
     wanted = chunking_key(target)
-    made_with = found[0] if found is not None else None
     if made_with == wanted:
+        if settings is None:  # recorded before the settings were: add them
+            conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+                dirty, sql.Literal(chunk_settings.comment(wanted, chunking))))
         return 0, False
     marked = conn.execute(sql.SQL(
         "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent} ON CONFLICT DO NOTHING"
     ).format(dirty=dirty, key=sql.Identifier(key),
              parent=app_table(parent_target(target)))).rowcount
-    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(dirty, sql.Literal(wanted)))
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+        dirty, sql.Literal(chunk_settings.comment(wanted, chunking))))
     return marked, made_with is None
 
 
@@ -184,7 +200,8 @@ def record_chunking_current(conn: psycopg.Connection, target: Target) -> int:
     """Say the chunk sets were made with the current settings, marking nothing (an adopted
     pgai table: its chunks are pgai's, made with the settings they map to). Returns 0."""
     conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
-        dirty_table(target), sql.Literal(chunking_key(target))))
+        dirty_table(target), sql.Literal(chunk_settings.comment(
+            chunking_key(target), parent_of(target).chunking))))
     return 0
 
 
@@ -202,6 +219,13 @@ def allow_pending(conn: psycopg.Connection, target: Target) -> None:
     chunks can wait for their vector. In the caller's transaction (run_locked)."""
     conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(
         app_table(target), sql.Identifier(target.vector_column)))
+
+
+def chunking_changed(conn: psycopg.Connection, target: Target) -> Chunking | None:
+    """The settings the live chunk set was made with, when the config asks for others
+    (None: they agree, or none are recorded)."""
+    made = chunk_settings.recorded(conn, dirty_table(target))
+    return made if made is not None and made != parent_of(target).chunking else None
 
 
 def _check_shape(conn: psycopg.Connection, target: Target, relation: str, key: str,
@@ -266,25 +290,48 @@ def chunk_triggers_current(conn: psycopg.Connection, target: Target) -> bool:
     return count is not None and count[0] == len(_names(target))
 
 
-def install_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
-    """(Re)create the parent's four triggers, in the caller's transaction (run_locked)."""
+def _mark(ids: dict[str, sql.Composable], insert: sql.Composable) -> sql.Composable:
+    """A dirty mark. Under REPEATABLE READ or SERIALIZABLE, ON CONFLICT DO NOTHING fails
+    with a serialization error when the row it meets was committed after the snapshot (a
+    mark `init` or `migrate start --rechunk` made, or another edit's): that mark stands for
+    this parent too, and the stage cannot remove it while this transaction holds the row
+    (it skips parents locked by the app), so the error is dropped. Read committed takes
+    no subtransaction."""
+    return sql.SQL(
+        "    IF {snapshot_old} THEN\n"
+        "        BEGIN\n"
+        "            {insert};\n"
+        "        EXCEPTION WHEN serialization_failure THEN\n"
+        "            NULL;  -- a mark for the row is there (committed after this snapshot)\n"
+        "        END;\n"
+        "    ELSE\n"
+        "        {insert};\n"
+        "    END IF;").format(snapshot_old=ids["snapshot_old"], insert=insert)
+
+
+def install_chunk_triggers(conn: psycopg.Connection, target: Target,
+                           also_watch: tuple[str, ...] = ()) -> None:
+    """(Re)create the parent's four triggers, in the caller's transaction (run_locked).
+    `also_watch`: more parent columns whose change marks the row (a re-chunk migration's
+    second set watches the template columns of both settings)."""
     key, _ = parent_key(conn, target)
-    watched = watched_columns(conn, target)
+    watched = watched_columns(conn, target, also_watch)
     parent = app_table(parent_target(target))
     names = _names(target)
     ids = {"chunks": app_table(target), "dirty": dirty_table(target),
            "key": sql.Identifier(key), "channel": sql.Literal(NOTIFY_CHANNEL),
            "target": sql.Literal(target.name), "changed": _changed(watched)}
     notify = sql.SQL("    PERFORM pg_notify({channel}, {target});").format(**ids)
-    _function(conn, names["new"][1], sql.SQL(
-        "    INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM pgr_new ON CONFLICT DO NOTHING;\n"
-        "{notify}").format(notify=notify, **ids))
     # A snapshot older than the stage's last commit (REPEATABLE READ, SERIALIZABLE) may not
     # see chunks the stage wrote, and fails with a serialization error on rows it changed:
     # such a transaction leaves marks for the stage and skips what it cannot do itself.
     # The app's statement never fails because of pgreembed's rows.
     ids["snapshot_old"] = sql.SQL("current_setting('transaction_isolation') <> 'read committed'")
     ids["gone"] = gone_table(target)
+    _function(conn, names["new"][1], sql.SQL(
+        "{mark}\n{notify}").format(notify=notify, mark=_mark(ids, sql.SQL(
+            "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM pgr_new ON CONFLICT DO NOTHING"
+        ).format(**ids))))
     _function(conn, names["edit"][1], sql.SQL(
         "    IF OLD.{key} IS DISTINCT FROM NEW.{key} THEN\n"
         "        BEGIN\n"
@@ -296,9 +343,11 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
         "        END;\n"
         "    END IF;\n"
         "    IF {changed} THEN\n"
-        "        INSERT INTO {dirty} (pgr_pk) VALUES (NEW.{key}) ON CONFLICT DO NOTHING;\n"
+        "{mark}\n"
         "    {notify}\n"
-        "    END IF;").format(notify=notify, **ids))
+        "    END IF;").format(notify=notify, mark=_mark(ids, sql.SQL(
+            "INSERT INTO {dirty} (pgr_pk) VALUES (NEW.{key}) ON CONFLICT DO NOTHING").format(
+            **ids)), **ids))
     _function(conn, names["gone"][1], sql.SQL(
         "    IF {snapshot_old} THEN\n"
         "        INSERT INTO {gone} (pgr_pk) SELECT {key} FROM pgr_old;\n"
@@ -363,3 +412,12 @@ def set_chunk_triggers_enabled(conn: psycopg.Connection, target: Target, enabled
     conn.execute(sql.SQL("ALTER TABLE {} {}").format(
         app_table(parent_target(target)), sql.SQL(", ").join(
             sql.SQL("{} TRIGGER {}").format(verb, sql.Identifier(name)) for name in present)))
+
+
+def drop_chunk_triggers(conn: psycopg.Connection, target: Target) -> None:
+    """Remove the parent's four triggers of `target` and their functions (a re-chunk
+    migration's second set, at finalize or cancel)."""
+    parent = app_table(parent_target(target))
+    for trigger, function in _names(target).values():
+        conn.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, parent))
+        conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}()").format(function))

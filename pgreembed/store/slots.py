@@ -10,6 +10,7 @@ data path needs is composed here, with identifiers quoted by psycopg.sql.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -214,7 +215,7 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
         """
         SELECT s.id, s.vector_column, s.role, s.model_id, m.key, m.provider, m.name,
                m.dimensions, s.primary_key, s.pk_type, s.paused, s.mode, s.misconfigured,
-               s.vector_type
+               s.vector_type, s.table_name
         FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id
         WHERE s.target = %s AND s.role IN ('live', 'next', 'old')
           AND (%s OR NOT s.paused)
@@ -222,8 +223,12 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
         """,
         (target.name, include_paused),
     ).fetchall()
+    # A re-chunk migration's new chunk set is another table (migrations.rechunk): its
+    # slot works on that table, whatever the configured one.
     return [
-        Slot(id=r[0], target=target, vector_column=r[1], role=r[2], model_id=r[3],
+        Slot(id=r[0], target=target if r[14] == target.table
+             else dataclasses.replace(target, table=r[14]),
+             vector_column=r[1], role=r[2], model_id=r[3],
              model_key=r[4], provider=r[5], model=r[6], dimensions=r[7], primary_key=r[8],
              pk_type=r[9], paused=r[10], mode=r[11], misconfigured=r[12],
              vector_type=r[13])

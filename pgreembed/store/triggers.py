@@ -40,6 +40,12 @@ def pinned_search_path(conn: psycopg.Connection) -> sql.Composable:
         sql.Identifier(vector_schema(conn)))
 
 
+def on_table(target: Target, slots: list[Slot]) -> list[Slot]:
+    """The slots on `target`'s own table (a re-chunk's new chunk set is another table,
+    whose rows these triggers never see)."""
+    return [s for s in slots if s.target.table == target.table]
+
+
 def _trigger_names(target: Target) -> list[str]:
     return [f"pgreembed_{kind}_{target.name}" for kind in ("clear", "notify", "forget",
                                                            "forget_all")]
@@ -114,6 +120,7 @@ def _triggers_fingerprint(target: Target, slots: list[Slot], columns: tuple[str,
 def triggers_current(conn: psycopg.Connection, target: Target, slots: list[Slot]) -> bool:
     """True if the target's triggers exist, are enabled and were made for these columns
     and slots: re-creating them takes a lock that blocks the app's writes, for nothing."""
+    slots = on_table(target, slots)
     function = sql.Identifier("pgreembed", f"clear_{target.name}").as_string(conn)
     row = conn.execute(
         """
@@ -136,6 +143,7 @@ def install_triggers(conn: psycopg.Connection, target: Target, slots: list[Slot]
     columns are those the expression reads (asked of Postgres), not only text_columns;
     they are compared as text, since some types (json) have no equality operator.
     """
+    slots = on_table(target, slots)
     watched = trigger_columns(conn, target, slots)
     table = app_table(target)
     function = sql.Identifier("pgreembed", f"clear_{target.name}")
@@ -214,6 +222,7 @@ def install_forget_triggers(conn: psycopg.Connection, target: Target, slots: lis
     re-embedding a reloaded table costs far more. Rows deleted while the triggers
     were off (or before this version) are removed by `pgreembed.orphans`.
     """
+    slots = on_table(target, slots)
     table = app_table(target)
     forget_row = sql.Identifier("pgreembed", f"forget_{target.name}")
     forget_all = sql.Identifier("pgreembed", f"forget_all_{target.name}")
