@@ -37,6 +37,7 @@ from pgreembed.store.setup import (
     ensure_model,
     ensure_pending_index,
     ensure_vector_column,
+    pending_index_at_setup,
 )
 from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
 from pgreembed.store.table_lock import LockPolicy, run_locked
@@ -162,7 +163,8 @@ def app_objects_report(settings: Settings, target: Target
 def _finish_start(settings: Settings, target: Target) -> None:
     with connect(settings.database_url, autocommit=True) as conn:
         for slot in load_slots(conn, target):
-            ensure_pending_index(conn, slot)
+            if pending_index_at_setup(slot):  # not the new column's: `migrate index` makes it
+                ensure_pending_index(conn, slot)
 
 
 def pause(settings: Settings, target: Target) -> None:
