@@ -287,7 +287,10 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None) -> S
     with connect(dsn, autocommit=True, vector=False) as conn:
         lift_statement_limits(conn)  # ANALYZE of a big table outlasts a role's timeout
         for each in slots:
-            if pending_index_at_setup(each):
+            # A new column's pending index once `migrate index` began it: an INVALID one
+            # (an interrupted build) is rebuilt, as doctor says `init` does.
+            if pending_index_at_setup(each) or catalog.index_valid(
+                    conn, each.target.schema, each.pending_index_name) is not None:
                 ensure_pending_index(conn, each)
             # Without statistics (a column just added) the planner guesses 0.5% NULL vectors
             # and hashes the whole backlog for every page of pending keys (100x slower at 80k).
