@@ -109,10 +109,14 @@ def test_the_new_columns_fill_is_hot_and_misses_no_row(
 
     before = table_updates(stack)
     fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.3)
+    # Started (ADD COLUMN: a lock the app's transactions, always some open, would hold off)
+    # and paused; the fill runs while the app writes and holds rows.
+    column = start_migration(stack, "--model", NEW, "--dimensions", "384")
+    migrate(stack, "pause")
+    assert indexes_naming(stack, column) == []
     with steady_writer(app, per_second=10.0, edits=range(1, ROWS + 1)) as writer, \
             app_transactions(roles.app_dsn, range(1, 101)) as transactions:
-        column = start_migration(stack, "--model", NEW, "--dimensions", "384")
-        assert indexes_naming(stack, column) == []
+        migrate(stack, "resume")
         wait_for(lambda: nulls(stack, column) < ROWS // 2, timeout=120, interval=0.3,
                  message="half the new column filled, the app writing meanwhile")
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
