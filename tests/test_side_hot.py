@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
+from pgreembed.store.pending import ScanPacer
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.app_side import (
     app_transactions,
@@ -153,3 +155,21 @@ def test_the_new_columns_fill_is_hot_and_misses_no_row(
     migrate(stack, "swap")
     assert_column_current(stack, "embedding", NEW, 384)
     assert_app_reads_live(roles)
+
+
+def test_a_walk_of_the_table_starts_again_only_after_a_pause_of_ten_times_its_length(
+        ) -> None:
+    """The scheduler's walks of a column without its pending index take ~1/10 of its time:
+    a new walk is due `factor` times the last one's duration after it, within bounds."""
+    pacer = ScanPacer(factor=10.0, least=0.05, most=0.5)
+    assert pacer.due(1) and pacer.due(2)  # never walked: due at once
+    started = time.monotonic()
+    pacer.swept(1, 0.02)  # a 20 ms walk: the next one 200 ms later
+    assert not pacer.due(1) and pacer.due(2)
+    wait_for(lambda: pacer.due(1), timeout=5, interval=0.01, message="slot 1's walk due")
+    assert 0.2 <= time.monotonic() - started < 2.0
+    pacer.swept(1, 100.0)  # a long walk: at most `most` later
+    wait_for(lambda: pacer.due(1), timeout=5, interval=0.01, message="capped at most")
+    pacer.swept(2, 10.0)
+    pacer.forget(2)  # the column got its pending index: no pacing
+    assert pacer.due(2)
