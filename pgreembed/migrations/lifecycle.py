@@ -23,6 +23,7 @@ from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations import app_objects, clear
 from pgreembed.migrations.app_objects import refuse_drop
 from pgreembed.migrations.crash_point import crash_point
+from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import (
     new_column_name,
     open_migration,
@@ -161,9 +162,15 @@ def app_objects_report(settings: Settings, target: Target
 
 
 def _finish_start(settings: Settings, target: Target) -> None:
+    """The slots' pending indexes. The new column's only when the live column has no ANN
+    index: then no fill update files a vector in a graph (little for HOT to save), and a
+    swap without `migrate index` would otherwise build it while writes are in flight."""
     with connect(settings.database_url, autocommit=True) as conn:
-        for slot in load_slots(conn, target):
-            if pending_index_at_setup(slot):  # not the new column's: `migrate index` makes it
+        slots = load_slots(conn, target)
+        live = next(s for s in slots if s.role == "live")
+        ann = any(i.valid and i.distance for i in column_indexes(conn, live))
+        for slot in slots:
+            if pending_index_at_setup(slot) or not ann:  # else `migrate index` makes it
                 ensure_pending_index(conn, slot)
 
 
