@@ -1,7 +1,7 @@
 """What a model change costs the app's table on disk, and how fast its fill is (issue 24).
 
     python -m bench.migration_space [--rows 2000] [--dims 1536] [--cycles 3] [--rounds 1]
-        [--cases today,clear,spread,spread_ff,in_place]
+        [--cases today,clear,spread,spread_ff,side,side_ff,in_place]
 
 The database's share of a migration, in SQL, on one table of `--rows` rows x `--dims`
 (TOASTed) vectors with an HNSW index (cosine, m 16, ef_construction 64) and the pending
@@ -19,6 +19,10 @@ per round):
   each round finds the room the previous round's pruned versions left: HOT;
 - spread_ff: spread, plus no side pending index and fillfactor 70 set at the first start
   (only new pages get it: the first fill moves rows there, later fills can be HOT);
+- side: what the side path does since branch side-hot: spread, and the side column has
+  no pending index during the fill (it is built CONCURRENTLY just before the ANN index,
+  as `migrate index` does); the table's fillfactor untouched;
+- side_ff: side, plus fillfactor 70 set at the first start;
 - in_place: the new model's vectors written into `v` itself, through its HNSW index.
 Per cycle: seconds, Postgres CPU of the writing backend (/proc), WAL bytes, HOT share,
 live index growth during the fill, sizes (heap, TOAST, indexes) after VACUUM and live
@@ -205,9 +209,9 @@ def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
     side = "v" if case == "in_place" else "side"
     if case != "in_place":
         conn.execute(f"ALTER TABLE t ADD COLUMN side vector({dims})")
-        if case == "spread_ff":
+        if case in ("spread_ff", "side_ff"):
             conn.execute("ALTER TABLE t SET (fillfactor = 70)")
-        else:
+        if case not in ("spread_ff", "side", "side_ff"):
             conn.execute("CREATE INDEX CONCURRENTLY t_side_pending ON t (id) WHERE side IS NULL")
     live_before = _index_size(conn, "t_v")
     app.phase = "fill"
@@ -227,6 +231,8 @@ def cycle(conn: psycopg.Connection, case: str, number: int, rows: int, dims: int
     else:
         started, cpu = time.perf_counter(), _cpu(pid)
         app.phase = "build"
+        if case in ("side", "side_ff"):
+            conn.execute("CREATE INDEX CONCURRENTLY t_side_pending ON t (id) WHERE side IS NULL")
         conn.execute("CREATE INDEX CONCURRENTLY t_side ON t USING hnsw (side vector_cosine_ops)"
                      " WITH (m = 16, ef_construction = 64)")
         out["build_s"] = round(time.perf_counter() - started, 2)
@@ -271,7 +277,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=1536)
     parser.add_argument("--cycles", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--cases", default="today,clear,spread,spread_ff,in_place")
+    parser.add_argument("--cases", default="today,clear,spread,spread_ff,side,side_ff,in_place")
     args = parser.parse_args()
     cases = args.cases.split(",")
     results: dict[str, list[list[dict[str, Any]]]] = {c: [] for c in cases}

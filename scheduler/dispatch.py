@@ -23,7 +23,7 @@ from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import Sender, broker_sender
 from pgreembed.queue.freshness import record_complete_sweep
 from pgreembed.store.orphans import OrphanSweep
-from pgreembed.store.pending import Cursor, sweep
+from pgreembed.store.pending import Cursor, ScanPacer, indexed, sweep
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.usage import enforce_spend_cap
 
@@ -56,6 +56,7 @@ class Dispatcher:
         self._sweep_started: dict[int, float] = {}  # when each slot's current sweep began
         self.orphans = OrphanSweep(redis_client)
         self._misconfigured_seen: set[int] = set()
+        self.pacer = ScanPacer()  # sweeps of a column without its pending index
 
     def run_pass(self, conn: psycopg.Connection, limit_in_flight: bool = True) -> PassReport:
         """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
@@ -94,6 +95,16 @@ class Dispatcher:
             report.complete = False
             return
         cursor = self._cursors.get(slot.id) if limit_in_flight else None
+        # A migration's new column before `migrate index` has no pending index: a sweep
+        # walks the table's primary key from the cursor, so the cursor (kept between
+        # passes) makes the fill one walk; a new walk from the start is paced.
+        walks = limit_in_flight and not indexed(conn, slot)
+        if not walks:
+            self.pacer.forget(slot.id)
+        elif cursor is None and not self.pacer.due(slot.id):
+            report.complete = False
+            return
+        walk_started = time.monotonic()
         if cursor is None:
             self._sweep_started[slot.id] = time.time()
         cursor = cursor or Cursor()
@@ -127,6 +138,8 @@ class Dispatcher:
         self._enqueue(slot, inflight, unsent, report)  # the rest: one partial batch
         if exhausted:
             self._cursors.pop(slot.id, None)  # next pass starts from the beginning
+            if walks:
+                self.pacer.swept(slot.id, time.monotonic() - walk_started)
             # Every row pending when this sweep began is claimed now (freshness metric).
             record_complete_sweep(self.redis, slot.id, self._sweep_started.pop(slot.id))
 

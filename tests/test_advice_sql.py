@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,18 @@ def test_migrate_plan_sql_runs_as_printed_with_hostile_names(
         printed.append(line[2:])
     statements = [s for s in printed if not s.startswith("--")]
     assert len(statements) == 4, printed  # add column, pending index, ANN index, swap
+    # The note on the table's fillfactor (it has an ANN index, pages filled full): its SQL
+    # sets, then resets, the storage parameter of the hostile table, and nothing else.
+    fillfactor = [sql_text for line in lines if line.startswith("note: ") and "fillfactor" in line
+                  for sql_text in re.findall(r"`(ALTER TABLE [^`]*)`", line)]
+    assert len(fillfactor) == 2, lines
+    for statement, wanted in zip(fillfactor, (["fillfactor=70"], None), strict=True):
+        run(database_url, statement)
+        assert y_exists(database_url), statement
+        with psycopg.connect(database_url) as conn:
+            options = conn.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                                   (TABLE_ID.as_string(conn),)).fetchone()
+        assert options == (wanted,), statement
     for statement in statements:
         run(database_url, statement)
         assert y_exists(database_url), statement

@@ -21,6 +21,7 @@ from pgreembed.store import catalog, server_versions
 from pgreembed.store.index_builds import sole_builder
 from pgreembed.store.pool import connect
 from pgreembed.store.session import lift_statement_limits
+from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         # Another `migrate index`, `init` or side-fill step may be building it right now:
         # its INVALID index is then a build in progress, not a leftover to drop.
         held.enter_context(sole_builder(conn, target.schema, name))
+        # The column's pending index, first: made only now, so that the fill's updates
+        # could be HOT (store.setup.pending_index_at_setup); the swap counts the rows
+        # still pending through it, under its lock.
+        ensure_pending_index(conn, slot)
         existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
         if existing is not None and existing.valid and (existing.method, existing.distance) == (
                 method, distance):

@@ -23,6 +23,7 @@ from pgreembed.errors import ConfigError, MigrationError
 from pgreembed.migrations import app_objects, clear
 from pgreembed.migrations.app_objects import refuse_drop
 from pgreembed.migrations.crash_point import crash_point
+from pgreembed.migrations.index import column_indexes
 from pgreembed.migrations.state import (
     CANCELLING,
     FINALIZING,
@@ -40,6 +41,7 @@ from pgreembed.store.setup import (
     ensure_model,
     ensure_pending_index,
     ensure_vector_column,
+    pending_index_at_setup,
 )
 from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
 from pgreembed.store.table_lock import LockPolicy, run_locked
@@ -162,9 +164,16 @@ def app_objects_report(settings: Settings, target: Target
 
 
 def _finish_start(settings: Settings, target: Target) -> None:
+    """The slots' pending indexes. The new column's only when the live column has no ANN
+    index: then no fill update files a vector in a graph (little for HOT to save), and a
+    swap without `migrate index` would otherwise build it while writes are in flight."""
     with connect(settings.database_url, autocommit=True) as conn:
-        for slot in load_slots(conn, target):
-            ensure_pending_index(conn, slot)
+        slots = load_slots(conn, target)
+        live = next(s for s in slots if s.role == "live")
+        ann = any(i.valid and i.distance for i in column_indexes(conn, live))
+        for slot in slots:
+            if pending_index_at_setup(slot) or not ann:  # else `migrate index` makes it
+                ensure_pending_index(conn, slot)
 
 
 def pause(settings: Settings, target: Target) -> None:

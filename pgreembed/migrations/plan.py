@@ -99,6 +99,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
             f"{kind}_{index_distance}_ops", [i.name for i in column_indexes(conn, live)],
             SWAP_COLUMN)
         ann_bytes = _index_bytes(conn, live)
+        notes += fillfactor_advice(conn, live)
         space = disk.estimate(conn, live, total, dimensions, kind, ann_bytes)
         objects = app_objects.swap_decisions(conn, table, [live.vector_column],
                                              live.column_type, f"{kind}({dimensions})")
@@ -153,6 +154,30 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     return Plan(total, empty, estimated, paid_texts, tokens, exact, embedder.counts_exactly,
                 cost, minutes, budget, storage, column, f"{kind}({dimensions})", statements,
                 blockers, notes, objects, space)
+
+
+ADVISED_FILLFACTOR = 70
+
+
+def fillfactor_advice(conn: psycopg.Connection, live: Slot) -> list[str]:
+    """A note when the live column has an ANN index and the table's pages are filled full:
+    the new column's fill is HOT (no insert of the row's unchanged live vector into the
+    live index, a graph search per row) only where the row's page has room. pgreembed does
+    not change the app's storage parameters itself: the note says how, and how to undo it."""
+    if not any(i.valid and i.distance for i in column_indexes(conn, live)):
+        return []
+    current = catalog.fillfactor(conn, catalog.regclass(conn, live.table))
+    if current <= ADVISED_FILLFACTOR:
+        return []
+    alter = sql.SQL("ALTER TABLE {} SET (fillfactor = {});").format(
+        live.table, sql.Literal(ADVISED_FILLFACTOR)).as_string(conn)
+    reset = sql.SQL("ALTER TABLE {} RESET (fillfactor);").format(live.table).as_string(conn)
+    return [f"the table's fillfactor is {current}: a fill update is HOT (the live ANN index"
+            " is not touched) only where the row's page has room, which full pages do not"
+            f" have. `{alter}` (a SHARE UPDATE EXCLUSIVE lock, which blocks none of the app's"
+            " reads or writes) leaves room on every page written from then on: each"
+            " migration's fill moves the rows it cannot update in place, so the next ones"
+            f" are mostly HOT (docs/migrations.md); `{reset}` undoes it"]
 
 
 def _index_bytes(conn: psycopg.Connection, live: Slot) -> int:

@@ -19,7 +19,7 @@ from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS
 def migration_statements(conn: psycopg.Connection, live: Slot, column: str, column_type: str,
                          index_method: str, opclass: str, live_indexes: list[str],
                          swap_column: str) -> list[str]:
-    """One line per step: add the column, its pending index, (fill), the ANN index, swap."""
+    """One line per step: add the column, (fill), its pending index and ANN index, swap."""
     table = live.table
     new = sql.Identifier(column)
     slot_id = "<slot>"
@@ -43,9 +43,11 @@ def migration_statements(conn: psycopg.Connection, live: Slot, column: str, colu
     swap.append(sql.SQL("COMMIT; -- swap: exchange the columns' (and indexes') names"))
     statements = [
         sql.SQL("ALTER TABLE {} ADD COLUMN {} {};").format(table, new, sql.SQL(column_type)),
-        sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ({}) WHERE {} IS NULL;").format(
+        sql.SQL("-- filling: the scheduler and workers embed every row into the new column"
+                " (no index on it yet: its updates can be HOT)"),
+        sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ({}) WHERE {} IS NULL;"
+                " -- `migrate index`: the rows still pending, for the swap").format(
             sql.Identifier(f"pgreembed_pending_{slot_id}"), table, live.pk, new),
-        sql.SQL("-- filling: the scheduler and workers embed every row into the new column"),
         sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING {} ({} {});"
                 " -- `migrate index`: method and distance of the live column's index").format(
             sql.Identifier(f"pgreembed_ann_{slot_id}"), table, sql.Identifier(index_method),

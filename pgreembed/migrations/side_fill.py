@@ -42,8 +42,8 @@ from pgreembed.migrations.state import slots_by_id
 from pgreembed.migrations.swap import DEFAULT_MAX_UNSEARCHABLE, swap
 from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page
 from pgreembed.store.catalog import estimated_rows, regclass
+from pgreembed.store.pending import ScanPacer, indexed
 from pgreembed.store.pool import connect
-from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot, load_slots, registry_exists
 from pgreembed.store.versions import current_version, upgrade
 
@@ -110,6 +110,9 @@ def should_start(conn: psycopg.Connection, settings: Settings, live: Slot) -> in
     return backlog if backlog > threshold else None
 
 
+# Until `migrate index`, the side column has no pending index (its fill's updates can then
+# be HOT): counting what is left walks the table, so the count is paced like the sweeps.
+_count_walks = ScanPacer()
 _told: dict[str, str] = {}  # per target: the last refusal logged (logged once, not per poll)
 
 
@@ -180,7 +183,6 @@ def _copy(conn: psycopg.Connection, target: Target, fill: SideFill) -> str:
     purchase), then the side column is let to fill."""
     slots = slots_by_id(conn, target)
     source, side = slots[fill.from_slot], slots[fill.to_slot]
-    ensure_pending_index(conn, side)  # `start` makes it after its commit: a crash skips it
     after, copied = None, 0
     while True:
         start = after
@@ -208,7 +210,14 @@ def _maybe_index(conn: psycopg.Connection, settings: Settings, target: Target,
                  fill: SideFill) -> str | None:
     side = slots_by_id(conn, target)[fill.to_slot]
     limit = finish_rows(settings)
-    if backlog_at_least(conn, side, limit + 1) > limit:
+    walks = not indexed(conn, side)  # no pending index yet: the count walks the table
+    if walks and not _count_walks.due(side.id):
+        return None
+    started = time.monotonic()
+    left = backlog_at_least(conn, side, limit + 1)
+    if walks:
+        _count_walks.swept(side.id, time.monotonic() - started)
+    if left > limit:
         return None
     _set_step(conn, fill, "indexing")
     rows = estimated_rows(conn, regclass(conn, side.table)) or 0

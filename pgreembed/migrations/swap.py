@@ -27,6 +27,7 @@ from pgreembed.migrations.state import (
 )
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE
 from pgreembed.store.pool import connect
+from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import recompile_clear_function
@@ -162,6 +163,16 @@ def _pair(conn: psycopg.Connection, target: Target) -> tuple[Slot, Slot]:
     return live, other
 
 
+def _incoming_pending_index(settings: Settings, target: Target, phases: tuple[str, ...]
+                            ) -> None:
+    """The incoming column's pending index, if it has none yet (made at `migrate index`,
+    which a swap of a column without an ANN index skips): the wait and the count under
+    the lock read it, and so does the scheduler once the column is live."""
+    with connect(settings.database_url, autocommit=True) as conn:
+        require_open(conn, target, *phases)
+        ensure_pending_index(conn, _pair(conn, target)[1])
+
+
 def swap(settings: Settings, target: Target, *, rollback: bool = False,
          catch_up_timeout: float = 300.0, max_unsearchable: int = DEFAULT_MAX_UNSEARCHABLE,
          accept_failed: bool = False, policy: LockPolicy | None = None,
@@ -182,6 +193,7 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
         conn.rollback()
     if migration is not None and migration.phase == done_phase:
         return SwapResult(0, 0.0, 0.0, 0, already_done=True)  # re-run after a crash
+    _incoming_pending_index(settings, target, phases)
     asked = time.monotonic()
     deadline = asked + catch_up_timeout
     attempts = 0

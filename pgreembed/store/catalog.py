@@ -133,3 +133,12 @@ def row_estimate(conn: psycopg.Connection, relation: str) -> float:
     row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)",
                        (relation,)).fetchone()
     return float(row[0]) if row else -1.0
+
+
+def fillfactor(conn: psycopg.Connection, relation: str) -> int:
+    """The table's fillfactor storage parameter (100, Postgres's default, when unset)."""
+    row = conn.execute(
+        "SELECT (SELECT split_part(o, '=', 2)::int FROM unnest(c.reloptions) o"
+        " WHERE o LIKE 'fillfactor=%%') FROM pg_class c WHERE c.oid = %s::regclass",
+        (relation,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 100

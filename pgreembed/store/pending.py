@@ -6,6 +6,12 @@ A row of a slot is pending when
 - or its vector came from another model than the slot's (an in-place model
   change), found through the state table's (model, pk) index.
 
+A migration's new column has no partial index until `migrate index` (so that its fill's
+updates can be HOT: store.setup.pending_index_at_setup): its missing rows are found by
+the same keyset query, which then walks the primary key from the cursor; the caller
+keeps the cursor between passes (one walk of the table per sweep, not per page) and
+paces sweeps that start from the beginning again (`ScanPacer`).
+
 Both queries start from the app's table: a state row alone proves nothing (the
 row it describes may have been deleted while the triggers were off, or before
 they existed), and trusting one would enqueue a key no worker can ever finish.
@@ -13,13 +19,16 @@ they existed), and trusting one would enqueue a key no worker can ever finish.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from pgreembed.store import catalog
 from pgreembed.store.slots import Slot
 
 
@@ -86,3 +95,33 @@ def sweep(conn: psycopg.Connection, slot: Slot, page_size: Callable[[], int],
         while page := page_of(conn, slot, getattr(cursor, field), page_size()):
             setattr(cursor, field, page[-1])
             yield page
+
+
+def indexed(conn: psycopg.Connection, slot: Slot) -> bool:
+    """Whether the slot's missing rows are found through its partial pending index (a
+    valid one exists), rather than by walking the table's primary key."""
+    return bool(catalog.index_valid(conn, slot.target.schema, slot.pending_index_name))
+
+
+@dataclass
+class ScanPacer:
+    """When a sweep that walks the table (no pending index) may start again: `factor`
+    times as long after the last one ended as the sweep took, between `least` and `most`
+    seconds, so the walks take at most ~1/factor of the scheduler's time and of a core of
+    the server's, whatever the table's size. Rows that become pending behind the cursor
+    (the app edits or inserts them) wait at most that long."""
+
+    factor: float = 10.0
+    least: float = 1.0
+    most: float = 60.0
+    _next: dict[int, float] = dataclass_field(default_factory=dict)
+
+    def due(self, slot_id: int) -> bool:
+        return time.monotonic() >= self._next.get(slot_id, 0.0)
+
+    def swept(self, slot_id: int, seconds: float) -> None:
+        pause = min(self.most, max(self.least, self.factor * seconds))
+        self._next[slot_id] = time.monotonic() + pause
+
+    def forget(self, slot_id: int) -> None:
+        self._next.pop(slot_id, None)

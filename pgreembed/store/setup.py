@@ -3,7 +3,8 @@
 - schema `pgreembed` with the model and slot registries;
 - per slot, a state table (model + content hash per row, recorded failures);
 - on the app's table: the vector column if missing and a partial index over rows
-  whose vector is NULL (so finding pending rows never scans the table); the triggers
+  whose vector is NULL (so finding pending rows never scans the table; a migration's
+  new column gets it at `migrate index`, see pending_index_at_setup); the triggers
   are `pgreembed.store.triggers`.
 """
 
@@ -221,6 +222,16 @@ def adopt_existing_vectors(conn: psycopg.Connection, slot: Slot) -> int:
     return cur.rowcount
 
 
+def pending_index_at_setup(slot: Slot) -> bool:
+    """Whether `init` and `migrate start` make the slot's pending index. Not for a
+    migration's new column ('next'): an index whose predicate names the column rules out
+    HOT for every write into it, so each fill update would file the row's unchanged live
+    vector again in the live HNSW index (a graph search per row: bench.migration_space).
+    Its pending rows are found by a key-order walk meanwhile (store.pending); `migrate
+    index` makes the index, before the ANN index, for the swap and the column's life after."""
+    return slot.role != "next"
+
+
 def ensure_pending_index(dsn_conn: psycopg.Connection, slot: Slot) -> None:
     """Partial index of rows without a vector, built CONCURRENTLY (writes go on).
 
@@ -278,7 +289,11 @@ def init_target(dsn: str, target: Target, policy: LockPolicy | None = None, *,
     with connect(dsn, autocommit=True, vector=False) as conn:
         lift_statement_limits(conn)  # ANALYZE of a big table outlasts a role's timeout
         for each in slots:
-            ensure_pending_index(conn, each)
+            # A new column's pending index once `migrate index` began it: an INVALID one
+            # (an interrupted build) is rebuilt, as doctor says `init` does.
+            if pending_index_at_setup(each) or catalog.index_valid(
+                    conn, each.target.schema, each.pending_index_name) is not None:
+                ensure_pending_index(conn, each)
             # Without statistics (a column just added) the planner guesses 0.5% NULL vectors
             # and hashes the whole backlog for every page of pending keys (100x slower at 80k).
             conn.execute(sql.SQL("ANALYZE {} ({})").format(each.table, each.vector))
