@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -13,9 +14,11 @@ import psycopg
 import pytest
 
 from pgreembed.config import parse_settings
+from pgreembed.migrations.crash_point import CRASH_AT
 from pgreembed.operations.search import search
 from pgreembed.store import server_versions
 from tests.helpers import (
+    ROOT,
     Stack,
     assert_column_current,
     column_type,
@@ -158,8 +161,14 @@ def test_cancel_leaves_the_table_exactly_as_before(stack: Stack) -> None:
     assert schema_snapshot(stack) != before
     migrate(stack, "pause")
     assert json_document(migrate(stack, "status", "--json"))["paused"] is True
-    # A long query holds the table: cancel retries its short lock instead of queueing
-    # the app's queries behind an unbounded wait, then drops the column.
+    # Cancel first clears the new column (killed here once that is done: the clearing's
+    # own statements block none of the app's); then a long query holds the table: the
+    # DROP COLUMN retries its short lock instead of queueing the app's queries behind an
+    # unbounded wait, then drops the column.
+    killed = subprocess.run([sys.executable, "-m", "pgreembed", "migrate", "cancel",
+                             "--target", "docs"], env={**stack.env, CRASH_AT: "cancel_cleared"},
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     blocker = hold_table(stack, 3.0)  # many lock attempts (100 ms each) long
     out = stack.cli("migrate", "cancel", "--target", "docs", timeout=120)
     blocker.close()
