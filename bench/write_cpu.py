@@ -22,6 +22,7 @@ for writing the pages it dirtied and for no one else's:
 
     python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
                               [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
+                              [--pool-sizes 4,1] [--before CHECKOUT] [--perf] [--no-path]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -222,9 +224,17 @@ def run_pipeline(services: Services, args: argparse.Namespace) -> None:
         ("ours, pool_max_size 4", lambda: run_ours(services, rows, Tuning(pool_max_size=4))),
         ("ours, pool_max_size 1", lambda: run_ours(services, rows, Tuning(pool_max_size=1))),
     ]
+    if args.before:
+        # The same pipeline run from another checkout (e.g. main before a change): its
+        # `pgreembed` and `dramatiq worker` processes import that code.
+        def before() -> Any:
+            with mock.patch("bench.harness.ROOT", Path(args.before).resolve()):
+                return run_ours(services, rows, Tuning(pool_max_size=4))
+
+        arms.insert(1, (f"ours at {args.before}, pool_max_size 4", before))
     if args.pool_sizes is not None:
         keep = {f"ours, pool_max_size {size}" for size in args.pool_sizes.split(",")}
-        arms = [arms[0], *(arm for arm in arms[1:] if arm[0] in keep)]
+        arms = [arm for arm in arms if not arm[0].startswith("ours, ") or arm[0] in keep]
     cpu: dict[str, list[float]] = defaultdict(list)
     rate: dict[str, list[float]] = defaultdict(list)
     by_symbol: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -309,6 +319,9 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="also the pipeline part")
     parser.add_argument("--pipeline-rows", type=int, default=100_000)
     parser.add_argument("--pipeline-rounds", type=int, default=3)
+    parser.add_argument("--before", metavar="CHECKOUT",
+                        help="pipeline: also ours as the code in CHECKOUT (another worktree,"
+                        " e.g. main) runs it, pool_max_size 4: before/after in one run")
     parser.add_argument("--pool-sizes", help="pipeline: ours with these pool_max_size"
                         " values only, e.g. 4 (default: 4,1)")
     args = parser.parse_args()
