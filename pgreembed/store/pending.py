@@ -47,17 +47,21 @@ def _after(column: sql.Composable, value: Any) -> tuple[sql.Composable, tuple[An
 
 
 def missing_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -> list[Any]:
-    """Primary keys with a NULL vector after `after`, skipping rows failed on this text."""
+    """Primary keys with a NULL vector after `after`, skipping rows failed on this text.
+    The cursor bounds the state side of the join too (`rows_with_state(after=...)`): the
+    rows before it are the ones written meanwhile, and a page must not read them."""
     condition, params = _after(sql.SQL("a.{}").format(slot.pk), after)
+    bound = None if after is None else sql.Placeholder()
     query = sql.SQL(
         """
         SELECT a.{pk} FROM {rows}
         WHERE {pending} AND {condition}
         ORDER BY a.{pk} LIMIT %s
         """
-    ).format(pk=slot.pk, rows=slot.rows_with_state(outer=True), pending=slot.pending(),
-             condition=condition)
-    return [row[0] for row in conn.execute(query, (*params, limit))]
+    ).format(pk=slot.pk, rows=slot.rows_with_state(outer=True, after=bound),
+             pending=slot.pending(), condition=condition)
+    # In the order of the text: the join's bound, the WHERE's, the limit.
+    return [row[0] for row in conn.execute(query, (*params, *params, limit))]
 
 
 def outdated_page(conn: psycopg.Connection, slot: Slot, after: Any, limit: int) -> list[Any]:

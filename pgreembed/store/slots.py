@@ -113,29 +113,36 @@ class Slot:
             sql.Identifier(state), sql.Identifier(row), self.pk)
 
     def state_join(self, row: str = "a", state: str = "s", *, outer: bool = False,
-                   keys: sql.Composable | None = None) -> sql.Composed:
+                   keys: sql.Composable | None = None,
+                   after: sql.Composable | None = None) -> sql.Composed:
         """`[LEFT] JOIN <state table> s ON s.pgr_pk = a.<pk>`; outer keeps the rows that
         have no state row yet (never embedded nor failed). `keys`: an array expression
         of the keys the query reads (`a.<pk> = ANY(keys)` in its WHERE), named to the
         state side too; the planner does not carry `= ANY` across the join's equation,
         so without it a batch's 512 rows were joined by scanning the whole state table
         (measured at 100k rows: most of the batch read's Postgres CPU, growing with the
-        table)."""
+        table). `after`: the same for a keyset page's cursor (`a.<pk> > after` in its
+        WHERE): without it the planner's merge join read every state row before the
+        cursor, on every page of a sweep."""
         condition = self.state_key(row, state)
         if keys is not None:
             condition = sql.SQL("{} AND {}.pgr_pk = ANY({})").format(
                 condition, sql.Identifier(state), keys)
+        if after is not None:
+            condition = sql.SQL("{} AND {}.pgr_pk > {}").format(
+                condition, sql.Identifier(state), after)
         return sql.SQL("{} {} {} ON {}").format(
             sql.SQL("LEFT JOIN" if outer else "JOIN"), self.state_table,
             sql.Identifier(state), condition)
 
     def rows_with_state(self, row: str = "a", state: str = "s", *, outer: bool = False,
-                        keys: sql.Composable | None = None) -> sql.Composed:
+                        keys: sql.Composable | None = None,
+                        after: sql.Composable | None = None) -> sql.Composed:
         """`<app table> a [LEFT] JOIN <state table> s ON ...`: starting from the app's
         table, so the state row of a deleted row never counts (see store.orphans).
-        `keys`: see `state_join`."""
-        return sql.SQL("{} {} {}").format(self.table, sql.Identifier(row),
-                                          self.state_join(row, state, outer=outer, keys=keys))
+        `keys`, `after`: see `state_join`."""
+        return sql.SQL("{} {} {}").format(self.table, sql.Identifier(row), self.state_join(
+            row, state, outer=outer, keys=keys, after=after))
 
     @staticmethod
     def failed_on(text_hash: sql.Composable, state: str = "s") -> sql.Composed:
