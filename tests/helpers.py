@@ -328,8 +328,9 @@ def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1
                                  (f"inserted {rng.random()}",))
                     counts["edits"] += 1
                     counts["inserts"] += 1
-                except psycopg.Error:
+                except psycopg.Error as exc:
                     counts["errors"] += 1
+                    print(f"steady_writer: {type(exc).__name__}: {exc}")  # for the report
                 stop.wait(1.0 / per_second)
 
     with in_background(run):

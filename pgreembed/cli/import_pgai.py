@@ -118,11 +118,12 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
                 if vectors:
                     plan.vector_check = pgai_import.verify_vectors(conn, settings, plan, vectors)
         if not dry_run:
-            # Safe to run again (a take-over after an earlier --adopt records the chunks
-            # pgai's worker wrote since; nothing already recorded is touched).
             policy = LockPolicy(wait_seconds=args.lock_wait)
             for plan in plans:
-                pgai_import.adopt(settings, plan, policy)
+                # --take-over adopts what no earlier --adopt did (an adopted target is
+                # taken over as it is: pgai's batch in flight may hold its chunk table).
+                if not (args.take_over and pgai_import.is_adopted(settings, plan)):
+                    pgai_import.adopt(settings, plan, policy)
         if args.take_over:
             return pgai_takeover.cmd_take_over(args, settings)
     if args.json:

@@ -235,9 +235,11 @@ def cmd_failures(args: argparse.Namespace) -> int:
         parents_total, parents = parent_failures_of(conn, target, args.limit)
         conn.rollback()
     if args.json:
-        emit("failures", {"failures": [r.as_dict() for _, _, records in found
-                                        for r in records],
-                          "parent_failures": [p.as_dict() for p in parents]})
+        document: dict[str, Any] = {"failures": [r.as_dict() for _, _, records in found
+                                                  for r in records]}
+        if target.parent is not None:  # a chunked target: its parents' failures too
+            document["parent_failures"] = [p.as_dict() for p in parents]
+        emit("failures", document)
         return EXIT_OK
     print_parent_failures(target, parents_total, parents)
     for slot, total, records in found:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pgreembed.cli import migrate_compact
 from pgreembed.cli import migrate_steps as steps
 from pgreembed.cli.formatting import add_command, non_negative_int, positive_int
 from pgreembed.config import PROVIDERS
@@ -191,7 +192,7 @@ STEPS: dict[str, Step] = {
                  _lock_options, f"pgreembed migrate finalize {T}"),
     "compact": ("after finalize: move the live vectors out of the TOAST file's tail so"
                 " VACUUM gives the freed space back to the OS (costs about an in-place"
-                " write of each moved row; opt-in)", steps.cmd_compact, _compact,
+                " write of each moved row; opt-in)", migrate_compact.cmd_compact, _compact,
                 f"pgreembed migrate compact {T} --json"),
     "batch": ("submit / poll the OpenAI Batch API jobs of a --batch-api migration",
               steps.cmd_batch, _batch, f"pgreembed migrate batch {T} --wait --poll 60"),

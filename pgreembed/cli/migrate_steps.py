@@ -15,7 +15,7 @@ from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
 from pgreembed.embedding.providers import require_credentials
 from pgreembed.errors import EXIT_OK, EXIT_REFUSED, ConfigError, WaitTimeoutError
-from pgreembed.migrations import compact, disk, lifecycle, plan, progress, rechunk, swap
+from pgreembed.migrations import disk, lifecycle, plan, progress, rechunk, swap
 from pgreembed.migrations import index as indexing
 from pgreembed.migrations.index_progress import IndexBuild
 from pgreembed.store.table_lock import LockPolicy
@@ -224,34 +224,6 @@ def cmd_finalize(args: argparse.Namespace) -> int:
         _already_done("finalize")
     else:
         print(f"migration of {target.name} finalized; the previous column is dropped")
-    return EXIT_OK
-
-
-def cmd_compact(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
-    started = time.monotonic()
-    with Progress("compact", "heap pages", as_json=args.json) as bar:
-        done = compact.compact_target(settings, target, _lock_policy(args),
-                                      progress=lambda d, t: bar.update(d, t, "read"))
-    seconds = time.monotonic() - started
-    if args.json:
-        emit("migrate-compact", {
-            "step": "compact", "moved": done.moved, "held": done.held,
-            "stopped_full": done.stopped_full,
-            "toast_bytes_before": done.toast_pages_before * disk.PAGE,
-            "toast_bytes_after": done.toast_pages_after * disk.PAGE,
-            "table_bytes_before": done.table_bytes_before,
-            "table_bytes_after": done.table_bytes_after, "seconds": round(seconds, 3)})
-        return EXIT_OK
-    print(f"compact: {done.moved} vectors moved out of the TOAST file's tail in {seconds:.0f} s;"
-          f" the table is {_human_bytes(done.table_bytes_after)} on disk (was"
-          f" {_human_bytes(done.table_bytes_before)})")
-    if done.held:
-        print(f"{done.held} rows stayed locked by the app; their vectors stay in the tail"
-              " (run compact again later)")
-    if done.stopped_full:
-        print("stopped: no free room left before the tail (the table's free space was"
-              " smaller than its tail)")
     return EXIT_OK
 
 

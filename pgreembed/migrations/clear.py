@@ -145,9 +145,11 @@ def _still_old(conn: psycopg.Connection, old: Slot) -> Slot:
 
 
 def _round(conn: psycopg.Connection, old: Slot, first: int, last: int) -> int:
-    """One transaction: at most ROWS_PER_PAGE rows per page of pages [first, last)."""
+    """One transaction: at most ROWS_PER_PAGE rows per page of pages [first, last).
+    A plain UPDATE with read-only CTEs: an app table with a DO ALSO rule refuses an UPDATE
+    inside WITH ("not supported for data-modifying statements in WITH")."""
     slot = _still_old(conn, old)
-    row = conn.execute(sql.SQL(
+    cur = conn.execute(sql.SQL(
         """
         WITH here AS (
             SELECT {pk} AS pk, ctid AS tid FROM {table}
@@ -157,41 +159,38 @@ def _round(conn: psycopg.Connection, old: Slot, first: int, last: int) -> int:
             SELECT pk FROM (SELECT pk, row_number() OVER (
                 PARTITION BY (tid::text::point)[0] ORDER BY tid) AS n FROM here) x
             WHERE n <= %(per_page)s
-        ), free AS ({free}
-        ), cleared AS (
-            UPDATE {table} a SET {old} = NULL FROM free f
-            WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL RETURNING 1
-        )
-        SELECT count(*) FROM cleared
+        ), free AS ({free})
+        UPDATE {table} a SET {old} = NULL FROM free f
+        WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL
         """).format(pk=slot.pk, table=slot.table, old=slot.vector,
                     free=slot.unlocked_rows("picked", "pk")),
-        {"first": first, "last": last, "per_page": ROWS_PER_PAGE}).fetchone()
-    return int(row[0]) if row else 0
+        {"first": first, "last": last, "per_page": ROWS_PER_PAGE})
+    return max(cur.rowcount, 0)
 
 
 def _chunk(conn: psycopg.Connection, old: Slot, after: Any) -> tuple[int, Any]:
     """One transaction: the next ROWS_PER_PASS_CHUNK rows by key that still hold an old
-    vector; (cleared, last key seen or None at the end)."""
+    vector; (cleared, last key seen or None at the end). The keys are read first, then
+    cleared by a plain UPDATE (see _round: no data-modifying WITH)."""
     slot = _still_old(conn, old)
-    row = conn.execute(sql.SQL(
+    # max() has no uuid version (a chunk table's key): the last key by ORDER BY of the
+    # qualified column (a bare name would order by the text output: '99' > '100')
+    keys = [r[0] for r in conn.execute(sql.SQL(
         """
-        WITH chunk AS (
-            SELECT {pk} AS pk FROM {table}
-            WHERE (%(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type})
-              AND {old} IS NOT NULL
-            ORDER BY {pk} LIMIT %(rows)s
-        ), free AS ({free}
-        ), cleared AS (
-            UPDATE {table} a SET {old} = NULL FROM free f
-            WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL RETURNING 1
-        )
-        -- max() has no uuid version (a chunk table's key): the last key by ORDER BY of the
-        -- qualified column (a bare name would order by the text output: '99' > '100')
-        SELECT (SELECT count(*) FROM cleared),
-               (SELECT c.pk::text FROM chunk c ORDER BY c.pk DESC LIMIT 1)
+        SELECT {pk}::text FROM {table}
+        WHERE (%(after)s::{pk_type} IS NULL OR {pk} > %(after)s::{pk_type})
+          AND {old} IS NOT NULL
+        ORDER BY {pk} LIMIT %(rows)s
+        """).format(pk=slot.pk, table=slot.table, old=slot.vector, pk_type=slot.pk_cast),
+        {"after": after, "rows": ROWS_PER_PASS_CHUNK}).fetchall()]
+    if not keys:
+        return 0, None
+    cur = conn.execute(sql.SQL(
+        """
+        WITH chunk AS (SELECT unnest(%(keys)s::text[])::{pk_type} AS pk),
+        free AS ({free})
+        UPDATE {table} a SET {old} = NULL FROM free f
+        WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL
         """).format(pk=slot.pk, table=slot.table, old=slot.vector, pk_type=slot.pk_cast,
-                    free=slot.unlocked_rows("chunk", "pk")),
-        {"after": after, "rows": ROWS_PER_PASS_CHUNK}).fetchone()
-    assert row is not None
-    return int(row[0]), row[1]
-
+                    free=slot.unlocked_rows("chunk", "pk")), {"keys": keys})
+    return max(cur.rowcount, 0), keys[-1]

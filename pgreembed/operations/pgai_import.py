@@ -205,6 +205,18 @@ def verify_vectors(conn: psycopg.Connection, settings: Settings, plan: Vectorize
     return check
 
 
+def is_adopted(settings: Settings, plan: VectorizerPlan) -> bool:
+    """Whether the plan's target already has its live column (an earlier adoption)."""
+    if plan.target is None:
+        return False
+    with connect(settings.database_url, vector=False) as conn:
+        registry = conn.execute("SELECT to_regclass('pgreembed.slots')").fetchone()
+        found = bool(registry and registry[0]) and any(
+            s.role == "live" for s in load_slots(conn, plan.target))
+        conn.rollback()
+    return found
+
+
 def adopt(settings: Settings, plan: VectorizerPlan, policy: LockPolicy | None) -> int:
     """Register the stored chunks (or column) as the target's live column; returns the
     state rows recorded for the mapped model."""

@@ -31,6 +31,7 @@ from pgreembed.config import Settings, Target
 from pgreembed.errors import ConfigError, MigrationError, NotInitializedError, SetupError
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
+from pgreembed.store.chunk_adopt import vector_not_null
 from pgreembed.store.chunk_sets import dirty_exists
 from pgreembed.store.chunks import (
     chunk_trigger_names,
@@ -40,7 +41,6 @@ from pgreembed.store.chunks import (
     parent_key,
     parent_target,
     set_chunk_triggers_enabled,
-    vector_not_null,
 )
 from pgreembed.store.pgai_cutover import Switched, switch_to_pgreembed
 from pgreembed.store.pgai_queue import key_of

@@ -13,8 +13,8 @@ import psycopg
 
 from pgreembed.config import Target
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
+from pgreembed.store.chunk_adopt import allow_pending, record_chunking_current, vector_not_null
 from pgreembed.store.chunks import (
-    allow_pending,
     check_parent,
     chunk_triggers_current,
     chunking_changed,
@@ -23,8 +23,6 @@ from pgreembed.store.chunks import (
     install_chunk_triggers,
     mark_all_unless_current,
     parent_target,
-    record_chunking_current,
-    vector_not_null,
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.rechunk_sets import rechunk_slot

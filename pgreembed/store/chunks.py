@@ -196,31 +196,6 @@ def mark_all_unless_current(conn: psycopg.Connection, target: Target) -> tuple[i
     return marked, made_with is None
 
 
-def record_chunking_current(conn: psycopg.Connection, target: Target) -> int:
-    """Say the chunk sets were made with the current settings, marking nothing (an adopted
-    pgai table: its chunks are pgai's, made with the settings they map to). Returns 0."""
-    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
-        dirty_table(target), sql.Literal(chunk_settings.comment(
-            chunking_key(target), parent_of(target).chunking))))
-    return 0
-
-
-def vector_not_null(conn: psycopg.Connection, target: Target) -> bool:
-    """Whether the chunk table's vector column is NOT NULL (pgai's is)."""
-    found = conn.execute(
-        "SELECT attnotnull FROM pg_attribute WHERE attrelid = to_regclass(%s)"
-        " AND attname = %s AND NOT attisdropped",
-        (app_table(target).as_string(conn), target.vector_column)).fetchone()
-    return bool(found and found[0])
-
-
-def allow_pending(conn: psycopg.Connection, target: Target) -> None:
-    """DROP NOT NULL on the vector column (catalog only: no row is rewritten), so new
-    chunks can wait for their vector. In the caller's transaction (run_locked)."""
-    conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(
-        app_table(target), sql.Identifier(target.vector_column)))
-
-
 def chunking_changed(conn: psycopg.Connection, target: Target) -> Chunking | None:
     """The settings the live chunk set was made with, when the config asks for others
     (None: they agree, or none are recorded)."""

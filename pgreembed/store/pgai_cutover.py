@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
+from pgreembed.errors import DatabaseError
 from pgreembed.store.chunks import dirty_table, parent_target
 from pgreembed.store.pgai_queue import key_of, queue_of, source_of
 from pgreembed.store.pgai_values import Vectorizer
@@ -81,7 +82,7 @@ def switch_to_pgreembed(conn: psycopg.Connection, target: Target, vec: Vectorize
 def _row(cur: psycopg.Cursor) -> tuple[Any, ...]:
     while cur.description is None:  # ALTER TABLE: no rows
         if not cur.nextset():
-            raise RuntimeError("the cut-over query returned fewer results than it has SELECTs")
+            raise DatabaseError("the cut-over query returned fewer results than it has SELECTs")
     row = cur.fetchone()
     assert row is not None
     return tuple(row)
