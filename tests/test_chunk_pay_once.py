@@ -201,3 +201,29 @@ def test_a_batch_waits_for_the_buyer_and_a_failed_buyer_fails_only_its_rows(
     assert vectors == {1: True, 2: True, 3: False, 4: False}
     out = stack.cli("failures", "--target", "docs", "--json")
     assert [str(f["key"]) for f in json_document(out.stdout)["failures"]] == ["3"]
+
+
+def test_a_killed_buyers_claim_is_dropped_when_its_alive_key_is_gone(redis_url: str) -> None:
+    """A worker killed while buying never settles its claims: the waiter (its own
+    redelivered batch, say) sees the buyer's alive key gone and leaves at once, not after
+    claim_seconds (90 s by default: the chaos tests waited that long per kill)."""
+    client = redis.Redis.from_url(redis_url)
+    killed = TextClaims(client, _slot(), 90.0)
+    killed.claim([_row(1, "killed mid-call")])
+    assert client.exists(f"pgreembed:text-buyer:{killed.token.decode()}")
+    killed._alive_stop.set()  # the process died: nothing refreshes its key any more
+    client.delete(f"pgreembed:text-buyer:{killed.token.decode()}")  # ...and it expired
+    waiter = TextClaims(client, _slot(), 90.0)
+    theirs = waiter.claim([_row(1, "killed mid-call")]).theirs
+    assert theirs == [_row(1, "killed mid-call")]
+    started = time.monotonic()
+    assert waiter.wait(theirs) == ([], [_row(1, "killed mid-call")])
+    assert time.monotonic() - started < 5
+    assert TextClaims(client, _slot(), 90.0).claim([_row(2, "killed mid-call")]).mine
+    # A live buyer's claim is waited on (its key is refreshed while it runs).
+    with TextClaims(client, _slot(), 90.0) as alive:
+        alive.claim([_row(3, "still buying")])
+        other = TextClaims(client, _slot(), 0.5)
+        assert other.wait(other.claim([_row(4, "still buying")]).theirs)[1] == [
+            _row(4, "still buying")]  # gave up only at its own 0.5 s claim_seconds
+        assert client.exists(f"pgreembed:text-buyer:{alive.token.decode()}")

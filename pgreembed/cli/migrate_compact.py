@@ -7,7 +7,7 @@ import argparse
 import time
 
 from pgreembed.cli.formatting import human_bytes as _human_bytes
-from pgreembed.cli.migrate_steps import _lock_policy, _target
+from pgreembed.cli.migrate_steps import lock_policy, target_of
 from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
 from pgreembed.errors import EXIT_OK
@@ -15,10 +15,10 @@ from pgreembed.migrations import compact, disk
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     started = time.monotonic()
     with Progress("compact", "heap pages", as_json=args.json) as bar:
-        done = compact.compact_target(settings, target, _lock_policy(args),
+        done = compact.compact_target(settings, target, lock_policy(args),
                                       progress=lambda d, t: bar.update(d, t, "read"))
     seconds = time.monotonic() - started
     if args.json:

@@ -61,7 +61,7 @@ def migration_line(pr: progress.Progress) -> str:
     return f"{phase.replace('_', ' ')}; {kept}; {step}"
 
 
-def _target(args: argparse.Namespace) -> tuple[Settings, Target]:
+def target_of(args: argparse.Namespace) -> tuple[Settings, Target]:
     settings = load_settings(args.config)
     return settings, settings.target(args.target)
 
@@ -70,7 +70,7 @@ def _budget(args: argparse.Namespace) -> Budget:
     return Budget(args.requests_per_minute, args.tokens_per_minute)
 
 
-def _lock_policy(args: argparse.Namespace) -> LockPolicy:
+def lock_policy(args: argparse.Namespace) -> LockPolicy:
     return LockPolicy(lock_timeout_ms=args.lock_timeout_ms, wait_seconds=args.lock_wait,
                       terminate_idle_after=args.terminate_idle_after)
 
@@ -82,7 +82,7 @@ def _require_model(args: argparse.Namespace, step: str) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     if args.rechunk:
         return migrate_rechunk.plan_step(settings, target, args)
     if args.derive is not None:
@@ -162,18 +162,18 @@ def _print_disk(d: disk.DiskEstimate, budget: int | None) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     if args.rechunk:
-        return migrate_rechunk.start_step(settings, target, args, _lock_policy(args))
+        return migrate_rechunk.start_step(settings, target, args, lock_policy(args))
     if args.derive is not None:
-        return derive_step(settings, target, args, "start", _lock_policy(args))
+        return derive_step(settings, target, args, "start", lock_policy(args))
     _require_model(args, "start")
     provider = args.provider or target.provider
     require_credentials(settings, provider)
     slot = lifecycle.start(settings, target, provider, args.model, args.dimensions,
                            spend_cap_usd=args.spend_cap and args.spend_cap.usd,
                            batch_api=args.batch_api, budget=_budget(args),
-                           policy=_lock_policy(args))
+                           policy=lock_policy(args))
     if args.batch_api:
         print("batch mode: run `pgreembed migrate batch` (from cron, or with --wait)")
     print(f"migration started: column {slot.vector_column} ({slot.model_key}) is being"
@@ -187,14 +187,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     lifecycle.pause(settings, target)
     print(f"migration of {target.name} paused")
     return EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     cap = lifecycle.KEEP_CAP if args.spend_cap is None else args.spend_cap.usd
     lifecycle.resume(settings, target, cap)
     print(f"migration of {target.name} resumed")
@@ -206,10 +206,10 @@ def _already_done(step: str) -> None:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     if rechunk.is_rechunk(settings, target):
-        return migrate_rechunk.end_step(settings, target, "cancel", _lock_policy(args))
-    if lifecycle.cancel(settings, target, _lock_policy(args)).already_done:
+        return migrate_rechunk.end_step(settings, target, "cancel", lock_policy(args))
+    if lifecycle.cancel(settings, target, lock_policy(args)).already_done:
         _already_done("cancel")
     else:
         print(f"migration of {target.name} cancelled; the new column is dropped")
@@ -217,10 +217,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     if rechunk.is_rechunk(settings, target):
-        return migrate_rechunk.end_step(settings, target, "finalize", _lock_policy(args))
-    if lifecycle.finalize(settings, target, _lock_policy(args)).already_done:
+        return migrate_rechunk.end_step(settings, target, "finalize", lock_policy(args))
+    if lifecycle.finalize(settings, target, lock_policy(args)).already_done:
         _already_done("finalize")
     else:
         print(f"migration of {target.name} finalized; the previous column is dropped")
@@ -228,7 +228,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     with Progress("index", "tuples") as bar:
         def show(build: IndexBuild) -> None:
             bar.update(build.done, build.total, f"{build.phase} ({build.unit})")
@@ -243,9 +243,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_swap(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     if rechunk.is_rechunk(settings, target):
-        return migrate_rechunk.swap_step(settings, target, args, _lock_policy(args))
+        return migrate_rechunk.swap_step(settings, target, args, lock_policy(args))
     step = args.step
     comparison = _show_last_comparison(settings, target) if step == "swap" else None
     with Progress(f"{step}: catching up", "rows", as_json=args.json) as bar:
@@ -260,7 +260,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
         result = swap.swap(settings, target, rollback=step == "rollback",
                            catch_up_timeout=args.timeout,
                            max_unsearchable=args.max_unsearchable,
-                           accept_failed=args.accept_failed, policy=_lock_policy(args),
+                           accept_failed=args.accept_failed, policy=lock_policy(args),
                            on_wait=show)
     if args.json:
         emit(f"migrate-{step}", {
@@ -283,7 +283,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings, target = _target(args)
+    settings, target = target_of(args)
     pr = progress.progress(settings, target)
     info: dict[str, Any] = {
         "migration": pr.migration.id, "phase": pr.migration.phase, "column": pr.column,
@@ -314,7 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pgreembed.migrations.compare import compare, read_queries, report_lines
 
-    settings, target = _target(args)
+    settings, target = target_of(args)
     if args.queries and args.sample:
         raise ConfigError("migrate compare: give --queries FILE or --sample N, not both")
     # With --json, stdout is the JSON document alone: the spend notice goes to stderr.
@@ -349,7 +349,7 @@ def _show_last_comparison(settings: Settings, target: Target) -> dict[str, Any] 
 def cmd_batch(args: argparse.Namespace) -> int:
     from pgreembed.migrations.batch_api import step as batch_step
 
-    settings, target = _target(args)
+    settings, target = target_of(args)
     deadline = time.monotonic() + args.timeout
     with Progress("batch jobs", "jobs") as bar:
         submitted = completed = written = failed = 0

@@ -20,9 +20,13 @@ a batch that read the rows before that write does not buy them again), and texts
 no vector for are dropped: a waiter then leaves its rows pending (not failed: the first
 buyer's failure is not theirs) and the next batch buys them. Only waited texts carry a
 vector in Redis (a backfill of distinct texts would otherwise keep every vector there).
-A claim expires after `claim_seconds` (a crashed worker's), and a waiter stops waiting
-then, so no row waits longer than that. Redis unreachable: every text is bought, as
-before this existed.
+A claim expires after `claim_seconds`, and a waiter stops waiting then, so no row waits
+longer than that. A buyer also keeps a short-lived "alive" key while its batch runs
+(refreshed by a thread every ALIVE_SECONDS / 3): a waiter that finds it gone (the worker
+was killed) drops that claim and leaves its rows pending at once, so a killed worker's
+redelivered batch, which meets its own dead claims, waits ALIVE_SECONDS at most, not
+`claim_seconds` (the chaos tests waited 90 s per kill before). Redis unreachable: every
+text is bought, as before this existed.
 
 Safety is the write's, as for every copy: the key carries the slot and the model's id,
 the vector's size is checked, and the write is guarded by the text hash and the column's
@@ -31,7 +35,9 @@ model (invariants 2 and 7).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Collection, Sequence
@@ -51,6 +57,9 @@ log = logging.getLogger(__name__)
 PUBLISH_SECONDS = 60  # a published vector, for the batches polling for it (50 ms)
 DONE_SECONDS = 30  # a text bought lately: longer than a batch takes from its read to here
 POLL_SECONDS = 0.05
+ALIVE_SECONDS = 10.0  # a buyer's "alive" key; refreshed every third of it while it runs
+_DROP_DEAD = ("if redis.call('GET', KEYS[1]) == ARGV[1] then"
+              " return redis.call('DEL', KEYS[1]) end return 0")
 _CLAIM = (Path(__file__).parent / "text_claim.lua").read_text()
 _SETTLE = (Path(__file__).parent / "text_settle.lua").read_text()
 _PUBLISH = (Path(__file__).parent / "text_publish.lua").read_text()
@@ -93,6 +102,29 @@ class TextClaims:
         self._held: set[str] = set()
         self._bought: dict[str, Embedded] = {}  # held key -> the vector bought for it
         self._written: set[str] = set()  # of those, the keys whose write committed
+        self._alive_stop = threading.Event()
+        self._alive_thread: threading.Thread | None = None
+
+    def _alive_key(self, token: bytes) -> str:
+        return f"{self.namespace}:text-buyer:{token.decode()}"
+
+    def _keep_alive(self) -> None:
+        """Set this batch's alive key now and refresh it until `close` (a thread)."""
+        key, ms = self._alive_key(self.token), int(ALIVE_SECONDS * 1000)
+        try:
+            self.client.set(key, b"1", px=ms)
+        except redis.RedisError:
+            return
+
+        def refresh() -> None:
+            while not self._alive_stop.wait(ALIVE_SECONDS / 3):
+                # On an error its claims may be taken over: a waiter then buys again.
+                with contextlib.suppress(redis.RedisError):
+                    self.client.set(key, b"1", px=ms)
+
+        self._alive_thread = threading.Thread(target=refresh, daemon=True,
+                                              name="pgreembed-text-claims")
+        self._alive_thread.start()
 
     def _key(self, row: Row) -> str:
         return (f"{self.namespace}:text:{self.slot.id}:{self.slot.model_id}:"
@@ -121,6 +153,8 @@ class TextClaims:
                         self.slot.id, type(exc).__name__)
             out.mine.extend(texts)
             return out
+        if _MINE in values:
+            self._keep_alive()
         for row, value in zip(texts, values, strict=True):
             copy = self._vector(row, value) if value.startswith(_VECTOR) else None
             if value == _MINE:
@@ -172,6 +206,7 @@ class TextClaims:
     def close(self) -> None:
         """The batch is done (written, or given up): texts written become done (or go to
         a batch that waits on them), other claims are dropped."""
+        self._alive_stop.set()
         keys = sorted(self._held)
         if not keys:
             return
@@ -203,12 +238,16 @@ class TextClaims:
                 values = self.client.mget([self._key(r) for r in waiting])
             except redis.RedisError:
                 break
+            dead = self._dead_buyers(values)
             still = []
             for row, value in zip(waiting, values, strict=True):
                 copy = (self._vector(row, value) if isinstance(value, bytes)
                         and value.startswith(_VECTOR) else None)
                 if copy is not None:
                     copies.append(copy)
+                elif isinstance(value, bytes) and value in dead:
+                    self._drop_dead(self._key(row), value)
+                    gone.append(row)  # its buyer was killed: pending, sent again
                 elif isinstance(value, bytes) and value.startswith(_CLAIMED):
                     still.append(row)  # its buyer is still at the provider
                 else:
@@ -217,6 +256,21 @@ class TextClaims:
             if waiting:
                 time.sleep(POLL_SECONDS)
         return copies, [*gone, *waiting]
+
+    def _dead_buyers(self, values: Sequence[object]) -> set[bytes]:
+        """The claim tokens among `values` whose buyer's alive key is gone."""
+        tokens = sorted({v for v in values if isinstance(v, bytes) and v.startswith(_CLAIMED)})
+        if not tokens:
+            return set()
+        try:
+            alive = self.client.mget([self._alive_key(t) for t in tokens])
+        except redis.RedisError:
+            return set()
+        return {t for t, found in zip(tokens, alive, strict=True) if found is None}
+
+    def _drop_dead(self, key: str, token: bytes) -> None:
+        with contextlib.suppress(redis.RedisError):  # else it expires after claim_seconds
+            self.client.eval(_DROP_DEAD, 1, key, token)
 
     def __enter__(self) -> TextClaims:
         return self

@@ -146,24 +146,26 @@ def _still_old(conn: psycopg.Connection, old: Slot) -> Slot:
 
 def _round(conn: psycopg.Connection, old: Slot, first: int, last: int) -> int:
     """One transaction: at most ROWS_PER_PAGE rows per page of pages [first, last).
-    A plain UPDATE with read-only CTEs: an app table with a DO ALSO rule refuses an UPDATE
-    inside WITH ("not supported for data-modifying statements in WITH")."""
+    One UPDATE with its row choice in a subquery, no WITH: an app table with a DO ALSO
+    rule refuses WITH in a query its rules rewrite into several."""
     slot = _still_old(conn, old)
     cur = conn.execute(sql.SQL(
         """
-        WITH here AS (
-            SELECT {pk} AS pk, ctid AS tid FROM {table}
-            WHERE ctid >= ('(' || %(first)s::bigint || ',0)')::tid
-              AND ctid < ('(' || %(last)s::bigint || ',0)')::tid AND {old} IS NOT NULL
-        ), picked AS (
-            SELECT pk FROM (SELECT pk, row_number() OVER (
-                PARTITION BY (tid::text::point)[0] ORDER BY tid) AS n FROM here) x
-            WHERE n <= %(per_page)s
-        ), free AS ({free})
-        UPDATE {table} a SET {old} = NULL FROM free f
+        UPDATE {table} a SET {old} = NULL
+        FROM (
+            SELECT b.{pk} AS pk FROM {table} b JOIN (
+                SELECT pk FROM (
+                    SELECT {pk} AS pk, row_number() OVER (
+                        PARTITION BY (ctid::text::point)[0] ORDER BY ctid) AS n
+                    FROM {table}
+                    WHERE ctid >= ('(' || %(first)s::bigint || ',0)')::tid
+                      AND ctid < ('(' || %(last)s::bigint || ',0)')::tid
+                      AND {old} IS NOT NULL) x
+                WHERE n <= %(per_page)s) picked ON b.{pk} = picked.pk
+            ORDER BY b.{pk} FOR NO KEY UPDATE OF b SKIP LOCKED
+        ) f
         WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL
-        """).format(pk=slot.pk, table=slot.table, old=slot.vector,
-                    free=slot.unlocked_rows("picked", "pk")),
+        """).format(pk=slot.pk, table=slot.table, old=slot.vector),
         {"first": first, "last": last, "per_page": ROWS_PER_PAGE})
     return max(cur.rowcount, 0)
 
@@ -171,7 +173,7 @@ def _round(conn: psycopg.Connection, old: Slot, first: int, last: int) -> int:
 def _chunk(conn: psycopg.Connection, old: Slot, after: Any) -> tuple[int, Any]:
     """One transaction: the next ROWS_PER_PASS_CHUNK rows by key that still hold an old
     vector; (cleared, last key seen or None at the end). The keys are read first, then
-    cleared by a plain UPDATE (see _round: no data-modifying WITH)."""
+    cleared by one UPDATE without WITH (see _round)."""
     slot = _still_old(conn, old)
     # max() has no uuid version (a chunk table's key): the last key by ORDER BY of the
     # qualified column (a bare name would order by the text output: '99' > '100')
@@ -187,10 +189,13 @@ def _chunk(conn: psycopg.Connection, old: Slot, after: Any) -> tuple[int, Any]:
         return 0, None
     cur = conn.execute(sql.SQL(
         """
-        WITH chunk AS (SELECT unnest(%(keys)s::text[])::{pk_type} AS pk),
-        free AS ({free})
-        UPDATE {table} a SET {old} = NULL FROM free f
+        UPDATE {table} a SET {old} = NULL
+        FROM (
+            SELECT b.{pk} AS pk FROM {table} b
+            WHERE b.{pk} = ANY(ARRAY(SELECT unnest(%(keys)s::text[])::{pk_type}))
+            ORDER BY b.{pk} FOR NO KEY UPDATE OF b SKIP LOCKED
+        ) f
         WHERE a.{pk} = f.pk AND a.{old} IS NOT NULL
-        """).format(pk=slot.pk, table=slot.table, old=slot.vector, pk_type=slot.pk_cast,
-                    free=slot.unlocked_rows("chunk", "pk")), {"keys": keys})
+        """).format(pk=slot.pk, table=slot.table, old=slot.vector, pk_type=slot.pk_cast),
+        {"keys": keys})
     return max(cur.rowcount, 0), keys[-1]
