@@ -116,7 +116,10 @@ class ScanPacer:
     (the app edits or inserts them) wait at most that long."""
 
     factor: float = 10.0
-    least: float = 1.0
+    # A small table's walk takes milliseconds: a second between walks left the app's
+    # edits NULL in the new column for that long, and a fill under 5 edits/s never had
+    # all its rows filled at once (test_crash_safety's manual migration timed out).
+    least: float = 0.25
     most: float = 60.0
     _next: dict[int, float] = dataclass_field(default_factory=dict)
 
