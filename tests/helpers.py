@@ -315,17 +315,30 @@ def steady_writer(stack: Stack, per_second: float = 10.0, edits: range = range(1
                   ) -> Iterator[dict[str, int]]:
     """Edits a random row's text (keys in `edits`) and inserts a row, `per_second` times a
     second."""
-    counts = {"edits": 0, "inserts": 0, "errors": 0}
+    counts = {"edits": 0, "inserts": 0, "errors": 0, "serialization_retries": 0}
+
+    def execute(conn: psycopg.Connection, query: str, params: tuple[object, ...]) -> None:
+        # As an app under REPEATABLE READ must: an UPDATE that waited on a row another
+        # transaction (pgreembed's write of its vector) updated and committed fails with
+        # a serialization failure, and is retried.
+        for attempt in range(3):
+            try:
+                conn.execute(query, params)
+                return
+            except psycopg.errors.SerializationFailure:
+                if attempt == 2:
+                    raise
+                counts["serialization_retries"] += 1
 
     def run(stop: threading.Event) -> None:
         rng = random.Random(7)
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             while not stop.is_set():
                 try:
-                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (f"rewritten {rng.random()}", rng.choice(edits)))
-                    conn.execute("INSERT INTO docs (title, body) VALUES ('live', %s)",
-                                 (f"inserted {rng.random()}",))
+                    execute(conn, "UPDATE docs SET body = %s WHERE id = %s",
+                            (f"rewritten {rng.random()}", rng.choice(edits)))
+                    execute(conn, "INSERT INTO docs (title, body) VALUES ('live', %s)",
+                            (f"inserted {rng.random()}",))
                     counts["edits"] += 1
                     counts["inserts"] += 1
                 except psycopg.Error as exc:
