@@ -40,28 +40,11 @@ DIMS = 64
 VECTORIZER = "docs_v"
 CHUNKS = "docs_v_store"
 
-CONFIG = f"""
-[[target]]
-name = "{VECTORIZER}"
-table = "public.docs"
-text_column = "body"
-vector_column = "embedding"
-provider = "openai"
-model = "{MODEL}"
-dimensions = {DIMS}
-batch_size = {{batch_size}}
-
-[target.chunking]
-size = 800
-overlap = 400
-
-[target.destination]
-table = "{CHUNKS}"
-
+CONFIG = pgai_side.adopted_target_toml(VECTORIZER, MODEL, DIMS, CHUNKS) + """
 [worker]
 poll_interval = 0.5
-max_inflight_rows = {{inflight}}
-pool_max_size = {{pool}}
+max_inflight_rows = {inflight}
+pool_max_size = {pool}
 """
 
 

@@ -28,25 +28,7 @@ CHUNKS = "docs_v_store"
 DIRTY = "pgreembed.chunk_dirty_docs_v"
 FAILED = "pgreembed.chunk_failed_docs_v"
 
-TOML = f"""
-[[target]]
-name = "{VECTORIZER}"
-table = "public.docs"
-text_column = "body"
-vector_column = "embedding"
-provider = "openai"
-model = "{MODEL}"
-dimensions = {DIMS}
-batch_size = {{batch_size}}
-
-[target.chunking]
-size = 800
-overlap = 400
-
-[target.destination]
-table = "{CHUNKS}"
-view = "{VECTORIZER}"
-
+TOML = pgai_side.adopted_target_toml(VECTORIZER, MODEL, DIMS, CHUNKS, view=VECTORIZER) + """
 [worker]
 poll_interval = 0.5
 max_inflight_rows = 1024

