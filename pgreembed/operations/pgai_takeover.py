@@ -33,15 +33,14 @@ from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import vector_not_null
 from pgreembed.store.chunk_sets import dirty_exists
-from pgreembed.store.chunks import (
+from pgreembed.store.chunk_triggers import (
     chunk_trigger_names,
     chunk_triggers_current,
     chunk_triggers_present,
     install_chunk_triggers,
-    parent_key,
-    parent_target,
     set_chunk_triggers_enabled,
 )
+from pgreembed.store.chunks import parent_key, parent_target
 from pgreembed.store.pgai_cutover import Switched, switch_to_pgreembed
 from pgreembed.store.pgai_queue import key_of
 from pgreembed.store.pgai_values import Vectorizer
@@ -122,7 +121,8 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
             raise SetupError(f"target {target.name!r}: {target.schema}.{target.table}."
                              f"{target.vector_column} is still NOT NULL as pgai made it:"
                              " import (adopt) the vectorizer before --take-over")
-        key, key_type = parent_key(conn, target)
+        key_of(vec)  # a composite key is refused with pgai's names first
+        key, key_type = parent_key(conn, target).single("a take-over from pgai")
         if key != key_of(vec):
             raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by {key_of(vec)!r},"
                              f" target {target.name!r} by {key!r}")
@@ -272,7 +272,7 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
     report = TakeoverReport(vec.name, target.name, "undone")
     with connect(dsn) as conn:
         live = _live(load_slots(conn, target), target)
-        key, key_type = parent_key(conn, target)
+        key, key_type = parent_key(conn, target).single("an undo of a take-over")
         found = takeover.read_takeover(conn, target)
         conn.commit()
     if found is None or found.state != "taken":
