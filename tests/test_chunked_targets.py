@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgreembed.chunking.splitter import chunker
 from pgreembed.chunking.stage import rechunk, run_chunk_stage
@@ -53,19 +54,30 @@ def init(stack: Stack) -> Any:
     return target
 
 
-def chunk_sets(conn: psycopg.Connection) -> dict[int, list[str]]:
-    sets: dict[int, list[str]] = {}
-    for key, seq, text in conn.execute("SELECT id, chunk_seq, chunk FROM docs_chunks"
-                                       " ORDER BY id, chunk_seq"):
-        assert seq == len(sets.setdefault(key, []))  # 0-based, consecutive
-        sets[key].append(text)
+def _key(columns: tuple[str, ...], row: tuple[Any, ...]) -> Any:
+    """A parent's key as search_parents gives it: a scalar, or a tuple when composite."""
+    return row[0] if len(columns) == 1 else tuple(row[:len(columns)])
+
+
+def chunk_sets(conn: psycopg.Connection, key: tuple[str, ...] = ("id",)
+               ) -> dict[Any, list[str]]:
+    """Each parent's chunk texts in chunk_seq order (`key`: the parent's key columns)."""
+    sets: dict[Any, list[str]] = {}
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in key)
+    for row in conn.execute(sql.SQL("SELECT {k}, chunk_seq, chunk FROM docs_chunks"
+                                    " ORDER BY {k}, chunk_seq").format(k=columns)):
+        parent, seq, text = _key(key, row), row[-2], row[-1]
+        assert seq == len(sets.setdefault(parent, []))  # 0-based, consecutive
+        sets[parent].append(text)
     return sets
 
 
-def expected(conn: psycopg.Connection, target: Any) -> dict[int, list[str]]:
+def expected(conn: psycopg.Connection, target: Any, key: tuple[str, ...] = ("id",)
+             ) -> dict[Any, list[str]]:
     split = chunker(target.parent.chunking, target.provider, target.model)
-    wanted = {key: split(body or "", {"title": title})
-              for key, title, body in conn.execute("SELECT id, title, body FROM docs")}
+    wanted = {_key(key, row): split(row[-1] or "", {"title": row[-2]})
+              for row in conn.execute(sql.SQL("SELECT {}, title, body FROM docs").format(
+                  sql.SQL(", ").join(sql.Identifier(c) for c in key)))}
     return {k: v for k, v in wanted.items() if v}
 
 
