@@ -192,7 +192,7 @@ def test_composite_key_pipeline_as_ordinary_role_under_app_load(
     composite_docs(stack)
     repeatable_read_by_default(stack)
     with stack.connect() as conn:  # tenants t0..t2; the writer's inserts are 'acme'
-        conn.execute("INSERT INTO docs (tenant, id, title, body) SELECT 't' || (g % 3), g,"
+        conn.execute("INSERT INTO docs (tenant, id, title, body) SELECT 't' || (g %% 3), g,"
                      " 't' || g, b FROM unnest(%s::text[]) WITH ORDINALITY AS u(b, g)",
                      ([body(k, 0) for k in range(1, PARENTS + 1)],))
     out = stack.cli("init")
