@@ -26,9 +26,25 @@ from pgreembed.testing.fake_vectors import fake_vector
 from tests.app_side import app_transactions, repeatable_read_by_default
 from tests.chunk_corpus import long_document
 from tests.chunk_load import body, create_chunk_app_objects, pending, wrong_vectors
-from tests.helpers import OrdinaryRoles, Stack, steady_writer, wait_for
+from tests.helpers import (
+    OrdinaryRoles,
+    Stack,
+    migrate,
+    steady_writer,
+    wait_for,
+    write_config,
+)
 from tests.test_chunk_search import MODEL, fill_vectors
-from tests.test_chunked_targets import chunk_sets, chunked_stack, drain, expected, init
+from tests.test_chunked_targets import (
+    chunk_columns,
+    chunk_sets,
+    chunked_stack,
+    drain,
+    expected,
+    init,
+    old_snapshot,
+)
+from tests.test_rechunk_migration import NEW, OLD
 
 KEY = ("tenant", "id")
 VIEW = '[target.destination]\nview = "docs_view"\n'
@@ -56,11 +72,7 @@ def test_two_column_key_through_init_triggers_stage_view_and_counts(stack: Stack
                      (long_document(),))
     target = init(stack)
     with stack.connect() as conn:
-        columns = conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull"
-            " FROM pg_attribute a WHERE a.attrelid = 'docs_chunks'::regclass AND a.attnum > 0"
-            " AND NOT a.attisdropped ORDER BY a.attnum").fetchall()
-        assert columns == [("embedding_uuid", "uuid", True), ("tenant", "text", True),
+        assert chunk_columns(conn) == [("embedding_uuid", "uuid", True), ("tenant", "text", True),
                            ("id", "bigint", True), ("chunk_seq", "integer", True),
                            ("chunk", "text", True), ("embedding", "vector(384)", False)]
         assert conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE"
@@ -115,25 +127,19 @@ def test_repeatable_read_delete_and_truncate_leave_two_column_gone_marks(stack: 
     with stack.connect() as conn:
         conn.execute("INSERT INTO docs (tenant, id, title, body) VALUES ('a', 1, 'a', 'x'),"
                      " ('b', 1, 'b', 'y'), ('a', 2, 'c', 'z')")
-    with psycopg.connect(stack.dsn) as app:
-        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        app.execute("SELECT count(*) FROM docs")  # the snapshot is taken here
+    with old_snapshot(stack.dsn) as app:
         drain(stack.dsn, target)
         app.execute("DELETE FROM docs WHERE tenant = 'a' AND id = 1")
-        app.commit()
     with stack.connect() as conn:
         assert marks(conn, "chunk_gone_docs") == {("a", 1)}
         report = run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
         assert report.removed == 1
         assert chunk_sets(conn, KEY) == {("b", 1): ["b: y"], ("a", 2): ["c: z"]}
-    with psycopg.connect(stack.dsn) as app:
-        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        app.execute("SELECT count(*) FROM docs")
+    with old_snapshot(stack.dsn) as app:
         with stack.connect() as conn:
             conn.execute("UPDATE docs SET body = 'y2' WHERE tenant = 'b'")
         drain(stack.dsn, target)
         app.execute("TRUNCATE docs")
-        app.commit()
     with stack.connect() as conn:
         assert marks(conn, "chunk_gone_docs") == {(None, None)}
         run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
@@ -169,6 +175,39 @@ def test_search_parents_returns_distinct_two_column_keys_as_tuples(stack: Stack)
     assert hits[0].key == ("b", 3) and hits[0].chunk == query and hits[0].distance < 1e-5
     for hit in hits:  # each parent's nearest chunk
         assert hit.distance == pytest.approx(best[hit.key], abs=1e-5)
+
+
+def test_rechunk_migration_makes_a_second_set_keyed_by_both_columns(stack: Stack) -> None:
+    """`migrate start --rechunk` marks every parent by both columns in the new set's dirty
+    table, the stage fills it with the new settings, and a key update moves the chunks of
+    both sets (each set's triggers)."""
+    write_config(stack.config_path, OLD)
+    composite_docs(stack)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (tenant, id, title, body) SELECT t, g, t || g, b FROM"
+                     " unnest(%s::text[]) WITH ORDINALITY AS u(b, g), unnest(ARRAY['a', 'b'])"
+                     " AS t", ([body(k, 0) for k in range(1, 4)],))
+    with connect(stack.dsn) as conn:
+        run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
+    write_config(stack.config_path, NEW)
+    settings = load_settings(stack.config_path, stack.env)
+    migrate(stack, "start", "--rechunk")
+    with stack.connect() as conn:
+        (slot,) = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'next'").fetchone()
+        assert marks(conn, f"chunk_dirty_docs__c{slot}") == {
+            (t, k) for t in ("a", "b") for k in range(1, 4)}
+    with connect(stack.dsn) as conn:
+        run_chunk_stage(conn, settings)
+    table = f"docs_chunks__c{slot}"
+    with stack.connect() as conn:
+        new = chunk_sets(conn, KEY, table)
+        assert new == expected(conn, settings.target("docs"), KEY) and len(new) == 6
+        assert new != chunk_sets(conn, KEY)  # the live set keeps its settings
+        conn.execute("UPDATE docs SET tenant = 'c' WHERE tenant = 'a' AND id = 1")
+        for chunks in (chunk_sets(conn, KEY), chunk_sets(conn, KEY, table)):
+            assert ("c", 1) in chunks and ("a", 1) not in chunks and ("b", 1) in chunks
+        assert marks(conn, f"chunk_dirty_docs__c{slot}") == set()
 
 
 def settled(stack: Stack, target: Any) -> bool:
