@@ -265,7 +265,7 @@ def test_a_two_column_key_vectorizer_is_adopted_with_nothing_sent(
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO tenant_docs VALUES (%s, %s, %s, %s)",
                             [(t, f"doc-{i}", f"Tenant {t} doc {i}", doc) for i, doc in
-                             enumerate(documents(20, seed=27)) for t in (1, 2)])
+                             enumerate(documents(12, seed=27)) for t in (1, 2)])
         vid = pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
             source="tenant_docs", name="tenant_v", base_url=fake_openai.base_url,
             template="$title\n\n$chunk"))
@@ -279,13 +279,13 @@ def test_a_two_column_key_vectorizer_is_adopted_with_nothing_sent(
                                        ).format(sql.Identifier(*table.split(".")))).fetchone()
     fake_openai.reset()
     done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "tenant_v", "--adopt",
-                       "--no-embed-check", "--verify-chunks", "30", "--json")
+                       "--no-embed-check", "--verify-chunks", "20", "--json")
     assert done.returncode == 0, done.stderr
     plan = plan_of(json_document(done.stdout), "tenant_v")
     assert (plan["maps_to"], plan["adopted_chunks"]) == ("chunked", before[0])
     assert "primary_key" not in plan["target"]
     check = plan["chunk_check"]
-    assert (check["sampled"], check["identical"]) == (30, 30), check
+    assert (check["sampled"], check["identical"]) == (20, 20), check
     assert fake_openai.stats()["inputs_embedded"] == 0
     with psycopg.connect(pgai_db, autocommit=True) as conn:
         assert pgai_side.chunk_checksum(conn, table) == before
