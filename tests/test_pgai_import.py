@@ -257,8 +257,8 @@ def test_a_two_column_key_vectorizer_is_adopted_with_nothing_sent(
         pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
     """pgai keys its chunk table by every column of the source's key: adopted as a chunked
     target keyed by both (dirty marks pgr_pk_<column>), 0 texts sent, no chunk rewritten,
-    the chunk check finds parents by both columns (ids repeat across tenants), search
-    groups by both, and a take-over is refused by name with pgai left in charge."""
+    the chunk check finds parents by both columns (ids repeat across tenants), and search
+    groups by both (the take-over: tests/test_pgai_takeover.py)."""
     with psycopg.connect(pgai_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE tenant_docs (tenant_id int, doc_id text, title text,"
                      " body text, PRIMARY KEY (tenant_id, doc_id))")
@@ -305,14 +305,6 @@ def test_a_two_column_key_vectorizer_is_adopted_with_nothing_sent(
     assert len(hits) == len({h.key for h in hits}) == parents[0]  # both tenants of each id
     assert {type(h.key) for h in hits} == {tuple} and {h.key[0] for h in hits} == {1, 2}
 
-    refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "tenant_v",
-                          "--take-over", "--json")
-    assert refused.returncode != 0
-    assert "composite key" in json_document(refused.stdout)["error"]["message"]
-    with psycopg.connect(pgai_db, autocommit=True) as conn:
-        assert conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgname = %s",
-                            (pgai_side.vectorizer_row(conn, "tenant_v").trigger_name,)
-                            ).fetchall() == [("O",)]
 
 
 def test_a_catalog_older_than_0_10_is_refused_with_nothing_changed(

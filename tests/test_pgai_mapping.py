@@ -137,7 +137,7 @@ def test_a_composite_key_maps_to_a_chunked_target_keyed_by_every_column() -> Non
     assert (mapping.kind, mapping.adoptable) == ("chunked", True)
     assert "primary_key" not in tomllib.loads(mapping.toml())["target"][0]
     assert kinds(mapping) == {"composite primary key": "info"}
-    assert "(tenant, id)" in mapping.notes[0].reason and "--take-over" in mapping.notes[0].reason
+    assert "(tenant, id)" in mapping.notes[0].reason
     column = map_vectorizer(vectorizer({"destination": {
         "implementation": "column", "embedding_column": "embedding"}}, keys=("tenant", "id")))
     assert not column.adoptable

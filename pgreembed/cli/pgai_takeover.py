@@ -65,17 +65,13 @@ def cmd_take_over(args: argparse.Namespace, settings: Any) -> int:
 
 def parent_failures_of(conn: Any, target: Any, limit: int) -> tuple[int, list[Any]]:
     """`failures`: a chunked target's parents recorded failed (pgai's failed queue, handed
-    over at a take-over); (0, []) for other targets and composite keys (a take-over
-    refuses those, so none were handed over)."""
+    over at a take-over); (0, []) for other targets."""
     if target.parent is None:
         return 0, []
     from pgreembed.store.chunks import parent_key
     from pgreembed.store.takeover import parent_failures
 
-    key = parent_key(conn, target)
-    if key.composite:
-        return 0, []
-    return parent_failures(conn, target, key.columns[0], limit)
+    return parent_failures(conn, target, parent_key(conn, target), limit)
 
 
 def print_parent_failures(target: Any, total: int, parents: list[Any]) -> None:

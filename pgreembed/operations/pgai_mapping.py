@@ -93,9 +93,8 @@ def map_vectorizer(v: Vectorizer) -> Mapping:
         notes.append(Note("refused", "composite primary key", "an ordinary target (a column"
                           f" destination) takes a single-column key ({columns})"))
     else:  # a chunked target keys its chunks by every column of the primary key
-        notes.append(Note("info", "composite primary key", f"the chunk table keeps ({columns});"
-                          " `--take-over` takes single-column keys only for now: pgai's"
-                          " worker keeps it current until then"))
+        notes.append(Note("info", "composite primary key", f"the chunk table keeps ({columns}):"
+                          " chunks, marks and search are keyed by every column"))
     _map_embedding(v, target, notes)
     _map_processing_indexing(v, target, notes)
     if v.destination_kind == "column":

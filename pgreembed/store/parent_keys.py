@@ -20,8 +20,6 @@ from typing import Any
 
 from psycopg import sql
 
-from pgreembed.errors import SetupError
-
 MARK = "pgr_pk"
 
 
@@ -47,14 +45,6 @@ class ParentKey:
     def name(self) -> str:
         """The key as a word for messages and fingerprints (`a` or `a,b`)."""
         return ",".join(self.columns)
-
-    def single(self, what: str) -> tuple[str, str]:
-        """(column, type) where only a single-column key is handled yet; else a clear
-        refusal naming `what`."""
-        if self.composite:
-            raise SetupError(f"{what} needs a single-column parent key; this parent's key"
-                             f" is ({', '.join(self.columns)})")
-        return self.columns[0], self.types[0]
 
     # -- SQL -----------------------------------------------------------------------
 
@@ -89,6 +79,34 @@ class ParentKey:
     def arrays(self) -> sql.Composable:
         """`%s::t1[], %s::t2[]`: one array parameter per key column (for unnest)."""
         return sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in self.types)
+
+    # -- keys as text (the take-over's registry and pgai's failures) -----------------
+    # One key, one text: the value's own text for a single column (as before), a JSON
+    # array of the values for several (`["t1", 1]`), read back column by column.
+
+    def text(self, alias: str | None = None, *, marks: bool = False) -> sql.Composable:
+        """The key as text: `a.k::text`, or `jsonb_build_array(a.k1, a.k2)::text`."""
+        columns = self.cols(alias, marks=marks)
+        if not self.composite:
+            return sql.SQL("{}::text").format(columns)
+        return sql.SQL("jsonb_build_array({})::text").format(columns)
+
+    def from_text(self, text: sql.Composable) -> sql.Composable:
+        """The key columns' values of a key in its text form (`text`: an SQL expression)."""
+        if not self.composite:
+            return sql.SQL("({})::{}").format(text, sql.SQL(self.types[0]))
+        return sql.SQL(", ").join(
+            sql.SQL("(({})::jsonb ->> {})::{}").format(text, sql.Literal(i), sql.SQL(t))
+            for i, t in enumerate(self.types))
+
+    def among_texts(self, alias: str | None = None, *, marks: bool = False
+                    ) -> sql.Composable:
+        """The key is one of the keys passed in text form as one `%s::text[]`."""
+        if not self.composite:
+            return sql.SQL("{} = ANY(%s::text[]::{}[])").format(
+                self.cols(alias, marks=marks), sql.SQL(self.types[0]))
+        return sql.SQL("{} IN (SELECT {} FROM unnest(%s::text[]) AS pgr_t(k))").format(
+            self.row(alias, marks=marks), self.from_text(sql.SQL("pgr_t.k")))
 
     # -- values --------------------------------------------------------------------
 
