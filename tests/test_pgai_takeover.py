@@ -331,7 +331,7 @@ def test_take_over_and_undo_of_a_two_column_key(stack: Stack,
     the parents with pending chunks back to pgai's queue; pgai's worker converges."""
     composite_docs(stack)
     settings = settings_for(stack.config_path, stack.env)
-    vec = pgai_filled(stack.dsn, fake_openai.base_url, API_KEY, 20)  # tenant 'acme', 1..20
+    vec = pgai_filled(stack.dsn, fake_openai.base_url, API_KEY, 10)  # tenant 'acme', 1..10
     adopt(stack.env)
     failed = [("zeta", 500)]
     with stack.connect() as conn:
