@@ -272,7 +272,7 @@ def test_take_over_under_150_writes_per_second(stack: Stack,
 
     def writer(session: int) -> Any:
         def run(stop: Any) -> None:
-            key = 1000 * (session + 1)
+            key = 100_000 * (session + 1)  # 1,000 apart ran into each other under load
             with psycopg.connect(stack.dsn, autocommit=True) as conn:
                 while not stop.is_set():
                     began = time.time()
