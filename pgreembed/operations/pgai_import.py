@@ -90,7 +90,7 @@ class VectorizerPlan:
             "destination": v.destination_kind,
             "chunk_table": None if v.chunk_table is None else ".".join(v.chunk_table),
             "maps_to": m.kind, "target": m.target, "toml": m.toml(),
-            "adoptable": m.adoptable, "frozen": m.frozen,
+            "adoptable": m.adoptable, "frozen": m.frozen, "foreign": m.foreign,
             "rows": self.counts.rows, "chunks": self.counts.chunks,
             "queued": self.counts.queued, "failed": self.counts.failed,
             "disabled": v.disabled,
@@ -170,6 +170,9 @@ def verify_vectors(conn: psycopg.Connection, settings: Settings, plan: Vectorize
     target, v = plan.target, plan.vectorizer
     if target is None:
         check.skipped = "not adoptable"
+        return check
+    if plan.mapping.foreign:
+        check.skipped = f"no {target.provider} provider in pgreembed: nothing sent"
         return check
     if v.chunk_table is not None:
         samples = pgai_catalog.sample_chunks(conn, v.chunk_table, CHUNK_KEY,

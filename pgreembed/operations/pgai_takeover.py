@@ -28,7 +28,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pgreembed.config import Settings, Target
-from pgreembed.errors import ConfigError, MigrationError, NotInitializedError, SetupError
+from pgreembed.config.model_keys import is_foreign, missing_provider_reason
+from pgreembed.errors import (
+    ConfigError,
+    ImportRefused,
+    MigrationError,
+    NotInitializedError,
+    SetupError,
+)
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import vector_not_null
@@ -102,6 +109,15 @@ def target_of(settings: Settings, vec: Vectorizer) -> Target:
                       f" {vec.name!r}: keep one in the config")
 
 
+def refuse_foreign(vectorizer: str, target: Target) -> None:
+    """A target adopted with a provider pgreembed lacks is never taken over: nothing could
+    embed its new texts, so pgai's worker keeps serving it."""
+    if is_foreign(target.provider):
+        raise ImportRefused(f"cannot take over pgai vectorizer {vectorizer!r}: "
+                            + missing_provider_reason(target.provider, target.model)
+                            + "; nothing was changed")
+
+
 def _live(slots: list[Slot], target: Target) -> Slot:
     live = [s for s in slots if s.role == "live"]
     if not live:
@@ -114,6 +130,7 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
               in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS) -> TakeoverReport:
     started = time.monotonic()
     target = target_of(settings, vec)
+    refuse_foreign(vec.name, target)
     dsn = settings.database_url
     report = TakeoverReport(vec.name, target.name, "taken")
     with connect(dsn) as conn:
