@@ -30,7 +30,7 @@ from pgreembed.embedding.embed import embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ConfigError, ImportRefused
 from pgreembed.operations.pgai_mapping import Mapping, Note, map_vectorizer
-from pgreembed.store import pgai_catalog
+from pgreembed.store import pgai_catalog, takeover
 from pgreembed.store.pgai_values import UPGRADE_STEP, Counts, Vectorizer
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
@@ -231,5 +231,12 @@ def adopt(settings: Settings, plan: VectorizerPlan, policy: LockPolicy | None) -
     with connect(settings.database_url, vector=False) as conn:
         live = next(s for s in load_slots(conn, target) if s.role == "live")
         adopted = pgai_catalog.state_rows(conn, live.state_table, slot.model_id)
+        taken = takeover.read_takeover(conn, target)
+        if target.parent is None and not plan.vectorizer.disabled and (
+                taken is None or taken.state != "taken"):
+            # pgai's worker writes this column until --take-over: the scheduler sends
+            # nothing of it meanwhile (both would buy every edited text)
+            takeover.pause_live(conn, live, True)
+        conn.commit()
     plan.adopted_chunks = adopted
     return adopted

@@ -34,13 +34,18 @@ def failed_table(target: Target) -> sql.Identifier:
     return sql.Identifier(SCHEMA, f"chunk_failed_{target.name}")
 
 
-def ensure_tables(conn: psycopg.Connection, target: Target, key_type: str) -> None:
-    """The registry and the target's parent-failure table, if missing."""
+def ensure_registry(conn: psycopg.Connection) -> None:
+    """The registry of take-overs, if missing."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS pgreembed.pgai_takeovers (target text PRIMARY KEY,"
         " vectorizer_id int NOT NULL, vectorizer text NOT NULL, state text NOT NULL,"
         " in_flight text[] NOT NULL DEFAULT '{}', taken_at timestamptz,"
         " undone_at timestamptz)")
+
+
+def ensure_tables(conn: psycopg.Connection, target: Target, key_type: str) -> None:
+    """The registry and the chunked target's parent-failure table, if missing."""
+    ensure_registry(conn)
     conn.execute(sql.SQL(
         "CREATE TABLE IF NOT EXISTS {failed} (pgr_pk {type} PRIMARY KEY,"
         " pgr_version text NOT NULL, pgr_failure text NOT NULL,"
