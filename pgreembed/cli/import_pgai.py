@@ -107,7 +107,7 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
                None if dry_run else DEFAULT_VERIFY_VECTORS)
     if not dry_run:
         if args.take_over:  # before any check spends or any change is made
-            from pgreembed.operations.pgai_takeover import refuse_foreign
+            from pgreembed.operations.pgai_control import refuse_foreign
             for plan in plans:
                 if plan.target is not None:
                     refuse_foreign(plan.vectorizer.name, plan.target)

@@ -22,6 +22,7 @@ from typing import Any
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import ConfigError, MigrationError, NotInitializedError
+from pgreembed.operations.pgai_control import refuse_foreign, set_disabled, wait_for_pgai
 from pgreembed.store import pgai_column, pgai_queue, takeover
 from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
 from pgreembed.store.pgai_values import Vectorizer
@@ -60,8 +61,6 @@ def _live(conn: Any, target: Target) -> Slot:
 def take_over_column(settings: Settings, vec: Vectorizer, policy: LockPolicy | None,
                      in_flight_wait: float, report: Any) -> None:
     """Fills `report` (an operations.pgai_takeover.TakeoverReport)."""
-    from pgreembed.operations.pgai_takeover import refuse_foreign, set_disabled, wait_for_pgai
-
     target = column_target_of(settings, vec)
     refuse_foreign(vec.name, target)
     report.target = target.name

@@ -28,14 +28,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pgreembed.config import Settings, Target
-from pgreembed.config.model_keys import is_foreign, missing_provider_reason
 from pgreembed.errors import (
     ConfigError,
-    ImportRefused,
     MigrationError,
     NotInitializedError,
     SetupError,
 )
+from pgreembed.operations.pgai_control import refuse_foreign, set_disabled, wait_for_pgai
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import vector_not_null
@@ -106,15 +105,6 @@ def target_of(settings: Settings, vec: Vectorizer) -> Target:
                           f" --vectorizer {vec.name}` (adopt) first")
     raise ConfigError(f"targets {', '.join(t.name for t in found)} all adopt pgai vectorizer"
                       f" {vec.name!r}: keep one in the config")
-
-
-def refuse_foreign(vectorizer: str, target: Target) -> None:
-    """A target adopted with a provider pgreembed lacks is never taken over: nothing could
-    embed its new texts, so pgai's worker keeps serving it."""
-    if is_foreign(target.provider):
-        raise ImportRefused(f"cannot take over pgai vectorizer {vectorizer!r}: "
-                            + missing_provider_reason(target.provider, target.model)
-                            + "; nothing was changed")
 
 
 def _live(slots: list[Slot], target: Target) -> Slot:
@@ -218,29 +208,6 @@ def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot,
              " batch in flight; source locked %.0f ms", target.name, vec.name,
              report.keys_marked, report.in_flight, report.locked_ms)
     return switched.queued
-
-
-def set_disabled(dsn: str, vec: Vectorizer, disabled: bool) -> None:
-    with connect(dsn) as conn:
-        pgai_queue.set_disabled(conn, vec, disabled)
-        conn.commit()
-
-
-def wait_for_pgai(dsn: str, vec: Vectorizer, wait: float) -> float:
-    """Once the vectorizer is disabled pgai's worker starts no batch; wait (at most `wait`
-    seconds) for the one in flight to commit. Otherwise the chunk stage would re-chunk
-    parents that batch is rewriting, and wait on its row locks while holding the parents
-    (app writes to them waited 3.5 s in a test). Meanwhile pgai's trigger still queues every
-    write: nothing is lost, it is only not processed for that long. Returns seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < wait:
-        with connect(dsn) as conn:
-            held = pgai_queue.held_rows(conn, vec)
-            conn.rollback()
-        if not held:
-            break
-        time.sleep(0.2)  # pgai's batch is at its provider: poll, never wait on its locks
-    return round(time.monotonic() - started, 3)
 
 
 def _record_failures(dsn: str, target: Target, vec: Vectorizer, key: str, key_type: str,
