@@ -21,7 +21,7 @@ import pytest
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import API_KEY, Stack, json_document, wait_for
+from tests.helpers import API_KEY, OrdinaryRoles, Stack, json_document, wait_for
 from tests.pgai_takeover_side import (
     DIMS,
     MODEL,
@@ -198,3 +198,71 @@ def test_column_destination_take_over_and_undo(stack: Stack,
                  == (0,) and wrong(conn, set(failed)) == [], timeout=150, interval=0.5,
                  message="pgai's worker converging after the undo")
         assert pgai_rows_written(conn) > by_pgai
+
+
+@pytest.mark.timeout(300)
+def test_take_over_and_undo_as_an_ordinary_role_that_owns_the_source(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    """pgai installed and the vectorizer made by an admin (its catalog and queues are the
+    admin's); pgreembed's role is a member of the source's owner role, no superuser. It is
+    refused before any change, naming each missing right as the GRANT that gives it; once
+    the admin ran those GRANTs (pasted as printed), --take-over and --undo work."""
+    stack, roles = ordinary_roles
+    stack.config_path.write_text(TOML)
+    pgai_side.install_pgai(stack.dsn)
+    with stack.connect() as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL)")
+        write(conn, range(1, 21), "0")
+        pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+            source="public.notes", name=VECTORIZER, destination="column", chunking="none",
+            model=MODEL, dimensions=DIMS, base_url=fake_openai.base_url))
+    pgai_side.run_pgai_worker_once(stack.dsn, API_KEY)
+    with stack.connect() as conn:
+        conn.execute(psycopg.sql.SQL("ALTER TABLE notes OWNER TO {}").format(
+            psycopg.sql.Identifier(roles.owner)))
+        write(conn, [3, 4], "1")  # queued for pgai
+        vec = pgai_side.vectorizer_row(conn, VECTORIZER)
+
+    refused = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over",
+                          "--no-embed-check", "--json")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    message = json_document(refused.stdout)["error"]["message"]
+    assert f'GRANT USAGE ON SCHEMA "ai" TO "{roles.pgreembed}";' in message, message
+    with stack.connect() as conn:
+        assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (False,)
+        assert triggers(conn, vec) == {True}
+        ran: list[str] = []
+        while True:  # the catalog's grants first; then the plan names the vectorizer's
+            grants = [g for g in message.split("`")[1::2] if g.startswith("GRANT")]
+            assert grants and not set(grants) & set(ran), message
+            for grant in grants:
+                conn.execute(grant)
+            ran += grants
+            again = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--json")
+            if again.returncode == 0:
+                break
+            message = json_document(again.stdout)["error"]["message"]
+    print("\n".join(ran))
+    queue, failed = (psycopg.sql.Identifier(*t.split(".")).as_string(None) for t in
+                     (vec.queue_table, vec.queue_failed_table))
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {queue}" in " ".join(ran), ran
+    assert f"GRANT SELECT ON TABLE {failed}" in " ".join(ran), ran
+    assert len(ran) == 6, ran  # schema ai, its 3 tables, the queue, the failed queue
+
+    done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over",
+                       "--no-embed-check", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = json_document(done.stdout)["vectorizers"]
+    assert (report["state"], report["keys_marked"]) == ("taken", 2), report
+    with stack.connect() as conn:
+        assert triggers(conn, vec) == {False}
+        assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (True,)
+        assert conn.execute("SELECT count(*) FROM notes WHERE embedding IS NULL"
+                            ).fetchone() == (2,)
+    undone = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--undo", "--json")
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    with stack.connect() as conn:
+        assert triggers(conn, vec) == {True}
+        assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (False,)
+        assert conn.execute("SELECT count(DISTINCT id) FROM " + vec.queue_table
+                            ).fetchone() == (2,)

@@ -30,7 +30,7 @@ from pgreembed.embedding.embed import embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ConfigError, ImportRefused
 from pgreembed.operations.pgai_mapping import Mapping, Note, map_vectorizer
-from pgreembed.store import pgai_catalog, takeover
+from pgreembed.store import pgai_catalog, pgai_rights, takeover
 from pgreembed.store.pgai_values import UPGRADE_STEP, Counts, Vectorizer
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
@@ -103,6 +103,9 @@ class VectorizerPlan:
 
 def read_catalog(conn: psycopg.Connection, names: Sequence[str] | None) -> list[Vectorizer]:
     """The vectorizers asked for; refuses a missing or pre-0.10 catalog and unknown names."""
+    grants = pgai_rights.catalog_grants(conn)
+    if grants:
+        raise ImportRefused(pgai_rights.lacking_message(grants, "import-pgai"))
     version = pgai_catalog.catalog_version(conn)
     if not version.installed:
         raise ImportRefused("no pgai catalog in this database (no table ai.vectorizer)")
@@ -129,7 +132,11 @@ def _target(mapping: Mapping) -> Target | None:
 
 def make_plan(conn: psycopg.Connection, names: Sequence[str] | None) -> list[VectorizerPlan]:
     plans = []
-    for v in read_catalog(conn, names):
+    found = read_catalog(conn, names)
+    grants = [g for v in found for g in pgai_rights.vectorizer_grants(conn, v)]
+    if grants:  # every step needs them, the plan's counts included (the queue's SELECT)
+        raise ImportRefused(pgai_rights.lacking_message(grants, "import-pgai"))
+    for v in found:
         mapping = map_vectorizer(v)
         plans.append(VectorizerPlan(v, mapping, pgai_catalog.counts(conn, v), _target(mapping)))
     conn.rollback()
