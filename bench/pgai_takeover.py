@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -88,8 +90,10 @@ def settle(dsn: str, settings: Any, timeout: float) -> float:
     return round(time.monotonic() - started, 1)
 
 
-def counts(services: Services, parents: int, queued: int, after: int, timeout: float
-           ) -> dict[str, Any]:
+@contextlib.contextmanager
+def adopted(services: Services, parents: int) -> Iterator[tuple[Any, Any, Any, float]]:
+    """A fresh database: `parents` rows filled by pgai's worker, adopted; our pipeline's
+    config written, nothing of ours running. Yields (run, settings, vectorizer, fill s)."""
     dsn = fresh_database(services)
     tuning = Tuning()
     try:
@@ -99,55 +103,62 @@ def counts(services: Services, parents: int, queued: int, after: int, timeout: f
             vec = pgai_filled(dsn, services.fake.base_url, API_KEY, parents)
             fill_s = round(time.monotonic() - started, 1)
             adopt(run.env)
-            edits = queued * 3 // 5
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                edit(conn, range(1, edits + 1), "1")
-                insert(conn, range(parents + 1, parents + queued - edits + 1), "1")
-                keys = conn.execute("SELECT count(DISTINCT id) FROM " + vec.queue_table
-                                    ).fetchone()
-            report = take_over(run.env)
-            pgai = pgai_side.start_pgai_worker(dsn, API_KEY, run.logdir / "pgai.log")
-            run.processes.append(pgai)
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                by_pgai = pgai_rows_written(conn)
-            run.start_worker()
-            run.start_scheduler()
-            queued_s = settle(dsn, settings, timeout)
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                texts_before = {c for chunks in chunk_sets(conn).values() for c in chunks}
-                sent_before = dict(services.fake.stats()["text_counts"])
-                base = parents + queued
-                insert(conn, range(base + 1, base + after + 1), "2")
-                edit(conn, range(1, after + 1), "2")
-            after_s = settle(dsn, settings, timeout)
-            time.sleep(3)  # pgai's worker polls every second: give it the chance to write
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                register_vector(conn)
-                sets = chunk_sets(conn)
-                sent = {t: n - sent_before.get(t, 0) for t, n in
-                        services.fake.stats()["text_counts"].items()
-                        if n > sent_before.get(t, 0)}
-                new_texts = {c for chunks in sets.values() for c in chunks} - texts_before
-                inserted = {c for k in range(base + 1, base + after + 1) for c in sets[k]}
-                per_edit = [len(set(sets[k]) - texts_before) for k in range(1, after + 1)]
-                result = {
-                    "parents": parents, "pgai_fill_s": fill_s,
-                    "queued_keys": keys[0] if keys else None,
-                    "keys_marked": report["keys_marked"], "keys_gone": report["keys_gone"],
-                    "locked_ms": report["locked_ms"], "queued_done_s": queued_s,
-                    "after_inserts": after, "after_edits": after, "after_done_s": after_s,
-                    "provider_inputs": sum(sent.values()), "texts_sent_twice": sum(
-                        1 for n in sent.values() if n > 1),
-                    "new_chunk_texts": len(new_texts), "inserted_chunks": len(inserted),
-                    "edit_inputs": len(new_texts - inserted),
-                    "max_new_chunks_per_edit": max(per_edit),
-                    "sent_equals_new_texts": set(sent) == new_texts,
-                    "pgai_rows_written_after": pgai_rows_written(conn) - by_pgai,
-                    "wrong_vectors": len(wrong_vectors(conn)),
-                    "pgai_worker_alive": pgai.poll() is None}
-            return result
+            yield run, settings, vec, fill_s
     finally:
         services.drop(dsn)
+
+
+def counts(services: Services, parents: int, queued: int, after: int, timeout: float
+           ) -> dict[str, Any]:
+    with adopted(services, parents) as (run, settings, vec, fill_s):
+        dsn = run.dsn
+        edits = queued * 3 // 5
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            edit(conn, range(1, edits + 1), "1")
+            insert(conn, range(parents + 1, parents + queued - edits + 1), "1")
+            keys = conn.execute("SELECT count(DISTINCT id) FROM " + vec.queue_table
+                                ).fetchone()
+        report = take_over(run.env)
+        pgai = pgai_side.start_pgai_worker(dsn, API_KEY, run.logdir / "pgai.log")
+        run.processes.append(pgai)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            by_pgai = pgai_rows_written(conn)
+        run.start_worker()
+        run.start_scheduler()
+        queued_s = settle(dsn, settings, timeout)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            texts_before = {c for chunks in chunk_sets(conn).values() for c in chunks}
+            sent_before = dict(services.fake.stats()["text_counts"])
+            base = parents + queued
+            insert(conn, range(base + 1, base + after + 1), "2")
+            edit(conn, range(1, after + 1), "2")
+        after_s = settle(dsn, settings, timeout)
+        time.sleep(3)  # pgai's worker polls every second: give it the chance to write
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            register_vector(conn)
+            sets = chunk_sets(conn)
+            sent = {t: n - sent_before.get(t, 0) for t, n in
+                    services.fake.stats()["text_counts"].items()
+                    if n > sent_before.get(t, 0)}
+            new_texts = {c for chunks in sets.values() for c in chunks} - texts_before
+            inserted = {c for k in range(base + 1, base + after + 1) for c in sets[k]}
+            per_edit = [len(set(sets[k]) - texts_before) for k in range(1, after + 1)]
+            result = {
+                "parents": parents, "pgai_fill_s": fill_s,
+                "queued_keys": keys[0] if keys else None,
+                "keys_marked": report["keys_marked"], "keys_gone": report["keys_gone"],
+                "locked_ms": report["locked_ms"], "queued_done_s": queued_s,
+                "after_inserts": after, "after_edits": after, "after_done_s": after_s,
+                "provider_inputs": sum(sent.values()), "texts_sent_twice": sum(
+                    1 for n in sent.values() if n > 1),
+                "new_chunk_texts": len(new_texts), "inserted_chunks": len(inserted),
+                "edit_inputs": len(new_texts - inserted),
+                "max_new_chunks_per_edit": max(per_edit),
+                "sent_equals_new_texts": set(sent) == new_texts,
+                "pgai_rows_written_after": pgai_rows_written(conn) - by_pgai,
+                "wrong_vectors": len(wrong_vectors(conn)),
+                "pgai_worker_alive": pgai.poll() is None}
+        return result
 
 
 def writer(dsn: str, session: int, rate: float, writers: int, stop: threading.Event,
@@ -185,37 +196,30 @@ def percentile(values: list[float], share: float) -> float:
 
 def latency(services: Services, parents: int, rate: float, writers: int, seconds: float
             ) -> dict[str, Any]:
-    dsn = fresh_database(services)
-    tuning = Tuning()
-    try:
-        with pipeline(services, dsn, tuning, init=False) as run:
-            settings_for(run.config_path, run.env, tuning.batch_size)
-            pgai_filled(dsn, services.fake.base_url, API_KEY, parents)
-            adopt(run.env)
-            run.processes.append(pgai_side.start_pgai_worker(dsn, API_KEY,
-                                                             run.logdir / "pgai.log"))
-            run.start_worker()
-            run.start_scheduler()
-            timings: list[tuple[float, float]] = []
-            samples: list[tuple[float, str]] = []
-            stop = threading.Event()
-            threads = [threading.Thread(target=writer, args=(dsn, i, rate, writers, stop,
-                                                             timings, parents))
-                       for i in range(writers)]
-            threads.append(threading.Thread(target=sampler, args=(dsn, stop, samples)))
+    with adopted(services, parents) as (run, _, _, _):
+        dsn = run.dsn
+        run.processes.append(pgai_side.start_pgai_worker(dsn, API_KEY,
+                                                         run.logdir / "pgai.log"))
+        run.start_worker()
+        run.start_scheduler()
+        timings: list[tuple[float, float]] = []
+        samples: list[tuple[float, str]] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=writer, args=(dsn, i, rate, writers, stop,
+                                                         timings, parents))
+                   for i in range(writers)]
+        threads.append(threading.Thread(target=sampler, args=(dsn, stop, samples)))
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(seconds)
+            cut_from = time.time()
+            report = take_over(run.env)
+            time.sleep(seconds)
+        finally:
+            stop.set()
             for t in threads:
-                t.start()
-            try:
-                time.sleep(seconds)
-                cut_from = time.time()
-                report = take_over(run.env)
-                time.sleep(seconds)
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join()
-    finally:
-        services.drop(dsn)
+                t.join()
     lock_from = report["locked_at"]
     lock_to = lock_from + report["locked_ms"] / 1000
     before = [s for t, s in timings if t < cut_from]

@@ -21,8 +21,13 @@ import time
 from typing import Any
 
 from pgreembed.config import Settings, Target
-from pgreembed.errors import ConfigError, MigrationError, NotInitializedError
-from pgreembed.operations.pgai_control import refuse_foreign, set_disabled, wait_for_pgai
+from pgreembed.errors import ConfigError, NotInitializedError
+from pgreembed.operations.pgai_control import (
+    refuse_foreign,
+    require_taken,
+    set_disabled,
+    wait_for_pgai,
+)
 from pgreembed.store import pgai_column, pgai_queue, takeover
 from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
 from pgreembed.store.pgai_values import Vectorizer
@@ -147,9 +152,7 @@ def undo_column(settings: Settings, vec: Vectorizer, policy: LockPolicy | None,
         live = _live(conn, target)
         found = takeover.read_takeover(conn, target)
         conn.commit()
-    if found is None or found.state != "taken":
-        raise MigrationError(f"target {target.name!r} has not taken over pgai vectorizer"
-                             f" {vec.name!r}: nothing to undo")
+    found = require_taken(found, target, vec.name)
     held: dict[str, float] = {}
 
     def work(conn: Any) -> None:

@@ -8,10 +8,11 @@ import time
 
 from pgreembed.config import Target
 from pgreembed.config.model_keys import is_foreign, missing_provider_reason
-from pgreembed.errors import ImportRefused
+from pgreembed.errors import ImportRefused, MigrationError
 from pgreembed.store import pgai_queue
 from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.pool import connect
+from pgreembed.store.takeover import Takeover
 
 
 def refuse_foreign(vectorizer: str, target: Target) -> None:
@@ -44,3 +45,11 @@ def wait_for_pgai(dsn: str, vec: Vectorizer, wait: float) -> float:
             break
         time.sleep(0.2)  # pgai's batch is at its provider: poll, never wait on its locks
     return round(time.monotonic() - started, 3)
+
+
+def require_taken(found: Takeover | None, target: Target, vectorizer: str) -> Takeover:
+    """The registry's row of a take-over an undo can hand back."""
+    if found is None or found.state != "taken":
+        raise MigrationError(f"target {target.name!r} has not taken over pgai vectorizer"
+                             f" {vectorizer!r}: nothing to undo")
+    return found

@@ -30,11 +30,15 @@ from typing import Any
 from pgreembed.config import Settings, Target
 from pgreembed.errors import (
     ConfigError,
-    MigrationError,
     NotInitializedError,
     SetupError,
 )
-from pgreembed.operations.pgai_control import refuse_foreign, set_disabled, wait_for_pgai
+from pgreembed.operations.pgai_control import (
+    refuse_foreign,
+    require_taken,
+    set_disabled,
+    wait_for_pgai,
+)
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import vector_not_null
@@ -272,9 +276,7 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
         key, key_type = parent_key(conn, target)
         found = takeover.read_takeover(conn, target)
         conn.commit()
-    if found is None or found.state != "taken":
-        raise MigrationError(f"target {target.name!r} has not taken over pgai vectorizer"
-                             f" {vec.name!r}: nothing to undo")
+    found = require_taken(found, target, vec.name)
     held: dict[str, float] = {}
     in_flight = found.in_flight
 

@@ -23,7 +23,7 @@ from pgreembed.store.pgai_cutover import result_row
 from pgreembed.store.pgai_queue import queue_of, source_of
 from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.slots import NOTIFY_CHANNEL, Slot
-from pgreembed.store.takeover import PAUSED_BY_PGAI
+from pgreembed.store.takeover import PAUSED_BY_PGAI, failure_arrays
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,7 @@ def record_failures(conn: psycopg.Connection, slot: Slot,
         " ON CONFLICT (pgr_pk) DO UPDATE SET pgr_failed_hash = EXCLUDED.pgr_failed_hash,"
         " pgr_failure = EXCLUDED.pgr_failure, pgr_attempts = EXCLUDED.pgr_attempts,"
         " pgr_failed_at = EXCLUDED.pgr_failed_at").format(**ids),
-        ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
-         [reason for _, _, reason in failed])).rowcount
+        failure_arrays(failed)).rowcount
 
 
 def pending_keys(conn: psycopg.Connection, slot: Slot) -> list[str]:

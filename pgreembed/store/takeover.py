@@ -122,8 +122,14 @@ def record_failures(conn: psycopg.Connection, target: Target, key: str, key_type
         " ON CONFLICT (pgr_pk) DO UPDATE SET pgr_version = EXCLUDED.pgr_version,"
         " pgr_failure = EXCLUDED.pgr_failure, pgr_failed_at = EXCLUDED.pgr_failed_at,"
         " pgr_recorded_at = now()").format(**ids),
-        ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
-         [reason for _, _, reason in failed])).rowcount
+        failure_arrays(failed)).rowcount
+
+
+def failure_arrays(failed: Sequence[tuple[Any, datetime, str]]
+                   ) -> tuple[list[str], list[datetime], list[str]]:
+    """(keys as text, when, reasons): the three arrays a failure recording unnests."""
+    return ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
+            [reason for _, _, reason in failed])
 
 
 @dataclass(frozen=True)
