@@ -177,15 +177,17 @@ def writer(dsn: str, session: int, rate: float, writers: int, stop: threading.Ev
 
 
 def sampler(dsn: str, stop: threading.Event, samples: list[tuple[float, str]]) -> None:
-    """What the app's active sessions wait on, every ~5 ms."""
+    """What the active sessions of this database wait on, every ~5 ms: the app's
+    ("app ...") and the others' (pgreembed's, pgai's: "other ..."), this one left out."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         while not stop.is_set():
             now = time.time()
-            for kind, event in conn.execute(
-                    "SELECT coalesce(wait_event_type, 'CPU'), coalesce(wait_event, 'running')"
-                    " FROM pg_stat_activity WHERE application_name = %s AND state = 'active'",
-                    (APP,)):
-                samples.append((now, f"{kind}:{event}"))
+            for who, kind, event in conn.execute(
+                    "SELECT CASE WHEN application_name = %s THEN 'app' ELSE 'other' END,"
+                    " coalesce(wait_event_type, 'CPU'), coalesce(wait_event, 'running')"
+                    " FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND state = 'active' AND pid <> pg_backend_pid()", (APP,)):
+                samples.append((now, f"{who} {kind}:{event}"))
             stop.wait(0.005)
 
 
