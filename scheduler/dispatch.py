@@ -18,6 +18,7 @@ import redis
 
 from pgreembed.chunking.stage import run_chunk_stage
 from pgreembed.config import Settings
+from pgreembed.config.model_keys import is_foreign
 from pgreembed.queue.broker import make_broker
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import Sender, broker_sender
@@ -76,7 +77,11 @@ class Dispatcher:
                        report: PassReport) -> None:
         if slot.misconfigured:
             # Every request would fail whatever the rows: wait for the fix and `init`.
-            if slot.id not in self._misconfigured_seen:
+            if slot.id not in self._misconfigured_seen and is_foreign(slot.provider):
+                self._misconfigured_seen.add(slot.id)  # adopted from pgai: frozen as meant
+                log.warning("slot %d (%s.%s, %s) is frozen: %s", slot.id, slot.target.name,
+                            slot.vector_column, slot.model_key, slot.misconfigured)
+            elif slot.id not in self._misconfigured_seen:
                 self._misconfigured_seen.add(slot.id)
                 log.error("slot %d (%s.%s, %s) is misconfigured, not dispatched until"
                           " `pgreembed init` after the fix: %s", slot.id, slot.target.name,

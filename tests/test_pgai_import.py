@@ -331,3 +331,92 @@ def test_a_catalog_older_than_0_10_is_refused_with_nothing_changed(
                              " (SELECT jsonb_agg(v) FROM ai.vectorizer v)").fetchone()
     assert after == before
     assert fake_openai.stats()["inputs_embedded"] == 0
+
+
+def test_an_embedder_pgreembed_lacks_is_adopted_frozen_and_never_taken_over(
+        pgai_db: str, fake_openai: FakeOpenAIServer, redis_url: str, tmp_path: Path) -> None:
+    """pgai's embedding_litellm: adopted (its vectors served and counted, 0 texts sent, not
+    even for the vector check), its column marked with the missing provider's name, so the
+    scheduler dispatches nothing and no row is failed; --take-over refuses it (pgai keeps
+    serving it), before and after the adoption."""
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE memos (id bigint PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO memos SELECT g, repeat('memo ' || g || ' about vacuum. ', 30)"
+                     " FROM generate_series(1, 20) g")
+        vid = pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+            source="memos", name="memos_litellm", base_url=fake_openai.base_url))
+    pgai_side.run_pgai_worker_once(pgai_db, API_KEY, vectorizer_ids=[vid])
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        # The catalog as pgai writes it for embedding_litellm (its worker filled the
+        # chunks through the fake server; litellm is not installed here).
+        conn.execute("UPDATE ai.vectorizer SET config = jsonb_set(config, '{embedding}',"
+                     " ai.embedding_litellm('cohere/embed-english-v3.0', 64)) WHERE id = %s",
+                     (vid,))
+        table = chunk_table(conn, "memos_litellm")
+        before = pgai_side.chunk_checksum(conn, table)
+    fake_openai.reset()
+
+    plan = plan_of(json_document(import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer",
+                                             "memos_litellm", "--json").stdout),
+                   "memos_litellm")
+    assert (plan["adoptable"], plan["foreign"]) == (True, True), plan
+    [note] = [n for n in plan["not_mapped"] if n["kind"] == "foreign"]
+    assert note["what"] == "embedding litellm" and "not in pgreembed" in note["reason"]
+    assert plan["target"]["provider"] == "pgai-litellm"
+
+    def refused_take_over() -> None:
+        done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "memos_litellm",
+                           "--take-over", "--no-embed-check", "--json")
+        assert done.returncode == 4, done.stderr
+        message = json_document(done.stdout)["error"]["message"]
+        assert "'litellm'" in message and "pgai's worker keeps serving" in message, message
+        with psycopg.connect(pgai_db, autocommit=True) as conn:
+            assert conn.execute("SELECT disabled FROM ai.vectorizer WHERE name ="
+                                " 'memos_litellm'").fetchone() == (False,)
+            assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid ="
+                                " 'memos'::regclass AND tgenabled <> 'D' AND NOT tgisinternal"
+                                " AND tgname LIKE 'pgr%'").fetchone() == (0,)
+
+    refused_take_over()
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('pgreembed.slots')").fetchone() != (None,):
+            assert conn.execute("SELECT count(*) FROM pgreembed.slots"
+                                " WHERE target = 'memos_litellm'").fetchone() == (0,)
+
+    # Adopted without --no-embed-check: the vector check is skipped, nothing is sent.
+    done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "memos_litellm",
+                       "--adopt", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = plan_of(json_document(done.stdout), "memos_litellm")
+    assert plan["vector_check"]["sampled"] == 0 and "pgai-litellm" in \
+        plan["vector_check"]["skipped"]
+    assert plan["adopted_chunks"] == before[0]
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert pgai_side.chunk_checksum(conn, table) == before
+        # a chunk pgai has not embedded yet: pending for pgreembed, and it stays so
+        conn.execute(sql.SQL("UPDATE {} SET embedding = NULL WHERE id = 1 AND chunk_seq = 0"
+                             ).format(sql.Identifier(*table.split("."))))
+    config = tmp_path / "pgreembed.toml"
+    config.write_text(plan["toml"])
+    env = {**os.environ, "DATABASE_URL": pgai_db, "PGREEMBED_CONFIG": str(config),
+           "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url}
+
+    def cli(*args: str) -> dict[str, Any]:
+        ran = subprocess.run([sys.executable, "-m", "pgreembed", *args, "--json"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert ran.returncode == 0, ran.stderr
+        return json_document(ran.stdout)
+
+    ran = subprocess.run([sys.executable, "-m", "pgreembed", "tick"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr  # frozen as meant: not an exit 4
+    assert "is frozen: provider 'litellm'" in ran.stderr, ran.stderr
+    [column] = cli("status", "--exact")["columns"]
+    assert (column["embedded"], column["pending"], column["failed"]) == (
+        before[0] - 1, 1, 0), column
+    assert "'litellm'" in column["misconfigured"] and "not in pgreembed" in \
+        column["misconfigured"], column
+    failures = cli("failures", "--target", "memos_litellm")
+    assert (failures["failures"], failures["parent_failures"]) == ([], [])
+    assert fake_openai.stats()["inputs_embedded"] == 0
+    refused_take_over()

@@ -11,7 +11,11 @@ from typing import Any
 
 import pytest
 
+from pgreembed.config import PROVIDERS, parse_settings
+from pgreembed.config.model_keys import foreign_provider, is_foreign, model_key, parse_model_key
 from pgreembed.config.target import parse_target
+from pgreembed.embedding.providers import make_provider
+from pgreembed.errors import ProviderKeyMissing
 from pgreembed.operations.pgai_mapping import map_vectorizer
 from pgreembed.store.pgai_values import CatalogVersion, KeyColumn, Vectorizer, parse_version
 
@@ -102,7 +106,7 @@ def test_a_column_destination_maps_to_an_ordinary_target() -> None:
     ({"loading": {"implementation": "uri", "column_name": "url"}}, "loading uri", "frozen"),
     ({"parsing": {"implementation": "pymupdf"}}, "parsing pymupdf", "frozen"),
     ({"embedding": {"implementation": "litellm", "model": "cohere/embed-english-v3.0",
-                    "dimensions": 1024}}, "embedding litellm", "refused"),
+                    "dimensions": 1024}}, "embedding litellm", "foreign"),
     ({"embedding": {"implementation": "ollama", "model": "nomic-embed-text", "dimensions": 768,
                     "base_url": "http://ollama:11434"}}, "embedding ollama", "info"),
     ({"embedding": {"implementation": "openai", "model": "text-embedding-3-small",
@@ -127,6 +131,28 @@ def test_voyage_and_ollama_map_to_providers_pgreembed_has() -> None:
         "base_url": "http://ollama:11434/"}}))
     assert (voyage.target["provider"], ollama.target["provider"]) == ("voyage", "openai")
     assert "OPENAI_BASE_URL=http://ollama:11434/v1" in ollama.notes[0].reason
+
+
+@pytest.mark.parametrize("implementation", ["litellm", "openai:x@1", "voyage", ""])
+def test_an_embedder_pgreembed_lacks_gets_a_model_key_no_real_provider_has(
+        implementation: str) -> None:
+    """Adopted as provider "pgai-<name>": the key parses back, its provider is none that
+    pgreembed builds (also when pgai's name is one of ours, or carries the key's
+    separators), and the TOML loads."""
+    mapping = map_vectorizer(vectorizer({"embedding": {
+        "implementation": implementation, "model": "cohere/embed:v3@x", "dimensions": 1024}}))
+    provider = foreign_provider(implementation)
+    key = model_key(provider, "cohere/embed:v3@x", 1024)
+    assert parse_model_key(key) == (provider, "cohere/embed:v3@x", 1024)
+    assert provider not in PROVIDERS and is_foreign(provider)
+    assert not any(is_foreign(p) for p in PROVIDERS)
+    assert mapping.adoptable and mapping.foreign and not mapping.frozen
+    target = parse_target(tomllib.loads(mapping.toml())["target"][0], {})
+    assert target.model_key == key
+    with pytest.raises(ProviderKeyMissing, match="not in pgreembed"):
+        make_provider(parse_settings({"target": [mapping.target]}, {"DATABASE_URL": "x"}),
+                      target.provider,
+                      target.model, target.dimensions, target)
 
 
 def test_a_composite_key_maps_to_a_chunked_target_keyed_by_every_column() -> None:

@@ -54,7 +54,8 @@ def _with_targets(base: Settings | None, plans: Sequence[VectorizerPlan]) -> Set
 
 def _print_plan(plan: VectorizerPlan) -> None:
     d = plan.as_dict()
-    state = "adoptable" if d["adoptable"] else "NOT adoptable"
+    state = ("NOT adoptable" if not d["adoptable"] else
+             "adoptable, never embedded with" if d["foreign"] else "adoptable")
     print(f"vectorizer {d['vectorizer']} (id {d['id']}): {d['source']} -> {d['maps_to']}"
           f" target {d['vectorizer']!r} ({state}{', frozen' if d['frozen'] else ''})")
     print(f"  rows {d['rows']:,}, chunks {d['chunks']:,}, queued {d['queued']:,},"
@@ -105,6 +106,11 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
                args.verify_vectors if args.verify_vectors is not None else
                None if dry_run else DEFAULT_VERIFY_VECTORS)
     if not dry_run:
+        if args.take_over:  # before any check spends or any change is made
+            from pgreembed.operations.pgai_control import refuse_foreign
+            for plan in plans:
+                if plan.target is not None:
+                    refuse_foreign(plan.vectorizer.name, plan.target)
         refused = [p for p in plans if p.target is None]
         if refused:  # all or nothing: before any check spends or any change is made
             raise ImportRefused("cannot adopt " + "; ".join(

@@ -213,43 +213,9 @@ def _ctrl_c_remembered() -> Iterator[threading.Event]:
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
-    from pgreembed.cli.pgai_takeover import parent_failures_of, print_parent_failures
-    from pgreembed.store.failures import list_failures, retry_failures, select_slots
+    from pgreembed.cli.failures import cmd_failures as run
 
-    settings = _settings(args)
-    target = settings.target(args.target)
-    with connect(settings.database_url) as conn:
-        slots = select_slots(conn, target, args.column)
-        if args.retry:
-            retried = [(slot, retry_failures(conn, slot)) for slot in slots]
-            if args.json:
-                emit("failures-retry", {"retried": [
-                    {"column": s.vector_column, "model": s.model_key, "role": s.role,
-                     "retried": n} for s, n in retried]})
-                return EXIT_OK
-            for slot, count in retried:
-                print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
-                      f" {count} failed rows are pending again")
-            return EXIT_OK
-        found = [(slot, *list_failures(conn, slot, args.limit)) for slot in slots]
-        parents_total, parents = parent_failures_of(conn, target, args.limit)
-        conn.rollback()
-    if args.json:
-        document: dict[str, Any] = {"failures": [r.as_dict() for _, _, records in found
-                                                  for r in records]}
-        if target.parent is not None:  # a chunked target: its parents' failures too
-            document["parent_failures"] = [p.as_dict() for p in parents]
-        emit("failures", document)
-        return EXIT_OK
-    print_parent_failures(target, parents_total, parents)
-    for slot, total, records in found:
-        shown = f", the {len(records)} most recent:" if len(records) < total else ":"
-        print(f"{target.name}.{slot.vector_column} ({slot.model_key}, {slot.role}):"
-              f" {total} failed rows{shown if total else ''}")
-        for r in records:
-            when = "" if r.failed_at is None else f", last {r.failed_at:%Y-%m-%d %H:%M:%S%z}"
-            print(f"  row {r.key}: {r.reason} (attempts: {r.attempts}{when})")
-    return EXIT_OK
+    return run(args)
 
 
 def cmd_search(args: argparse.Namespace) -> int:

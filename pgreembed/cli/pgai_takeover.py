@@ -79,3 +79,16 @@ def print_parent_failures(target: Any, total: int, parents: list[Any]) -> None:
         print(f"{target.name}: {total} parent rows failed (handed over from pgai):")
     for p in parents:
         print(f"  row {p.key}: {p.reason} ({p.failed_at:%Y-%m-%d %H:%M:%S%z})")
+
+
+def retry_parent_failures_of(conn: Any, target: Any) -> int | None:
+    """`failures --retry`: a chunked target's failed parents marked to be chunked again
+    and their records dropped, committed; None for other targets."""
+    if target.parent is None:
+        return None
+    from pgreembed.store.chunks import parent_key
+    from pgreembed.store.takeover import retry_parent_failures
+
+    retried = retry_parent_failures(conn, target, parent_key(conn, target))
+    conn.commit()
+    return retried

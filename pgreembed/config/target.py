@@ -25,7 +25,7 @@ from pgreembed.config.fields import (
 from pgreembed.config.fields import positive as _positive
 from pgreembed.config.fields import require as _require
 from pgreembed.config.fields import typed as _typed
-from pgreembed.config.model_keys import model_key
+from pgreembed.config.model_keys import is_foreign, model_key
 from pgreembed.config.providers import PROVIDER_TABLES, ProviderSettings
 from pgreembed.errors import ConfigError
 
@@ -154,7 +154,7 @@ def parse_target(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Target:
         text_columns = (_require(merged, "text_column", str, where),)
 
     provider = merged.get("provider", "local")
-    if provider not in PROVIDERS:
+    if provider not in PROVIDERS and not is_foreign(str(provider)):
         raise ConfigError(f"{where}.provider: must be one of {PROVIDERS}, got {provider!r}")
     model = _typed(merged.get("model", LOCAL_MODEL if provider == "local" else ""), str,
                    f"{where}.model")

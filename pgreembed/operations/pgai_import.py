@@ -30,7 +30,7 @@ from pgreembed.embedding.embed import embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ConfigError, ImportRefused
 from pgreembed.operations.pgai_mapping import Mapping, Note, map_vectorizer
-from pgreembed.store import pgai_catalog
+from pgreembed.store import pgai_catalog, pgai_rights, takeover
 from pgreembed.store.pgai_values import UPGRADE_STEP, Counts, Vectorizer
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
@@ -90,7 +90,7 @@ class VectorizerPlan:
             "destination": v.destination_kind,
             "chunk_table": None if v.chunk_table is None else ".".join(v.chunk_table),
             "maps_to": m.kind, "target": m.target, "toml": m.toml(),
-            "adoptable": m.adoptable, "frozen": m.frozen,
+            "adoptable": m.adoptable, "frozen": m.frozen, "foreign": m.foreign,
             "rows": self.counts.rows, "chunks": self.counts.chunks,
             "queued": self.counts.queued, "failed": self.counts.failed,
             "disabled": v.disabled,
@@ -103,6 +103,9 @@ class VectorizerPlan:
 
 def read_catalog(conn: psycopg.Connection, names: Sequence[str] | None) -> list[Vectorizer]:
     """The vectorizers asked for; refuses a missing or pre-0.10 catalog and unknown names."""
+    grants = pgai_rights.catalog_grants(conn)
+    if grants:
+        raise ImportRefused(pgai_rights.lacking_message(grants, "import-pgai"))
     version = pgai_catalog.catalog_version(conn)
     if not version.installed:
         raise ImportRefused("no pgai catalog in this database (no table ai.vectorizer)")
@@ -129,7 +132,11 @@ def _target(mapping: Mapping) -> Target | None:
 
 def make_plan(conn: psycopg.Connection, names: Sequence[str] | None) -> list[VectorizerPlan]:
     plans = []
-    for v in read_catalog(conn, names):
+    found = read_catalog(conn, names)
+    grants = [g for v in found for g in pgai_rights.vectorizer_grants(conn, v)]
+    if grants:  # every step needs them, the plan's counts included (the queue's SELECT)
+        raise ImportRefused(pgai_rights.lacking_message(grants, "import-pgai"))
+    for v in found:
         mapping = map_vectorizer(v)
         plans.append(VectorizerPlan(v, mapping, pgai_catalog.counts(conn, v), _target(mapping)))
     conn.rollback()
@@ -170,6 +177,9 @@ def verify_vectors(conn: psycopg.Connection, settings: Settings, plan: Vectorize
     target, v = plan.target, plan.vectorizer
     if target is None:
         check.skipped = "not adoptable"
+        return check
+    if plan.mapping.foreign:
+        check.skipped = f"no {target.provider} provider in pgreembed: nothing sent"
         return check
     if v.chunk_table is not None:
         samples = pgai_catalog.sample_chunks(conn, v.chunk_table, CHUNK_KEY,
@@ -228,5 +238,12 @@ def adopt(settings: Settings, plan: VectorizerPlan, policy: LockPolicy | None) -
     with connect(settings.database_url, vector=False) as conn:
         live = next(s for s in load_slots(conn, target) if s.role == "live")
         adopted = pgai_catalog.state_rows(conn, live.state_table, slot.model_id)
+        taken = takeover.read_takeover(conn, target)
+        if target.parent is None and not plan.vectorizer.disabled and (
+                taken is None or taken.state != "taken"):
+            # pgai's worker writes this column until --take-over: the scheduler sends
+            # nothing of it meanwhile (both would buy every edited text)
+            takeover.pause_live(conn, live, True)
+        conn.commit()
     plan.adopted_chunks = adopted
     return adopted

@@ -8,7 +8,8 @@ Pure: no SQL, no provider. The mapping (docs/pgai.md, "The mapping"):
 - formatting python_template -> template; chunk_value -> "$chunk";
 - embedding openai -> provider openai (base_url -> OPENAI_BASE_URL); ollama -> openai
   against <base_url>/v1, only if the vector check agrees; voyageai -> voyage;
-  litellm -> not adoptable yet (no such provider here);
+  litellm or any other -> adopted as provider "pgai-<name>" (config.model_keys): vectors
+  served and counted, nothing embedded with it, refused by --take-over;
 - indexing hnsw opclass -> distance; destination table/view -> [target.destination].
 """
 
@@ -18,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pgreembed.config.model_keys import foreign_provider, missing_provider_reason
 from pgreembed.store.pgai_values import Vectorizer
 
 # The checks' default sample sizes (the CLI's defaults; this module is light to import).
@@ -59,6 +61,11 @@ class Mapping:
     def refusal(self) -> str:
         """Why it cannot be adopted ("" when it can)."""
         return "; ".join(f"{n.what}: {n.reason}" for n in self.notes if n.kind == "refused")
+
+    @property
+    def foreign(self) -> bool:
+        """Its embedder is one pgreembed lacks: adopted, never embedded with."""
+        return any(n.kind == "foreign" for n in self.notes)
 
     @property
     def frozen(self) -> bool:
@@ -150,12 +157,12 @@ def _map_embedding(v: Vectorizer, target: dict[str, Any], notes: list[Note]) -> 
                           " check agrees (do not use --no-embed-check)"))
     elif impl == "voyageai":
         target["provider"] = "voyage"
-    else:
-        target["provider"] = impl
-        notes.append(Note("refused", f"embedding {impl}", f"pgreembed has no {impl} provider"
-                          " yet: the vectors cannot be adopted as a model it can embed new"
-                          " texts with; migrate the vectorizer to a supported model, or wait"
-                          " for the provider"))
+    else:  # adopted frozen for embedding: served and counted, nothing sent
+        target["provider"] = foreign_provider(impl)
+        notes.append(Note("foreign", f"embedding {impl}", missing_provider_reason(
+            target["provider"], target["model"]) + "; --take-over refuses it until the"
+            " provider exists (then import again: the vector check compares the stored"
+            " vectors with it)"))
 
 
 def _map_processing_indexing(v: Vectorizer, target: dict[str, Any], notes: list[Note]) -> None:

@@ -28,7 +28,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pgreembed.config import Settings, Target
-from pgreembed.errors import ConfigError, MigrationError, NotInitializedError, SetupError
+from pgreembed.errors import (
+    ConfigError,
+    NotInitializedError,
+    SetupError,
+)
+from pgreembed.operations.pgai_control import (
+    refuse_foreign,
+    require_taken,
+    set_disabled,
+    wait_for_pgai,
+)
 from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import vector_not_null
@@ -82,8 +92,7 @@ def target_of(settings: Settings, vec: Vectorizer) -> Target:
     import-pgai maps it to)."""
     if vec.destination_kind != "table" or vec.chunk_table is None:
         raise SetupError(f"pgai vectorizer {vec.name!r} writes a column of"
-                         f" {vec.source_schema}.{vec.source_table}: --take-over of a column"
-                         " destination is not done yet (only chunk-table destinations)")
+                         f" {vec.source_schema}.{vec.source_table}: no chunk table")
     found = [t for t in settings.targets.values()
              if t.parent is not None and (t.schema, t.table) == vec.chunk_table
              and (t.parent.schema, t.parent.table) == (vec.source_schema, vec.source_table)]
@@ -113,7 +122,15 @@ def _live(slots: list[Slot], target: Target) -> Slot:
 def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None,
               in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS) -> TakeoverReport:
     started = time.monotonic()
+    if vec.destination_kind == "column":
+        from pgreembed.operations.pgai_column_takeover import take_over_column
+
+        report = TakeoverReport(vec.name, "", "taken")
+        take_over_column(settings, vec, policy, in_flight_wait, report)
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
     target = target_of(settings, vec)
+    refuse_foreign(vec.name, target)
     dsn = settings.database_url
     report = TakeoverReport(vec.name, target.name, "taken")
     with connect(dsn) as conn:
@@ -138,13 +155,13 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
         report.state = "already taken"
     else:
         _prepare(dsn, target, current, present, policy)
-        _set_disabled(dsn, vec, True)
+        set_disabled(dsn, vec, True)
         try:
-            report.waited_for_pgai_s = _wait_for_pgai(dsn, vec, in_flight_wait)
+            report.waited_for_pgai_s = wait_for_pgai(dsn, vec, in_flight_wait)
             queued = _cut_over(dsn, target, vec, live, policy, report)
         except BaseException:
             if not vec.disabled:  # pgai stays in charge, as it was
-                _set_disabled(dsn, vec, False)
+                set_disabled(dsn, vec, False)
             raise
         _record_failures(dsn, target, vec, key, queued, report)
     _finish_in_flight(dsn, target, vec, key, in_flight_wait, report)
@@ -197,29 +214,6 @@ def _cut_over(dsn: str, target: Target, vec: Vectorizer, live: Slot,
     return switched.queued
 
 
-def _set_disabled(dsn: str, vec: Vectorizer, disabled: bool) -> None:
-    with connect(dsn) as conn:
-        pgai_queue.set_disabled(conn, vec, disabled)
-        conn.commit()
-
-
-def _wait_for_pgai(dsn: str, vec: Vectorizer, wait: float) -> float:
-    """Once the vectorizer is disabled pgai's worker starts no batch; wait (at most `wait`
-    seconds) for the one in flight to commit. Otherwise the chunk stage would re-chunk
-    parents that batch is rewriting, and wait on its row locks while holding the parents
-    (app writes to them waited 3.5 s in a test). Meanwhile pgai's trigger still queues every
-    write: nothing is lost, it is only not processed for that long. Returns seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < wait:
-        with connect(dsn) as conn:
-            held = pgai_queue.held_rows(conn, vec)
-            conn.rollback()
-        if not held:
-            break
-        time.sleep(0.2)  # pgai's batch is at its provider: poll, never wait on its locks
-    return round(time.monotonic() - started, 3)
-
-
 def _record_failures(dsn: str, target: Target, vec: Vectorizer, key: ParentKey,
                      queued: list[str], report: TakeoverReport) -> None:
     """pgai's failures recorded as the parents' (a key queued again since it failed is
@@ -267,6 +261,13 @@ def _finish_in_flight(dsn: str, target: Target, vec: Vectorizer, key: ParentKey,
 def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
          ) -> TakeoverReport:
     started = time.monotonic()
+    if vec.destination_kind == "column":
+        from pgreembed.operations.pgai_column_takeover import undo_column
+
+        report = TakeoverReport(vec.name, "", "undone")
+        undo_column(settings, vec, policy, report)
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
     target = target_of(settings, vec)
     dsn = settings.database_url
     report = TakeoverReport(vec.name, target.name, "undone")
@@ -275,9 +276,7 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
         key = parent_key(conn, target)
         found = takeover.read_takeover(conn, target)
         conn.commit()
-    if found is None or found.state != "taken":
-        raise MigrationError(f"target {target.name!r} has not taken over pgai vectorizer"
-                             f" {vec.name!r}: nothing to undo")
+    found = require_taken(found, target, vec.name)
     held: dict[str, float] = {}
     in_flight = found.in_flight
 

@@ -77,13 +77,13 @@ def switch_to_pgreembed(conn: psycopg.Connection, target: Target, vec: Vectorize
         "UPDATE pgreembed.slots SET paused = false, paused_by = NULL WHERE id = {slot}"
         " AND paused_by = {by};\n"
         "SELECT pg_notify({channel}, {target})").format(**ids))
-    deleted, keys, marked, gone, moved = _row(cur)
+    deleted, keys, marked, gone, moved = result_row(cur)
     cur.nextset()
-    held, _, in_flight = _row(cur)
+    held, _, in_flight = result_row(cur)
     return Switched(deleted, keys, marked, gone, held, [*moved, *in_flight], list(in_flight))
 
 
-def _row(cur: psycopg.Cursor) -> tuple[Any, ...]:
+def result_row(cur: psycopg.Cursor) -> tuple[Any, ...]:
     while cur.description is None:  # ALTER TABLE: no rows
         if not cur.nextset():
             raise DatabaseError("the cut-over query returned fewer results than it has SELECTs")

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target
+from pgreembed.config.model_keys import is_foreign, missing_provider_reason
 from pgreembed.errors import SetupError
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.blockers import SHARE_ROW_EXCLUSIVE
@@ -27,6 +28,7 @@ from pgreembed.store.slots import (
     app_table,
     clear_misconfigured,
     load_slots,
+    mark_misconfigured,
     primary_key_of,
     vector_type_for,
 )
@@ -311,9 +313,12 @@ def _init_in_transaction(conn: psycopg.Connection, target: Target
     added = ensure_vector_column(conn, target, target.vector_column, dimensions, kind)
     first_init = not registered
     slot = register_live_slot(conn, target)
-    if clear_misconfigured(conn, target):
+    foreign = [s for s in load_slots(conn, target) if is_foreign(s.provider)]
+    if clear_misconfigured(conn, target) > len(foreign):
         log.warning("target %s: cleared the misconfigured mark; its batches are dispatched"
                     " again", target.name)
+    for each in foreign:  # adopted from pgai with a provider pgreembed lacks: frozen
+        mark_misconfigured(conn, each, missing_provider_reason(each.provider, each.model))
     slots = load_slots(conn, target)
     for each in slots:
         create_state_table(conn, each)

@@ -35,14 +35,19 @@ def failed_table(target: Target) -> sql.Identifier:
     return sql.Identifier(SCHEMA, f"chunk_failed_{target.name}")
 
 
-def ensure_tables(conn: psycopg.Connection, target: Target, key: ParentKey) -> None:
-    """The registry and the target's parent-failure table (one column per key column,
-    named as the dirty table's), if missing."""
+def ensure_registry(conn: psycopg.Connection) -> None:
+    """The registry of take-overs, if missing."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS pgreembed.pgai_takeovers (target text PRIMARY KEY,"
         " vectorizer_id int NOT NULL, vectorizer text NOT NULL, state text NOT NULL,"
         " in_flight text[] NOT NULL DEFAULT '{}', taken_at timestamptz,"
         " undone_at timestamptz)")
+
+
+def ensure_tables(conn: psycopg.Connection, target: Target, key: ParentKey) -> None:
+    """The registry and the chunked target's parent-failure table (one column per key
+    column, named as the dirty table's), if missing."""
+    ensure_registry(conn)
     conn.execute(sql.SQL(
         "CREATE TABLE IF NOT EXISTS {failed} ({columns}, PRIMARY KEY ({marks}),"
         " pgr_version text NOT NULL, pgr_failure text NOT NULL,"
@@ -122,8 +127,14 @@ def record_failures(conn: psycopg.Connection, target: Target, key: ParentKey,
         " ON CONFLICT ({marks}) DO UPDATE SET pgr_version = EXCLUDED.pgr_version,"
         " pgr_failure = EXCLUDED.pgr_failure, pgr_failed_at = EXCLUDED.pgr_failed_at,"
         " pgr_recorded_at = now()").format(**ids),
-        ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
-         [reason for _, _, reason in failed])).rowcount
+        failure_arrays(failed)).rowcount
+
+
+def failure_arrays(failed: Sequence[tuple[Any, datetime, str]]
+                   ) -> tuple[list[str], list[datetime], list[str]]:
+    """(keys as text, when, reasons): the three arrays a failure recording unnests."""
+    return ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
+            [reason for _, _, reason in failed])
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ class VectorizerSpec:
     dimensions: int = 64
     base_url: str | None = None
     api_key_name: str = "OPENAI_API_KEY"
-    embedder: str = "openai"  # or "voyageai", "ollama" (not runnable here: catalog only)
+    embedder: str = "openai"  # or "voyageai", "ollama", "litellm" (not runnable here:
+    # catalog only)
     batch_size: int | None = None
     enqueue_existing: bool = True
 
@@ -122,7 +123,11 @@ def _embedding_call(spec: VectorizerSpec) -> sql.Composed:
     if spec.embedder == "ollama":
         return _named_call("embedding_ollama", {
             "model": spec.model, "dimensions": spec.dimensions, "base_url": spec.base_url})
-    raise ValueError(f"embedder {spec.embedder!r} is not one of openai, voyageai, ollama")
+    if spec.embedder == "litellm":
+        return _named_call("embedding_litellm", {
+            "model": spec.model, "dimensions": spec.dimensions})
+    raise ValueError(f"embedder {spec.embedder!r} is not one of openai, voyageai, ollama,"
+                     " litellm")
 
 
 def create_vectorizer(conn: psycopg.Connection[Any], spec: VectorizerSpec) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from pgreembed.config import Settings, Target
-from pgreembed.config.model_keys import model_key
+from pgreembed.config.model_keys import is_foreign, missing_provider_reason, model_key
 from pgreembed.embedding.providers.base import Provider
 from pgreembed.embedding.providers.catalog import provider_info
 from pgreembed.embedding.providers.keys import has_key, key_missing
@@ -37,6 +37,8 @@ def require_credentials(settings: Settings, provider: str) -> None:
     now (exit 2), not a migration whose every batch fails later in the workers."""
     if provider == "openai" and not settings.openai_api_key and not settings.openai_base_url:
         raise ProviderKeyMissing(OPENAI_KEY_MISSING)
+    if is_foreign(provider):
+        raise ProviderKeyMissing(f"{provider}: {missing_provider_reason(provider, '?')}")
     info = provider_info(provider)
     if not info.installed:
         raise ProviderKeyMissing(f"the {provider} provider needs the {info.package!r} package:"
@@ -69,6 +71,8 @@ def _options(settings: Settings, provider: str, target: Target | None) -> object
 
 def _build(settings: Settings, provider: str, model: str, dimensions: int,
            options: object) -> Provider:
+    if is_foreign(provider):  # adopted from pgai: served, never embedded with
+        raise ProviderKeyMissing(missing_provider_reason(provider, model))
     if provider == "local":
         from pgreembed.embedding.providers.local import LocalMiniLM
 

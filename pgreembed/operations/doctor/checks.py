@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
+from pgreembed.config.model_keys import is_foreign
 from pgreembed.observability.redact import redact
 from pgreembed.operations.doctor.app_objects import AppObjectChecks
 from pgreembed.operations.doctor.base import (
@@ -153,7 +154,13 @@ class _Doctor(AppObjectChecks, ChunkChecks, ColumnChecks, IndexChecks, SampleChe
         if not registry_exists(self.conn):
             return  # `models` says to run init
         for slot in load_slots(self.conn, target):
-            if slot.misconfigured:
+            if slot.misconfigured and is_foreign(slot.provider):  # adopted from pgai
+                self.add(WARN, target.name, "misconfigured",
+                         f"{target.schema}.{target.table}.{slot.vector_column}"
+                         f" ({slot.model_key}, {slot.role}) is frozen: {slot.misconfigured}",
+                         {"column": slot.vector_column, "model": slot.model_key,
+                          "reason": slot.misconfigured})
+            elif slot.misconfigured:
                 self.add(ERROR, target.name, "misconfigured",
                          f"{target.schema}.{target.table}.{slot.vector_column}"
                          f" ({slot.model_key}, {slot.role}) is misconfigured, nothing is"
