@@ -65,20 +65,39 @@ def chunk_uuid(text: str) -> uuid.UUID:
     return uuid.UUID(bytes=hashlib.md5(text.encode()).digest()[:8] + os.urandom(8))
 
 
-def read_dirty(conn: psycopg.Connection, target: Target, key: str, limit: int
+def read_dirty(conn: psycopg.Connection, target: Target, key: str, limit: int,
+               among: Sequence[str] | None = None, key_type: str = "text"
                ) -> list[DirtyParent]:
-    """Up to `limit` dirty parents, oldest mark first (a short read; no lock)."""
+    """Up to `limit` dirty parents, oldest mark first (a short read; no lock); with
+    `among` (keys as text, of type `key_type`), only those of them still dirty."""
     template = parent_of(target).chunking.template_columns
+    only = sql.SQL("WHERE d.pgr_pk = ANY(%s::{}[])").format(sql.SQL(key_type)) \
+        if among is not None else sql.SQL("")
     rows = conn.execute(sql.SQL(
         "SELECT d.pgr_pk, ({text})::text, {version}{template} FROM {dirty} d JOIN {parent} p"
-        " ON p.{key} = d.pgr_pk ORDER BY d.pgr_marked_at, d.pgr_pk LIMIT %s").format(
+        " ON p.{key} = d.pgr_pk {only} ORDER BY d.pgr_marked_at, d.pgr_pk LIMIT %s").format(
         text=text_expression(parent_target(target)), version=_version(target),
         template=sql.SQL("").join(sql.SQL(", p.{}").format(sql.Identifier(c))
                                   for c in template),
         dirty=dirty_table(target), parent=app_table(parent_target(target)),
-        key=sql.Identifier(key)), (limit,)).fetchall()
+        key=sql.Identifier(key), only=only),
+        (*([list(among)] if among is not None else []), limit)).fetchall()
     return [DirtyParent(r[0], r[1], dict(zip(template, r[3:], strict=True)), r[2])
             for r in rows]
+
+
+Mark = tuple[Any, Any]  # (pgr_marked_at, pgr_pk): where a walk of the dirty marks is
+
+
+def dirty_page(conn: psycopg.Connection, target: Target, after: Mark | None, limit: int
+               ) -> list[Mark]:
+    """The next `limit` dirty marks after `after`, oldest first: a keyset walk of the
+    marks' own index (no join, no lock), so the scheduler's look stays cheap whatever
+    the backlog; the workers read the parents' texts."""
+    where = sql.SQL("WHERE (pgr_marked_at, pgr_pk) > (%s, %s)") if after else sql.SQL("")
+    return [(r[0], r[1]) for r in conn.execute(sql.SQL(
+        "SELECT pgr_marked_at, pgr_pk FROM {} {} ORDER BY pgr_marked_at, pgr_pk LIMIT %s"
+    ).format(dirty_table(target), where), (*(after or ()), limit)).fetchall()]
 
 
 def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_type: str,
