@@ -27,9 +27,8 @@ from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, app_table, primary_key
 from pgreembed.store.triggers import text_sql_columns
 
 # Bump when the parent's triggers change: older ones are then replaced.
-# 2: deletes under REPEATABLE READ leave gone marks and never fail on the stage's rows.
-# 3: marks under REPEATABLE READ never fail on a mark committed after the snapshot.
-# 4: NOTIFY only for a new mark with no older one waiting (docs/chunking.md, "Under load").
+# 2: deletes under REPEATABLE READ leave gone marks; 3: marks under REPEATABLE READ never
+# fail on a mark committed after the snapshot; 4: NOTIFY only for a new, lone mark.
 CHUNK_TRIGGERS_VERSION = 4
 
 
@@ -297,16 +296,9 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target,
     ids = {"chunks": app_table(target), "dirty": dirty_table(target),
            "key": sql.Identifier(key), "channel": sql.Literal(NOTIFY_CHANNEL),
            "target": sql.Literal(target.name), "changed": _changed(watched)}
-    # Postgres serialises the commits of every transaction that notified on one
-    # database-wide lock, held through the commit's WAL flush: a NOTIFY per edit made the
-    # app's edits queue on each other's commits (docs/chunking.md, "Under load"). So only
-    # a new mark (FOUND: the INSERT added it) with no older mark waiting notifies: an
-    # older mark means the scheduler was woken already, or is busy with the marks and
-    # will read this one in its next pass (it polls every poll_interval whatever comes).
-    notify = sql.SQL(
-        "    IF FOUND AND NOT EXISTS (SELECT FROM {dirty} WHERE pgr_marked_at < now()) THEN\n"
-        "        PERFORM pg_notify({channel}, {target});\n"
-        "    END IF;").format(**ids)
+    # Notifying commits queue on one lock: only a new mark (FOUND) with none older waits.
+    notify = sql.SQL("    IF FOUND AND NOT EXISTS (SELECT FROM {dirty} WHERE pgr_marked_at < now())"
+                     " THEN PERFORM pg_notify({channel}, {target}); END IF;").format(**ids)
     # A snapshot older than the stage's last commit (REPEATABLE READ, SERIALIZABLE) may not
     # see chunks the stage wrote, and fails with a serialization error on rows it changed:
     # such a transaction leaves marks for the stage and skips what it cannot do itself.
