@@ -18,6 +18,7 @@ import os
 import signal
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,11 @@ chunked_targets: Any = importlib.import_module("tests.test_chunked_targets")
 VIEW = '[target.destination]\nview = "docs_view"\n'
 
 
-def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def chunked_database(services: Services, batch_size: int
+                     ) -> Iterator[tuple[Any, Any, Any]]:
+    """A fresh database with the docs parent, the chunked config (pgai's view), the
+    ordinary roles and `init` run: (stack, roles, target); processes stopped at the end."""
     name = f"bench_chunkmig_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -45,7 +50,7 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
                      " views integer NOT NULL DEFAULT 0)")
     folder = Path(tempfile.mkdtemp(prefix="chunkmig-", dir=services.workdir))
     config = helpers.write_config(folder / "pgreembed.toml", chunked_targets.CHUNKED.format(
-        batch_size=args.batch_size, destination=VIEW))
+        batch_size=batch_size, destination=VIEW))
     roles = helpers.create_ordinary_roles(dsn)
     env = {**os.environ, "DATABASE_URL": roles.pgreembed_dsn,
            "REDIS_URL": services.redis.url, "PGREEMBED_CONFIG": str(config),
@@ -60,12 +65,7 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
         out = stack.cli("init")
         if out.returncode != 0:
             raise RuntimeError(out.stderr)
-        figures: dict[str, Any] = chunk_load.run_migration_under_load(
-            stack, roles, services.fake, parents=args.parents, rate=args.rate,
-            seconds=args.seconds, provider_latency=args.provider_latency,
-            expected=lambda conn: chunked_targets.expected(conn, target),
-            chunk_sets=chunked_targets.chunk_sets)
-        return figures
+        yield stack, roles, target
     finally:
         for process in stack.processes:
             with contextlib.suppress(ProcessLookupError):
@@ -74,6 +74,16 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
             process.wait(30)
         helpers.drop_ordinary_roles(dsn, roles)
         services.drop(dsn)
+
+
+def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
+    with chunked_database(services, args.batch_size) as (stack, roles, target):
+        figures: dict[str, Any] = chunk_load.run_migration_under_load(
+            stack, roles, services.fake, parents=args.parents, rate=args.rate,
+            seconds=args.seconds, provider_latency=args.provider_latency,
+            expected=lambda conn: chunked_targets.expected(conn, target),
+            chunk_sets=chunked_targets.chunk_sets)
+        return figures
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def test_the_scheduler_sends_dirty_parents_and_a_killed_worker_loses_none(
 
         def midway() -> bool:
             done = conn.execute("SELECT count(DISTINCT id) FROM docs_chunks").fetchone()[0]
-            return 0 < done and len(dirty(conn)) > 0
+            return done > 0 and len(dirty(conn)) > 0
         wait_for(midway, timeout=60, interval=0.02, message="the workers to be chunking")
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(30)

@@ -63,14 +63,14 @@ def _chunker(chunking: Chunking, provider: str, model: str
     return chunker(chunking, provider, model)
 
 
-def rechunk(conn: psycopg.Connection, target: Target,
-            limit: int = PARENTS_PER_TRANSACTION, among: Sequence[str] | None = None
-            ) -> Applied:
+def rechunk(conn: psycopg.Connection, target: Target, limit: int | None = None,
+            among: Sequence[str] | None = None) -> Applied:
     """One batch of `target`'s dirty parents (with `among`: of those keys, as text);
     commits. Applied.parents == 0 and Applied.stale == 0: nothing was dirty. `target`
     names one chunk set (chunk_sets.sets_of): its table, dirty table and the settings the
     set was made with."""
     key, key_type = parent_key(conn, target)
+    limit = PARENTS_PER_TRANSACTION if limit is None else limit  # read now (bench.chunk_edits)
     parents = read_dirty(conn, target, key, limit, among, key_type)
     conn.commit()
     if not parents:
