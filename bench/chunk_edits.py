@@ -90,6 +90,15 @@ class NotifyCounter(threading.Thread):
                 self.count += sum(1 for _ in conn.notifies(timeout=0.5))
 
 
+def parents_applied(stack: Any) -> int:
+    """Marks deleted so far (each one a parent's chunk set applied), from the statistics."""
+    with stack.connect() as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        row = conn.execute("SELECT n_tup_del FROM pg_stat_all_tables WHERE relid ="
+                           " 'pgreembed.chunk_dirty_docs'::regclass").fetchone()
+    return int(row[0]) if row else 0
+
+
 def one_round(stack: Any, roles: Any, variant: str, bodies: dict[str, list[str]],
               keys: list[int], stable: list[Any], args: argparse.Namespace
               ) -> dict[str, Any]:
@@ -102,7 +111,12 @@ def one_round(stack: Any, roles: Any, variant: str, bodies: dict[str, list[str]]
     counter = NotifyCounter(stack.dsn)
     counter.start()
     try:
+        log = stack.logs / f"scheduler-{stage_mode}.log"
+        seen = log.read_text().count("now the leader")
+        helpers.wait_for(lambda: log.read_text().count("now the leader") > seen, timeout=60,
+                         message="the round's scheduler to lead")
         time.sleep(args.warm)
+        applied = parents_applied(stack)
         cpu_start = sum(psutil.Process(scheduler.pid).cpu_times()[:2])
         notified = counter.count
         with chunk_load.app_load(stack.dsn, roles, keys, stable, args.rate) as load:
@@ -114,6 +128,7 @@ def one_round(stack: Any, roles: Any, variant: str, bodies: dict[str, list[str]]
         with contextlib.suppress(ProcessLookupError):
             scheduler.send_signal(signal.SIGTERM)
         scheduler.wait(30)
+    applied = parents_applied(stack) - applied
     with stack.connect() as conn:
         backlog = conn.execute("SELECT count(*) FROM pgreembed.chunk_dirty_docs").fetchone()[0]
     figures = load.figures()
@@ -127,6 +142,7 @@ def one_round(stack: Any, roles: Any, variant: str, bodies: dict[str, list[str]]
                                  ("search_app_view", "search_pgai_view") if k in figures),
             "lock_timeouts": figures["lock_timeouts"], "notifies_per_s": round(notifies, 1),
             "scheduler_cpu_s": round(cpu, 2), "dirty_at_end": backlog,
+            "parents_applied_per_s": round(applied / load.edit_seconds, 1),
             "blocked_by": figures["blocked_by"]}
 
 
@@ -174,7 +190,7 @@ def summary(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out[variant] = {k: statistics.median(r[k] for r in mine) for k in (
             "edits_per_second", "edit_p50_ms", "edit_p99_ms", "edit_max_ms", "over_100_ms",
             "search_p99_ms", "lock_timeouts", "notifies_per_s", "scheduler_cpu_s",
-            "dirty_at_end")}
+            "dirty_at_end", "parents_applied_per_s")}
         blockers: dict[str, int] = {}
         for r in mine:
             for label, n in r["blocked_by"].items():
@@ -210,7 +226,8 @@ def main() -> None:
               f" p99 {f['edit_p99_ms']} / max {f['edit_max_ms']} ms, {f['over_100_ms']} over"
               f" 100 ms, {f['lock_timeouts']} lock timeouts, search p99"
               f" {f['search_p99_ms']} ms, {f['notifies_per_s']} NOTIFY/s, scheduler CPU"
-              f" {f['scheduler_cpu_s']} s, dirty at end {f['dirty_at_end']}")
+              f" {f['scheduler_cpu_s']} s, dirty at end {f['dirty_at_end']}, parents"
+              f" applied/s {f['parents_applied_per_s']}")
     print(f"load average before {load_before}, after {psutil.getloadavg()}")
     print("result: " + json.dumps({**vars(args), "variants": figures, "rounds": results}))
 
