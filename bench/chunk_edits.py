@@ -60,7 +60,7 @@ def scheduler_main(stage_mode: str) -> None:
     setup_logging()
     settings = load_settings()
     if stage_mode == "scheduler":
-        stage.PARENTS_PER_TRANSACTION = 100
+        stage.PARENTS_PER_READ = stage.PARENTS_PER_TRANSACTION = 100
         SchedulerService(settings, send=dramatiq_sender(settings)).run()
     else:
         SchedulerService(settings).run()

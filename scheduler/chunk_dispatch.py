@@ -17,7 +17,7 @@ import redis
 
 from pgreembed.chunking.stage import (
     PARENTS_PER_PASS,
-    PARENTS_PER_TRANSACTION,
+    PARENTS_PER_READ,
     chunk_sets,
     copy_vectors,
 )
@@ -34,7 +34,7 @@ PAGE = 500  # marks read a statement
 
 
 class ChunkDispatch:
-    """Sends each chunk set's dirty parents in batches of PARENTS_PER_TRANSACTION."""
+    """Sends each chunk set's dirty parents in batches of PARENTS_PER_READ."""
 
     def __init__(self, settings: Settings, client: redis.Redis, send: ChunkSender) -> None:
         self.settings = settings
@@ -69,8 +69,8 @@ class ChunkDispatch:
                 break
             after = page[-1]
             claimed = claims.claim([str(key) for _, key in page[:budget - sent]])
-            for start in range(0, len(claimed), PARENTS_PER_TRANSACTION):
-                batch = claimed[start:start + PARENTS_PER_TRANSACTION]
+            for start in range(0, len(claimed), PARENTS_PER_READ):
+                batch = claimed[start:start + PARENTS_PER_READ]
                 self.send(chunk_set.configured.name, target.name, batch)
                 claims.confirm(batch)  # if we die before this, the claims lapse in seconds
             sent += len(claimed)

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # edit of one of them waits for that commit: 100 parents a transaction made edits wait up
 # to ~100 ms under load (docs/chunking.md, "Under load"); 10 keep that wait short.
 PARENTS_PER_TRANSACTION = 10
+# Read and split together, sent to a worker as one message: the per-batch round trips
+# (the set's slots and settings, the key's type) are paid once for this many parents.
+PARENTS_PER_READ = 50
 PARENTS_PER_PASS = 2000  # then the dispatch pass runs; the rest is done next pass
 
 
@@ -65,35 +68,41 @@ def _chunker(chunking: Chunking, provider: str, model: str
 
 def rechunk(conn: psycopg.Connection, target: Target, limit: int | None = None,
             among: Sequence[str] | None = None) -> Applied:
-    """One batch of `target`'s dirty parents (with `among`: of those keys, as text);
-    commits. Applied.parents == 0 and Applied.stale == 0: nothing was dirty. `target`
-    names one chunk set (chunk_sets.sets_of): its table, dirty table and the settings the
-    set was made with."""
+    """Up to `limit` (PARENTS_PER_READ) of `target`'s dirty parents (with `among`: of
+    those keys, as text), read and split at once, applied PARENTS_PER_TRANSACTION a
+    transaction; commits. Applied.parents == 0 and Applied.stale == 0: nothing was dirty.
+    `target` names one chunk set (chunk_sets.sets_of): its table, dirty table and the
+    settings the set was made with."""
     key, key_type = parent_key(conn, target)
-    limit = PARENTS_PER_TRANSACTION if limit is None else limit  # read now (bench.chunk_edits)
+    limit = PARENTS_PER_READ if limit is None else limit
     parents = read_dirty(conn, target, key, limit, among, key_type)
     conn.commit()
-    if not parents:
-        return Applied()
     chunking = target.parent.chunking
     chunks_of = _chunker(chunking, target.provider, target.model)
     planned = [(p, chunks_of(p.text or "", p.row)) for p in parents]
-    try:
-        # The set's table first: a re-chunk swap (which renames the sets) cannot commit
-        # until this does, and the settings read under it are the ones this set has.
-        if not same_settings(conn, target, chunking):
+    total = Applied()
+    step = PARENTS_PER_TRANSACTION  # read now: bench.chunk_edits sets main's 100
+    for start in range(0, len(planned), step):
+        try:
+            # The set's table first: a re-chunk swap (which renames the sets) cannot commit
+            # until this does, and the settings read under it are the ones this set has.
+            if not same_settings(conn, target, chunking):
+                conn.rollback()
+                total.stale += len(planned) - start  # swapped meanwhile: split again next
+                break
+            applied = apply_chunk_sets(conn, target, key, key_type,
+                                       sql.Identifier(target.vector_column),
+                                       planned[start:start + step], match)
+            conn.commit()
+        except BaseException:
             conn.rollback()
-            return Applied(stale=len(parents))  # swapped meanwhile: split again next
-        applied = apply_chunk_sets(conn, target, key, key_type,
-                                   sql.Identifier(target.vector_column), planned, match)
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    if applied.stale:
+            raise
+        for name in ("parents", "stale", "inserted", "deleted", "moved", "kept"):
+            setattr(total, name, getattr(total, name) + getattr(applied, name))
+    if total.stale:
         log.info("target %s: %d parents changed while being chunked; done again next",
-                 target.name, applied.stale)
-    return applied
+                 target.name, total.stale)
+    return total
 
 
 def chunk_sets(conn: psycopg.Connection, settings: Settings,
