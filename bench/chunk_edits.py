@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import psycopg
 
-from bench.chunk_migration import chunked_database
+from bench.chunk_migration import chunked_database, on_services
 from bench.harness import Services
 
 chunk_load: Any = importlib.import_module("tests.chunk_load")
@@ -215,11 +215,7 @@ def main() -> None:
         scheduler_main(args.scheduler)
         return
     load_before = psutil.getloadavg()
-    services = Services("fake-384", 384).start()
-    try:
-        results = run(services, args)
-    finally:
-        services.stop()
+    results = on_services(run, args)
     figures = summary(results)
     for variant, f in figures.items():
         print(f"{variant:17} edits/s {f['edits_per_second']}, edit p50 {f['edit_p50_ms']} /"

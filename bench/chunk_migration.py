@@ -18,9 +18,9 @@ import os
 import signal
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -32,6 +32,7 @@ chunk_load: Any = importlib.import_module("tests.chunk_load")
 helpers: Any = importlib.import_module("tests.helpers")
 chunked_targets: Any = importlib.import_module("tests.test_chunked_targets")
 
+T = TypeVar("T")
 VIEW = '[target.destination]\nview = "docs_view"\n'
 
 
@@ -76,6 +77,16 @@ def chunked_database(services: Services, batch_size: int
         services.drop(dsn)
 
 
+def on_services(run: Callable[[Services, argparse.Namespace], T], args: argparse.Namespace
+                ) -> T:
+    """`run` on freshly started services (the fake provider's 384-dim model), stopped after."""
+    services = Services("fake-384", 384).start()
+    try:
+        return run(services, args)
+    finally:
+        services.stop()
+
+
 def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
     with chunked_database(services, args.batch_size) as (stack, roles, target):
         figures: dict[str, Any] = chunk_load.run_migration_under_load(
@@ -96,11 +107,7 @@ def main() -> None:
     parser.add_argument("--provider-latency", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    services = Services("fake-384", 384).start()
-    try:
-        figures = run(services, args)
-    finally:
-        services.stop()
+    figures = on_services(run, args)
     app = figures["app"]
     print(f"{args.rate:g} parent edits/s asked, {app['edits_per_second']} done;"
           f" {figures['parents']} parents, {figures['chunks']} chunks; provider"
