@@ -26,7 +26,13 @@ from pgreembed.chunking.splitter import chunker
 from pgreembed.config import Settings, Target
 from pgreembed.config.chunking import Chunking
 from pgreembed.errors import PgreembedError
-from pgreembed.store.chunk_sets import Applied, apply_chunk_sets, read_dirty, sweep_gone
+from pgreembed.store.chunk_sets import (
+    Applied,
+    apply_chunk_sets,
+    enter_as_writer,
+    read_dirty,
+    sweep_gone,
+)
 from pgreembed.store.chunks import parent_key
 from pgreembed.store.rechunk_sets import ChunkSet, copy_known, same_settings, sets_of
 
@@ -84,16 +90,21 @@ def rechunk(conn: psycopg.Connection, target: Target, limit: int | None = None,
     step = PARENTS_PER_TRANSACTION  # read now: bench.chunk_edits sets main's 100
     for start in range(0, len(planned), step):
         try:
-            # The set's table first: a re-chunk swap (which renames the sets) cannot commit
-            # until this does, and the settings read under it are the ones this set has.
-            if not same_settings(conn, target, chunking):
+            # Joined as a writer, then the set's table: a re-chunk swap (which renames the
+            # sets) cannot commit until this does, and the settings read under it are the
+            # ones this set has. Held out, or swapped meanwhile: split again next time.
+            if not enter_as_writer(conn, target) or not same_settings(conn, target, chunking):
                 conn.rollback()
-                total.stale += len(planned) - start  # swapped meanwhile: split again next
+                total.stale += len(planned) - start
                 break
             applied = apply_chunk_sets(conn, target, key, key_type,
                                        sql.Identifier(target.vector_column),
                                        planned[start:start + step], match)
             conn.commit()
+        except psycopg.errors.LockNotAvailable:  # a swap's table lock queued: give it way
+            conn.rollback()
+            total.stale += len(planned) - start
+            break
         except BaseException:
             conn.rollback()
             raise
