@@ -18,8 +18,9 @@ import os
 import signal
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -31,10 +32,15 @@ chunk_load: Any = importlib.import_module("tests.chunk_load")
 helpers: Any = importlib.import_module("tests.helpers")
 chunked_targets: Any = importlib.import_module("tests.test_chunked_targets")
 
+T = TypeVar("T")
 VIEW = '[target.destination]\nview = "docs_view"\n'
 
 
-def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def chunked_database(services: Services, batch_size: int
+                     ) -> Iterator[tuple[Any, Any, Any]]:
+    """A fresh database with the docs parent, the chunked config (pgai's view), the
+    ordinary roles and `init` run: (stack, roles, target); processes stopped at the end."""
     name = f"bench_chunkmig_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -45,7 +51,7 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
                      " views integer NOT NULL DEFAULT 0)")
     folder = Path(tempfile.mkdtemp(prefix="chunkmig-", dir=services.workdir))
     config = helpers.write_config(folder / "pgreembed.toml", chunked_targets.CHUNKED.format(
-        batch_size=args.batch_size, destination=VIEW))
+        batch_size=batch_size, destination=VIEW))
     roles = helpers.create_ordinary_roles(dsn)
     env = {**os.environ, "DATABASE_URL": roles.pgreembed_dsn,
            "REDIS_URL": services.redis.url, "PGREEMBED_CONFIG": str(config),
@@ -60,12 +66,7 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
         out = stack.cli("init")
         if out.returncode != 0:
             raise RuntimeError(out.stderr)
-        figures: dict[str, Any] = chunk_load.run_migration_under_load(
-            stack, roles, services.fake, parents=args.parents, rate=args.rate,
-            seconds=args.seconds, provider_latency=args.provider_latency,
-            expected=lambda conn: chunked_targets.expected(conn, target),
-            chunk_sets=chunked_targets.chunk_sets)
-        return figures
+        yield stack, roles, target
     finally:
         for process in stack.processes:
             with contextlib.suppress(ProcessLookupError):
@@ -74,6 +75,26 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
             process.wait(30)
         helpers.drop_ordinary_roles(dsn, roles)
         services.drop(dsn)
+
+
+def on_services(run: Callable[[Services, argparse.Namespace], T], args: argparse.Namespace
+                ) -> T:
+    """`run` on freshly started services (the fake provider's 384-dim model), stopped after."""
+    services = Services("fake-384", 384).start()
+    try:
+        return run(services, args)
+    finally:
+        services.stop()
+
+
+def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
+    with chunked_database(services, args.batch_size) as (stack, roles, target):
+        figures: dict[str, Any] = chunk_load.run_migration_under_load(
+            stack, roles, services.fake, parents=args.parents, rate=args.rate,
+            seconds=args.seconds, provider_latency=args.provider_latency,
+            expected=lambda conn: chunked_targets.expected(conn, target),
+            chunk_sets=chunked_targets.chunk_sets)
+        return figures
 
 
 def main() -> None:
@@ -86,11 +107,7 @@ def main() -> None:
     parser.add_argument("--provider-latency", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
-    services = Services("fake-384", 384).start()
-    try:
-        figures = run(services, args)
-    finally:
-        services.stop()
+    figures = on_services(run, args)
     app = figures["app"]
     print(f"{args.rate:g} parent edits/s asked, {app['edits_per_second']} done;"
           f" {figures['parents']} parents, {figures['chunks']} chunks; provider"

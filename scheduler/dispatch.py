@@ -21,18 +21,25 @@ from pgreembed.config import Settings
 from pgreembed.config.model_keys import is_foreign
 from pgreembed.queue.broker import make_broker
 from pgreembed.queue.claims import InFlight
-from pgreembed.queue.contract import Sender, broker_sender
+from pgreembed.queue.contract import ChunkSender, Sender, broker_chunk_sender, broker_sender
 from pgreembed.queue.freshness import record_complete_sweep
 from pgreembed.store.orphans import OrphanSweep
 from pgreembed.store.pending import Cursor, ScanPacer, indexed, sweep
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.usage import enforce_spend_cap
+from scheduler.chunk_dispatch import ChunkDispatch
 
 log = logging.getLogger(__name__)
 
 def dramatiq_sender(settings: Settings) -> Sender:
     """Send batches by the queue contract's names through the broker at settings.redis_url."""
     return broker_sender(make_broker(settings))
+
+
+def dramatiq_senders(settings: Settings) -> tuple[Sender, ChunkSender]:
+    """Both messages' senders (embed batches, chunk batches) through one broker."""
+    broker = make_broker(settings)
+    return broker_sender(broker), broker_chunk_sender(broker)
 
 
 @dataclass
@@ -48,8 +55,12 @@ class Dispatcher:
     """Finds pending rows of every target and enqueues them, never twice at once."""
 
     def __init__(self, settings: Settings, redis_client: redis.Redis, send: Sender,
-                 page_size: int = 1000) -> None:
+                 page_size: int = 1000, send_chunks: ChunkSender | None = None) -> None:
+        """Without `send_chunks` the chunk stage runs here, in the pass (the cronjob's
+        `tick`, and callers that run no workers of chunk batches)."""
         self.settings = settings
+        self.chunks = None if send_chunks is None else ChunkDispatch(
+            settings, redis_client, send_chunks)
         self.redis = redis_client
         self.send = send
         self.page_size = page_size
@@ -62,7 +73,12 @@ class Dispatcher:
     def run_pass(self, conn: psycopg.Connection, limit_in_flight: bool = True) -> PassReport:
         """Enqueue pending rows of all targets. Without the limit, sweep everything (tick)."""
         report = PassReport()
-        run_chunk_stage(conn, self.settings)  # chunked targets: new chunks are pending rows
+        # Chunked targets: dirty parents to the workers (or split here); their new chunks
+        # are then pending rows of the chunk table like any other.
+        if self.chunks is not None:
+            self.chunks.run(conn)
+        else:
+            run_chunk_stage(conn, self.settings)
         for target in self.settings.targets.values():
             for slot in load_slots(conn, target, include_paused=False):
                 conn.commit()  # each page in its own short snapshot

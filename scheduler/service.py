@@ -26,7 +26,7 @@ from pgreembed.migrations.side_fill import advance
 from pgreembed.observability.scheduler_metrics import serve_scheduler_metrics
 from pgreembed.queue.contract import Sender
 from pgreembed.store.pool import connect
-from scheduler.dispatch import Dispatcher, dramatiq_sender
+from scheduler.dispatch import Dispatcher, dramatiq_senders
 from scheduler.leader import Leadership
 from scheduler.notify import Listener
 
@@ -53,8 +53,11 @@ class SchedulerService:
 
     def __init__(self, settings: Settings, send: Sender | None = None) -> None:
         self.settings = settings
+        # The workers split chunked targets' parents; a caller's own `send` (embed batches
+        # only) gets the chunk stage run in the pass instead.
+        send, send_chunks = (send, None) if send else dramatiq_senders(settings)
         self.dispatcher = Dispatcher(settings, redis.Redis.from_url(settings.redis_url),
-                                     send or dramatiq_sender(settings))
+                                     send, send_chunks=send_chunks)
         self.leadership = Leadership(settings.database_url)
         self.scheduler = BlockingScheduler(timezone=UTC)
         self._conn: psycopg.Connection | None = None

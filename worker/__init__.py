@@ -7,6 +7,9 @@ from worker.settings import settings
 setup_logging()
 broker = worker_broker(settings())
 
-from worker.actors import embed_batch  # noqa: E402  (actors bind to the broker set above)
+from worker.actors import (  # noqa: E402  (actors bind to the broker set above)
+    chunk_parents,
+    embed_batch,
+)
 
-__all__ = ["broker", "embed_batch"]
+__all__ = ["broker", "chunk_parents", "embed_batch"]

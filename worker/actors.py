@@ -1,4 +1,5 @@
-"""The actor the workers run: embed one batch of rows of one slot.
+"""The actors the workers run: embed one batch of rows of one slot; chunk a batch of a
+chunked target's dirty parents.
 
 Retries are deliberate (not Dramatiq's 20 retries over ~30 days): the provider
 layer already retried transient errors in-process, so a failed message is
@@ -13,11 +14,15 @@ import logging
 from typing import Any
 
 import dramatiq
+import psycopg
 import redis
 
+from pgreembed.chunking.stage import stage_parents
+from pgreembed.errors import PgreembedError
 from pgreembed.observability.worker_metrics import worker_metrics
-from pgreembed.queue.claims import InFlight
-from pgreembed.queue.contract import ACTOR, QUEUE
+from pgreembed.queue.claims import InFlight, chunk_claims
+from pgreembed.queue.contract import ACTOR, CHUNK_ACTOR, QUEUE
+from pgreembed.store.pool import get_pool
 from worker.batch import process_batch
 from worker.settings import knowing, settings
 
@@ -75,3 +80,25 @@ def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
 
 # The back-off is a setting; Dramatiq's Retries middleware reads it from the actor's options.
 embed_batch.options["min_backoff"] = int(settings().retry_backoff_seconds * 1000)
+
+
+@dramatiq.actor(actor_name=CHUNK_ACTOR, queue_name=QUEUE, max_retries=0,
+                time_limit=5 * 60 * 1000)
+def chunk_parents(target: str, chunk_set: str, keys: list[str]) -> None:
+    """Split, match and apply the parents `keys` of `target`'s chunk set `chunk_set` (one
+    short transaction), then release their claims. Nothing is retried here: whatever was
+    not applied (a parent edited or held meanwhile, a fault) keeps its mark in Postgres,
+    and the scheduler sends it again in a later pass."""
+    config = knowing(target)
+    claims = chunk_claims(redis_client(), chunk_set, config.lease_seconds)
+    try:
+        with get_pool(config.database_url, config.pool_max_size).connection() as conn:
+            applied = stage_parents(conn, config, chunk_set, keys)
+        log.debug("chunk set %s: %s", chunk_set, applied)
+    except (psycopg.Error, PgreembedError) as exc:
+        log.warning("chunk set %s: %d parents left dirty: %s: %s", chunk_set, len(keys),
+                    type(exc).__name__, exc)
+    except Exception:  # noqa: BLE001 - a splitter's bug: the marks stay, the batch ends
+        log.exception("chunk set %s: %d parents left dirty", chunk_set, len(keys))
+    finally:
+        claims.release(keys)

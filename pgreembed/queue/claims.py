@@ -29,7 +29,7 @@ _CLAIM = (Path(__file__).parent / "claim.lua").read_text()
 class InFlight:
     """Claims rows of one slot before they are enqueued; releases them when done."""
 
-    def __init__(self, client: redis.Redis, slot_id: int, lease_seconds: int,
+    def __init__(self, client: redis.Redis, slot_id: int | str, lease_seconds: int,
                  namespace: str = "pgreembed") -> None:
         self.client = client
         self.key = f"{namespace}:inflight:{slot_id}"
@@ -74,3 +74,14 @@ class InFlight:
 
     def count(self) -> int:
         return int(self.client.zcard(self.key))
+
+
+# A chunk batch takes seconds, not an embedding backlog's hour: a batch lost any way other
+# than a redelivery (Dramatiq's) leaves its parents unclaimed this soon.
+CHUNK_LEASE_SECONDS = 120
+
+
+def chunk_claims(client: redis.Redis, chunk_set: str, lease_seconds: int) -> InFlight:
+    """The dirty parents of one chunk set sent to the workers and not applied yet (keys as
+    text): the scheduler sends a parent at most once at a time, as rows of a slot."""
+    return InFlight(client, f"chunk:{chunk_set}", min(lease_seconds, CHUNK_LEASE_SECONDS))

@@ -67,22 +67,52 @@ def chunk_uuid(text: str) -> uuid.UUID:
     return uuid.UUID(bytes=hashlib.md5(text.encode()).digest()[:8] + os.urandom(8))
 
 
-def read_dirty(conn: psycopg.Connection, target: Target, key: ParentKey, limit: int
-               ) -> list[DirtyParent]:
-    """Up to `limit` dirty parents, oldest mark first (a short read; no lock)."""
+def read_dirty(conn: psycopg.Connection, target: Target, key: ParentKey, limit: int,
+               among: Sequence[str] | None = None) -> list[DirtyParent]:
+    """Up to `limit` dirty parents, oldest mark first (a short read; no lock); with
+    `among` (keys in their text form, ParentKey.text), only those of them still dirty."""
     template = parent_of(target).chunking.template_columns
+    only = sql.SQL("WHERE {}").format(key.among_texts("d", marks=True)) \
+        if among is not None else sql.SQL("")
     rows = conn.execute(sql.SQL(
         "SELECT {marks}, ({text})::text, {version}{template} FROM {dirty} d JOIN {parent} p"
-        " ON {joined} ORDER BY d.pgr_marked_at, {marks} LIMIT %s").format(
+        " ON {joined} {only} ORDER BY d.pgr_marked_at, {marks} LIMIT %s").format(
         text=text_expression(parent_target(target)), version=_version(target),
         template=sql.SQL("").join(sql.SQL(", p.{}").format(sql.Identifier(c))
                                   for c in template),
         dirty=dirty_table(target), parent=app_table(parent_target(target)),
-        marks=key.cols("d", marks=True), joined=key.equal("p", "d", right_marks=True)),
-        (limit,)).fetchall()
+        marks=key.cols("d", marks=True), joined=key.equal("p", "d", right_marks=True),
+        only=only), (*([list(among)] if among is not None else []), limit)).fetchall()
     n = len(key.columns)
     return [DirtyParent(key.value(r[:n]), r[n], dict(zip(template, r[n + 2:], strict=True)),
                         r[n + 1]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a walk of the dirty marks is: a mark's time, its key columns' values, and
+    the key in its text form (what a worker's batch carries)."""
+
+    marked_at: Any
+    parts: tuple[Any, ...]
+    text: str
+
+
+def dirty_page(conn: psycopg.Connection, target: Target, key: ParentKey,
+               after: Mark | None, limit: int) -> list[Mark]:
+    """The next `limit` dirty marks after `after`, oldest first: a keyset walk of the
+    marks' own index (no join, no lock), so the scheduler's look stays cheap whatever
+    the backlog; the workers read the parents' texts."""
+    marks = key.cols(marks=True)
+    where = sql.SQL("WHERE (pgr_marked_at, {}) > ({})").format(
+        marks, sql.SQL(", ").join([sql.Placeholder()] * (1 + len(key.columns)))) \
+        if after else sql.SQL("")
+    rows = conn.execute(sql.SQL(
+        "SELECT pgr_marked_at, {text}, {marks} FROM {dirty} {where}"
+        " ORDER BY pgr_marked_at, {marks} LIMIT %s").format(
+        text=key.text(marks=True), marks=marks, dirty=dirty_table(target), where=where),
+        (*((after.marked_at, *after.parts) if after else ()), limit)).fetchall()
+    return [Mark(r[0], tuple(r[2:]), r[1]) for r in rows]
 
 
 def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: ParentKey,
@@ -111,6 +141,22 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: ParentKey,
 
 
 STAGE_LOCK_TIMEOUT_MS = 50
+
+
+def enter_as_writer(conn: psycopg.Connection, target: Target) -> bool:
+    """Open a stage transaction as one of our writers, before it locks anything of the
+    chunk set: False (rolled back) when a swap or rollback holds writers out. Taken after
+    the set's table lock instead, the workers' stage transactions (several threads at
+    once) held ROW EXCLUSIVE while waiting to join, and a swap's attempts kept failing
+    (measured: "could not swap: the table stayed busy for 62 s" at 150 edits/s)."""
+    try:
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+            sql.Literal(f"{STAGE_LOCK_TIMEOUT_MS}ms")))
+        join_writers(conn, app_table(target))
+        return True
+    except psycopg.errors.LockNotAvailable:
+        conn.rollback()
+        return False
 
 
 def _apply(conn: psycopg.Connection, target: Target, key: ParentKey,

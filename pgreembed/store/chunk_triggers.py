@@ -26,9 +26,9 @@ from pgreembed.store.parent_keys import ParentKey
 from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, app_table
 
 # Bump when the parent's triggers change: older ones are then replaced.
-# 2: deletes under REPEATABLE READ leave gone marks and never fail on the stage's rows.
-# 3: marks under REPEATABLE READ never fail on a mark committed after the snapshot.
-CHUNK_TRIGGERS_VERSION = 3
+# 2: deletes under REPEATABLE READ leave gone marks; 3: marks under REPEATABLE READ never
+# fail on a mark committed after the snapshot; 4: NOTIFY only for a new, lone mark.
+CHUNK_TRIGGERS_VERSION = 4
 
 
 def _changed(columns: list[str]) -> sql.Composable:
@@ -139,7 +139,9 @@ def install_chunk_triggers(conn: psycopg.Connection, target: Target,
            "mark_in_old": key.equal("d", "o", left_marks=True),
            "channel": sql.Literal(NOTIFY_CHANNEL),
            "target": sql.Literal(target.name), "changed": _changed(watched)}
-    notify = sql.SQL("    PERFORM pg_notify({channel}, {target});").format(**ids)
+    # Notifying commits queue on one lock: only a new mark (FOUND) with none older waits.
+    notify = sql.SQL("    IF FOUND AND NOT EXISTS (SELECT FROM {dirty} WHERE pgr_marked_at < now())"
+                     " THEN PERFORM pg_notify({channel}, {target}); END IF;").format(**ids)
     # A snapshot older than the stage's last commit (REPEATABLE READ, SERIALIZABLE) may not
     # see chunks the stage wrote, and fails with a serialization error on rows it changed:
     # such a transaction leaves marks for the stage and skips what it cannot do itself.
