@@ -188,6 +188,41 @@ def cancel_autovacuum(conn: psycopg.Connection, table: sql.Composable, found: li
     return cancelled
 
 
+def outwait_autovacuum(conn: psycopg.Connection, table: sql.Composable,
+                       found: list[Blocker], mode: str) -> bool:
+    """Have Postgres cancel an autovacuum in the way when this role may not: request the
+    autovacuum's own lock, SHARE UPDATE EXCLUSIVE, for a little longer than
+    deadlock_timeout. Postgres cancels an autovacuum (not one run to prevent wraparound)
+    that blocks any lock request that long, whoever asks; and no query of the app
+    conflicts with that mode, so the waiting request queues none of them (an ACCESS
+    EXCLUSIVE attempt that long would stall every app query behind it). Granted:
+    committed at once, True (the next attempt follows at once; the autovacuum comes back
+    only after its naptime). Not while a session idle in a transaction blocks us too.
+    `conn` is in autocommit mode."""
+    if idle_conflicting([b for b in found if not b.autovacuum], mode):
+        return False
+    if not any(b.cancellable_autovacuum and CONFLICTS[mode] & set(b.mode.split("+"))
+               for b in found):
+        return False
+    row = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'"
+                       ).fetchone()
+    wait_ms = (int(row[0]) if row else 1000) + OUTWAIT_MARGIN_MS
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+                sql.Literal(f"{wait_ms}ms")))
+            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE").format(table))
+    except psycopg.errors.LockNotAvailable:
+        return False
+    log.warning("the autovacuum of %s was cancelled by Postgres for our SHARE UPDATE"
+                " EXCLUSIVE request (%d ms; the app's queries do not wait on that mode)",
+                table.as_string(conn), wait_ms)
+    return True
+
+
+OUTWAIT_MARGIN_MS = 500  # past deadlock_timeout: Postgres' deadlock check runs at its end
+
+
 def unendable_idle(found: list[Blocker]) -> list[Blocker]:
     """Sessions idle in a transaction that this role may not end (said, never attempted)."""
     return [b for b in found if b.idle_in_transaction and not b.endable]
@@ -261,4 +296,5 @@ class Degraded:
             elif b.autovacuum and not self.privileges.signal_autovacuum:
                 self._say(f"autovacuum {b.pid}", f"pid {b.pid}, an autovacuum, holds the"
                           f" table; this role may not cancel it (grant"
-                          f" {SIGNAL_AUTOVACUUM.roles}): waiting for it to finish")
+                          f" {SIGNAL_AUTOVACUUM.roles}): asking Postgres to, by a"
+                          " SHARE UPDATE EXCLUSIVE request past deadlock_timeout")

@@ -32,6 +32,7 @@ from pgreembed.store.blockers import (
     blockers,
     cancel_autovacuum,
     idle_conflicting,
+    outwait_autovacuum,
     terminate_idle,
     unendable_idle,
 )
@@ -179,6 +180,9 @@ def run_locked(dsn: str, table: sql.Composable, step: str,
         if row_busy is None:  # the table's blockers: ours to cancel or end, if allowed
             with connect(dsn, autocommit=True, vector=False) as admin:
                 if degraded.privileges.signal_autovacuum and cancel_autovacuum(
+                        admin, table, found, mode or ACCESS_EXCLUSIVE):
+                    continue
+                if not degraded.privileges.signal_autovacuum and outwait_autovacuum(
                         admin, table, found, mode or ACCESS_EXCLUSIVE):
                     continue
                 if (policy.terminate_idle_after is not None
