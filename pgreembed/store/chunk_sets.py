@@ -103,14 +103,14 @@ def dirty_page(conn: psycopg.Connection, target: Target, key: ParentKey,
     """The next `limit` dirty marks after `after`, oldest first: a keyset walk of the
     marks' own index (no join, no lock), so the scheduler's look stays cheap whatever
     the backlog; the workers read the parents' texts."""
-    marks = key.cols(marks=True)
-    where = sql.SQL("WHERE (pgr_marked_at, {}) > ({})").format(
+    marks = key.cols("d", marks=True)
+    where = sql.SQL("WHERE (d.pgr_marked_at, {}) > ({})").format(
         marks, sql.SQL(", ").join([sql.Placeholder()] * (1 + len(key.columns)))) \
         if after else sql.SQL("")
     rows = conn.execute(sql.SQL(
-        "SELECT pgr_marked_at, {text}, {marks} FROM {dirty} {where}"
-        " ORDER BY pgr_marked_at, {marks} LIMIT %s").format(
-        text=key.text(marks=True), marks=marks, dirty=dirty_table(target), where=where),
+        "SELECT d.pgr_marked_at, {text} AS pgr_key_text, {marks} FROM {dirty} d {where}"
+        " ORDER BY d.pgr_marked_at, {marks} LIMIT %s").format(
+        text=key.text("d", marks=True), marks=marks, dirty=dirty_table(target), where=where),
         (*((after.marked_at, *after.parts) if after else ()), limit)).fetchall()
     return [Mark(r[0], tuple(r[2:]), r[1]) for r in rows]
 
