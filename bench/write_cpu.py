@@ -123,8 +123,8 @@ class PathBench:
                 "raw write + state rows": lambda: self._raw(True),
                 "ours (process_batch)": self._ours}
 
-    def _raw(self, state_rows: bool) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+    def _raw(self, state_rows: bool, options: str = "") -> None:
+        with psycopg.connect(self.dsn, autocommit=True, options=options) as conn:
             from pgvector.psycopg import register_vector
             register_vector(conn)
             for i in range(0, self.rows, self.batch):
