@@ -112,6 +112,8 @@ class FirstRows(PathBench):
     plans it picks for a real table (on a table of a few batches it hashes the whole
     table per write, which is not what a worker's write costs)."""
 
+    pending_again = "UPDATE docs SET embedding = NULL WHERE embedding IS NOT NULL"
+
     def __init__(self, services: Services, rows: int, table_rows: int, batch: int,
                  hnsw: bool) -> None:
         super().__init__(services, table_rows, batch, hnsw, False)
@@ -142,15 +144,6 @@ class FirstRows(PathBench):
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("UPDATE docs SET body = repeat(body || ' ', %s)", (times,))
             conn.execute("VACUUM ANALYZE docs")
-
-    def reset(self) -> None:
-        """The written rows pending again, the tables vacuumed (outside the meter)."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("UPDATE docs SET embedding = NULL WHERE embedding IS NOT NULL")
-            conn.execute(sql.SQL("TRUNCATE pgreembed.{}, pgreembed.usage").format(
-                sql.Identifier(self.state_table)))
-            conn.execute("VACUUM docs")
-        self.services.flush_redis()
 
     def written(self) -> int:
         with psycopg.connect(self.dsn) as conn:
