@@ -57,11 +57,11 @@ def stage(dsn: str, target: Any, strategy: Match) -> dict[str, float]:
     started = time.perf_counter()
     with connect(dsn) as conn:
         vector = load_slots(conn, target)[0].vector
-        key, key_type = parent_key(conn, target)
+        key = parent_key(conn, target)
         while parents := read_dirty(conn, target, key, 100):
             conn.commit()
             planned = [(p, chunks_of(p.text or "", p.row)) for p in parents]
-            applied = apply_chunk_sets(conn, target, key, key_type, vector, planned, strategy)
+            applied = apply_chunk_sets(conn, target, key, vector, planned, strategy)
             conn.commit()
             written += applied.inserted + applied.deleted + applied.moved
             inserted += applied.inserted

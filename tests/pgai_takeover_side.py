@@ -89,21 +89,33 @@ def adopt(env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def chunk_sets(conn: psycopg.Connection) -> dict[int, list[str]]:
-    sets: dict[int, list[str]] = {}
-    for key, seq, text in conn.execute(sql.SQL("SELECT id, chunk_seq, chunk FROM {}"
-                                               " ORDER BY id, chunk_seq").format(
-            sql.Identifier(CHUNKS))):
-        assert seq == len(sets.setdefault(key, [])), f"parent {key}: chunk_seq not 0.."
-        sets[key].append(text)
+def _keys(key: tuple[str, ...]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(c) for c in key)
+
+
+def _key(key: tuple[str, ...], row: tuple[Any, ...]) -> Any:
+    """A parent's key: the value, or a tuple for a key of several columns."""
+    return row[0] if len(key) == 1 else tuple(row[:len(key)])
+
+
+def chunk_sets(conn: psycopg.Connection, key: tuple[str, ...] = ("id",)
+               ) -> dict[Any, list[str]]:
+    sets: dict[Any, list[str]] = {}
+    for row in conn.execute(sql.SQL("SELECT {k}, chunk_seq, chunk FROM {t}"
+                                    " ORDER BY {k}, chunk_seq").format(
+            k=_keys(key), t=sql.Identifier(CHUNKS))):
+        parent, seq, text = _key(key, row), row[-2], row[-1]
+        assert seq == len(sets.setdefault(parent, [])), f"parent {parent}: chunk_seq not 0.."
+        sets[parent].append(text)
     return sets
 
 
-def expected(conn: psycopg.Connection, settings: Settings) -> dict[int, list[str]]:
+def expected(conn: psycopg.Connection, settings: Settings, key: tuple[str, ...] = ("id",)
+             ) -> dict[Any, list[str]]:
     target = settings.target(VECTORIZER)
     split = chunker(target.parent.chunking, target.provider, target.model)
-    wanted = {key: split(text or "", {}) for key, text in conn.execute(
-        "SELECT id, body FROM docs")}
+    wanted = {_key(key, row): split(row[-1] or "", {}) for row in conn.execute(
+        sql.SQL("SELECT {}, body FROM docs").format(_keys(key)))}
     return {k: v for k, v in wanted.items() if v}
 
 
@@ -115,8 +127,9 @@ def pending(conn: psycopg.Connection) -> int:
     return int(row[0]) if row else -1
 
 
-def settled(conn: psycopg.Connection, settings: Settings) -> bool:
-    return pending(conn) == 0 and chunk_sets(conn) == expected(conn, settings)
+def settled(conn: psycopg.Connection, settings: Settings, key: tuple[str, ...] = ("id",)
+            ) -> bool:
+    return pending(conn) == 0 and chunk_sets(conn, key) == expected(conn, settings, key)
 
 
 def wrong_vectors(conn: psycopg.Connection) -> list[str]:

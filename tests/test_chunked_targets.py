@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgreembed.chunking.splitter import chunker
 from pgreembed.chunking.stage import rechunk, run_chunk_stage
@@ -53,19 +56,31 @@ def init(stack: Stack) -> Any:
     return target
 
 
-def chunk_sets(conn: psycopg.Connection) -> dict[int, list[str]]:
-    sets: dict[int, list[str]] = {}
-    for key, seq, text in conn.execute("SELECT id, chunk_seq, chunk FROM docs_chunks"
-                                       " ORDER BY id, chunk_seq"):
-        assert seq == len(sets.setdefault(key, []))  # 0-based, consecutive
-        sets[key].append(text)
+def _key(columns: tuple[str, ...], row: tuple[Any, ...]) -> Any:
+    """A parent's key as search_parents gives it: a scalar, or a tuple when composite."""
+    return row[0] if len(columns) == 1 else tuple(row[:len(columns)])
+
+
+def chunk_sets(conn: psycopg.Connection, key: tuple[str, ...] = ("id",),
+               table: str = "docs_chunks") -> dict[Any, list[str]]:
+    """Each parent's chunk texts in chunk_seq order (`key`: the parent's key columns)."""
+    sets: dict[Any, list[str]] = {}
+    columns = sql.SQL(", ").join(sql.Identifier(c) for c in key)
+    for row in conn.execute(sql.SQL("SELECT {k}, chunk_seq, chunk FROM {t}"
+                                    " ORDER BY {k}, chunk_seq").format(
+                                        k=columns, t=sql.Identifier(table))):
+        parent, seq, text = _key(key, row), row[-2], row[-1]
+        assert seq == len(sets.setdefault(parent, []))  # 0-based, consecutive
+        sets[parent].append(text)
     return sets
 
 
-def expected(conn: psycopg.Connection, target: Any) -> dict[int, list[str]]:
+def expected(conn: psycopg.Connection, target: Any, key: tuple[str, ...] = ("id",)
+             ) -> dict[Any, list[str]]:
     split = chunker(target.parent.chunking, target.provider, target.model)
-    wanted = {key: split(body or "", {"title": title})
-              for key, title, body in conn.execute("SELECT id, title, body FROM docs")}
+    wanted = {_key(key, row): split(row[-1] or "", {"title": row[-2]})
+              for row in conn.execute(sql.SQL("SELECT {}, title, body FROM docs").format(
+                  sql.SQL(", ").join(sql.Identifier(c) for c in key)))}
     return {k: v for k, v in wanted.items() if v}
 
 
@@ -79,6 +94,25 @@ def dirty(conn: psycopg.Connection) -> set[int]:
     return {r[0] for r in conn.execute("SELECT pgr_pk FROM pgreembed.chunk_dirty_docs")}
 
 
+def chunk_columns(conn: psycopg.Connection) -> list[tuple[str, str, bool]]:
+    """(name, type, NOT NULL) of docs_chunks' columns in order."""
+    return conn.execute(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull"
+        " FROM pg_attribute a WHERE a.attrelid = 'docs_chunks'::regclass AND a.attnum > 0"
+        " AND NOT a.attisdropped ORDER BY a.attnum").fetchall()
+
+
+@contextmanager
+def old_snapshot(dsn: str) -> Iterator[psycopg.Connection]:
+    """An app transaction in REPEATABLE READ whose snapshot is taken on entry (what it
+    deletes afterwards may have changed since); committed on exit."""
+    with psycopg.connect(dsn) as app:
+        app.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        app.execute("SELECT count(*) FROM docs")  # the snapshot is taken here
+        yield app
+        app.commit()
+
+
 def test_init_creates_pgai_layout_and_marks_existing_rows(stack: Stack) -> None:
     chunked_stack(stack)
     with stack.connect() as conn:
@@ -86,11 +120,7 @@ def test_init_creates_pgai_layout_and_marks_existing_rows(stack: Stack) -> None:
                      " generate_series(1, 3) i", (long_document(),))
     target = init(stack)
     with stack.connect() as conn:
-        columns = conn.execute(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull"
-            " FROM pg_attribute a WHERE a.attrelid = 'docs_chunks'::regclass AND a.attnum > 0"
-            " AND NOT a.attisdropped ORDER BY a.attnum").fetchall()
-        assert columns == [("embedding_uuid", "uuid", True), ("id", "bigint", True),
+        assert chunk_columns(conn) == [("embedding_uuid", "uuid", True), ("id", "bigint", True),
                            ("chunk_seq", "integer", True), ("chunk", "text", True),
                            ("embedding", "vector(384)", False)]
         assert conn.execute("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON"

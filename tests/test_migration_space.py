@@ -236,6 +236,11 @@ def test_compact_gives_the_freed_space_back_to_the_os(
         migrate(stack, "swap")
         migrate(stack, "finalize")
         finalized = sizes(stack)
+        with stack.connect() as conn:  # an app's DO ALSO rule refuses an UPDATE with WITH
+            conn.execute("CREATE TABLE vector_log (id bigint, embedding vector);"
+                         " CREATE RULE log_vectors AS ON UPDATE TO docs DO ALSO"
+                         " INSERT INTO vector_log VALUES (NEW.id, NEW.embedding);"
+                         " GRANT INSERT ON vector_log TO PUBLIC")
         app = holding_rows(stack, 2.0)  # compact moves around them, then takes them
         compacted = stack.cli("migrate", "compact", "--target", "docs", "--json",
                               timeout=300)

@@ -21,6 +21,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from pgreembed.config import load_settings
+from pgreembed.operations.chunk_search import search_parents
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.chunk_corpus import documents
@@ -165,17 +167,26 @@ def test_adopt_with_no_embed_check_sends_nothing_and_rewrites_no_chunk(
                             " %s::regclass AND attname = 'embedding'", (table,)
                             ).fetchone() == (False,)
     # The printed TOML is a working config: status counts every chunk embedded, none due.
-    config = tmp_path / "pgreembed.toml"
-    config.write_text(plan["toml"])
-    env = {**os.environ, "DATABASE_URL": pgai_db, "PGREEMBED_CONFIG": str(config),
-           "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(ROOT),
-           "REDIS_URL": "redis://127.0.0.1:1/0"}
+    assert_status_all_embedded(pgai_db, plan["toml"], tmp_path, before[0])
+
+
+def config_env(dsn: str, toml: str, tmp: Path) -> dict[str, str]:
+    """The environment of pgreembed's commands run with an imported target's TOML."""
+    config = tmp / "pgreembed.toml"
+    config.write_text(toml)
+    return {**os.environ, "DATABASE_URL": dsn, "PGREEMBED_CONFIG": str(config),
+            "OPENAI_API_KEY": API_KEY, "PYTHONPATH": str(ROOT),
+            "REDIS_URL": "redis://127.0.0.1:1/0"}
+
+
+def assert_status_all_embedded(dsn: str, toml: str, tmp: Path, chunks: int) -> None:
     status = subprocess.run([sys.executable, "-m", "pgreembed", "status", "--exact", "--json"],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            env=config_env(dsn, toml, tmp), cwd=tmp, capture_output=True,
+                            text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     [column] = json_document(status.stdout)["columns"]
     assert (column["embedded"], column["pending"], column["stale"], column["outdated"]) == (
-        before[0], 0, 0, 0), column
+        chunks, 0, 0, 0), column
 
 
 def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
@@ -213,11 +224,13 @@ def test_adopt_checks_vectors_and_refuses_a_model_that_differs(
 def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
         pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
     # All or nothing: with a vectorizer that cannot be adopted among those named (a
-    # composite key), none is, and the reason is named.
+    # composite key on a column destination: an ordinary target), none is, and the reason
+    # is named.
     with psycopg.connect(pgai_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE pairs (a int, b int, body text, PRIMARY KEY (a, b))")
         pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
-            source="pairs", name="pairs_v", embedder="voyageai", model="voyage-3"))
+            source="pairs", name="pairs_v", destination="column", chunking="none",
+            embedder="voyageai", model="voyage-3"))
     refused = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "pairs_v",
                           "--vectorizer", "notes_col", "--adopt", "--no-embed-check", "--json")
     assert refused.returncode == 4, refused.stderr
@@ -238,6 +251,60 @@ def test_a_column_destination_becomes_an_ordinary_target_with_nothing_embedded(
         slot = conn.execute("SELECT table_name, vector_column FROM pgreembed.slots"
                             " WHERE target = 'notes_col'").fetchall()
         assert slot == [("notes", "embedding")]
+
+
+def test_a_two_column_key_vectorizer_is_adopted_with_nothing_sent(
+        pgai_db: str, fake_openai: FakeOpenAIServer, tmp_path: Path) -> None:
+    """pgai keys its chunk table by every column of the source's key: adopted as a chunked
+    target keyed by both (dirty marks pgr_pk_<column>), 0 texts sent, no chunk rewritten,
+    the chunk check finds parents by both columns (ids repeat across tenants), and search
+    groups by both (the take-over: tests/test_pgai_takeover.py)."""
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE tenant_docs (tenant_id int, doc_id text, title text,"
+                     " body text, PRIMARY KEY (tenant_id, doc_id))")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO tenant_docs VALUES (%s, %s, %s, %s)",
+                            [(t, f"doc-{i}", f"Tenant {t} doc {i}", doc) for i, doc in
+                             enumerate(documents(12, seed=27)) for t in (1, 2)])
+        vid = pgai_side.create_vectorizer(conn, pgai_side.VectorizerSpec(
+            source="tenant_docs", name="tenant_v", base_url=fake_openai.base_url,
+            template="$title\n\n$chunk"))
+    pgai_side.run_pgai_worker_once(pgai_db, API_KEY, vectorizer_ids=[vid])
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert pgai_side.queue_count(conn, "tenant_v") == 0
+        table = chunk_table(conn, "tenant_v")
+        before = pgai_side.chunk_checksum(conn, table)
+        versions = pgai_side.chunk_row_versions(conn, table)
+        parents = conn.execute(sql.SQL("SELECT count(DISTINCT (tenant_id, doc_id)) FROM {}"
+                                       ).format(sql.Identifier(*table.split(".")))).fetchone()
+    fake_openai.reset()
+    done = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "tenant_v", "--adopt",
+                       "--no-embed-check", "--verify-chunks", "20", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = plan_of(json_document(done.stdout), "tenant_v")
+    assert (plan["maps_to"], plan["adopted_chunks"]) == ("chunked", before[0])
+    assert "primary_key" not in plan["target"]
+    check = plan["chunk_check"]
+    assert (check["sampled"], check["identical"]) == (20, 20), check
+    assert fake_openai.stats()["inputs_embedded"] == 0
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        assert pgai_side.chunk_checksum(conn, table) == before
+        assert pgai_side.chunk_row_versions(conn, table) == versions  # no row rewritten
+        assert conn.execute(
+            "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute WHERE attrelid"
+            " = 'pgreembed.chunk_dirty_tenant_v'::regclass AND attnum > 0").fetchone() == (
+            ["pgr_pk_tenant_id", "pgr_pk_doc_id", "pgr_marked_at"],)
+        assert conn.execute("SELECT count(*) FROM pgreembed.chunk_dirty_tenant_v"
+                            ).fetchone() == (0,)
+    assert_status_all_embedded(pgai_db, plan["toml"], tmp_path, before[0])
+    settings = load_settings(tmp_path / "pgreembed.toml",
+                             {**config_env(pgai_db, plan["toml"], tmp_path),
+                              "OPENAI_BASE_URL": fake_openai.base_url})
+    with psycopg.connect(pgai_db, autocommit=True) as conn:
+        hits = search_parents(conn, settings, "tenant_v", "postgres vacuum", limit=100)
+    assert len(hits) == len({h.key for h in hits}) == parents[0]  # both tenants of each id
+    assert {type(h.key) for h in hits} == {tuple} and {h.key[0] for h in hits} == {1, 2}
+
 
 
 def test_a_catalog_older_than_0_10_is_refused_with_nothing_changed(

@@ -129,10 +129,19 @@ def test_voyage_and_ollama_map_to_providers_pgreembed_has() -> None:
     assert "OPENAI_BASE_URL=http://ollama:11434/v1" in ollama.notes[0].reason
 
 
-def test_a_composite_key_is_refused_with_its_columns_named() -> None:
+def test_a_composite_key_maps_to_a_chunked_target_keyed_by_every_column() -> None:
+    """A table destination keys its chunks by the whole primary key (no primary_key in
+    the TOML: the table's own is read); a column destination would be an ordinary target,
+    which takes one column, so it is refused with the columns named."""
     mapping = map_vectorizer(vectorizer(keys=("tenant", "id")))
-    assert not mapping.adoptable
-    assert "(tenant, id)" in mapping.refusal
+    assert (mapping.kind, mapping.adoptable) == ("chunked", True)
+    assert "primary_key" not in tomllib.loads(mapping.toml())["target"][0]
+    assert kinds(mapping) == {"composite primary key": "info"}
+    assert "(tenant, id)" in mapping.notes[0].reason
+    column = map_vectorizer(vectorizer({"destination": {
+        "implementation": "column", "embedding_column": "embedding"}}, keys=("tenant", "id")))
+    assert not column.adoptable
+    assert "(tenant, id)" in column.refusal
 
 
 @pytest.mark.parametrize(("version", "supported"), [

@@ -17,15 +17,18 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.helpers import API_KEY, Stack, in_background, json_document, wait_for
 from tests.pgai_takeover_side import (
     CHUNKS,
+    DIRTY,
     FAILED,
     VECTORIZER,
     adopt,
+    body,
     chunk_sets,
     edit,
     expected,
@@ -40,6 +43,7 @@ from tests.pgai_takeover_side import (
     settled,
     wrong_vectors,
 )
+from tests.test_chunk_composite_keys import composite_docs
 
 PARENTS = 300  # filled by pgai before the take-over
 QUEUED_EDITS = 300  # + QUEUED_INSERTS: 500 keys in pgai's queue at the take-over
@@ -219,23 +223,25 @@ def pgai_side_triggers(conn: psycopg.Connection, vec: pgai_side.VectorizerRow
         " AND tgname LIKE %s", (vec.trigger_name + "%",))}
 
 
-def settled_but_failed(conn: psycopg.Connection, settings: Any, failed: list[int]) -> bool:
+def settled_but_failed(conn: psycopg.Connection, settings: Any, failed: list[Any],
+                       key: tuple[str, ...] = ("id",)) -> bool:
     """Every parent but those pgai gave up on has its current chunk set, embedded."""
     if pending(conn):
         return False
-    wanted = {k: v for k, v in expected(conn, settings).items() if k not in failed}
-    return chunk_sets(conn) == wanted
+    wanted = {k: v for k, v in expected(conn, settings, key).items() if k not in failed}
+    return chunk_sets(conn, key) == wanted
 
 
 def pgai_queue_empty_and_settled(conn: psycopg.Connection, settings: Any,
-                                 vec: pgai_side.VectorizerRow, failed: list[int]) -> bool:
+                                 vec: pgai_side.VectorizerRow, failed: list[Any],
+                                 key: tuple[str, ...] = ("id",)) -> bool:
     queued = conn.execute("SELECT count(*) FROM " + vec.queue_table).fetchone()
     nulls = conn.execute("SELECT count(*) FROM " + CHUNKS + " WHERE embedding IS NULL"
                          ).fetchone()
     if queued != (0,) or nulls != (0,) or pgai_in_flight(conn):
         return False
-    wanted = {k: v for k, v in expected(conn, settings).items() if k not in failed}
-    return chunk_sets(conn) == wanted
+    wanted = {k: v for k, v in expected(conn, settings, key).items() if k not in failed}
+    return chunk_sets(conn, key) == wanted
 
 
 
@@ -266,7 +272,7 @@ def test_take_over_under_150_writes_per_second(stack: Stack,
 
     def writer(session: int) -> Any:
         def run(stop: Any) -> None:
-            key = 1000 * (session + 1)
+            key = 100_000 * (session + 1)  # 1,000 apart ran into each other under load
             with psycopg.connect(stack.dsn, autocommit=True) as conn:
                 while not stop.is_set():
                     began = time.time()
@@ -311,3 +317,79 @@ def test_take_over_under_150_writes_per_second(stack: Stack,
     # asserted: on this shared 2-core VM (load average ~30) the hold alone was 145-157 ms.
     assert (figures["longest_across_cut_over_ms"]
             <= report["locked_ms"] + figures["before_max_ms"]), figures
+
+
+KEY = ("tenant", "id")
+
+
+@pytest.mark.timeout(300)
+def test_take_over_and_undo_of_a_two_column_key(stack: Stack,
+                                                fake_openai: FakeOpenAIServer) -> None:
+    """A source keyed by (tenant, id), ids repeating across tenants: pgai's queue (one
+    column per key column) moves to dirty marks by both columns, a pgai failure is
+    recorded for its (tenant, id), pgreembed keeps the sets current, and an undo hands
+    the parents with pending chunks back to pgai's queue; pgai's worker converges."""
+    composite_docs(stack)
+    settings = settings_for(stack.config_path, stack.env)
+    vec = pgai_filled(stack.dsn, fake_openai.base_url, API_KEY, 10)  # tenant 'acme', 1..10
+    adopt(stack.env)
+    failed = [("zeta", 500)]
+    with stack.connect() as conn:
+        assert settled(conn, settings, KEY), "pgai's fill differs from our split"
+        edit(conn, range(1, 6), "1")  # queued by pgai's trigger (its worker is not running)
+        conn.execute("INSERT INTO docs (tenant, id, title, body) SELECT 'zeta', k, 't', b"
+                     " FROM unnest(%s::bigint[], %s::text[]) AS u(k, b)",
+                     ([*range(1, 11), 500], [body(k, "z") for k in [*range(1, 11), 500]]))
+        conn.execute("DELETE FROM " + vec.queue_table + " WHERE tenant = 'zeta' AND id = 500")
+        schema, table = vec.queue_failed_table.split(".")
+        with conn.transaction():  # one now(): how pgai ties the error row to the failure
+            conn.execute(sql.SQL("INSERT INTO {} (tenant, id, failure_step) VALUES"
+                                 " ('zeta', 500, 'loading')").format(
+                sql.Identifier(schema, table)))
+            conn.execute("INSERT INTO ai._vectorizer_errors (id, message, details) VALUES"
+                         " (%s, 'loading failed', %s)", (vec.id, psycopg.types.json.Jsonb(
+                             {"error_reason": "unreadable row zeta 500"})))
+        queued = set(conn.execute("SELECT DISTINCT tenant, id FROM " + vec.queue_table))
+        assert len(queued) == 15
+    done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over",
+                       "--no-embed-check", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = SimpleNamespace(**json_document(done.stdout)["vectorizers"][0])
+    assert (report.state, report.keys_marked, report.keys_gone) == ("taken", 15, 0)
+    assert (report.failed_recorded, report.failed_superseded) == (1, 0)
+    with stack.connect() as conn:
+        assert set(conn.execute("SELECT pgr_pk_tenant, pgr_pk_id FROM " + DIRTY)) == queued
+        assert [r[:2] for r in conn.execute("SELECT pgr_pk_tenant, pgr_pk_id, pgr_failure"
+                                            " FROM " + FAILED)] == failed
+        listed = stack.cli("failures", "--target", VECTORIZER, "--json")
+        assert listed.returncode == 0, listed.stderr
+        [parent] = json_document(listed.stdout)["parent_failures"]
+        assert json.loads(parent["key"]) == ["zeta", 500]
+        assert "unreadable row zeta 500" in parent["reason"]
+
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        wait_for(lambda: settled_but_failed(conn, settings, failed, KEY), timeout=120,
+                 interval=0.5, message="the 15 queued parents chunked and embedded")
+        assert wrong_vectors(conn) == []
+        # Undo with two parents' new chunks held at the provider: handed back to pgai.
+        fake_openai.set_faults(hold_marker="Edited to version 3.")
+        conn.execute("UPDATE docs SET body = %s WHERE tenant = 'zeta' AND id IN (1, 2)",
+                     (body(1, "3"),))
+        wait_for(lambda: conn.execute("SELECT count(DISTINCT (tenant, id)) FROM " + CHUNKS
+                                      + " WHERE embedding IS NULL").fetchone() == (2,),
+                 timeout=60, message="2 parents re-chunked, their new chunks at the provider")
+    done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--undo", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    back = SimpleNamespace(**json_document(done.stdout)["vectorizers"][0])
+    assert (back.state, back.keys_marked) == ("undone", 2)
+    fake_openai.set_faults(hold_marker=None)
+    with stack.connect() as conn:
+        assert set(conn.execute("SELECT tenant, id FROM " + vec.queue_table)) == {
+            ("zeta", 1), ("zeta", 2)}
+    pgai_side.run_pgai_worker_once(stack.dsn, API_KEY)
+    with stack.connect() as conn:
+        wait_for(lambda: pgai_queue_empty_and_settled(conn, settings, vec, failed, KEY),
+                 timeout=60, interval=0.5, message="pgai's worker converging after undo")
+        assert wrong_vectors(conn) == []

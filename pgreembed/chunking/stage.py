@@ -62,7 +62,7 @@ def rechunk(conn: psycopg.Connection, target: Target,
     """One batch of `target`'s dirty parents; commits. Applied.parents == 0 and
     Applied.stale == 0: nothing was dirty. `target` names one chunk set (chunk_sets.sets_of):
     its table, dirty table and the settings the set was made with."""
-    key, key_type = parent_key(conn, target)
+    key = parent_key(conn, target)
     parents = read_dirty(conn, target, key, limit)
     conn.commit()
     if not parents:
@@ -76,7 +76,7 @@ def rechunk(conn: psycopg.Connection, target: Target,
         if not same_settings(conn, target, chunking):
             conn.rollback()
             return Applied(stale=len(parents))  # swapped meanwhile: split again next
-        applied = apply_chunk_sets(conn, target, key, key_type,
+        applied = apply_chunk_sets(conn, target, key,
                                    sql.Identifier(target.vector_column), planned, match)
         conn.commit()
     except BaseException:
@@ -113,8 +113,7 @@ def _run_set(conn: psycopg.Connection, chunk_set: ChunkSet, max_parents: int,
     target = chunk_set.target
     done = 0
     try:
-        key, key_type = parent_key(conn, target)
-        report.removed += sweep_gone(conn, target, key, key_type)
+        report.removed += sweep_gone(conn, target, parent_key(conn, target))
         conn.commit()
         while done < max_parents:
             applied = rechunk(conn, target)

@@ -71,7 +71,7 @@ def parent_failures_of(conn: Any, target: Any, limit: int) -> tuple[int, list[An
     from pgreembed.store.chunks import parent_key
     from pgreembed.store.takeover import parent_failures
 
-    return parent_failures(conn, target, parent_key(conn, target)[0], limit)
+    return parent_failures(conn, target, parent_key(conn, target), limit)
 
 
 def print_parent_failures(target: Any, total: int, parents: list[Any]) -> None:

@@ -191,14 +191,15 @@ def _move(conn: psycopg.Connection, col: Column, batch: list[tuple[int, str]]
     the app rewrote meanwhile is done, its new value went to free room)."""
     params = {"ids": [i for i, _ in batch], "keys": [k for _, k in batch]}
     seen = sql.SQL("SELECT * FROM unnest(%(ids)s::oid[], %(keys)s::text[]) AS s(id, k)")
+    # No WITH on the UPDATE: an app's DO ALSO rule on the table refuses one.
     conn.execute(sql.SQL(
         """
-        WITH seen AS ({seen}),
-        free AS (
-            SELECT a.{pk} AS k FROM {t} a JOIN seen ON a.{pk} = seen.k::{pk_type}
-            WHERE pg_column_toast_chunk_id(a.{v}) = seen.id
-            ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED)
-        UPDATE {t} a SET {v} = {fresh} FROM free WHERE a.{pk} = free.k
+        UPDATE {t} a SET {v} = {fresh}
+        FROM (
+            SELECT b.{pk} AS k FROM {t} b JOIN ({seen}) seen ON b.{pk} = seen.k::{pk_type}
+            WHERE pg_column_toast_chunk_id(b.{v}) = seen.id
+            ORDER BY b.{pk} FOR NO KEY UPDATE OF b SKIP LOCKED) free
+        WHERE a.{pk} = free.k
         """).format(seen=seen, pk=col.pk, t=col.table, v=col.vector, fresh=col.fresh,
                     pk_type=sql.SQL(col.pk_type)), params)
     rows = conn.execute(sql.SQL(

@@ -34,12 +34,11 @@ from pgreembed.migrations.state import open_migration, require_open
 from pgreembed.migrations.swap import index_problems
 from pgreembed.store import chunk_settings, rechunk_sets
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
+from pgreembed.store.chunk_triggers import drop_chunk_triggers, install_chunk_triggers
 from pgreembed.store.chunks import (
     chunking_key,
     dirty_table,
-    drop_chunk_triggers,
     ensure_chunk_table,
-    install_chunk_triggers,
     parent_key,
     parent_of,
     parent_target,
@@ -110,10 +109,10 @@ def start(settings: Settings, target: Target, policy: LockPolicy | None = None) 
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
             dirty_table(other), sql.Literal(chunk_settings.comment(chunking_key(other),
                                                                    wanted))))
-        key, _ = parent_key(conn, target)
+        key = parent_key(conn, target)
         marked = conn.execute(sql.SQL(
-            "INSERT INTO {dirty} (pgr_pk) SELECT {key} FROM {parent}").format(
-            dirty=dirty_table(other), key=sql.Identifier(key),
+            "INSERT INTO {dirty} ({marks}) SELECT {key} FROM {parent}").format(
+            dirty=dirty_table(other), marks=key.cols(marks=True), key=key.cols(),
             parent=app_table(parent_target(target)))).rowcount
         # Both settings' template columns: after a swap these triggers keep the old set.
         install_chunk_triggers(conn, other, also_watch=made.template_columns)

@@ -33,14 +33,15 @@ MAX_CANDIDATES = 100_000
 
 _GROUPED = LIVE_CHECK + """,
 candidates AS MATERIALIZED (
-    SELECT {key} AS key, chunk_seq, {chunk} AS chunk, {vector} {op} %(query)s::{type} AS distance
+    SELECT {keys}, chunk_seq, {chunk} AS chunk, {vector} {op} %(query)s::{type} AS distance
     FROM {table}
     WHERE (SELECT live FROM pgreembed_registry) AND {vector} IS NOT NULL
     ORDER BY distance
     LIMIT %(candidates)s)
-SELECT r.live, (SELECT count(*) FROM candidates), b.key, b.chunk_seq, b.chunk, b.distance
+SELECT r.live, (SELECT count(*) FROM candidates), b.chunk_seq, b.chunk, b.distance, {b_key}
 FROM pgreembed_registry r LEFT JOIN LATERAL (
-    SELECT * FROM (SELECT DISTINCT ON (key) * FROM candidates ORDER BY key, distance) best
+    SELECT * FROM (SELECT DISTINCT ON ({key}) * FROM candidates ORDER BY {key}, distance
+    ) best
     ORDER BY distance
     LIMIT %(limit)s) b ON true
 """
@@ -59,7 +60,8 @@ def _iterative_scans(conn: psycopg.Connection) -> None:
 
 @dataclass(frozen=True)
 class ParentHit:
-    """A parent and its chunk nearest to the query."""
+    """A parent and its chunk nearest to the query. `key`: the parent's key, a tuple
+    (the primary key's order) for a composite key."""
 
     key: Any
     chunk_seq: int
@@ -78,9 +80,15 @@ def search_parents(conn: psycopg.Connection, settings: Settings, target_name: st
 
     def run(slot: Slot, vector: str) -> list[tuple[Any, ...]]:
         # In search's scope: the app's transaction as it is, or a short one of our own.
-        key = parent_key(conn, target)[0]
+        key = parent_key(conn, target)
+        # The key columns as pgr_key_0.. (a parent column may be named `key` or `chunk`).
+        names = [sql.Identifier(f"pgr_key_{i}") for i in range(len(key.columns))]
         statement = sql.SQL(_GROUPED).format(
-            key=sql.Identifier(key), chunk=sql.Identifier(CHUNK_TEXT), vector=slot.vector,
+            keys=sql.SQL(", ").join(sql.SQL("{} AS {}").format(sql.Identifier(c), n)
+                                    for c, n in zip(key.columns, names, strict=True)),
+            key=sql.SQL(", ").join(names),
+            b_key=sql.SQL(", ").join(sql.SQL("b.{}").format(n) for n in names),
+            chunk=sql.Identifier(CHUNK_TEXT), vector=slot.vector,
             op=operator, type=sql.SQL(slot.vector_type), table=slot.table)
         candidates = limit * FIRST_CANDIDATES
         # A savepoint rolled back once the rows are read: our SET LOCALs end with it,
@@ -91,13 +99,13 @@ def search_parents(conn: psycopg.Connection, settings: Settings, target_name: st
                 rows = conn.execute(statement, {
                     "slot": slot.id, "column": slot.vector_column, "query": vector,
                     "candidates": candidates, "limit": limit}, prepare=False).fetchall()
-                found = sum(1 for r in rows if r[2] is not None)
+                found = sum(1 for r in rows if r[4] is not None)
                 exhausted = rows[0][1] < candidates  # the scan had no more chunks to give
                 if (not rows[0][0] or found >= limit or exhausted
                         or candidates >= MAX_CANDIDATES):
-                    return rows
+                    return [(*r[:5], key.value(r[5:])) for r in rows]
                 candidates = min(candidates * GROWTH, MAX_CANDIDATES)
 
     rows = on_live_column(conn, settings, target_name, query, run, index_settings)
-    return [ParentHit(k, seq, chunk, float(d)) for _, _, k, seq, chunk, d in rows
+    return [ParentHit(k, seq, chunk, float(d)) for _, _, seq, chunk, d, k in rows
             if d is not None]

@@ -86,12 +86,15 @@ def map_vectorizer(v: Vectorizer) -> Mapping:
                           " adopted frozen (source changes are not re-chunked)"))
     target: dict[str, Any] = {"name": v.name, "table": f"{v.source_schema}.{v.source_table}",
                               "text_columns": [column]}
-    if len(v.source_pk) != 1:
-        notes.append(Note("refused", "composite primary key", "chunked targets take a"
-                          " single-column key for now ("
-                          + ", ".join(k.name for k in v.source_pk) + ")"))
-    else:
+    columns = ", ".join(k.name for k in v.source_pk)
+    if len(v.source_pk) == 1:
         target["primary_key"] = v.source_pk[0].name
+    elif v.destination_kind == "column":
+        notes.append(Note("refused", "composite primary key", "an ordinary target (a column"
+                          f" destination) takes a single-column key ({columns})"))
+    else:  # a chunked target keys its chunks by every column of the primary key
+        notes.append(Note("info", "composite primary key", f"the chunk table keeps ({columns}):"
+                          " chunks, marks and search are keyed by every column"))
     _map_embedding(v, target, notes)
     _map_processing_indexing(v, target, notes)
     if v.destination_kind == "column":

@@ -33,15 +33,15 @@ from pgreembed.store import pgai_queue, takeover
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import vector_not_null
 from pgreembed.store.chunk_sets import dirty_exists
-from pgreembed.store.chunks import (
+from pgreembed.store.chunk_triggers import (
     chunk_trigger_names,
     chunk_triggers_current,
     chunk_triggers_present,
     install_chunk_triggers,
-    parent_key,
-    parent_target,
     set_chunk_triggers_enabled,
 )
+from pgreembed.store.chunks import parent_key, parent_target
+from pgreembed.store.parent_keys import ParentKey
 from pgreembed.store.pgai_cutover import Switched, switch_to_pgreembed
 from pgreembed.store.pgai_queue import key_of
 from pgreembed.store.pgai_values import Vectorizer
@@ -122,14 +122,14 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
             raise SetupError(f"target {target.name!r}: {target.schema}.{target.table}."
                              f"{target.vector_column} is still NOT NULL as pgai made it:"
                              " import (adopt) the vectorizer before --take-over")
-        key, key_type = parent_key(conn, target)
-        if key != key_of(vec):
-            raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by {key_of(vec)!r},"
-                             f" target {target.name!r} by {key!r}")
+        key = parent_key(conn, target)
+        if key.columns != key_of(vec).columns:
+            raise SetupError(f"pgai vectorizer {vec.name!r} keys rows by"
+                             f" ({key_of(vec).name}), target {target.name!r} by ({key.name})")
         if not dirty_exists(conn, target):  # made by adopt (init_chunking)
             raise NotInitializedError(f"target {target.name!r} has no dirty table yet: run"
                                       " `pgreembed import-pgai` (adopt) before --take-over")
-        takeover.ensure_tables(conn, target, key_type)
+        takeover.ensure_tables(conn, target, key)
         previous = takeover.read_takeover(conn, target)
         current = chunk_triggers_current(conn, target)
         present = bool(chunk_triggers_present(conn, target))
@@ -146,8 +146,8 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
             if not vec.disabled:  # pgai stays in charge, as it was
                 _set_disabled(dsn, vec, False)
             raise
-        _record_failures(dsn, target, vec, key, key_type, queued, report)
-    _finish_in_flight(dsn, target, vec, key, key_type, in_flight_wait, report)
+        _record_failures(dsn, target, vec, key, queued, report)
+    _finish_in_flight(dsn, target, vec, key, in_flight_wait, report)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
@@ -220,7 +220,7 @@ def _wait_for_pgai(dsn: str, vec: Vectorizer, wait: float) -> float:
     return round(time.monotonic() - started, 3)
 
 
-def _record_failures(dsn: str, target: Target, vec: Vectorizer, key: str, key_type: str,
+def _record_failures(dsn: str, target: Target, vec: Vectorizer, key: ParentKey,
                      queued: list[str], report: TakeoverReport) -> None:
     """pgai's failures recorded as the parents' (a key queued again since it failed is
     chunked instead); outside the lock: pgai writes no failure once disabled."""
@@ -229,12 +229,12 @@ def _record_failures(dsn: str, target: Target, vec: Vectorizer, key: str, key_ty
         again = set(queued)
         kept = [(f.key, f.failed_at, f.reason) for f in failed if str(f.key) not in again]
         report.failed_superseded = len(failed) - len(kept)
-        report.failed_recorded = takeover.record_failures(conn, target, key, key_type, kept)
+        report.failed_recorded = takeover.record_failures(conn, target, key, kept)
         conn.commit()
 
 
-def _finish_in_flight(dsn: str, target: Target, vec: Vectorizer, key: str,
-                      key_type: str, wait: float, report: TakeoverReport) -> None:
+def _finish_in_flight(dsn: str, target: Target, vec: Vectorizer, key: ParentKey,
+                      wait: float, report: TakeoverReport) -> None:
     """Wait for pgai's batch in flight at the take-over to end (its commit deletes its
     queue rows; a rollback leaves them, and they are moved like the others), then mark its
     keys: the chunk stage compares what it wrote with the current text."""
@@ -242,7 +242,7 @@ def _finish_in_flight(dsn: str, target: Target, vec: Vectorizer, key: str,
     while True:
         with connect(dsn) as conn:
             taken = pgai_queue.take_queue(conn, vec)
-            marked, gone = takeover.mark_dirty(conn, target, key, key_type, taken.moved)
+            marked, gone = takeover.mark_dirty(conn, target, key, taken.moved)
             report.keys_marked += marked
             report.keys_gone += gone
             conn.commit()
@@ -256,7 +256,7 @@ def _finish_in_flight(dsn: str, target: Target, vec: Vectorizer, key: str,
     with connect(dsn) as conn:
         found = takeover.read_takeover(conn, target)
         keys = found.in_flight if found is not None else []
-        marked, gone = takeover.mark_dirty(conn, target, key, key_type, keys)
+        marked, gone = takeover.mark_dirty(conn, target, key, keys)
         report.keys_marked += marked
         report.keys_gone += gone
         takeover.clear_in_flight(conn, target)
@@ -272,7 +272,7 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
     report = TakeoverReport(vec.name, target.name, "undone")
     with connect(dsn) as conn:
         live = _live(load_slots(conn, target), target)
-        key, key_type = parent_key(conn, target)
+        key = parent_key(conn, target)
         found = takeover.read_takeover(conn, target)
         conn.commit()
     if found is None or found.state != "taken":
@@ -286,10 +286,10 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
         held["from"] = time.monotonic()
         report.locked_at = time.time()
         pgai_queue.switch_triggers(conn, vec, chunk_triggers_present(conn, target), False)
-        keys = {*takeover.take_dirty(conn, target),
-                *takeover.parents_with_pending_chunks(conn, target, key, live.vector)}
-        texts = {str(k) for k in keys} | set(in_flight)
-        report.keys_marked = pgai_queue.hand_back(conn, vec, sorted(texts), key_type)
+        texts = {*takeover.take_dirty(conn, target, key),
+                 *takeover.parents_with_pending_chunks(conn, target, key, live.vector),
+                 *in_flight}
+        report.keys_marked = pgai_queue.hand_back(conn, vec, sorted(texts))
         report.queued_rows = report.keys_marked
         pgai_queue.set_disabled(conn, vec, False)
         takeover.pause_live(conn, live, True)

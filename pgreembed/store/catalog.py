@@ -42,13 +42,15 @@ def column(conn: psycopg.Connection, relation: str, name: str) -> CatalogColumn 
 
 
 def primary_key(conn: psycopg.Connection, relation: str) -> list[tuple[str, str]]:
-    """(column, formatted type) of each column of the table's primary key (empty: none)."""
+    """(column, formatted type) of each column of the table's primary key, in the key's
+    order (empty: none)."""
     return [(str(r[0]), str(r[1])) for r in conn.execute(
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-        FROM pg_index i
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-        WHERE i.indrelid = %s::regclass AND i.indisprimary
+        FROM pg_index i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+        JOIN pg_attribute a ON a.attnum = k.attnum
+        WHERE a.attrelid = i.indrelid AND i.indrelid = %s::regclass AND i.indisprimary
+        ORDER BY k.position
         """, (relation,))]
 
 

@@ -65,11 +65,10 @@ def chunk_counts(conn: psycopg.Connection, target: Target) -> ChunkCounts:
 
 
 def _orphaned(conn: psycopg.Connection, target: Target) -> sql.Composed:
-    key, _ = parent_key(conn, target)
     return sql.SQL("{chunks} c WHERE NOT EXISTS (SELECT FROM {parent} p"
-                   " WHERE p.{key} = c.{key})").format(
+                   " WHERE {joined})").format(
         chunks=app_table(target), parent=app_table(parent_target(target)),
-        key=sql.Identifier(key))
+        joined=parent_key(conn, target).equal("p", "c"))
 
 
 def orphan_chunks(conn: psycopg.Connection, target: Target, limit: int = 1000) -> int:

@@ -23,6 +23,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.config.chunking import CHUNK_KEY, CHUNK_TEXT
 from pgreembed.store.chunks import dirty_table, gone_table, parent_of, parent_target
+from pgreembed.store.parent_keys import ParentKey
 from pgreembed.store.slots import app_table, text_expression
 from pgreembed.store.table_lock import join_writers
 from pgreembed.store.trusted_sql import NO_PARAMS
@@ -31,7 +32,8 @@ from pgreembed.values import Diff, Existing
 
 @dataclass(frozen=True)
 class DirtyParent:
-    """A parent to chunk: its key, text, template values and the version they hash to."""
+    """A parent to chunk: its key (a tuple for a composite key), text, template values
+    and the version they hash to."""
 
     key: Any
     text: str | None
@@ -65,23 +67,25 @@ def chunk_uuid(text: str) -> uuid.UUID:
     return uuid.UUID(bytes=hashlib.md5(text.encode()).digest()[:8] + os.urandom(8))
 
 
-def read_dirty(conn: psycopg.Connection, target: Target, key: str, limit: int
+def read_dirty(conn: psycopg.Connection, target: Target, key: ParentKey, limit: int
                ) -> list[DirtyParent]:
     """Up to `limit` dirty parents, oldest mark first (a short read; no lock)."""
     template = parent_of(target).chunking.template_columns
     rows = conn.execute(sql.SQL(
-        "SELECT d.pgr_pk, ({text})::text, {version}{template} FROM {dirty} d JOIN {parent} p"
-        " ON p.{key} = d.pgr_pk ORDER BY d.pgr_marked_at, d.pgr_pk LIMIT %s").format(
+        "SELECT {marks}, ({text})::text, {version}{template} FROM {dirty} d JOIN {parent} p"
+        " ON {joined} ORDER BY d.pgr_marked_at, {marks} LIMIT %s").format(
         text=text_expression(parent_target(target)), version=_version(target),
         template=sql.SQL("").join(sql.SQL(", p.{}").format(sql.Identifier(c))
                                   for c in template),
         dirty=dirty_table(target), parent=app_table(parent_target(target)),
-        key=sql.Identifier(key)), (limit,)).fetchall()
-    return [DirtyParent(r[0], r[1], dict(zip(template, r[3:], strict=True)), r[2])
-            for r in rows]
+        marks=key.cols("d", marks=True), joined=key.equal("p", "d", right_marks=True)),
+        (limit,)).fetchall()
+    n = len(key.columns)
+    return [DirtyParent(key.value(r[:n]), r[n], dict(zip(template, r[n + 2:], strict=True)),
+                        r[n + 1]) for r in rows]
 
 
-def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: ParentKey,
                      vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
                      match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
     """Write the new chunk sets of the parents still as they were read (the caller
@@ -101,7 +105,7 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_typ
             # (measured: the stage, every pass under 40 edits/s, kept a rollback's
             # attempts failing for 25 s).
             join_writers(conn, app_table(target))
-            return _apply(conn, target, key, key_type, vector, planned, match)
+            return _apply(conn, target, key, vector, planned, match)
     except psycopg.errors.LockNotAvailable:
         return Applied(stale=len(planned))
 
@@ -109,28 +113,32 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: str, key_typ
 STAGE_LOCK_TIMEOUT_MS = 50
 
 
-def _apply(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+def _apply(conn: psycopg.Connection, target: Target, key: ParentKey,
            vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
            match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
     report = Applied()
     keys = [p.key for p, _ in planned]
-    ids = {"parent": app_table(parent_target(target)), "key": sql.Identifier(key),
+    n = len(key.columns)
+    ids = {"parent": app_table(parent_target(target)), "key": key.cols(),
+           "among": key.among(), "marks": key.cols(marks=True),
+           "among_marks": key.among(marks=True), "key_arrays": key.arrays(),
            "chunks": app_table(target), "dirty": dirty_table(target),
            "uuid": sql.Identifier(CHUNK_KEY), "chunk": sql.Identifier(CHUNK_TEXT),
-           "type": sql.SQL(key_type), "vector": vector, "version": _version(target)}
-    current: dict[Any, str] = dict(conn.execute(sql.SQL(
-        "SELECT {key}, {version} FROM {parent} WHERE {key} = ANY(%s::{type}[]) ORDER BY {key}"
-        " FOR SHARE SKIP LOCKED").format(**ids), (keys,)).fetchall())
+           "vector": vector, "version": _version(target)}
+    # Locked in key order (all key columns), never waiting on the app (SKIP LOCKED).
+    current: dict[Any, str] = {key.value(r[:n]): r[n] for r in conn.execute(sql.SQL(
+        "SELECT {key}, {version} FROM {parent} WHERE {among} ORDER BY {key}"
+        " FOR SHARE SKIP LOCKED").format(**ids), key.params(keys)).fetchall()}
     fresh = {p.key: chunks for p, chunks in planned if current.get(p.key) == p.version}
     report.stale = len(planned) - len(fresh)
-    locked = [r[0] for r in conn.execute(sql.SQL(
-        "SELECT pgr_pk FROM {dirty} WHERE pgr_pk = ANY(%s::{type}[]) ORDER BY pgr_pk"
-        " FOR UPDATE SKIP LOCKED").format(**ids), (list(fresh),)).fetchall()]
+    locked = [key.value(r) for r in conn.execute(sql.SQL(
+        "SELECT {marks} FROM {dirty} WHERE {among_marks} ORDER BY {marks}"
+        " FOR UPDATE SKIP LOCKED").format(**ids), key.params(list(fresh))).fetchall()]
     stored: dict[Any, list[Existing]] = {k: [] for k in locked}
-    for row_key, owner, seq, text, has_vector in conn.execute(sql.SQL(
-            "SELECT {uuid}, {key}, chunk_seq, {chunk}, {vector} IS NOT NULL FROM {chunks}"
-            " WHERE {key} = ANY(%s::{type}[])").format(**ids), (locked,), ):
-        stored[owner].append(Existing(row_key, seq, text, has_vector))
+    for row in conn.execute(sql.SQL(
+            "SELECT {uuid}, chunk_seq, {chunk}, {vector} IS NOT NULL, {key} FROM {chunks}"
+            " WHERE {among}").format(**ids), key.params(locked)):
+        stored[key.value(row[4:])].append(Existing(row[0], row[1], row[2], row[3]))
     diffs = {owner: match(stored[owner], fresh[owner]) for owner in locked}
     changed = [u for d in diffs.values() for u in [*d.delete, *(m for m, _ in d.move)]]
     free = {r[0] for r in conn.execute(sql.SQL(
@@ -152,7 +160,7 @@ def _apply(conn: psycopg.Connection, target: Target, key: str, key_type: str,
     if delete:
         conn.execute(sql.SQL("DELETE FROM {chunks} WHERE {uuid} = ANY(%s::uuid[])").format(
             **ids), (delete,))
-    if move:  # through negative seqs: UNIQUE (key, chunk_seq) is checked row by row
+    if move:  # through negative seqs: UNIQUE (keys, chunk_seq) is checked row by row
         conn.execute(sql.SQL("UPDATE {chunks} SET chunk_seq = -1 - chunk_seq"
                              " WHERE {uuid} = ANY(%s::uuid[])").format(**ids),
                      ([u for u, _ in move],))
@@ -163,44 +171,45 @@ def _apply(conn: psycopg.Connection, target: Target, key: str, key_type: str,
     if insert:
         conn.execute(sql.SQL(
             "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk})"
-            " SELECT * FROM unnest(%s::uuid[], %s::{type}[], %s::int[], %s::text[])").format(
-            **ids), ([chunk_uuid(t) for _, _, t in insert], [k for k, _, _ in insert],
-                     [s for _, s, _ in insert], [t for _, _, t in insert]))
-    conn.execute(sql.SQL("DELETE FROM {dirty} WHERE pgr_pk = ANY(%s::{type}[])").format(
-        **ids), (locked,))
+            " SELECT * FROM unnest(%s::uuid[], {key_arrays}, %s::int[], %s::text[])").format(
+            **ids), [[chunk_uuid(t) for _, _, t in insert],
+                     *key.params([k for k, _, _ in insert]),
+                     [s for _, s, _ in insert], [t for _, _, t in insert]])
+    conn.execute(sql.SQL("DELETE FROM {dirty} WHERE {among_marks}").format(**ids),
+                 key.params(locked))
     report.parents, report.deleted = len(locked), len(delete)
     report.moved, report.inserted = len(move), len(insert)
     return report
 
 
-def sweep_gone(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+def sweep_gone(conn: psycopg.Connection, target: Target, key: ParentKey,
                limit: int = 10_000) -> int:
     """Remove the chunks (and marks) of parents deleted by transactions whose snapshot
     could not see them all (store.chunks.gone_table); the caller commits. Only chunks
     whose parent is gone now are removed: a key inserted again keeps its new chunks."""
     ids = {"gone": gone_table(target), "chunks": app_table(target),
            "dirty": dirty_table(target), "parent": app_table(parent_target(target)),
-           "key": sql.Identifier(key), "type": sql.SQL(key_type)}
-    marks = conn.execute(sql.SQL("SELECT id, pgr_pk FROM {gone} ORDER BY id LIMIT %s"
+           "marks": key.cols(marks=True), "of_chunk": key.equal("p", "c"),
+           "of_mark": key.equal("p", "d", right_marks=True)}
+    marks = conn.execute(sql.SQL("SELECT id, {marks} FROM {gone} ORDER BY id LIMIT %s"
                                  " FOR UPDATE SKIP LOCKED").format(**ids), (limit,)).fetchall()
     if not marks:
         return 0
-    whole = any(k is None for _, k in marks)  # a TRUNCATE: every chunk is a suspect
-    keys: tuple[Any, ...] = () if whole else ([k for _, k in marks],)
+    whole = any(m[1] is None for m in marks)  # a TRUNCATE: every chunk is a suspect
+    keys = [] if whole else key.params([key.value(m[1:]) for m in marks])
 
-    def among_marks(column: sql.Composable) -> sql.Composable:
-        return sql.SQL("TRUE") if whole else sql.SQL("{} = ANY(%s::{}[])").format(
-            column, ids["type"])
+    def among_marks(alias: str, marked: bool) -> sql.Composable:
+        return sql.SQL("TRUE") if whole else key.among(alias, marks=marked)
     removed = conn.execute(sql.SQL(
         "DELETE FROM {chunks} c WHERE {marked} AND NOT EXISTS"
-        " (SELECT FROM {parent} p WHERE p.{key} = c.{key})").format(
-        marked=among_marks(sql.SQL("c.{}").format(ids["key"])), **ids), keys).rowcount
+        " (SELECT FROM {parent} p WHERE {of_chunk})").format(
+        marked=among_marks("c", False), **ids), keys).rowcount
     conn.execute(sql.SQL(
         "DELETE FROM {dirty} d WHERE {marked} AND NOT EXISTS"
-        " (SELECT FROM {parent} p WHERE p.{key} = d.pgr_pk)").format(
-        marked=among_marks(sql.SQL("d.pgr_pk")), **ids), keys)
+        " (SELECT FROM {parent} p WHERE {of_mark})").format(
+        marked=among_marks("d", True), **ids), keys)
     conn.execute(sql.SQL("DELETE FROM {gone} WHERE id = ANY(%s)").format(**ids),
-                 ([i for i, _ in marks],))
+                 ([m[0] for m in marks],))
     return removed
 
 

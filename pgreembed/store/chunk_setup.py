@@ -14,13 +14,12 @@ import psycopg
 from pgreembed.config import Target
 from pgreembed.store.blockers import ACCESS_EXCLUSIVE, SHARE_ROW_EXCLUSIVE
 from pgreembed.store.chunk_adopt import allow_pending, record_chunking_current, vector_not_null
+from pgreembed.store.chunk_triggers import chunk_triggers_current, install_chunk_triggers
 from pgreembed.store.chunks import (
     check_parent,
-    chunk_triggers_current,
     chunking_changed,
     ensure_chunk_table,
     ensure_view,
-    install_chunk_triggers,
     mark_all_unless_current,
     parent_target,
 )

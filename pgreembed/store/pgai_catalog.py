@@ -13,6 +13,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pgreembed.store.parent_keys import ParentKey
 from pgreembed.store.pgai_values import (
     CatalogVersion,
     Counts,
@@ -94,29 +95,30 @@ def counts(conn: psycopg.Connection, v: Vectorizer) -> Counts:
 def sample_parents(conn: psycopg.Connection, v: Vectorizer, text_column: str, size: int
                    ) -> list[StoredParent]:
     """Up to `size` random source rows that pgai has chunked and that are not queued (a
-    queued row's chunks may be of an older text), each with its stored chunks."""
-    assert v.chunk_table is not None and len(v.source_pk) == 1
-    key = sql.Identifier(v.source_pk[0].name)
-    ids = {"source": sql.Identifier(v.source_schema, v.source_table), "key": key,
-           "chunks": sql.Identifier(*v.chunk_table),
-           "queue": sql.Identifier(v.queue_schema, v.queue_table)}
+    queued row's chunks may be of an older text), each with its stored chunks. A parent's
+    key is a tuple when the source's key has several columns."""
+    assert v.chunk_table is not None
+    key = ParentKey(tuple(k.name for k in v.source_pk), tuple(k.type for k in v.source_pk))
+    ids = {"source": sql.Identifier(v.source_schema, v.source_table), "key": key.cols(),
+           "chunks": sql.Identifier(*v.chunk_table), "among": key.among(),
+           "queue": sql.Identifier(v.queue_schema, v.queue_table),
+           "chunked": key.equal("c", "s"), "queued": key.equal("q", "s")}
     with conn.cursor(row_factory=dict_row) as cur:
         parents = cur.execute(sql.SQL(
             "SELECT s.* FROM {source} s WHERE EXISTS (SELECT FROM {chunks} c"
-            " WHERE c.{key} = s.{key}) AND NOT EXISTS (SELECT FROM {queue} q"
-            " WHERE q.{key} = s.{key}) ORDER BY random() LIMIT %s").format(**ids),
+            " WHERE {chunked}) AND NOT EXISTS (SELECT FROM {queue} q"
+            " WHERE {queued}) ORDER BY random() LIMIT %s").format(**ids),
             (size,)).fetchall()
     if not parents:
         return []
+    keys = [key.value([p[c] for c in key.columns]) for p in parents]
     stored: dict[Any, list[str]] = {}
-    for pk, chunk in conn.execute(sql.SQL(
-            "SELECT {key}, chunk FROM {chunks} WHERE {key} = ANY(%s)"
-            " ORDER BY {key}, chunk_seq").format(**ids),
-            ([p[v.source_pk[0].name] for p in parents],)).fetchall():
-        stored.setdefault(pk, []).append(chunk)
-    name = v.source_pk[0].name
-    return [StoredParent(p[name], p.get(text_column), dict(p), stored.get(p[name], []))
-            for p in parents]
+    for row in conn.execute(sql.SQL(
+            "SELECT {key}, chunk FROM {chunks} WHERE {among} ORDER BY {key}, chunk_seq"
+    ).format(**ids), key.params(keys)).fetchall():
+        stored.setdefault(key.value(row[:-1]), []).append(row[-1])
+    return [StoredParent(k, p.get(text_column), dict(p), stored.get(k, []))
+            for k, p in zip(keys, parents, strict=True)]
 
 
 def sample_chunks(conn: psycopg.Connection, table: tuple[str, str], key: str, text: sql.Composable,

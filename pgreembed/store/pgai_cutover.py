@@ -39,9 +39,13 @@ def switch_to_pgreembed(conn: psycopg.Connection, target: Target, vec: Vectorize
                         pgai_triggers: list[str], ours: list[str], live: Slot) -> Switched:
     """pgai's triggers off and ours on (one ALTER TABLE), the queue's free rows moved to our
     dirty marks, the held ones' keys recorded, a pause an undo made lifted, the scheduler
-    woken; in the caller's transaction (run_locked), which commits."""
-    key = sql.Identifier(key_of(vec))
-    ids = {"source": source_of(vec), "q": queue_of(vec), "key": key,
+    woken; in the caller's transaction (run_locked), which commits. Keys are joined on every
+    key column and recorded in text form (ParentKey.text)."""
+    key = key_of(vec)
+    ids = {"source": source_of(vec), "q": queue_of(vec), "key": key.cols(),
+           "of_parent": key.equal("p", "keys"), "parent_key": key.cols("p"),
+           "marks": key.cols(marks=True), "keys_text": key.text("keys"),
+           "held_text": key.text("held"),
            "dirty": dirty_table(target), "parent": app_table(parent_target(target)),
            "target": sql.Literal(target.name), "vid": sql.Literal(vec.id),
            "vname": sql.Literal(vec.name), "slot": sql.Literal(live.id),
@@ -53,23 +57,23 @@ def switch_to_pgreembed(conn: psycopg.Connection, target: Target, vec: Vectorize
         "ALTER TABLE {source} {switch};\n"
         "WITH free AS (SELECT ctid FROM {q} FOR UPDATE SKIP LOCKED),"
         " gone AS (DELETE FROM {q} WHERE ctid IN (SELECT ctid FROM free) RETURNING {key}),"
-        " keys AS (SELECT DISTINCT {key} AS k FROM gone),"
-        " marked AS (INSERT INTO {dirty} (pgr_pk) SELECT p.{key} FROM {parent} p"
-        "  JOIN keys ON p.{key} = keys.k ON CONFLICT DO NOTHING RETURNING pgr_pk)"
+        " keys AS (SELECT DISTINCT {key} FROM gone),"
+        " marked AS (INSERT INTO {dirty} ({marks}) SELECT {parent_key} FROM {parent} p"
+        "  JOIN keys ON {of_parent} ON CONFLICT DO NOTHING RETURNING 1)"
         " SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM keys),"
         " (SELECT count(*) FROM marked), (SELECT count(*) FROM keys WHERE NOT EXISTS"
-        "  (SELECT FROM {parent} p WHERE p.{key} = keys.k)), ARRAY(SELECT k::text FROM keys);\n"
+        "  (SELECT FROM {parent} p WHERE {of_parent})), ARRAY(SELECT {keys_text} FROM keys);\n"
         "WITH held AS (SELECT {key} FROM {q}),"
         " taken AS (INSERT INTO pgreembed.pgai_takeovers AS t (target, vectorizer_id,"
         "  vectorizer, state, in_flight, taken_at)"
-        "  SELECT {target}, {vid}, {vname}, 'taken', ARRAY(SELECT DISTINCT {key}::text"
+        "  SELECT {target}, {vid}, {vname}, 'taken', ARRAY(SELECT DISTINCT {held_text}"
         "  FROM held), now()"
         "  ON CONFLICT (target) DO UPDATE SET vectorizer_id = EXCLUDED.vectorizer_id,"
         "  vectorizer = EXCLUDED.vectorizer, state = 'taken', taken_at = now(),"
         "  undone_at = NULL, in_flight = ARRAY(SELECT DISTINCT unnest(t.in_flight"
         "  || EXCLUDED.in_flight)) RETURNING 1)"
         " SELECT (SELECT count(*) FROM held), (SELECT count(*) FROM taken),"
-        " ARRAY(SELECT DISTINCT {key}::text FROM held);\n"
+        " ARRAY(SELECT DISTINCT {held_text} FROM held);\n"
         "UPDATE pgreembed.slots SET paused = false, paused_by = NULL WHERE id = {slot}"
         " AND paused_by = {by};\n"
         "SELECT pg_notify({channel}, {target})").format(**ids))

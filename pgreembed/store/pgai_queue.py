@@ -23,18 +23,15 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.errors import SetupError
+from pgreembed.store.parent_keys import ParentKey
 from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.trusted_sql import NO_PARAMS
 
 
-def key_of(vec: Vectorizer) -> str:
-    """The source's key column: a take-over handles single-column keys (for now)."""
-    if len(vec.source_pk) != 1:
-        columns = ", ".join(c.name for c in vec.source_pk)
-        raise SetupError(f"pgai vectorizer {vec.name!r}: {vec.source_schema}.{vec.source_table}"
-                         f" has a composite key ({columns}); a take-over needs a single-column"
-                         " key (not done yet)")
-    return vec.source_pk[0].name
+def key_of(vec: Vectorizer) -> ParentKey:
+    """The source's key columns: pgai's queue and failed queue have one column each, named
+    and typed as the source's."""
+    return ParentKey(tuple(c.name for c in vec.source_pk), tuple(c.type for c in vec.source_pk))
 
 
 def source_of(vec: Vectorizer) -> sql.Identifier:
@@ -70,16 +67,17 @@ class QueueTaken:
 
 def take_queue(conn: psycopg.Connection, vec: Vectorizer) -> QueueTaken:
     """Delete the queue rows no pgai batch holds, and return the distinct keys of both
-    kinds (the caller marks them; a key may be queued many times). Never waits on a pgai
-    batch: its rows are skipped, as its own claim skips ours."""
-    ids = {"q": queue_of(vec), "key": sql.Identifier(key_of(vec))}
+    kinds in text form (ParentKey.text; the caller marks them; a key may be queued many
+    times). Never waits on a pgai batch: its rows are skipped, as its own claim skips ours."""
+    key = key_of(vec)
+    ids = {"q": queue_of(vec), "key": key.cols(), "text": key.text()}
     moved = conn.execute(sql.SQL(
         "WITH free AS (SELECT ctid FROM {q} FOR UPDATE SKIP LOCKED),"
         " gone AS (DELETE FROM {q} WHERE ctid IN (SELECT ctid FROM free) RETURNING {key})"
-        " SELECT {key}, count(*) FROM gone GROUP BY {key} ORDER BY {key}").format(**ids),
+        " SELECT {text}, count(*) FROM gone GROUP BY {key} ORDER BY {key}").format(**ids),
         NO_PARAMS).fetchall()
     held = conn.execute(sql.SQL(
-        "SELECT {key}, count(*) FROM {q} GROUP BY {key} ORDER BY {key}").format(**ids),
+        "SELECT {text}, count(*) FROM {q} GROUP BY {key} ORDER BY {key}").format(**ids),
         NO_PARAMS).fetchall()
     return QueueTaken(deleted=sum(int(n) for _, n in moved), moved=[k for k, _ in moved],
                       held=sum(int(n) for _, n in held), in_flight=[k for k, _ in held])
@@ -91,14 +89,15 @@ def queue_rows(conn: psycopg.Connection, vec: Vectorizer) -> int:
     return int(row[0]) if row else 0
 
 
-def hand_back(conn: psycopg.Connection, vec: Vectorizer, keys: list[Any], key_type: str
-              ) -> int:
-    """Queue `keys` for pgai's worker (an undo): it re-chunks and re-embeds each."""
+def hand_back(conn: psycopg.Connection, vec: Vectorizer, keys: list[str]) -> int:
+    """Queue `keys` (text form) for pgai's worker (an undo): it re-chunks and re-embeds
+    each."""
     if not keys:
         return 0
+    key = key_of(vec)
     return conn.execute(sql.SQL(
-        "INSERT INTO {q} ({key}) SELECT DISTINCT k FROM unnest(%s::{type}[]) k").format(
-        q=queue_of(vec), key=sql.Identifier(key_of(vec)), type=sql.SQL(key_type)),
+        "INSERT INTO {q} ({key}) SELECT DISTINCT {values} FROM unnest(%s::text[]) AS t(k)"
+    ).format(q=queue_of(vec), key=key.cols(), values=key.from_text(sql.SQL("t.k"))),
         (keys,)).rowcount
 
 
@@ -111,8 +110,9 @@ class PgaiFailure:
 
 
 def failures(conn: psycopg.Connection, vec: Vectorizer) -> list[PgaiFailure]:
-    """Keys in pgai's failed queue, the latest failure per key, with pgai's message for it
-    (`ai._vectorizer_errors` rows of the same vectorizer and timestamp) when there is one."""
+    """Keys (text form) in pgai's failed queue, the latest failure per key, with pgai's
+    message for it (`ai._vectorizer_errors` rows of the same vectorizer and timestamp)
+    when there is one."""
     if vec.queue_failed_table is None:
         return []
     failed = sql.Identifier(vec.queue_schema, vec.queue_failed_table)
@@ -123,9 +123,10 @@ def failures(conn: psycopg.Connection, vec: Vectorizer) -> list[PgaiFailure]:
     ) if errors == (True,) else sql.SQL("NULL::text")
     params = (vec.id,) if errors == (True,) else ()
     rows = conn.execute(sql.SQL(
-        "SELECT DISTINCT ON (f.{key}) f.{key}, f.failure_step, f.created_at, {message}"
-        " FROM {failed} f ORDER BY f.{key}, f.created_at DESC").format(
-        key=sql.Identifier(key_of(vec)), failed=failed, message=message), params).fetchall()
+        "SELECT DISTINCT ON ({key}) {text}, f.failure_step, f.created_at, {message}"
+        " FROM {failed} f ORDER BY {key}, f.created_at DESC").format(
+        key=key_of(vec).cols("f"), text=key_of(vec).text("f"), failed=failed,
+        message=message), params).fetchall()
     return [PgaiFailure(k, str(step or ""), at,
                         f"pgai gave up at step {step or 'unknown'!r}"
                         + (f": {text}" if text else " (pgai recorded no message)"))

@@ -197,29 +197,34 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
                 vector = HalfVector(item.vector) if half else item.vector
                 copy.write_row((str(item.row.pk), item.row.content_hash, vector, item.truncated,
                                 item.row.version))
+        # Two statements, not one data-modifying WITH: an app's DO ALSO rule on its table
+        # refuses an UPDATE inside WITH (RETURNING is allowed).
+        cur.execute(sql.SQL(
+            "UPDATE {table} AS a SET {vector} = i.pgr_vec FROM {incoming} i"
+            " WHERE a.{pk} = i.pgr_pk::{pk_type} AND {guard} RETURNING i.pgr_pk"
+        ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
+                 pk_type=slot.pk_cast, guard=guard(slot)))
+        written = [row[0] for row in cur.fetchall()]
+        if not written:
+            return Written(busy=skipped)
         cur.execute(sql.SQL(
             """
-            WITH written AS (
-                UPDATE {table} AS a SET {vector} = i.pgr_vec
-                FROM {incoming} i
-                WHERE a.{pk} = i.pgr_pk::{pk_type} AND {guard}
-                RETURNING a.{pk} AS pk, i.pgr_hash AS h, i.pgr_truncated AS t
-            )
             INSERT INTO {state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at, pgr_truncated,
                                  pgr_failed_hash, pgr_failure, pgr_attempts, pgr_failed_at)
-            SELECT pk, %s, h, now(), t, NULL, NULL, 0, NULL FROM written
+            SELECT i.pgr_pk::{pk_type}, %s, i.pgr_hash, now(), i.pgr_truncated,
+                   NULL, NULL, 0, NULL
+            FROM {incoming} i JOIN unnest(%s::text[]) AS w(pk) ON i.pgr_pk = w.pk
             ON CONFLICT (pgr_pk) DO UPDATE SET
                 pgr_model_id = excluded.pgr_model_id, pgr_hash = excluded.pgr_hash,
                 pgr_embedded_at = excluded.pgr_embedded_at,
                 pgr_truncated = excluded.pgr_truncated,
                 pgr_failed_hash = NULL, pgr_failure = NULL, pgr_attempts = 0,
                 pgr_failed_at = NULL
-            RETURNING pgr_pk
             """
-        ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
-                 pk_type=slot.pk_cast, guard=guard(slot), state=slot.state_table),
-            (slot.model_id,))
-        return Written(keys=[row[0] for row in cur.fetchall()], busy=skipped)
+        ).format(incoming=incoming, pk_type=slot.pk_cast, state=slot.state_table),
+            (slot.model_id, written))
+        key_of = {str(item.row.pk): item.row.pk for item in results}  # the row's own type
+        return Written(keys=[key_of[k] for k in written], busy=skipped)
 
 
 def write_isolating(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]

@@ -24,6 +24,7 @@ from psycopg import sql
 from pgreembed.config import Target
 from pgreembed.store.chunk_sets import parent_version
 from pgreembed.store.chunks import dirty_table, parent_target
+from pgreembed.store.parent_keys import ParentKey
 from pgreembed.store.slots import NOTIFY_CHANNEL, SCHEMA, Slot, app_table
 from pgreembed.store.trusted_sql import NO_PARAMS
 
@@ -34,18 +35,23 @@ def failed_table(target: Target) -> sql.Identifier:
     return sql.Identifier(SCHEMA, f"chunk_failed_{target.name}")
 
 
-def ensure_tables(conn: psycopg.Connection, target: Target, key_type: str) -> None:
-    """The registry and the target's parent-failure table, if missing."""
+def ensure_tables(conn: psycopg.Connection, target: Target, key: ParentKey) -> None:
+    """The registry and the target's parent-failure table (one column per key column,
+    named as the dirty table's), if missing."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS pgreembed.pgai_takeovers (target text PRIMARY KEY,"
         " vectorizer_id int NOT NULL, vectorizer text NOT NULL, state text NOT NULL,"
         " in_flight text[] NOT NULL DEFAULT '{}', taken_at timestamptz,"
         " undone_at timestamptz)")
     conn.execute(sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {failed} (pgr_pk {type} PRIMARY KEY,"
+        "CREATE TABLE IF NOT EXISTS {failed} ({columns}, PRIMARY KEY ({marks}),"
         " pgr_version text NOT NULL, pgr_failure text NOT NULL,"
         " pgr_failed_at timestamptz NOT NULL, pgr_recorded_at timestamptz NOT NULL"
-        " DEFAULT now())").format(failed=failed_table(target), type=sql.SQL(key_type)))
+        " DEFAULT now())").format(
+        failed=failed_table(target), marks=key.cols(marks=True),
+        columns=sql.SQL(", ").join(sql.SQL("{} {} NOT NULL").format(sql.Identifier(m),
+                                                                     sql.SQL(t))
+                                   for m, t in zip(key.marks, key.types, strict=True))))
 
 
 @dataclass(frozen=True)
@@ -75,23 +81,22 @@ def record_undone(conn: psycopg.Connection, target: Target) -> None:
                  " in_flight = '{}' WHERE target = %s", (target.name,))
 
 
-def mark_dirty(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+def mark_dirty(conn: psycopg.Connection, target: Target, key: ParentKey,
                keys: Sequence[Any]) -> tuple[int, int]:
-    """Mark `keys` (any type castable from text) for the chunk stage; a key whose parent
+    """Mark `keys` (in text form, ParentKey.text) for the chunk stage; a key whose parent
     is gone needs nothing (pgai's trigger, or ours, removed its chunks). Returns
     (marked now, parents gone)."""
     if not keys:
         return 0, 0
     ids = {"dirty": dirty_table(target), "parent": app_table(parent_target(target)),
-           "key": sql.Identifier(key), "type": sql.SQL(key_type)}
+           "key": key.cols("p"), "marks": key.cols(marks=True),
+           "among": key.among_texts("p")}
     texts = [str(k) for k in keys]
     existing = conn.execute(sql.SQL(
-        "SELECT count(*) FROM {parent} WHERE {key} = ANY(%s::text[]::{type}[])").format(
-        **ids), (texts,)).fetchone()
+        "SELECT count(*) FROM {parent} p WHERE {among}").format(**ids), (texts,)).fetchone()
     marked = conn.execute(sql.SQL(
-        "INSERT INTO {dirty} (pgr_pk) SELECT p.{key} FROM {parent} p"
-        " WHERE p.{key} = ANY(%s::text[]::{type}[]) ON CONFLICT DO NOTHING").format(**ids),
-        (texts,)).rowcount
+        "INSERT INTO {dirty} ({marks}) SELECT {key} FROM {parent} p"
+        " WHERE {among} ON CONFLICT DO NOTHING").format(**ids), (texts,)).rowcount
     return marked, len(set(texts)) - (int(existing[0]) if existing else 0)
 
 
@@ -100,21 +105,21 @@ def clear_in_flight(conn: psycopg.Connection, target: Target) -> None:
                  (target.name,))
 
 
-def record_failures(conn: psycopg.Connection, target: Target, key: str, key_type: str,
+def record_failures(conn: psycopg.Connection, target: Target, key: ParentKey,
                     failed: Sequence[tuple[Any, datetime, str]]) -> int:
-    """Record (key, failed_at, reason) as failures of the parents, against their current
-    text; a parent gone is skipped. Returns how many were recorded."""
+    """Record (key in text form, failed_at, reason) as failures of the parents, against
+    their current text; a parent gone is skipped. Returns how many were recorded."""
     if not failed:
         return 0
     ids = {"failed": failed_table(target), "parent": app_table(parent_target(target)),
-           "key": sql.Identifier(key), "type": sql.SQL(key_type),
-           "version": parent_version(target)}
+           "key": key.cols("p"), "row": key.row("p"), "marks": key.cols(marks=True),
+           "values": key.from_text(sql.SQL("f.pgr_k")), "version": parent_version(target)}
     return conn.execute(sql.SQL(
-        "INSERT INTO {failed} (pgr_pk, pgr_version, pgr_failure, pgr_failed_at)"
-        " SELECT p.{key}, {version}, f.pgr_reason, f.pgr_at FROM unnest(%s::text[],"
+        "INSERT INTO {failed} ({marks}, pgr_version, pgr_failure, pgr_failed_at)"
+        " SELECT {key}, {version}, f.pgr_reason, f.pgr_at FROM unnest(%s::text[],"
         " %s::timestamptz[], %s::text[]) AS f(pgr_k, pgr_at, pgr_reason)"
-        " JOIN {parent} p ON p.{key} = f.pgr_k::{type}"
-        " ON CONFLICT (pgr_pk) DO UPDATE SET pgr_version = EXCLUDED.pgr_version,"
+        " JOIN {parent} p ON {row} = ({values})"
+        " ON CONFLICT ({marks}) DO UPDATE SET pgr_version = EXCLUDED.pgr_version,"
         " pgr_failure = EXCLUDED.pgr_failure, pgr_failed_at = EXCLUDED.pgr_failed_at,"
         " pgr_recorded_at = now()").format(**ids),
         ([str(k) for k, _, _ in failed], [at for _, at, _ in failed],
@@ -131,7 +136,7 @@ class ParentFailure:
         return {"key": self.key, "reason": self.reason, "failed_at": self.failed_at.isoformat()}
 
 
-def parent_failures(conn: psycopg.Connection, target: Target, key: str, limit: int
+def parent_failures(conn: psycopg.Connection, target: Target, key: ParentKey, limit: int
                     ) -> tuple[int, list[ParentFailure]]:
     """(parents failed on their current text, the `limit` most recent). A parent edited
     since it failed is not listed: the edit marked it to be chunked again."""
@@ -140,16 +145,18 @@ def parent_failures(conn: psycopg.Connection, target: Target, key: str, limit: i
     if found is None or found[0] is None:
         return 0, []
     rows = conn.execute(sql.SQL(
-        "SELECT f.pgr_pk::text, f.pgr_failure, f.pgr_failed_at, count(*) OVER ()"
-        " FROM {failed} f JOIN {parent} p ON p.{key} = f.pgr_pk"
-        " WHERE f.pgr_version = {version} ORDER BY f.pgr_failed_at DESC, f.pgr_pk LIMIT %s"
+        "SELECT {text}, f.pgr_failure, f.pgr_failed_at, count(*) OVER ()"
+        " FROM {failed} f JOIN {parent} p ON {joined}"
+        " WHERE f.pgr_version = {version} ORDER BY f.pgr_failed_at DESC, {marks} LIMIT %s"
     ).format(failed=failed_table(target), parent=app_table(parent_target(target)),
-             key=sql.Identifier(key), version=parent_version(target)), (limit,)).fetchall()
+             text=key.text("f", marks=True), joined=key.equal("p", "f", right_marks=True),
+             marks=key.cols("f", marks=True), version=parent_version(target)),
+        (limit,)).fetchall()
     total = int(rows[0][3]) if rows else 0
     return total, [ParentFailure(k, reason, at) for k, reason, at, _ in rows]
 
 
-def retry_parent_failures(conn: psycopg.Connection, target: Target, key: str) -> int:
+def retry_parent_failures(conn: psycopg.Connection, target: Target, key: ParentKey) -> int:
     """Mark the failed parents dirty (the chunk stage tries them again) and forget the
     records; the caller commits. Returns how many."""
     found = conn.execute("SELECT to_regclass(%s)", (failed_table(target).as_string(conn),)
@@ -157,34 +164,35 @@ def retry_parent_failures(conn: psycopg.Connection, target: Target, key: str) ->
     if found is None or found[0] is None:
         return 0
     keys = [r[0] for r in conn.execute(sql.SQL(
-        "DELETE FROM {failed} RETURNING pgr_pk").format(failed=failed_table(target)),
-        NO_PARAMS).fetchall()]
+        "DELETE FROM {failed} RETURNING {text}").format(
+        failed=failed_table(target), text=key.text(marks=True)), NO_PARAMS).fetchall()]
     if keys:
         conn.execute(sql.SQL(
-            "INSERT INTO {dirty} (pgr_pk) SELECT p.{key} FROM {parent} p"
-            " WHERE p.{key} = ANY(%s) ON CONFLICT DO NOTHING").format(
+            "INSERT INTO {dirty} ({marks}) SELECT {key} FROM {parent} p"
+            " WHERE {among} ON CONFLICT DO NOTHING").format(
             dirty=dirty_table(target), parent=app_table(parent_target(target)),
-            key=sql.Identifier(key)), (keys,))
+            marks=key.cols(marks=True), key=key.cols("p"), among=key.among_texts("p")),
+            (keys,))
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, target.name))
     return len(keys)
 
 
-def take_dirty(conn: psycopg.Connection, target: Target) -> list[Any]:
-    """Delete every dirty mark and return the keys (an undo hands them to pgai). Waits on
-    a chunk stage applying some (its transaction is short); the caller's lock_timeout
-    bounds it."""
+def take_dirty(conn: psycopg.Connection, target: Target, key: ParentKey) -> list[str]:
+    """Delete every dirty mark and return the keys in text form (an undo hands them to
+    pgai). Waits on a chunk stage applying some (its transaction is short); the caller's
+    lock_timeout bounds it."""
     return [r[0] for r in conn.execute(sql.SQL(
-        "DELETE FROM {dirty} RETURNING pgr_pk").format(dirty=dirty_table(target)),
-        NO_PARAMS).fetchall()]
+        "DELETE FROM {dirty} RETURNING {text}").format(
+        dirty=dirty_table(target), text=key.text(marks=True)), NO_PARAMS).fetchall()]
 
 
-def parents_with_pending_chunks(conn: psycopg.Connection, target: Target, key: str,
-                                vector: sql.Identifier) -> list[Any]:
-    """Parents with a chunk whose live vector is NULL (pending or failed): pgai's worker
-    writes every chunk of a parent again, so an undo hands these back whole."""
+def parents_with_pending_chunks(conn: psycopg.Connection, target: Target, key: ParentKey,
+                                vector: sql.Identifier) -> list[str]:
+    """Parents (text form) with a chunk whose live vector is NULL (pending or failed):
+    pgai's worker writes every chunk of a parent again, so an undo hands these back whole."""
     return [r[0] for r in conn.execute(sql.SQL(
-        "SELECT DISTINCT {key} FROM {chunks} WHERE {vector} IS NULL").format(
-        key=sql.Identifier(key), chunks=app_table(target), vector=vector),
+        "SELECT DISTINCT {text} FROM {chunks} WHERE {vector} IS NULL").format(
+        text=key.text(), chunks=app_table(target), vector=vector),
         NO_PARAMS).fetchall()]
 
 
