@@ -307,9 +307,12 @@ def main() -> None:
             meter.step("fill", lambda: wait_filled(dsn, column, backlog, args.timeout))
             meter.step("index", migrate("index"))
             meter.step("compare", migrate("compare", "--sample", "100"))
+            # The table lock's retries may take as long as a step may (the default 60 s
+            # gave up at load 30: the workers' writes through two HNSW indexes ran 10-15 s).
+            locks = ("--lock-wait", str(args.timeout))
             meter.step("swap", migrate("swap", "--timeout", str(args.timeout),
-                                       "--max-unsearchable", str(backlog)))
-            meter.step("finalize", migrate("finalize"))
+                                       "--max-unsearchable", str(backlog), *locks))
+            meter.step("finalize", migrate("finalize", *locks))
 
             def vacuum() -> None:
                 with psycopg.connect(dsn, autocommit=True) as conn:

@@ -89,6 +89,8 @@ def _server(services: Services, stats: bool) -> None:
 class PathBench:
     """The path part: one database, the vector column reset between arms."""
 
+    pending_again = "UPDATE docs SET embedding = NULL"  # the reset: every row written
+
     def __init__(self, services: Services, rows: int, batch: int, hnsw: bool,
                  stats: bool) -> None:
         self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
@@ -123,8 +125,8 @@ class PathBench:
                 "raw write + state rows": lambda: self._raw(True),
                 "ours (process_batch)": self._ours}
 
-    def _raw(self, state_rows: bool) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+    def _raw(self, state_rows: bool, options: str = "") -> None:
+        with psycopg.connect(self.dsn, autocommit=True, options=options) as conn:
             from pgvector.psycopg import register_vector
             register_vector(conn)
             for i in range(0, self.rows, self.batch):
@@ -148,7 +150,7 @@ class PathBench:
     def reset(self) -> None:
         """Every row pending again, the table vacuumed (outside the meter)."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("UPDATE docs SET embedding = NULL")
+            conn.execute(self.pending_again)
             conn.execute(sql.SQL("TRUNCATE pgreembed.{}, pgreembed.usage").format(
                 sql.Identifier(self.state_table)))
             conn.execute("VACUUM docs")

@@ -16,11 +16,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Row:
-    """A row as read for embedding: key, text, and the hash the write is guarded by."""
+    """A row as read for embedding: key, text, and the hash the write is guarded by.
+
+    `version`: the row version's xmin when it was read (None if unknown): the write skips
+    hashing the text of a row still at that version (store.rows.write_vectors)."""
 
     pk: Any
     text: str | None
     content_hash: Any
+    version: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,18 @@ holds (the app's), so a background write never waits on the app (invariant 10).
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from pgvector import HalfVector
-from psycopg import sql
+from psycopg import postgres, sql
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from pgreembed.config import Target
 from pgreembed.errors import NotFoundError
@@ -29,20 +34,67 @@ from pgreembed.values import Embedded, Failed, Row
 
 
 def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:
-    """The rows among `keys` that still need this slot's model (others were done meanwhile)."""
+    """The rows among `keys` that still need this slot's model (others were done meanwhile),
+    with their version (see `guard`) and their text's hash (`Slot.hash_expr`'s value,
+    computed here when the text arrives in the database's own bytes: the server's CPU is
+    the scarce one)."""
+    here = _hashes_here(conn)
     wanted = sql.SQL("%(keys)s::text[]::{}[]").format(slot.pk_cast)
     query = sql.SQL(
         """
-        SELECT a.{pk}, ({text})::text, {hash}
+        SELECT a.{pk}, ({text})::text, a.xmin::text::bigint, {hash}
         FROM {rows}
         WHERE a.{pk} = ANY({wanted})
           AND (a.{vector} IS NULL OR s.pgr_model_id IS DISTINCT FROM %(model)s)
         ORDER BY a.{pk}
         """
-    ).format(pk=slot.pk, text=slot.text_expr, hash=slot.hash_expr, wanted=wanted,
-             rows=slot.rows_with_state(outer=True, keys=wanted), vector=slot.vector)
-    return [Row(pk, text, h) for pk, text, h in conn.execute(
-        query, {"keys": list(keys), "model": slot.model_id})]
+    ).format(pk=slot.pk, text=slot.text_expr, hash=sql.NULL if here else slot.hash_expr,
+             wanted=wanted, rows=slot.rows_with_state(outer=True, keys=wanted),
+             vector=slot.vector)
+    return [Row(pk, text, text_hash(text) if here else h, version)
+            for pk, text, version, h in conn.execute(
+                query, {"keys": list(keys), "model": slot.model_id})]
+
+
+def _hashes_here(conn: psycopg.Connection) -> bool:
+    """Whether md5 of the decoded text re-encoded is md5 of the server's bytes: UTF8 both
+    ways (any other server encoding is hashed by the server)."""
+    return (conn.info.parameter_status("server_encoding") == "UTF8"
+            and conn.info.encoding == "utf-8")
+
+
+def text_hash(text: str | None) -> uuid.UUID:
+    """`md5(coalesce(text, ''))::uuid`, as `Slot.hash_expr` computes it in UTF8."""
+    return uuid.UUID(bytes=hashlib.md5((text or "").encode()).digest())
+
+
+class _XidDumper(Dumper):
+    """A row version (xmin) in a binary COPY: psycopg has no binary dumper for `xid`."""
+
+    format = Format.BINARY
+    oid = postgres.types["xid"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return struct.pack("!I", obj)
+
+
+class _Xid(int):
+    """Registered with `_XidDumper` (by oid, for COPY's set_types), so plain ints keep
+    their own dumpers."""
+
+
+def guard(slot: Slot, row: str = "a", incoming: str = "i") -> sql.Composed:
+    """The no-stale-write guard (invariant 2): the row's text still hashes to what was
+    embedded. A row still at the version it was read at (same xmin: no update since, by
+    anyone) has that text without hashing it again: the md5 of the whole text (its
+    detoasting too, for a long one) was ~1/30 of the write's server CPU for 600-byte
+    texts (bench.callgrind_write), and grows with the text. Not with `text_sql`: its
+    text may read other tables, whose edits leave the row's version as it was."""
+    hashed = sql.SQL("{} = {}.pgr_hash").format(slot.hash_expr, sql.Identifier(incoming))
+    if slot.target.text_sql:
+        return hashed
+    return sql.SQL("({}.xmin = {}.pgr_xmin OR {})").format(
+        sql.Identifier(row), sql.Identifier(incoming), hashed)
 
 
 def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
@@ -129,27 +181,29 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
     if not results:
         return Written(busy=skipped)
     # One temporary table per vector type, kept by the pooled connection.
-    incoming = sql.Identifier(f"pgreembed_incoming_{slot.vector_type}")
+    incoming = sql.Identifier(f"pgreembed_incoming_v_{slot.vector_type}")
     conn.execute(sql.SQL(
         "CREATE TEMP TABLE IF NOT EXISTS {} (pgr_pk text, pgr_hash uuid, pgr_vec {},"
-        " pgr_truncated boolean) ON COMMIT DELETE ROWS"
+        " pgr_truncated boolean, pgr_xmin xid) ON COMMIT DELETE ROWS"
     ).format(incoming, sql.SQL(slot.vector_type)))
     conn.execute(sql.SQL("DELETE FROM {}").format(incoming))
+    conn.adapters.register_dumper(_Xid, _XidDumper)
     with conn.cursor() as cur:
-        with cur.copy(sql.SQL("COPY {} (pgr_pk, pgr_hash, pgr_vec, pgr_truncated)"
+        with cur.copy(sql.SQL("COPY {} (pgr_pk, pgr_hash, pgr_vec, pgr_truncated, pgr_xmin)"
                               " FROM STDIN (FORMAT BINARY)").format(incoming)) as copy:
-            copy.set_types(["text", "uuid", slot.vector_type, "bool"])
+            copy.set_types(["text", "uuid", slot.vector_type, "bool", "xid"])
             half = slot.vector_type == "halfvec"
             for item in results:
                 vector = HalfVector(item.vector) if half else item.vector
-                copy.write_row((str(item.row.pk), item.row.content_hash, vector, item.truncated))
+                copy.write_row((str(item.row.pk), item.row.content_hash, vector, item.truncated,
+                                item.row.version))
         # Two statements, not one data-modifying WITH: an app's DO ALSO rule on its table
         # refuses an UPDATE inside WITH (RETURNING is allowed).
         cur.execute(sql.SQL(
             "UPDATE {table} AS a SET {vector} = i.pgr_vec FROM {incoming} i"
-            " WHERE a.{pk} = i.pgr_pk::{pk_type} AND {hash} = i.pgr_hash RETURNING i.pgr_pk"
+            " WHERE a.{pk} = i.pgr_pk::{pk_type} AND {guard} RETURNING i.pgr_pk"
         ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
-                 pk_type=slot.pk_cast, hash=slot.hash_expr))
+                 pk_type=slot.pk_cast, guard=guard(slot)))
         written = [row[0] for row in cur.fetchall()]
         if not written:
             return Written(busy=skipped)
