@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from pgreembed.config import load_settings
 from pgreembed.store import takeover
+from pgreembed.store.chunks import parent_key
 from pgreembed.testing import pgai_side
 from tests.helpers import Stack, json_document
 
@@ -26,9 +27,10 @@ def test_failures_lists_and_retries_parent_failures(stack: Stack) -> None:
     target = load_settings(stack.config_path, stack.env).target(TARGET)
     with stack.connect() as conn:
         conn.execute("TRUNCATE pgreembed.chunk_dirty_docs_v")  # as if chunked already
-        takeover.ensure_tables(conn, target, "bigint")
+        key = parent_key(conn, target)
+        takeover.ensure_tables(conn, target, key)
         at = datetime(2026, 12, 1, tzinfo=UTC)
-        assert takeover.record_failures(conn, target, "id", "bigint", [
+        assert takeover.record_failures(conn, target, key, [
             (2, at, "pgai gave up at step 'loading': unreadable row 2"),
             (4, at, "pgai gave up at step 'embedding': input rejected"),
             (99, at, "a row deleted since: not recorded")]) == 2
