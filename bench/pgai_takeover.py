@@ -226,6 +226,7 @@ def latency(services: Services, parents: int, rate: float, writers: int, seconds
     lock_to = lock_from + report["locked_ms"] / 1000
     before = [s for t, s in timings if t < cut_from]
     across = [s for t, s in timings if t <= lock_to and t + s >= lock_from]
+    since = [s for t, s in timings if t >= cut_from]  # the whole take-over, and after it
     inside = Counter(e for t, e in samples if lock_from <= t <= lock_to)
     outside = Counter(e for t, e in samples if t < cut_from)
     return {
@@ -237,6 +238,9 @@ def latency(services: Services, parents: int, rate: float, writers: int, seconds
         "before_max_ms": round(1000 * max(before), 1),
         "writes_across_cut_over": len(across),
         "across_max_ms": round(1000 * max(across, default=0.0), 1),
+        "since_take_over_p99_ms": round(1000 * percentile(since, 0.99), 1),
+        "since_take_over_max_ms": round(1000 * max(since), 1),
+        "writes_over_100ms": sum(1 for _, s in timings if s > 0.1),
         "locked_ms": report["locked_ms"], "lock_attempts": report["lock_attempts"],
         "waited_for_pgai_s": report["waited_for_pgai_s"],
         # samples of the app's active sessions (one row per session per ~5 ms sample)
@@ -274,6 +278,7 @@ def main() -> None:
         if rounds:
             out["latency_medians"] = {k: statistics.median(r[k] for r in rounds) for k in (
                 "writes_per_s", "before_p99_ms", "before_max_ms", "across_max_ms",
+                "since_take_over_max_ms", "writes_over_100ms",
                 "locked_ms")}
     finally:
         services.stop()
