@@ -21,6 +21,8 @@ import pytest
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
+from tests import pgai_takeover_side as takeover_side
+from tests.app_side import repeatable_read_by_default
 from tests.helpers import API_KEY, OrdinaryRoles, Stack, json_document, wait_for
 from tests.pgai_takeover_side import (
     DIMS,
@@ -72,6 +74,36 @@ def triggers(conn: psycopg.Connection, vec: pgai_side.VectorizerRow) -> set[bool
     return {state != "D" for (state,) in conn.execute(
         "SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'notes'::regclass"
         " AND tgname LIKE %s", (vec.trigger_name + "%",))}
+
+
+def granted_as_printed(stack: Stack, roles: OrdinaryRoles, conn: psycopg.Connection,
+                       vec: pgai_side.VectorizerRow, vectorizer: str) -> list[str]:
+    """--take-over as the ordinary role is refused before any change, naming each missing
+    right as the GRANT that gives it; the admin (`conn`) runs them as printed, in rounds
+    (the catalog's first, then the vectorizer's) until the plan passes. The GRANTs run."""
+    refused = import_pgai(stack.env, "--vectorizer", vectorizer, "--take-over",
+                          "--no-embed-check", "--json")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    message = json_document(refused.stdout)["error"]["message"]
+    assert f'GRANT USAGE ON SCHEMA "ai" TO "{roles.pgreembed}";' in message, message
+    assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (False,)
+    ran: list[str] = []
+    while True:
+        grants = [g for g in message.split("`")[1::2] if g.startswith("GRANT")]
+        assert grants and not set(grants) & set(ran), message
+        for grant in grants:
+            conn.execute(grant)
+        ran += grants
+        again = import_pgai(stack.env, "--vectorizer", vectorizer, "--json")
+        if again.returncode == 0:
+            break
+        message = json_document(again.stdout)["error"]["message"]
+    queue, failed = (psycopg.sql.Identifier(*t.split(".")).as_string(None) for t in
+                     (vec.queue_table, vec.queue_failed_table))
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {queue}" in " ".join(ran), ran
+    assert f"GRANT SELECT ON TABLE {failed}" in " ".join(ran), ran
+    assert len(ran) == 6, ran  # schema ai, its 3 tables, the queue, the failed queue
+    return ran
 
 
 @pytest.mark.timeout(400)
@@ -223,31 +255,9 @@ def test_take_over_and_undo_as_an_ordinary_role_that_owns_the_source(
         write(conn, [3, 4], "1")  # queued for pgai
         vec = pgai_side.vectorizer_row(conn, VECTORIZER)
 
-    refused = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over",
-                          "--no-embed-check", "--json")
-    assert refused.returncode == 4, refused.stdout + refused.stderr
-    message = json_document(refused.stdout)["error"]["message"]
-    assert f'GRANT USAGE ON SCHEMA "ai" TO "{roles.pgreembed}";' in message, message
     with stack.connect() as conn:
-        assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (False,)
+        granted_as_printed(stack, roles, conn, vec, VECTORIZER)
         assert triggers(conn, vec) == {True}
-        ran: list[str] = []
-        while True:  # the catalog's grants first; then the plan names the vectorizer's
-            grants = [g for g in message.split("`")[1::2] if g.startswith("GRANT")]
-            assert grants and not set(grants) & set(ran), message
-            for grant in grants:
-                conn.execute(grant)
-            ran += grants
-            again = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--json")
-            if again.returncode == 0:
-                break
-            message = json_document(again.stdout)["error"]["message"]
-    print("\n".join(ran))
-    queue, failed = (psycopg.sql.Identifier(*t.split(".")).as_string(None) for t in
-                     (vec.queue_table, vec.queue_failed_table))
-    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {queue}" in " ".join(ran), ran
-    assert f"GRANT SELECT ON TABLE {failed}" in " ".join(ran), ran
-    assert len(ran) == 6, ran  # schema ai, its 3 tables, the queue, the failed queue
 
     done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--take-over",
                        "--no-embed-check", "--json")
@@ -266,3 +276,44 @@ def test_take_over_and_undo_as_an_ordinary_role_that_owns_the_source(
         assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (False,)
         assert conn.execute("SELECT count(DISTINCT id) FROM " + vec.queue_table
                             ).fetchone() == (2,)
+
+
+@pytest.mark.timeout(400)
+def test_a_chunk_table_taken_over_and_kept_current_by_an_ordinary_role(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    """A table destination, pgai's chunk table and view made by the admin: pgreembed's role
+    (a member of the owner role of the source and of the chunk table, no superuser) is
+    told the GRANTs, then takes over, and its scheduler and worker keep every chunk set
+    current (the keys queued at the take-over, edits and inserts after it: each set equal
+    to the split of its parent's text, each vector the model's vector of its chunk), under
+    a database default of REPEATABLE READ; --undo hands back."""
+    stack, roles = ordinary_roles
+    settings = takeover_side.settings_for(stack.config_path, stack.env, batch_size=16)
+    vec = takeover_side.pgai_filled(stack.dsn, fake_openai.base_url, API_KEY, 20)
+    repeatable_read_by_default(stack)
+    with stack.connect() as conn:
+        for table in ("docs", takeover_side.CHUNKS):  # pgai made its tables as the admin
+            conn.execute(psycopg.sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                psycopg.sql.Identifier(table), psycopg.sql.Identifier(roles.owner)))
+        takeover_side.edit(conn, [3, 4], "1")  # queued for pgai
+        granted_as_printed(stack, roles, conn, vec, takeover_side.VECTORIZER)
+    done = import_pgai(stack.env, "--vectorizer", takeover_side.VECTORIZER, "--take-over",
+                       "--no-embed-check", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (report,) = json_document(done.stdout)["vectorizers"]
+    assert (report["state"], report["keys_marked"]) == ("taken", 2), report
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with psycopg.connect(roles.app_dsn, autocommit=True) as app:
+        takeover_side.edit(app, [5, 6], "2")
+        takeover_side.insert(app, [21, 22], "0")
+    with stack.connect() as conn:
+        wait_for(lambda: takeover_side.settled(conn, settings), timeout=120,
+                 message="every chunk set current and embedded as the ordinary role")
+        assert takeover_side.wrong_vectors(conn) == []
+    undone = import_pgai(stack.env, "--vectorizer", takeover_side.VECTORIZER, "--undo",
+                         "--json")
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    with stack.connect() as conn:
+        assert conn.execute("SELECT disabled FROM ai.vectorizer").fetchone() == (False,)
+    assert "Traceback" not in stack.log_text()
