@@ -30,6 +30,7 @@ from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
 from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
+from pgreembed.store.trusted_sql import NO_PARAMS
 from pgreembed.values import Embedded, Failed, Row
 
 
@@ -203,7 +204,7 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
             "UPDATE {table} AS a SET {vector} = i.pgr_vec FROM {incoming} i"
             " WHERE a.{pk} = i.pgr_pk::{pk_type} AND {guard} RETURNING i.pgr_pk"
         ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
-                 pk_type=slot.pk_cast, guard=guard(slot)))
+                 pk_type=slot.pk_cast, guard=guard(slot)), NO_PARAMS)  # a text_sql's %%
         written = [row[0] for row in cur.fetchall()]
         if not written:
             return Written(busy=skipped)
