@@ -55,7 +55,8 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.chaos
+# One xdist worker for the file: its module fixture is a Postgres of its own.
+pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("chaos")]
 
 MODEL = "fake-384"
 ROWS = int(os.environ.get("PGREEMBED_CHAOS_ROWS", "20000"))

@@ -38,6 +38,10 @@ VECTORIZERS = {
 }
 
 
+# One xdist worker for the file: the module fixture (pgai installed and filled) is built once.
+pytestmark = pytest.mark.xdist_group("pgai_import")
+
+
 @pytest.fixture(scope="module")
 def pgai_db(server_dsn: str, fake_server: FakeOpenAIServer) -> Iterator[str]:
     """A database with pgai installed, three table-destination vectorizers on `blog` and a
