@@ -22,7 +22,7 @@ from typing import Any
 from pgreembed.chunking.matching import Diff, Existing, match
 from pgreembed.chunking.splitter import chunker
 from pgreembed.config import parse_settings
-from pgreembed.store.chunk_sets import apply_chunk_sets, read_dirty
+from pgreembed.store.chunk_sets import apply_chunk_sets, enter_as_writer, read_dirty
 from pgreembed.store.chunks import parent_key
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
@@ -61,6 +61,7 @@ def stage(dsn: str, target: Any, strategy: Match) -> dict[str, float]:
         while parents := read_dirty(conn, target, key, 100):
             conn.commit()
             planned = [(p, chunks_of(p.text or "", p.row)) for p in parents]
+            assert enter_as_writer(conn, target), "no swap runs in this bench"
             applied = apply_chunk_sets(conn, target, key, vector, planned, strategy)
             conn.commit()
             written += applied.inserted + applied.deleted + applied.moved

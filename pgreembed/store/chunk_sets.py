@@ -118,23 +118,18 @@ def dirty_page(conn: psycopg.Connection, target: Target, key: ParentKey,
 def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: ParentKey,
                      vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
                      match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
-    """Write the new chunk sets of the parents still as they were read (the caller
-    commits). `match` turns a parent's stored chunks and its new list into a Diff.
+    """Write the new chunk sets of the parents still as they were read, in a transaction
+    `enter_as_writer` opened (the caller commits). `match` turns a parent's stored chunks
+    and its new list into a Diff.
 
     It never waits: the app's edit of a parent this holds FOR SHARE waits for our commit,
     so a wait of ours would be the app's too (measured: edits stalled up to 430 ms behind
     the stage's DELETE, itself waiting on a worker's write of a chunk). Chunk rows to
     delete or move are locked SKIP LOCKED (a parent with one held is left dirty), and any
-    other lock wait (a swap holding writers out, its table lock) over
-    STAGE_LOCK_TIMEOUT_MS gives the whole batch back, dirty, for the next pass."""
+    other lock wait (its table lock behind a swap's) over STAGE_LOCK_TIMEOUT_MS, which
+    enter_as_writer set, gives the whole batch back, dirty, for the next pass."""
     try:
         with conn.transaction():  # a savepoint: a lock timeout undoes only this batch
-            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-                sql.Literal(f"{STAGE_LOCK_TIMEOUT_MS}ms")))
-            # As the workers' writes: a swap holds us out before it locks the chunk table
-            # (measured: the stage, every pass under 40 edits/s, kept a rollback's
-            # attempts failing for 25 s).
-            join_writers(conn, app_table(target))
             return _apply(conn, target, key, vector, planned, match)
     except psycopg.errors.LockNotAvailable:
         return Applied(stale=len(planned))
@@ -145,7 +140,9 @@ STAGE_LOCK_TIMEOUT_MS = 50
 
 def enter_as_writer(conn: psycopg.Connection, target: Target) -> bool:
     """Open a stage transaction as one of our writers, before it locks anything of the
-    chunk set: False (rolled back) when a swap or rollback holds writers out. Taken after
+    chunk set, its lock waits capped at STAGE_LOCK_TIMEOUT_MS: False (rolled back) when a
+    swap or rollback holds writers out (measured before: the stage, every pass under 40
+    edits/s, kept a rollback's attempts failing for 25 s). Taken after
     the set's table lock instead, the workers' stage transactions (several threads at
     once) held ROW EXCLUSIVE while waiting to join, and a swap's attempts kept failing
     (measured: "could not swap: the table stayed busy for 62 s" at 150 edits/s)."""
