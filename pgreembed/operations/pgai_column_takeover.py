@@ -23,6 +23,7 @@ from typing import Any
 from pgreembed.config import Settings, Target
 from pgreembed.errors import ConfigError, NotInitializedError
 from pgreembed.operations.pgai_control import (
+    live_slot,
     refuse_foreign,
     require_taken,
     set_disabled,
@@ -52,15 +53,13 @@ def column_target_of(settings: Settings, vec: Vectorizer) -> Target:
 
 
 def _live(conn: Any, target: Target) -> Slot:
-    live = [s for s in load_slots(conn, target) if s.role == "live"]
-    if not live:
-        raise NotInitializedError(f"target {target.name!r} has no live column yet: run"
-                                  " `pgreembed import-pgai --adopt` before --take-over")
-    if not triggers_current(conn, target, load_slots(conn, target)):
+    slots = load_slots(conn, target)
+    live = live_slot(slots, target)
+    if not triggers_current(conn, target, slots):
         raise NotInitializedError(f"target {target.name!r}: pgreembed's triggers on"
                                   f" {target.schema}.{target.table} are missing or out of"
                                   " date: run `pgreembed init` before --take-over")
-    return live[0]
+    return live
 
 
 def take_over_column(settings: Settings, vec: Vectorizer, policy: LockPolicy | None,

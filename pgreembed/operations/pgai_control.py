@@ -8,10 +8,11 @@ import time
 
 from pgreembed.config import Target
 from pgreembed.config.model_keys import is_foreign, missing_provider_reason
-from pgreembed.errors import ImportRefused, MigrationError
+from pgreembed.errors import ImportRefused, MigrationError, NotInitializedError
 from pgreembed.store import pgai_queue
 from pgreembed.store.pgai_values import Vectorizer
 from pgreembed.store.pool import connect
+from pgreembed.store.slots import Slot
 from pgreembed.store.takeover import Takeover
 
 
@@ -53,3 +54,12 @@ def require_taken(found: Takeover | None, target: Target, vectorizer: str) -> Ta
         raise MigrationError(f"target {target.name!r} has not taken over pgai vectorizer"
                              f" {vectorizer!r}: nothing to undo")
     return found
+
+
+def live_slot(slots: list[Slot], target: Target) -> Slot:
+    """The target's live column, which the adoption made: a take-over needs it."""
+    live = [s for s in slots if s.role == "live"]
+    if not live:
+        raise NotInitializedError(f"target {target.name!r} has no live column yet: run"
+                                  " `pgreembed import-pgai --adopt` before --take-over")
+    return live[0]

@@ -34,6 +34,7 @@ from pgreembed.errors import (
     SetupError,
 )
 from pgreembed.operations.pgai_control import (
+    live_slot,
     refuse_foreign,
     require_taken,
     set_disabled,
@@ -111,14 +112,6 @@ def target_of(settings: Settings, vec: Vectorizer) -> Target:
                       f" {vec.name!r}: keep one in the config")
 
 
-def _live(slots: list[Slot], target: Target) -> Slot:
-    live = [s for s in slots if s.role == "live"]
-    if not live:
-        raise NotInitializedError(f"target {target.name!r} has no live column yet: run"
-                                  " `pgreembed import-pgai` (adopt) before --take-over")
-    return live[0]
-
-
 def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None,
               in_flight_wait: float = IN_FLIGHT_WAIT_SECONDS) -> TakeoverReport:
     started = time.monotonic()
@@ -134,7 +127,7 @@ def take_over(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = N
     dsn = settings.database_url
     report = TakeoverReport(vec.name, target.name, "taken")
     with connect(dsn) as conn:
-        live = _live(load_slots(conn, target), target)
+        live = live_slot(load_slots(conn, target), target)
         if vector_not_null(conn, target):
             raise SetupError(f"target {target.name!r}: {target.schema}.{target.table}."
                              f"{target.vector_column} is still NOT NULL as pgai made it:"
@@ -272,7 +265,7 @@ def undo(settings: Settings, vec: Vectorizer, policy: LockPolicy | None = None
     dsn = settings.database_url
     report = TakeoverReport(vec.name, target.name, "undone")
     with connect(dsn) as conn:
-        live = _live(load_slots(conn, target), target)
+        live = live_slot(load_slots(conn, target), target)
         key = parent_key(conn, target)
         found = takeover.read_takeover(conn, target)
         conn.commit()
