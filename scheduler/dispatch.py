@@ -18,7 +18,6 @@ import redis
 
 from pgreembed.chunking.stage import run_chunk_stage
 from pgreembed.config import Settings
-from pgreembed.config.model_keys import is_foreign
 from pgreembed.queue.broker import make_broker
 from pgreembed.queue.claims import InFlight
 from pgreembed.queue.contract import ChunkSender, Sender, broker_chunk_sender, broker_sender
@@ -93,7 +92,7 @@ class Dispatcher:
                        report: PassReport) -> None:
         if slot.misconfigured:
             # Every request would fail whatever the rows: wait for the fix and `init`.
-            if slot.id not in self._misconfigured_seen and is_foreign(slot.provider):
+            if slot.id not in self._misconfigured_seen and slot.frozen:
                 self._misconfigured_seen.add(slot.id)  # adopted from pgai: frozen as meant
                 log.warning("slot %d (%s.%s, %s) is frozen: %s", slot.id, slot.target.name,
                             slot.vector_column, slot.model_key, slot.misconfigured)

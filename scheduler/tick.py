@@ -5,7 +5,7 @@ not initialised (raised as NotInitializedError, mapped by the CLI), or a column 
 misconfigured (the provider rejects every input or answers the wrong dimensions): its
 rows stay pending until the config is fixed and `pgreembed init` clears the mark. The
 other columns are still done first. A column adopted from pgai with a provider pgreembed
-lacks (config.model_keys.is_foreign) is frozen as meant: named, not an exit 4.
+lacks (Slot.frozen) is frozen as meant: named, not an exit 4.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import psycopg
 import redis
 
 from pgreembed.config import Settings
-from pgreembed.config.model_keys import is_foreign
 from pgreembed.errors import EXIT_MISCONFIGURED, EXIT_OK, EXIT_TIMEOUT, PgreembedError
 from pgreembed.migrations.side_fill import advance
 from pgreembed.queue.claims import InFlight
@@ -55,9 +54,9 @@ def _finish(settings: Settings, conn: psycopg.Connection) -> int:
     marked: list[Slot] = [s for t in settings.targets.values() for s in load_slots(conn, t)
                           if s.misconfigured]
     conn.commit()
-    bad = [s for s in marked if not is_foreign(s.provider)]
+    bad = [s for s in marked if not s.frozen]
     for slot in marked:
-        if is_foreign(slot.provider):  # adopted from pgai, never embedded with: as meant
+        if slot.frozen:  # adopted from pgai, never embedded with: as meant
             print(f"tick: target {slot.target.name} column {slot.vector_column}"
                   f" ({slot.model_key}) is frozen: {slot.misconfigured}", file=sys.stderr,
                   flush=True)

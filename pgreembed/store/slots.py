@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Target, default_vector_type
+from pgreembed.config.model_keys import is_foreign
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
 from pgreembed.store import catalog
 from pgreembed.store.trusted_sql import trusted_sql
@@ -58,6 +59,12 @@ class Slot:
         return (self.id, self.model_id, self.model_key, self.dimensions, self.vector_type) == (
             made_by.id, made_by.model_id, made_by.model_key, made_by.dimensions,
             made_by.vector_type)
+
+    @property
+    def frozen(self) -> bool:
+        """Marked misconfigured because its provider is not in pgreembed (adopted from
+        pgai): served and counted, never embedded with, as meant (not an error)."""
+        return self.misconfigured is not None and is_foreign(self.provider)
 
     # -- identifiers ---------------------------------------------------------------
 

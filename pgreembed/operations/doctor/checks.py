@@ -29,7 +29,6 @@ import psycopg
 from psycopg import sql
 
 from pgreembed.config import Settings, Target
-from pgreembed.config.model_keys import is_foreign
 from pgreembed.observability.redact import redact
 from pgreembed.operations.doctor.app_objects import AppObjectChecks
 from pgreembed.operations.doctor.base import (
@@ -154,7 +153,7 @@ class _Doctor(AppObjectChecks, ChunkChecks, ColumnChecks, IndexChecks, SampleChe
         if not registry_exists(self.conn):
             return  # `models` says to run init
         for slot in load_slots(self.conn, target):
-            if slot.misconfigured and is_foreign(slot.provider):  # adopted from pgai
+            if slot.frozen:  # adopted from pgai
                 self.add(WARN, target.name, "misconfigured",
                          f"{target.schema}.{target.table}.{slot.vector_column}"
                          f" ({slot.model_key}, {slot.role}) is frozen: {slot.misconfigured}",
