@@ -21,6 +21,7 @@ natively: keep --rows small (2,048 x 1536 unindexed: ~1 minute per arm on 2 core
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import statistics
 import subprocess
@@ -127,7 +128,18 @@ class FirstRows(PathBench):
         (the unanalyzed temporary table), which costs more per row as the table grows."""
         return {**super().arms(), "raw write, pk join": lambda: self._raw(
             False, "-c enable_hashjoin=off -c enable_mergejoin=off"),
-            "ours, texts hashed by the server": self._ours_hashing_in_the_server}
+            "ours, texts hashed by the server": self._ours_hashing_in_the_server,
+            "ours, prepared_statements off": self._ours_unprepared}
+
+    def _ours_unprepared(self) -> None:
+        """`process_batch` with `[worker] prepared_statements = false` (as before they were
+        prepared): every statement parsed, analyzed and planned each time."""
+        prepared = self.settings
+        self.settings = dataclasses.replace(prepared, prepared_statements=False)
+        try:
+            self._ours()
+        finally:
+            self.settings = prepared
 
     def _ours_hashing_in_the_server(self) -> None:
         """`process_batch` as it was before the version guard: the batch read and the
