@@ -13,6 +13,7 @@ inclusive, which say what the extra instructions are.
 
     python -m bench.callgrind_write [--rows 2048] [--table-rows 50000] [--dims 1536]
                                     [--text-times 1] [--rounds 1] [--hnsw] [--functions 25]
+                                    [--before CHECKOUT]
 
 Needs valgrind (callgrind_annotate for --functions). ~50x slower than the server runs
 natively: keep --rows small (2,048 x 1536 unindexed: ~1 minute per arm on 2 cores).
@@ -21,9 +22,13 @@ natively: keep --rows small (2,048 x 1536 unindexed: ~1 minute per arm on 2 core
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -107,6 +112,21 @@ def functions(paths: list[Path], inclusive: bool) -> dict[str, int]:
     return total
 
 
+# `process_batch` as another checkout's code runs it: a process importing that checkout,
+# handed the settings' sources and the keys on stdin.
+BEFORE_SCRIPT = """
+import json, sys
+from pgreembed.config import parse_settings
+from worker.batch import process_batch
+a = json.load(sys.stdin)
+settings = parse_settings(a["document"], a["env"])
+for i in range(0, len(a["keys"]), a["batch"]):
+    keys = a["keys"][i:i + a["batch"]]
+    report = process_batch(settings, "docs", a["slot"], keys)
+    assert report.written == len(keys), report
+"""
+
+
 class FirstRows(PathBench):
     """The path part writing the first `rows` rows of a bigger table: the planner picks the
     plans it picks for a real table (on a table of a few batches it hashes the whole
@@ -127,7 +147,28 @@ class FirstRows(PathBench):
         (the unanalyzed temporary table), which costs more per row as the table grows."""
         return {**super().arms(), "raw write, pk join": lambda: self._raw(
             False, "-c enable_hashjoin=off -c enable_mergejoin=off"),
-            "ours, texts hashed by the server": self._ours_hashing_in_the_server}
+            "ours, texts hashed by the server": self._ours_hashing_in_the_server,
+            "ours, prepared_statements off": self._ours_unprepared}
+
+    def ours_from(self, checkout: Path) -> None:
+        """`process_batch` as the code in `checkout` runs it (before/after in one run)."""
+        subprocess.run(
+            [sys.executable, "-c", BEFORE_SCRIPT],
+            input=json.dumps({"document": self.document, "env": self.env, "keys": self.keys,
+                              "batch": self.batch, "slot": self.slot_id}),
+            text=True, check=True, cwd=checkout,
+            env={**os.environ, **self.env, "PYTHONPATH": str(checkout),
+                 "PGREEMBED_CONFIG": self.config_path})
+
+    def _ours_unprepared(self) -> None:
+        """`process_batch` with `[worker] prepared_statements = false` (as before they were
+        prepared): every statement parsed, analyzed and planned each time."""
+        prepared = self.settings
+        self.settings = dataclasses.replace(prepared, prepared_statements=False)
+        try:
+            self._ours()
+        finally:
+            self.settings = prepared
 
     def _ours_hashing_in_the_server(self) -> None:
         """`process_batch` as it was before the version guard: the batch read and the
@@ -176,6 +217,9 @@ def main() -> None:
     parser.add_argument("--hnsw", action="store_true")
     parser.add_argument("--functions", type=int, default=0, metavar="N",
                         help="the top N functions per arm, self and inclusive")
+    parser.add_argument("--before", metavar="CHECKOUT", type=Path,
+                        help="also `process_batch` as the code in CHECKOUT (e.g. a `git"
+                        " archive` of main) runs it: before/after in one run")
     args = parser.parse_args()
     services = Services(f"fake-{args.dims}", args.dims).start()
     try:
@@ -191,6 +235,9 @@ def main() -> None:
         counts: dict[str, list[int]] = defaultdict(list)
         files: dict[str, list[Path]] = {}
         arms = list(bench.arms().items())
+        if args.before:
+            before = args.before.resolve()
+            arms.insert(3, (f"ours at {before.name}", lambda: bench.ours_from(before)))
         for number in range(args.rounds):
             order = arms[number % len(arms):] + arms[:number % len(arms)]
             for name, arm in order:

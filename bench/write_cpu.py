@@ -110,12 +110,14 @@ class PathBench:
             row = conn.execute("SELECT id FROM pgreembed.slots WHERE role = 'live'").fetchone()
             assert row is not None
             self.slot_id = int(row[0])
-        self.settings = parse_settings({"target": [{
+        # The settings' sources, kept for an arm that runs another checkout's code.
+        self.document: dict[str, Any] = {"target": [{
             "name": "docs", "table": "public.docs", "text_column": "body",
             "vector_column": "embedding", "provider": "openai", "model": services.model,
-            "dimensions": services.dims, "batch_size": batch}]}, {
-            "DATABASE_URL": self.dsn, "REDIS_URL": services.redis.url,
-            "OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": services.fake.base_url})
+            "dimensions": services.dims, "batch_size": batch}]}
+        self.env = {"DATABASE_URL": self.dsn, "REDIS_URL": services.redis.url,
+                    "OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": services.fake.base_url}
+        self.settings = parse_settings(self.document, self.env)
         self.keys = [str(pk) for pk, _ in self.vectors]
         self.by_statement: dict[str, dict[str, list[float]]] = defaultdict(
             lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))

@@ -92,7 +92,8 @@ def chunk_parents(target: str, chunk_set: str, keys: list[str]) -> None:
     config = knowing(target)
     claims = chunk_claims(redis_client(), chunk_set, config.lease_seconds)
     try:
-        with get_pool(config.database_url, config.pool_max_size).connection() as conn:
+        with get_pool(config.database_url, config.pool_max_size,
+                     prepared_statements=config.prepared_statements).connection() as conn:
             applied = stage_parents(conn, config, chunk_set, keys)
         log.debug("chunk set %s: %s", chunk_set, applied)
     except (psycopg.Error, PgreembedError) as exc:

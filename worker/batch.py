@@ -42,11 +42,15 @@ from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
 from pgreembed.embedding.text_claims import NoClaims, TextClaims, claim_seconds
 from pgreembed.embedding.throttle import throttle_for
-from pgreembed.errors import MisconfiguredError
+from pgreembed.errors import DatabaseError, MisconfiguredError
 from pgreembed.observability.redact import redact
 from pgreembed.observability.worker_metrics import failure_kind, worker_metrics
 from pgreembed.store import usage as spend
-from pgreembed.store.faults import retry_database_faults
+from pgreembed.store.faults import (
+    PREPARED_STATEMENTS_HINT,
+    is_prepared_statement_fault,
+    retry_database_faults,
+)
 from pgreembed.store.known import known_vectors
 from pgreembed.store.pool import get_pool
 from pgreembed.store.rows import (
@@ -114,9 +118,29 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
                   keys: Sequence[str], claimed_at: Mapping[str, float] | None = None
                   ) -> BatchReport:
     """`claimed_at`: when the scheduler claimed each key (epoch seconds), for the lag
-    metric."""
+    metric.
+
+    A prepared statement missing from the session (a pooler in transaction mode, with
+    `[worker] prepared_statements` on) is the config's fault: the vectors are kept as for
+    any database fault, no row is marked failed, and the error names the setting.
+    """
+    try:
+        return _process_batch(settings, target_name, slot_id, keys, claimed_at)
+    except psycopg.Error as exc:
+        if not is_prepared_statement_fault(exc):
+            raise
+        message = (f"target {target_name}: {PREPARED_STATEMENTS_HINT}"
+                   f" (Postgres said: {redact(str(exc)).strip()})")
+        log.error("%s", message)
+        raise DatabaseError(message) from exc
+
+
+def _process_batch(settings: Settings, target_name: str, slot_id: int,
+                   keys: Sequence[str], claimed_at: Mapping[str, float] | None
+                   ) -> BatchReport:
     target = settings.target(target_name)
-    pool = get_pool(settings.database_url, settings.pool_max_size)
+    pool = get_pool(settings.database_url, settings.pool_max_size,
+                    prepared_statements=settings.prepared_statements)
     with pool.connection() as conn:
         found = lock_slot(conn, target, slot_id, "ACCESS SHARE")
         # A paused migration stops spending now: queued batches are dropped, their rows

@@ -29,7 +29,8 @@ class WarmUp(Middleware):
 
         try:
             config = settings()
-            get_pool(config.database_url, config.pool_max_size)
+            get_pool(config.database_url, config.pool_max_size,
+                     prepared_statements=config.prepared_statements)
             for target in config.targets.values():
                 provider = make_provider(config, target.provider, target.model,
                                          target.dimensions)

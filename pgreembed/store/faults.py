@@ -43,6 +43,17 @@ DATABASE_CLASSES = ("08", "40", "53", "57", "58")
 DATABASE_CODES = ("25006", "55P03")
 
 
+# A statement this session prepared is not there (26000), or its name is another
+# statement's (42P05): the session is not one server connection, as behind a pooler in
+# transaction mode that does not carry prepared statements. The config's fault.
+PREPARED_STATEMENT_CODES = ("26000", "42P05")
+PREPARED_STATEMENTS_HINT = (
+    "the database session lost a prepared statement: a connection pooler in transaction"
+    " mode (PgBouncer without max_prepared_statements, Supavisor) sits between the"
+    " workers and Postgres. Set `prepared_statements = false` under [worker] in the"
+    " config, or connect the workers to Postgres directly or in session mode")
+
+
 def sqlstate(exc: BaseException) -> str | None:
     return getattr(exc, "sqlstate", None)
 
@@ -61,6 +72,11 @@ def is_database_fault(exc: BaseException) -> bool:
     if code is None:  # no answer from the server: connection lost, pool timed out
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
     return code[:2] in DATABASE_CLASSES or code in DATABASE_CODES
+
+
+def is_prepared_statement_fault(exc: BaseException) -> bool:
+    """A prepared statement went missing from the session (see PREPARED_STATEMENT_CODES)."""
+    return isinstance(exc, psycopg.Error) and sqlstate(exc) in PREPARED_STATEMENT_CODES
 
 
 def describe(exc: BaseException) -> str:

@@ -27,14 +27,14 @@ def known_vectors(conn: psycopg.Connection, slot: Slot, rows: Sequence[Row]
     Call it under `lock_slot` in the transaction that loaded the rows: the column read
     is then the slot's, and its vectors are the slot's model's (see `lock_slot`).
     """
-    hashes = sorted({str(r.content_hash) for r in rows
+    hashes = sorted({r.content_hash for r in rows
                      if r.text is not None and not is_no_text(r.text)})
     if not hashes:
         return {}
     query = sql.SQL(
         """
         SELECT h.hash, v.vec, v.truncated
-        FROM unnest(%s::uuid[]) AS h(hash)
+        FROM unnest(%b::uuid[]) AS h(hash)
         CROSS JOIN LATERAL (
             SELECT a.{vector} AS vec, s.pgr_truncated AS truncated
             FROM {rows}

@@ -1,17 +1,25 @@
 """Connections to Postgres: one pool per process, created lazily after fork.
 
 The pool checks a connection before lending it (so a Postgres restart costs
-no failed batch), registers pgvector's types on every new connection, and
-disables server-side prepared plans, which break after a column swap changes
-a column's type ("cached plan must not change result type"). Every connection,
-pooled or dedicated, pins our session settings (store.session: READ COMMITTED
-whatever the database's default, our own idle-in-transaction limit).
+no failed batch) and registers pgvector's types on every new connection. Every
+connection, pooled or dedicated, pins our session settings (store.session: READ
+COMMITTED whatever the database's default, our own idle-in-transaction limit).
+
+Server-side prepared statements: never psycopg's automatic ones (after 5 runs), which
+break after a column swap changes a column's type ("cached plan must not change result
+type") in a query that returns the vector. With `[worker] prepared_statements` on, the
+pool prepares only the statements that ask for it (`prepare=PREPARE`): the write path's,
+none of which returns a vector (parse, analysis and planning of ~15 statements per batch
+were ~7% of the server's instructions per row written; bench.callgrind_write). Postgres
+re-analyzes a prepared statement after DDL on what it reads (a swap's renames), so it
+follows the columns as an unprepared one does. Dedicated connections never prepare.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -24,11 +32,21 @@ from pgreembed.store.session import pin_session
 _pools: dict[str, ConnectionPool] = {}
 _lock = threading.Lock()
 
+# What a statement of the write path passes as `execute(..., prepare=PREPARE)`: prepared
+# on a connection whose prepare_threshold is a number (a pooled one with prepared
+# statements on), sent unprepared where it is None (the setting off, dedicated ones).
+PREPARE = True
+# Never reached: psycopg prepares no statement by itself, only those asking (PREPARE).
+_ONLY_ON_REQUEST = 2**62
 
-def _configure(conn: psycopg.Connection) -> None:
-    conn.prepare_threshold = None
-    pin_session(conn)
-    register_vector(conn)
+
+def _configure(prepared: bool) -> Callable[[psycopg.Connection], None]:
+    def configure(conn: psycopg.Connection) -> None:
+        conn.prepare_threshold = _ONLY_ON_REQUEST if prepared else None
+        pin_session(conn)
+        register_vector(conn)
+
+    return configure
 
 
 def connect(dsn: str, *, autocommit: bool = False, vector: bool = True) -> psycopg.Connection:
@@ -50,8 +68,11 @@ def connect(dsn: str, *, autocommit: bool = False, vector: bool = True) -> psyco
     return conn
 
 
-def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
-    """The process-wide pool for `dsn` (create it in the worker process, never before fork)."""
+def get_pool(dsn: str, max_size: int = 4, *, prepared_statements: bool = False
+             ) -> ConnectionPool:
+    """The process-wide pool for `dsn` (create it in the worker process, never before fork).
+    `prepared_statements`: `[worker] prepared_statements` (see the module's docstring); the
+    first call of the process decides, as for `max_size`."""
     with _lock:
         pool = _pools.get(dsn)
         if pool is None:
@@ -60,7 +81,7 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
                 min_size=1,
                 max_size=max_size,
                 open=True,
-                configure=_configure,
+                configure=_configure(prepared_statements),
                 check=ConnectionPool.check_connection,
                 kwargs={"application_name": "pgreembed-worker"},
                 name="pgreembed",

@@ -28,10 +28,15 @@ from psycopg.pq import Format
 from pgreembed.config import Target
 from pgreembed.errors import NotFoundError
 from pgreembed.store.faults import describe, is_row_fault
+from pgreembed.store.pool import PREPARE
 from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
 from pgreembed.store.trusted_sql import NO_PARAMS
 from pgreembed.values import Embedded, Failed, Row
+
+# The write path's arrays of keys travel in binary (`%b`): Postgres reads each element's
+# length instead of parsing an array literal (array_in was ~2% of the server's
+# instructions per row written; bench.callgrind_write).
 
 
 def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> list[Row]:
@@ -40,7 +45,7 @@ def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> l
     computed here when the text arrives in the database's own bytes: the server's CPU is
     the scarce one)."""
     here = _hashes_here(conn)
-    wanted = sql.SQL("%(keys)s::text[]::{}[]").format(slot.pk_cast)
+    wanted = sql.SQL("%(keys)b::text[]::{}[]").format(slot.pk_cast)  # binary: see above
     query = sql.SQL(
         """
         SELECT a.{pk}, ({text})::text, a.xmin::text::bigint, {hash}
@@ -54,7 +59,7 @@ def load_pending(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]) -> l
              vector=slot.vector)
     return [Row(pk, text, text_hash(text) if here else h, version)
             for pk, text, version, h in conn.execute(
-                query, {"keys": list(keys), "model": slot.model_id})]
+                query, {"keys": list(keys), "model": slot.model_id}, prepare=PREPARE)]
 
 
 def _hashes_here(conn: psycopg.Connection) -> bool:
@@ -111,6 +116,8 @@ def lock_slot(conn: psycopg.Connection, target: Target, slot_id: int, mode: str
     table = app_table(target)
     if mode == "ROW EXCLUSIVE":
         join_writers(conn, table)  # DDL holds writers out before it locks the table
+    # Never prepared: behind a pooler that mixes up statement names (docs/operations.md,
+    # "Connection poolers") it must not be another statement without parameters.
     conn.execute(sql.SQL("LOCK TABLE {} IN {} MODE").format(table, sql.SQL(mode)))
     try:
         return load_slot(conn, target, slot_id)
@@ -151,14 +158,15 @@ def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
     if not keys:
         return set(), set()
     locked = {row[0] for row in conn.execute(sql.SQL(
-        "SELECT k.pk FROM unnest(%s::text[]) AS k(pk) JOIN {table} a ON a.{pk} = k.pk::{type}"
+        "SELECT k.pk FROM unnest(%b::text[]) AS k(pk) JOIN {table} a ON a.{pk} = k.pk::{type}"
         " ORDER BY a.{pk} FOR NO KEY UPDATE OF a SKIP LOCKED").format(
-            table=slot.table, pk=slot.pk, type=slot.pk_cast), (list(keys),))}
+            table=slot.table, pk=slot.pk, type=slot.pk_cast), (list(keys),), prepare=PREPARE)}
     rest = [k for k in keys if k not in locked]
     busy = {row[0] for row in conn.execute(sql.SQL(
-        "SELECT k.pk FROM unnest(%s::text[]) AS k(pk)"
+        "SELECT k.pk FROM unnest(%b::text[]) AS k(pk)"
         " WHERE EXISTS (SELECT FROM {table} a WHERE a.{pk} = k.pk::{type})").format(
-            table=slot.table, pk=slot.pk, type=slot.pk_cast), (rest,))} if rest else set()
+            table=slot.table, pk=slot.pk, type=slot.pk_cast), (rest,),
+        prepare=PREPARE)} if rest else set()
     return locked, busy
 
 
@@ -187,7 +195,7 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
         "CREATE TEMP TABLE IF NOT EXISTS {} (pgr_pk text, pgr_hash uuid, pgr_vec {},"
         " pgr_truncated boolean, pgr_xmin xid) ON COMMIT DELETE ROWS"
     ).format(incoming, sql.SQL(slot.vector_type)))
-    conn.execute(sql.SQL("DELETE FROM {}").format(incoming))
+    conn.execute(sql.SQL("DELETE FROM {}").format(incoming), prepare=PREPARE)
     conn.adapters.register_dumper(_Xid, _XidDumper)
     with conn.cursor() as cur:
         with cur.copy(sql.SQL("COPY {} (pgr_pk, pgr_hash, pgr_vec, pgr_truncated, pgr_xmin)"
@@ -204,7 +212,8 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
             "UPDATE {table} AS a SET {vector} = i.pgr_vec FROM {incoming} i"
             " WHERE a.{pk} = i.pgr_pk::{pk_type} AND {guard} RETURNING i.pgr_pk"
         ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
-                 pk_type=slot.pk_cast, guard=guard(slot)), NO_PARAMS)  # a text_sql's %%
+                 pk_type=slot.pk_cast, guard=guard(slot)), NO_PARAMS,  # a text_sql's %%
+            prepare=PREPARE)
         written = [row[0] for row in cur.fetchall()]
         if not written:
             return Written(busy=skipped)
@@ -214,7 +223,7 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
                                  pgr_failed_hash, pgr_failure, pgr_attempts, pgr_failed_at)
             SELECT i.pgr_pk::{pk_type}, %s, i.pgr_hash, now(), i.pgr_truncated,
                    NULL, NULL, 0, NULL
-            FROM {incoming} i JOIN unnest(%s::text[]) AS w(pk) ON i.pgr_pk = w.pk
+            FROM {incoming} i JOIN unnest(%b::text[]) AS w(pk) ON i.pgr_pk = w.pk
             ON CONFLICT (pgr_pk) DO UPDATE SET
                 pgr_model_id = excluded.pgr_model_id, pgr_hash = excluded.pgr_hash,
                 pgr_embedded_at = excluded.pgr_embedded_at,
@@ -223,7 +232,7 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
                 pgr_failed_at = NULL
             """
         ).format(incoming=incoming, pk_type=slot.pk_cast, state=slot.state_table),
-            (slot.model_id, written))
+            (slot.model_id, written), prepare=PREPARE)
         key_of = {str(item.row.pk): item.row.pk for item in results}  # the row's own type
         return Written(keys=[key_of[k] for k in written], busy=skipped)
 
@@ -261,7 +270,7 @@ def record_usage(conn: psycopg.Connection, slot: Slot, inputs: int, tokens: int,
     if inputs or tokens or reused:
         conn.execute("INSERT INTO pgreembed.usage (slot_id, inputs, tokens, model, reused)"
                      " VALUES (%s, %s, %s, %s, %s)",
-                     (slot.id, inputs, tokens, slot.model_key, reused))
+                     (slot.id, inputs, tokens, slot.model_key, reused), prepare=PREPARE)
 
 
 def record_failures(conn: psycopg.Connection, slot: Slot, failures: Sequence[Failed]) -> None:

@@ -21,6 +21,7 @@ from pgreembed.config import Target, default_vector_type
 from pgreembed.config.model_keys import is_foreign
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
 from pgreembed.store import catalog
+from pgreembed.store.pool import PREPARE
 from pgreembed.store.trusted_sql import trusted_sql
 
 SCHEMA = "pgreembed"
@@ -235,7 +236,7 @@ def load_slots(conn: psycopg.Connection, target: Target, *, include_paused: bool
           AND (%s OR NOT s.paused)
         ORDER BY s.role = 'live' DESC, s.id
         """,
-        (target.name, include_paused),
+        (target.name, include_paused), prepare=PREPARE,  # each batch reads it twice
     ).fetchall()
     # A re-chunk migration's new chunk set is another table (migrations.rechunk): its
     # slot works on that table, whatever the configured one.

@@ -36,7 +36,7 @@ from pgreembed.store.blockers import (
     terminate_idle,
     unendable_idle,
 )
-from pgreembed.store.pool import connect
+from pgreembed.store.pool import PREPARE, connect
 from pgreembed.store.privileges import privileges
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def _writers_key(table: sql.Composable, conn: psycopg.Connection) -> tuple[str]:
 def join_writers(conn: psycopg.Connection, table: sql.Composable) -> None:
     """In a writer's transaction, before it locks the table: DDL may hold writers out."""
     conn.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended(%s, 0))",
-                 _writers_key(table, conn))
+                 _writers_key(table, conn), prepare=PREPARE)
 
 
 def hold_writers_out(conn: psycopg.Connection, table: sql.Composable,
