@@ -74,10 +74,11 @@ class Settings:
     # handed to Dramatiq's retries (which free the worker thread meanwhile).
     provider_retry_seconds: float = setting(300.0, check=positive_number)
     pool_max_size: int = setting(4, check=positive_number)
-    # Server-side prepared statements for the write path's statements (store.pool): off
-    # behind a pooler in transaction mode that does not carry them (PgBouncer without
-    # max_prepared_statements, Supavisor's transaction mode).
-    prepared_statements: bool = setting(True)
+    # Server-side prepared statements for the write path's statements (store.pool). Off
+    # by default: behind a pooler in transaction mode that does not carry them (PgBouncer
+    # without max_prepared_statements, Supavisor's transaction mode) a statement name can
+    # stand for another of pgreembed's statements on another server connection.
+    prepared_statements: bool = setting(False)
     # How long one batch retries its write through a database-wide fault (disk full,
     # read-only, connection lost) in-process before keeping its vectors in Redis and
     # handing the message to Dramatiq's retries.
