@@ -31,6 +31,7 @@ from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from tests.app_side import app_transactions, repeatable_read_by_default
 from tests.helpers import OrdinaryRoles, Stack, in_background, migrate, new_column, wait_for
+from tests.stall_probe import Tracer, classify, read_samples, sampler
 
 STALL_MS = 100.0  # the bar: no app statement stalled longer than this
 
@@ -86,9 +87,9 @@ class AppLoad:
     ours_waiting: dict[str, int] = dataclasses.field(default_factory=dict)
     edit_seconds: float = 0.0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    tracer: Tracer = dataclasses.field(default_factory=Tracer)  # per statement: stall_probe
 
-    def record(self, kind: str, started: float) -> None:
-        ms = 1000 * (time.perf_counter() - started)
+    def record(self, kind: str, ms: float) -> None:
         with self.lock:
             self.latencies.setdefault(kind, []).append(ms)
 
@@ -145,11 +146,11 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
             due = time.perf_counter()
             while not stop.is_set():
                 key = rng.choice(mine)
-                started = time.perf_counter()
                 try:
-                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (body(key, next(version)), key))
-                    load.record("edit", started)
+                    text = body(key, next(version))
+                    with load.tracer.statement("edit", conn) as took:
+                        conn.execute("UPDATE docs SET body = %s WHERE id = %s", (text, key))
+                    load.record("edit", took[0])
                 except psycopg.Error as exc:
                     load.failed("edit", exc)
                 due += interval
@@ -165,10 +166,10 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
         with _app_session(roles.app_dsn) as conn:
             while not stop.is_set():
                 for kind, statement in statements:
-                    started = time.perf_counter()
                     try:
-                        conn.execute(statement, (rng.choice(search_uuids),)).fetchall()
-                        load.record(kind, started)
+                        with load.tracer.statement(kind, conn) as took:
+                            conn.execute(statement, (rng.choice(search_uuids),)).fetchall()
+                        load.record(kind, took[0])
                     except psycopg.Error as exc:
                         load.failed(kind, exc)
                 stop.wait(0.02)  # ~40 searches a second next to the edits
@@ -310,7 +311,8 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                                "provider_latency_s": provider_latency}
     old = ("fake-384", 384)
     new = ("fake-768", 768)
-    with app_load(stack.dsn, roles, edited, stable, rate) as load, \
+    with sampler(stack.dsn, stack.logs / "stall_samples.jsonl") as samples, \
+            app_load(stack.dsn, roles, edited, stable, rate) as load, \
             app_transactions(roles.app_dsn, held) as holders, \
             chunk_holder(roles.app_dsn, edited) as held_chunks:
         time.sleep(seconds / 4)  # the scenario: the load runs before the migration starts
@@ -342,6 +344,8 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                                                                    column: new})
         time.sleep(seconds / 4)  # the scenario: the rolled-back column serves the load
     figures["app"] = load.figures()
+    figures["stalls"] = classify(load.tracer.traced, read_samples(samples), roles.pgreembed,
+                                 over_ms=STALL_MS, near_ms=STALL_MS / 2)
     figures["app_error_samples"] = load.errors[:5]
     figures["row_holders"] = {"done": holders.done, "held_over_200ms": holders.held,
                               "errors": holders.errors[:5]}
