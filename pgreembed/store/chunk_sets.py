@@ -159,68 +159,81 @@ def enter_as_writer(conn: psycopg.Connection, target: Target) -> bool:
 def _apply(conn: psycopg.Connection, target: Target, key: ParentKey,
            vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
            match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
+    """Lock what no app statement waits on first (the marks, the chunk rows to change),
+    read and match (Python work), and only then the parents FOR SHARE, last, followed by
+    the writes in one pipeline: an app edit of a parent in the batch waits for our commit,
+    so the parents are held for two round trips, not the whole batch (measured: edits
+    waited up to 83 ms, one over 100 ms, behind the stage's reads while it held them)."""
     report = Applied()
-    keys = [p.key for p, _ in planned]
     n = len(key.columns)
     ids = {"parent": app_table(parent_target(target)), "key": key.cols(),
            "among": key.among(), "marks": key.cols(marks=True),
            "among_marks": key.among(marks=True), "key_arrays": key.arrays(),
            "chunks": app_table(target), "dirty": dirty_table(target),
            "uuid": sql.Identifier(CHUNK_KEY), "chunk": sql.Identifier(CHUNK_TEXT),
-           "vector": vector, "version": _version(target)}
-    # Locked in key order (all key columns), never waiting on the app (SKIP LOCKED).
-    current: dict[Any, str] = {key.value(r[:n]): r[n] for r in conn.execute(sql.SQL(
-        "SELECT {key}, {version} FROM {parent} WHERE {among} ORDER BY {key}"
-        " FOR SHARE SKIP LOCKED").format(**ids), key.params(keys)).fetchall()}
-    fresh = {p.key: chunks for p, chunks in planned if current.get(p.key) == p.version}
-    report.stale = len(planned) - len(fresh)
+           "vector": vector, "version": _version(target), "of_parent": key.equal("c", "p")}
+    wanted = {p.key: (p.version, chunks) for p, chunks in planned}
+    # The marks: another stage of the same parent (a lapsed claim) skips it. The app's
+    # trigger never waits on them: its INSERT ... ON CONFLICT DO NOTHING passes a row
+    # that is only locked.
     locked = [key.value(r) for r in conn.execute(sql.SQL(
         "SELECT {marks} FROM {dirty} WHERE {among_marks} ORDER BY {marks}"
-        " FOR UPDATE SKIP LOCKED").format(**ids), key.params(list(fresh))).fetchall()]
+        " FOR UPDATE SKIP LOCKED").format(**ids), key.params(list(wanted))).fetchall()]
     stored: dict[Any, list[Existing]] = {k: [] for k in locked}
     for row in conn.execute(sql.SQL(
             "SELECT {uuid}, chunk_seq, {chunk}, {vector} IS NOT NULL, {key} FROM {chunks}"
             " WHERE {among}").format(**ids), key.params(locked)):
         stored[key.value(row[4:])].append(Existing(row[0], row[1], row[2], row[3]))
-    diffs = {owner: match(stored[owner], fresh[owner]) for owner in locked}
+    diffs = {owner: match(stored[owner], wanted[owner][1]) for owner in locked}
     changed = [u for d in diffs.values() for u in [*d.delete, *(m for m, _ in d.move)]]
     free = {r[0] for r in conn.execute(sql.SQL(
         "SELECT {uuid} FROM {chunks} WHERE {uuid} = ANY(%s::uuid[]) ORDER BY {uuid}"
         " FOR UPDATE SKIP LOCKED").format(**ids), (changed,))} if changed else set()
-    busy = [o for o, d in diffs.items()
-            if any(u not in free for u in [*d.delete, *(m for m, _ in d.move)])]
-    report.stale += len(busy)  # a chunk held by a worker's write or the app: next batch
-    locked = [o for o in locked if o not in busy]
+    busy = {o for o, d in diffs.items()
+            if any(u not in free for u in [*d.delete, *(m for m, _ in d.move)])}
+    candidates = [o for o in locked if o not in busy]
+    # The parents, last (never waiting on the app: SKIP LOCKED), each kept only if its
+    # text still hashes to what was split and its chunks are still the ones matched.
+    current = {key.value(r[:n]): (r[n], sorted(r[n + 1] or [])) for r in conn.execute(
+        sql.SQL("SELECT {key}, {version}, (SELECT array_agg(c.{uuid}) FROM {chunks} c"
+                " WHERE {of_parent}) FROM {parent} p WHERE {among} ORDER BY {key}"
+                " FOR SHARE OF p SKIP LOCKED").format(**ids),
+        key.params(candidates)).fetchall()} if candidates else {}
+    done = [o for o in candidates if current.get(o) == (
+        wanted[o][0], sorted(e.uuid for e in stored[o]))]
+    report.stale = len(locked) - len(done)
     delete: list[Any] = []
     move: list[tuple[Any, int]] = []
     insert: list[tuple[Any, int, str]] = []
-    for owner in locked:
+    for owner in done:
         diff = diffs[owner]
         delete += diff.delete
         move += diff.move
         insert += [(owner, seq, text) for seq, text in diff.insert]
         report.kept += diff.kept
-    if delete:
-        conn.execute(sql.SQL("DELETE FROM {chunks} WHERE {uuid} = ANY(%s::uuid[])").format(
-            **ids), (delete,))
-    if move:  # through negative seqs: UNIQUE (keys, chunk_seq) is checked row by row
-        conn.execute(sql.SQL("UPDATE {chunks} SET chunk_seq = -1 - chunk_seq"
-                             " WHERE {uuid} = ANY(%s::uuid[])").format(**ids),
-                     ([u for u, _ in move],))
-        conn.execute(sql.SQL(
-            "UPDATE {chunks} c SET chunk_seq = m.seq FROM unnest(%s::uuid[], %s::int[])"
-            " AS m(u, seq) WHERE c.{uuid} = m.u").format(**ids),
-            ([u for u, _ in move], [s for _, s in move]))
-    if insert:
-        conn.execute(sql.SQL(
-            "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk})"
-            " SELECT * FROM unnest(%s::uuid[], {key_arrays}, %s::int[], %s::text[])").format(
-            **ids), [[chunk_uuid(t) for _, _, t in insert],
-                     *key.params([k for k, _, _ in insert]),
-                     [s for _, s, _ in insert], [t for _, _, t in insert]])
-    conn.execute(sql.SQL("DELETE FROM {dirty} WHERE {among_marks}").format(**ids),
-                 key.params(locked))
-    report.parents, report.deleted = len(locked), len(delete)
+    if not done:
+        return report
+    with conn.pipeline():  # one round trip for the writes: the parents are held meanwhile
+        if delete:
+            conn.execute(sql.SQL("DELETE FROM {chunks} WHERE {uuid} = ANY(%s::uuid[])"
+                                 ).format(**ids), (delete,))
+        if move:  # through negative seqs: UNIQUE (keys, chunk_seq) is checked row by row
+            conn.execute(sql.SQL("UPDATE {chunks} SET chunk_seq = -1 - chunk_seq"
+                                 " WHERE {uuid} = ANY(%s::uuid[])").format(**ids),
+                         ([u for u, _ in move],))
+            conn.execute(sql.SQL(
+                "UPDATE {chunks} c SET chunk_seq = m.seq FROM unnest(%s::uuid[], %s::int[])"
+                " AS m(u, seq) WHERE c.{uuid} = m.u").format(**ids),
+                ([u for u, _ in move], [s for _, s in move]))
+        if insert:
+            conn.execute(sql.SQL(
+                "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk}) SELECT * FROM"
+                " unnest(%s::uuid[], {key_arrays}, %s::int[], %s::text[])").format(**ids),
+                [[chunk_uuid(t) for _, _, t in insert], *key.params([k for k, _, _ in insert]),
+                 [s for _, s, _ in insert], [t for _, _, t in insert]])
+        conn.execute(sql.SQL("DELETE FROM {dirty} WHERE {among_marks}").format(**ids),
+                     key.params(done))
+    report.parents, report.deleted = len(done), len(delete)
     report.moved, report.inserted = len(move), len(insert)
     return report
 
