@@ -150,8 +150,12 @@ def wal_figures(conn: psycopg.Connection, roles: Any, before: dict[str, Any]
                    " r ON r.oid = s.userid GROUP BY r.rolname")}
     row = conn.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn", (before["lsn"],)
                        ).fetchone()
+    top = [(round(float(r[0]) / 1e6, 1), r[1]) for r in conn.execute(
+        "SELECT s.wal_bytes, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 70)"
+        " FROM pg_stat_statements s WHERE s.userid = to_regrole(%s)"
+        " ORDER BY s.wal_bytes DESC LIMIT 6", (roles.pgreembed,))]
     return {"total_mb": round(float(row[0]) / 1e6, 1) if row else None,
-            "statements_mb_by_role": by_role, "io": io}
+            "statements_mb_by_role": by_role, "pgreembed_top_mb": top, "io": io}
 
 
 def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def run(services: Services, args: argparse.Namespace) -> dict[str, Any]:
             stack, roles, services.fake, parents=args.parents, rate=args.rate,
             seconds=args.seconds, provider_latency=args.provider_latency,
             expected=lambda conn: chunked_targets.expected(conn, target),
-            chunk_sets=chunked_targets.chunk_sets)
+            chunk_sets=chunked_targets.chunk_sets, worker_nice=args.worker_nice)
         with psycopg.connect(stack.dsn, autocommit=True) as conn:
             figures["wal"] = wal_figures(conn, roles, before)
         return figures
@@ -180,6 +184,8 @@ def main() -> None:
                              " index and swap, after swap, after rollback)")
     parser.add_argument("--provider-latency", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--worker-nice", type=int, default=0,
+                        help="run the worker process under nice -n N (0: as deployed)")
     parser.add_argument("--warm-wal-mb", type=int, default=0,
                         help="create and recycle this much WAL before the run (a server that"
                              " has been running; 0: a fresh initdb's WAL)")
@@ -200,6 +206,8 @@ def main() -> None:
     stalls = figures["stalls"]
     for name in ("causes_over_100_ms", "causes_over_50_ms"):
         print(f"app statements {name.replace('_', ' ')}: {stalls[name]}")
+    print(f"app statements' time runnable but not running (CPU), by kind: {stalls['totals']};"
+          f" the probe's own CPU {figures['stall_probe_cpu_s']} s")
     for slow in stalls["slow"][:10]:
         print(f"  {slow['kind']} {slow['ms']} ms at {slow['at']}: {slow['cause']}"
               f" {slow['parts']}")

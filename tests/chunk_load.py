@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import random
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from tests.app_side import app_transactions, repeatable_read_by_default
 from tests.helpers import OrdinaryRoles, Stack, in_background, migrate, new_column, wait_for
-from tests.stall_probe import Tracer, classify, read_samples, sampler
+from tests.stall_probe import Tracer, classify, probe_cpu_ms, read_samples, sampler
 
 STALL_MS = 100.0  # the issue's bar: no app statement stalled longer than this
 
@@ -279,8 +280,8 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                              *, parents: int, rate: float, seconds: float,
                              provider_latency: float,
                              expected: Callable[[psycopg.Connection], dict[int, list[str]]],
-                             chunk_sets: Callable[[psycopg.Connection], dict[int, list[str]]]
-                             ) -> dict[str, Any]:
+                             chunk_sets: Callable[[psycopg.Connection], dict[int, list[str]]],
+                             worker_nice: int = 0) -> dict[str, Any]:
     """The scenario; returns its figures (the caller asserts). `stack` is the ordinary-role
     stack with the chunked config written and `init` run; no process started yet."""
     repeatable_read_by_default(stack)
@@ -289,7 +290,11 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                      " unnest(%s::text[]) WITH ORDINALITY AS u(b, g)",
                      ([body(k, 0) for k in range(1, parents + 1)],))
     fake.set_faults(latency=provider_latency)  # slowed: writes race the edits
-    stack.start_worker(threads=4)
+    if worker_nice:  # measured: does the app gain if our worker yields the CPU?
+        stack.spawn("worker", ["nice", "-n", str(worker_nice), sys.executable, "-m",
+                               "dramatiq", "--processes", "1", "--threads", "4", "worker"])
+    else:
+        stack.start_worker(threads=4)
     stack.start_scheduler()
 
     def settled(columns: list[str]) -> Callable[[], bool]:
@@ -344,6 +349,7 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                                                                    column: new})
         time.sleep(seconds / 4)  # the scenario: the rolled-back column serves the load
     figures["app"] = load.figures()
+    figures["stall_probe_cpu_s"] = round(probe_cpu_ms[-1] / 1000, 2) if probe_cpu_ms else None
     figures["stalls"] = classify(load.tracer.traced, read_samples(samples), roles.pgreembed,
                                  over_ms=STALL_MS, near_ms=STALL_MS / 2)
     figures["app_error_samples"] = load.errors[:5]

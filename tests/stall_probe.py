@@ -115,13 +115,23 @@ def sampler(dsn: str, out: Path, interval: float = 0.005) -> Iterator[Path]:
     try:
         yield out
     finally:
+        cpu = schedstat(f"/proc/{process.pid}/schedstat")[0]
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            backend = json.loads(out.read_text().splitlines()[0])["backend_pid"]
+            cpu += schedstat(f"/proc/{backend}/schedstat")[0]
         process.terminate()
         process.wait(10)
+        probe_cpu_ms.append(cpu)
+
+
+probe_cpu_ms: list[float] = []  # the last samplers' CPU (its process and its backend)
 
 
 def _sample_forever(dsn: str, out: Path, interval: float) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn, out.open("w") as f:
         conn.execute("SET application_name = 'stall_probe'")
+        f.write(json.dumps({"backend_pid": conn.info.backend_pid}) + "\n")
+        f.flush()
         while True:
             rows = conn.execute(SAMPLE).fetchall()
             f.write(json.dumps([list(r) for r in rows]) + "\n")
@@ -133,7 +143,9 @@ def read_samples(path: Path) -> list[list[list[Any]]]:
     with path.open() as f:
         for line in f:
             with contextlib.suppress(json.JSONDecodeError):  # the last line, cut by SIGTERM
-                samples.append(json.loads(line))
+                sample = json.loads(line)
+                if isinstance(sample, list):  # the first line names the sampler's backend
+                    samples.append(sample)
     return samples
 
 
@@ -194,7 +206,18 @@ def classify(traced: list[Traced], samples: list[list[list[Any]]], ours: str,
                      "at": time.strftime("%H:%M:%S", time.gmtime(t.start))
                      + f".{int(t.start * 1000) % 1000:03d}",
                      "samples": seen, "cause": cause, "parts": parts})
-    return {"slow": slow,
+    totals: dict[str, dict[str, float]] = {}
+    for t in traced:
+        k = totals.setdefault(t.kind.split(" ")[0], {"count": 0, "ms": 0.0,
+                                                     "backend_runqueue_ms": 0.0,
+                                                     "app_thread_runqueue_ms": 0.0})
+        k["count"] += 1
+        k["ms"] += t.ms
+        k["backend_runqueue_ms"] += t.backend_runqueue_ms
+        k["app_thread_runqueue_ms"] += t.client_runqueue_ms
+    return {"totals": {kind: {n: round(v, 1) for n, v in k.items()}
+                       for kind, k in totals.items()},
+            "slow": slow,
             f"causes_over_{over_ms:g}_ms": _count([s for s in slow if s["ms"] > over_ms]),
             f"causes_over_{near_ms:g}_ms": _count(slow)}
 
