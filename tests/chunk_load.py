@@ -82,6 +82,7 @@ class AppLoad:
     errors: list[str] = dataclasses.field(default_factory=list)
     lock_timeouts: dict[str, int] = dataclasses.field(default_factory=dict)
     phase: str = "before"  # set by the scenario: errors are counted per phase
+    phases: dict[str, str] = dataclasses.field(default_factory=dict)  # phase -> UTC start
     blockers: dict[str, int] = dataclasses.field(default_factory=dict)
     longest_wait: dict[str, float] = dataclasses.field(default_factory=dict)  # ms, by whose
     # pgreembed's sessions seen waiting on a row lock (invariant 10: never), by statement
@@ -89,6 +90,13 @@ class AppLoad:
     edit_seconds: float = 0.0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     tracer: Tracer = dataclasses.field(default_factory=Tracer)  # per statement: stall_probe
+
+    def enter(self, phase: str) -> None:
+        """The scenario's next phase, its start time kept (to place slow statements)."""
+        now = time.time()
+        self.phases[phase] = time.strftime("%H:%M:%S", time.gmtime(now)) \
+            + f".{int(now * 1000) % 1000:03d}"
+        self.phase = phase
 
     def record(self, kind: str, ms: float) -> None:
         with self.lock:
@@ -138,12 +146,17 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
     searcher alternating the app's view + function and pgai's view, until the block ends."""
     load = AppLoad()
     version = iter(range(1, 10**9))
+    # The sessions connect first, then all start: measured, threads starting and
+    # connecting together in this process held its first statements 120-250 ms on the
+    # app's side (its thread runnable or waiting for the GIL, the server idle).
+    ready = threading.Barrier(editors + 1, timeout=60)
 
     def edit(share: int, stop: threading.Event) -> None:
         rng = random.Random(share)
         mine = edit_keys[share::editors]
         interval = editors / rate
         with _app_session(roles.app_dsn) as conn:
+            ready.wait()
             due = time.perf_counter()
             while not stop.is_set():
                 key = rng.choice(mine)
@@ -165,6 +178,7 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
             ("search_pgai_view", "SELECT id, chunk_seq FROM docs_view ORDER BY embedding"
              " <=> (SELECT embedding FROM docs_chunks WHERE embedding_uuid = %s) LIMIT 10")]
         with _app_session(roles.app_dsn) as conn:
+            ready.wait()
             while not stop.is_set():
                 for kind, statement in statements:
                     try:
@@ -204,9 +218,11 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
                 stop.wait(0.02)
 
     started = time.perf_counter()
+    load.enter("before")
     with in_background(*[functools.partial(edit, share) for share in range(editors)], search,
                        watch):
         yield load
+    load.enter("end")
     load.edit_seconds = time.perf_counter() - started
 
 
@@ -317,11 +333,11 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
     old = ("fake-384", 384)
     new = ("fake-768", 768)
     with sampler(stack.dsn, stack.logs / "stall_samples.jsonl") as samples, \
-            app_load(stack.dsn, roles, edited, stable, rate) as load, \
             app_transactions(roles.app_dsn, held) as holders, \
-            chunk_holder(roles.app_dsn, edited) as held_chunks:
+            chunk_holder(roles.app_dsn, edited) as held_chunks, \
+            app_load(stack.dsn, roles, edited, stable, rate) as load:
         time.sleep(seconds / 4)  # the scenario: the load runs before the migration starts
-        load.phase = "fill"
+        load.enter("fill")
         migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
         column = new_column(stack)
 
@@ -334,21 +350,22 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
         wait_for(filled, timeout=180, interval=0.5, message="the incoming column filled")
         migrate(stack, "index")
         time.sleep(seconds / 4)  # the scenario: edits go on between the steps
-        load.phase = "swap"
+        load.enter("swap")
         figures["swap"] = step(stack, "swap")
-        load.phase = "swapped"
+        load.enter("swapped")
         with stack.connect() as conn:
             figures["wrong_after_swap"] = wrong_vectors(conn, {"embedding": new,
                                                                column: old})
         time.sleep(seconds / 4)  # the scenario: the swapped column serves the load
-        load.phase = "rollback"
+        load.enter("rollback")
         figures["rollback"] = step(stack, "rollback")
-        load.phase = "rolled back"
+        load.enter("rolled back")
         with stack.connect() as conn:
             figures["wrong_after_rollback"] = wrong_vectors(conn, {"embedding": old,
                                                                    column: new})
         time.sleep(seconds / 4)  # the scenario: the rolled-back column serves the load
     figures["app"] = load.figures()
+    figures["phases"] = load.phases
     figures["stall_probe_cpu_s"] = round(probe_cpu_ms[-1] / 1000, 2) if probe_cpu_ms else None
     figures["stalls"] = classify(load.tracer.traced, read_samples(samples), roles.pgreembed,
                                  over_ms=STALL_MS, near_ms=STALL_MS / 2)

@@ -145,10 +145,19 @@ def enter_as_writer(conn: psycopg.Connection, target: Target) -> bool:
     edits/s, kept a rollback's attempts failing for 25 s). Taken after
     the set's table lock instead, the workers' stage transactions (several threads at
     once) held ROW EXCLUSIVE while waiting to join, and a swap's attempts kept failing
-    (measured: "could not swap: the table stayed busy for 62 s" at 150 edits/s)."""
+    (measured: "could not swap: the table stayed busy for 62 s" at 150 edits/s).
+
+    Its commit does not wait for the WAL flush (synchronous_commit off, this transaction
+    only): an app edit of a parent in the batch waits for that commit, and under load the
+    flush took 30-60 ms (test 4's probe: edits waiting behind the stage's last
+    statements while it synced). Safe to lose in a crash: the transaction holds no paid
+    vector (new chunks have none; kept ones keep theirs), and the mark it deletes is lost
+    with the chunks it writes, so the parent is simply chunked again. Any later durable
+    commit (the app's, a worker's vector write) flushes it first: WAL is sequential."""
     try:
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
             sql.Literal(f"{STAGE_LOCK_TIMEOUT_MS}ms")))
+        conn.execute("SET LOCAL synchronous_commit = off")
         join_writers(conn, app_table(target))
         return True
     except psycopg.errors.LockNotAvailable:
