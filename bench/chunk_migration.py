@@ -208,6 +208,7 @@ def main() -> None:
         print(f"app statements {name.replace('_', ' ')}: {stalls[name]}")
     print(f"app statements' time runnable but not running (CPU), by kind: {stalls['totals']};"
           f" the probe's own CPU {figures['stall_probe_cpu_s']} s")
+    print(f"app lock waits by holder (5 ms samples): {stalls['lock_waits']}")
     print(f"phases (UTC): {figures['phases']}")
     for slow in stalls["slow"][:10]:
         print(f"  {slow['kind']} {slow['ms']} ms at {slow['at']}: {slow['cause']}"

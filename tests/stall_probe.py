@@ -18,6 +18,7 @@ server's). Same machine only (it reads /proc of the server's backends).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -212,6 +213,7 @@ def classify(traced: list[Traced], samples: list[list[list[Any]]], ours: str,
                      "at": time.strftime("%H:%M:%S", time.gmtime(t.start))
                      + f".{int(t.start * 1000) % 1000:03d}",
                      "samples": seen, "cause": cause, "parts": parts})
+    lock_waits = _lock_waits(traced, by_pid, ours)
     totals: dict[str, dict[str, float]] = {}
     for t in traced:
         k = totals.setdefault(t.kind.split(" ")[0], {"count": 0, "ms": 0.0,
@@ -223,9 +225,55 @@ def classify(traced: list[Traced], samples: list[list[list[Any]]], ours: str,
         k["app_thread_runqueue_ms"] += t.client_runqueue_ms
     return {"totals": {kind: {n: round(v, 1) for n, v in k.items()}
                        for kind, k in totals.items()},
+            "lock_waits": lock_waits,
             "slow": slow,
             f"causes_over_{over_ms:g}_ms": _count([s for s in slow if s["ms"] > over_ms]),
             f"causes_over_{near_ms:g}_ms": _count(slow)}
+
+
+def _lock_waits(traced: list[Traced], by_pid: dict[int, list[tuple[float, list[Any]]]],
+                ours: str) -> dict[str, dict[str, float]]:
+    """Over every statement (not only the slow ones): the samples it spent waiting on a
+    lock, by the holder's kind (pgreembed's row locks: the chunk stage; pgreembed's
+    table locks: migration steps; the app; autovacuum), and the most samples one
+    statement spent behind each: multiply by the sampling interval for ms."""
+    out: dict[str, dict[str, float]] = {}
+    for t in traced:
+        rows = by_pid.get(t.pid, [])
+        first = bisect.bisect_left(rows, t.start, key=lambda r: r[0])
+        seen: dict[str, int] = {}
+        for ts, row in rows[first:]:
+            if ts > t.end:
+                break
+            if row[6] != "Lock":
+                continue
+            holders = {b for b in row[9] or []}
+            kinds = set()
+            for b in holders:
+                found = _session_at(samples_index_of(by_pid), b, ts)
+                role, btype = (found[0], found[1]) if found else ("?", "")
+                kinds.add(("pgreembed row lock" if row[7] in ("transactionid", "tuple")
+                           else "pgreembed table lock") if role == ours
+                          else "autovacuum" if btype.startswith("autovacuum") else "app")
+            for kind in kinds or {"?"}:
+                seen[kind] = seen.get(kind, 0) + 1
+        for kind, n in seen.items():
+            k = out.setdefault(kind, {"samples": 0, "statements": 0, "most_in_one": 0})
+            k["samples"] += n
+            k["statements"] += 1
+            k["most_in_one"] = max(k["most_in_one"], n)
+    return out
+
+
+def samples_index_of(by_pid: dict[int, list[tuple[float, list[Any]]]]
+                     ) -> dict[int, list[tuple[float, tuple[str, str, str]]]]:
+    """pid -> [(time, (role, backend_type, query))] from the rows by pid, built once."""
+    key = id(by_pid)
+    if key not in _INDEX:
+        _INDEX.clear()
+        _INDEX[key] = {pid: [(ts, (row[2] or "", row[4] or "", row[8] or ""))
+                             for ts, row in rows] for pid, rows in by_pid.items()}
+    return _INDEX[key]
 
 
 def _count(slow: list[dict[str, Any]]) -> dict[str, int]:
