@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import random
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vectors
 from tests.app_side import app_transactions, repeatable_read_by_default
 from tests.helpers import OrdinaryRoles, Stack, in_background, migrate, new_column, wait_for
+from tests.stall_probe import Tracer, classify, probe_cpu_ms, read_samples, sampler
 
 STALL_MS = 100.0  # the issue's bar: no app statement stalled longer than this
 
@@ -80,15 +82,23 @@ class AppLoad:
     errors: list[str] = dataclasses.field(default_factory=list)
     lock_timeouts: dict[str, int] = dataclasses.field(default_factory=dict)
     phase: str = "before"  # set by the scenario: errors are counted per phase
+    phases: dict[str, str] = dataclasses.field(default_factory=dict)  # phase -> UTC start
     blockers: dict[str, int] = dataclasses.field(default_factory=dict)
     longest_wait: dict[str, float] = dataclasses.field(default_factory=dict)  # ms, by whose
     # pgreembed's sessions seen waiting on a row lock (invariant 10: never), by statement
     ours_waiting: dict[str, int] = dataclasses.field(default_factory=dict)
     edit_seconds: float = 0.0
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    tracer: Tracer = dataclasses.field(default_factory=Tracer)  # per statement: stall_probe
 
-    def record(self, kind: str, started: float) -> None:
-        ms = 1000 * (time.perf_counter() - started)
+    def enter(self, phase: str) -> None:
+        """The scenario's next phase, its start time kept (to place slow statements)."""
+        now = time.time()
+        self.phases[phase] = time.strftime("%H:%M:%S", time.gmtime(now)) \
+            + f".{int(now * 1000) % 1000:03d}"
+        self.phase = phase
+
+    def record(self, kind: str, ms: float) -> None:
         with self.lock:
             self.latencies.setdefault(kind, []).append(ms)
 
@@ -136,20 +146,25 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
     searcher alternating the app's view + function and pgai's view, until the block ends."""
     load = AppLoad()
     version = iter(range(1, 10**9))
+    # The sessions connect first, then all start: measured, threads starting and
+    # connecting together in this process held its first statements 120-250 ms on the
+    # app's side (its thread runnable or waiting for the GIL, the server idle).
+    ready = threading.Barrier(editors + 1, timeout=60)
 
     def edit(share: int, stop: threading.Event) -> None:
         rng = random.Random(share)
         mine = edit_keys[share::editors]
         interval = editors / rate
         with _app_session(roles.app_dsn) as conn:
+            ready.wait()
             due = time.perf_counter()
             while not stop.is_set():
                 key = rng.choice(mine)
-                started = time.perf_counter()
                 try:
-                    conn.execute("UPDATE docs SET body = %s WHERE id = %s",
-                                 (body(key, next(version)), key))
-                    load.record("edit", started)
+                    text = body(key, next(version))
+                    with load.tracer.statement("edit", conn) as took:
+                        conn.execute("UPDATE docs SET body = %s WHERE id = %s", (text, key))
+                    load.record("edit", took[0])
                 except psycopg.Error as exc:
                     load.failed("edit", exc)
                 due += interval
@@ -163,12 +178,13 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
             ("search_pgai_view", "SELECT id, chunk_seq FROM docs_view ORDER BY embedding"
              " <=> (SELECT embedding FROM docs_chunks WHERE embedding_uuid = %s) LIMIT 10")]
         with _app_session(roles.app_dsn) as conn:
+            ready.wait()
             while not stop.is_set():
                 for kind, statement in statements:
-                    started = time.perf_counter()
                     try:
-                        conn.execute(statement, (rng.choice(search_uuids),)).fetchall()
-                        load.record(kind, started)
+                        with load.tracer.statement(kind, conn) as took:
+                            conn.execute(statement, (rng.choice(search_uuids),)).fetchall()
+                        load.record(kind, took[0])
                     except psycopg.Error as exc:
                         load.failed(kind, exc)
                 stop.wait(0.02)  # ~40 searches a second next to the edits
@@ -202,9 +218,11 @@ def app_load(admin_dsn: str, roles: OrdinaryRoles, edit_keys: list[int], search_
                 stop.wait(0.02)
 
     started = time.perf_counter()
+    load.enter("before")
     with in_background(*[functools.partial(edit, share) for share in range(editors)], search,
                        watch):
         yield load
+    load.enter("end")
     load.edit_seconds = time.perf_counter() - started
 
 
@@ -278,8 +296,8 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                              *, parents: int, rate: float, seconds: float,
                              provider_latency: float,
                              expected: Callable[[psycopg.Connection], dict[int, list[str]]],
-                             chunk_sets: Callable[[psycopg.Connection], dict[int, list[str]]]
-                             ) -> dict[str, Any]:
+                             chunk_sets: Callable[[psycopg.Connection], dict[int, list[str]]],
+                             worker_nice: int = 0) -> dict[str, Any]:
     """The scenario; returns its figures (the caller asserts). `stack` is the ordinary-role
     stack with the chunked config written and `init` run; no process started yet."""
     repeatable_read_by_default(stack)
@@ -288,7 +306,11 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                      " unnest(%s::text[]) WITH ORDINALITY AS u(b, g)",
                      ([body(k, 0) for k in range(1, parents + 1)],))
     fake.set_faults(latency=provider_latency)  # slowed: writes race the edits
-    stack.start_worker(threads=4)
+    if worker_nice:  # measured: does the app gain if our worker yields the CPU?
+        stack.spawn("worker", ["nice", "-n", str(worker_nice), sys.executable, "-m",
+                               "dramatiq", "--processes", "1", "--threads", "4", "worker"])
+    else:
+        stack.start_worker(threads=4)
     stack.start_scheduler()
 
     def settled(columns: list[str]) -> Callable[[], bool]:
@@ -310,11 +332,12 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
                                "provider_latency_s": provider_latency}
     old = ("fake-384", 384)
     new = ("fake-768", 768)
-    with app_load(stack.dsn, roles, edited, stable, rate) as load, \
+    with sampler(stack.dsn, stack.logs / "stall_samples.jsonl") as samples, \
             app_transactions(roles.app_dsn, held) as holders, \
-            chunk_holder(roles.app_dsn, edited) as held_chunks:
+            chunk_holder(roles.app_dsn, edited) as held_chunks, \
+            app_load(stack.dsn, roles, edited, stable, rate) as load:
         time.sleep(seconds / 4)  # the scenario: the load runs before the migration starts
-        load.phase = "fill"
+        load.enter("fill")
         migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
         column = new_column(stack)
 
@@ -327,21 +350,25 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
         wait_for(filled, timeout=180, interval=0.5, message="the incoming column filled")
         migrate(stack, "index")
         time.sleep(seconds / 4)  # the scenario: edits go on between the steps
-        load.phase = "swap"
+        load.enter("swap")
         figures["swap"] = step(stack, "swap")
-        load.phase = "swapped"
+        load.enter("swapped")
         with stack.connect() as conn:
             figures["wrong_after_swap"] = wrong_vectors(conn, {"embedding": new,
                                                                column: old})
         time.sleep(seconds / 4)  # the scenario: the swapped column serves the load
-        load.phase = "rollback"
+        load.enter("rollback")
         figures["rollback"] = step(stack, "rollback")
-        load.phase = "rolled back"
+        load.enter("rolled back")
         with stack.connect() as conn:
             figures["wrong_after_rollback"] = wrong_vectors(conn, {"embedding": old,
                                                                    column: new})
         time.sleep(seconds / 4)  # the scenario: the rolled-back column serves the load
     figures["app"] = load.figures()
+    figures["phases"] = load.phases
+    figures["stall_probe_cpu_s"] = round(probe_cpu_ms[-1] / 1000, 2) if probe_cpu_ms else None
+    figures["stalls"] = classify(load.tracer.traced, read_samples(samples), roles.pgreembed,
+                                 over_ms=STALL_MS, near_ms=STALL_MS / 2)
     figures["app_error_samples"] = load.errors[:5]
     figures["row_holders"] = {"done": holders.done, "held_over_200ms": holders.held,
                               "errors": holders.errors[:5]}

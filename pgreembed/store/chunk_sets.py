@@ -119,7 +119,8 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: ParentKey,
                      vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
                      match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
     """Write the new chunk sets of the parents still as they were read, in a transaction
-    `enter_as_writer` opened (the caller commits). `match` turns a parent's stored chunks
+    `enter_as_writer` opened, and commit it (the COMMIT travels in the writes' pipeline:
+    see _apply); on a lock timeout, roll it back. `match` turns a parent's stored chunks
     and its new list into a Diff.
 
     It never waits: the app's edit of a parent this holds FOR SHARE waits for our commit,
@@ -129,9 +130,9 @@ def apply_chunk_sets(conn: psycopg.Connection, target: Target, key: ParentKey,
     other lock wait (its table lock behind a swap's) over STAGE_LOCK_TIMEOUT_MS, which
     enter_as_writer set, gives the whole batch back, dirty, for the next pass."""
     try:
-        with conn.transaction():  # a savepoint: a lock timeout undoes only this batch
-            return _apply(conn, target, key, vector, planned, match)
+        return _apply(conn, target, key, vector, planned, match)
     except psycopg.errors.LockNotAvailable:
+        conn.rollback()
         return Applied(stale=len(planned))
 
 
@@ -145,10 +146,19 @@ def enter_as_writer(conn: psycopg.Connection, target: Target) -> bool:
     edits/s, kept a rollback's attempts failing for 25 s). Taken after
     the set's table lock instead, the workers' stage transactions (several threads at
     once) held ROW EXCLUSIVE while waiting to join, and a swap's attempts kept failing
-    (measured: "could not swap: the table stayed busy for 62 s" at 150 edits/s)."""
+    (measured: "could not swap: the table stayed busy for 62 s" at 150 edits/s).
+
+    Its commit does not wait for the WAL flush (synchronous_commit off, this transaction
+    only): an app edit of a parent in the batch waits for that commit, and under load the
+    flush took 30-60 ms (test 4's probe: edits waiting behind the stage's last
+    statements while it synced). Safe to lose in a crash: the transaction holds no paid
+    vector (new chunks have none; kept ones keep theirs), and the mark it deletes is lost
+    with the chunks it writes, so the parent is simply chunked again. Any later durable
+    commit (the app's, a worker's vector write) flushes it first: WAL is sequential."""
     try:
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
             sql.Literal(f"{STAGE_LOCK_TIMEOUT_MS}ms")))
+        conn.execute("SET LOCAL synchronous_commit = off")
         join_writers(conn, app_table(target))
         return True
     except psycopg.errors.LockNotAvailable:
@@ -159,69 +169,107 @@ def enter_as_writer(conn: psycopg.Connection, target: Target) -> bool:
 def _apply(conn: psycopg.Connection, target: Target, key: ParentKey,
            vector: sql.Identifier, planned: Sequence[tuple[DirtyParent, list[str]]],
            match: Callable[[list[Existing], list[str]], Diff]) -> Applied:
+    """Lock what no app statement waits on first (the marks, the chunk rows to change),
+    read and match (Python work), and only then the parents FOR SHARE, in the first
+    statement of one pipeline with the writes: an app edit of a parent in the batch waits
+    for our commit, so the parents are held from that pipeline to the commit, not for the
+    whole batch (measured: edits waited up to 83 ms, one over 100 ms, behind the stage's
+    reads while it held them)."""
     report = Applied()
-    keys = [p.key for p, _ in planned]
-    n = len(key.columns)
     ids = {"parent": app_table(parent_target(target)), "key": key.cols(),
            "among": key.among(), "marks": key.cols(marks=True),
            "among_marks": key.among(marks=True), "key_arrays": key.arrays(),
            "chunks": app_table(target), "dirty": dirty_table(target),
            "uuid": sql.Identifier(CHUNK_KEY), "chunk": sql.Identifier(CHUNK_TEXT),
-           "vector": vector, "version": _version(target)}
-    # Locked in key order (all key columns), never waiting on the app (SKIP LOCKED).
-    current: dict[Any, str] = {key.value(r[:n]): r[n] for r in conn.execute(sql.SQL(
-        "SELECT {key}, {version} FROM {parent} WHERE {among} ORDER BY {key}"
-        " FOR SHARE SKIP LOCKED").format(**ids), key.params(keys)).fetchall()}
-    fresh = {p.key: chunks for p, chunks in planned if current.get(p.key) == p.version}
-    report.stale = len(planned) - len(fresh)
+           "vector": vector, "version": _version(target), "of_parent": key.equal("c", "p")}
+    wanted = {p.key: (p.version, chunks) for p, chunks in planned}
+    # The marks: another stage of the same parent (a lapsed claim) skips it. The app's
+    # trigger never waits on them: its INSERT ... ON CONFLICT DO NOTHING passes a row
+    # that is only locked.
     locked = [key.value(r) for r in conn.execute(sql.SQL(
         "SELECT {marks} FROM {dirty} WHERE {among_marks} ORDER BY {marks}"
-        " FOR UPDATE SKIP LOCKED").format(**ids), key.params(list(fresh))).fetchall()]
+        " FOR UPDATE SKIP LOCKED").format(**ids), key.params(list(wanted))).fetchall()]
     stored: dict[Any, list[Existing]] = {k: [] for k in locked}
     for row in conn.execute(sql.SQL(
             "SELECT {uuid}, chunk_seq, {chunk}, {vector} IS NOT NULL, {key} FROM {chunks}"
             " WHERE {among}").format(**ids), key.params(locked)):
         stored[key.value(row[4:])].append(Existing(row[0], row[1], row[2], row[3]))
-    diffs = {owner: match(stored[owner], fresh[owner]) for owner in locked}
+    diffs = {owner: match(stored[owner], wanted[owner][1]) for owner in locked}
     changed = [u for d in diffs.values() for u in [*d.delete, *(m for m, _ in d.move)]]
     free = {r[0] for r in conn.execute(sql.SQL(
         "SELECT {uuid} FROM {chunks} WHERE {uuid} = ANY(%s::uuid[]) ORDER BY {uuid}"
         " FOR UPDATE SKIP LOCKED").format(**ids), (changed,))} if changed else set()
-    busy = [o for o, d in diffs.items()
-            if any(u not in free for u in [*d.delete, *(m for m, _ in d.move)])]
-    report.stale += len(busy)  # a chunk held by a worker's write or the app: next batch
-    locked = [o for o in locked if o not in busy]
+    busy = {o for o, d in diffs.items()
+            if any(u not in free for u in [*d.delete, *(m for m, _ in d.move)])}
+    candidates = [o for o in locked if o not in busy]
+    report.stale = len(locked)
+    if not candidates:
+        conn.commit()
+        return report
     delete: list[Any] = []
     move: list[tuple[Any, int]] = []
     insert: list[tuple[Any, int, str]] = []
-    for owner in locked:
+    for owner in candidates:
         diff = diffs[owner]
         delete += diff.delete
         move += diff.move
         insert += [(owner, seq, text) for seq, text in diff.insert]
+    # One pipeline, one round trip: the first statement locks the parents FOR SHARE SKIP
+    # LOCKED (never waiting on the app), keeps those whose text still hashes to what was
+    # split and whose chunk rows are still the ones matched, and deletes their marks;
+    # every write after it is limited to parents whose mark it deleted (ours to delete:
+    # we hold every candidate's mark). From the parents' lock to the commit no result
+    # comes back to Python, so the app's edit of one waits for the server, not for this
+    # process's turn on a CPU (measured at load 12: edits held 107 ms while the lock's
+    # result travelled back and the writes were built).
+    not_marked = sql.SQL("NOT EXISTS (SELECT FROM {dirty} d WHERE {cond})")
+    with conn.pipeline():
+        fresh = conn.execute(sql.SQL(
+            "DELETE FROM {dirty} d USING (SELECT {p_key} FROM {parent} p JOIN unnest("
+            "{key_arrays}, %s::text[], %s::text[]) AS v({key}, pgr_version, pgr_set)"
+            " ON {p_is_v} WHERE {version} = v.pgr_version AND coalesce((SELECT"
+            " string_agg(c.{uuid}::text, ',' ORDER BY c.{uuid}::text COLLATE \"C\")"
+            " FROM {chunks} c WHERE {of_parent}), '') = v.pgr_set ORDER BY {p_key}"
+            " FOR SHARE OF p SKIP LOCKED) f WHERE {f_is_d} RETURNING {d_marks}").format(
+            p_key=key.cols("p"), p_is_v=key.equal("p", "v"),
+            f_is_d=key.equal("f", "d", right_marks=True), d_marks=key.cols("d", marks=True),
+            **ids),
+            [*key.params(candidates), [wanted[o][0] for o in candidates],
+             [",".join(sorted(str(e.uuid) for e in stored[o])) for o in candidates]])
+        if delete:
+            conn.execute(sql.SQL("DELETE FROM {chunks} c WHERE c.{uuid} = ANY(%s::uuid[])"
+                                 " AND {free}").format(free=not_marked.format(
+                                     cond=key.equal("c", "d", right_marks=True), **ids),
+                                     **ids), (delete,))
+        if move:  # through negative seqs: UNIQUE (keys, chunk_seq) is checked row by row
+            unmarked = not_marked.format(cond=key.equal("c", "d", right_marks=True), **ids)
+            conn.execute(sql.SQL("UPDATE {chunks} c SET chunk_seq = -1 - c.chunk_seq"
+                                 " WHERE c.{uuid} = ANY(%s::uuid[]) AND {free}").format(
+                free=unmarked, **ids), ([u for u, _ in move],))
+            conn.execute(sql.SQL(
+                "UPDATE {chunks} c SET chunk_seq = m.seq FROM unnest(%s::uuid[], %s::int[])"
+                " AS m(u, seq) WHERE c.{uuid} = m.u AND {free}").format(free=unmarked, **ids),
+                ([u for u, _ in move], [s for _, s in move]))
+        if insert:
+            conn.execute(sql.SQL(
+                "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk}) SELECT * FROM"
+                " unnest(%s::uuid[], {key_arrays}, %s::int[], %s::text[])"
+                " AS n({uuid}, {key}, chunk_seq, {chunk}) WHERE {free}").format(
+                free=not_marked.format(cond=key.equal("n", "d", right_marks=True), **ids),
+                **ids),
+                [[chunk_uuid(t) for _, _, t in insert], *key.params([k for k, _, _ in insert]),
+                 [s for _, s, _ in insert], [t for _, _, t in insert]])
+        conn.commit()  # in the pipeline too: measured, at load 11-15 the round trips
+        # after the writes (a savepoint's RELEASE, then COMMIT) held edits 100-107 ms
+    done = {key.value(r) for r in fresh.fetchall()}
+    report.stale = len(locked) - len(done)
+    report.parents = len(done)
+    for owner in done:
+        diff = diffs[owner]
+        report.deleted += len(diff.delete)
+        report.moved += len(diff.move)
+        report.inserted += len(diff.insert)
         report.kept += diff.kept
-    if delete:
-        conn.execute(sql.SQL("DELETE FROM {chunks} WHERE {uuid} = ANY(%s::uuid[])").format(
-            **ids), (delete,))
-    if move:  # through negative seqs: UNIQUE (keys, chunk_seq) is checked row by row
-        conn.execute(sql.SQL("UPDATE {chunks} SET chunk_seq = -1 - chunk_seq"
-                             " WHERE {uuid} = ANY(%s::uuid[])").format(**ids),
-                     ([u for u, _ in move],))
-        conn.execute(sql.SQL(
-            "UPDATE {chunks} c SET chunk_seq = m.seq FROM unnest(%s::uuid[], %s::int[])"
-            " AS m(u, seq) WHERE c.{uuid} = m.u").format(**ids),
-            ([u for u, _ in move], [s for _, s in move]))
-    if insert:
-        conn.execute(sql.SQL(
-            "INSERT INTO {chunks} ({uuid}, {key}, chunk_seq, {chunk})"
-            " SELECT * FROM unnest(%s::uuid[], {key_arrays}, %s::int[], %s::text[])").format(
-            **ids), [[chunk_uuid(t) for _, _, t in insert],
-                     *key.params([k for k, _, _ in insert]),
-                     [s for _, s, _ in insert], [t for _, _, t in insert]])
-    conn.execute(sql.SQL("DELETE FROM {dirty} WHERE {among_marks}").format(**ids),
-                 key.params(locked))
-    report.parents, report.deleted = len(locked), len(delete)
-    report.moved, report.inserted = len(move), len(insert)
     return report
 
 
