@@ -109,7 +109,6 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         model_id = ensure_model(conn, new_target)
         record_budget(conn, model_id, budget)
         column = new_column_name(target, model_id)
-        ensure_vector_column(conn, target, column, dimensions, kind)
         row = conn.execute(
             """
             INSERT INTO pgreembed.slots (target, schema_name, table_name, vector_column,
@@ -142,6 +141,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         slots = load_slots(conn, target)
         new_slot = next(s for s in slots if s.id == row[0])
         create_state_table(conn, new_slot)
+        # The app's table is locked from here to the commit (ADD COLUMN, then the
+        # triggers): everything that does not need it came first.
+        ensure_vector_column(conn, target, column, dimensions, kind)
         if target.trigger:
             install_triggers(conn, target, slots)
         return new_slot, True
