@@ -338,7 +338,10 @@ def run_migration_under_load(stack: Stack, roles: OrdinaryRoles, fake: FakeOpenA
             app_load(stack.dsn, roles, edited, stable, rate) as load:
         time.sleep(seconds / 4)  # the scenario: the load runs before the migration starts
         load.enter("fill")
-        migrate(stack, "start", "--model", "fake-768", "--dimensions", "768")
+        # As swap and rollback below: an app statement queued behind an attempt waits
+        # at most 50 ms plus the step's hold (docs/migrations.md, "Never stalling").
+        migrate(stack, "start", "--model", "fake-768", "--dimensions", "768",
+                "--lock-timeout-ms", "50")
         column = new_column(stack)
 
         def filled() -> bool:  # the incoming column caught up with the chunks there are
