@@ -19,7 +19,6 @@ import redis
 
 from pgreembed.cli.formatting import HELP_EXIT_CODES, Parser, add_command, positive_int
 from pgreembed.cli.output import emit, emit_error
-from pgreembed.cli.progress import Progress
 from pgreembed.config import Settings, load_settings
 from pgreembed.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, ConfigError, PgreembedError
 from pgreembed.observability.logs import setup_logging
@@ -57,6 +56,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
+    from pgreembed.cli.progress import Progress
     from scheduler.tick import TickProgress, run_tick
 
     settings = _settings(args)
@@ -95,7 +95,7 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         print(f"pgreembed: cannot connect to Redis: {redact(str(exc))} (REDIS_URL):"
               " rows in flight unknown", file=sys.stderr)
         reachable = None
-    from pgreembed.cli.migrate import ROLE_LABELS, migration_line
+    from pgreembed.cli.migration_lines import ROLE_LABELS, migration_line
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
 
@@ -229,6 +229,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pgreembed.cli.progress import Progress
     from pgreembed.demo.run import run_demo
 
     with Progress("demo: embedding", "rows") as bar:
