@@ -8,10 +8,11 @@ They live on the ground floor so that `store/` (which writes them) and `embeddin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-import numpy as np
+if TYPE_CHECKING:  # an annotation only: the CLI and the scheduler need no numpy
+    import numpy as np
 
 
 @dataclass(frozen=True)

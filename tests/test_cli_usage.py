@@ -123,3 +123,30 @@ def test_a_task_that_never_waits_draws_no_bar_and_json_draws_nothing() -> None:
         bar.update(5, 10)
     assert "\r" in screen.getvalue()
     assert ("5", "10") in re.findall(r"(\d+)/(\d+)", screen.getvalue()), screen.getvalue()
+
+
+# What building the parser must not import: every `pgreembed` call builds it (the tests
+# make hundreds of calls), and these cost ~0.3 s of CPU a call (numpy, the providers'
+# SDKs, the migration machinery, tqdm): a command imports them when it runs.
+HEAVY = ["numpy", "openai", "tqdm", "pgreembed.migrations.lifecycle", "pgreembed.cli.migrate_steps",
+         "pgreembed.operations.doctor.checks", "pgreembed.operations.tune",
+         "pgreembed.operations.pgai_takeover", "pgreembed.embedding.providers"]
+
+
+def test_building_the_parser_imports_no_command_implementation() -> None:
+    probe = ("import json, sys; from pgreembed.cli.main import build_parser; build_parser();"
+             f" print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_the_lazy_parts_of_the_parser_match_what_they_stand_for() -> None:
+    from pgreembed.cli import migrate
+    from pgreembed.migrations import lifecycle, rechunk, swap
+
+    assert migrate.DEFAULT_MAX_UNSEARCHABLE == swap.DEFAULT_MAX_UNSEARCHABLE
+    assert migrate.DEFAULT_MAX_UNSEARCHABLE == rechunk.DEFAULT_MAX_UNSEARCHABLE
+    described = run("migrate", "--help").stdout
+    assert lifecycle.__doc__ and lifecycle.__doc__.strip() in described

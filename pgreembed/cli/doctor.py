@@ -8,13 +8,14 @@ from typing import Any
 
 from pgreembed.cli.formatting import add_command, positive_int
 from pgreembed.cli.output import emit
-from pgreembed.operations.doctor.checks import run_doctor
-from pgreembed.operations.doctor.findings import ERROR, WARN, exit_code
-from pgreembed.operations.verify import DEFAULT_TOLERANCE
+from pgreembed.operations.defaults import DEFAULT_TOLERANCE
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    # Here, not at the top: every `pgreembed` call builds the parser, doctor's too.
     from pgreembed.config import load_settings
+    from pgreembed.operations.doctor.checks import run_doctor
+    from pgreembed.operations.doctor.findings import ERROR, WARN, exit_code
 
     settings = load_settings(args.config)
     # With --json, stdout is the JSON document alone: the spend notice goes to stderr.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from pgreembed.errors import EXIT_CODES
@@ -10,12 +11,20 @@ from pgreembed.errors import EXIT_CODES
 HELP_EXIT_CODES = "exit codes (every command):\n" + "\n".join(
     f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items())
 
-def add_command(sub: Any, name: str, help_text: str, description: str, *,
+def add_command(sub: Any, name: str, help_text: str,
+                description: str | Callable[[], str], *,
                 example: str) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with an example of its use."""
+    """A subcommand whose --help ends with an example of its use. A `description` given as
+    a function is called only when the help is shown (a docstring of a module the command
+    imports when it runs, not when the parser is built)."""
     parser: argparse.ArgumentParser = sub.add_parser(
-        name, help=help_text, description=description, epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        name, help=help_text, description=None if callable(description) else description,
+        epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    if callable(description):
+        if isinstance(parser, Parser):
+            parser.describe = description
+        else:
+            parser.description = description()
     return parser
 
 
@@ -25,6 +34,18 @@ class Parser(argparse.ArgumentParser):
     argparse hands a subcommand's unknown options up to the top parser, whose error then
     shows the top-level usage; here the subcommand that got them says so, with its usage.
     """
+
+    describe: Callable[[], str] | None = None  # the description, made when it is read
+    _description: str | None = None
+
+    @property
+    def description(self) -> str | None:
+        """Read by --help and by shtab's completion script, never by parsing."""
+        return self.describe() if self.describe is not None else self._description
+
+    @description.setter
+    def description(self, value: str | None) -> None:
+        self._description = value
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         parsed, extras = super().parse_known_args(args, namespace)

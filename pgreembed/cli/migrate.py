@@ -10,17 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pgreembed.cli import migrate_compact
-from pgreembed.cli import migrate_steps as steps
 from pgreembed.cli.formatting import add_command, non_negative_int, positive_int
 from pgreembed.config import PROVIDERS
 from pgreembed.config.distances import DISTANCE_ALIASES, DISTANCES
-from pgreembed.migrations import lifecycle, swap
 from pgreembed.store.table_lock import DEFAULT_LOCK_TIMEOUT_MS, DEFAULT_WAIT_SECONDS
 
-progress_line = steps.progress_line  # `pgreembed status` shows an open migration with it
-migration_line = steps.migration_line
-ROLE_LABELS = steps.ROLE_LABELS
+# migrations.swap's (and rechunk's) default, here so that building the parser (every
+# `pgreembed` call) imports no migration code; tests/test_cli_usage checks they agree.
+DEFAULT_MAX_UNSEARCHABLE = 100
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ def _index(p: argparse.ArgumentParser) -> None:
 def _swap(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="seconds to wait for rows to catch up (then exit 3)")
-    p.add_argument("--max-unsearchable", type=int, default=swap.DEFAULT_MAX_UNSEARCHABLE,
+    p.add_argument("--max-unsearchable", type=int, default=DEFAULT_MAX_UNSEARCHABLE,
                    metavar="ROWS",
                    help="go ahead when at most this many rows searchable now have no vector"
                         " in the incoming column yet (embedded for the new live model"
@@ -161,54 +158,72 @@ def _batch(p: argparse.ArgumentParser) -> None:
                    help="--wait: give up after this long (exit 3; run again later)")
 
 
-Step = tuple[str, Callable[[argparse.Namespace], int], Callable[[Any], None] | None, str]
+Step = tuple[str, Callable[[Any], None] | None, str]  # help, options, example
 T = "--target docs"
 STEPS: dict[str, Step] = {
     "plan": ("rows, tokens, cost, time, storage and the SQL; changes nothing (exit 4 if"
-             " blocked)", steps.cmd_plan, _plan,
+             " blocked)", _plan,
              f"pgreembed migrate plan {T} --model text-embedding-3-large --dimensions 1536"),
-    "start": ("add the new column and let the scheduler and workers fill it",
-              steps.cmd_start, _start,
+    "start": ("add the new column and let the scheduler and workers fill it", _start,
               f"pgreembed migrate start {T} --model text-embedding-3-large --dimensions"
               " 1536 --spend-cap 50"),
-    "status": ("progress, rate, ETA, spend and the new column's indexes", steps.cmd_status,
-               _json_option, f"pgreembed migrate status {T} --json"),
+    "status": ("progress, rate, ETA, spend and the new column's indexes", _json_option,
+               f"pgreembed migrate status {T} --json"),
     "pause": ("stop sending the new column's rows (takes effect within a poll)",
-              steps.cmd_pause, None, f"pgreembed migrate pause {T}"),
+              None, f"pgreembed migrate pause {T}"),
     "resume": ("send them again (a cap-paused migration needs a higher --spend-cap)",
-               steps.cmd_resume, _resume, f"pgreembed migrate resume {T} --spend-cap 80"),
-    "cancel": ("drop the new column; the table is left as it was", steps.cmd_cancel,
-               _lock_options, f"pgreembed migrate cancel {T}"),
+               _resume, f"pgreembed migrate resume {T} --spend-cap 80"),
+    "cancel": ("drop the new column; the table is left as it was", _lock_options,
+               f"pgreembed migrate cancel {T}"),
     "index": ("CREATE INDEX CONCURRENTLY on the new column, with a progress bar",
-              steps.cmd_index, _index, f"pgreembed migrate index {T} --method hnsw --m 16"),
+              _index, f"pgreembed migrate index {T} --method hnsw --m 16"),
     "compare": ("the quality gate: retrieval of the new model and its index's recall",
-                steps.cmd_compare, _compare, f"pgreembed migrate compare {T} --sample 200"),
+                _compare, f"pgreembed migrate compare {T} --sample 200"),
     "swap": ("wait for the new column to catch up, then swap it live in one short"
-             " transaction", steps.cmd_swap, _swap,
-             f"pgreembed migrate swap {T} --timeout 600"),
-    "rollback": ("the same swap backwards (instant)", steps.cmd_swap, _swap,
-                 f"pgreembed migrate rollback {T}"),
-    "finalize": ("drop the previous column once the swap is trusted", steps.cmd_finalize,
-                 _lock_options, f"pgreembed migrate finalize {T}"),
+             " transaction", _swap, f"pgreembed migrate swap {T} --timeout 600"),
+    "rollback": ("the same swap backwards (instant)", _swap, f"pgreembed migrate rollback {T}"),
+    "finalize": ("drop the previous column once the swap is trusted", _lock_options,
+                 f"pgreembed migrate finalize {T}"),
     "compact": ("after finalize: move the live vectors out of the TOAST file's tail so"
                 " VACUUM gives the freed space back to the OS (costs about an in-place"
-                " write of each moved row; opt-in)", migrate_compact.cmd_compact, _compact,
+                " write of each moved row; opt-in)", _compact,
                 f"pgreembed migrate compact {T} --json"),
     "batch": ("submit / poll the OpenAI Batch API jobs of a --batch-api migration",
-              steps.cmd_batch, _batch, f"pgreembed migrate batch {T} --wait --poll 60"),
+              _batch, f"pgreembed migrate batch {T} --wait --poll 60"),
 }
+
+
+def run_step(args: argparse.Namespace) -> int:
+    """Run `migrate <step>`: its handler is imported here, when a step runs, so that
+    building the parser imports none of the migration machinery."""
+    from pgreembed.cli import migrate_compact
+    from pgreembed.cli import migrate_steps as steps
+
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "plan": steps.cmd_plan, "start": steps.cmd_start, "status": steps.cmd_status,
+        "pause": steps.cmd_pause, "resume": steps.cmd_resume, "cancel": steps.cmd_cancel,
+        "index": steps.cmd_index, "compare": steps.cmd_compare, "swap": steps.cmd_swap,
+        "rollback": steps.cmd_swap, "finalize": steps.cmd_finalize,
+        "compact": migrate_compact.cmd_compact, "batch": steps.cmd_batch}
+    return handlers[args.step](args)
+
+
+def _lifecycle_doc() -> str:
+    from pgreembed.migrations import lifecycle
+
+    return lifecycle.__doc__ or ""
 
 
 def register(sub: Any) -> None:
     """Add `migrate` and its steps (each its own subcommand) to the main parser."""
     parser = add_command(sub, "migrate", "move a target to a new embedding model",
-                         lifecycle.__doc__ or "",
+                         _lifecycle_doc,
                          example="pgreembed migrate plan --target docs --model M"
                                  " --dimensions 1536")
     sub_steps = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for name, (help_text, handler, add_options, example) in STEPS.items():
+    for name, (help_text, add_options, example) in STEPS.items():
         p = add_command(sub_steps, name, help_text, help_text, example=example)
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=run_step)
         p.add_argument("--target", required=True, help="the target (from the config)")
         if add_options is not None:
             add_options(p)

@@ -10,6 +10,7 @@ from typing import Any
 from pgreembed.cli import migrate_rechunk
 from pgreembed.cli.formatting import human_bytes as _human_bytes
 from pgreembed.cli.migrate_derive import derive_step
+from pgreembed.cli.migration_lines import migration_line
 from pgreembed.cli.output import emit
 from pgreembed.cli.progress import Progress
 from pgreembed.config import Budget, Settings, Target, load_settings
@@ -21,44 +22,12 @@ from pgreembed.migrations.index_progress import IndexBuild
 from pgreembed.store.table_lock import LockPolicy
 
 
-def _bar(done: int, total: int, width: int = 30) -> str:
-    filled = int(width * done / total) if total else width
-    return "[" + "#" * filled + "-" * (width - filled) + "]"
-
-
 def usd(amount: float) -> str:
     """Dollars with the cents, or as many digits as a sub-cent amount needs ($0.0002)."""
     if amount == 0 or abs(amount) >= 0.01:
         return f"${amount:,.2f}"
     digits = f"{amount:.6f}".rstrip("0")
     return "$" + (digits if len(digits.split(".")[1]) >= 2 else f"{amount:.2f}")
-
-
-def progress_line(pr: progress.Progress) -> str:
-    eta = "?" if pr.eta_seconds is None else f"{pr.eta_seconds:.0f}s"
-    about = "~" if pr.estimated else ""  # from the row estimate (see `status`)
-    return (f"{_bar(pr.done, pr.total)} {about}{pr.done}/{about}{pr.total} rows,"
-            f" {pr.failed} failed,"
-            f" {pr.rate_per_second:.1f} rows/s, ETA {eta}{' (paused)' if pr.paused else ''}")
-
-
-# What each column is to a migration, as `status` labels it (slots.role: live/next/old).
-ROLE_LABELS = {"live": "live", "next": "incoming", "old": "old"}
-
-
-def migration_line(pr: progress.Progress) -> str:
-    """`status`'s line for an open migration: its bar while the new column fills; after a
-    swap (or a rollback) the phase and what comes next, as a bar would say nothing."""
-    phase = pr.migration.phase
-    if phase == "filling":
-        return progress_line(pr)
-    about = "~" if pr.estimated else ""
-    kept = (f"{pr.column} ({pr.model}) kept current: {about}{pr.done}/{about}{pr.total} rows,"
-            f" {pr.failed} failed")
-    step = ("`migrate finalize` drops it, `migrate rollback` makes it live again"
-            if phase == "swapped" else
-            "`migrate swap` makes it live again, `migrate finalize` drops it")
-    return f"{phase.replace('_', ' ')}; {kept}; {step}"
 
 
 def target_of(args: argparse.Namespace) -> tuple[Settings, Target]:

@@ -5,13 +5,14 @@ these two flags here."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgreembed.cli.output import emit
 from pgreembed.errors import EXIT_OK, ConfigError
-from pgreembed.operations import pgai_takeover
-from pgreembed.operations.pgai_takeover import TakeoverReport
 from pgreembed.store.table_lock import LockPolicy
+
+if TYPE_CHECKING:
+    from pgreembed.operations.pgai_takeover import TakeoverReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,8 @@ def cmd_take_over(args: argparse.Namespace, settings: Any) -> int:
         raise ConfigError("--take-over and --undo need --vectorizer NAME or --all")
     if args.dry_run:
         raise ConfigError("--dry-run plans an import; --take-over and --undo change things")
+    from pgreembed.operations import pgai_takeover  # when run, not when the parser is built
+
     policy = LockPolicy(wait_seconds=args.lock_wait)
     step = pgai_takeover.undo if args.undo else pgai_takeover.take_over
     reports = [step(settings, vec, policy)

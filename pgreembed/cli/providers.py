@@ -7,16 +7,20 @@ Needs no config, database or network: it is what to read before choosing a provi
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgreembed.cli.formatting import add_command
 from pgreembed.cli.output import emit
-from pgreembed.embedding.providers.catalog import PROVIDERS, ProviderInfo, batch_inputs
 from pgreembed.errors import EXIT_OK
+
+if TYPE_CHECKING:
+    from pgreembed.embedding.providers.catalog import ProviderInfo
 
 
 def describe(info: ProviderInfo) -> dict[str, Any]:
     """One provider as the JSON document lists it."""
+    from pgreembed.embedding.providers.catalog import batch_inputs
+
     return {
         "name": info.name, "extra": info.extra,
         "install": f"pip install 'pgreembed[{info.extra}]'" if info.extra else None,
@@ -35,6 +39,10 @@ def describe(info: ProviderInfo) -> dict[str, Any]:
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
+    # Here, not at the top: the providers package imports numpy, and every `pgreembed`
+    # call builds the parser.
+    from pgreembed.embedding.providers.catalog import PROVIDERS
+
     described = [describe(info) for info in PROVIDERS.values()]
     if args.json:
         emit("providers", {"providers": described})

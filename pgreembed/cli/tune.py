@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgreembed.cli.formatting import add_command
 from pgreembed.cli.output import emit
 from pgreembed.config import load_settings
 from pgreembed.errors import EXIT_OK, EXIT_REFUSED
-from pgreembed.operations.recall import (
+from pgreembed.operations.defaults import (
     DEFAULT_EXACT_TIMEOUT_MS,
     DEFAULT_K,
     DEFAULT_QUERIES,
+    DEFAULT_RECALL,
     MAX_QUERIES,
 )
-from pgreembed.operations.tune import DEFAULT_RECALL, TuneResult, settings_text, tune
+
+if TYPE_CHECKING:
+    from pgreembed.operations.tune import TuneResult
 
 
 def print_result(result: TuneResult) -> None:
+    from pgreembed.operations.tune import settings_text
+
     index = result.index
     options = ", ".join(f"{k}={v}" for k, v in index.options.items())
     print(f"tune {result.target}.{result.column} ({result.role}, {result.model}):"
@@ -47,6 +52,8 @@ def print_result(result: TuneResult) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from pgreembed.operations.tune import tune  # numpy: when run, not when parsing
+
     settings = load_settings(args.config)
     result = tune(settings, settings.target(args.target), column=args.column,
                   recall_target=args.recall, k=args.k, filter_sql=args.filter,

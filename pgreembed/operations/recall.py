@@ -33,15 +33,16 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgreembed.config.distances import DISTANCES, opclass_distance
+from pgreembed.operations.defaults import (  # noqa: F401  (re-exported: recall's own)
+    DEFAULT_EXACT_TIMEOUT_MS,
+    DEFAULT_K,
+    DEFAULT_QUERIES,
+    MAX_QUERIES,
+)
 from pgreembed.store import catalog
 from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
 from pgreembed.store.trusted_sql import trusted_sql
-
-DEFAULT_K = 10
-MAX_QUERIES = 1000
-DEFAULT_QUERIES = 100
-DEFAULT_EXACT_TIMEOUT_MS = 30_000
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import psycopg
 
 from pgreembed.config import Settings, Target
 from pgreembed.errors import TuneError
+from pgreembed.operations.defaults import DEFAULT_RECALL
 from pgreembed.operations.recall import (
     DEFAULT_EXACT_TIMEOUT_MS,
     DEFAULT_K,
@@ -34,9 +35,6 @@ from pgreembed.store import index_settings, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.versions import upgrade
-
-DEFAULT_RECALL = 0.95
-
 
 HNSW_EF_SEARCH = (10, 20, 40, 64, 100, 150, 200, 300, 400, 600, 800, 1000)  # pgvector max
 

@@ -40,11 +40,10 @@ from pgreembed.embedding.embed import embed_rows
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import ProviderError
 from pgreembed.observability.redact import redact
+from pgreembed.operations.defaults import DEFAULT_TOLERANCE  # noqa: F401  (re-exported)
 from pgreembed.store.sampling import tablesample, widening
 from pgreembed.store.slots import Slot
 from pgreembed.values import Row
-
-DEFAULT_TOLERANCE = 0.99
 
 
 @dataclass(frozen=True)

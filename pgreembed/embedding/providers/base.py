@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
-import numpy as np
+if TYPE_CHECKING:  # an annotation only: the CLI and the scheduler import this, no numpy
+    import numpy as np
 
 # What a text is embedded as: a row of the table (a document), or a search query. Models
 # trained for retrieval (Cohere, Voyage, Gemini, Vertex) embed the two differently; the
