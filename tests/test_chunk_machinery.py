@@ -26,8 +26,8 @@ from tests.helpers import (
     wait_for,
     write_config,
 )
-from tests.test_chunked_pipeline import body, settled
-from tests.test_chunked_targets import CHUNKED, chunk_sets, chunked_stack, expected
+from tests.test_chunked_pipeline import body, running_with_parents, settled
+from tests.test_chunked_targets import CHUNKED, chunk_sets, expected
 
 
 def chunk_vectors_current(stack: Stack, target: object, column: str, model: str,
@@ -62,16 +62,8 @@ def edit_parents(stack: Stack, keys: range, version: str) -> None:
 def test_derive_batch_api_compare_tune_and_side_fill_run_on_a_chunk_table(
         stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     require_server(stack.dsn, server_versions.DERIVE_DIMENSIONS)
-    settings = chunked_stack(stack, batch_size=32)
-    target = settings.target("docs")
-    assert stack.cli("init").returncode == 0
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-    with stack.connect() as conn:
-        for key in range(1, 31):
-            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
-                         (key, f"t{key}", body(random.Random(key), key, "0")))
-    wait_for(lambda: settled(stack, target), timeout=120, message="chunks embedded")
+    target = running_with_parents(stack, ((key, f"t{key}", body(random.Random(key), key, "0"))
+                                          for key in range(1, 31)))
     chunks = chunk_vectors_current(stack, target, "embedding", "fake-384", 384)
     assert chunks >= 30
 

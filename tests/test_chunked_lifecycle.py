@@ -16,7 +16,7 @@ from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
 from tests.chunk_load import CHUNK_APP_OBJECTS, chunk_app_objects_off_live
 from tests.helpers import OrdinaryRoles, Stack, migrate, new_column, wait_for
-from tests.test_chunked_pipeline import MODEL, body, settled
+from tests.test_chunked_pipeline import MODEL, body, running_with_parents, settled
 from tests.test_chunked_targets import chunk_sets, chunked_stack, expected
 
 
@@ -168,16 +168,7 @@ def test_searches_during_edits_never_see_two_versions_of_a_parent(stack: Stack) 
 
     from pgreembed.store.pool import connect
 
-    settings = chunked_stack(stack, batch_size=32)
-    target = settings.target("docs")
-    assert stack.cli("init").returncode == 0
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-    with stack.connect() as conn:
-        for key in range(1, 21):
-            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, 't', %s)",
-                         (key, versioned(key, 0)))
-    wait_for(lambda: settled(stack, target), timeout=120, message="first chunk sets")
+    target = running_with_parents(stack, ((key, "t", versioned(key, 0)) for key in range(1, 21)))
     marker = re.compile(r"parent (\d+) v(\d+) ")
     mixed: list[tuple[int, set[str]]] = []
     parents_seen = 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +40,21 @@ def settled(stack: Stack, target: object) -> bool:
                                " + (SELECT count(*) FROM docs_chunks WHERE embedding IS NULL)"
                                ).fetchone()
         return pending == (0,) and chunk_sets(conn) == expected(conn, target)
+
+
+def running_with_parents(stack: Stack, rows: Iterable[tuple[int, str, str]],
+                         destination: str = "") -> Any:
+    """A chunked docs target initialised, a 4-thread worker and a scheduler running, the
+    parents `(id, title, body)` inserted and their chunk sets embedded; the target."""
+    target = chunked_stack(stack, batch_size=32, destination=destination).target("docs")
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    with stack.connect() as conn:
+        for row in rows:
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)", row)
+    wait_for(lambda: settled(stack, target), timeout=120, message="chunk sets embedded")
+    return target
 
 
 @pytest.mark.timeout(300)
