@@ -71,12 +71,16 @@ class AppTransactions:
 
 @contextmanager
 def app_transactions(dsn: str, keys: range) -> Iterator[AppTransactions]:
+    shares = [[k for k in keys if k % 4 == share] for share in range(4)]
+    # Each of the 4 sessions holds two rows of its own share: with fewer, a thread would
+    # die at its first transaction and the scenario run without it.
+    assert all(len(mine) >= 2 for mine in shares), f"app_transactions needs >= 8 keys: {keys}"
     seen = AppTransactions()
     lock = threading.Lock()
 
     def run(share: int, stop: threading.Event) -> None:
         rng = random.Random(share)
-        mine = [k for k in keys if k % 4 == share]
+        mine = shares[share]
         with psycopg.connect(dsn) as conn:
             while not stop.is_set():
                 low, high = sorted(rng.sample(mine, 2))

@@ -242,8 +242,8 @@ def test_composite_key_pipeline_as_ordinary_role_under_app_load(
     wait_for(lambda: settled(stack, target), timeout=120, interval=0.5,
              message="first chunk sets embedded")
     create_chunk_app_objects(stack, roles)
-    held = range(1, PARENTS // 4 + 1)
-    with steady_writer(stack, per_second=8, edits=range(PARENTS // 4 + 1, PARENTS + 1)
+    held = range(1, PARENTS // 3 + 1)  # 8 parents: two for each of the 4 app sessions
+    with steady_writer(stack, per_second=8, edits=range(PARENTS // 3 + 1, PARENTS + 1)
                        ) as writes, app_transactions(roles.app_dsn, held) as holders:
         wait_for(lambda: writes["edits"] >= 30, timeout=60, message="the writer's edits")
     fake_openai.set_faults(latency=0.0)
