@@ -22,7 +22,7 @@ from pgreembed.errors import PgreembedError
 from pgreembed.observability.worker_metrics import worker_metrics
 from pgreembed.queue.claims import InFlight, chunk_claims
 from pgreembed.queue.contract import ACTOR, CHUNK_ACTOR, QUEUE
-from pgreembed.store.pool import get_pool
+from pgreembed.store.pool import worker_pool
 from worker.batch import process_batch
 from worker.settings import knowing, settings
 
@@ -92,8 +92,7 @@ def chunk_parents(target: str, chunk_set: str, keys: list[str]) -> None:
     config = knowing(target)
     claims = chunk_claims(redis_client(), chunk_set, config.lease_seconds)
     try:
-        with get_pool(config.database_url, config.pool_max_size,
-                     prepared_statements=config.prepared_statements).connection() as conn:
+        with worker_pool(config).connection() as conn:
             applied = stage_parents(conn, config, chunk_set, keys)
         log.debug("chunk set %s: %s", chunk_set, applied)
     except (psycopg.Error, PgreembedError) as exc:

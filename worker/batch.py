@@ -52,7 +52,7 @@ from pgreembed.store.faults import (
     retry_database_faults,
 )
 from pgreembed.store.known import known_vectors
-from pgreembed.store.pool import get_pool
+from pgreembed.store.pool import worker_pool
 from pgreembed.store.rows import (
     Written,
     load_pending,
@@ -139,8 +139,7 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
                    keys: Sequence[str], claimed_at: Mapping[str, float] | None
                    ) -> BatchReport:
     target = settings.target(target_name)
-    pool = get_pool(settings.database_url, settings.pool_max_size,
-                    prepared_statements=settings.prepared_statements)
+    pool = worker_pool(settings)
     with pool.connection() as conn:
         found = lock_slot(conn, target, slot_id, "ACCESS SHARE")
         # A paused migration stops spending now: queued batches are dropped, their rows

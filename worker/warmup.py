@@ -24,13 +24,12 @@ class WarmUp(Middleware):
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         from pgreembed.embedding.providers import make_provider
-        from pgreembed.store.pool import get_pool
+        from pgreembed.store.pool import worker_pool
         from worker.settings import settings
 
         try:
             config = settings()
-            get_pool(config.database_url, config.pool_max_size,
-                     prepared_statements=config.prepared_statements)
+            worker_pool(config)
             for target in config.targets.values():
                 provider = make_provider(config, target.provider, target.model,
                                          target.dimensions)

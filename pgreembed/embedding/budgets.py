@@ -67,11 +67,10 @@ class ModelBudget:
         return self._configured.tighter(self._recorded)
 
     def _refresh(self) -> None:
-        from pgreembed.store.pool import get_pool
+        from pgreembed.store.pool import worker_pool
 
         try:
-            pool = get_pool(self._settings.database_url, self._settings.pool_max_size,
-                            prepared_statements=self._settings.prepared_statements)
+            pool = worker_pool(self._settings)
             with pool.connection(timeout=5) as conn:
                 self._recorded = recorded_budget(conn, self._provider, self._model)
         except Exception as exc:  # noqa: BLE001 - keep the last budget read, say why

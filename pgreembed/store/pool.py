@@ -9,8 +9,8 @@ Server-side prepared statements: never psycopg's automatic ones (after 5 runs), 
 break after a column swap changes a column's type ("cached plan must not change result
 type") in a query that returns the vector. With `[worker] prepared_statements` on, the
 pool prepares only the statements that ask for it (`prepare=PREPARE`): the write path's,
-none of which returns a vector (parse, analysis and planning of ~15 statements per batch
-were ~7% of the server's instructions per row written; bench.callgrind_write). Postgres
+none of which returns a vector (opt-in: ~1.7% of the server's instructions per row
+written, bench.callgrind_write; docs/operations.md says when it is safe). Postgres
 re-analyzes a prepared statement after DDL on what it reads (a swap's renames), so it
 follows the columns as an unprepared one does. Dedicated connections never prepare.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psycopg
 from pgvector.psycopg import register_vector
@@ -28,6 +29,9 @@ from psycopg_pool import ConnectionPool
 from pgreembed.errors import DatabaseError
 from pgreembed.observability.redact import redact
 from pgreembed.store.session import pin_session
+
+if TYPE_CHECKING:
+    from pgreembed.config import Settings
 
 _pools: dict[str, ConnectionPool] = {}
 _lock = threading.Lock()
@@ -97,3 +101,10 @@ def close_pools() -> None:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+
+
+def worker_pool(settings: Settings) -> ConnectionPool:
+    """The process-wide pool as the settings size and configure it (`[worker]`
+    pool_max_size and prepared_statements)."""
+    return get_pool(settings.database_url, settings.pool_max_size,
+                    prepared_statements=settings.prepared_statements)
