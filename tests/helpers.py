@@ -297,6 +297,26 @@ def make_target(dsn: str, **overrides: object):  # type: ignore[no-untyped-def]
     return parse_settings({"target": [raw]}, {"DATABASE_URL": dsn}).target("docs")
 
 
+def end_transaction_after(conn: psycopg.Connection, seconds: float, *,
+                          commit: bool = False) -> threading.Timer:
+    """Commit or roll back `conn`'s transaction `seconds` from now, in a timer thread; a
+    connection its test closed first is left alone (an app releasing its rows early)."""
+    def end() -> None:
+        try:
+            if commit:
+                conn.commit()
+            else:
+                conn.rollback()
+        except psycopg.OperationalError:
+            if not conn.closed:
+                raise
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True  # never keeps a test process alive
+    timer.start()
+    return timer
+
+
 @contextmanager
 def in_background(*loops: Callable[[threading.Event], None]) -> Iterator[None]:
     """Each `loop(stop)` in a daemon thread for the `with` block; at its end `stop` is set

@@ -6,7 +6,6 @@ into a column whose registered model made them (invariant 7), on real Postgres.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import replace
 
@@ -27,6 +26,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     counts,
+    end_transaction_after,
     fill,
     make_target,
     migrate,
@@ -63,8 +63,7 @@ def test_a_side_fill_copy_skips_rows_the_app_holds_and_copies_them_after(
 
     app = psycopg.connect(stack.dsn)
     app.execute("UPDATE docs SET views = views + 1 WHERE id = 7")  # held, uncommitted
-    timer = threading.Timer(HOLD_SECONDS, app.commit)
-    timer.start()
+    timer = end_transaction_after(app, HOLD_SECONDS, commit=True)
     try:
         with connect(stack.dsn, autocommit=True) as conn:
             started = time.monotonic()

@@ -7,13 +7,20 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import pexpect
 
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import ROOT, Stack, counts, seed, start_migration, wait_for
+from tests.helpers import (
+    ROOT,
+    Stack,
+    counts,
+    end_transaction_after,
+    seed,
+    start_migration,
+    wait_for,
+)
 
 ROWS = 120  # 15 batches of 8
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
@@ -113,7 +120,7 @@ def test_index_build_shows_its_phase_in_a_terminal_and_nothing_with_json_in_a_pi
     writer = stack.connect()
     writer.autocommit = False
     writer.execute("UPDATE docs SET views = views + 1 WHERE id = 1")
-    threading.Timer(2.5, writer.rollback).start()
+    end_transaction_after(writer, 2.5)
     started = time.monotonic()
     code, screen = in_terminal(stack, "migrate", "index", "--target", "docs")
     assert code == 0, screen

@@ -23,6 +23,7 @@ from tests.helpers import (
     assert_column_current,
     column_type,
     counts,
+    end_transaction_after,
     in_background,
     json_document,
     migrate,
@@ -58,7 +59,7 @@ def hold_table(stack: Stack, seconds: float | None = None) -> psycopg.Connection
     blocker = psycopg.connect(stack.dsn)
     blocker.execute("LOCK TABLE docs IN ACCESS SHARE MODE")
     if seconds is not None:
-        threading.Timer(seconds, blocker.rollback).start()
+        end_transaction_after(blocker, seconds)
     return blocker
 
 

@@ -35,6 +35,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    end_transaction_after,
     in_background,
     json_document,
     migrate,
@@ -86,7 +87,7 @@ def holding_rows(stack: Stack, seconds: float) -> psycopg.Connection:
     app = psycopg.connect(stack.dsn)
     app.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")  # as apps on RR do to lock
     app.execute("SELECT id FROM docs WHERE id <= 20 FOR UPDATE").fetchall()
-    threading.Timer(seconds, app.rollback).start()
+    end_transaction_after(app, seconds)
     return app
 
 

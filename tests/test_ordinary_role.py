@@ -8,7 +8,6 @@ import json
 import logging
 import re
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +24,7 @@ from tests.helpers import (
     OrdinaryRoles,
     Stack,
     docs_config,
+    end_transaction_after,
     json_document,
     new_column,
     seed,
@@ -67,9 +67,7 @@ def idle_app_session(roles: OrdinaryRoles, seconds: float) -> psycopg.Connection
     """The app (its own role) reads the table and sits idle in its transaction."""
     app = psycopg.connect(roles.app_dsn, application_name="app-report")
     app.execute("SELECT count(*) FROM docs")
-    timer = threading.Timer(seconds, app.rollback)
-    timer.daemon = True
-    timer.start()
+    end_transaction_after(app, seconds)
     return app
 
 

@@ -27,6 +27,7 @@ from tests.app_side import repeatable_read_by_default
 from tests.helpers import (
     OrdinaryRoles,
     Stack,
+    end_transaction_after,
     in_background,
     json_document,
     migrate,
@@ -347,7 +348,7 @@ def test_rechunk_as_ordinary_roles_under_repeatable_read(
     with in_background(edit, read):
         with psycopg.connect(roles.app_dsn) as holder:  # holds parent 9 across start
             holder.execute("UPDATE docs SET views = views + 1 WHERE id = 9")
-            threading.Timer(1.0, holder.commit).start()
+            end_transaction_after(holder, 1.0, commit=True)
             migrate(stack, "start", "--rechunk")
         with stack.connect() as conn:
             (side,) = conn.execute("SELECT table_name FROM pgreembed.slots"

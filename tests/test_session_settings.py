@@ -18,7 +18,7 @@ from pgreembed.store.rows import lock_slot
 from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import hold_writers_out
-from tests.helpers import Stack, json_document, migrate, seed, wait_for
+from tests.helpers import Stack, end_transaction_after, json_document, migrate, seed, wait_for
 
 
 def set_database_default(stack: Stack, setting: str, value: str) -> None:
@@ -133,8 +133,7 @@ def test_an_index_build_outlasts_the_databases_statement_timeout(stack: Stack) -
     set_database_default(stack, "statement_timeout", "1s")
     app = psycopg.connect(stack.dsn)
     app.execute("UPDATE docs SET views = views + 1 WHERE id = 1")
-    timer = threading.Timer(2.5, app.commit)
-    timer.start()
+    timer = end_transaction_after(app, 2.5, commit=True)
     try:
         built = stack.cli("migrate", "index", "--target", "docs")
     finally:
