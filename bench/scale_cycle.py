@@ -157,11 +157,17 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
+class LastStep(Exception):
+    """The step `--until` names is done: the cycle stops there."""
+
+
 class Meter:
     """Per step: seconds, size after, WAL bytes, Postgres CPU, search and edit latencies."""
 
-    def __init__(self, services: Services, dsn: str, editor: Editor, searcher: Searcher):
+    def __init__(self, services: Services, dsn: str, editor: Editor, searcher: Searcher,
+                 until: str = "vacuum"):
         self.services, self.dsn, self.editor, self.searcher = services, dsn, editor, searcher
+        self.until = until
         self.steps: list[dict[str, Any]] = []
 
     def _probe(self) -> tuple[int, int, float]:
@@ -187,6 +193,8 @@ class Meter:
         # The searches of the pieces that have exited (final figures: finish()).
         print(json.dumps(result | self._latencies(started_at, ended_at)), flush=True)
         result["window"] = (started_at, ended_at)
+        if name == self.until:
+            raise LastStep
         return result
 
     def _latencies(self, first: float, last: float) -> dict[str, Any]:
@@ -266,6 +274,12 @@ def main() -> None:
                         help="the fill is done below this many pending rows, and the swap"
                              " allows as many unsearchable (default: 1%% of the rows; the"
                              " edits keep a steady backlog)")
+    parser.add_argument("--until", default="vacuum",
+                        choices=("start", "fill", "index", "compare", "swap", "finalize",
+                                 "vacuum"),
+                        help="stop after this step (bench.fill_row_locks: the fill)")
+    parser.add_argument("--max-row-lock-ms", type=float, default=None,
+                        help="[worker] max_row_lock_ms (default: the config's default)")
     args = parser.parse_args()
     rows, dims = args.rows, args.dims
     backlog = args.backlog or max(100, rows // 100)
@@ -282,43 +296,48 @@ def main() -> None:
         print(json.dumps({"setup_seconds": {k: round(v, 1) for k, v in setup.items()},
                           "rows": rows, "dims": dims, "cores": os.cpu_count(),
                           "load_average": os.getloadavg()}), flush=True)
-        with pipeline(services, dsn, Tuning(), extra_config="") as run:
+        extra = ("" if args.max_row_lock_ms is None
+                 else f"max_row_lock_ms = {args.max_row_lock_ms}\n")
+        with pipeline(services, dsn, Tuning(), extra_config=extra) as run:
             run.start_worker()
             run.start_scheduler()
             editor = Editor(dsn, rows, args.edits)
             editor.start()
             searcher = Searcher(dsn, rows, args.search_rate, run.logdir)
             searcher.start()
-            meter = Meter(services, dsn, editor, searcher)
-            meter.step("baseline", lambda: time.sleep(args.baseline))
+            meter = Meter(services, dsn, editor, searcher, args.until)
+            try:
+                meter.step("baseline", lambda: time.sleep(args.baseline))
 
-            def migrate(step: str, *more: str) -> Any:
-                return lambda: cli(run, args.timeout, "migrate", step, "--target", "docs",
-                                   *more)
+                def migrate(step: str, *more: str) -> Any:
+                    return lambda: cli(run, args.timeout, "migrate", step, "--target", "docs",
+                                       *more)
 
-            new_model = NEW_MODEL.format(dims=dims)
-            meter.step("start", migrate("start", "--model", new_model,
-                                        "--dimensions", str(dims)))
-            with psycopg.connect(dsn) as conn:
-                row = conn.execute("SELECT vector_column FROM pgreembed.slots"
-                                   " WHERE target = 'docs' AND role = 'next'").fetchone()
-            assert row is not None
-            column = str(row[0])
-            meter.step("fill", lambda: wait_filled(dsn, column, backlog, args.timeout))
-            meter.step("index", migrate("index"))
-            meter.step("compare", migrate("compare", "--sample", "100"))
-            # The table lock's retries may take as long as a step may (the default 60 s
-            # gave up at load 30: the workers' writes through two HNSW indexes ran 10-15 s).
-            locks = ("--lock-wait", str(args.timeout))
-            meter.step("swap", migrate("swap", "--timeout", str(args.timeout),
-                                       "--max-unsearchable", str(backlog), *locks))
-            meter.step("finalize", migrate("finalize", *locks))
+                new_model = NEW_MODEL.format(dims=dims)
+                meter.step("start", migrate("start", "--model", new_model,
+                                            "--dimensions", str(dims)))
+                with psycopg.connect(dsn) as conn:
+                    row = conn.execute("SELECT vector_column FROM pgreembed.slots"
+                                       " WHERE target = 'docs' AND role = 'next'").fetchone()
+                assert row is not None
+                column = str(row[0])
+                meter.step("fill", lambda: wait_filled(dsn, column, backlog, args.timeout))
+                meter.step("index", migrate("index"))
+                meter.step("compare", migrate("compare", "--sample", "100"))
+                # The table lock's retries may take as long as a step may (the default 60 s
+                # gave up at load 30: the workers' writes through two HNSW indexes ran 10-15 s).
+                locks = ("--lock-wait", str(args.timeout))
+                meter.step("swap", migrate("swap", "--timeout", str(args.timeout),
+                                           "--max-unsearchable", str(backlog), *locks))
+                meter.step("finalize", migrate("finalize", *locks))
 
-            def vacuum() -> None:
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute("VACUUM docs")
+                def vacuum() -> None:
+                    with psycopg.connect(dsn, autocommit=True) as conn:
+                        conn.execute("VACUUM docs")
 
-            meter.step("vacuum", vacuum)
+                meter.step("vacuum", vacuum)
+            except LastStep:
+                pass
             editor.halt.set()
             searcher.stop()
             meter.finish()

@@ -12,7 +12,9 @@ What goes wrong is charged to whoever is at fault (invariant 8):
 - a request the provider refuses whatever the rows (a config error) marks the
   slot misconfigured: nothing more is sent for it, no row is marked failed;
 - a row the app holds locked when the write comes is skipped, never waited for
-  (invariant 10): its vector is kept in Redis and the next pass writes it;
+  (invariant 10): its vector is kept in Redis and the next pass writes it; and no app
+  transaction waits on the batch's write for long: it commits in slices of about
+  `max_row_lock_ms` each (worker.batch_write);
 - vectors whose column changed model meanwhile (`init` in place) are dropped, never
   written as the new model's (invariant 7): their rows stay pending, their spend is
   recorded as the model that billed it.
@@ -29,7 +31,6 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 import redis
@@ -54,16 +55,13 @@ from pgreembed.store.faults import (
 from pgreembed.store.known import known_vectors
 from pgreembed.store.pool import worker_pool
 from pgreembed.store.rows import (
-    Written,
     load_pending,
     lock_slot,
-    record_failures,
     record_usage,
-    write_isolating,
 )
-from pgreembed.store.signals import wake_scheduler
 from pgreembed.store.slots import Slot, mark_misconfigured
 from pgreembed.values import Embedded, Failed
+from worker.batch_write import Write, commit_write, keep_unwritten, slicer_for
 
 log = logging.getLogger(__name__)
 
@@ -78,35 +76,6 @@ class BatchReport:
     reused: int = 0  # vectors given without a provider call (an identical text's)
     busy: int = 0  # rows the app held locked: left pending, their vectors kept for them
     dropped: int = 0  # vectors not of the column's model any more (changed in place)
-
-
-@dataclass
-class _Write:
-    """What one batch has to commit: vectors (bought now, kept from a failed write, or
-    copied from an identical text's), rows that failed, tokens billed and the spend
-    reservations to settle with them."""
-
-    embedded: list[Embedded]
-    failed: list[Failed]
-    tokens: int
-    reservation_ids: set[int]
-    reused: int = 0  # of `embedded`, the vectors not bought for their row
-    recorded: int = 0  # of `embedded`, kept vectors whose spend the ledger already has
-    kept: frozenset[Any] = frozenset()  # keys of the rows whose vectors were kept before
-    deferred: int = 0  # rows whose text another batch was buying and did not publish
-
-    def record_usage(self, conn: psycopg.Connection, slot: Slot) -> None:
-        record_usage(conn, slot, len(self.embedded) - self.reused - self.recorded,
-                     self.tokens, self.reused)
-
-
-@dataclass(frozen=True)
-class _Committed:
-    """What one write transaction did: the column it wrote (None: none, the vectors were
-    dropped), and its `Written`."""
-
-    slot: Slot | None
-    written: Written
 
 
 @functools.cache
@@ -204,32 +173,34 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
         held = set(kept.reservation_ids)
         if reservation.id is not None:
             held.add(reservation.id)
-        write = _Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
-                       kept.tokens + outcome.tokens, held, reused, kept.recorded,
+        write = Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
+                       kept.tokens + outcome.tokens, held, reused, frozenset(kept.recorded_keys),
                        frozenset(item.row.pk for item in kept.embedded), deferred)
         try:
             result = retry_database_faults(
-                lambda: _commit(pool, target, slot, write, reservation, paid),
+                lambda: commit_write(pool, target, slot, write, reservation, paid,
+                                     slicer_for(settings)),
                 settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
         except psycopg.Error:
-            # Not a row's fault: keep what was paid for; the message's retry writes it.
-            paid.keep(slot, write.embedded, write.tokens, write.reservation_ids)
+            keep_unwritten(paid, slot, write)
             raise
         claims.landed(set(result.written.keys) if result.slot is not None else set())
-        busy = result.written.busy
-        kept_again = {item.row.pk for item in busy}  # kept anew by _commit: not to forget
+        busy, left = result.written.busy, result.written.left
+        # Kept anew by _commit (held by the app, or in a slice that did not commit): not
+        # to forget.
+        kept_again = {item.row.pk for item in [*busy, *left]}
         paid.forget(slot, [item.row for item in kept.embedded
                            if item.row.pk not in kept_again])
         if result.slot is None:  # dropped: not the column's model any more, or no column
             return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
         slot, written, refused = result.slot, result.written.keys, result.written.refused
-        changed = len(write.embedded) - len(written) - len(refused) - len(busy)
+        changed = len(write.embedded) - len(written) - len(refused) - len(busy) - len(left)
         failures = [*write.failed, *refused]
         for failure in refused:
             log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
                         failure.reason)
         report = BatchReport(len(keys), len(rows), len(written), len(failures), changed,
-                             reused, busy=len(busy))
+                             reused, busy=len(busy) + len(left))
         _count(slot, report, write.tokens, failures)  # kept vectors were not counted
         _observe_lag(slot, written, claimed_at)
         log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
@@ -239,46 +210,6 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
                  target.name, slot.id, report.written, reused, report.failed, changed,
                  len(busy), write.deferred, len(keys))
         return report
-
-
-def _commit(pool: ConnectionPool, target: Target, slot: Slot, write: _Write,
-            reservation: spend.Reservation, paid: PaidVectors) -> _Committed:
-    """One attempt at the batch's write transaction: vectors, failures, billed tokens and
-    the settled reservations, together. `slot` is the slot as read when the vectors were
-    bought or copied: they are written only if the column still belongs to its model."""
-    with pool.connection() as conn:
-        # The vectors belong to the slot's model, not to a column name: a swap or rollback
-        # may have renamed the columns while we waited on the provider, and `init` may
-        # have changed the slot's model in place (invariant 7).
-        current = lock_slot(conn, target, slot.id, "ROW EXCLUSIVE")
-        if current is None or not current.holds_vectors_of(slot):
-            if current is not None:
-                log.warning("target %s column %s: %d vectors of %s dropped, the column's"
-                            " model changed to %s while they were embedded; their rows stay"
-                            " pending", target.name, current.vector_column,
-                            len(write.embedded), slot.model_key, current.model_key)
-                wake_scheduler(conn, target.name)
-            write.record_usage(conn, slot)  # billed as the model that billed them
-            reservation.settle(conn)
-            spend.settle_ids(conn, write.reservation_ids)
-            return _Committed(None, Written())
-        written = write_isolating(conn, current, write.embedded)
-        record_failures(conn, current, [*write.failed, *written.refused])
-        write.record_usage(conn, current)
-        reservation.settle(conn)  # in the same transaction as the billed tokens
-        spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
-        if written.busy:
-            # Kept before the commit that wakes the scheduler: the next pass finds them.
-            paid.keep(current, written.busy, 0, set(), recorded=True)
-        changed = len(write.embedded) - len(written.keys) - len(written.refused) - len(
-            written.busy)
-        if changed or write.deferred or any(item.row.pk not in write.kept
-                                            for item in written.busy):
-            # Their text changed while we embedded, the app holds them, or their text's
-            # buyer gave up: redo them now.
-            # Rows held again (an app session idle in its transaction) wait for the poll.
-            wake_scheduler(conn, target.name)
-    return _Committed(current, written)
 
 
 def _misconfigured(pool: ConnectionPool, target: Target, slot: Slot,

@@ -83,6 +83,10 @@ class Settings:
     # read-only, connection lost) in-process before keeping its vectors in Redis and
     # handing the message to Dramatiq's retries.
     write_retry_seconds: float = setting(120.0, check=positive_number)
+    # How long a batch's write may hold the app's rows: it commits in slices sized by the
+    # time per row measured on the column (store.write_slices). Through an HNSW index a
+    # non-HOT row costs 1-5 ms, and a 512-row batch held its rows for seconds.
+    max_row_lock_ms: float = setting(50.0, check=positive_number)
     # Dramatiq's back-off before a failed message's first retry; each later retry doubles
     # it (4 retries, at most 120 s apart). Short in tests, where the provider is local.
     retry_backoff_seconds: float = setting(2.0, check=positive_number)

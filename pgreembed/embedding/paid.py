@@ -30,6 +30,7 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import redis
@@ -50,9 +51,14 @@ class Kept:
     embedded: list[Embedded] = field(default_factory=list)
     tokens: int = 0
     reservation_ids: set[int] = field(default_factory=set)
-    # Of `embedded`, the vectors whose spend the usage ledger has already (kept because
-    # the app held their row when their batch was written, not because the write failed).
-    recorded: int = 0
+    # Keys of the rows of `embedded` whose spend the usage ledger has already (kept
+    # because the app held their row when their batch was written, or for a later slice
+    # of a write, not because the write failed).
+    recorded_keys: set[Any] = field(default_factory=set)
+
+    @property
+    def recorded(self) -> int:
+        return len(self.recorded_keys)
 
 
 class PaidVectors:
@@ -117,7 +123,8 @@ class PaidVectors:
                                                             slot.model_key) != slot.model_key:
                 continue
             found.embedded.append(Embedded(row, vector, bool(header["truncated"])))
-            found.recorded += bool(header.get("recorded"))
+            if header.get("recorded"):
+                found.recorded_keys.add(row.pk)
             found.tokens += int(header["tokens"])
             found.reservation_ids.update(int(i) for i in header["reservations"])
         return found

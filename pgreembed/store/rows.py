@@ -134,10 +134,13 @@ class Written:
     keys: list[Any] = field(default_factory=list)
     refused: list[Failed] = field(default_factory=list)
     busy: list[Embedded] = field(default_factory=list)
+    # Rows of a batch written in slices whose slice did not commit (the database failed
+    # between slices): their vectors stay kept for the next pass, like `busy` ones.
+    left: list[Embedded] = field(default_factory=list)
 
     def add(self, other: Written) -> Written:
         return Written(self.keys + other.keys, self.refused + other.refused,
-                       self.busy + other.busy)
+                       self.busy + other.busy, self.left + other.left)
 
 
 def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
@@ -150,8 +153,8 @@ def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
     another order deadlocked with it, or was held for deadlock_timeout. Rows locked here
     are ours until commit, so the writes that follow never wait on them; the app may
     wait on us, for the write's duration: milliseconds unindexed, but seconds for 512
-    rows through an HNSW index (the app's edits' p99 was 1.9 s during a migration's fill
-    in bench.scale_cycle). NO KEY UPDATE is the lock our UPDATE of
+    rows through an HNSW index, so workers write a batch in slices of about `[worker]
+    max_row_lock_ms` (worker.batch_write). NO KEY UPDATE is the lock our UPDATE of
     a non-key column takes anyway: the app's foreign-key checks on the row (KEY SHARE,
     taken by inserting a row that references it) neither make us skip it nor wait on us.
     """
