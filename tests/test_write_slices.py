@@ -16,7 +16,7 @@ import json
 
 import redis
 
-from pgreembed.store.write_slices import PROBE_ROWS
+from pgreembed.store.write_slices import PROBE_ROWS, WriteSlicer
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.app_side import (
     app_transactions,
@@ -117,8 +117,9 @@ def test_a_fault_between_slices_keeps_the_rest_paid_once(
     assert stack.cli("tick").returncode == 0
     # The first slice of a fresh process is its probe (8 rows); the rest is kept.
     client = redis.Redis.from_url(stack.redis_url)
-    wait_for(lambda: _embedded(stack) > 0 and len(client.keys("pgreembed:paid:*")) == rows
-             - _embedded(stack), timeout=60, message="the first slice written, the rest kept")
+    wait_for(lambda: "the write stopped after" in stack.log_text(), timeout=60,
+             message="the first slice written, the next one refused")
+    assert len(client.keys("pgreembed:paid:*")) == rows - _embedded(stack)
     assert _embedded(stack) == PROBE_ROWS
     assert fake_openai.stats()["inputs_embedded"] == rows
     with stack.connect() as conn:
@@ -142,3 +143,20 @@ def _embedded(stack: Stack) -> int:
     with stack.connect() as conn:
         row = conn.execute("SELECT count(embedding) FROM docs").fetchone()
     return int(row[0]) if row else 0
+
+
+def test_a_slice_fits_the_budget_at_the_measured_pace_and_grows_at_most_twofold() -> None:
+    slicer = WriteSlicer(budget_seconds=0.05)
+    column = (1, "embedding")
+    assert slicer.size(column) == PROBE_ROWS  # nothing measured yet: the probe
+    slicer.observe(column, 8, 0.04)  # 5 ms a row: 10 rows fit 50 ms
+    assert slicer.size(column) == 10
+    slicer.observe(column, 0, 5.0)  # nothing written (rows held, changed): nothing learnt
+    assert slicer.size(column) == 10
+    fast = (1, "embedding_next")
+    slicer.observe(fast, 8, 0.0008)  # 0.1 ms a row: 500 fit, but 8 measured: at most 16
+    assert slicer.size(fast) == 16
+    slicer.observe(fast, 16, 0.0016)
+    assert slicer.size(fast) == 32
+    items, rest = slicer.take(fast, list(range(40)))
+    assert (items, rest) == (list(range(32)), list(range(32, 40)))

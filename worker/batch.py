@@ -204,11 +204,11 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
         _count(slot, report, write.tokens, failures)  # kept vectors were not counted
         _observe_lag(slot, written, claimed_at)
         log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
-                 " %d failed, %d changed meanwhile, %d held by another transaction (kept for"
-                 " the next pass), %d left pending (their text's buyer gave up or is writing it)"
-                 " (of %d)",
+                 " %d failed, %d changed meanwhile, %d held by another transaction and %d"
+                 " after a slice that failed (kept for the next pass), %d left pending (their"
+                 " text's buyer gave up or is writing it) (of %d)",
                  target.name, slot.id, report.written, reused, report.failed, changed,
-                 len(busy), write.deferred, len(keys))
+                 len(busy), len(left), write.deferred, len(keys))
         return report
 
 

@@ -93,25 +93,31 @@ def commit_write(pool: ConnectionPool, target: Target, slot: Slot, write: Write,
         first, later = slicer.take(column, write.embedded)
         started = time.monotonic()
         written = write_isolating(conn, current, first)
+        slicer.observe(column, _cost(written), time.monotonic() - started)
+        # The later slices' vectors kept, spend recorded (in this transaction): if Redis
+        # cannot keep them, they are written now, in one transaction as before.
+        if later and not paid.keep(current, later, 0, set(), recorded=True):
+            written, later = written.add(write_isolating(conn, current, later)), []
         record_failures(conn, current, [*write.failed, *written.refused])
         write.record_usage(conn, current)
         reservation.settle(conn)  # in the same transaction as the billed tokens
         spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
         # Kept before the commit that wakes the scheduler: the next pass finds them.
-        if written.busy or later:
-            paid.keep(current, [*written.busy, *later], 0, set(), recorded=True)
-        if _to_redo(first, written, write.kept) or write.deferred:
+        if written.busy:
+            paid.keep(current, written.busy, 0, set(), recorded=True)
+        if _to_redo(write.embedded[:len(write.embedded) - len(later)], written, write.kept
+                    ) or write.deferred:
             # Their text changed while we embedded, the app holds them, or their text's
             # buyer gave up: redo them now.
             wake_scheduler(conn, target.name)
-    slicer.observe(column, len(first), time.monotonic() - started)
     if later:
-        written = written.add(_write_slices(pool, target, slot, later, paid, slicer))
+        written = written.add(_write_slices(pool, target, slot, later, write.kept, paid,
+                                            slicer))
     return Committed(current, written)
 
 
 def _write_slices(pool: ConnectionPool, target: Target, slot: Slot, items: list[Embedded],
-                  paid: PaidVectors, slicer: WriteSlicer) -> Written:
+                  kept: frozenset[Any], paid: PaidVectors, slicer: WriteSlicer) -> Written:
     """The batch's later slices, kept in Redis and recorded by its first transaction: each
     in a transaction of its own, forgotten once it commits. A database fault stops here
     (not retried in-process: the scheduler's next pass writes what is left from Redis,
@@ -130,18 +136,24 @@ def _write_slices(pool: ConnectionPool, target: Target, slot: Slot, items: list[
                 started = time.monotonic()
                 written = write_isolating(conn, current, piece)
                 record_failures(conn, current, written.refused)
-                if _to_redo(piece, written, frozenset()):
+                if _to_redo(piece, written, kept):
                     wake_scheduler(conn, target.name)
         except psycopg.Error as exc:
             log.warning("target %s slot %d: the write stopped after %d rows, %d vectors kept"
                         " for the next pass: %s", target.name, slot.id, len(done.keys),
                         len(items), redact(str(exc)).strip())
             return done.add(Written(left=items))
-        slicer.observe(column, len(piece), time.monotonic() - started)
+        slicer.observe(column, _cost(written), time.monotonic() - started)
         busy = {item.row.pk for item in written.busy}  # still kept, for the next pass
         paid.forget(slot, [item.row for item in piece if item.row.pk not in busy])
         done, items = done.add(written), rest
     return done
+
+
+def _cost(written: Written) -> int:
+    """Rows a slice's time was spent on: written or refused by the table (a row skipped,
+    held by the app or changed meanwhile, costs next to nothing)."""
+    return len(written.keys) + len(written.refused)
 
 
 def _to_redo(items: Sequence[Embedded], written: Written, kept: frozenset[Any]) -> bool:

@@ -32,15 +32,19 @@ class WriteSlicer:
         self.budget_seconds = budget_seconds
         self.probe_rows = probe_rows
         self._per_row: dict[tuple[int, str], float] = {}
+        self._measured: dict[tuple[int, str], int] = {}  # rows of the last slice measured
         self._lock = threading.Lock()
 
     def size(self, column: tuple[int, str]) -> int:
-        """Rows the next slice of `column` may take (at least 1)."""
+        """Rows the next slice of `column` may take (at least 1): what fits the budget at
+        the measured pace, at most twice the last slice measured (a pace measured on a few
+        rows is not trusted with a whole batch)."""
         with self._lock:
             per_row = self._per_row.get(column)
+            measured = self._measured.get(column, 0)
         if per_row is None:
             return self.probe_rows
-        return max(1, int(self.budget_seconds / per_row))
+        return max(1, min(int(self.budget_seconds / per_row), 2 * measured))
 
     def take(self, column: tuple[int, str], items: Sequence[Item]
              ) -> tuple[list[Item], list[Item]]:
@@ -49,7 +53,7 @@ class WriteSlicer:
         return list(items[:size]), list(items[size:])
 
     def observe(self, column: tuple[int, str], rows: int, seconds: float) -> None:
-        """A slice of `rows` rows took `seconds` from its row locks to its commit."""
+        """A slice wrote `rows` rows in `seconds` (none: nothing learnt)."""
         if rows <= 0:
             return
         measured = max(seconds, 1e-6) / rows
@@ -58,3 +62,4 @@ class WriteSlicer:
             # Half the weight on the newest slice: an index that grows, or an app that
             # gets busy, shows within a few slices.
             self._per_row[column] = measured if before is None else (before + measured) / 2
+            self._measured[column] = rows
