@@ -186,10 +186,11 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
             raise
         claims.landed(set(result.written.keys) if result.slot is not None else set())
         busy, left = result.written.busy, result.written.left
-        # Kept anew by _commit (held by the app, or in a slice that did not commit): not
-        # to forget.
+        # Kept anew by the write (held by the app, or in a slice that did not commit): not
+        # to forget. The others were kept by an earlier attempt, or by a failed try of
+        # this one that its in-process retry got through.
         kept_again = {item.row.pk for item in [*busy, *left]}
-        paid.forget(slot, [item.row for item in kept.embedded
+        paid.forget(slot, [item.row for item in write.embedded
                            if item.row.pk not in kept_again])
         if result.slot is None:  # dropped: not the column's model any more, or no column
             return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))

@@ -77,7 +77,20 @@ def commit_write(pool: ConnectionPool, target: Target, slot: Slot, write: Write,
 
     The first transaction keeps the later slices' vectors in Redis, spend recorded, before
     it commits: a worker killed between slices leaves them for the next pass, paid once.
+    If that transaction fails, they are kept again at once as not recorded (the retries
+    of a database fault may last minutes; a worker killed meanwhile must not leave them
+    marked as counted).
     """
+    try:
+        return _commit_first(pool, target, slot, write, reservation, paid, slicer)
+    except psycopg.Error:
+        keep_unwritten(paid, slot, write)
+        raise
+
+
+def _commit_first(pool: ConnectionPool, target: Target, slot: Slot, write: Write,
+                  reservation: spend.Reservation, paid: PaidVectors, slicer: WriteSlicer
+                  ) -> Committed:
     with pool.connection() as conn:
         # The vectors belong to the slot's model, not to a column name: a swap or rollback
         # may have renamed the columns while we waited on the provider, and `init` may
