@@ -85,6 +85,7 @@ def test_paused_migration_has_no_eta_and_small_caps_keep_their_digits(
     assert "of a $0.0002 cap" in text and "ETA ?" in text
     assert [usd(x) for x in (0.0002, 0.00015, 0.5, 1234.5, 0)] == [
         "$0.0002", "$0.00015", "$0.50", "$1,234.50", "$0.00"]
+    fake_openai.set_faults(slow_model=None)  # the batch in flight returns: a quick stop
 
 
 def test_advice_after_a_migration_names_the_config_to_write(stack: Stack) -> None:

@@ -204,7 +204,12 @@ class FakeOpenAIServer(ServedApp):
         self._admit(body)
         req = parse_embedding_request(body)
         if req.model == self._faults.slow_model and self._faults.slow_model_latency > 0:
-            self._stopping.wait(self._faults.slow_model_latency)
+            # Ends early once the test clears the fault: a worker stopped after it does not
+            # wait out a 30 s request.
+            deadline = time.monotonic() + self._faults.slow_model_latency
+            while (time.monotonic() < deadline and self._faults.slow_model == req.model
+                   and not self._stopping.wait(min(0.05, deadline - time.monotonic()))):
+                pass
         self._hold(req.inputs)
         check_marker(req.inputs, self._faults.bad_input_marker)
         payload = embedding_body(req, 1 if self._take("wrong_dims_count") else 0,
