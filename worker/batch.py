@@ -61,7 +61,7 @@ from pgreembed.store.rows import (
 )
 from pgreembed.store.slots import Slot, mark_misconfigured
 from pgreembed.values import Embedded, Failed
-from worker.batch_write import Write, commit_write, keep_unwritten, slicer_for
+from worker.batch_write import Write, commit_write, slicer_for
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +174,14 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
         if reservation.id is not None:
             held.add(reservation.id)
         write = Write([*kept.embedded, *copied, *outcome.embedded], outcome.failed,
-                       kept.tokens + outcome.tokens, held, reused, frozenset(kept.recorded_keys),
-                       frozenset(item.row.pk for item in kept.embedded), deferred)
-        try:
-            result = retry_database_faults(
-                lambda: commit_write(pool, target, slot, write, reservation, paid,
-                                     slicer_for(settings)),
-                settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
-        except psycopg.Error:
-            keep_unwritten(paid, slot, write)
-            raise
+                      kept.tokens + outcome.tokens, held, reused, frozenset(kept.recorded_keys),
+                      frozenset(item.row.pk for item in kept.embedded), deferred)
+        # A write that fails for good keeps what was paid for (commit_write, at each failed
+        # try): the message's retry writes it.
+        result = retry_database_faults(
+            lambda: commit_write(pool, target, slot, write, reservation, paid,
+                                 slicer_for(settings.max_row_lock_ms)),
+            settings.write_retry_seconds, f"target {target.name} slot {slot.id}")
         claims.landed(set(result.written.keys) if result.slot is not None else set())
         busy, left = result.written.busy, result.written.left
         # Kept anew by the write (held by the app, or in a slice that did not commit): not

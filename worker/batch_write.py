@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from pgreembed.config import Settings, Target
+from pgreembed.config import Target
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.observability.redact import redact
 from pgreembed.store import usage as spend
@@ -57,7 +57,7 @@ class Committed:
     written: Written
 
 
-def keep_unwritten(paid: PaidVectors, slot: Slot, write: Write) -> None:
+def _keep_unwritten(paid: PaidVectors, slot: Slot, write: Write) -> None:
     """Not a row's fault: keep what was paid for, the message's retry writes it. Vectors
     whose spend the ledger has already stay marked so (counted once)."""
     recorded = [item for item in write.embedded if item.row.pk in write.recorded_keys]
@@ -77,14 +77,15 @@ def commit_write(pool: ConnectionPool, target: Target, slot: Slot, write: Write,
 
     The first transaction keeps the later slices' vectors in Redis, spend recorded, before
     it commits: a worker killed between slices leaves them for the next pass, paid once.
-    If that transaction fails, they are kept again at once as not recorded (the retries
-    of a database fault may last minutes; a worker killed meanwhile must not leave them
-    marked as counted).
+    If that transaction fails (not a row's fault), every vector of the batch is kept at
+    once as paid for and not counted, for the message's retry: the retries of a database
+    fault may last minutes, and a worker killed meanwhile must not leave them marked as
+    counted.
     """
     try:
         return _commit_first(pool, target, slot, write, reservation, paid, slicer)
     except psycopg.Error:
-        keep_unwritten(paid, slot, write)
+        _keep_unwritten(paid, slot, write)
         raise
 
 
@@ -110,7 +111,8 @@ def _commit_first(pool: ConnectionPool, target: Target, slot: Slot, write: Write
         # The later slices' vectors kept, spend recorded (in this transaction): if Redis
         # cannot keep them, they are written now, in one transaction as before.
         if later and not paid.keep(current, later, 0, set(), recorded=True):
-            written, later = written.add(write_isolating(conn, current, later)), []
+            written = written.add(write_isolating(conn, current, later))
+            first, later = write.embedded, []
         record_failures(conn, current, [*write.failed, *written.refused])
         write.record_usage(conn, current)
         reservation.settle(conn)  # in the same transaction as the billed tokens
@@ -118,8 +120,7 @@ def _commit_first(pool: ConnectionPool, target: Target, slot: Slot, write: Write
         # Kept before the commit that wakes the scheduler: the next pass finds them.
         if written.busy:
             paid.keep(current, written.busy, 0, set(), recorded=True)
-        if _to_redo(write.embedded[:len(write.embedded) - len(later)], written, write.kept
-                    ) or write.deferred:
+        if _to_redo(first, written, write.kept) or write.deferred:
             # Their text changed while we embedded, the app holds them, or their text's
             # buyer gave up: redo them now.
             wake_scheduler(conn, target.name)
@@ -188,12 +189,8 @@ def _dropped(conn: psycopg.Connection, target: Target, slot: Slot, current: Slot
     wake_scheduler(conn, target.name)
 
 
-def slicer_for(settings: Settings) -> WriteSlicer:
-    """The worker process's slicer for `[worker] max_row_lock_ms`."""
-    return _slicer_of(settings.max_row_lock_ms)
-
-
 @functools.cache
-def _slicer_of(max_row_lock_ms: float) -> WriteSlicer:
-    """One per worker process: the measured pace is the process's own."""
+def slicer_for(max_row_lock_ms: float) -> WriteSlicer:
+    """The worker process's slicer for `[worker] max_row_lock_ms`: the measured pace is the
+    process's own."""
     return WriteSlicer(max_row_lock_ms / 1000)

@@ -56,10 +56,6 @@ class Kept:
     # of a write, not because the write failed).
     recorded_keys: set[Any] = field(default_factory=set)
 
-    @property
-    def recorded(self) -> int:
-        return len(self.recorded_keys)
-
 
 class PaidVectors:
     """Keep, find and forget the vectors of rows whose write failed."""
