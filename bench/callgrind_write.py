@@ -163,12 +163,7 @@ class FirstRows(PathBench):
     def _ours_unprepared(self) -> None:
         """`process_batch` with `[worker] prepared_statements = false` (as before they were
         prepared): every statement parsed, analyzed and planned each time."""
-        prepared = self.settings
-        self.settings = dataclasses.replace(prepared, prepared_statements=False)
-        try:
-            self._ours()
-        finally:
-            self.settings = prepared
+        self._ours(dataclasses.replace(self.settings, prepared_statements=False))
 
     def _ours_hashing_in_the_server(self) -> None:
         """`process_batch` as it was before the version guard: the batch read and the
@@ -178,7 +173,7 @@ class FirstRows(PathBench):
 
         with mock.patch.object(store_rows, "_hashes_here", return_value=False), \
                 mock.patch.object(store_rows, "guard", hashed_only):
-            self._ours()
+            self._ours(self.settings)
 
     def lengthen_texts(self, times: int) -> None:
         """Each text `times` times as long (outside the meter; no row has a vector yet)."""

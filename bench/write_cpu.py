@@ -51,7 +51,7 @@ from bench.sections import (
     run_ceiling,
     run_ours,
 )
-from pgreembed.config import parse_settings
+from pgreembed.config import Settings, parse_settings
 from pgreembed.store.pool import close_pools
 
 STATS_SQL = """
@@ -118,6 +118,9 @@ class PathBench:
         self.env = {"DATABASE_URL": self.dsn, "REDIS_URL": services.redis.url,
                     "OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": services.fake.base_url}
         self.settings = parse_settings(self.document, self.env)
+        # What pgreembed did before write slices: a batch's vectors in one transaction.
+        self.unsliced = parse_settings({**self.document, "worker": {"max_row_lock_ms": 1e9}},
+                                       self.env)
         self.keys = [str(pk) for pk, _ in self.vectors]
         self.by_statement: dict[str, dict[str, list[float]]] = defaultdict(
             lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
@@ -125,7 +128,8 @@ class PathBench:
     def arms(self) -> dict[str, Callable[[], None]]:
         return {"raw write": lambda: self._raw(False),
                 "raw write + state rows": lambda: self._raw(True),
-                "ours (process_batch)": self._ours}
+                "ours (process_batch)": lambda: self._ours(self.settings),
+                "ours, unsliced": lambda: self._ours(self.unsliced)}
 
     def _raw(self, state_rows: bool, options: str = "") -> None:
         with psycopg.connect(self.dsn, autocommit=True, options=options) as conn:
@@ -135,7 +139,7 @@ class PathBench:
                 _write_chunk(conn, self.vector_type, self.vectors[i:i + self.batch],
                              self.state_table if state_rows else None)
 
-    def _ours(self) -> None:
+    def _ours(self, settings: Settings) -> None:
         # Importing `worker` builds its broker from the environment's settings.
         with mock.patch.dict(os.environ, {"DATABASE_URL": self.dsn,
                                           "REDIS_URL": self.settings.redis_url,
@@ -143,7 +147,7 @@ class PathBench:
                                           "OPENAI_API_KEY": API_KEY}):
             from worker.batch import process_batch
         for i in range(0, self.rows, self.batch):
-            report = process_batch(self.settings, "docs", self.slot_id,
+            report = process_batch(settings, "docs", self.slot_id,
                                    self.keys[i:i + self.batch])
             if report.written != len(self.keys[i:i + self.batch]):
                 raise AssertionError(f"process_batch wrote {report.written}: {report}")

@@ -193,21 +193,24 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
         if result.slot is None:  # dropped: not the column's model any more, or no column
             return BatchReport(len(keys), len(rows), 0, 0, 0, dropped=len(write.embedded))
         slot, written, refused = result.slot, result.written.keys, result.written.refused
-        changed = len(write.embedded) - len(written) - len(refused) - len(busy) - len(left)
+        dropped = len(result.written.dropped)  # later slices, after a model change
+        changed = (len(write.embedded) - len(written) - len(refused) - len(busy) - len(left)
+                   - dropped)
         failures = [*write.failed, *refused]
         for failure in refused:
             log.warning("target %s row %s not written: %s", target.name, failure.row.pk,
                         failure.reason)
         report = BatchReport(len(keys), len(rows), len(written), len(failures), changed,
-                             reused, busy=len(busy) + len(left))
+                             reused, busy=len(busy) + len(left), dropped=dropped)
         _count(slot, report, write.tokens, failures)  # kept vectors were not counted
         _observe_lag(slot, written, claimed_at)
         log.info("target %s slot %d: %d written (%d of them copied from an identical text),"
                  " %d failed, %d changed meanwhile, %d held by another transaction and %d"
                  " after a slice that failed (kept for the next pass), %d left pending (their"
-                 " text's buyer gave up or is writing it) (of %d)",
+                 " text's buyer gave up or is writing it), %d dropped (the column's model"
+                 " changed) (of %d)",
                  target.name, slot.id, report.written, reused, report.failed, changed,
-                 len(busy), len(left), write.deferred, len(keys))
+                 len(busy), len(left), write.deferred, dropped, len(keys))
         return report
 
 

@@ -144,7 +144,7 @@ def _write_slices(pool: ConnectionPool, target: Target, slot: Slot, items: list[
                 if current is None or not current.holds_vectors_of(slot):
                     _dropped(conn, target, slot, current, len(items))
                     paid.forget(slot, [item.row for item in items])
-                    return done
+                    return done.add(Written(dropped=items))
                 column = (current.id, current.vector_column)
                 piece, rest = slicer.take(column, items)
                 started = time.monotonic()

@@ -31,7 +31,6 @@ from pgreembed.store.faults import describe, is_row_fault
 from pgreembed.store.pool import PREPARE
 from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
-from pgreembed.store.trusted_sql import NO_PARAMS
 from pgreembed.values import Embedded, Failed, Row
 
 # The write path's arrays of keys travel in binary (`%b`): Postgres reads each element's
@@ -137,10 +136,14 @@ class Written:
     # Rows of a batch written in slices whose slice did not commit (the database failed
     # between slices): their vectors stay kept for the next pass, like `busy` ones.
     left: list[Embedded] = field(default_factory=list)
+    # Rows of later slices not written because the column's model changed between
+    # slices: their vectors are another model's, the rows stay pending for the new one.
+    dropped: list[Embedded] = field(default_factory=list)
 
     def add(self, other: Written) -> Written:
         return Written(self.keys + other.keys, self.refused + other.refused,
-                       self.busy + other.busy, self.left + other.left)
+                       self.busy + other.busy, self.left + other.left,
+                       self.dropped + other.dropped)
 
 
 def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
@@ -210,13 +213,17 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
                 copy.write_row((str(item.row.pk), item.row.content_hash, vector, item.truncated,
                                 item.row.version))
         # Two statements, not one data-modifying WITH: an app's DO ALSO rule on its table
-        # refuses an UPDATE inside WITH (RETURNING is allowed).
+        # refuses an UPDATE inside WITH (RETURNING is allowed). The keys are named on the
+        # app's side too: the temporary table has no statistics (the planner guesses 850
+        # rows), so below ~100k rows it hashed the whole app table for every write, a
+        # full scan per slice of a few rows (bench.write_cpu --hnsw).
         cur.execute(sql.SQL(
             "UPDATE {table} AS a SET {vector} = i.pgr_vec FROM {incoming} i"
-            " WHERE a.{pk} = i.pgr_pk::{pk_type} AND {guard} RETURNING i.pgr_pk"
+            " WHERE a.{pk} = ANY(%b::text[]::{pk_type}[]) AND a.{pk} = i.pgr_pk::{pk_type}"
+            " AND {guard} RETURNING i.pgr_pk"
         ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
-                 pk_type=slot.pk_cast, guard=guard(slot)), NO_PARAMS,  # a text_sql's %%
-            prepare=PREPARE)
+                 pk_type=slot.pk_cast, guard=guard(slot)),  # a text_sql's %% is escaped
+            ([str(item.row.pk) for item in results],), prepare=PREPARE)
         written = [row[0] for row in cur.fetchall()]
         if not written:
             return Written(busy=skipped)
