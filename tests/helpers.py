@@ -245,6 +245,26 @@ def rows_in_flight(stack: Stack, model: str | None = None) -> int:
         return sum(int(client.zcard(f"pgreembed:inflight:{slot}")) for slot in slots)
 
 
+def claims_before(stack: Stack, model: str, before: float) -> int:
+    """Rows of `model`'s slots claimed (enqueued) at or before `before` (time.time()) that
+    no worker has released yet: 0 once every batch of `model` in flight then has landed."""
+    with stack.connect() as conn:
+        slots = [r[0] for r in conn.execute(
+            "SELECT s.id FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id"
+            " WHERE m.name = %s", (model,))]
+    with redis.Redis.from_url(stack.redis_url) as client:
+        return sum(int(client.zcount(f"pgreembed:inflight:{slot}", "-inf", before))
+                   for slot in slots)
+
+
+def wait_landed(stack: Stack, model: str, before: float,
+                also: Callable[[], bool] = lambda: True, message: str = "") -> None:
+    """Until the batches of `model` in flight at `before` (time.time()) have landed (and
+    `also()`): a step's racing batches land while the test's app load keeps on."""
+    wait_for(lambda: claims_before(stack, model, before) == 0 and also(), timeout=60,
+             message=f"the batches of {model} in flight at the step to land {message}")
+
+
 def vector_texts(vectors: np.ndarray) -> list[str]:
     return ["[" + ",".join(f"{x:.7g}" for x in row) + "]" for row in vectors]
 

@@ -38,6 +38,7 @@ from tests.helpers import (
     steady_writer,
     wait_filled,
     wait_for,
+    wait_landed,
     write_config,
 )
 
@@ -205,7 +206,9 @@ def swap_under_load(stack: Stack, fake: FakeOpenAIServer, step: str, slow: str
         wait_for(lambda: reads["ok"] > 0 and rows_in_flight(stack, slow) > 0, timeout=30,
                  message=f"the app reading and batches of the slowed {slow} in flight")
         doc = json_document(migrate(stack, step, "--json", "--timeout", "60"))
-        time.sleep(1.0)  # the app keeps on while the batches slowed 0.5 s land after the step
+        # The app keeps on while the batches of the slowed model land after the step.
+        wait_landed(stack, slow, time.time(),
+                    also=lambda: writes["edits"] > 5 and reads["ok"] > 50)
     assert writes["edits"] > 5 and writes["errors"] == 0
     assert reads["ok"] > 50 and reads["errors"] == 0, reads
     fake.set_faults(slow_model=None, slow_model_latency=0.0)

