@@ -138,7 +138,7 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
     with claims:
         claimed = claims.claim(distinct.sent)
         if claimed.later:
-            _copy_or_take_over(pool, target, slot, claims, claimed)
+            _copy_or_take_over(pool, target, slot, claims, claimed, kept.embedded)
         to_embed = claimed.mine
         outcome = Outcome()
         reservation = spend.Reservation(None, None, True)
@@ -217,16 +217,20 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
 
 
 def _copy_or_take_over(pool: ConnectionPool, target: Target, slot: Slot,
-                       claims: TextClaims, claimed: Claimed) -> None:
+                       claims: TextClaims, claimed: Claimed, kept: Sequence[Embedded]
+                       ) -> None:
     """Texts another batch bought and wrote lately ('done'): copied from Postgres, probed
-    again (the batch's first probe may have run before that write). A text no row holds
-    any more (its rows were edited since) is taken over and bought: there is nothing to
-    copy, and its rows were sent back until the mark expired (30 s) before."""
+    again (the batch's first probe may have run before that write), or from a vector this
+    batch holds kept for another row of the same text. A text found in neither (its rows
+    were edited since) is taken over and bought: there is nothing to copy, and its rows
+    were sent back until the mark expired (30 s) before."""
     with pool.connection() as conn:
         current = lock_slot(conn, target, slot.id, "ACCESS SHARE")
         if current is None or not current.holds_vectors_of(slot):
             return  # the column's model changed: the rows stay pending, as before
         found = known_vectors(conn, current, claimed.later)
+    for item in kept:  # the slot's model's (embedding.paid keys them by slot and model)
+        found.setdefault(item.row.content_hash, (item.vector, item.truncated))
     claimed.copied.extend(Embedded(row, *found[row.content_hash])
                           for row in claimed.later if row.content_hash in found)
     missing = [row for row in claimed.later if row.content_hash not in found]

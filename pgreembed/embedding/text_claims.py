@@ -61,8 +61,11 @@ PUBLISH_SECONDS = 60  # a published vector, for the batches polling for it (50 m
 DONE_SECONDS = 30  # a text bought lately: longer than a batch takes from its read to here
 POLL_SECONDS = 0.05
 ALIVE_SECONDS = 10.0  # a buyer's "alive" key; refreshed every third of it while it runs
-_TAKE_OVER = ("if redis.call('GET', KEYS[1]) == 'D' then"
-              " redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end return 0")
+# Each key still marked done ('D') becomes this batch's claim (ARGV[1], ARGV[2] ms): 1,
+# else 0 (another batch's claim, a vector, or gone meanwhile).
+_TAKE_OVER = ("local out = {} for i, key in ipairs(KEYS) do out[i] = 0"
+              " if redis.call('GET', key) == 'D' then"
+              " redis.call('SET', key, ARGV[1], 'PX', ARGV[2]) out[i] = 1 end end return out")
 _DROP_DEAD = ("if redis.call('GET', KEYS[1]) == ARGV[1] then"
               " return redis.call('DEL', KEYS[1]) end return 0")
 _CLAIM = (Path(__file__).parent / "text_claim.lua").read_text()
@@ -179,18 +182,21 @@ class TextClaims:
         """Of `rows` (texts marked done whose vector no row holds any more), those whose
         claim this batch now holds: it buys them. A text another batch claimed meanwhile
         is left to it (its rows stay pending, as before)."""
-        taken: list[Row] = []
+        if not rows:
+            return []
+        # Alive before the claims exist: a waiter that met one with no alive key would
+        # take its buyer for dead and drop it (then a third batch buys the text too).
+        self._keep_alive()
         try:
-            for row in rows:
-                if self.client.eval(_TAKE_OVER, 1, self._key(row), self.token,
-                                    int(self.claim_seconds * 1000)):
-                    self._held.add(self._key(row))
-                    taken.append(row)
+            won = self.client.register_script(_TAKE_OVER)(
+                keys=[self._key(r) for r in rows],
+                args=[self.token, int(self.claim_seconds * 1000)])
         except redis.RedisError as exc:
             log.warning("slot %d: text claims unavailable (%s): %d texts left pending",
-                        self.slot.id, type(exc).__name__, len(rows) - len(taken))
-        if taken:
-            self._keep_alive()
+                        self.slot.id, type(exc).__name__, len(rows))
+            return []
+        taken = [row for row, got in zip(rows, won, strict=True) if got]
+        self._held.update(self._key(row) for row in taken)
         return taken
 
     def publish(self, embedded: Sequence[Embedded]) -> None:
