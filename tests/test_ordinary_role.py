@@ -79,7 +79,7 @@ def test_the_whole_lifecycle_as_an_ordinary_role(
                                                 worker_extra=SIDE_FILL))
     seed(stack, 60)
     run(stack, "init")
-    stack.start_worker(threads=4)
+    worker = stack.start_worker(threads=4)
     stack.start_scheduler()
     wait_filled(stack, "embedding")
     with psycopg.connect(roles.app_dsn, autocommit=True) as app:  # the app's own edits
@@ -114,7 +114,14 @@ def test_the_whole_lifecycle_as_an_ordinary_role(
     run(stack, "migrate", "finalize", "--target", "docs")
 
     # A side fill the scheduler starts by itself for a bulk import, through to finalize.
+    # The workers stop first: 4 threads drained the 300 rows (many copies of texts the
+    # table holds) below the threshold before the scheduler's check now and then.
+    worker.terminate()
+    worker.wait(timeout=60)
     seed(stack, 300)
+    wait_for(lambda: ("backlog" in {reason for reason, _ in migration_phases(stack)}),
+             timeout=60, interval=0.5, message="the scheduler starting a side fill")
+    stack.start_worker(threads=4)
     wait_for(lambda: migration_phases(stack)[-1:] == [("backlog", "finalized")],
              timeout=300, interval=0.5, message="the side fill finalized")
     wait_filled(stack, "embedding")
