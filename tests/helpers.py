@@ -234,26 +234,18 @@ def wait_filled(stack: Stack, column: str, at_most: int = 0) -> None:
     wait_for(filled, timeout=120, interval=0.3, message=f"{column} filled")
 
 
-def rows_in_flight(stack: Stack, model: str | None = None) -> int:
+def rows_in_flight(stack: Stack, model: str | None = None, before: float | None = None
+                   ) -> int:
     """Rows the scheduler claimed and no worker has released yet (the Redis markers of
-    every slot, or of the slots filled by `model`): 0 once every batch sent is written."""
+    every slot, or of the slots filled by `model`; claimed at or before `before`,
+    time.time(), if given): 0 once every batch sent (by then) is written."""
     with stack.connect() as conn:
         slots = [r[0] for r in conn.execute(
             "SELECT s.id FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id"
             " WHERE %(model)s::text IS NULL OR m.name = %(model)s", {"model": model})]
+    until = "+inf" if before is None else before
     with redis.Redis.from_url(stack.redis_url) as client:
-        return sum(int(client.zcard(f"pgreembed:inflight:{slot}")) for slot in slots)
-
-
-def claims_before(stack: Stack, model: str, before: float) -> int:
-    """Rows of `model`'s slots claimed (enqueued) at or before `before` (time.time()) that
-    no worker has released yet: 0 once every batch of `model` in flight then has landed."""
-    with stack.connect() as conn:
-        slots = [r[0] for r in conn.execute(
-            "SELECT s.id FROM pgreembed.slots s JOIN pgreembed.models m ON m.id = s.model_id"
-            " WHERE m.name = %s", (model,))]
-    with redis.Redis.from_url(stack.redis_url) as client:
-        return sum(int(client.zcount(f"pgreembed:inflight:{slot}", "-inf", before))
+        return sum(int(client.zcount(f"pgreembed:inflight:{slot}", "-inf", until))
                    for slot in slots)
 
 
@@ -261,7 +253,7 @@ def wait_landed(stack: Stack, model: str, before: float,
                 also: Callable[[], bool] = lambda: True, message: str = "") -> None:
     """Until the batches of `model` in flight at `before` (time.time()) have landed (and
     `also()`): a step's racing batches land while the test's app load keeps on."""
-    wait_for(lambda: claims_before(stack, model, before) == 0 and also(), timeout=60,
+    wait_for(lambda: rows_in_flight(stack, model, before) == 0 and also(), timeout=60,
              message=f"the batches of {model} in flight at the step to land {message}")
 
 
