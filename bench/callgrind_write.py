@@ -38,6 +38,7 @@ from unittest import mock
 
 import psutil
 import psycopg
+from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from bench.harness import Services
@@ -155,8 +156,25 @@ class FirstRows(PathBench):
         del arms["ours, unsliced"]  # what "ours" is here (see __init__)
         return {**arms, "raw write, pk join": lambda: self._raw(
             False, "-c enable_hashjoin=off -c enable_mergejoin=off"),
+            "raw write, binary arrays, pk join": self._raw_arrays,
             "ours, texts hashed by the server": self._ours_hashing_in_the_server,
             "ours, prepared_statements off": self._ours_unprepared}
+
+    def _raw_arrays(self) -> None:
+        """The raw write as ours sends it since the sixth pass (docs/performance.md): one
+        `UPDATE ... FROM unnest(keys, vectors)` of binary arrays, through the pk; no
+        temporary table, no state row."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            register_vector(conn)
+            for i in range(0, self.rows, self.batch):
+                chunk = self.vectors[i:i + self.batch]
+                conn.execute(sql.SQL(
+                    "UPDATE docs d SET embedding = i.vec"
+                    " FROM unnest(%b::bigint[], %b::{}[]) AS i(id, vec)"
+                    " WHERE d.id = ANY(%b::bigint[]) AND d.id = i.id").format(
+                        sql.SQL(self.vector_type)),
+                    ([pk for pk, _ in chunk], [vector for _, vector in chunk],
+                     [pk for pk, _ in chunk]))
 
     def ours_from(self, checkout: Path) -> None:
         """`process_batch` as the code in `checkout` runs it (before/after in one run)."""

@@ -5,11 +5,16 @@ Two parts, each in rounds that interleave its arms (the arms' order rotates), me
 - `path`: the database side of one worker batch, in this process, one batch after the
   other on one connection: `worker.batch.process_batch` (read the pending rows under
   the slot's lock, probe the known vectors, call the local stand-in provider, then the
-  write transaction: lock the slot, lock the free rows, COPY, the guarded UPDATE with the
-  state upsert, the usage row) against the raw write (binary COPY into a temporary table
-  and `UPDATE ... FROM`, 512-row transactions, one connection) and the raw write plus a
-  state row per vector, on the same table. With --stats, pg_stat_statements' execution
-  time per statement of each arm (one connection, nothing else runs: wall ~ CPU).
+  write transaction: lock the slot, lock the free rows, the guarded UPDATE with the
+  state upsert, the usage row; by default in slices, `[worker] max_row_lock_ms`, and in
+  one transaction a batch, "unsliced"; --budgets adds other budgets) against the raw
+  write (binary COPY into a temporary table and `UPDATE ... FROM`, 512-row transactions,
+  one connection) and the raw write plus a state row per vector, on the same table.
+  With --stats, pg_stat_statements' execution time per statement of each arm (one
+  connection, nothing else runs: wall ~ CPU).
+  --raw-slice-rows N adds the raw write in N-row transactions (what a transaction of the
+  size of our slices costs anyway: on HNSW, each UPDATE statement costs the server
+  ~1,700 page faults; docs/performance.md, sixth pass).
 - `pipeline` (--pipeline): the whole pipeline (`pgreembed tick` + `dramatiq worker`, 2
   processes x 4 threads) with `pool_max_size` 4 and 1, against the raw write on 2
   connections, each on a fresh copy of the same rows (bench.sections).
@@ -21,6 +26,7 @@ ends with a CHECKPOINT inside its meter (and starts after one outside it), so it
 for writing the pages it dirtied and for no one else's:
 
     python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
+                              [--budgets 100,200] [--raw-slice-rows 7]
                               [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
                               [--pool-sizes 4,1] [--before CHECKOUT] [--perf] [--no-path]
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import time
@@ -92,8 +99,9 @@ class PathBench:
     pending_again = "UPDATE docs SET embedding = NULL"  # the reset: every row written
 
     def __init__(self, services: Services, rows: int, batch: int, hnsw: bool,
-                 stats: bool) -> None:
+                 stats: bool, slice_rows: int = 0, budgets: tuple[float, ...] = ()) -> None:
         self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
+        self.slice_rows = slice_rows
         self.dsn = services.fresh_copy(rows, "path")
         self.dbname = str(psycopg.conninfo.conninfo_to_dict(self.dsn)["dbname"])
         with pipeline(services, self.dsn, Tuning(batch_size=batch)) as run:
@@ -121,22 +129,36 @@ class PathBench:
         # What pgreembed did before write slices: a batch's vectors in one transaction.
         self.unsliced = parse_settings({**self.document, "worker": {"max_row_lock_ms": 1e9}},
                                        self.env)
+        # Other slice budgets than the default (`[worker] max_row_lock_ms`).
+        self.budgeted = {budget: parse_settings(
+            {**self.document, "worker": {"max_row_lock_ms": budget}}, self.env)
+            for budget in budgets}
         self.keys = [str(pk) for pk, _ in self.vectors]
         self.by_statement: dict[str, dict[str, list[float]]] = defaultdict(
             lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
 
     def arms(self) -> dict[str, Callable[[], None]]:
-        return {"raw write": lambda: self._raw(False),
+        arms = {"raw write": lambda: self._raw(False),
                 "raw write + state rows": lambda: self._raw(True),
                 "ours (process_batch)": lambda: self._ours(self.settings),
                 "ours, unsliced": lambda: self._ours(self.unsliced)}
+        for budget, settings in self.budgeted.items():
+            arms[f"ours, max_row_lock_ms {budget:g}"] = (
+                functools.partial(self._ours, settings))
+        if self.slice_rows:
+            # What any small transaction costs, ours or not: the raw write in transactions
+            # of about the rows of our slices (pg_stat_statements' calls of our UPDATE).
+            arms[f"raw write, {self.slice_rows}-row transactions"] = (
+                lambda: self._raw(False, size=self.slice_rows))
+        return arms
 
-    def _raw(self, state_rows: bool, options: str = "") -> None:
+    def _raw(self, state_rows: bool, options: str = "", size: int = 0) -> None:
+        size = size or self.batch
         with psycopg.connect(self.dsn, autocommit=True, options=options) as conn:
             from pgvector.psycopg import register_vector
             register_vector(conn)
-            for i in range(0, self.rows, self.batch):
-                _write_chunk(conn, self.vector_type, self.vectors[i:i + self.batch],
+            for i in range(0, self.rows, size):
+                _write_chunk(conn, self.vector_type, self.vectors[i:i + size],
                              self.state_table if state_rows else None)
 
     def _ours(self, settings: Settings) -> None:
@@ -192,7 +214,9 @@ class PathBench:
 
 
 def run_path(services: Services, args: argparse.Namespace) -> None:
-    bench = PathBench(services, args.rows, args.batch, args.hnsw, args.stats)
+    bench = PathBench(services, args.rows, args.batch, args.hnsw, args.stats,
+                      args.raw_slice_rows,
+                      tuple(float(b) for b in args.budgets.split(",")) if args.budgets else ())
     cpu: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     arms = list(bench.arms().items())
@@ -319,6 +343,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--hnsw", action="store_true", help="path: an HNSW-indexed column")
+    parser.add_argument("--budgets", metavar="MS,MS",
+                        help="path: also ours with these `[worker] max_row_lock_ms`")
+    parser.add_argument("--raw-slice-rows", type=int, default=0, metavar="N",
+                        help="path: also the raw write in N-row transactions (our slices'"
+                             " size: --stats prints it as the calls of our UPDATE)")
     parser.add_argument("--stats", action="store_true",
                         help="pg_stat_statements per statement (path and pipeline)")
     parser.add_argument("--perf", action="store_true",

@@ -1,8 +1,8 @@
 """What locking a batch's rows first (key order, SKIP LOCKED) costs the write.
 
-The workers' write (store.rows.write_vectors: binary COPY + `UPDATE ... FROM`) now locks
-the batch's rows with `SELECT ... ORDER BY pk FOR NO KEY UPDATE SKIP LOCKED` before it, so it
-never waits on the app's row locks. This times the same write with and without that
+The workers' write (store.rows.write_vectors: `UPDATE ... FROM unnest(...)` over binary
+arrays) locks the batch's rows with `SELECT ... ORDER BY pk FOR NO KEY UPDATE SKIP LOCKED`
+before it, so it never waits on the app's row locks. This times the same write with and without that
 step, on the unindexed column (where the write is fastest, so the extra statement shows
 most) or, with --hnsw, on an HNSW-indexed one (the table users have), in rounds that
 alternate between the two, one database, one connection:

@@ -110,10 +110,10 @@ SLICE = 4
 
 
 def test_a_write_reads_only_its_rows_of_the_app_table(database_url: str) -> None:
-    """The write's `UPDATE ... FROM` its temporary table: that table has no statistics,
-    so the planner guessed 850 rows and, below ~100k rows in the app's table, hashed the
-    whole app table for every write. Once a batch was written in slices of a few rows
-    (worker.batch_write) that was a full scan of the app's table per few rows written."""
+    """The write's `UPDATE ... FROM` goes through the pk, never a scan of the app's
+    table: written in slices of a few rows (worker.batch_write), a scan would be paid per
+    few rows. (Found when it read a temporary table without statistics: the planner
+    guessed 850 rows and, below ~100k rows in the app's table, hashed the whole table.)"""
     target, slot = _docs(database_url, ROWS // 10)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE docs")

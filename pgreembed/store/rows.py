@@ -1,7 +1,8 @@
 """Reading rows to embed and writing vectors back, with the no-stale-write guard.
 
-The write path is one binary COPY into a temporary table and one
-`UPDATE ... FROM` (measured ~4x faster than executemany for big batches). The
+The write path is one `UPDATE ... FROM` over binary arrays of keys, hashes and
+vectors (set-based: its COPY-fed predecessor was measured ~4x faster than executemany
+for big batches). The
 UPDATE only touches rows whose text still hashes to what was embedded
 (invariant 2); the rows it skipped changed meanwhile and stay pending. A row
 the app's table refuses (a constraint or trigger of the app's) is isolated by
@@ -33,7 +34,7 @@ from pgreembed.store.slots import Slot, app_table, load_slot
 from pgreembed.store.table_lock import join_writers
 from pgreembed.values import Embedded, Failed, Row
 
-# The write path's arrays of keys travel in binary (`%b`): Postgres reads each element's
+# The write path's arrays travel in binary (`%b`): Postgres reads each element's
 # length instead of parsing an array literal (array_in was ~2% of the server's
 # instructions per row written; bench.callgrind_write).
 
@@ -74,7 +75,7 @@ def text_hash(text: str | None) -> uuid.UUID:
 
 
 class _XidDumper(Dumper):
-    """A row version (xmin) in a binary COPY: psycopg has no binary dumper for `xid`."""
+    """A row version (xmin) in a binary array: psycopg has no binary dumper for `xid`."""
 
     format = Format.BINARY
     oid = postgres.types["xid"].oid
@@ -84,8 +85,7 @@ class _XidDumper(Dumper):
 
 
 class _Xid(int):
-    """Registered with `_XidDumper` (by oid, for COPY's set_types), so plain ints keep
-    their own dumpers."""
+    """Registered with `_XidDumper`, so plain ints keep their own dumpers."""
 
 
 def guard(slot: Slot, row: str = "a", incoming: str = "i") -> sql.Composed:
@@ -176,6 +176,11 @@ def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
     return locked, busy
 
 
+# Rows per UPDATE: a part's vectors travel as one array parameter (2,048 x 1536 dims is
+# ~12.6 MB); the Batch API collector writes up to 50,000 rows in one transaction.
+WRITE_PART_ROWS = 2048
+
+
 def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]
                   ) -> Written:
     """Write vectors whose row text is unchanged, into rows nobody else holds locked.
@@ -184,67 +189,68 @@ def write_vectors(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedd
     the vectors must be of its model (`Slot.holds_vectors_of`): only under that lock is
     its column name sure (a swap may have renamed the columns while the provider was
     embedding; invariant 7). Rows the app holds are skipped (`Written.busy`), never
-    waited for (see `lock_free_rows`). The temporary table empties itself at commit, and
-    is emptied first (a savepoint's earlier write, see `write_isolating`, is still in it
-    until then).
+    waited for (see `lock_free_rows`).
     """
     if not results:
         return Written()
     locked, busy = lock_free_rows(conn, slot, [str(item.row.pk) for item in results])
     skipped = [item for item in results if str(item.row.pk) in busy]
     results = [item for item in results if str(item.row.pk) in locked]
-    if not results:
-        return Written(busy=skipped)
-    # One temporary table per vector type, kept by the pooled connection.
-    incoming = sql.Identifier(f"pgreembed_incoming_v_{slot.vector_type}")
-    conn.execute(sql.SQL(
-        "CREATE TEMP TABLE IF NOT EXISTS {} (pgr_pk text, pgr_hash uuid, pgr_vec {},"
-        " pgr_truncated boolean, pgr_xmin xid) ON COMMIT DELETE ROWS"
-    ).format(incoming, sql.SQL(slot.vector_type)))
-    conn.execute(sql.SQL("DELETE FROM {}").format(incoming), prepare=PREPARE)
     conn.adapters.register_dumper(_Xid, _XidDumper)
-    with conn.cursor() as cur:
-        with cur.copy(sql.SQL("COPY {} (pgr_pk, pgr_hash, pgr_vec, pgr_truncated, pgr_xmin)"
-                              " FROM STDIN (FORMAT BINARY)").format(incoming)) as copy:
-            copy.set_types(["text", "uuid", slot.vector_type, "bool", "xid"])
-            half = slot.vector_type == "halfvec"
-            for item in results:
-                vector = HalfVector(item.vector) if half else item.vector
-                copy.write_row((str(item.row.pk), item.row.content_hash, vector, item.truncated,
-                                item.row.version))
-        # Two statements, not one data-modifying WITH: an app's DO ALSO rule on its table
-        # refuses an UPDATE inside WITH (RETURNING is allowed). The keys are named on the
-        # app's side too: the temporary table has no statistics (the planner guesses 850
-        # rows), so below ~100k rows it hashed the whole app table for every write, a
-        # full scan per slice of a few rows (bench.write_cpu --hnsw).
-        cur.execute(sql.SQL(
-            "UPDATE {table} AS a SET {vector} = i.pgr_vec FROM {incoming} i"
-            " WHERE a.{pk} = ANY(%b::text[]::{pk_type}[]) AND a.{pk} = i.pgr_pk::{pk_type}"
-            " AND {guard} RETURNING i.pgr_pk"
-        ).format(table=slot.table, vector=slot.vector, incoming=incoming, pk=slot.pk,
-                 pk_type=slot.pk_cast, guard=guard(slot)),  # a text_sql's %% is escaped
-            ([str(item.row.pk) for item in results],), prepare=PREPARE)
-        written = [row[0] for row in cur.fetchall()]
-        if not written:
-            return Written(busy=skipped)
-        cur.execute(sql.SQL(
-            """
-            INSERT INTO {state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at, pgr_truncated,
-                                 pgr_failed_hash, pgr_failure, pgr_attempts, pgr_failed_at)
-            SELECT i.pgr_pk::{pk_type}, %s, i.pgr_hash, now(), i.pgr_truncated,
-                   NULL, NULL, 0, NULL
-            FROM {incoming} i JOIN unnest(%b::text[]) AS w(pk) ON i.pgr_pk = w.pk
-            ON CONFLICT (pgr_pk) DO UPDATE SET
-                pgr_model_id = excluded.pgr_model_id, pgr_hash = excluded.pgr_hash,
-                pgr_embedded_at = excluded.pgr_embedded_at,
-                pgr_truncated = excluded.pgr_truncated,
-                pgr_failed_hash = NULL, pgr_failure = NULL, pgr_attempts = 0,
-                pgr_failed_at = NULL
-            """
-        ).format(incoming=incoming, pk_type=slot.pk_cast, state=slot.state_table),
-            (slot.model_id, written), prepare=PREPARE)
-        key_of = {str(item.row.pk): item.row.pk for item in results}  # the row's own type
-        return Written(keys=[key_of[k] for k in written], busy=skipped)
+    written: list[Any] = []
+    for start in range(0, len(results), WRITE_PART_ROWS):
+        written += _write_part(conn, slot, results[start:start + WRITE_PART_ROWS])
+    return Written(keys=written, busy=skipped)
+
+
+def _write_part(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]
+                ) -> list[Any]:
+    """One guarded `UPDATE ... FROM unnest(arrays)` and the state upsert of the rows it
+    wrote; their keys."""
+    # Binary arrays, not a temporary table filled by COPY (the write until 2026-12-07): its
+    # creation check, emptying, COPY round trip and truncation at commit were paid by
+    # every write slice (docs/performance.md, sixth pass).
+    if not results:
+        return []
+    half = slot.vector_type == "halfvec"
+    keys = [str(item.row.pk) for item in results]
+    # Two statements, not one data-modifying WITH: an app's DO ALSO rule on its table
+    # refuses an UPDATE inside WITH (RETURNING is allowed). The keys are named on the
+    # app's side too, so the planner goes through the pk (an Index Scan of the keys).
+    written = {row[0] for row in conn.execute(sql.SQL(
+        "UPDATE {table} AS a SET {vector} = i.pgr_vec"
+        " FROM unnest(%(keys)b::text[], %(hashes)b::uuid[], %(vectors)b::{vector_type}[],"
+        " %(versions)b::xid[])"
+        " AS i(pgr_pk, pgr_hash, pgr_vec, pgr_xmin)"
+        " WHERE a.{pk} = ANY(%(keys)b::text[]::{pk_type}[]) AND a.{pk} = i.pgr_pk::{pk_type}"
+        " AND {guard} RETURNING i.pgr_pk"
+    ).format(table=slot.table, vector=slot.vector, vector_type=sql.SQL(slot.vector_type),
+             pk=slot.pk, pk_type=slot.pk_cast, guard=guard(slot)),  # a text_sql's %% escaped
+        {"keys": keys, "hashes": [item.row.content_hash for item in results],
+         "vectors": [HalfVector(item.vector) if half else item.vector for item in results],
+         "versions": [None if item.row.version is None else _Xid(item.row.version)
+                      for item in results]}, prepare=PREPARE)}
+    if not written:
+        return []
+    done = [item for item in results if str(item.row.pk) in written]
+    conn.execute(sql.SQL(
+        """
+        INSERT INTO {state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at, pgr_truncated,
+                             pgr_failed_hash, pgr_failure, pgr_attempts, pgr_failed_at)
+        SELECT w.pk::{pk_type}, %s, w.hash, now(), w.truncated, NULL, NULL, 0, NULL
+        FROM unnest(%b::text[], %b::uuid[], %b::boolean[]) AS w(pk, hash, truncated)
+        ON CONFLICT (pgr_pk) DO UPDATE SET
+            pgr_model_id = excluded.pgr_model_id, pgr_hash = excluded.pgr_hash,
+            pgr_embedded_at = excluded.pgr_embedded_at,
+            pgr_truncated = excluded.pgr_truncated,
+            pgr_failed_hash = NULL, pgr_failure = NULL, pgr_attempts = 0,
+            pgr_failed_at = NULL
+        """
+    ).format(pk_type=slot.pk_cast, state=slot.state_table),
+        (slot.model_id, [str(item.row.pk) for item in done],
+         [item.row.content_hash for item in done], [item.truncated for item in done]),
+        prepare=PREPARE)
+    return [item.row.pk for item in done]  # the row's own type
 
 
 def write_isolating(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]
