@@ -81,7 +81,14 @@ def test_tune_with_a_filter_sweeps_iterative_scans_only_where_pgvector_has_them(
     report = json_document(out.stdout)
     tried = {row["settings"].get("ivfflat.iterative_scan") for row in report["sweep"]}
     if vector >= (0, 8, 0):
-        assert "relaxed_order" in tried and report["notes"] == []
+        assert report["notes"] == []
+        # Each probes value is measured without, then with, the iterative scan, and the
+        # sweep stops at the first that reaches the target: for some of the 5 sampled
+        # queries that is the very first, without it (seen once in CI on PG15).
+        first = report["sweep"][0]
+        assert "relaxed_order" in tried or (len(report["sweep"]) == 1 and first["reached"]
+                                            and first["settings"].get(
+                                                "ivfflat.iterative_scan") == "off"), report
     else:  # e.g. PostgreSQL 15 + pgvector 0.7.4 (docs/development.md)
         assert tried == {None}
         [note] = report["notes"]
