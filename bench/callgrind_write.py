@@ -170,11 +170,11 @@ class FirstRows(PathBench):
                 chunk = self.vectors[i:i + self.batch]
                 conn.execute(sql.SQL(
                     "UPDATE docs d SET embedding = i.vec"
-                    " FROM unnest(%b::bigint[], %b::{}[]) AS i(id, vec)"
-                    " WHERE d.id = ANY(%b::bigint[]) AND d.id = i.id").format(
+                    " FROM unnest(%(keys)b::bigint[], %(vectors)b::{}[]) AS i(id, vec)"
+                    " WHERE d.id = ANY(%(keys)b::bigint[]) AND d.id = i.id").format(
                         sql.SQL(self.vector_type)),
-                    ([pk for pk, _ in chunk], [vector for _, vector in chunk],
-                     [pk for pk, _ in chunk]))
+                    {"keys": [pk for pk, _ in chunk],
+                     "vectors": [vector for _, vector in chunk]})
 
     def ours_from(self, checkout: Path) -> None:
         """`process_batch` as the code in `checkout` runs it (before/after in one run)."""

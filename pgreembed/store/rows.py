@@ -232,7 +232,7 @@ def _write_part(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded
                       for item in results]}, prepare=PREPARE)}
     if not written:
         return []
-    done = [item for item in results if str(item.row.pk) in written]
+    done = [(key, item) for key, item in zip(keys, results, strict=True) if key in written]
     conn.execute(sql.SQL(
         """
         INSERT INTO {state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at, pgr_truncated,
@@ -247,10 +247,10 @@ def _write_part(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded
             pgr_failed_at = NULL
         """
     ).format(pk_type=slot.pk_cast, state=slot.state_table),
-        (slot.model_id, [str(item.row.pk) for item in done],
-         [item.row.content_hash for item in done], [item.truncated for item in done]),
+        (slot.model_id, [key for key, _ in done],
+         [item.row.content_hash for _, item in done], [item.truncated for _, item in done]),
         prepare=PREPARE)
-    return [item.row.pk for item in done]  # the row's own type
+    return [item.row.pk for _, item in done]  # the row's own type
 
 
 def write_isolating(conn: psycopg.Connection, slot: Slot, results: Sequence[Embedded]
