@@ -7,6 +7,11 @@ on b while holding a, and the app then waits on a: a deadlock, which holds the a
 transaction for deadlock_timeout (1 s) and aborts one side. Our write must lock only rows
 nobody holds (SKIP LOCKED), leave the others pending, and keep their paid vectors for the
 next pass, which writes them without a second provider call.
+
+The app runs with lock_timeout = HELD_MS: the server cancels a statement that waits on a
+lock longer, so "held" is the server's own measure of waiting on a lock, not the test
+process's clock (which a loaded machine stalls: CI once saw three app transactions of one
+round "held" ~230 ms each).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from tests.helpers import (
 MODEL, DIMS = "fake-384", 384
 ROUNDS, PAIRS = 8, 4  # app transactions: ROUNDS x PAIRS, PAIRS at a time
 PAUSE = 0.3  # the app's own pause between its two updates
-HELD_MS = 200  # an app transaction slower than its own work by this was held by us
+HELD_MS = 200  # an app statement that waits on a lock this long was held by us
 FIRST = {"UPDATE": "UPDATE docs SET views = views + 1 WHERE id = %s",
          "DELETE": "DELETE FROM docs WHERE id = %s"}
 
@@ -44,21 +49,18 @@ def _deadlocks(stack: Stack) -> int:
 
 
 def _app_transaction(dsn: str, a: int, b: int, first: str, barrier: threading.Barrier,
-                     held: list[float], aborted: list[str]) -> None:
+                     aborted: list[str]) -> None:
     """`first` (UPDATE or DELETE) row b, wait for the batch to be let go, pause, UPDATE
-    row a, COMMIT: the time spent in the statements (not in its own pauses) is what the
-    app was held. A DELETE fires our trigger that deletes the row's state rows."""
-    with psycopg.connect(dsn) as conn:
+    row a, COMMIT; a statement held on a lock for HELD_MS is cancelled (lock_timeout) and
+    the transaction counts as aborted. A DELETE fires our trigger that deletes the row's
+    state rows."""
+    with psycopg.connect(dsn, options=f"-c lock_timeout={HELD_MS}") as conn:
         try:
-            started = time.monotonic()
             conn.execute(FIRST[first], (b,))
-            spent = time.monotonic() - started
             barrier.wait(30)
             time.sleep(PAUSE)  # the scenario: the app's pause inside its transaction
-            started = time.monotonic()
             conn.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (a,))
             conn.commit()
-            held.append(spent + time.monotonic() - started)
         except psycopg.Error as exc:
             aborted.append(f"rows {a},{b}: {type(exc).__name__}: {exc}")
             conn.rollback()
@@ -76,7 +78,6 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
     bought_before = fake_openai.stats()["inputs_embedded"]
     deadlocks_before = _deadlocks(stack)
 
-    held: list[float] = []
     aborted: list[str] = []
     for round_no in range(ROUNDS):
         marker = f"held-{round_no}"
@@ -93,7 +94,7 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
         barrier = threading.Barrier(PAIRS + 1)
         apps = [threading.Thread(target=_app_transaction,
                                  args=(stack.dsn, a, a + 1, "DELETE" if a == first else "UPDATE",
-                                       barrier, held, aborted))
+                                       barrier, aborted))
                 for a in keys[::2]]
         for app in apps:
             app.start()
@@ -104,9 +105,7 @@ def test_a_batch_write_never_holds_or_deadlocks_an_app_transaction(
 
     wait_filled(stack, "embedding")
     assert_column_current(stack, "embedding", MODEL, DIMS)
-    slow = sorted(round(s * 1000) for s in held if s * 1000 > HELD_MS)
-    assert aborted == [], aborted
-    assert slow == [], f"{len(slow)} of {ROUNDS * PAIRS} app transactions held (ms): {slow}"
+    assert aborted == [], f"{len(aborted)} of {ROUNDS * PAIRS} app transactions: {aborted}"
     assert _deadlocks(stack) == deadlocks_before
     assert "deadlock detected" not in stack.log_text()
     with stack.connect() as conn:  # the deleted rows' state went with them

@@ -22,6 +22,7 @@ from tests.helpers import (
     seed,
     steady_writer,
     wait_filled,
+    wait_for,
     write_config,
 )
 
@@ -88,7 +89,9 @@ def test_halfvec_migration_swaps_and_rolls_back_under_concurrent_writes(
         assert column_type(stack, "embedding") == "vector(384)"
         migrate(stack, "swap", "--max-unsearchable", "1000")
         assert column_type(stack, "embedding") == "halfvec(384)"
-    assert writes["inserts"] > 20 and writes["errors"] == 0
+        # The app keeps writing after the swap back (the lifecycle can take ~2 s here).
+        wait_for(lambda: writes["inserts"] > 20, timeout=30, message="the app's writes")
+    assert writes["errors"] == 0
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, "embedding")
     wait_filled(stack, incoming)
