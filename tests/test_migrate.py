@@ -411,7 +411,10 @@ def test_swap_and_rollback_killed_mid_way_change_nothing_and_can_be_rerun(stack:
     assert column_type(stack, "embedding") == "vector(768)"
     assert "rollback done" in migrate(stack, "rollback")
     assert column_type(stack, "embedding") == "vector(384)"
+    # Row 4, edited after the swap, is embedded again in each column, by batches of their
+    # own: filled in one column says nothing of the other.
     wait_filled(stack, "embedding")
+    wait_filled(stack, new_column)
     assert_column_current(stack, "embedding", "fake-384", 384)
     assert_column_current(stack, new_column, "fake-768", 768)
 

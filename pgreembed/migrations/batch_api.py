@@ -8,8 +8,12 @@ or with --wait) does the work in resumable steps, all recorded in Postgres:
    (<= 50,000 inputs per batch) with the md5 of the text each row had, uploaded,
    and a batch is created;
 2. poll: open jobs are checked; a completed job's output is written with the same
-   guarded UPDATE as the workers (a row edited since submission is not written);
-   per-line errors are recorded as row failures;
+   guarded UPDATE as the workers (a row edited since submission is not written), in
+   slices of about `[worker] max_row_lock_ms` like theirs, so the app's rows are held
+   briefly; per-line errors are recorded as row failures, and the tokens billed, in the
+   transaction that marks the job "collecting" before its first slice (a step that stops
+   between slices is resumed by the next one, which downloads the output again and
+   counts nothing twice);
 3. when no job is open, the column goes back to the normal queue, so the workers
    embed the stragglers (rows edited while their batch was running) before a swap.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,6 +53,7 @@ from pgreembed.store.rows import (
 )
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.versions import upgrade
+from pgreembed.store.write_slices import WriteSlicer
 from pgreembed.values import Embedded, Failed, Row
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,8 @@ MAX_INPUTS_PER_BATCH = 50_000
 INPUTS_PER_LINE = 1
 
 
-OPEN = ("preparing", "submitted")
+# "collecting": its output is being written in slices, its spend recorded (store.usage).
+OPEN = ("preparing", "submitted", "collecting")
 
 
 @dataclass(frozen=True)
@@ -180,12 +187,47 @@ def _download(client: openai.OpenAI, batch: Any) -> list[tuple[dict[str, Any], b
 
 def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
             records: Sequence[tuple[dict[str, Any], bool]], made_by: list[dict[str, Any]],
-            paid: PaidVectors) -> tuple[int, int]:
+            paid: PaidVectors, slicer: WriteSlicer, resumed: bool = False) -> tuple[int, int]:
     """Write a completed job's downloaded vectors (guarded); record rows with wrong vectors.
 
     Returns (written, failed); rows of rejected lines stay pending, and so do rows the app
-    holds locked at the write (their vectors are kept in `paid` for the workers)."""
-    rows = _job_rows(conn, job_id)
+    holds locked at the write (their vectors are kept in `paid` for the workers). The
+    failures and the tokens billed commit first, with the job marked "collecting"; then
+    the vectors, each slice in a transaction of its own (a whole job's 50,000 rows in one
+    held them for seconds). `resumed`: a job marked so by an earlier step that stopped
+    between slices: its failures and tokens are recorded already."""
+    embedded, failed, tokens_billed = _parse(_job_rows(conn, job_id), records, slot, job_id)
+    current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
+    if current is None:
+        raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
+    if not _made_for(current, slot, made_by):
+        # Not the column's model's vectors (invariant 7): billed, never written; the rows
+        # stay pending and the workers embed them with the column's model.
+        log.warning("batch job %d: made by %s, but column %s is %s now: its %d vectors are"
+                    " dropped, their rows stay pending", job_id, made_by,
+                    current.vector_column, current.model_key, len(embedded))
+        billed_by = slot
+        if len(made_by) == 1 and made_by != [_asked(slot)]:  # priced as the model it was
+            asked = made_by[0]
+            billed_by = replace(slot, model=asked["model"], model_key=model_key(
+                slot.provider, asked["model"], asked.get("dimensions", slot.dimensions)))
+        if not resumed:
+            record_usage(conn, billed_by, len(embedded), tokens_billed)
+        return 0, 0
+    if not resumed:
+        _record_failures_by_key(conn, slot, failed)
+        record_usage(conn, slot, len(embedded), tokens_billed)
+        conn.execute("UPDATE pgreembed.batch_jobs SET status = 'collecting' WHERE id = %s",
+                     (job_id,))
+    conn.commit()
+    return _write_slices(conn, slot, job_id, embedded, made_by, paid, slicer), len(failed)
+
+
+def _parse(rows: dict[tuple[int, int], tuple[str, Any, int]],
+           records: Sequence[tuple[dict[str, Any], bool]], slot: Slot, job_id: int
+           ) -> tuple[list[Embedded], list[Failed], int]:
+    """A job's output and error lines as (vectors of the right size, failed rows, tokens
+    billed)."""
     embedded: list[Embedded] = []
     failed: list[Failed] = []
     tokens_billed = 0
@@ -214,28 +256,38 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
                 failed.append(Failed(Row(pk, None, h), reason))
             else:
                 embedded.append(Embedded(Row(pk, None, h), vector, False))
-    current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
-    if current is None:
-        raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
-    if not current.holds_vectors_of(slot) or made_by != [_asked(current)]:
-        # Not the column's model's vectors (invariant 7): billed, never written; the rows
-        # stay pending and the workers embed them with the column's model.
-        log.warning("batch job %d: made by %s, but column %s is %s now: its %d vectors are"
-                    " dropped, their rows stay pending", job_id, made_by,
-                    current.vector_column, current.model_key, len(embedded))
-        billed_by = slot
-        if len(made_by) == 1 and made_by != [_asked(slot)]:  # priced as the model it was
-            asked = made_by[0]
-            billed_by = replace(slot, model=asked["model"], model_key=model_key(
-                slot.provider, asked["model"], asked.get("dimensions", slot.dimensions)))
-        record_usage(conn, billed_by, len(embedded), tokens_billed)
-        return 0, 0
-    written = write_vectors(conn, current, embedded)
-    if written.busy:
-        paid.keep(current, written.busy, 0, set(), recorded=True)
-    _record_failures_by_key(conn, slot, failed)
-    record_usage(conn, slot, len(embedded), tokens_billed)
-    return len(written.keys), len(failed)
+    return embedded, failed, tokens_billed
+
+
+def _made_for(current: Slot, slot: Slot, made_by: list[dict[str, Any]]) -> bool:
+    """Whether the job's vectors are the column's model's now (invariant 7)."""
+    return current.holds_vectors_of(slot) and made_by == [_asked(current)]
+
+
+def _write_slices(conn: psycopg.Connection, slot: Slot, job_id: int, items: list[Embedded],
+                  made_by: list[dict[str, Any]], paid: PaidVectors, slicer: WriteSlicer
+                  ) -> int:
+    """The job's vectors, each slice in a transaction of its own that locks the table and
+    reads the slot again (a swap may rename the columns between slices; a model change
+    leaves the rest pending); rows written."""
+    written = 0
+    while items:
+        current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
+        if current is None or not _made_for(current, slot, made_by):
+            log.warning("batch job %d: the column's model changed while its vectors were"
+                        " written: %d rows stay pending", job_id, len(items))
+            conn.commit()
+            break
+        column = (current.id, current.vector_column)
+        piece, items = slicer.take(column, items)
+        started = time.monotonic()
+        done = write_vectors(conn, current, piece)
+        slicer.observe(column, len(done.keys), time.monotonic() - started)
+        if done.busy:  # the app holds them: the workers write them after hand-back
+            paid.keep(current, done.busy, 0, set(), recorded=True)
+        conn.commit()
+        written += len(done.keys)
+    return written
 
 
 def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequence[Failed]
@@ -264,17 +316,19 @@ def step(settings: Settings, target: Target) -> BatchStep:
                               " (migrate start --batch-api)")
         completed = written = failed = 0
         jobs = conn.execute(
-            "SELECT id, provider_batch_id, asked FROM pgreembed.batch_jobs"
-            " WHERE slot_id = %s AND status = 'submitted' ORDER BY id", (slot.id,)).fetchall()
+            "SELECT id, provider_batch_id, asked, status = 'collecting' FROM"
+            " pgreembed.batch_jobs WHERE slot_id = %s AND status IN ('submitted', 'collecting')"
+            " ORDER BY id", (slot.id,)).fetchall()
         conn.commit()  # never a transaction open across the provider's calls
-        for job_id, batch_id, asked in jobs:
+        slicer = WriteSlicer(settings.max_row_lock_ms / 1000)
+        for job_id, batch_id, asked, resumed in jobs:
             batch = client.batches.retrieve(batch_id)
             if batch.status in ("validating", "in_progress", "finalizing"):
                 continue
             if batch.status == "completed":
                 records = _download(client, batch)
                 made_by = [asked] if asked is not None else _made_by(client, batch)
-                w, f = collect(conn, slot, job_id, records, made_by, paid)
+                w, f = collect(conn, slot, job_id, records, made_by, paid, slicer, resumed)
                 written, failed, completed = written + w, failed + f, completed + 1
             else:
                 log.warning("batch job %d ended %s; its rows stay pending", job_id,

@@ -177,7 +177,7 @@ def lock_free_rows(conn: psycopg.Connection, slot: Slot, keys: Sequence[str]
 
 
 # Rows per UPDATE: a part's vectors travel as one array parameter (2,048 x 1536 dims is
-# ~12.6 MB); the Batch API collector writes up to 50,000 rows in one transaction.
+# ~12.6 MB).
 WRITE_PART_ROWS = 2048
 
 
