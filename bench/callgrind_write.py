@@ -38,7 +38,6 @@ from unittest import mock
 
 import psutil
 import psycopg
-from pgvector.psycopg import register_vector
 from psycopg import sql
 
 from bench.harness import Services
@@ -157,24 +156,9 @@ class FirstRows(PathBench):
         return {**arms, "raw write, pk join": lambda: self._raw(
             False, "-c enable_hashjoin=off -c enable_mergejoin=off"),
             "raw write, binary arrays, pk join": self._raw_arrays,
+            "raw + state rows, binary arrays": lambda: self._raw_arrays(state_rows=True),
             "ours, texts hashed by the server": self._ours_hashing_in_the_server,
             "ours, prepared_statements off": self._ours_unprepared}
-
-    def _raw_arrays(self) -> None:
-        """The raw write as ours sends it since the sixth pass (docs/performance.md): one
-        `UPDATE ... FROM unnest(keys, vectors)` of binary arrays, through the pk; no
-        temporary table, no state row."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            register_vector(conn)
-            for i in range(0, self.rows, self.batch):
-                chunk = self.vectors[i:i + self.batch]
-                conn.execute(sql.SQL(
-                    "UPDATE docs d SET embedding = i.vec"
-                    " FROM unnest(%(keys)b::bigint[], %(vectors)b::{}[]) AS i(id, vec)"
-                    " WHERE d.id = ANY(%(keys)b::bigint[]) AND d.id = i.id").format(
-                        sql.SQL(self.vector_type)),
-                    {"keys": [pk for pk, _ in chunk],
-                     "vectors": [vector for _, vector in chunk]})
 
     def ours_from(self, checkout: Path) -> None:
         """`process_batch` as the code in `checkout` runs it (before/after in one run)."""

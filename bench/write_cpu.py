@@ -15,6 +15,9 @@ Two parts, each in rounds that interleave its arms (the arms' order rotates), me
   --raw-slice-rows N adds the raw write in N-row transactions (what a transaction of the
   size of our slices costs anyway: on HNSW, each UPDATE statement costs the server
   ~1,700 page faults; docs/performance.md, sixth pass).
+  --raw-arrays adds the raw write sent as ours is since the sixth pass (binary array
+  parameters, `UPDATE ... FROM unnest(...)` through the pk, no temporary table), alone
+  and with a state row per vector: the floor our write is held to.
 - `pipeline` (--pipeline): the whole pipeline (`pgreembed tick` + `dramatiq worker`, 2
   processes x 4 threads) with `pool_max_size` 4 and 1, against the raw write on 2
   connections, each on a fresh copy of the same rows (bench.sections).
@@ -26,7 +29,7 @@ ends with a CHECKPOINT inside its meter (and starts after one outside it), so it
 for writing the pages it dirtied and for no one else's:
 
     python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
-                              [--budgets 100,200] [--raw-slice-rows 7]
+                              [--budgets 100,200] [--raw-slice-rows 7] [--raw-arrays]
                               [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
                               [--pool-sizes 4,1] [--before CHECKOUT] [--perf] [--no-path]
 """
@@ -67,6 +70,15 @@ STATS_SQL = """
       AND query NOT LIKE '%%pg_stat_statements%%'
     ORDER BY total_exec_time DESC
 """
+# bench.sections.STATE_ROW_SQL from a key array instead of the temporary table.
+STATE_ROW_FROM_KEYS = """
+    INSERT INTO pgreembed.{state} (pgr_pk, pgr_model_id, pgr_hash, pgr_embedded_at)
+    SELECT i.id, s.model_id, md5(i.id::text)::uuid, now()
+    FROM unnest(%(keys)b::bigint[]) AS i(id), pgreembed.slots s
+    WHERE s.role = 'live' AND s.table_name = 'docs'
+    ON CONFLICT (pgr_pk) DO UPDATE SET pgr_model_id = excluded.pgr_model_id,
+        pgr_hash = excluded.pgr_hash, pgr_embedded_at = excluded.pgr_embedded_at
+"""
 # The pipeline part: every database (each arm runs on its own copy, dropped by the time
 # the statistics are read), aggregated by query text.
 PERF_HZ = 499
@@ -99,9 +111,10 @@ class PathBench:
     pending_again = "UPDATE docs SET embedding = NULL"  # the reset: every row written
 
     def __init__(self, services: Services, rows: int, batch: int, hnsw: bool,
-                 stats: bool, slice_rows: int = 0, budgets: tuple[float, ...] = ()) -> None:
+                 stats: bool, slice_rows: int = 0, budgets: tuple[float, ...] = (),
+                 raw_arrays: bool = False) -> None:
         self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
-        self.slice_rows = slice_rows
+        self.slice_rows, self.raw_arrays = slice_rows, raw_arrays
         self.dsn = services.fresh_copy(rows, "path")
         self.dbname = str(psycopg.conninfo.conninfo_to_dict(self.dsn)["dbname"])
         with pipeline(services, self.dsn, Tuning(batch_size=batch)) as run:
@@ -150,7 +163,32 @@ class PathBench:
             # of about the rows of our slices (pg_stat_statements' calls of our UPDATE).
             arms[f"raw write, {self.slice_rows}-row transactions"] = (
                 lambda: self._raw(False, size=self.slice_rows))
+        if self.raw_arrays:
+            arms["raw write, binary arrays"] = self._raw_arrays
+            arms["raw + state rows, binary arrays"] = functools.partial(
+                self._raw_arrays, state_rows=True)
         return arms
+
+    def _raw_arrays(self, state_rows: bool = False) -> None:
+        """The raw write as ours sends it since the sixth pass (docs/performance.md): one
+        `UPDATE ... FROM unnest(keys, vectors)` of binary arrays through the pk a batch, no
+        temporary table; `state_rows`: and a state row per vector, from the same keys."""
+        upsert = sql.SQL(STATE_ROW_FROM_KEYS).format(state=sql.Identifier(self.state_table))
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            from pgvector.psycopg import register_vector
+            register_vector(conn)
+            for i in range(0, self.rows, self.batch):
+                chunk = self.vectors[i:i + self.batch]
+                keys = [pk for pk, _ in chunk]
+                with conn.transaction():
+                    conn.execute(sql.SQL(
+                        "UPDATE docs d SET embedding = i.vec"
+                        " FROM unnest(%(keys)b::bigint[], %(vectors)b::{}[]) AS i(id, vec)"
+                        " WHERE d.id = ANY(%(keys)b::bigint[]) AND d.id = i.id").format(
+                            sql.SQL(self.vector_type)),
+                        {"keys": keys, "vectors": [vector for _, vector in chunk]})
+                    if state_rows:
+                        conn.execute(upsert, {"keys": keys})
 
     def _raw(self, state_rows: bool, options: str = "", size: int = 0) -> None:
         size = size or self.batch
@@ -216,7 +254,8 @@ class PathBench:
 def run_path(services: Services, args: argparse.Namespace) -> None:
     bench = PathBench(services, args.rows, args.batch, args.hnsw, args.stats,
                       args.raw_slice_rows,
-                      tuple(float(b) for b in args.budgets.split(",")) if args.budgets else ())
+                      tuple(float(b) for b in args.budgets.split(",")) if args.budgets else (),
+                      args.raw_arrays)
     cpu: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     arms = list(bench.arms().items())
@@ -348,6 +387,9 @@ def main() -> None:
     parser.add_argument("--raw-slice-rows", type=int, default=0, metavar="N",
                         help="path: also the raw write in N-row transactions (our slices'"
                              " size: --stats prints it as the calls of our UPDATE)")
+    parser.add_argument("--raw-arrays", action="store_true",
+                        help="path: also the raw write as binary arrays (how ours sends it),"
+                             " alone and with a state row per vector")
     parser.add_argument("--stats", action="store_true",
                         help="pg_stat_statements per statement (path and pipeline)")
     parser.add_argument("--perf", action="store_true",

@@ -109,16 +109,15 @@ def _commit_first(pool: ConnectionPool, target: Target, slot: Slot, write: Write
         # cannot keep them, they are written now, in one transaction as before.
         if later and not paid.keep(current, later, 0, set(), recorded=True):
             first, later = write.embedded, []
-        # The bookkeeping first: the app's rows are locked from the write to the commit
-        # only (an app transaction that reaches one of them meanwhile waits on us).
-        record_failures(conn, current, write.failed)
+        # The bookkeeping first: the rows written are locked from their write to the
+        # commit only (an app transaction that reaches one of them meanwhile waits on us).
         write.record_usage(conn, current)
         reservation.settle(conn)  # in the same transaction as the billed tokens
         spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
         started = time.monotonic()
         written = write_isolating(conn, current, first)
         slicer.observe(column, _cost(written), time.monotonic() - started)
-        record_failures(conn, current, written.refused)
+        record_failures(conn, current, [*write.failed, *written.refused])
         # Kept before the commit that wakes the scheduler: the next pass finds them.
         if written.busy:
             paid.keep(current, written.busy, 0, set(), recorded=True)

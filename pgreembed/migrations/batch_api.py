@@ -12,8 +12,10 @@ or with --wait) does the work in resumable steps, all recorded in Postgres:
    slices of about `[worker] max_row_lock_ms` like theirs, so the app's rows are held
    briefly; per-line errors are recorded as row failures, and the tokens billed, in the
    transaction that marks the job "collecting" before its first slice (a step that stops
-   between slices is resumed by the next one, which downloads the output again and
-   counts nothing twice);
+   between slices is resumed by the next one, which downloads the output again, writes
+   only rows not written yet and counts nothing twice); only inputs the provider refused
+   fail their rows; a job whose files are gone at the provider is marked "lost" and its
+   rows go to the queue;
 3. when no job is open, the column goes back to the normal queue, so the workers
    embed the stragglers (rows edited while their batch was running) before a swap.
 """
@@ -49,7 +51,7 @@ from pgreembed.store.rows import (
     lock_slot,
     record_failures,
     record_usage,
-    write_vectors,
+    write_isolating,
 )
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.versions import upgrade
@@ -167,10 +169,16 @@ def _made_by(client: openai.OpenAI, batch: Any) -> list[dict[str, Any]]:
     return asked
 
 
-def _job_rows(conn: psycopg.Connection, job_id: int) -> dict[tuple[int, int], tuple[str, Any, int]]:
-    return {(r[0], r[1]): (r[2], r[3], r[4]) for r in conn.execute(
-        "SELECT line, position, pk, content_hash, tokens FROM pgreembed.batch_job_rows"
-        " WHERE job_id = %s", (job_id,))}
+def _job_rows(conn: psycopg.Connection, job_id: int
+              ) -> dict[int, list[tuple[str, Any, int]]]:
+    """The job's rows by request line, in their position order: (key, text hash, tokens)."""
+    by_line: dict[int, list[tuple[str, Any, int]]] = {}
+    for line, pk, content_hash, tokens in conn.execute(
+            "SELECT line, pk, content_hash, tokens FROM pgreembed.batch_job_rows"
+            " WHERE job_id = %s ORDER BY line, position", (job_id,)):
+        by_line.setdefault(line, []).append((pk, content_hash, tokens))
+    conn.commit()  # parsing 50,000 lines must not hold a transaction open
+    return by_line
 
 
 def _download(client: openai.OpenAI, batch: Any) -> list[tuple[dict[str, Any], bool]]:
@@ -187,19 +195,24 @@ def _download(client: openai.OpenAI, batch: Any) -> list[tuple[dict[str, Any], b
 
 def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
             records: Sequence[tuple[dict[str, Any], bool]], made_by: list[dict[str, Any]],
-            paid: PaidVectors, slicer: WriteSlicer, resumed: bool = False) -> tuple[int, int]:
+            paid: PaidVectors, slicer: WriteSlicer) -> tuple[int, int]:
     """Write a completed job's downloaded vectors (guarded); record rows with wrong vectors.
 
-    Returns (written, failed); rows of rejected lines stay pending, and so do rows the app
-    holds locked at the write (their vectors are kept in `paid` for the workers). The
-    failures and the tokens billed commit first, with the job marked "collecting"; then
-    the vectors, each slice in a transaction of its own (a whole job's 50,000 rows in one
-    held them for seconds). `resumed`: a job marked so by an earlier step that stopped
-    between slices: its failures and tokens are recorded already."""
+    Returns (written, failed); rows of lines that failed for no fault of theirs stay
+    pending, and so do rows the app holds locked at the write (their vectors are kept in
+    `paid` for the workers). The tokens billed commit first, with the job marked
+    "collecting"; then the vectors, each slice in a transaction of its own (a whole job's
+    50,000 rows in one held them for seconds). A job "collecting" already (an earlier step
+    stopped between slices, or another step collects it now) has its tokens recorded:
+    its rows already written by this model for their text are not written again."""
     embedded, failed, tokens_billed = _parse(_job_rows(conn, job_id), records, slot, job_id)
     current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
     if current is None:
         raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
+    # Claimed once: of two steps reading the job as submitted, the second waits here for
+    # the first's commit and then records nothing.
+    first = conn.execute("UPDATE pgreembed.batch_jobs SET status = 'collecting'"
+                         " WHERE id = %s AND status = 'submitted'", (job_id,)).rowcount == 1
     if not _made_for(current, slot, made_by):
         # Not the column's model's vectors (invariant 7): billed, never written; the rows
         # stay pending and the workers embed them with the column's model.
@@ -211,44 +224,49 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
             asked = made_by[0]
             billed_by = replace(slot, model=asked["model"], model_key=model_key(
                 slot.provider, asked["model"], asked.get("dimensions", slot.dimensions)))
-        if not resumed:
+        if first:
             record_usage(conn, billed_by, len(embedded), tokens_billed)
         return 0, 0
-    if not resumed:
+    if first:
         _record_failures_by_key(conn, slot, failed)
         record_usage(conn, slot, len(embedded), tokens_billed)
-        conn.execute("UPDATE pgreembed.batch_jobs SET status = 'collecting' WHERE id = %s",
-                     (job_id,))
+    else:  # recorded by the step that claimed it
+        failed = []
+        embedded = _not_written_yet(conn, current, embedded)
     conn.commit()
-    return _write_slices(conn, slot, job_id, embedded, made_by, paid, slicer), len(failed)
+    written, refused = _write_slices(conn, slot, job_id, embedded, made_by, paid, slicer)
+    return written, len(failed) + refused
 
 
-def _parse(rows: dict[tuple[int, int], tuple[str, Any, int]],
+def _parse(rows: dict[int, list[tuple[str, Any, int]]],
            records: Sequence[tuple[dict[str, Any], bool]], slot: Slot, job_id: int
            ) -> tuple[list[Embedded], list[Failed], int]:
-    """A job's output and error lines as (vectors of the right size, failed rows, tokens
-    billed)."""
+    """A job's output and error lines as (vectors of the right size, rows at fault, tokens
+    billed). A line the provider refused for the input (a 4xx other than 408 and 429)
+    fails its row; any other error (rate limit, server error, expired) is no row's fault:
+    its rows stay pending, for the workers after the hand-back."""
     embedded: list[Embedded] = []
     failed: list[Failed] = []
     tokens_billed = 0
     for record, is_error in records:
         line_no = int(record["custom_id"].split("-")[1])
-        members = sorted((pos, v) for (ln, pos), v in rows.items() if ln == line_no)
+        members = rows.get(line_no, [])
         response = record.get("response") or {}
-        if is_error or response.get("status_code") != 200:
+        status = response.get("status_code")
+        if is_error or status != 200:
             message = redact(str((response.get("body") or {}).get("error", {}).get(
                 "message") or record.get("error")))
-            if len(members) == 1:
-                pk, h, _ = members[0][1]
+            if len(members) == 1 and _input_refused(status):
+                pk, h, _ = members[0]
                 failed.append(Failed(Row(pk, None, h), f"batch API rejected it: {message}"))
-            else:  # the queue path (after hand-back) isolates the bad row by splitting
-                log.warning("batch job %d line %d rejected (%s); its rows go to the queue",
-                            job_id, line_no, message)
+            else:  # the queue path (after hand-back) embeds them, isolating a bad row
+                log.warning("batch job %d line %d not embedded (%s, %s); its rows go to the"
+                            " queue", job_id, line_no, status, message)
             continue
         data = sorted(response["body"]["data"], key=lambda d: d["index"])
         usage = response["body"].get("usage") or {}
-        tokens_billed += usage.get("prompt_tokens") or sum(t for _, (_, _, t) in members)
-        for (_, (pk, h, _)), item in zip(members, data, strict=True):
+        tokens_billed += usage.get("prompt_tokens") or sum(t for _, _, t in members)
+        for (pk, h, _), item in zip(members, data, strict=True):
             vector = decode_vector(item["embedding"])
             if vector.shape != (slot.dimensions,):
                 reason = (f"provider returned {vector.size} dimensions,"
@@ -259,35 +277,56 @@ def _parse(rows: dict[tuple[int, int], tuple[str, Any, int]],
     return embedded, failed, tokens_billed
 
 
+def _input_refused(status: object) -> bool:
+    """An error line's HTTP status that says the input itself was refused."""
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
 def _made_for(current: Slot, slot: Slot, made_by: list[dict[str, Any]]) -> bool:
     """Whether the job's vectors are the column's model's now (invariant 7)."""
     return current.holds_vectors_of(slot) and made_by == [_asked(current)]
 
 
+def _not_written_yet(conn: psycopg.Connection, slot: Slot, embedded: list[Embedded]
+                     ) -> list[Embedded]:
+    """Of a resumed job's vectors, those whose row the state table does not already say
+    this model wrote for the same text (written by the step that stopped)."""
+    if not embedded:
+        return embedded
+    done = {row[0] for row in conn.execute(sql.SQL(
+        "SELECT k.pk FROM unnest(%s::text[], %s::uuid[]) AS k(pk, hash) JOIN {state} s"
+        " ON s.pgr_pk = k.pk::{pk_type} AND s.pgr_hash = k.hash AND s.pgr_model_id = %s"
+    ).format(state=slot.state_table, pk_type=slot.pk_cast),
+        ([str(e.row.pk) for e in embedded], [e.row.content_hash for e in embedded],
+         slot.model_id))}
+    return [e for e in embedded if str(e.row.pk) not in done]
+
+
 def _write_slices(conn: psycopg.Connection, slot: Slot, job_id: int, items: list[Embedded],
                   made_by: list[dict[str, Any]], paid: PaidVectors, slicer: WriteSlicer
-                  ) -> int:
+                  ) -> tuple[int, int]:
     """The job's vectors, each slice in a transaction of its own that locks the table and
     reads the slot again (a swap may rename the columns between slices; a model change
-    leaves the rest pending); rows written."""
-    written = 0
+    leaves the rest pending); (rows written, rows the app's table refused: recorded)."""
+    written = refused = 0
     while items:
         current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
         if current is None or not _made_for(current, slot, made_by):
-            log.warning("batch job %d: the column's model changed while its vectors were"
-                        " written: %d rows stay pending", job_id, len(items))
+            log.warning("batch job %d: the column was dropped or its model changed while"
+                        " its vectors were written: %d rows stay pending", job_id, len(items))
             conn.commit()
             break
         column = (current.id, current.vector_column)
         piece, items = slicer.take(column, items)
         started = time.monotonic()
-        done = write_vectors(conn, current, piece)
-        slicer.observe(column, len(done.keys), time.monotonic() - started)
+        done = write_isolating(conn, current, piece)
+        slicer.observe(column, len(done.keys) + len(done.refused), time.monotonic() - started)
+        _record_failures_by_key(conn, current, done.refused)
         if done.busy:  # the app holds them: the workers write them after hand-back
             paid.keep(current, done.busy, 0, set(), recorded=True)
         conn.commit()
-        written += len(done.keys)
-    return written
+        written, refused = written + len(done.keys), refused + len(done.refused)
+    return written, refused
 
 
 def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequence[Failed]
@@ -316,25 +355,32 @@ def step(settings: Settings, target: Target) -> BatchStep:
                               " (migrate start --batch-api)")
         completed = written = failed = 0
         jobs = conn.execute(
-            "SELECT id, provider_batch_id, asked, status = 'collecting' FROM"
-            " pgreembed.batch_jobs WHERE slot_id = %s AND status IN ('submitted', 'collecting')"
-            " ORDER BY id", (slot.id,)).fetchall()
+            "SELECT id, provider_batch_id, asked FROM pgreembed.batch_jobs"
+            " WHERE slot_id = %s AND status IN ('submitted', 'collecting') ORDER BY id",
+            (slot.id,)).fetchall()
         conn.commit()  # never a transaction open across the provider's calls
         slicer = WriteSlicer(settings.max_row_lock_ms / 1000)
-        for job_id, batch_id, asked, resumed in jobs:
+        for job_id, batch_id, asked in jobs:
             batch = client.batches.retrieve(batch_id)
             if batch.status in ("validating", "in_progress", "finalizing"):
                 continue
-            if batch.status == "completed":
-                records = _download(client, batch)
-                made_by = [asked] if asked is not None else _made_by(client, batch)
-                w, f = collect(conn, slot, job_id, records, made_by, paid, slicer, resumed)
-                written, failed, completed = written + w, failed + f, completed + 1
+            status: str = batch.status
+            if status == "completed":
+                try:
+                    records = _download(client, batch)
+                    made_by = [asked] if asked is not None else _made_by(client, batch)
+                except openai.NotFoundError as exc:  # deleted, or past the provider's keep
+                    log.warning("batch job %d: its files are gone at the provider (%s); its"
+                                " rows stay pending for the workers", job_id,
+                                redact(str(exc)))
+                    status = "lost"
+                else:
+                    w, f = collect(conn, slot, job_id, records, made_by, paid, slicer)
+                    written, failed, completed = written + w, failed + f, completed + 1
             else:
-                log.warning("batch job %d ended %s; its rows stay pending", job_id,
-                            batch.status)
+                log.warning("batch job %d ended %s; its rows stay pending", job_id, status)
             conn.execute("UPDATE pgreembed.batch_jobs SET status = %s, finished_at = now()"
-                         " WHERE id = %s", (batch.status, job_id))
+                         " WHERE id = %s", (status, job_id))
             conn.commit()
         # A crash between recording a job and uploading it: forget that job.
         conn.execute("UPDATE pgreembed.batch_jobs SET status = 'abandoned' WHERE slot_id = %s"
