@@ -1,7 +1,8 @@
 """A Batch API job's vectors commit in slices (migrations.batch_api), as the workers'
 do: the app's rows are held a slice at a time, not the whole job's (up to 50,000) until
 one commit; a step stopped between slices leaves the job "collecting", and the next step
-downloads its output again, writes it and counts its spend once.
+downloads its output again, writes the rows not written yet and counts its spend once;
+a second step meanwhile leaves the job to the one collecting it.
 
 Deterministic, not timed: an app trigger stops the job's second slice at a gate (an
 advisory lock this test holds) once the first has committed (tests/test_slice_races.py
@@ -123,6 +124,11 @@ def test_a_jobs_vectors_commit_in_slices_and_a_stopped_step_resumes_counting_onc
             assert _job_ledger_rows(stack) == 1
             assert _scalar(stack, "SELECT count(*) FROM pgreembed.batch_jobs"
                                   " WHERE status = 'collecting'") == 1
+            # Another step meanwhile (cron's, say) leaves the job to the one collecting it.
+            other_step = stack.cli("migrate", "batch", "--target", "docs", timeout=30)
+            assert other_step.returncode == 0, other_step.stderr
+            assert counts(BATCH_LINE, other_step.stdout) == [(0, 0, 0, 0, 1)], other_step.stdout
+            assert _filled(stack, column) == PROBE_ROWS - len(HELD)
             # A row of a later slice is the app's to edit now: no lock of ours on it.
             with psycopg.connect(roles.app_dsn, options="-c lock_timeout=200") as other:
                 other.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (ROWS,))

@@ -26,7 +26,8 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -226,6 +227,7 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
                 slot.provider, asked["model"], asked.get("dimensions", slot.dimensions)))
         if first:
             record_usage(conn, billed_by, len(embedded), tokens_billed)
+        conn.commit()
         return 0, 0
     if first:
         _record_failures_by_key(conn, slot, failed)
@@ -242,9 +244,9 @@ def _parse(rows: dict[int, list[tuple[str, Any, int]]],
            records: Sequence[tuple[dict[str, Any], bool]], slot: Slot, job_id: int
            ) -> tuple[list[Embedded], list[Failed], int]:
     """A job's output and error lines as (vectors of the right size, rows at fault, tokens
-    billed). A line the provider refused for the input (a 4xx other than 408 and 429)
-    fails its row; any other error (rate limit, server error, expired) is no row's fault:
-    its rows stay pending, for the workers after the hand-back."""
+    billed). A line the provider refused for the input (400, 413, 422) fails its row;
+    any other error (a key, a model, a rate limit, a server error, the batch's expiry)
+    is no row's fault: its rows stay pending, for the workers after the hand-back."""
     embedded: list[Embedded] = []
     failed: list[Failed] = []
     tokens_billed = 0
@@ -278,8 +280,9 @@ def _parse(rows: dict[int, list[tuple[str, Any, int]]],
 
 
 def _input_refused(status: object) -> bool:
-    """An error line's HTTP status that says the input itself was refused."""
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+    """An error line's HTTP status that says the input itself was refused (not a key, a
+    model, a limit: 401, 403, 404, 408, 429 are nobody's row's fault)."""
+    return status in (400, 413, 422)
 
 
 def _made_for(current: Slot, slot: Slot, made_by: list[dict[str, Any]]) -> bool:
@@ -290,12 +293,14 @@ def _made_for(current: Slot, slot: Slot, made_by: list[dict[str, Any]]) -> bool:
 def _not_written_yet(conn: psycopg.Connection, slot: Slot, embedded: list[Embedded]
                      ) -> list[Embedded]:
     """Of a resumed job's vectors, those whose row the state table does not already say
-    this model wrote for the same text (written by the step that stopped)."""
+    this model wrote, or the app's table refused, for the same text (by the step that
+    stopped)."""
     if not embedded:
         return embedded
     done = {row[0] for row in conn.execute(sql.SQL(
         "SELECT k.pk FROM unnest(%s::text[], %s::uuid[]) AS k(pk, hash) JOIN {state} s"
-        " ON s.pgr_pk = k.pk::{pk_type} AND s.pgr_hash = k.hash AND s.pgr_model_id = %s"
+        " ON s.pgr_pk = k.pk::{pk_type} AND (s.pgr_hash = k.hash AND s.pgr_model_id = %s"
+        " OR s.pgr_failed_hash = k.hash)"
     ).format(state=slot.state_table, pk_type=slot.pk_cast),
         ([str(e.row.pk) for e in embedded], [e.row.content_hash for e in embedded],
          slot.model_id))}
@@ -340,6 +345,25 @@ def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequen
                                         f.reason) for f in failed])
 
 
+@contextmanager
+def _job_to_ourselves(conn: psycopg.Connection, job_id: int) -> Iterator[bool]:
+    """Whether this step has the job to itself (a session advisory lock, tried, never
+    waited for; a killed step's ends with its session): two steps that found the same
+    finished job, cron's and a `--wait`, would both write all its rows."""
+    key = f"pgreembed:batch_job:{job_id}"
+    row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                       (key,)).fetchone()
+    conn.commit()
+    ours = bool(row and row[0])
+    try:
+        yield ours
+    finally:
+        if ours and not conn.closed:
+            conn.rollback()
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+            conn.commit()
+
+
 def step(settings: Settings, target: Target) -> BatchStep:
     """The first call submits every pending row (in jobs of <= 50,000 inputs); later
     calls poll and write finished jobs; when none is open, the column goes back to
@@ -361,27 +385,31 @@ def step(settings: Settings, target: Target) -> BatchStep:
         conn.commit()  # never a transaction open across the provider's calls
         slicer = WriteSlicer(settings.max_row_lock_ms / 1000)
         for job_id, batch_id, asked in jobs:
-            batch = client.batches.retrieve(batch_id)
-            if batch.status in ("validating", "in_progress", "finalizing"):
-                continue
-            status: str = batch.status
-            if status == "completed":
+            with _job_to_ourselves(conn, job_id) as ours:
+                if not ours:  # another step (cron's, a --wait) is collecting it
+                    continue
                 try:
-                    records = _download(client, batch)
-                    made_by = [asked] if asked is not None else _made_by(client, batch)
+                    batch = client.batches.retrieve(batch_id)
+                    if batch.status in ("validating", "in_progress", "finalizing"):
+                        continue
+                    status: str = batch.status
+                    if status == "completed":
+                        records = _download(client, batch)
+                        made_by = [asked] if asked is not None else _made_by(client, batch)
+                        w, f = collect(conn, slot, job_id, records, made_by, paid, slicer)
+                        written, failed, completed = written + w, failed + f, completed + 1
+                    else:
+                        log.warning("batch job %d ended %s; its rows stay pending", job_id,
+                                    status)
                 except openai.NotFoundError as exc:  # deleted, or past the provider's keep
-                    log.warning("batch job %d: its files are gone at the provider (%s); its"
-                                " rows stay pending for the workers", job_id,
-                                redact(str(exc)))
+                    conn.rollback()
+                    log.warning("batch job %d: the batch or its files are gone at the"
+                                " provider (%s); its rows stay pending for the workers",
+                                job_id, redact(str(exc)))
                     status = "lost"
-                else:
-                    w, f = collect(conn, slot, job_id, records, made_by, paid, slicer)
-                    written, failed, completed = written + w, failed + f, completed + 1
-            else:
-                log.warning("batch job %d ended %s; its rows stay pending", job_id, status)
-            conn.execute("UPDATE pgreembed.batch_jobs SET status = %s, finished_at = now()"
-                         " WHERE id = %s", (status, job_id))
-            conn.commit()
+                conn.execute("UPDATE pgreembed.batch_jobs SET status = %s, finished_at = now()"
+                             " WHERE id = %s", (status, job_id))
+                conn.commit()
         # A crash between recording a job and uploading it: forget that job.
         conn.execute("UPDATE pgreembed.batch_jobs SET status = 'abandoned' WHERE slot_id = %s"
                      " AND status = 'preparing' AND created_at < now() - interval '10 minutes'",
