@@ -137,6 +137,9 @@ def test_a_jobs_vectors_commit_in_slices_and_a_stopped_step_resumes_counting_onc
             step.wait(30)
         gate.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
         holder.commit()
+        # The killed step's lease on the job ends (COLLECTOR_LEASE_SECONDS, here at once).
+        with stack.connect() as conn:
+            conn.execute("UPDATE pgreembed.batch_jobs SET collector_until = now()")
         first_slice = _versions(stack, column)
         assert len(first_slice) == PROBE_ROWS - len(HELD)
         # The next step resumes the job: downloads its output again, writes it, hands the

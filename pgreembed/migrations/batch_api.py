@@ -11,11 +11,12 @@ or with --wait) does the work in resumable steps, all recorded in Postgres:
    guarded UPDATE as the workers (a row edited since submission is not written), in
    slices of about `[worker] max_row_lock_ms` like theirs, so the app's rows are held
    briefly; per-line errors are recorded as row failures, and the tokens billed, in the
-   transaction that marks the job "collecting" before its first slice (a step that stops
-   between slices is resumed by the next one, which downloads the output again, writes
-   only rows not written yet and counts nothing twice); only inputs the provider refused
-   fail their rows; a job whose files are gone at the provider is marked "lost" and its
-   rows go to the queue;
+   transaction that marks the job "collecting" before its first slice; a step has the
+   job to itself for COLLECTOR_LEASE_SECONDS, renewed at every slice (a step killed
+   between slices leaves it to a later one once that runs out, which downloads the
+   output again, writes only rows not written yet and counts nothing twice); only
+   inputs the provider refused fail their rows; a job whose files are gone at the
+   provider is marked "lost" and its rows go to the queue;
 3. when no job is open, the column goes back to the normal queue, so the workers
    embed the stragglers (rows edited while their batch was running) before a swap.
 """
@@ -26,8 +27,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -321,6 +321,7 @@ def _write_slices(conn: psycopg.Connection, slot: Slot, job_id: int, items: list
                         " its vectors were written: %d rows stay pending", job_id, len(items))
             conn.commit()
             break
+        _renew_job(conn, job_id)
         column = (current.id, current.vector_column)
         piece, items = slicer.take(column, items)
         started = time.monotonic()
@@ -345,23 +346,33 @@ def _record_failures_by_key(conn: psycopg.Connection, slot: Slot, failed: Sequen
                                         f.reason) for f in failed])
 
 
-@contextmanager
-def _job_to_ourselves(conn: psycopg.Connection, job_id: int) -> Iterator[bool]:
-    """Whether this step has the job to itself (a session advisory lock, tried, never
-    waited for; a killed step's ends with its session): two steps that found the same
-    finished job, cron's and a `--wait`, would both write all its rows."""
-    key = f"pgreembed:batch_job:{job_id}"
-    row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                       (key,)).fetchone()
+# How long a step has a finished job to itself, renewed at every slice: a step killed
+# while writing a job leaves it to the next step once this runs out.
+COLLECTOR_LEASE_SECONDS = 600
+
+
+def _take_job(conn: psycopg.Connection, job_id: int) -> bool:
+    """Whether this step now has the job to itself (never waits): two steps that found
+    the same finished job, cron's and a `--wait`, would both write all its rows. A lease
+    in the job's row, not a session lock, so a pooler in transaction mode is no trap."""
+    # SKIP LOCKED: the writing step renews its lease in each slice's transaction.
+    row = conn.execute(
+        "UPDATE pgreembed.batch_jobs SET collector_until = now() + make_interval(secs => %s)"
+        " WHERE id = (SELECT id FROM pgreembed.batch_jobs WHERE id = %s AND"
+        " (collector_until IS NULL OR collector_until < now()) FOR UPDATE SKIP LOCKED)"
+        " RETURNING id", (COLLECTOR_LEASE_SECONDS, job_id)).fetchone()
     conn.commit()
-    ours = bool(row and row[0])
-    try:
-        yield ours
-    finally:
-        if ours and not conn.closed:
-            conn.rollback()
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
-            conn.commit()
+    if row is None:
+        log.info("batch job %d: another step is writing it; a step killed while writing"
+                 " it leaves it to the next once its lease ends (at most %d s)", job_id,
+                 COLLECTOR_LEASE_SECONDS)
+    return row is not None
+
+
+def _renew_job(conn: psycopg.Connection, job_id: int) -> None:
+    """In a slice's transaction: the job stays this step's while it writes."""
+    conn.execute("UPDATE pgreembed.batch_jobs SET collector_until = now()"
+                 " + make_interval(secs => %s) WHERE id = %s", (COLLECTOR_LEASE_SECONDS, job_id))
 
 
 def step(settings: Settings, target: Target) -> BatchStep:
@@ -385,31 +396,30 @@ def step(settings: Settings, target: Target) -> BatchStep:
         conn.commit()  # never a transaction open across the provider's calls
         slicer = WriteSlicer(settings.max_row_lock_ms / 1000)
         for job_id, batch_id, asked in jobs:
-            with _job_to_ourselves(conn, job_id) as ours:
-                if not ours:  # another step (cron's, a --wait) is collecting it
+            try:
+                batch = client.batches.retrieve(batch_id)
+                if batch.status in ("validating", "in_progress", "finalizing"):
                     continue
-                try:
-                    batch = client.batches.retrieve(batch_id)
-                    if batch.status in ("validating", "in_progress", "finalizing"):
-                        continue
-                    status: str = batch.status
-                    if status == "completed":
-                        records = _download(client, batch)
-                        made_by = [asked] if asked is not None else _made_by(client, batch)
-                        w, f = collect(conn, slot, job_id, records, made_by, paid, slicer)
-                        written, failed, completed = written + w, failed + f, completed + 1
-                    else:
-                        log.warning("batch job %d ended %s; its rows stay pending", job_id,
-                                    status)
-                except openai.NotFoundError as exc:  # deleted, or past the provider's keep
-                    conn.rollback()
-                    log.warning("batch job %d: the batch or its files are gone at the"
-                                " provider (%s); its rows stay pending for the workers",
-                                job_id, redact(str(exc)))
-                    status = "lost"
-                conn.execute("UPDATE pgreembed.batch_jobs SET status = %s, finished_at = now()"
-                             " WHERE id = %s", (status, job_id))
-                conn.commit()
+                if not _take_job(conn, job_id):  # another step is writing it
+                    continue
+                status: str = batch.status
+                if status == "completed":
+                    records = _download(client, batch)
+                    made_by = [asked] if asked is not None else _made_by(client, batch)
+                    w, f = collect(conn, slot, job_id, records, made_by, paid, slicer)
+                    written, failed, completed = written + w, failed + f, completed + 1
+                else:
+                    log.warning("batch job %d ended %s; its rows stay pending", job_id,
+                                status)
+            except openai.NotFoundError as exc:  # deleted, or past the provider's keep
+                conn.rollback()
+                log.warning("batch job %d: the batch or its files are gone at the provider"
+                            " (%s); its rows stay pending for the workers", job_id,
+                            redact(str(exc)))
+                status = "lost"
+            conn.execute("UPDATE pgreembed.batch_jobs SET status = %s, finished_at = now(),"
+                         " collector_until = NULL WHERE id = %s", (status, job_id))
+            conn.commit()
         # A crash between recording a job and uploading it: forget that job.
         conn.execute("UPDATE pgreembed.batch_jobs SET status = 'abandoned' WHERE slot_id = %s"
                      " AND status = 'preparing' AND created_at < now() - interval '10 minutes'",

@@ -22,6 +22,7 @@ from pgreembed.store.ddl import (
     V3_REUSE,
     V4_VECTOR_TYPE,
     V5_BATCH_ASKED,
+    V6_BATCH_COLLECTOR,
     VERSION_TABLE,
 )
 from pgreembed.store.privileges import ensure_schema
@@ -52,6 +53,8 @@ STEPS: tuple[Step, ...] = (
          V4_VECTOR_TYPE),
     Step(5, "Batch API jobs record the model and dimensions their requests asked for, so"
             " collecting a job no longer downloads its input file", V5_BATCH_ASKED),
+    Step(6, "a Batch API job being written records until when its step has it to itself,"
+            " so two steps never write the same job", V6_BATCH_COLLECTOR),
 )
 LATEST = STEPS[-1].version
 
