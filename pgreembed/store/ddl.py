@@ -191,7 +191,7 @@ ALTER TABLE pgreembed.batch_jobs ADD COLUMN asked jsonb;
 """
 
 # Until when a `migrate batch` step has a finished job to itself while it writes it
-# (migrations.batch_api): a lease in the row, not a session lock, so a pooler in
+# (migrations.batch_collect): a lease in the row, not a session lock, so a pooler in
 # transaction mode between the step and Postgres cannot strand it.
 V6_BATCH_COLLECTOR = """
 ALTER TABLE pgreembed.batch_jobs ADD COLUMN collector_until timestamptz;
