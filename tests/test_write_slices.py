@@ -160,3 +160,9 @@ def test_a_slice_fits_the_budget_at_the_measured_pace_and_grows_at_most_twofold(
     assert slicer.size(fast) == 32
     items, rest = slicer.take(fast, list(range(40)))
     assert (items, rest) == (list(range(32)), list(range(32, 40)))
+    # A batch's remainder, a small slice at the same pace, does not shrink what the pace
+    # is trusted with: the next batch's slice is not cut back to twice the remainder
+    # (it was: each batch of 512 split 500 + 12 then ramped up again from 24).
+    slicer.observe(fast, 32, 0.0032)
+    slicer.observe(fast, 8, 0.0008)  # the remainder, rows 32-39
+    assert slicer.size(fast) == 64

@@ -32,13 +32,13 @@ class WriteSlicer:
         self.budget_seconds = budget_seconds
         self.probe_rows = probe_rows
         self._per_row: dict[tuple[int, str], float] = {}
-        self._measured: dict[tuple[int, str], int] = {}  # rows of the last slice measured
+        self._measured: dict[tuple[int, str], int] = {}  # most rows a slice was measured on
         self._lock = threading.Lock()
 
     def size(self, column: tuple[int, str]) -> int:
         """Rows the next slice of `column` may take (at least 1): what fits the budget at
-        the measured pace, at most twice the last slice measured (a pace measured on a few
-        rows is not trusted with a whole batch)."""
+        the measured pace, at most twice the most rows it was measured on (a pace measured
+        on a few rows is not trusted with a whole batch)."""
         with self._lock:
             per_row = self._per_row.get(column)
             measured = self._measured.get(column, 0)
@@ -62,4 +62,6 @@ class WriteSlicer:
             # Half the weight on the newest slice: an index that grows, or an app that
             # gets busy, shows within a few slices.
             self._per_row[column] = measured if before is None else (before + measured) / 2
-            self._measured[column] = rows
+            # The most rows the pace was measured on: a batch's small remainder slice
+            # must not cut the next batch back to twice its size.
+            self._measured[column] = max(rows, self._measured.get(column, 0))
