@@ -22,7 +22,7 @@ from pgreembed.store import usage as spend
 from pgreembed.store.rows import Written, lock_slot, record_failures, record_usage, write_isolating
 from pgreembed.store.signals import wake_scheduler
 from pgreembed.store.slots import Slot
-from pgreembed.store.write_slices import WriteSlicer
+from pgreembed.store.write_slices import WriteSlicer, column_of, slice_cost
 from pgreembed.values import Embedded, Failed
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def _commit_first(pool: ConnectionPool, target: Target, slot: Slot, write: Write
             reservation.settle(conn)
             spend.settle_ids(conn, write.reservation_ids)
             return Committed(None, Written())
-        column = (current.id, current.vector_column)
+        column = column_of(current)
         first, later = slicer.take(column, write.embedded)
         # The later slices' vectors kept, spend recorded (in this transaction): if Redis
         # cannot keep them, they are written now, in one transaction as before.
@@ -116,7 +116,7 @@ def _commit_first(pool: ConnectionPool, target: Target, slot: Slot, write: Write
         spend.settle_ids(conn, write.reservation_ids)  # this attempt's and kept ones'
         started = time.monotonic()
         written = write_isolating(conn, current, first)
-        slicer.observe(column, _cost(written), time.monotonic() - started)
+        slicer.observe(column, slice_cost(written), time.monotonic() - started)
         record_failures(conn, current, [*write.failed, *written.refused])
         # Kept before the commit that wakes the scheduler: the next pass finds them.
         if written.busy:
@@ -146,7 +146,7 @@ def _write_slices(pool: ConnectionPool, target: Target, slot: Slot, items: list[
                     _dropped(conn, target, slot, current, len(items))
                     paid.forget(slot, [item.row for item in items])
                     return done.add(Written(dropped=items))
-                column = (current.id, current.vector_column)
+                column = column_of(current)
                 piece, rest = slicer.take(column, items)
                 started = time.monotonic()
                 written = write_isolating(conn, current, piece)
@@ -158,17 +158,11 @@ def _write_slices(pool: ConnectionPool, target: Target, slot: Slot, items: list[
                         " for the next pass: %s", target.name, slot.id, len(done.keys),
                         len(items), redact(str(exc)).strip())
             return done.add(Written(left=items))
-        slicer.observe(column, _cost(written), time.monotonic() - started)
+        slicer.observe(column, slice_cost(written), time.monotonic() - started)
         busy = {item.row.pk for item in written.busy}  # still kept, for the next pass
         paid.forget(slot, [item.row for item in piece if item.row.pk not in busy])
         done, items = done.add(written), rest
     return done
-
-
-def _cost(written: Written) -> int:
-    """Rows a slice's time was spent on: written or refused by the table (a row skipped,
-    held by the app or changed meanwhile, costs next to nothing)."""
-    return len(written.keys) + len(written.refused)
 
 
 def _to_redo(items: Sequence[Embedded], written: Written, kept: frozenset[Any]) -> bool:

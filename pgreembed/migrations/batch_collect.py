@@ -25,7 +25,7 @@ from pgreembed.errors import NotFoundError
 from pgreembed.observability.redact import redact
 from pgreembed.store.rows import lock_slot, record_failures, record_usage, write_isolating
 from pgreembed.store.slots import Slot
-from pgreembed.store.write_slices import WriteSlicer
+from pgreembed.store.write_slices import WriteSlicer, column_of, slice_cost
 from pgreembed.values import Embedded, Failed, Row
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,15 @@ def collect(conn: psycopg.Connection, slot: Slot, job_id: int,
     `paid` for the workers). The tokens billed commit first, with the job marked
     "collecting"; then the vectors, each slice in a transaction of its own (a whole job's
     50,000 rows in one held them for seconds). A job "collecting" already (an earlier step
-    stopped between slices, or another step collects it now) has its tokens recorded:
-    its rows already written by this model for their text are not written again."""
+    stopped between slices) has its tokens recorded: its rows already written by this
+    model for their text are not written again. The caller holds the job's lease
+    (`take_job`)."""
     embedded, failed, tokens_billed = _parse(_job_rows(conn, job_id), records, slot, job_id)
     current = lock_slot(conn, slot.target, slot.id, "ROW EXCLUSIVE")
     if current is None:
         raise NotFoundError(f"target {slot.target.name!r}: slot {slot.id} was dropped")
-    # Claimed once: of two steps reading the job as submitted, the second waits here for
-    # the first's commit and then records nothing.
+    # The step that takes it from "submitted" records its spend and failures; a later
+    # step (the lease of one killed between slices ended) resumes it.
     first = conn.execute("UPDATE pgreembed.batch_jobs SET status = 'collecting'"
                          " WHERE id = %s AND status = 'submitted'", (job_id,)).rowcount == 1
     if not _made_for(current, slot, made_by):
@@ -179,11 +180,11 @@ def _write_slices(conn: psycopg.Connection, slot: Slot, job_id: int, items: list
             conn.commit()
             break
         _renew_job(conn, job_id)
-        column = (current.id, current.vector_column)
+        column = column_of(current)
         piece, items = slicer.take(column, items)
         started = time.monotonic()
         done = write_isolating(conn, current, piece)
-        slicer.observe(column, len(done.keys) + len(done.refused), time.monotonic() - started)
+        slicer.observe(column, slice_cost(done), time.monotonic() - started)
         _record_failures_by_key(conn, current, done.refused)
         if done.busy:  # the app holds them: the workers write them after hand-back
             paid.keep(current, done.busy, 0, set(), recorded=True)

@@ -17,6 +17,9 @@ import threading
 from collections.abc import Sequence
 from typing import TypeVar
 
+from pgreembed.store.rows import Written
+from pgreembed.store.slots import Slot
+
 Item = TypeVar("Item")
 
 # Rows of the first slice a process writes into a column: enough for a fair measure,
@@ -65,3 +68,15 @@ class WriteSlicer:
             # The most rows the pace was measured on: a batch's small remainder slice
             # must not cut the next batch back to twice its size.
             self._measured[column] = max(rows, self._measured.get(column, 0))
+
+
+def column_of(slot: Slot) -> tuple[int, str]:
+    """What a slicer measures its pace per: the slot and the column its vectors go to now
+    (a swap renames it, and the other column's pace is another)."""
+    return slot.id, slot.vector_column
+
+
+def slice_cost(written: Written) -> int:
+    """Rows a slice's time was spent on: written or refused by the table (a row skipped,
+    held by the app or changed meanwhile, costs next to nothing)."""
+    return len(written.keys) + len(written.refused)
