@@ -31,6 +31,7 @@ from pgreembed.cli.output import schema
 from pgreembed.config import parse_settings
 from pgreembed.store import server_versions
 from pgreembed.store.pool import connect
+from pgreembed.store.write_slices import PROBE_ROWS
 from pgreembed.testing.fake_vectors import fake_vector, fake_vectors
 from pgreembed.testing.services import EmbeddedPostgres
 
@@ -221,6 +222,44 @@ def start_migration(stack: Stack, *args: str) -> str:
     """`migrate start <args> --target docs`; the new column."""
     migrate(stack, "start", *args)
     return new_column(stack)
+
+
+def vectors_in(stack: Stack, column: str) -> int:
+    """Rows of docs with a vector in `column`."""
+    with stack.connect() as conn:
+        row = conn.execute(sql.SQL("SELECT count({}) FROM docs").format(
+            sql.Identifier(column))).fetchone()
+    return int(row[0]) if row else 0
+
+
+def advisory_waiters(stack: Stack, mode: str) -> int:
+    """Advisory lock requests waiting in `mode`: ShareLock, a slice at a `slice_gate`;
+    ExclusiveLock, a step holding our writers out (store.table_lock.hold_writers_out)."""
+    with stack.connect() as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                           " AND mode = %s AND NOT granted", (mode,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def slice_gate(column: str, key: int) -> sql.Composed:
+    """An app trigger on docs: a vector written into `column` once PROBE_ROWS rows have
+    one there waits while the test holds the advisory lock `key` (the probe slice's rows
+    count once committed, so do the running statement's own earlier rows: the probe never
+    waits, its 8th row sees 7). Meanwhile the slice holds the writers' lock that `init`
+    and migration steps take exclusively first. The column is named in the body, not in
+    an `UPDATE OF` list (by attribute number: a swap or rollback refuses to run under
+    such a trigger, see migrations.rebind)."""
+    return sql.SQL("""
+CREATE FUNCTION docs_gate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.{col} IS NULL AND NEW.{col} IS NOT NULL
+            AND (SELECT count({col}) FROM docs) >= {probe} THEN
+        PERFORM pg_advisory_xact_lock_shared({key});
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER docs_gate BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION docs_gate();
+""").format(col=sql.Identifier(column), probe=sql.Literal(PROBE_ROWS), key=sql.Literal(key))
 
 
 def wait_filled(stack: Stack, column: str, at_most: int = 0) -> None:

@@ -29,13 +29,16 @@ from tests.helpers import (
     ROOT,
     OrdinaryRoles,
     Stack,
+    advisory_waiters,
     assert_column_current,
     counts,
     migrate,
     running,
     seed,
+    slice_gate,
     start_migration,
     steady_writer,
+    vectors_in,
     wait_filled,
     wait_for,
 )
@@ -46,31 +49,10 @@ GATE = 7_305_002  # the gate's advisory lock key
 NEW, DIMS = "fake-768", 768
 
 
-def _gate(column: str) -> sql.Composed:
-    """A vector written into `column` once PROBE_ROWS rows have one there waits while the
-    test holds the gate (the running statement's own earlier rows count)."""
-    return sql.SQL("""
-CREATE FUNCTION docs_gate() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF OLD.{col} IS NULL AND NEW.{col} IS NOT NULL
-            AND (SELECT count({col}) FROM docs) >= {probe} THEN
-        PERFORM pg_advisory_xact_lock_shared({gate});
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER docs_gate BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION docs_gate();
-""").format(col=sql.Identifier(column), probe=sql.Literal(PROBE_ROWS),
-            gate=sql.Literal(GATE))
-
-
 def _scalar(stack: Stack, query: sql.Composable | str, *params: object) -> int:
     with stack.connect() as conn:
         row = conn.execute(query, params).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
-
-
-def _filled(stack: Stack, column: str) -> int:
-    return _scalar(stack, sql.SQL("SELECT count({}) FROM docs").format(sql.Identifier(column)))
 
 
 def _versions(stack: Stack, column: str) -> dict[int, str]:
@@ -79,11 +61,6 @@ def _versions(stack: Stack, column: str) -> dict[int, str]:
         return {key: version for key, version in conn.execute(sql.SQL(
             "SELECT id, xmin::text FROM docs WHERE {} IS NOT NULL").format(
                 sql.Identifier(column)))}
-
-
-def _at_the_gate(stack: Stack) -> bool:
-    return _scalar(stack, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                          " AND mode = 'ShareLock' AND NOT granted") == 1
 
 
 def _job_ledger_rows(stack: Stack) -> int:
@@ -108,7 +85,7 @@ def test_a_jobs_vectors_commit_in_slices_and_a_stopped_step_resumes_counting_onc
 
     with steady_writer(app, per_second=10.0, edits=range(33, ROWS + 1)) as writes, \
             stack.connect() as gate, psycopg.connect(roles.app_dsn) as holder:
-        gate.execute(_gate(column))
+        gate.execute(slice_gate(column, GATE))
         gate.execute("SELECT pg_advisory_lock(%s)", (GATE,))
         holder.execute("UPDATE docs SET views = views + 1 WHERE id = ANY(%s)", (list(HELD),))
         step = subprocess.Popen([sys.executable, "-m", "pgreembed", "migrate", "batch",
@@ -116,11 +93,11 @@ def test_a_jobs_vectors_commit_in_slices_and_a_stopped_step_resumes_counting_onc
                                 env=stack.env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: _at_the_gate(stack), timeout=60,
+            wait_for(lambda: advisory_waiters(stack, "ShareLock") == 1, timeout=60,
                      message="the job's second slice waiting at the gate")
             # The first slice committed without the rows the app holds (skipped, never
             # waited for), with the job's spend, once.
-            assert _filled(stack, column) == PROBE_ROWS - len(HELD)
+            assert vectors_in(stack, column) == PROBE_ROWS - len(HELD)
             assert _job_ledger_rows(stack) == 1
             assert _scalar(stack, "SELECT count(*) FROM pgreembed.batch_jobs"
                                   " WHERE status = 'collecting'") == 1
@@ -128,7 +105,7 @@ def test_a_jobs_vectors_commit_in_slices_and_a_stopped_step_resumes_counting_onc
             other_step = stack.cli("migrate", "batch", "--target", "docs", timeout=30)
             assert other_step.returncode == 0, other_step.stderr
             assert counts(BATCH_LINE, other_step.stdout) == [(0, 0, 0, 0, 1)], other_step.stdout
-            assert _filled(stack, column) == PROBE_ROWS - len(HELD)
+            assert vectors_in(stack, column) == PROBE_ROWS - len(HELD)
             # A row of a later slice is the app's to edit now: no lock of ours on it.
             with psycopg.connect(roles.app_dsn, options="-c lock_timeout=200") as other:
                 other.execute("UPDATE docs SET views = views + 1 WHERE id = %s", (ROWS,))

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
 from pgreembed.store.write_slices import PROBE_ROWS
 from pgreembed.testing.fake_openai import FakeOpenAIServer
@@ -34,13 +33,16 @@ from tests.app_side import repeatable_read_by_default
 from tests.helpers import (
     OrdinaryRoles,
     Stack,
+    advisory_waiters,
     assert_column_current,
     counts,
     docs_config,
     json_document,
     rows_in_flight,
     seed,
+    slice_gate,
     start_migration,
+    vectors_in,
     wait_for,
     write_config,
 )
@@ -49,23 +51,6 @@ OLD, NEW, DIMS = "fake-384", "fake-alt-384", 384  # same size: a mix-up fits sil
 ROWS = 64  # one batch: the probe slice (8 rows), the gated one, then 40 rows or more
 GATE = 7_305_001  # the gate's advisory lock key
 
-# A vector written into `embedding` once PROBE_ROWS rows have one waits while the test
-# holds the gate: the probe slice's rows count once committed, so do the running
-# statement's own earlier rows (the probe never waits: its 8th row sees 7). Meanwhile the
-# slice holds the writers' lock that `init` and migration steps take exclusively first.
-# The column is named in the body, not in an `UPDATE OF` list (by attribute number: a
-# swap or rollback refuses to run under such a trigger, see migrations.rebind).
-GATE_AFTER_FIRST_SLICE = f"""
-CREATE FUNCTION docs_gate() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF OLD.embedding IS NULL AND NEW.embedding IS NOT NULL
-            AND (SELECT count(embedding) FROM docs) >= {PROBE_ROWS} THEN
-        PERFORM pg_advisory_xact_lock_shared({GATE});
-    END IF;
-    RETURN NEW;
-END $$;
-CREATE TRIGGER docs_gate BEFORE UPDATE ON docs FOR EACH ROW EXECUTE FUNCTION docs_gate();
-"""
 
 
 @dataclass(frozen=True)
@@ -102,36 +87,20 @@ def _mislabelled(rows: list[Labelled]) -> list[str]:
                 row.model is not None and row.made_by(row.model))]
 
 
-def _waiting(stack: Stack, mode: str) -> int:
-    """Advisory lock requests waiting in `mode`: ShareLock, a slice at the gate;
-    ExclusiveLock, a step holding our writers out (store.table_lock.hold_writers_out)."""
-    with stack.connect() as conn:
-        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                           " AND mode = %s AND NOT granted", (mode,)).fetchone()
-    return int(row[0]) if row else 0
-
-
-def _filled(stack: Stack, column: str) -> int:
-    with stack.connect() as conn:
-        row = conn.execute(sql.SQL("SELECT count({}) FROM docs").format(
-            sql.Identifier(column))).fetchone()
-    return int(row[0]) if row else 0
-
-
 @contextmanager
 def gate_closed(stack: Stack) -> Iterator[psycopg.Connection]:
     """The gate installed and closed; it opens when the connection yielded unlocks it or
     closes (a session's advisory locks end with it)."""
     with stack.connect() as gate:
-        gate.execute(GATE_AFTER_FIRST_SLICE)
+        gate.execute(slice_gate("embedding", GATE))
         gate.execute("SELECT pg_advisory_lock(%s)", (GATE,))
         yield gate
 
 
 def wait_at_the_gate(stack: Stack) -> None:
-    wait_for(lambda: _waiting(stack, "ShareLock") == 1, timeout=30,
+    wait_for(lambda: advisory_waiters(stack, "ShareLock") == 1, timeout=30,
              message="the batch's second slice waiting at the gate")
-    assert _filled(stack, "embedding") == PROBE_ROWS, "the first slice committed, no more"
+    assert vectors_in(stack, "embedding") == PROBE_ROWS, "the first slice committed, no more"
 
 
 def step_past_the_gate(stack: Stack, gate: psycopg.Connection, *args: str
@@ -140,7 +109,7 @@ def step_past_the_gate(stack: Stack, gate: psycopg.Connection, *args: str
     slice, then the gate opened: the step lands between that slice and the next."""
     with ThreadPoolExecutor(1) as pool:
         step = pool.submit(stack.cli, *args)
-        wait_for(lambda: _waiting(stack, "ExclusiveLock") == 1 or step.done(), timeout=30,
+        wait_for(lambda: advisory_waiters(stack, "ExclusiveLock") == 1 or step.done(), timeout=30,
                  message=f"`{' '.join(args)}` waiting for the slice in flight to commit")
         gate.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
         result = step.result()
@@ -220,7 +189,7 @@ def test_a_rollback_between_two_slices_sends_the_later_slices_to_the_renamed_col
     # NEW's later slices went to NEW's column, renamed `column` by the rollback: nothing
     # dropped (the slot's model is the same), nothing into OLD's column, now `embedding`.
     assert counts(r"(\d+) vectors of \S+ dropped", stack.log_text()) == []
-    assert _filled(stack, column) == ROWS, "NEW's later slices missed its renamed column"
+    assert vectors_in(stack, column) == ROWS, "NEW's later slices missed its renamed column"
     assert_column_current(stack, "embedding", OLD, DIMS)
     assert_column_current(stack, column, NEW, DIMS)
     assert fake_openai.stats()["inputs_embedded"] == 4 * ROWS  # two fills, two re-embeds

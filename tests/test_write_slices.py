@@ -32,6 +32,7 @@ from tests.helpers import (
     json_document,
     seed,
     steady_writer,
+    vectors_in,
     wait_filled,
     wait_for,
     write_config,
@@ -70,7 +71,7 @@ def test_app_transactions_wait_on_a_slice_not_on_the_whole_batch(
             app_transactions(roles.app_dsn, range(1, 201)) as transactions:
         stack.start_worker(threads=2)
         stack.start_scheduler()
-        wait_for(lambda: _embedded(stack) >= ROWS // 2, timeout=120, interval=0.2,
+        wait_for(lambda: vectors_in(stack, "embedding") >= ROWS // 2, timeout=120, interval=0.2,
                  message="half the rows written, the app writing and holding rows")
     fake_openai.set_faults(latency=0.0)
     wait_filled(stack, "embedding")
@@ -119,8 +120,8 @@ def test_a_fault_between_slices_keeps_the_rest_paid_once(
     client = redis.Redis.from_url(stack.redis_url)
     wait_for(lambda: "the write stopped after" in stack.log_text(), timeout=60,
              message="the first slice written, the next one refused")
-    assert len(client.keys("pgreembed:paid:*")) == rows - _embedded(stack)
-    assert _embedded(stack) == PROBE_ROWS
+    assert len(client.keys("pgreembed:paid:*")) == rows - vectors_in(stack, "embedding")
+    assert vectors_in(stack, "embedding") == PROBE_ROWS
     assert fake_openai.stats()["inputs_embedded"] == rows
     with stack.connect() as conn:
         conn.execute("UPDATE write_fault SET on_ = false")
@@ -137,12 +138,6 @@ def test_a_fault_between_slices_keeps_the_rest_paid_once(
         inputs, tokens = conn.execute("SELECT sum(inputs), sum(tokens) FROM pgreembed.usage"
                                       ).fetchone()
     assert (inputs, tokens) == (rows, stats["tokens_embedded"])
-
-
-def _embedded(stack: Stack) -> int:
-    with stack.connect() as conn:
-        row = conn.execute("SELECT count(embedding) FROM docs").fetchone()
-    return int(row[0]) if row else 0
 
 
 def test_a_slice_fits_the_budget_at_the_measured_pace_and_grows_at_most_twofold() -> None:
