@@ -10,10 +10,13 @@ on an HNSW table, and their extra CPU was not our statements' (bench.write_cpu
 Each UPDATE statement's HNSW inserts touch a few MB of fresh memory that the server's
 malloc hands back to the OS when the statement ends: --malloc-env starts the server with
 glibc's trim and mmap thresholds pinned (MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_),
-to show it; a setting of the server's environment, not something pgreembed can set.
+to show it; a setting of the server's environment. What a client can do: raise glibc's
+dynamic thresholds from its own session, by one big value allocated and freed
+(store.session.keep_freed_memory, on pgreembed's pooled connections since 2026-12-07):
+the N-row transactions again with it, at --kept-mb sizes.
 
     python -m bench.hnsw_statement_cost [--rows 3000] [--dims 1536] [--rows-per 6]
-                                        [--rounds 2] [--malloc-env]
+                                        [--rounds 2] [--malloc-env] [--kept-mb 2,8]
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import psycopg
 from pgvector.psycopg import register_vector
 
 from bench.harness import Services, postgres_cpu
+from pgreembed.config import KEPT_MEMORY_MB
+from pgreembed.store.session import keep_freed_memory
 
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 TRANSACTION_ROWS = 512
@@ -58,7 +63,7 @@ def _backend(pid: int) -> tuple[int, float, float]:
 
 
 def run_arm(services: Services, dsn: str, vectors: list[tuple[int, Any]], per_statement: int,
-            per_transaction: int) -> dict[str, float]:
+            per_transaction: int, kept_mb: int = 0) -> dict[str, float]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("UPDATE docs SET embedding = NULL")
         conn.execute("VACUUM docs")
@@ -66,6 +71,8 @@ def run_arm(services: Services, dsn: str, vectors: list[tuple[int, Any]], per_st
     with psycopg.connect(dsn, autocommit=True) as conn:
         register_vector(conn)
         conn.execute("CREATE TEMP TABLE incoming (id bigint, vec vector) ON COMMIT DELETE ROWS")
+        if kept_mb:
+            keep_freed_memory(conn, kept_mb)
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
         assert row is not None
         faults, user, system = _backend(row[0])
@@ -101,11 +108,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--malloc-env", action="store_true",
                         help="start the server with glibc's trim/mmap thresholds pinned")
+    parser.add_argument("--kept-mb", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[KEPT_MEMORY_MB], metavar="MB,MB",
+                        help="the N-row transactions again, their session keeping its freed"
+                        f" memory (store.session.keep_freed_memory; default {KEPT_MEMORY_MB})")
     args = parser.parse_args()
-    arms = {f"{TRANSACTION_ROWS}-row transactions": (TRANSACTION_ROWS, TRANSACTION_ROWS),
-            f"{args.rows_per}-row transactions": (args.rows_per, args.rows_per),
-            f"{args.rows_per}-row statements in {TRANSACTION_ROWS}-row transactions":
-                (args.rows_per, TRANSACTION_ROWS)}
+    small = (args.rows_per, args.rows_per)
+    arms: dict[str, tuple[int, ...]] = {
+        f"{TRANSACTION_ROWS}-row transactions": (TRANSACTION_ROWS, TRANSACTION_ROWS),
+        f"{args.rows_per}-row transactions": small,
+        f"{args.rows_per}-row statements in {TRANSACTION_ROWS}-row transactions":
+            (args.rows_per, TRANSACTION_ROWS),
+        **{f"{args.rows_per}-row transactions, freed memory kept ({mb} MB)": (*small, mb)
+           for mb in args.kept_mb}}
     figures: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with started(args.malloc_env, args.dims) as services:
         dsn = services.dsn("postgres")

@@ -18,6 +18,9 @@ Two parts, each in rounds that interleave its arms (the arms' order rotates), me
   --raw-arrays adds the raw write sent as ours is since the sixth pass (binary array
   parameters, `UPDATE ... FROM unnest(...)` through the pk, no temporary table), alone
   and with a state row per vector: the floor our write is held to.
+  --memory-arms adds ours with its pool's sessions not keeping their freed memory between
+  statements (`[worker] kept_memory_mb = 0`: as before 2026-12-07) and the raw write
+  with its session keeping it.
 - `pipeline` (--pipeline): the whole pipeline (`pgreembed tick` + `dramatiq worker`, 2
   processes x 4 threads) with `pool_max_size` 4 and 1, against the raw write on 2
   connections, each on a fresh copy of the same rows (bench.sections).
@@ -30,6 +33,7 @@ for writing the pages it dirtied and for no one else's:
 
     python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
                               [--budgets 100,200] [--raw-slice-rows 7] [--raw-arrays]
+                              [--memory-arms]
                               [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
                               [--pool-sizes 4,1] [--before CHECKOUT] [--perf] [--no-path]
 """
@@ -61,8 +65,9 @@ from bench.sections import (
     run_ceiling,
     run_ours,
 )
-from pgreembed.config import Settings, parse_settings
+from pgreembed.config import KEPT_MEMORY_MB, Settings, parse_settings
 from pgreembed.store.pool import close_pools
+from pgreembed.store.session import keep_freed_memory
 
 STATS_SQL = """
     SELECT regexp_replace(left(query, 90), '\\s+', ' ', 'g'), calls, rows, total_exec_time
@@ -112,9 +117,9 @@ class PathBench:
 
     def __init__(self, services: Services, rows: int, batch: int, hnsw: bool,
                  stats: bool, slice_rows: int = 0, budgets: tuple[float, ...] = (),
-                 raw_arrays: bool = False) -> None:
+                 raw_arrays: bool = False, memory_arms: bool = False) -> None:
         self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
-        self.slice_rows, self.raw_arrays = slice_rows, raw_arrays
+        self.slice_rows, self.raw_arrays, self.memory_arms = slice_rows, raw_arrays, memory_arms
         self.dsn = services.fresh_copy(rows, "path")
         self.dbname = str(psycopg.conninfo.conninfo_to_dict(self.dsn)["dbname"])
         with pipeline(services, self.dsn, Tuning(batch_size=batch)) as run:
@@ -142,6 +147,9 @@ class PathBench:
         # What pgreembed did before write slices: a batch's vectors in one transaction.
         self.unsliced = parse_settings({**self.document, "worker": {"max_row_lock_ms": 1e9}},
                                        self.env)
+        # Sessions that return their freed memory to the OS (before 2026-12-07).
+        self.unkept = parse_settings({**self.document, "worker": {"kept_memory_mb": 0}},
+                                     self.env)
         # Other slice budgets than the default (`[worker] max_row_lock_ms`).
         self.budgeted = {budget: parse_settings(
             {**self.document, "worker": {"max_row_lock_ms": budget}}, self.env)
@@ -163,6 +171,12 @@ class PathBench:
             # of about the rows of our slices (pg_stat_statements' calls of our UPDATE).
             arms[f"raw write, {self.slice_rows}-row transactions"] = (
                 lambda: self._raw(False, size=self.slice_rows))
+        if self.memory_arms:
+            # Our pool's sessions keep their freed memory (store.session.keep_freed_memory):
+            # ours without it (as before 2026-12-07), and the raw write with it.
+            arms["ours, freed memory not kept"] = functools.partial(self._ours, self.unkept)
+            arms["raw write, freed memory kept"] = (
+                lambda: self._raw(False, keep_memory=True))
         if self.raw_arrays:
             arms["raw write, binary arrays"] = self._raw_arrays
             arms["raw + state rows, binary arrays"] = functools.partial(
@@ -190,11 +204,14 @@ class PathBench:
                     if state_rows:
                         conn.execute(upsert, {"keys": keys})
 
-    def _raw(self, state_rows: bool, options: str = "", size: int = 0) -> None:
+    def _raw(self, state_rows: bool, options: str = "", size: int = 0,
+             keep_memory: bool = False) -> None:
         size = size or self.batch
         with psycopg.connect(self.dsn, autocommit=True, options=options) as conn:
             from pgvector.psycopg import register_vector
             register_vector(conn)
+            if keep_memory:
+                keep_freed_memory(conn, KEPT_MEMORY_MB)
             for i in range(0, self.rows, size):
                 _write_chunk(conn, self.vector_type, self.vectors[i:i + size],
                              self.state_table if state_rows else None)
@@ -255,7 +272,7 @@ def run_path(services: Services, args: argparse.Namespace) -> None:
     bench = PathBench(services, args.rows, args.batch, args.hnsw, args.stats,
                       args.raw_slice_rows,
                       tuple(float(b) for b in args.budgets.split(",")) if args.budgets else (),
-                      args.raw_arrays)
+                      args.raw_arrays, args.memory_arms)
     cpu: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     arms = list(bench.arms().items())
@@ -390,6 +407,9 @@ def main() -> None:
     parser.add_argument("--raw-arrays", action="store_true",
                         help="path: also the raw write as binary arrays (how ours sends it),"
                              " alone and with a state row per vector")
+    parser.add_argument("--memory-arms", action="store_true",
+                        help="path: ours with its sessions not keeping freed memory, and"
+                        " the raw write with them keeping it (store.session)")
     parser.add_argument("--stats", action="store_true",
                         help="pg_stat_statements per statement (path and pipeline)")
     parser.add_argument("--perf", action="store_true",

@@ -138,6 +138,15 @@ def test_worker_retry_backoff_is_a_positive_number_of_seconds() -> None:
         settings(target(), worker={"retry_backoff_seconds": 0})
 
 
+def test_worker_kept_memory_is_0_to_31_megabytes() -> None:
+    assert settings(target()).kept_memory_mb == 16
+    assert settings(target(), worker={"kept_memory_mb": 0}).kept_memory_mb == 0
+    for value in (-1, 32):
+        with pytest.raises(ConfigError,
+                           match=rf"worker\.kept_memory_mb: must be between 0 and 31, got {value}"):
+            settings(target(), worker={"kept_memory_mb": value})
+
+
 def test_vector_type_is_optional_and_validated() -> None:
     assert settings(target()).target("docs").storage_type == "vector"
     big = target(provider="openai", model="text-embedding-3-large", dimensions=3072)

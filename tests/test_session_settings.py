@@ -6,19 +6,30 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from pgreembed.config import load_settings
+from pgreembed.config import KEPT_MEMORY_MB, load_settings
 from pgreembed.store import catalog
 from pgreembed.store.pool import close_pools, connect, get_pool
 from pgreembed.store.rows import lock_slot
 from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import hold_writers_out
-from tests.helpers import Stack, end_transaction_after, json_document, migrate, seed, wait_for
+from tests.helpers import (
+    OrdinaryRoles,
+    Stack,
+    end_transaction_after,
+    json_document,
+    migrate,
+    seed,
+    wait_for,
+)
 
 
 def set_database_default(stack: Stack, setting: str, value: str) -> None:
@@ -164,3 +175,62 @@ def test_the_pending_index_build_leaves_the_callers_statement_timeout_alone(
         assert catalog.index_valid(conn, target.schema, slot.pending_index_name)
         assert conn.execute("SELECT current_setting('statement_timeout')").fetchone() == (
             "7s",)
+
+
+def _page_faults(pid: int) -> int:
+    """The minor page faults of one server process so far (/proc)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+def _faults_per_hnsw_statement(conn: psycopg.Connection, vectors: list[np.ndarray]) -> float:
+    """Minor page faults of `conn`'s backend per 6-row UPDATE through the HNSW index, each
+    its own transaction (a worker's write slice), after two to warm up."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    conn.rollback()
+    assert row is not None
+    if not Path(f"/proc/{row[0]}/stat").exists():
+        pytest.skip("the server's processes are not on this machine")
+
+    def write(first: int) -> None:
+        with conn.transaction():
+            conn.execute("UPDATE docs d SET embedding = i.vec FROM unnest(%s::bigint[],"
+                         " %s::vector[]) AS i(id, vec) WHERE d.id = i.id",
+                         (list(range(first, first + 6)), vectors[first:first + 6]))
+
+    write(1)
+    write(7)
+    before = _page_faults(row[0])
+    for first in range(13, 73, 6):
+        write(first)
+    return (_page_faults(row[0]) - before) / 10
+
+
+def test_pooled_sessions_keep_their_freed_memory_for_small_hnsw_writes(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """A write slice through HNSW is a statement of a few rows; its graph search allocates
+    a few MB that glibc's malloc used to give back to the OS at the statement's end, so
+    each slice faulted them in again (~1,600 page faults, bench.hnsw_statement_cost). The
+    workers' pool raises the allocator's thresholds once a session (store.session
+    .keep_freed_memory, `[worker] kept_memory_mb`); with the setting at 0 (the control)
+    the statements still fault."""
+    stack, roles = ordinary_roles
+    set_database_default(stack, "default_transaction_isolation", "repeatable read")
+    rng = np.random.default_rng(7)
+    vectors = [rng.standard_normal(1536).astype(np.float32) for _ in range(300)]
+    with psycopg.connect(stack.dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("ALTER TABLE docs ADD COLUMN embedding vector(1536)")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO docs (id, body, embedding) VALUES (%s, 'x', %s)",
+                            [(pk, vectors[pk - 1]) for pk in range(1, 301)])
+        conn.execute("CREATE INDEX ON docs USING hnsw (embedding vector_cosine_ops)")
+    faults = {}
+    for kept_memory_mb in (0, KEPT_MEMORY_MB):
+        try:
+            with get_pool(roles.pgreembed_dsn, kept_memory_mb=kept_memory_mb
+                          ).connection() as conn:
+                faults[kept_memory_mb] = _faults_per_hnsw_statement(conn, vectors)
+        finally:
+            close_pools()
+    assert faults[0] > 500, faults  # the statements did fault without it
+    assert faults[KEPT_MEMORY_MB] < 150, faults

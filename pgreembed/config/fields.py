@@ -156,6 +156,15 @@ def at_most(maximum: int) -> Check:
     return lambda value, where: positive(value, where, maximum=maximum)
 
 
+def within(low: int, high: int) -> Check:
+    """Check: `low` <= value <= `high`."""
+    def check(value: Any, where: str) -> Any:
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: must be between {low} and {high}, got {value!r}")
+        return value
+    return check
+
+
 def non_negative(value: Any, where: str) -> float:
     """Check: >= 0 (a number of seconds, say)."""
     return non_negative_seconds(value, where)

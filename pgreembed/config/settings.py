@@ -24,6 +24,7 @@ from pgreembed.config.fields import (
     reject_unknown,
     setting,
     table_keys,
+    within,
 )
 from pgreembed.config.fields import optional_positive as _optional_positive
 from pgreembed.config.providers import secrets as provider_secrets
@@ -53,6 +54,11 @@ class Budget:
                       smaller(self.tokens_per_minute, other.tokens_per_minute))
 
 
+# `[worker] kept_memory_mb`'s default: 16 (docs/performance.md, eighth pass: ~7.5 MB a
+# statement through HNSW at 1536 dims, m 16, ef_construction 64; room for wider graphs).
+KEPT_MEMORY_MB = 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a process needs; built once at start-up."""
@@ -79,6 +85,12 @@ class Settings:
     # without max_prepared_statements, Supavisor's transaction mode) a statement name can
     # stand for another of pgreembed's statements on another server connection.
     prepared_statements: bool = setting(False)
+    # MB each pooled connection allocates and frees once when it opens, so its backend
+    # keeps a statement's freed memory for the next one instead of returning it to the
+    # OS (store.session.keep_freed_memory): small write slices through an HNSW index stop
+    # faulting their few MB in again. The backend may hold up to twice this much it
+    # freed; 0 turns it off. At most 31: glibc raises its thresholds no further.
+    kept_memory_mb: int = setting(KEPT_MEMORY_MB, check=within(0, 31))
     # How long one batch retries its write through a database-wide fault (disk full,
     # read-only, connection lost) in-process before keeping its vectors in Redis and
     # handing the message to Dramatiq's retries.

@@ -39,6 +39,7 @@ from pgreembed.observability.redact import redact, register_secret
 from pgreembed.store.pending import missing_page
 from pgreembed.store.pool import connect
 from pgreembed.store.rows import load_pending, record_failures
+from pgreembed.store.session import keep_freed_memory
 from pgreembed.store.slots import Slot, load_slots
 from pgreembed.store.versions import upgrade
 from pgreembed.store.write_slices import WriteSlicer
@@ -165,6 +166,7 @@ def step(settings: Settings, target: Target) -> BatchStep:
     client = _client(settings)
     paid = PaidVectors(redis.Redis.from_url(settings.redis_url))
     with connect(settings.database_url) as conn:
+        keep_freed_memory(conn, settings.kept_memory_mb)  # slices of a few rows on HNSW
         upgrade(conn, repeatable=False)  # batch_jobs.asked (version 5), if init ran before
         conn.commit()
         slot = batch_slot(conn, target)

@@ -3,7 +3,9 @@
 The pool checks a connection before lending it (so a Postgres restart costs
 no failed batch) and registers pgvector's types on every new connection. Every
 connection, pooled or dedicated, pins our session settings (store.session: READ
-COMMITTED whatever the database's default, our own idle-in-transaction limit).
+COMMITTED whatever the database's default, our own idle-in-transaction limit); pooled
+ones also keep their backend's freed memory between statements (`[worker]
+kept_memory_mb`, store.session.keep_freed_memory).
 
 Server-side prepared statements: never psycopg's automatic ones (after 5 runs), which
 break after a column swap changes a column's type ("cached plan must not change result
@@ -26,9 +28,10 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
+from pgreembed.config import KEPT_MEMORY_MB
 from pgreembed.errors import DatabaseError
 from pgreembed.observability.redact import redact
-from pgreembed.store.session import pin_session
+from pgreembed.store.session import keep_freed_memory, pin_session
 
 if TYPE_CHECKING:
     from pgreembed.config import Settings
@@ -44,10 +47,11 @@ PREPARE = True
 _ONLY_ON_REQUEST = 2**62
 
 
-def _configure(prepared: bool) -> Callable[[psycopg.Connection], None]:
+def _configure(prepared: bool, kept_memory_mb: int) -> Callable[[psycopg.Connection], None]:
     def configure(conn: psycopg.Connection) -> None:
         conn.prepare_threshold = _ONLY_ON_REQUEST if prepared else None
         pin_session(conn)
+        keep_freed_memory(conn, kept_memory_mb)  # small write slices through HNSW
         register_vector(conn)
 
     return configure
@@ -72,11 +76,11 @@ def connect(dsn: str, *, autocommit: bool = False, vector: bool = True) -> psyco
     return conn
 
 
-def get_pool(dsn: str, max_size: int = 4, *, prepared_statements: bool = False
-             ) -> ConnectionPool:
+def get_pool(dsn: str, max_size: int = 4, *, prepared_statements: bool = False,
+             kept_memory_mb: int = KEPT_MEMORY_MB) -> ConnectionPool:
     """The process-wide pool for `dsn` (create it in the worker process, never before fork).
-    `prepared_statements`: `[worker] prepared_statements` (see the module's docstring); the
-    first call of the process decides, as for `max_size`."""
+    `prepared_statements`, `kept_memory_mb`: those `[worker]` settings (see the module's
+    docstring); the first call of the process decides, as for `max_size`."""
     with _lock:
         pool = _pools.get(dsn)
         if pool is None:
@@ -85,7 +89,7 @@ def get_pool(dsn: str, max_size: int = 4, *, prepared_statements: bool = False
                 min_size=1,
                 max_size=max_size,
                 open=True,
-                configure=_configure(prepared_statements),
+                configure=_configure(prepared_statements, kept_memory_mb),
                 check=ConnectionPool.check_connection,
                 kwargs={"application_name": "pgreembed-worker"},
                 name="pgreembed",
@@ -105,6 +109,7 @@ def close_pools() -> None:
 
 def worker_pool(settings: Settings) -> ConnectionPool:
     """The process-wide pool as the settings size and configure it (`[worker]`
-    pool_max_size and prepared_statements)."""
+    pool_max_size, prepared_statements and kept_memory_mb)."""
     return get_pool(settings.database_url, settings.pool_max_size,
-                    prepared_statements=settings.prepared_statements)
+                    prepared_statements=settings.prepared_statements,
+                    kept_memory_mb=settings.kept_memory_mb)
