@@ -18,6 +18,7 @@ from pgreembed.config import KEPT_MEMORY_MB, load_settings
 from pgreembed.store import catalog
 from pgreembed.store.pool import close_pools, connect, get_pool
 from pgreembed.store.rows import lock_slot
+from pgreembed.store.session import keep_freed_memory
 from pgreembed.store.setup import ensure_pending_index
 from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import hold_writers_out
@@ -185,11 +186,13 @@ def _page_faults(pid: int) -> int:
 def _faults_per_hnsw_statement(conn: psycopg.Connection, vectors: list[np.ndarray]) -> float:
     """Minor page faults of `conn`'s backend per 6-row UPDATE through the HNSW index, each
     its own transaction (a worker's write slice), after two to warm up."""
-    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    row = conn.execute("SELECT pg_backend_pid(), current_database()").fetchone()
     conn.rollback()
     assert row is not None
-    if not Path(f"/proc/{row[0]}/stat").exists():
-        pytest.skip("the server's processes are not on this machine")
+    command = Path(f"/proc/{row[0]}/cmdline")
+    # A server in a container or on another host: its pids are not this machine's.
+    if not command.exists() or row[1].encode() not in command.read_bytes():
+        pytest.skip("the server's backend is not a process of this machine")
 
     def write(first: int) -> None:
         with conn.transaction():
@@ -232,5 +235,19 @@ def test_pooled_sessions_keep_their_freed_memory_for_small_hnsw_writes(
                 faults[kept_memory_mb] = _faults_per_hnsw_statement(conn, vectors)
         finally:
             close_pools()
-    assert faults[0] > 500, faults  # the statements did fault without it
+    if faults[0] < 500:  # musl, jemalloc, or MALLOC_*_THRESHOLD_ set: nothing to keep
+        pytest.skip(f"this server's allocator gives no memory back to fault in: {faults}")
     assert faults[KEPT_MEMORY_MB] < 150, faults
+
+
+def test_keeping_freed_memory_is_best_effort(stack: Stack, caplog: pytest.LogCaptureFixture
+                                             ) -> None:
+    """A role's tiny statement_timeout cancels the 16 MB statement: the session goes on
+    without it (one warning), it is not a connection the pool must throw away."""
+    with psycopg.connect(stack.dsn, options="-c statement_timeout=1") as conn:
+        keep_freed_memory(conn, KEPT_MEMORY_MB)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert "could not set this session up to keep its freed memory" in caplog.text
+    with psycopg.connect(stack.dsn) as conn, pytest.raises(ValueError, match="0 to 31 MB"):
+        keep_freed_memory(conn, 32)

@@ -85,11 +85,12 @@ class Settings:
     # without max_prepared_statements, Supavisor's transaction mode) a statement name can
     # stand for another of pgreembed's statements on another server connection.
     prepared_statements: bool = setting(False)
-    # MB each pooled connection allocates and frees once when it opens, so its backend
-    # keeps a statement's freed memory for the next one instead of returning it to the
-    # OS (store.session.keep_freed_memory): small write slices through an HNSW index stop
-    # faulting their few MB in again. The backend may hold up to twice this much it
-    # freed; 0 turns it off. At most 31: glibc raises its thresholds no further.
+    # MB each pooled connection (and `migrate batch`'s) allocates and frees once when it
+    # opens, so its backend keeps a statement's freed memory for the next one instead of
+    # returning it to the OS (store.session.keep_freed_memory): small write slices
+    # through an HNSW index stop faulting their few MB in again. The backend may hold
+    # about twice this much it freed; 0 turns it off. At most 31: for a block of 32 MB or
+    # more glibc raises no threshold at all.
     kept_memory_mb: int = setting(KEPT_MEMORY_MB, check=within(0, 31))
     # How long one batch retries its write through a database-wide fault (disk full,
     # read-only, connection lost) in-process before keeping its vectors in Redis and

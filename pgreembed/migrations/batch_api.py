@@ -166,7 +166,6 @@ def step(settings: Settings, target: Target) -> BatchStep:
     client = _client(settings)
     paid = PaidVectors(redis.Redis.from_url(settings.redis_url))
     with connect(settings.database_url) as conn:
-        keep_freed_memory(conn, settings.kept_memory_mb)  # slices of a few rows on HNSW
         upgrade(conn, repeatable=False)  # batch_jobs.asked (version 5), if init ran before
         conn.commit()
         slot = batch_slot(conn, target)
@@ -191,6 +190,8 @@ def step(settings: Settings, target: Target) -> BatchStep:
                 if status == "completed":
                     records = _download(client, batch)
                     made_by = [asked] if asked is not None else _made_by(client, batch)
+                    # Written in slices of a few rows (on HNSW: see store.session).
+                    keep_freed_memory(conn, settings.kept_memory_mb)
                     w, f = collect(conn, slot, job_id, records, made_by, paid, slicer)
                     written, failed, completed = written + w, failed + f, completed + 1
                 else:

@@ -27,11 +27,15 @@ role defaults say (managed services and DBAs set them per database and per role)
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import psycopg
 
+from pgreembed.observability.redact import redact
 from pgreembed.store import server_versions
+
+log = logging.getLogger(__name__)
 
 IDLE_IN_TRANSACTION_MS = 60_000
 
@@ -56,28 +60,43 @@ def pin_session(conn: psycopg.Connection) -> None:
 
 # glibc's malloc (Postgres' allocator on Linux) maps a big block with mmap and gives
 # freed memory at the top of its heap back to the OS; both thresholds start at 128 kB and
-# rise only when a mapped block is freed (to its size, and twice that for the trim). A
-# statement that inserts into an HNSW index allocates a few MB (pgvector copies each
-# graph element it visits), so every small write slice through HNSW faulted those pages
-# in again, zero-filled by the kernel: ~1,600 minor page faults a statement, 1.2-1.4x
-# the Postgres CPU of the same rows in 512-row statements (bench.hnsw_statement_cost).
-# One value of `[worker] kept_memory_mb` (16 MB by default), allocated and freed once a
+# rise only when a mapped block is freed (the mmap threshold to its size, the trim
+# threshold to twice that), and only for a block of at most 32 MB. A statement that
+# inserts into an HNSW index allocates a few MB (pgvector copies each graph element it
+# visits), so every small write slice through HNSW faulted those pages in again,
+# zero-filled by the kernel: ~1,300-1,900 minor page faults a statement, 1.2-1.4x the
+# Postgres CPU of the same rows in 512-row statements (bench.hnsw_statement_cost). One
+# value of `[worker] kept_memory_mb` (16 MB by default), allocated and freed once a
 # session, raises them to 16 and 32 MB: the backend keeps the memory for its next
 # statement (15 faults a statement). 8 sufficed at 1536 dims, m 16, ef_construction 64
 # (~7.5 MB a statement; 2 MB did not). Other allocators ignore it.
+# OFFSET 0: `repeat` of a constant would be folded while planning, making the value twice.
+_KEEP_FREED_MEMORY = ("SELECT octet_length(repeat(repeat('x', 4096), n))"
+                      " FROM (SELECT %s * 256 AS n OFFSET 0) AS size")
 
 
 def keep_freed_memory(conn: psycopg.Connection, megabytes: int) -> None:
     """Let this session's backend keep its freed memory between statements (see above):
-    ~25 ms once (16 MB), then several ms less per statement through an HNSW index. For
-    long-lived connections that write vectors (the workers' pool); the backend holds up
-    to twice `megabytes` it freed instead of returning it at once (glibc raises its
-    thresholds for a block of at most 32 MB). 0: nothing."""
-    if megabytes <= 0:
+    ~13 ms once (16 MB), then several ms less per statement through an HNSW index. For
+    long-lived connections that write vectors (the workers' pool), called on a fresh
+    connection (it commits); the backend then holds about twice `megabytes` it freed
+    instead of returning it at once. 0: nothing. Best effort: a failure (a small
+    statement_timeout, no memory to spare) is logged and the session goes on without."""
+    if not 0 <= megabytes <= 31:  # glibc raises no threshold for a bigger block
+        raise ValueError(f"kept memory: 0 to 31 MB, got {megabytes}")
+    if megabytes == 0:
         return
-    conn.execute("SELECT octet_length(repeat(repeat('x', 4096), %s * 256))", (megabytes,))
-    if not conn.autocommit:
-        conn.commit()
+    try:
+        conn.execute(_KEEP_FREED_MEMORY, (megabytes,))
+        if not conn.autocommit:
+            conn.commit()
+    except psycopg.Error as exc:
+        if conn.broken:
+            raise
+        conn.rollback()
+        log.warning("could not set this session up to keep its freed memory (%s): small"
+                    " writes through an HNSW index cost it more CPU",
+                    redact(str(exc)).strip())
 
 
 def lift_statement_limits(conn: psycopg.Connection) -> None:
