@@ -280,6 +280,8 @@ def main() -> None:
                         help="stop after this step (bench.fill_row_locks: the fill)")
     parser.add_argument("--max-row-lock-ms", type=float, default=None,
                         help="[worker] max_row_lock_ms (default: the config's default)")
+    parser.add_argument("--kept-memory-mb", type=int, default=None,
+                        help="[worker] kept_memory_mb (default: the config's default)")
     args = parser.parse_args()
     rows, dims = args.rows, args.dims
     backlog = args.backlog or max(100, rows // 100)
@@ -298,6 +300,8 @@ def main() -> None:
                           "load_average": os.getloadavg()}), flush=True)
         extra = ("" if args.max_row_lock_ms is None
                  else f"max_row_lock_ms = {args.max_row_lock_ms}\n")
+        if args.kept_memory_mb is not None:
+            extra += f"kept_memory_mb = {args.kept_memory_mb}\n"
         with pipeline(services, dsn, Tuning(), extra_config=extra) as run:
             run.start_worker()
             run.start_scheduler()
