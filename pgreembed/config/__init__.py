@@ -23,6 +23,7 @@ and a field of that type on the parent. Nothing outside this package reads os.en
 """
 
 from pgreembed.config.settings import (
+    KEPT_MEMORY_MAX_MB,
     KEPT_MEMORY_MB,
     TOP_LEVEL_KEYS,
     WORKER_KEYS,
@@ -46,8 +47,8 @@ from pgreembed.config.target import (
 from pgreembed.errors import ConfigError
 
 __all__ = [
-    "KEPT_MEMORY_MB", "LOCAL_MODEL", "PROVIDERS", "TARGET_KEYS", "TOP_LEVEL_KEYS",
-    "VECTOR_MAX_INDEXED", "VECTOR_TYPES", "WORKER_KEYS", "Budget", "ConfigError",
-    "Settings", "Target", "default_vector_type", "load_settings", "parse_rate_limits",
-    "parse_settings", "parse_target", "split_table_name",
+    "KEPT_MEMORY_MAX_MB", "KEPT_MEMORY_MB", "LOCAL_MODEL", "PROVIDERS", "TARGET_KEYS",
+    "TOP_LEVEL_KEYS", "VECTOR_MAX_INDEXED", "VECTOR_TYPES", "WORKER_KEYS", "Budget",
+    "ConfigError", "Settings", "Target", "default_vector_type", "load_settings",
+    "parse_rate_limits", "parse_settings", "parse_target", "split_table_name",
 ]

@@ -57,6 +57,8 @@ class Budget:
 # `[worker] kept_memory_mb`'s default: 16 (docs/performance.md, eighth pass: ~7.5 MB a
 # statement through HNSW at 1536 dims, m 16, ef_construction 64; room for wider graphs).
 KEPT_MEMORY_MB = 16
+# Its bound: glibc raises no threshold for a block of 32 MB or more (store.session).
+KEPT_MEMORY_MAX_MB = 31
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,8 @@ class Settings:
     # opens, so its backend keeps a statement's freed memory for the next one instead of
     # returning it to the OS (store.session.keep_freed_memory): small write slices
     # through an HNSW index stop faulting their few MB in again. The backend may hold
-    # about twice this much it freed; 0 turns it off. At most 31: for a block of 32 MB or
-    # more glibc raises no threshold at all.
-    kept_memory_mb: int = setting(KEPT_MEMORY_MB, check=within(0, 31))
+    # about twice this much it freed; 0 turns it off.
+    kept_memory_mb: int = setting(KEPT_MEMORY_MB, check=within(0, KEPT_MEMORY_MAX_MB))
     # How long one batch retries its write through a database-wide fault (disk full,
     # read-only, connection lost) in-process before keeping its vectors in Redis and
     # handing the message to Dramatiq's retries.

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 import psycopg
 
+from pgreembed.config import KEPT_MEMORY_MAX_MB
 from pgreembed.observability.redact import redact
 from pgreembed.store import server_versions
 
@@ -82,8 +83,8 @@ def keep_freed_memory(conn: psycopg.Connection, megabytes: int) -> None:
     connection (it commits); the backend then holds about twice `megabytes` it freed
     instead of returning it at once. 0: nothing. Best effort: a failure (a small
     statement_timeout, no memory to spare) is logged and the session goes on without."""
-    if not 0 <= megabytes <= 31:  # glibc raises no threshold for a bigger block
-        raise ValueError(f"kept memory: 0 to 31 MB, got {megabytes}")
+    if not 0 <= megabytes <= KEPT_MEMORY_MAX_MB:  # glibc raises none for a bigger block
+        raise ValueError(f"kept memory: 0 to {KEPT_MEMORY_MAX_MB} MB, got {megabytes}")
     if megabytes == 0:
         return
     try:
