@@ -13,7 +13,7 @@ kept_memory_mb = 0` (the workers' sessions hand their freed memory back to the O
 each statement, as before 2026-12-07: store.session.keep_freed_memory).
 
     python -m bench.fill_row_locks --rows 30000 --rounds 3 [--dims 384] [--budgets 50]
-                                   [--memory-arms]
+                                   [--memory-arms] [--stats]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ FIGURES = ("seconds", "postgres_cpu_s", "edits_per_s", "edit_p50_ms", "edit_p99_
 
 
 def fill_step(rows: int, dims: int, max_row_lock_ms: float, edits: float,
-              kept_memory_mb: int | None = None) -> dict[str, Any]:
+              kept_memory_mb: int | None = None, stats: bool = False) -> dict[str, Any]:
     """The fill step's JSON line of one bench.scale_cycle run."""
     command = [sys.executable, "-m", "bench.scale_cycle", "--rows", str(rows), "--dims",
                str(dims), "--until", "fill", "--baseline", "5", "--edits", str(edits),
@@ -39,6 +39,8 @@ def fill_step(rows: int, dims: int, max_row_lock_ms: float, edits: float,
     command += ["--max-row-lock-ms", str(max_row_lock_ms)]
     if kept_memory_mb is not None:
         command += ["--kept-memory-mb", str(kept_memory_mb)]
+    if stats:
+        command.append("--stats")
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     for line in out.splitlines():
         if line.startswith("{"):
@@ -58,6 +60,8 @@ def main() -> None:
                         help="max_row_lock_ms of the sliced arms, comma-separated")
     parser.add_argument("--memory-arms", action="store_true",
                         help="also the first budget with [worker] kept_memory_mb = 0")
+    parser.add_argument("--stats", action="store_true",
+                        help="each run's top statements of the fill (pg_stat_statements)")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     arms: dict[str, tuple[float, int | None]] = {
@@ -70,11 +74,12 @@ def main() -> None:
         order = list(arms) if round_ % 2 == 0 else list(reversed(arms))
         for arm in order:
             budget, kept_memory_mb = arms[arm]
-            step = fill_step(args.rows, args.dims, budget, args.edits, kept_memory_mb)
+            step = fill_step(args.rows, args.dims, budget, args.edits, kept_memory_mb,
+                             args.stats)
             runs[arm].append(step)
+            shown = (*FIGURES, "load_average", "cpu_by_backend", "statements")
             print(json.dumps({"round": round_ + 1, "arm": arm}
-                             | {k: step.get(k) for k in (*FIGURES, "load_average")}),
-                  flush=True)
+                             | {k: step[k] for k in shown if k in step}), flush=True)
     medians = {arm: {k: statistics.median(float(r[k]) for r in done if r.get(k) is not None)
                      for k in FIGURES} for arm, done in runs.items()}
     ratios = {k: round(medians["unsliced"][k] / medians["sliced"][k], 2)

@@ -321,6 +321,31 @@ def postgres_cpu(data_dir: Path) -> float:
     return _tree_cpu(int(pid_file.read_text().split()[0])) if pid_file.exists() else 0.0
 
 
+def backend_cpu(admin_dsn: str) -> dict[int, tuple[str, float]]:
+    """Per live server process of a local Postgres: (who: its application_name, else its
+    backend type; CPU seconds so far). A window's share per who is the difference of two
+    of these (a backend that exited meanwhile is in postgres_cpu's total only)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid, coalesce(nullif(application_name, ''), backend_type,"
+                            " '?') FROM pg_stat_activity").fetchall()
+    out = {}
+    for pid, who in rows:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = psutil.Process(pid).cpu_times()
+            out[int(pid)] = (str(who), times.user + times.system)
+    return out
+
+
+def cpu_by_backend(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+                   ) -> dict[str, float]:
+    """CPU seconds per who between two backend_cpu readings (backends alive at the second)."""
+    used: dict[str, float] = {}
+    for pid, (who, cpu) in after.items():
+        start = before.get(pid)
+        used[who] = used.get(who, 0.0) + cpu - (start[1] if start and start[0] == who else 0.0)
+    return {who: round(cpu, 1) for who, cpu in sorted(used.items(), key=lambda kv: -kv[1])}
+
+
 class CpuMeter:
     """Where the CPU time of a measured window went: Postgres (every backend), Redis,
     our workers, and this process (the local provider server's threads)."""

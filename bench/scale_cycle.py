@@ -38,10 +38,25 @@ from typing import Any
 import psycopg
 from pgvector.psycopg import register_vector
 
-from bench.harness import Services, Tuning, pipeline, postgres_cpu, texts
+from bench.harness import (
+    Services,
+    Tuning,
+    backend_cpu,
+    cpu_by_backend,
+    pipeline,
+    postgres_cpu,
+    texts,
+)
 from pgreembed.testing.fake_vectors import fake_vectors
 
 NEW_MODEL = "fake-alt-{dims}"
+# --stats: a step's statements by server time, all databases (the app's, ours, pgbench's).
+STEP_STATEMENTS_SQL = """
+    SELECT regexp_replace(left(query, 100), '\\s+', ' ', 'g') AS q, sum(calls), sum(rows),
+           sum(total_exec_time), sum(total_plan_time)
+    FROM pg_stat_statements WHERE query NOT LIKE '%%pg_stat_statements%%'
+    GROUP BY q ORDER BY sum(total_exec_time + total_plan_time) DESC LIMIT 12
+"""
 SEARCH_SQL = ("\\set id random(1, {rows})\n"
               "SELECT id FROM docs ORDER BY embedding <=>"
               " (SELECT embedding FROM docs WHERE id = :id) LIMIT 10;\n")
@@ -86,7 +101,8 @@ class Editor(threading.Thread):
 
     def run(self) -> None:
         rng = random.Random(11)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with psycopg.connect(self.dsn, autocommit=True,
+                             application_name="bench-editor") as conn:
             number = 0
             next_at = time.time()
             while not self.halt.is_set():
@@ -165,9 +181,9 @@ class Meter:
     """Per step: seconds, size after, WAL bytes, Postgres CPU, search and edit latencies."""
 
     def __init__(self, services: Services, dsn: str, editor: Editor, searcher: Searcher,
-                 until: str = "vacuum"):
+                 until: str = "vacuum", stats: bool = False):
         self.services, self.dsn, self.editor, self.searcher = services, dsn, editor, searcher
-        self.until = until
+        self.until, self.stats = until, stats
         self.steps: list[dict[str, Any]] = []
 
     def _probe(self) -> tuple[int, int, float]:
@@ -177,7 +193,20 @@ class Meter:
         assert row is not None
         return int(row[0]), int(row[1]), postgres_cpu(self.services.postgres.data_dir)
 
+    def _statements(self) -> list[dict[str, Any]]:
+        """pg_stat_statements since the step began: the statements that took the most
+        server time (execution + planning), everyone's (ours, the app's, the searches)."""
+        with psycopg.connect(self.services.admin_dsn, autocommit=True) as conn:
+            rows = conn.execute(STEP_STATEMENTS_SQL).fetchall()
+        return [{"query": query, "calls": int(calls), "rows": int(count),
+                 "exec_ms": round(float(exec_ms)), "plan_ms": round(float(plan_ms))}
+                for query, calls, count, exec_ms, plan_ms in rows]
+
     def step(self, name: str, action: Any) -> dict[str, Any]:
+        if self.stats:
+            with psycopg.connect(self.services.admin_dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_stat_statements_reset()")
+        backends = backend_cpu(self.services.admin_dsn) if self.stats else {}
         _, wal, cpu = self._probe()
         started_at, started = time.time(), time.monotonic()
         detail = action()
@@ -189,6 +218,12 @@ class Meter:
                   "load_average": round(os.getloadavg()[0], 1)}
         if detail:
             result["detail"] = detail
+        if self.stats:
+            # Who used the server's CPU: the workers' pool, the app's editor, pgbench's
+            # searches, autovacuum...; backends that exited meanwhile are in no group.
+            result["cpu_by_backend"] = cpu_by_backend(
+                backends, backend_cpu(self.services.admin_dsn))
+            result["statements"] = self._statements()
         self.steps.append(result)
         # The searches of the pieces that have exited (final figures: finish()).
         print(json.dumps(result | self._latencies(started_at, ended_at)), flush=True)
@@ -282,6 +317,8 @@ def main() -> None:
                         help="[worker] max_row_lock_ms (default: the config's default)")
     parser.add_argument("--kept-memory-mb", type=int, default=None,
                         help="[worker] kept_memory_mb (default: the config's default)")
+    parser.add_argument("--stats", action="store_true",
+                        help="each step's top statements by server time (pg_stat_statements)")
     args = parser.parse_args()
     rows, dims = args.rows, args.dims
     backlog = args.backlog or max(100, rows // 100)
@@ -292,7 +329,13 @@ def main() -> None:
         with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET max_wal_size = '8GB'")
             conn.execute("CREATE DATABASE scale")
+            if args.stats:
+                conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+                conn.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
         services.postgres.restart()
+        if args.stats:
+            with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         dsn = services.dsn("scale")
         setup = build(dsn, rows, dims)
         print(json.dumps({"setup_seconds": {k: round(v, 1) for k, v in setup.items()},
@@ -309,7 +352,7 @@ def main() -> None:
             editor.start()
             searcher = Searcher(dsn, rows, args.search_rate, run.logdir)
             searcher.start()
-            meter = Meter(services, dsn, editor, searcher, args.until)
+            meter = Meter(services, dsn, editor, searcher, args.until, args.stats)
             try:
                 meter.step("baseline", lambda: time.sleep(args.baseline))
 

@@ -21,6 +21,9 @@ Two parts, each in rounds that interleave its arms (the arms' order rotates), me
   --memory-arms adds ours with its pool's sessions not keeping their freed memory between
   statements (`[worker] kept_memory_mb = 0`: as before 2026-12-07) and the raw write
   with its session keeping it.
+  --prepared-arms adds ours at each budget with `[worker] prepared_statements` on (the
+  write path's statements parsed and planned once per connection, not once a slice);
+  --stats then also prints each statement's planning time.
 - `pipeline` (--pipeline): the whole pipeline (`pgreembed tick` + `dramatiq worker`, 2
   processes x 4 threads) with `pool_max_size` 4 and 1, against the raw write on 2
   connections, each on a fresh copy of the same rows (bench.sections).
@@ -33,7 +36,7 @@ for writing the pages it dirtied and for no one else's:
 
     python -m bench.write_cpu [--rows 50000] [--dims 1536] [--rounds 5] [--hnsw] [--stats]
                               [--budgets 100,200] [--raw-slice-rows 7] [--raw-arrays]
-                              [--memory-arms]
+                              [--memory-arms] [--prepared-arms]
                               [--pipeline] [--pipeline-rows 100000] [--pipeline-rounds 3]
                               [--pool-sizes 4,1] [--before CHECKOUT] [--perf] [--no-path]
 """
@@ -70,7 +73,8 @@ from pgreembed.store.pool import close_pools
 from pgreembed.store.session import keep_freed_memory
 
 STATS_SQL = """
-    SELECT regexp_replace(left(query, 90), '\\s+', ' ', 'g'), calls, rows, total_exec_time
+    SELECT regexp_replace(left(query, 90), '\\s+', ' ', 'g'), calls, rows, total_exec_time,
+           total_plan_time
     FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = %s)
       AND query NOT LIKE '%%pg_stat_statements%%'
     ORDER BY total_exec_time DESC
@@ -104,6 +108,8 @@ def _server(services: Services, stats: bool) -> None:
         conn.execute("ALTER SYSTEM SET checkpoint_timeout = '1h'")
         if stats:
             conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            # Planning is where an unprepared statement differs from a prepared one.
+            conn.execute("ALTER SYSTEM SET pg_stat_statements.track_planning = on")
     services.postgres.restart()
     if stats:
         with psycopg.connect(services.admin_dsn, autocommit=True) as conn:
@@ -117,8 +123,10 @@ class PathBench:
 
     def __init__(self, services: Services, rows: int, batch: int, hnsw: bool,
                  stats: bool, slice_rows: int = 0, budgets: tuple[float, ...] = (),
-                 raw_arrays: bool = False, memory_arms: bool = False) -> None:
+                 raw_arrays: bool = False, memory_arms: bool = False,
+                 prepared_arms: bool = False) -> None:
         self.services, self.rows, self.batch, self.stats = services, rows, batch, stats
+        self.prepared_arms = prepared_arms
         self.slice_rows, self.raw_arrays, self.memory_arms = slice_rows, raw_arrays, memory_arms
         self.dsn = services.fresh_copy(rows, "path")
         self.dbname = str(psycopg.conninfo.conninfo_to_dict(self.dsn)["dbname"])
@@ -154,9 +162,15 @@ class PathBench:
         self.budgeted = {budget: parse_settings(
             {**self.document, "worker": {"max_row_lock_ms": budget}}, self.env)
             for budget in budgets}
+        # The same budgets with the write path's statements prepared once per connection
+        # (`[worker] prepared_statements`: parsed and planned once, not once a slice).
+        self.prepared = {budget: parse_settings(
+            {**self.document, "worker": {"max_row_lock_ms": budget,
+                                         "prepared_statements": True}}, self.env)
+            for budget in (self.settings.max_row_lock_ms, *budgets)}
         self.keys = [str(pk) for pk, _ in self.vectors]
         self.by_statement: dict[str, dict[str, list[float]]] = defaultdict(
-            lambda: defaultdict(lambda: [0.0, 0.0, 0.0]))
+            lambda: defaultdict(lambda: [0.0, 0.0, 0.0, 0.0]))
 
     def arms(self) -> dict[str, Callable[[], None]]:
         arms = {"raw write": lambda: self._raw(False),
@@ -166,6 +180,10 @@ class PathBench:
         for budget, settings in self.budgeted.items():
             arms[f"ours, max_row_lock_ms {budget:g}"] = (
                 functools.partial(self._ours, settings))
+        if self.prepared_arms:
+            for budget, settings in self.prepared.items():
+                arms[f"ours, max_row_lock_ms {budget:g}, prepared"] = (
+                    functools.partial(self._ours, settings))
         if self.slice_rows:
             # What any small transaction costs, ours or not: the raw write in transactions
             # of about the rows of our slices (pg_stat_statements' calls of our UPDATE).
@@ -260,11 +278,12 @@ class PathBench:
                 raise AssertionError(f"{name}: {row} rows left without a vector")
         if self.stats:
             with psycopg.connect(self.services.admin_dsn, autocommit=True) as conn:
-                for query, calls, rows, ms in conn.execute(STATS_SQL, (self.dbname,)):
+                for query, calls, rows, ms, plan_ms in conn.execute(STATS_SQL, (self.dbname,)):
                     entry = self.by_statement[name][query]
                     entry[0] += calls
                     entry[1] += rows
                     entry[2] += ms
+                    entry[3] += plan_ms
         return cpu, seconds
 
 
@@ -272,7 +291,7 @@ def run_path(services: Services, args: argparse.Namespace) -> None:
     bench = PathBench(services, args.rows, args.batch, args.hnsw, args.stats,
                       args.raw_slice_rows,
                       tuple(float(b) for b in args.budgets.split(",")) if args.budgets else (),
-                      args.raw_arrays, args.memory_arms)
+                      args.raw_arrays, args.memory_arms, args.prepared_arms)
     cpu: dict[str, list[float]] = defaultdict(list)
     wall: dict[str, list[float]] = defaultdict(list)
     arms = list(bench.arms().items())
@@ -295,13 +314,17 @@ def run_path(services: Services, args: argparse.Namespace) -> None:
               f" s wall; rounds {', '.join(f'{v:.2f}' for v in values)}")
     if args.stats:
         for name, statements in bench.by_statement.items():
-            print(f"  pg_stat_statements, {name} (exec ms per 1000 rows, calls, rows; all rounds):")
+            print(f"  pg_stat_statements, {name} (exec ms and plan ms per 1000 rows, calls,"
+                  " rows; all rounds):")
             total = sum(entry[2] for entry in statements.values())
+            planning = sum(entry[3] for entry in statements.values())
             per = 1000 / (args.rows * args.rounds)
-            print(f"    {total * per:8.2f}  total")
-            for query, (calls, rows, ms) in sorted(statements.items(), key=lambda kv: -kv[1][2]):
-                if ms * per >= 0.05:
-                    print(f"    {ms * per:8.2f}  {int(calls):6} {int(rows):8}  {query}")
+            print(f"    {total * per:8.2f} {planning * per:8.2f}  total")
+            for query, (calls, rows, ms, plan_ms) in sorted(statements.items(),
+                                                              key=lambda kv: -kv[1][2]):
+                if (ms + plan_ms) * per >= 0.05:
+                    print(f"    {ms * per:8.2f} {plan_ms * per:8.2f}  {int(calls):6}"
+                          f" {int(rows):8}  {query}")
 
 
 def run_pipeline(services: Services, args: argparse.Namespace) -> None:
@@ -410,6 +433,9 @@ def main() -> None:
     parser.add_argument("--memory-arms", action="store_true",
                         help="path: ours with its sessions not keeping freed memory, and"
                         " the raw write with them keeping it (store.session)")
+    parser.add_argument("--prepared-arms", action="store_true",
+                        help="path: also ours at each budget with `[worker]"
+                        " prepared_statements` on")
     parser.add_argument("--stats", action="store_true",
                         help="pg_stat_statements per statement (path and pipeline)")
     parser.add_argument("--perf", action="store_true",
