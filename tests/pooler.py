@@ -1,0 +1,124 @@
+"""A real PgBouncer in transaction mode in front of a test's database, for one role: what
+Supabase, Neon and most managed poolers give the workers (docs/operations.md, "Connection
+poolers"). Skips the test where no `pgbouncer` binary is installed (`.ci/run` installs
+Debian's)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgreembed.testing.services import SYSTEM_USER, free_port
+
+# Fewer server connections than the workers' pool opens as clients: consecutive
+# transactions of one client land on different server connections.
+SERVER_CONNECTIONS = 2
+
+CONFIG = """\
+[databases]
+{dbname} = {server}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = plain
+auth_file = {auth_file}
+admin_users = {user}
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = 100
+ignore_startup_parameters = extra_float_digits
+logfile = {logfile}
+"""
+
+
+@dataclass
+class Pooler:
+    """A running PgBouncer: `dsn` reaches the database through it as the role."""
+
+    dsn: str
+    admin_dsn: str
+    process: subprocess.Popen[bytes]
+    folder: Path
+
+    def transactions(self, dbname: str) -> int:
+        """Transactions PgBouncer has passed to `dbname` (its SHOW STATS)."""
+        with psycopg.connect(self.admin_dsn, autocommit=True,
+                             cursor_factory=psycopg.ClientCursor) as conn:
+            cursor = conn.execute("SHOW STATS")
+            names = [column.name for column in cursor.description or ()]
+            for row in cursor.fetchall():
+                stats = dict(zip(names, row, strict=True))
+                if stats["database"] == dbname:
+                    return int(stats["total_xact_count"])
+        return 0
+
+    def log(self) -> str:
+        return (self.folder / "pgbouncer.log").read_text(errors="replace")
+
+
+def _run_as() -> list[str]:
+    """PgBouncer refuses to run as root: as root, run it as the embedded server's user
+    (who can reach that server's socket) or nobody."""
+    if os.geteuid() != 0:
+        return []
+    for name in (SYSTEM_USER, "nobody"):
+        with contextlib.suppress(KeyError):
+            pwd.getpwnam(name)
+            return ["-u", name]
+    return []
+
+
+@contextlib.contextmanager
+def transaction_pooler(dsn: str) -> Iterator[Pooler]:
+    """PgBouncer in transaction mode for `dsn`'s database and role (its password)."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        pytest.skip("no pgbouncer binary (apt-get install pgbouncer; .ci/run does)")
+    params = conninfo_to_dict(dsn)
+    user, password, dbname = str(params["user"]), str(params["password"]), str(params["dbname"])
+    server = " ".join(f"{key}={params[key]}" for key in ("host", "port", "dbname")
+                      if params.get(key))
+    folder = Path(tempfile.mkdtemp(prefix="pgreembed-pooler-"))
+    folder.chmod(0o755)  # PgBouncer runs as another user (_run_as)
+    port = free_port()
+    (folder / "users.txt").write_text(f'"{user}" "{password}"\n')
+    (folder / "pgbouncer.log").touch()
+    config = folder / "pgbouncer.ini"
+    config.write_text(CONFIG.format(
+        dbname=dbname, server=server, port=port, auth_file=folder / "users.txt", user=user,
+        pool_size=SERVER_CONNECTIONS, logfile=folder / "pgbouncer.log"))
+    for path in folder.iterdir():
+        path.chmod(0o666)
+    process = subprocess.Popen([binary, *_run_as(), str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pooled = make_conninfo(dsn, host="127.0.0.1", port=port)
+    admin = make_conninfo(pooled, dbname="pgbouncer")
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                psycopg.connect(pooled, autocommit=True).close()
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("pgbouncer did not start:\n"
+                                       + (folder / "pgbouncer.log").read_text()) from None
+                time.sleep(0.05)
+        yield Pooler(pooled, admin, process, folder)
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)

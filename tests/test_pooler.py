@@ -1,0 +1,78 @@
+"""The workers behind a real connection pooler in transaction mode (PgBouncer), as on
+Supabase, Neon or behind RDS Proxy: consecutive transactions of one pooled connection run
+on different server connections, so nothing the write path needs may live in a session.
+
+The scheduler and `init` reach Postgres directly (the documented exception: the leader
+lock, LISTEN, the index build's advisory lock). Everything else is the user's database:
+an ordinary role, REPEATABLE READ by default, the app's view and function, app
+transactions holding rows, a steady writer and a slowed provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from pgreembed.testing.fake_openai import FakeOpenAIServer
+from tests.app_side import (
+    app_transactions,
+    assert_app_reads_live,
+    create_app_objects,
+    repeatable_read_by_default,
+)
+from tests.helpers import (
+    OrdinaryRoles,
+    Stack,
+    assert_column_current,
+    docs_config,
+    rows_in_flight,
+    seed,
+    steady_writer,
+    wait_filled,
+    wait_for,
+    wait_landed,
+    write_config,
+)
+from tests.pooler import transaction_pooler
+
+MODEL = "fake-384"
+
+
+def test_workers_write_through_a_transaction_mode_pooler(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
+    app = dataclasses.replace(stack, dsn=roles.app_dsn)
+    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64))
+    seed(stack, 120)
+    init = stack.cli("init")
+    assert init.returncode == 0, init.stdout + init.stderr
+    create_app_objects(stack, roles)
+    dbname = stack.connect().info.dbname
+    with transaction_pooler(roles.pgreembed_dsn) as pooler:
+        pooled = dataclasses.replace(stack, env={**stack.env, "DATABASE_URL": pooler.dsn})
+        pooled.start_worker(threads=4)  # 4 pooled connections over 2 server connections
+        stack.start_scheduler()
+        wait_filled(stack, "embedding")
+        assert_column_current(stack, "embedding", MODEL, 384)
+
+        fake_openai.set_faults(slow_model=MODEL, slow_model_latency=0.5)
+        with steady_writer(app, per_second=10.0, edits=range(1, 101)) as written, \
+                app_transactions(roles.app_dsn, range(1, 101)) as transactions:
+            wait_for(lambda: rows_in_flight(stack, MODEL) > 0, timeout=30,
+                     message="batches of the slowed model in flight")
+            wait_landed(stack, MODEL, time.time(),
+                        also=lambda: transactions.done > 10 and written["edits"] > 20)
+        fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+        wait_filled(stack, "embedding")
+        assert_column_current(stack, "embedding", MODEL, 384)
+        assert_app_reads_live(roles)
+        assert transactions.errors == [] and transactions.held == []
+        # The workers' transactions went through the pooler, not around it.
+        assert pooler.transactions(dbname) > 50, pooler.log()[-2000:]
+        with stack.connect() as conn:
+            failed = conn.execute("SELECT count(*) FROM pgreembed.slot_1"
+                                  " WHERE pgr_failed_hash IS NOT NULL").fetchone()
+        assert failed == (0,)
+    log = stack.log_text()
+    assert "Traceback" not in log and "deadlock detected" not in log, log[-3000:]
