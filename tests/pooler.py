@@ -22,8 +22,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgreembed.testing.services import SYSTEM_USER, free_port
 
-# Fewer server connections than the workers' pool opens as clients: consecutive
-# transactions of one client land on different server connections.
+# Fewer server connections than the workers' pool opens as clients, all open from the
+# start and handed out in turn (server_round_robin): consecutive transactions of one
+# client land on different server sessions, as under load they would.
 SERVER_CONNECTIONS = 2
 
 CONFIG = """\
@@ -38,6 +39,8 @@ auth_file = {auth_file}
 admin_users = {user}
 pool_mode = transaction
 default_pool_size = {pool_size}
+min_pool_size = {pool_size}
+server_round_robin = 1
 max_client_conn = 100
 ignore_startup_parameters = extra_float_digits
 logfile = {logfile}
@@ -117,6 +120,12 @@ def transaction_pooler(dsn: str) -> Iterator[Pooler]:
                     raise RuntimeError("pgbouncer did not start:\n"
                                        + (folder / "pgbouncer.log").read_text()) from None
                 time.sleep(0.05)
+        # Every server connection open (transactions at once need one each), so the round
+        # robin has them all to hand out from the first statement on.
+        with contextlib.ExitStack() as clients:
+            for _ in range(SERVER_CONNECTIONS):
+                client = clients.enter_context(psycopg.connect(pooled))
+                client.execute("SELECT 1")  # its transaction stays open: a server each
         yield Pooler(pooled, admin, process, folder)
     finally:
         process.terminate()

@@ -1,11 +1,13 @@
-"""The workers behind a real connection pooler in transaction mode (PgBouncer), as on
-Supabase, Neon or behind RDS Proxy: consecutive transactions of one pooled connection run
-on different server connections, so nothing the write path needs may live in a session.
+"""pgreembed behind a real connection pooler in transaction mode (PgBouncer), as on
+Supabase, Neon or behind RDS Proxy: consecutive transactions of one client connection run
+on different server sessions, so nothing the write path needs may live in a session.
 
-The scheduler and `init` reach Postgres directly (the documented exception: the leader
-lock, LISTEN, the index build's advisory lock). Everything else is the user's database:
-an ordinary role, REPEATABLE READ by default, the app's view and function, app
-transactions holding rows, a steady writer and a slowed provider.
+The workers run through it; the scheduler and `init` reach Postgres directly (the
+documented exception: the leader lock, LISTEN, the index build's session lock), and an
+index build tried through it refuses, naming the pooler, instead of leaving its lock on a
+server session. Everything else is the user's database: an ordinary role, REPEATABLE READ
+by default, the app's view and function, app transactions holding rows, a steady writer
+and a slowed provider.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    migrate,
     rows_in_flight,
     seed,
+    start_migration,
     steady_writer,
     wait_filled,
     wait_for,
@@ -35,7 +39,8 @@ from tests.helpers import (
 )
 from tests.pooler import transaction_pooler
 
-MODEL = "fake-384"
+MODEL, NEW = "fake-384", "fake-alt-384"
+ANN_INDEX = "pgreembed_ann_2"  # `migrate index`'s build for the new column (slot 2)
 
 
 def test_workers_write_through_a_transaction_mode_pooler(
@@ -76,3 +81,43 @@ def test_workers_write_through_a_transaction_mode_pooler(
         assert failed == (0,)
     log = stack.log_text()
     assert "Traceback" not in log and "deadlock detected" not in log, log[-3000:]
+
+
+def test_an_index_build_through_a_transaction_mode_pooler_refuses_and_leaves_no_lock(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
+    app = dataclasses.replace(stack, dsn=roles.app_dsn)
+    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64))
+    seed(stack, 60)
+    init = stack.cli("init")
+    assert init.returncode == 0, init.stdout + init.stderr
+    create_app_objects(stack, roles)
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.5)
+    column = start_migration(stack, "--model", NEW, "--dimensions", "384")
+    wait_filled(stack, column)
+    with steady_writer(app, per_second=10.0, edits=range(1, 61)), \
+            app_transactions(roles.app_dsn, range(1, 61)) as transactions:
+        with transaction_pooler(roles.pgreembed_dsn) as pooler:
+            pooled = dataclasses.replace(stack, env={**stack.env, "DATABASE_URL": pooler.dsn})
+            refused = pooled.cli("migrate", "index", "--target", "docs")
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert "transaction mode" in refused.stderr and "session mode" in refused.stderr
+            with stack.connect() as conn:
+                # No build began, and its lock went back (not left on a pooled session).
+                assert conn.execute("SELECT to_regclass(%s)",
+                                    (f"public.{ANN_INDEX}",)).fetchone() == (None,)
+                assert conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND"
+                    " ((classid::bigint << 32) | objid::bigint) = hashtextextended(%s, 0)",
+                    (f"pgreembed.index_build:public.{ANN_INDEX}",)).fetchone() == (0,)
+        # Directly, as the message says: built at once (no lock left to wait for).
+        migrate(stack, "index")
+        assert transactions.errors == [] and transactions.held == []
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    wait_filled(stack, column)
+    assert_column_current(stack, column, NEW, 384)
+    assert_app_reads_live(roles)

@@ -18,6 +18,13 @@ build, so a hung one never makes `migrate index` or `init` wait forever.
 Without pg_read_all_stats a role sees only its own rows of pg_stat_progress_create_index:
 another role's build of the same index is then invisible, so only our own builds (which
 hold the advisory lock) are recognised as builds in progress.
+
+The lock is a session's, so a build needs one database session throughout. Behind a
+connection pooler in transaction mode each statement may run on another server session:
+the lock would be taken on one and never released (a later build of the index then waits
+for a lock nobody will give back, until the pooler closes that connection; measured
+behind PgBouncer, tests/test_pooler.py). A build that sees its next statement run on
+another session gives the lock back if it can and refuses, naming the pooler.
 """
 
 from __future__ import annotations
@@ -29,12 +36,18 @@ from collections.abc import Iterator
 
 import psycopg
 
-from pgreembed.errors import WaitTimeoutError
+from pgreembed.errors import ConfigError, WaitTimeoutError
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 WAIT_SECONDS = 3600.0
+# Statements tried to reach the session holding the lock again (behind a pooler that
+# hands out its server connections in turn, one of the next few does).
+RELEASE_ATTEMPTS = 8
+# Statements after taking the lock that must run on its session (on a direct connection
+# they all do; behind a transaction-mode pooler, rarely all).
+SESSION_PROBES = 3
 
 
 def _key(schema: str, name: str) -> tuple[str]:
@@ -80,14 +93,15 @@ def sole_builder(conn: psycopg.Connection, schema: str, name: str,
     deadline = time.monotonic() + wait_seconds
     waited_for: int | None = None
     while True:
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                           _key(schema, name)).fetchone()
+        got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0)),"
+                           " pg_backend_pid()", _key(schema, name)).fetchone()
         if got and got[0]:
+            locked_by = int(got[1])
+            _require_one_session(conn, locked_by, schema, name)
             pid = other_build(conn, schema, name)
             if pid is None:
                 break
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
-                         _key(schema, name))
+            _release(conn, locked_by, schema, name)
         else:
             pid = lock_holder(conn, schema, name)
         if time.monotonic() >= deadline:
@@ -104,5 +118,44 @@ def sole_builder(conn: psycopg.Connection, schema: str, name: str,
         yield
     finally:
         with contextlib.suppress(psycopg.Error):  # a lost session released it already
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))",
-                         _key(schema, name))
+            if not _release(conn, locked_by, schema, name):
+                log.warning("index %s: the build's lock is left on server session pid %d:"
+                            " %s. Once that session is idle, SELECT pg_terminate_backend(%d)"
+                            " ends it", name, locked_by, _POOLER_ADVICE, locked_by)
+
+
+_POOLER_ADVICE = ("a connection pooler in transaction mode sits between pgreembed and"
+                  " Postgres. Run `pgreembed init` and `pgreembed migrate index` against"
+                  " Postgres directly or through the pooler's session mode")
+
+
+def _release(conn: psycopg.Connection, locked_by: int, schema: str, name: str) -> bool:
+    """Give the build's lock back on the session that took it: the first statement does on
+    a direct connection; behind a pooler, one of the next few may reach that session.
+    False if none did."""
+    for _ in range(RELEASE_ATTEMPTS):
+        row = conn.execute("SELECT CASE WHEN pg_backend_pid() = %s THEN"
+                           " pg_advisory_unlock(hashtextextended(%s, 0)) END",
+                           (locked_by, *_key(schema, name))).fetchone()
+        if row is not None and row[0] is not None:
+            return True  # on its session: released (or no longer held there)
+    return False
+
+
+def _require_one_session(conn: psycopg.Connection, locked_by: int, schema: str,
+                         name: str) -> None:
+    """ConfigError, the lock given back if it can be, if one of the next statements runs on
+    another session than the one that took the lock (a transaction-mode pooler)."""
+    for _ in range(SESSION_PROBES):
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        if row is not None and int(row[0]) != locked_by:
+            break
+    else:
+        return
+    left = ("" if _release(conn, locked_by, schema, name) else
+            f" The build's lock stays with server session pid {locked_by} until the pooler"
+            f" closes that connection (a later build of this index waits for it); once it"
+            f" is idle, SELECT pg_terminate_backend({locked_by}) ends it.")
+    raise ConfigError(f"index {schema}.{name}: a build needs one database session"
+                      f" throughout, and its statements ran on several (pids {locked_by}"
+                      f" and {row[0]}): {_POOLER_ADVICE}.{left}")
