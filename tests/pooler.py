@@ -1,7 +1,7 @@
 """A real PgBouncer in transaction mode in front of a test's database, for one role: what
 Supabase, Neon and most managed poolers give the workers (docs/operations.md, "Connection
-poolers"). Skips the test where no `pgbouncer` binary is installed (`.ci/run` installs
-Debian's)."""
+poolers"). Tests using it skip where no `pgbouncer` binary is installed (`.ci/run`
+installs Debian's): `requires_pgbouncer`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ logfile = {logfile}
 """
 
 
+def pgbouncer_binary() -> str | None:
+    found = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    return found if Path(found).exists() else None
+
+
+# Checked before the test's setup runs (not inside it, after seeding and filling).
+requires_pgbouncer = pytest.mark.skipif(
+    pgbouncer_binary() is None, reason="no pgbouncer binary (apt-get install pgbouncer;"
+    " .ci/run does)")
+
+
 @dataclass
 class Pooler:
     """A running PgBouncer: `dsn` reaches the database through it as the role."""
@@ -87,8 +98,8 @@ def _run_as() -> list[str]:
 @contextlib.contextmanager
 def transaction_pooler(dsn: str) -> Iterator[Pooler]:
     """PgBouncer in transaction mode for `dsn`'s database and role (its password)."""
-    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    if not Path(binary).exists():
+    binary = pgbouncer_binary()
+    if binary is None:
         pytest.skip("no pgbouncer binary (apt-get install pgbouncer; .ci/run does)")
     params = conninfo_to_dict(dsn)
     user, password, dbname = str(params["user"]), str(params["password"]), str(params["dbname"])
@@ -103,11 +114,12 @@ def transaction_pooler(dsn: str) -> Iterator[Pooler]:
     config.write_text(CONFIG.format(
         dbname=dbname, server=server, port=port, auth_file=folder / "users.txt", user=user,
         pool_size=SERVER_CONNECTIONS, logfile=folder / "pgbouncer.log"))
-    for path in folder.iterdir():
-        path.chmod(0o666)
-    process = subprocess.Popen([binary, *_run_as(), str(config)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pooled = make_conninfo(dsn, host="127.0.0.1", port=port)
+    for path in folder.iterdir():  # readable by PgBouncer's user; its log writable
+        path.chmod(0o666 if path.name == "pgbouncer.log" else 0o644)
+    with (folder / "stderr.txt").open("wb") as stderr:
+        process = subprocess.Popen([binary, *_run_as(), str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    pooled = make_conninfo(dsn, host="127.0.0.1", port=port, connect_timeout=2)
     admin = make_conninfo(pooled, dbname="pgbouncer")
     try:
         deadline = time.monotonic() + 10
@@ -117,8 +129,9 @@ def transaction_pooler(dsn: str) -> Iterator[Pooler]:
                 break
             except psycopg.OperationalError:
                 if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("pgbouncer did not start:\n"
-                                       + (folder / "pgbouncer.log").read_text()) from None
+                    raise RuntimeError(
+                        "pgbouncer did not start:\n" + (folder / "stderr.txt").read_text()
+                        + (folder / "pgbouncer.log").read_text()) from None
                 time.sleep(0.05)
         # Every server connection open (transactions at once need one each), so the round
         # robin has them all to hand out from the first statement on.
@@ -129,5 +142,9 @@ def transaction_pooler(dsn: str) -> Iterator[Pooler]:
         yield Pooler(pooled, admin, process, folder)
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
         shutil.rmtree(folder, ignore_errors=True)

@@ -60,6 +60,16 @@ def prepare_build_session(conn: psycopg.Connection, maintenance_work_mem: str,
     conn.execute("SET min_parallel_table_scan_size = 0")
 
 
+def _built(conn: psycopg.Connection, slot: Slot, name: str, method: str, distance: str
+           ) -> bool:
+    """Both of the column's indexes are there, valid, the ANN one as asked: a step run
+    again (a cron tick, a retried `migrate index`) has nothing to build."""
+    existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
+    return (existing is not None and existing.valid
+            and (existing.method, existing.distance) == (method, distance)
+            and bool(catalog.index_valid(conn, slot.target.schema, slot.pending_index_name)))
+
+
 def build_index(settings: Settings, target: Target, method: str | None = None,
                 distance: str | None = None, m: int = 16, ef_construction: int = 64,
                 lists: int | None = None, maintenance_work_mem: str = "512MB",
@@ -83,6 +93,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         refuse_if_clearing(conn, slot, "migrate index")
         method, distance = index_defaults(conn, slots[migration.from_slot], method, distance)
         name = ann_index_name(slot)
+        if _built(conn, slot, name, method, distance):
+            return name  # nothing to build: no build lock (nor a session of its own) needed
         # Another `migrate index`, `init` or side-fill step may be building it right now:
         # its INVALID index is then a build in progress, not a leftover to drop.
         held.enter_context(sole_builder(conn, target.schema, name))

@@ -22,9 +22,12 @@ hold the advisory lock) are recognised as builds in progress.
 The lock is a session's, so a build needs one database session throughout. Behind a
 connection pooler in transaction mode each statement may run on another server session:
 the lock would be taken on one and never released (a later build of the index then waits
-for a lock nobody will give back, until the pooler closes that connection; measured
-behind PgBouncer, tests/test_pooler.py). A build that sees its next statement run on
-another session gives the lock back if it can and refuses, naming the pooler.
+for a lock nobody will give back, until the pooler closes that connection; seen behind
+PgBouncer, tests/test_pooler.py). A build that sees one of its next statements run on
+another session gives the lock back if it can and refuses, naming the pooler. The check
+is best effort: a pooler that reuses one server session while it is quiet passes it, and
+its later statements may still move; the lock is then given back at the end the same way,
+or named in a warning.
 """
 
 from __future__ import annotations
@@ -101,7 +104,8 @@ def sole_builder(conn: psycopg.Connection, schema: str, name: str,
             pid = other_build(conn, schema, name)
             if pid is None:
                 break
-            _release(conn, locked_by, schema, name)
+            if not _release(conn, locked_by, schema, name):
+                raise _pooled(schema, name, locked_by, None)
         else:
             pid = lock_holder(conn, schema, name)
         if time.monotonic() >= deadline:
@@ -119,14 +123,28 @@ def sole_builder(conn: psycopg.Connection, schema: str, name: str,
     finally:
         with contextlib.suppress(psycopg.Error):  # a lost session released it already
             if not _release(conn, locked_by, schema, name):
-                log.warning("index %s: the build's lock is left on server session pid %d:"
-                            " %s. Once that session is idle, SELECT pg_terminate_backend(%d)"
-                            " ends it", name, locked_by, _POOLER_ADVICE, locked_by)
+                log.warning("index %s.%s: the build's lock is left on server session pid"
+                            " %d: %s. Once that session is idle, SELECT"
+                            " pg_terminate_backend(%d) ends it", schema, name, locked_by,
+                            _POOLER_ADVICE, locked_by)
 
 
 _POOLER_ADVICE = ("a connection pooler in transaction mode sits between pgreembed and"
-                  " Postgres. Run `pgreembed init` and `pgreembed migrate index` against"
-                  " Postgres directly or through the pooler's session mode")
+                  " Postgres. Index builds (`pgreembed init`, `migrate start`, `migrate"
+                  " index`, `migrate swap`, a side fill's step in `tick` or the scheduler)"
+                  " need Postgres directly or the pooler's session mode: point their"
+                  " DATABASE_URL there (the workers may stay behind the pooler)")
+
+
+def _pooled(schema: str, name: str, locked_by: int, other: int | None) -> ConfigError:
+    """The refusal of a build whose statements run on several sessions."""
+    seen = f"pids {locked_by} and {other}" if other is not None else f"pid {locked_by} and others"
+    return ConfigError(
+        f"index {schema}.{name}: a build needs one database session throughout, and its"
+        f" statements ran on several ({seen}): {_POOLER_ADVICE}. The build's lock stays with"
+        f" server session pid {locked_by} until the pooler closes that connection (a later"
+        f" build of this index waits for it); once it is idle, SELECT"
+        f" pg_terminate_backend({locked_by}) ends it.")
 
 
 def _release(conn: psycopg.Connection, locked_by: int, schema: str, name: str) -> bool:
@@ -152,10 +170,8 @@ def _require_one_session(conn: psycopg.Connection, locked_by: int, schema: str,
             break
     else:
         return
-    left = ("" if _release(conn, locked_by, schema, name) else
-            f" The build's lock stays with server session pid {locked_by} until the pooler"
-            f" closes that connection (a later build of this index waits for it); once it"
-            f" is idle, SELECT pg_terminate_backend({locked_by}) ends it.")
+    if not _release(conn, locked_by, schema, name):
+        raise _pooled(schema, name, locked_by, int(row[0]))
     raise ConfigError(f"index {schema}.{name}: a build needs one database session"
                       f" throughout, and its statements ran on several (pids {locked_by}"
-                      f" and {row[0]}): {_POOLER_ADVICE}.{left}")
+                      f" and {row[0]}): {_POOLER_ADVICE}.")
