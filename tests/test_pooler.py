@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import psycopg
+
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from tests.app_side import (
     app_transactions,
@@ -27,6 +29,7 @@ from tests.helpers import (
     Stack,
     assert_column_current,
     docs_config,
+    json_document,
     migrate,
     rows_in_flight,
     seed,
@@ -37,7 +40,7 @@ from tests.helpers import (
     wait_landed,
     write_config,
 )
-from tests.pooler import requires_pgbouncer, transaction_pooler
+from tests.pooler import SERVER_CONNECTIONS, requires_pgbouncer, transaction_pooler
 
 MODEL, NEW = "fake-384", "fake-alt-384"
 ANN_INDEX = "pgreembed_ann_2"  # `migrate index`'s build for the new column (slot 2)
@@ -126,3 +129,29 @@ def test_an_index_build_through_a_transaction_mode_pooler_refuses_and_leaves_no_
     wait_filled(stack, column)
     assert_column_current(stack, column, NEW, 384)
     assert_app_reads_live(roles)
+
+
+@requires_pgbouncer
+def test_doctor_through_a_transaction_mode_pooler_names_it_and_leaves_no_setting(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """doctor's read-only session guard, set through a transaction-mode pooler, would stay
+    on a pooled server session and fail the workers' writes there."""
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
+    seed(stack, 20)
+    init = stack.cli("init")
+    assert init.returncode == 0, init.stdout + init.stderr
+    with transaction_pooler(roles.pgreembed_dsn) as pooler:
+        pooled = dataclasses.replace(stack, env={**stack.env, "DATABASE_URL": pooler.dsn})
+        doctor = pooled.cli("doctor", "--json")
+        findings = json_document(doctor.stdout)["findings"]
+        found = [f for f in findings if f["check"] == "pooler"]
+        assert [f["level"] for f in found] == ["warn"], doctor.stdout
+        assert "transaction mode" in found[0]["message"]
+        # Every server session the workers would be handed is still writable.
+        with psycopg.connect(pooler.dsn, autocommit=True) as conn:
+            seen = {conn.execute("SELECT pg_backend_pid(), current_setting("
+                                 "'default_transaction_read_only')").fetchone()
+                    for _ in range(2 * SERVER_CONNECTIONS)}
+        assert {setting for _, setting in seen} == {"off"}, seen
+        assert len({pid for pid, _ in seen}) == SERVER_CONNECTIONS

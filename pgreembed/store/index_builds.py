@@ -40,6 +40,7 @@ from collections.abc import Iterator
 import psycopg
 
 from pgreembed.errors import ConfigError, WaitTimeoutError
+from pgreembed.store import pooling
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ WAIT_SECONDS = 3600.0
 # Statements tried to reach the session holding the lock again (behind a pooler that
 # hands out its server connections in turn, one of the next few does).
 RELEASE_ATTEMPTS = 8
-# Statements after taking the lock that must run on its session (on a direct connection
-# they all do; behind a transaction-mode pooler, rarely all).
-SESSION_PROBES = 3
 
 
 def _key(schema: str, name: str) -> tuple[str]:
@@ -164,14 +162,11 @@ def _require_one_session(conn: psycopg.Connection, locked_by: int, schema: str,
                          name: str) -> None:
     """ConfigError, the lock given back if it can be, if one of the next statements runs on
     another session than the one that took the lock (a transaction-mode pooler)."""
-    for _ in range(SESSION_PROBES):
-        row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        if row is not None and int(row[0]) != locked_by:
-            break
-    else:
+    other = pooling.other_session(conn, locked_by)
+    if other is None:
         return
     if not _release(conn, locked_by, schema, name):
-        raise _pooled(schema, name, locked_by, int(row[0]))
+        raise _pooled(schema, name, locked_by, other)
     raise ConfigError(f"index {schema}.{name}: a build needs one database session"
                       f" throughout, and its statements ran on several (pids {locked_by}"
-                      f" and {row[0]}): {_POOLER_ADVICE}.")
+                      f" and {other}): {_POOLER_ADVICE}.")

@@ -22,8 +22,9 @@ the connection's quoting, so it is safe to paste whatever the names are.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -44,7 +45,7 @@ from pgreembed.operations.doctor.samples import SampleChecks
 from pgreembed.operations.doctor.throttle import ThrottleChecks
 from pgreembed.operations.doctor.versions import VersionChecks
 from pgreembed.operations.verify import DEFAULT_TOLERANCE
-from pgreembed.store import server_versions
+from pgreembed.store import pooling, server_versions
 from pgreembed.store.pool import connect
 from pgreembed.store.slots import (
     app_table,
@@ -169,6 +170,39 @@ class _Doctor(AppObjectChecks, ChunkChecks, ColumnChecks, IndexChecks, SampleChe
                           "reason": redact(slot.misconfigured)})
 
 
+POOLER_FOUND = (
+    "a connection pooler in transaction mode sits between pgreembed and Postgres (two"
+    " statements in a row ran on server sessions {} and {}): doctor ran without its"
+    " read-only session and statement timeout, which would have stayed on a pooled session"
+    " (a read-only default there fails the workers' writes). The workers may use this"
+    " URL; the scheduler, a cron `tick`, `init` and the `migrate` steps need Postgres"
+    " directly or a session-mode pooler (docs/operations.md, \"Connection poolers\")")
+
+
+@contextlib.contextmanager
+def _guarded_session(conn: psycopg.Connection, statement_timeout: float
+                     ) -> Iterator[tuple[int, int] | None]:
+    """Read-only, with a statement and a lock timeout, for the block; taken back after
+    (a pooler that reused one session for us hands it to others next). Behind a pooler
+    seen moving our statements between sessions, none of it is set: yields the pids."""
+    first = pooling.backend_pid(conn)
+    other = pooling.other_session(conn, first)
+    if other is not None:
+        yield first, other
+        return
+    conn.execute("SET default_transaction_read_only = on")
+    conn.execute(sql.SQL("SET statement_timeout = {}").format(
+        sql.Literal(f"{int(statement_timeout * 1000)}ms")))
+    conn.execute("SET lock_timeout = '5s'")
+    try:
+        yield None
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("RESET default_transaction_read_only")
+            conn.execute("RESET statement_timeout")
+            conn.execute("RESET lock_timeout")
+
+
 def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_rows: int = 1000,
                worker_processes: int = 2, statement_timeout: float = 60.0,
                verify_rows: int = 0, tolerance: float = DEFAULT_TOLERANCE,
@@ -182,12 +216,12 @@ def run_doctor(settings: Settings, *, targets: list[str] | None = None, sample_r
     one sequential scan per query for the exact answer)."""
     chosen = [settings.target(name) for name in targets] if targets else list(
         settings.targets.values())
-    with connect(settings.database_url, autocommit=True, vector=False) as conn:
-        conn.execute("SET default_transaction_read_only = on")
-        conn.execute(sql.SQL("SET statement_timeout = {}").format(
-            sql.Literal(f"{int(statement_timeout * 1000)}ms")))
-        conn.execute("SET lock_timeout = '5s'")
+    with connect(settings.database_url, autocommit=True, vector=False) as conn, \
+            _guarded_session(conn, statement_timeout) as pooled:
         doctor = _Doctor(conn, settings, sample_rows, worker_processes)
+        if pooled is not None:
+            doctor.add(WARN, None, "pooler", POOLER_FOUND.format(*pooled),
+                       {"server_pids": list(pooled)})
         ext = None
         try:
             ext = doctor.extension()

@@ -1,0 +1,31 @@
+"""Whether a connection's statements run on one server session.
+
+Behind a connection pooler in transaction mode (PgBouncer, Supavisor, RDS Proxy) each
+statement of an autocommit connection may run on another server session: a session
+lock or a `SET` lands on one session and stays there, for whichever client the pooler
+hands that session to next (docs/operations.md, "Connection poolers"). Seeing the backend
+pid change is proof; seeing it stay is not (a quiet pooler may reuse one session), so
+callers treat this as a best-effort check.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+PROBES = 3  # statements looked at (on a direct connection all run on one session)
+
+
+def backend_pid(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def other_session(conn: psycopg.Connection, pid: int, probes: int = PROBES) -> int | None:
+    """The pid of another server session than `pid` that one of the next `probes`
+    statements ran on, if one did."""
+    for _ in range(probes):
+        seen = backend_pid(conn)
+        if seen != pid:
+            return seen
+    return None
