@@ -44,6 +44,32 @@ from tests.pooler import SERVER_CONNECTIONS, requires_pgbouncer, transaction_poo
 
 MODEL, NEW = "fake-384", "fake-alt-384"
 ANN_INDEX = "pgreembed_ann_2"  # `migrate index`'s build for the new column (slot 2)
+THROTTLE = """
+[throttle]
+max_rows_per_second = 1000
+adaptive = true
+max_probe_ms = 200
+probe_interval = 0.2
+"""
+
+
+def pooled_settings(dsn: str) -> dict[str, set[str]]:
+    """The settings every server session behind the pooler answers with (round robin: two
+    statements per session reach them all)."""
+    seen: dict[str, set[str]] = {"statement_timeout": set(),
+                                 "default_transaction_read_only": set()}
+    pids = set()
+    # psycopg's own prepared statements (after 5 runs) would not survive the pooler.
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        for _ in range(2 * SERVER_CONNECTIONS):
+            for name, values in seen.items():
+                row = conn.execute("SELECT pg_backend_pid(), current_setting(%s)",
+                                   (name,)).fetchone()
+                assert row is not None
+                pids.add(row[0])
+                values.add(row[1])
+    assert len(pids) == SERVER_CONNECTIONS
+    return seen
 
 
 @requires_pgbouncer
@@ -52,7 +78,10 @@ def test_workers_write_through_a_transaction_mode_pooler(
     stack, roles = ordinary_roles
     repeatable_read_by_default(stack)
     app = dataclasses.replace(stack, dsn=roles.app_dsn)
-    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64))
+    # The adaptive throttle's probes run on the workers' own connection, through the
+    # pooler too, with their statement timeout.
+    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64)
+                 + THROTTLE)
     seed(stack, 120)
     init = stack.cli("init")
     assert init.returncode == 0, init.stdout + init.stderr
@@ -88,6 +117,9 @@ def test_workers_write_through_a_transaction_mode_pooler(
         worker.wait(30)
         log = stack.log_text()
         assert "Traceback" not in log and "deadlock detected" not in log, log[-3000:]
+        # Nothing the workers set stayed on a pooled server session for the next client.
+        assert pooled_settings(pooler.dsn) == {"statement_timeout": {"0"},
+                                               "default_transaction_read_only": {"off"}}
 
 
 @requires_pgbouncer
@@ -149,9 +181,4 @@ def test_doctor_through_a_transaction_mode_pooler_names_it_and_leaves_no_setting
         assert [f["level"] for f in found] == ["warn"], doctor.stdout
         assert "transaction mode" in found[0]["message"]
         # Every server session the workers would be handed is still writable.
-        with psycopg.connect(pooler.dsn, autocommit=True) as conn:
-            seen = {conn.execute("SELECT pg_backend_pid(), current_setting("
-                                 "'default_transaction_read_only')").fetchone()
-                    for _ in range(2 * SERVER_CONNECTIONS)}
-        assert {setting for _, setting in seen} == {"off"}, seen
-        assert len({pid for pid, _ in seen}) == SERVER_CONNECTIONS
+        assert pooled_settings(pooler.dsn)["default_transaction_read_only"] == {"off"}

@@ -29,12 +29,17 @@ def sample_load(conn: psycopg.Connection, probe_sql: str, timeout_ms: int) -> Lo
     """Time `probe_sql` (trusted config) and count other clients' active queries.
 
     `conn` is autocommit (no transaction is left open). A probe that exceeds
-    `timeout_ms` is cancelled by the server and reported as taking that long.
+    `timeout_ms` is cancelled by the server and reported as taking that long. The timeout
+    is the probe's transaction's own: set for the session, it would stay on the server
+    session, which a pooler in transaction mode hands to the workers' writes next.
     """
-    conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(int(timeout_ms))))
     started = time.perf_counter()
     try:
-        conn.execute(trusted_sql(probe_sql), NO_PARAMS)
+        with conn.transaction():
+            conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                         (f"{int(timeout_ms)}ms",))
+            started = time.perf_counter()
+            conn.execute(trusted_sql(probe_sql), NO_PARAMS)
         probe = time.perf_counter() - started
     except psycopg.errors.QueryCanceled:
         probe = timeout_ms / 1000

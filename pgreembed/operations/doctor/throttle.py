@@ -4,7 +4,6 @@ now (the shared Redis keys), and in adaptive mode the probe query timed once her
 from __future__ import annotations
 
 import redis
-from psycopg import sql
 
 from pgreembed.embedding.throttle import Throttle, observe
 from pgreembed.operations.doctor.base import DoctorBase
@@ -23,13 +22,8 @@ class ThrottleChecks(DoctorBase):
         if config.adaptive:
             # A probe slower than max_probe_ms right now keeps every worker at the slowest
             # pace (10% of the cap) for as long as it lasts: say so, and how slow it is.
-            timeout = self.one("SELECT current_setting('statement_timeout')")[0]
-            try:
-                sample = sample_load(self.conn, config.probe_sql,
-                                     max(1, int(10 * config.max_probe_ms)))
-            finally:
-                self.conn.execute(sql.SQL("SET statement_timeout = {}").format(
-                    sql.Literal(timeout)))
+            sample = sample_load(self.conn, config.probe_sql,
+                                 max(1, int(10 * config.max_probe_ms)))
             details.update(probe_ms=round(sample.probe_seconds * 1000, 1),
                            active_others=sample.active_others)
             why = Throttle(config, client).overloaded(sample)
