@@ -25,6 +25,7 @@ from pgreembed.errors import DatabaseError, PgreembedError
 from pgreembed.migrations.side_fill import advance
 from pgreembed.observability.scheduler_metrics import serve_scheduler_metrics
 from pgreembed.queue.contract import Sender
+from pgreembed.store import pooling
 from pgreembed.store.pool import connect
 from scheduler.dispatch import Dispatcher, dramatiq_senders
 from scheduler.leader import Leadership
@@ -147,7 +148,14 @@ class SchedulerService:
         self._conn = None
 
     def run(self) -> None:
-        """Block until SIGTERM/SIGINT."""
+        """Block until SIGTERM/SIGINT (ConfigError at once behind a transaction pooler)."""
+        try:
+            with connect(self.settings.database_url, autocommit=True, vector=False) as conn:
+                pooling.require_one_session(conn, "the scheduler (its leader lock and"
+                                                  " LISTEN)")
+        except (psycopg.Error, DatabaseError) as exc:  # Postgres down: the jobs retry
+            log.warning("could not check for a connection pooler at start: %s",
+                        type(exc).__name__)
         self.scheduler.add_job(self.dispatch, "interval", id=JOB_ID,
                                seconds=self.settings.poll_interval, max_instances=1,
                                coalesce=True, next_run_time=datetime.now(UTC))

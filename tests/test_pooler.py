@@ -182,3 +182,21 @@ def test_doctor_through_a_transaction_mode_pooler_names_it_and_leaves_no_setting
         assert "transaction mode" in found[0]["message"]
         # Every server session the workers would be handed is still writable.
         assert pooled_settings(pooler.dsn)["default_transaction_read_only"] == {"off"}
+
+
+@requires_pgbouncer
+def test_the_scheduler_refuses_a_transaction_mode_pooler(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """Its leader lock and LISTEN need one session: through the pooler a second replica's
+    lock would land on the session already holding it (re-entrant: two leaders)."""
+    stack, roles = ordinary_roles
+    seed(stack, 5)
+    init = stack.cli("init")
+    assert init.returncode == 0, init.stdout + init.stderr
+    with transaction_pooler(roles.pgreembed_dsn) as pooler:
+        pooled = dataclasses.replace(stack, env={**stack.env, "DATABASE_URL": pooler.dsn})
+        refused = pooled.cli("scheduler", timeout=60)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "the scheduler (its leader lock and LISTEN) needs a database session" \
+            in refused.stderr
+        assert "transaction mode" in refused.stderr

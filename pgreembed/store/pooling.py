@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import psycopg
 
+from pgreembed.errors import ConfigError
+
 PROBES = 3  # statements looked at (on a direct connection all run on one session)
 
 
@@ -29,3 +31,16 @@ def other_session(conn: psycopg.Connection, pid: int, probes: int = PROBES) -> i
         if seen != pid:
             return seen
     return None
+
+
+def require_one_session(conn: psycopg.Connection, what: str) -> None:
+    """ConfigError if `conn`'s statements are seen moving between server sessions."""
+    first = backend_pid(conn)
+    other = other_session(conn, first)
+    if other is not None:
+        raise ConfigError(
+            f"{what} needs a database session of its own, and two statements in a row ran"
+            f" on server sessions {first} and {other}: a connection pooler in transaction"
+            " mode sits between pgreembed and Postgres. Point its DATABASE_URL at Postgres"
+            " directly or at the pooler's session mode (the workers may stay behind the"
+            " pooler; docs/operations.md, \"Connection poolers\")")
