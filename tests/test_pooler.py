@@ -188,7 +188,7 @@ def test_doctor_through_a_transaction_mode_pooler_names_it_and_leaves_no_setting
 def test_the_scheduler_refuses_a_transaction_mode_pooler(
         ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
     """Its leader lock and LISTEN need one session: through the pooler a second replica's
-    lock would land on the session already holding it (re-entrant: two leaders)."""
+    lock could land on the session already holding it (re-entrant: two leaders)."""
     stack, roles = ordinary_roles
     seed(stack, 5)
     init = stack.cli("init")
