@@ -23,6 +23,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from pgreembed.config import Settings
 from pgreembed.errors import DatabaseError, PgreembedError
 from pgreembed.migrations.side_fill import advance
+from pgreembed.observability.redact import redact
 from pgreembed.observability.scheduler_metrics import serve_scheduler_metrics
 from pgreembed.queue.contract import Sender
 from pgreembed.store import pooling
@@ -154,8 +155,8 @@ class SchedulerService:
                 pooling.require_one_session(conn, "the scheduler (its leader lock and"
                                                   " LISTEN)")
         except (psycopg.Error, DatabaseError) as exc:  # Postgres down: the jobs retry
-            log.warning("could not check for a connection pooler at start: %s",
-                        type(exc).__name__)
+            log.warning("could not check for a connection pooler at start: %s: %s",
+                        type(exc).__name__, redact(str(exc)).strip())
         self.scheduler.add_job(self.dispatch, "interval", id=JOB_ID,
                                seconds=self.settings.poll_interval, max_instances=1,
                                coalesce=True, next_run_time=datetime.now(UTC))

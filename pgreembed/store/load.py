@@ -25,22 +25,26 @@ class LoadSample:
     active_others: int
 
 
-def sample_load(conn: psycopg.Connection, probe_sql: str, timeout_ms: int) -> LoadSample:
+def sample_load(conn: psycopg.Connection, probe_sql: str, timeout_ms: int, *,
+                read_only: bool = False) -> LoadSample:
     """Time `probe_sql` (trusted config) and count other clients' active queries.
 
     `conn` is autocommit (no transaction is left open). A probe that exceeds
     `timeout_ms` is cancelled by the server and reported as taking that long. The timeout
-    is the probe's transaction's own: set for the session, it would stay on the server
-    session, which a pooler in transaction mode hands to the workers' writes next.
+    (and with `read_only`, READ ONLY) is the probe's transaction's own: set for the
+    session, it would stay on the server session, which a pooler in transaction mode
+    hands to the workers' writes next. (A plain `SET` inside probe_sql would too: use
+    `SET LOCAL` there.)
     """
-    started = time.perf_counter()
     try:
         with conn.transaction():
+            if read_only:
+                conn.execute("SET TRANSACTION READ ONLY")
             conn.execute("SELECT set_config('statement_timeout', %s, true)",
                          (f"{int(timeout_ms)}ms",))
             started = time.perf_counter()
             conn.execute(trusted_sql(probe_sql), NO_PARAMS)
-        probe = time.perf_counter() - started
+            probe = time.perf_counter() - started
     except psycopg.errors.QueryCanceled:
         probe = timeout_ms / 1000
     row = conn.execute(_ACTIVE_OTHERS).fetchone()

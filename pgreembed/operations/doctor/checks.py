@@ -7,9 +7,11 @@ or INVALID index (a failed `CREATE INDEX CONCURRENTLY` is still maintained on
 every write but never used), an index whose operator class does not match the
 distance the app queries with, a worker fleet that needs more Postgres
 connections than the server allows, and the throttle (its cap, the pace in force, an
-adaptive probe that is slow right now). The session is read-only
-(`default_transaction_read_only`) with a statement timeout, so it is safe to
-run against production at any time. `--verify N` also re-embeds a sample of
+adaptive probe that is slow right now). Every statement of ours is a SELECT, the
+operator's probe_sql runs in a READ ONLY transaction, and the session has a statement
+and a lock timeout, so it is safe to run against production at any time. (Not a
+read-only session default: through a transaction-mode pooler it would stay on a pooled
+server session and fail the workers' writes there.) `--verify N` also re-embeds a sample of
 rows and compares (see `pgreembed.operations.verify`); that costs tokens, so it is opt-in.
 `--recall` measures each ANN index's recall against exact search (see
 `pgreembed.operations.recall_check`); that costs one sequential scan per sample query, so it
@@ -173,8 +175,8 @@ class _Doctor(AppObjectChecks, ChunkChecks, ColumnChecks, IndexChecks, SampleChe
 POOLER_FOUND = (
     "a connection pooler in transaction mode sits between pgreembed and Postgres (two"
     " statements in a row ran on server sessions {} and {}): doctor ran without its"
-    " read-only session and statement timeout, which would have stayed on a pooled session"
-    " (a read-only default there fails the workers' writes). The workers may use this"
+    " statement and lock timeouts, which would have stayed on a pooled session for whoever"
+    " gets it next. The workers may use this"
     " URL; the scheduler, a cron `tick`, `init` and the `migrate` steps need Postgres"
     " directly or a session-mode pooler (docs/operations.md, \"Connection poolers\")")
 
@@ -182,23 +184,21 @@ POOLER_FOUND = (
 @contextlib.contextmanager
 def _guarded_session(conn: psycopg.Connection, statement_timeout: float
                      ) -> Iterator[tuple[int, int] | None]:
-    """Read-only, with a statement and a lock timeout, for the block; taken back after
-    (a pooler that reused one session for us hands it to others next). Behind a pooler
-    seen moving our statements between sessions, none of it is set: yields the pids."""
+    """A statement and a lock timeout for the block, taken back after (a pooler that
+    reused one session for us hands it to others next). Behind a pooler seen moving our
+    statements between sessions, neither is set: yields the pids seen."""
     first = pooling.backend_pid(conn)
     other = pooling.other_session(conn, first)
     if other is not None:
         yield first, other
         return
-    conn.execute("SET default_transaction_read_only = on")
-    conn.execute(sql.SQL("SET statement_timeout = {}").format(
-        sql.Literal(f"{int(statement_timeout * 1000)}ms")))
-    conn.execute("SET lock_timeout = '5s'")
     try:
+        conn.execute(sql.SQL("SET statement_timeout = {}").format(
+            sql.Literal(f"{int(statement_timeout * 1000)}ms")))
+        conn.execute("SET lock_timeout = '5s'")
         yield None
     finally:
         with contextlib.suppress(psycopg.Error):
-            conn.execute("RESET default_transaction_read_only")
             conn.execute("RESET statement_timeout")
             conn.execute("RESET lock_timeout")
 

@@ -23,7 +23,7 @@ class ThrottleChecks(DoctorBase):
             # A probe slower than max_probe_ms right now keeps every worker at the slowest
             # pace (10% of the cap) for as long as it lasts: say so, and how slow it is.
             sample = sample_load(self.conn, config.probe_sql,
-                                 max(1, int(10 * config.max_probe_ms)))
+                                 max(1, int(10 * config.max_probe_ms)), read_only=True)
             details.update(probe_ms=round(sample.probe_seconds * 1000, 1),
                            active_others=sample.active_others)
             why = Throttle(config, client).overloaded(sample)
