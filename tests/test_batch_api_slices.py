@@ -134,7 +134,10 @@ def test_a_jobs_vectors_commit_in_slices_and_a_stopped_step_resumes_counting_onc
     assert fake_openai.stats()["file_downloads"]["batch_output"] == 2
     assert _job_ledger_rows(stack) == 1  # the resumed step counted nothing again
     fake_openai.set_faults(latency=0.0)
+    # Both columns: the writer's last edits cleared live vectors too, re-embedded by the
+    # workers after the new column may already be full (a race CI met once).
     wait_filled(stack, column)
+    wait_filled(stack, "embedding")
     assert_column_current(stack, column, NEW, DIMS)
     assert_column_current(stack, "embedding", "fake-384", 384)
     assert_app_reads_live(roles)

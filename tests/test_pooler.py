@@ -155,7 +155,9 @@ def test_an_index_build_through_a_transaction_mode_pooler_refuses_and_leaves_no_
         assert transactions.errors == [] and transactions.held == []
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, column)
+    wait_filled(stack, "embedding")  # the writer's last edits, re-embedded in the live one
     assert_column_current(stack, column, NEW, 384)
+    assert_column_current(stack, "embedding", MODEL, 384)
     assert_app_reads_live(roles)
 
 
