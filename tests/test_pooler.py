@@ -68,20 +68,27 @@ def pooled_settings(dsn: str) -> dict[str, set[str]]:
     return seen
 
 
+def users_database(stack: Stack, roles: OrdinaryRoles, rows: int, config_extra: str = ""
+                   ) -> Stack:
+    """REPEATABLE READ by default, `rows` rows, `init` run, the app's view and function;
+    the stack as the app (its role) for the steady writer."""
+    repeatable_read_by_default(stack)
+    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64)
+                 + config_extra)
+    seed(stack, rows)
+    init = stack.cli("init")
+    assert init.returncode == 0, init.stdout + init.stderr
+    create_app_objects(stack, roles)
+    return dataclasses.replace(stack, dsn=roles.app_dsn)
+
+
 @requires_pgbouncer
 def test_workers_write_through_a_transaction_mode_pooler(
         ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
     stack, roles = ordinary_roles
-    repeatable_read_by_default(stack)
-    app = dataclasses.replace(stack, dsn=roles.app_dsn)
     # The adaptive throttle's probes run on the workers' own connection, through the
     # pooler too, with their statement timeout.
-    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64)
-                 + THROTTLE)
-    seed(stack, 120)
-    init = stack.cli("init")
-    assert init.returncode == 0, init.stdout + init.stderr
-    create_app_objects(stack, roles)
+    app = users_database(stack, roles, 120, THROTTLE)
     with stack.connect() as conn:
         dbname = conn.info.dbname
     with transaction_pooler(roles.pgreembed_dsn) as pooler:
@@ -122,13 +129,7 @@ def test_workers_write_through_a_transaction_mode_pooler(
 def test_an_index_build_through_a_transaction_mode_pooler_refuses_and_leaves_no_lock(
         ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
     stack, roles = ordinary_roles
-    repeatable_read_by_default(stack)
-    app = dataclasses.replace(stack, dsn=roles.app_dsn)
-    write_config(stack.config_path, docs_config(batch_size=8, max_inflight_rows=64))
-    seed(stack, 60)
-    init = stack.cli("init")
-    assert init.returncode == 0, init.stdout + init.stderr
-    create_app_objects(stack, roles)
+    app = users_database(stack, roles, 60)
     stack.start_worker(threads=4)
     stack.start_scheduler()
     wait_filled(stack, "embedding")

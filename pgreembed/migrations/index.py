@@ -60,13 +60,20 @@ def prepare_build_session(conn: psycopg.Connection, maintenance_work_mem: str,
     conn.execute("SET min_parallel_table_scan_size = 0")
 
 
+def _ann_index(conn: psycopg.Connection, slot: Slot, name: str) -> ColumnIndex | None:
+    return next((i for i in column_indexes(conn, slot) if i.name == name), None)
+
+
+def _as_asked(index: ColumnIndex | None, method: str, distance: str) -> bool:
+    return (index is not None and index.valid
+            and (index.method, index.distance) == (method, distance))
+
+
 def _built(conn: psycopg.Connection, slot: Slot, name: str, method: str, distance: str
            ) -> bool:
     """Both of the column's indexes are there, valid, the ANN one as asked: a step run
     again (a cron tick, a retried `migrate index`) has nothing to build."""
-    existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
-    return (existing is not None and existing.valid
-            and (existing.method, existing.distance) == (method, distance)
+    return (_as_asked(_ann_index(conn, slot, name), method, distance)
             and bool(catalog.index_valid(conn, slot.target.schema, slot.pending_index_name)))
 
 
@@ -102,9 +109,8 @@ def build_index(settings: Settings, target: Target, method: str | None = None,
         # could be HOT (store.setup.pending_index_at_setup); the swap counts the rows
         # still pending through it, under its lock.
         ensure_pending_index(conn, slot)
-        existing = next((i for i in column_indexes(conn, slot) if i.name == name), None)
-        if existing is not None and existing.valid and (existing.method, existing.distance) == (
-                method, distance):
+        existing = _ann_index(conn, slot, name)
+        if _as_asked(existing, method, distance):
             return name
         if existing is not None:
             why = ("INVALID, left by an interrupted build" if not existing.valid else

@@ -103,7 +103,7 @@ def sole_builder(conn: psycopg.Connection, schema: str, name: str,
             if pid is None:
                 break
             if not _release(conn, locked_by, schema, name):
-                raise _pooled(schema, name, locked_by, None)
+                raise _pooled(schema, name, locked_by, None, released=False)
         else:
             pid = lock_holder(conn, schema, name)
         if time.monotonic() >= deadline:
@@ -134,15 +134,17 @@ _POOLER_ADVICE = ("a connection pooler in transaction mode sits between pgreembe
                   " DATABASE_URL there (the workers may stay behind the pooler)")
 
 
-def _pooled(schema: str, name: str, locked_by: int, other: int | None) -> ConfigError:
+def _pooled(schema: str, name: str, locked_by: int, other: int | None, *, released: bool
+            ) -> ConfigError:
     """The refusal of a build whose statements run on several sessions."""
     seen = f"pids {locked_by} and {other}" if other is not None else f"pid {locked_by} and others"
+    left = ("" if released else
+            f" The build's lock stays with server session pid {locked_by} until the pooler"
+            f" closes that connection (a later build of this index waits for it); once it"
+            f" is idle, SELECT pg_terminate_backend({locked_by}) ends it.")
     return ConfigError(
         f"index {schema}.{name}: a build needs one database session throughout, and its"
-        f" statements ran on several ({seen}): {_POOLER_ADVICE}. The build's lock stays with"
-        f" server session pid {locked_by} until the pooler closes that connection (a later"
-        f" build of this index waits for it); once it is idle, SELECT"
-        f" pg_terminate_backend({locked_by}) ends it.")
+        f" statements ran on several ({seen}): {_POOLER_ADVICE}.{left}")
 
 
 def _release(conn: psycopg.Connection, locked_by: int, schema: str, name: str) -> bool:
@@ -163,10 +165,6 @@ def _require_one_session(conn: psycopg.Connection, locked_by: int, schema: str,
     """ConfigError, the lock given back if it can be, if one of the next statements runs on
     another session than the one that took the lock (a transaction-mode pooler)."""
     other = pooling.other_session(conn, locked_by)
-    if other is None:
-        return
-    if not _release(conn, locked_by, schema, name):
-        raise _pooled(schema, name, locked_by, other)
-    raise ConfigError(f"index {schema}.{name}: a build needs one database session"
-                      f" throughout, and its statements ran on several (pids {locked_by}"
-                      f" and {other}): {_POOLER_ADVICE}.")
+    if other is not None:
+        raise _pooled(schema, name, locked_by, other,
+                      released=_release(conn, locked_by, schema, name))

@@ -33,11 +33,18 @@ def other_session(conn: psycopg.Connection, pid: int, probes: int = PROBES) -> i
     return None
 
 
-def require_one_session(conn: psycopg.Connection, what: str) -> None:
-    """ConfigError if `conn`'s statements are seen moving between server sessions."""
+def moving_sessions(conn: psycopg.Connection) -> tuple[int, int] | None:
+    """(a pid, another) if `conn`'s next statements are seen on two server sessions."""
     first = backend_pid(conn)
     other = other_session(conn, first)
-    if other is not None:
+    return None if other is None else (first, other)
+
+
+def require_one_session(conn: psycopg.Connection, what: str) -> None:
+    """ConfigError if `conn`'s statements are seen moving between server sessions."""
+    seen = moving_sessions(conn)
+    if seen is not None:
+        first, other = seen
         raise ConfigError(
             f"{what} needs a database session of its own, and two statements in a row ran"
             f" on server sessions {first} and {other}: a connection pooler in transaction"

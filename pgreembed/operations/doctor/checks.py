@@ -187,10 +187,9 @@ def _guarded_session(conn: psycopg.Connection, statement_timeout: float
     """A statement and a lock timeout for the block, taken back after (a pooler that
     reused one session for us hands it to others next). Behind a pooler seen moving our
     statements between sessions, neither is set: yields the pids seen."""
-    first = pooling.backend_pid(conn)
-    other = pooling.other_session(conn, first)
-    if other is not None:
-        yield first, other
+    seen = pooling.moving_sessions(conn)
+    if seen is not None:
+        yield seen
         return
     try:
         conn.execute(sql.SQL("SET statement_timeout = {}").format(
