@@ -16,7 +16,8 @@ EXIT_CONFIG = 2  # a usage or configuration error (argparse exits 2 too)
 EXIT_TIMEOUT = 3  # a wait (--wait / --timeout) ran out with work left
 EXIT_REFUSED = 4  # refused or blocked: not possible now, nothing was changed (a migration
 #                   step, plan blockers, the table stayed locked, a target not initialised,
-#                   a misconfigured column, tune found no setting)
+#                   a misconfigured column, a database that cannot host the target as
+#                   configured (grants, pgvector, a column), tune found no setting)
 EXIT_NOT_INITIALIZED = EXIT_REFUSED
 EXIT_MISCONFIGURED = EXIT_REFUSED
 EXIT_INTERRUPTED = 130  # what a shell reports for Ctrl-C
@@ -27,7 +28,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_CONFIG: "usage or configuration error",
     EXIT_TIMEOUT: "timeout (--wait / --timeout ran out with work left)",
     EXIT_REFUSED: "refused or blocked (step not possible now, plan blockers, table locked,\n"
-                  "     target not initialised, misconfigured column, tune found no setting)",
+                  "     target not initialised, database cannot host the target (init),\n"
+                  "     misconfigured column, tune found no setting)",
 }
 
 class PgreembedError(Exception):
@@ -47,7 +49,10 @@ class MetricsUnavailable(ConfigError):
 
 
 class SetupError(PgreembedError):
-    """The database cannot host a target as configured; the message says how to fix it."""
+    """The database cannot host a target as configured; the message says how to fix it.
+    Checked before any change: a refusal (exit 4), not a service failure."""
+
+    exit_code = EXIT_REFUSED
 
 
 class NotInitializedError(PgreembedError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -124,6 +125,18 @@ def test_a_task_that_never_waits_draws_no_bar_and_json_draws_nothing() -> None:
     assert "\r" in screen.getvalue()
     assert ("5", "10") in re.findall(r"(\d+)/(\d+)", screen.getvalue()), screen.getvalue()
 
+
+
+def test_an_unknown_progress_mode_is_named_and_the_default_drawn(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PGREEMBED_PROGRESS", "bogus")
+    screen = _Terminal()
+    with (caplog.at_level(logging.WARNING, logger="pgreembed.cli.progress"),
+          Progress("tick", "rows", stream=screen) as bar):
+        bar.update(5, 10)
+    assert "\r" in screen.getvalue()  # a terminal: the bar, as without the variable
+    assert [r.getMessage() for r in caplog.records
+            if "PGREEMBED_PROGRESS='bogus'" in r.getMessage()], caplog.text
 
 # What building the parser must not import: every `pgreembed` call builds it (the tests
 # make hundreds of calls), and these cost ~0.3 s of CPU a call (numpy, the providers'

@@ -40,7 +40,7 @@ def run_raising(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> int:
     (errors.TuneError("no index"), 4, "pgreembed: no index"),
     (errors.NotFoundError("no column"), 1, "pgreembed: no column"),
     (errors.FatalProviderError("bad key"), 1, "pgreembed: bad key"),
-    (errors.SetupError("no pgvector"), 1, "pgreembed: no pgvector"),
+    (errors.SetupError("no pgvector"), 4, "pgreembed: no pgvector"),
 ])
 def test_domain_errors_have_a_message_and_an_exit_code(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

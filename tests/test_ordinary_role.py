@@ -299,7 +299,7 @@ def test_a_role_that_may_not_change_the_table_is_told_what_to_grant(
         admin.execute(sql.SQL("REVOKE {} FROM {}").format(
             sql.Identifier(roles.owner), sql.Identifier(roles.pgreembed)))
     refused = stack.cli("init")
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.returncode == 4 and "Traceback" not in refused.stderr
     assert (f"make it a member of the table's owner role, `GRANT \"{roles.owner}\" TO"
             f" \"{roles.pgreembed}\";`") in refused.stderr
     doctor = json_document(run(stack, "doctor", "--json", codes=(1,)).stdout)

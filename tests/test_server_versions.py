@@ -114,7 +114,7 @@ def test_a_halfvec_column_is_made_only_where_pgvector_has_halfvec(stack: Stack) 
         return
     needs = (f"{server_versions.HALFVEC.feature} needs pgvector 0.7.0 or newer; this database"
              f" has pgvector {found[0]}")
-    assert result.returncode == 1 and f"pgreembed: {needs}" in result.stderr
+    assert result.returncode == 4 and f"pgreembed: {needs}" in result.stderr
     assert column_type(stack, "embedding") is None
     stack.config_path.write_text(docs_config())
     assert stack.cli("init").returncode == 0

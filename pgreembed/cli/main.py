@@ -1,5 +1,5 @@
 """`pgreembed` command line: init, tick, scheduler, status, failures, search, doctor, tune,
-migrate, demo."""
+migrate, demo, providers, import-pgai."""
 
 from __future__ import annotations
 

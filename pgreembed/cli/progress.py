@@ -8,6 +8,7 @@ nothing is printed about progress.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -15,6 +16,8 @@ from typing import TextIO
 from tqdm import tqdm
 
 from pgreembed.config import environment
+
+log = logging.getLogger(__name__)
 
 BAR = "bar"
 LINES = "lines"
@@ -30,7 +33,11 @@ def choose_mode(as_json: bool, stream: TextIO) -> str:
     forced = environment.PROGRESS.get().lower()
     if forced in (BAR, LINES, QUIET):
         return forced
-    return BAR if stream.isatty() else LINES
+    chosen = BAR if stream.isatty() else LINES
+    if forced:
+        log.warning("%s=%r is not one of %s, %s, %s: drawing %s", environment.PROGRESS.name,
+                    forced, BAR, LINES, QUIET, chosen)
+    return chosen
 
 
 class Progress:

@@ -3,7 +3,7 @@
 Starts embedded Postgres (pgvector) and a local Redis, loads the standard
 library's docstrings into a table, runs the real scheduler and Dramatiq
 worker processes with the offline model until every row is embedded, shows
-that a new and an edited row are picked up within seconds, runs a few
+that a newly inserted row is picked up within a second, runs a few
 semantic searches, and stops everything it started.
 """
 

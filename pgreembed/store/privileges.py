@@ -41,8 +41,8 @@ SIGNAL_AUTOVACUUM = Grant(
     "signal_autovacuum", "pg_signal_autovacuum_worker (Postgres 18) or superuser",
     "cancelling an autovacuum that holds the table while a swap, init or finalize waits"
     " (never one run to prevent wraparound), as Postgres itself does for a lock waiter",
-    "the step waits for the autovacuum to finish (minutes on an HNSW-indexed table) and"
-    " gives up after --lock-wait, changing nothing")
+    "Postgres cancels it for us: the step requests the autovacuum's own lock for"
+    " deadlock_timeout + 500 ms first (~1.5 s per autovacuum met, nothing for the app)")
 SIGNAL_BACKEND = Grant(
     "signal_backend", "pg_signal_backend",
     "--terminate-idle-after: ending other roles' sessions idle in a transaction on the"
