@@ -322,7 +322,7 @@ def test_init_and_doctor_give_the_same_advice_and_it_works_pasted(
         admin.execute(sql.SQL("GRANT USAGE ON SCHEMA pgreembed TO {}").format(
             sql.Identifier(roles.pgreembed)))
     seed(stack, 5)
-    refused = run(stack, "init", codes=(1,))
+    refused = run(stack, "init", codes=(4,))
     doctor = json_document(run(stack, "doctor", "--json", codes=(1,)).stdout)
     role = next(f for f in doctor["findings"] if f["check"] == "role")
     assert role["level"] == "error"
