@@ -13,7 +13,8 @@ front, once VACUUM has recorded it) and the old chunks die. Which values sit in 
 is read from the heap alone (an ordinary role may not read schema pg_toast): TOAST ids
 are handed out in order and a value written when there was no free room went to the end
 of the file, so the newest ids are the tail's. As many of them as fill the pages past
-what the live vectors need (`boundary`) are moved, newest first, each batch its own
+what the live vectors need (`boundary`) are moved, newest first in rounds (the ids alone
+are held, 4 bytes a row; a round reads its rows' keys again by id range), each batch its own
 short transaction (table_lock.run_locked; rows the app holds are skipped, FOR NO KEY
 UPDATE SKIP LOCKED in key order, and tried again later), guarded by the value's TOAST id
 (a row the app rewrote meanwhile is left alone: its new value already went to free room).
@@ -28,15 +29,17 @@ vector in place). bench.compact_space measures it. Opt-in for that reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+import numpy as np
 import psycopg
 from psycopg import sql
 
@@ -160,28 +163,54 @@ def _toast_pages(dsn: str, toast: Toast) -> int:
     return int(row[0]) // PAGE if row else 0
 
 
-def _stored(dsn: str, col: Column) -> list[tuple[int, str]]:
-    """(TOAST id, key as text) of every row whose vector is TOASTed, newest id first: ids
-    are handed out in order and a value written when there was no free room went to the
-    end of the file, so the newest fill's vectors are the tail's. Read in short
-    transactions of PAGES_PER_SCAN heap pages (a TID range scan each)."""
+def _scan(dsn: str, col: Column, where: sql.Composable | None = None,
+          params: dict[str, int] | None = None) -> Generator[list[tuple[int, str]]]:
+    """(TOAST id, key as text) of the rows whose vector is TOASTed (and match `where`),
+    a list per PAGES_PER_SCAN heap pages, each read in a short transaction of its own
+    (a TID range scan)."""
     with connect(dsn) as conn:
         row = conn.execute("SELECT pg_relation_size(%s::regclass)",
                            (col.table.as_string(conn),)).fetchone()
         conn.rollback()
         pages = int(row[0]) // PAGE if row else 0
-        found: list[tuple[int, str]] = []
         for first in range(0, pages + 1, PAGES_PER_SCAN):
-            found += [(int(r[0]), str(r[1])) for r in conn.execute(sql.SQL(
+            rows = conn.execute(sql.SQL(
                 "SELECT pg_column_toast_chunk_id({v}), {pk}::text FROM {t}"
                 " WHERE ctid >= ('(' || %(first)s::bigint || ',0)')::tid"
                 "   AND ctid < ('(' || %(last)s::bigint || ',0)')::tid"
-                "   AND pg_column_toast_chunk_id({v}) IS NOT NULL").format(
-                v=col.vector, pk=col.pk, t=col.table),
-                {"first": first, "last": first + PAGES_PER_SCAN}).fetchall()]
+                "   AND pg_column_toast_chunk_id({v}) IS NOT NULL AND {where}").format(
+                v=col.vector, pk=col.pk, t=col.table, where=where or sql.SQL("true")),
+                {"first": first, "last": first + PAGES_PER_SCAN} | (params or {})).fetchall()
             conn.rollback()
-    found.sort(reverse=True)
-    return found
+            yield [(int(r[0]), str(r[1])) for r in rows]
+
+
+def _stored_ids(dsn: str, col: Column) -> np.ndarray:
+    """The TOAST id of every row whose vector is TOASTed, newest first: ids are handed out
+    in order and a value written when there was no free room went to the end of the
+    file, so the newest fill's vectors are the tail's. Ids only (4 bytes a row: 40 MB
+    at 10M rows); the rounds read their rows' keys again by id range (`_rows_between`)."""
+    ids = np.concatenate([np.array([i for i, _ in rows], dtype=np.uint32)
+                          for rows in _scan(dsn, col)] or [np.zeros(0, np.uint32)])
+    return np.sort(ids)[::-1]
+
+
+def _rows_between(dsn: str, col: Column, oldest: int, newest: int, size: int
+                  ) -> Generator[list[tuple[int, str]]]:
+    """The rows whose TOAST id is within [oldest, newest], in lists of `size` (heap order:
+    within one round the order does not matter, its VACUUM comes after all of them)."""
+    batch: list[tuple[int, str]] = []
+    within = sql.SQL("pg_column_toast_chunk_id({v}) BETWEEN %(oldest)s::oid AND"
+                     " %(newest)s::oid").format(v=col.vector)
+    with contextlib.closing(_scan(dsn, col, within, {"oldest": oldest, "newest": newest})
+                            ) as chunks:
+        for rows in chunks:
+            batch += rows
+            while len(batch) >= size:
+                yield batch[:size]
+                batch = batch[size:]
+    if batch:
+        yield batch
 
 
 def _move(conn: psycopg.Connection, col: Column, batch: list[tuple[int, str]]
@@ -229,10 +258,12 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
     if toast is None or toast.pages <= toast.boundary or not toast.values:
         pages = toast.pages if toast else 0
         return Compacted(0, 0, False, pages, pages)
-    candidates = _stored(dsn, col)
+    ids = _stored_ids(dsn, col)
+    if not len(ids):  # rewritten meanwhile: nothing TOASTed is left to move
+        return Compacted(0, 0, False, toast.pages, toast.pages)
     log.info("compact: TOAST file %d pages, the live vectors need ~%d (%d values, %.2f pages"
              " each)", toast.pages, toast.boundary, toast.values, toast.pages_per_value)
-    moved, at, held, full, pages = 0, 0, [], False, toast.pages
+    moved, seen, at, held, full, pages = 0, 0, 0, [], False, toast.pages
 
     def move(batch: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """The batch's rows the app held (the rest moved, or were rewritten meanwhile)."""
@@ -262,24 +293,28 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
             pages = _toast_pages(dsn, toast)
         return pages
 
-    step = max(rows_per_transaction, math.ceil(len(candidates) * ROUND_SHARE))
+    step = max(rows_per_transaction, math.ceil(len(ids) * ROUND_SHARE))
     for _ in range(MAX_ROUNDS):
-        end = min(len(candidates), at + step)
+        end = min(len(ids), at + step)
         before = pages
-        while at < end and not full:
-            batch = candidates[at:at + rows_per_transaction]
-            at += len(batch)
-            held += move(batch)
-            # No room left in front: what moves now only extends the file.
-            full = _toast_pages(dsn, toast) > pages
-            if progress is not None:
-                progress(at, len(candidates))
+        with contextlib.closing(_rows_between(dsn, col, int(ids[end - 1]), int(ids[at]),
+                                              rows_per_transaction)) as rows:
+            for batch in rows:
+                held += move(batch)
+                seen += len(batch)
+                # No room left in front: what moves now only extends the file.
+                full = _toast_pages(dsn, toast) > pages
+                if progress is not None:
+                    progress(seen, len(ids))
+                if full:
+                    break
+        at = end
         if held and not full:
             held = retry(held)  # a held row in the tail keeps VACUUM from truncating
         pages = vacuum_shrinking(before)
         log.info("compact: %d of %d vectors moved, TOAST file now %d pages%s", moved,
-                 len(candidates), pages, " (no room left before the tail)" if full else "")
-        if full or pages <= toast.boundary * DONE_WITHIN or at >= len(candidates):
+                 len(ids), pages, " (no room left before the tail)" if full else "")
+        if full or pages <= toast.boundary * DONE_WITHIN or at >= len(ids):
             break
         if pages >= before:  # the tail's values were not these: on with older ones
             log.warning("compact: the TOAST file did not shrink (%d pages): the newest"
