@@ -7,21 +7,28 @@ row's vector is compared with its model's vector for the row's current text.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgreembed.config import parse_settings
 from pgreembed.errors import ConfigError
 from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
+from tests.app_side import app_transactions, assert_app_reads_live, repeatable_read_by_default
 from tests.helpers import (
+    OrdinaryRoles,
     Stack,
     assert_column_current,
+    column_type,
     docs_config,
+    migrate,
     migrations,
+    new_column,
     seed,
     side_fill_section,
     steady_writer,
@@ -256,3 +263,104 @@ def test_a_side_fill_whose_swap_would_be_refused_does_not_start_or_is_cancelled(
     assert "side column" not in result.stdout
     assert "public.docs_snapshot" in result.stderr
     assert [m[:2] for m in migrations(stack)] == [("backlog", "cancelled")]
+
+
+HALFVEC_APP_OBJECTS = """
+CREATE VIEW docs_search AS SELECT id, title, body, embedding FROM docs;
+CREATE FUNCTION doc_embedding(doc bigint) RETURNS halfvec LANGUAGE sql STABLE
+BEGIN ATOMIC SELECT embedding FROM docs_search WHERE id = doc; END;
+CREATE FUNCTION nearest_docs(q halfvec) RETURNS SETOF bigint LANGUAGE sql STABLE
+BEGIN ATOMIC SELECT id FROM docs_search ORDER BY embedding <=> q LIMIT 5; END;
+"""
+
+
+@pytest.mark.timeout(420)
+def test_a_model_change_at_init_keeps_a_halfvec_live_column_halfvec(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    """The config says vector_type = "halfvec" (as after a `--derive halfvec` migration)
+    and the app's function returns the column's halfvec: the side fill `init` starts for
+    a model change fills a halfvec column, so its swap goes through. (It filled a vector
+    column, its swap was refused, it was cancelled after buying every vector, and the
+    next `init` started it again.) The user's database: ordinary roles, REPEATABLE READ
+    by default, the app's view and functions, app transactions holding rows, a steady
+    writer and a slowed provider."""
+    stack, roles = ordinary_roles
+    repeatable_read_by_default(stack)
+    config = docs_config(batch_size=16, max_inflight_rows=128, worker_extra=SIDE_FILL,
+                         target_extra='vector_type = "halfvec"')
+    write_config(stack.config_path, config)
+    seed(stack, 120)
+    assert stack.cli("init").returncode == 0
+    assert column_type(stack, "embedding") == "halfvec(384)"
+    with stack.connect() as conn:
+        conn.execute(HALFVEC_APP_OBJECTS)
+        for name in ("VIEW docs_search", "FUNCTION doc_embedding(bigint)",
+                     "FUNCTION nearest_docs(halfvec)"):
+            conn.execute(sql.SQL(f"ALTER {name} OWNER TO {{}}").format(
+                sql.Identifier(roles.owner)))
+        conn.execute(sql.SQL("GRANT SELECT ON docs_search TO {}").format(
+            sql.Identifier(roles.app)))
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    with stack.connect() as conn:  # after the first fill, as filled_and_indexed
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding halfvec_cosine_ops)")
+    assert migrations(stack) == []
+
+    app = dataclasses.replace(stack, dsn=roles.app_dsn)
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=1.0)
+    write_config(stack.config_path, config.replace(f'model = "{OLD}"', f'model = "{NEW}"'))
+    with steady_writer(app, per_second=5.0, edits=range(1, 61)) as writes, \
+            app_transactions(roles.app_dsn, range(61, 101)) as transactions:
+        result = stack.cli("init")
+        assert result.returncode == 0, result.stderr
+        assert "re-embedded into the side column" in result.stdout
+        assert column_type(stack, new_column(stack)) == "halfvec(384)"
+        fake_openai.set_faults(slow_model=NEW, slow_model_latency=0.1)
+        wait_for(lambda: migrations(stack)[0][1] != "filling", timeout=240, interval=0.3,
+                 message="the side column swapped in")
+        assert migrations(stack)[0][:2] == ("model_change", "swapped"), migrations(stack)
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    finished(stack)
+    wait_filled(stack, "embedding")
+    assert writes["errors"] == 0 and writes["edits"] > 10
+    assert transactions.errors == [] and transactions.done > 10
+    assert column_type(stack, "embedding") == "halfvec(384)"
+    assert_column_current(stack, "embedding", NEW, 384)
+    assert_app_reads_live(roles)
+    with psycopg.connect(roles.app_dsn) as conn:
+        near = conn.execute("SELECT nearest_docs(embedding) FROM docs WHERE id = 7").fetchall()
+    assert (7,) in near  # the function searches the new column through the app's view
+
+
+@pytest.mark.timeout(300)
+def test_init_does_not_start_again_a_model_change_fill_cancelled_at_its_swap(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """Each start buys the whole table's vectors: a model change's side fill cancelled at
+    its swap is not started again by the next `init` (systemd's ExecStartPre, the k8s init
+    Job run it on every deploy); the warning names the command that starts it."""
+    filled_and_indexed(stack, 120)
+    fake_openai.set_faults(slow_model=NEW, slow_model_latency=2.0)
+    write_config(stack.config_path, docs_config(
+        batch_size=16, max_inflight_rows=128, worker_extra=SIDE_FILL).replace(
+            f'model = "{OLD}"', f'model = "{NEW}"'))
+    assert "re-embedded into the side column" in stack.cli("init").stdout
+    with stack.connect() as conn:  # the app adds an object its swap would have to refuse
+        conn.execute("CREATE MATERIALIZED VIEW docs_snapshot AS SELECT id, embedding FROM docs")
+    fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
+    wait_for(lambda: migrations(stack)[0][1] == "cancelled", timeout=120, interval=0.3,
+             message="the side fill cancelled at its swap")
+    with stack.connect() as conn:
+        conn.execute("DROP MATERIALIZED VIEW docs_snapshot")
+
+    again = stack.cli("init")
+    assert again.returncode == 0, again.stderr
+    assert "side column" not in again.stdout
+    assert "was cancelled at its swap" in again.stderr
+    assert [m[:2] for m in migrations(stack)] == [("model_change", "cancelled")]
+    told = again.stderr.split("then `", 1)[1].split("`", 1)[0].split()
+    assert told[:3] == ["pgreembed", "migrate", "start"]
+    migrate(stack, "start", *[a for a in told[3:] if a not in ("--target", "docs")])
+    assert [m[:2] for m in migrations(stack)] == [("model_change", "cancelled"),
+                                                  (None, "filling")]

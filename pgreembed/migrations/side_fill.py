@@ -306,6 +306,7 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
         rows = estimated_rows(conn, regclass(conn, live.table)) or 0
         migrated = conn.execute("SELECT count(*) FROM pgreembed.migrations WHERE target = %s",
                                 (target.name,)).fetchone()
+        cancelled = _cancelled_before(conn, target)
         conn.rollback()
         refusals = swap_refusals(conn, live, f"{target.storage_type}({target.dimensions})")
         conn.rollback()
@@ -315,7 +316,29 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
         log.warning("target %s: the model change is not filled side by side: its swap would"
                     " be refused:%s", target.name, "".join(f"\n  - {line}" for line in refusals))
         return None
+    if cancelled is not None:  # each start would buy the whole table's vectors again
+        log.warning("target %s: side fill %d to %s was cancelled at its swap (the log says"
+                    " why); `init` does not start it again: fix that, then `pgreembed"
+                    " migrate start --target %s --provider %s --model %s --dimensions %d`,"
+                    " or set the config back to %s", target.name, cancelled, target.model_key,
+                    target.name, target.provider, target.model, target.dimensions,
+                    live.model_key)
+        return None
     estimate = plan(settings, target, target.provider, target.model, target.dimensions)
+    # The column the config asks for (vector_type), the type the refusals were checked
+    # with: a swap that changed the live column's type would be refused at the end.
     slot = start(settings, target, target.provider, target.model, target.dimensions,
-                 auto_reason=MODEL_CHANGE)
+                 auto_reason=MODEL_CHANGE, vector_type=target.storage_type)
     return slot, estimate
+
+
+def _cancelled_before(conn: psycopg.Connection, target: Target) -> int | None:
+    """The id of the target's latest migration if it was a side fill to the config's
+    model that pgreembed cancelled (its swap would have been refused), else None."""
+    row = conn.execute(
+        "SELECT m.id, m.auto_reason = %s AND m.phase = 'cancelled' AND mo.key = %s"
+        " FROM pgreembed.migrations m JOIN pgreembed.slots s ON s.id = m.to_slot"
+        " JOIN pgreembed.models mo ON mo.id = s.model_id WHERE m.target = %s"
+        " ORDER BY m.id DESC LIMIT 1", (MODEL_CHANGE, target.model_key, target.name)
+    ).fetchone()
+    return int(row[0]) if row and row[1] else None
