@@ -364,3 +364,38 @@ def test_init_does_not_start_again_a_model_change_fill_cancelled_at_its_swap(
     migrate(stack, "start", *[a for a in told[3:] if a not in ("--target", "docs")])
     assert [m[:2] for m in migrations(stack)] == [("model_change", "cancelled"),
                                                   (None, "filling")]
+
+
+def test_a_backlog_side_fill_offers_no_rollback_to_its_paused_column(
+        stack: Stack, fake_openai: FakeOpenAIServer) -> None:
+    """A backlog side fill swaps in a column of the same model; the previous one stayed
+    paused (the backlog was not written through its index), so it lacks the backlog's
+    vectors. `status` says so, and `migrate rollback` refuses at once (exit 4) naming why
+    (it waited its whole --timeout for vectors nothing writes, then blamed the workers)."""
+    write_config(stack.config_path, docs_config(
+        batch_size=16, max_inflight_rows=128,
+        worker_extra=side_fill_section(grace_seconds=600)))
+    seed(stack, 60)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=4)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    with stack.connect() as conn:
+        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
+                     " (embedding vector_cosine_ops)")
+    seed(stack, 400)  # a bulk import: a side fill
+    wait_for(lambda: migrations(stack) and migrations(stack)[0][1] == "swapped", timeout=180,
+             interval=0.3, message="the backlog's side column swapped in")
+    status = stack.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "paused, not kept current" in status.stdout, status.stdout
+    assert "`migrate rollback` makes it live again" not in status.stdout
+
+    refused = stack.cli("migrate", "rollback", "--target", "docs", "--timeout", "20",
+                        "--json")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    message = json.loads(refused.stdout)["error"]["message"]
+    assert "no other model to roll back to" in message and "backlog" in message, message
+    assert migrations(stack)[0][:2] == ("backlog", "swapped")
+    wait_filled(stack, "embedding")
+    assert_column_current(stack, "embedding", OLD, 384)

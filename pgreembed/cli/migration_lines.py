@@ -41,4 +41,8 @@ def migration_line(pr: progress.Progress) -> str:
     step = ("`migrate finalize` drops it, `migrate rollback` makes it live again"
             if phase == "swapped" else
             "`migrate swap` makes it live again, `migrate finalize` drops it")
+    if pr.paused and pr.done < pr.total:  # a backlog side fill's previous column
+        kept = (f"{pr.column} ({pr.model}) paused, not kept current: {about}{pr.done}/"
+                f"{about}{pr.total} rows")
+        step = "`migrate finalize` drops it (a side fill's scheduler does after its grace)"
     return f"{phase.replace('_', ' ')}; {kept}; {step}"

@@ -163,6 +163,31 @@ def _pair(conn: psycopg.Connection, target: Target) -> tuple[Slot, Slot]:
     return live, other
 
 
+def _paused_refusal(conn: psycopg.Connection, target: Target, other: Slot,
+                    unsearchable: int, allowed: int, step: str) -> str:
+    """Why the incoming column will not catch up: nothing fills it while it is paused."""
+    row = conn.execute(
+        "SELECT s.paused_by, m.id, m.auto_reason FROM pgreembed.slots s"
+        " JOIN pgreembed.migrations m ON m.to_slot = s.id OR m.from_slot = s.id"
+        " WHERE s.id = %s ORDER BY m.id DESC LIMIT 1", (other.id,)).fetchone()
+    paused_by, migration, reason = row if row else (None, None, None)
+    lost = (f"{unsearchable} rows searchable now have no vector in {other.vector_column},"
+            f" which is paused: nothing fills it, and a {step} would drop them from search"
+            f" (allowed: {allowed}, --max-unsearchable)")
+    if reason == "backlog" and step == "rollback":
+        return (f"{lost}. Side fill {migration} (backlog) swapped in a column of the same"
+                f" model, {other.model_key}: there is no other model to roll back to. Its"
+                " previous column stayed paused while the backlog was filled beside it"
+                " (writing it through that column's index is what the side fill avoids),"
+                " and the scheduler drops it after [side_fill] grace_seconds; to roll back"
+                " anyway, pass --max-unsearchable above that count")
+    if paused_by == "spend_cap":
+        return (f"{lost}: its spend cap paused it; `pgreembed migrate resume --target"
+                f" {target.name} --spend-cap USD` with a higher cap, then {step} again")
+    return (f"{lost} ({paused_by or 'paused'}): `pgreembed migrate resume --target"
+            f" {target.name}`, then {step} again")
+
+
 def _incoming_pending_index(settings: Settings, target: Target, phases: tuple[str, ...]
                             ) -> None:
     """The incoming column's pending index, if it has none yet (made at `migrate index`,
@@ -210,7 +235,12 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             # The app's objects that cannot be kept on their column: refused before waiting.
             checked = rebind.check(conn, live, other, step)
             ready = readiness(conn, live, other, check_indexes=not rollback)
+            stalled = (_paused_refusal(conn, target, other, ready.unsearchable,
+                                       max_unsearchable, step)
+                       if other.paused and ready.unsearchable > max_unsearchable else None)
             conn.rollback()
+        if stalled:  # waiting would only end in the timeout, blaming the workers
+            raise MigrationError(stalled)
         if ready.problems:
             raise MigrationError("; ".join(ready.problems))
         if ready.failed and not accept_failed:
