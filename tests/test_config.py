@@ -69,6 +69,14 @@ def test_database_url_required_and_targets_unique() -> None:
         parse_settings({}, ENV)
 
 
+def test_a_redis_url_without_its_scheme_is_named_and_not_echoed() -> None:
+    for url in ("127.0.0.1:6379", "http://:hunter2pw@redis:6379/0"):
+        with pytest.raises(ConfigError, match="REDIS_URL: must be a redis://") as error:
+            settings(target(), env={**ENV, "REDIS_URL": url})
+        assert "hunter2pw" not in str(error.value)
+    assert settings(target(), env={**ENV, "REDIS_URL": "rediss://h:6380/1"}).redis_url
+
+
 def test_unknown_target_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown target 'nope' \(configured: docs\)"):
         settings(target()).target("nope")

@@ -182,6 +182,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         raise ConfigError("DATABASE_URL: not set (environment variable or database_url in config)")
     _check_dsn_at_signs(database_url)
     redis_url = environment.REDIS_URL.get(env) or document.get("redis_url") or "redis://127.0.0.1:6379/0"
+    _check_redis_url(redis_url)
     return Settings(
         database_url=database_url,
         redis_url=redis_url,
@@ -194,6 +195,15 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         side_fill=parse_side_fill(side_fill),
         throttle=parse_throttle(document.get("throttle", {})),
     )
+
+
+def _check_redis_url(redis_url: str) -> None:
+    """redis-py's from_url raises a bare ValueError, deep in whichever process first
+    connects; the value is not echoed (it may hold a password)."""
+    if not isinstance(redis_url, str) or redis_url.partition("://")[0] not in (
+            "redis", "rediss", "unix"):
+        raise ConfigError("REDIS_URL: must be a redis://, rediss:// or unix:// URL, e.g."
+                          " redis://127.0.0.1:6379/0 (or redis_url in the config)")
 
 
 def _check_dsn_at_signs(database_url: str) -> None:
