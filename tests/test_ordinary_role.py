@@ -307,6 +307,27 @@ def test_a_role_that_may_not_change_the_table_is_told_what_to_grant(
     assert role["level"] == "error" and f'GRANT "{roles.owner}" TO' in role["message"]
 
 
+def test_a_member_that_does_not_inherit_is_told_the_statement_that_works(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """A membership without inheritance (GRANT ... WITH INHERIT FALSE; NOINHERIT before
+    Postgres 16): granting it again only prints "already been granted", so the advice is
+    the statement that lets the role use the owner's rights, and pasted it works."""
+    stack, roles = ordinary_roles
+    owner, role = sql.Identifier(roles.owner), sql.Identifier(roles.pgreembed)
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        if admin.info.server_version >= 160000:
+            admin.execute(sql.SQL("REVOKE {} FROM {}").format(owner, role))
+            admin.execute(sql.SQL("GRANT {} TO {} WITH INHERIT FALSE").format(owner, role))
+        else:
+            admin.execute(sql.SQL("ALTER ROLE {} NOINHERIT").format(role))
+    refused = stack.cli("init")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    advice = refused.stderr.split("without inheriting them: `", 1)[1].split("`", 1)[0]
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(advice.encode())
+    assert stack.cli("init").returncode == 0
+
+
 def test_init_and_doctor_give_the_same_advice_and_it_works_pasted(
         ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
     """No CREATE on the table's schema (CREATE INDEX needs it) and an admin-made schema

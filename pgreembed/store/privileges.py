@@ -102,6 +102,7 @@ class Required:
     schema_exists: bool
     may_create_schema: bool  # CREATE on the database
     may_use_schema: bool  # USAGE and CREATE on schema pgreembed (when it exists)
+    member_of_owner: bool = False  # a member of the owner role, inheriting its rights or not
 
 
 def required(conn: psycopg.Connection, table: str | None = None) -> Required:
@@ -113,7 +114,8 @@ def required(conn: psycopg.Connection, table: str | None = None) -> Required:
                has_schema_privilege(c.relnamespace, 'CREATE'), n.oid IS NOT NULL,
                has_database_privilege(current_database(), 'CREATE'),
                n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE')
-                   AND has_schema_privilege(n.oid, 'CREATE')
+                   AND has_schema_privilege(n.oid, 'CREATE'),
+               coalesce(pg_has_role(c.relowner, 'MEMBER'), false)
         FROM (SELECT 1) one
         LEFT JOIN pg_class c ON c.oid = to_regclass(%s::text)
         LEFT JOIN pg_namespace tn ON tn.oid = c.relnamespace
@@ -121,7 +123,7 @@ def required(conn: psycopg.Connection, table: str | None = None) -> Required:
         """, (table,)).fetchone()
     assert row is not None
     return Required(str(row[0]), str(row[1]), bool(row[2]), row[3], row[4], bool(row[5]),
-                    bool(row[6]), bool(row[7]), bool(row[8]))
+                    bool(row[6]), bool(row[7]), bool(row[8]), bool(row[9]))
 
 
 def missing_rights(conn: psycopg.Connection, rights: Required) -> list[str]:
@@ -134,7 +136,16 @@ def missing_rights(conn: psycopg.Connection, rights: Required) -> list[str]:
         return f"`{query.as_string(conn)}`"
 
     found = []
-    if rights.table_owner is not None and not rights.owns_table:
+    if rights.table_owner is not None and not rights.owns_table and rights.member_of_owner:
+        # A member that does not inherit (NOINHERIT, or GRANT ... WITH INHERIT FALSE):
+        # granting the membership again only prints "already been granted".
+        inherit = (sql.SQL("GRANT {} TO {} WITH INHERIT TRUE;").format(
+            sql.Identifier(rights.table_owner), role) if conn.info.server_version >= 160000
+            else sql.SQL("ALTER ROLE {} INHERIT;").format(role))
+        found.append("let it use the rights of the table's owner role, which it is a member"
+                     " of without inheriting them: " + statement(inherit)
+                     + " (it adds columns, indexes and triggers to the table)")
+    elif rights.table_owner is not None and not rights.owns_table:
         found.append("make it a member of the table's owner role, " + statement(
             sql.SQL("GRANT {} TO {};").format(sql.Identifier(rights.table_owner), role))
             + " (it adds columns, indexes and triggers to the table)")

@@ -63,7 +63,10 @@ def enable_pgvector(conn: psycopg.Connection) -> None:
     except psycopg.errors.InsufficientPrivilege:
         raise SetupError(
             "pgvector is available but not enabled, and this role may not enable it:"
-            " run `CREATE EXTENSION vector` as a superuser or the database owner"
+            " run `CREATE EXTENSION vector` in this database as a superuser (pgvector is"
+            " not a trusted extension; on managed Postgres, the admin role the service"
+            " gives: rds_superuser, cloudsqlsuperuser, Azure's admin once vector is in"
+            " azure.extensions, Supabase's postgres)"
         ) from None
     server_versions.require_supported(conn)  # the version just enabled
 
