@@ -107,7 +107,7 @@ def measure(services: Services, rows: int, pending: int) -> dict[str, float]:
 
     collector = DatabaseCollector(settings)
     target = settings.target("docs")
-    dispatcher = Dispatcher(settings, client, lambda target, slot, keys: None)
+    dispatcher = Dispatcher(settings, client, lambda target, slot, keys, backfill=False: None)
 
     def one_pass() -> None:
         with connect(dsn) as conn:

@@ -168,7 +168,7 @@ class Dispatcher:
         size = slot.target.batch_size
         for start in range(0, len(keys), size):
             chunk = list(keys[start:start + size])
-            self.send(slot.target.name, slot.id, chunk)
+            self.send(slot.target.name, slot.id, chunk, slot.role != "live")
             inflight.confirm(chunk)  # if we die before this, the claims expire in seconds
             report.batches += 1
             report.enqueued_rows += len(chunk)

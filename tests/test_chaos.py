@@ -402,7 +402,7 @@ from pgreembed.config import load_settings
 from pgreembed.store.pool import connect
 from scheduler.dispatch import Dispatcher
 
-def send(target, slot_id, keys):
+def send(target, slot_id, keys, backfill=False):
     os.kill(os.getpid(), signal.SIGKILL)
 
 settings = load_settings()

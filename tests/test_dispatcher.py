@@ -34,8 +34,12 @@ class Recorder:
 
     sent: list[tuple[str, int, list[str]]] = field(default_factory=list)
 
-    def __call__(self, target: str, slot_id: int, keys: list[str]) -> None:
+    backfill: list[bool] = field(default_factory=list)
+
+    def __call__(self, target: str, slot_id: int, keys: list[str],
+                 backfill: bool = False) -> None:
         self.sent.append((target, slot_id, keys))
+        self.backfill.append(backfill)
 
     def take(self) -> list[int]:
         """The keys sent since the last call, in order, as ints."""

@@ -21,7 +21,14 @@ from pgreembed.chunking.stage import stage_parents
 from pgreembed.errors import PgreembedError
 from pgreembed.observability.worker_metrics import worker_metrics
 from pgreembed.queue.claims import InFlight, chunk_claims
-from pgreembed.queue.contract import ACTOR, CHUNK_ACTOR, QUEUE
+from pgreembed.queue.contract import (
+    ACTOR,
+    BACKFILL_ACTOR,
+    BACKFILL_PRIORITY,
+    BACKFILL_QUEUE,
+    CHUNK_ACTOR,
+    QUEUE,
+)
 from pgreembed.store.pool import worker_pool
 from worker.batch import process_batch
 from worker.settings import knowing, settings
@@ -78,8 +85,20 @@ def embed_batch(target: str, slot_id: int, keys: list[str]) -> None:
     inflight.release(keys)
 
 
+@dramatiq.actor(actor_name=BACKFILL_ACTOR, queue_name=BACKFILL_QUEUE,
+                priority=BACKFILL_PRIORITY, max_retries=MAX_RETRIES, min_backoff=2_000,
+                max_backoff=120_000, time_limit=15 * 60 * 1000,
+                on_retry_exhausted=RETRIES_EXHAUSTED)
+def embed_backfill_batch(target: str, slot_id: int, keys: list[str]) -> None:
+    """embed_batch for a column that is not live (a migration's, a side fill's): its own
+    queue and a lower priority, so the live column's new rows are not kept waiting
+    behind a migration's queued batches (pgreembed.queue.contract)."""
+    embed_batch.fn(target, slot_id, keys)
+
+
 # The back-off is a setting; Dramatiq's Retries middleware reads it from the actor's options.
-embed_batch.options["min_backoff"] = int(settings().retry_backoff_seconds * 1000)
+for _actor in (embed_batch, embed_backfill_batch):
+    _actor.options["min_backoff"] = int(settings().retry_backoff_seconds * 1000)
 
 
 @dramatiq.actor(actor_name=CHUNK_ACTOR, queue_name=QUEUE, max_retries=0,
