@@ -105,11 +105,17 @@ def run_tick(settings: Settings, wait: bool = False, timeout: float = 600.0,
             # flight are pending again and must be done before we call it finished.
             slot_ids = [s.id for t in settings.targets.values() for s in load_slots(conn, t)]
             conn.commit()  # a side fill adds and removes columns between passes
+            waiting_for = _in_flight(settings, client, slot_ids)
             while (left := _in_flight(settings, client, slot_ids)) > 0:
                 if on_progress is not None:
                     on_progress(TickProgress(enqueued, max(enqueued - left, 0), passes))
                 if time.monotonic() > deadline:
-                    print(f"tick: timed out with {left} rows still in flight", flush=True)
+                    stuck = ("; none landed while it waited: are the workers running,"
+                             " and may they write? (`pgreembed doctor` checks the role's"
+                             " rights and the provider; the workers' log has the error)"
+                             if left >= waiting_for else "")
+                    print(f"tick: timed out with {left} rows still in flight{stuck}",
+                          flush=True)
                     return EXIT_TIMEOUT
                 time.sleep(0.2)
             if on_progress is not None:

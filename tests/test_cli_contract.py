@@ -59,6 +59,18 @@ def test_migrate_plan_and_status_documents_and_the_refused_and_timeout_codes(
     assert wrong.returncode == 2 and "--dimensions" in wrong.stderr  # a usage error
 
 
+def test_a_tick_that_saw_nothing_land_says_where_to_look(stack: Stack) -> None:
+    """No worker (or one that may not write): the timeout says none landed and names
+    doctor and the workers' log, not only the rows left."""
+    assert stack.cli("init").returncode == 0
+    seed(stack, 4)
+    waited = stack.cli("tick", "--wait", "--timeout", "2")
+    assert waited.returncode == 3, waited.stdout + waited.stderr
+    assert counts(r"timed out with (\d+) rows still in flight", waited.stdout) == [(4,)]
+    assert "none landed while it waited" in waited.stdout and "pgreembed doctor" in (
+        waited.stdout)
+
+
 def test_status_failures_and_doctor_documents(stack: Stack) -> None:
     assert stack.cli("init").returncode == 0
     seed(stack, 3)

@@ -138,6 +138,23 @@ def test_an_unknown_progress_mode_is_named_and_the_default_drawn(
     assert [r.getMessage() for r in caplog.records
             if "PGREEMBED_PROGRESS='bogus'" in r.getMessage()], caplog.text
 
+
+def test_the_rate_counts_the_work_seen_not_what_was_done_before() -> None:
+    """An index build found 12,000 tuples in (or a new phase counting from zero) printed
+    ~40,000,000 tuples/s: the rate divided everything done by the time since the first
+    update. It counts from the first update's count, again at each new phase."""
+    log = io.StringIO()  # not a terminal: plain lines
+    progress = Progress("index", "tuples", stream=log, interval=0.0)
+    progress.update(12_000, 20_000, "loading tuples")
+    progress.started -= 2.0  # two seconds of work since that update
+    progress.update(12_100, 20_000, "loading tuples")
+    progress.update(10, 500, "building (blocks)")  # a new phase, from zero
+    progress.started -= 1.0
+    progress.update(60, 500, "building (blocks)")
+    rates = [float(r) for r in re.findall(r"([\d.]+) tuples/s", log.getvalue())]
+    assert rates[1] == pytest.approx(50.0, rel=0.05), log.getvalue()  # 100 in 2 s
+    assert rates[3] == pytest.approx(50.0, rel=0.05), log.getvalue()  # 50 in 1 s
+
 # What building the parser must not import: every `pgreembed` call builds it (the tests
 # make hundreds of calls), and these cost ~0.3 s of CPU a call (numpy, the providers'
 # SDKs, the migration machinery, tqdm): a command imports them when it runs.

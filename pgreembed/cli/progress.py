@@ -52,6 +52,7 @@ class Progress:
         self.started = time.monotonic()
         self.last_line = 0.0
         self.done, self.total, self.detail = 0, 0, ""
+        self.base = 0  # `done` when the rate's clock started (a task may start part done)
         self.updated = False
         self.bar: tqdm | None = None  # drawn at the first update: a task that never
         #                                 waits (a swap already caught up) shows no bar
@@ -60,8 +61,11 @@ class Progress:
         """Now `done` of `total` (a total may grow, e.g. rows edited while in flight)."""
         self.total = max(total if total is not None else self.total, done)
         self.detail = detail
-        if not self.updated:  # rates count from the work, not from the command's start-up
-            self.updated, self.started = True, time.monotonic()
+        if not self.updated or done < self.done:
+            # Rates count from the work seen, not from the command's start-up or from what
+            # was done before it (an index build found half done), and start again when
+            # a new phase counts from zero (an index build's tuples, then its blocks).
+            self.updated, self.started, self.base = True, time.monotonic(), done
         if self.mode == BAR and self.bar is None:
             self.bar = tqdm(desc=self.label, unit=f" {self.unit}", total=None,
                             file=self.stream, dynamic_ncols=True, mininterval=0.2, leave=True)
@@ -79,7 +83,7 @@ class Progress:
 
     def _line(self) -> None:
         elapsed = time.monotonic() - self.started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.base) / elapsed if elapsed > 0.5 else 0.0
         line = f"{self.label}: {self.done}"
         if self.total:
             left = (self.total - self.done) / rate if rate > 0 else None

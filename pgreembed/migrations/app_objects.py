@@ -132,9 +132,10 @@ def decide(conn: psycopg.Connection, obj: AppObject, type_changes: bool,
         if recreate and obj.dependents:
             return Decision(obj, REFUSE, "the swap changes the column's type, so it must be"
                             " dropped and created again, but other objects depend on it:"
-                            f" {', '.join(obj.dependents)}. Drop those before the swap and"
-                            " create them again after, or migrate to a model of the same"
-                            " dimensions and type")
+                            f" {', '.join(obj.dependents)}. Drop those before the swap (or"
+                            " the rollback) and create them again after it; a migration"
+                            " not started yet can instead keep the live column's dimensions"
+                            " and type")
         if recreate:
             return Decision(obj, RECREATE, f"dropped and created again in the swap's"
                             f" transaction (the column's type changes), with its options,"

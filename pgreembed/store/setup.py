@@ -113,6 +113,11 @@ def ensure_vector_column(conn: psycopg.Connection, target: Target, column: str,
             app_table(target), sql.Identifier(column), sql.SQL(wanted)))
         log.info("added column %s %s to %s.%s", column, wanted, target.schema, target.table)
         return True
+    if found != wanted and not found.startswith(("vector(", "halfvec(")):
+        raise SetupError(
+            f"target {target.name!r}: vector_column {column!r} is a {found} column, not a"
+            f" pgvector one: name the column the vectors go in ({wanted}; `init` adds it"
+            " if it does not exist)")
     if found != wanted:
         raise SetupError(
             f"target {target.name!r}: column {column!r} is {found}, expected {wanted}"
