@@ -27,6 +27,7 @@ from pgreembed.observability.redact import redact
 from pgreembed.observability.scheduler_metrics import serve_scheduler_metrics
 from pgreembed.queue.contract import Sender
 from pgreembed.store import pooling
+from pgreembed.store.faults import LOST_RIGHT_HINT, is_lost_right
 from pgreembed.store.pool import connect
 from scheduler.dispatch import Dispatcher, dramatiq_senders
 from scheduler.leader import Leadership
@@ -122,8 +123,9 @@ class SchedulerService:
                 self._conn = connect(self.settings.database_url)
             report = self.dispatcher.run_pass(self._conn)
         except (psycopg.Error, DatabaseError, redis.RedisError) as exc:
-            log.warning("dispatch pass failed (%s: %s); retrying next tick",
-                        type(exc).__name__, exc)
+            log.warning("dispatch pass failed (%s: %s); retrying next tick%s",
+                        type(exc).__name__, exc,
+                        f": {LOST_RIGHT_HINT}" if is_lost_right(exc) else "")
             self._drop_connection()
             return False
         if report.enqueued_rows:

@@ -307,6 +307,36 @@ def test_a_role_that_may_not_change_the_table_is_told_what_to_grant(
     assert role["level"] == "error" and f'GRANT "{roles.owner}" TO' in role["message"]
 
 
+def test_a_right_revoked_while_running_is_named_and_fails_no_row(
+        ordinary_roles: tuple[Stack, OrdinaryRoles], fake_openai: FakeOpenAIServer) -> None:
+    """pgreembed's role loses the owner's rights while running: the log names the lost
+    right and doctor (the scheduler logged only Postgres's message, the workers a
+    traceback per retry), no row is marked failed, and the rows land once the grant is
+    back."""
+    stack, roles = ordinary_roles
+    write_config(stack.config_path, docs_config(batch_size=8))
+    seed(stack, 8)
+    assert stack.cli("init").returncode == 0
+    stack.start_worker(threads=2)
+    stack.start_scheduler()
+    wait_filled(stack, "embedding")
+    owner, role = sql.Identifier(roles.owner), sql.Identifier(roles.pgreembed)
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("REVOKE {} FROM {}").format(owner, role))
+    seed(stack, 8)
+    # The scheduler's pass (it reads the table) or a worker's batch (rights lost after
+    # its rows were sent) names it.
+    wait_for(lambda: "pgreembed's role lost a right it needs" in stack.log_text(),
+             timeout=60, message="the lost right named in the log")
+    assert "`pgreembed doctor` names the grant" in stack.log_text()
+    with psycopg.connect(stack.dsn, autocommit=True) as admin:
+        failed = admin.execute("SELECT count(*) FROM pgreembed.slot_1"
+                               " WHERE pgr_failed_at IS NOT NULL").fetchone()
+        admin.execute(sql.SQL("GRANT {} TO {}").format(owner, role))
+    assert failed == (0,)
+    wait_filled(stack, "embedding")
+
+
 def test_a_member_that_does_not_inherit_is_told_the_statement_that_works(
         ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
     """A membership without inheritance (GRANT ... WITH INHERIT FALSE; NOINHERIT before

@@ -48,6 +48,7 @@ from pgreembed.observability.redact import redact
 from pgreembed.observability.worker_metrics import failure_kind, worker_metrics
 from pgreembed.store import usage as spend
 from pgreembed.store.faults import (
+    LOST_RIGHT_HINT,
     PREPARED_STATEMENTS_HINT,
     is_prepared_statement_fault,
     retry_database_faults,
@@ -95,6 +96,13 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     """
     try:
         return _process_batch(settings, target_name, slot_id, keys, claimed_at)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # A grant revoked while running: named in one line with where to look (it was a
+        # traceback per retry); the vectors are kept as for any database fault.
+        message = (f"target {target_name}: {LOST_RIGHT_HINT} (Postgres said:"
+                   f" {redact(str(exc)).strip()})")
+        log.error("%s", message)
+        raise DatabaseError(message) from exc
     except psycopg.Error as exc:
         if not is_prepared_statement_fault(exc):
             raise

@@ -54,6 +54,15 @@ PREPARED_STATEMENTS_HINT = (
     " config, or connect the workers to Postgres directly or in session mode")
 
 
+# A grant revoked while running (42501): the role's fault, never a row's.
+LOST_RIGHT_HINT = ("pgreembed's role lost a right it needs; `pgreembed doctor` names the"
+                   " grant; no row is marked failed, the work is retried")
+
+
+def is_lost_right(exc: BaseException) -> bool:
+    return isinstance(exc, psycopg.errors.InsufficientPrivilege)
+
+
 def sqlstate(exc: BaseException) -> str | None:
     return getattr(exc, "sqlstate", None)
 
