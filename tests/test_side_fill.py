@@ -84,10 +84,10 @@ def finished(stack: Stack) -> None:
              timeout=180, interval=0.5, message="the side fill finalized")
 
 
-def filled_and_indexed(stack: Stack, rows: int) -> None:
+def filled_and_indexed(stack: Stack, rows: int, side_fill: str = SIDE_FILL) -> None:
     """`rows` rows embedded by running processes, then the app's HNSW index, as users have it."""
     write_config(stack.config_path, docs_config(batch_size=16, max_inflight_rows=128,
-                                                worker_extra=SIDE_FILL))
+                                                worker_extra=side_fill))
     seed(stack, rows)
     assert stack.cli("init").returncode == 0
     stack.start_worker(threads=4)
@@ -372,17 +372,7 @@ def test_a_backlog_side_fill_offers_no_rollback_to_its_paused_column(
     paused (the backlog was not written through its index), so it lacks the backlog's
     vectors. `status` says so, and `migrate rollback` refuses at once (exit 4) naming why
     (it waited its whole --timeout for vectors nothing writes, then blamed the workers)."""
-    write_config(stack.config_path, docs_config(
-        batch_size=16, max_inflight_rows=128,
-        worker_extra=side_fill_section(grace_seconds=600)))
-    seed(stack, 60)
-    assert stack.cli("init").returncode == 0
-    stack.start_worker(threads=4)
-    stack.start_scheduler()
-    wait_filled(stack, "embedding")
-    with stack.connect() as conn:
-        conn.execute("CREATE INDEX docs_embedding_idx ON docs USING hnsw"
-                     " (embedding vector_cosine_ops)")
+    filled_and_indexed(stack, 60, side_fill_section(grace_seconds=600))
     seed(stack, 400)  # a bulk import: a side fill
     wait_for(lambda: migrations(stack) and migrations(stack)[0][1] == "swapped", timeout=180,
              interval=0.3, message="the backlog's side column swapped in")
