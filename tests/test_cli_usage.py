@@ -145,12 +145,12 @@ def test_the_rate_counts_the_work_seen_not_what_was_done_before() -> None:
     update. It counts from the first update's count, again at each new phase."""
     log = io.StringIO()  # not a terminal: plain lines
     progress = Progress("index", "tuples", stream=log, interval=0.0)
-    progress.update(12_000, 20_000, "loading tuples")
+    progress.update(12_000, 20_000, "loading tuples", "loading")
     progress.started -= 2.0  # two seconds of work since that update
-    progress.update(12_100, 20_000, "loading tuples")
-    progress.update(10, 500, "building (blocks)")  # a new phase, from zero
+    progress.update(12_100, 20_000, "loading tuples", "loading")
+    progress.update(10, 500, "building (blocks)", "building")  # a new phase, from zero
     progress.started -= 1.0
-    progress.update(60, 500, "building (blocks)")
+    progress.update(60, 500, "building (blocks)", "building")
     rates = [float(r) for r in re.findall(r"([\d.]+) tuples/s", log.getvalue())]
     assert rates[1] == pytest.approx(50.0, rel=0.05), log.getvalue()  # 100 in 2 s
     assert rates[3] == pytest.approx(50.0, rel=0.05), log.getvalue()  # 50 in 1 s

@@ -93,6 +93,8 @@ def test_worker_broker_module_imports(tmp_path: Path) -> None:
     env.update(PGREEMBED_CONFIG=str(config), DATABASE_URL="postgresql://localhost/x")
     code = ("import worker, dramatiq; assert isinstance(worker.broker, dramatiq.Broker);"
             " assert 'embed_batch' in worker.broker.actors;"
+            " assert 'embed_backfill_batch' in worker.broker.actors;"
+            " assert {'pgreembed', 'pgreembed_backfill'} <= worker.broker.get_declared_queues();"
             " kwargs = worker.broker.client.connection_pool.connection_kwargs;"
             " assert (kwargs['port'], kwargs['db']) == (6390, 3), kwargs")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -200,7 +200,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     settings, target = target_of(args)
     with Progress("index", "tuples") as bar:
         def show(build: IndexBuild) -> None:
-            bar.update(build.done, build.total, f"{build.phase} ({build.unit})")
+            bar.update(build.done, build.total, f"{build.phase} ({build.unit})", build.phase)
 
         name = indexing.build_index(settings, target, method=args.method,
                                     distance=args.distance, lists=args.lists, m=args.m,

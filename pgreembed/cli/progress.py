@@ -53,19 +53,24 @@ class Progress:
         self.last_line = 0.0
         self.done, self.total, self.detail = 0, 0, ""
         self.base = 0  # `done` when the rate's clock started (a task may start part done)
+        self.phase: str | None = None
         self.updated = False
         self.bar: tqdm | None = None  # drawn at the first update: a task that never
         #                                 waits (a swap already caught up) shows no bar
 
-    def update(self, done: int, total: int | None = None, detail: str = "") -> None:
-        """Now `done` of `total` (a total may grow, e.g. rows edited while in flight)."""
+    def update(self, done: int, total: int | None = None, detail: str = "",
+               phase: str | None = None) -> None:
+        """Now `done` of `total` (a total may grow, e.g. rows edited while in flight); a
+        new `phase` counts from zero (an index build's tuples, then its blocks)."""
         self.total = max(total if total is not None else self.total, done)
         self.detail = detail
-        if not self.updated or done < self.done:
+        if not self.updated or phase != self.phase:
             # Rates count from the work seen, not from the command's start-up or from what
-            # was done before it (an index build found half done), and start again when
-            # a new phase counts from zero (an index build's tuples, then its blocks).
+            # was done before it (an index build found half done), and start again with
+            # each phase.
             self.updated, self.started, self.base = True, time.monotonic(), done
+            self.phase = phase
+        self.base = min(self.base, done)  # a count that dips (rows edited meanwhile)
         if self.mode == BAR and self.bar is None:
             self.bar = tqdm(desc=self.label, unit=f" {self.unit}", total=None,
                             file=self.stream, dynamic_ncols=True, mininterval=0.2, leave=True)

@@ -200,7 +200,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
 def _check_redis_url(redis_url: str) -> None:
     """redis-py's from_url raises a bare ValueError, deep in whichever process first
     connects; the value is not echoed (it may hold a password)."""
-    if not isinstance(redis_url, str) or redis_url.partition("://")[0] not in (
+    if not isinstance(redis_url, str) or redis_url.partition("://")[0].lower() not in (
             "redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL: must be a redis://, rediss:// or unix:// URL, e.g."
                           " redis://127.0.0.1:6379/0 (or redis_url in the config)")

@@ -308,7 +308,10 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
                                 (target.name,)).fetchone()
         cancelled = _cancelled_before(conn, target)
         conn.rollback()
-        refusals = swap_refusals(conn, live, f"{target.storage_type}({target.dimensions})")
+        # The column type the config asks for, else the live column's (a derived halfvec
+        # column stays halfvec through a model change, even before the config says so).
+        kind = target.vector_type or live.vector_type
+        refusals = swap_refusals(conn, live, f"{kind}({target.dimensions})")
         conn.rollback()
     if rows <= settings.side_fill.min_rows and not (migrated and migrated[0]):
         return None
@@ -317,18 +320,18 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
                     " be refused:%s", target.name, "".join(f"\n  - {line}" for line in refusals))
         return None
     if cancelled is not None:  # each start would buy the whole table's vectors again
-        log.warning("target %s: side fill %d to %s was cancelled at its swap (the log says"
-                    " why); `init` does not start it again: fix that, then `pgreembed"
+        log.warning("target %s: side fill %d to %s was cancelled (by pgreembed at its swap,"
+                    " the log says why, or by `migrate cancel`); `init` does not start it"
+                    " again: fix that, then `pgreembed"
                     " migrate start --target %s --provider %s --model %s --dimensions %d`,"
                     " or set the config back to %s", target.name, cancelled, target.model_key,
                     target.name, target.provider, target.model, target.dimensions,
                     live.model_key)
         return None
     estimate = plan(settings, target, target.provider, target.model, target.dimensions)
-    # The column the config asks for (vector_type), the type the refusals were checked
-    # with: a swap that changed the live column's type would be refused at the end.
+    # The type the refusals were checked with: the swap must not change it unchecked.
     slot = start(settings, target, target.provider, target.model, target.dimensions,
-                 auto_reason=MODEL_CHANGE, vector_type=target.storage_type)
+                 auto_reason=MODEL_CHANGE, vector_type=kind)
     return slot, estimate
 
 

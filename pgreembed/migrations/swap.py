@@ -164,8 +164,12 @@ def _pair(conn: psycopg.Connection, target: Target) -> tuple[Slot, Slot]:
 
 
 def _paused_refusal(conn: psycopg.Connection, target: Target, other: Slot,
-                    unsearchable: int, allowed: int, step: str) -> str:
-    """Why the incoming column will not catch up: nothing fills it while it is paused."""
+                    unsearchable: int, allowed: int, step: str) -> str | None:
+    """Why the incoming column will not catch up, when nothing fills it while it is paused
+    (the workers' queue; a Batch API or derived fill ignores the pause): a backlog side
+    fill's previous column at a rollback, or a pause by the operator or the spend cap.
+    None otherwise (a side fill's column while its vectors are copied, a column a pgai
+    worker holds): the wait goes on as before."""
     row = conn.execute(
         "SELECT s.paused_by, m.id, m.auto_reason FROM pgreembed.slots s"
         " JOIN pgreembed.migrations m ON m.to_slot = s.id OR m.from_slot = s.id"
@@ -181,11 +185,15 @@ def _paused_refusal(conn: psycopg.Connection, target: Target, other: Slot,
                 " (writing it through that column's index is what the side fill avoids),"
                 " and the scheduler drops it after [side_fill] grace_seconds; to roll back"
                 " anyway, pass --max-unsearchable above that count")
+    if step == "rollback":
+        return None  # `migrate resume` is for a migration still filling
     if paused_by == "spend_cap":
         return (f"{lost}: its spend cap paused it; `pgreembed migrate resume --target"
                 f" {target.name} --spend-cap USD` with a higher cap, then {step} again")
-    return (f"{lost} ({paused_by or 'paused'}): `pgreembed migrate resume --target"
-            f" {target.name}`, then {step} again")
+    if paused_by == "operator":
+        return (f"{lost}: `pgreembed migrate pause` paused it; `pgreembed migrate resume"
+                f" --target {target.name}`, then {step} again")
+    return None
 
 
 def _incoming_pending_index(settings: Settings, target: Target, phases: tuple[str, ...]
@@ -237,7 +245,8 @@ def swap(settings: Settings, target: Target, *, rollback: bool = False,
             ready = readiness(conn, live, other, check_indexes=not rollback)
             stalled = (_paused_refusal(conn, target, other, ready.unsearchable,
                                        max_unsearchable, step)
-                       if other.paused and ready.unsearchable > max_unsearchable else None)
+                       if other.paused and other.mode == "queue"
+                       and ready.unsearchable > max_unsearchable else None)
             conn.rollback()
         if stalled:  # waiting would only end in the timeout, blaming the workers
             raise MigrationError(stalled)
