@@ -41,6 +41,27 @@ def test_a_chunked_target_is_its_chunk_table_with_pgai_defaults() -> None:
     assert chunked({"splitter": "character"}).parent.chunking.separators == ("\n\n",)
 
 
+def test_two_targets_never_share_a_chunk_table_or_a_vector_column() -> None:
+    """A second chunked target on the same parent (another text) defaulted to the same
+    chunk table, and each one's pass deleted the other's chunks as stale (a probe saw a
+    body's chunks replaced by the title's); two targets on one vector column overwrite
+    each other's vectors. Refused when the config is read."""
+    base = {"table": "app.docs", "vector_column": "embedding", "dimensions": 8,
+            "provider": "openai", "model": "text-embedding-3-small"}
+    body = {"name": "docs", "text_column": "body", "chunking": {}, **base}
+    title = {"name": "titles", "text_column": "title", "chunking": {}, **base}
+    with pytest.raises(ConfigError, match="both keep their chunks in app.docs_chunks"):
+        parse_settings({"target": [body, title]}, ENV)
+    apart = parse_settings({"target": [body, {**title, "destination": {
+        "table": "title_chunks", "view": "title_view"}}]}, ENV)
+    assert [t.table for t in apart.targets.values()] == ["docs_chunks", "title_chunks"]
+    plain = {k: v for k, v in title.items() if k != "chunking"}
+    with pytest.raises(ConfigError, match="both write app.docs.embedding"):
+        parse_settings({"target": [plain, {**plain, "name": "again"}]}, ENV)
+    assert parse_settings({"target": [plain, {**plain, "name": "again",
+                                              "vector_column": "other"}]}, ENV)
+
+
 @pytest.mark.parametrize(("chunking", "message"), [
     ({"overlap": 800}, "overlap: must be at least 0 and less than size (800), got 800"),
     ({"splitter": "semantic"}, "splitter: must be one of"),

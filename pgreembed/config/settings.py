@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,7 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         target = parse_target(raw, defaults)
         if target.name in targets:
             raise ConfigError(f"target {target.name!r}: declared twice")
+        _refuse_shared_destination(targets.values(), target)
         targets[target.name] = target
 
     worker = document.get("worker", {})
@@ -195,6 +196,24 @@ def parse_settings(document: Mapping[str, Any], env: Mapping[str, str],
         side_fill=parse_side_fill(side_fill),
         throttle=parse_throttle(document.get("throttle", {})),
     )
+
+
+def _refuse_shared_destination(earlier: Iterable[Target], target: Target) -> None:
+    """Two targets writing one vector column, or one chunk table (its rows are one
+    target's chunk sets: another's pass deletes them as stale), would undo each other."""
+    for other in earlier:
+        if (other.schema, other.table) != (target.schema, target.table):
+            continue
+        if other.parent is not None or target.parent is not None:
+            raise ConfigError(
+                f"targets {other.name!r} and {target.name!r}: both keep their chunks in"
+                f" {target.schema}.{target.table}; give one its own chunk table"
+                " ([target.destination] table = \"...\")")
+        if other.vector_column == target.vector_column:
+            raise ConfigError(
+                f"targets {other.name!r} and {target.name!r}: both write"
+                f" {target.schema}.{target.table}.{target.vector_column}; give one its own"
+                " vector_column")
 
 
 def _check_redis_url(redis_url: str) -> None:
