@@ -126,3 +126,23 @@ def test_every_check_that_can_refuse_comes_before_enabling_pgvector(database_url
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'vector'"
                             ).fetchone() == (0,)
+
+
+def test_a_configured_primary_key_must_identify_each_row(database_url: str) -> None:
+    """primary_key = "title" (not unique, NULLs allowed) was taken: parents sharing a
+    title, or without one, silently got no chunks (a new-user probe: 3 of 296), and an
+    ordinary target's rows would get each other's vectors. init refuses it, naming what
+    it needs, and takes the column once it is NOT NULL with a unique index."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, title text, body text)")
+    target = make_target(database_url, primary_key="title")
+    with pytest.raises(SetupError, match="primary_key 'title' of public.docs must identify"
+                                         " each row: NOT NULL and a unique index"):
+        init_target(database_url, target)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE UNIQUE INDEX docs_title ON docs (title)")
+    with pytest.raises(SetupError, match="must identify each row"):  # NULLs still allowed
+        init_target(database_url, target)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE docs ALTER COLUMN title SET NOT NULL")
+    assert init_target(database_url, target).primary_key == "title"

@@ -41,6 +41,20 @@ def column(conn: psycopg.Connection, relation: str, name: str) -> CatalogColumn 
                                                   str(row[3]))
 
 
+def identifies_rows(conn: psycopg.Connection, relation: str, name: str) -> bool:
+    """Column `name` alone identifies a row: NOT NULL, and a valid, non-partial unique
+    index (or constraint) on it alone."""
+    row = conn.execute(
+        """
+        SELECT a.attnotnull AND EXISTS (
+            SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique
+              AND i.indisvalid AND i.indpred IS NULL AND i.indnkeyatts = 1
+              AND i.indkey[0] = a.attnum)
+        FROM pg_attribute a WHERE a.attrelid = %s::regclass AND a.attname = %s
+        """, (relation, name)).fetchone()
+    return bool(row and row[0])
+
+
 def primary_key(conn: psycopg.Connection, relation: str) -> list[tuple[str, str]]:
     """(column, formatted type) of each column of the table's primary key, in the key's
     order (empty: none)."""

@@ -211,6 +211,14 @@ def primary_key_of(conn: psycopg.Connection, target: Target) -> tuple[str, str]:
                 f"target {target.name!r}: primary_key {target.primary_key!r} is not a column"
                 f" of {target.schema}.{target.table}"
             )
+        if not catalog.identifies_rows(conn, relation, target.primary_key):
+            # Rows sharing a key would get each other's vectors (or chunks), and a row
+            # without one none, with nothing reported.
+            raise SetupError(
+                f"target {target.name!r}: primary_key {target.primary_key!r} of"
+                f" {target.schema}.{target.table} must identify each row: NOT NULL and a"
+                " unique index on it alone (or leave primary_key out to use the table's"
+                " primary key)")
         return target.primary_key, found.formatted
     rows = catalog.primary_key(conn, relation)
     if len(rows) != 1:
