@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pgreembed.embedding.embed import embed_rows, pack, sanitize
+from pgreembed.embedding.embed import embed_rows, pack, sanitize, too_long_advice
 from pgreembed.embedding.providers.base import Embeddings
 from pgreembed.errors import BadInputError, MisconfiguredError, TransientProviderError
 from pgreembed.values import Row
@@ -90,6 +90,12 @@ def test_bad_row_is_isolated_by_splitting_and_long_text_truncated_or_failed() ->
     outcome = embed_rows([Row(1, "w " * 20, None)], SplittingProvider(), truncate=False)
     assert not outcome.embedded
     assert re.findall(r"over the model's limit of (\d+)", outcome.failed[0].reason) == ["10"]
+    assert "set truncate = true" in outcome.failed[0].reason
+    # A chunk table is never truncated: its rows are told what fits a chunk instead.
+    chunk = embed_rows([Row(1, "w " * 20, None)], SplittingProvider(), truncate=False,
+                       advice=too_long_advice(chunked=True))
+    assert "truncate" not in chunk.failed[0].reason
+    assert "[target.chunking] size" in chunk.failed[0].reason
 
 
 def test_tokens_are_counted_only_when_the_bounds_cannot_settle_the_limits() -> None:

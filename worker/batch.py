@@ -37,7 +37,7 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from pgreembed.config import Settings, Target
-from pgreembed.embedding.embed import Outcome, embed_rows, estimate_tokens
+from pgreembed.embedding.embed import Outcome, embed_rows, estimate_tokens, too_long_advice
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.embedding.reuse import Distinct, distinct_texts, share_with_twins
@@ -165,7 +165,8 @@ def _process_batch(settings: Settings, target_name: str, slot_id: int,
             if reservation.granted:
                 try:
                     with reservation.released_on_error():
-                        outcome = embed_rows(to_embed, provider, truncate=target.truncate)
+                        outcome = embed_rows(to_embed, provider, truncate=target.truncate,
+                                             advice=too_long_advice(target.parent is not None))
                 except MisconfiguredError as exc:
                     _misconfigured(pool, target, slot, exc)
                     return BatchReport(len(keys), len(rows), 0, 0, 0)

@@ -60,7 +60,20 @@ def estimate_tokens(provider: Provider, rows: Sequence[Row]) -> int:
     return sum(min(n, provider.max_input_tokens) for n in provider.count_tokens(texts))
 
 
-def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
+TRUNCATE_ADVICE = "set truncate = true to cut it"
+# A chunk table is never truncated (its text is a chunk the splitter sized, plus the
+# template's parent columns): the way out is in [target.chunking].
+CHUNK_ADVICE = ("a chunk with its template's columns; shorten what the template adds, or"
+                " lower [target.chunking] size")
+
+
+def too_long_advice(chunked: bool) -> str:
+    """What a row whose text is over the model's input limit is told to do."""
+    return CHUNK_ADVICE if chunked else TRUNCATE_ADVICE
+
+
+def prepare(rows: Sequence[Row], provider: Provider, truncate: bool,
+            advice: str = TRUNCATE_ADVICE
             ) -> tuple[list[tuple[Row, str, int, bool]], list[Failed], bool]:
     """Validate texts: (row, text to send, tokens, truncated) or a recorded failure.
 
@@ -93,7 +106,7 @@ def prepare(rows: Sequence[Row], provider: Provider, truncate: bool
             ready.append((row, cut, min(tokens, limit), True))
         else:
             failed.append(Failed(row, f"text has {tokens} tokens, over the model's limit of"
-                                      f" {limit} (set truncate = true to cut it)"))
+                                      f" {limit} ({advice})"))
     return ready, failed, exact
 
 
@@ -113,11 +126,11 @@ def pack(items: Sequence[tuple[Row, str, int, bool]], max_inputs: int, max_token
 
 
 def embed_rows(rows: Sequence[Row], provider: Provider, truncate: bool = True,
-               input_type: InputType = DOCUMENT) -> Outcome:
+               input_type: InputType = DOCUMENT, advice: str = TRUNCATE_ADVICE) -> Outcome:
     """Embed what can be embedded; explain what cannot. Transient errors propagate, and
     `MisconfiguredError` when the request, not a row, is at fault. `input_type`: rows are
     documents; `migrate compare` embeds its texts as the queries they stand for."""
-    ready, failed, exact = prepare(rows, provider, truncate)
+    ready, failed, exact = prepare(rows, provider, truncate, advice)
     outcome = Outcome(failed=failed)
     probe = _Probe(provider, outcome, input_type)
     for request in pack(ready, provider.max_batch_inputs, provider.max_batch_tokens):

@@ -30,7 +30,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from pgreembed.config import Settings, Target
-from pgreembed.embedding.embed import prepare
+from pgreembed.embedding.embed import prepare, too_long_advice
 from pgreembed.embedding.paid import PaidVectors
 from pgreembed.embedding.providers import make_provider
 from pgreembed.errors import MigrationError
@@ -96,7 +96,8 @@ def submit(settings: Settings, conn: psycopg.Connection, slot: Slot,
     rows = load_pending(conn, slot, keys)
     conn.commit()  # counting tokens may download tiktoken's encoding: not in a transaction
     provider = make_provider(settings, slot.provider, slot.model, slot.dimensions, slot.target)
-    ready, failed, _ = prepare(rows, provider, slot.target.truncate)
+    ready, failed, _ = prepare(rows, provider, slot.target.truncate,
+                                too_long_advice(slot.target.parent is not None))
     record_failures(conn, slot, failed)
     if not ready:
         conn.commit()
