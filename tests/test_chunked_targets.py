@@ -19,7 +19,7 @@ from pgreembed.errors import SetupError
 from pgreembed.store.pool import connect
 from pgreembed.store.setup import init_target
 from tests.chunk_corpus import documents, long_document
-from tests.helpers import Stack, counts, json_document, write_config
+from tests.helpers import OrdinaryRoles, Stack, counts, json_document, write_config
 
 CHUNKED = """
 [[target]]
@@ -409,3 +409,28 @@ def test_view_refused_before_anything_is_made_when_the_parent_has_a_chunk_column
         init(stack)
     with stack.connect() as conn:
         assert conn.execute("SELECT to_regclass('docs_chunks')").fetchone() == (None,)
+
+
+def test_the_apps_roles_may_read_the_chunks_pgreembeds_role_made(
+        ordinary_roles: tuple[Stack, OrdinaryRoles]) -> None:
+    """Made by pgreembed's role, the chunk table and the view were readable by nobody
+    else: the app (the parent's owner, and a role granted SELECT on the parent) got
+    "permission denied" searching its own chunks (a new-user probe). Those who may read
+    the parent may read its chunks, as pgai grants its chunk tables."""
+    stack, roles = ordinary_roles
+    chunked_stack(stack, destination='[target.destination]\nview = "docs_view"\n')
+    with stack.connect() as conn:
+        conn.execute("INSERT INTO docs (title, body) VALUES ('t', %s)", (long_document(),))
+    result = stack.cli("init")
+    assert result.returncode == 0, result.stderr
+    with stack.connect() as conn:
+        owners = conn.execute("SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class"
+                              " WHERE relname IN ('docs_chunks', 'docs_view')").fetchall()
+    assert owners == [(roles.pgreembed,)]  # made by pgreembed's role
+    with psycopg.connect(roles.app_dsn, autocommit=True) as app:
+        assert app.execute("SELECT count(*) FROM docs_chunks").fetchone() == (0,)
+        assert app.execute("SELECT count(*) FROM docs_view").fetchone() == (0,)
+    with stack.connect() as conn:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(roles.owner)))
+        assert conn.execute("SELECT count(*) FROM docs_chunks").fetchone() == (0,)
+    assert stack.cli("init").returncode == 0  # again: nothing left to grant

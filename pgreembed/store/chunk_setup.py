@@ -22,6 +22,7 @@ from pgreembed.store.chunks import (
     ensure_view,
     mark_all_unless_current,
     parent_target,
+    share_with_parent_readers,
 )
 from pgreembed.store.pool import connect
 from pgreembed.store.rechunk_sets import rechunk_slot
@@ -72,6 +73,10 @@ def init_chunking(dsn: str, target: Target, policy: LockPolicy | None,
         if ensure_view(conn, target):
             log.info("target %s: created view %s.%s", target.name, target.parent.schema,
                      target.parent.view)
+        given = share_with_parent_readers(conn, target)
+        if given:
+            log.info("target %s: SELECT on its chunks granted to %s (who may read %s.%s)",
+                     target.name, ", ".join(given), target.parent.schema, target.parent.table)
         conn.commit()
     if made_with is not None:
         log.warning("target %s: [target.chunking] differs from the settings %s.%s was made"

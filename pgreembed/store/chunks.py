@@ -166,6 +166,41 @@ def ensure_view(conn: psycopg.Connection, target: Target) -> bool:
     return True
 
 
+def share_with_parent_readers(conn: psycopg.Connection, target: Target) -> list[str]:
+    """SELECT on the chunk table and the view for whoever may read the parent (its owner,
+    the roles granted SELECT on it, PUBLIC), as pgai grants its chunk tables: made by
+    pgreembed's role, they were readable by nobody else, so the app could not search its
+    own chunks. Only grants missing on objects pgreembed's role owns; the readers given
+    it."""
+    parent = parent_of(target)
+    readers = [str(r[0]) for r in conn.execute(
+        """
+        SELECT DISTINCT coalesce(r.rolname, 'PUBLIC') FROM pg_class c
+        CROSS JOIN LATERAL (SELECT c.relowner AS grantee UNION
+                            SELECT a.grantee FROM aclexplode(c.relacl) a
+                            WHERE a.privilege_type = 'SELECT') g
+        LEFT JOIN pg_roles r ON r.oid = g.grantee
+        WHERE c.oid = %s::regclass
+        """, (app_table(parent_target(target)).as_string(conn),))]
+    objects = [app_table(target)]
+    if parent.view is not None:
+        objects.append(sql.Identifier(parent.schema, parent.view))
+    given = []
+    for obj in objects:
+        name = obj.as_string(conn)
+        for reader in readers:
+            # has_table_privilege takes 'public' for PUBLIC's own grants.
+            missing = conn.execute(
+                "SELECT pg_has_role(c.relowner, 'USAGE') AND NOT has_table_privilege(%s,"
+                " c.oid, 'SELECT') FROM pg_class c WHERE c.oid = to_regclass(%s)",
+                ("public" if reader == "PUBLIC" else reader, name)).fetchone()
+            if missing and missing[0]:
+                conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(
+                    obj, sql.SQL("PUBLIC") if reader == "PUBLIC" else sql.Identifier(reader)))
+                given.append(reader)
+    return sorted(set(given))
+
+
 def chunking_key(target: Target) -> str:
     """What the chunk sets are made of: the splitter settings, template and text."""
     parent = parent_of(target)
