@@ -201,13 +201,24 @@ def crawling_autovacuum(stack: Stack, *, wraparound: bool = False, quiet: bool =
             admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
             admin.execute("ALTER SYSTEM RESET track_activities")
             admin.execute("SELECT pg_reload_conf()")
-            # Postgres cancels a (not anti-wraparound) autovacuum for this lock waiter after
-            # deadlock_timeout; an anti-wraparound one is ended as the admin would.
-            admin.execute("SELECT pg_cancel_backend(l.pid) FROM pg_locks l JOIN"
-                          " pg_stat_activity a USING (pid) WHERE l.relation = 'docs'::regclass"
-                          " AND a.backend_type = 'autovacuum worker'")
-            admin.execute(sql.SQL("ALTER TABLE docs RESET ({})").format(
-                sql.SQL(", ").join(map(sql.SQL, options))))
+            # The autovacuum is ended as the admin would, and the table's options reset; a
+            # worker the launcher starts again in between (as anti-wraparound and as slow
+            # while the options last) would hold the table for minutes (a CI run's
+            # rollback waited 60 s on one): cancel and retry until the reset went through.
+            admin.execute("SET lock_timeout = '500ms'")
+
+            def reset() -> bool:
+                admin.execute("SELECT pg_cancel_backend(l.pid) FROM pg_locks l JOIN"
+                              " pg_stat_activity a USING (pid) WHERE l.relation ="
+                              " 'docs'::regclass AND a.backend_type = 'autovacuum worker'")
+                try:
+                    admin.execute(sql.SQL("ALTER TABLE docs RESET ({})").format(
+                        sql.SQL(", ").join(map(sql.SQL, options))))
+                except psycopg.errors.LockNotAvailable:
+                    return False
+                return True
+
+            wait_for(reset, timeout=60, interval=0.2, message="the table's options reset")
 
 
 @pytest.mark.parametrize("read_all_stats", [True, False], ids=["pg_read_all_stats", "bare"])
