@@ -282,8 +282,8 @@ def test_budgets_are_validated_and_belong_to_the_model_called(
         parse_settings({"target": [target("a")], "rate_limits": {"big": {"rpm": 5}}}, env)
     settings = parse_settings({
         "target": [target("a", requests_per_minute=500, tokens_per_minute=90_000),
-                   target("b", tokens_per_minute=50_000, dimensions=128),
-                   target("c", model="other-384")],
+                   target("b", tokens_per_minute=50_000, dimensions=128, vector_column="v_b"),
+                   target("c", model="other-384", vector_column="v_c")],
         "rate_limits": {"fake-384": {"requests_per_minute": 700},
                         "big-3072": {"tokens_per_minute": 9_000}}}, env)
     # Targets of one model (any dimensions) and its rate_limits table: the smallest wins.
