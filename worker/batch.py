@@ -50,6 +50,7 @@ from pgreembed.store import usage as spend
 from pgreembed.store.faults import (
     LOST_RIGHT_HINT,
     PREPARED_STATEMENTS_HINT,
+    is_lost_right,
     is_prepared_statement_fault,
     retry_database_faults,
 )
@@ -91,23 +92,18 @@ def process_batch(settings: Settings, target_name: str, slot_id: int,
     metric.
 
     A prepared statement missing from the session (a pooler in transaction mode, with
-    `[worker] prepared_statements` on) is the config's fault: the vectors are kept as for
-    any database fault, no row is marked failed, and the error names the setting.
+    `[worker] prepared_statements` on) or a grant revoked while running is the config's
+    fault: the vectors are kept as for any database fault, no row is marked failed, and
+    the error says what to fix in one line (not only a traceback per retry).
     """
     try:
         return _process_batch(settings, target_name, slot_id, keys, claimed_at)
-    except psycopg.errors.InsufficientPrivilege as exc:
-        # A grant revoked while running: named in one line with where to look (it was a
-        # traceback per retry); the vectors are kept as for any database fault.
-        message = (f"target {target_name}: {LOST_RIGHT_HINT} (Postgres said:"
-                   f" {redact(str(exc)).strip()})")
-        log.error("%s", message)
-        raise DatabaseError(message) from exc
     except psycopg.Error as exc:
-        if not is_prepared_statement_fault(exc):
+        hint = (LOST_RIGHT_HINT if is_lost_right(exc) else PREPARED_STATEMENTS_HINT
+                if is_prepared_statement_fault(exc) else None)
+        if hint is None:
             raise
-        message = (f"target {target_name}: {PREPARED_STATEMENTS_HINT}"
-                   f" (Postgres said: {redact(str(exc)).strip()})")
+        message = f"target {target_name}: {hint} (Postgres said: {redact(str(exc)).strip()})"
         log.error("%s", message)
         raise DatabaseError(message) from exc
 

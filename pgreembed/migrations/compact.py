@@ -29,7 +29,6 @@ vector in place). bench.compact_space measures it. Opt-in for that reason.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -195,20 +194,17 @@ def _stored_ids(dsn: str, col: Column) -> np.ndarray:
     return np.sort(ids)[::-1]
 
 
-def _rows_between(dsn: str, col: Column, oldest: int, newest: int, size: int
-                  ) -> Generator[list[tuple[int, str]]]:
+def _rows_between(dsn: str, col: Column, oldest: int, newest: int
+                  ) -> list[tuple[int, str]]:
     """The rows whose TOAST id is within [oldest, newest] (one round's: ROUND_SHARE of
-    the rows at most in memory), newest first, in lists of `size`. The order matters:
-    moved in heap order at 10,000 x 1536 the file did not shrink (1.44x after compact,
-    bench.compact_space, 2026-12-07), newest first it did (1.01x)."""
+    the rows at most in memory), newest first. The order matters: moved in heap order at
+    10,000 x 1536 the file did not shrink (1.44x after compact, bench.compact_space,
+    2026-12-07), newest first it did (1.01x)."""
     within = sql.SQL("pg_column_toast_chunk_id({v}) BETWEEN %(oldest)s::oid AND"
                      " %(newest)s::oid").format(v=col.vector)
-    found: list[tuple[int, str]] = []
-    for rows in _scan(dsn, col, within, {"oldest": oldest, "newest": newest}):
-        found += rows
-    found.sort(reverse=True)
-    for start in range(0, len(found), size):
-        yield found[start:start + size]
+    found = [row for rows in _scan(dsn, col, within, {"oldest": oldest, "newest": newest})
+             for row in rows]
+    return sorted(found, reverse=True)
 
 
 def _move(conn: psycopg.Connection, col: Column, batch: list[tuple[int, str]]
@@ -295,17 +291,17 @@ def compact(dsn: str, col: Column, policy: LockPolicy, *,
     for _ in range(MAX_ROUNDS):
         end = min(len(ids), at + step)
         before = pages
-        with contextlib.closing(_rows_between(dsn, col, int(ids[end - 1]), int(ids[at]),
-                                              rows_per_transaction)) as rows:
-            for batch in rows:
-                held += move(batch)
-                seen += len(batch)
-                # No room left in front: what moves now only extends the file.
-                full = _toast_pages(dsn, toast) > pages
-                if progress is not None:
-                    progress(seen, len(ids))
-                if full:
-                    break
+        rows = _rows_between(dsn, col, int(ids[end - 1]), int(ids[at]))
+        for start in range(0, len(rows), rows_per_transaction):
+            batch = rows[start:start + rows_per_transaction]
+            held += move(batch)
+            seen += len(batch)
+            # No room left in front: what moves now only extends the file.
+            full = _toast_pages(dsn, toast) > pages
+            if progress is not None:
+                progress(seen, len(ids))
+            if full:
+                break
         at = end
         if held and not full:
             held = retry(held)  # a held row in the tail keeps VACUUM from truncating

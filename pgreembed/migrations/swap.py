@@ -32,6 +32,7 @@ from pgreembed.store.slots import Slot, app_table, load_slots
 from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import recompile_clear_function
 from pgreembed.store.trusted_sql import NO_PARAMS
+from pgreembed.store.usage import SPEND_CAP
 
 # Rows searchable now that a swap may leave unsearchable for the seconds the workers take to
 # embed them for the new live model: about what one worker round trip fills. Under a steady
@@ -187,7 +188,7 @@ def _paused_refusal(conn: psycopg.Connection, target: Target, other: Slot,
                 " anyway, pass --max-unsearchable above that count")
     if step == "rollback":
         return None  # `migrate resume` is for a migration still filling
-    if paused_by == "spend_cap":
+    if paused_by == SPEND_CAP:
         return (f"{lost}: its spend cap paused it; `pgreembed migrate resume --target"
                 f" {target.name} --spend-cap USD` with a higher cap, then {step} again")
     if paused_by == "operator":
