@@ -109,7 +109,7 @@ def test_workers_write_through_a_transaction_mode_pooler(
         wait_filled(stack, "embedding")
         assert_column_current(stack, "embedding", MODEL, 384)
         assert_app_reads_live(roles)
-        assert transactions.errors == [] and transactions.held == []
+        assert transactions.errors == [] and transactions.held == [], transactions
         # The workers' transactions went through the pooler, not around it.
         assert pooler.transactions(dbname) > 50, pooler.log()[-2000:]
         with stack.connect() as conn:
@@ -153,7 +153,7 @@ def test_an_index_build_through_a_transaction_mode_pooler_refuses_and_leaves_no_
                     (f"pgreembed.index_build:public.{ANN_INDEX}",)).fetchone() == (0,)
         # Directly, as the message says: built at once (no lock left to wait for).
         migrate(stack, "index")
-        assert transactions.errors == [] and transactions.held == []
+        assert transactions.errors == [] and transactions.held == [], transactions
     fake_openai.set_faults(slow_model=None, slow_model_latency=0.0)
     wait_filled(stack, column)
     wait_filled(stack, "embedding")  # the writer's last edits, re-embedded in the live one

@@ -82,7 +82,7 @@ base_url = "{cohere_server.base_url}"
     for writes in (filling, swapped):
         assert writes["edits"] > 0 and writes["errors"] == 0
     assert transactions.done > 10
-    assert transactions.errors == [] and transactions.held == []
+    assert transactions.errors == [] and transactions.held == [], transactions
     wait_filled(stack, "embedding")
     wait_filled(stack, column)
     # Rolled back: the live column is openai's again, the incoming one cohere's, and every

@@ -84,7 +84,7 @@ def test_the_whole_lifecycle_on_a_managed_database(
         assert_column_current(stack, column, kept, 384)
         assert_app_reads_live(roles)
         assert transactions.done > 10
-        assert transactions.errors == [] and transactions.held == []
+        assert transactions.errors == [] and transactions.held == [], transactions
         live, kept = kept, live
 
     with steady_writer(app, per_second=10.0, edits=range(1, 101)):

@@ -151,7 +151,7 @@ def test_the_new_columns_fill_is_hot_and_misses_no_row(
     # No app transaction waited on us for long (a deadlock costs deadlock_timeout, 1 s; a
     # row lock held across a batch's provider call 0.3 s+). On a loaded machine the app's
     # own statements take 0.2-0.3 s longer now and then (measured: 0.25-0.28 s at load 29).
-    assert max(transactions.held, default=0.0) < 1.0, transactions.held
+    assert max(transactions.held, default=0.0) < 1.0, transactions
 
     migrate(stack, "index")
     pending = [name for name in indexes_naming(stack, column) if name.startswith(

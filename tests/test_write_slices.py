@@ -80,7 +80,7 @@ def test_app_transactions_wait_on_a_slice_not_on_the_whole_batch(
     # The app's transactions waited at most a slice (~50 ms, the probe slice 64 ms) and
     # their own statements' noise; unsliced, up to a 2 s batch.
     print(json.dumps({"held": transactions.held, "done": transactions.done}))
-    assert max(transactions.held, default=0.0) < 0.6, transactions.held
+    assert max(transactions.held, default=0.0) < 0.6, transactions
     assert_column_current(stack, "embedding", "fake-384", 384)
     assert_app_reads_live(roles)
 
