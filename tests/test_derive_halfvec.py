@@ -125,3 +125,26 @@ def test_halfvec_is_refused_when_the_live_column_is_halfvec(stack: Stack) -> Non
     result = stack.cli("migrate", "start", "--target", "docs", "--derive", "halfvec")
     assert result.returncode != 0
     assert "the live column is already halfvec(384)" in result.stderr
+
+
+def test_a_model_migration_from_a_halfvec_column_keeps_halfvec(stack: Stack) -> None:
+    """A team whose live column is halfvec (config, or `--derive halfvec` before the config
+    said so) keeps half the bytes across models; the config's vector_type, when set,
+    decides."""
+    require_server(stack.dsn, server_versions.HALFVEC)
+    write_config(stack.config_path, docs_config(target_extra='vector_type = "halfvec"'))
+    seed(stack, 3)
+    assert stack.cli("init").returncode == 0
+    assert column_type(stack, "embedding") == "halfvec(384)"
+    write_config(stack.config_path, docs_config())  # the registry says halfvec, not the config
+    new = ("--model", "fake-alt-384", "--dimensions", "384")
+    plan = json.loads(migrate(stack, "plan", "--json", *new))
+    assert [n for n in plan["notes"] if "halfvec(384), as the live column is" in n], plan
+    migrate(stack, "start", *new)
+    assert column_type(stack, new_column(stack)) == "halfvec(384)"
+    migrate(stack, "cancel")
+    write_config(stack.config_path, docs_config(target_extra='vector_type = "vector"'))
+    plan = json.loads(migrate(stack, "plan", "--json", *new))
+    assert not [n for n in plan["notes"] if "halfvec" in n], plan
+    migrate(stack, "start", *new)
+    assert column_type(stack, new_column(stack)) == "vector(384)"

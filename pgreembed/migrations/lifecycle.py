@@ -43,7 +43,7 @@ from pgreembed.store.setup import (
     ensure_vector_column,
     pending_index_at_setup,
 )
-from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
+from pgreembed.store.slots import Slot, app_table, load_slots, new_column_type
 from pgreembed.store.table_lock import LockPolicy, run_locked
 from pgreembed.store.triggers import install_triggers
 from pgreembed.store.usage import SPEND_CAP, spend
@@ -72,8 +72,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
     model, where every worker reads it (re-running start with another one updates it).
     `derive`: the new column is filled in SQL from the live one (pgreembed.migrations.derive);
     the scheduler leaves it alone ("derive" mode) until that fill is done.
-    `vector_type`: the new column's storage (default: by dimensions; a backlog side fill
-    keeps the live column's); the same model in another storage is a migration too."""
+    `vector_type`: the new column's storage (default: `store.slots.new_column_type`; a
+    backlog side fill keeps the live column's); the same model in another storage is a
+    migration too."""
     if provider == "local" and dimensions != 384:
         raise ConfigError("--dimensions: the local model produces 384 dimensions")
     budget = budget or Budget()
@@ -101,11 +102,12 @@ def start(settings: Settings, target: Target, provider: str, model: str,
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
         kind = vector_type or (live.vector_type if auto_reason == BACKLOG
-                               else vector_type_for(dimensions))
+                               else new_column_type(target, live, dimensions))
         if (live.model_key, live.vector_type) == (new_target.model_key, kind) and (
                 auto_reason != BACKLOG):
             raise MigrationError(f"target {target.name!r} already uses {live.model_key}"
-                                 f" in a {live.column_type} column")
+                                 f" in a {live.column_type} column (the same model in"
+                                 " another storage: set the target's vector_type)")
         model_id = ensure_model(conn, new_target)
         record_budget(conn, model_id, budget)
         column = new_column_name(target, model_id)

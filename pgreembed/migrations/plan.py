@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Budget, Settings, Target
+from pgreembed.config import VECTOR_MAX_INDEXED, Budget, Settings, Target
 from pgreembed.config.model_keys import model_key
 from pgreembed.embedding.budgets import configured_budget
 from pgreembed.embedding.pricing import list_price
@@ -20,7 +20,7 @@ from pgreembed.store import app_objects as app_catalog
 from pgreembed.store import catalog, server_versions
 from pgreembed.store.budgets import recorded_budget
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import Slot, app_table, load_slots, vector_type_for
+from pgreembed.store.slots import Slot, app_table, load_slots, new_column_type
 from pgreembed.store.texts import no_text
 from pgreembed.store.trusted_sql import NO_PARAMS
 
@@ -53,13 +53,27 @@ class Plan:
     space: disk.DiskEstimate | None = None  # the table's bytes now, at the peak, after
 
 
+def _column_type_notes(target: Target, live: Slot, dimensions: int, kind: str) -> list[str]:
+    """Why the new column gets a type the config does not name."""
+    if target.vector_type == kind:
+        return []
+    if kind == "halfvec" and dimensions > VECTOR_MAX_INDEXED:
+        return [f"{dimensions} > {VECTOR_MAX_INDEXED} dimensions: the column is"
+                f" halfvec({dimensions}), since pgvector indexes `vector` only up to"
+                f" {VECTOR_MAX_INDEXED} dims"]
+    if kind == "halfvec":
+        return [f"the column is halfvec({dimensions}), as the live column is (2 bytes a"
+                " component); `vector_type = \"vector\"` in the target makes it vector"]
+    return []
+
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
          sample_limit: int = 100_000, budget: Budget | None = None,
          vector_type: str | None = None, disk_budget: int | None = None) -> Plan:
     """What `start` would do and cost; changes nothing. `budget` is what `start` would be
     given; the time estimate uses every budget of the new model (see pgreembed.embedding.budgets).
-    `vector_type`: the new column's storage (default: by dimensions). `disk_budget`: the
-    bytes the table may grow by at the migration's peak; a peak above it is a blocker."""
+    `vector_type`: the new column's storage (default: `store.slots.new_column_type`).
+    `disk_budget`: the bytes the table may grow by at the migration's peak; a peak above it
+    is a blocker."""
     from pgreembed.embedding.providers import make_provider
     from pgreembed.migrations.plan_sql import migration_statements
     from pgreembed.store.slots import text_expression
@@ -68,10 +82,6 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
     notes: list[str] = []
     if dimensions > 16000:
         blockers.append(f"{dimensions} dimensions: pgvector columns hold at most 16000")
-    kind = vector_type or vector_type_for(dimensions)
-    if kind == "halfvec" and vector_type is None:
-        notes.append(f"{dimensions} > 2000 dimensions: the column is halfvec({dimensions}),"
-                     " since pgvector indexes `vector` only up to 2000 dims")
     table = app_table(target)
     text = text_expression(target)
     with connect(settings.database_url) as conn:
@@ -87,6 +97,9 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
         live = next((s for s in load_slots(conn, target) if s.role == "live"), None)
         if live is None:
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
+        kind = vector_type or new_column_type(target, live, dimensions)
+        if vector_type is None:
+            notes += _column_type_notes(target, live, dimensions, kind)
         index_method, index_distance = index_defaults(conn, live)
         versions = server_versions.read(conn)
         budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))

@@ -191,6 +191,18 @@ def vector_type_for(dimensions: int) -> str:
     return default_vector_type(dimensions)
 
 
+def new_column_type(target: Target, live: Slot, dimensions: int) -> str:
+    """The type of a migration's new column when `migrate start` is not told one: the
+    config's `vector_type`; else `halfvec` when the live column is (a team that chose half
+    the bytes keeps them across models: the new column defaulted to `vector` until
+    2026-12-07, doubling its size); else by dimensions. Never `vector` above the 2000
+    dims pgvector indexes it up to."""
+    asked = target.vector_type or ("halfvec" if live.vector_type == "halfvec" else None)
+    if asked == "vector" and default_vector_type(dimensions) != "vector":
+        asked = None
+    return asked or vector_type_for(dimensions)
+
+
 def text_expression(target: Target) -> sql.Composable:
     if target.text_sql:
         return trusted_sql(target.text_sql)  # queries holding it pass params: see trusted_sql
