@@ -377,3 +377,46 @@ def test_rechunk_as_ordinary_roles_under_repeatable_read(
         assert sets(conn, "docs_chunks") == split_all(conn, old)
     migrate(stack, "finalize")
     assert_vectors(stack, "docs_chunks")
+
+
+def test_a_rechunks_new_set_goes_on_the_backfill_queue(stack: Stack) -> None:
+    """The scheduler's pass (real broker, real Redis, no worker) sends the new set's
+    parents (all dirty at `start --rechunk`) as `chunk_backfill_parents` on the backfill
+    queue, and an edited parent of the live set as `chunk_parents` on the main queue, so
+    a live edit is not kept behind the re-chunk's batches (pgreembed.queue.contract)."""
+    import redis
+
+    from pgreembed.queue import contract
+    from pgreembed.store.pool import connect
+    from scheduler.dispatch import Dispatcher, dramatiq_senders
+
+    write_config(stack.config_path, OLD)
+    assert stack.cli("init").returncode == 0
+    with stack.connect() as conn:
+        for key in range(1, 11):
+            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
+                         (key, f"t{key}", body(random.Random(key), key, "0")))
+    settings = load_settings(stack.config_path, stack.env)
+    client = redis.Redis.from_url(settings.redis_url)
+    with connect(stack.dsn) as conn:  # the live set chunked here, as a tick would
+        from pgreembed.chunking.stage import run_chunk_stage
+        run_chunk_stage(conn, settings)
+    write_config(stack.config_path, NEW)
+    migrate(stack, "start", "--rechunk")
+    with stack.connect() as conn:
+        conn.execute("UPDATE docs SET body = body || ' One more sentence.' WHERE id = 3")
+    settings = load_settings(stack.config_path, stack.env)
+    send, send_chunks = dramatiq_senders(settings)
+    with connect(stack.dsn) as conn:
+        Dispatcher(settings, client, send, send_chunks=send_chunks).run_pass(conn)
+
+    def queued(queue: str) -> list[tuple[str, str, list[str]]]:
+        return [(m["actor_name"], m["args"][1], m["args"][2]) for m in (
+            json.loads(raw) for raw in client.hvals(f"dramatiq:{queue}.msgs"))
+            if m["actor_name"] in (contract.CHUNK_ACTOR, contract.BACKFILL_CHUNK_ACTOR)]
+
+    main, backfill = queued(contract.QUEUE), queued(contract.BACKFILL_QUEUE)
+    assert [(actor, keys) for actor, _, keys in main] == [(contract.CHUNK_ACTOR, ["3"])], main
+    assert {actor for actor, _, _ in backfill} == {contract.BACKFILL_CHUNK_ACTOR}, backfill
+    assert sorted(int(k) for _, _, keys in backfill for k in keys) == list(range(1, 11))
+    assert {chunk_set for _, chunk_set, _ in backfill} != {chunk_set for _, chunk_set, _ in main}

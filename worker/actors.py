@@ -24,6 +24,7 @@ from pgreembed.queue.claims import InFlight, chunk_claims
 from pgreembed.queue.contract import (
     ACTOR,
     BACKFILL_ACTOR,
+    BACKFILL_CHUNK_ACTOR,
     BACKFILL_PRIORITY,
     BACKFILL_QUEUE,
     CHUNK_ACTOR,
@@ -121,3 +122,11 @@ def chunk_parents(target: str, chunk_set: str, keys: list[str]) -> None:
         log.exception("chunk set %s: %d parents left dirty", chunk_set, len(keys))
     finally:
         claims.release(keys)
+
+
+@dramatiq.actor(actor_name=BACKFILL_CHUNK_ACTOR, queue_name=BACKFILL_QUEUE,
+                priority=BACKFILL_PRIORITY, max_retries=0, time_limit=5 * 60 * 1000)
+def chunk_backfill_parents(target: str, chunk_set: str, keys: list[str]) -> None:
+    """chunk_parents for a re-chunk migration's new set: every parent is dirty at its
+    start, and a live parent's edit must not wait behind them (pgreembed.queue.contract)."""
+    chunk_parents.fn(target, chunk_set, keys)

@@ -10,12 +10,13 @@ worker's next free thread takes the live column's batches first (Dramatiq orders
 messages it prefetched by their actor's priority; one queue would have kept a new
 row's batch behind every migration batch already queued). A chunked target's dirty parents go as
 `chunk_parents(target, chunk_set, keys)` on the same queue: the parents' keys as text,
-claimed in the chunk set's own in-flight set (claims.chunk_claims).
+claimed in the chunk set's own in-flight set (claims.chunk_claims); a re-chunk
+migration's new set (every parent dirty at its start) as `chunk_backfill_parents` on
+the backfill queue, at its priority.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import dramatiq
@@ -25,6 +26,7 @@ ACTOR = "embed_batch"
 CHUNK_ACTOR = "chunk_parents"
 BACKFILL_QUEUE = "pgreembed_backfill"
 BACKFILL_ACTOR = "embed_backfill_batch"
+BACKFILL_CHUNK_ACTOR = "chunk_backfill_parents"
 BACKFILL_PRIORITY = 100  # Dramatiq: lower runs first; the live column's actor has 0
 
 
@@ -36,8 +38,12 @@ class Sender(Protocol):
                  backfill: bool = False) -> None: ...
 
 
-# send_chunks(target, chunk_set, keys): one batch of dirty parents to split and apply.
-ChunkSender = Callable[[str, str, list[str]], None]
+class ChunkSender(Protocol):
+    """send_chunks(target, chunk_set, keys, backfill): one batch of dirty parents to split
+    and apply (`backfill`: a re-chunk migration's new set, on the backfill queue)."""
+
+    def __call__(self, target: str, chunk_set: str, keys: list[str],
+                 backfill: bool = False) -> None: ...
 
 
 def batch_message(target: str, slot_id: int, keys: list[str], backfill: bool = False
@@ -57,12 +63,18 @@ def broker_sender(broker: dramatiq.Broker) -> Sender:
     return send
 
 
-def broker_chunk_sender(broker: dramatiq.Broker) -> ChunkSender:
-    """A ChunkSender that enqueues `chunk_parents` on `broker` by name."""
+def chunk_message(target: str, chunk_set: str, keys: list[str], backfill: bool = False
+                  ) -> dramatiq.Message:
+    """One batch of one chunk set's dirty parents, as the worker's actor takes it."""
+    return dramatiq.Message(queue_name=BACKFILL_QUEUE if backfill else QUEUE,
+                            actor_name=BACKFILL_CHUNK_ACTOR if backfill else CHUNK_ACTOR,
+                            args=(target, chunk_set, keys), kwargs={}, options={})
 
-    def send(target: str, chunk_set: str, keys: list[str]) -> None:
-        broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=CHUNK_ACTOR,
-                                        args=(target, chunk_set, keys), kwargs={},
-                                        options={}))
+
+def broker_chunk_sender(broker: dramatiq.Broker) -> ChunkSender:
+    """A ChunkSender that enqueues on `broker` by name."""
+
+    def send(target: str, chunk_set: str, keys: list[str], backfill: bool = False) -> None:
+        broker.enqueue(chunk_message(target, chunk_set, keys, backfill))
 
     return send
