@@ -8,7 +8,15 @@ from psycopg import sql
 
 from pgreembed.errors import SetupError
 from pgreembed.store.setup import init_target
-from tests.helpers import create_ordinary_roles, drop_ordinary_roles, make_target
+from tests.helpers import (
+    Stack,
+    create_ordinary_roles,
+    docs_config,
+    drop_ordinary_roles,
+    make_target,
+    seed,
+    write_config,
+)
 
 HOSTILE = 'we"ird; DROP TABLE victim; --'
 
@@ -146,3 +154,26 @@ def test_a_configured_primary_key_must_identify_each_row(database_url: str) -> N
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE docs ALTER COLUMN title SET NOT NULL")
     assert init_target(database_url, target).primary_key == "title"
+
+
+def test_init_of_several_targets_says_which_were_initialised_before_one_failed(
+        stack: Stack) -> None:
+    """The second target's table is missing: its error says nothing changed (for it), and
+    a line says the first target is initialised all the same."""
+    write_config(stack.config_path, docs_config() + """
+[[target]]
+name = "notes"
+table = "public.notes_missing"
+text_columns = ["body"]
+vector_column = "embedding"
+provider = "openai"
+model = "fake-384"
+dimensions = 384
+""")
+    seed(stack, 3)
+    result = stack.cli("init")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "init: target docs: column embedding" in result.stdout, result.stdout
+    assert "pgreembed: init: docs initialised; notes not" in result.stderr, result.stderr
+    with stack.connect() as conn:
+        assert conn.execute("SELECT target FROM pgreembed.slots").fetchall() == [("docs",)]

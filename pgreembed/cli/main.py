@@ -33,25 +33,36 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    names = [args.target] if args.target else list(settings.targets)
+    for done, name in enumerate(names):
+        try:
+            _init_one(settings, name, args.lock_wait)
+        except BaseException:
+            if done:  # the error's "nothing changed" is this target's
+                print(f"pgreembed: init: {', '.join(names[:done])} initialised;"
+                      f" {', '.join(names[done:])} not (`init` again once fixed: it redoes"
+                      " nothing done)", file=sys.stderr)
+            raise
+    return EXIT_OK
+
+
+def _init_one(settings: Settings, name: str, lock_wait: float) -> None:
     from pgreembed.migrations.side_fill import route_model_change
     from pgreembed.store.setup import init_target
 
-    settings = _settings(args)
-    names = [args.target] if args.target else list(settings.targets)
-    for name in names:
-        routed = route_model_change(settings, settings.target(name))
-        if routed is not None:
-            slot, plan = routed
-            cost = "unknown" if plan.cost_usd is None else f"${plan.cost_usd:.4f}"
-            print(f"init: target {name}: the model changed to {slot.model_key}: {plan.rows}"
-                  f" rows are re-embedded into the side column {slot.vector_column}"
-                  f" (~{plan.tokens} tokens, {cost}); search keeps the current model until"
-                  " the scheduler swaps it in (`pgreembed status` shows the path)")
-        slot = init_target(settings.database_url, settings.target(name),
-                           LockPolicy(wait_seconds=args.lock_wait))
-        print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
-              f" slot {slot.id}")
-    return EXIT_OK
+    routed = route_model_change(settings, settings.target(name))
+    if routed is not None:
+        slot, plan = routed
+        cost = "unknown" if plan.cost_usd is None else f"${plan.cost_usd:.4f}"
+        print(f"init: target {name}: the model changed to {slot.model_key}: {plan.rows}"
+              f" rows are re-embedded into the side column {slot.vector_column}"
+              f" (~{plan.tokens} tokens, {cost}); search keeps the current model until"
+              " the scheduler swaps it in (`pgreembed status` shows the path)")
+    slot = init_target(settings.database_url, settings.target(name),
+                       LockPolicy(wait_seconds=lock_wait))
+    print(f"init: target {name}: column {slot.vector_column} ({slot.model_key}) ready,"
+          f" slot {slot.id}")
 
 
 def cmd_tick(args: argparse.Namespace) -> int:
@@ -96,7 +107,12 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
         print(f"pgreembed: cannot connect to Redis: {redact(str(exc))} (REDIS_URL):"
               " rows in flight unknown", file=sys.stderr)
         reachable = None
-    from pgreembed.cli.migration_lines import ROLE_LABELS, migration_line
+    from pgreembed.cli.migration_lines import (
+        ROLE_LABELS,
+        migration_line,
+        paused_line,
+        pgai_line,
+    )
     from pgreembed.migrations.progress import progress
     from pgreembed.migrations.side_fill import current
 
@@ -156,9 +172,15 @@ def _print_status(settings: Settings, as_json: bool, exact: bool = False) -> Non
     elif exact:
         print(f"exact counts of every row took {seconds:.2f} s")
     for r in rows:
-        if r.misconfigured:
+        if r.frozen:  # adopted from pgai, as meant: no config to fix
+            print(f"FROZEN {r.target}.{r.column} ({r.model}): {r.misconfigured}")
+        elif r.misconfigured:
             print(f"MISCONFIGURED {r.target}.{r.column} ({r.model}): {r.misconfigured}."
                   " Nothing is sent for it; fix the config, then run `pgreembed init`")
+        elif r.pgai_in_charge:
+            print(f"{r.target}.{r.column}: {pgai_line(r.target)}")
+        elif r.paused_by and r.role == "live":  # a migration's columns: its own line
+            print(f"{r.target}.{r.column}: {paused_line(r.paused_by)}")
     for name, fill in sorted(fills.items()):
         print(f"path of {name}: " + ("direct" if fill is None else
               f"side column {fill.column} ({fill.reason}: {fill.step})"))
