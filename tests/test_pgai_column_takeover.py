@@ -29,6 +29,7 @@ from tests.pgai_takeover_side import (
     MODEL,
     import_pgai,
     pgai_in_flight,
+    pgai_keeps_it,
     pgai_rows_written,
 )
 
@@ -133,6 +134,7 @@ def test_column_destination_take_over_and_undo(stack: Stack,
     # index waits for every open transaction, a pgai batch held at its provider included).
     done = import_pgai(stack.env, "--vectorizer", VECTORIZER, "--adopt", "--no-embed-check")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert pgai_keeps_it(stack)  # status: pgai's worker keeps the column current
     pgai = pgai_side.start_pgai_worker(stack.dsn, API_KEY, stack.logs / "pgai.log")
     stack.processes.append(pgai)
     stack.start_worker(threads=4)
@@ -222,6 +224,7 @@ def test_column_destination_take_over_and_undo(stack: Stack,
     assert done.returncode == 0, done.stdout + done.stderr
     (undone,) = json_document(done.stdout)["vectorizers"]
     assert undone["state"] == "undone" and undone["keys_marked"] >= 10, undone
+    assert pgai_keeps_it(stack)
     fake_openai.set_faults(hold_marker=None)
     with stack.connect() as conn:
         assert triggers(conn, vec) == {True}

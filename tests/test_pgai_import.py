@@ -162,6 +162,12 @@ def test_adopt_with_no_embed_check_sends_nothing_and_rewrites_no_chunk(
     plan = plan_of(json_document(done.stdout), "blog_recursive")
     assert fake_openai.stats()["inputs_embedded"] == 0
     assert plan["vector_check"] is None and plan["adopted_chunks"] == before[0]
+    assert plan["adoption"] == "adopted"
+    # The plan run again says so (it said "adoptable" after the adoption too).
+    again = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_recursive",
+                        "--verify-chunks", "0")
+    assert again.returncode == 0, again.stderr
+    assert "(adopted, pgai in charge)" in again.stdout, again.stdout
     with psycopg.connect(pgai_db, autocommit=True) as conn:
         assert pgai_side.chunk_checksum(conn, table) == before
         assert pgai_side.chunk_row_versions(conn, table) == versions  # no row rewritten
@@ -424,6 +430,11 @@ def test_an_embedder_pgreembed_lacks_is_adopted_frozen_and_never_taken_over(
         before[0] - 1, 1, 0), column
     assert "'litellm'" in column["misconfigured"] and "not in pgreembed" in \
         column["misconfigured"], column
+    assert column["frozen"] is True, column
+    text = subprocess.run([sys.executable, "-m", "pgreembed", "status"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert "FROZEN memos_litellm." in text.stdout and "MISCONFIGURED" not in text.stdout, \
+        text.stdout
     failures = cli("failures", "--target", "memos_litellm")
     assert (failures["failures"], failures["parent_failures"]) == ([], [])
     assert fake_openai.stats()["inputs_embedded"] == 0

@@ -38,6 +38,7 @@ from tests.pgai_takeover_side import (
     pending,
     pgai_filled,
     pgai_in_flight,
+    pgai_keeps_it,
     pgai_rows_written,
     settings_for,
     settled,
@@ -86,6 +87,7 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
     vec = pgai_filled(stack.dsn, fake_openai.base_url, API_KEY, PARENTS)
     print(f"pgai fill {time.monotonic() - started:.1f} s")
     adopt(stack.env)
+    assert pgai_keeps_it(stack)  # adopted: pgai's worker stays in charge
     pgai = start_pgai(stack)
     with stack.connect() as conn:
         assert settled(conn, settings), "pgai's fill differs from our split"
@@ -148,6 +150,7 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
         written_by_pgai = pgai_rows_written(conn)
         before_ours = {r[0] for r in conn.execute("SELECT embedding_uuid FROM " + CHUNKS)}
 
+    assert not pgai_keeps_it(stack)
     stack.start_worker(threads=4)
     stack.start_scheduler()
     with stack.connect() as conn:
@@ -209,6 +212,7 @@ def test_take_over_with_pgai_running_then_undo(stack: Stack,
                             (vec.id,)).fetchone() == (False,)
         assert conn.execute("SELECT paused_by FROM pgreembed.slots WHERE target = %s"
                             " AND role = 'live'", (VECTORIZER,)).fetchone() == ("pgai",)
+        assert pgai_keeps_it(stack)
         edit(conn, range(41, 51), "4")  # after the undo: pgai's trigger queues them
         wait_for(lambda: pgai_queue_empty_and_settled(conn, settings, vec, failed),
                  timeout=150, interval=0.5, message="pgai's worker converging after undo")

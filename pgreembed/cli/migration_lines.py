@@ -46,3 +46,18 @@ def migration_line(pr: progress.Progress) -> str:
                 f"{about}{pr.total} rows")
         step = "`migrate finalize` drops it (a side fill's scheduler does after its grace)"
     return f"{phase.replace('_', ' ')}; {kept}; {step}"
+
+
+def pgai_line(target: str) -> str:
+    """`status`'s word on a live column pgai's worker keeps current."""
+    return (f"pgai's worker keeps it current (adopted from pgai); `pgreembed import-pgai"
+            f" --vectorizer {target} --take-over` hands it to pgreembed")
+
+
+def paused_line(paused_by: str) -> str:
+    """`status`'s word on a live column nothing is dispatched for, by why it was paused
+    (`pgreembed.slots.paused_by`)."""
+    if paused_by == "side_fill":
+        return ("held back while a side fill copies the paid backlog into the side column"
+                " (its path line); the swap makes that column live")
+    return f"paused ({paused_by}): nothing is dispatched for it"

@@ -82,6 +82,9 @@ class VectorizerPlan:
     chunk_check: ChunkCheck | None = None
     vector_check: VectorCheck | None = None
     adopted_chunks: int | None = None  # state rows written by the adoption
+    # Where an earlier run left it: None (not adopted), ADOPTED (pgai's worker in charge),
+    # TAKEN (pgreembed in charge); see `adoption_state`.
+    adoption: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         v, m = self.vectorizer, self.mapping
@@ -98,6 +101,7 @@ class VectorizerPlan:
             "chunk_check": None if self.chunk_check is None else self.chunk_check.as_dict(),
             "vector_check": None if self.vector_check is None else self.vector_check.as_dict(),
             "adopted_chunks": self.adopted_chunks,
+            "adoption": self.adoption,
         }
 
 
@@ -215,14 +219,27 @@ def verify_vectors(conn: psycopg.Connection, settings: Settings, plan: Vectorize
     return check
 
 
+ADOPTED, TAKEN = "adopted", "taken"
+
+
+def adoption_state(conn: psycopg.Connection, plan: VectorizerPlan) -> str | None:
+    """What earlier runs did with the plan's vectorizer: TAKEN (pgreembed keeps it current),
+    ADOPTED (registered, pgai's worker keeps it current: `--adopt`, or `--undo` after a
+    take-over), None (never adopted)."""
+    if plan.target is None:
+        return None
+    registry = conn.execute("SELECT to_regclass('pgreembed.slots')").fetchone()
+    if not (registry and registry[0]) or not any(
+            s.role == "live" for s in load_slots(conn, plan.target)):
+        return None
+    taken = takeover.read_takeover(conn, plan.target)
+    return TAKEN if taken is not None and taken.state == "taken" else ADOPTED
+
+
 def is_adopted(settings: Settings, plan: VectorizerPlan) -> bool:
     """Whether the plan's target already has its live column (an earlier adoption)."""
-    if plan.target is None:
-        return False
     with connect(settings.database_url, vector=False) as conn:
-        registry = conn.execute("SELECT to_regclass('pgreembed.slots')").fetchone()
-        found = bool(registry and registry[0]) and any(
-            s.role == "live" for s in load_slots(conn, plan.target))
+        found = adoption_state(conn, plan) is not None
         conn.rollback()
     return found
 

@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass
 import psycopg
 import redis
 
-from pgreembed.config import Settings
+from pgreembed.config import Settings, Target
 from pgreembed.observability.redact import redact
 from pgreembed.queue.claims import InFlight
 from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.counts import cheap_counts, exact_counts
 from pgreembed.store.slots import Slot, load_slots
+from pgreembed.store.takeover import pgai_in_charge
 from pgreembed.store.usage import inputs_and_reused
 
 
@@ -55,6 +56,15 @@ class SlotStatus:
     # pending and stale (and so embedded) scaled from a sample of the table's pages: the
     # backlog was too big to count at every scrape (pgreembed.store.counts)
     backlog_estimated: bool = False
+    # Why nothing is dispatched for the column now: None, or the slot's paused_by
+    # ('operator', 'spend_cap', 'side_fill', 'pgai': pgai's worker keeps it current, ...;
+    # 'paused' for a pause of an older version that recorded no reason).
+    paused_by: str | None = None
+    frozen: bool = False  # adopted from pgai with an embedder pgreembed lacks (Slot.frozen)
+    # pgai's worker, not pgreembed, keeps the column current: adopted and not taken over,
+    # or handed back by `import-pgai --undo` (a chunk table by pgai_in_charge, a column by
+    # its pause).
+    pgai_in_charge: bool = False
 
     @property
     def coverage(self) -> float:
@@ -71,7 +81,8 @@ class SlotStatus:
 
 
 def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis | None,
-                lease_seconds: int, exact: bool = False) -> SlotStatus:
+                lease_seconds: int, exact: bool = False, paused_by: str | None = None,
+                pgai: bool = False) -> SlotStatus:
     started = time.perf_counter()
     estimate = None if exact else estimated_rows(conn, regclass(conn, slot.table))
     if estimate is None:  # asked for, or a table never analysed (then small, or new)
@@ -98,14 +109,31 @@ def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis 
                       total, embedded, pending, stale, outdated, failed, counted, in_flight,
                       None if slot.misconfigured is None else redact(slot.misconfigured),
                       estimated=estimate is not None, seconds=seconds,
-                      provider_inputs=bought, reused=reused, backlog_estimated=sampled)
+                      provider_inputs=bought, reused=reused, backlog_estimated=sampled,
+                      paused_by=(paused_by or "paused") if slot.paused else None,
+                      frozen=slot.frozen,
+                      pgai_in_charge=slot.role == "live" and (pgai or paused_by == "pgai"))
 
 
 def collect(conn: psycopg.Connection, settings: Settings,
             redis_client: redis.Redis | None, exact: bool = False) -> list[SlotStatus]:
     result = []
+    reasons: dict[int, str | None] = dict(conn.execute(
+        "SELECT id, paused_by FROM pgreembed.slots WHERE paused").fetchall())
     for target in settings.targets.values():
+        pgai = target.parent is not None and _pgai_keeps(conn, target)
         for slot in load_slots(conn, target):
-            result.append(slot_status(conn, slot, redis_client, settings.lease_seconds, exact))
+            result.append(slot_status(conn, slot, redis_client, settings.lease_seconds, exact,
+                                      reasons.get(slot.id), pgai))
     conn.commit()
     return result
+
+
+def _pgai_keeps(conn: psycopg.Connection, target: Target) -> bool:
+    """pgai_in_charge of a chunk table; False for a role that may not read pgai's catalog
+    (status is often run by a monitoring role)."""
+    try:
+        with conn.transaction():
+            return pgai_in_charge(conn, target)
+    except psycopg.errors.InsufficientPrivilege:
+        return False
