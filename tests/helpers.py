@@ -485,3 +485,16 @@ def require_server(dsn: str, requirement: server_versions.Requirement) -> None:
         missing = server_versions.read(conn).missing(requirement)
     if missing is not None:
         pytest.skip(missing)
+
+
+def pgai_keeps_it(stack: Stack) -> bool:
+    """What `status --json` says of who keeps the live column current, and its text says
+    the same: pgai's worker (adopted, or handed back by --undo), or pgreembed."""
+    found = stack.cli("status", "--json")
+    assert found.returncode == 0, found.stderr
+    (live,) = [c for c in json_document(found.stdout)["columns"] if c["role"] == "live"]
+    text = stack.cli("status")
+    assert text.returncode == 0, text.stderr
+    said = "pgai's worker keeps it current" in text.stdout
+    assert said == live["pgai_in_charge"], (live, text.stdout)
+    return bool(live["pgai_in_charge"])

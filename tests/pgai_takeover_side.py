@@ -20,7 +20,6 @@ from pgreembed.config import Settings, load_settings
 from pgreembed.store.chunk_sets import chunk_uuid
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_vectors import fake_vector
-from tests.helpers import Stack, json_document
 
 MODEL = "text-embedding-3-small"
 DIMS = 64
@@ -169,16 +168,3 @@ def pgai_in_flight(conn: psycopg.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE"
                        " 'pgai-worker%' AND xact_start IS NOT NULL").fetchone()
     return int(row[0]) if row else 0
-
-
-def pgai_keeps_it(stack: Stack) -> bool:
-    """What `status --json` says of who keeps the live column current, and its text says
-    the same: pgai's worker (adopted, or handed back by --undo), or pgreembed."""
-    found = stack.cli("status", "--json")
-    assert found.returncode == 0, found.stderr
-    (live,) = [c for c in json_document(found.stdout)["columns"] if c["role"] == "live"]
-    text = stack.cli("status")
-    assert text.returncode == 0, text.stderr
-    said = "pgai's worker keeps it current" in text.stdout
-    assert said == live["pgai_in_charge"], (live, text.stdout)
-    return bool(live["pgai_in_charge"])

@@ -23,13 +23,12 @@ from pgreembed.testing.fake_openai import FakeOpenAIServer
 from pgreembed.testing.fake_vectors import fake_vector
 from tests import pgai_takeover_side as takeover_side
 from tests.app_side import repeatable_read_by_default
-from tests.helpers import API_KEY, OrdinaryRoles, Stack, json_document, wait_for
+from tests.helpers import API_KEY, OrdinaryRoles, Stack, json_document, pgai_keeps_it, wait_for
 from tests.pgai_takeover_side import (
     DIMS,
     MODEL,
     import_pgai,
     pgai_in_flight,
-    pgai_keeps_it,
     pgai_rows_written,
 )
 

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from pgreembed.testing import pgai_side
 from pgreembed.testing.fake_openai import FakeOpenAIServer
-from tests.helpers import API_KEY, Stack, in_background, json_document, wait_for
+from tests.helpers import API_KEY, Stack, in_background, json_document, pgai_keeps_it, wait_for
 from tests.pgai_takeover_side import (
     CHUNKS,
     DIRTY,
@@ -38,7 +38,6 @@ from tests.pgai_takeover_side import (
     pending,
     pgai_filled,
     pgai_in_flight,
-    pgai_keeps_it,
     pgai_rows_written,
     settings_for,
     settled,
