@@ -227,11 +227,9 @@ def _filled(stack: Stack, side: str, parents_wanted: int = PARENTS + SHORT) -> b
 
 
 @pytest.mark.timeout(300)
-def test_rechunk_start_crash_refusals_and_cancel(stack: Stack) -> None:
-    """No scheduler or worker: `start --rechunk` killed right after its commit is finished
-    by running it again (one migration, its pending index made); a swap is refused,
-    nothing changed, while an app function is bound to the chunk table; cancel drops the
-    new set, its triggers and slot, and leaves the live set as it was."""
+def ten_parents_chunked(stack: Stack) -> None:
+    """`init` with the OLD settings, parents 1..10, chunked by the stage (no worker: no
+    vectors), as a tick would."""
     from pgreembed.chunking.stage import run_chunk_stage
     from pgreembed.store.pool import connect
 
@@ -243,6 +241,17 @@ def test_rechunk_start_crash_refusals_and_cancel(stack: Stack) -> None:
                          (key, f"t{key}", body(random.Random(key), key, "0")))
     with connect(stack.dsn) as conn:
         run_chunk_stage(conn, load_settings(stack.config_path, stack.env))
+
+
+def test_rechunk_start_crash_refusals_and_cancel(stack: Stack) -> None:
+    """No scheduler or worker: `start --rechunk` killed right after its commit is finished
+    by running it again (one migration, its pending index made); a swap is refused,
+    nothing changed, while an app function is bound to the chunk table; cancel drops the
+    new set, its triggers and slot, and leaves the live set as it was."""
+    from pgreembed.chunking.stage import run_chunk_stage
+    from pgreembed.store.pool import connect
+
+    ten_parents_chunked(stack)
     with stack.connect() as conn:
         before = sets(conn, "docs_chunks")
         triggers_before = {r[0] for r in conn.execute(
@@ -390,22 +399,13 @@ def test_a_rechunks_new_set_goes_on_the_backfill_queue(stack: Stack) -> None:
     from pgreembed.store.pool import connect
     from scheduler.dispatch import Dispatcher, dramatiq_senders
 
-    write_config(stack.config_path, OLD)
-    assert stack.cli("init").returncode == 0
-    with stack.connect() as conn:
-        for key in range(1, 11):
-            conn.execute("INSERT INTO docs (id, title, body) VALUES (%s, %s, %s)",
-                         (key, f"t{key}", body(random.Random(key), key, "0")))
-    settings = load_settings(stack.config_path, stack.env)
-    client = redis.Redis.from_url(settings.redis_url)
-    with connect(stack.dsn) as conn:  # the live set chunked here, as a tick would
-        from pgreembed.chunking.stage import run_chunk_stage
-        run_chunk_stage(conn, settings)
+    ten_parents_chunked(stack)
     write_config(stack.config_path, NEW)
     migrate(stack, "start", "--rechunk")
     with stack.connect() as conn:
         conn.execute("UPDATE docs SET body = body || ' One more sentence.' WHERE id = 3")
     settings = load_settings(stack.config_path, stack.env)
+    client = redis.Redis.from_url(settings.redis_url)
     send, send_chunks = dramatiq_senders(settings)
     with connect(stack.dsn) as conn:
         Dispatcher(settings, client, send, send_chunks=send_chunks).run_pass(conn)
