@@ -73,7 +73,8 @@ class ChunkDispatch:
             claimed = claims.claim([mark.text for mark in page[:budget - sent]])
             for start in range(0, len(claimed), PARENTS_PER_READ):
                 batch = claimed[start:start + PARENTS_PER_READ]
-                # A re-chunk's new set waits behind the live set's and columns' work.
+                # A set that is not the live table's (a re-chunk's new set, or after its
+                # swap the old one kept for a rollback) waits behind the live work.
                 self.send(chunk_set.configured.name, target.name, batch,
                           chunk_set.copy_from is not None)
                 claims.confirm(batch)  # if we die before this, the claims lapse in seconds

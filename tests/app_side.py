@@ -4,6 +4,7 @@ column owned by the app's owner role, and multi-row app transactions that hold r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import random
@@ -18,7 +19,7 @@ from psycopg import sql
 from tests.helpers import OrdinaryRoles, Stack, in_background
 
 APP_SLEEP = 0.3  # the app's transaction works this long between its two rows
-HELD = 0.2  # an app transaction longer than its own work by this much was held by someone
+HELD = 0.2  # an app transaction that waited on locks this long in all was held by someone
 
 
 def repeatable_read_by_default(stack: Stack) -> None:
@@ -64,21 +65,23 @@ class AppTransactions:
     """Two-row transactions in descending key order, 4 at a time, as an app runs them
     (each on its own share of the keys: they never wait on each other, only on us).
 
-    `held`: the lock waits of those transactions longer than HELD, in seconds, as the
-    server saw them; `slow`: transactions that took longer than their own work by HELD
-    from the app's side (the wall clock: a machine-wide stall of the disk or the CPU
-    delays every transaction alike, so it is reported, not asserted; see
-    `_watch_lock_waits`)."""
+    `held`: the transactions that waited on locks more than HELD in all, their seconds
+    of waiting as the server saw them (kept current while they run); `slow`: those that
+    took longer than their own work by HELD from the app's side (the wall clock: a
+    machine-wide stall of the disk or the CPU delays every transaction alike, so it is
+    reported, not asserted; see `_watch_lock_waits`)."""
 
     held: list[float] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
     done: int = 0
     slow: list[float] = dataclasses.field(default_factory=list)
     blockers: set[str] = dataclasses.field(default_factory=set)
+    samples: int = 0  # of the lock-wait watcher: none taken is an error
 
 
 LOCK_WAITS = """
-SELECT w.pid, w.query_start, extract(epoch FROM clock_timestamp() - w.query_start)::float8,
+SELECT w.pid, w.xact_start, w.query_start,
+       extract(epoch FROM clock_timestamp() - w.query_start)::float8,
        ARRAY(SELECT coalesce(nullif(b.application_name, ''), b.usename::text, '?')
              FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(w.pid)))
 FROM pg_stat_activity w WHERE w.pid = ANY(%s) AND w.wait_event_type = 'Lock'
@@ -87,20 +90,32 @@ FROM pg_stat_activity w WHERE w.pid = ANY(%s) AND w.wait_event_type = 'Lock'
 
 def _watch_lock_waits(dsn: str, pids: list[int], seen: AppTransactions,
                       lock: threading.Lock, stop: threading.Event) -> None:
-    """Sample, every 20 ms, the app sessions waiting on a lock; a wait is as long as its
-    statement (a one-row UPDATE that does nothing else). The server's view, not the app's
-    clock: a COMMIT that waited 0.3 s on a stalled disk, or a thread the CPU left behind,
-    is no wait on a lock (two CI runs failed so, every transaction of the moment alike)."""
-    waits: dict[tuple[int, object], float] = {}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while not stop.wait(0.02):
-            for pid, started, seconds, blockers in conn.execute(LOCK_WAITS, (pids,)):
-                waits[pid, started] = max(seconds, waits.get((pid, started), 0.0))
-                if seconds > HELD:
-                    with lock:
-                        seen.blockers.update(blockers)
+    """Sample, every 20 ms, the app sessions waiting on a lock; a statement's wait is as
+    long as the statement (a one-row UPDATE that does nothing else), a transaction's the
+    sum of its statements'. The server's view, not the app's clock: a COMMIT that waited
+    0.3 s on a stalled disk, or a thread the CPU left behind, is no wait on a lock (two CI
+    runs failed so, every transaction of the moment alike). A wait is a lower bound when
+    this thread itself is stalled."""
+    waits: dict[tuple[int, object], dict[object, float]] = {}
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while not stop.wait(0.02):
+                found = conn.execute(LOCK_WAITS, (pids,)).fetchall()
+                with lock:
+                    seen.samples += 1
+                    for pid, xact, statement, seconds, blockers in found:
+                        mine = waits.setdefault((pid, xact), {})
+                        mine[statement] = max(seconds, mine.get(statement, 0.0))
+                        if sum(mine.values()) > HELD:
+                            seen.blockers.update(blockers)
+                    seen.held = [round(sum(w.values()), 3) for w in waits.values()
+                                 if sum(w.values()) > HELD]
+    except psycopg.Error as exc:
+        with lock:
+            seen.errors.append(f"the lock-wait watcher failed: {exc}")
     with lock:
-        seen.held.extend(round(s, 3) for s in waits.values() if s > HELD)
+        if not seen.samples:
+            seen.errors.append("the lock-wait watcher took no sample")
 
 
 @contextmanager
@@ -111,12 +126,10 @@ def app_transactions(dsn: str, keys: range) -> Iterator[AppTransactions]:
     assert all(len(mine) >= 2 for mine in shares), f"app_transactions needs >= 8 keys: {keys}"
     seen = AppTransactions()
     lock = threading.Lock()
-    sessions = [psycopg.connect(dsn) for _ in shares]
 
-    def run(share: int, stop: threading.Event) -> None:
+    def run(conn: psycopg.Connection, share: int, stop: threading.Event) -> None:
         rng = random.Random(share)
         mine = shares[share]
-        conn = sessions[share]
         while not stop.is_set():
             low, high = sorted(rng.sample(mine, 2))
             started = time.monotonic()
@@ -136,11 +149,10 @@ def app_transactions(dsn: str, keys: range) -> Iterator[AppTransactions]:
                 if extra > HELD:
                     seen.slow.append(round(extra, 3))
 
-    pids = [conn.info.backend_pid for conn in sessions]
-    try:
+    with contextlib.ExitStack() as sessions:
+        conns = [sessions.enter_context(psycopg.connect(dsn)) for _ in shares]
+        pids = [conn.info.backend_pid for conn in conns]
         with in_background(functools.partial(_watch_lock_waits, dsn, pids, seen, lock),
-                           *[functools.partial(run, share) for share in range(4)]):
+                           *[functools.partial(run, conn, share)
+                             for share, conn in enumerate(conns)]):
             yield seen
-    finally:
-        for conn in sessions:
-            conn.close()

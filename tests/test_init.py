@@ -174,6 +174,6 @@ dimensions = 384
     result = stack.cli("init")
     assert result.returncode == 4, result.stdout + result.stderr
     assert "init: target docs: column embedding" in result.stdout, result.stdout
-    assert "pgreembed: init: docs initialised; notes not" in result.stderr, result.stderr
+    assert "pgreembed: init: docs initialised before notes failed (" in result.stderr, result.stderr
     with stack.connect() as conn:
         assert conn.execute("SELECT target FROM pgreembed.slots").fetchall() == [("docs",)]

@@ -162,7 +162,7 @@ def test_adopt_with_no_embed_check_sends_nothing_and_rewrites_no_chunk(
     plan = plan_of(json_document(done.stdout), "blog_recursive")
     assert fake_openai.stats()["inputs_embedded"] == 0
     assert plan["vector_check"] is None and plan["adopted_chunks"] == before[0]
-    assert plan["adoption"] == "adopted"
+    assert plan["in_charge"] == "pgai"
     # The plan run again says so (it said "adoptable" after the adoption too).
     again = import_pgai(pgai_db, fake_openai, tmp_path, "--vectorizer", "blog_recursive",
                         "--verify-chunks", "0")

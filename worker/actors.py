@@ -127,6 +127,7 @@ def chunk_parents(target: str, chunk_set: str, keys: list[str]) -> None:
 @dramatiq.actor(actor_name=BACKFILL_CHUNK_ACTOR, queue_name=BACKFILL_QUEUE,
                 priority=BACKFILL_PRIORITY, max_retries=0, time_limit=5 * 60 * 1000)
 def chunk_backfill_parents(target: str, chunk_set: str, keys: list[str]) -> None:
-    """chunk_parents for a re-chunk migration's new set: every parent is dirty at its
-    start, and a live parent's edit must not wait behind them (pgreembed.queue.contract)."""
+    """chunk_parents for a re-chunk migration's other set (the new one, every parent dirty
+    at its start; after the swap the old one): a live parent's edit must not wait behind
+    them (pgreembed.queue.contract)."""
     chunk_parents.fn(target, chunk_set, keys)

@@ -53,14 +53,10 @@ def _with_targets(base: Settings | None, plans: Sequence[VectorizerPlan]) -> Set
 
 
 def _print_plan(plan: VectorizerPlan) -> None:
-    from pgreembed.operations import pgai_import
-
     d = plan.as_dict()
     state = ("NOT adoptable" if not d["adoptable"] else
-             "taken over, pgreembed in charge" if d["adoption"] == pgai_import.TAKEN else
-             "adopted, pgai in charge" if d["adoption"] == pgai_import.ADOPTED else
-             "adoptable, never embedded with" if d["foreign"] else "adoptable")
-    if d["foreign"] and d["adoption"] is not None:
+             "adoptable" if d["in_charge"] is None else f"adopted, {d['in_charge']} in charge")
+    if d["adoptable"] and d["foreign"]:
         state += ", never embedded with"
     print(f"vectorizer {d['vectorizer']} (id {d['id']}): {d['source']} -> {d['maps_to']}"
           f" target {d['vectorizer']!r} ({state}{', frozen' if d['frozen'] else ''})")
@@ -107,7 +103,7 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
         if args.undo:
             return pgai_takeover.cmd_take_over(args, _with_targets(base, plans))
         for plan in plans:
-            plan.adoption = pgai_import.adoption_state(conn, plan)
+            plan.in_charge = pgai_import.in_charge(conn, plan)
             plan.chunk_check = pgai_import.verify_chunks(conn, plan, args.verify_chunks)
     vectors = (None if args.no_embed_check else
                args.verify_vectors if args.verify_vectors is not None else
@@ -137,7 +133,9 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
                 # taken over as it is: pgai's batch in flight may hold its chunk table).
                 if not (args.take_over and pgai_import.is_adopted(settings, plan)):
                     pgai_import.adopt(settings, plan, policy)
-                plan.adoption = plan.adoption or pgai_import.ADOPTED
+            with connect(dsn) as conn:
+                for plan in plans:
+                    plan.in_charge = pgai_import.in_charge(conn, plan)
         if args.take_over:
             return pgai_takeover.cmd_take_over(args, settings)
     if args.json:

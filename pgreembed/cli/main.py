@@ -32,11 +32,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     for done, name in enumerate(names):
         try:
             _init_one(settings, name, args.lock_wait)
-        except BaseException:
-            if done:  # the error's "nothing changed" is this target's
-                print(f"pgreembed: init: {', '.join(names[:done])} initialised;"
-                      f" {', '.join(names[done:])} not (`init` again once fixed: it redoes"
-                      " nothing done)", file=sys.stderr)
+        except Exception:
+            if done:  # the error's "nothing changed" is this target's step
+                rest = names[done + 1:]
+                print(f"pgreembed: init: {', '.join(names[:done])} initialised before {name}"
+                      f" failed{'; not tried: ' + ', '.join(rest) if rest else ''} (`init`"
+                      " again once fixed: it redoes nothing done)", file=sys.stderr)
             raise
     return EXIT_OK
 

@@ -107,7 +107,9 @@ def start(settings: Settings, target: Target, provider: str, model: str,
                 auto_reason != BACKLOG):
             raise MigrationError(f"target {target.name!r} already uses {live.model_key}"
                                  f" in a {live.column_type} column (the same model in"
-                                 " another storage: set the target's vector_type)")
+                                 " another storage: `migrate start --derive halfvec` casts"
+                                 " it to halfvec in SQL, at no cost; set the target's"
+                                 " vector_type to re-embed it into another type)")
         model_id = ensure_model(conn, new_target)
         record_budget(conn, model_id, budget)
         column = new_column_name(target, model_id)

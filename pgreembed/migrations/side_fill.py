@@ -44,7 +44,7 @@ from pgreembed.store.backlog import backlog_at_least, build_settings, copy_page
 from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.pending import ScanPacer, indexed
 from pgreembed.store.pool import connect
-from pgreembed.store.slots import Slot, load_slots, registry_exists
+from pgreembed.store.slots import Slot, load_slots, new_column_type, registry_exists
 from pgreembed.store.versions import current_version, upgrade
 
 log = logging.getLogger(__name__)
@@ -308,9 +308,10 @@ def route_model_change(settings: Settings, target: Target) -> tuple[Slot, Plan] 
                                 (target.name,)).fetchone()
         cancelled = _cancelled_before(conn, target)
         conn.rollback()
-        # The column type the config asks for, else the live column's (a derived halfvec
-        # column stays halfvec through a model change, even before the config says so).
-        kind = target.vector_type or live.vector_type
+        # The column type the config asks for, else a chosen halfvec live column's (a
+        # derived halfvec column stays halfvec through a model change, even before the
+        # config says so): store.slots.new_column_type, as `migrate start`.
+        kind = new_column_type(target, live, target.dimensions)
         refusals = swap_refusals(conn, live, f"{kind}({target.dimensions})")
         conn.rollback()
     if rows <= settings.side_fill.min_rows and not (migrated and migrated[0]):

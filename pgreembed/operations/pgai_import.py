@@ -82,9 +82,8 @@ class VectorizerPlan:
     chunk_check: ChunkCheck | None = None
     vector_check: VectorCheck | None = None
     adopted_chunks: int | None = None  # state rows written by the adoption
-    # Where an earlier run left it: None (not adopted), ADOPTED (pgai's worker in charge),
-    # TAKEN (pgreembed in charge); see `adoption_state`.
-    adoption: str | None = None
+    # Who keeps it current once adopted: None (not adopted), PGAI or PGREEMBED (`in_charge`).
+    in_charge: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         v, m = self.vectorizer, self.mapping
@@ -101,7 +100,7 @@ class VectorizerPlan:
             "chunk_check": None if self.chunk_check is None else self.chunk_check.as_dict(),
             "vector_check": None if self.vector_check is None else self.vector_check.as_dict(),
             "adopted_chunks": self.adopted_chunks,
-            "adoption": self.adoption,
+            "in_charge": self.in_charge,
         }
 
 
@@ -219,27 +218,27 @@ def verify_vectors(conn: psycopg.Connection, settings: Settings, plan: Vectorize
     return check
 
 
-ADOPTED, TAKEN = "adopted", "taken"
+# Who keeps an adopted vectorizer's vectors current (the plan's `in_charge`).
+PGAI, PGREEMBED = "pgai", "pgreembed"
 
 
-def adoption_state(conn: psycopg.Connection, plan: VectorizerPlan) -> str | None:
-    """What earlier runs did with the plan's vectorizer: TAKEN (pgreembed keeps it current),
-    ADOPTED (registered, pgai's worker keeps it current: `--adopt`, or `--undo` after a
-    take-over), None (never adopted)."""
+def in_charge(conn: psycopg.Connection, plan: VectorizerPlan) -> str | None:
+    """Who keeps the plan's vectorizer current once adopted: PGAI (its worker: `--adopt`
+    while it was enabled, or `--undo` after a take-over), PGREEMBED (taken over, or
+    adopted while pgai's vectorizer was disabled); None when never adopted."""
     if plan.target is None:
         return None
     registry = conn.execute("SELECT to_regclass('pgreembed.slots')").fetchone()
     if not (registry and registry[0]) or not any(
             s.role == "live" for s in load_slots(conn, plan.target)):
         return None
-    taken = takeover.read_takeover(conn, plan.target)
-    return TAKEN if taken is not None and taken.state == "taken" else ADOPTED
+    return PGAI if takeover.pgai_keeps_current(conn, plan.target) else PGREEMBED
 
 
 def is_adopted(settings: Settings, plan: VectorizerPlan) -> bool:
     """Whether the plan's target already has its live column (an earlier adoption)."""
     with connect(settings.database_url, vector=False) as conn:
-        found = adoption_state(conn, plan) is not None
+        found = in_charge(conn, plan) is not None
         conn.rollback()
     return found
 

@@ -25,7 +25,7 @@ from pgreembed.queue.claims import InFlight
 from pgreembed.store.catalog import estimated_rows, regclass
 from pgreembed.store.counts import cheap_counts, exact_counts
 from pgreembed.store.slots import Slot, load_slots
-from pgreembed.store.takeover import pgai_in_charge
+from pgreembed.store.takeover import pgai_keeps_current
 from pgreembed.store.usage import inputs_and_reused
 
 
@@ -61,9 +61,8 @@ class SlotStatus:
     # 'paused' for a pause of an older version that recorded no reason).
     paused_by: str | None = None
     frozen: bool = False  # adopted from pgai with an embedder pgreembed lacks (Slot.frozen)
-    # pgai's worker, not pgreembed, keeps the column current: adopted and not taken over,
-    # or handed back by `import-pgai --undo` (a chunk table by pgai_in_charge, a column by
-    # its pause).
+    # pgai's worker, not pgreembed, keeps the live column current: adopted and not taken
+    # over, or handed back by `import-pgai --undo` (store.takeover.pgai_keeps_current).
     pgai_in_charge: bool = False
 
     @property
@@ -82,7 +81,7 @@ class SlotStatus:
 
 def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis | None,
                 lease_seconds: int, exact: bool = False, paused_by: str | None = None,
-                pgai: bool = False) -> SlotStatus:
+                pgai_keeps: bool = False) -> SlotStatus:
     started = time.perf_counter()
     estimate = None if exact else estimated_rows(conn, regclass(conn, slot.table))
     if estimate is None:  # asked for, or a table never analysed (then small, or new)
@@ -112,7 +111,7 @@ def slot_status(conn: psycopg.Connection, slot: Slot, redis_client: redis.Redis 
                       provider_inputs=bought, reused=reused, backlog_estimated=sampled,
                       paused_by=(paused_by or "paused") if slot.paused else None,
                       frozen=slot.frozen,
-                      pgai_in_charge=slot.role == "live" and (pgai or paused_by == "pgai"))
+                      pgai_in_charge=slot.role == "live" and pgai_keeps)
 
 
 def collect(conn: psycopg.Connection, settings: Settings,
@@ -121,19 +120,20 @@ def collect(conn: psycopg.Connection, settings: Settings,
     reasons: dict[int, str | None] = dict(conn.execute(
         "SELECT id, paused_by FROM pgreembed.slots WHERE paused").fetchall())
     for target in settings.targets.values():
-        pgai = target.parent is not None and _pgai_keeps(conn, target)
+        pgai = _pgai_keeps(conn, target)
         for slot in load_slots(conn, target):
             result.append(slot_status(conn, slot, redis_client, settings.lease_seconds, exact,
-                                      reasons.get(slot.id), pgai))
+                                      reasons.get(slot.id), pgai_keeps=pgai))
     conn.commit()
     return result
 
 
 def _pgai_keeps(conn: psycopg.Connection, target: Target) -> bool:
-    """pgai_in_charge of a chunk table; False for a role that may not read pgai's catalog
-    (status is often run by a monitoring role)."""
+    """store.takeover.pgai_keeps_current; False where pgai's catalog cannot be read (a
+    monitoring role without the grant, a pgai older than its `disabled` column): status
+    must not fail for it."""
     try:
         with conn.transaction():
-            return pgai_in_charge(conn, target)
-    except psycopg.errors.InsufficientPrivilege:
+            return pgai_keeps_current(conn, target)
+    except psycopg.Error:
         return False

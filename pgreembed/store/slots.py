@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pgreembed.config import Target, default_vector_type
+from pgreembed.config import VECTOR_MAX_INDEXED, Target, default_vector_type
 from pgreembed.config.model_keys import is_foreign
 from pgreembed.errors import NotFoundError, NotInitializedError, SetupError
 from pgreembed.store import catalog
@@ -195,9 +195,11 @@ def new_column_type(target: Target, live: Slot, dimensions: int) -> str:
     """The type of a migration's new column when `migrate start` is not told one: the
     config's `vector_type`; else `halfvec` when the live column is (a team that chose half
     the bytes keeps them across models: the new column defaulted to `vector` until
-    2026-12-07, doubling its size); else by dimensions. Never `vector` above the 2000
-    dims pgvector indexes it up to."""
-    asked = target.vector_type or ("halfvec" if live.vector_type == "halfvec" else None)
+    2026-12-07, doubling its size; a halfvec column over 2000 dims was not chosen, it had
+    to be); else by dimensions. Never `vector` above the 2000 dims pgvector indexes it
+    up to."""
+    chosen = live.vector_type == "halfvec" and live.dimensions <= VECTOR_MAX_INDEXED
+    asked = target.vector_type or ("halfvec" if chosen else None)
     if asked == "vector" and default_vector_type(dimensions) != "vector":
         asked = None
     return asked or vector_type_for(dimensions)

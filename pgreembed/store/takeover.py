@@ -223,6 +223,19 @@ def notify(conn: psycopg.Connection, target: Target) -> None:
 
 
 
+def pgai_keeps_current(conn: psycopg.Connection, target: Target) -> bool:
+    """Whether pgai's worker, not pgreembed, keeps the target's live vectors current: a
+    chunk table by `pgai_in_charge`, a column by its live slot paused for pgai (adopted
+    while pgai's vectorizer was enabled and not taken over, or handed back by --undo).
+    What `status` and the import-pgai plan say."""
+    if target.parent is not None:
+        return pgai_in_charge(conn, target)
+    row = conn.execute("SELECT paused_by = %s FROM pgreembed.slots WHERE target = %s"
+                       " AND role = 'live' AND paused", (PAUSED_BY_PGAI, target.name)
+                       ).fetchone()
+    return bool(row and row[0])
+
+
 def pgai_in_charge(conn: psycopg.Connection, target: Target) -> bool:
     """Whether pgai's worker, not pgreembed, keeps this chunk table current: an enabled
     pgai vectorizer writes it and no take-over happened, or the take-over was undone.
