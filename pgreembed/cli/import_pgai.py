@@ -103,7 +103,6 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
         if args.undo:
             return pgai_takeover.cmd_take_over(args, _with_targets(base, plans))
         for plan in plans:
-            plan.in_charge = pgai_import.in_charge(conn, plan)
             plan.chunk_check = pgai_import.verify_chunks(conn, plan, args.verify_chunks)
     vectors = (None if args.no_embed_check else
                args.verify_vectors if args.verify_vectors is not None else
@@ -133,11 +132,12 @@ def cmd_import_pgai(args: argparse.Namespace) -> int:
                 # taken over as it is: pgai's batch in flight may hold its chunk table).
                 if not (args.take_over and pgai_import.is_adopted(settings, plan)):
                     pgai_import.adopt(settings, plan, policy)
-            with connect(dsn) as conn:
-                for plan in plans:
-                    plan.in_charge = pgai_import.in_charge(conn, plan)
         if args.take_over:
             return pgai_takeover.cmd_take_over(args, settings)
+    with connect(dsn, vector=False) as conn:  # after this run's adoption, if any
+        for plan in plans:
+            plan.in_charge = pgai_import.in_charge(conn, plan)
+        conn.rollback()
     if args.json:
         emit("import-pgai", {"dry_run": dry_run,
                              "vectorizers": [p.as_dict() for p in plans]})

@@ -53,7 +53,7 @@ class Plan:
     space: disk.DiskEstimate | None = None  # the table's bytes now, at the peak, after
 
 
-def _column_type_notes(target: Target, live: Slot, dimensions: int, kind: str) -> list[str]:
+def _column_type_notes(target: Target, dimensions: int, kind: str) -> list[str]:
     """Why the new column gets a type the config does not name."""
     if target.vector_type == kind:
         return []
@@ -65,6 +65,7 @@ def _column_type_notes(target: Target, live: Slot, dimensions: int, kind: str) -
         return [f"the column is halfvec({dimensions}), as the live column is (2 bytes a"
                 " component); `vector_type = \"vector\"` in the target makes it vector"]
     return []
+
 
 def plan(settings: Settings, target: Target, provider: str, model: str, dimensions: int,
          sample_limit: int = 100_000, budget: Budget | None = None,
@@ -99,7 +100,7 @@ def plan(settings: Settings, target: Target, provider: str, model: str, dimensio
             raise MigrationError(f"target {target.name!r} is not initialised: pgreembed init")
         kind = vector_type or new_column_type(target, live, dimensions)
         if vector_type is None:
-            notes += _column_type_notes(target, live, dimensions, kind)
+            notes += _column_type_notes(target, dimensions, kind)
         index_method, index_distance = index_defaults(conn, live)
         versions = server_versions.read(conn)
         budget = (budget or Budget()).tighter(configured_budget(settings, provider, model))

@@ -200,9 +200,8 @@ def new_column_type(target: Target, live: Slot, dimensions: int) -> str:
     up to."""
     chosen = live.vector_type == "halfvec" and live.dimensions <= VECTOR_MAX_INDEXED
     asked = target.vector_type or ("halfvec" if chosen else None)
-    if asked == "vector" and default_vector_type(dimensions) != "vector":
-        asked = None
-    return asked or vector_type_for(dimensions)
+    by_dimensions = vector_type_for(dimensions)  # halfvec where `vector` cannot be indexed
+    return by_dimensions if asked is None or by_dimensions != "vector" else asked
 
 
 def text_expression(target: Target) -> sql.Composable:
